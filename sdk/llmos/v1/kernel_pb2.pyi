@@ -1,0 +1,378 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProcessState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROCESS_STATE_UNSPECIFIED: _ClassVar[ProcessState]
+    RUNNABLE: _ClassVar[ProcessState]
+    RUNNING: _ClassVar[ProcessState]
+    BLOCKED: _ClassVar[ProcessState]
+    EXITED: _ClassVar[ProcessState]
+    KILLED: _ClassVar[ProcessState]
+    CRASHED: _ClassVar[ProcessState]
+
+class ProcessKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROCESS_KIND_UNSPECIFIED: _ClassVar[ProcessKind]
+    LUA: _ClassVar[ProcessKind]
+    PYTHON: _ClassVar[ProcessKind]
+    PORT: _ClassVar[ProcessKind]
+PROCESS_STATE_UNSPECIFIED: ProcessState
+RUNNABLE: ProcessState
+RUNNING: ProcessState
+BLOCKED: ProcessState
+EXITED: ProcessState
+KILLED: ProcessState
+CRASHED: ProcessState
+PROCESS_KIND_UNSPECIFIED: ProcessKind
+LUA: ProcessKind
+PYTHON: ProcessKind
+PORT: ProcessKind
+
+class Limits(_message.Message):
+    __slots__ = ("cpu_ms", "wall_ms", "memory_bytes", "tokens", "mailbox")
+    CPU_MS_FIELD_NUMBER: _ClassVar[int]
+    WALL_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_FIELD_NUMBER: _ClassVar[int]
+    cpu_ms: int
+    wall_ms: int
+    memory_bytes: int
+    tokens: int
+    mailbox: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., mailbox: _Optional[int] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("cpu_ms", "wall_ms", "messages_sent", "messages_received", "tokens", "memory_bytes", "mailbox_len")
+    CPU_MS_FIELD_NUMBER: _ClassVar[int]
+    WALL_MS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_SENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_LEN_FIELD_NUMBER: _ClassVar[int]
+    cpu_ms: int
+    wall_ms: int
+    messages_sent: int
+    messages_received: int
+    tokens: int
+    memory_bytes: int
+    mailbox_len: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ...) -> None: ...
+
+class SpawnRequest(_message.Message):
+    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor")
+    LUA_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    lua: str
+    python: str
+    path: str
+    args: _struct_pb2.Value
+    name: str
+    priority: int
+    limits: Limits
+    parent: int
+    monitor: bool
+    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ...) -> None: ...
+
+class SpawnResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class Message(_message.Message):
+    __slots__ = ("id", "to", "tag", "body", "data", "correlation_id", "sent_at_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    to: int
+    tag: str
+    body: _struct_pb2.Value
+    data: bytes
+    correlation_id: str
+    sent_at_ms: int
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[int] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., sent_at_ms: _Optional[int] = ..., **kwargs) -> None: ...
+
+class SendRequest(_message.Message):
+    __slots__ = ("to", "to_name", "tag", "body", "data", "correlation_id")
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TO_NAME_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    to: int
+    to_name: str
+    tag: str
+    body: _struct_pb2.Value
+    data: bytes
+    correlation_id: str
+    def __init__(self, to: _Optional[int] = ..., to_name: _Optional[str] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., **kwargs) -> None: ...
+
+class SendResponse(_message.Message):
+    __slots__ = ("message_id",)
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    message_id: int
+    def __init__(self, message_id: _Optional[int] = ...) -> None: ...
+
+class RecvRequest(_message.Message):
+    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    tag: str
+    correlation_id: str
+    timeout_ms: int
+    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., **kwargs) -> None: ...
+
+class RecvResponse(_message.Message):
+    __slots__ = ("message", "timed_out")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    message: Message
+    timed_out: bool
+    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., timed_out: _Optional[bool] = ...) -> None: ...
+
+class WaitRequest(_message.Message):
+    __slots__ = ("pid", "timeout_ms")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    timeout_ms: int
+    def __init__(self, pid: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class WaitResponse(_message.Message):
+    __slots__ = ("process", "timed_out")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessInfo
+    timed_out: bool
+    def __init__(self, process: _Optional[_Union[ProcessInfo, _Mapping]] = ..., timed_out: _Optional[bool] = ...) -> None: ...
+
+class KillRequest(_message.Message):
+    __slots__ = ("pid", "reason")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    reason: str
+    def __init__(self, pid: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class KillResponse(_message.Message):
+    __slots__ = ("already_ended",)
+    ALREADY_ENDED_FIELD_NUMBER: _ClassVar[int]
+    already_ended: bool
+    def __init__(self, already_ended: _Optional[bool] = ...) -> None: ...
+
+class OpenPortRequest(_message.Message):
+    __slots__ = ("name", "mailbox")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mailbox: int
+    def __init__(self, name: _Optional[str] = ..., mailbox: _Optional[int] = ...) -> None: ...
+
+class OpenPortResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("pid", "name")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MonitorRequest(_message.Message):
+    __slots__ = ("watcher", "target")
+    WATCHER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    watcher: int
+    target: int
+    def __init__(self, watcher: _Optional[int] = ..., target: _Optional[int] = ...) -> None: ...
+
+class MonitorResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetPriorityRequest(_message.Message):
+    __slots__ = ("pid", "priority")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    priority: int
+    def __init__(self, pid: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class SetPriorityResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListProcessesRequest(_message.Message):
+    __slots__ = ("states", "name", "parent", "include_ended")
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ENDED_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[ProcessState]
+    name: str
+    parent: int
+    include_ended: bool
+    def __init__(self, states: _Optional[_Iterable[_Union[ProcessState, str]]] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., include_ended: _Optional[bool] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("processes",)
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ...) -> None: ...
+
+class GetProcessRequest(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class ProcessInfo(_message.Message):
+    __slots__ = ("pid", "name", "parent", "kind", "state", "priority", "limits", "usage", "exit_reason", "result", "error", "started_at_ms", "ended_at_ms", "blocked_on", "namespace")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_ON_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    parent: int
+    kind: ProcessKind
+    state: ProcessState
+    priority: int
+    limits: Limits
+    usage: Usage
+    exit_reason: str
+    result: _struct_pb2.Value
+    error: str
+    started_at_ms: int
+    ended_at_ms: int
+    blocked_on: str
+    namespace: str
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., kind: _Optional[_Union[ProcessKind, str]] = ..., state: _Optional[_Union[ProcessState, str]] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., exit_reason: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., blocked_on: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("kind", "process", "at_ms")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    process: ProcessInfo
+    at_ms: int
+    def __init__(self, kind: _Optional[str] = ..., process: _Optional[_Union[ProcessInfo, _Mapping]] = ..., at_ms: _Optional[int] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("pid", "prompt", "messages", "sampling", "stream", "priority", "timeout_ms")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    sampling: SamplingParams
+    stream: bool
+    priority: int
+    timeout_ms: int
+    def __init__(self, pid: _Optional[int] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class InferUsage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class InferChunk(_message.Message):
+    __slots__ = ("text", "token_ids", "finish_reason", "usage")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: str
+    usage: InferUsage
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[InferUsage, _Mapping]] = ...) -> None: ...

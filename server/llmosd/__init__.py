@@ -1,0 +1,1 @@
+"""llmosd: the llmos kernel, a gRPC server for LLM agent processes."""

@@ -1,0 +1,705 @@
+"""The kernel: the process table and the operations behind every syscall.
+
+Every syscall, whether from an RPC or from a Lua program, lands in one of the
+public methods here. State changes happen under one lock (`self.lock`), held
+only for bookkeeping, never while program code runs or an RPC waits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import process as P
+from .errors import (
+    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted, Unimplemented,
+)
+from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua
+from .mailbox import Mailbox, Match, Message
+from .process import Limits, Process
+from .scheduler import Scheduler
+from .store import ProcessRecord, Store, StoredMessage, now_ms
+from .waiting import TIMED_OUT, Timers, Waiter
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_LEN = 256
+MAX_LOG_LINES = 1000
+
+
+@dataclass
+class KernelConfig:
+    data_dir: str
+    cpus: int = 0  # 0: one per core
+    quantum_ms: float = 10.0
+    hook_instructions: int = 10_000
+    defaults: Limits = field(default_factory=lambda: Limits(memory_bytes=64 << 20, mailbox=10_000))
+    userland_root: str | None = None
+    max_message_bytes: int = 4 << 20
+    ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
+
+    @property
+    def quantum_s(self) -> float:
+        return self.quantum_ms / 1000.0
+
+
+@dataclass
+class SpawnSpec:
+    """What Spawn takes, checked by the syscall layer or the Lua bridge."""
+
+    lua: str | None = None
+    python: str | None = None
+    path: str | None = None
+    args: Any = None
+    name: str | None = None
+    priority: int = 0
+    limits: Limits = field(default_factory=Limits)
+    parent: int = 0
+    monitor: bool = False
+
+
+class LuaWaiter(Waiter):
+    """A Lua process blocked in a syscall: completing it makes the process runnable."""
+
+    __slots__ = ("kernel", "proc")
+
+    def __init__(self, kernel: Kernel, proc: Process) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.proc = proc
+
+    def _wake(self, value: Any) -> None:
+        proc = self.proc
+        proc.resume_value = value
+        proc.waiter = None
+        proc.state = P.RUNNABLE
+        proc.blocked_on = None
+        self.kernel.scheduler.make_runnable(proc)
+
+
+class Kernel:
+    def __init__(self, config: KernelConfig) -> None:
+        self.config = config
+        self.lock = threading.RLock()
+        self.store = Store(config.data_dir)
+        self.timers = Timers()
+        self.scheduler = Scheduler(config.cpus or os.cpu_count() or 1, self._run_slice)
+        self.procs: dict[int, Process] = {}
+        self.names: dict[str, int] = {}
+        self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
+        self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
+        self.inference: Any = None  # set by the server when an engine is configured
+        self._recover()
+
+    # -- start-up and shutdown ------------------------------------------------------------
+    def _recover(self) -> None:
+        """Bring back ports with their messages; processes that were alive when the
+        server went down end with reason "server_restart"."""
+        for rec in self.store.live_records():
+            if rec.kind == P.PORT:
+                proc = self._new_process(rec.pid, P.PORT, rec.parent, rec.priority, Limits(**rec.limits), rec.namespace)
+                proc.started_at_ms = rec.started_at_ms
+                for m in self.store.port_messages(rec.pid):
+                    proc.mailbox.messages.append(
+                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms)
+                    )
+                if rec.name:
+                    proc.name = rec.name
+                    self.names[rec.name] = rec.pid
+                self.procs[rec.pid] = proc
+            else:
+                rec.state, rec.exit_reason, rec.ended_at_ms = P.KILLED, "server_restart", now_ms()
+                self.store.record_exit(rec, durable=True)
+
+    def shutdown(self) -> None:
+        with self.lock:
+            live = [p for p in self.procs.values() if p.kind != P.PORT and not p.ended]
+        for proc in live:
+            self.kill(proc.pid, "shutdown")
+        self.scheduler.stop()
+        self.timers.stop()
+        self.store.close()
+
+    # -- process creation ------------------------------------------------------------------
+    def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
+        return Process(
+            pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, limits=limits,
+            started_at_ms=now_ms(), mailbox=Mailbox(pid, limits.mailbox),
+        )
+
+    def spawn(self, spec: SpawnSpec) -> int:
+        kind, source, program_name = self._resolve_program(spec)
+        if kind == P.PYTHON:
+            raise Unimplemented("Python programs are not supported by this server yet; spawn a Lua program")
+        self._check_name(spec.name)
+        limits = spec.limits.with_defaults(self.config.defaults)
+        check_syntax(source, program_name)
+        with self.lock:
+            if spec.parent:
+                self._live(spec.parent, "parent")
+            elif spec.monitor:
+                raise InvalidArgument("monitor needs a parent pid")
+            if spec.name and spec.name in self.names:
+                raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[spec.name]}")
+            pid = self.store.next_id("pid")
+            proc = self._new_process(pid, kind, spec.parent, spec.priority, limits, "default")
+            proc.program, proc.program_name, proc.args = source, program_name, spec.args
+            if spec.name:
+                proc.name = spec.name
+                self.names[spec.name] = pid
+            if spec.monitor:
+                proc.monitored_by.add(spec.parent)
+            self.procs[pid] = proc
+            self.store.record_spawn(self._record(proc))
+            if limits.wall_ms:
+                proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
+            self._emit("spawned", proc)
+        self.scheduler.make_runnable(proc)
+        return pid
+
+    def spawn_from_dict(self, spec: dict, parent: int) -> int:
+        """Spawn from the table a Lua program passed to sys.spawn."""
+        known = {"lua", "python", "path", "args", "name", "priority", "limits", "monitor"}
+        unknown = set(spec) - known
+        if unknown:
+            raise InvalidArgument(f"sys.spawn: unknown option(s) {', '.join(sorted(unknown))}")
+        limits = spec.get("limits") or {}
+        if not isinstance(limits, dict) or set(limits) - set(Limits().as_dict()):
+            raise InvalidArgument("sys.spawn: limits must be a table of cpu_ms, wall_ms, memory_bytes, tokens, mailbox")
+        for key in ("lua", "python", "path", "name"):
+            if spec.get(key) is not None and not isinstance(spec[key], str):
+                raise InvalidArgument(f"sys.spawn: {key} must be a string")
+        priority = spec.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidArgument("sys.spawn: priority must be an integer")
+        try:
+            lim = Limits(**{k: int(v) for k, v in limits.items()})
+        except (TypeError, ValueError):
+            raise InvalidArgument("sys.spawn: limits must be non-negative integers") from None
+        if any(v < 0 for v in lim.as_dict().values()):
+            raise InvalidArgument("sys.spawn: limits must be non-negative integers")
+        return self.spawn(SpawnSpec(
+            lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
+            name=spec.get("name"), priority=priority, limits=lim, parent=parent, monitor=bool(spec.get("monitor")),
+        ))
+
+    def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str]:
+        given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
+        if len(given) != 1:
+            raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
+        if spec.lua is not None:
+            return P.LUA, spec.lua, "program"
+        if spec.python is not None:
+            return P.PYTHON, spec.python, "program"
+        root = self.config.userland_root
+        if not root:
+            raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")
+        rel = spec.path or ""
+        full = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or not full.startswith(os.path.realpath(root) + os.sep):
+            raise InvalidArgument(f"path {rel!r} must be relative and inside the userland root")
+        if full.endswith(".lua"):
+            kind = P.LUA
+        elif full.endswith(".py"):
+            kind = P.PYTHON
+        else:
+            raise InvalidArgument(f"path {rel!r}: programs end in .lua or .py")
+        try:
+            with open(full, encoding="utf-8") as f:
+                return kind, f.read(), rel
+        except FileNotFoundError:
+            raise NotFound(f"no program at {rel!r} under the userland root") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"cannot read program {rel!r}: {e}") from None
+
+    def _check_name(self, name: str | None) -> None:
+        if name is not None and (not name or len(name) > MAX_NAME_LEN or not name.isprintable()):
+            raise InvalidArgument(f"names are 1 to {MAX_NAME_LEN} printable characters")
+
+    def open_port(self, name: str | None = None, mailbox: int = 0) -> int:
+        self._check_name(name)
+        with self.lock:
+            if name and name in self.names:
+                raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[name]}")
+            pid = self.store.next_id("pid")
+            limits = Limits(mailbox=mailbox or self.config.defaults.mailbox)
+            proc = self._new_process(pid, P.PORT, 0, 0, limits, "default")
+            proc.state = P.RUNNABLE
+            if name:
+                proc.name = name
+                self.names[name] = pid
+            self.procs[pid] = proc
+            self.store.record_spawn(self._record(proc), durable=True)
+            self._emit("spawned", proc)
+        return pid
+
+    # -- lookup ---------------------------------------------------------------------------
+    def _live(self, pid: int, role: str = "process") -> Process:
+        proc = self.procs.get(pid)
+        if proc is None:
+            if pid in self.ended or self._ended_record(pid) is not None:
+                raise FailedPrecondition(f"{role} pid {pid} has ended")
+            raise NotFound(f"no process with pid {pid}")
+        return proc
+
+    def _ended_record(self, pid: int) -> ProcessRecord | None:
+        rec = self.ended.get(pid)
+        if rec is None:
+            rec = self.store.load_process(pid)
+            if rec is not None and rec.ended_at_ms is None:
+                return None
+        return rec
+
+    def resolve(self, target: int | str) -> Process:
+        if isinstance(target, str):
+            pid = self.names.get(target)
+            if pid is None:
+                raise NotFound(f"no process is registered as {target!r}")
+            return self.procs[pid]
+        return self._live(target, "receiver")
+
+    def whereis(self, name: str) -> int | None:
+        with self.lock:
+            return self.names.get(name)
+
+    # -- messages ---------------------------------------------------------------------------
+    def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str) -> int:
+        with self.lock:
+            src = self._live(sender, "sender") if sender else None
+            dst = self.resolve(to)
+            if dst.kind != P.PORT:
+                dst.mailbox.check_room()
+            msg = Message(
+                self.store.next_id("message"), sender, dst.pid, tag, body, data, correlation_id, now_ms(),
+            )
+            if src is not None:
+                src.messages_sent += 1
+            if dst.kind == P.PORT:
+                self._send_to_port(dst, msg)
+            else:
+                dst.mailbox.deliver(msg)
+            return msg.id
+
+    def _send_to_port(self, port: Process, msg: Message) -> None:
+        # Acknowledged only once stored, unless a receiver takes it right now.
+        for waiter, match in port.mailbox.receivers:
+            if match.accepts(msg):
+                port.mailbox.deliver(msg)
+                return
+        port.mailbox.check_room()
+        self.store.put_message(StoredMessage(
+            msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
+        ))
+        port.mailbox.messages.append(msg)
+
+    def try_recv(self, pid: int, match: Match) -> Message | None:
+        with self.lock:
+            proc = self._live(pid, "receiver")
+            msg = proc.mailbox.take(match)
+            if msg is not None:
+                self._taken(proc, msg)
+            return msg
+
+    def _taken(self, proc: Process, msg: Message) -> None:
+        proc.messages_received += 1
+        if proc.kind == P.PORT:
+            self.store.delete_message(msg.id)
+
+    def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
+        """Take a matching message now, or register `waiter` to get one (None)."""
+        with self.lock:
+            proc = self._live(pid, "receiver")
+            msg = proc.mailbox.take(match)
+            if msg is not None:
+                self._taken(proc, msg)
+                return msg
+            proc.mailbox.wait(waiter, match)
+            self._arm_timeout(waiter, timeout_s)
+            return None
+
+    def received(self, pid: int, msg: Message) -> None:
+        """Account a message handed straight to a waiting receiver."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is not None:
+                proc.messages_received += 1
+
+    def put_back(self, pid: int, msg: Message) -> None:
+        """An RPC took `msg` but could not hand it to its client: keep it."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is None:
+                return
+            proc.messages_received -= 1
+            if proc.kind == P.PORT:
+                self.store.put_message(StoredMessage(
+                    msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
+                ))
+            proc.mailbox.put_back(msg)
+
+    def _arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
+        if timeout_s is None:
+            return
+
+        def expire() -> None:
+            with self.lock:
+                if not waiter.done:
+                    if waiter.cancel_hook is not None:
+                        waiter.cancel_hook()
+                    waiter.complete(TIMED_OUT)
+
+        waiter.timer = self.timers.call_later(max(timeout_s, 0.0), expire)
+
+    # -- exits -----------------------------------------------------------------------------
+    def wait(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
+        """The final record of `pid` if it has ended, else register `waiter` (None)."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is None:
+                rec = self._ended_record(pid)
+                if rec is None:
+                    raise NotFound(f"no process with pid {pid}")
+                return rec
+            proc.exit_waiters.append(waiter)
+
+            def leave() -> None:
+                try:
+                    proc.exit_waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+            waiter.cancel_hook = leave
+            self._arm_timeout(waiter, timeout_s)
+            return None
+
+    def kill(self, pid: int, reason: str = "killed", by: int = 0) -> bool:
+        """End `pid` with `reason`; False if it had already ended."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is None:
+                if self._ended_record(pid) is not None:
+                    return False
+                raise NotFound(f"no process with pid {pid}")
+            if proc.kind == P.PORT or proc.state in (P.BLOCKED, P.RUNNABLE):
+                # Not running any code (a preempted process stays RUNNING): end it now.
+                self._end(proc, P.KILLED, reason)
+            elif proc.kill_reason is None:
+                # Running or queued: its own thread ends it at the next check.
+                proc.kill_reason = reason
+            return True
+
+    def _end(self, proc: Process, state: str, reason: str, result: Any = None, error: str | None = None) -> None:
+        """Record the end of `proc` and tell everyone who asked. Holds the lock."""
+        if proc.ended:
+            return
+        proc.state, proc.blocked_on = state, None
+        if proc.waiter is not None:
+            proc.waiter.abandon()
+            proc.waiter = None
+        if proc.wall_timer is not None:
+            proc.wall_timer.cancel()
+        for waiter, _ in list(proc.mailbox.receivers):
+            waiter.abandon()
+        if proc.kind == P.PORT:
+            self.store.delete_port_messages(proc.pid)
+        del self.procs[proc.pid]
+        if proc.name and self.names.get(proc.name) == proc.pid:
+            del self.names[proc.name]
+        rec = self._record(proc)
+        rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
+        self.store.record_exit(rec, durable=proc.kind == P.PORT)
+        self.ended[proc.pid] = rec
+        if len(self.ended) > self.config.ended_cache:
+            self.ended.popitem(last=False)
+        for waiter in proc.exit_waiters:
+            waiter.complete(rec)
+        proc.exit_waiters.clear()
+        notice = {"pid": proc.pid, "state": state, "reason": reason, "result": result, "error": error}
+        for watcher in proc.monitored_by:
+            target = self.procs.get(watcher)
+            if target is not None:
+                msg = Message(self.store.next_id("message"), proc.pid, watcher, "EXIT", notice, b"", "", now_ms())
+                try:
+                    if target.kind == P.PORT:
+                        self._send_to_port(target, msg)
+                    else:
+                        target.mailbox.deliver(msg)
+                except ResourceExhausted:
+                    log.warning("EXIT notice of pid %d to full mailbox of pid %d dropped", proc.pid, watcher)
+        proc.runtime = None
+        self._emit("ended", rec)
+
+    # -- names, monitors, priorities -------------------------------------------------------
+    def register(self, pid: int, name: str) -> None:
+        self._check_name(name)
+        with self.lock:
+            proc = self._live(pid)
+            owner = self.names.get(name)
+            if owner is not None and owner != pid:
+                raise AlreadyExists(f"the name {name!r} is registered to pid {owner}")
+            if proc.name and proc.name != name:
+                del self.names[proc.name]
+            proc.name = name
+            self.names[name] = pid
+            self.store.record_name(pid, name)
+
+    def monitor(self, watcher: int, target: int) -> None:
+        with self.lock:
+            self._live(watcher, "watcher")
+            proc = self.procs.get(target)
+            if proc is not None:
+                proc.monitored_by.add(watcher)
+                return
+            rec = self._ended_record(target)
+            if rec is None:
+                raise NotFound(f"no process with pid {target}")
+            # Already ended: tell the watcher at once, as Erlang does.
+            notice = {"pid": target, "state": rec.state, "reason": rec.exit_reason, "result": rec.result,
+                      "error": rec.error}
+            self.send_exit_notice(watcher, target, notice)
+
+    def send_exit_notice(self, watcher: int, target: int, notice: dict) -> None:
+        dst = self.procs[watcher]
+        msg = Message(self.store.next_id("message"), target, watcher, "EXIT", notice, b"", "", now_ms())
+        if dst.kind == P.PORT:
+            self._send_to_port(dst, msg)
+        else:
+            dst.mailbox.deliver(msg)
+
+    def set_priority(self, pid: int, priority: int) -> None:
+        with self.lock:
+            self._live(pid).priority = priority
+
+    # -- inspection -----------------------------------------------------------------------
+    def _record(self, proc: Process) -> ProcessRecord:
+        return ProcessRecord(
+            pid=proc.pid, kind=proc.kind, name=proc.name, parent=proc.parent, namespace=proc.namespace,
+            priority=proc.priority, limits=proc.limits.as_dict(), started_at_ms=proc.started_at_ms, state=proc.state,
+        )
+
+    def usage(self, proc: Process) -> dict[str, int]:
+        runtime = proc.runtime
+        return {
+            "cpu_ms": proc.cpu_ns // 1_000_000,
+            "wall_ms": now_ms() - proc.started_at_ms,
+            "messages_sent": proc.messages_sent,
+            "messages_received": proc.messages_received,
+            "tokens": proc.tokens,
+            "memory_bytes": runtime.memory_used() if runtime is not None else 0,
+            "mailbox_len": len(proc.mailbox),
+        }
+
+    def get(self, pid: int) -> tuple[ProcessRecord, dict[str, int] | None, str | None]:
+        """(record, usage, blocked_on) of a live or ended process."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is not None:
+                return self._record(proc), self.usage(proc), proc.blocked_on
+        rec = self._ended_record(pid)
+        if rec is None:
+            raise NotFound(f"no process with pid {pid}")
+        return rec, None, None
+
+    def describe(self, pid: int | None) -> dict[str, Any]:
+        """A process's state as a plain table for Lua's sys.info / sys.wait."""
+        if pid is None:
+            raise InvalidArgument("pid must be an integer")
+        rec, usage, blocked_on = self.get(pid)
+        return describe_record(rec, usage)
+
+    def list(self, states: set[str], name: str | None, parent: int, include_ended: bool) -> list[tuple]:
+        with self.lock:
+            out = [
+                (self._record(p), self.usage(p), p.blocked_on) for p in self.procs.values()
+                if (not states or p.state in states) and (not name or p.name == name)
+                and (not parent or p.parent == parent)
+            ]
+            if include_ended:
+                out += [
+                    (rec, None, None) for rec in self.ended.values()
+                    if (not states or rec.state in states) and (not name or rec.name == name)
+                    and (not parent or rec.parent == parent)
+                ]
+        out.sort(key=lambda t: t[0].pid)
+        return out
+
+    def log(self, proc: Process, line: str) -> None:
+        proc.log.append(line)
+        if len(proc.log) > MAX_LOG_LINES:
+            del proc.log[: len(proc.log) - MAX_LOG_LINES]
+        log.debug("pid %d: %s", proc.pid, line)
+
+    def _emit(self, kind: str, proc_or_rec: Process | ProcessRecord) -> None:
+        if not self.event_listeners:
+            return
+        rec = proc_or_rec if isinstance(proc_or_rec, ProcessRecord) else self._record(proc_or_rec)
+        for listener in self.event_listeners:
+            listener(kind, rec)
+
+    # -- running Lua processes -----------------------------------------------------------
+    def _run_slice(self, proc: Process) -> None:
+        """Run `proc` on this worker until it blocks, ends, or used its quantum."""
+        with self.lock:
+            if proc.ended:
+                return
+            if proc.kill_reason is not None:
+                self._end(proc, P.KILLED, proc.kill_reason)
+                return
+            proc.state = P.RUNNING
+        lua = proc.runtime
+        if lua is None:
+            try:
+                lua = proc.runtime = LuaProcess(self, proc)
+            except Exception as e:  # compile errors, memory limit too small for the sandbox
+                with self.lock:
+                    self._end(proc, P.CRASHED, "error", error=_startup_error(e))
+                return
+            args: tuple = ()
+        else:
+            args = self._resume_args(proc)
+        while True:
+            lua.begin_slice()
+            try:
+                out = lua.step(*args)
+            except Exception as e:  # lupa raises for errors the sandbox could not catch (memory)
+                out = (b"error", str(e).encode())
+            lua.end_slice()
+            kind = out[0]
+            if kind == b"sys":
+                name = out[1].decode()
+                with self.lock:
+                    if proc.kill_reason is not None:
+                        self._end(proc, P.KILLED, proc.kill_reason)
+                        return
+                    answer = self._blocking_syscall(proc, name, out[2:])
+                    if answer is None:
+                        return  # blocked, or ended
+                args = lua.answer(name, answer)
+                if time.perf_counter() - lua.slice_start >= self.config.quantum_s and self.scheduler.should_yield(proc):
+                    with self.lock:
+                        proc.state = P.RUNNABLE
+                        proc.resume_value = _Ready(args)
+                    self.scheduler.make_runnable(proc)
+                    return
+                continue
+            with self.lock:
+                if kind == b"done":
+                    try:
+                        result = from_lua(out[1], "result")
+                    except KernelError as e:
+                        self._end(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
+                    else:
+                        self._end(proc, P.EXITED, "normal", result=result)
+                else:
+                    text = error_text(out[1])
+                    if proc.kill_reason is not None:
+                        self._end(proc, P.KILLED, proc.kill_reason)
+                    elif text == MEMORY_ERROR or "not enough memory" in text:
+                        self._end(proc, P.KILLED, "memory_limit", error=text)
+                    else:
+                        self._end(proc, P.CRASHED, "error", error=text)
+            return
+
+    def _resume_args(self, proc: Process) -> tuple:
+        value, proc.resume_value = proc.resume_value, ()
+        if isinstance(value, _Ready):
+            return value.args
+        return proc.runtime.answer(proc.blocked_syscall, None if value is TIMED_OUT else value)
+
+    def _blocking_syscall(self, proc: Process, name: str, args: tuple) -> Any:
+        """Handle a yielded syscall (lock held). Returns the answer if it is ready,
+        or None after blocking (or ending) the process."""
+        lua = proc.runtime
+        if name == "exit":
+            try:
+                result = from_lua(args[0] if args else None, "sys.exit")
+            except KernelError as e:
+                self._end(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
+                return None
+            self._end(proc, P.EXITED, "normal", result=result)
+            return None
+        waiter = LuaWaiter(self, proc)
+        # Blocked before registering: a waiter may complete at once (from this thread).
+        proc.state, proc.blocked_on, proc.blocked_syscall, proc.waiter = P.BLOCKED, name, name, waiter
+        try:
+            answer = self._register_waiter(proc, lua, name, args, waiter)
+        except KernelError as e:
+            answer = e
+        if answer is not None:
+            waiter.abandon()
+            proc.state, proc.blocked_on, proc.waiter = P.RUNNING, None, None
+        return answer
+
+    def _register_waiter(self, proc: Process, lua: LuaProcess, name: str, args: tuple, waiter: Waiter) -> Any:
+        if name == "recv":
+            timeout = args[3]
+            return self.recv(proc.pid, lua.recv_match(*args[:4]), waiter, None if timeout is None else timeout / 1000)
+        if name == "wait":
+            pid, timeout = args[0], args[1] if len(args) > 1 else None
+            if type(pid) is not int:
+                raise InvalidArgument("sys.wait: pid must be an integer")
+            if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
+                raise InvalidArgument("sys.wait: timeout_ms must be a non-negative number")
+            if pid == proc.pid:
+                raise InvalidArgument("sys.wait: a process cannot wait for itself")
+            rec = self.wait(pid, waiter, None if timeout is None else timeout / 1000)
+            return describe_record(rec, None) if rec is not None else None
+        if name == "sleep":
+            ms = args[0] if args else None
+            if type(ms) not in (int, float) or ms < 0:
+                raise InvalidArgument("sys.sleep: ms must be a non-negative number")
+            self._arm_timeout(waiter, ms / 1000)
+            return None
+        if name == "infer":
+            if self.inference is None:
+                raise Unimplemented("this server runs no inference engine")
+            self.inference.submit_from_lua(proc, waiter, from_lua(args[0], "sys.infer"))
+            return None
+        raise InvalidArgument(f"unknown syscall {name!r}")
+
+
+class _Ready:
+    """Resume values computed already (a process requeued after a syscall)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple) -> None:
+        self.args = args
+
+
+def describe_record(rec: ProcessRecord, usage: dict[str, int] | None) -> dict[str, Any]:
+    info = {
+        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
+        "priority": rec.priority, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
+    }
+    if usage is not None:
+        info["usage"] = usage
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _startup_error(e: Exception) -> str:
+    text = str(e)
+    return "not enough memory to start (raise limits.memory_bytes)" if "memory" in text.lower() else text
+
+
+_syntax_lock = threading.Lock()
+_syntax_state: Any = None
+
+
+def check_syntax(source: str, name: str) -> None:
+    """Compile (not run) a Lua program so that Spawn can refuse a bad one."""
+    global _syntax_state
+    import lupa.lua54 as lupa
+
+    with _syntax_lock:
+        if _syntax_state is None:
+            _syntax_state = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False,
+                                            unpack_returned_tuples=True).eval(
+                b"function(src, name) local f, err = load(src, name, 't', {}) return err end")
+        err = _syntax_state(source.encode(), f"={name}".encode())
+    if err is not None:
+        raise InvalidArgument(f"Lua syntax error: {err.decode(errors='replace')}")

@@ -1,0 +1,236 @@
+-- Builds one process's sandbox inside its own Lua 5.4 state and returns the
+-- function the kernel calls to run it. Runs before any program code, with
+-- the full standard library; the program only ever sees `env`.
+--
+-- Called as: step = chunk(bridge, source, chunk_name, args, hook_count)
+local bridge, source, chunk_name, args, hook_count = ...
+
+-- Everything the sandbox machinery uses is captured here, so that nothing a
+-- program does to its own environment can change how the kernel code behaves.
+local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
+local co_running, co_close, co_isyieldable = coroutine.running, coroutine.close, coroutine.isyieldable
+local sethook = debug.sethook
+local error, pcall, xpcall, select, type, tostring = error, pcall, xpcall, select, type, tostring
+local load, setmetatable, getmetatable, next = load, setmetatable, getmetatable, next
+local string_rep, string_format, string_find, string_match = string.rep, string.format, string.find, string.match
+local string_gmatch, string_gsub = string.gmatch, string.gsub
+local math_type = math.type
+local table_concat, collectgarbage = table.concat, collectgarbage
+
+local check = bridge.check
+local SYSCALL = {}   -- first value of a yield that is a syscall, not a program's own yield
+local dying = nil    -- set once the kernel ends the process: pcall may not swallow that
+local MEMORY_ERROR = "not enough memory"
+
+-- The count hook: checks the quantum, limits and kills every hook_count
+-- instructions. Once the process is dying it fires on every instruction.
+local function hook()
+  local reason = check()
+  if reason then
+    dying = reason
+    sethook(hook, "", 1)
+    error(reason, 0)
+  end
+end
+
+local function die_if_dying(ok, err, ...)
+  if not ok and err == MEMORY_ERROR and not dying then
+    dying = "memory_limit"
+  end
+  if dying then error(dying, 0) end
+  return ok, err, ...
+end
+
+local function new_coroutine(f)
+  local co = co_create(f)
+  sethook(co, hook, "", hook_count)
+  return co
+end
+
+-- Syscalls made inside the program's own coroutines are passed up, through
+-- every level of resume, to the kernel, and the answer passed back down.
+local function forward(co, ok, first, ...)
+  if ok and first == SYSCALL and co_status(co) == "suspended" then
+    return forward(co, co_resume(co, co_yield(SYSCALL, ...)))
+  end
+  return die_if_dying(ok, first, ...)
+end
+
+local function resume(co, ...)
+  return forward(co, co_resume(co, ...))
+end
+
+local main_co  -- the coroutine running the program
+
+local function yield(...)
+  if co_running() == main_co then
+    error("attempt to yield from outside a coroutine", 2)
+  end
+  return co_yield(...)
+end
+
+local function wrap(f)
+  local co = new_coroutine(f)
+  return function(...)
+    local function unwrap(ok, ...)
+      if not ok then error((...), 0) end
+      return ...
+    end
+    return unwrap(resume(co, ...))
+  end
+end
+
+local function syscall(name, ...)
+  return co_yield(SYSCALL, name, ...)
+end
+
+-- Pattern functions run in C, where the count hook cannot interrupt them, and
+-- backtracking makes their worst case polynomial in the subject's length with
+-- the number of repetition items as exponent. Refuse calls whose worst case
+-- could keep a CPU for long, so a process can always be preempted and killed.
+local PATTERN_BUDGET = 1e9  -- about a second of C at worst
+local function check_pattern(fname, s, pattern, plain)
+  if plain or type(s) ~= "string" or type(pattern) ~= "string" then return end
+  local items = 0
+  for _ in string_gmatch(pattern, "[%*%+%-%?]") do items = items + 1 end
+  if items == 0 then return end
+  local n = #s + 1
+  local cost = n ^ (items + (string_find(pattern, "^%^") and 0 or 1))
+  if cost > PATTERN_BUDGET then
+    error(string_format(
+      "%s: pattern with %d repetition items on a %d-byte subject is too costly to run preemptibly; " ..
+      "split the subject or simplify the pattern", fname, items, #s), 3)
+  end
+end
+
+local safe_string = {}
+for k, v in next, string do safe_string[k] = v end
+safe_string.dump = nil
+safe_string.find = function(s, p, init, plain) check_pattern("string.find", s, p, plain); return string_find(s, p, init, plain) end
+safe_string.match = function(s, p, init) check_pattern("string.match", s, p); return string_match(s, p, init) end
+safe_string.gmatch = function(s, p, init) check_pattern("string.gmatch", s, p); return string_gmatch(s, p, init) end
+safe_string.gsub = function(s, p, r, n) check_pattern("string.gsub", s, p); return string_gsub(s, p, r, n) end
+
+-- Programs may not reach or change the string metatable that the kernel's
+-- own code relies on; method calls on strings use the safe functions.
+local string_mt = getmetatable("")
+string_mt.__index = safe_string
+string_mt.__metatable = false
+
+local function copy(t)
+  local c = {}
+  for k, v in next, t do c[k] = v end
+  return c
+end
+
+local env = {
+  assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
+  rawequal = rawequal, rawget = rawget, rawlen = rawlen, rawset = rawset, select = select,
+  tonumber = tonumber, tostring = tostring, type = type, setmetatable = setmetatable,
+  getmetatable = getmetatable, warn = nil, _VERSION = _VERSION,
+  math = copy(math), string = safe_string, table = copy(table), utf8 = copy(utf8),
+  os = { clock = os.clock, time = os.time, date = os.date, difftime = os.difftime },
+  coroutine = {
+    create = new_coroutine, resume = resume, wrap = wrap, yield = yield,
+    status = co_status, running = co_running, close = co_close, isyieldable = co_isyieldable,
+  },
+}
+env._G = env
+env.pcall = function(f, ...) return die_if_dying(pcall(f, ...)) end
+env.xpcall = function(f, handler, ...) return die_if_dying(xpcall(f, handler, ...)) end
+env.load = function(chunk, name, mode, chunk_env)
+  -- Text only: binary chunks can break the VM's memory safety.
+  if mode ~= nil and mode ~= "t" then
+    return nil, "load: only text chunks are allowed (mode 't')"
+  end
+  if chunk_env == nil then chunk_env = env end
+  return load(chunk, name, "t", chunk_env)
+end
+local function log(...)
+  local parts = {}
+  for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
+  bridge.log(table_concat(parts, "\t"))
+end
+env.print = log
+env.collectgarbage = function(opt)
+  if opt == nil or opt == "collect" or opt == "count" or opt == "step" then return collectgarbage(opt) end
+  error("collectgarbage: only 'collect', 'count' and 'step' are allowed", 2)
+end
+
+-- sys: the syscall interface. Bridge functions return (value) or (nil, error
+-- text) and never raise, so a program only ever sees plain Lua values.
+local function check_result(value, err, ...)
+  if err ~= nil then error(err, 3) end
+  return value, ...
+end
+
+local function as_message(id, from, to, tag, body, data, correlation_id, sent_at_ms)
+  if id == nil then return nil end
+  return { id = id, from = from, to = to, tag = tag, body = body, data = data,
+           correlation_id = correlation_id, sent_at_ms = sent_at_ms }
+end
+
+local function opts_table(opts, fname)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then error(fname .. ": expected a table of options", 3) end
+  return opts
+end
+
+local sys = {}
+local self_pid = bridge.self()
+sys.self = function() return self_pid end
+sys.spawn = function(spec)
+  return check_result(bridge.spawn(opts_table(spec, "sys.spawn")))
+end
+sys.send = function(to, body, opts)
+  opts = opts_table(opts, "sys.send")
+  return check_result(bridge.send(to, body, opts.tag, opts.data, opts.correlation_id))
+end
+sys.recv = function(opts)
+  opts = opts_table(opts, "sys.recv")
+  local from, tag, cid, timeout = opts.from, opts.tag, opts.correlation_id, opts.timeout_ms
+  -- The common case, a message already waiting, costs no trip through the scheduler.
+  local id, a, b, c, d, e, f, g = bridge.try_recv(from, tag, cid, timeout)
+  if id == false then error(a, 2) end
+  if id ~= nil or timeout == 0 then return as_message(id, a, b, c, d, e, f, g) end
+  return as_message(syscall("recv", from, tag, cid, timeout))
+end
+sys.wait = function(pid, timeout_ms)
+  return check_result(syscall("wait", pid, timeout_ms))
+end
+sys.sleep = function(ms)
+  return check_result(syscall("sleep", ms))
+end
+sys.kill = function(pid, reason) return check_result(bridge.kill(pid, reason)) end
+sys.register = function(name) return check_result(bridge.register(name)) end
+sys.monitor = function(pid) return check_result(bridge.monitor(pid)) end
+sys.whereis = function(name) return check_result(bridge.whereis(name)) end
+sys.set_priority = function(pid, priority) return check_result(bridge.set_priority(pid, priority)) end
+sys.info = function(pid) return check_result(bridge.info(pid or self_pid)) end
+sys.log = log
+sys.exit = function(value) syscall("exit", value) end
+sys.infer = function(req) return check_result(syscall("infer", opts_table(req, "sys.infer"))) end
+env.sys = sys
+env.args = args
+
+local program, err = load(source, chunk_name, "t", env)
+if program == nil then error(err, 0) end
+
+main_co = co_create(program)
+sethook(main_co, hook, "", hook_count)
+sethook(hook, "", hook_count)  -- the kernel's own state too (converting values runs metamethod-free code, but be safe)
+
+-- The kernel's side: resume the program with a syscall's answer. Returns
+--   "sys", name, ...   the program made a blocking syscall
+--   "done", value      the program returned (or called sys.exit)
+--   "error", message   the program failed (or was ended by the kernel)
+local function outcome(ok, first, ...)
+  if not ok then return "error", first end
+  if co_status(main_co) == "dead" then return "done", first end
+  if first == SYSCALL then return "sys", ... end
+  return "error", "attempt to yield from outside a coroutine"
+end
+
+return function(...)
+  return outcome(co_resume(main_co, ...))
+end

@@ -1,0 +1,324 @@
+"""The Lua userland: one sandboxed Lua 5.4 state per process.
+
+The program runs as a coroutine (see lua/sandbox.lua). Non-blocking syscalls
+(send, spawn, kill, ...) are direct calls into the bridge below; blocking ones
+(recv with nothing to take, wait, sleep, infer, exit) yield to the kernel,
+which parks the process until its waiter completes and then resumes it.
+
+Only plain Lua values ever cross into the program: bridge functions catch
+every exception and answer (nil, message) instead, and Python objects are
+never handed to Lua, so there is nothing to walk attributes on.
+"""
+from __future__ import annotations
+
+import math
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import lupa.lua54 as lupa
+
+from .errors import InvalidArgument, KernelError
+from .mailbox import Match, Message
+from .process import Process
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+SANDBOX_SOURCE = resources.files("llmosd").joinpath("lua/sandbox.lua").read_bytes()
+MAX_DEPTH = 64
+MEMORY_ERROR = "not enough memory"
+_lua_type = lupa.lua_type
+
+
+def _deny_get(obj: Any, name: Any) -> Any:
+    raise AttributeError("access to Python attributes is not allowed")
+
+
+def _deny_set(obj: Any, name: Any, value: Any) -> None:
+    raise AttributeError("access to Python attributes is not allowed")
+
+
+def new_state(max_memory: int) -> lupa.LuaRuntime:
+    return lupa.LuaRuntime(
+        encoding=None,  # strings cross as bytes: Lua strings may hold any bytes
+        register_eval=False,
+        register_builtins=False,
+        unpack_returned_tuples=True,
+        attribute_handlers=(_deny_get, _deny_set),
+        max_memory=max_memory or None,
+    )
+
+
+# -- values -----------------------------------------------------------------------------
+
+def to_lua(rt: lupa.LuaRuntime, value: Any, depth: int = 0) -> Any:
+    """A JSON-shaped Python value as a Lua value (null inside tables becomes nil)."""
+    if value is None or value is True or value is False or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes):
+        return value
+    if depth > MAX_DEPTH:
+        raise InvalidArgument(f"value nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        return rt.table_from({k.encode(): to_lua(rt, v, depth + 1) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return rt.table_from([to_lua(rt, v, depth + 1) for v in value])
+    raise InvalidArgument(f"cannot pass a {type(value).__name__} to Lua")
+
+
+def from_lua(value: Any, what: str = "value", depth: int = 0) -> Any:
+    """A Lua value as a JSON-shaped Python value.
+
+    Tables whose keys are 1..n (holes allowed, as nil stands for null) become
+    lists; other tables become objects with string keys; an empty table is {}.
+    """
+    if value is None or value is True or value is False:
+        return value
+    kind = type(value)
+    if kind is bytes:
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{what}: strings must be UTF-8 text; send raw bytes as data") from None
+    if kind is int:
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise InvalidArgument(f"{what}: NaN and infinity are not JSON numbers")
+        return value
+    if _lua_type(value) != "table":
+        raise InvalidArgument(f"{what}: a Lua {_lua_type(value) or kind.__name__} cannot be sent or returned")
+    if depth >= MAX_DEPTH:
+        raise InvalidArgument(f"{what}: tables nest deeper than {MAX_DEPTH} levels (a cycle?)")
+    items = list(value.items())
+    if not items:
+        return {}
+    if all(type(k) is int and k > 0 for k, _ in items):
+        top = max(k for k, _ in items)
+        if top <= 2 * len(items):
+            out: list[Any] = [None] * top
+            for k, v in items:
+                out[k - 1] = from_lua(v, what, depth + 1)
+            return out
+    obj = {}
+    for k, v in items:
+        if type(k) is bytes:
+            key = from_lua(k, what, depth + 1)
+        elif type(k) is int or type(k) is float:
+            key = str(k)
+        else:
+            raise InvalidArgument(f"{what}: table keys must be strings or numbers")
+        obj[key] = from_lua(v, what, depth + 1)
+    return obj
+
+
+def _opt_str(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if type(value) is not bytes:
+        raise InvalidArgument(f"{name} must be a string")
+    return value.decode(errors="replace")
+
+
+def _opt_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int:
+        raise InvalidArgument(f"{name} must be an integer")
+    return value
+
+
+def error_text(err: Any) -> str:
+    """A Lua error object as text for the process's exit record."""
+    if type(err) is bytes:
+        return err.decode(errors="replace")
+    try:
+        return str(from_lua(err, "error"))
+    except KernelError:
+        return f"error object of type {_lua_type(err) or type(err).__name__}"
+
+
+class LuaProcess:
+    """A process's Lua state, its bridge to the kernel, and its slice clock."""
+
+    def __init__(self, kernel: Kernel, proc: Process) -> None:
+        self.kernel = kernel
+        self.proc = proc
+        self.slice_start = 0.0
+        self.slice_cpu = 0
+        rt = self.rt = new_state(proc.limits.memory_bytes)
+        bridge = rt.table_from({
+            b"check": self.check, b"self": self.self_pid, b"spawn": self.spawn, b"send": self.send,
+            b"try_recv": self.try_recv, b"kill": self.kill, b"register": self.register,
+            b"monitor": self.monitor, b"whereis": self.whereis, b"set_priority": self.set_priority,
+            b"info": self.info, b"log": self.log,
+        })
+        sandbox = rt.execute(b"return load(...)", SANDBOX_SOURCE, b"=sandbox", b"t")
+        self.step = sandbox(
+            bridge, proc.program.encode(), f"={proc.program_name}".encode(), to_lua(rt, proc.args),
+            kernel.config.hook_instructions,
+        )
+
+    # -- the slice clock, kept by the kernel around each resume -----------------------
+    def begin_slice(self) -> None:
+        self.slice_start = time.perf_counter()
+        self.slice_cpu = time.thread_time_ns()
+
+    def end_slice(self) -> None:
+        self.proc.cpu_ns += time.thread_time_ns() - self.slice_cpu
+
+    def memory_used(self) -> int:
+        return self.rt.get_memory_used()
+
+    # -- the count hook ---------------------------------------------------------------------
+    def check(self) -> bytes | None:
+        """Runs every `hook_instructions` instructions: end the process if the
+        kernel wants it gone, preempt it if its quantum is spent."""
+        proc = self.proc
+        kernel = self.kernel
+        if proc.kill_reason is None:
+            cpu_limit = proc.limits.cpu_ms
+            if cpu_limit and proc.cpu_ns + time.thread_time_ns() - self.slice_cpu > cpu_limit * 1_000_000:
+                proc.kill_reason = "cpu_limit"
+            elif time.perf_counter() - self.slice_start >= kernel.config.quantum_s:
+                if kernel.scheduler.should_yield(proc):
+                    self.end_slice()
+                    kernel.scheduler.preempt(proc)
+                    self.begin_slice()
+                else:
+                    self.slice_start = time.perf_counter()
+        if proc.kill_reason is not None:
+            return proc.kill_reason.encode()
+        return None
+
+    # -- non-blocking syscalls ------------------------------------------------------------
+    def self_pid(self) -> int:
+        return self.proc.pid
+
+    def spawn(self, spec: Any) -> tuple:
+        try:
+            spec = from_lua(spec, "sys.spawn")
+            if not isinstance(spec, dict):
+                raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
+            return (self.kernel.spawn_from_dict(spec, parent=self.proc.pid),)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
+        try:
+            if type(to) is bytes:
+                target: int | str = to.decode(errors="replace")
+            else:
+                target = _opt_int(to, "sys.send: the receiver")
+                if target is None:
+                    raise InvalidArgument("sys.send: the receiver must be a pid or a registered name")
+            if data is not None and type(data) is not bytes:
+                raise InvalidArgument("sys.send: data must be a string")
+            message_id = self.kernel.send(
+                self.proc.pid, target, _opt_str(tag, "sys.send: tag") or "",
+                from_lua(body, "sys.send: body"), data or b"",
+                _opt_str(correlation_id, "sys.send: correlation_id") or "",
+            )
+            return (message_id,)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def try_recv(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> tuple:
+        try:
+            match = self.recv_match(sender, tag, correlation_id, timeout_ms)
+            msg = self.kernel.try_recv(self.proc.pid, match)
+            return self.message_values(msg) if msg is not None else (None,)
+        except KernelError as e:
+            return False, str(e).encode()
+
+    def recv_match(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> Match:
+        timeout = _opt_int(timeout_ms, "sys.recv: timeout_ms")
+        if timeout is not None and timeout < 0:
+            raise InvalidArgument("sys.recv: timeout_ms must not be negative")
+        return Match(
+            _opt_int(sender, "sys.recv: from"), _opt_str(tag, "sys.recv: tag"),
+            _opt_str(correlation_id, "sys.recv: correlation_id"),
+        )
+
+    def message_values(self, msg: Message) -> tuple:
+        rt = self.rt
+        return (
+            msg.id, msg.sender, msg.to, msg.tag.encode(), to_lua(rt, msg.body), msg.data or None,
+            msg.correlation_id.encode() if msg.correlation_id else None, msg.sent_at_ms,
+        )
+
+    def kill(self, pid: Any, reason: Any) -> tuple:
+        try:
+            target = _opt_int(pid, "sys.kill: pid")
+            if target is None:
+                raise InvalidArgument("sys.kill: pid must be an integer")
+            self.kernel.kill(target, _opt_str(reason, "sys.kill: reason") or "killed", by=self.proc.pid)
+            return (True,)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def register(self, name: Any) -> tuple:
+        try:
+            text = _opt_str(name, "sys.register: name")
+            if not text:
+                raise InvalidArgument("sys.register: name must be a non-empty string")
+            self.kernel.register(self.proc.pid, text)
+            return (True,)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def whereis(self, name: Any) -> tuple:
+        try:
+            return (self.kernel.whereis(_opt_str(name, "sys.whereis: name") or ""),)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def monitor(self, pid: Any) -> tuple:
+        try:
+            target = _opt_int(pid, "sys.monitor: pid")
+            if target is None:
+                raise InvalidArgument("sys.monitor: pid must be an integer")
+            self.kernel.monitor(self.proc.pid, target)
+            return (True,)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def set_priority(self, pid: Any, priority: Any) -> tuple:
+        try:
+            target = _opt_int(pid, "sys.set_priority: pid") or self.proc.pid
+            prio = _opt_int(priority, "sys.set_priority: priority")
+            if prio is None:
+                raise InvalidArgument("sys.set_priority: priority must be an integer")
+            self.kernel.set_priority(target, prio)
+            return (True,)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def info(self, pid: Any) -> tuple:
+        try:
+            target = _opt_int(pid, "sys.info: pid")
+            return (to_lua(self.rt, self.kernel.describe(target)),)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def log(self, text: bytes) -> None:
+        self.kernel.log(self.proc, text.decode(errors="replace"))
+
+    # -- answers to blocking syscalls ---------------------------------------------------
+    def answer(self, syscall: str, value: Any) -> tuple:
+        """The values to resume the program with, for a blocking syscall's result."""
+        if isinstance(value, KernelError):
+            return None, str(value).encode()
+        if syscall == "recv":
+            return self.message_values(value) if isinstance(value, Message) else ()
+        if syscall == "sleep":
+            return (True,)
+        if value is None:  # timed out
+            return ()
+        return (to_lua(self.rt, value),)
+

@@ -1,0 +1,84 @@
+"""Processes: what the kernel knows about each one."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .mailbox import Mailbox
+from .waiting import Waiter
+
+# States, as in the .proto.
+RUNNABLE = "RUNNABLE"
+RUNNING = "RUNNING"
+BLOCKED = "BLOCKED"
+EXITED = "EXITED"
+KILLED = "KILLED"
+CRASHED = "CRASHED"
+ENDED = frozenset((EXITED, KILLED, CRASHED))
+
+LUA = "LUA"
+PYTHON = "PYTHON"
+PORT = "PORT"
+
+
+@dataclass(slots=True)
+class Limits:
+    """Per-process limits; 0 means unlimited (after server defaults are applied)."""
+
+    cpu_ms: int = 0
+    wall_ms: int = 0
+    memory_bytes: int = 0
+    tokens: int = 0
+    mailbox: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "cpu_ms": self.cpu_ms, "wall_ms": self.wall_ms, "memory_bytes": self.memory_bytes,
+            "tokens": self.tokens, "mailbox": self.mailbox,
+        }
+
+    def with_defaults(self, defaults: Limits) -> Limits:
+        return Limits(**{k: v or getattr(defaults, k) for k, v in self.as_dict().items()})
+
+
+@dataclass(eq=False, slots=True)
+class Process:
+    pid: int
+    kind: str
+    parent: int
+    namespace: str
+    priority: int
+    limits: Limits
+    started_at_ms: int
+    mailbox: Mailbox
+    name: str | None = None
+    state: str = RUNNABLE
+    blocked_on: str | None = None  # the blocking syscall, shown while BLOCKED
+    blocked_syscall: str = ""  # the last blocking syscall, whose answer the next resume carries
+    program: str = ""  # source text of a Lua or Python program
+    program_name: str = "program"  # chunk name shown in tracebacks
+    args: Any = None
+    # Monitoring: pids to tell when this process ends.
+    monitored_by: set[int] = field(default_factory=set)
+    # Parties blocked in Wait on this process.
+    exit_waiters: list[Waiter] = field(default_factory=list)
+    # The syscall this process is blocked in, if any.
+    waiter: Waiter | None = None
+    # Set when the kernel wants the process gone; honoured at the next check.
+    kill_reason: str | None = None
+    # Scheduling.
+    runtime: Any = None  # a LuaProcess while the program lives
+    resume_value: tuple = ()
+    parked: threading.Event | None = None  # set while preempted inside the count hook
+    wall_timer: Any = None
+    # Accounting.
+    cpu_ns: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    tokens: int = 0
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED

@@ -1,0 +1,185 @@
+"""M:N scheduling of processes onto a fixed number of virtual CPUs.
+
+A virtual CPU is a slot: a worker thread runs process code only while it
+holds one. Workers take processes from the run queue and run one slice each
+(until the process blocks in a syscall, ends, or is preempted).
+
+Preemption happens inside the Lua count hook, which cannot yield: the hook
+calls `preempt`, which parks the *thread* with the process on it, gives its
+slot back, and makes sure a worker is there to use the slot. When the parked
+process is picked again, the picking worker hands its slot to the parked
+thread and goes back to the pool. Threads therefore number the CPUs plus the
+processes preempted mid-computation, never one per process.
+
+Like Go's runnext, a process woken by the running one (a reply to a message
+it just sent) is run next on the same thread, without a trip through the
+shared queue; a preemption or a long slice gives it back to the queue.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+from .process import Process
+
+log = logging.getLogger(__name__)
+
+
+class RunQueue:
+    """Runnable processes: highest priority first, FIFO within a priority."""
+
+    def __init__(self) -> None:
+        self._levels: dict[int, deque[Process]] = {}
+        self._order: list[int] = []  # priorities present, highest first
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def push(self, proc: Process) -> None:
+        level = self._levels.get(proc.priority)
+        if level is None:
+            level = self._levels[proc.priority] = deque()
+            self._order.append(proc.priority)
+            self._order.sort(reverse=True)
+        level.append(proc)
+        self._len += 1
+
+    def pop(self) -> Process:
+        for prio in self._order:
+            level = self._levels[prio]
+            if level:
+                self._len -= 1
+                return level.popleft()
+        raise IndexError("pop from an empty run queue")
+
+    def top_priority(self) -> int | None:
+        for prio in self._order:
+            if self._levels[prio]:
+                return prio
+        return None
+
+
+class Scheduler:
+    def __init__(self, cpus: int, run_slice: Callable[[Process], None]) -> None:
+        if cpus < 1:
+            raise ValueError("cpus must be at least 1")
+        self.cpus = cpus
+        self._run_slice = run_slice
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._queue = RunQueue()
+        self._free = cpus  # slots no thread holds
+        self._idle = 0  # workers waiting for work
+        self._threads = 0
+        self._stopping = False
+        self._local = threading.local()
+
+    # -- called by the kernel ----------------------------------------------------------
+    def make_runnable(self, proc: Process) -> None:
+        """Queue `proc` to run. Safe from any thread, with or without the kernel lock."""
+        local = self._local
+        if getattr(local, "running", None) is not None and local.next is None:
+            local.next = proc  # run next on this thread (see module docstring)
+            return
+        self._enqueue(proc)
+
+    def _enqueue(self, proc: Process) -> None:
+        with self._lock:
+            self._queue.push(proc)
+            self._offer_locked()
+
+    def _offer_locked(self) -> None:
+        """Make sure a free slot with queued work gets a worker."""
+        if self._free > 0 and len(self._queue) > 0:
+            if self._idle > 0:
+                self._work.notify()
+            else:
+                self._start_worker_locked()
+
+    def _start_worker_locked(self) -> None:
+        self._threads += 1
+        threading.Thread(target=self._worker, name=f"vcpu-{self._threads}", daemon=True).start()
+
+    def should_yield(self, proc: Process) -> bool:
+        """True when someone of at least `proc`'s priority waits for a CPU."""
+        local_next = getattr(self._local, "next", None)
+        if local_next is not None:
+            return True
+        top = self._queue.top_priority()
+        return top is not None and top >= proc.priority
+
+    def preempt(self, proc: Process) -> None:
+        """Called on the running thread from the count hook when the quantum
+        is spent: park here until the scheduler picks `proc` again."""
+        self._flush_next()
+        with self._lock:
+            top = self._queue.top_priority()
+            if top is None or top < proc.priority:
+                return  # nobody else wants the CPU
+            parked = proc.parked = threading.Event()
+            self._queue.push(proc)
+            self._free += 1
+            self._offer_locked()
+        parked.wait()  # the GIL is released while parked
+
+    def _flush_next(self) -> None:
+        local = self._local
+        nxt = getattr(local, "next", None)
+        if nxt is not None:
+            local.next = None
+            self._enqueue(nxt)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+
+    # -- workers ---------------------------------------------------------------------
+    def _worker(self) -> None:
+        local = self._local
+        local.running = None
+        local.next = None
+        holding = False
+        while True:
+            proc = local.next
+            if proc is not None:
+                local.next = None
+            else:
+                with self._lock:
+                    while True:
+                        if self._stopping:
+                            if holding:
+                                self._free += 1
+                            self._threads -= 1
+                            return
+                        if len(self._queue) > 0 and (holding or self._free > 0):
+                            break
+                        if holding:
+                            holding = False
+                            self._free += 1
+                        if self._idle >= self.cpus:
+                            self._threads -= 1  # enough idle threads already
+                            return
+                        self._idle += 1
+                        self._work.wait()
+                        self._idle -= 1
+                    if not holding:
+                        self._free -= 1
+                        holding = True
+                    proc = self._queue.pop()
+                    if proc.parked is not None:
+                        # Hand this slot to the thread parked with the process.
+                        parked, proc.parked = proc.parked, None
+                        holding = False
+                        parked.set()
+                        continue
+            local.running = proc
+            try:
+                self._run_slice(proc)
+            except Exception:  # a kernel bug must not take a virtual CPU down
+                log.exception("slice of pid %d failed", proc.pid)
+            finally:
+                local.running = None

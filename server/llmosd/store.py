@@ -1,0 +1,237 @@
+"""The kernel's durable state: one SQLite database (WAL) under the data directory.
+
+What must survive a restart or a `kill -9` of the server lives here:
+- the pid and message-id counters (ids are never reused),
+- every process record and, once it has ended, its exit (for Wait),
+- ports (external clients' mailboxes) and every message waiting in one.
+
+Port operations are written and committed before the syscall answers.
+Records of in-kernel processes (which die with the server anyway) go through
+a write-behind queue flushed by a background thread, so that spawning
+thousands of processes a second does not wait on SQLite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS processes (
+    pid INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT,
+    parent INTEGER NOT NULL,
+    namespace TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    limits TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    exit_reason TEXT,
+    result TEXT,
+    error TEXT,
+    ended_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS port_messages (
+    id INTEGER PRIMARY KEY,
+    port INTEGER NOT NULL,
+    sender INTEGER NOT NULL,
+    tag TEXT NOT NULL,
+    body TEXT NOT NULL,
+    data BLOB NOT NULL,
+    correlation_id TEXT NOT NULL,
+    sent_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS port_messages_by_port ON port_messages (port, id);
+"""
+
+# Ids are handed out from blocks reserved in the database, so that a restart
+# skips the rest of a block instead of reusing an id.
+ID_BLOCK = 4096
+
+
+@dataclass(slots=True)
+class ProcessRecord:
+    pid: int
+    kind: str
+    name: str | None
+    parent: int
+    namespace: str
+    priority: int
+    limits: dict[str, int]
+    started_at_ms: int
+    state: str
+    exit_reason: str | None = None
+    result: Any = None
+    error: str | None = None
+    ended_at_ms: int | None = None
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    id: int
+    port: int
+    sender: int
+    tag: str
+    body: Any
+    data: bytes
+    correlation_id: str
+    sent_at_ms: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Store:
+    """Thread-safe access to the kernel database."""
+
+    def __init__(self, data_dir: str) -> None:
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, "kernel.db")
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a crash of this process (kill -9), which
+        # is the promise; only an OS crash could lose the last transactions.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
+        self._pending: list[tuple[str, tuple]] = []
+        self._flush_wanted = threading.Condition(self._lock)
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_behind, name="store-writer", daemon=True)
+        self._writer.start()
+
+    # ids -------------------------------------------------------------------------
+    def next_id(self, counter: str) -> int:
+        with self._lock:
+            block = self._counters.get(counter)
+            if block is None or block[0] >= block[1]:
+                row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
+                start = row[0] if row else 1
+                self._db.execute(
+                    "INSERT INTO counters(name, next) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET next=excluded.next",
+                    (counter, start + ID_BLOCK),
+                )
+                block = self._counters[counter] = [start, start + ID_BLOCK]
+            value = block[0]
+            block[0] += 1
+            return value
+
+    # process records ---------------------------------------------------------------
+    def record_spawn(self, rec: ProcessRecord, durable: bool = False) -> None:
+        row = (
+            rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority,
+            json.dumps(rec.limits), rec.started_at_ms, rec.state,
+        )
+        sql = (
+            "INSERT OR REPLACE INTO processes(pid, kind, name, parent, namespace, priority, limits, started_at_ms, state)"
+            " VALUES(?,?,?,?,?,?,?,?,?)"
+        )
+        self._write(sql, row, durable)
+
+    def record_exit(self, rec: ProcessRecord, durable: bool = False) -> None:
+        row = (rec.state, rec.exit_reason, json.dumps(rec.result), rec.error, rec.ended_at_ms, rec.pid)
+        sql = "UPDATE processes SET state=?, exit_reason=?, result=?, error=?, ended_at_ms=? WHERE pid=?"
+        self._write(sql, row, durable)
+
+    def record_name(self, pid: int, name: str | None) -> None:
+        self._write("UPDATE processes SET name=? WHERE pid=?", (name, pid), durable=False)
+
+    def load_process(self, pid: int) -> ProcessRecord | None:
+        self.flush()
+        with self._lock:
+            row = self._db.execute("SELECT * FROM processes WHERE pid=?", (pid,)).fetchone()
+        return _record(row) if row else None
+
+    def live_records(self) -> list[ProcessRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM processes WHERE ended_at_ms IS NULL ORDER BY pid").fetchall()
+        return [_record(r) for r in rows]
+
+    def ended_records(self, limit: int) -> list[ProcessRecord]:
+        self.flush()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM processes WHERE ended_at_ms IS NOT NULL ORDER BY pid DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_record(r) for r in reversed(rows)]
+
+    # port messages ---------------------------------------------------------------------
+    def put_message(self, msg: StoredMessage) -> None:
+        row = (
+            msg.id, msg.port, msg.sender, msg.tag, json.dumps(msg.body), msg.data,
+            msg.correlation_id, msg.sent_at_ms,
+        )
+        self._write("INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)", row, durable=True)
+
+    def delete_message(self, message_id: int) -> None:
+        self._write("DELETE FROM port_messages WHERE id=?", (message_id,), durable=True)
+
+    def delete_port_messages(self, port: int) -> None:
+        self._write("DELETE FROM port_messages WHERE port=?", (port,), durable=True)
+
+    def port_messages(self, port: int) -> Iterator[StoredMessage]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM port_messages WHERE port=? ORDER BY id", (port,)).fetchall()
+        for r in rows:
+            yield StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5]), r[6], r[7])
+
+    # writing -----------------------------------------------------------------------------
+    def _write(self, sql: str, row: tuple, durable: bool) -> None:
+        with self._lock:
+            if durable:
+                # Earlier write-behind rows first, so the database never holds
+                # an exit without its spawn.
+                self._apply_pending()
+                self._db.execute(sql, row)
+            else:
+                self._pending.append((sql, row))
+                if len(self._pending) == 1:
+                    self._flush_wanted.notify()
+
+    def _apply_pending(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self._db.execute("BEGIN")
+        try:
+            for sql, row in pending:
+                self._db.execute(sql, row)
+        finally:
+            self._db.execute("COMMIT")
+
+    def flush(self) -> None:
+        with self._lock:
+            self._apply_pending()
+
+    def _write_behind(self) -> None:
+        with self._lock:
+            while not self._closed:
+                while not self._pending and not self._closed:
+                    self._flush_wanted.wait()
+                # Let a burst accumulate into one transaction.
+                self._flush_wanted.wait(0.005)
+                self._apply_pending()
+
+    def close(self) -> None:
+        with self._lock:
+            self._apply_pending()
+            self._closed = True
+            self._flush_wanted.notify_all()
+        self._writer.join()
+        self._db.close()
+
+
+def _record(row: tuple) -> ProcessRecord:
+    return ProcessRecord(
+        pid=row[0], kind=row[1], name=row[2], parent=row[3], namespace=row[4], priority=row[5],
+        limits=json.loads(row[6]), started_at_ms=row[7], state=row[8], exit_reason=row[9],
+        result=json.loads(row[10]) if row[10] is not None else None, error=row[11], ended_at_ms=row[12],
+    )

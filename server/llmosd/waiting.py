@@ -1,0 +1,128 @@
+"""Blocking without threads: waiters and timers.
+
+A syscall that cannot complete at once (recv, wait, sleep, infer) leaves a
+Waiter behind. Whoever later makes it completable (a send, an exit, a timer)
+calls `complete` under the kernel lock, exactly once. A Lua process's waiter
+puts the process back on the run queue; an RPC's waiter resolves an asyncio
+future. Neither holds an OS thread while waiting.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+import time
+from typing import Any, Callable
+
+TIMED_OUT = object()  # the value a waiter completes with when its timeout passes
+
+
+class Waiter:
+    """One blocked syscall. Subclasses say how the blocked party is woken."""
+
+    __slots__ = ("done", "timer", "cancel_hook")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.timer: Timer | None = None
+        # Undoes the registration (e.g. leaves a mailbox's receiver list)
+        # when the waiter completes some other way.
+        self.cancel_hook: Callable[[], None] | None = None
+
+    def complete(self, value: Any) -> bool:
+        """Wake the waiter with `value`; False if it was already completed.
+        Callers hold the kernel lock."""
+        if self.done:
+            return False
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self._wake(value)
+        return True
+
+    def abandon(self) -> None:
+        """Complete silently: the blocked party is gone (killed, cancelled)."""
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.cancel_hook is not None:
+            self.cancel_hook()
+
+    def _wake(self, value: Any) -> None:
+        raise NotImplementedError
+
+
+class AsyncWaiter(Waiter):
+    """A waiter for an RPC handler running on an asyncio loop."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+
+    def _wake(self, value: Any) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.future, value)
+
+
+def _resolve(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class Timer:
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timers:
+    """One thread runs every timeout in the kernel, from a heap of deadlines."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="timers", daemon=True)
+        self._thread.start()
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + seconds, callback)
+        with self._cond:
+            heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+            if self._heap[0][2] is timer:
+                self._cond.notify()
+        return timer
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    if self._heap and self._heap[0][2].cancelled:
+                        heapq.heappop(self._heap)
+                        continue
+                    delay = self._heap[0][0] - time.monotonic() if self._heap else None
+                    if delay is not None and delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                if self._stopped:
+                    return
+                timer = heapq.heappop(self._heap)[2]
+            timer.callback()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
