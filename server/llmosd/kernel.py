@@ -269,36 +269,34 @@ class Kernel:
     # -- messages ---------------------------------------------------------------------------
     def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str) -> int:
         with self.lock:
-            src = self._live(sender, "sender") if sender else None
-            dst = self.resolve(to)
-            if dst.kind != P.PORT:
-                dst.mailbox.check_room()
+            src = self.procs.get(sender) if sender else None
+            if src is None and sender:
+                self._live(sender, "sender")  # raises the right error
+            dst = self.procs.get(to) if type(to) is int else None
+            if dst is None:
+                dst = self.resolve(to)
             msg = Message(
                 self.store.next_id("message"), sender, dst.pid, tag, body, data, correlation_id, now_ms(),
             )
+            self._deliver(dst, msg)
             if src is not None:
                 src.messages_sent += 1
-            if dst.kind == P.PORT:
-                self._send_to_port(dst, msg)
-            else:
-                dst.mailbox.deliver(msg)
             return msg.id
 
-    def _send_to_port(self, port: Process, msg: Message) -> None:
-        # Acknowledged only once stored, unless a receiver takes it right now.
-        for waiter, match in port.mailbox.receivers:
-            if match.accepts(msg):
-                port.mailbox.deliver(msg)
-                return
-        port.mailbox.check_room()
-        self.store.put_message(StoredMessage(
-            msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
-        ))
-        port.mailbox.messages.append(msg)
+    def _deliver(self, dst: Process, msg: Message) -> None:
+        """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
+        A port's message is acknowledged only once stored, unless taken at once."""
+        if dst.kind == P.PORT and not any(match.accepts(msg) for _, match in dst.mailbox.receivers):
+            dst.mailbox.check_room()
+            self.store.put_message(StoredMessage(
+                msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
+            ))
+        if dst.mailbox.deliver(msg):
+            dst.messages_received += 1
 
     def try_recv(self, pid: int, match: Match) -> Message | None:
         with self.lock:
-            proc = self._live(pid, "receiver")
+            proc = self.procs.get(pid) or self._live(pid, "receiver")
             msg = proc.mailbox.take(match)
             if msg is not None:
                 self._taken(proc, msg)
@@ -321,13 +319,6 @@ class Kernel:
             self._arm_timeout(waiter, timeout_s)
             return None
 
-    def received(self, pid: int, msg: Message) -> None:
-        """Account a message handed straight to a waiting receiver."""
-        with self.lock:
-            proc = self.procs.get(pid)
-            if proc is not None:
-                proc.messages_received += 1
-
     def put_back(self, pid: int, msg: Message) -> None:
         """An RPC took `msg` but could not hand it to its client: keep it."""
         with self.lock:
@@ -348,8 +339,7 @@ class Kernel:
         def expire() -> None:
             with self.lock:
                 if not waiter.done:
-                    if waiter.cancel_hook is not None:
-                        waiter.cancel_hook()
+                    waiter.leave()
                     waiter.complete(TIMED_OUT)
 
         waiter.timer = self.timers.call_later(max(timeout_s, 0.0), expire)
@@ -364,15 +354,7 @@ class Kernel:
                 if rec is None:
                     raise NotFound(f"no process with pid {pid}")
                 return rec
-            proc.exit_waiters.append(waiter)
-
-            def leave() -> None:
-                try:
-                    proc.exit_waiters.remove(waiter)
-                except ValueError:
-                    pass
-
-            waiter.cancel_hook = leave
+            waiter.register(proc.exit_waiters, waiter)
             self._arm_timeout(waiter, timeout_s)
             return None
 
@@ -402,8 +384,10 @@ class Kernel:
             proc.waiter = None
         if proc.wall_timer is not None:
             proc.wall_timer.cancel()
-        for waiter, _ in list(proc.mailbox.receivers):
+        for waiter, _ in proc.mailbox.receivers:
+            waiter.queue = None
             waiter.abandon()
+        proc.mailbox.receivers.clear()
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
         del self.procs[proc.pid]
@@ -416,18 +400,14 @@ class Kernel:
         if len(self.ended) > self.config.ended_cache:
             self.ended.popitem(last=False)
         for waiter in proc.exit_waiters:
+            waiter.queue = None
             waiter.complete(rec)
         proc.exit_waiters.clear()
         notice = {"pid": proc.pid, "state": state, "reason": reason, "result": result, "error": error}
         for watcher in proc.monitored_by:
-            target = self.procs.get(watcher)
-            if target is not None:
-                msg = Message(self.store.next_id("message"), proc.pid, watcher, "EXIT", notice, b"", "", now_ms())
+            if watcher in self.procs:
                 try:
-                    if target.kind == P.PORT:
-                        self._send_to_port(target, msg)
-                    else:
-                        target.mailbox.deliver(msg)
+                    self._send_exit_notice(watcher, proc.pid, notice)
                 except ResourceExhausted:
                     log.warning("EXIT notice of pid %d to full mailbox of pid %d dropped", proc.pid, watcher)
         proc.runtime = None
@@ -460,15 +440,11 @@ class Kernel:
             # Already ended: tell the watcher at once, as Erlang does.
             notice = {"pid": target, "state": rec.state, "reason": rec.exit_reason, "result": rec.result,
                       "error": rec.error}
-            self.send_exit_notice(watcher, target, notice)
+            self._send_exit_notice(watcher, target, notice)
 
-    def send_exit_notice(self, watcher: int, target: int, notice: dict) -> None:
-        dst = self.procs[watcher]
+    def _send_exit_notice(self, watcher: int, target: int, notice: dict) -> None:
         msg = Message(self.store.next_id("message"), target, watcher, "EXIT", notice, b"", "", now_ms())
-        if dst.kind == P.PORT:
-            self._send_to_port(dst, msg)
-        else:
-            dst.mailbox.deliver(msg)
+        self._deliver(self.procs[watcher], msg)
 
     def set_priority(self, pid: int, priority: int) -> None:
         with self.lock:

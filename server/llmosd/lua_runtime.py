@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import lupa.lua54 as lupa
 
 from .errors import InvalidArgument, KernelError
-from .mailbox import Match, Message
+from .mailbox import ANY, Match, Message
 from .process import Process
 
 if TYPE_CHECKING:
@@ -213,16 +213,20 @@ class LuaProcess:
         try:
             if type(to) is bytes:
                 target: int | str = to.decode(errors="replace")
-            else:
+            elif type(to) is not int:
                 target = _opt_int(to, "sys.send: the receiver")
                 if target is None:
                     raise InvalidArgument("sys.send: the receiver must be a pid or a registered name")
+            else:
+                target = to
             if data is not None and type(data) is not bytes:
                 raise InvalidArgument("sys.send: data must be a string")
+            kind = type(body)
+            value = body if kind is int or body is None else from_lua(body, "sys.send: body")
             message_id = self.kernel.send(
-                self.proc.pid, target, _opt_str(tag, "sys.send: tag") or "",
-                from_lua(body, "sys.send: body"), data or b"",
-                _opt_str(correlation_id, "sys.send: correlation_id") or "",
+                self.proc.pid, target, "" if tag is None else _opt_str(tag, "sys.send: tag"),
+                value, data or b"",
+                "" if correlation_id is None else _opt_str(correlation_id, "sys.send: correlation_id"),
             )
             return (message_id,)
         except KernelError as e:
@@ -237,9 +241,10 @@ class LuaProcess:
             return False, str(e).encode()
 
     def recv_match(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> Match:
-        timeout = _opt_int(timeout_ms, "sys.recv: timeout_ms")
-        if timeout is not None and timeout < 0:
-            raise InvalidArgument("sys.recv: timeout_ms must not be negative")
+        if timeout_ms is not None and (type(timeout_ms) not in (int, float) or timeout_ms < 0):
+            raise InvalidArgument("sys.recv: timeout_ms must be a non-negative number")
+        if sender is None and tag is None and correlation_id is None:
+            return ANY
         return Match(
             _opt_int(sender, "sys.recv: from"), _opt_str(tag, "sys.recv: tag"),
             _opt_str(correlation_id, "sys.recv: correlation_id"),

@@ -69,11 +69,13 @@ class Mailbox:
     def deliver(self, msg: Message) -> bool:
         """Hand `msg` to a waiting receiver (True) or queue it (False)."""
         for i, (waiter, match) in enumerate(self.receivers):
-            if match.accepts(msg):
+            if match is ANY or match.accepts(msg):
                 del self.receivers[i]
+                waiter.queue = None
                 waiter.complete(msg)
                 return True
-        self.check_room()
+        if len(self.messages) >= self.limit:
+            self.check_room()
         self.messages.append(msg)
         return False
 
@@ -96,13 +98,4 @@ class Mailbox:
         self.messages.append(msg)
 
     def wait(self, waiter: Waiter, match: Match) -> None:
-        entry = (waiter, match)
-        self.receivers.append(entry)
-
-        def leave() -> None:
-            try:
-                self.receivers.remove(entry)
-            except ValueError:
-                pass
-
-        waiter.cancel_hook = leave
+        waiter.register(self.receivers, (waiter, match))

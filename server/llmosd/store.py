@@ -102,6 +102,7 @@ class Store:
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
+        self._counter_lock = threading.Lock()  # not the write lock: ids must not wait for a flush
         self._pending: list[tuple[str, tuple]] = []
         self._flush_wanted = threading.Condition(self._lock)
         self._closed = False
@@ -110,15 +111,17 @@ class Store:
 
     # ids -------------------------------------------------------------------------
     def next_id(self, counter: str) -> int:
-        with self._lock:
+        with self._counter_lock:
             block = self._counters.get(counter)
             if block is None or block[0] >= block[1]:
-                row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
-                start = row[0] if row else 1
-                self._db.execute(
-                    "INSERT INTO counters(name, next) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET next=excluded.next",
-                    (counter, start + ID_BLOCK),
-                )
+                with self._lock:
+                    row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
+                    start = row[0] if row else 1
+                    self._db.execute(
+                        "INSERT INTO counters(name, next) VALUES(?, ?)"
+                        " ON CONFLICT(name) DO UPDATE SET next=excluded.next",
+                        (counter, start + ID_BLOCK),
+                    )
                 block = self._counters[counter] = [start, start + ID_BLOCK]
             value = block[0]
             block[0] += 1

@@ -21,14 +21,28 @@ TIMED_OUT = object()  # the value a waiter completes with when its timeout passe
 class Waiter:
     """One blocked syscall. Subclasses say how the blocked party is woken."""
 
-    __slots__ = ("done", "timer", "cancel_hook")
+    __slots__ = ("done", "timer", "queue", "entry")
 
     def __init__(self) -> None:
         self.done = False
         self.timer: Timer | None = None
-        # Undoes the registration (e.g. leaves a mailbox's receiver list)
-        # when the waiter completes some other way.
-        self.cancel_hook: Callable[[], None] | None = None
+        # Where the waiter is registered (a mailbox's receivers, a process's
+        # exit waiters): it leaves when completed some other way.
+        self.queue: list | None = None
+        self.entry: Any = None
+
+    def register(self, queue: list, entry: Any) -> None:
+        self.queue, self.entry = queue, entry
+        queue.append(entry)
+
+    def leave(self) -> None:
+        """Leave the queue the waiter is registered in, if it still is."""
+        queue, self.queue = self.queue, None
+        if queue is not None:
+            try:
+                queue.remove(self.entry)
+            except ValueError:
+                pass
 
     def complete(self, value: Any) -> bool:
         """Wake the waiter with `value`; False if it was already completed.
@@ -48,8 +62,7 @@ class Waiter:
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
-        if self.cancel_hook is not None:
-            self.cancel_hook()
+        self.leave()
 
     def _wake(self, value: Any) -> None:
         raise NotImplementedError
@@ -58,14 +71,16 @@ class Waiter:
 class AsyncWaiter(Waiter):
     """A waiter for an RPC handler running on an asyncio loop."""
 
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "value")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
+        self.value: Any = None  # kept so that a cancelled RPC can give a taken message back
 
     def _wake(self, value: Any) -> None:
+        self.value = value
         self.loop.call_soon_threadsafe(_resolve, self.future, value)
 
 

@@ -1,0 +1,102 @@
+"""llmosd: start the kernel and serve its syscall table over gRPC.
+
+    llmosd --listen 127.0.0.1:50051 --data-dir ./llmos-data
+    llmosd --listen unix:/tmp/llmos.sock --spawn userland/lua/demo.lua
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .errors import KernelError
+from .kernel import Kernel, KernelConfig, SpawnSpec
+from .process import Limits
+from .syscalls import SERVICE, kernel_service
+
+log = logging.getLogger("llmosd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llmosd", description="The llmos kernel: a gRPC server for LLM agent processes.")
+    p.add_argument("--listen", default="127.0.0.1:50051",
+                   help="HOST:PORT (port 0 picks a free one) or unix:PATH (default %(default)s)")
+    p.add_argument("--data-dir", default="llmos-data", help="where the kernel database lives (default %(default)s)")
+    p.add_argument("--userland-root", default=None,
+                   help="directory that Spawn's path programs are read from (default: ./userland if present)")
+    p.add_argument("--spawn", action="append", default=[], metavar="PATH",
+                   help="a program (relative to the userland root) to start at boot; repeatable")
+    p.add_argument("--cpus", type=int, default=0, help="virtual CPUs running programs (default: one per core)")
+    p.add_argument("--quantum-ms", type=float, default=10.0, help="time slice (default %(default)s)")
+    p.add_argument("--hook-instructions", type=int, default=10_000,
+                   help="Lua instructions between preemption checks (default %(default)s)")
+    p.add_argument("--memory-bytes", type=int, default=64 << 20, help="default per-process memory limit")
+    p.add_argument("--mailbox", type=int, default=10_000, help="default mailbox limit (messages)")
+    p.add_argument("--cpu-ms", type=int, default=0, help="default CPU limit per process (0: none)")
+    p.add_argument("--wall-ms", type=int, default=0, help="default wall-clock limit per process (0: none)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def kernel_config(args: argparse.Namespace) -> KernelConfig:
+    root = args.userland_root
+    if root is None and os.path.isdir("userland"):
+        root = os.path.abspath("userland")
+    return KernelConfig(
+        data_dir=args.data_dir, cpus=args.cpus, quantum_ms=args.quantum_ms, hook_instructions=args.hook_instructions,
+        defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
+                        mailbox=args.mailbox),
+        userland_root=root,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    kernel = Kernel(kernel_config(args))
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
+        ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
+    ])
+    server.add_generic_rpc_handlers([kernel_service(kernel)])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(args.listen)
+    if port == 0 and not args.listen.startswith("unix:"):
+        raise SystemExit(f"llmosd: cannot listen on {args.listen}")
+    await server.start()
+    for name in ("", SERVICE.full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
+    print(f"llmosd: listening on {where}", flush=True)
+    for path in args.spawn:
+        try:
+            pid = kernel.spawn(SpawnSpec(path=path))
+            print(f"llmosd: spawned {path} as pid {pid}", flush=True)
+        except KernelError as e:
+            print(f"llmosd: cannot spawn {path}: {e}", file=sys.stderr, flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(grace=1.0)
+    kernel.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

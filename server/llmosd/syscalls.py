@@ -1,0 +1,264 @@
+"""The syscall table: every RPC of llmos.v1.Kernel and the thin handler behind it.
+
+Handlers check and convert arguments, call the kernel, and convert the answer.
+Kernel errors become gRPC statuses here and nowhere else. Handlers run on the
+server's asyncio loop; a syscall that blocks (Recv, Wait, Infer) awaits a
+future, so a thousand blocked clients hold no thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf import message_factory
+
+from llmos.v1 import kernel_pb2 as pb
+from llmos.values import from_value, to_value
+
+from .errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
+from .kernel import Kernel, SpawnSpec
+from .mailbox import Match, Message
+from .process import Limits
+from .store import ProcessRecord, now_ms
+from .waiting import TIMED_OUT, AsyncWaiter
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]
+EVENT_BACKLOG = 10_000
+
+
+# -- conversions --------------------------------------------------------------------------
+def _value(v: Any) -> Any:
+    return from_value(v) if v is not None else None
+
+
+def message_pb(msg: Message) -> pb.Message:
+    out = pb.Message(id=msg.id, to=msg.to, tag=msg.tag, data=msg.data, correlation_id=msg.correlation_id,
+                     sent_at_ms=msg.sent_at_ms, body=to_value(msg.body))
+    setattr(out, "from", msg.sender)
+    return out
+
+
+def process_pb(rec: ProcessRecord, usage: dict[str, int] | None = None, blocked_on: str | None = None) -> pb.ProcessInfo:
+    info = pb.ProcessInfo(
+        pid=rec.pid, name=rec.name or "", parent=rec.parent, kind=pb.ProcessKind.Value(rec.kind),
+        state=pb.ProcessState.Value(rec.state), priority=rec.priority, limits=pb.Limits(**rec.limits),
+        exit_reason=rec.exit_reason or "", error=rec.error or "", started_at_ms=rec.started_at_ms,
+        ended_at_ms=rec.ended_at_ms or 0, blocked_on=blocked_on or "", namespace=rec.namespace,
+    )
+    if usage is not None:
+        info.usage.CopyFrom(pb.Usage(**usage))
+    elif rec.ended_at_ms:
+        info.usage.wall_ms = rec.ended_at_ms - rec.started_at_ms
+    if rec.ended_at_ms:
+        info.result.CopyFrom(to_value(rec.result))
+    return info
+
+
+def _timeout(req: Any) -> float | None:
+    if not req.HasField("timeout_ms"):
+        return None
+    if req.timeout_ms < 0:
+        raise InvalidArgument("timeout_ms must not be negative (leave it unset to wait without limit)")
+    return req.timeout_ms / 1000
+
+
+def _pid(value: int, field: str = "pid") -> int:
+    if value == 0:
+        raise InvalidArgument(f"{field} is required")
+    return value
+
+
+def _payload(value: Any, data: bytes, limit: int) -> Any:
+    size = len(data) + (value.ByteSize() if value is not None else 0)
+    if size > limit:
+        raise ResourceExhausted(f"message of {size} bytes is larger than the limit of {limit} bytes")
+    return _value(value)
+
+
+async def _await(kernel: Kernel, waiter: AsyncWaiter, on_cancel: Callable[[Any], None] | None = None) -> Any:
+    """Wait for a registered waiter; if the client goes away, undo the wait."""
+    try:
+        return await waiter.future
+    except asyncio.CancelledError:
+        with kernel.lock:
+            if not waiter.done:
+                waiter.abandon()
+            elif on_cancel is not None and waiter.value is not TIMED_OUT:
+                on_cancel(waiter.value)
+        raise
+
+
+# -- handlers -------------------------------------------------------------------------------
+async def sys_spawn(k: Kernel, req: pb.SpawnRequest, ctx: Any) -> pb.SpawnResponse:
+    which = req.WhichOneof("program")
+    if which is None:
+        raise InvalidArgument("program is required: set lua (source), python (source) or path")
+    lim = req.limits
+    spec = SpawnSpec(
+        args=_value(req.args) if req.HasField("args") else None, name=req.name or None, priority=req.priority,
+        limits=Limits(lim.cpu_ms, lim.wall_ms, lim.memory_bytes, lim.tokens, lim.mailbox),
+        parent=req.parent, monitor=req.monitor,
+    )
+    setattr(spec, which, getattr(req, which))
+    return pb.SpawnResponse(pid=k.spawn(spec))
+
+
+async def sys_send(k: Kernel, req: pb.SendRequest, ctx: Any) -> pb.SendResponse:
+    target = req.WhichOneof("target")
+    if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
+        raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
+    body = _payload(req.body if req.HasField("body") else None, req.data, k.config.max_message_bytes)
+    message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id)
+    return pb.SendResponse(message_id=message_id)
+
+
+async def sys_recv(k: Kernel, req: pb.RecvRequest, ctx: Any) -> pb.RecvResponse:
+    pid = _pid(req.pid)
+    match = Match(
+        getattr(req, "from") if req.HasField("from") else None,
+        req.tag if req.HasField("tag") else None,
+        req.correlation_id if req.HasField("correlation_id") else None,
+    )
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    msg = k.recv(pid, match, waiter, _timeout(req))
+    if msg is None:
+        msg = await _await(k, waiter, lambda taken: k.put_back(pid, taken))
+        if msg is TIMED_OUT:
+            return pb.RecvResponse(timed_out=True)
+    return pb.RecvResponse(message=message_pb(msg))
+
+
+async def sys_wait(k: Kernel, req: pb.WaitRequest, ctx: Any) -> pb.WaitResponse:
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    rec = k.wait(_pid(req.pid), waiter, _timeout(req))
+    if rec is None:
+        rec = await _await(k, waiter)
+        if rec is TIMED_OUT:
+            return pb.WaitResponse(timed_out=True)
+    return pb.WaitResponse(process=process_pb(rec))
+
+
+async def sys_kill(k: Kernel, req: pb.KillRequest, ctx: Any) -> pb.KillResponse:
+    return pb.KillResponse(already_ended=not k.kill(_pid(req.pid), req.reason or "killed"))
+
+
+async def sys_open_port(k: Kernel, req: pb.OpenPortRequest, ctx: Any) -> pb.OpenPortResponse:
+    return pb.OpenPortResponse(pid=k.open_port(req.name or None, req.mailbox))
+
+
+async def sys_register(k: Kernel, req: pb.RegisterRequest, ctx: Any) -> pb.RegisterResponse:
+    k.register(_pid(req.pid), req.name)
+    return pb.RegisterResponse()
+
+
+async def sys_monitor(k: Kernel, req: pb.MonitorRequest, ctx: Any) -> pb.MonitorResponse:
+    k.monitor(_pid(req.watcher, "watcher"), _pid(req.target, "target"))
+    return pb.MonitorResponse()
+
+
+async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest, ctx: Any) -> pb.SetPriorityResponse:
+    k.set_priority(_pid(req.pid), req.priority)
+    return pb.SetPriorityResponse()
+
+
+async def sys_list(k: Kernel, req: pb.ListProcessesRequest, ctx: Any) -> pb.ListProcessesResponse:
+    states = {pb.ProcessState.Name(s) for s in req.states}
+    found = k.list(states, req.name or None, req.parent, req.include_ended)
+    return pb.ListProcessesResponse(processes=[process_pb(*t) for t in found])
+
+
+async def sys_get(k: Kernel, req: pb.GetProcessRequest, ctx: Any) -> pb.ProcessInfo:
+    return process_pb(*k.get(_pid(req.pid)))
+
+
+async def sys_events(k: Kernel, req: pb.EventsRequest, ctx: Any) -> AsyncIterator[pb.Event]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def listener(kind: str, rec: ProcessRecord) -> None:  # kernel lock held: only hand over
+        if not req.pid or rec.pid == req.pid:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, rec, now_ms()))
+
+    with k.lock:
+        k.event_listeners.append(listener)
+    try:
+        while True:
+            if queue.qsize() > EVENT_BACKLOG:
+                raise ResourceExhausted(f"event stream fell more than {EVENT_BACKLOG} events behind")
+            kind, rec, at = await queue.get()
+            yield pb.Event(kind=kind, process=process_pb(rec), at_ms=at)
+    finally:
+        with k.lock:
+            k.event_listeners.remove(listener)
+
+
+async def sys_infer(k: Kernel, req: pb.InferRequest, ctx: Any) -> AsyncIterator[pb.InferChunk]:
+    if k.inference is None:
+        raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
+    async for chunk in k.inference.infer_rpc(req):
+        yield chunk
+
+
+# The table. Every RPC of the service must have exactly one entry.
+SYSCALLS: dict[str, Callable[..., Any]] = {
+    "Spawn": sys_spawn,
+    "Send": sys_send,
+    "Recv": sys_recv,
+    "Wait": sys_wait,
+    "Infer": sys_infer,
+    "Kill": sys_kill,
+    "OpenPort": sys_open_port,
+    "Register": sys_register,
+    "Monitor": sys_monitor,
+    "SetPriority": sys_set_priority,
+    "ListProcesses": sys_list,
+    "GetProcess": sys_get,
+    "Events": sys_events,
+}
+
+
+# -- wiring into grpc -------------------------------------------------------------------------
+def _status(err: KernelError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.code)
+
+
+def _unary(k: Kernel, fn: Callable[..., Awaitable[Any]]) -> Callable:
+    async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(k, req, ctx)
+        except KernelError as e:
+            await ctx.abort(_status(e), str(e))
+
+    return handle
+
+
+def _stream(k: Kernel, fn: Callable[..., AsyncIterator[Any]]) -> Callable:
+    async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(k, req, ctx):
+                yield item
+        except KernelError as e:
+            await ctx.abort(_status(e), str(e))
+
+    return handle
+
+
+def kernel_service(k: Kernel) -> grpc.GenericRpcHandler:
+    """The llmos.v1.Kernel service as a gRPC handler, built from SYSCALLS."""
+    declared = {m.name for m in SERVICE.methods}
+    if declared != set(SYSCALLS):
+        raise RuntimeError(f"syscall table and .proto disagree: {sorted(declared ^ set(SYSCALLS))}")
+    handlers = {}
+    for method in SERVICE.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        kwargs = dict(request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+        fn = SYSCALLS[method.name]
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(k, fn), **kwargs)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(k, fn), **kwargs)
+    return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
