@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Iterator
 
@@ -47,7 +48,7 @@ class LlmosdServer:
         else:
             raise RuntimeError("llmosd did not start in time")
         # Keep draining stdout so the server never blocks on a full pipe.
-        subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         return self.target
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
