@@ -1,0 +1,22 @@
+# Installs what is missing for llmos into the current Python (use a venv if you like).
+# Sourced by tools/demo.sh and tools/test.sh; safe to run again: it only installs what is missing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+
+# PyTorch first, as the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet "torch==2.13.0" || "$PY" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+fi
+
+# The project itself, editable, from *this* checkout (a clone elsewhere must not shadow it).
+if ! "$PY" - "$ROOT" <<'PYCHECK' 2>/dev/null; then
+import os, sys
+root = os.path.realpath(sys.argv[1])
+import llmos, llmosd, lupa, grpc, grpc_reflection, grpc_health, tokenizers, safetensors, jinja2
+import pytest, pytest_timeout, transformers, grpc_tools, psutil
+for mod in (llmos, llmosd):
+    assert os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
+PYCHECK
+  "$PY" -m pip install --quiet -e "$ROOT[test]"
+fi
