@@ -6,7 +6,7 @@ PY="${PYTHON:-python3}"
 
 # PyTorch first, as the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install --quiet "torch==2.13.0" || "$PY" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+  "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 
 # The project itself, editable, from *this* checkout (a clone elsewhere must not shadow it).
