@@ -84,7 +84,8 @@ class LuaWaiter(Waiter):
 class Kernel:
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
-        self.lock = threading.RLock()
+        self.quantum_ns = int(config.quantum_ms * 1_000_000)
+        self.lock = threading.Lock()  # not re-entrant: methods named *_locked expect it held
         self.store = Store(config.data_dir)
         self.timers = Timers()
         self.scheduler = Scheduler(config.cpus or os.cpu_count() or 1, self._run_slice)
@@ -310,14 +311,17 @@ class Kernel:
     def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
         """Take a matching message now, or register `waiter` to get one (None)."""
         with self.lock:
-            proc = self._live(pid, "receiver")
-            msg = proc.mailbox.take(match)
-            if msg is not None:
-                self._taken(proc, msg)
-                return msg
-            proc.mailbox.wait(waiter, match)
-            self._arm_timeout(waiter, timeout_s)
-            return None
+            return self._recv_locked(pid, match, waiter, timeout_s)
+
+    def _recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
+        proc = self.procs.get(pid) or self._live(pid, "receiver")
+        msg = proc.mailbox.take(match)
+        if msg is not None:
+            self._taken(proc, msg)
+            return msg
+        proc.mailbox.wait(waiter, match)
+        self._arm_timeout(waiter, timeout_s)
+        return None
 
     def put_back(self, pid: int, msg: Message) -> None:
         """An RPC took `msg` but could not hand it to its client: keep it."""
@@ -348,15 +352,18 @@ class Kernel:
     def wait(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
         """The final record of `pid` if it has ended, else register `waiter` (None)."""
         with self.lock:
-            proc = self.procs.get(pid)
-            if proc is None:
-                rec = self._ended_record(pid)
-                if rec is None:
-                    raise NotFound(f"no process with pid {pid}")
-                return rec
-            waiter.register(proc.exit_waiters, waiter)
-            self._arm_timeout(waiter, timeout_s)
-            return None
+            return self._wait_locked(pid, waiter, timeout_s)
+
+    def _wait_locked(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
+        proc = self.procs.get(pid)
+        if proc is None:
+            rec = self._ended_record(pid)
+            if rec is None:
+                raise NotFound(f"no process with pid {pid}")
+            return rec
+        waiter.register(proc.exit_waiters, waiter)
+        self._arm_timeout(waiter, timeout_s)
+        return None
 
     def kill(self, pid: int, reason: str = "killed", by: int = 0) -> bool:
         """End `pid` with `reason`; False if it had already ended."""
@@ -555,7 +562,7 @@ class Kernel:
                     if answer is None:
                         return  # blocked, or ended
                 args = lua.answer(name, answer)
-                if time.perf_counter() - lua.slice_start >= self.config.quantum_s and self.scheduler.should_yield(proc):
+                if time.perf_counter_ns() - lua.slice_start >= self.quantum_ns and self.scheduler.should_yield(proc):
                     with self.lock:
                         proc.state = P.RUNNABLE
                         proc.resume_value = _Ready(args)
@@ -613,7 +620,9 @@ class Kernel:
     def _register_waiter(self, proc: Process, lua: LuaProcess, name: str, args: tuple, waiter: Waiter) -> Any:
         if name == "recv":
             timeout = args[3]
-            return self.recv(proc.pid, lua.recv_match(*args[:4]), waiter, None if timeout is None else timeout / 1000)
+            return self._recv_locked(
+                proc.pid, lua.recv_match(*args[:4]), waiter, None if timeout is None else timeout / 1000,
+            )
         if name == "wait":
             pid, timeout = args[0], args[1] if len(args) > 1 else None
             if type(pid) is not int:
@@ -622,7 +631,7 @@ class Kernel:
                 raise InvalidArgument("sys.wait: timeout_ms must be a non-negative number")
             if pid == proc.pid:
                 raise InvalidArgument("sys.wait: a process cannot wait for itself")
-            rec = self.wait(pid, waiter, None if timeout is None else timeout / 1000)
+            rec = self._wait_locked(pid, waiter, None if timeout is None else timeout / 1000)
             return describe_record(rec, None) if rec is not None else None
         if name == "sleep":
             ms = args[0] if args else None

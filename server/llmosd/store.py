@@ -102,7 +102,7 @@ class Store:
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
-        self._counter_lock = threading.Lock()  # not the write lock: ids must not wait for a flush
+
         self._pending: list[tuple[str, tuple]] = []
         self._flush_wanted = threading.Condition(self._lock)
         self._closed = False
@@ -111,21 +111,21 @@ class Store:
 
     # ids -------------------------------------------------------------------------
     def next_id(self, counter: str) -> int:
-        with self._counter_lock:
-            block = self._counters.get(counter)
-            if block is None or block[0] >= block[1]:
-                with self._lock:
-                    row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
-                    start = row[0] if row else 1
-                    self._db.execute(
-                        "INSERT INTO counters(name, next) VALUES(?, ?)"
-                        " ON CONFLICT(name) DO UPDATE SET next=excluded.next",
-                        (counter, start + ID_BLOCK),
-                    )
-                block = self._counters[counter] = [start, start + ID_BLOCK]
-            value = block[0]
-            block[0] += 1
-            return value
+        """The next id of `counter`. Callers serialize (the kernel holds its lock)."""
+        block = self._counters.get(counter)
+        if block is None or block[0] >= block[1]:
+            with self._lock:
+                row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
+                start = row[0] if row else 1
+                self._db.execute(
+                    "INSERT INTO counters(name, next) VALUES(?, ?)"
+                    " ON CONFLICT(name) DO UPDATE SET next=excluded.next",
+                    (counter, start + ID_BLOCK),
+                )
+            block = self._counters[counter] = [start, start + ID_BLOCK]
+        value = block[0]
+        block[0] += 1
+        return value
 
     # process records ---------------------------------------------------------------
     def record_spawn(self, rec: ProcessRecord, durable: bool = False) -> None:

@@ -84,10 +84,10 @@ async def _await(kernel: Kernel, waiter: AsyncWaiter, on_cancel: Callable[[Any],
         return await waiter.future
     except asyncio.CancelledError:
         with kernel.lock:
-            if not waiter.done:
-                waiter.abandon()
-            elif on_cancel is not None and waiter.value is not TIMED_OUT:
-                on_cancel(waiter.value)
+            taken = waiter.done
+            waiter.abandon()
+        if taken and on_cancel is not None and waiter.value is not TIMED_OUT:
+            on_cancel(waiter.value)
         raise
 
 
