@@ -103,8 +103,9 @@ local function check_pattern(fname, s, pattern, plain)
   end
 end
 
-local safe_string = {}
-for k, v in next, string do safe_string[k] = v end
+-- The library tables themselves go to the program (this state is its alone;
+-- the kernel code above holds its own references), minus what is unsafe.
+local safe_string = string
 safe_string.dump = nil
 safe_string.find = function(s, p, init, plain) check_pattern("string.find", s, p, plain); return string_find(s, p, init, plain) end
 safe_string.match = function(s, p, init) check_pattern("string.match", s, p); return string_match(s, p, init) end
@@ -117,18 +118,12 @@ local string_mt = getmetatable("")
 string_mt.__index = safe_string
 string_mt.__metatable = false
 
-local function copy(t)
-  local c = {}
-  for k, v in next, t do c[k] = v end
-  return c
-end
-
 local env = {
   assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
   rawequal = rawequal, rawget = rawget, rawlen = rawlen, rawset = rawset, select = select,
   tonumber = tonumber, tostring = tostring, type = type, setmetatable = setmetatable,
   getmetatable = getmetatable, warn = nil, _VERSION = _VERSION,
-  math = copy(math), string = safe_string, table = copy(table), utf8 = copy(utf8),
+  math = math, string = safe_string, table = table, utf8 = utf8,
   os = { clock = os.clock, time = os.time, date = os.date, difftime = os.difftime },
   coroutine = {
     create = new_coroutine, resume = resume, wrap = wrap, yield = yield,
@@ -215,6 +210,15 @@ env.args = args
 
 local program, err = load(source, chunk_name, "t", env)
 if program == nil then error(err, 0) end
+
+-- Drop the libraries the program never sees (io, os, package, debug, lupa's
+-- python table) and free what building the sandbox left behind: an idle
+-- process should cost only its live data, as thousands may sit in recv.
+local G = _G
+for name in next, G.package.loaded do G.package.loaded[name] = nil end
+for name in next, G do G[name] = nil end
+collectgarbage()
+collectgarbage("generational")
 
 main_co = co_create(program)
 sethook(main_co, hook, "", hook_count)
