@@ -1,0 +1,24 @@
+"""llmos: the Python SDK for the llmos kernel (llmosd).
+
+    import llmos
+    with llmos.connect("127.0.0.1:50051") as k:
+        echo = k.spawn(lua="local m = sys.recv{} ; sys.send(m.from, m.body)")
+        port = k.open_port()
+        k.send(echo, {"hello": "world"}, sender=port)
+        print(k.recv(port, timeout=5).body)
+
+:class:`Client` is blocking; :mod:`llmos.aio` has the same API for asyncio.
+Failed syscalls raise :class:`LlmosError` subclasses named after the gRPC status.
+"""
+from .client import (Client, Event, InferChunk, InferResult, Message, ProcessInfo, connect,
+                     default_target)
+from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal,
+                     InvalidArgument, LlmosError, NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
+                     Unauthenticated, Unavailable, Unimplemented, Unknown)
+
+__all__ = [
+    "Client", "connect", "default_target", "Message", "ProcessInfo", "Event", "InferChunk", "InferResult",
+    "LlmosError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+    "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
+    "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+]

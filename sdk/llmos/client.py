@@ -1,0 +1,509 @@
+"""The llmos Python client: one method per syscall, plain Python values in and out.
+
+    import llmos
+    with llmos.Client("127.0.0.1:50051") as k:
+        info = k.run("return args.x * 2", args={"x": 21})
+        print(info.state, info.result)          # EXITED 42
+
+Each syscall is written once, as a *plan*: a generator that builds request
+messages, yields them as :class:`Unary` or :class:`Streaming` calls, receives
+the replies and returns the plain result. The synchronous :class:`Client`
+here and the asyncio client in :mod:`llmos.aio` differ only in how they carry
+out a call, so both speak exactly the same API.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Iterator, Mapping, ParamSpec, Sequence, TypeVar, Union
+
+import grpc
+
+from .errors import InvalidArgument, Unavailable, from_rpc_error
+from .v1 import kernel_pb2 as pb
+from .v1 import kernel_pb2_grpc
+from .values import JSON, from_value, to_value
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# The server enforces its own message limits; the client should not refuse what the server sends.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+# Blocking calls (Recv, Wait, Infer) pass their timeout to the server; the RPC deadline gets this much more,
+# so that the server's "timed out" answer arrives before gRPC gives up on the call.
+DEADLINE_MARGIN_S = 5.0
+ENDED_STATES = ("EXITED", "KILLED", "CRASHED")
+
+
+def default_target() -> str:
+    """The server address from $LLMOS_SERVER, or 127.0.0.1:50051."""
+    return os.environ.get("LLMOS_SERVER") or DEFAULT_TARGET
+
+
+# -- plain results ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Message:
+    """A message taken from a mailbox. ``sender`` is the proto's ``from`` pid."""
+
+    id: int
+    sender: int
+    to: int
+    tag: str
+    body: JSON
+    data: bytes
+    correlation_id: str
+    sent_at_ms: int
+
+    def to_json(self) -> dict[str, JSON]:
+        """A JSON-ready dict (``from`` as in the proto; ``data`` as latin-1 text only when present)."""
+        out: dict[str, JSON] = {"id": self.id, "from": self.sender, "to": self.to, "tag": self.tag,
+                                "body": self.body, "correlation_id": self.correlation_id,
+                                "sent_at_ms": self.sent_at_ms}
+        if self.data:
+            out["data"] = self.data.decode("latin-1")
+        return out
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process as the kernel reports it; ``state`` and ``kind`` are enum names like "EXITED" and "LUA"."""
+
+    pid: int
+    name: str
+    parent: int
+    kind: str
+    state: str
+    priority: int
+    limits: dict[str, int]
+    usage: dict[str, int]
+    exit_reason: str
+    result: JSON
+    error: str
+    started_at_ms: int
+    ended_at_ms: int
+    blocked_on: str
+    namespace: str
+
+    @property
+    def ended(self) -> bool:
+        """True once the process has exited, been killed or crashed."""
+        return self.state in ENDED_STATES
+
+    @property
+    def ok(self) -> bool:
+        """True if the process ended by returning (or calling sys.exit), not by a kill or a crash."""
+        return self.state == "EXITED"
+
+    def to_json(self) -> dict[str, JSON]:
+        """All fields as a JSON-ready dict."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A process lifecycle event: ``kind`` is "spawned" or "ended"."""
+
+    kind: str
+    process: ProcessInfo
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class InferChunk:
+    """A piece of a streamed generation; the last one has ``finish_reason`` and ``usage`` set."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """A whole generation: the text, its token ids, why it stopped and the token usage."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+def _fields(msg: Any) -> dict[str, int]:
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+
+
+def message_from_pb(msg: pb.Message) -> Message:
+    """Convert a protobuf Message into a :class:`Message`."""
+    return Message(id=msg.id, sender=getattr(msg, "from"), to=msg.to, tag=msg.tag,
+                   body=from_value(msg.body) if msg.HasField("body") else None, data=msg.data,
+                   correlation_id=msg.correlation_id, sent_at_ms=msg.sent_at_ms)
+
+
+def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
+    """Convert a protobuf ProcessInfo into a :class:`ProcessInfo`."""
+    return ProcessInfo(
+        pid=info.pid, name=info.name, parent=info.parent, kind=pb.ProcessKind.Name(info.kind),
+        state=pb.ProcessState.Name(info.state), priority=info.priority, limits=_fields(info.limits),
+        usage=_fields(info.usage), exit_reason=info.exit_reason,
+        result=from_value(info.result) if info.HasField("result") else None, error=info.error,
+        started_at_ms=info.started_at_ms, ended_at_ms=info.ended_at_ms, blocked_on=info.blocked_on,
+        namespace=info.namespace,
+    )
+
+
+def event_from_pb(event: pb.Event) -> Event:
+    return Event(kind=event.kind, process=process_from_pb(event.process), at_ms=event.at_ms)
+
+
+def chunk_from_pb(chunk: pb.InferChunk) -> InferChunk:
+    return InferChunk(text=chunk.text, token_ids=list(chunk.token_ids), finish_reason=chunk.finish_reason,
+                      usage=_fields(chunk.usage) if chunk.HasField("usage") else None)
+
+
+def join_chunks(chunks: Sequence[InferChunk]) -> InferResult:
+    """Assemble a whole generation from its chunks."""
+    usage = next((c.usage for c in reversed(chunks) if c.usage is not None), {})
+    finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "")
+    return InferResult(text="".join(c.text for c in chunks), token_ids=[t for c in chunks for t in c.token_ids],
+                       finish_reason=finish, usage=usage)
+
+
+# -- calls and plans --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unary:
+    """One unary RPC to make; the plan receives the response protobuf."""
+
+    method: str
+    request: Any
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """One server-streaming RPC; the plan receives its items converted, as a list if ``collect``
+    is set, otherwise as an iterator (an async iterator in the asyncio client) that it must return."""
+
+    method: str
+    request: Any
+    timeout: float | None
+    convert: Callable[[Any], Any]
+    collect: bool
+
+
+Call = Union[Unary, Streaming]
+T = TypeVar("T")
+P = ParamSpec("P")
+Plan = Generator[Call, Any, T]
+
+
+def syscall(plan: Callable[P, Plan[T]]) -> Callable[P, T]:
+    """Make a client method of a plan: the client's ``_drive`` carries it out."""
+
+    @functools.wraps(plan)
+    def method(*args: P.args, **kwargs: P.kwargs) -> T:
+        self = args[0]
+        return self._drive(plan(*args, **kwargs))  # type: ignore[attr-defined]
+
+    return method
+
+
+def _timeout_ms(timeout: float | None) -> int | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0 \
+            or math.isinf(timeout):
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"timeout must be a finite number of seconds >= 0, or None to wait without limit; "
+                              f"got {timeout!r}")
+    return round(timeout * 1000)
+
+
+def _deadline(timeout_ms: int | None) -> float | None:
+    return None if timeout_ms is None else timeout_ms / 1000 + DEADLINE_MARGIN_S
+
+
+def _value(obj: JSON, what: str) -> Any:
+    try:
+        return to_value(obj)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is not JSON-shaped: {e}") from None
+
+
+def _message(cls: type, what: str, fields: Mapping[str, Any]) -> Any:
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"bad {what}: {e}") from None
+
+
+def _lua_program(program: str | os.PathLike) -> str:
+    """Source text: a path-like or a str naming an existing file is read, any other str is Lua source."""
+    if isinstance(program, os.PathLike) or (isinstance(program, str) and "\n" not in program
+                                             and os.path.isfile(program)):
+        with open(program, encoding="utf-8") as f:
+            return f.read()
+    return program
+
+
+class Syscalls:
+    """The syscall methods shared by :class:`Client` and :class:`llmos.aio.Client`.
+
+    ``rpc_timeout`` bounds the calls that never block in the kernel (Spawn, Send, Kill, ...);
+    blocking calls get their own ``timeout`` plus a small margin, or no deadline when unbounded.
+    """
+
+    def __init__(self, target: str | None, rpc_timeout: float | None) -> None:
+        self.target = target or default_target()
+        self.rpc_timeout = rpc_timeout
+
+    def _drive(self, plan: Plan[T]) -> T:
+        raise NotImplementedError
+
+    def _unary(self, method: str, request: Any) -> Unary:
+        return Unary(method, request, self.rpc_timeout)
+
+    def _spawn_call(self, lua: str | None, python: str | None, path: str | None, args: JSON, name: str | None,
+                    priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool) -> Unary:
+        programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
+        if len(programs) != 1:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "give exactly one program: lua (source), python (source) or path")
+        request = _message(pb.SpawnRequest, "spawn request", dict(
+            programs, name=name or "", priority=priority, parent=parent, monitor=monitor,
+            limits=_message(pb.Limits, "limits", limits or {})))
+        if args is not None:
+            request.args.CopyFrom(_value(args, "args"))
+        return self._unary("Spawn", request)
+
+    def _wait_call(self, pid: int, timeout: float | None) -> Unary:
+        timeout_ms = _timeout_ms(timeout)
+        request = pb.WaitRequest(pid=pid, timeout_ms=timeout_ms)
+        return Unary("Wait", request, _deadline(timeout_ms))
+
+    @syscall
+    def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
+              name: str | None = None, priority: int = 0, limits: Mapping[str, int] | None = None, parent: int = 0,
+              monitor: bool = False) -> Plan[int]:
+        """Start a process and return its pid at once.
+
+        Give exactly one program: ``lua`` or ``python`` source text, or ``path`` (a program under the server's
+        userland root). ``args`` is any JSON-shaped value, seen by the program as ``args``. ``limits`` takes
+        cpu_ms, wall_ms, memory_bytes, tokens and mailbox (0: the server's default). With ``monitor`` the
+        ``parent`` gets an EXIT message when the child ends.
+        """
+        reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor)
+        return reply.pid
+
+    @syscall
+    def send(self, to: int | str, body: JSON = None, *, sender: int = 0, tag: str = "", data: bytes = b"",
+             correlation_id: str = "") -> Plan[int]:
+        """Store a message in the mailbox of ``to`` (a pid or a registered name); return the message id.
+
+        ``sender`` is the pid replies should go to (a port from :meth:`open_port`; 0 for none).
+        Never waits for the receiver; a full mailbox raises ResourceExhausted.
+        """
+        request = _message(pb.SendRequest, "send request",
+                           {"from": sender, "tag": tag, "data": data, "correlation_id": correlation_id})
+        if isinstance(to, str):
+            request.to_name = to
+        elif isinstance(to, int) and not isinstance(to, bool):
+            request.to = to
+        else:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"to must be a pid (int) or a registered name (str), not {type(to).__name__}")
+        if body is not None:
+            request.body.CopyFrom(_value(body, "body"))
+        reply = yield self._unary("Send", request)
+        return reply.message_id
+
+    @syscall
+    def recv(self, pid: int, *, sender: int | None = None, tag: str | None = None,
+             correlation_id: str | None = None, timeout: float | None = None) -> Plan[Message | None]:
+        """Take the oldest message in ``pid``'s mailbox that matches every filter given.
+
+        Waits up to ``timeout`` seconds (None: without limit; 0: not at all) and returns None if
+        nothing matched in time. Messages that do not match stay in the mailbox, in order.
+        """
+        timeout_ms = _timeout_ms(timeout)
+        request = _message(pb.RecvRequest, "recv request",
+                           {"pid": pid, "from": sender, "tag": tag, "correlation_id": correlation_id,
+                            "timeout_ms": timeout_ms})
+        reply = yield Unary("Recv", request, _deadline(timeout_ms))
+        return None if reply.timed_out else message_from_pb(reply.message)
+
+    @syscall
+    def wait(self, pid: int, timeout: float | None = None) -> Plan[ProcessInfo | None]:
+        """Wait until process ``pid`` has ended and return its final info, or None after ``timeout`` seconds.
+
+        Works for processes that ended long ago too (also across server restarts).
+        """
+        reply = yield self._wait_call(pid, timeout)
+        return None if reply.timed_out else process_from_pb(reply.process)
+
+    @syscall
+    def kill(self, pid: int, reason: str = "killed") -> Plan[bool]:
+        """End a process with ``reason``. True if it was alive, False if it had already ended."""
+        reply = yield self._unary("Kill", pb.KillRequest(pid=pid, reason=reason))
+        return not reply.already_ended
+
+    @syscall
+    def open_port(self, name: str | None = None, mailbox: int = 0) -> Plan[int]:
+        """Open a mailbox-only process (a port) for this client to receive replies on; return its pid."""
+        reply = yield self._unary("OpenPort", pb.OpenPortRequest(name=name or "", mailbox=mailbox))
+        return reply.pid
+
+    @syscall
+    def register(self, pid: int, name: str) -> Plan[None]:
+        """Give a live process a registered name (AlreadyExists if another process holds it)."""
+        yield self._unary("Register", pb.RegisterRequest(pid=pid, name=name))
+
+    @syscall
+    def monitor(self, watcher: int, target: int) -> Plan[None]:
+        """Have ``watcher`` get an EXIT message when ``target`` ends."""
+        yield self._unary("Monitor", pb.MonitorRequest(watcher=watcher, target=target))
+
+    @syscall
+    def set_priority(self, pid: int, priority: int) -> Plan[None]:
+        """Change a process's scheduling priority (higher runs first)."""
+        yield self._unary("SetPriority", pb.SetPriorityRequest(pid=pid, priority=priority))
+
+    @syscall
+    def ps(self, states: Sequence[str] | str | None = None, name: str | None = None, parent: int = 0,
+           include_ended: bool = False) -> Plan[list[ProcessInfo]]:
+        """List processes, filtered by state names (e.g. ["BLOCKED"]), registered name and parent pid."""
+        wanted = [states] if isinstance(states, str) else list(states or [])
+        try:
+            codes = [pb.ProcessState.Value(s.upper()) for s in wanted]
+        except ValueError:
+            known = ", ".join(n for n in pb.ProcessState.keys() if n != "PROCESS_STATE_UNSPECIFIED")
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"unknown state in {wanted!r}; states are {known}") from None
+        request = pb.ListProcessesRequest(states=codes, name=name or "", parent=parent, include_ended=include_ended)
+        reply = yield self._unary("ListProcesses", request)
+        return [process_from_pb(p) for p in reply.processes]
+
+    @syscall
+    def get(self, pid: int) -> Plan[ProcessInfo]:
+        """The current info of process ``pid`` (NotFound if there never was one)."""
+        reply = yield self._unary("GetProcess", pb.GetProcessRequest(pid=pid))
+        return process_from_pb(reply)
+
+    @syscall
+    def events(self, pid: int = 0) -> Plan[Iterator[Event]]:
+        """Process lifecycle events (spawned, ended) as they happen, for ``pid`` or (0) all processes.
+
+        The stream runs until the caller stops iterating (or closes the iterator).
+        """
+        return (yield Streaming("Events", pb.EventsRequest(pid=pid), None, event_from_pb, collect=False))
+
+    @syscall
+    def infer(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None, pid: int = 0,
+              max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+              top_k: int | None = None, seed: int | None = None, stop: Sequence[str] | None = None,
+              stream: bool = False, priority: int | None = None,
+              timeout: float | None = None) -> Plan[InferResult | Iterator[InferChunk]]:
+        """Generate text with the kernel's model, charged to process ``pid``.
+
+        Give ``prompt`` text or chat ``messages`` ([{"role": "user", "content": "..."}]). ``max_tokens`` 0 is
+        the server's default, ``temperature`` 0 is greedy. Returns an :class:`InferResult`, or with ``stream``
+        an iterator of :class:`InferChunk` as tokens are generated. ``timeout`` (seconds) bounds the request.
+        """
+        timeout_ms = _timeout_ms(timeout)
+        sampling = _message(pb.SamplingParams, "sampling settings", dict(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []))
+        request = _message(pb.InferRequest, "infer request", dict(
+            pid=pid, prompt=prompt or "", sampling=sampling, stream=stream, priority=priority,
+            timeout_ms=timeout_ms,
+            messages=[_message(pb.ChatMessage, "chat message", m) for m in messages or []]))
+        if not stream:
+            chunks = yield Streaming("Infer", request, _deadline(timeout_ms), chunk_from_pb, collect=True)
+            return join_chunks(chunks)
+        return (yield Streaming("Infer", request, _deadline(timeout_ms), chunk_from_pb, collect=False))
+
+    @syscall
+    def run(self, program: str | os.PathLike, args: JSON = None, timeout: float | None = None,
+            **spawn_options: Any) -> Plan[ProcessInfo]:
+        """Spawn a Lua program, wait for it to end and return its final info.
+
+        ``program`` is Lua source, or a path (a path-like, or a str naming an existing local file) whose
+        text is sent as the source. If it has not ended after ``timeout`` seconds it is killed with the
+        reason "timeout" and its final info (state KILLED) is returned. ``spawn_options`` go to :meth:`spawn`.
+        """
+        options = dict(name=None, priority=0, limits=None, parent=0, monitor=False)
+        unknown = set(spawn_options) - set(options)
+        if unknown:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"unknown spawn option(s) {sorted(unknown)}")
+        options.update(spawn_options)
+        spawned = yield self._spawn_call(_lua_program(program), None, None, args, **options)
+        reply = yield self._wait_call(spawned.pid, timeout)
+        if reply.timed_out:
+            yield self._unary("Kill", pb.KillRequest(pid=spawned.pid, reason="timeout"))
+            # a killed process ends at once; the deadline only guards against a server that never answers
+            reply = yield self._unary("Wait", pb.WaitRequest(pid=spawned.pid))
+        return process_from_pb(reply.process)
+
+
+# -- the synchronous client -------------------------------------------------------------------
+def _stream_items(responses: Any, convert: Callable[[Any], T]) -> Iterator[T]:
+    try:
+        for item in responses:
+            yield convert(item)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        responses.cancel()
+
+
+class Client(Syscalls):
+    """A blocking llmos client over one gRPC channel. Use as a context manager, or call :meth:`close`.
+
+    ``target`` is "HOST:PORT" or "unix:/path/to/socket" (default: $LLMOS_SERVER or 127.0.0.1:50051).
+    Every method raises a :class:`llmos.LlmosError` subclass when the syscall fails.
+    """
+
+    def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0) -> None:
+        super().__init__(target, rpc_timeout)
+        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._stub = kernel_pb2_grpc.KernelStub(self._channel)
+
+    def _perform(self, call: Call) -> Any:
+        rpc = getattr(self._stub, call.method)
+        if isinstance(call, Streaming):
+            items = _stream_items(rpc(call.request, timeout=call.timeout), call.convert)
+            return list(items) if call.collect else items
+        try:
+            return rpc(call.request, timeout=call.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _drive(self, plan: Plan[T]) -> T:
+        call = next(plan)
+        while True:
+            reply = self._perform(call)
+            try:
+                call = plan.send(reply)
+            except StopIteration as done:
+                return done.value
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the server's channel is connected; Unavailable after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE,
+                              f"no llmos server answered at {self.target} within {timeout} s") from None
+
+    def close(self) -> None:
+        """Close the channel; calls in progress are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(target: str | None = None, *, rpc_timeout: float | None = 30.0) -> Client:
+    """A :class:`Client` for ``target`` (default: $LLMOS_SERVER or 127.0.0.1:50051)."""
+    return Client(target, rpc_timeout=rpc_timeout)
