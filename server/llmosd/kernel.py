@@ -36,7 +36,9 @@ class KernelConfig:
     data_dir: str
     cpus: int = 0  # 0: one per core
     quantum_ms: float = 10.0
-    hook_instructions: int = 10_000
+    # About 0.2 ms of Lua here: fine-grained enough for a 10 ms quantum and
+    # prompt kills, rare enough that the hook costs about 1%.
+    hook_instructions: int = 100_000
     defaults: Limits = field(default_factory=lambda: Limits(memory_bytes=64 << 20, mailbox=10_000))
     userland_root: str | None = None
     max_message_bytes: int = 4 << 20
@@ -84,11 +86,13 @@ class LuaWaiter(Waiter):
 class Kernel:
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
-        self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.lock = threading.Lock()  # not re-entrant: methods named *_locked expect it held
         self.store = Store(config.data_dir)
         self.timers = Timers()
-        self.scheduler = Scheduler(config.cpus or os.cpu_count() or 1, self._run_slice)
+        self.quantum_ns = int(config.quantum_ms * 1_000_000)
+        self.scheduler = Scheduler(
+            config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
+        )
         self.procs: dict[int, Process] = {}
         self.names: dict[str, int] = {}
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
@@ -377,8 +381,9 @@ class Kernel:
                 # Not running any code (a preempted process stays RUNNING): end it now.
                 self._end(proc, P.KILLED, reason)
             elif proc.kill_reason is None:
-                # Running or queued: its own thread ends it at the next check.
+                # Running (or parked mid-slice): its own thread ends it at the next check.
                 proc.kill_reason = reason
+                self.scheduler.interrupt(proc)
             return True
 
     def _end(self, proc: Process, state: str, reason: str, result: Any = None, error: str | None = None) -> None:
@@ -401,6 +406,7 @@ class Kernel:
         if proc.name and self.names.get(proc.name) == proc.pid:
             del self.names[proc.name]
         rec = self._record(proc)
+        rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=proc.kind == P.PORT)
         self.ended[proc.pid] = rec
@@ -476,34 +482,38 @@ class Kernel:
             "mailbox_len": len(proc.mailbox),
         }
 
-    def get(self, pid: int) -> tuple[ProcessRecord, dict[str, int] | None, str | None]:
-        """(record, usage, blocked_on) of a live or ended process."""
+    def _snapshot(self, proc: Process) -> tuple[ProcessRecord, str | None]:
+        rec = self._record(proc)
+        rec.usage = self.usage(proc)
+        return rec, proc.blocked_on
+
+    def get(self, pid: int) -> tuple[ProcessRecord, str | None]:
+        """(record with usage, blocked_on) of a live or ended process."""
         with self.lock:
             proc = self.procs.get(pid)
             if proc is not None:
-                return self._record(proc), self.usage(proc), proc.blocked_on
+                return self._snapshot(proc)
         rec = self._ended_record(pid)
         if rec is None:
             raise NotFound(f"no process with pid {pid}")
-        return rec, None, None
+        return rec, None
 
     def describe(self, pid: int | None) -> dict[str, Any]:
         """A process's state as a plain table for Lua's sys.info / sys.wait."""
         if pid is None:
             raise InvalidArgument("pid must be an integer")
-        rec, usage, blocked_on = self.get(pid)
-        return describe_record(rec, usage)
+        return describe_record(self.get(pid)[0])
 
     def list(self, states: set[str], name: str | None, parent: int, include_ended: bool) -> list[tuple]:
         with self.lock:
             out = [
-                (self._record(p), self.usage(p), p.blocked_on) for p in self.procs.values()
+                self._snapshot(p) for p in self.procs.values()
                 if (not states or p.state in states) and (not name or p.name == name)
                 and (not parent or p.parent == parent)
             ]
             if include_ended:
                 out += [
-                    (rec, None, None) for rec in self.ended.values()
+                    (rec, None) for rec in self.ended.values()
                     if (not states or rec.state in states) and (not name or rec.name == name)
                     and (not parent or rec.parent == parent)
                 ]
@@ -524,6 +534,10 @@ class Kernel:
             listener(kind, rec)
 
     # -- running Lua processes -----------------------------------------------------------
+    def _wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> bool:
+        lua = proc.runtime
+        return lua is not None and lua.async_preempt and lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting)
+
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         with self.lock:
@@ -632,7 +646,7 @@ class Kernel:
             if pid == proc.pid:
                 raise InvalidArgument("sys.wait: a process cannot wait for itself")
             rec = self._wait_locked(pid, waiter, None if timeout is None else timeout / 1000)
-            return describe_record(rec, None) if rec is not None else None
+            return describe_record(rec) if rec is not None else None
         if name == "sleep":
             ms = args[0] if args else None
             if type(ms) not in (int, float) or ms < 0:
@@ -656,13 +670,13 @@ class _Ready:
         self.args = args
 
 
-def describe_record(rec: ProcessRecord, usage: dict[str, int] | None) -> dict[str, Any]:
+def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     info = {
         "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
         "priority": rec.priority, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
     }
-    if usage is not None:
-        info["usage"] = usage
+    if rec.usage is not None:
+        info["usage"] = rec.usage
     return {k: v for k, v in info.items() if v is not None}
 
 

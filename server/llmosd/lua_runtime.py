@@ -11,7 +11,10 @@ never handed to Lua, so there is nothing to walk attributes on.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import signal
+import threading
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -27,6 +30,46 @@ if TYPE_CHECKING:
 
 SANDBOX_SOURCE = resources.files("llmosd").joinpath("lua/sandbox.lua").read_bytes()
 _sandbox_bytecode: bytes | None = None
+
+try:
+    from . import _preempt
+except ImportError:  # built without a C compiler: count hooks everywhere
+    _preempt = None
+PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
+_async_ready: bool | None = None
+_async_lock = threading.Lock()
+
+
+def async_preemption() -> bool:
+    """Set up signal-driven preemption once; False if it is unavailable."""
+    global _async_ready
+    with _async_lock:
+        if _async_ready is None:
+            _async_ready = _preempt is not None and _setup_async()
+        return _async_ready
+
+
+def _setup_async() -> bool:
+    # The debug library's hook dispatcher is static in C; read its address
+    # off a thread that has a hook set through debug.sethook.
+    probe = new_state(0)
+    address = probe.execute(
+        b"local co = coroutine.create(function() end) debug.sethook(co, function() end, '', 1000) "
+        b"probe_thread = co return tostring(co)"
+    )
+    lib = ctypes.CDLL(lupa.__file__)
+    lib.lua_gethook.restype = ctypes.c_void_p
+    lib.lua_gethook.argtypes = [ctypes.c_void_p]
+    hook = lib.lua_gethook(_address(address))
+    if not hook:
+        return False
+    _preempt.setup(lupa.__file__, hook, PREEMPT_SIGNAL)
+    return True
+
+
+def _address(tostring_value: bytes) -> int:
+    """The pointer in Lua's tostring() of a thread: b"thread: 0x55d0c8a0"."""
+    return int(tostring_value.rsplit(b" ", 1)[1], 16)
 MAX_DEPTH = 64
 MEMORY_ERROR = "not enough memory"
 _lua_type = lupa.lua_type
@@ -171,10 +214,12 @@ class LuaProcess:
             b"info": self.info, b"log": self.log,
         })
         sandbox = rt.globals().load(sandbox_bytecode(), b"=sandbox", b"b")
-        self.step = sandbox(
+        self.async_preempt = async_preemption()
+        self.step, main_state = sandbox(
             bridge, proc.program.encode(), f"={proc.program_name}".encode(), to_lua(rt, proc.args),
-            kernel.config.hook_instructions,
+            kernel.config.hook_instructions, self.async_preempt,
         )
+        self.main_state = _address(main_state)
 
     # -- the slice clock, kept by the kernel around each resume -----------------------
     # CPU time is time spent holding a virtual CPU. There are no more virtual
@@ -182,17 +227,32 @@ class LuaProcess:
     # of asking the OS for that on every resume.
     def begin_slice(self) -> None:
         self.slice_start = time.perf_counter_ns()
+        if self.async_preempt:
+            _preempt.set_running(self.main_state)
 
     def end_slice(self) -> None:
+        if self.async_preempt:
+            _preempt.set_running(0)
         self.proc.cpu_ns += time.perf_counter_ns() - self.slice_start
+
+    def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> bool:
+        """Should the kernel interrupt this process now (seen from another thread)?"""
+        proc = self.proc
+        ran = now_ns - self.slice_start
+        if proc.kill_reason is not None:
+            return True
+        if proc.limits.cpu_ms and proc.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000:
+            return True
+        return ran >= quantum_ns and others_waiting
 
     def memory_used(self) -> int:
         return self.rt.get_memory_used()
 
     # -- the count hook ---------------------------------------------------------------------
     def check(self) -> bytes | None:
-        """Runs every `hook_instructions` instructions: end the process if the
-        kernel wants it gone, preempt it if its quantum is spent."""
+        """Runs from the hook (every `hook_instructions` instructions, or when the
+        kernel interrupts the main coroutine): end the process if the kernel
+        wants it gone, preempt it if its quantum is spent."""
         proc = self.proc
         kernel = self.kernel
         if proc.kill_reason is None:

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a program (relative to the userland root) to start at boot; repeatable")
     p.add_argument("--cpus", type=int, default=0, help="virtual CPUs running programs (default: one per core)")
     p.add_argument("--quantum-ms", type=float, default=10.0, help="time slice (default %(default)s)")
-    p.add_argument("--hook-instructions", type=int, default=10_000,
+    p.add_argument("--hook-instructions", type=int, default=100_000,
                    help="Lua instructions between preemption checks (default %(default)s)")
     p.add_argument("--memory-bytes", type=int, default=64 << 20, help="default per-process memory limit")
     p.add_argument("--mailbox", type=int, default=10_000, help="default mailbox limit (messages)")

@@ -18,7 +18,9 @@ shared queue; a preemption or a long slice gives it back to the queue.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -63,11 +65,26 @@ class RunQueue:
 
 
 class Scheduler:
-    def __init__(self, cpus: int, run_slice: Callable[[Process], None]) -> None:
+    """Runs processes on `cpus` virtual CPUs.
+
+    `run_slice(proc)` runs a process until it blocks, ends or is preempted.
+    `wants_cpu_back(proc, now_ns, others_waiting)` is asked every half quantum
+    about each running process; when it says yes, the running thread gets
+    `interrupt_signal`, whose handler makes the process check in at once.
+    """
+
+    def __init__(
+        self, cpus: int, quantum_ns: int, run_slice: Callable[[Process], None],
+        wants_cpu_back: Callable[[Process, int, bool], bool] | None = None, interrupt_signal: int = signal.SIGURG,
+    ) -> None:
         if cpus < 1:
             raise ValueError("cpus must be at least 1")
         self.cpus = cpus
+        self.quantum_ns = quantum_ns
         self._run_slice = run_slice
+        self._wants_cpu_back = wants_cpu_back
+        self._signal = interrupt_signal
+        self._running: dict[int, Process] = {}  # thread ident -> the process it runs
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queue = RunQueue()
@@ -76,6 +93,8 @@ class Scheduler:
         self._threads = 0
         self._stopping = False
         self._local = threading.local()
+        if wants_cpu_back is not None:
+            threading.Thread(target=self._watch, name="preempt-watch", daemon=True).start()
 
     # -- called by the kernel ----------------------------------------------------------
     def make_runnable(self, proc: Process) -> None:
@@ -137,8 +156,30 @@ class Scheduler:
             self._stopping = True
             self._work.notify_all()
 
+    def interrupt(self, proc: Process) -> None:
+        """Make a running process check in now (for a kill)."""
+        for ident, running in list(self._running.items()):
+            if running is proc:
+                signal.pthread_kill(ident, self._signal)
+
+    def _watch(self) -> None:
+        """Every half quantum, interrupt running processes that should give the CPU back."""
+        assert self._wants_cpu_back is not None
+        period = self.quantum_ns / 2e9
+        while not self._stopping:
+            time.sleep(period)
+            if not self._running:
+                continue
+            now = time.perf_counter_ns()
+            top = self._queue.top_priority()
+            for ident, proc in list(self._running.items()):
+                waiting = top is not None and top >= proc.priority
+                if self._wants_cpu_back(proc, now, waiting):
+                    signal.pthread_kill(ident, self._signal)
+
     # -- workers ---------------------------------------------------------------------
     def _worker(self) -> None:
+        ident = threading.get_ident()
         local = self._local
         local.running = None
         local.next = None
@@ -177,9 +218,11 @@ class Scheduler:
                         parked.set()
                         continue
             local.running = proc
+            self._running[ident] = proc
             try:
                 self._run_slice(proc)
             except Exception:  # a kernel bug must not take a virtual CPU down
                 log.exception("slice of pid %d failed", proc.pid)
             finally:
                 local.running = None
+                self._running.pop(ident, None)

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS processes (
     exit_reason TEXT,
     result TEXT,
     error TEXT,
-    ended_at_ms INTEGER
+    ended_at_ms INTEGER,
+    usage TEXT
 );
 CREATE TABLE IF NOT EXISTS port_messages (
     id INTEGER PRIMARY KEY,
@@ -70,6 +71,7 @@ class ProcessRecord:
     result: Any = None
     error: str | None = None
     ended_at_ms: int | None = None
+    usage: dict[str, int] | None = None  # final counters, once ended
 
 
 @dataclass(slots=True)
@@ -140,8 +142,9 @@ class Store:
         self._write(sql, row, durable)
 
     def record_exit(self, rec: ProcessRecord, durable: bool = False) -> None:
-        row = (rec.state, rec.exit_reason, json.dumps(rec.result), rec.error, rec.ended_at_ms, rec.pid)
-        sql = "UPDATE processes SET state=?, exit_reason=?, result=?, error=?, ended_at_ms=? WHERE pid=?"
+        row = (rec.state, rec.exit_reason, json.dumps(rec.result), rec.error, rec.ended_at_ms,
+               json.dumps(rec.usage), rec.pid)
+        sql = "UPDATE processes SET state=?, exit_reason=?, result=?, error=?, ended_at_ms=?, usage=? WHERE pid=?"
         self._write(sql, row, durable)
 
     def record_name(self, pid: int, name: str | None) -> None:
@@ -237,4 +240,5 @@ def _record(row: tuple) -> ProcessRecord:
         pid=row[0], kind=row[1], name=row[2], parent=row[3], namespace=row[4], priority=row[5],
         limits=json.loads(row[6]), started_at_ms=row[7], state=row[8], exit_reason=row[9],
         result=json.loads(row[10]) if row[10] is not None else None, error=row[11], ended_at_ms=row[12],
+        usage=json.loads(row[13]) if row[13] else None,
     )

@@ -41,17 +41,15 @@ def message_pb(msg: Message) -> pb.Message:
     return out
 
 
-def process_pb(rec: ProcessRecord, usage: dict[str, int] | None = None, blocked_on: str | None = None) -> pb.ProcessInfo:
+def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
     info = pb.ProcessInfo(
         pid=rec.pid, name=rec.name or "", parent=rec.parent, kind=pb.ProcessKind.Value(rec.kind),
         state=pb.ProcessState.Value(rec.state), priority=rec.priority, limits=pb.Limits(**rec.limits),
         exit_reason=rec.exit_reason or "", error=rec.error or "", started_at_ms=rec.started_at_ms,
         ended_at_ms=rec.ended_at_ms or 0, blocked_on=blocked_on or "", namespace=rec.namespace,
     )
-    if usage is not None:
-        info.usage.CopyFrom(pb.Usage(**usage))
-    elif rec.ended_at_ms:
-        info.usage.wall_ms = rec.ended_at_ms - rec.started_at_ms
+    if rec.usage is not None:
+        info.usage.CopyFrom(pb.Usage(**rec.usage))
     if rec.ended_at_ms:
         info.result.CopyFrom(to_value(rec.result))
     return info

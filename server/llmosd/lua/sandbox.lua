@@ -2,8 +2,11 @@
 -- function the kernel calls to run it. Runs before any program code, with
 -- the full standard library; the program only ever sees `env`.
 --
--- Called as: step = chunk(bridge, source, chunk_name, args, hook_count)
-local bridge, source, chunk_name, args, hook_count = ...
+-- Called as: step, main_state = chunk(bridge, source, chunk_name, args, hook_count, async_preempt)
+-- With async_preempt, the program's main coroutine runs without a hook until
+-- the kernel installs one from a signal handler (see _preempt.c); coroutines
+-- the program creates itself always carry a count hook.
+local bridge, source, chunk_name, args, hook_count, async_preempt = ...
 
 -- Everything the sandbox machinery uses is captured here, so that nothing a
 -- program does to its own environment can change how the kernel code behaves.
@@ -22,14 +25,19 @@ local SYSCALL = {}   -- first value of a yield that is a syscall, not a program'
 local dying = nil    -- set once the kernel ends the process: pcall may not swallow that
 local MEMORY_ERROR = "not enough memory"
 
--- The count hook: checks the quantum, limits and kills every hook_count
--- instructions. Once the process is dying it fires on every instruction.
+local main_co  -- the coroutine running the program
+
+-- The hook: checks the quantum, limits and kills. Once the process is dying
+-- it fires on every instruction.
 local function hook()
   local reason = check()
   if reason then
     dying = reason
     sethook(hook, "", 1)
     error(reason, 0)
+  end
+  if async_preempt and co_running() == main_co then
+    sethook(main_co, hook, "", 0)  -- off until the kernel asks again
   end
 end
 
@@ -59,8 +67,6 @@ end
 local function resume(co, ...)
   return forward(co, co_resume(co, ...))
 end
-
-local main_co  -- the coroutine running the program
 
 local function yield(...)
   if co_running() == main_co then
@@ -221,8 +227,11 @@ collectgarbage()
 collectgarbage("generational")
 
 main_co = co_create(program)
-sethook(main_co, hook, "", hook_count)
-sethook(hook, "", hook_count)  -- the kernel's own state too (converting values runs metamethod-free code, but be safe)
+if async_preempt then
+  sethook(main_co, hook, "", 0)  -- registers the hook function; the mask stays empty
+else
+  sethook(main_co, hook, "", hook_count)
+end
 
 -- The kernel's side: resume the program with a syscall's answer. Returns
 --   "sys", name, ...   the program made a blocking syscall
@@ -237,4 +246,4 @@ end
 
 return function(...)
   return outcome(co_resume(main_co, ...))
-end
+end, tostring(main_co)
