@@ -605,6 +605,8 @@ class Kernel:
         value, proc.resume_value = proc.resume_value, ()
         if isinstance(value, _Ready):
             return value.args
+        if isinstance(value, ProcessRecord):  # a wait that blocked
+            value = describe_record(value)
         return proc.runtime.answer(proc.blocked_syscall, None if value is TIMED_OUT else value)
 
     def _blocking_syscall(self, proc: Process, name: str, args: tuple) -> Any:
