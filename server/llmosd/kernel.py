@@ -36,6 +36,7 @@ class KernelConfig:
     data_dir: str
     cpus: int = 0  # 0: one per core
     quantum_ms: float = 10.0
+    aging_ms: float = 200.0  # a waiting process gains a priority level per this much waiting
     # About 0.2 ms of Lua here: fine-grained enough for a 10 ms quantum and
     # prompt kills, rare enough that the hook costs about 1%.
     hook_instructions: int = 100_000
@@ -92,6 +93,7 @@ class Kernel:
         self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.scheduler = Scheduler(
             config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
+            aging_ns=int(config.aging_ms * 1_000_000),
         )
         self.procs: dict[int, Process] = {}
         self.names: dict[str, int] = {}

@@ -24,6 +24,7 @@ import lupa.lua54 as lupa
 from .errors import InvalidArgument, KernelError
 from .mailbox import ANY, Match, Message
 from .process import Process
+from .scheduler import DEFAULT_WEIGHT
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -233,7 +234,10 @@ class LuaProcess:
     def end_slice(self) -> None:
         if self.async_preempt:
             _preempt.set_running(0)
-        self.proc.cpu_ns += time.perf_counter_ns() - self.slice_start
+        ran = time.perf_counter_ns() - self.slice_start
+        proc = self.proc
+        proc.cpu_ns += ran
+        proc.vruntime += ran * DEFAULT_WEIGHT / proc.weight
 
     def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> bool:
         """Should the kernel interrupt this process now (seen from another thread)?"""
@@ -260,7 +264,8 @@ class LuaProcess:
             cpu_limit = proc.limits.cpu_ms
             if cpu_limit and proc.cpu_ns + now - self.slice_start > cpu_limit * 1_000_000:
                 proc.kill_reason = "cpu_limit"
-            elif now - self.slice_start >= kernel.quantum_ns:
+            elif proc.yield_requested or now - self.slice_start >= kernel.quantum_ns:
+                proc.yield_requested = False
                 if kernel.scheduler.should_yield(proc):
                     self.end_slice()
                     kernel.scheduler.preempt(proc)

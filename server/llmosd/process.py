@@ -71,6 +71,10 @@ class Process:
     runtime: Any = None  # a LuaProcess while the program lives
     resume_value: tuple = ()
     parked: threading.Event | None = None  # set while preempted inside the count hook
+    weight: int = 100  # share of CPU within its priority level
+    vruntime: float = 0.0  # ns on a CPU, scaled by 100 / weight
+    queued_at: int = 0  # perf_counter_ns when last queued
+    yield_requested: bool = False  # the scheduler wants the CPU back before the quantum ends
     wall_timer: Any = None
     # Accounting.
     cpu_ns: int = 0

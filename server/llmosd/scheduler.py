@@ -17,51 +17,88 @@ shared queue; a preemption or a long slice gives it back to the queue.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import signal
 import threading
 import time
-from collections import deque
 from typing import Callable
 
 from .process import Process
 
 log = logging.getLogger(__name__)
 
+DEFAULT_WEIGHT = 100  # as cgroup v2's cpu.weight
+MAX_CREDIT_NS = 20_000_000  # how far behind its level a woken process may start (2 quanta)
+WAKEUP_GRANULARITY_NS = 4_000_000  # how far behind a woken process must be to preempt at once
+
 
 class RunQueue:
-    """Runnable processes: highest priority first, FIFO within a priority."""
+    """Runnable processes, in the order the scheduling policy wants them.
 
-    def __init__(self) -> None:
-        self._levels: dict[int, deque[Process]] = {}
-        self._order: list[int] = []  # priorities present, highest first
+    - Priority first: a higher level always runs before a lower one...
+    - ...except that a process waiting longer than `aging_ns` counts one level
+      higher per period waited, so that no level starves.
+    - Within a level, the process with the least weighted CPU time (vruntime:
+      time on a CPU x DEFAULT_WEIGHT / weight) runs next, so CPU time is shared
+      in proportion to weight, as in Linux's CFS.
+    """
+
+    def __init__(self, aging_ns: int) -> None:
+        self.aging_ns = aging_ns
+        self._levels: dict[int, list[tuple[float, int, Process]]] = {}  # priority -> heap
+        self._floor: dict[int, float] = {}  # priority -> vruntime of the last process picked
+        self._seq = itertools.count()
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
     def push(self, proc: Process) -> None:
-        level = self._levels.get(proc.priority)
+        prio = proc.priority
+        level = self._levels.get(prio)
         if level is None:
-            level = self._levels[proc.priority] = deque()
-            self._order.append(proc.priority)
-            self._order.sort(reverse=True)
-        level.append(proc)
+            level = self._levels[prio] = []
+            self._floor.setdefault(prio, 0.0)
+        # A process back from a long sleep starts level with the others, not
+        # with a credit that would let it monopolise the CPU.
+        floor = self._floor[prio] - MAX_CREDIT_NS
+        if proc.vruntime < floor:
+            proc.vruntime = floor
+        proc.queued_at = time.perf_counter_ns()
+        heapq.heappush(level, (proc.vruntime, next(self._seq), proc))
         self._len += 1
 
-    def pop(self) -> Process:
-        for prio in self._order:
-            level = self._levels[prio]
+    def _best(self) -> tuple[int, int] | None:
+        """(effective priority, level) of the process to run next."""
+        now = time.perf_counter_ns()
+        best = None
+        for prio, level in self._levels.items():
             if level:
-                self._len -= 1
-                return level.popleft()
-        raise IndexError("pop from an empty run queue")
+                head = level[0][2]
+                effective = prio + (now - head.queued_at) // self.aging_ns
+                if best is None or (effective, prio) > best:
+                    best = (effective, prio)
+        return best
+
+    def pop(self) -> Process:
+        best = self._best()
+        if best is None:
+            raise IndexError("pop from an empty run queue")
+        prio = best[1]
+        level = self._levels[prio]
+        vruntime, _, proc = heapq.heappop(level)
+        if not level:
+            del self._levels[prio]
+        self._floor[prio] = max(self._floor[prio], vruntime)
+        self._len -= 1
+        return proc
 
     def top_priority(self) -> int | None:
-        for prio in self._order:
-            if self._levels[prio]:
-                return prio
-        return None
+        """The effective priority of the process that would run next."""
+        best = self._best()
+        return None if best is None else best[0]
 
 
 class Scheduler:
@@ -76,6 +113,7 @@ class Scheduler:
     def __init__(
         self, cpus: int, quantum_ns: int, run_slice: Callable[[Process], None],
         wants_cpu_back: Callable[[Process, int, bool], bool] | None = None, interrupt_signal: int = signal.SIGURG,
+        aging_ns: int = 200_000_000,
     ) -> None:
         if cpus < 1:
             raise ValueError("cpus must be at least 1")
@@ -87,7 +125,7 @@ class Scheduler:
         self._running: dict[int, Process] = {}  # thread ident -> the process it runs
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._queue = RunQueue()
+        self._queue = RunQueue(aging_ns)
         self._free = cpus  # slots no thread holds
         self._idle = 0  # workers waiting for work
         self._threads = 0
@@ -109,6 +147,19 @@ class Scheduler:
         with self._lock:
             self._queue.push(proc)
             self._offer_locked()
+            if self._free > 0 or self._wants_cpu_back is None:
+                return
+        # Every CPU is busy. A process of higher priority, or one far behind in
+        # its share (typically woken from a wait), takes a CPU now rather than
+        # at the end of the running one's quantum.
+        running = list(self._running.items())
+        if running:
+            ident, victim = min(running, key=lambda item: (item[1].priority, -item[1].vruntime))
+            if victim.priority < proc.priority or (
+                victim.priority == proc.priority and victim.vruntime - proc.vruntime > WAKEUP_GRANULARITY_NS
+            ):
+                victim.yield_requested = True
+                signal.pthread_kill(ident, self._signal)
 
     def _offer_locked(self) -> None:
         """Make sure a free slot with queued work gets a worker."""
