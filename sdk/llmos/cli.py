@@ -1,0 +1,253 @@
+"""`llmos`: the command line client of an llmos kernel.
+
+    llmos run agent.lua --args '{"n": 3}'      spawn, wait, print the result as JSON
+    llmos spawn agent.lua --name worker        print the new pid
+    llmos send worker '{"job": 1}' --from 7    print the message id
+    llmos recv 7 --timeout 5                   print the message as JSON
+    llmos wait 12 / kill 12 / ps --all / port / infer "Once upon a time"
+
+The server is --server, else $LLMOS_SERVER, else 127.0.0.1:50051 (HOST:PORT or unix:PATH).
+Exit status: 0 on success; 1 when the server refuses, a wait or recv times out, or the
+process did not exit normally; 2 for a bad command line. Errors go to stderr as
+"llmos: CODE: message".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+import grpc
+
+from .client import Client, ProcessInfo, default_target
+from .errors import LlmosError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A command line the CLI cannot act on, found before anything is sent (exit status 2)."""
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what} is not valid JSON ({e}): {text!r}") from None
+
+
+def _read_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _fail(code: str, message: str) -> int:
+    print(f"llmos: {code}: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _report_end(info: ProcessInfo) -> int:
+    """Exit status for an ended process; says on stderr why it did not exit normally."""
+    if info.ok:
+        return EXIT_OK
+    detail = f": {info.error}" if info.error else ""
+    return _fail(info.state, f"process {info.pid} ended ({info.exit_reason or 'no reason'}){detail}")
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_run(k: Client, a: argparse.Namespace) -> int:
+    args = _json_arg(a.args, "--args") if a.args is not None else None
+    info = k.run(_read_file(a.file), args=args, timeout=a.timeout)
+    if info.ok:
+        print(_dumps(info.result))
+    return _report_end(info)
+
+
+def cmd_spawn(k: Client, a: argparse.Namespace) -> int:
+    args = _json_arg(a.args, "--args") if a.args is not None else None
+    program = {"lua": a.lua, "path": a.path}
+    if a.file is not None:
+        program["lua"] = _read_file(a.file)
+    print(k.spawn(**program, args=args, name=a.name, priority=a.priority))
+    return EXIT_OK
+
+
+def cmd_send(k: Client, a: argparse.Namespace) -> int:
+    to: int | str = int(a.to) if a.to.isdigit() else a.to
+    body = _json_arg(a.body, "the message body")
+    print(k.send(to, body, sender=a.sender, tag=a.tag, correlation_id=a.correlation_id))
+    return EXIT_OK
+
+
+def cmd_recv(k: Client, a: argparse.Namespace) -> int:
+    msg = k.recv(a.pid, sender=a.sender, tag=a.tag, correlation_id=a.correlation_id, timeout=a.timeout)
+    if msg is None:
+        return _fail("DEADLINE_EXCEEDED", f"no matching message for pid {a.pid} within {a.timeout:g} s")
+    print(_dumps(msg.to_json()))
+    return EXIT_OK
+
+
+def cmd_wait(k: Client, a: argparse.Namespace) -> int:
+    info = k.wait(a.pid, timeout=a.timeout)
+    if info is None:
+        return _fail("DEADLINE_EXCEEDED", f"process {a.pid} still running after {a.timeout:g} s")
+    print(_dumps(info.to_json()))
+    return _report_end(info)
+
+
+def cmd_kill(k: Client, a: argparse.Namespace) -> int:
+    print("killed" if k.kill(a.pid, a.reason) else "already ended")
+    return EXIT_OK
+
+
+PS_COLUMNS = ("PID", "NAME", "KIND", "STATE", "PRIO", "CPU_MS", "MSGS", "MAILBOX")
+
+
+def format_ps(processes: Sequence[ProcessInfo]) -> str:
+    """The `llmos ps` table; MSGS is messages received/sent, MAILBOX the messages waiting."""
+    rows = [PS_COLUMNS] + [
+        (str(p.pid), p.name or "-", p.kind, p.state, str(p.priority), str(p.usage.get("cpu_ms", 0)),
+         f"{p.usage.get('messages_received', 0)}/{p.usage.get('messages_sent', 0)}",
+         str(p.usage.get("mailbox_len", 0)))
+        for p in processes
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(PS_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def cmd_ps(k: Client, a: argparse.Namespace) -> int:
+    print(format_ps(k.ps(include_ended=a.all)))
+    return EXIT_OK
+
+
+def cmd_port(k: Client, a: argparse.Namespace) -> int:
+    print(k.open_port(a.name))
+    return EXIT_OK
+
+
+def cmd_infer(k: Client, a: argparse.Namespace) -> int:
+    out = sys.stdout
+    for chunk in k.infer(a.prompt, pid=a.pid, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
+                         stream=True, timeout=a.timeout):
+        out.write(chunk.text)
+        out.flush()
+    out.write("\n")
+    return EXIT_OK
+
+
+# -- argument parsing -------------------------------------------------------------------------
+def _pid(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"a pid is a positive integer, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a timeout is a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `llmos` command."""
+    parser = argparse.ArgumentParser(prog="llmos", description="Talk to an llmos kernel (llmosd).",
+                                     epilog="Exit status: 0 ok, 1 refused/timed out/process failed, 2 bad usage.")
+    parser.add_argument("--server", default=default_target(),
+                        help="HOST:PORT or unix:PATH (default: $LLMOS_SERVER or 127.0.0.1:50051; now %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a Lua program to its end and print its result as JSON")
+    p.add_argument("file", metavar="FILE.lua")
+    p.add_argument("--args", metavar="JSON", help="the program's args, as JSON")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="kill the program after S seconds")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("spawn", help="start a process and print its pid")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", metavar="FILE.lua", help="a local Lua file")
+    source.add_argument("--lua", metavar="SRC", help="Lua source text")
+    source.add_argument("--path", metavar="P", help="a program under the server's userland root")
+    p.add_argument("--args", metavar="JSON", help="the program's args, as JSON")
+    p.add_argument("--name", help="a registered name for the process")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.set_defaults(handler=cmd_spawn)
+
+    p = sub.add_parser("send", help="send a JSON message; print its id")
+    p.add_argument("to", metavar="TO", help="a pid or a registered name")
+    p.add_argument("body", metavar="JSON")
+    p.add_argument("--from", dest="sender", type=_pid, default=0, metavar="PID", help="the sender (for replies)")
+    p.add_argument("--tag", default="")
+    p.add_argument("--correlation-id", default="", metavar="C")
+    p.set_defaults(handler=cmd_send)
+
+    p = sub.add_parser("recv", help="take a message from a mailbox and print it as JSON")
+    p.add_argument("pid", type=_pid, metavar="PID")
+    p.add_argument("--from", dest="sender", type=_pid, metavar="PID", help="only messages from this pid")
+    p.add_argument("--tag", help="only messages with this tag")
+    p.add_argument("--correlation-id", metavar="C", help="only messages with this correlation id")
+    p.add_argument("--timeout", type=_seconds, default=None, metavar="S", help="give up after S seconds")
+    p.set_defaults(handler=cmd_recv)
+
+    p = sub.add_parser("wait", help="wait for a process to end; print its final info as JSON")
+    p.add_argument("pid", type=_pid, metavar="PID")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds")
+    p.set_defaults(handler=cmd_wait)
+
+    p = sub.add_parser("kill", help="end a process")
+    p.add_argument("pid", type=_pid, metavar="PID")
+    p.add_argument("--reason", default="killed", help="the exit reason to record (default %(default)s)")
+    p.set_defaults(handler=cmd_kill)
+
+    p = sub.add_parser("ps", help="list processes")
+    p.add_argument("--all", action="store_true", help="include ended processes")
+    p.set_defaults(handler=cmd_ps)
+
+    p = sub.add_parser("port", help="open a mailbox for this shell to receive on; print its pid")
+    p.add_argument("--name", help="a registered name for the port")
+    p.set_defaults(handler=cmd_port)
+
+    p = sub.add_parser("infer", help="generate text, streamed as it arrives")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=0, metavar="N", help="0: the server's default")
+    p.add_argument("--temperature", type=float, metavar="T", help="0: greedy")
+    p.add_argument("--seed", type=int, metavar="S")
+    p.add_argument("--pid", type=_pid, default=0, metavar="PID", help="the process charged for the tokens")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole request")
+    p.set_defaults(handler=cmd_infer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `llmos` command; returns the exit status."""
+    a = build_parser().parse_args(argv)
+    try:
+        with Client(a.server) as k:
+            return a.handler(k, a)
+    except UsageError as e:
+        _fail("INVALID_ARGUMENT", str(e))
+        return EXIT_USAGE
+    except LlmosError as e:
+        hint = ""
+        if e.code == grpc.StatusCode.UNAVAILABLE:
+            hint = f" (is llmosd running at {a.server}? set --server or LLMOS_SERVER)"
+        return _fail(e.code.name, e.message + hint)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `llmos ps | head -1`
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
