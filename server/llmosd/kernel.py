@@ -21,7 +21,7 @@ from .errors import (
 from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua
 from .mailbox import Mailbox, Match, Message
 from .process import Limits, Process
-from .scheduler import Scheduler
+from .scheduler import DEFAULT_WEIGHT, Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import TIMED_OUT, Timers, Waiter
 
@@ -60,6 +60,7 @@ class SpawnSpec:
     args: Any = None
     name: str | None = None
     priority: int = 0
+    weight: int = 0  # 0: DEFAULT_WEIGHT
     limits: Limits = field(default_factory=Limits)
     parent: int = 0
     monitor: bool = False
@@ -155,6 +156,7 @@ class Kernel:
             pid = self.store.next_id("pid")
             proc = self._new_process(pid, kind, spec.parent, spec.priority, limits, "default")
             proc.program, proc.program_name, proc.args = source, program_name, spec.args
+            proc.weight = _check_weight(spec.weight or DEFAULT_WEIGHT)
             if spec.name:
                 proc.name = spec.name
                 self.names[spec.name] = pid
@@ -170,7 +172,7 @@ class Kernel:
 
     def spawn_from_dict(self, spec: dict, parent: int) -> int:
         """Spawn from the table a Lua program passed to sys.spawn."""
-        known = {"lua", "python", "path", "args", "name", "priority", "limits", "monitor"}
+        known = {"lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor"}
         unknown = set(spec) - known
         if unknown:
             raise InvalidArgument(f"sys.spawn: unknown option(s) {', '.join(sorted(unknown))}")
@@ -180,9 +182,10 @@ class Kernel:
         for key in ("lua", "python", "path", "name"):
             if spec.get(key) is not None and not isinstance(spec[key], str):
                 raise InvalidArgument(f"sys.spawn: {key} must be a string")
-        priority = spec.get("priority", 0)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidArgument("sys.spawn: priority must be an integer")
+        priority, weight = spec.get("priority", 0), spec.get("weight", 0)
+        for key, value in (("priority", priority), ("weight", weight)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidArgument(f"sys.spawn: {key} must be an integer")
         try:
             lim = Limits(**{k: int(v) for k, v in limits.items()})
         except (TypeError, ValueError):
@@ -191,7 +194,8 @@ class Kernel:
             raise InvalidArgument("sys.spawn: limits must be non-negative integers")
         return self.spawn(SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
-            name=spec.get("name"), priority=priority, limits=lim, parent=parent, monitor=bool(spec.get("monitor")),
+            name=spec.get("name"), priority=priority, weight=weight, limits=lim, parent=parent,
+            monitor=bool(spec.get("monitor")),
         ))
 
     def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str]:
@@ -461,15 +465,22 @@ class Kernel:
         msg = Message(self.store.next_id("message"), target, watcher, "EXIT", notice, b"", "", now_ms())
         self._deliver(self.procs[watcher], msg)
 
-    def set_priority(self, pid: int, priority: int) -> None:
+    def set_priority(self, pid: int, priority: int | None, weight: int = 0) -> None:
+        """Change priority (None: keep) and weight (0: keep). A queued process
+        moves at its next scheduling."""
         with self.lock:
-            self._live(pid).priority = priority
+            proc = self._live(pid)
+            if priority is not None:
+                proc.priority = priority
+            if weight:
+                proc.weight = _check_weight(weight)
 
     # -- inspection -----------------------------------------------------------------------
     def _record(self, proc: Process) -> ProcessRecord:
         return ProcessRecord(
             pid=proc.pid, kind=proc.kind, name=proc.name, parent=proc.parent, namespace=proc.namespace,
-            priority=proc.priority, limits=proc.limits.as_dict(), started_at_ms=proc.started_at_ms, state=proc.state,
+            priority=proc.priority, weight=proc.weight, limits=proc.limits.as_dict(),
+            started_at_ms=proc.started_at_ms, state=proc.state, log=proc.log, log_dropped=proc.log_dropped,
         )
 
     def usage(self, proc: Process) -> dict[str, int]:
@@ -525,8 +536,17 @@ class Kernel:
     def log(self, proc: Process, line: str) -> None:
         proc.log.append(line)
         if len(proc.log) > MAX_LOG_LINES:
-            del proc.log[: len(proc.log) - MAX_LOG_LINES]
+            extra = len(proc.log) - MAX_LOG_LINES
+            del proc.log[:extra]
+            proc.log_dropped += extra
         log.debug("pid %d: %s", proc.pid, line)
+
+    def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
+        """(lines from `offset` on, next offset, lines dropped before offset)."""
+        rec = self.get(pid)[0]
+        lines, dropped = list(rec.log or ()), rec.log_dropped
+        start = max(offset - dropped, 0)
+        return lines[start:], dropped + len(lines), max(dropped - offset, 0)
 
     def _emit(self, kind: str, proc_or_rec: Process | ProcessRecord) -> None:
         if not self.event_listeners:
@@ -677,11 +697,17 @@ class _Ready:
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     info = {
         "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
-        "priority": rec.priority, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
+        "priority": rec.priority, "weight": rec.weight, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
     }
     if rec.usage is not None:
         info["usage"] = rec.usage
     return {k: v for k, v in info.items() if v is not None}
+
+
+def _check_weight(weight: int) -> int:
+    if not 1 <= weight <= 10_000:
+        raise InvalidArgument("weight must be between 1 and 10000 (the default is 100)")
+    return weight
 
 
 def _startup_error(e: Exception) -> str:

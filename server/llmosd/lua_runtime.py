@@ -375,13 +375,14 @@ class LuaProcess:
         except KernelError as e:
             return None, str(e).encode()
 
-    def set_priority(self, pid: Any, priority: Any) -> tuple:
+    def set_priority(self, pid: Any, priority: Any, weight: Any) -> tuple:
         try:
             target = _opt_int(pid, "sys.set_priority: pid") or self.proc.pid
             prio = _opt_int(priority, "sys.set_priority: priority")
-            if prio is None:
-                raise InvalidArgument("sys.set_priority: priority must be an integer")
-            self.kernel.set_priority(target, prio)
+            share = _opt_int(weight, "sys.set_priority: weight") or 0
+            if prio is None and not share:
+                raise InvalidArgument("sys.set_priority: give a priority (integer) and/or a weight")
+            self.kernel.set_priority(target, prio, share)
             return (True,)
         except KernelError as e:
             return None, str(e).encode()

@@ -82,6 +82,7 @@ class Process:
     messages_received: int = 0
     tokens: int = 0
     log: list[str] = field(default_factory=list)
+    log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
 
     @property
     def ended(self) -> bool:

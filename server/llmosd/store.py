@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS processes (
     parent INTEGER NOT NULL,
     namespace TEXT NOT NULL,
     priority INTEGER NOT NULL,
+    weight INTEGER NOT NULL,
     limits TEXT NOT NULL,
     started_at_ms INTEGER NOT NULL,
     state TEXT NOT NULL,
@@ -64,6 +65,7 @@ class ProcessRecord:
     parent: int
     namespace: str
     priority: int
+    weight: int
     limits: dict[str, int]
     started_at_ms: int
     state: str
@@ -72,6 +74,8 @@ class ProcessRecord:
     error: str | None = None
     ended_at_ms: int | None = None
     usage: dict[str, int] | None = None  # final counters, once ended
+    log: list[str] | None = None  # the last log lines, kept in memory only
+    log_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -132,12 +136,12 @@ class Store:
     # process records ---------------------------------------------------------------
     def record_spawn(self, rec: ProcessRecord, durable: bool = False) -> None:
         row = (
-            rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority,
+            rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority, rec.weight,
             json.dumps(rec.limits), rec.started_at_ms, rec.state,
         )
         sql = (
-            "INSERT OR REPLACE INTO processes(pid, kind, name, parent, namespace, priority, limits, started_at_ms, state)"
-            " VALUES(?,?,?,?,?,?,?,?,?)"
+            "INSERT OR REPLACE INTO processes(pid, kind, name, parent, namespace, priority, weight, limits,"
+            " started_at_ms, state) VALUES(?,?,?,?,?,?,?,?,?,?)"
         )
         self._write(sql, row, durable)
 
@@ -237,8 +241,8 @@ class Store:
 
 def _record(row: tuple) -> ProcessRecord:
     return ProcessRecord(
-        pid=row[0], kind=row[1], name=row[2], parent=row[3], namespace=row[4], priority=row[5],
-        limits=json.loads(row[6]), started_at_ms=row[7], state=row[8], exit_reason=row[9],
-        result=json.loads(row[10]) if row[10] is not None else None, error=row[11], ended_at_ms=row[12],
-        usage=json.loads(row[13]) if row[13] else None,
+        pid=row[0], kind=row[1], name=row[2], parent=row[3], namespace=row[4], priority=row[5], weight=row[6],
+        limits=json.loads(row[7]), started_at_ms=row[8], state=row[9], exit_reason=row[10],
+        result=json.loads(row[11]) if row[11] is not None else None, error=row[12], ended_at_ms=row[13],
+        usage=json.loads(row[14]) if row[14] else None,
     )

@@ -44,7 +44,8 @@ def message_pb(msg: Message) -> pb.Message:
 def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
     info = pb.ProcessInfo(
         pid=rec.pid, name=rec.name or "", parent=rec.parent, kind=pb.ProcessKind.Value(rec.kind),
-        state=pb.ProcessState.Value(rec.state), priority=rec.priority, limits=pb.Limits(**rec.limits),
+        state=pb.ProcessState.Value(rec.state), priority=rec.priority, weight=rec.weight,
+        limits=pb.Limits(**rec.limits),
         exit_reason=rec.exit_reason or "", error=rec.error or "", started_at_ms=rec.started_at_ms,
         ended_at_ms=rec.ended_at_ms or 0, blocked_on=blocked_on or "", namespace=rec.namespace,
     )
@@ -97,6 +98,7 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest, ctx: Any) -> pb.SpawnRespon
     lim = req.limits
     spec = SpawnSpec(
         args=_value(req.args) if req.HasField("args") else None, name=req.name or None, priority=req.priority,
+        weight=req.weight,
         limits=Limits(lim.cpu_ms, lim.wall_ms, lim.memory_bytes, lim.tokens, lim.mailbox),
         parent=req.parent, monitor=req.monitor,
     )
@@ -158,8 +160,13 @@ async def sys_monitor(k: Kernel, req: pb.MonitorRequest, ctx: Any) -> pb.Monitor
 
 
 async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest, ctx: Any) -> pb.SetPriorityResponse:
-    k.set_priority(_pid(req.pid), req.priority)
+    k.set_priority(_pid(req.pid), req.priority, req.weight)
     return pb.SetPriorityResponse()
+
+
+async def sys_read_log(k: Kernel, req: pb.ReadLogRequest, ctx: Any) -> pb.ReadLogResponse:
+    lines, next_offset, dropped = k.read_log(_pid(req.pid), req.offset)
+    return pb.ReadLogResponse(lines=lines, next_offset=next_offset, dropped=dropped)
 
 
 async def sys_list(k: Kernel, req: pb.ListProcessesRequest, ctx: Any) -> pb.ListProcessesResponse:
@@ -212,6 +219,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "Register": sys_register,
     "Monitor": sys_monitor,
     "SetPriority": sys_set_priority,
+    "ReadLog": sys_read_log,
     "ListProcesses": sys_list,
     "GetProcess": sys_get,
     "Events": sys_events,

@@ -84,6 +84,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.SetPriorityRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.SetPriorityResponse.FromString,
                 _registered_method=True)
+        self.ReadLog = channel.unary_unary(
+                '/llmos.v1.Kernel/ReadLog',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.FromString,
+                _registered_method=True)
         self.ListProcesses = channel.unary_unary(
                 '/llmos.v1.Kernel/ListProcesses',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ListProcessesRequest.SerializeToString,
@@ -168,7 +173,14 @@ class KernelServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetPriority(self, request, context):
-        """Changes a process's scheduling priority.
+        """Changes a process's scheduling priority and/or weight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadLog(self, request, context):
+        """Reads a process's log (print / sys.log lines, a Python program's output).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -245,6 +257,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.SetPriority,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.SetPriorityRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.SetPriorityResponse.SerializeToString,
+            ),
+            'ReadLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadLog,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.SerializeToString,
             ),
             'ListProcesses': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProcesses,
@@ -532,6 +549,33 @@ class Kernel:
             '/llmos.v1.Kernel/SetPriority',
             llmos_dot_v1_dot_kernel__pb2.SetPriorityRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.SetPriorityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ReadLog',
+            llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

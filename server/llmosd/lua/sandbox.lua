@@ -206,7 +206,9 @@ sys.kill = function(pid, reason) return check_result(bridge.kill(pid, reason)) e
 sys.register = function(name) return check_result(bridge.register(name)) end
 sys.monitor = function(pid) return check_result(bridge.monitor(pid)) end
 sys.whereis = function(name) return check_result(bridge.whereis(name)) end
-sys.set_priority = function(pid, priority) return check_result(bridge.set_priority(pid, priority)) end
+sys.set_priority = function(pid, priority, weight)
+  return check_result(bridge.set_priority(pid, priority, weight))
+end
 sys.info = function(pid) return check_result(bridge.info(pid or self_pid)) end
 sys.log = log
 sys.exit = function(value) syscall("exit", value) end
