@@ -1,0 +1,450 @@
+"""The Python SDK (llmos.Client, llmos.aio.Client) and the `llmos` CLI against a real llmosd over real gRPC.
+
+One server per module, listening on a Unix socket in a temporary directory; every test
+makes its own processes and ports, so the tests do not depend on each other.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterator
+
+import grpc
+import pytest
+
+import llmos
+from llmos import aio
+from llmos.errors import error_for
+
+ECHO = "local m = sys.recv{} ; sys.send(m.from, m.body, {tag = m.tag, correlation_id = m.correlation_id})"
+SPIN = "while true do end"
+START_TIMEOUT_S = 30.0
+CLI_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start `python -m llmosd` on a Unix socket; yield its target once it answers a ListProcesses call."""
+    tmp = tmp_path_factory.mktemp("sdk")
+    userland = tmp / "userland"
+    userland.mkdir()
+    (userland / "double.lua").write_text("return args * 2\n")
+    target = f"unix:{tmp}/k.sock"
+    log = open(tmp / "llmosd.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmosd", "--listen", target, "--data-dir", str(tmp / "data"),
+         "--userland-root", str(userland)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with llmos.Client(target, rpc_timeout=2.0) as probe:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"llmosd exited with {proc.returncode}: {(tmp / 'llmosd.log').read_text()}")
+                try:
+                    probe.ps()
+                    break
+                except llmos.Unavailable:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"llmosd did not answer within {START_TIMEOUT_S} s") from None
+                    time.sleep(0.05)
+        yield target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def k(server: str) -> Iterator[llmos.Client]:
+    with llmos.connect(server, rpc_timeout=10.0) as client:
+        yield client
+
+
+# -- SDK round trips --------------------------------------------------------------------------
+def test_echo_round_trip_through_a_port(k: llmos.Client) -> None:
+    echo = k.spawn(lua=ECHO)
+    port = k.open_port()
+    body = {"text": "héllo", "n": 3, "xs": [1, 2.5, None, True], "nested": {"ok": False}}
+    message_id = k.send(echo, body, sender=port, tag="greet", correlation_id="c-1")
+    assert isinstance(message_id, int) and message_id > 0
+
+    reply = k.recv(port, timeout=10)
+    assert isinstance(reply, llmos.Message)
+    assert (reply.sender, reply.to, reply.tag, reply.correlation_id) == (echo, port, "greet", "c-1")
+    assert reply.body == body
+    assert reply.sent_at_ms > 0
+
+    info = k.wait(echo, timeout=10)
+    assert info is not None and info.ok and info.ended
+    assert (info.pid, info.kind, info.state, info.exit_reason) == (echo, "LUA", "EXITED", "normal")
+    assert info.usage["messages_received"] == 1 and info.usage["messages_sent"] == 1
+    assert k.get(echo) == info
+
+
+def test_send_carries_bytes_and_reaches_registered_names(k: llmos.Client) -> None:
+    port = k.open_port(name="sdk-inbox")
+    k.send("sdk-inbox", None, tag="raw", data=b"\x00\xffbytes")
+    msg = k.recv(port, timeout=5)
+    assert msg is not None
+    assert (msg.body, msg.data, msg.sender, msg.tag) == (None, b"\x00\xffbytes", 0, "raw")
+
+    other = k.open_port()
+    k.register(other, "sdk-renamed")
+    assert [p.pid for p in k.ps(name="sdk-renamed")] == [other]
+    k.send("sdk-renamed", [1, 2], sender=port)
+    assert k.recv(other, sender=port, timeout=5).body == [1, 2]
+
+
+def test_recv_matches_filters_and_keeps_the_rest_in_order(k: llmos.Client) -> None:
+    port = k.open_port()
+    for i, tag in enumerate(["a", "b", "a", "b"]):
+        k.send(port, i, sender=port, tag=tag, correlation_id=f"c{i}")
+    assert k.recv(port, tag="b", timeout=5).body == 1
+    assert k.recv(port, correlation_id="c2", timeout=5).body == 2
+    assert k.recv(port, sender=port, timeout=5).body == 0
+    assert k.recv(port, tag="a", timeout=0) is None
+    assert k.recv(port, timeout=0).body == 3
+
+
+def test_recv_and_wait_time_out_with_none(k: llmos.Client) -> None:
+    port = k.open_port()
+    started = time.monotonic()
+    assert k.recv(port, timeout=0.2) is None
+    assert 0.15 <= time.monotonic() - started < 5
+    spinner = k.spawn(lua="sys.recv{}")
+    started = time.monotonic()
+    assert k.wait(spinner, timeout=0.2) is None
+    assert 0.15 <= time.monotonic() - started < 5
+    assert k.get(spinner).state == "BLOCKED"
+    assert k.kill(spinner)
+
+
+def test_kill_wait_and_get(k: llmos.Client) -> None:
+    pid = k.spawn(lua=SPIN, name="sdk-spinner", priority=3, limits={"memory_bytes": 32 << 20})
+    info = k.get(pid)
+    assert (info.name, info.priority, info.limits["memory_bytes"]) == ("sdk-spinner", 3, 32 << 20)
+    assert info.state in ("RUNNABLE", "RUNNING")
+    k.set_priority(pid, 7)
+    assert k.get(pid).priority == 7
+    assert k.kill(pid, reason="test over") is True
+    ended = k.wait(pid, timeout=10)
+    assert ended is not None
+    assert (ended.state, ended.exit_reason, ended.ok) == ("KILLED", "test over", False)
+    assert k.kill(pid) is False
+    assert k.ps(name="sdk-spinner") == []
+
+
+def test_spawn_args_path_parent_and_monitor(k: llmos.Client) -> None:
+    assert k.wait(k.spawn(path="double.lua", args=21), timeout=10).result == 42
+    port = k.open_port()
+    child = k.spawn(lua="return {got = args}", args={"k": [1]}, parent=port, monitor=True)
+    notice = k.recv(port, tag="EXIT", timeout=10)
+    assert notice is not None and notice.sender == child
+    assert notice.body["pid"] == child and notice.body["reason"] == "normal"
+    assert notice.body["result"] == {"got": {"k": [1]}}
+    assert k.get(child).parent == port
+
+
+def test_monitor_an_existing_process(k: llmos.Client) -> None:
+    port = k.open_port()
+    target = k.spawn(lua="sys.recv{} error('asked to crash')")
+    k.monitor(port, target)
+    k.send(target, "go")
+    notice = k.recv(port, tag="EXIT", timeout=10)
+    assert notice is not None and notice.body["state"] == "CRASHED"
+    assert "asked to crash" in notice.body["error"]
+
+
+def test_ps_filters(k: llmos.Client) -> None:
+    blocked = k.spawn(lua="sys.recv{}")
+    done = k.spawn(lua="return 1")
+    k.wait(done, timeout=10)
+    deadline = time.monotonic() + 10
+    while k.get(blocked).state != "BLOCKED" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    live = {p.pid: p for p in k.ps()}
+    assert blocked in live and done not in live
+    assert live[blocked].blocked_on == "recv"
+    assert blocked in {p.pid for p in k.ps(states=["BLOCKED"])}
+    assert blocked not in {p.pid for p in k.ps(states="exited", include_ended=True)}
+    assert done in {p.pid for p in k.ps(include_ended=True)}
+    with pytest.raises(llmos.InvalidArgument, match="unknown state"):
+        k.ps(states=["SLEEPING"])
+    k.kill(blocked)
+
+
+def test_run_returns_the_final_info(k: llmos.Client, tmp_path: pathlib.Path) -> None:
+    info = k.run("return {sum = args.a + args.b}", args={"a": 2, "b": 3}, timeout=10)
+    assert info.ok and info.result == {"sum": 5}
+    program = tmp_path / "prog.lua"
+    program.write_text("return 'from a file'")
+    assert k.run(program).result == "from a file"
+    assert k.run(str(program)).result == "from a file"
+    crashed = k.run("error('boom')", timeout=10)
+    assert crashed.state == "CRASHED" and "boom" in crashed.error and not crashed.ok
+
+
+def test_run_kills_a_program_past_its_timeout(k: llmos.Client) -> None:
+    started = time.monotonic()
+    info = k.run(SPIN, timeout=0.3)
+    assert (info.state, info.exit_reason) == ("KILLED", "timeout")
+    assert time.monotonic() - started < 10
+
+
+def test_events_stream_spawned_and_ended(k: llmos.Client) -> None:
+    events = k.events()
+    # A stream waits for events without limit; closing the client cancels it if the server never sends.
+    watchdog = threading.Timer(10.0, k.close)
+    watchdog.start()
+    try:
+        pid = k.spawn(lua="return 'done'")
+        seen = []
+        for event in events:
+            if event.process.pid == pid:
+                seen.append(event.kind)
+                if event.kind == "ended":
+                    assert event.process.result == "done" and event.at_ms > 0
+                    break
+        assert seen == ["spawned", "ended"]
+    finally:
+        watchdog.cancel()
+        events.close()
+
+
+def test_infer_answers_text_or_unimplemented(k: llmos.Client) -> None:
+    # Until the inference engine is wired in, the server says UNIMPLEMENTED; afterwards the call returns text.
+    try:
+        result = k.infer("Hello", max_tokens=4, temperature=0, seed=1, timeout=60)
+    except llmos.Unimplemented as e:
+        assert "inference" in e.message
+        with pytest.raises(llmos.Unimplemented):
+            list(k.infer("Hello", max_tokens=4, stream=True, timeout=60))
+        return
+    assert isinstance(result, llmos.InferResult)
+    assert result.finish_reason in ("stop", "length") and 0 < result.usage["completion_tokens"] <= 4
+    chunks = list(k.infer("Hello", max_tokens=4, temperature=0, seed=1, stream=True, timeout=60))
+    assert "".join(c.text for c in chunks) == result.text
+    assert chunks[-1].finish_reason == result.finish_reason
+
+
+# -- errors -------------------------------------------------------------------------------------
+def test_server_errors_map_to_exception_classes(k: llmos.Client) -> None:
+    missing = 10**12
+    for call in (lambda: k.get(missing), lambda: k.wait(missing, timeout=1), lambda: k.kill(missing),
+                 lambda: k.send(missing, 1), lambda: k.send("sdk-no-such-name", 1), lambda: k.recv(missing, timeout=0)):
+        with pytest.raises(llmos.NotFound) as caught:
+            call()
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+    with pytest.raises(llmos.InvalidArgument, match="syntax") as caught:
+        k.spawn(lua="local = 1")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    k.open_port(name="sdk-taken")
+    with pytest.raises(llmos.AlreadyExists):
+        k.open_port(name="sdk-taken")
+    with pytest.raises(llmos.AlreadyExists):
+        k.spawn(lua="return 1", name="sdk-taken")
+
+    small = k.open_port(mailbox=1)
+    k.send(small, 1)
+    with pytest.raises(llmos.ResourceExhausted):
+        k.send(small, 2)
+
+    ended = k.spawn(lua="return 1")
+    k.wait(ended, timeout=10)
+    with pytest.raises(llmos.FailedPrecondition):
+        k.send(small, 3, sender=ended)
+    with pytest.raises(llmos.NotFound):
+        k.spawn(path="no-such-program.lua")
+
+
+def test_python_program_gets_the_servers_answer(k: llmos.Client) -> None:
+    try:
+        pid = k.spawn(python="print('hi')")
+    except llmos.LlmosError as e:
+        # the server has no Python userland yet and says so
+        assert isinstance(e, llmos.Unimplemented) and "Python" in e.message
+        return
+    assert k.wait(pid, timeout=30) is not None
+
+
+def test_arguments_checked_before_any_rpc(k: llmos.Client) -> None:
+    with pytest.raises(llmos.InvalidArgument, match="exactly one program"):
+        k.spawn(lua="return 1", path="x.lua")
+    with pytest.raises(llmos.InvalidArgument, match="exactly one program"):
+        k.spawn()
+    with pytest.raises(llmos.InvalidArgument, match="JSON"):
+        k.send(1, {"not json": object()})
+    with pytest.raises(llmos.InvalidArgument, match="timeout"):
+        k.recv(1, timeout=-1)
+    with pytest.raises(llmos.InvalidArgument, match="limits"):
+        k.spawn(lua="return 1", limits={"cpu_seconds": 1})
+    with pytest.raises(ValueError):  # InvalidArgument is a ValueError too
+        k.send(1.5, 1)  # type: ignore[arg-type]
+
+
+def test_unreachable_server_is_unavailable(tmp_path: pathlib.Path) -> None:
+    with llmos.Client(f"unix:{tmp_path}/nobody.sock", rpc_timeout=5) as client:
+        with pytest.raises(llmos.Unavailable) as caught:
+            client.ps()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_every_status_code_has_its_class() -> None:
+    for code in grpc.StatusCode:
+        if code == grpc.StatusCode.OK:
+            continue
+        err = error_for(code, "why")
+        assert isinstance(err, llmos.LlmosError) and type(err) is not llmos.LlmosError
+        assert err.code == code and err.message == "why"
+        assert type(err).__name__.upper() == code.name.replace("_", "")
+
+
+# -- asyncio ------------------------------------------------------------------------------------
+def test_aio_client_has_the_same_api(server: str) -> None:
+    async def scenario() -> None:
+        async with aio.connect(server, rpc_timeout=10) as ak:
+            echo = await ak.spawn(lua=ECHO)
+            port = await ak.open_port()
+            await ak.send(echo, {"x": 1}, sender=port, tag="t")
+            reply = await ak.recv(port, timeout=10)
+            assert reply is not None and (reply.body, reply.tag, reply.sender) == ({"x": 1}, "t", echo)
+            assert (await ak.wait(echo, timeout=10)).ok
+            assert await ak.recv(port, timeout=0.1) is None
+            assert (await ak.run("return args + 1", args=1)).result == 2
+            with pytest.raises(llmos.NotFound):
+                await ak.get(10**12)
+
+            events = ak.events()
+            pid = await ak.spawn(lua="return 0")
+
+            async def ended() -> llmos.Event:
+                async for event in events:
+                    if event.process.pid == pid and event.kind == "ended":
+                        return event
+                raise AssertionError("event stream ended")
+
+            assert (await asyncio.wait_for(ended(), 10)).process.state == "EXITED"
+            await events.aclose()
+
+            waits = [ak.wait(await ak.spawn(lua=f"return {i}"), timeout=10) for i in range(5)]
+            assert [info.result for info in await asyncio.gather(*waits)] == list(range(5))
+
+    asyncio.run(scenario())
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+def llmos_cli(server: str, *args: str, env_server: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("LLMOS_SERVER", None)
+    if env_server:
+        env["LLMOS_SERVER"] = server
+        argv = list(args)
+    else:
+        argv = ["--server", server, *args]
+    return subprocess.run([sys.executable, "-m", "llmos.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=CLI_TIMEOUT_S)
+
+
+def test_cli_run_prints_the_result(server: str, tmp_path: pathlib.Path) -> None:
+    program = tmp_path / "add.lua"
+    program.write_text("return {sum = args.a + args.b, who = 'lua'}")
+    done = llmos_cli(server, "run", str(program), "--args", '{"a": 1, "b": 2}', "--timeout", "10")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"sum": 3, "who": "lua"}
+
+
+def test_cli_run_of_a_crashing_program_fails(server: str, tmp_path: pathlib.Path) -> None:
+    program = tmp_path / "crash.lua"
+    program.write_text("error('kaboom')")
+    done = llmos_cli(server, "run", str(program))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("llmos: CRASHED: ") and "kaboom" in done.stderr
+
+    program.write_text("while true do end")
+    done = llmos_cli(server, "run", str(program), "--timeout", "0.2")
+    assert done.returncode == 1 and "llmos: KILLED:" in done.stderr and "timeout" in done.stderr
+
+
+def test_cli_spawn_send_recv_wait_kill_ps(server: str, tmp_path: pathlib.Path) -> None:
+    port = llmos_cli(server, "port", "--name", "cli-inbox", env_server=True)
+    assert port.returncode == 0, port.stderr
+    port_pid = int(port.stdout)
+    spawned = llmos_cli(server, "spawn", "--lua", ECHO, "--name", "cli-echo", "--priority", "2")
+    assert spawned.returncode == 0, spawned.stderr
+    echo = int(spawned.stdout)
+
+    table = llmos_cli(server, "ps")
+    assert table.returncode == 0
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["PID", "NAME", "KIND", "STATE", "PRIO", "CPU_MS", "MSGS", "MAILBOX"]
+    by_pid = {row.split()[0]: row.split() for row in rows}
+    assert by_pid[str(echo)][1:3] == ["cli-echo", "LUA"] and by_pid[str(echo)][4] == "2"
+    assert by_pid[str(port_pid)][1:3] == ["cli-inbox", "PORT"]
+
+    sent = llmos_cli(server, "send", "cli-echo", '{"q": [1, 2]}', "--from", str(port_pid), "--tag", "ask",
+                     "--correlation-id", "c9")
+    assert sent.returncode == 0 and int(sent.stdout) > 0
+    got = llmos_cli(server, "recv", str(port_pid), "--tag", "ask", "--timeout", "10")
+    assert got.returncode == 0, got.stderr
+    msg = json.loads(got.stdout)
+    assert (msg["from"], msg["body"], msg["correlation_id"]) == (echo, {"q": [1, 2]}, "c9")
+
+    waited = llmos_cli(server, "wait", str(echo), "--timeout", "10")
+    assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "EXITED"
+    assert str(echo) not in {row.split()[0] for row in llmos_cli(server, "ps").stdout.splitlines()[1:]}
+    assert str(echo) in {row.split()[0] for row in llmos_cli(server, "ps", "--all").stdout.splitlines()[1:]}
+
+    program = tmp_path / "wait.lua"
+    program.write_text("sys.recv{}")
+    blocked = int(llmos_cli(server, "spawn", str(program)).stdout)
+    timed_out = llmos_cli(server, "recv", str(port_pid), "--timeout", "0.1")
+    assert timed_out.returncode == 1 and timed_out.stderr.startswith("llmos: DEADLINE_EXCEEDED:")
+    assert llmos_cli(server, "kill", str(blocked), "--reason", "cli").stdout.strip() == "killed"
+    assert llmos_cli(server, "kill", str(blocked)).stdout.strip() == "already ended"
+    killed = llmos_cli(server, "wait", str(blocked))
+    assert killed.returncode == 1 and json.loads(killed.stdout)["exit_reason"] == "cli"
+
+
+def test_cli_reports_errors_clearly(server: str, tmp_path: pathlib.Path) -> None:
+    unknown = llmos_cli(server, "wait", "999999999")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("llmos: NOT_FOUND: ")
+
+    bad_json = llmos_cli(server, "send", "1", "{oops")
+    assert bad_json.returncode == 2 and bad_json.stderr.startswith("llmos: INVALID_ARGUMENT: ")
+    assert "not valid JSON" in bad_json.stderr
+
+    missing = llmos_cli(server, "run", str(tmp_path / "absent.lua"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+    syntax = llmos_cli(server, "spawn", "--lua", "x =")
+    assert syntax.returncode == 1 and syntax.stderr.startswith("llmos: INVALID_ARGUMENT: ")
+
+    bad_pid = llmos_cli(server, "kill", "abc")
+    assert bad_pid.returncode == 2 and "positive integer" in bad_pid.stderr
+
+    nobody = llmos_cli(f"unix:{tmp_path}/nobody.sock", "ps")
+    assert nobody.returncode == 1 and nobody.stderr.startswith("llmos: UNAVAILABLE: ")
+    assert "is llmosd running" in nobody.stderr
+
+
+def test_cli_infer_streams_or_says_unimplemented(server: str) -> None:
+    done = llmos_cli(server, "infer", "Hello", "--max-tokens", "4", "--temperature", "0", "--seed", "1")
+    if done.returncode == 0:
+        assert done.stdout.endswith("\n") and done.stderr == ""
+    else:
+        assert done.returncode == 1 and done.stderr.startswith("llmos: UNIMPLEMENTED: ")
