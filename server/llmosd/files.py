@@ -758,8 +758,13 @@ class FileStore:
             except FileNotFoundError:
                 return fd, comps[i:]
             except OSError as e:
-                os.close(fd)
-                raise _os_error(e, vpath) from None
+                try:
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                        # Say why: a link or special file is refused as such.
+                        self._lstat(fd, comp, vpath)
+                    raise _os_error(e, vpath) from None
+                finally:
+                    os.close(fd)
             os.close(fd)
             fd = nxt
         return fd, ()

@@ -6,6 +6,7 @@ only for bookkeeping, never while program code runs or an RPC waits.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -64,6 +65,7 @@ class SpawnSpec:
     limits: Limits = field(default_factory=Limits)
     parent: int = 0
     monitor: bool = False
+    log_to_server: bool = False  # also write the process's log lines to the server's log (boot programs)
 
 
 class LuaWaiter(Waiter):
@@ -157,6 +159,7 @@ class Kernel:
             proc = self._new_process(pid, kind, spec.parent, spec.priority, limits, "default")
             proc.program, proc.program_name, proc.args = source, program_name, spec.args
             proc.weight = _check_weight(spec.weight or DEFAULT_WEIGHT)
+            proc.log_to_server = spec.log_to_server
             if spec.name:
                 proc.name = spec.name
                 self.names[spec.name] = pid
@@ -430,6 +433,8 @@ class Kernel:
                 except ResourceExhausted:
                     log.warning("EXIT notice of pid %d to full mailbox of pid %d dropped", proc.pid, watcher)
         proc.runtime = None
+        if proc.log_to_server:
+            log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
         self._emit("ended", rec)
 
     # -- names, monitors, priorities -------------------------------------------------------
@@ -539,7 +544,7 @@ class Kernel:
             extra = len(proc.log) - MAX_LOG_LINES
             del proc.log[:extra]
             proc.log_dropped += extra
-        log.debug("pid %d: %s", proc.pid, line)
+        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line)
 
     def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
         """(lines from `offset` on, next offset, lines dropped before offset)."""

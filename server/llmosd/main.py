@@ -77,7 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"llmosd: listening on {where}", flush=True)
     for path in args.spawn:
         try:
-            pid = kernel.spawn(SpawnSpec(path=path))
+            pid = kernel.spawn(SpawnSpec(path=path, log_to_server=True))
             print(f"llmosd: spawned {path} as pid {pid}", flush=True)
         except KernelError as e:
             print(f"llmosd: cannot spawn {path}: {e}", file=sys.stderr, flush=True)

@@ -83,6 +83,7 @@ class Process:
     tokens: int = 0
     log: list[str] = field(default_factory=list)
     log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
+    log_to_server: bool = False
 
     @property
     def ended(self) -> bool:
