@@ -520,8 +520,9 @@ class FileStore:
             os.close(fd)
 
     def list(self, namespace: str, path: str = "") -> list[FileInfo]:
-        """The files and directories in a directory, by name. Anything else the
-        host may have put there (links, FIFOs) is not shown."""
+        """The files and directories in a directory, by name. What the store
+        refuses to open (links, FIFOs, hard-linked files put there on the host)
+        is not shown."""
         parts = normalize(path)
         vpath = "/".join(parts)
         fd = self._open_dir(namespace, parts, vpath)
@@ -529,12 +530,13 @@ class FileStore:
             out = []
             with os.scandir(fd) as entries:
                 for entry in entries:
+                    path = f"{vpath}/{entry.name}" if vpath else entry.name
                     try:
                         s = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:  # deleted while we looked
+                        _check_entry(s, path)
+                    except (FileNotFoundError, InvalidArgument):  # deleted while we looked; not usable
                         continue
-                    if st.S_ISDIR(s.st_mode) or st.S_ISREG(s.st_mode):
-                        out.append(_info(f"{vpath}/{entry.name}" if vpath else entry.name, s))
+                    out.append(_info(path, s))
             out.sort(key=lambda i: i.path)
             return out
         finally:
@@ -746,6 +748,10 @@ class FileStore:
                     pass
                 return os.open(name, _DIR_FLAGS, dir_fd=self._trees)
         except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise InvalidArgument(
+                    f"the file tree of namespace {namespace!r} is not a directory (a link put there on the host?)"
+                ) from None
             raise _os_error(e, "") from None
 
     def _descend(self, fd: int, comps: tuple[str, ...], vpath: str) -> tuple[int, tuple[str, ...]]:
