@@ -100,6 +100,7 @@ def test_send_carries_bytes_and_reaches_registered_names(k: llmos.Client) -> Non
     msg = k.recv(port, timeout=5)
     assert msg is not None
     assert (msg.body, msg.data, msg.sender, msg.tag) == (None, b"\x00\xffbytes", 0, "raw")
+    assert msg.to_json()["data"] == "AP9ieXRlcw=="
 
     other = k.open_port()
     k.register(other, "sdk-renamed")
@@ -302,6 +303,15 @@ def test_unreachable_server_is_unavailable(tmp_path: pathlib.Path) -> None:
         with pytest.raises(llmos.Unavailable) as caught:
             client.ps()
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_target_defaults_to_llmos_server_env(monkeypatch: pytest.MonkeyPatch, server: str) -> None:
+    monkeypatch.setenv("LLMOS_SERVER", server)
+    with llmos.Client() as client:
+        assert client.target == server
+        assert isinstance(client.ps(), list)
+    monkeypatch.delenv("LLMOS_SERVER")
+    assert llmos.default_target() == "127.0.0.1:50051"
 
 
 def test_every_status_code_has_its_class() -> None:

@@ -13,6 +13,7 @@ out a call, so both speak exactly the same API.
 """
 from __future__ import annotations
 
+import base64
 import functools
 import math
 import os
@@ -55,12 +56,12 @@ class Message:
     sent_at_ms: int
 
     def to_json(self) -> dict[str, JSON]:
-        """A JSON-ready dict (``from`` as in the proto; ``data`` as latin-1 text only when present)."""
+        """A JSON-ready dict as in the proto's JSON mapping: ``from`` for the sender, ``data`` (when present) base64."""
         out: dict[str, JSON] = {"id": self.id, "from": self.sender, "to": self.to, "tag": self.tag,
                                 "body": self.body, "correlation_id": self.correlation_id,
                                 "sent_at_ms": self.sent_at_ms}
         if self.data:
-            out["data"] = self.data.decode("latin-1")
+            out["data"] = base64.b64encode(self.data).decode("ascii")
         return out
 
 
