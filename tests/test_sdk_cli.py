@@ -302,7 +302,9 @@ def test_unreachable_server_is_unavailable(tmp_path: pathlib.Path) -> None:
     with llmos.Client(f"unix:{tmp_path}/nobody.sock", rpc_timeout=5) as client:
         with pytest.raises(llmos.Unavailable) as caught:
             client.ps()
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(llmos.Unavailable, match="within 0.2 s"):
+            client.wait_ready(0.2)
 
 
 def test_target_defaults_to_llmos_server_env(monkeypatch: pytest.MonkeyPatch, server: str) -> None:
@@ -328,6 +330,7 @@ def test_every_status_code_has_its_class() -> None:
 def test_aio_client_has_the_same_api(server: str) -> None:
     async def scenario() -> None:
         async with aio.connect(server, rpc_timeout=10) as ak:
+            await ak.wait_ready(5)
             echo = await ak.spawn(lua=ECHO)
             port = await ak.open_port()
             await ak.send(echo, {"x": 1}, sender=port, tag="t")

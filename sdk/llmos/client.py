@@ -208,13 +208,17 @@ def syscall(plan: Callable[P, Plan[T]]) -> Callable[P, T]:
     return method
 
 
+def _invalid(message: str) -> InvalidArgument:
+    """An InvalidArgument for an argument the SDK refuses before sending anything."""
+    return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 def _timeout_ms(timeout: float | None) -> int | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0 \
             or math.isinf(timeout):
-        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"timeout must be a finite number of seconds >= 0, or None to wait without limit; "
+        raise _invalid(f"timeout must be a finite number of seconds >= 0, or None to wait without limit; "
                               f"got {timeout!r}")
     return round(timeout * 1000)
 
@@ -227,14 +231,14 @@ def _value(obj: JSON, what: str) -> Any:
     try:
         return to_value(obj)
     except (TypeError, ValueError) as e:
-        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is not JSON-shaped: {e}") from None
+        raise _invalid(f"{what} is not JSON-shaped: {e}") from None
 
 
 def _message(cls: type, what: str, fields: Mapping[str, Any]) -> Any:
     try:
         return cls(**fields)
     except (TypeError, ValueError) as e:
-        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"bad {what}: {e}") from None
+        raise _invalid(f"bad {what}: {e}") from None
 
 
 def _lua_program(program: str | os.PathLike) -> str:
@@ -267,8 +271,7 @@ class Syscalls:
                     priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool) -> Unary:
         programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
         if len(programs) != 1:
-            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
-                                  "give exactly one program: lua (source), python (source) or path")
+            raise _invalid("give exactly one program: lua (source), python (source) or path")
         request = _message(pb.SpawnRequest, "spawn request", dict(
             programs, name=name or "", priority=priority, parent=parent, monitor=monitor,
             limits=_message(pb.Limits, "limits", limits or {})))
@@ -310,8 +313,7 @@ class Syscalls:
         elif isinstance(to, int) and not isinstance(to, bool):
             request.to = to
         else:
-            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"to must be a pid (int) or a registered name (str), not {type(to).__name__}")
+            raise _invalid(f"to must be a pid (int) or a registered name (str), not {type(to).__name__}")
         if body is not None:
             request.body.CopyFrom(_value(body, "body"))
         reply = yield self._unary("Send", request)
@@ -377,8 +379,7 @@ class Syscalls:
             codes = [pb.ProcessState.Value(s.upper()) for s in wanted]
         except ValueError:
             known = ", ".join(n for n in pb.ProcessState.keys() if n != "PROCESS_STATE_UNSPECIFIED")
-            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"unknown state in {wanted!r}; states are {known}") from None
+            raise _invalid(f"unknown state in {wanted!r}; states are {known}") from None
         request = pb.ListProcessesRequest(states=codes, name=name or "", parent=parent, include_ended=include_ended)
         reply = yield self._unary("ListProcesses", request)
         return [process_from_pb(p) for p in reply.processes]
@@ -433,7 +434,7 @@ class Syscalls:
         options = dict(name=None, priority=0, limits=None, parent=0, monitor=False)
         unknown = set(spawn_options) - set(options)
         if unknown:
-            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"unknown spawn option(s) {sorted(unknown)}")
+            raise _invalid(f"unknown spawn option(s) {sorted(unknown)}")
         options.update(spawn_options)
         spawned = yield self._spawn_call(_lua_program(program), None, None, args, **options)
         reply = yield self._wait_call(spawned.pid, timeout)
