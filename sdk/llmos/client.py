@@ -219,7 +219,7 @@ def _timeout_ms(timeout: float | None) -> int | None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0 \
             or math.isinf(timeout):
         raise _invalid(f"timeout must be a finite number of seconds >= 0, or None to wait without limit; "
-                              f"got {timeout!r}")
+                       f"got {timeout!r}")
     return round(timeout * 1000)
 
 
