@@ -253,8 +253,8 @@ class SyncTable:
             self._forget_if_unused(entry.key, lock)
 
     def _forget_if_unused(self, key: Key, lock: _Lock) -> None:
-        # Identity check: a handover may find its lock forgotten already (it had
-        # only stale waiters), and a newer lock may have taken the name since.
+        # Identity check: a handover whose queue held only stale waiters has had
+        # its lock forgotten already, when the last of them left.
         if not lock.holders and not lock.queue and self._locks.get(key) is lock:
             del self._locks[key]
 
