@@ -1,0 +1,44 @@
+"""llmosd.engine: the inference engine, usable without gRPC.
+
+A Llama-family decoder (Llama, Mistral, Qwen2) on a paged KV cache with prefix caching, driven by
+an iteration-level scheduler with continuous batching and priority/round-robin preemption.
+
+    from llmosd.engine import Engine, EngineConfig, Request
+
+    engine = Engine(EngineConfig(model="tiny", device="cpu", dtype="float32", kv_memory_bytes=64 << 20,
+                                 max_batch=32, max_step_tokens=1024, token_quantum=256))
+    engine.start()                              # the step loop runs on a daemon thread
+    handle = engine.submit(Request(prompt="hi", max_tokens=16, owner=pid), on_event=callback)
+    handle.cancel()                             # blocks freed, FinishEvent("cancelled") within a step
+    text, ids, reason, usage = engine.generate(Request(messages=[{"role": "user", "content": "hi"}]))
+    engine.kv_blocks_used(pid); engine.stats(); engine.stop()
+    engine.tokenizer; engine.model_config; engine.max_context
+
+Threading: submit/generate/cancel/kv_blocks_used/stats may be called from any thread. submit
+validates synchronously and raises InvalidRequest (a ValueError) with the reason. on_event runs on
+the engine thread and must not block (from asyncio: loop.call_soon_threadsafe(queue.put_nowait,
+event)): TokenEvent(text_delta, token_ids)... then exactly one FinishEvent(reason, usage,
+text_delta, error), reason in stop | length | cancelled | error. A callback that raises fails only
+its own request; so does a forward pass that fails for one sequence. Without start(), step() (or
+handle.result()) drives the engine in the caller's thread.
+"""
+from .config import EngineConfig, ModelConfig
+from .engine import Completion, Engine, EngineError, RequestHandle
+from .loader import load_model
+from .sequence import Event, FinishEvent, InvalidRequest, Request, TokenEvent, Usage
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "Event",
+    "FinishEvent",
+    "InvalidRequest",
+    "ModelConfig",
+    "Request",
+    "RequestHandle",
+    "TokenEvent",
+    "Usage",
+    "load_model",
+]

@@ -1,0 +1,339 @@
+"""The engine: validates requests, runs the step loop on its own thread, delivers events."""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Callable, NamedTuple
+
+import torch
+
+from .attention import select_backend
+from .block_manager import BlockManager
+from .config import EngineConfig, ModelConfig
+from .kv_cache import KVCache
+from .loader import DTYPES, load_model
+from .runner import ModelRunner
+from .sampling import OutputText, sample
+from .scheduler import Scheduler
+from .sequence import Event, FinishEvent, InvalidRequest, Request, Sequence, TokenEvent, check_sampling
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (FinishEvent reason "error")."""
+
+
+class Completion(NamedTuple):
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: object  # sequence.Usage
+
+
+class RequestHandle:
+    """A submitted request: cancel it, or wait for its whole result."""
+
+    def __init__(self, engine: "Engine", seq: Sequence, on_event: Callable[[Event], None] | None) -> None:
+        self._engine, self._seq, self._user_callback = engine, seq, on_event
+        self._text: list[str] = []
+        self._ids: list[int] = []
+        self._finish: FinishEvent | None = None
+        self._done = threading.Event()
+
+    @property
+    def id(self) -> int:
+        return self._seq.id
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            self._text.append(event.text_delta)
+            self._ids.extend(event.token_ids)
+        else:
+            self._text.append(event.text_delta)
+            self._finish = event
+            self._done.set()
+        if self._user_callback is not None:
+            self._user_callback(event)
+
+    def cancel(self) -> None:
+        """Stop the request; its blocks are freed and its FinishEvent("cancelled") sent within one step."""
+        self._engine._cancel(self._seq, "cancelled")
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the end (driving the engine in this thread if it was not started)."""
+        if not self._engine.running:
+            while not self._done.is_set():
+                self._engine.step()
+        elif not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still running after {timeout}s")
+        assert self._finish is not None
+        if self._finish.reason == "error":
+            raise EngineError(self._finish.error)
+        return Completion("".join(self._text), list(self._ids), self._finish.reason, self._finish.usage)
+
+
+class Engine:
+    """See the package docstring for the API and the threading contract."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        loaded = load_model(config.model, config.device, config.dtype, config.seed)
+        self.model_config: ModelConfig = loaded.config
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.defaults = loaded.generation_defaults
+        device = torch.device(config.device)
+        self.kv = KVCache.allocate(self.model_config, config.kv_memory_bytes, config.block_size, device, DTYPES[config.dtype])
+        self.backend = select_backend(device)
+        self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.blocks, config.max_batch, config.max_step_tokens, config.token_quantum, config.aging_steps
+        )
+        self.runner = ModelRunner(loaded.model, self.kv, self.backend)
+        self.max_context = min(self.model_config.max_position_embeddings, config.max_context or math.inf)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self._lock = threading.Condition()
+        self._incoming: list[Sequence] = []
+        self._next_id = 1
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.generated_tokens = 0
+        log.info(
+            "engine: %s (%s) on %s %s, %d KV blocks of %d tokens, attention %s",
+            config.model, self.model_config.architecture, config.device, config.dtype,
+            self.kv.num_blocks, config.block_size, self.backend.name,
+        )
+
+    # ---- the public API -------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run the step loop on a background (daemon) thread."""
+        if self.running:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llmosd-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still live finish with reason "cancelled"."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            leftover, self._incoming = self.scheduler.seqs + self._incoming, []
+        for seq in leftover:
+            self._finish(seq, "cancelled", error="engine stopped")
+
+    def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> RequestHandle:
+        """Validate (raising InvalidRequest) and queue a request. on_event(event) is called on the
+        engine thread: TokenEvents, then exactly one FinishEvent. It must not block."""
+        prompt_ids = self._prompt_ids(request)
+        temperature = self.defaults["temperature"] if request.temperature is None else request.temperature
+        top_p = self.defaults["top_p"] if request.top_p is None else request.top_p
+        top_k = self.defaults["top_k"] if request.top_k is None else request.top_k
+        check_sampling(temperature, top_p, top_k)
+        if not isinstance(request.stop, list) or not all(isinstance(s, str) and s for s in request.stop):
+            raise InvalidRequest("stop must be a list of non-empty strings")
+        # A request must fit the context and the whole KV pool, or it could never finish.
+        limit = min(self.max_context, self.kv.num_blocks * self.kv.block_size)
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens leaves no room in a context of {limit} tokens")
+        max_tokens = limit - len(prompt_ids) if request.max_tokens is None else request.max_tokens
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+        if len(prompt_ids) + max_tokens > limit:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context length ({limit})"
+            )
+        if not isinstance(request.priority, int) or not isinstance(request.owner, int):
+            raise InvalidRequest("priority and owner must be integers")
+        if request.deadline is not None and not (isinstance(request.deadline, (int, float)) and math.isfinite(request.deadline)):
+            raise InvalidRequest(f"deadline must be a finite time.monotonic() value, got {request.deadline!r}")
+        generator = torch.Generator()
+        if request.seed is None:
+            generator.seed()
+        elif isinstance(request.seed, int):
+            generator.manual_seed(request.seed)
+        else:
+            raise InvalidRequest(f"seed must be an integer, got {request.seed!r}")
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("engine is stopped")
+            seq_id, self._next_id = self._next_id, self._next_id + 1
+            seq = Sequence(
+                id=seq_id,
+                request=request,
+                token_ids=list(prompt_ids),
+                num_prompt=len(prompt_ids),
+                max_tokens=max_tokens,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
+                generator=generator,
+                output=OutputText(IncrementalDetokenizer(self.tokenizer, prompt_ids), list(request.stop)),
+                on_event=lambda e: None,
+                ticket=self.scheduler.next_ticket(),
+            )
+            handle = RequestHandle(self, seq, on_event)
+            seq.on_event = handle._on_event
+            self._incoming.append(seq)
+            self._lock.notify_all()
+        return handle
+
+    def generate(self, request: Request, timeout: float | None = None) -> Completion:
+        """Submit and wait: (text, token_ids, finish_reason, usage)."""
+        return self.submit(request).result(timeout)
+
+    def kv_blocks_used(self, owner: int) -> int:
+        """KV blocks held by the owner's live requests (shared prefix blocks count for each owner)."""
+        return self.blocks.used_by(owner)
+
+    def stats(self) -> dict[str, int | str]:
+        """Counters and gauges, read without stopping the loop (so only approximately consistent)."""
+        sch = self.scheduler
+        return {
+            "backend": self.backend.name,
+            "steps": self.steps,
+            "running": sum(1 for s in sch.seqs if s.scheduled),
+            "waiting": sum(1 for s in sch.seqs if not s.scheduled) + len(self._incoming),
+            "generated_tokens": self.generated_tokens,
+            "tokens_computed": sch.tokens_computed,
+            "prompt_tokens_computed": sch.prompt_tokens_computed,
+            "preemptions": sch.preemptions,
+            "evictions": sch.evictions,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_block_size": self.blocks.block_size,
+        }
+
+    def step(self) -> bool:
+        """One iteration: admit, drop cancelled/expired, schedule, forward, sample, deliver.
+        Called by the loop thread; callable directly when the engine is not started. Returns
+        whether any work was done."""
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        for seq in incoming:
+            self.scheduler.add(seq)
+        now = time.monotonic()
+        for seq in list(self.scheduler.seqs):
+            if seq.cancel_reason is not None:
+                reason = "error" if seq.cancel_reason.startswith("error") else "cancelled"
+                self._finish(seq, reason, error=None if reason == "cancelled" else seq.cancel_reason)
+            elif seq.request.deadline is not None and now >= seq.request.deadline:
+                self._finish(seq, "cancelled", error="deadline exceeded")
+        batch = self.scheduler.schedule()
+        if not batch:
+            return bool(incoming)
+        self.steps += 1
+        self._run(batch)
+        return True
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _prompt_ids(self, request: Request) -> list[int]:
+        given = [name for name in ("prompt", "messages", "prompt_ids") if getattr(request, name) is not None]
+        if len(given) != 1:
+            raise InvalidRequest("give exactly one of prompt, messages, prompt_ids")
+        if request.prompt is not None:
+            if not isinstance(request.prompt, str) or not request.prompt:
+                raise InvalidRequest("empty prompt")
+            return self.tokenizer.encode(request.prompt)
+        if request.messages is not None:
+            return self.tokenizer.apply_chat_template(request.messages)
+        ids = request.prompt_ids
+        if not isinstance(ids, list) or not ids:
+            raise InvalidRequest("empty prompt")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise InvalidRequest(f"prompt_ids must be token ids in [0, {vocab})")
+        return list(ids)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._incoming and not self.scheduler.seqs:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                if not self.step():
+                    # Everything live is blocked (nothing fits yet): do not spin hot.
+                    with self._lock:
+                        self._lock.wait(0.005)
+            except Exception:  # a bug in the loop must not kill the engine for everyone
+                log.exception("engine step failed")
+
+    def _cancel(self, seq: Sequence, reason: str) -> None:
+        if seq.cancel_reason is None:
+            seq.cancel_reason = reason
+        with self._lock:
+            self._lock.notify_all()
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Forward and sample a batch; if that fails, retry its sequences alone so that only the
+        ones that fail by themselves are finished with an error."""
+        try:
+            ready, logits = self.runner.run(batch)
+            tokens = sample(logits, [(s.temperature, s.top_p, s.top_k, s.generator) for s in ready])
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("request %d failed", batch[0][0].id)
+                self._finish(batch[0][0], "error", error=f"{type(exc).__name__}: {exc}")
+                return
+            log.exception("step of %d sequences failed; retrying them one at a time", len(batch))
+            for item in batch:
+                self._run([item])
+            return
+        ready_set = set(ready)
+        for seq, n in batch:
+            self.scheduler.complete(seq, n, seq in ready_set)
+        for seq, token in zip(ready, tokens):
+            self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        self.generated_tokens += 1
+        reason, stop_string = None, False
+        if token in self.eos_token_ids and not seq.request.ignore_eos:
+            delta, reason = "", "stop"
+        else:
+            delta, stop_string = seq.output.push(token)
+            reason = "stop" if stop_string else None
+        if reason is None and seq.num_generated >= seq.max_tokens:
+            reason = "length"
+        self._emit(seq, TokenEvent(delta, [token]))
+        if reason is not None:
+            # Text held back for a possible stop string is output unless a stop string did match.
+            self._finish(seq, reason, text="" if stop_string else seq.output.flush())
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.on_event(event)
+        except Exception as exc:
+            log.exception("event callback of request %d raised", seq.id)
+            if seq.cancel_reason is None:
+                seq.cancel_reason = f"error: event callback raised {type(exc).__name__}: {exc}"
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, text: str = "") -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq in self.scheduler.seqs:
+            self.scheduler.remove(seq)  # blocks are free before anyone hears of the finish
+        self._emit(seq, FinishEvent(reason, seq.usage(), text, error))

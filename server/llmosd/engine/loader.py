@@ -1,0 +1,124 @@
+"""Loading a model: a Hugging Face-style directory, or the built-in `tiny` model. Never the network."""
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from .config import ModelConfig
+from .model import CausalLM
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The built-in model: small enough to start anywhere in a moment; byte-level vocabulary.
+TINY_CONFIG = ModelConfig(
+    architecture="LlamaForCausalLM",
+    vocab_size=ByteTokenizer().vocab_size,
+    hidden_size=64,
+    intermediate_size=176,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    eos_token_ids=ByteTokenizer().eos_token_ids,
+    bos_token_id=ByteTokenizer().bos_token_id,
+)
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: CausalLM
+    tokenizer: Tokenizer
+    generation_defaults: dict[str, Any]  # temperature, top_p, top_k for requests that leave them unset
+
+
+def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random fp32 weights under HF names. Scales keep activations O(1) through the layers
+    and give peaked next-token distributions, so greedy decoding rarely meets near-ties."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv, inter = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
+    sd = {"model.embed_tokens.weight": normal(cfg.vocab_size, h, std=h**-0.25 if cfg.tie_word_embeddings else 1.0)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for name, out_f, in_f in (
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", inter, h),
+            ("mlp.up_proj", inter, h),
+            ("mlp.down_proj", h, inter),
+        ):
+            sd[p + name + ".weight"] = normal(out_f, in_f, std=in_f**-0.5)
+            biased = cfg.qkv_bias if name[-6:] in ("q_proj", "k_proj", "v_proj") else (
+                cfg.o_bias if name.endswith("o_proj") else cfg.mlp_bias
+            )
+            if biased:
+                sd[p + name + ".bias"] = normal(out_f, std=0.1)
+        sd[p + "input_layernorm.weight"] = 1 + normal(h, std=0.1)
+        sd[p + "post_attention_layernorm.weight"] = 1 + normal(h, std=0.1)
+    sd["model.norm.weight"] = 1 + normal(h, std=0.1)
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = normal(cfg.vocab_size, h, std=h**-0.5)
+    return sd
+
+
+def read_safetensors(path: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def generation_defaults(gen: dict[str, Any]) -> dict[str, Any]:
+    """Request defaults from generation_config.json, read as transformers' generate reads it."""
+    if not gen.get("do_sample", False):
+        return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    return {
+        "temperature": float(gen.get("temperature", 1.0)),
+        "top_p": float(gen.get("top_p", 1.0)),
+        "top_k": int(gen.get("top_k", 50)),
+    }
+
+
+def load_model(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32", seed: int = 0) -> LoadedModel:
+    """Build the model, tokenizer and defaults from "tiny" or a checkpoint directory."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    dev = torch.device(device)
+    if name_or_path == "tiny":
+        model = CausalLM(TINY_CONFIG, dev, DTYPES[dtype])
+        model.load_weights(random_state_dict(TINY_CONFIG, seed).items())
+        return LoadedModel(TINY_CONFIG, model.eval(), ByteTokenizer(), generation_defaults({}))
+    path = pathlib.Path(name_or_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'tiny' nor a directory with a config.json")
+    cfg = ModelConfig.from_dir(path)
+    model = CausalLM(cfg, dev, DTYPES[dtype])
+    model.load_weights(read_safetensors(path))
+    gen_path = path / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    tokenizer = HFTokenizer(path, cfg.eos_token_ids)
+    return LoadedModel(cfg, model.eval(), tokenizer, generation_defaults(gen))

@@ -1,0 +1,116 @@
+"""Iteration-level scheduling with continuous batching and preemption.
+
+Every step the live sequences are ordered by (effective priority desc, ticket asc) and taken in
+that order while they fit: at most `max_batch` sequences and `max_step_tokens` tokens (a decode
+is one token; a prefill takes a chunk of what is left of the budget). A sequence that needs KV
+blocks may take them from sequences *below* it in the order, which lose their cache and are
+recomputed when they run again; a sequence left out keeps its blocks otherwise.
+
+- Priority first: a more important prefill runs without less important work in its step, so a
+  high-priority arrival gets its first token after at most the step in flight.
+- Round robin within a priority: a sequence that has generated `token_quantum` tokens since it
+  last got a ticket takes a new one, behind everything already waiting.
+- No starvation: each `aging_steps` steps a ready sequence waits raise its effective priority by
+  one until its next quantum ends; within a priority, tickets only grow.
+"""
+from __future__ import annotations
+
+import itertools
+
+from .block_manager import BlockManager
+from .sequence import Sequence
+
+
+class Scheduler:
+    def __init__(
+        self, blocks: BlockManager, max_batch: int, max_step_tokens: int, token_quantum: int, aging_steps: int
+    ) -> None:
+        self.blocks = blocks
+        self.max_batch = max_batch
+        self.max_step_tokens = max_step_tokens
+        self.token_quantum = token_quantum
+        self.aging_steps = aging_steps
+        self.seqs: list[Sequence] = []
+        self._tickets = itertools.count()
+        self.preemptions = 0  # a running sequence left out of a step
+        self.evictions = 0  # a sequence's blocks taken for a more important one (it recomputes)
+        self.prompt_tokens_computed = 0
+        self.tokens_computed = 0
+
+    def next_ticket(self) -> int:
+        return next(self._tickets)
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a finished sequence and free its blocks at once."""
+        self.blocks.release(seq)
+        self.seqs.remove(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """Choose this step's sequences and how many of their pending tokens each processes."""
+        order = sorted(self.seqs, key=lambda s: (-s.effective_priority, s.ticket))
+        batch: list[tuple[Sequence, int]] = []
+        budget = self.max_step_tokens
+        floor = None  # once a prefill is in, less important sequences sit this step out
+        for i, seq in enumerate(order):
+            if len(batch) == self.max_batch or budget == 0 or (floor is not None and seq.effective_priority < floor):
+                break
+            if not seq.block_table:
+                hit = self.blocks.match_prefix(seq)
+                if seq.cached_tokens is None:
+                    seq.cached_tokens = hit
+            n = self._fit(seq, min(len(seq.token_ids) - seq.num_computed, budget), order[i + 1 :])
+            if n == 0:
+                continue
+            batch.append((seq, n))
+            budget -= n
+            if n > 1 or seq.num_computed + n < len(seq.token_ids):
+                floor = seq.effective_priority
+        chosen = {s for s, _ in batch}
+        for seq in self.seqs:
+            if seq in chosen:
+                continue
+            if seq.scheduled:
+                self.preemptions += 1
+            seq.scheduled = False
+            seq.waited += 1
+            if seq.waited % self.aging_steps == 0:
+                seq.boost += 1
+        return batch
+
+    def _fit(self, seq: Sequence, n: int, below: list[Sequence]) -> int:
+        """How many of n tokens get KV blocks, taking blocks from `below` (lowest first) if needed."""
+        blocks = self.blocks
+        need = blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
+        if need > blocks.num_free:
+            victims = [v for v in reversed(below) if v.block_table]
+            reachable = blocks.num_free + sum(blocks.evictable(v) for v in victims)
+            target = min(need, reachable)
+            for victim in victims:
+                if blocks.num_free >= target:
+                    break
+                if blocks.evictable(victim):
+                    blocks.release(victim)
+                    self.evictions += 1
+            # A prefill that does not fit whole runs the chunk that does.
+            n = min(n, (len(seq.block_table) + blocks.num_free) * blocks.block_size - seq.num_computed)
+            if n <= 0:
+                return 0
+        blocks.grow(seq, seq.num_computed + n)
+        return n
+
+    def complete(self, seq: Sequence, n: int, sampled: bool) -> None:
+        """Account a successful forward of n tokens (and a sampled token if `sampled`)."""
+        prompt_part = max(0, min(seq.num_computed + n, seq.num_prompt) - seq.num_computed)
+        self.prompt_tokens_computed += prompt_part
+        self.tokens_computed += n
+        seq.num_computed += n
+        self.blocks.commit(seq)
+        seq.scheduled = True
+        seq.waited = 0
+        if sampled:
+            seq.slice_tokens += 1
+            if seq.slice_tokens >= self.token_quantum:
+                seq.ticket, seq.slice_tokens, seq.boost = self.next_ticket(), 0, 0
