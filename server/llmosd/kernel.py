@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import threading
 import time
 from collections import OrderedDict
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 from . import process as P
 from .errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted, Unimplemented,
+    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, Unimplemented,
 )
 from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua
 from .mailbox import Mailbox, Match, Message
@@ -25,6 +26,8 @@ from .process import Limits, Process
 from .scheduler import DEFAULT_WEIGHT, Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import TIMED_OUT, Timers, Waiter
+from .files import FileStore
+from .sync import SyncTable
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ class Kernel:
         self.lock = threading.Lock()  # not re-entrant: methods named *_locked expect it held
         self.store = Store(config.data_dir)
         self.timers = Timers()
+        self.sync = SyncTable(self.lock, self.timers)
+        self.files = FileStore(pathlib.Path(config.data_dir) / "files")
         self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.scheduler = Scheduler(
             config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
@@ -133,6 +138,7 @@ class Kernel:
         self.scheduler.stop()
         self.timers.stop()
         self.store.close()
+        self.files.close()
 
     # -- process creation ------------------------------------------------------------------
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
@@ -150,7 +156,7 @@ class Kernel:
         check_syntax(source, program_name)
         with self.lock:
             if spec.parent:
-                self._live(spec.parent, "parent")
+                self.live_locked(spec.parent, "parent")
             elif spec.monitor:
                 raise InvalidArgument("monitor needs a parent pid")
             if spec.name and spec.name in self.names:
@@ -252,7 +258,13 @@ class Kernel:
         return pid
 
     # -- lookup ---------------------------------------------------------------------------
-    def _live(self, pid: int, role: str = "process") -> Process:
+    def release_lock(self, pid: int, name: str) -> None:
+        with self.lock:
+            holder = self.live_locked(pid, "holder")
+            self.sync.release(holder.namespace, name, pid)
+
+    def live_locked(self, pid: int, role: str = "process") -> Process:
+        """The live process `pid`, or NotFound / FailedPrecondition (ended). Lock held."""
         proc = self.procs.get(pid)
         if proc is None:
             if pid in self.ended or self._ended_record(pid) is not None:
@@ -274,7 +286,7 @@ class Kernel:
             if pid is None:
                 raise NotFound(f"no process is registered as {target!r}")
             return self.procs[pid]
-        return self._live(target, "receiver")
+        return self.live_locked(target, "receiver")
 
     def whereis(self, name: str) -> int | None:
         with self.lock:
@@ -285,7 +297,7 @@ class Kernel:
         with self.lock:
             src = self.procs.get(sender) if sender else None
             if src is None and sender:
-                self._live(sender, "sender")  # raises the right error
+                self.live_locked(sender, "sender")  # raises the right error
             dst = self.procs.get(to) if type(to) is int else None
             if dst is None:
                 dst = self.resolve(to)
@@ -297,20 +309,23 @@ class Kernel:
                 src.messages_sent += 1
             return msg.id
 
-    def _deliver(self, dst: Process, msg: Message) -> None:
+    def _deliver(self, dst: Process, msg: Message, limited: bool = True) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
-        A port's message is acknowledged only once stored, unless taken at once."""
+        A port's message is acknowledged only once stored, unless taken at once.
+        Kernel notices (EXIT) are not `limited`: a process sends at most one,
+        and dropping one would leave a monitor waiting forever."""
         if dst.kind == P.PORT and not any(match.accepts(msg) for _, match in dst.mailbox.receivers):
-            dst.mailbox.check_room()
+            if limited:
+                dst.mailbox.check_room()
             self.store.put_message(StoredMessage(
                 msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
             ))
-        if dst.mailbox.deliver(msg):
+        if dst.mailbox.deliver(msg, limited):
             dst.messages_received += 1
 
     def try_recv(self, pid: int, match: Match) -> Message | None:
         with self.lock:
-            proc = self.procs.get(pid) or self._live(pid, "receiver")
+            proc = self.procs.get(pid) or self.live_locked(pid, "receiver")
             msg = proc.mailbox.take(match)
             if msg is not None:
                 self._taken(proc, msg)
@@ -327,7 +342,7 @@ class Kernel:
             return self._recv_locked(pid, match, waiter, timeout_s)
 
     def _recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
-        proc = self.procs.get(pid) or self._live(pid, "receiver")
+        proc = self.procs.get(pid) or self.live_locked(pid, "receiver")
         msg = proc.mailbox.take(match)
         if msg is not None:
             self._taken(proc, msg)
@@ -350,16 +365,7 @@ class Kernel:
             proc.mailbox.put_back(msg)
 
     def _arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
-        if timeout_s is None:
-            return
-
-        def expire() -> None:
-            with self.lock:
-                if not waiter.done:
-                    waiter.leave()
-                    waiter.complete(TIMED_OUT)
-
-        waiter.timer = self.timers.call_later(max(timeout_s, 0.0), expire)
+        self.timers.time_out(self.lock, waiter, timeout_s)
 
     # -- exits -----------------------------------------------------------------------------
     def wait(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
@@ -409,6 +415,8 @@ class Kernel:
             waiter.queue = None
             waiter.abandon()
         proc.mailbox.receivers.clear()
+        self.sync.process_ended(proc.pid)
+        self.files.process_ended(proc.pid)
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
         del self.procs[proc.pid]
@@ -428,10 +436,7 @@ class Kernel:
         notice = {"pid": proc.pid, "state": state, "reason": reason, "result": result, "error": error}
         for watcher in proc.monitored_by:
             if watcher in self.procs:
-                try:
-                    self._send_exit_notice(watcher, proc.pid, notice)
-                except ResourceExhausted:
-                    log.warning("EXIT notice of pid %d to full mailbox of pid %d dropped", proc.pid, watcher)
+                self._send_exit_notice(watcher, proc.pid, notice)
         proc.runtime = None
         if proc.log_to_server:
             log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
@@ -441,7 +446,7 @@ class Kernel:
     def register(self, pid: int, name: str) -> None:
         self._check_name(name)
         with self.lock:
-            proc = self._live(pid)
+            proc = self.live_locked(pid)
             owner = self.names.get(name)
             if owner is not None and owner != pid:
                 raise AlreadyExists(f"the name {name!r} is registered to pid {owner}")
@@ -453,7 +458,7 @@ class Kernel:
 
     def monitor(self, watcher: int, target: int) -> None:
         with self.lock:
-            self._live(watcher, "watcher")
+            self.live_locked(watcher, "watcher")
             proc = self.procs.get(target)
             if proc is not None:
                 proc.monitored_by.add(watcher)
@@ -468,13 +473,13 @@ class Kernel:
 
     def _send_exit_notice(self, watcher: int, target: int, notice: dict) -> None:
         msg = Message(self.store.next_id("message"), target, watcher, "EXIT", notice, b"", "", now_ms())
-        self._deliver(self.procs[watcher], msg)
+        self._deliver(self.procs[watcher], msg, limited=False)
 
     def set_priority(self, pid: int, priority: int | None, weight: int = 0) -> None:
         """Change priority (None: keep) and weight (0: keep). A queued process
         moves at its next scheduling."""
         with self.lock:
-            proc = self._live(pid)
+            proc = self.live_locked(pid)
             if priority is not None:
                 proc.priority = priority
             if weight:
@@ -682,6 +687,13 @@ class Kernel:
                 raise InvalidArgument("sys.sleep: ms must be a non-negative number")
             self._arm_timeout(waiter, ms / 1000)
             return None
+        if name == "lock_acquire":
+            lock_name, kind, permits = lua.lock_spec(args[0], args[2], "sys.lock.acquire")
+            timeout = args[1]
+            if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
+                raise InvalidArgument("sys.lock.acquire: timeout_ms must be a non-negative number")
+            return self.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter,
+                                     None if timeout is None else timeout / 1000, kind, permits)
         if name == "infer":
             if self.inference is None:
                 raise Unimplemented("this server runs no inference engine")

@@ -212,7 +212,8 @@ class LuaProcess:
             b"check": self.check, b"self": self.self_pid, b"spawn": self.spawn, b"send": self.send,
             b"try_recv": self.try_recv, b"kill": self.kill, b"register": self.register,
             b"monitor": self.monitor, b"whereis": self.whereis, b"set_priority": self.set_priority,
-            b"info": self.info, b"log": self.log,
+            b"info": self.info, b"log": self.log, b"lock_try": self.lock_try, b"lock_release": self.lock_release,
+            b"fs": self.fs,
         })
         sandbox = rt.globals().load(sandbox_bytecode(), b"=sandbox", b"b")
         self.async_preempt = async_preemption()
@@ -393,6 +394,71 @@ class LuaProcess:
             return (to_lua(self.rt, self.kernel.describe(target)),)
         except KernelError as e:
             return None, str(e).encode()
+
+    def lock_spec(self, name: Any, semaphore: Any, fname: str) -> tuple:
+        text = _opt_str(name, f"{fname}: name")
+        if not text:
+            raise InvalidArgument(f"{fname}: name must be a non-empty string")
+        permits = _opt_int(semaphore, f"{fname}: semaphore")
+        return (text, "mutex", 1) if permits is None else (text, "semaphore", permits)
+
+    def lock_try(self, name: Any, semaphore: Any) -> tuple:
+        try:
+            spec = self.lock_spec(name, semaphore, "sys.lock.try_acquire")
+            with self.kernel.lock:
+                answer = self.kernel.sync.try_acquire(self.proc.namespace, spec[0], self.proc.pid, spec[1], spec[2])
+            return (to_lua(self.rt, answer) if answer is not None else None,)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def lock_release(self, name: Any) -> tuple:
+        try:
+            text = _opt_str(name, "sys.lock.release: name") or ""
+            with self.kernel.lock:
+                self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
+            return (True,)
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def fs(self, op: bytes, path: Any, a: Any, b: Any) -> tuple:
+        """sys.fs.*: one bridge entry for the file calls (disk I/O, done on this
+        process's CPU slot, without the kernel lock)."""
+        try:
+            files, ns, pid = self.kernel.files, self.proc.namespace, self.proc.pid
+            name = op.decode()
+            vpath = _opt_str(path, f"sys.fs.{name}: path")
+            if vpath is None:
+                raise InvalidArgument(f"sys.fs.{name}: path must be a string")
+            if name == "write":
+                if type(a) is not bytes:
+                    raise InvalidArgument("sys.fs.write: data must be a string")
+                return (self.file_info(files.write(ns, pid, vpath, a, append=bool(b))),)
+            if name == "read":
+                offset, length = _opt_int(a, "sys.fs.read: offset") or 0, _opt_int(b, "sys.fs.read: length")
+                if offset < 0 or (length is not None and length < 0):
+                    raise InvalidArgument("sys.fs.read: offset and length must not be negative")
+                return (files.read(ns, vpath, offset, length),)
+            if name == "stat":
+                return (self.file_info(files.stat(ns, vpath)),)
+            if name == "list":
+                return (self.rt.table_from([self.file_info(i) for i in files.list(ns, vpath)]),)
+            if name == "delete":
+                files.delete(ns, vpath)
+                return (True,)
+            if name == "rename":
+                target = _opt_str(a, "sys.fs.rename: new path")
+                if target is None:
+                    raise InvalidArgument("sys.fs.rename: the new path must be a string")
+                return (self.file_info(files.rename(ns, vpath, target)),)
+            if name == "mkdir":
+                return (self.file_info(files.mkdir(ns, vpath)),)
+            raise InvalidArgument(f"sys.fs has no {name}")
+        except KernelError as e:
+            return None, str(e).encode()
+
+    def file_info(self, info: Any) -> Any:
+        return to_lua(self.rt, {"path": info.path, "size": info.size, "is_dir": info.is_dir,
+                                "modified_ms": info.modified_ms})
 
     def log(self, text: bytes) -> None:
         self.kernel.log(self.proc, text.decode(errors="replace"))

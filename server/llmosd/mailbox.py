@@ -66,15 +66,16 @@ class Mailbox:
                 "the receiver is not keeping up, retry later"
             )
 
-    def deliver(self, msg: Message) -> bool:
-        """Hand `msg` to a waiting receiver (True) or queue it (False)."""
+    def deliver(self, msg: Message, limited: bool = True) -> bool:
+        """Hand `msg` to a waiting receiver (True) or queue it (False).
+        Unless `limited` is False, a full mailbox refuses it (ResourceExhausted)."""
         for i, (waiter, match) in enumerate(self.receivers):
             if match is ANY or match.accepts(msg):
                 del self.receivers[i]
                 waiter.queue = None
                 waiter.complete(msg)
                 return True
-        if len(self.messages) >= self.limit:
+        if limited and len(self.messages) >= self.limit:
             self.check_room()
         self.messages.append(msg)
         return False

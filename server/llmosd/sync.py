@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from .waiting import TIMED_OUT, Timers, Waiter
+from .waiting import Timers, Waiter
 
 MUTEX = "mutex"
 SEMAPHORE = "semaphore"
@@ -126,7 +126,7 @@ class SyncTable:
         entry = _Entry(waiter, pid, key, (-priority, next(self._arrivals)))
         self._waiting.setdefault(pid, set()).add(entry)
         waiter.register(lock.queue, entry)
-        self._arm_timeout(waiter, timeout_s)
+        self._timers.time_out(self._lock, waiter, timeout_s)
         return None
 
     def try_acquire(self, namespace: str, name: str, pid: int, kind: str = MUTEX,
@@ -257,15 +257,3 @@ class SyncTable:
         # its lock forgotten already, when the last of them left.
         if not lock.holders and not lock.queue and self._locks.get(key) is lock:
             del self._locks[key]
-
-    def _arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
-        if timeout_s is None:
-            return
-
-        def expire() -> None:
-            with self._lock:
-                if not waiter.done:
-                    waiter.leave()
-                    waiter.complete(TIMED_OUT)
-
-        waiter.timer = self._timers.call_later(timeout_s, expire)

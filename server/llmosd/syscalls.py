@@ -27,6 +27,8 @@ from .waiting import TIMED_OUT, AsyncWaiter
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]
 EVENT_BACKLOG = 10_000
+FILE_CHUNK_BYTES = 1 << 20
+DEFAULT_NAMESPACE = "default"  # external clients' namespace, until tokens map clients to namespaces
 
 
 # -- conversions --------------------------------------------------------------------------
@@ -200,6 +202,92 @@ async def sys_events(k: Kernel, req: pb.EventsRequest, ctx: Any) -> AsyncIterato
             k.event_listeners.remove(listener)
 
 
+# -- files: disk I/O runs in a thread, never on the loop or under the kernel lock --------------
+def file_pb(info: Any) -> pb.FileInfo:
+    return pb.FileInfo(path=info.path, size=info.size, is_dir=info.is_dir, modified_ms=info.modified_ms)
+
+
+async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest], ctx: Any) -> pb.FileInfo:
+    writer = None
+    try:
+        async for req in requests:
+            if writer is None:
+                if req.pid:
+                    k.get(req.pid)  # NotFound for an unknown pid
+                writer = await asyncio.to_thread(k.files.open_writer, DEFAULT_NAMESPACE, req.pid, req.path, req.append)
+            if req.data:
+                await asyncio.to_thread(writer.write, req.data)
+        if writer is None:
+            raise InvalidArgument("WriteFile needs at least one message (with the path)")
+        info = await asyncio.to_thread(writer.close)
+        writer = None
+        return file_pb(info)
+    finally:
+        if writer is not None:  # the stream failed or was cancelled: nothing appears
+            writer.abort()
+
+
+async def sys_read_file(k: Kernel, req: pb.ReadFileRequest, ctx: Any) -> AsyncIterator[pb.FileChunk]:
+    reader = await asyncio.to_thread(
+        k.files.open_reader, DEFAULT_NAMESPACE, req.path, req.offset, req.length or None, FILE_CHUNK_BYTES,
+    )
+    try:
+        offset = req.offset
+        while True:
+            chunk = await asyncio.to_thread(next, reader, b"")
+            if not chunk:
+                break
+            yield pb.FileChunk(data=chunk, offset=offset)
+            offset += len(chunk)
+    finally:
+        reader.close()
+
+
+async def sys_stat_file(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.FileInfo:
+    return file_pb(await asyncio.to_thread(k.files.stat, DEFAULT_NAMESPACE, req.path))
+
+
+async def sys_list_files(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.ListFilesResponse:
+    entries = await asyncio.to_thread(k.files.list, DEFAULT_NAMESPACE, req.path)
+    return pb.ListFilesResponse(entries=[file_pb(e) for e in entries])
+
+
+async def sys_delete_file(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.DeleteFileResponse:
+    await asyncio.to_thread(k.files.delete, DEFAULT_NAMESPACE, req.path)
+    return pb.DeleteFileResponse()
+
+
+async def sys_rename_file(k: Kernel, req: pb.RenameFileRequest, ctx: Any) -> pb.FileInfo:
+    return file_pb(await asyncio.to_thread(k.files.rename, DEFAULT_NAMESPACE, req.from_path, req.to_path))
+
+
+# -- locks ----------------------------------------------------------------------------------------
+async def sys_acquire(k: Kernel, req: pb.AcquireRequest, ctx: Any) -> pb.AcquireResponse:
+    pid = _pid(req.pid)
+    kind, permits = ("semaphore", req.semaphore) if req.semaphore else ("mutex", 1)
+    timeout = _timeout(req)
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    with k.lock:
+        holder = k.procs.get(pid) or k.live_locked(pid, "holder")
+        priority = req.priority if req.HasField("priority") else holder.priority
+        if timeout == 0:
+            answer = k.sync.try_acquire(holder.namespace, req.name, pid, kind, permits)
+            if answer is None:
+                return pb.AcquireResponse(timed_out=True)
+        else:
+            answer = k.sync.acquire(holder.namespace, req.name, pid, priority, waiter, timeout, kind, permits)
+    if answer is None:
+        answer = await _await(k, waiter, lambda _: k.release_lock(pid, req.name))
+        if answer is TIMED_OUT:
+            return pb.AcquireResponse(timed_out=True)
+    return pb.AcquireResponse(acquired=True, previous_holder_died=answer.get("previous_holder_died") or 0)
+
+
+async def sys_release(k: Kernel, req: pb.ReleaseRequest, ctx: Any) -> pb.ReleaseResponse:
+    k.release_lock(_pid(req.pid), req.name)
+    return pb.ReleaseResponse()
+
+
 async def sys_infer(k: Kernel, req: pb.InferRequest, ctx: Any) -> AsyncIterator[pb.InferChunk]:
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
@@ -223,6 +311,14 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "ListProcesses": sys_list,
     "GetProcess": sys_get,
     "Events": sys_events,
+    "WriteFile": sys_write_file,
+    "ReadFile": sys_read_file,
+    "StatFile": sys_stat_file,
+    "ListFiles": sys_list_files,
+    "DeleteFile": sys_delete_file,
+    "RenameFile": sys_rename_file,
+    "Acquire": sys_acquire,
+    "Release": sys_release,
 }
 
 
@@ -265,6 +361,8 @@ def kernel_service(k: Kernel) -> grpc.GenericRpcHandler:
         fn = SYSCALLS[method.name]
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(k, fn), **kwargs)
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_unary(k, fn), **kwargs)
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(k, fn), **kwargs)
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

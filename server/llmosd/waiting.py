@@ -104,6 +104,20 @@ class Timer:
 class Timers:
     """One thread runs every timeout in the kernel, from a heap of deadlines."""
 
+    def time_out(self, lock: threading.Lock, waiter: Waiter, timeout_s: float | None) -> None:
+        """Complete `waiter` with TIMED_OUT after `timeout_s` (None: never) unless
+        it completes first. `lock` is the kernel lock, taken to complete it."""
+        if timeout_s is None:
+            return
+
+        def expire() -> None:
+            with lock:
+                if not waiter.done:
+                    waiter.leave()
+                    waiter.complete(TIMED_OUT)
+
+        waiter.timer = self.call_later(max(timeout_s, 0.0), expire)
+
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()

@@ -400,3 +400,105 @@ class InferChunk(_message.Message):
     finish_reason: str
     usage: InferUsage
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[InferUsage, _Mapping]] = ...) -> None: ...
+
+class WriteFileRequest(_message.Message):
+    __slots__ = ("path", "append", "data", "pid")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    append: bool
+    data: bytes
+    pid: int
+    def __init__(self, path: _Optional[str] = ..., append: _Optional[bool] = ..., data: _Optional[bytes] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class ReadFileRequest(_message.Message):
+    __slots__ = ("path", "offset", "length")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    length: int
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data", "offset")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class FilePath(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class FileInfo(_message.Message):
+    __slots__ = ("path", "size", "is_dir", "modified_ms")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    IS_DIR_FIELD_NUMBER: _ClassVar[int]
+    MODIFIED_MS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    is_dir: bool
+    modified_ms: int
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., is_dir: _Optional[bool] = ..., modified_ms: _Optional[int] = ...) -> None: ...
+
+class ListFilesResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[FileInfo]
+    def __init__(self, entries: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteFileResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RenameFileRequest(_message.Message):
+    __slots__ = ("from_path", "to_path")
+    FROM_PATH_FIELD_NUMBER: _ClassVar[int]
+    TO_PATH_FIELD_NUMBER: _ClassVar[int]
+    from_path: str
+    to_path: str
+    def __init__(self, from_path: _Optional[str] = ..., to_path: _Optional[str] = ...) -> None: ...
+
+class AcquireRequest(_message.Message):
+    __slots__ = ("pid", "name", "semaphore", "timeout_ms", "priority")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SEMAPHORE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    semaphore: int
+    timeout_ms: int
+    priority: int
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., semaphore: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class AcquireResponse(_message.Message):
+    __slots__ = ("acquired", "timed_out", "previous_holder_died")
+    ACQUIRED_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_HOLDER_DIED_FIELD_NUMBER: _ClassVar[int]
+    acquired: bool
+    timed_out: bool
+    previous_holder_died: int
+    def __init__(self, acquired: _Optional[bool] = ..., timed_out: _Optional[bool] = ..., previous_holder_died: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("pid", "name")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -104,6 +104,46 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.EventsRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.Event.FromString,
                 _registered_method=True)
+        self.WriteFile = channel.stream_unary(
+                '/llmos.v1.Kernel/WriteFile',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/llmos.v1.Kernel/ReadFile',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.StatFile = channel.unary_unary(
+                '/llmos.v1.Kernel/StatFile',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/llmos.v1.Kernel/ListFiles',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/llmos.v1.Kernel/DeleteFile',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.DeleteFileResponse.FromString,
+                _registered_method=True)
+        self.RenameFile = channel.unary_unary(
+                '/llmos.v1.Kernel/RenameFile',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.RenameFileRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.Acquire = channel.unary_unary(
+                '/llmos.v1.Kernel/Acquire',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.AcquireResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/llmos.v1.Kernel/Release',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -205,6 +245,58 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteFile(self, request_iterator, context):
+        """Files: a durable tree per namespace, with relative paths ("notes/a.txt").
+        Writes are atomic: a reader sees the old file or the new one, never half.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenameFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Acquire(self, request, context):
+        """Locks: named mutexes and counting semaphores, held by a process (or a
+        port) and released when it ends. Waiters are served by priority, then FIFO.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +369,46 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.EventsRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.Event.SerializeToString,
+            ),
+            'WriteFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.WriteFileRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadFileRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.FileChunk.SerializeToString,
+            ),
+            'StatFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatFile,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.FilePath.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.FilePath.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.FilePath.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.DeleteFileResponse.SerializeToString,
+            ),
+            'RenameFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenameFile,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.RenameFileRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.SerializeToString,
+            ),
+            'Acquire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acquire,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.AcquireRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.AcquireResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -657,6 +789,222 @@ class Kernel:
             '/llmos.v1.Kernel/Events',
             llmos_dot_v1_dot_kernel__pb2.EventsRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/llmos.v1.Kernel/WriteFile',
+            llmos_dot_v1_dot_kernel__pb2.WriteFileRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmos.v1.Kernel/ReadFile',
+            llmos_dot_v1_dot_kernel__pb2.ReadFileRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/StatFile',
+            llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ListFiles',
+            llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/DeleteFile',
+            llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.DeleteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenameFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/RenameFile',
+            llmos_dot_v1_dot_kernel__pb2.RenameFileRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acquire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/Acquire',
+            llmos_dot_v1_dot_kernel__pb2.AcquireRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/Release',
+            llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -213,6 +213,35 @@ sys.info = function(pid) return check_result(bridge.info(pid or self_pid)) end
 sys.log = log
 sys.exit = function(value) syscall("exit", value) end
 sys.infer = function(req) return check_result(syscall("infer", opts_table(req, "sys.infer"))) end
+sys.lock = {
+  acquire = function(name, opts)
+    opts = opts_table(opts, "sys.lock.acquire")
+    -- A free lock costs no trip through the scheduler.
+    local got, err = bridge.lock_try(name, opts.semaphore)
+    if err ~= nil then error(err, 2) end
+    if got ~= nil or opts.timeout_ms == 0 then return got end
+    return check_result(syscall("lock_acquire", name, opts.timeout_ms, opts.semaphore))
+  end,
+  try_acquire = function(name, opts)
+    opts = opts_table(opts, "sys.lock.try_acquire")
+    return check_result(bridge.lock_try(name, opts.semaphore))
+  end,
+  release = function(name) return check_result(bridge.lock_release(name)) end,
+}
+local fs = bridge.fs
+local function file_call(op)
+  return function(path, a, b) return check_result(fs(op, path, a, b)) end
+end
+local fs_write, fs_read = file_call("write"), file_call("read")
+sys.fs = {
+  write = function(path, data, opts) return fs_write(path, data, opts_table(opts, "sys.fs.write").append) end,
+  read = function(path, opts)
+    opts = opts_table(opts, "sys.fs.read")
+    return fs_read(path, opts.offset, opts.length)
+  end,
+  stat = file_call("stat"), list = file_call("list"), delete = file_call("delete"),
+  rename = file_call("rename"), mkdir = file_call("mkdir"),
+}
 env.sys = sys
 env.args = args
 
