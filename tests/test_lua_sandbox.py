@@ -517,7 +517,7 @@ def test_gc_finalizer_cannot_run_forever_after_exit(fresh_llmosd: Any) -> None:
     stub = _fresh_stub(fresh_llmosd)
     assert exited(run(stub, "setmetatable({}, {__gc = function() while true do end end}) return 1")) == 1
     # Enough further work for the server's own garbage collection to reach the dead state.
-    for i in range(300):
+    for i in range(600):
         try:
             pid = stub.Spawn(pb.SpawnRequest(lua="return {('x'):rep(1000)}"), timeout=5).pid
             resp = stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=3000), timeout=5)
