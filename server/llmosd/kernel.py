@@ -625,10 +625,11 @@ class Kernel:
                         self._end(proc, P.EXITED, "normal", result=result)
                 else:
                     text = error_text(out[1])
+                    dying = out[2].decode() if len(out) > 2 and out[2] is not None else None
                     if proc.kill_reason is not None:
                         self._end(proc, P.KILLED, proc.kill_reason)
-                    elif text == MEMORY_ERROR or "not enough memory" in text:
-                        self._end(proc, P.KILLED, "memory_limit", error=text)
+                    elif dying == "memory_limit" or text == MEMORY_ERROR:
+                        self._end(proc, P.KILLED, "memory_limit", error=MEMORY_ERROR)
                     else:
                         self._end(proc, P.CRASHED, "error", error=text)
             return

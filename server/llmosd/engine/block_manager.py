@@ -69,6 +69,16 @@ class BlockManager:
         seq.num_computed = len(seq.block_table) * bs
         return seq.num_computed
 
+    def new_block_hashes(self, seq: Sequence, num_tokens: int) -> list[bytes]:
+        """Hashes of the full blocks the sequence completes by processing up to num_tokens tokens
+        (beyond those already registered). The last token never counts: it is not cacheable."""
+        bs = self.block_size
+        out, prev = [], seq.block_hashes[-1] if seq.block_hashes else b""
+        for i in range(len(seq.block_hashes), min(num_tokens, len(seq.token_ids) - 1) // bs):
+            prev = chain_hash(prev, seq.token_ids[i * bs : (i + 1) * bs])
+            out.append(prev)
+        return out
+
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Add blocks so the table covers num_tokens tokens; False (and nothing taken) if too few are free."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)

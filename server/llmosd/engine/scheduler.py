@@ -54,16 +54,23 @@ class Scheduler:
         batch: list[tuple[Sequence, int]] = []
         budget = self.max_step_tokens
         floor = None  # once a prefill is in, less important sequences sit this step out
+        computing: set[bytes] = set()  # full blocks this step's prefills complete
         for i, seq in enumerate(order):
             if len(batch) == self.max_batch or budget == 0 or (floor is not None and seq.effective_priority < floor):
                 break
             if not seq.block_table:
-                hit = self.blocks.match_prefix(seq)
-                if seq.cached_tokens is None:
-                    seq.cached_tokens = hit
+                self.blocks.match_prefix(seq)
+            upcoming = self.blocks.new_block_hashes(seq, len(seq.token_ids))
+            if upcoming and upcoming[0] in computing:
+                # Its next block is being computed for another sequence right now: wait a step
+                # and take it from the cache instead of computing and storing it twice.
+                continue
             n = self._fit(seq, min(len(seq.token_ids) - seq.num_computed, budget), order[i + 1 :])
             if n == 0:
                 continue
+            if seq.cached_tokens is None:
+                seq.cached_tokens = seq.num_computed  # what the prefix cache gave it on admission
+            computing.update(self.blocks.new_block_hashes(seq, seq.num_computed + n))
             batch.append((seq, n))
             budget -= n
             if n > 1 or seq.num_computed + n < len(seq.token_ids):

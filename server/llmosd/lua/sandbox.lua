@@ -14,7 +14,7 @@ local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.re
 local co_running, co_close, co_isyieldable = coroutine.running, coroutine.close, coroutine.isyieldable
 local sethook = debug.sethook
 local error, pcall, xpcall, select, type, tostring = error, pcall, xpcall, select, type, tostring
-local load, setmetatable, getmetatable, next = load, setmetatable, getmetatable, next
+local load, setmetatable, getmetatable, next, rawget = load, setmetatable, getmetatable, next, rawget
 local string_rep, string_format, string_find, string_match = string.rep, string.format, string.find, string.match
 local string_gmatch, string_gsub = string.gmatch, string.gsub
 local math_type = math.type
@@ -127,8 +127,8 @@ string_mt.__metatable = false
 local env = {
   assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
   rawequal = rawequal, rawget = rawget, rawlen = rawlen, rawset = rawset, select = select,
-  tonumber = tonumber, tostring = tostring, type = type, setmetatable = setmetatable,
-  getmetatable = getmetatable, warn = nil, _VERSION = _VERSION,
+  tonumber = tonumber, tostring = tostring, type = type,
+  getmetatable = getmetatable, _VERSION = _VERSION,
   math = math, string = safe_string, table = table, utf8 = utf8,
   os = { clock = os.clock, time = os.time, date = os.date, difftime = os.difftime },
   coroutine = {
@@ -138,7 +138,20 @@ local env = {
 }
 env._G = env
 env.pcall = function(f, ...) return die_if_dying(pcall(f, ...)) end
-env.xpcall = function(f, handler, ...) return die_if_dying(xpcall(f, handler, ...)) end
+-- A message handler runs before the stack unwinds, which for an error raised
+-- by the kernel's hook means with hooks still off: never run the program's
+-- handler for a dying process.
+env.xpcall = function(f, handler, ...)
+  return die_if_dying(xpcall(f, function(e) if dying then return e end return handler(e) end, ...))
+end
+-- Finalizers run with hooks off (in the program's GC or when its state is
+-- closed), so a __gc that loops could never be stopped: none are allowed.
+env.setmetatable = function(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc finalizers are not allowed in the sandbox", 2)
+  end
+  return setmetatable(t, mt)
+end
 env.load = function(chunk, name, mode, chunk_env)
   -- Text only: binary chunks can break the VM's memory safety.
   if mode ~= nil and mode ~= "t" then
@@ -267,9 +280,9 @@ end
 -- The kernel's side: resume the program with a syscall's answer. Returns
 --   "sys", name, ...   the program made a blocking syscall
 --   "done", value      the program returned (or called sys.exit)
---   "error", message   the program failed (or was ended by the kernel)
+--   "error", message, reason   the program failed (reason: nil) or was ended (reason: why)
 local function outcome(ok, first, ...)
-  if not ok then return "error", first end
+  if not ok then return "error", first, dying end
   if co_status(main_co) == "dead" then return "done", first end
   if first == SYSCALL then return "sys", ... end
   return "error", "attempt to yield from outside a coroutine"

@@ -79,7 +79,7 @@ def _set_rlimits(limits: dict[str, Any], nproc: bool) -> None:
         lim(resource.RLIMIT_NPROC, limits.get("processes"))
 
 
-def _confine(plan: dict[str, Any]) -> None:
+def _confine(plan: dict[str, Any], program_dir: str | None) -> None:
     layers = plan["layers"]
     if "userns" in layers:
         map_ids(plan["uid"], plan["gid"])
@@ -87,7 +87,7 @@ def _confine(plan: dict[str, Any]) -> None:
     _set_rlimits(plan["limits"], nproc=plan["fork_limit"] == "rlimit")
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
     if "landlock" in layers:
-        rules = [(p, _RO) for p in plan["read_only"]]
+        rules = [(p, _RO) for p in plan["read_only"] + ([program_dir] if program_dir else [])]
         rules += [(p, _linux.landlock_fs_rights(plan["landlock_abi"])) for p in plan["read_write"]]
         rules += [("/dev/null", _DEV_RW), ("/dev/zero", _RO), ("/dev/urandom", _RO), ("/dev/random", _RO)]
         _linux.landlock_restrict(plan["landlock_abi"], rules)
@@ -178,7 +178,7 @@ def agent_main(plan: dict[str, Any], log_fd: int, payload_fd: int, lifeline_fd: 
             with open(path, "rb") as f:
                 source = f.read()
             filename = path
-        _confine(plan)
+        _confine(plan, os.path.dirname(path) if path else None)
         env = _agent_env(payload, plan["workdir"])
         os.environ.clear()
         os.environ.update(env)
