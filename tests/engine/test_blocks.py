@@ -1,0 +1,77 @@
+"""Block manager: per-owner accounting, prefix sharing by reference count, reuse of cached blocks."""
+from __future__ import annotations
+
+import torch
+
+from llmosd.engine.block_manager import BlockManager
+from llmosd.engine.sequence import Request, Sequence
+
+
+def _seq(tokens: list[int], owner: int = 1) -> Sequence:
+    return Sequence(
+        id=0, request=Request(prompt_ids=tokens, owner=owner), token_ids=list(tokens), num_prompt=len(tokens),
+        max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, generator=torch.Generator(), output=None,
+        on_event=lambda e: None, ticket=0,
+    )
+
+
+def _run(bm: BlockManager, seq: Sequence) -> int:
+    """Admit a sequence as the scheduler does and mark its prompt computed; return the cache hit."""
+    hit = bm.match_prefix(seq)
+    assert bm.grow(seq, len(seq.token_ids))
+    seq.num_computed = len(seq.token_ids)
+    bm.commit(seq)
+    return hit
+
+
+def test_owner_accounting_and_free() -> None:
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a, b = _seq(list(range(10)), owner=7), _seq(list(range(100, 105)), owner=8)
+    _run(bm, a)
+    _run(bm, b)
+    assert (bm.used_by(7), bm.used_by(8), bm.num_free) == (3, 2, 5)
+    bm.release(a)
+    assert (bm.used_by(7), bm.num_free) == (0, 8)
+    assert not bm.grow(_seq(list(range(40))), 40)  # 10 blocks needed, 8 free: nothing taken
+    assert bm.num_free == 8
+
+
+def test_prefix_blocks_are_shared_by_reference_count() -> None:
+    bm = BlockManager(num_blocks=12, block_size=4)
+    prefix = list(range(50, 62))  # three full blocks
+    a, b = _seq(prefix + [1, 2, 3], owner=1), _seq(prefix + [9, 9], owner=2)
+    assert _run(bm, a) == 0
+    assert _run(bm, b) == 12  # the whole shared prefix comes from the cache
+    assert a.block_table[:3] == b.block_table[:3] and a.block_table[3] != b.block_table[3]
+    assert [bm.ref[x] for x in a.block_table[:3]] == [2, 2, 2]
+    assert bm.num_used == 5  # 3 shared + 1 tail each
+    assert bm.used_by(1) == 4 and bm.used_by(2) == 4
+    bm.release(a)
+    assert [bm.ref[x] for x in b.block_table[:3]] == [1, 1, 1] and bm.num_used == 4
+    bm.release(b)
+    assert bm.num_used == 0
+    # Freed blocks keep their hashes: a later request with the prefix takes them back.
+    c = _seq(prefix + [4], owner=3)
+    assert _run(bm, c) == 12
+    # A different block at the start breaks the chain: equal later blocks are not matched.
+    d = _seq([0, 0, 0, 0] + prefix[4:] + [4], owner=3)
+    assert _run(bm, d) == 0
+
+
+def test_fully_cached_prompt_keeps_last_token_to_compute() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(8))
+    _run(bm, _seq(tokens))
+    again = _seq(tokens)
+    assert bm.match_prefix(again) == 4  # the last block is recomputed: its last token needs logits
+
+
+def test_reuse_forgets_overwritten_prefixes() -> None:
+    bm = BlockManager(num_blocks=2, block_size=4)
+    a = _seq(list(range(5)))
+    _run(bm, a)
+    bm.release(a)
+    b = _seq(list(range(20, 25)))
+    _run(bm, b)  # takes both blocks, the cached prefix of a among them
+    bm.release(b)
+    assert bm.match_prefix(_seq(list(range(5)))) == 0
