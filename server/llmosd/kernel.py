@@ -572,6 +572,14 @@ class Kernel:
 
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
+        try:
+            self._run_lua_slice(proc)
+        except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING
+            log.exception("pid %d: kernel error", proc.pid)
+            with self.lock:
+                self._end(proc, P.CRASHED, "error", error=f"kernel error: {e!r}")
+
+    def _run_lua_slice(self, proc: Process) -> None:
         with self.lock:
             if proc.ended:
                 return

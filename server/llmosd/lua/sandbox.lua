@@ -173,8 +173,9 @@ end
 
 -- sys: the syscall interface. Bridge functions return (value) or (nil, error
 -- text) and never raise, so a program only ever sees plain Lua values.
+-- Always tail-called, so level 2 is the program's line that made the call.
 local function check_result(value, err, ...)
-  if err ~= nil then error(err, 3) end
+  if err ~= nil then error(err, 2) end
   return value, ...
 end
 
