@@ -96,6 +96,10 @@ def sandbox_bytecode() -> bytes:
     return _sandbox_bytecode
 
 
+def _now_ms() -> float:
+    return time.time() * 1000.0
+
+
 def new_state(max_memory: int) -> lupa.LuaRuntime:
     return lupa.LuaRuntime(
         encoding=None,  # strings cross as bytes: Lua strings may hold any bytes
@@ -213,7 +217,7 @@ class LuaProcess:
             b"try_recv": self.try_recv, b"kill": self.kill, b"register": self.register,
             b"monitor": self.monitor, b"whereis": self.whereis, b"set_priority": self.set_priority,
             b"info": self.info, b"log": self.log, b"lock_try": self.lock_try, b"lock_release": self.lock_release,
-            b"fs": self.fs,
+            b"fs": self.fs, b"now": _now_ms,
         })
         sandbox = rt.globals().load(sandbox_bytecode(), b"=sandbox", b"b")
         self.async_preempt = async_preemption()

@@ -194,6 +194,8 @@ end
 local sys = {}
 local self_pid = bridge.self()
 sys.self = function() return self_pid end
+local now = bridge.now
+sys.now = function() return now() end  -- wall-clock ms since the epoch, with microseconds
 sys.spawn = function(spec)
   return check_result(bridge.spawn(opts_table(spec, "sys.spawn")))
 end
