@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Benchmark the inference engine against Hugging Face transformers in the same run.
+
+    python tools/bench_engine.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+        [--shape smollm-135m] [--hf-sequential N] [--plot out.png]
+
+A random-initialised checkpoint of the shape is written to a temp dir (tools/make_checkpoint.py).
+Every request generates exactly its max tokens (ignore_eos here, min_new_tokens for HF). Prints:
+throughput (16 concurrent requests vs HF one at a time and vs HF as one padded batch), single
+stream decode rate, time to first token of a high-priority request on a saturated vs an idle
+engine, and prefill work / KV blocks with a shared system prompt vs without.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from make_checkpoint import write_checkpoint  # noqa: E402
+
+from llmosd.engine import Engine, EngineConfig, Request, TokenEvent  # noqa: E402
+from llmosd.engine.loader import DTYPES  # noqa: E402
+
+
+def _ids(n: int, seed: int, vocab: int = 4000) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(path: pathlib.Path, args: argparse.Namespace) -> Engine:
+    return Engine(
+        EngineConfig(
+            model=str(path), device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_gib << 30,
+            max_batch=32, max_step_tokens=1024, token_quantum=256,
+        )
+    )
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours_throughput(engine: Engine, prompts: list[list[int]], new: int) -> float:
+    t0 = time.perf_counter()
+    handles = [engine.submit(Request(prompt_ids=p, max_tokens=new, ignore_eos=True)) for p in prompts]
+    total = sum(h.result().usage.completion_tokens for h in handles)
+    return total / (time.perf_counter() - t0)
+
+
+def ours_single_decode(engine: Engine, prompt: list[int], new: int) -> float:
+    stamps: list[float] = []
+    engine.submit(
+        Request(prompt_ids=prompt, max_tokens=new, ignore_eos=True),
+        on_event=lambda e: stamps.append(time.perf_counter()) if isinstance(e, TokenEvent) else None,
+    ).result()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def ours_ttft(engine: Engine, prompt: list[int], background: list[list[int]], new: int) -> float:
+    """TTFT of a priority-10 request, after the background requests (if any) are all decoding."""
+    started = threading.Semaphore(0)
+    seen: set[int] = set()
+
+    def on_first(i: int):
+        def cb(e) -> None:
+            if isinstance(e, TokenEvent) and i not in seen:
+                seen.add(i)
+                started.release()
+        return cb
+
+    handles = [engine.submit(Request(prompt_ids=p, max_tokens=new, ignore_eos=True), on_first(i)) for i, p in enumerate(background)]
+    for _ in background:
+        started.acquire()
+    first = threading.Event()
+    t0 = time.perf_counter()
+    stamp: list[float] = []
+
+    def cb(e) -> None:
+        if isinstance(e, TokenEvent) and not stamp:
+            stamp.append(time.perf_counter())
+            first.set()
+
+    engine.submit(Request(prompt_ids=prompt, max_tokens=2, priority=10, ignore_eos=True), cb)
+    first.wait()
+    ttft = stamp[0] - t0
+    for h in handles:
+        h.cancel()
+    for h in handles:
+        h.result()
+    return ttft
+
+
+def ours_prefix(path: pathlib.Path, args: argparse.Namespace, system_len: int, n: int, shared: bool) -> tuple[int, int]:
+    """Prompt tokens computed and peak KV blocks for n requests with a system prompt (shared or not),
+    on a fresh engine."""
+    engine = _engine(path, args)
+    engine.start()
+    peak = [0]
+
+    def cb(e) -> None:
+        peak[0] = max(peak[0], engine.blocks.num_used)
+
+    handles = [
+        engine.submit(Request(prompt_ids=_ids(system_len, 100 if shared else 100 + i) + _ids(16, 1000 + i), max_tokens=4, ignore_eos=True), cb)
+        for i in range(n)
+    ]
+    for h in handles:
+        h.result()
+    engine.stop()
+    return engine.stats()["prompt_tokens_computed"], peak[0]
+
+
+def hf_generate(model, prompts: list[list[int]], new: int, device: str) -> float:
+    """Seconds for one HF generate call over the prompts as one (equal-length) batch."""
+    inp = torch.tensor(prompts, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small workloads: a smoke test in under a minute")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--shape", default="smollm-135m")
+    ap.add_argument("--hf-sequential", type=int, default=None, help="requests HF runs one at a time (rate extrapolates)")
+    ap.add_argument("--kv-gib", type=int, default=1)
+    ap.add_argument("--plot", type=pathlib.Path, default=None, help="save a PNG of the ratios (needs matplotlib)")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    n_req, prompt_len, new, system_len = (16, 64, 128, 512) if not args.quick else (4, 16, 16, 64)
+    hf_seq = args.hf_sequential or (4 if not args.quick else 1)
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(pathlib.Path(tmp) / args.shape, shape=args.shape, dtype="float32")
+        prompts = [_ids(prompt_len, i) for i in range(n_req)]
+
+        engine = _engine(path, args)
+        engine.start()
+        ours_throughput(engine, prompts[:2], 4)  # warm-up
+        ours_tps = ours_throughput(engine, prompts, new)
+        ours_single = ours_single_decode(engine, prompts[0], new)
+        ttft_idle = min(ours_ttft(engine, prompts[1], [], new) for _ in range(3))
+        ttft_busy = ours_ttft(engine, prompts[1], prompts, 4 * new)
+        engine.stop()
+        del engine
+        shared, unshared = (ours_prefix(path, args, system_len, n_req, sharing) for sharing in (True, False))
+
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(args.device).eval()
+        hf_generate(hf, prompts[:1], 4, args.device)  # warm-up
+        hf_seq_time = sum(hf_generate(hf, [p], new, args.device) for p in prompts[:hf_seq])
+        hf_seq_tps = hf_seq * new / hf_seq_time
+        hf_batch_tps = n_req * new / hf_generate(hf, prompts, new, args.device)
+        hf_one = hf_generate(hf, prompts[:1], 1, args.device)
+        hf_single = (new - 1) / (hf_seq_time / hf_seq - hf_one)
+
+    rows = [
+        (f"throughput, {n_req} requests (tok/s) vs HF one at a time", ours_tps, hf_seq_tps, ours_tps / hf_seq_tps, ">= 6x"),
+        (f"throughput, {n_req} requests (tok/s) vs HF padded batch", ours_tps, hf_batch_tps, ours_tps / hf_batch_tps, ">= 1.5x"),
+        ("single stream decode (tok/s)", ours_single, hf_single, ours_single / hf_single, ">= 1.2x"),
+        ("high-priority TTFT, saturated vs idle (ms)", ttft_busy * 1e3, ttft_idle * 1e3, ttft_busy / ttft_idle, "<= 2x"),
+        (f"prefill tokens, shared {system_len}-token prompt vs not", shared[0], unshared[0], shared[0] / unshared[0], "< 1"),
+        ("peak KV blocks, shared vs not", shared[1], unshared[1], shared[1] / unshared[1], "< 1"),
+    ]
+    print(f"\n{args.shape}, {args.device} {args.dtype}, {torch.get_num_threads()} threads"
+          f"{' (quick)' if args.quick else ''}; HF one-at-a-time rate from {hf_seq} request(s)")
+    print(f"{'figure':58} {'ours':>10} {'peer':>10} {'ratio':>8}  target")
+    for name, ours, peer, ratio, target in rows:
+        print(f"{name:58} {ours:10.1f} {peer:10.1f} {ratio:7.2f}x  {target}")
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot")
+        else:
+            fig, ax = plt.subplots(figsize=(9, 4))
+            ax.barh([r[0] for r in rows], [r[3] for r in rows])
+            ax.set_xlabel("ratio (ours / peer)")
+            fig.tight_layout()
+            fig.savefig(args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
