@@ -135,6 +135,8 @@ class Kernel:
             live = [p for p in self.procs.values() if p.kind != P.PORT and not p.ended]
         for proc in live:
             self.kill(proc.pid, "shutdown")
+        if self.inference is not None:
+            self.inference.stop()
         self.scheduler.stop()
         self.timers.stop()
         self.store.close()

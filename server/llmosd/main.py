@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mailbox", type=int, default=10_000, help="default mailbox limit (messages)")
     p.add_argument("--cpu-ms", type=int, default=0, help="default CPU limit per process (0: none)")
     p.add_argument("--wall-ms", type=int, default=0, help="default wall-clock limit per process (0: none)")
+    p.add_argument("--model", default="tiny",
+                   help='"tiny" (built in, random weights), a Hugging Face-style directory, or "none" (default %(default)s)')
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-memory", type=int, default=256 << 20, help="bytes of KV cache (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded per engine step")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -59,6 +65,14 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
 
 async def serve(args: argparse.Namespace) -> None:
     kernel = Kernel(kernel_config(args))
+    if args.model != "none":
+        from .engine import EngineConfig
+        from .inference import Inference
+
+        kernel.inference = Inference(kernel, EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
+            max_batch=args.max_batch,
+        ))
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
         ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
