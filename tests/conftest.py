@@ -24,8 +24,9 @@ def llmosd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
 
 @pytest.fixture
 def fresh_llmosd(tmp_path: pathlib.Path) -> Iterator[LlmosdServer]:
-    """A server of the test's own, for tests that restart or kill it."""
-    server = LlmosdServer(tmp_path / "data", userland_root=USERLAND)
+    """A server of the test's own, for tests that restart or kill it. It runs no
+    inference engine (loading torch and a model would only slow these tests)."""
+    server = LlmosdServer(tmp_path / "data", "--model", "none", userland_root=USERLAND)
     server.start()
     yield server
     server.stop(signal.SIGKILL)
