@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from .client import CHANNEL_OPTIONS, Call, Plan, Streaming, Syscalls
+from .client import CHANNEL_OPTIONS, Call, ClientStreaming, Plan, Streaming, Syscalls
 from .errors import Unavailable, from_rpc_error
 from .v1 import kernel_pb2_grpc
 
@@ -49,6 +49,17 @@ class Client(Syscalls):
         rpc = getattr(self._stub, call.method)
         if isinstance(call, Streaming):  # only collected streams come here (see _drive)
             return [item async for item in _stream_items(rpc(call.request, timeout=call.timeout), call.convert)]
+        if isinstance(call, ClientStreaming):
+            # grpc.aio reads the (synchronous) request iterator on the event loop; if producing a request
+            # raises, it cancels the call, which surfaces here as CancelledError or an RpcError.
+            try:
+                return await rpc(call.requests, timeout=call.timeout)
+            except (grpc.RpcError, asyncio.CancelledError) as e:
+                if call.requests.error is not None:
+                    raise call.requests.error from None
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                raise from_rpc_error(e) from None
         try:
             return await rpc(call.request, timeout=call.timeout)
         except grpc.RpcError as e:

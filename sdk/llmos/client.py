@@ -18,7 +18,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterator, Mapping, ParamSpec, Sequence, TypeVar, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, ParamSpec, Sequence, TypeVar, Union
 
 import grpc
 
@@ -28,6 +28,9 @@ from .v1 import kernel_pb2_grpc
 from .values import JSON, from_value, to_value
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# WriteFile sends data in pieces of at most this many bytes (the server's largest message is 4 MiB).
+FILE_CHUNK_BYTES = 1 << 20
+MAX_FILE_CHUNK_BYTES = 4 << 20
 # The server enforces its own message limits; the client should not refuse what the server sends.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 # Blocking calls (Recv, Wait, Infer) pass their timeout to the server; the RPC deadline gets this much more,
@@ -129,6 +132,20 @@ class InferResult:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """A file or directory in the namespace's file tree; ``path`` is virtual ("" is the root)."""
+
+    path: str
+    size: int
+    is_dir: bool
+    modified_ms: int
+
+    def to_json(self) -> dict[str, JSON]:
+        """All fields as a JSON-ready dict."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
 def _fields(msg: Any) -> dict[str, int]:
     return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
 
@@ -154,6 +171,15 @@ def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
 
 def event_from_pb(event: pb.Event) -> Event:
     return Event(kind=event.kind, process=process_from_pb(event.process), at_ms=event.at_ms)
+
+
+def file_from_pb(info: pb.FileInfo) -> FileInfo:
+    """Convert a protobuf FileInfo into a :class:`FileInfo`."""
+    return FileInfo(path=info.path, size=info.size, is_dir=info.is_dir, modified_ms=info.modified_ms)
+
+
+def _chunk_data(chunk: pb.FileChunk) -> bytes:
+    return chunk.data
 
 
 def chunk_from_pb(chunk: pb.InferChunk) -> InferChunk:
@@ -191,7 +217,41 @@ class Streaming:
     collect: bool
 
 
-Call = Union[Unary, Streaming]
+class RequestStream:
+    """The requests of a client-streaming RPC, read lazily as gRPC sends them.
+
+    An exception raised while producing a request (say, by the caller's data iterable) makes gRPC
+    cancel the call; ``error`` keeps it so that the client raises it rather than a bare CANCELLED.
+    """
+
+    def __init__(self, requests: Iterator[Any]) -> None:
+        self._requests = requests
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._requests)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
+
+
+@dataclass(frozen=True)
+class ClientStreaming:
+    """One client-streaming RPC: ``requests`` are sent as they are produced; the plan receives
+    the single response protobuf."""
+
+    method: str
+    requests: RequestStream
+    timeout: float | None
+
+
+Call = Union[Unary, Streaming, ClientStreaming]
 T = TypeVar("T")
 P = ParamSpec("P")
 Plan = Generator[Call, Any, T]
@@ -239,6 +299,37 @@ def _message(cls: type, what: str, fields: Mapping[str, Any]) -> Any:
         return cls(**fields)
     except (TypeError, ValueError) as e:
         raise _invalid(f"bad {what}: {e}") from None
+
+
+def _byte_pieces(data: bytes | bytearray | memoryview | str | Iterable[bytes]) -> Iterator[bytes]:
+    """The caller's data as bytes objects: a str is UTF-8, a bytes-like object is one piece, any
+    other iterable gives bytes-like pieces."""
+    if isinstance(data, str):
+        yield data.encode("utf-8")
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        yield bytes(data)
+    else:
+        for piece in data:
+            if not isinstance(piece, (bytes, bytearray, memoryview)):
+                raise _invalid(f"write_file: the data iterable gave {type(piece).__name__}, not bytes")
+            yield bytes(piece)
+
+
+def _write_requests(path: str, append: bool, pid: int, data: bytes | str | Iterable[bytes],
+                    chunk_size: int) -> Iterator[pb.WriteFileRequest]:
+    """WriteFile's request stream: path, append and pid in the first message (sent even for no data,
+    so that an empty file is written), then the data in pieces of at most ``chunk_size`` bytes."""
+    first = True
+    for piece in _byte_pieces(data):
+        for start in range(0, len(piece), chunk_size):
+            part = piece[start:start + chunk_size]
+            if first:
+                yield pb.WriteFileRequest(path=path, append=append, pid=pid, data=part)
+                first = False
+            else:
+                yield pb.WriteFileRequest(data=part)
+    if first:
+        yield pb.WriteFileRequest(path=path, append=append, pid=pid)
 
 
 def _lua_program(program: str | os.PathLike) -> str:
@@ -422,6 +513,103 @@ class Syscalls:
             return join_chunks(chunks)
         return (yield Streaming("Infer", request, _deadline(timeout_ms), chunk_from_pb, collect=False))
 
+    # -- files: a durable tree per namespace; external clients use namespace "default" ----------------
+    @syscall
+    def write_file(self, path: str, data: bytes | bytearray | memoryview | str | Iterable[bytes], *,
+                   append: bool = False, pid: int = 0, chunk_size: int = FILE_CHUNK_BYTES) -> Plan[FileInfo]:
+        """Write a whole file (or, with ``append``, add to its end) atomically; return its new info.
+
+        ``data`` is bytes, str (written as UTF-8) or an iterable of bytes pieces, which is streamed as it is
+        read, so a large file need never be held in memory. Pieces travel in messages of at most
+        ``chunk_size`` bytes (1 MiB; at most 4 MiB). Readers see the old file or the new one, never a mix;
+        if the stream fails (or an error is raised by the iterable) nothing changes. ``pid`` is the process
+        charged for the bytes against its quota (0: the namespace only). Missing parent directories are
+        created. The stream has no deadline: its length is the data's.
+        """
+        if type(chunk_size) is not int or not 1 <= chunk_size <= MAX_FILE_CHUNK_BYTES:
+            raise _invalid(f"chunk_size must be an int from 1 to {MAX_FILE_CHUNK_BYTES}; got {chunk_size!r}")
+        if not isinstance(path, str):
+            raise _invalid(f"path must be a str, not {type(path).__name__}")
+        if not isinstance(data, (bytes, bytearray, memoryview, str, Iterable)):
+            raise _invalid(f"data must be bytes, str or an iterable of bytes, not {type(data).__name__}")
+        requests = RequestStream(_write_requests(path, bool(append), pid, data, chunk_size))
+        reply = yield ClientStreaming("WriteFile", requests, None)
+        return file_from_pb(reply)
+
+    def _read_request(self, path: str, offset: int, length: int) -> pb.ReadFileRequest:
+        if any(type(v) is not int or v < 0 for v in (offset, length)):
+            raise _invalid(f"offset and length must be ints >= 0; got {offset!r}, {length!r}")
+        return _message(pb.ReadFileRequest, "read request", {"path": path, "offset": offset, "length": length})
+
+    @syscall
+    def read_file(self, path: str, *, offset: int = 0, length: int = 0) -> Plan[bytes]:
+        """The bytes of a file, or ``length`` of them (0: to the end) from ``offset``.
+
+        They come from one version of the file even while others replace it. Reading past the end gives
+        fewer bytes (or none). For a large file, :meth:`open_file_stream` avoids holding it all.
+        """
+        chunks = yield Streaming("ReadFile", self._read_request(path, offset, length), None, _chunk_data,
+                                 collect=True)
+        return b"".join(chunks)
+
+    @syscall
+    def open_file_stream(self, path: str, *, offset: int = 0, length: int = 0) -> Plan[Iterator[bytes]]:
+        """Like :meth:`read_file`, but an iterator of the file's pieces (up to 1 MiB each) as they arrive
+        (an async iterator in the asyncio client). Stop early by closing it."""
+        request = self._read_request(path, offset, length)
+        return (yield Streaming("ReadFile", request, None, _chunk_data, collect=False))
+
+    @syscall
+    def stat(self, path: str) -> Plan[FileInfo]:
+        """The info of a file or directory ("" is the root); NotFound if there is none."""
+        reply = yield self._unary("StatFile", _message(pb.FilePath, "path", {"path": path}))
+        return file_from_pb(reply)
+
+    @syscall
+    def list_files(self, path: str = "") -> Plan[list[FileInfo]]:
+        """The files and directories in a directory ("" is the root), sorted by path."""
+        reply = yield self._unary("ListFiles", _message(pb.FilePath, "path", {"path": path}))
+        return [file_from_pb(e) for e in reply.entries]
+
+    @syscall
+    def delete_file(self, path: str) -> Plan[None]:
+        """Delete a file or an empty directory (NotFound if absent, FailedPrecondition if not empty)."""
+        yield self._unary("DeleteFile", _message(pb.FilePath, "path", {"path": path}))
+
+    @syscall
+    def rename_file(self, src: str, dst: str) -> Plan[FileInfo]:
+        """Rename ``src`` to ``dst`` atomically, replacing a file (never a directory) there; the new info."""
+        reply = yield self._unary("RenameFile", _message(pb.RenameFileRequest, "rename request",
+                                                         {"from_path": src, "to_path": dst}))
+        return file_from_pb(reply)
+
+    # -- locks: named mutexes and counting semaphores, held by a process or port ------------------
+    @syscall
+    def acquire(self, pid: int, name: str, *, semaphore: int = 0, timeout: float | None = None,
+                priority: int | None = None) -> Plan[dict[str, Any] | None]:
+        """Acquire the lock ``name`` for ``pid`` (a live process or a port); it is released when ``pid`` ends.
+
+        ``semaphore`` 0 is a mutex, N a counting semaphore of N permits. Waits up to ``timeout`` seconds
+        (None: without limit; 0: not at all) and returns None if not acquired in time, else
+        ``{"acquired": True}``, with ``"previous_holder_died": pid`` added when the permit came from a
+        holder that ended. Waiters are served by ``priority`` (default: the holder's), then in arrival order.
+        """
+        timeout_ms = _timeout_ms(timeout)
+        request = _message(pb.AcquireRequest, "acquire request", {
+            "pid": pid, "name": name, "semaphore": semaphore, "timeout_ms": timeout_ms, "priority": priority})
+        reply = yield Unary("Acquire", request, _deadline(timeout_ms))
+        if not reply.acquired:
+            return None
+        answer: dict[str, Any] = {"acquired": True}
+        if reply.previous_holder_died:
+            answer["previous_holder_died"] = reply.previous_holder_died
+        return answer
+
+    @syscall
+    def release(self, pid: int, name: str) -> Plan[None]:
+        """Give back one permit of ``name`` that ``pid`` holds (FailedPrecondition if it holds none)."""
+        yield self._unary("Release", _message(pb.ReleaseRequest, "release request", {"pid": pid, "name": name}))
+
     @syscall
     def run(self, program: str | os.PathLike, args: JSON = None, timeout: float | None = None,
             **spawn_options: Any) -> Plan[ProcessInfo]:
@@ -473,6 +661,13 @@ class Client(Syscalls):
         if isinstance(call, Streaming):
             items = _stream_items(rpc(call.request, timeout=call.timeout), call.convert)
             return list(items) if call.collect else items
+        if isinstance(call, ClientStreaming):
+            try:
+                return rpc(call.requests, timeout=call.timeout)
+            except grpc.RpcError as e:
+                if call.requests.error is not None:
+                    raise call.requests.error from None
+                raise from_rpc_error(e) from None
         try:
             return rpc(call.request, timeout=call.timeout)
         except grpc.RpcError as e:
