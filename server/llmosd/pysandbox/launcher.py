@@ -31,6 +31,7 @@ class Limits:
     processes counts tasks (threads included) and needs a user namespace and a
     non-root launcher; as root, agents get threads but no child processes.
     file_size also caps the process log, which the agent writes itself.
+    cpu_s is enforced in whole seconds (rounded up) by RLIMIT_CPU.
     """
 
     cpu_s: float | None = None
@@ -212,11 +213,12 @@ def _classify(msg: dict[str, Any], outcome: dict[str, Any], limits: Limits, kill
     cpu, rss = msg["cpu_s"], msg["maxrss"]
     if os.WIFSIGNALED(ws):
         sig = os.WTERMSIG(ws)
-        if msg["wall_limit"]:
+        if msg["cause"] == "wall_limit":
             reason = "wall_limit"
-        elif killed:
+        elif killed or msg["cause"] == "killed":
             reason = "killed"
-        elif sig in (signal.SIGKILL, signal.SIGXCPU) and limits.cpu_s is not None and cpu >= limits.cpu_s * 0.95:
+        # RLIMIT_CPU is enforced on precise runtime, rusage comes from tick sampling: allow the gap.
+        elif sig in (signal.SIGKILL, signal.SIGXCPU) and limits.cpu_s is not None and cpu >= limits.cpu_s * 0.8:
             reason = "cpu_limit"
         else:
             reason = "signal"

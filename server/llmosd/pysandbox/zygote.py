@@ -15,7 +15,7 @@ Messages are JSON objects, one per datagram; fds ride along as SCM_RIGHTS.
   zygote -> launcher: {"op": "hello", "layers", "notices", "fork_limit", "landlock_abi", "pid"}
                       {"op": "spawned", "seq", "os_pid"} + [pidfd]
                       {"op": "spawn_failed", "seq", "error"}
-                      {"op": "exit", "seq", "status", "cpu_s", "maxrss", "wall_limit"}
+                      {"op": "exit", "seq", "status", "cpu_s", "maxrss", "cause"}
                       {"op": "bye"}
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ _M_ARENA_MAX = -8
 class _Agent:
     seq: int
     deadline: float | None
-    wall_killed: bool = False
+    cause: str | None = None  # why we killed it: "wall_limit" or "killed" (shutdown)
 
 
 def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -244,7 +244,7 @@ class Zygote:
             try:
                 _send(self.ctrl, {"op": "exit", "seq": agent.seq, "status": status,
                                   "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss": ru.ru_maxrss * 1024,
-                                  "wall_limit": agent.wall_killed})
+                                  "cause": agent.cause})
             except OSError:
                 pass  # launcher gone: keep reaping
 
@@ -253,17 +253,18 @@ class Zygote:
         now = time.monotonic()
         nearest = None
         for pid, agent in self.agents.items():
-            if agent.deadline is None or agent.wall_killed:
+            if agent.deadline is None or agent.cause:
                 continue
             if agent.deadline <= now:
-                agent.wall_killed = True
+                agent.cause = "wall_limit"
                 os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid is still this agent
             elif nearest is None or agent.deadline - now < nearest:
                 nearest = agent.deadline - now
         return nearest
 
     def kill_all(self) -> None:
-        for pid in list(self.agents):
+        for pid, agent in self.agents.items():
+            agent.cause = agent.cause or "killed"
             os.kill(pid, signal.SIGKILL)
         self.reap(block=True)
 
