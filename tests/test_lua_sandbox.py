@@ -237,7 +237,7 @@ def test_errors_from_failing_syscalls_are_plain_strings(stub: Any, bystander: By
           function() return sys.register('') end,
           function() return sys.set_priority(nil, 'high') end,
           function() return sys.sleep(-1) end,
-          function() return sys.infer{prompt = 'hi'} end,
+          function() return sys.infer{prompt = ''} end,
         }
         local out = {}
         for i, f in ipairs(calls) do

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+DEFAULT_MAX_TOKENS = 256  # when a request gives none (0)
 LUA_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority",
               "timeout_ms"}
 
@@ -125,7 +126,7 @@ class Inference:
         if priority is None:
             priority = proc.priority if proc is not None else 0
         return Request(
-            prompt=prompt, messages=messages, max_tokens=spec.get("max_tokens") or None,
+            prompt=prompt, messages=messages, max_tokens=spec.get("max_tokens") or DEFAULT_MAX_TOKENS,
             temperature=spec.get("temperature"), top_p=spec.get("top_p"), top_k=spec.get("top_k") or None,
             seed=spec.get("seed"), stop=stop, priority=priority, owner=proc.pid if proc is not None else 0,
             deadline=time.monotonic() + timeout / 1000 if timeout else None,
