@@ -260,3 +260,31 @@ def _owner(pid: int) -> int | None:
         return os.stat(f"/proc/{pid}").st_uid
     except FileNotFoundError:
         return None
+
+
+def test_allow_network(tmp_path: Path) -> None:
+    """allow_network=True leaves out the network namespace and TCP denials, nothing else."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    with Launcher(LauncherConfig(work_root=tmp_path, kernel_socket=tmp_path / "k.sock",
+                                 allow_network=True)) as launcher:
+        assert "netns" not in launcher.layers and "landlock_net" not in launcher.layers
+        child = spawn(launcher, f"""
+            import socket
+            socket.create_connection(("127.0.0.1", {server.getsockname()[1]}), timeout=5).sendall(b"hi")
+            try:
+                open("/etc/shadow")
+            except OSError as e:
+                print("refused", e.errno)
+        """)
+        conn, _ = server.accept()
+        assert conn.recv(2) == b"hi"
+        st = child.wait(30)
+        log = child.read_log().decode()
+        assert st.code == 0, log
+        if "landlock" in launcher.layers:
+            assert log.strip() == "refused 13"
+    server.close()

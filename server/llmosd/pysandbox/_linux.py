@@ -165,18 +165,17 @@ def landlock_fs_rights(abi: int) -> int:
     return rights
 
 
-def landlock_restrict(abi: int, rules: Iterable[tuple[str, int]], scope_signal: bool = True) -> None:
+def landlock_restrict(abi: int, rules: Iterable[tuple[str, int]], deny_tcp: bool = True) -> None:
     """Confine the calling thread: only `rules` (path, rights) grant filesystem access.
 
-    Also denies TCP bind/connect (ABI >= 4) and, with ABI >= 6, signals and
-    abstract Unix sockets that leave the new domain. Needs no_new_privs (or
-    CAP_SYS_ADMIN) beforehand. Paths that do not exist are skipped.
+    Also denies TCP bind/connect (ABI >= 4, unless deny_tcp is False) and, with
+    ABI >= 6, signals and abstract Unix sockets that leave the new domain.
+    Needs no_new_privs (or CAP_SYS_ADMIN) beforehand. Paths that do not exist
+    are skipped.
     """
     handled_fs = landlock_fs_rights(abi)
-    handled_net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP if abi >= 4 else 0
-    scoped = 0
-    if abi >= 6:
-        scoped = LL_SCOPE_ABSTRACT_UNIX_SOCKET | (LL_SCOPE_SIGNAL if scope_signal else 0)
+    handled_net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP if abi >= 4 and deny_tcp else 0
+    scoped = LL_SCOPE_ABSTRACT_UNIX_SOCKET | LL_SCOPE_SIGNAL if abi >= 6 else 0
     if abi >= 6:
         attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)
     elif abi >= 4:

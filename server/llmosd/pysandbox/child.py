@@ -90,7 +90,7 @@ def _confine(plan: dict[str, Any], program_dir: str | None) -> None:
         rules = [(p, _RO) for p in plan["read_only"] + ([program_dir] if program_dir else [])]
         rules += [(p, _linux.landlock_fs_rights(plan["landlock_abi"])) for p in plan["read_write"]]
         rules += [("/dev/null", _DEV_RW), ("/dev/zero", _RO), ("/dev/urandom", _RO), ("/dev/random", _RO)]
-        _linux.landlock_restrict(plan["landlock_abi"], rules)
+        _linux.landlock_restrict(plan["landlock_abi"], rules, deny_tcp=not plan["allow_network"])
     if "userns" in layers:
         # Full capabilities in its own user namespace are not needed by any program: drop them.
         _linux.drop_capabilities()

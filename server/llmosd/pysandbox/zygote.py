@@ -181,7 +181,12 @@ class Zygote:
         read_only = set(_SYSTEM_READ_ONLY) | set(self.config.get("read_only", []))
         read_only.update(os.path.abspath(p) for p in agent_path if os.path.exists(p))
         read_only.update(package_dirs)
-        self.flags, self.layers, self.abi = probe(set(self.config.get("disable", [])), self.notices)
+        disable = set(self.config.get("disable", []))
+        if self.config["allow_network"]:
+            disable.add("netns")  # the host's network is what was asked for
+        self.flags, self.layers, self.abi = probe(disable, self.notices)
+        if self.config["allow_network"]:
+            self.layers.discard("landlock_net")
         self.fork_limit = _fork_limit(self.layers, self.notices)
         if not self.config["allow_network"] and "netns" not in self.layers:
             if "seccomp" in self.layers:
