@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a program (relative to the userland root) to start at boot; repeatable")
     p.add_argument("--cpus", type=int, default=0, help="virtual CPUs running programs (default: one per core)")
     p.add_argument("--quantum-ms", type=float, default=10.0, help="time slice (default %(default)s)")
+    p.add_argument("--aging-ms", type=float, default=200.0,
+                   help="a waiting process gains a priority level per this much waiting (default %(default)s)")
     p.add_argument("--hook-instructions", type=int, default=100_000,
                    help="Lua instructions between preemption checks (default %(default)s)")
     p.add_argument("--memory-bytes", type=int, default=64 << 20, help="default per-process memory limit")
@@ -56,7 +58,8 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
     if root is None and os.path.isdir("userland"):
         root = os.path.abspath("userland")
     return KernelConfig(
-        data_dir=args.data_dir, cpus=args.cpus, quantum_ms=args.quantum_ms, hook_instructions=args.hook_instructions,
+        data_dir=args.data_dir, cpus=args.cpus, quantum_ms=args.quantum_ms, aging_ms=args.aging_ms,
+        hook_instructions=args.hook_instructions,
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox),
         userland_root=root,
