@@ -249,3 +249,13 @@ def test_token_never_reaches_the_zygote(launcher: Launcher) -> None:
             except OSError:
                 continue
     assert not found
+
+
+def test_kernel_environment_does_not_reach_agents(launcher: Launcher, run: RunFn) -> None:
+    """The zygote starts with a minimal environment, so agents cannot find the kernel's variables."""
+    with open(f"/proc/{launcher.zygote_pid}/environ", "rb") as f:
+        names = {item.split(b"=", 1)[0] for item in f.read().split(b"\0") if item}
+    assert names <= {b"PATH", b"LANG", b"LC_ALL", b"LC_CTYPE", b"TZ", b"PYTHONPATH", b"PYTHONHOME",
+                     b"VIRTUAL_ENV", b"LD_LIBRARY_PATH"}
+    st, log = run("import os\nprint(sorted(k for k in os.environ if not k.startswith('LLMOS_')))")
+    assert st.code == 0 and log.strip() == "['HOME', 'LANG', 'PATH', 'TMPDIR']", log

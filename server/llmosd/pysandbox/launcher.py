@@ -242,6 +242,13 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _zygote_env() -> dict[str, str]:
+    """Only what the interpreter needs: agents inherit the zygote's memory, so no kernel secrets."""
+    keep = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV",
+            "LD_LIBRARY_PATH")
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
 class Launcher:
     """Starts and contains sandboxed Python agents through a fork server (see the package docs)."""
 
@@ -290,7 +297,7 @@ class Launcher:
         try:
             proc = subprocess.Popen(
                 [self.config.python, "-c", boot, str(theirs.fileno()), str(os.getpid()), json.dumps(config)],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, env=_zygote_env())
         except OSError as exc:
             self._start_error = exc
             self._hello.set()
