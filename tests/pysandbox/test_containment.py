@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from _sbx import RunFn, spawn
+from _sbx import RunFn, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 
 from llmosd.pysandbox import Launcher, LauncherConfig, Limits
 

@@ -6,7 +6,7 @@ import socket
 import time
 
 import pytest
-from _sbx import RunFn, layers_needed, spawn
+from _sbx import RunFn, layers_needed, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 
 from llmosd.pysandbox import Launcher, Limits
 

@@ -8,7 +8,7 @@ import time
 
 from llmosd.pysandbox import Launcher, Limits, SpawnSpec
 
-from _sbx import RunFn, spawn
+from _sbx import RunFn, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 
 
 def test_exit_codes_and_exceptions(run: RunFn) -> None:

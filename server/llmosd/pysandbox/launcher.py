@@ -121,16 +121,19 @@ class Child:
         self._pidfd = pidfd
         self._payload_fd = payload_fd
         self._done = threading.Event()
+        self._fd_lock = threading.Lock()
         self._status: ExitStatus | None = None
         self._killed = False
 
     def _signal(self, sig: int) -> bool:
-        if self._done.is_set():
-            return False
-        try:
-            signal.pidfd_send_signal(self._pidfd, sig)
-        except ProcessLookupError:  # exited, not yet reaped
-            return False
+        # Under the lock so that _finish cannot close the pidfd (and its number be reused) meanwhile.
+        with self._fd_lock:
+            if self._pidfd < 0:
+                return False
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:  # exited, not yet reaped
+                return False
         return True
 
     def stop(self) -> bool:
@@ -196,7 +199,9 @@ class Child:
             pass
         finally:
             os.close(self._payload_fd)
-            os.close(self._pidfd)
+            with self._fd_lock:
+                os.close(self._pidfd)
+                self._pidfd = -1
         if msg is None:
             status = ExitStatus("killed", error="the fork server died")
         else:
