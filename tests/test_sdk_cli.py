@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -326,6 +326,86 @@ def test_every_status_code_has_its_class() -> None:
         assert type(err).__name__.upper() == code.name.replace("_", "")
 
 
+# -- files and locks ----------------------------------------------------------------------------
+def test_file_calls(k: llmos.Client) -> None:
+    d = f"sdk-{os.getpid()}-{time.monotonic_ns()}"
+    info = k.write_file(f"{d}/a.txt", "héllo")
+    assert isinstance(info, llmos.client.FileInfo)
+    assert (info.path, info.size, info.is_dir) == (f"{d}/a.txt", len("héllo".encode()), False)
+    assert k.write_file(f"{d}/a.txt", b" world", append=True).size == 12
+    assert k.read_file(f"{d}/a.txt") == "héllo world".encode()
+    assert k.read_file(f"{d}/a.txt", offset=7, length=5) == b"world"
+    # an iterable is streamed; pieces larger than chunk_size are split
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    pieces = (data[i:i + 1_500_000] for i in range(0, len(data), 1_500_000))
+    assert k.write_file(f"{d}/big.bin", pieces, chunk_size=512 * 1024).size == len(data)
+    stream = k.open_file_stream(f"{d}/big.bin")
+    chunks = list(stream)
+    assert b"".join(chunks) == data and len(chunks) == 3 and max(map(len, chunks)) <= 1024 * 1024
+    assert k.read_file(f"{d}/big.bin", offset=len(data) - 3) == data[-3:]
+    assert k.write_file(f"{d}/empty", b"").size == 0 and k.read_file(f"{d}/empty") == b""
+    assert k.stat(d).is_dir and k.stat(f"{d}/big.bin").size == len(data)
+    assert [f.path for f in k.list_files(d)] == [f"{d}/a.txt", f"{d}/big.bin", f"{d}/empty"]
+    assert k.rename_file(f"{d}/a.txt", f"{d}/sub/b.txt").path == f"{d}/sub/b.txt"
+    assert k.stat(f"{d}/sub").to_json()["is_dir"] is True
+    k.delete_file(f"{d}/sub/b.txt")
+    with pytest.raises(llmos.NotFound):
+        k.read_file(f"{d}/sub/b.txt")
+    with pytest.raises(llmos.FailedPrecondition):
+        k.delete_file(d)
+    with pytest.raises(llmos.InvalidArgument):
+        k.stat("../outside")
+    with pytest.raises(llmos.NotFound):
+        list(k.open_file_stream(f"{d}/missing"))
+
+    class Broken(Exception):
+        pass
+
+    def failing() -> Iterator[bytes]:
+        yield b"half a file"
+        raise Broken("the source failed")
+
+    with pytest.raises(Broken):  # the caller's own error, not a bare CANCELLED; nothing is written
+        k.write_file(f"{d}/half", failing())
+    with pytest.raises(llmos.InvalidArgument, match="not bytes"):
+        k.write_file(f"{d}/half", [b"ok", "text piece"])  # type: ignore[list-item]
+    with pytest.raises(llmos.NotFound):
+        k.stat(f"{d}/half")
+    for bad in (dict(chunk_size=0), dict(chunk_size=8 << 20)):
+        with pytest.raises(llmos.InvalidArgument, match="chunk_size"):
+            k.write_file(f"{d}/x", b"x", **bad)  # type: ignore[arg-type]
+    with pytest.raises(llmos.InvalidArgument, match="offset"):
+        k.read_file(f"{d}/empty", offset=-1)
+    with pytest.raises(llmos.InvalidArgument):
+        k.write_file(f"{d}/x", 42)  # type: ignore[arg-type]
+
+
+def test_lock_calls(k: llmos.Client) -> None:
+    name = f"sdk-lock-{time.monotonic_ns()}"
+    a, b = k.open_port(), k.open_port()
+    assert k.acquire(a, name) == {"acquired": True}
+    assert k.acquire(b, name, timeout=0) is None
+    assert k.acquire(b, name, timeout=0.05) is None
+    with pytest.raises(llmos.FailedPrecondition):
+        k.release(b, name)
+    with pytest.raises(llmos.FailedPrecondition):
+        k.acquire(a, name)
+    with pytest.raises(llmos.InvalidArgument, match="timeout"):
+        k.acquire(a, name, timeout=-1)
+    result: list[Any] = []
+    waiter = threading.Thread(target=lambda: result.append(k.acquire(b, name, timeout=10, priority=3)))
+    waiter.start()
+    time.sleep(0.2)
+    k.kill(a)  # the holder ends: the waiter is told
+    waiter.join(15)
+    assert result == [{"acquired": True, "previous_holder_died": a}]
+    k.release(b, name)
+    sem = f"{name}-sem"
+    assert [k.acquire(b, sem, semaphore=2, timeout=0) for _ in range(3)] == [{"acquired": True}] * 2 + [None]
+    k.release(b, sem)
+    assert k.acquire(b, sem, semaphore=2, timeout=0) == {"acquired": True}
+
+
 # -- asyncio ------------------------------------------------------------------------------------
 def test_aio_client_has_the_same_api(server: str) -> None:
     async def scenario() -> None:
@@ -356,6 +436,30 @@ def test_aio_client_has_the_same_api(server: str) -> None:
 
             waits = [ak.wait(await ak.spawn(lua=f"return {i}"), timeout=10) for i in range(5)]
             assert [info.result for info in await asyncio.gather(*waits)] == list(range(5))
+
+            d = f"aio-{time.monotonic_ns()}"
+            data = os.urandom(1024 * 1024 + 10)
+            assert (await ak.write_file(f"{d}/f", iter([data[:10], data[10:]]))).size == len(data)
+            assert await ak.read_file(f"{d}/f", offset=5, length=10) == data[5:15]
+            assert b"".join([c async for c in ak.open_file_stream(f"{d}/f")]) == data
+            assert [f.path for f in await ak.list_files(d)] == [f"{d}/f"]
+            assert (await ak.rename_file(f"{d}/f", f"{d}/g")).size == len(data)
+            assert (await ak.stat(f"{d}/g")).size == len(data)
+            await ak.delete_file(f"{d}/g")
+            with pytest.raises(llmos.NotFound):
+                await ak.read_file(f"{d}/g")
+
+            def broken() -> Iterator[bytes]:
+                yield b"x"
+                raise KeyError("source")
+
+            with pytest.raises(KeyError):
+                await ak.write_file(f"{d}/h", broken())
+            holder = await ak.open_port()
+            assert await ak.acquire(holder, d) == {"acquired": True}
+            assert await ak.acquire(port, d, timeout=0) is None
+            await ak.release(holder, d)
+            assert await ak.acquire(port, d, timeout=0) == {"acquired": True}
 
     asyncio.run(scenario())
 
@@ -461,3 +565,27 @@ def test_cli_infer_streams_or_says_unimplemented(server: str) -> None:
         assert done.stdout.endswith("\n") and done.stderr == ""
     else:
         assert done.returncode == 1 and done.stderr.startswith("llmos: UNIMPLEMENTED: ")
+
+
+def test_cli_fs_put_cat_ls_mv_rm(server: str, tmp_path: pathlib.Path) -> None:
+    d = f"cli-{time.monotonic_ns()}"
+    local = tmp_path / "notes.md"
+    local.write_text("line one\nline two\n")
+    put = llmos_cli(server, "fs", "put", str(local), f"{d}/notes.md")
+    assert put.returncode == 0, put.stderr
+    assert json.loads(put.stdout)["size"] == local.stat().st_size
+    assert llmos_cli(server, "fs", "put", str(local), f"{d}/notes.md", "--append").returncode == 0
+    cat = llmos_cli(server, "fs", "cat", f"{d}/notes.md")
+    assert cat.returncode == 0 and cat.stdout == "line one\nline two\n" * 2
+    assert llmos_cli(server, "fs", "cat", f"{d}/notes.md", "--offset", "5", "--length", "3").stdout == "one"
+    assert llmos_cli(server, "fs", "ls", d).stdout.split() == ["-", str(2 * local.stat().st_size), f"{d}/notes.md"]
+    assert f"d            0 {d}/" in llmos_cli(server, "fs", "ls").stdout
+    mv = llmos_cli(server, "fs", "mv", f"{d}/notes.md", f"{d}/kept.md")
+    assert mv.returncode == 0 and json.loads(mv.stdout)["path"] == f"{d}/kept.md"
+    assert llmos_cli(server, "fs", "rm", f"{d}/kept.md").returncode == 0
+    missing = llmos_cli(server, "fs", "cat", f"{d}/kept.md")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    escape = llmos_cli(server, "fs", "cat", "../etc/passwd")
+    assert escape.returncode == 1 and "INVALID_ARGUMENT" in escape.stderr
+    nolocal = llmos_cli(server, "fs", "put", str(tmp_path / "absent"), f"{d}/x")
+    assert nolocal.returncode == 2 and "cannot read" in nolocal.stderr

@@ -5,6 +5,7 @@
     llmos send worker '{"job": 1}' --from 7    print the message id
     llmos recv 7 --timeout 5                   print the message as JSON
     llmos wait 12 / kill 12 / ps --all / port / infer "Once upon a time"
+    llmos fs put notes.md docs/notes.md / fs cat docs/notes.md / fs ls docs / fs mv A B / fs rm A
 
 The server is --server, else $LLMOS_SERVER, else 127.0.0.1:50051 (HOST:PORT or unix:PATH).
 Exit status: 0 on success; 1 when the server refuses, a wait or recv times out, or the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import grpc
 
@@ -143,6 +144,57 @@ def cmd_infer(k: Client, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _local_pieces(path: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """A local file (or stdin for "-") in pieces, so that a large file is streamed."""
+    try:
+        f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        while piece := f.read(size):
+            yield piece
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def cmd_fs_put(k: Client, a: argparse.Namespace) -> int:
+    if a.local != "-":
+        next(iter(_local_pieces(a.local, 0)), None)  # a missing local file is a usage error, before any RPC
+    print(_dumps(k.write_file(a.path, _local_pieces(a.local), append=a.append).to_json()))
+    return EXIT_OK
+
+
+def cmd_fs_cat(k: Client, a: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    for piece in k.open_file_stream(a.path, offset=a.offset, length=a.length):
+        out.write(piece)
+    out.flush()
+    return EXIT_OK
+
+
+def cmd_fs_ls(k: Client, a: argparse.Namespace) -> int:
+    try:
+        entries = k.list_files(a.path)
+    except LlmosError as e:  # a file: show it alone, as ls does
+        if e.code != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        entries = [k.stat(a.path)]
+    for e in entries:
+        print(f"{'d' if e.is_dir else '-'} {e.size:>12} {e.path}{'/' if e.is_dir else ''}")
+    return EXIT_OK
+
+
+def cmd_fs_rm(k: Client, a: argparse.Namespace) -> int:
+    k.delete_file(a.path)
+    return EXIT_OK
+
+
+def cmd_fs_mv(k: Client, a: argparse.Namespace) -> int:
+    print(_dumps(k.rename_file(a.src, a.dst).to_json()))
+    return EXIT_OK
+
+
 # -- argument parsing -------------------------------------------------------------------------
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
@@ -226,6 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=_pid, default=0, metavar="PID", help="the process charged for the tokens")
     p.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole request")
     p.set_defaults(handler=cmd_infer)
+
+    fs = sub.add_parser("fs", help="the namespace's file tree: ls, cat, put, rm, mv").add_subparsers(
+        dest="fs_command", required=True, metavar="FS_COMMAND")
+    p = fs.add_parser("ls", help="list a directory (default: the root)")
+    p.add_argument("path", nargs="?", default="")
+    p.set_defaults(handler=cmd_fs_ls)
+    p = fs.add_parser("cat", help="write a file's bytes to stdout")
+    p.add_argument("path")
+    p.add_argument("--offset", type=int, default=0, metavar="N")
+    p.add_argument("--length", type=int, default=0, metavar="N", help="0: to the end")
+    p.set_defaults(handler=cmd_fs_cat)
+    p = fs.add_parser("put", help="upload a local file (- for stdin); print the file's info as JSON")
+    p.add_argument("local")
+    p.add_argument("path")
+    p.add_argument("--append", action="store_true")
+    p.set_defaults(handler=cmd_fs_put)
+    p = fs.add_parser("rm", help="delete a file or an empty directory")
+    p.add_argument("path")
+    p.set_defaults(handler=cmd_fs_rm)
+    p = fs.add_parser("mv", help="rename a file or directory; print its info as JSON")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(handler=cmd_fs_mv)
     return parser
 
 
