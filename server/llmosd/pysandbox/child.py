@@ -80,6 +80,7 @@ def _set_rlimits(limits: dict[str, Any], nproc: bool) -> None:
 
 
 def _confine(plan: dict[str, Any], program_dir: str | None) -> None:
+    """Apply the layers in an order that works: ids, limits, no_new_privs, Landlock, caps, seccomp last."""
     layers = plan["layers"]
     if "userns" in layers:
         map_ids(plan["uid"], plan["gid"])

@@ -172,6 +172,7 @@ class Zygote:
         self.wake_r, self.wake_w = os.pipe()
 
     def start(self) -> None:
+        """Preload, compute the agents' read-only paths, probe the host, and say hello."""
         libc = ctypes.CDLL(None)
         # Few malloc arenas: each reserves 64 MiB of address space, which RLIMIT_AS counts.
         libc.mallopt(_M_ARENA_MAX, 2)
@@ -209,6 +210,7 @@ class Zygote:
                           "landlock_abi": self.abi, "read_only": sorted(read_only)})
 
     def spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Fork one agent for a spawn request; answer with its pid and a pidfd."""
         payload_fd = fds[0]
         log_fd = -1
         try:
@@ -236,6 +238,7 @@ class Zygote:
             os.close(pidfd)
 
     def reap(self, block: bool = False) -> None:
+        """Collect ended agents and report each one's exit status and resource usage."""
         while self.agents:
             try:
                 pid, status, ru = os.wait4(-1, 0 if block else os.WNOHANG)
@@ -268,12 +271,14 @@ class Zygote:
         return nearest
 
     def kill_all(self) -> None:
+        """SIGKILL every agent and reap them all."""
         for pid, agent in self.agents.items():
             agent.cause = agent.cause or "killed"
             os.kill(pid, signal.SIGKILL)
         self.reap(block=True)
 
     def loop(self) -> None:
+        """Serve requests until shutdown or until the launcher goes away."""
         while True:
             timeout = self.enforce_wall()
             ready, _, _ = select.select([self.ctrl, self.wake_r], [], [], timeout)
