@@ -104,7 +104,7 @@ def main() -> None:
         opts.duration, opts.pairs = 1.0, 20_000
 
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
-        server = LlmosdServer(pathlib.Path(tmp) / "data")
+        server = LlmosdServer(pathlib.Path(tmp) / "data", "--model", "none")  # locks only: no engine
         server.start()
         try:
             with llmos.connect(server.target, rpc_timeout=None) as k:
