@@ -15,7 +15,9 @@ from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
 from llmosd.launch import LlmosdServer
 
-from conftest import ROOT, USERLAND
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+USERLAND = ROOT / "userland"
+
 
 sys.path.insert(0, str(ROOT / "tools"))
 from make_checkpoint import write_checkpoint  # noqa: E402

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import shlex
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value
 
-from conftest import ROOT
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 
 README = (ROOT / "README.md").read_text()
 

@@ -27,6 +27,7 @@ from .scheduler import DEFAULT_WEIGHT, Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import TIMED_OUT, Timers, Waiter
 from .files import FileStore
+from .python_runtime import Agents, PythonProcess, exit_outcome
 from .sync import SyncTable
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class KernelConfig:
     defaults: Limits = field(default_factory=lambda: Limits(memory_bytes=64 << 20, mailbox=10_000))
     userland_root: str | None = None
     max_message_bytes: int = 4 << 20
+    agent_socket: str | None = None  # the Unix socket Python agents reach the kernel on; None: no Python userland
+    python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)
     ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
 
     @property
@@ -98,6 +101,10 @@ class Kernel:
         self.timers = Timers()
         self.sync = SyncTable(self.lock, self.timers)
         self.files = FileStore(pathlib.Path(config.data_dir) / "files")
+        self.agents: Agents | None = None
+        if config.agent_socket:
+            roots = (pathlib.Path(config.userland_root),) if config.userland_root else ()
+            self.agents = Agents(pathlib.Path(config.data_dir) / "python", pathlib.Path(config.agent_socket), roots)
         self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.scheduler = Scheduler(
             config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
@@ -137,6 +144,8 @@ class Kernel:
             self.kill(proc.pid, "shutdown")
         if self.inference is not None:
             self.inference.stop()
+        if self.agents is not None:
+            self.agents.shutdown()
         self.scheduler.stop()
         self.timers.stop()
         self.store.close()
@@ -150,12 +159,17 @@ class Kernel:
         )
 
     def spawn(self, spec: SpawnSpec) -> int:
-        kind, source, program_name = self._resolve_program(spec)
-        if kind == P.PYTHON:
-            raise Unimplemented("Python programs are not supported by this server yet; spawn a Lua program")
+        kind, source, program_name, program_path = self._resolve_program(spec)
         self._check_name(spec.name)
-        limits = spec.limits.with_defaults(self.config.defaults)
-        check_syntax(source, program_name)
+        defaults = self.config.defaults
+        if kind == P.PYTHON:
+            if self.agents is None:
+                raise Unimplemented("this server runs no Python userland (start llmosd with an agent socket)")
+            check_python_syntax(source, program_name)
+            defaults = Limits(**{**defaults.as_dict(), "memory_bytes": self.config.python_memory_bytes})
+        else:
+            check_syntax(source, program_name)
+        limits = spec.limits.with_defaults(defaults)
         with self.lock:
             if spec.parent:
                 self.live_locked(spec.parent, "parent")
@@ -167,6 +181,8 @@ class Kernel:
             proc = self._new_process(pid, kind, spec.parent, spec.priority, limits, "default")
             proc.program, proc.program_name, proc.args = source, program_name, spec.args
             proc.weight = _check_weight(spec.weight or DEFAULT_WEIGHT)
+            if kind == P.PYTHON:
+                proc.runtime = PythonProcess(self, proc, program_path)
             proc.log_to_server = spec.log_to_server
             if spec.name:
                 proc.name = spec.name
@@ -209,14 +225,15 @@ class Kernel:
             monitor=bool(spec.get("monitor")),
         ))
 
-    def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str]:
+    def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str, pathlib.Path | None]:
+        """(kind, source, name for tracebacks, the file if given by path)."""
         given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
         if len(given) != 1:
             raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
         if spec.lua is not None:
-            return P.LUA, spec.lua, "program"
+            return P.LUA, spec.lua, "program", None
         if spec.python is not None:
-            return P.PYTHON, spec.python, "program"
+            return P.PYTHON, spec.python, "program", None
         root = self.config.userland_root
         if not root:
             raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")
@@ -232,7 +249,7 @@ class Kernel:
             raise InvalidArgument(f"path {rel!r}: programs end in .lua or .py")
         try:
             with open(full, encoding="utf-8") as f:
-                return kind, f.read(), rel
+                return kind, f.read(), rel, pathlib.Path(full)
         except FileNotFoundError:
             raise NotFound(f"no program at {rel!r} under the userland root") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -397,6 +414,10 @@ class Kernel:
             if proc.kind == P.PORT or proc.state in (P.BLOCKED, P.RUNNABLE):
                 # Not running any code (a preempted process stays RUNNING): end it now.
                 self._end(proc, P.KILLED, reason)
+            elif proc.kind == P.PYTHON:
+                # Its exit, reported by the fork server, ends it with this reason.
+                proc.kill_reason = reason
+                proc.runtime.terminate()
             elif proc.kill_reason is None:
                 # Running (or parked mid-slice): its own thread ends it at the next check.
                 proc.kill_reason = reason
@@ -439,6 +460,9 @@ class Kernel:
         for watcher in proc.monitored_by:
             if watcher in self.procs:
                 self._send_exit_notice(watcher, proc.pid, notice)
+        if proc.kind == P.PYTHON:
+            proc.log[:] = proc.runtime.log_lines(MAX_LOG_LINES)  # in place: `rec` shares the list
+            proc.runtime.terminate()
         proc.runtime = None
         if proc.log_to_server:
             log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
@@ -555,6 +579,12 @@ class Kernel:
 
     def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
         """(lines from `offset` on, next offset, lines dropped before offset)."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            runtime = proc.runtime if proc is not None and proc.kind == P.PYTHON else None
+        if runtime is not None:  # an agent's log is its output file
+            lines, dropped = runtime.log_lines(MAX_LOG_LINES), 0
+            return lines[offset:], len(lines), 0
         rec = self.get(pid)[0]
         lines, dropped = list(rec.log or ()), rec.log_dropped
         start = max(offset - dropped, 0)
@@ -575,11 +605,98 @@ class Kernel:
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         try:
-            self._run_lua_slice(proc)
+            if proc.kind == P.PYTHON:
+                self._run_python_slice(proc)
+            else:
+                self._run_lua_slice(proc)
         except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING
             log.exception("pid %d: kernel error", proc.pid)
             with self.lock:
                 self._end(proc, P.CRASHED, "error", error=f"kernel error: {e!r}")
+
+    def _run_python_slice(self, proc: Process) -> None:
+        """Let an agent run (SIGCONT) until it blocks, ends, or its quantum is
+        spent while someone waits; then stop it (SIGSTOP). The worker thread
+        waits meanwhile, holding the virtual CPU the agent runs on."""
+        py: PythonProcess = proc.runtime
+        with self.lock:
+            if proc.ended:
+                return
+            proc.state, py.in_slice, py.requeue_after_slice = P.RUNNING, True, False
+            py.wake.clear()
+        if py.child is None:
+            try:
+                py.start()
+            except Exception as e:  # the fork server is down, or refused
+                with self.lock:
+                    self._end(proc, P.CRASHED, "error", error=f"cannot start the Python agent: {e}")
+                return
+        else:
+            py.child.cont()
+        try:
+            while not py.wake.wait(self.config.quantum_s):
+                py.account()
+                if proc.limits.cpu_ms and proc.cpu_ns > proc.limits.cpu_ms * 1_000_000:
+                    self.kill(proc.pid, "cpu_limit")
+                elif self.scheduler.should_yield(proc):
+                    break
+        finally:
+            py.account()
+            with self.lock:
+                py.in_slice = False
+                if proc.ended or proc.kill_reason is not None:
+                    return  # the fork server's exit report ends it
+                py.child.stop()
+                requeue = py.requeue_after_slice
+                if proc.state == P.RUNNING:  # preempted
+                    proc.state = P.RUNNABLE
+                    requeue = True
+            if requeue:
+                self.scheduler.make_runnable(proc)
+
+    def python_blocking(self, pid: int, syscall: str) -> None:
+        """An agent is about to wait in `syscall`: its CPU goes to someone else."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is not None and proc.kind == P.PYTHON and proc.state == P.RUNNING:
+                proc.state, proc.blocked_on = P.BLOCKED, syscall
+                proc.runtime.wake.set()
+
+    def python_resumed(self, pid: int) -> None:
+        """An agent's wait is over: it may run again when scheduled."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is None or proc.kind != P.PYTHON or proc.state != P.BLOCKED:
+                return
+            proc.state, proc.blocked_on = P.RUNNABLE, None
+            if proc.runtime.in_slice:
+                proc.runtime.requeue_after_slice = True
+                return
+        self.scheduler.make_runnable(proc)
+
+    def python_exited(self, proc: Process, status: Any) -> None:
+        """The fork server reports an agent's exit."""
+        with self.lock:
+            py = proc.runtime
+            if py is not None:
+                py.wake.set()
+            if proc.ended:
+                return
+            state, reason, result, error = exit_outcome(status, py.result if py is not None else None)
+            if proc.kill_reason is not None:
+                state, reason = P.KILLED, proc.kill_reason
+            self._end(proc, state, reason, result=result, error=error)
+
+    def set_result(self, pid: int, result: Any) -> None:
+        """Exit: an agent's result before it ends; for a port, closing it."""
+        with self.lock:
+            proc = self.live_locked(pid)
+            if proc.kind == P.PORT:
+                self._end(proc, P.EXITED, "normal", result=result)
+            elif proc.kind == P.PYTHON:
+                proc.runtime.result = result
+            else:
+                raise FailedPrecondition("a Lua process sets its result with sys.exit or its return value")
 
     def _run_lua_slice(self, proc: Process) -> None:
         with self.lock:
@@ -745,6 +862,13 @@ def _startup_error(e: Exception) -> str:
 
 _syntax_lock = threading.Lock()
 _syntax_state: Any = None
+
+
+def check_python_syntax(source: str, name: str) -> None:
+    try:
+        compile(source, name, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as e:
+        raise InvalidArgument(f"Python syntax error: {e}") from None
 
 
 def check_syntax(source: str, name: str) -> None:

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mailbox", type=int, default=10_000, help="default mailbox limit (messages)")
     p.add_argument("--cpu-ms", type=int, default=0, help="default CPU limit per process (0: none)")
     p.add_argument("--wall-ms", type=int, default=0, help="default wall-clock limit per process (0: none)")
+    p.add_argument("--agent-socket", default=None,
+                   help="Unix socket Python agents reach the kernel on (default: DATA_DIR/agents.sock; 'none': no Python userland)")
     p.add_argument("--model", default="tiny",
                    help='"tiny" (built in, random weights), a Hugging Face-style directory, or "none" (default %(default)s)')
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -57,7 +59,9 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
     root = args.userland_root
     if root is None and os.path.isdir("userland"):
         root = os.path.abspath("userland")
+    agent_socket = args.agent_socket or os.path.join(os.path.abspath(args.data_dir), "agents.sock")
     return KernelConfig(
+        agent_socket=None if agent_socket == "none" else agent_socket,
         data_dir=args.data_dir, cpus=args.cpus, quantum_ms=args.quantum_ms, aging_ms=args.aging_ms,
         hook_instructions=args.hook_instructions,
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
@@ -88,6 +92,15 @@ async def serve(args: argparse.Namespace) -> None:
     if port == 0 and not args.listen.startswith("unix:"):
         raise SystemExit(f"llmosd: cannot listen on {args.listen}")
     await server.start()
+    agent_server = None
+    if kernel.config.agent_socket:
+        # Python agents' own door: every call must carry an agent's token.
+        if os.path.exists(kernel.config.agent_socket):
+            os.unlink(kernel.config.agent_socket)
+        agent_server = grpc.aio.server()
+        agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
+        agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
+        await agent_server.start()
     for name in ("", SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
@@ -106,6 +119,8 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("shutting down")
     await server.stop(grace=1.0)
+    if agent_server is not None:
+        await agent_server.stop(grace=0.5)
     kernel.shutdown()
 
 

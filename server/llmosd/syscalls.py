@@ -8,6 +8,7 @@ future, so a thousand blocked clients hold no thread.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -17,7 +18,7 @@ from google.protobuf import message_factory
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
-from .errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
+from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .kernel import Kernel, SpawnSpec
 from .mailbox import Match, Message
 from .process import Limits
@@ -29,6 +30,18 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]
 EVENT_BACKLOG = 10_000
 FILE_CHUNK_BYTES = 1 << 20
 DEFAULT_NAMESPACE = "default"  # external clients' namespace, until tokens map clients to namespaces
+TOKEN_HEADER = "llmos-token"
+
+# The pid of the Python agent making the current call (None: an external client).
+CALLER: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller", default=None)
+
+# On the agent socket, each of these fields must name the calling agent (0 is
+# filled in with it): an agent can send, receive, hold locks... only as itself.
+AGENT_IDENTITY = {
+    "Spawn": "parent", "Send": "from", "Recv": "pid", "Register": "pid", "Monitor": "watcher", "Infer": "pid",
+    "Acquire": "pid", "Release": "pid", "Exit": "pid", "WriteFile": "pid",
+}
+AGENT_DENIED = {"OpenPort": "agents have a mailbox of their own; ports are for external clients"}
 
 
 # -- conversions --------------------------------------------------------------------------
@@ -79,8 +92,13 @@ def _payload(value: Any, data: bytes, limit: int) -> Any:
     return _value(value)
 
 
-async def _await(kernel: Kernel, waiter: AsyncWaiter, on_cancel: Callable[[Any], None] | None = None) -> Any:
-    """Wait for a registered waiter; if the client goes away, undo the wait."""
+async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
+                 on_cancel: Callable[[Any], None] | None = None) -> Any:
+    """Wait for a registered waiter; if the client goes away, undo the wait.
+    A Python agent waiting gives up its CPU meanwhile."""
+    caller = CALLER.get()
+    if caller is not None:
+        kernel.python_blocking(caller, syscall)
     try:
         return await waiter.future
     except asyncio.CancelledError:
@@ -90,6 +108,9 @@ async def _await(kernel: Kernel, waiter: AsyncWaiter, on_cancel: Callable[[Any],
         if taken and on_cancel is not None and waiter.value is not TIMED_OUT:
             on_cancel(waiter.value)
         raise
+    finally:
+        if caller is not None:
+            kernel.python_resumed(caller)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -127,7 +148,7 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest, ctx: Any) -> pb.RecvResponse:
     waiter = AsyncWaiter(asyncio.get_running_loop())
     msg = k.recv(pid, match, waiter, _timeout(req))
     if msg is None:
-        msg = await _await(k, waiter, lambda taken: k.put_back(pid, taken))
+        msg = await _await(k, waiter, "recv", lambda taken: k.put_back(pid, taken))
         if msg is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
     return pb.RecvResponse(message=message_pb(msg))
@@ -137,7 +158,7 @@ async def sys_wait(k: Kernel, req: pb.WaitRequest, ctx: Any) -> pb.WaitResponse:
     waiter = AsyncWaiter(asyncio.get_running_loop())
     rec = k.wait(_pid(req.pid), waiter, _timeout(req))
     if rec is None:
-        rec = await _await(k, waiter)
+        rec = await _await(k, waiter, "wait")
         if rec is TIMED_OUT:
             return pb.WaitResponse(timed_out=True)
     return pb.WaitResponse(process=process_pb(rec))
@@ -145,6 +166,11 @@ async def sys_wait(k: Kernel, req: pb.WaitRequest, ctx: Any) -> pb.WaitResponse:
 
 async def sys_kill(k: Kernel, req: pb.KillRequest, ctx: Any) -> pb.KillResponse:
     return pb.KillResponse(already_ended=not k.kill(_pid(req.pid), req.reason or "killed"))
+
+
+async def sys_exit(k: Kernel, req: pb.ExitRequest, ctx: Any) -> pb.ExitResponse:
+    k.set_result(_pid(req.pid), _value(req.result) if req.HasField("result") else None)
+    return pb.ExitResponse()
 
 
 async def sys_open_port(k: Kernel, req: pb.OpenPortRequest, ctx: Any) -> pb.OpenPortResponse:
@@ -277,7 +303,7 @@ async def sys_acquire(k: Kernel, req: pb.AcquireRequest, ctx: Any) -> pb.Acquire
         else:
             answer = k.sync.acquire(holder.namespace, req.name, pid, priority, waiter, timeout, kind, permits)
     if answer is None:
-        answer = await _await(k, waiter, lambda _: k.release_lock(pid, req.name))
+        answer = await _await(k, waiter, "lock", lambda _: k.release_lock(pid, req.name))
         if answer is TIMED_OUT:
             return pb.AcquireResponse(timed_out=True)
     return pb.AcquireResponse(acquired=True, previous_holder_died=answer.get("previous_holder_died") or 0)
@@ -291,8 +317,15 @@ async def sys_release(k: Kernel, req: pb.ReleaseRequest, ctx: Any) -> pb.Release
 async def sys_infer(k: Kernel, req: pb.InferRequest, ctx: Any) -> AsyncIterator[pb.InferChunk]:
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
-    async for chunk in k.inference.infer_rpc(req):
-        yield chunk
+    caller = CALLER.get()
+    if caller is not None:
+        k.python_blocking(caller, "infer")
+    try:
+        async for chunk in k.inference.infer_rpc(req):
+            yield chunk
+    finally:
+        if caller is not None:
+            k.python_resumed(caller)
 
 
 # The table. Every RPC of the service must have exactly one entry.
@@ -303,6 +336,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "Wait": sys_wait,
     "Infer": sys_infer,
     "Kill": sys_kill,
+    "Exit": sys_exit,
     "OpenPort": sys_open_port,
     "Register": sys_register,
     "Monitor": sys_monitor,
@@ -327,20 +361,63 @@ def _status(err: KernelError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code)
 
 
-def _unary(k: Kernel, fn: Callable[..., Awaitable[Any]]) -> Callable:
+class Identity:
+    """Who may make a call. On the agent socket, the caller is the agent whose
+    token the call carries, and may act only as itself."""
+
+    def __init__(self, k: Kernel, agents: bool) -> None:
+        self.k = k
+        self.agents = agents
+
+    def check(self, method: str, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+        """Set CALLER for the call and return the request, checked (a stream is
+        checked message by message)."""
+        if not self.agents:
+            CALLER.set(None)
+            return req
+        tokens = [v for key, v in ctx.invocation_metadata() or () if key == TOKEN_HEADER]
+        caller = self.k.agents.pid_of(tokens[0]) if tokens and self.k.agents is not None else None
+        if caller is None:
+            raise PermissionDenied("the agent socket needs the llmos-token of a live Python process")
+        CALLER.set(caller)
+        if method in AGENT_DENIED:
+            raise PermissionDenied(AGENT_DENIED[method])
+        field = AGENT_IDENTITY.get(method)
+        if field is None:
+            return req
+        if hasattr(req, "__aiter__"):
+            return self._check_stream(req, field, caller)
+        _act_as(req, field, caller)
+        return req
+
+    async def _check_stream(self, requests: AsyncIterator[Any], field: str, caller: int) -> AsyncIterator[Any]:
+        async for req in requests:
+            _act_as(req, field, caller)
+            yield req
+
+
+def _act_as(req: Any, field: str, caller: int) -> None:
+    given = getattr(req, field)
+    if given == 0:
+        setattr(req, field, caller)
+    elif given != caller:
+        raise PermissionDenied(f"an agent acts only as itself: {field} must be {caller}, not {given}")
+
+
+def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
         try:
-            return await fn(k, req, ctx)
+            return await fn(identity.k, identity.check(method, req, ctx), ctx)
         except KernelError as e:
             await ctx.abort(_status(e), str(e))
 
     return handle
 
 
-def _stream(k: Kernel, fn: Callable[..., AsyncIterator[Any]]) -> Callable:
+def _stream(identity: Identity, method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in fn(k, req, ctx):
+            async for item in fn(identity.k, identity.check(method, req, ctx), ctx):
                 yield item
         except KernelError as e:
             await ctx.abort(_status(e), str(e))
@@ -348,8 +425,10 @@ def _stream(k: Kernel, fn: Callable[..., AsyncIterator[Any]]) -> Callable:
     return handle
 
 
-def kernel_service(k: Kernel) -> grpc.GenericRpcHandler:
-    """The llmos.v1.Kernel service as a gRPC handler, built from SYSCALLS."""
+def kernel_service(k: Kernel, agents: bool = False) -> grpc.GenericRpcHandler:
+    """The llmos.v1.Kernel service as a gRPC handler, built from SYSCALLS.
+    With `agents`, calls must carry an agent's token and act only as it."""
+    identity = Identity(k, agents)
     declared = {m.name for m in SERVICE.methods}
     if declared != set(SYSCALLS):
         raise RuntimeError(f"syscall table and .proto disagree: {sorted(declared ^ set(SYSCALLS))}")
@@ -360,9 +439,9 @@ def kernel_service(k: Kernel) -> grpc.GenericRpcHandler:
         kwargs = dict(request_deserializer=request.FromString, response_serializer=response.SerializeToString)
         fn = SYSCALLS[method.name]
         if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(k, fn), **kwargs)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(identity, method.name, fn), **kwargs)
         elif method.client_streaming:
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_unary(k, fn), **kwargs)
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_unary(identity, method.name, fn), **kwargs)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(k, fn), **kwargs)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(identity, method.name, fn), **kwargs)
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

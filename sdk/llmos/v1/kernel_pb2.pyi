@@ -191,6 +191,18 @@ class KillResponse(_message.Message):
     already_ended: bool
     def __init__(self, already_ended: _Optional[bool] = ...) -> None: ...
 
+class ExitRequest(_message.Message):
+    __slots__ = ("pid", "result")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    result: _struct_pb2.Value
+    def __init__(self, pid: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class ExitResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class OpenPortRequest(_message.Message):
     __slots__ = ("name", "mailbox")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.KillRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.KillResponse.FromString,
                 _registered_method=True)
+        self.Exit = channel.unary_unary(
+                '/llmos.v1.Kernel/Exit',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ExitRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ExitResponse.FromString,
+                _registered_method=True)
         self.OpenPort = channel.unary_unary(
                 '/llmos.v1.Kernel/OpenPort',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.OpenPortRequest.SerializeToString,
@@ -186,6 +191,14 @@ class KernelServicer:
 
     def Kill(self, request, context):
         """Ends a process with a reason. Ending an ended process is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exit(self, request, context):
+        """Sets the caller's result: a Python agent calls it before its program ends
+        (llmos.userland's sys.exit); a client closes its port with it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -329,6 +342,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Kill,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.KillRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.KillResponse.SerializeToString,
+            ),
+            'Exit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exit,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ExitRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ExitResponse.SerializeToString,
             ),
             'OpenPort': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenPort,
@@ -573,6 +591,33 @@ class Kernel:
             '/llmos.v1.Kernel/Kill',
             llmos_dot_v1_dot_kernel__pb2.KillRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.KillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/Exit',
+            llmos_dot_v1_dot_kernel__pb2.ExitRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ExitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,136 @@
+"""The Python userland: programs run as sandboxed subprocesses (see pysandbox).
+
+An agent talks to the kernel over gRPC on the kernel's agent socket, with a
+token that lets it act only as its own pid (syscalls.py checks it). The
+scheduler governs agents like Lua processes: one runs only while it holds a
+virtual CPU; it is stopped (SIGSTOP) when its quantum is spent and someone
+waits, and while it is blocked in a syscall, and continued (SIGCONT) when
+it is scheduled again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .pysandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+    from .process import Process
+
+log = logging.getLogger(__name__)
+
+
+class Agents:
+    """The fork server and the credentials of the running Python agents."""
+
+    def __init__(self, work_root: Path, socket_path: Path, read_only: tuple[Path, ...]) -> None:
+        self.config = LauncherConfig(work_root=work_root, kernel_socket=socket_path, read_only=read_only)
+        self.launcher: Launcher | None = None
+        self.tokens: dict[str, int] = {}  # token -> pid
+        self._start_lock = threading.Lock()
+
+    def launcher_ready(self) -> Launcher:
+        """The fork server, started on first use (it preloads grpc and the SDK: about a second)."""
+        with self._start_lock:
+            if self.launcher is None:
+                launcher = Launcher(self.config)
+                launcher.start()
+                self.launcher = launcher
+            return self.launcher
+
+    def pid_of(self, token: str) -> int | None:
+        return self.tokens.get(token)
+
+    def shutdown(self) -> None:
+        if self.launcher is not None:
+            self.launcher.shutdown()
+
+
+class PythonProcess:
+    """One agent subprocess and the state its slices need."""
+
+    def __init__(self, kernel: Kernel, proc: Process, program_path: Path | None) -> None:
+        self.kernel = kernel
+        self.proc = proc
+        self.program_path = program_path
+        self.token = secrets.token_urlsafe(32)
+        self.child: Child | None = None
+        self.wake = threading.Event()  # ends the current slice: blocked, exited or killed
+        self.in_slice = False
+        self.requeue_after_slice = False  # unblocked while its slice was still ending
+        self.result: Any = None  # set by the Exit syscall
+        self.cpu_s = 0.0
+
+    def start(self) -> None:
+        """Launch the subprocess (on the first slice)."""
+        agents = self.kernel.agents
+        proc = self.proc
+        limits = proc.limits
+        sandbox_limits = SandboxLimits(
+            cpu_s=math.ceil(limits.cpu_ms / 1000) if limits.cpu_ms else None,
+            memory_bytes=limits.memory_bytes or None,
+            wall_s=None,  # the kernel's own wall timer ends it, with the same reason
+        )
+        agents.tokens[self.token] = proc.pid
+        spec = SpawnSpec(
+            pid=proc.pid, token=self.token, args_json=json.dumps(proc.args),
+            source=None if self.program_path else proc.program, path=self.program_path, limits=sandbox_limits,
+        )
+        self.child = agents.launcher_ready().spawn(spec)
+        threading.Thread(target=self._watch, name=f"agent-{proc.pid}", daemon=True).start()
+
+    def _watch(self) -> None:
+        assert self.child is not None
+        status = self.child.wait()
+        assert status is not None
+        self.kernel.python_exited(self.proc, status)
+
+    def account(self) -> None:
+        """Charge the CPU time the subprocess used since the last look."""
+        if self.child is None:
+            return
+        used = self.child.cpu_time()
+        delta = max(used - self.cpu_s, 0.0)
+        self.cpu_s = used
+        proc = self.proc
+        proc.cpu_ns += int(delta * 1e9)
+        proc.vruntime += delta * 1e9 * 100 / proc.weight
+
+    def terminate(self) -> None:
+        self.kernel.agents.tokens.pop(self.token, None)
+        if self.child is not None:
+            self.child.kill()
+        self.wake.set()
+
+    def log_lines(self, limit: int) -> list[str]:
+        if self.child is None:
+            return []
+        try:
+            text = self.child.read_log().decode(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-limit:]
+
+    def memory_used(self) -> int:
+        return self.child.rss() if self.child is not None else 0
+
+
+def exit_outcome(status: ExitStatus, result: Any) -> tuple[str, str, Any, str | None]:
+    """(state, exit reason, result, error) for an agent's exit status."""
+    if status.reason == "exited":
+        if status.code == 0:
+            return "EXITED", "normal", result, None
+        return "CRASHED", "error", None, f"exited with status {status.code}"
+    if status.reason in ("exception", "sandbox_error"):
+        return "CRASHED", "error", None, status.error
+    if status.reason in ("memory_limit", "cpu_limit", "wall_limit"):
+        return "KILLED", status.reason, None, status.error
+    if status.reason == "killed":
+        return "KILLED", "killed", None, status.error
+    return "CRASHED", "error", None, f"killed by signal {status.signal}"
