@@ -19,10 +19,12 @@ import pytest
 
 import llmos
 from llmos.v1 import kernel_pb2 as pb
+from llmos.v1 import kernel_pb2_grpc
+from llmos.values import from_value
 from llmosd.launch import LlmosdServer
 
 MiB = 1 << 20
-MAX_FILE_BYTES = 64 * MiB  # files.FileLimits.max_file_bytes, the server's default (no flag changes it)
+MAX_FILE_BYTES = 64 * MiB  # files.FileLimits.max_file_bytes, the server's default
 STEP_S = 0.01
 WAIT_S = 15.0
 
@@ -788,3 +790,26 @@ def test_semaphore_never_admits_more_than_n_lua_processes(k: llmos.Client, uniq:
     assert inside == 0 and 1 <= most <= 3
     for pid in pids:
         assert k.wait(pid, timeout=WAIT_S).ok
+
+
+def test_quotas_from_server_flags(tmp_path: Any) -> None:
+    """Namespace and per-process quotas, set by llmosd's flags, refuse with RESOURCE_EXHAUSTED."""
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--namespace-files", "3",
+                          "--process-file-bytes", "1000")
+    server.start()
+    try:
+        stub = kernel_pb2_grpc.KernelStub(server.channel())
+        out = stub.Wait(pb.WaitRequest(pid=stub.Spawn(pb.SpawnRequest(lua="""
+            sys.fs.write("a", ("x"):rep(600))
+            local ok, err = pcall(sys.fs.write, "b", ("x"):rep(600))
+            return err
+        """)).pid, timeout_ms=10_000)).process
+        assert "quota" in from_value(out.result) or "limit" in from_value(out.result), out
+        for name in ("n1", "n2"):
+            stub.MakeDir(pb.FilePath(path=name))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.MakeDir(pb.FilePath(path="n3"))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.StatFile(pb.FilePath(path="a")).size == 600
+    finally:
+        server.stop()

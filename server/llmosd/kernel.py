@@ -26,7 +26,7 @@ from .process import Limits, Process
 from .scheduler import DEFAULT_WEIGHT, Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import TIMED_OUT, Timers, Waiter
-from .files import FileStore
+from .files import FileLimits, FileStore
 from .python_runtime import Agents, PythonProcess, exit_outcome
 from .sync import SyncTable
 
@@ -48,6 +48,7 @@ class KernelConfig:
     defaults: Limits = field(default_factory=lambda: Limits(memory_bytes=64 << 20, mailbox=10_000))
     userland_root: str | None = None
     max_message_bytes: int = 4 << 20
+    file_limits: FileLimits = field(default_factory=FileLimits)
     agent_socket: str | None = None  # the Unix socket Python agents reach the kernel on; None: no Python userland
     python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)
     ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
@@ -100,7 +101,7 @@ class Kernel:
         self.store = Store(config.data_dir)
         self.timers = Timers()
         self.sync = SyncTable(self.lock, self.timers)
-        self.files = FileStore(pathlib.Path(config.data_dir) / "files")
+        self.files = FileStore(pathlib.Path(config.data_dir) / "files", config.file_limits)
         self.agents: Agents | None = None
         if config.agent_socket:
             roots = (pathlib.Path(config.userland_root),) if config.userland_root else ()

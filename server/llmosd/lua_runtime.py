@@ -181,7 +181,10 @@ def _opt_str(value: Any, name: str) -> str | None:
         return None
     if type(value) is not bytes:
         raise InvalidArgument(f"{name} must be a string")
-    return value.decode(errors="replace")
+    try:
+        return value.decode()
+    except UnicodeDecodeError:  # two different byte strings must never name one file or lock
+        raise InvalidArgument(f"{name} must be UTF-8 text") from None
 
 
 def _opt_int(value: Any, name: str) -> int | None:
@@ -459,6 +462,8 @@ class LuaProcess:
             raise InvalidArgument(f"sys.fs has no {name}")
         except KernelError as e:
             return None, str(e).encode()
+        except OSError as e:  # disk errors the file store does not classify: still a plain string
+            return None, f"sys.fs.{op.decode()}: {e.strerror or e}".encode()
 
     def file_info(self, info: Any) -> Any:
         return to_lua(self.rt, {"path": info.path, "size": info.size, "is_dir": info.is_dir,

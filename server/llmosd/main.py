@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import KernelError
+from .files import FileLimits
 from .kernel import Kernel, KernelConfig, SpawnSpec
 from .process import Limits
 from .syscalls import SERVICE, kernel_service
@@ -51,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--kv-memory", type=int, default=256 << 20, help="bytes of KV cache (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded per engine step")
+    p.add_argument("--file-max-bytes", type=int, default=FileLimits.max_file_bytes, help="largest file")
+    p.add_argument("--namespace-bytes", type=int, default=FileLimits.namespace_bytes, help="file bytes per namespace")
+    p.add_argument("--namespace-files", type=int, default=FileLimits.namespace_files,
+                   help="files and directories per namespace")
+    p.add_argument("--process-file-bytes", type=int, default=FileLimits.process_bytes, help="file bytes per process")
+    p.add_argument("--process-files", type=int, default=FileLimits.process_files, help="files per process")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -67,6 +74,9 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox),
         userland_root=root,
+        file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
+                               namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,
+                               process_files=args.process_files),
     )
 
 

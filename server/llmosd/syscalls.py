@@ -287,6 +287,10 @@ async def sys_rename_file(k: Kernel, req: pb.RenameFileRequest, ctx: Any) -> pb.
     return file_pb(await asyncio.to_thread(k.files.rename, DEFAULT_NAMESPACE, req.from_path, req.to_path))
 
 
+async def sys_make_dir(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.FileInfo:
+    return file_pb(await asyncio.to_thread(k.files.mkdir, DEFAULT_NAMESPACE, req.path))
+
+
 # -- locks ----------------------------------------------------------------------------------------
 async def sys_acquire(k: Kernel, req: pb.AcquireRequest, ctx: Any) -> pb.AcquireResponse:
     pid = _pid(req.pid)
@@ -351,6 +355,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "ListFiles": sys_list_files,
     "DeleteFile": sys_delete_file,
     "RenameFile": sys_rename_file,
+    "MakeDir": sys_make_dir,
     "Acquire": sys_acquire,
     "Release": sys_release,
 }

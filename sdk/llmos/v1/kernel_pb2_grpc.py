@@ -139,6 +139,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.RenameFileRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
                 _registered_method=True)
+        self.MakeDir = channel.unary_unary(
+                '/llmos.v1.Kernel/MakeDir',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+                _registered_method=True)
         self.Acquire = channel.unary_unary(
                 '/llmos.v1.Kernel/Acquire',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.AcquireRequest.SerializeToString,
@@ -296,6 +301,13 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MakeDir(self, request, context):
+        """with its parents; an existing directory is fine
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Acquire(self, request, context):
         """Locks: named mutexes and counting semaphores, held by a process (or a
         port) and released when it ends. Waiters are served by priority, then FIFO.
@@ -416,6 +428,11 @@ def add_KernelServicer_to_server(servicer, server):
             'RenameFile': grpc.unary_unary_rpc_method_handler(
                     servicer.RenameFile,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.RenameFileRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.SerializeToString,
+            ),
+            'MakeDir': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeDir,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.FilePath.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.FileInfo.SerializeToString,
             ),
             'Acquire': grpc.unary_unary_rpc_method_handler(
@@ -995,6 +1012,33 @@ class Kernel:
             target,
             '/llmos.v1.Kernel/RenameFile',
             llmos_dot_v1_dot_kernel__pb2.RenameFileRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeDir(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/MakeDir',
+            llmos_dot_v1_dot_kernel__pb2.FilePath.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.FileInfo.FromString,
             options,
             channel_credentials,
