@@ -589,3 +589,26 @@ def test_cli_fs_put_cat_ls_mv_rm(server: str, tmp_path: pathlib.Path) -> None:
     assert escape.returncode == 1 and "INVALID_ARGUMENT" in escape.stderr
     nolocal = llmos_cli(server, "fs", "put", str(tmp_path / "absent"), f"{d}/x")
     assert nolocal.returncode == 2 and "cannot read" in nolocal.stderr
+
+
+def test_cli_logs_and_top(server: str, k: llmos.Client) -> None:
+    client = k
+    spinner = client.spawn(lua='print("first") sys.log("second", 2) while true do end')
+    idle = client.spawn(lua="sys.recv{}")
+    try:
+        for _ in range(100):  # bounded: until both lines are logged
+            if len(client.read_log(spinner)[0]) == 2:
+                break
+        logs = llmos_cli(server, "logs", str(spinner))
+        assert logs.returncode == 0 and logs.stdout.splitlines() == ["first", "second\t2"]
+        top = llmos_cli(server, "top", "-n", "2", "--interval", "0.3")
+        assert top.returncode == 0, top.stderr
+        last = top.stdout.split("llmos top")[-1].splitlines()
+        header = last[1].split()
+        rows = {int(line.split()[0]): line.split() for line in last[2:]}
+        cpu = header.index("CPU%")
+        assert float(rows[spinner][cpu]) > 20.0  # the busy one, measured over the interval
+        assert float(rows[idle][cpu]) == 0.0 and "BLOCKED:recv" in rows[idle]
+    finally:
+        client.kill(spinner)
+        client.kill(idle)

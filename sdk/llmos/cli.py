@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -126,6 +127,57 @@ def format_ps(processes: Sequence[ProcessInfo]) -> str:
 
 def cmd_ps(k: Client, a: argparse.Namespace) -> int:
     print(format_ps(k.ps(include_ended=a.all)))
+    return EXIT_OK
+
+
+def cmd_logs(k: Client, a: argparse.Namespace) -> int:
+    offset = 0
+    while True:
+        lines, offset = k.read_log(a.pid, offset)
+        for line in lines:
+            print(line, flush=True)
+        if not a.follow or k.get(a.pid).ended:
+            return EXIT_OK
+        time.sleep(a.interval)
+
+
+TOP_COLUMNS = ("PID", "NAME", "KIND", "STATE", "PRIO", "WEIGHT", "CPU%", "CPU_MS", "MEM_KB", "TOKENS", "MSGS",
+               "MAILBOX")
+
+
+def format_top(now: Sequence[ProcessInfo], before: dict[int, int], seconds: float) -> str:
+    """The `llmos top` table: processes by CPU use over the last interval, busiest first."""
+    def cpu_percent(p: ProcessInfo) -> float:
+        return 100.0 * (p.usage.get("cpu_ms", 0) - before.get(p.pid, 0)) / (seconds * 1000) if seconds else 0.0
+
+    busiest = sorted(now, key=lambda p: (-cpu_percent(p), p.pid))
+    rows = [TOP_COLUMNS] + [
+        (str(p.pid), p.name or "-", p.kind, p.state + (f":{p.blocked_on}" if p.blocked_on else ""),
+         str(p.priority), str(p.weight), f"{cpu_percent(p):.1f}", str(p.usage.get("cpu_ms", 0)),
+         str(p.usage.get("memory_bytes", 0) // 1024), str(p.usage.get("tokens", 0)),
+         f"{p.usage.get('messages_received', 0)}/{p.usage.get('messages_sent', 0)}",
+         str(p.usage.get("mailbox_len", 0)))
+        for p in busiest
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TOP_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def cmd_top(k: Client, a: argparse.Namespace) -> int:
+    before: dict[int, int] = {}
+    last = time.monotonic()
+    shown = 0
+    while a.iterations == 0 or shown < a.iterations:
+        processes = k.ps()
+        now = time.monotonic()
+        table = format_top(processes, before, now - last if before else 0.0)
+        if sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")  # home and clear, like top
+        print(f"llmos top - {len(processes)} processes ({k.target})\n{table}", flush=True)
+        before, last = {p.pid: p.usage.get("cpu_ms", 0) for p in processes}, now
+        shown += 1
+        if a.iterations == 0 or shown < a.iterations:
+            time.sleep(a.interval)
     return EXIT_OK
 
 
@@ -265,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ps", help="list processes")
     p.add_argument("--all", action="store_true", help="include ended processes")
     p.set_defaults(handler=cmd_ps)
+
+    p = sub.add_parser("logs", help="print a process's log (print / sys.log lines, a Python agent's output)")
+    p.add_argument("pid", type=int)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the process ends")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between looks with --follow")
+    p.set_defaults(handler=cmd_logs)
+
+    p = sub.add_parser("top", help="processes by CPU use, refreshed like top")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("-n", "--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
+    p.set_defaults(handler=cmd_top)
 
     p = sub.add_parser("port", help="open a mailbox for this shell to receive on; print its pid")
     p.add_argument("--name", help="a registered name for the port")

@@ -87,6 +87,7 @@ class ProcessInfo:
     ended_at_ms: int
     blocked_on: str
     namespace: str
+    weight: int
 
     @property
     def ended(self) -> bool:
@@ -165,7 +166,7 @@ def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
         usage=_fields(info.usage), exit_reason=info.exit_reason,
         result=from_value(info.result) if info.HasField("result") else None, error=info.error,
         started_at_ms=info.started_at_ms, ended_at_ms=info.ended_at_ms, blocked_on=info.blocked_on,
-        namespace=info.namespace,
+        namespace=info.namespace, weight=info.weight,
     )
 
 
@@ -457,9 +458,21 @@ class Syscalls:
         yield self._unary("Monitor", pb.MonitorRequest(watcher=watcher, target=target))
 
     @syscall
-    def set_priority(self, pid: int, priority: int) -> Plan[None]:
-        """Change a process's scheduling priority (higher runs first)."""
-        yield self._unary("SetPriority", pb.SetPriorityRequest(pid=pid, priority=priority))
+    def set_priority(self, pid: int, priority: int, weight: int = 0) -> Plan[None]:
+        """Change a process's scheduling priority (higher runs first) and, unless 0, its
+        weight (its share of CPU within its priority; the default is 100)."""
+        yield self._unary("SetPriority", pb.SetPriorityRequest(pid=pid, priority=priority, weight=weight))
+
+    @syscall
+    def read_log(self, pid: int, offset: int = 0) -> Plan[tuple[list[str], int]]:
+        """The process's log lines from line ``offset`` on, and the offset to read on from."""
+        reply = yield self._unary("ReadLog", pb.ReadLogRequest(pid=pid, offset=offset))
+        return list(reply.lines), reply.next_offset
+
+    @syscall
+    def exit(self, pid: int, result: JSON = None) -> Plan[None]:
+        """Close port ``pid`` with ``result`` (a Python agent sets its own result this way)."""
+        yield self._unary("Exit", pb.ExitRequest(pid=pid, result=_value(result, "result")))
 
     @syscall
     def ps(self, states: Sequence[str] | str | None = None, name: str | None = None, parent: int = 0,

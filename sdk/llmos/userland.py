@@ -32,8 +32,7 @@ import grpc
 
 from .client import Client, FileInfo, Message, ProcessInfo
 from .errors import FailedPrecondition
-from .v1 import kernel_pb2, kernel_pb2_grpc
-from .values import to_value
+from .v1 import kernel_pb2_grpc
 
 JSON = Any
 TOKEN_HEADER = "llmos-token"  # the metadata the kernel's agent socket checks
@@ -158,8 +157,8 @@ class Sys:
     def info(self, pid: int | None = None) -> ProcessInfo:
         return self._k.get(pid or self.pid)
 
-    def set_priority(self, pid: int | None, priority: int) -> None:
-        self._k.set_priority(pid or self.pid, priority)
+    def set_priority(self, pid: int | None, priority: int, weight: int = 0) -> None:
+        self._k.set_priority(pid or self.pid, priority, weight)
 
     def sleep(self, ms: float) -> None:
         """Sleep in the kernel, so that this process gives up its CPU while it waits."""
@@ -180,7 +179,7 @@ class Sys:
 
     def exit(self, value: JSON = None) -> None:
         """End now with `value` as the result."""
-        self._k._stub.Exit(kernel_pb2.ExitRequest(pid=self.pid, result=to_value(value)))
+        self._k.exit(self.pid, value)
         _sys.stdout.flush()
         _sys.stderr.flush()
         os._exit(0)

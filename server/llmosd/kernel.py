@@ -523,7 +523,7 @@ class Kernel:
     def usage(self, proc: Process) -> dict[str, int]:
         runtime = proc.runtime
         return {
-            "cpu_ms": proc.cpu_ns // 1_000_000,
+            "cpu_ms": (runtime.cpu_ns() if runtime is not None else proc.cpu_ns) // 1_000_000,
             "wall_ms": now_ms() - proc.started_at_ms,
             "messages_sent": proc.messages_sent,
             "messages_received": proc.messages_received,

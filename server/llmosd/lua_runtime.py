@@ -214,6 +214,7 @@ class LuaProcess:
         self.kernel = kernel
         self.proc = proc
         self.slice_start = 0  # perf_counter_ns when the current slice began
+        self.in_slice = False
         rt = self.rt = new_state(proc.limits.memory_bytes)
         bridge = rt.table_from({
             b"check": self.check, b"self": self.self_pid, b"spawn": self.spawn, b"send": self.send,
@@ -236,12 +237,14 @@ class LuaProcess:
     # of asking the OS for that on every resume.
     def begin_slice(self) -> None:
         self.slice_start = time.perf_counter_ns()
+        self.in_slice = True
         if self.async_preempt:
             _preempt.set_running(self.main_state)
 
     def end_slice(self) -> None:
         if self.async_preempt:
             _preempt.set_running(0)
+        self.in_slice = False
         ran = time.perf_counter_ns() - self.slice_start
         proc = self.proc
         proc.cpu_ns += ran
@@ -259,6 +262,11 @@ class LuaProcess:
 
     def memory_used(self) -> int:
         return self.rt.get_memory_used()
+
+    def cpu_ns(self) -> int:
+        """CPU time so far, the running slice included (read from other threads)."""
+        running = time.perf_counter_ns() - self.slice_start if self.in_slice else 0
+        return self.proc.cpu_ns + running
 
     # -- the count hook ---------------------------------------------------------------------
     def check(self) -> bytes | None:

@@ -120,6 +120,9 @@ class PythonProcess:
     def memory_used(self) -> int:
         return self.child.rss() if self.child is not None else 0
 
+    def cpu_ns(self) -> int:
+        return self.proc.cpu_ns
+
 
 def exit_outcome(status: ExitStatus, result: Any) -> tuple[str, str, Any, str | None]:
     """(state, exit reason, result, error) for an agent's exit status."""
