@@ -22,6 +22,8 @@ from llmos.values import from_value, to_value
 from llmosd.launch import LlmosdServer
 
 SPIN = "while true do end"
+PY_SPIN = "while True:\n    pass\n"
+PY_FIRST_SYSCALL = "from llmos.userland import sys\nsys.send(sys.args, sys.now())\n"
 
 # A sender that wakes every few ms and messages a high-priority receiver,
 # which notes how long after the send it got to run.
@@ -51,8 +53,12 @@ def cpu_ms(stub: kernel_pb2_grpc.KernelStub, pids: list[int]) -> list[float]:
     return [stub.GetProcess(pb.GetProcessRequest(pid=p)).usage.cpu_ms for p in pids]
 
 
-def run_spinners(stub: kernel_pb2_grpc.KernelStub, weights: list[int], seconds: float) -> list[float]:
-    pids = [stub.Spawn(pb.SpawnRequest(lua=SPIN, weight=w)).pid for w in weights]
+def run_spinners(stub: kernel_pb2_grpc.KernelStub, weights: list[int], seconds: float, python: bool = False
+                 ) -> list[float]:
+    program = {"python": PY_SPIN} if python else {"lua": SPIN}
+    pids = [stub.Spawn(pb.SpawnRequest(weight=w, **program)).pid for w in weights]
+    if python:  # let every agent start before measuring
+        time.sleep(1.0)
     start = cpu_ms(stub, pids)
     time.sleep(seconds)
     end = cpu_ms(stub, pids)
@@ -69,7 +75,22 @@ def wake_latency(stub: kernel_pb2_grpc.KernelStub, spinners: int, n: int) -> lis
     info = stub.Wait(pb.WaitRequest(pid=receiver, timeout_ms=120_000)).process
     for pid in pids:
         stub.Kill(pb.KillRequest(pid=pid))
+    if info.state != pb.EXITED:
+        raise RuntimeError(f"the receiver ended {pb.ProcessState.Name(info.state)}: {info.exit_reason} {info.error}")
     return list(from_value(info.result))
+
+
+def python_spawn_latency(stub: kernel_pb2_grpc.KernelStub, n: int) -> list[float]:
+    """ms from just before Spawn until the agent's first syscall (a send with its clock)."""
+    port = stub.OpenPort(pb.OpenPortRequest()).pid
+    out = []
+    for _ in range(n):
+        start = time.time() * 1000
+        pid = stub.Spawn(pb.SpawnRequest(python=PY_FIRST_SYSCALL, args=to_value(port))).pid
+        msg = stub.Recv(pb.RecvRequest(pid=port, timeout_ms=30_000)).message
+        out.append(from_value(msg.body) - start)
+        stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=30_000))
+    return out
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -104,6 +125,15 @@ def main() -> int:
             rows.append(("weights 1:2:4 (2 processes each, 2 vCPUs): shares",
                          " / ".join(f"{s:.3f}" for s in shares) + f" (ideal {' / '.join(f'{w:.3f}' for w in want)})",
                          "within 5%", worst <= 0.05))
+            py = run_spinners(stub, [100] * 8, seconds, python=True)
+            py_index = jain(py)
+            rows.append(("8 equal CPU-bound Python processes, 2 vCPUs: Jain's index", f"{py_index:.4f}", "≥ 0.95",
+                         py_index >= 0.95))
+            spawn = python_spawn_latency(stub, 20 if opts.quick else 100)
+            p99_spawn = percentile(spawn, 0.99)
+            rows.append(("Python agent: Spawn to first syscall, p50 / p99",
+                         f"{statistics.median(spawn):.1f} / {p99_spawn:.1f} ms", "p50 ≤ 30 ms",
+                         statistics.median(spawn) <= 30))
             lat = wake_latency(stub, 16, 50 if opts.quick else 300)
             p99 = percentile(lat, 0.99)
             rows.append(("high-priority wake-up with 16 CPU-bound processes: p50 / p99",

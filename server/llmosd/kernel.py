@@ -601,7 +601,8 @@ class Kernel:
     # -- running Lua processes -----------------------------------------------------------
     def _wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> bool:
         lua = proc.runtime
-        return lua is not None and lua.async_preempt and lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting)
+        return (proc.kind == P.LUA and lua is not None and lua.async_preempt
+                and lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting))
 
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
@@ -632,6 +633,9 @@ class Kernel:
                 with self.lock:
                     self._end(proc, P.CRASHED, "error", error=f"cannot start the Python agent: {e}")
                 return
+            with self.lock:
+                if proc.kill_reason is not None:  # killed while starting: its exit report ends it
+                    py.child.kill()
         else:
             py.child.cont()
         try:
@@ -653,7 +657,7 @@ class Kernel:
                     proc.state = P.RUNNABLE
                     requeue = True
             if requeue:
-                self.scheduler.make_runnable(proc)
+                self.scheduler.requeue(proc)
 
     def python_blocking(self, pid: int, syscall: str) -> None:
         """An agent is about to wait in `syscall`: its CPU goes to someone else."""
@@ -740,7 +744,7 @@ class Kernel:
                     with self.lock:
                         proc.state = P.RUNNABLE
                         proc.resume_value = _Ready(args)
-                    self.scheduler.make_runnable(proc)
+                    self.scheduler.requeue(proc)
                     return
                 continue
             with self.lock:

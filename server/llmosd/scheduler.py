@@ -143,6 +143,10 @@ class Scheduler:
             return
         self._enqueue(proc)
 
+    def requeue(self, proc: Process) -> None:
+        """Queue a process that used up its quantum: behind the others, never as runnext."""
+        self._enqueue(proc)
+
     def _enqueue(self, proc: Process) -> None:
         with self._lock:
             self._queue.push(proc)
@@ -225,8 +229,11 @@ class Scheduler:
             top = self._queue.top_priority()
             for ident, proc in list(self._running.items()):
                 waiting = top is not None and top >= proc.priority
-                if self._wants_cpu_back(proc, now, waiting):
-                    signal.pthread_kill(ident, self._signal)
+                try:
+                    if self._wants_cpu_back(proc, now, waiting):
+                        signal.pthread_kill(ident, self._signal)
+                except Exception:  # one process's trouble must not end preemption for all
+                    log.exception("preemption check of pid %d failed", proc.pid)
 
     # -- workers ---------------------------------------------------------------------
     def _worker(self) -> None:
