@@ -1,0 +1,875 @@
+"""The Python userland through a real llmosd over real gRPC: the example
+programs (userland/python/), messaging with Lua, monitors, names, selective
+receive, logs, exits, kills, limits, scheduling, escapes, and shutdown.
+
+Programs are spawned by path ("python/...") or as source. Values a test needs
+inside an agent travel in its args, never formatted into the source.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import textwrap
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import grpc
+import pytest
+
+import llmos
+from llmos.client import ProcessInfo
+from llmosd.launch import LlmosdServer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+USERLAND = ROOT / "userland"
+WAIT_S = 30  # generous bound for any process here to end
+
+
+# -- servers and helpers ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
+    """One server for this module, without an inference engine (nothing here infers)."""
+    srv = LlmosdServer(tmp_path_factory.mktemp("pyuserland") / "data", "--model", "none", userland_root=USERLAND)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: LlmosdServer) -> Iterator[llmos.Client]:
+    with llmos.Client(server.target) as c:
+        yield c
+
+
+def src(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def run(client: llmos.Client, **spawn: Any) -> ProcessInfo:
+    pid = client.spawn(**spawn)
+    info = client.wait(pid, timeout=WAIT_S)
+    assert info is not None, f"pid {pid} did not end within {WAIT_S} s"
+    return info
+
+
+def result(info: ProcessInfo) -> Any:
+    assert (info.state, info.exit_reason) == ("EXITED", "normal"), (info.state, info.exit_reason, info.error)
+    return info.result
+
+
+def until(what: Callable[[], Any], message: str, tries: int = 500, pause: float = 0.02) -> Any:
+    """Poll `what` (a bounded number of times) until it returns something truthy."""
+    for _ in range(tries):
+        got = what()
+        if got:
+            return got
+        time.sleep(pause)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def wait_blocked(client: llmos.Client, pid: int) -> ProcessInfo:
+    return until(lambda: (lambda i: i if i.state == "BLOCKED" else None)(client.get(pid)), f"pid {pid} to block")
+
+
+def layers(server: LlmosdServer) -> set[str]:
+    """The sandbox layers the server's fork server reported (its log says so after the first spawn)."""
+    for line in reversed(server.log_path.read_text(errors="replace").splitlines()):
+        if "python sandbox layers:" in line:
+            return set(line.split("python sandbox layers:", 1)[1].split(";")[0].replace(" ", "").split(","))
+    raise AssertionError("the server never logged its sandbox layers")
+
+
+def need(server: LlmosdServer, layer: str) -> None:
+    if layer not in layers(server):
+        pytest.skip(f"the {layer} layer is not available on this host")
+
+
+# -- the host view of a server's processes (from /proc) ------------------------------------------
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state letter), or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(fields[1]), fields[0]
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root` (by parent links, read once from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None and st[1] not in ("Z", "X"):
+                children.setdefault(st[0], []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            if kid not in found:
+                found.add(kid)
+                todo.append(kid)
+    return found
+
+
+def agent_host_pids(server: LlmosdServer) -> dict[int, int]:
+    """llmos pid -> host pid of the server's live agents (an agent's cwd is .../agents/<pid>)."""
+    out = {}
+    for host in descendants(server.pid):
+        try:
+            cwd = pathlib.Path(os.readlink(f"/proc/{host}/cwd"))
+        except OSError:
+            continue
+        if cwd.parent.name == "agents" and cwd.name.isdigit():
+            out[int(cwd.name)] = host
+    return out
+
+
+def host_pid(server: LlmosdServer, pid: int) -> int:
+    return until(lambda: agent_host_pids(server).get(pid), f"the host process of agent {pid}")
+
+
+def gone(host: int) -> bool:
+    st = _stat(host)
+    return st is None or st[1] in ("Z", "X")
+
+
+# -- the example programs -------------------------------------------------------------------------
+def test_echo(client: llmos.Client) -> None:
+    name = unique("pyecho")
+    port = client.open_port()
+    pid = client.spawn(path="python/echo.py", args={"name": name, "timeout_ms": 20_000})
+    until(lambda: client.ps(name=name), "echo.py to register its name")
+    client.send(name, {"n": 1, "s": "héllo"}, sender=port, tag="greet", data=b"\x00\xff", correlation_id="c1")
+    client.send(pid, [1, 2, 3], sender=port, tag="list", correlation_id="c2")
+    first = client.recv(port, timeout=WAIT_S)
+    second = client.recv(port, timeout=WAIT_S)
+    assert first is not None and second is not None
+    assert (first.sender, first.tag, first.body, first.data, first.correlation_id) == \
+        (pid, "greet", {"n": 1, "s": "héllo"}, b"\x00\xff", "c1")
+    assert (second.tag, second.body, second.correlation_id) == ("list", [1, 2, 3], "c2")
+    client.send(pid, None, sender=port, tag="stop", correlation_id="bye")
+    ack = client.recv(port, timeout=WAIT_S)
+    assert ack is not None and (ack.tag, ack.body, ack.correlation_id) == ("stopped", {"echoed": 2}, "bye")
+    assert result(client.wait(pid, timeout=WAIT_S)) == {"echoed": 2, "stopped_by": port}
+
+
+def test_echo_stops_by_itself(client: llmos.Client) -> None:
+    info = run(client, path="python/echo.py", args={"timeout_ms": 100})
+    assert result(info) == {"echoed": 0, "stopped_by": None, "timed_out": True}
+    assert client.read_log(info.pid)[0] == ["echo: no message for 100 ms, stopping"]
+
+
+@pytest.mark.parametrize("lang", ["python", "lua"])
+def test_map_reduce_redoes_a_crashed_chunk(client: llmos.Client, lang: str) -> None:
+    items = list(range(1, 16))
+    info = run(client, path="python/map_reduce.py",
+               args={"items": items, "workers": 4, "lang": lang, "crash_chunk": 2})
+    assert result(info) == {"sum": sum(x * x for x in items), "chunks": 4, "crashed": 1, "retried": 1,
+                            "lang": lang}
+    log = client.read_log(info.pid)[0]
+    assert len(log) == 1 and "for chunk 2 ended (error)" in log[0] and "worker crashing on purpose" in log[0]
+    workers = client.ps(parent=info.pid, include_ended=True)
+    assert len(workers) == 5 and {w.kind for w in workers} == {lang.upper()}
+    ended = [client.wait(w.pid, timeout=WAIT_S) for w in workers]  # a worker may still be ending
+    assert sorted(w.state for w in ended) == ["CRASHED"] + ["EXITED"] * 4
+
+
+def test_map_reduce_without_crashes(client: llmos.Client) -> None:
+    assert result(run(client, path="python/map_reduce.py")) == \
+        {"sum": 385, "chunks": 4, "crashed": 0, "retried": 0, "lang": "python"}
+
+
+def test_supervisor_restarts_until_the_child_succeeds(client: llmos.Client) -> None:
+    report = result(run(client, path="python/supervisor.py", args={"fail_times": 2}))
+    child = report["children"]["worker"]
+    assert report["restarts"] == 2
+    assert (child["status"], child["restarts"], child["result"]) == ("done", 2, 42)
+    assert [e["reason"] for e in child["exits"]] == ["error", "error", "normal"]
+    assert [e["error"] for e in child["exits"]] == [
+        "RuntimeError: flaky worker failing on attempt 1", "RuntimeError: flaky worker failing on attempt 2", None]
+
+
+def test_supervisor_gives_up_and_restarts_one_for_one(client: llmos.Client) -> None:
+    steady = "from llmos.userland import sys\nsys.exit(sys.args['attempt'] * 10)\n"
+    children = [
+        {"id": "flaky", "fail_times": 5},  # the built-in Python worker: fails every allowed attempt
+        {"id": "steady", "python": steady},
+        {"id": "lua", "lua": "if args.attempt < 2 then error('lua child fails once') end return 'lua ok'"},
+    ]
+    report = result(run(client, path="python/supervisor.py", args={"max_restarts": 2, "children": children}))
+    kids = report["children"]
+    assert (kids["flaky"]["status"], kids["flaky"]["restarts"]) == ("gave_up", 2)
+    assert [e["reason"] for e in kids["flaky"]["exits"]] == ["error"] * 3
+    assert (kids["steady"]["status"], kids["steady"]["restarts"], kids["steady"]["result"]) == ("done", 0, 10)
+    assert (kids["lua"]["status"], kids["lua"]["restarts"], kids["lua"]["result"]) == ("done", 1, "lua ok")
+    assert "lua child fails once" in kids["lua"]["exits"][0]["error"]
+    assert report["restarts"] == 3
+
+
+def test_coordinator_drives_a_pool_of_lua_workers(client: llmos.Client) -> None:
+    items = list(range(1, 21))
+    info = run(client, path="python/coordinator.py", args={"items": items, "workers": 3, "job_size": 2})
+    out = result(info)
+    assert (out["sum"], out["mode"], out["jobs"]) == (sum(x * x for x in items), "pool", 10)
+    assert sorted(out["by_worker"].values()) == [3, 3, 4]  # round robin over 3 workers
+    for pid, n in out["by_worker"].items():
+        worker = client.wait(int(pid), timeout=WAIT_S)
+        assert (worker.kind, worker.parent, worker.state, worker.result) == ("LUA", info.pid, "EXITED", n)
+
+
+def test_coordinator_runs_lua_programs_by_path(client: llmos.Client) -> None:
+    items = list(range(1, 12))
+    info = run(client, path="python/coordinator.py", args={"items": items, "workers": 3, "mode": "programs"})
+    out = result(info)
+    assert (out["sum"], out["mode"], out["jobs"]) == (sum(x * x for x in items), "programs", 3)
+    children = client.ps(parent=info.pid, include_ended=True)
+    assert len(children) == 3 and {c.kind for c in children} == {"LUA"}
+    assert all(c.result["sum"] > 0 for c in children)
+
+
+# -- messaging, monitors, names -----------------------------------------------------------------------
+PY_ANSWERS = src("""
+    from llmos.userland import sys
+    ask = sys.recv(tag="ask", timeout_ms=20000)
+    sys.send(ask.sender, {"double": ask.body["n"] * 2, "upper": ask.body["s"].upper()},
+             tag="answer", correlation_id=ask.correlation_id, data=ask.data + b"!")
+    sys.exit({"asked_by": ask.sender})
+""")
+
+
+def test_lua_drives_a_python_agent(client: llmos.Client) -> None:
+    lua = """
+      local py = sys.spawn{python = args.py, monitor = true}
+      sys.send(py, {n = 21, s = "hi"}, {tag = "ask", correlation_id = "q1", data = "raw"})
+      local reply = sys.recv{from = py, tag = "answer", timeout_ms = 20000}
+      local exit = sys.recv{from = py, tag = "EXIT", timeout_ms = 20000}
+      return {py = py, body = reply.body, corr = reply.correlation_id, data = reply.data,
+              reason = exit.body.reason, result = exit.body.result, me = sys.self()}
+    """
+    out = result(run(client, lua=lua, args={"py": PY_ANSWERS}))
+    assert out["body"] == {"double": 42, "upper": "HI"}
+    assert (out["corr"], out["data"], out["reason"]) == ("q1", "raw!", "normal")
+    assert out["result"] == {"asked_by": out["me"]}
+    assert client.get(out["py"]).kind == "PYTHON"
+
+
+def test_python_drives_lua_echo(client: llmos.Client) -> None:
+    program = src("""
+        from llmos.userland import sys
+        echo = sys.spawn(path="lua/echo.lua", monitor=True)
+        got = []
+        for i, data in enumerate([b"", b"\\x00\\x01bytes\\xff"]):
+            sys.send(echo, {"i": i, "list": [1, "two", None, True]}, tag="t%d" % i, data=data,
+                     correlation_id="c%d" % i)
+            m = sys.recv(sender=echo, correlation_id="c%d" % i, timeout_ms=20000)
+            got.append([m.tag, m.body, m.data.hex(), m.correlation_id])
+        sys.send(echo, None, tag="stop")
+        stopped = sys.recv(sender=echo, tag="stopped", timeout_ms=20000)
+        exit = sys.recv(sender=echo, tag="EXIT", timeout_ms=20000)
+        sys.exit({"got": got, "stopped": stopped.body, "exit": exit.body, "echo": echo})
+    """)
+    out = result(run(client, python=program))
+    assert out["got"] == [["t0", {"i": 0, "list": [1, "two", None, True]}, "", "c0"],
+                          ["t1", {"i": 1, "list": [1, "two", None, True]}, b"\x00\x01bytes\xff".hex(), "c1"]]
+    assert out["stopped"] == {"echoed": 2}
+    assert out["exit"]["reason"] == "normal" and out["exit"]["state"] == "EXITED"
+    assert out["exit"]["pid"] == out["echo"]
+    assert client.get(out["echo"]).kind == "LUA"
+
+
+def test_monitors_of_python_processes(client: llmos.Client) -> None:
+    program = src("""
+        from llmos.userland import sys
+        crasher = sys.spawn(python="raise KeyError('gone')", monitor=True)
+        sleeper = sys.spawn(python="from llmos.userland import sys\\nsys.recv()")
+        sys.monitor(sleeper)                    # monitor after the fact
+        lua = sys.spawn(lua="return {ok = true}", monitor=True)
+        notices = {}
+        for _ in range(2):
+            m = sys.recv(tag="EXIT", timeout_ms=20000)
+            notices[m.sender] = m.body
+        sys.kill(sleeper)
+        m = sys.recv(tag="EXIT", sender=sleeper, timeout_ms=20000)
+        notices[m.sender] = m.body
+        sys.exit({"crasher": notices[crasher], "sleeper": notices[sleeper], "lua": notices[lua],
+                  "pids": [crasher, sleeper, lua]})
+    """)
+    out = result(run(client, python=program))
+    crasher, sleeper, lua = out["pids"]
+    assert out["crasher"] == {"pid": crasher, "state": "CRASHED", "reason": "error", "result": None,
+                              "error": "KeyError: 'gone'"}
+    assert (out["sleeper"]["pid"], out["sleeper"]["state"], out["sleeper"]["reason"]) == (sleeper, "KILLED", "killed")
+    assert (out["lua"]["state"], out["lua"]["result"]) == ("EXITED", {"ok": True})
+
+
+def test_an_external_port_monitors_a_python_agent(client: llmos.Client) -> None:
+    port = client.open_port()
+    pid = client.spawn(python="from llmos.userland import sys\nsys.recv(tag='go')\nsys.exit([1, 'x'])",
+                       parent=port, monitor=True)
+    client.send(pid, None, sender=port, tag="go")
+    notice = client.recv(port, tag="EXIT", timeout=WAIT_S)
+    assert notice is not None and notice.sender == pid
+    assert notice.body == {"pid": pid, "state": "EXITED", "reason": "normal", "result": [1, "x"], "error": None}
+
+
+def test_registered_names(client: llmos.Client) -> None:
+    name = unique("py-service")
+    server_src = src("""
+        from llmos.userland import sys
+        sys.register(sys.args["name"])
+        m = sys.recv(tag="hello", timeout_ms=20000)
+        sys.send(m.sender, "hello back", tag="reply")
+        sys.exit("served")
+    """)
+    client_src = src("""
+        from llmos import AlreadyExists
+        from llmos.userland import sys
+        name = sys.args["name"]
+        found = None
+        for _ in range(500):                    # until the service has registered
+            found = sys.whereis(name)
+            if found:
+                break
+            sys.sleep(10)
+        try:
+            sys.register(name)
+            taken = "REGISTERED TWICE"
+        except AlreadyExists as e:
+            taken = "AlreadyExists"
+        sys.send(name, None, tag="hello")       # by name
+        reply = sys.recv(tag="reply", timeout_ms=20000)
+        ended = sys.wait(found, timeout_ms=20000)
+        sys.exit({"found": found, "taken": taken, "reply": reply.body, "from": reply.sender,
+                  "after": sys.whereis(name), "result": ended.result})
+    """)
+    service = client.spawn(python=server_src, args={"name": name})
+    out = result(run(client, python=client_src, args={"name": name}))
+    assert out == {"found": service, "taken": "AlreadyExists", "reply": "hello back", "from": service,
+                   "after": None, "result": "served"}
+
+
+def test_selective_receive(client: llmos.Client) -> None:
+    program = src("""
+        from llmos.userland import sys
+        order = []
+        go = sys.recv(tag="go", timeout_ms=20000)              # skips everything sent before it
+        order.append(go.body)
+        order.append(sys.recv(correlation_id="c-2", timeout_ms=0).body)
+        order.append(sys.recv(sender=sys.args["other"], timeout_ms=0).body)
+        order.append(sys.recv(tag="a", timeout_ms=0).body)
+        order.append(sys.recv(timeout_ms=0).body)
+        order.append(sys.recv(tag="nothing-like-this", timeout_ms=50))
+        order.append(sys.recv(timeout_ms=0))
+        sys.exit(order)
+    """)
+    port, other = client.open_port(), client.open_port()
+    pid = client.spawn(python=program, args={"other": other})
+    client.send(pid, 1, sender=port, tag="a")
+    client.send(pid, 2, sender=port, tag="b", correlation_id="c-2")
+    client.send(pid, 3, sender=port, tag="a")
+    client.send(pid, 4, sender=other, tag="a")
+    client.send(pid, "go", sender=port, tag="go")
+    assert result(client.wait(pid, timeout=WAIT_S)) == ["go", 2, 4, 1, 3, None, None]
+
+
+def test_sys_wait(client: llmos.Client) -> None:
+    program = src("""
+        from llmos.userland import sys
+        quick = sys.spawn(python="from llmos.userland import sys\\nsys.exit(7)")
+        lua = sys.spawn(lua="return 'from lua'")
+        sleeper = sys.spawn(python="from llmos.userland import sys\\nsys.recv()")
+        done = sys.wait(quick, timeout_ms=20000)
+        lua_done = sys.wait(lua, timeout_ms=20000)
+        not_yet = sys.wait(sleeper, timeout_ms=100)
+        sys.kill(sleeper)
+        killed = sys.wait(sleeper, timeout_ms=20000)
+        sys.exit({"quick": [done.state, done.exit_reason, done.result, done.parent == sys.self()],
+                  "lua": [lua_done.state, lua_done.result], "not_yet": not_yet,
+                  "killed": [killed.state, killed.exit_reason]})
+    """)
+    assert result(run(client, python=program)) == {
+        "quick": ["EXITED", "normal", 7, True], "lua": ["EXITED", "from lua"], "not_yet": None,
+        "killed": ["KILLED", "killed"]}
+
+
+def test_args_and_pid(client: llmos.Client) -> None:
+    args = {"list": [1, 2.5, "ü", None, True], "nested": {"k": [{}]}, "big": 2 ** 40}
+    name = unique("py-args")
+    program = src("""
+        import os
+        from llmos.userland import sys
+        me = sys.info()
+        sys.exit({"self": sys.self(), "env": int(os.environ["LLMOS_PID"]), "args": sys.args,
+                  "info": [me.pid, me.name, me.kind, me.state]})
+    """)
+    pid = client.spawn(python=program, args=args, name=name)
+    out = result(client.wait(pid, timeout=WAIT_S))
+    assert out == {"self": pid, "env": pid, "args": args, "info": [pid, name, "PYTHON", "RUNNING"]}
+    assert result(run(client, python="from llmos.userland import sys\nsys.exit(sys.args)")) is None
+
+
+# -- logs and exits ------------------------------------------------------------------------------
+def test_the_log(client: llmos.Client) -> None:
+    program = src("""
+        import sys as python_sys
+        from llmos.userland import sys
+        print("to stdout", 1)
+        python_sys.stderr.write("to stderr\\n")
+        sys.log("via sys.log", {"k": 2})
+        print("last line", flush=True)
+    """)
+    info = run(client, python=program)
+    assert result(info) is None
+    lines, next_offset = client.read_log(info.pid)
+    assert sorted(lines) == sorted(["to stdout 1", "to stderr", "via sys.log {'k': 2}", "last line"])
+    assert lines.index("via sys.log {'k': 2}") < lines.index("last line")  # both flushed, in order
+    assert next_offset == 4
+    assert client.read_log(info.pid, offset=3) == (lines[3:], 4)
+
+
+def test_an_uncaught_exception_crashes_with_its_message(client: llmos.Client) -> None:
+    info = run(client, python="print('before')\nraise ValueError('boom: ' + 'x' * 3)\n")
+    assert (info.state, info.exit_reason, info.error) == ("CRASHED", "error", "ValueError: boom: xxx")
+    log = client.read_log(info.pid)[0]
+    assert log[0] == "before" and log[1] == "Traceback (most recent call last):" and log[-1] == "ValueError: boom: xxx"
+
+
+@pytest.mark.parametrize("program, state, reason, error, value", [
+    ("raise SystemExit(3)", "CRASHED", "error", "exited with status 3", None),
+    ("import os\nos._exit(5)", "CRASHED", "error", "exited with status 5", None),
+    ("raise SystemExit(0)", "EXITED", "normal", "", None),
+    ("x = 1", "EXITED", "normal", "", None),
+    ("from llmos.userland import sys\nsys.exit({'v': [1]})\nraise RuntimeError('not reached')",
+     "EXITED", "normal", "", {"v": [1]}),
+    ("import ctypes\nctypes.string_at(0)", "CRASHED", "error", "killed by signal 11", None),  # a segfault
+])
+def test_exit_codes(client: llmos.Client, program: str, state: str, reason: str, error: str, value: Any) -> None:
+    info = run(client, python=program)
+    assert (info.state, info.exit_reason, info.error, info.result) == (state, reason, error, value)
+
+
+def test_syntax_error_at_spawn(client: llmos.Client) -> None:
+    with pytest.raises(llmos.InvalidArgument, match="(?i)syntax"):
+        client.spawn(python="def broken(:\n    pass\n")
+    program = src("""
+        from llmos import InvalidArgument
+        from llmos.userland import sys
+        out = []
+        for kind, text in (("python", "x = ("), ("lua", "local = 1")):
+            try:
+                sys.spawn(**{kind: text})
+                out.append("SPAWNED")
+            except InvalidArgument as e:
+                out.append(e.code.name)
+        sys.exit(out)
+    """)
+    assert result(run(client, python=program)) == ["INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+
+
+# -- kills, limits, blocking, scheduling ---------------------------------------------------------------
+def test_kill_a_blocked_agent(server: LlmosdServer, client: llmos.Client) -> None:
+    pid = client.spawn(python="from llmos.userland import sys\nsys.recv()")
+    info = wait_blocked(client, pid)
+    assert info.blocked_on == "recv"
+    host = host_pid(server, pid)
+    assert client.kill(pid) is True
+    ended = client.wait(pid, timeout=WAIT_S)
+    assert (ended.state, ended.exit_reason) == ("KILLED", "killed")
+    until(lambda: gone(host), f"host process {host} to go")
+    assert client.kill(pid) is False  # already ended
+
+
+def test_kill_a_cpu_bound_agent(server: LlmosdServer, client: llmos.Client) -> None:
+    pid = client.spawn(python="n = 0\nwhile True:\n    n += 1\n")
+    host = host_pid(server, pid)
+    until(lambda: client.get(pid).usage["cpu_ms"] > 0, "the agent to use some CPU")
+    assert client.kill(pid, "enough") is True
+    ended = client.wait(pid, timeout=WAIT_S)
+    assert (ended.state, ended.exit_reason) == ("KILLED", "enough")
+    until(lambda: gone(host), f"host process {host} to go")
+
+
+def test_cpu_limit(client: llmos.Client) -> None:
+    info = run(client, python="while True:\n    pass\n", limits={"cpu_ms": 300})
+    assert (info.state, info.exit_reason) == ("KILLED", "cpu_limit")
+    assert info.usage["cpu_ms"] >= 300
+
+
+@pytest.mark.parametrize("program", [
+    "import time\ntime.sleep(60)",                           # sleeping in the host's kernel
+    "from llmos.userland import sys\nsys.recv()",           # blocked in a syscall
+    "while True:\n    pass",                                 # CPU-bound, below any CPU limit
+])
+def test_wall_limit(client: llmos.Client, program: str) -> None:
+    info = run(client, python=program, limits={"wall_ms": 300})
+    assert (info.state, info.exit_reason) == ("KILLED", "wall_limit")
+
+
+@pytest.mark.parametrize("program, limits", [
+    ("hog = bytearray(4 << 30)", None),                                              # one huge allocation
+    ("hog = []\nwhile True:\n    hog.append(bytearray(32 << 20))", {"memory_bytes": 512 << 20}),  # gradual
+])
+def test_memory_bomb(client: llmos.Client, program: str, limits: dict | None) -> None:
+    info = run(client, python=program, limits=limits)
+    # RLIMIT_AS makes the allocation fail; the MemoryError that escapes ends the agent with memory_limit.
+    assert (info.state, info.exit_reason, info.error) == ("KILLED", "memory_limit", "MemoryError")
+    assert info.limits["memory_bytes"] == (limits or {}).get("memory_bytes", 1 << 30)
+
+
+def test_blocked_agents_are_stopped(server: LlmosdServer, client: llmos.Client) -> None:
+    program = src("""
+        from llmos.userland import sys
+        if sys.args == "child":
+            m = sys.recv(tag="wake")
+            sys.exit(m.body)
+        child = sys.spawn(python=sys.args["me"], args="child")
+        sys.send(sys.args["port"], child, tag="child")
+        sys.exit(sys.wait(child).result)
+    """)
+    port = client.open_port()
+    parent = client.spawn(python=program, args={"me": program, "port": port})
+    child = client.recv(port, tag="child", timeout=WAIT_S).body
+    for pid, syscall in ((parent, "wait"), (child, "recv")):
+        info = wait_blocked(client, pid)
+        assert info.blocked_on == syscall
+        host = host_pid(server, pid)
+        until(lambda: _stat(host)[1] == "T", f"agent {pid} (host {host}) to be stopped")  # SIGSTOP while blocked
+        assert client.get(pid).state == "BLOCKED"
+    client.send(child, "woken", sender=port, tag="wake")
+    assert result(client.wait(parent, timeout=WAIT_S)) == "woken"
+
+
+def test_sleep_blocks_in_the_kernel(client: llmos.Client) -> None:
+    pid = client.spawn(python="from llmos.userland import sys\nsys.sleep(60_000)")
+    assert wait_blocked(client, pid).blocked_on == "recv"
+    client.kill(pid)
+    assert client.wait(pid, timeout=WAIT_S).state == "KILLED"
+
+
+@pytest.fixture
+def one_cpu(tmp_path: pathlib.Path) -> Iterator[llmos.Client]:
+    """A server of the test's own with one virtual CPU."""
+    srv = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "1", userland_root=USERLAND)
+    srv.start()
+    try:
+        with llmos.Client(srv.target) as c:
+            yield c
+    finally:
+        srv.stop()
+
+
+def cpu_bound(c: llmos.Client, n: int) -> list[int]:
+    return [c.spawn(python="while True:\n    pass\n", limits={"wall_ms": 20_000}) for _ in range(n)]
+
+
+def end_all(c: llmos.Client, pids: list[int]) -> None:
+    for p in pids:
+        c.kill(p)
+    assert {c.wait(p, timeout=WAIT_S).state for p in pids} == {"KILLED"}
+
+
+def test_at_most_cpus_agents_run_at_once(one_cpu: llmos.Client) -> None:
+    c = one_cpu
+    pids = cpu_bound(c, 4)
+    until(lambda: any(p.state == "RUNNING" for p in c.ps("RUNNING")), "an agent to run")
+    counts = []
+    for _ in range(60):
+        counts.append(len([p for p in c.ps("RUNNING") if p.pid in pids]))
+        time.sleep(0.02)
+    assert max(counts) == 1, counts  # one virtual CPU: never two agents running at once
+    states = [c.get(p).state for p in pids]
+    assert set(states) <= {"RUNNING", "RUNNABLE"} and states.count("RUNNING") <= 1, states
+    end_all(c, pids)
+
+
+def test_cpu_bound_agents_take_turns(one_cpu: llmos.Client) -> None:
+    c = one_cpu
+    pids = cpu_bound(c, 4)
+    try:
+        until(lambda: all(c.get(p).usage["cpu_ms"] > 0 for p in pids), "every agent to get some CPU", tries=150)
+    finally:
+        end_all(c, pids)
+
+
+# -- escapes: each fails inside the sandbox, and the server carries on ------------------------------
+@pytest.fixture
+def carries_on(client: llmos.Client) -> Iterator[None]:
+    yield
+    assert result(run(client, python="from llmos.userland import sys\nsys.exit('alive')")) == "alive"
+
+
+def probe(client: llmos.Client, program: str, args: Any = None) -> Any:
+    """Run an escape attempt that reports what happened to each try as its result."""
+    return result(run(client, python=src(program), args=args))
+
+
+def test_escape_tcp_connection(server: LlmosdServer, client: llmos.Client, carries_on: None) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.3)
+    try:
+        out = probe(client, """
+            import socket
+            from llmos.userland import sys
+            out = []
+            for addr in (("127.0.0.1", sys.args), ("::1", sys.args), ("localhost", sys.args)):
+                try:
+                    socket.create_connection(addr, timeout=2).close()
+                    out.append("CONNECTED")
+                except OSError as e:
+                    out.append("refused")
+            try:
+                socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+                out.append("RAW SOCKET")
+            except OSError:
+                out.append("refused")
+            sys.exit(out)
+        """, args=listener.getsockname()[1])
+        assert out == ["refused"] * 4
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def test_escape_read_etc_shadow(server: LlmosdServer, client: llmos.Client, carries_on: None) -> None:
+    need(server, "landlock")
+    out = probe(client, """
+        from llmos.userland import sys
+        out = {}
+        for path in ("/etc/shadow", "/proc/self/root/etc/shadow", "/etc/passwd", "/root"):
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+                out[path] = "READ"
+            except OSError as e:
+                out[path] = type(e).__name__
+        sys.exit(out)
+    """)
+    assert out == {"/etc/shadow": "PermissionError", "/proc/self/root/etc/shadow": "PermissionError",
+                   "/etc/passwd": "PermissionError", "/root": "PermissionError"}
+
+
+def test_escape_read_another_agents_directory(server: LlmosdServer, client: llmos.Client, carries_on: None) -> None:
+    need(server, "landlock")
+    port = client.open_port()
+    victim = client.spawn(python=src("""
+        import os
+        from llmos.userland import sys
+        with open("secret", "w") as f:
+            f.write("s3cret")
+        sys.send(sys.args, os.getcwd(), tag="cwd")
+        sys.exit(sys.recv(tag="done").body)
+    """), args=port)
+    cwd = client.recv(port, tag="cwd", timeout=WAIT_S).body
+    assert (pathlib.Path(cwd) / "secret").read_text() == "s3cret"  # it is there, seen from the host
+    out = probe(client, """
+        import os
+        from llmos.userland import sys
+        cwd = sys.args
+        out = []
+        for attempt in (lambda: open(os.path.join(cwd, "secret")).read(), lambda: os.listdir(cwd),
+                        lambda: open(os.path.join(cwd, "planted"), "w").write("x"),
+                        lambda: os.listdir(os.path.dirname(cwd))):
+            try:
+                out.append(["GOT", attempt()])
+            except OSError as e:
+                out.append(type(e).__name__)
+        sys.exit(out)
+    """, args=cwd)
+    assert out == ["PermissionError"] * 4
+    assert not (pathlib.Path(cwd) / "planted").exists()
+    client.send(victim, "untouched", sender=port, tag="done")
+    assert result(client.wait(victim, timeout=WAIT_S)) == "untouched"
+
+
+def test_escape_write_outside_the_working_directory(server: LlmosdServer, client: llmos.Client,
+                                                    carries_on: None, tmp_path: pathlib.Path) -> None:
+    need(server, "landlock")
+    targets = [str(tmp_path / "escaped"), f"/tmp/{unique('llmos-escape')}", str(server.data_dir / "planted"),
+               str(USERLAND / "python" / f"{unique('evil')}.py"), str(server.data_dir / "python" / "agents" / "x")]
+    out = probe(client, """
+        import os
+        from llmos.userland import sys
+        out = []
+        for path in sys.args:
+            try:
+                with open(path, "w") as f:
+                    f.write("x")
+                out.append("WROTE")
+            except OSError as e:
+                out.append(type(e).__name__)
+        try:                                  # a link planted in its own directory leads nowhere either
+            os.symlink("/tmp", "tmp-link")
+            with open("tmp-link/via-link", "w") as f:
+                f.write("x")
+            out.append("WROTE")
+        except OSError as e:
+            out.append(type(e).__name__)
+        with open("inside", "w") as f:        # its own directory is writable
+            f.write("fine")
+        out.append(open("inside").read())
+        sys.exit(out)
+    """, args=targets)
+    assert out == ["PermissionError"] * 6 + ["fine"]
+    assert not any(os.path.exists(t) for t in targets) and not os.path.exists("/tmp/via-link")
+
+
+def test_escape_fork_bomb(server: LlmosdServer, client: llmos.Client, carries_on: None) -> None:
+    before = descendants(server.pid)
+    out = probe(client, """
+        import os
+        from llmos.userland import sys
+        made = 0
+        error = None
+        for _ in range(200):                  # bounded: the sandbox must stop it well before
+            try:
+                if os.fork() == 0:
+                    import time
+                    time.sleep(30)
+                    os._exit(0)
+                made += 1
+            except OSError as e:
+                error = type(e).__name__
+                break
+        sys.exit({"made": made, "error": error})
+    """)
+    assert out["error"] is not None and out["made"] < 64  # 64: the agents' process limit
+    log = server.log_path.read_text(errors="replace")
+    if "fork limit: seccomp" in log:  # as root, agents may not fork at all (EAGAIN, as at a process limit)
+        assert out == {"made": 0, "error": "BlockingIOError"}
+    # nothing the agent forked outlives it
+    until(lambda: descendants(server.pid) <= before | set(agent_host_pids(server).values()), "forked children to go")
+
+
+def test_escape_ptrace_a_sibling(server: LlmosdServer, client: llmos.Client, carries_on: None) -> None:
+    port = client.open_port()
+    sibling = client.spawn(python="from llmos.userland import sys\nm = sys.recv(tag='done')\nsys.exit(m.body)")
+    wait_blocked(client, sibling)
+    target = host_pid(server, sibling)
+    out = probe(client, """
+        import ctypes, os
+        from llmos.userland import sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        out = []
+        for request in (16, 0x4206):          # PTRACE_ATTACH, PTRACE_SEIZE
+            ok = libc.ptrace(request, sys.args, None, None) == 0
+            out.append("ATTACHED" if ok else "refused")
+        for path in ("/proc/%d/mem" % sys.args, "/proc/%d/environ" % sys.args):
+            try:
+                open(path, "rb").read(1)
+                out.append("READ")
+            except OSError:
+                out.append("refused")
+        sys.exit(out)
+    """, args=target)
+    assert out == ["refused"] * 4
+    assert _stat(target) is not None and client.get(sibling).state == "BLOCKED"
+    client.send(sibling, "untouched", sender=port, tag="done")
+    assert result(client.wait(sibling, timeout=WAIT_S)) == "untouched"
+
+
+def test_escape_kill_the_server(server: LlmosdServer, client: llmos.Client, carries_on: None) -> None:
+    zygote = min(h for h in descendants(server.pid) if _stat(h) and _stat(h)[0] == server.pid
+                 and "zygote" in pathlib.Path(f"/proc/{h}/cmdline").read_text(errors="replace"))
+    out = probe(client, """
+        import os, signal
+        from llmos.userland import sys
+        out = []
+        for pid in sys.args:
+            for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):
+                try:
+                    os.kill(pid, sig)
+                    out.append("SENT")
+                except OSError:
+                    out.append("refused")
+        sys.exit(out)
+    """, args=[server.pid, zygote])
+    assert out == ["refused"] * 6
+    assert _stat(server.pid)[1] not in ("T", "Z", "X") and _stat(zygote)[1] not in ("T", "Z", "X")
+
+
+def test_escape_another_pids_credential(server: LlmosdServer, client: llmos.Client, carries_on: None) -> None:
+    port = client.open_port()
+    victim = client.spawn(python="from llmos.userland import sys\nm = sys.recv()\nsys.exit([m.tag, m.sender])")
+    wait_blocked(client, victim)
+    out = probe(client, """
+        import os
+        import grpc
+        from google.protobuf import struct_pb2
+        from llmos.userland import sys
+        from llmos.v1 import kernel_pb2 as pb, kernel_pb2_grpc
+        victim = sys.args
+        channel = grpc.insecure_channel("unix:" + os.environ["LLMOS_SOCKET"])
+        stub = kernel_pb2_grpc.KernelStub(channel)
+        mine = [("llmos-token", os.environ["LLMOS_TOKEN"])]
+        calls = {
+            "send_as_victim": (stub.Send, pb.SendRequest(to=victim, tag="forged", **{"from": victim})),
+            "recv_victims_mailbox": (stub.Recv, pb.RecvRequest(pid=victim, timeout_ms=0)),
+            "register_victim": (stub.Register, pb.RegisterRequest(pid=victim, name="stolen")),
+            "monitor_as_victim": (stub.Monitor, pb.MonitorRequest(watcher=victim, target=sys.self())),
+            "spawn_as_victims_child": (stub.Spawn, pb.SpawnRequest(python="pass", parent=victim)),
+            "exit_as_victim": (stub.Exit, pb.ExitRequest(pid=victim)),
+            "open_port": (stub.OpenPort, pb.OpenPortRequest()),
+        }
+        out = {}
+        for name, (call, request) in calls.items():
+            for who, metadata in (("own", mine), ("none", []), ("made_up", [("llmos-token", "x" * 43)])):
+                try:
+                    call(request, metadata=metadata, timeout=10)
+                    out[name + "/" + who] = "ALLOWED"
+                except grpc.RpcError as e:
+                    out[name + "/" + who] = e.code().name
+        # the same through the SDK: sys.send may name only this process as the sender
+        try:
+            sys._k.send(victim, "forged", sender=victim)
+            out["sdk_send_as_victim"] = "ALLOWED"
+        except Exception as e:
+            out["sdk_send_as_victim"] = type(e).__name__
+        sys.exit(out)
+    """, args=victim)
+    assert out == {key: ("PermissionDenied" if key.startswith("sdk") else "PERMISSION_DENIED") for key in out}
+    assert len(out) == 7 * 3 + 1
+    # the victim's mailbox, name and state are untouched: the first message it gets is ours
+    assert client.ps(name="stolen") == []
+    client.send(victim, None, sender=port, tag="real")
+    assert result(client.wait(victim, timeout=WAIT_S)) == ["real", port]
+
+
+# -- shutdown -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_no_agent_outlives_the_server(tmp_path: pathlib.Path, how: int) -> None:
+    # Its own server, with a virtual CPU for every agent, so that all four start at once.
+    srv = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "4", userland_root=USERLAND)
+    srv.start()
+    try:
+        with llmos.Client(srv.target) as c:
+            pids = [
+                c.spawn(python="from llmos.userland import sys\nsys.recv()"),            # blocked (stopped)
+                c.spawn(python="from llmos.userland import sys\nwhile True:\n    sys.sleep(5)"),  # in and out
+                c.spawn(python="while True:\n    pass\n"),                               # CPU-bound
+                c.spawn(python="import time\ntime.sleep(120)"),                          # asleep in the host
+            ]
+            hosts = {pid: host_pid(srv, pid) for pid in pids}
+            wait_blocked(c, pids[0])
+        tree = descendants(srv.pid)
+        assert set(hosts.values()) <= tree and len(tree) > len(hosts)  # the agents and the fork server
+        srv.stop(how)
+        left = list(tree)
+        for _ in range(500):
+            left = [h for h in tree if not gone(h)]
+            if not left:
+                break
+            time.sleep(0.02)
+        assert left == [], f"outlived the server: {left}"
+    finally:
+        srv.stop(signal.SIGKILL)
