@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from llmos.v1 import kernel_pb2 as pb
-from llmos.values import from_value
+from llmos.values import from_value, to_value
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -22,6 +22,17 @@ README = (ROOT / "README.md").read_text()
 
 def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def test_python_agent_example_runs(stub: Any) -> None:
+    [source] = blocks("python agent")
+    port = stub.OpenPort(pb.OpenPortRequest()).pid
+    pid = stub.Spawn(pb.SpawnRequest(python=source)).pid
+    stub.Send(pb.SendRequest(**{"from": port}, to=pid, tag="job", body=to_value(21)))
+    info = stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=60_000)).process
+    assert info.state == pb.EXITED, info.error
+    assert from_value(info.result) == {"answer": 42}
+    assert "doubled 21" in stub.ReadLog(pb.ReadLogRequest(pid=pid)).lines
 
 
 def test_readme_has_examples() -> None:
