@@ -115,14 +115,19 @@ PS_COLUMNS = ("PID", "NAME", "KIND", "STATE", "PRIO", "CPU_MS", "MSGS", "MAILBOX
 
 def format_ps(processes: Sequence[ProcessInfo]) -> str:
     """The `llmos ps` table; MSGS is messages received/sent, MAILBOX the messages waiting."""
-    rows = [PS_COLUMNS] + [
+    return _table(PS_COLUMNS, [
         (str(p.pid), p.name or "-", p.kind, p.state, str(p.priority), str(p.usage.get("cpu_ms", 0)),
          f"{p.usage.get('messages_received', 0)}/{p.usage.get('messages_sent', 0)}",
          str(p.usage.get("mailbox_len", 0)))
         for p in processes
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(PS_COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    ])
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    lines = [tuple(columns), *rows]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
 
 
 def cmd_ps(k: Client, a: argparse.Namespace) -> int:
@@ -151,16 +156,14 @@ def format_top(now: Sequence[ProcessInfo], before: dict[int, int], seconds: floa
         return 100.0 * (p.usage.get("cpu_ms", 0) - before.get(p.pid, 0)) / (seconds * 1000) if seconds else 0.0
 
     busiest = sorted(now, key=lambda p: (-cpu_percent(p), p.pid))
-    rows = [TOP_COLUMNS] + [
+    return _table(TOP_COLUMNS, [
         (str(p.pid), p.name or "-", p.kind, p.state + (f":{p.blocked_on}" if p.blocked_on else ""),
          str(p.priority), str(p.weight), f"{cpu_percent(p):.1f}", str(p.usage.get("cpu_ms", 0)),
          str(p.usage.get("memory_bytes", 0) // 1024), str(p.usage.get("tokens", 0)),
          f"{p.usage.get('messages_received', 0)}/{p.usage.get('messages_sent', 0)}",
          str(p.usage.get("mailbox_len", 0)))
         for p in busiest
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TOP_COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    ])
 
 
 def cmd_top(k: Client, a: argparse.Namespace) -> int:
