@@ -16,7 +16,6 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
-import grpc
 import pytest
 
 import llmos
@@ -805,7 +804,6 @@ def test_escape_another_pids_credential(server: LlmosdServer, client: llmos.Clie
     out = probe(client, """
         import os
         import grpc
-        from google.protobuf import struct_pb2
         from llmos.userland import sys
         from llmos.v1 import kernel_pb2 as pb, kernel_pb2_grpc
         victim = sys.args
