@@ -4,7 +4,6 @@ crashes, is killed with the right reason, or simply finds nothing), while the
 server and a concurrently running well-behaved process carry on."""
 from __future__ import annotations
 
-import signal
 import time
 from typing import Any, Iterator
 

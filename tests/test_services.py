@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import threading
 import time
 import uuid
 from typing import Any, Iterator

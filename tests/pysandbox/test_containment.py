@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 from _sbx import RunFn, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 
-from llmosd.pysandbox import Launcher, LauncherConfig, Limits
+from llmosd.pysandbox import Launcher, LauncherConfig
 
 SERVER_DIR = Path(__file__).resolve().parents[2] / "server"
 TEST_USER = "llmos-sbx-test"
