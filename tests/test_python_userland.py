@@ -871,3 +871,9 @@ def test_no_agent_outlives_the_server(tmp_path: pathlib.Path, how: int) -> None:
         assert left == [], f"outlived the server: {left}"
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_a_memory_error_the_program_raises_is_not_a_memory_limit(client: llmos.Client) -> None:
+    info = run(client, python="raise MemoryError('my own, no limit reached')")
+    assert (info.state, info.exit_reason) == ("CRASHED", "error")
+    assert info.error == "MemoryError: my own, no limit reached"

@@ -205,7 +205,10 @@ def agent_main(plan: dict[str, Any], log_fd: int, payload_fd: int, lifeline_fd: 
         _finish(status)
     except MemoryError as exc:
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
-        _write_outcome({"kind": "memory_limit", "error": "MemoryError"})
+        # A failed allocation raises a MemoryError with no message; one the program
+        # raised itself, with a message, is an ordinary exception.
+        kind = "exception" if exc.args else "memory_limit"
+        _write_outcome({"kind": kind, "error": "".join(traceback.format_exception_only(exc)).strip()})
         _finish(EXIT_EXCEPTION)
     except BaseException as exc:
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)  # from the program's frame on
