@@ -300,7 +300,9 @@ def main() -> int:
     q = opts.quick
     rows: list = []
     with tempfile.TemporaryDirectory() as tmp:
-        server = LlmosdServer(pathlib.Path(tmp) / "data")
+        # The kernel alone: no inference engine (torch and a model would add ~600 MiB and
+        # their own threads to the server, which these figures are not about).
+        server = LlmosdServer(pathlib.Path(tmp) / "data", "--model", "none")
         server.start()
         try:
             k = Kernel(server.target)
@@ -311,7 +313,8 @@ def main() -> int:
             spawning(k, server, 2000 if q else 20_000, 1000 if q else 10_000, rows)
         finally:
             server.stop()
-    print(f"llmos kernel benchmark ({os.cpu_count()} cores, Python {sys.version.split()[0]}, Lua 5.4 via lupa)")
+    print(f"llmos kernel benchmark ({os.cpu_count()} cores, Python {sys.version.split()[0]}, Lua 5.4 via lupa; "
+          "server without an inference engine)")
     print_table(rows)
     return 0
 
