@@ -27,7 +27,7 @@ from .scheduler import DEFAULT_WEIGHT, Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import TIMED_OUT, Timers, Waiter
 from .files import FileLimits, FileStore
-from .python_runtime import Agents, PythonProcess, exit_outcome
+from .python_runtime import Agents, PythonProcess
 from .sync import SyncTable
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ class Kernel:
                 raise NotFound(f"no process with pid {pid}")
             if proc.kind == P.PORT or proc.state in (P.BLOCKED, P.RUNNABLE):
                 # Not running any code (a preempted process stays RUNNING): end it now.
-                self._end(proc, P.KILLED, reason)
+                self.end_locked(proc, P.KILLED, reason)
             elif proc.kind == P.PYTHON:
                 # Its exit, reported by the fork server, ends it with this reason.
                 proc.kill_reason = reason
@@ -425,8 +425,8 @@ class Kernel:
                 self.scheduler.interrupt(proc)
             return True
 
-    def _end(self, proc: Process, state: str, reason: str, result: Any = None, error: str | None = None) -> None:
-        """Record the end of `proc` and tell everyone who asked. Holds the lock."""
+    def end_locked(self, proc: Process, state: str, reason: str, result: Any = None, error: str | None = None) -> None:
+        """Record the end of `proc` and tell everyone who asked (lock held)."""
         if proc.ended:
             return
         proc.state, proc.blocked_on = state, None
@@ -608,56 +608,13 @@ class Kernel:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         try:
             if proc.kind == P.PYTHON:
-                self._run_python_slice(proc)
+                proc.runtime.run_slice()
             else:
                 self._run_lua_slice(proc)
         except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING
             log.exception("pid %d: kernel error", proc.pid)
             with self.lock:
-                self._end(proc, P.CRASHED, "error", error=f"kernel error: {e!r}")
-
-    def _run_python_slice(self, proc: Process) -> None:
-        """Let an agent run (SIGCONT) until it blocks, ends, or its quantum is
-        spent while someone waits; then stop it (SIGSTOP). The worker thread
-        waits meanwhile, holding the virtual CPU the agent runs on."""
-        py: PythonProcess = proc.runtime
-        with self.lock:
-            if proc.ended:
-                return
-            proc.state, py.in_slice, py.requeue_after_slice = P.RUNNING, True, False
-            py.wake.clear()
-        if py.child is None:
-            try:
-                py.start()
-            except Exception as e:  # the fork server is down, or refused
-                with self.lock:
-                    self._end(proc, P.CRASHED, "error", error=f"cannot start the Python agent: {e}")
-                return
-            with self.lock:
-                if proc.kill_reason is not None:  # killed while starting: its exit report ends it
-                    py.child.kill()
-        else:
-            py.child.cont()
-        try:
-            while not py.wake.wait(self.config.quantum_s):
-                py.account()
-                if proc.limits.cpu_ms and proc.cpu_ns > proc.limits.cpu_ms * 1_000_000:
-                    self.kill(proc.pid, "cpu_limit")
-                elif self.scheduler.should_yield(proc):
-                    break
-        finally:
-            py.account()
-            with self.lock:
-                py.in_slice = False
-                if proc.ended or proc.kill_reason is not None:
-                    return  # the fork server's exit report ends it
-                py.child.stop()
-                requeue = py.requeue_after_slice
-                if proc.state == P.RUNNING:  # preempted
-                    proc.state = P.RUNNABLE
-                    requeue = True
-            if requeue:
-                self.scheduler.requeue(proc)
+                self.end_locked(proc, P.CRASHED, "error", error=f"kernel error: {e!r}")
 
     def python_blocking(self, pid: int, syscall: str) -> None:
         """An agent is about to wait in `syscall`: its CPU goes to someone else."""
@@ -679,25 +636,12 @@ class Kernel:
                 return
         self.scheduler.make_runnable(proc)
 
-    def python_exited(self, proc: Process, status: Any) -> None:
-        """The fork server reports an agent's exit."""
-        with self.lock:
-            py = proc.runtime
-            if py is not None:
-                py.wake.set()
-            if proc.ended:
-                return
-            state, reason, result, error = exit_outcome(status, py.result if py is not None else None)
-            if proc.kill_reason is not None:
-                state, reason = P.KILLED, proc.kill_reason
-            self._end(proc, state, reason, result=result, error=error)
-
     def set_result(self, pid: int, result: Any) -> None:
         """Exit: an agent's result before it ends; for a port, closing it."""
         with self.lock:
             proc = self.live_locked(pid)
             if proc.kind == P.PORT:
-                self._end(proc, P.EXITED, "normal", result=result)
+                self.end_locked(proc, P.EXITED, "normal", result=result)
             elif proc.kind == P.PYTHON:
                 proc.runtime.result = result
             else:
@@ -708,7 +652,7 @@ class Kernel:
             if proc.ended:
                 return
             if proc.kill_reason is not None:
-                self._end(proc, P.KILLED, proc.kill_reason)
+                self.end_locked(proc, P.KILLED, proc.kill_reason)
                 return
             proc.state = P.RUNNING
         lua = proc.runtime
@@ -717,7 +661,7 @@ class Kernel:
                 lua = proc.runtime = LuaProcess(self, proc)
             except Exception as e:  # compile errors, memory limit too small for the sandbox
                 with self.lock:
-                    self._end(proc, P.CRASHED, "error", error=_startup_error(e))
+                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(e))
                 return
             args: tuple = ()
         else:
@@ -734,7 +678,7 @@ class Kernel:
                 name = out[1].decode()
                 with self.lock:
                     if proc.kill_reason is not None:
-                        self._end(proc, P.KILLED, proc.kill_reason)
+                        self.end_locked(proc, P.KILLED, proc.kill_reason)
                         return
                     answer = self._blocking_syscall(proc, name, out[2:])
                     if answer is None:
@@ -752,18 +696,18 @@ class Kernel:
                     try:
                         result = from_lua(out[1], "result")
                     except KernelError as e:
-                        self._end(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
+                        self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
                     else:
-                        self._end(proc, P.EXITED, "normal", result=result)
+                        self.end_locked(proc, P.EXITED, "normal", result=result)
                 else:
                     text = error_text(out[1])
                     dying = out[2].decode() if len(out) > 2 and out[2] is not None else None
                     if proc.kill_reason is not None:
-                        self._end(proc, P.KILLED, proc.kill_reason)
+                        self.end_locked(proc, P.KILLED, proc.kill_reason)
                     elif dying == "memory_limit" or text == MEMORY_ERROR:
-                        self._end(proc, P.KILLED, "memory_limit", error=MEMORY_ERROR)
+                        self.end_locked(proc, P.KILLED, "memory_limit", error=MEMORY_ERROR)
                     else:
-                        self._end(proc, P.CRASHED, "error", error=text)
+                        self.end_locked(proc, P.CRASHED, "error", error=text)
             return
 
     def _resume_args(self, proc: Process) -> tuple:
@@ -782,9 +726,9 @@ class Kernel:
             try:
                 result = from_lua(args[0] if args else None, "sys.exit")
             except KernelError as e:
-                self._end(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
+                self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
                 return None
-            self._end(proc, P.EXITED, "normal", result=result)
+            self.end_locked(proc, P.EXITED, "normal", result=result)
             return None
         waiter = LuaWaiter(self, proc)
         # Blocked before registering: a waiter may complete at once (from this thread).

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import process as P
 from .pysandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
 
 if TYPE_CHECKING:
@@ -85,11 +86,63 @@ class PythonProcess:
         self.child = agents.launcher_ready().spawn(spec)
         threading.Thread(target=self._watch, name=f"agent-{proc.pid}", daemon=True).start()
 
+    def run_slice(self) -> None:
+        """Let the agent run (SIGCONT) until it blocks, ends, or its quantum is
+        spent while someone waits; then stop it (SIGSTOP). The worker thread
+        waits meanwhile, holding the virtual CPU the agent runs on."""
+        kernel, proc = self.kernel, self.proc
+        with kernel.lock:
+            if proc.ended:
+                return
+            proc.state, self.in_slice, self.requeue_after_slice = P.RUNNING, True, False
+            self.wake.clear()
+        if self.child is None:
+            try:
+                self.start()
+            except Exception as e:  # the fork server is down, or refused
+                with kernel.lock:
+                    kernel.end_locked(proc, P.CRASHED, "error", error=f"cannot start the Python agent: {e}")
+                return
+            with kernel.lock:
+                if proc.kill_reason is not None:  # killed while starting: its exit report ends it
+                    self.child.kill()
+        else:
+            self.child.cont()
+        try:
+            while not self.wake.wait(kernel.config.quantum_s):
+                self.account()
+                if proc.limits.cpu_ms and proc.cpu_ns > proc.limits.cpu_ms * 1_000_000:
+                    kernel.kill(proc.pid, "cpu_limit")
+                elif kernel.scheduler.should_yield(proc):
+                    break
+        finally:
+            self.account()
+            with kernel.lock:
+                self.in_slice = False
+                if proc.ended or proc.kill_reason is not None:
+                    return  # the fork server's exit report ends it
+                self.child.stop()
+                requeue = self.requeue_after_slice
+                if proc.state == P.RUNNING:  # preempted
+                    proc.state = P.RUNNABLE
+                    requeue = True
+            if requeue:
+                kernel.scheduler.requeue(proc)
+
     def _watch(self) -> None:
+        """Wait for the fork server's report of the agent's exit, and end the process."""
         assert self.child is not None
         status = self.child.wait()
         assert status is not None
-        self.kernel.python_exited(self.proc, status)
+        kernel, proc = self.kernel, self.proc
+        with kernel.lock:
+            self.wake.set()
+            if proc.ended:
+                return
+            state, reason, result, error = exit_outcome(status, self.result)
+            if proc.kill_reason is not None:
+                state, reason = P.KILLED, proc.kill_reason
+            kernel.end_locked(proc, state, reason, result=result, error=error)
 
     def account(self) -> None:
         """Charge the CPU time the subprocess used since the last look."""
@@ -128,12 +181,12 @@ def exit_outcome(status: ExitStatus, result: Any) -> tuple[str, str, Any, str | 
     """(state, exit reason, result, error) for an agent's exit status."""
     if status.reason == "exited":
         if status.code == 0:
-            return "EXITED", "normal", result, None
-        return "CRASHED", "error", None, f"exited with status {status.code}"
+            return P.EXITED, "normal", result, None
+        return P.CRASHED, "error", None, f"exited with status {status.code}"
     if status.reason in ("exception", "sandbox_error"):
-        return "CRASHED", "error", None, status.error
+        return P.CRASHED, "error", None, status.error
     if status.reason in ("memory_limit", "cpu_limit", "wall_limit"):
-        return "KILLED", status.reason, None, status.error
+        return P.KILLED, status.reason, None, status.error
     if status.reason == "killed":
-        return "KILLED", "killed", None, status.error
-    return "CRASHED", "error", None, f"killed by signal {status.signal}"
+        return P.KILLED, "killed", None, status.error
+    return P.CRASHED, "error", None, f"killed by signal {status.signal}"
