@@ -877,3 +877,25 @@ def test_a_memory_error_the_program_raises_is_not_a_memory_limit(client: llmos.C
     info = run(client, python="raise MemoryError('my own, no limit reached')")
     assert (info.state, info.exit_reason) == ("CRASHED", "error")
     assert info.error == "MemoryError: my own, no limit reached"
+
+
+def test_files_and_locks_from_python(client: llmos.Client) -> None:
+    out = result(run(client, python="""
+from llmos.userland import sys
+sys.fs.write("py/notes.txt", "hello")
+sys.fs.write("py/notes.txt", b" world", append=True)
+data = sys.fs.read("py/notes.txt")
+names = [f.path for f in sys.fs.list("py")]
+mutex = sys.lock.acquire("py-lock", timeout_ms=1000)
+permit = sys.lock.try_acquire("py-sem", semaphore=2)
+sys.lock.release("py-lock")
+try:
+    sys.fs.read("../outside")
+    escaped = True
+except Exception as e:
+    escaped = type(e).__name__
+sys.exit({"data": data.decode(), "names": names, "mutex": mutex, "permit": permit, "escaped": escaped})
+"""))
+    assert out == {"data": "hello world", "names": ["py/notes.txt"], "mutex": {"acquired": True},
+                   "permit": {"acquired": True}, "escaped": "InvalidArgument"}
+    assert client.read_file("py/notes.txt") == b"hello world"
