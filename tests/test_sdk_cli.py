@@ -207,6 +207,7 @@ def test_run_kills_a_program_past_its_timeout(k: llmos.Client) -> None:
 
 def test_events_stream_spawned_and_ended(k: llmos.Client) -> None:
     events = k.events()
+    assert next(events).kind == "subscribed"  # from here on, no event is missed
     # A stream waits for events without limit; closing the client cancels it if the server never sends.
     watchdog = threading.Timer(10.0, k.close)
     watchdog.start()
@@ -423,6 +424,7 @@ def test_aio_client_has_the_same_api(server: str) -> None:
                 await ak.get(10**12)
 
             events = ak.events()
+            assert (await events.__anext__()).kind == "subscribed"
             pid = await ak.spawn(lua="return 0")
 
             async def ended() -> llmos.Event:

@@ -496,7 +496,8 @@ class Syscalls:
 
     @syscall
     def events(self, pid: int = 0) -> Plan[Iterator[Event]]:
-        """Process lifecycle events (spawned, ended) as they happen, for ``pid`` or (0) all processes.
+        """Process lifecycle events as they happen, for ``pid`` or (0) all processes: first one of
+        kind "subscribed" (every later event will arrive), then "spawned" and "ended".
 
         The stream runs until the caller stops iterating (or closes the iterator).
         """

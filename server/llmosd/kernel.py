@@ -404,7 +404,7 @@ class Kernel:
         self._arm_timeout(waiter, timeout_s)
         return None
 
-    def kill(self, pid: int, reason: str = "killed", by: int = 0) -> bool:
+    def kill(self, pid: int, reason: str = "killed") -> bool:
         """End `pid` with `reason`; False if it had already ended."""
         with self.lock:
             proc = self.procs.get(pid)

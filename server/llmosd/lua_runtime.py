@@ -360,7 +360,7 @@ class LuaProcess:
             target = _opt_int(pid, "sys.kill: pid")
             if target is None:
                 raise InvalidArgument("sys.kill: pid must be an integer")
-            self.kernel.kill(target, _opt_str(reason, "sys.kill: reason") or "killed", by=self.proc.pid)
+            self.kernel.kill(target, _opt_str(reason, "sys.kill: reason") or "killed")
             return (True,)
         except KernelError as e:
             return None, str(e).encode()

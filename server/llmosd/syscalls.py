@@ -1,6 +1,7 @@
 """The syscall table: every RPC of llmos.v1.Kernel and the thin handler behind it.
 
-Handlers check and convert arguments, call the kernel, and convert the answer.
+Handlers take the kernel and the request, check and convert arguments, call
+the kernel, and convert the answer; the calling agent, if any, is CALLER.
 Kernel errors become gRPC statuses here and nowhere else. Handlers run on the
 server's asyncio loop; a syscall that blocks (Recv, Wait, Infer) awaits a
 future, so a thousand blocked clients hold no thread.
@@ -114,7 +115,7 @@ async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
 
 
 # -- handlers -------------------------------------------------------------------------------
-async def sys_spawn(k: Kernel, req: pb.SpawnRequest, ctx: Any) -> pb.SpawnResponse:
+async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
     which = req.WhichOneof("program")
     if which is None:
         raise InvalidArgument("program is required: set lua (source), python (source) or path")
@@ -129,7 +130,7 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest, ctx: Any) -> pb.SpawnRespon
     return pb.SpawnResponse(pid=k.spawn(spec))
 
 
-async def sys_send(k: Kernel, req: pb.SendRequest, ctx: Any) -> pb.SendResponse:
+async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
     target = req.WhichOneof("target")
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
@@ -138,7 +139,7 @@ async def sys_send(k: Kernel, req: pb.SendRequest, ctx: Any) -> pb.SendResponse:
     return pb.SendResponse(message_id=message_id)
 
 
-async def sys_recv(k: Kernel, req: pb.RecvRequest, ctx: Any) -> pb.RecvResponse:
+async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     pid = _pid(req.pid)
     match = Match(
         getattr(req, "from") if req.HasField("from") else None,
@@ -154,7 +155,7 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest, ctx: Any) -> pb.RecvResponse:
     return pb.RecvResponse(message=message_pb(msg))
 
 
-async def sys_wait(k: Kernel, req: pb.WaitRequest, ctx: Any) -> pb.WaitResponse:
+async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
     waiter = AsyncWaiter(asyncio.get_running_loop())
     rec = k.wait(_pid(req.pid), waiter, _timeout(req))
     if rec is None:
@@ -164,50 +165,50 @@ async def sys_wait(k: Kernel, req: pb.WaitRequest, ctx: Any) -> pb.WaitResponse:
     return pb.WaitResponse(process=process_pb(rec))
 
 
-async def sys_kill(k: Kernel, req: pb.KillRequest, ctx: Any) -> pb.KillResponse:
+async def sys_kill(k: Kernel, req: pb.KillRequest) -> pb.KillResponse:
     return pb.KillResponse(already_ended=not k.kill(_pid(req.pid), req.reason or "killed"))
 
 
-async def sys_exit(k: Kernel, req: pb.ExitRequest, ctx: Any) -> pb.ExitResponse:
+async def sys_exit(k: Kernel, req: pb.ExitRequest) -> pb.ExitResponse:
     k.set_result(_pid(req.pid), _value(req.result) if req.HasField("result") else None)
     return pb.ExitResponse()
 
 
-async def sys_open_port(k: Kernel, req: pb.OpenPortRequest, ctx: Any) -> pb.OpenPortResponse:
+async def sys_open_port(k: Kernel, req: pb.OpenPortRequest) -> pb.OpenPortResponse:
     return pb.OpenPortResponse(pid=k.open_port(req.name or None, req.mailbox))
 
 
-async def sys_register(k: Kernel, req: pb.RegisterRequest, ctx: Any) -> pb.RegisterResponse:
+async def sys_register(k: Kernel, req: pb.RegisterRequest) -> pb.RegisterResponse:
     k.register(_pid(req.pid), req.name)
     return pb.RegisterResponse()
 
 
-async def sys_monitor(k: Kernel, req: pb.MonitorRequest, ctx: Any) -> pb.MonitorResponse:
+async def sys_monitor(k: Kernel, req: pb.MonitorRequest) -> pb.MonitorResponse:
     k.monitor(_pid(req.watcher, "watcher"), _pid(req.target, "target"))
     return pb.MonitorResponse()
 
 
-async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest, ctx: Any) -> pb.SetPriorityResponse:
+async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest) -> pb.SetPriorityResponse:
     k.set_priority(_pid(req.pid), req.priority, req.weight)
     return pb.SetPriorityResponse()
 
 
-async def sys_read_log(k: Kernel, req: pb.ReadLogRequest, ctx: Any) -> pb.ReadLogResponse:
+async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
     lines, next_offset, dropped = k.read_log(_pid(req.pid), req.offset)
     return pb.ReadLogResponse(lines=lines, next_offset=next_offset, dropped=dropped)
 
 
-async def sys_list(k: Kernel, req: pb.ListProcessesRequest, ctx: Any) -> pb.ListProcessesResponse:
+async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
     states = {pb.ProcessState.Name(s) for s in req.states}
     found = k.list(states, req.name or None, req.parent, req.include_ended)
     return pb.ListProcessesResponse(processes=[process_pb(*t) for t in found])
 
 
-async def sys_get(k: Kernel, req: pb.GetProcessRequest, ctx: Any) -> pb.ProcessInfo:
+async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
     return process_pb(*k.get(_pid(req.pid)))
 
 
-async def sys_events(k: Kernel, req: pb.EventsRequest, ctx: Any) -> AsyncIterator[pb.Event]:
+async def sys_events(k: Kernel, req: pb.EventsRequest) -> AsyncIterator[pb.Event]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -218,6 +219,8 @@ async def sys_events(k: Kernel, req: pb.EventsRequest, ctx: Any) -> AsyncIterato
     with k.lock:
         k.event_listeners.append(listener)
     try:
+        # Tells the client that every later event will reach it.
+        yield pb.Event(kind="subscribed", at_ms=now_ms())
         while True:
             if queue.qsize() > EVENT_BACKLOG:
                 raise ResourceExhausted(f"event stream fell more than {EVENT_BACKLOG} events behind")
@@ -233,7 +236,7 @@ def file_pb(info: Any) -> pb.FileInfo:
     return pb.FileInfo(path=info.path, size=info.size, is_dir=info.is_dir, modified_ms=info.modified_ms)
 
 
-async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest], ctx: Any) -> pb.FileInfo:
+async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest]) -> pb.FileInfo:
     writer = None
     try:
         async for req in requests:
@@ -253,7 +256,7 @@ async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest]
             writer.abort()
 
 
-async def sys_read_file(k: Kernel, req: pb.ReadFileRequest, ctx: Any) -> AsyncIterator[pb.FileChunk]:
+async def sys_read_file(k: Kernel, req: pb.ReadFileRequest) -> AsyncIterator[pb.FileChunk]:
     reader = await asyncio.to_thread(
         k.files.open_reader, DEFAULT_NAMESPACE, req.path, req.offset, req.length or None, FILE_CHUNK_BYTES,
     )
@@ -269,30 +272,30 @@ async def sys_read_file(k: Kernel, req: pb.ReadFileRequest, ctx: Any) -> AsyncIt
         reader.close()
 
 
-async def sys_stat_file(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.FileInfo:
+async def sys_stat_file(k: Kernel, req: pb.FilePath) -> pb.FileInfo:
     return file_pb(await asyncio.to_thread(k.files.stat, DEFAULT_NAMESPACE, req.path))
 
 
-async def sys_list_files(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.ListFilesResponse:
+async def sys_list_files(k: Kernel, req: pb.FilePath) -> pb.ListFilesResponse:
     entries = await asyncio.to_thread(k.files.list, DEFAULT_NAMESPACE, req.path)
     return pb.ListFilesResponse(entries=[file_pb(e) for e in entries])
 
 
-async def sys_delete_file(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.DeleteFileResponse:
+async def sys_delete_file(k: Kernel, req: pb.FilePath) -> pb.DeleteFileResponse:
     await asyncio.to_thread(k.files.delete, DEFAULT_NAMESPACE, req.path)
     return pb.DeleteFileResponse()
 
 
-async def sys_rename_file(k: Kernel, req: pb.RenameFileRequest, ctx: Any) -> pb.FileInfo:
+async def sys_rename_file(k: Kernel, req: pb.RenameFileRequest) -> pb.FileInfo:
     return file_pb(await asyncio.to_thread(k.files.rename, DEFAULT_NAMESPACE, req.from_path, req.to_path))
 
 
-async def sys_make_dir(k: Kernel, req: pb.FilePath, ctx: Any) -> pb.FileInfo:
+async def sys_make_dir(k: Kernel, req: pb.FilePath) -> pb.FileInfo:
     return file_pb(await asyncio.to_thread(k.files.mkdir, DEFAULT_NAMESPACE, req.path))
 
 
 # -- locks ----------------------------------------------------------------------------------------
-async def sys_acquire(k: Kernel, req: pb.AcquireRequest, ctx: Any) -> pb.AcquireResponse:
+async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
     pid = _pid(req.pid)
     kind, permits = ("semaphore", req.semaphore) if req.semaphore else ("mutex", 1)
     timeout = _timeout(req)
@@ -313,12 +316,12 @@ async def sys_acquire(k: Kernel, req: pb.AcquireRequest, ctx: Any) -> pb.Acquire
     return pb.AcquireResponse(acquired=True, previous_holder_died=answer.get("previous_holder_died") or 0)
 
 
-async def sys_release(k: Kernel, req: pb.ReleaseRequest, ctx: Any) -> pb.ReleaseResponse:
+async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
     k.release_lock(_pid(req.pid), req.name)
     return pb.ReleaseResponse()
 
 
-async def sys_infer(k: Kernel, req: pb.InferRequest, ctx: Any) -> AsyncIterator[pb.InferChunk]:
+async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
     caller = CALLER.get()
@@ -412,7 +415,7 @@ def _act_as(req: Any, field: str, caller: int) -> None:
 def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
         try:
-            return await fn(identity.k, identity.check(method, req, ctx), ctx)
+            return await fn(identity.k, identity.check(method, req, ctx))
         except KernelError as e:
             await ctx.abort(_status(e), str(e))
 
@@ -422,7 +425,7 @@ def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -
 def _stream(identity: Identity, method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in fn(identity.k, identity.check(method, req, ctx), ctx):
+            async for item in fn(identity.k, identity.check(method, req, ctx)):
                 yield item
         except KernelError as e:
             await ctx.abort(_status(e), str(e))
