@@ -223,11 +223,11 @@ class LuaProcess:
             b"info": self.info, b"log": self.log, b"lock_try": self.lock_try, b"lock_release": self.lock_release,
             b"fs": self.fs, b"now": _now_ms,
         })
-        sandbox = rt.globals().load(sandbox_bytecode(), b"=sandbox", b"b")
         self.async_preempt = async_preemption()
-        self.step, main_state = sandbox(
-            bridge, proc.program.encode(), f"={proc.program_name}".encode(), to_lua(rt, proc.args),
-            kernel.config.hook_instructions, self.async_preempt,
+        # execute() loads the bytecode straight from the Python buffer (no copy as a Lua string).
+        self.step, main_state = rt.execute(
+            sandbox_bytecode(), bridge, proc.program.encode(), f"={proc.program_name}".encode(),
+            to_lua(rt, proc.args), kernel.config.hook_instructions, self.async_preempt,
         )
         self.main_state = _address(main_state)
 
