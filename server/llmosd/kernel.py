@@ -337,24 +337,21 @@ class Kernel:
         if dst.kind == P.PORT and not any(match.accepts(msg) for _, match in dst.mailbox.receivers):
             if limited:
                 dst.mailbox.check_room()
-            self.store.put_message(StoredMessage(
-                msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
-            ))
+            self._store_port_message(msg)
         if dst.mailbox.deliver(msg, limited):
             dst.messages_received += 1
 
     def try_recv(self, pid: int, match: Match) -> Message | None:
         with self.lock:
-            proc = self.procs.get(pid) or self.live_locked(pid, "receiver")
-            msg = proc.mailbox.take(match)
-            if msg is not None:
-                self._taken(proc, msg)
-            return msg
+            return self._take_locked(self.procs.get(pid) or self.live_locked(pid, "receiver"), match)
 
-    def _taken(self, proc: Process, msg: Message) -> None:
-        proc.messages_received += 1
-        if proc.kind == P.PORT:
-            self.store.delete_message(msg.id)
+    def _take_locked(self, proc: Process, match: Match) -> Message | None:
+        msg = proc.mailbox.take(match)
+        if msg is not None:
+            proc.messages_received += 1
+            if proc.kind == P.PORT:
+                self.store.delete_message(msg.id)
+        return msg
 
     def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
         """Take a matching message now, or register `waiter` to get one (None)."""
@@ -363,9 +360,8 @@ class Kernel:
 
     def _recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
         proc = self.procs.get(pid) or self.live_locked(pid, "receiver")
-        msg = proc.mailbox.take(match)
+        msg = self._take_locked(proc, match)
         if msg is not None:
-            self._taken(proc, msg)
             return msg
         proc.mailbox.wait(waiter, match)
         self._arm_timeout(waiter, timeout_s)
@@ -379,10 +375,13 @@ class Kernel:
                 return
             proc.messages_received -= 1
             if proc.kind == P.PORT:
-                self.store.put_message(StoredMessage(
-                    msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
-                ))
+                self._store_port_message(msg)
             proc.mailbox.put_back(msg)
+
+    def _store_port_message(self, msg: Message) -> None:
+        self.store.put_message(StoredMessage(
+            msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
+        ))
 
     def _arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
         self.timers.time_out(self.lock, waiter, timeout_s)
@@ -457,10 +456,9 @@ class Kernel:
             waiter.queue = None
             waiter.complete(rec)
         proc.exit_waiters.clear()
-        notice = {"pid": proc.pid, "state": state, "reason": reason, "result": result, "error": error}
         for watcher in proc.monitored_by:
             if watcher in self.procs:
-                self._send_exit_notice(watcher, proc.pid, notice)
+                self._send_exit_notice(watcher, rec)
         if proc.kind == P.PYTHON:
             proc.log[:] = proc.runtime.log_lines(MAX_LOG_LINES)  # in place: `rec` shares the list
             proc.runtime.terminate()
@@ -494,12 +492,12 @@ class Kernel:
             if rec is None:
                 raise NotFound(f"no process with pid {target}")
             # Already ended: tell the watcher at once, as Erlang does.
-            notice = {"pid": target, "state": rec.state, "reason": rec.exit_reason, "result": rec.result,
-                      "error": rec.error}
-            self._send_exit_notice(watcher, target, notice)
+            self._send_exit_notice(watcher, rec)
 
-    def _send_exit_notice(self, watcher: int, target: int, notice: dict) -> None:
-        msg = Message(self.store.next_id("message"), target, watcher, "EXIT", notice, b"", "", now_ms())
+    def _send_exit_notice(self, watcher: int, rec: ProcessRecord) -> None:
+        notice = {"pid": rec.pid, "state": rec.state, "reason": rec.exit_reason, "result": rec.result,
+                  "error": rec.error}
+        msg = Message(self.store.next_id("message"), rec.pid, watcher, "EXIT", notice, b"", "", now_ms())
         self._deliver(self.procs[watcher], msg, limited=False)
 
     def set_priority(self, pid: int, priority: int | None, weight: int = 0) -> None:
