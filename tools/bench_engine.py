@@ -2,7 +2,7 @@
 """Benchmark the inference engine against Hugging Face transformers in the same run.
 
     python tools/bench_engine.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-        [--shape smollm-135m] [--hf-sequential N] [--plot out.png]
+        [--shape smollm-135m] [--hf-sequential N] [--only throughput,single,ttft,prefix] [--plot out.png]
 
 A random-initialised checkpoint of the shape is written to a temp dir (tools/make_checkpoint.py).
 Every request generates exactly its max tokens (ignore_eos here, min_new_tokens for HF). Prints:
@@ -127,6 +127,9 @@ def hf_generate(model, prompts: list[list[int]], new: int, device: str) -> float
     return time.perf_counter() - t0
 
 
+FIGURES = ("throughput", "single", "ttft", "prefix")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small workloads: a smoke test in under a minute")
@@ -135,6 +138,7 @@ def main() -> int:
     ap.add_argument("--shape", default="smollm-135m")
     ap.add_argument("--hf-sequential", type=int, default=None, help="requests HF runs one at a time (rate extrapolates)")
     ap.add_argument("--kv-gib", type=int, default=1)
+    ap.add_argument("--only", default=",".join(FIGURES), help="comma-separated subset of the figures to measure")
     ap.add_argument("--plot", type=pathlib.Path, default=None, help="save a PNG of the ratios (needs matplotlib)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -143,6 +147,10 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
+    only = args.only.split(",")
+    if not set(only) <= set(FIGURES):
+        ap.error(f"--only takes figures among {','.join(FIGURES)}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(pathlib.Path(tmp) / args.shape, shape=args.shape, dtype="float32")
         prompts = [_ids(prompt_len, i) for i in range(n_req)]
@@ -150,30 +158,39 @@ def main() -> int:
         engine = _engine(path, args)
         engine.start()
         ours_throughput(engine, prompts[:2], 4)  # warm-up
-        ours_tps = ours_throughput(engine, prompts, new)
-        ours_single = ours_single_decode(engine, prompts[0], new)
-        ttft_idle = min(ours_ttft(engine, prompts[1], [], new) for _ in range(3))
-        ttft_busy = ours_ttft(engine, prompts[1], prompts, 4 * new)
+        ours_tps = ours_throughput(engine, prompts, new) if "throughput" in only else None
+        ours_single = ours_single_decode(engine, prompts[0], new) if "single" in only else None
+        if "ttft" in only:
+            ttft_idle = min(ours_ttft(engine, prompts[1], [], new) for _ in range(3))
+            ttft_busy = ours_ttft(engine, prompts[1], prompts, 4 * new)
         engine.stop()
         del engine
-        shared, unshared = (ours_prefix(path, args, system_len, n_req, sharing) for sharing in (True, False))
+        if "prefix" in only:
+            shared, unshared = (ours_prefix(path, args, system_len, n_req, sharing) for sharing in (True, False))
 
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(args.device).eval()
-        hf_generate(hf, prompts[:1], 4, args.device)  # warm-up
-        hf_seq_time = sum(hf_generate(hf, [p], new, args.device) for p in prompts[:hf_seq])
-        hf_seq_tps = hf_seq * new / hf_seq_time
-        hf_batch_tps = n_req * new / hf_generate(hf, prompts, new, args.device)
-        hf_one = hf_generate(hf, prompts[:1], 1, args.device)
-        hf_single = (new - 1) / (hf_seq_time / hf_seq - hf_one)
+        if ours_tps is not None or ours_single is not None:
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(args.device).eval()
+            hf_generate(hf, prompts[:1], 4, args.device)  # warm-up
+            hf_seq_time = sum(hf_generate(hf, [p], new, args.device) for p in prompts[:hf_seq])
+            hf_seq_tps = hf_seq * new / hf_seq_time
+        if ours_tps is not None:
+            hf_batch_tps = n_req * new / hf_generate(hf, prompts, new, args.device)
+            rows += [
+                (f"throughput, {n_req} requests (tok/s) vs HF one at a time", ours_tps, hf_seq_tps, ours_tps / hf_seq_tps, ">= 6x"),
+                (f"throughput, {n_req} requests (tok/s) vs HF padded batch", ours_tps, hf_batch_tps, ours_tps / hf_batch_tps, ">= 1.5x"),
+            ]
+        if ours_single is not None:
+            hf_one = hf_generate(hf, prompts[:1], 1, args.device)
+            hf_single = (new - 1) / (hf_seq_time / hf_seq - hf_one)
+            rows.append(("single stream decode (tok/s)", ours_single, hf_single, ours_single / hf_single, ">= 1.2x"))
+        if "ttft" in only:
+            rows.append(("high-priority TTFT, saturated vs idle (ms)", ttft_busy * 1e3, ttft_idle * 1e3, ttft_busy / ttft_idle, "<= 2x"))
+        if "prefix" in only:
+            rows += [
+                (f"prefill tokens, shared {system_len}-token prompt vs not", shared[0], unshared[0], shared[0] / unshared[0], "< 1"),
+                ("peak KV blocks, shared vs not", shared[1], unshared[1], shared[1] / unshared[1], "< 1"),
+            ]
 
-    rows = [
-        (f"throughput, {n_req} requests (tok/s) vs HF one at a time", ours_tps, hf_seq_tps, ours_tps / hf_seq_tps, ">= 6x"),
-        (f"throughput, {n_req} requests (tok/s) vs HF padded batch", ours_tps, hf_batch_tps, ours_tps / hf_batch_tps, ">= 1.5x"),
-        ("single stream decode (tok/s)", ours_single, hf_single, ours_single / hf_single, ">= 1.2x"),
-        ("high-priority TTFT, saturated vs idle (ms)", ttft_busy * 1e3, ttft_idle * 1e3, ttft_busy / ttft_idle, "<= 2x"),
-        (f"prefill tokens, shared {system_len}-token prompt vs not", shared[0], unshared[0], shared[0] / unshared[0], "< 1"),
-        ("peak KV blocks, shared vs not", shared[1], unshared[1], shared[1] / unshared[1], "< 1"),
-    ]
     print(f"\n{args.shape}, {args.device} {args.dtype}, {torch.get_num_threads()} threads"
           f"{' (quick)' if args.quick else ''}; HF one-at-a-time rate from {hf_seq} request(s)")
     print(f"{'figure':58} {'ours':>10} {'peer':>10} {'ratio':>8}  target")
