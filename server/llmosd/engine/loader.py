@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import ModelConfig
-from .model import CausalLM
+from .model import CausalLM, can_pack
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,7 +111,7 @@ def load_model(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "fl
     if name_or_path == "tiny":
         model = CausalLM(TINY_CONFIG, dev, DTYPES[dtype])
         model.load_weights(random_state_dict(TINY_CONFIG, seed).items())
-        return LoadedModel(TINY_CONFIG, model.eval(), ByteTokenizer(), generation_defaults({}))
+        return LoadedModel(TINY_CONFIG, _for_inference(model), ByteTokenizer(), generation_defaults({}))
     path = pathlib.Path(name_or_path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model {name_or_path!r} is neither 'tiny' nor a directory with a config.json")
@@ -121,4 +121,10 @@ def load_model(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "fl
     gen_path = path / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     tokenizer = HFTokenizer(path, cfg.eos_token_ids)
-    return LoadedModel(cfg, model.eval(), tokenizer, generation_defaults(gen))
+    return LoadedModel(cfg, _for_inference(model), tokenizer, generation_defaults(gen))
+
+
+def _for_inference(model: CausalLM) -> CausalLM:
+    if can_pack(model.device, model.embed_tokens.weight.dtype):
+        model.pack_for_cpu()
+    return model.eval()
