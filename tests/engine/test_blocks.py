@@ -1,15 +1,17 @@
-"""Block manager: per-owner accounting, prefix sharing by reference count, reuse of cached blocks."""
+"""Block manager: per-owner accounting, prefix sharing by reference count, reuse of cached blocks;
+the scheduler's interrupt steps."""
 from __future__ import annotations
 
 import torch
 
 from llmosd.engine.block_manager import BlockManager
+from llmosd.engine.scheduler import Scheduler
 from llmosd.engine.sequence import Request, Sequence
 
 
-def _seq(tokens: list[int], owner: int = 1) -> Sequence:
+def _seq(tokens: list[int], owner: int = 1, priority: int = 0) -> Sequence:
     return Sequence(
-        id=0, request=Request(prompt_ids=tokens, owner=owner), token_ids=list(tokens), num_prompt=len(tokens),
+        id=0, request=Request(prompt_ids=tokens, owner=owner, priority=priority), token_ids=list(tokens), num_prompt=len(tokens),
         max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, generator=torch.Generator(), output=None,
         on_event=lambda e: None, ticket=0,
     )
@@ -75,3 +77,18 @@ def test_reuse_forgets_overwritten_prefixes() -> None:
     _run(bm, b)  # takes both blocks, the cached prefix of a among them
     bm.release(b)
     assert bm.match_prefix(_seq(list(range(5)))) == 0
+
+
+def test_interrupt_step_leaves_the_paused_batch_alone() -> None:
+    """An interrupt step runs only the more important sequences and takes no blocks from the
+    paused step's sequences, which a regular step would evict for a more important prefill."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sch = Scheduler(bm, max_batch=8, max_step_tokens=64, token_quantum=100, aging_steps=100)
+    low, high = _seq(list(range(8))), _seq(list(range(50, 62)), priority=5)
+    sch.add(low)
+    assert sch.schedule() == [(low, 8)]  # the step in flight: 2 of the 4 blocks
+    sch.add(high)
+    assert sch.schedule(above=0, busy={low}) == [(high, 8)]  # a chunk in the 2 free blocks
+    assert len(low.block_table) == 2 and (sch.evictions, sch.preemptions) == (0, 0)
+    bm.release(high)
+    assert sch.schedule() == [(high, 12)] and sch.evictions == 1  # a regular step evicts low

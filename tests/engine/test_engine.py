@@ -132,6 +132,39 @@ def test_priority_preempts_and_runs_first() -> None:
     assert len(steps["high"]) == 3 and len(steps["low1"]) == before["low1"]
 
 
+def test_high_priority_arrival_interrupts_the_step_in_flight() -> None:
+    """A request more important than the running batch that arrives during a step gets its first
+    token between two layers of that step, before the batch's own tokens; the paused step then
+    completes, and every request's greedy tokens are those it gets alone."""
+    prompts = _prompts(5)
+    expected = _greedy_alone(prompts, 6)
+    engine = _engine()
+    order: list[str] = []
+
+    def record(name: str):
+        return lambda e: order.append(name) if isinstance(e, TokenEvent) else None
+
+    low = [engine.submit(Request(prompt_ids=p, max_tokens=6, ignore_eos=True), record("low")) for p in prompts[:4]]
+    engine.step()  # prefill
+    engine.step()  # a decode step
+    first_layer = engine.runner.model.layers[0]
+    high = []
+
+    def forward_then_submit(*args, **kwargs):
+        out = type(first_layer).forward(first_layer, *args, **kwargs)
+        if not high:  # the request arrives while the decode step is in its first layer
+            high.append(engine.submit(Request(prompt_ids=prompts[4], max_tokens=6, ignore_eos=True, priority=5), record("high")))
+        return out
+
+    first_layer.forward = forward_then_submit
+    order.clear()
+    engine.step()
+    del first_layer.forward
+    assert order == ["high"] + ["low"] * 4
+    assert engine.stats()["interrupts"] == 1
+    assert [h.result().token_ids for h in low + high] == expected
+
+
 def test_round_robin_does_not_starve_equal_priorities() -> None:
     engine = _engine(max_batch=1, token_quantum=2)
     steps: dict[str, list[int]] = {}
@@ -210,10 +243,10 @@ def test_failing_forward_fails_only_the_sequence_that_fails() -> None:
     engine = _engine()
     forward = engine.runner.run
 
-    def faulty_run(batch):
+    def faulty_run(batch, between_layers=None):
         if any(seq.owner == 666 for seq, _ in batch):
             raise RuntimeError("injected fault")
-        return forward(batch)
+        return forward(batch, between_layers)
 
     engine.runner.run = faulty_run
     good = [engine.submit(Request(prompt_ids=[1, i], max_tokens=8, ignore_eos=True)) for i in range(3)]

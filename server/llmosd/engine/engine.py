@@ -102,10 +102,12 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         self._lock = threading.Condition()
         self._incoming: list[Sequence] = []
+        self._incoming_top = -math.inf  # highest priority in _incoming: read between layers
         self._next_id = 1
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.interrupts = 0  # steps paused between layers for a more important arrival
         self.generated_tokens = 0
         log.info(
             "engine: %s (%s) on %s %s, %d KV blocks of %d tokens, attention %s",
@@ -193,6 +195,7 @@ class Engine:
             handle = RequestHandle(self, seq, on_event)
             seq.on_event = handle._on_event
             self._incoming.append(seq)
+            self._incoming_top = max(self._incoming_top, request.priority)
             self._lock.notify_all()
         return handle
 
@@ -210,6 +213,7 @@ class Engine:
         return {
             "backend": self.backend.name,
             "steps": self.steps,
+            "interrupts": self.interrupts,
             "running": sum(1 for s in sch.seqs if s.scheduled),
             "waiting": sum(1 for s in sch.seqs if not s.scheduled) + len(self._incoming),
             "generated_tokens": self.generated_tokens,
@@ -226,10 +230,7 @@ class Engine:
         """One iteration: admit, drop cancelled/expired, schedule, forward, sample, deliver.
         Called by the loop thread; callable directly when the engine is not started. Returns
         whether any work was done."""
-        with self._lock:
-            incoming, self._incoming = self._incoming, []
-        for seq in incoming:
-            self.scheduler.add(seq)
+        incoming = self._admit()
         now = time.monotonic()
         for seq in list(self.scheduler.seqs):
             if seq.cancel_reason is not None:
@@ -241,7 +242,7 @@ class Engine:
         if not batch:
             return bool(incoming)
         self.steps += 1
-        self._run(batch)
+        self._run(batch, self._interrupt_check(batch))
         return True
 
     # ---- internals -------------------------------------------------------------------------
@@ -264,6 +265,39 @@ class Engine:
             raise InvalidRequest(f"prompt_ids must be token ids in [0, {vocab})")
         return list(ids)
 
+    def _admit(self) -> list[Sequence]:
+        """Move submitted requests into the scheduler; return them."""
+        with self._lock:
+            incoming, self._incoming, self._incoming_top = self._incoming, [], -math.inf
+        for seq in incoming:
+            self.scheduler.add(seq)
+        return incoming
+
+    def _interrupt_check(self, batch: list[tuple[Sequence, int]]) -> Callable[[], None]:
+        """The between-layers hook of batch's forward. Like an interrupt preempting a running task,
+        a request more important than all of the batch runs right away, until its first token,
+        and the paused forward then resumes where it was: the arrival waits for one layer, not a
+        whole step, and no work is thrown away."""
+        top = max(seq.effective_priority for seq, _ in batch)
+        busy = {seq for seq, _ in batch}
+
+        def check() -> None:
+            if self._incoming_top > top:
+                self._serve_urgent(top, busy)
+
+        return check
+
+    def _serve_urgent(self, above: int, busy: set[Sequence]) -> None:
+        """Interrupt steps: only sequences more important than `above` run, `busy` ones stay as they are."""
+        self.interrupts += 1
+        urgent = [seq for seq in self._admit() if seq.effective_priority > above]
+        while any(seq.num_generated == 0 and not seq.finished and seq.cancel_reason is None for seq in urgent):
+            batch = self.scheduler.schedule(above=above, busy=busy)
+            if not batch:
+                return  # nothing fits beside the paused step: the next regular step takes them
+            self.steps += 1
+            self._run(batch)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -285,11 +319,11 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
-    def _run(self, batch: list[tuple[Sequence, int]]) -> None:
+    def _run(self, batch: list[tuple[Sequence, int]], between_layers: Callable[[], None] | None = None) -> None:
         """Forward and sample a batch; if that fails, retry its sequences alone so that only the
         ones that fail by themselves are finished with an error."""
         try:
-            ready, logits = self.runner.run(batch)
+            ready, logits = self.runner.run(batch, between_layers)
             tokens = sample(logits, [(s.temperature, s.top_p, s.top_k, s.generator) for s in ready])
         except Exception as exc:
             if len(batch) == 1:

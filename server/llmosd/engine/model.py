@@ -8,7 +8,7 @@ fp32 cast back before the weight, RoPE tables computed in fp32 exactly as HF doe
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -155,12 +155,16 @@ class CausalLM(nn.Module):
         kv: KVCache,
         backend: AttentionBackend,
         logits_indices: torch.Tensor,
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Run the packed tokens ([T]) through the model; fp32 logits of the rows in logits_indices."""
+        """Run the packed tokens ([T]) through the model; fp32 logits of the rows in logits_indices.
+        between_layers() is called after each layer: it may run other forwards (an interrupt)."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.cos[meta.positions].unsqueeze(1), self.sin[meta.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, kv.k[i], kv.v[i], meta, backend)
+            if between_layers is not None:
+                between_layers()
         h = self.norm(h[logits_indices])
         logits = F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
         return logits.float()

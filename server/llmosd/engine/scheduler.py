@@ -6,8 +6,10 @@ is one token; a prefill takes a chunk of what is left of the budget). A sequence
 blocks may take them from sequences *below* it in the order, which lose their cache and are
 recomputed when they run again; a sequence left out keeps its blocks otherwise.
 
-- Priority first: a more important prefill runs without less important work in its step, so a
-  high-priority arrival gets its first token after at most the step in flight.
+- Priority first: a more important prefill runs without less important work in its step. A
+  high-priority arrival does not even wait for the step in flight: the engine pauses that step
+  between two layers and schedules an interrupt step (`schedule(above=..., busy=...)`) of the
+  more important sequences only, leaving the paused step's sequences and their blocks alone.
 - Round robin within a priority: a sequence that has generated `token_quantum` tokens since it
   last got a ticket takes a new one, behind everything already waiting.
 - No starvation: each `aging_steps` steps a ready sequence waits raise its effective priority by
@@ -16,6 +18,8 @@ recomputed when they run again; a sequence left out keeps its blocks otherwise.
 from __future__ import annotations
 
 import itertools
+import math
+from typing import Collection
 
 from .block_manager import BlockManager
 from .sequence import Sequence
@@ -48,16 +52,23 @@ class Scheduler:
         self.blocks.release(seq)
         self.seqs.remove(seq)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """Choose this step's sequences and how many of their pending tokens each processes."""
+    def schedule(self, above: float = -math.inf, busy: Collection[Sequence] = ()) -> list[tuple[Sequence, int]]:
+        """Choose this step's sequences and how many of their pending tokens each processes.
+
+        An interrupt step takes only sequences more important than `above` and leaves `busy` ones
+        (those of the paused step) out: they are neither chosen nor robbed of blocks."""
         order = sorted(self.seqs, key=lambda s: (-s.effective_priority, s.ticket))
         batch: list[tuple[Sequence, int]] = []
         budget = self.max_step_tokens
         floor = None  # once a prefill is in, less important sequences sit this step out
         computing: set[bytes] = set()  # full blocks this step's prefills complete
         for i, seq in enumerate(order):
-            if len(batch) == self.max_batch or budget == 0 or (floor is not None and seq.effective_priority < floor):
+            if len(batch) == self.max_batch or budget == 0 or seq.effective_priority <= above:
                 break
+            if floor is not None and seq.effective_priority < floor:
+                break
+            if seq in busy:
+                continue
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             upcoming = self.blocks.new_block_hashes(seq, len(seq.token_ids))
@@ -65,7 +76,8 @@ class Scheduler:
                 # Its next block is being computed for another sequence right now: wait a step
                 # and take it from the cache instead of computing and storing it twice.
                 continue
-            n = self._fit(seq, min(len(seq.token_ids) - seq.num_computed, budget), order[i + 1 :])
+            below = [s for s in order[i + 1 :] if s not in busy]
+            n = self._fit(seq, min(len(seq.token_ids) - seq.num_computed, budget), below)
             if n == 0:
                 continue
             if seq.cached_tokens is None:
@@ -77,7 +89,7 @@ class Scheduler:
                 floor = seq.effective_priority
         chosen = {s for s, _ in batch}
         for seq in self.seqs:
-            if seq in chosen:
+            if seq in chosen or seq in busy:
                 continue
             if seq.scheduled:
                 self.preemptions += 1
