@@ -237,6 +237,15 @@ def test_errors_from_failing_syscalls_are_plain_strings(stub: Any, bystander: By
           function() return sys.set_priority(nil, 'high') end,
           function() return sys.sleep(-1) end,
           function() return sys.infer{prompt = ''} end,
+          function() return sys.infer() end,
+          function() return sys.infer(42) end,
+          function() return sys.lock.acquire('l', 5) end,
+          function() return sys.lock.try_acquire('l', {semaphore = 'two'}) end,
+          function() return sys.lock.acquire('l', {timeout_ms = -5}) end,
+          function() return sys.fs.read('f', 'not options') end,
+          function() return sys.fs.write('f', 'data', {1, 2}) end,
+          function() return sys.fs.read({}) end,
+          function() return sys.kill('x', 'y', 'extra', 'arguments') end,
         }
         local out = {}
         for i, f in ipairs(calls) do
@@ -247,7 +256,7 @@ def test_errors_from_failing_syscalls_are_plain_strings(stub: Any, bystander: By
         end
         return out
     """))
-    assert len(out) == 21
+    assert len(out) == 30
     for i, item in enumerate(out):
         assert item["ok"] is False and item["kind"] == "string" and item["tb"] is True, (i, item)
         assert item["err"], (i, item)

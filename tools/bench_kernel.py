@@ -198,12 +198,14 @@ def in_kernel_messaging(k: Kernel, n: int, rows: list) -> None:
                  ours >= 100_000))
 
 
-def spawning(k: Kernel, server: LlmosdServer, n_spawn: int, n_idle: int, rows: list) -> None:
+def spawn_rate(k: Kernel, n_spawn: int, rows: list) -> None:
     _, seconds = k.run(SPAWN_LUA, {"n": n_spawn})
     rate = n_spawn / seconds
     rows.append(("sys.spawn of a trivial program (spawn, run, exit, EXIT notice)", f"{rate:,.0f} procs/s", "", "",
                  "≥ 5,000/s", rate >= 5000))
 
+
+def idle_processes(k: Kernel, server: LlmosdServer, n_idle: int, rows: list) -> None:
     probe = k.spawn("sys.recv{}")
     get = lambda: k.stub.GetProcess(pb.GetProcessRequest(pid=probe))  # noqa: E731
     timed(get, 200)
@@ -292,6 +294,9 @@ def print_table(rows: list) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts for a smoke test")
+    parser.add_argument("--only", nargs="+", metavar="FIGURE",
+                        choices=["floor", "messaging", "preemption", "blocking", "spawn", "idle"],
+                        help="run only these figures")
     parser.add_argument("--bare-echo-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.bare_echo_server:
@@ -299,20 +304,35 @@ def main() -> int:
         return 0
     q = opts.quick
     rows: list = []
+    figures = {  # name: (figure, whether it runs on a fresh server of its own)
+        "floor": (lambda k, server: syscall_floor(k, 300 if q else 2000, rows), False),
+        "messaging": (lambda k, server: in_kernel_messaging(k, 20_000 if q else 200_000, rows), False),
+        "preemption": (lambda k, server: preemption(k, 2000 if q else 10_000, 5_000_000 if q else 30_000_000, rows),
+                       False),
+        "blocking": (lambda k, server: blocking_calls(k, server, 200 if q else 1000, rows), False),
+        "spawn": (lambda k, server: spawn_rate(k, 2000 if q else 20_000, rows), False),
+        # What the figures before left behind (ended-process records, a fragmented
+        # heap) is not what 10,000 idle processes cost.
+        "idle": (lambda k, server: idle_processes(k, server, 1000 if q else 10_000, rows), True),
+    }
+    chosen = [name for name in figures if not opts.only or name in opts.only]
     with tempfile.TemporaryDirectory() as tmp:
-        # The kernel alone: no inference engine (torch and a model would add ~600 MiB and
-        # their own threads to the server, which these figures are not about).
-        server = LlmosdServer(pathlib.Path(tmp) / "data", "--model", "none")
-        server.start()
+        server = None
         try:
-            k = Kernel(server.target)
-            syscall_floor(k, 300 if q else 2000, rows)
-            in_kernel_messaging(k, 20_000 if q else 200_000, rows)
-            preemption(k, 2000 if q else 10_000, 5_000_000 if q else 30_000_000, rows)
-            blocking_calls(k, server, 200 if q else 1000, rows)
-            spawning(k, server, 2000 if q else 20_000, 1000 if q else 10_000, rows)
+            for name in chosen:
+                figure, fresh = figures[name]
+                if server is None or fresh:
+                    if server is not None:
+                        server.stop()
+                    # The kernel alone: no inference engine (torch and a model would add ~600 MiB
+                    # and their own threads to the server, which these figures are not about).
+                    server = LlmosdServer(pathlib.Path(tmp) / f"data-{name}", "--model", "none")
+                    server.start()
+                    k = Kernel(server.target)
+                figure(k, server)
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
     print(f"llmos kernel benchmark ({os.cpu_count()} cores, Python {sys.version.split()[0]}, Lua 5.4 via lupa; "
           "server without an inference engine)")
     print_table(rows)

@@ -763,16 +763,12 @@ class Kernel:
             self._arm_timeout(waiter, ms / 1000)
             return None
         if name == "lock_acquire":
-            lock_name, kind, permits = lua.lock_spec(args[0], args[2], "sys.lock.acquire")
-            timeout = args[1]
-            if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
-                raise InvalidArgument("sys.lock.acquire: timeout_ms must be a non-negative number")
-            return self.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter,
-                                     None if timeout is None else timeout / 1000, kind, permits)
+            lock_name, kind, permits, timeout = lua.lock_options(args[0], args[1], "sys.lock.acquire")
+            return self.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, timeout, kind, permits)
         if name == "infer":
             if self.inference is None:
                 raise Unimplemented("this server runs no inference engine")
-            self.inference.submit_from_lua(proc, waiter, from_lua(args[0], "sys.infer"))
+            self.inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
             return None
         raise InvalidArgument(f"unknown syscall {name!r}")
 

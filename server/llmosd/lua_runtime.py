@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import lupa.lua54 as lupa
 
@@ -197,6 +197,16 @@ def _opt_int(value: Any, name: str) -> int | None:
     return value
 
 
+def _options(opts: Any, fname: str) -> dict:
+    """An options table (nil: none) as a dict."""
+    if opts is None:
+        return {}
+    value = from_lua(opts, fname) if _lua_type(opts) == "table" else None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{fname}: expected a table of options")
+    return value
+
+
 def error_text(err: Any) -> str:
     """A Lua error object as text for the process's exit record."""
     if type(err) is bytes:
@@ -216,17 +226,14 @@ class LuaProcess:
         self.slice_start = 0  # perf_counter_ns when the current slice began
         self.in_slice = False
         rt = self.rt = new_state(proc.limits.memory_bytes)
-        bridge = rt.table_from({
-            b"check": self.check, b"self": self.self_pid, b"spawn": self.spawn, b"send": self.send,
-            b"try_recv": self.try_recv, b"kill": self.kill, b"register": self.register,
-            b"monitor": self.monitor, b"whereis": self.whereis, b"set_priority": self.set_priority,
-            b"info": self.info, b"log": self.log, b"lock_try": self.lock_try, b"lock_release": self.lock_release,
-            b"fs": self.fs, b"now": _now_ms,
-        })
+        # The hot calls get their own entries; the rest share one dispatcher,
+        # as every entry is a Python object wrapped in every process's state.
+        bridge = rt.table_from({b"check": self.check, b"send": self.send, b"try_recv": self.try_recv,
+                                b"call": self.call})
         self.async_preempt = async_preemption()
         # execute() loads the bytecode straight from the Python buffer (no copy as a Lua string).
         self.step, main_state = rt.execute(
-            sandbox_bytecode(), bridge, proc.program.encode(), f"={proc.program_name}".encode(),
+            sandbox_bytecode(), bridge, proc.pid, proc.program.encode(), f"={proc.program_name}".encode(),
             to_lua(rt, proc.args), kernel.config.hook_instructions, self.async_preempt,
         )
         self.main_state = _address(main_state)
@@ -295,18 +302,6 @@ class LuaProcess:
         return None
 
     # -- non-blocking syscalls ------------------------------------------------------------
-    def self_pid(self) -> int:
-        return self.proc.pid
-
-    def spawn(self, spec: Any) -> tuple:
-        try:
-            spec = from_lua(spec, "sys.spawn")
-            if not isinstance(spec, dict):
-                raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
-            return (self.kernel.spawn_from_dict(spec, parent=self.proc.pid),)
-        except KernelError as e:
-            return None, str(e).encode()
-
     def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
         try:
             if type(to) is bytes:
@@ -355,123 +350,123 @@ class LuaProcess:
             msg.correlation_id.encode() if msg.correlation_id else None, msg.sent_at_ms,
         )
 
-    def kill(self, pid: Any, reason: Any) -> tuple:
+    def call(self, op: bytes, *args: Any) -> Any:
+        """The bridge's dispatcher for the syscalls that never block: the
+        handler's answer, or (nil, error text) for a bad call."""
+        entry = _CALLS.get(op)
+        if entry is None:
+            return None, f"no syscall {op.decode(errors='replace')}".encode()
+        handler, arity = entry
         try:
-            target = _opt_int(pid, "sys.kill: pid")
-            if target is None:
-                raise InvalidArgument("sys.kill: pid must be an integer")
-            self.kernel.kill(target, _opt_str(reason, "sys.kill: reason") or "killed")
-            return (True,)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def register(self, name: Any) -> tuple:
-        try:
-            text = _opt_str(name, "sys.register: name")
-            if not text:
-                raise InvalidArgument("sys.register: name must be a non-empty string")
-            self.kernel.register(self.proc.pid, text)
-            return (True,)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def whereis(self, name: Any) -> tuple:
-        try:
-            return (self.kernel.whereis(_opt_str(name, "sys.whereis: name") or ""),)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def monitor(self, pid: Any) -> tuple:
-        try:
-            target = _opt_int(pid, "sys.monitor: pid")
-            if target is None:
-                raise InvalidArgument("sys.monitor: pid must be an integer")
-            self.kernel.monitor(self.proc.pid, target)
-            return (True,)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def set_priority(self, pid: Any, priority: Any, weight: Any) -> tuple:
-        try:
-            target = _opt_int(pid, "sys.set_priority: pid") or self.proc.pid
-            prio = _opt_int(priority, "sys.set_priority: priority")
-            share = _opt_int(weight, "sys.set_priority: weight") or 0
-            if prio is None and not share:
-                raise InvalidArgument("sys.set_priority: give a priority (integer) and/or a weight")
-            self.kernel.set_priority(target, prio, share)
-            return (True,)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def info(self, pid: Any) -> tuple:
-        try:
-            target = _opt_int(pid, "sys.info: pid")
-            return (to_lua(self.rt, self.kernel.describe(target)),)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def lock_spec(self, name: Any, semaphore: Any, fname: str) -> tuple:
-        text = _opt_str(name, f"{fname}: name")
-        if not text:
-            raise InvalidArgument(f"{fname}: name must be a non-empty string")
-        permits = _opt_int(semaphore, f"{fname}: semaphore")
-        return (text, "mutex", 1) if permits is None else (text, "semaphore", permits)
-
-    def lock_try(self, name: Any, semaphore: Any) -> tuple:
-        try:
-            spec = self.lock_spec(name, semaphore, "sys.lock.try_acquire")
-            with self.kernel.lock:
-                answer = self.kernel.sync.try_acquire(self.proc.namespace, spec[0], self.proc.pid, spec[1], spec[2])
-            return (to_lua(self.rt, answer) if answer is not None else None,)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def lock_release(self, name: Any) -> tuple:
-        try:
-            text = _opt_str(name, "sys.lock.release: name") or ""
-            with self.kernel.lock:
-                self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
-            return (True,)
-        except KernelError as e:
-            return None, str(e).encode()
-
-    def fs(self, op: bytes, path: Any, a: Any, b: Any) -> tuple:
-        """sys.fs.*: one bridge entry for the file calls (disk I/O, done on this
-        process's CPU slot, without the kernel lock)."""
-        try:
-            files, ns, pid = self.kernel.files, self.proc.namespace, self.proc.pid
-            name = op.decode()
-            vpath = _opt_str(path, f"sys.fs.{name}: path")
-            if vpath is None:
-                raise InvalidArgument(f"sys.fs.{name}: path must be a string")
-            if name == "write":
-                if type(a) is not bytes:
-                    raise InvalidArgument("sys.fs.write: data must be a string")
-                return (self.file_info(files.write(ns, pid, vpath, a, append=bool(b))),)
-            if name == "read":
-                offset, length = _opt_int(a, "sys.fs.read: offset") or 0, _opt_int(b, "sys.fs.read: length")
-                if offset < 0 or (length is not None and length < 0):
-                    raise InvalidArgument("sys.fs.read: offset and length must not be negative")
-                return (files.read(ns, vpath, offset, length),)
-            if name == "stat":
-                return (self.file_info(files.stat(ns, vpath)),)
-            if name == "list":
-                return (self.rt.table_from([self.file_info(i) for i in files.list(ns, vpath)]),)
-            if name == "delete":
-                files.delete(ns, vpath)
-                return (True,)
-            if name == "rename":
-                target = _opt_str(a, "sys.fs.rename: new path")
-                if target is None:
-                    raise InvalidArgument("sys.fs.rename: the new path must be a string")
-                return (self.file_info(files.rename(ns, vpath, target)),)
-            if name == "mkdir":
-                return (self.file_info(files.mkdir(ns, vpath)),)
-            raise InvalidArgument(f"sys.fs has no {name}")
+            return handler(self, *args[:arity])
         except KernelError as e:
             return None, str(e).encode()
         except OSError as e:  # disk errors the file store does not classify: still a plain string
-            return None, f"sys.fs.{op.decode()}: {e.strerror or e}".encode()
+            return None, f"{op.decode()}: {e.strerror or e}".encode()
+
+    def spawn(self, spec: Any = None) -> int:
+        spec = from_lua(spec, "sys.spawn")
+        if not isinstance(spec, dict):
+            raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
+        return self.kernel.spawn_from_dict(spec, parent=self.proc.pid)
+
+    def kill(self, pid: Any = None, reason: Any = None) -> bool:
+        target = _opt_int(pid, "sys.kill: pid")
+        if target is None:
+            raise InvalidArgument("sys.kill: pid must be an integer")
+        self.kernel.kill(target, _opt_str(reason, "sys.kill: reason") or "killed")
+        return True
+
+    def register(self, name: Any = None) -> bool:
+        text = _opt_str(name, "sys.register: name")
+        if not text:
+            raise InvalidArgument("sys.register: name must be a non-empty string")
+        self.kernel.register(self.proc.pid, text)
+        return True
+
+    def whereis(self, name: Any = None) -> int | None:
+        return self.kernel.whereis(_opt_str(name, "sys.whereis: name") or "")
+
+    def monitor(self, pid: Any = None) -> bool:
+        target = _opt_int(pid, "sys.monitor: pid")
+        if target is None:
+            raise InvalidArgument("sys.monitor: pid must be an integer")
+        self.kernel.monitor(self.proc.pid, target)
+        return True
+
+    def set_priority(self, pid: Any = None, priority: Any = None, weight: Any = None) -> bool:
+        target = _opt_int(pid, "sys.set_priority: pid") or self.proc.pid
+        prio = _opt_int(priority, "sys.set_priority: priority")
+        share = _opt_int(weight, "sys.set_priority: weight") or 0
+        if prio is None and not share:
+            raise InvalidArgument("sys.set_priority: give a priority (integer) and/or a weight")
+        self.kernel.set_priority(target, prio, share)
+        return True
+
+    def info(self, pid: Any = None) -> Any:
+        target = _opt_int(pid, "sys.info: pid")
+        return to_lua(self.rt, self.kernel.describe(self.proc.pid if target is None else target))
+
+    def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
+        """(name, kind, permits, timeout in seconds or None) of a lock call."""
+        text = _opt_str(name, f"{fname}: name")
+        if not text:
+            raise InvalidArgument(f"{fname}: name must be a non-empty string")
+        options = _options(opts, fname)
+        permits = _opt_int(options.get("semaphore"), f"{fname}: semaphore")
+        timeout = options.get("timeout_ms")
+        if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
+            raise InvalidArgument(f"{fname}: timeout_ms must be a non-negative number")
+        kind = ("mutex", 1) if permits is None else ("semaphore", permits)
+        return text, kind[0], kind[1], None if timeout is None else timeout / 1000
+
+    def lock_try(self, name: Any = None, opts: Any = None) -> Any:
+        lock_name, kind, permits, _ = self.lock_options(name, opts, "sys.lock.try_acquire")
+        with self.kernel.lock:
+            answer = self.kernel.sync.try_acquire(self.proc.namespace, lock_name, self.proc.pid, kind, permits)
+        return to_lua(self.rt, answer) if answer is not None else None
+
+    def lock_release(self, name: Any = None) -> bool:
+        text = _opt_str(name, "sys.lock.release: name") or ""
+        with self.kernel.lock:
+            self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
+        return True
+
+    def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
+        """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
+        without the kernel lock)."""
+        files, ns, pid = self.kernel.files, self.proc.namespace, self.proc.pid
+        name = f"sys.fs.{op.decode()}"
+        vpath = _opt_str(path, f"{name}: path")
+        if vpath is None:
+            raise InvalidArgument(f"{name}: path must be a string")
+        if op == b"write":  # (path, data, {append=})
+            if type(a) is not bytes:
+                raise InvalidArgument("sys.fs.write: data must be a string")
+            append = bool(_options(b, name).get("append"))
+            return self.file_info(files.write(ns, pid, vpath, a, append=append))
+        if op == b"read":  # (path, {offset=, length=})
+            options = _options(a, name)
+            offset = _opt_int(options.get("offset"), "sys.fs.read: offset") or 0
+            length = _opt_int(options.get("length"), "sys.fs.read: length")
+            if offset < 0 or (length is not None and length < 0):
+                raise InvalidArgument("sys.fs.read: offset and length must not be negative")
+            return files.read(ns, vpath, offset, length)
+        if op == b"stat":
+            return self.file_info(files.stat(ns, vpath))
+        if op == b"list":
+            return self.rt.table_from([self.file_info(i) for i in files.list(ns, vpath)])
+        if op == b"delete":
+            files.delete(ns, vpath)
+            return True
+        if op == b"rename":  # (path, new path)
+            target = _opt_str(a, "sys.fs.rename: new path")
+            if target is None:
+                raise InvalidArgument("sys.fs.rename: the new path must be a string")
+            return self.file_info(files.rename(ns, vpath, target))
+        if op == b"mkdir":
+            return self.file_info(files.mkdir(ns, vpath))
+        raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
 
     def file_info(self, info: Any) -> Any:
         return to_lua(self.rt, {"path": info.path, "size": info.size, "is_dir": info.is_dir,
@@ -493,3 +488,20 @@ class LuaProcess:
             return ()
         return (to_lua(self.rt, value),)
 
+
+
+# op -> (handler, how many arguments it takes): Lua may pass any number.
+_CALLS: dict[bytes, tuple[Callable[..., Any], int]] = {
+    b"now": (lambda lua: _now_ms(), 0),
+    b"spawn": (LuaProcess.spawn, 1),
+    b"kill": (LuaProcess.kill, 2),
+    b"register": (LuaProcess.register, 1),
+    b"whereis": (LuaProcess.whereis, 1),
+    b"monitor": (LuaProcess.monitor, 1),
+    b"set_priority": (LuaProcess.set_priority, 3),
+    b"info": (LuaProcess.info, 1),
+    b"log": (LuaProcess.log, 1),
+    b"lock_try": (LuaProcess.lock_try, 2),
+    b"lock_release": (LuaProcess.lock_release, 1),
+    b"fs": (LuaProcess.fs, 4),
+}

@@ -2,11 +2,11 @@
 -- function the kernel calls to run it. Runs before any program code, with
 -- the full standard library; the program only ever sees `env`.
 --
--- Called as: step, main_state = chunk(bridge, source, chunk_name, args, hook_count, async_preempt)
+-- Called as: step, main_state = chunk(bridge, self_pid, source, chunk_name, args, hook_count, async_preempt)
 -- With async_preempt, the program's main coroutine runs without a hook until
 -- the kernel installs one from a signal handler (see _preempt.c); coroutines
 -- the program creates itself always carry a count hook.
-local bridge, source, chunk_name, args, hook_count, async_preempt = ...
+local bridge, self_pid, source, chunk_name, args, hook_count, async_preempt = ...
 
 -- Everything the sandbox machinery uses is captured here, so that nothing a
 -- program does to its own environment can change how the kernel code behaves.
@@ -113,10 +113,17 @@ end
 -- the kernel code above holds its own references), minus what is unsafe.
 local safe_string = string
 safe_string.dump = nil
-safe_string.find = function(s, p, init, plain) check_pattern("string.find", s, p, plain); return string_find(s, p, init, plain) end
-safe_string.match = function(s, p, init) check_pattern("string.match", s, p); return string_match(s, p, init) end
-safe_string.gmatch = function(s, p, init) check_pattern("string.gmatch", s, p); return string_gmatch(s, p, init) end
-safe_string.gsub = function(s, p, r, n) check_pattern("string.gsub", s, p); return string_gsub(s, p, r, n) end
+local function guarded(fname, f)
+  local has_plain = f == string_find  -- find's 4th argument turns patterns off
+  return function(s, p, a, b)
+    check_pattern(fname, s, p, has_plain and b)
+    return f(s, p, a, b)
+  end
+end
+safe_string.find = guarded("string.find", string_find)
+safe_string.match = guarded("string.match", string_match)
+safe_string.gmatch = guarded("string.gmatch", string_gmatch)
+safe_string.gsub = guarded("string.gsub", string_gsub)
 
 -- Programs may not reach or change the string metatable that the kernel's
 -- own code relies on; method calls on strings use the safe functions.
@@ -163,7 +170,7 @@ end
 local function log(...)
   local parts = {}
   for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
-  bridge.log(table_concat(parts, "\t"))
+  bridge.call("log", table_concat(parts, "\t"))
 end
 env.print = log
 env.collectgarbage = function(opt)
@@ -172,7 +179,9 @@ env.collectgarbage = function(opt)
 end
 
 -- sys: the syscall interface. Bridge functions return (value) or (nil, error
--- text) and never raise, so a program only ever sees plain Lua values.
+-- text) and never raise, so a program only ever sees plain Lua values. Every
+-- state carries this code, so it is kept small: thousands of processes may
+-- sit idle at once, and each function's prototype costs every one of them.
 -- Always tail-called, so level 2 is the program's line that made the call.
 local function check_result(value, err, ...)
   if err ~= nil then error(err, 2) end
@@ -191,14 +200,22 @@ local function opts_table(opts, fname)
   return opts
 end
 
-local sys = {}
-local self_pid = bridge.self()
-sys.self = function() return self_pid end
-local now = bridge.now
-sys.now = function() return now() end  -- wall-clock ms since the epoch, with microseconds
-sys.spawn = function(spec)
-  return check_result(bridge.spawn(opts_table(spec, "sys.spawn")))
+-- Syscalls that never block are one trip through the bridge's dispatcher,
+-- which checks the arguments (option tables included).
+local call = bridge.call
+local function direct(...)
+  local op, sub = ...
+  if sub then return function(...) return check_result(call(op, sub, ...)) end end
+  return function(...) return check_result(call(op, ...)) end
 end
+
+local sys = {
+  self = function() return self_pid end,
+  now = direct("now"),  -- wall-clock ms since the epoch, with microseconds
+  spawn = direct("spawn"), kill = direct("kill"), register = direct("register"),
+  monitor = direct("monitor"), whereis = direct("whereis"), set_priority = direct("set_priority"),
+  info = direct("info"), log = log,
+}
 sys.send = function(to, body, opts)
   opts = opts_table(opts, "sys.send")
   return check_result(bridge.send(to, body, opts.tag, opts.data, opts.correlation_id))
@@ -212,51 +229,26 @@ sys.recv = function(opts)
   if id ~= nil or timeout == 0 then return as_message(id, a, b, c, d, e, f, g) end
   return as_message(syscall("recv", from, tag, cid, timeout))
 end
-sys.wait = function(pid, timeout_ms)
-  return check_result(syscall("wait", pid, timeout_ms))
+local function blocking(name)
+  return function(...) return check_result(syscall(name, ...)) end
 end
-sys.sleep = function(ms)
-  return check_result(syscall("sleep", ms))
-end
-sys.kill = function(pid, reason) return check_result(bridge.kill(pid, reason)) end
-sys.register = function(name) return check_result(bridge.register(name)) end
-sys.monitor = function(pid) return check_result(bridge.monitor(pid)) end
-sys.whereis = function(name) return check_result(bridge.whereis(name)) end
-sys.set_priority = function(pid, priority, weight)
-  return check_result(bridge.set_priority(pid, priority, weight))
-end
-sys.info = function(pid) return check_result(bridge.info(pid or self_pid)) end
-sys.log = log
+sys.wait, sys.sleep, sys.infer = blocking("wait"), blocking("sleep"), blocking("infer")
 sys.exit = function(value) syscall("exit", value) end
-sys.infer = function(req) return check_result(syscall("infer", opts_table(req, "sys.infer"))) end
 sys.lock = {
   acquire = function(name, opts)
-    opts = opts_table(opts, "sys.lock.acquire")
     -- A free lock costs no trip through the scheduler.
-    local got, err = bridge.lock_try(name, opts.semaphore)
+    local got, err = call("lock_try", name, opts)
     if err ~= nil then error(err, 2) end
-    if got ~= nil or opts.timeout_ms == 0 then return got end
-    return check_result(syscall("lock_acquire", name, opts.timeout_ms, opts.semaphore))
+    if got ~= nil or (opts and opts.timeout_ms == 0) then return got end
+    return check_result(syscall("lock_acquire", name, opts))
   end,
-  try_acquire = function(name, opts)
-    opts = opts_table(opts, "sys.lock.try_acquire")
-    return check_result(bridge.lock_try(name, opts.semaphore))
-  end,
-  release = function(name) return check_result(bridge.lock_release(name)) end,
+  try_acquire = direct("lock_try"),
+  release = direct("lock_release"),
 }
-local fs = bridge.fs
-local function file_call(op)
-  return function(path, a, b) return check_result(fs(op, path, a, b)) end
-end
-local fs_write, fs_read = file_call("write"), file_call("read")
 sys.fs = {
-  write = function(path, data, opts) return fs_write(path, data, opts_table(opts, "sys.fs.write").append) end,
-  read = function(path, opts)
-    opts = opts_table(opts, "sys.fs.read")
-    return fs_read(path, opts.offset, opts.length)
-  end,
-  stat = file_call("stat"), list = file_call("list"), delete = file_call("delete"),
-  rename = file_call("rename"), mkdir = file_call("mkdir"),
+  write = direct("fs", "write"), read = direct("fs", "read"), stat = direct("fs", "stat"),
+  list = direct("fs", "list"), delete = direct("fs", "delete"), rename = direct("fs", "rename"),
+  mkdir = direct("fs", "mkdir"),
 }
 env.sys = sys
 env.args = args
