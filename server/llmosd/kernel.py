@@ -20,7 +20,7 @@ from . import process as P
 from .errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, Unimplemented,
 )
-from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua
+from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua, lua_syntax_error
 from .mailbox import Mailbox, Match, Message
 from .process import Limits, Process
 from .scheduler import DEFAULT_WEIGHT, Scheduler
@@ -803,10 +803,6 @@ def _startup_error(e: Exception) -> str:
     return "not enough memory to start (raise limits.memory_bytes)" if "memory" in text.lower() else text
 
 
-_syntax_lock = threading.Lock()
-_syntax_state: Any = None
-
-
 def check_python_syntax(source: str, name: str) -> None:
     try:
         compile(source, name, "exec", dont_inherit=True)
@@ -816,14 +812,6 @@ def check_python_syntax(source: str, name: str) -> None:
 
 def check_syntax(source: str, name: str) -> None:
     """Compile (not run) a Lua program so that Spawn can refuse a bad one."""
-    global _syntax_state
-    import lupa.lua54 as lupa
-
-    with _syntax_lock:
-        if _syntax_state is None:
-            _syntax_state = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False,
-                                            unpack_returned_tuples=True).eval(
-                b"function(src, name) local f, err = load(src, name, 't', {}) return err end")
-        err = _syntax_state(source.encode(), f"={name}".encode())
+    err = lua_syntax_error(source, name)
     if err is not None:
-        raise InvalidArgument(f"Lua syntax error: {err.decode(errors='replace')}")
+        raise InvalidArgument(f"Lua syntax error: {err}")

@@ -12,6 +12,7 @@ never handed to Lua, so there is nothing to walk attributes on.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import signal
 import threading
@@ -109,6 +110,32 @@ def new_state(max_memory: int) -> lupa.LuaRuntime:
         attribute_handlers=(_deny_get, _deny_set),
         max_memory=max_memory or None,
     )
+
+
+_syntax_lock = threading.Lock()
+_syntax_check: Any = None
+
+
+def lua_syntax_error(source: str, name: str) -> str | None:
+    """Why `source` does not compile as a Lua chunk, or None. Small programs'
+    answers are remembered, as a program typically spawns the same worker
+    source over and over."""
+    if len(source) <= 64 << 10:
+        return _remembered_syntax_error(source, name)
+    return _syntax_error(source, name)
+
+
+def _syntax_error(source: str, name: str) -> str | None:
+    global _syntax_check
+    with _syntax_lock:
+        if _syntax_check is None:
+            _syntax_check = new_state(0).eval(
+                b"function(src, name) local f, err = load(src, name, 't', {}) return err end")
+        err = _syntax_check(source.encode(), f"={name}".encode())
+    return None if err is None else err.decode(errors="replace")
+
+
+_remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 
 
 # -- values -----------------------------------------------------------------------------
