@@ -348,7 +348,7 @@ class LuaProcess:
                 value, data or b"",
                 "" if correlation_id is None else _opt_str(correlation_id, "sys.send: correlation_id"),
             )
-            return (message_id,)
+            return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
         except KernelError as e:
             return None, str(e).encode()
 
@@ -374,7 +374,7 @@ class LuaProcess:
         rt = self.rt
         return (
             msg.id, msg.sender, msg.to, msg.tag.encode(), to_lua(rt, msg.body), msg.data or None,
-            msg.correlation_id.encode() if msg.correlation_id else None, msg.sent_at_ms,
+            msg.correlation_id.encode() if msg.correlation_id else None, msg.sent_at_ms, len(self.proc.mailbox),
         )
 
     def call(self, op: bytes, *args: Any) -> Any:

@@ -188,8 +188,17 @@ local function check_result(value, err, ...)
   return value, ...
 end
 
-local function as_message(id, from, to, tag, body, data, correlation_id, sent_at_ms)
-  if id == nil then return nil end
+-- Whether a message may be waiting, as of the last send or receive: when
+-- none can be, sys.recv goes straight to the kernel (which takes a message
+-- that arrived meanwhile) instead of first trying to take one.
+local maybe_mail = true
+
+local function as_message(id, from, to, tag, body, data, correlation_id, sent_at_ms, waiting)
+  if id == nil then
+    if from ~= nil then error(from, 2) end  -- (nil, error text)
+    return nil
+  end
+  maybe_mail = waiting > 0
   return { id = id, from = from, to = to, tag = tag, body = body, data = data,
            correlation_id = correlation_id, sent_at_ms = sent_at_ms }
 end
@@ -218,15 +227,20 @@ local sys = {
 }
 sys.send = function(to, body, opts)
   opts = opts_table(opts, "sys.send")
-  return check_result(bridge.send(to, body, opts.tag, opts.data, opts.correlation_id))
+  local id, waiting = bridge.send(to, body, opts.tag, opts.data, opts.correlation_id)
+  if id == nil then error(waiting, 2) end
+  maybe_mail = waiting > 0
+  return id
 end
 sys.recv = function(opts)
   opts = opts_table(opts, "sys.recv")
   local from, tag, cid, timeout = opts.from, opts.tag, opts.correlation_id, opts.timeout_ms
   -- The common case, a message already waiting, costs no trip through the scheduler.
-  local id, a, b, c, d, e, f, g = bridge.try_recv(from, tag, cid, timeout)
-  if id == false then error(a, 2) end
-  if id ~= nil or timeout == 0 then return as_message(id, a, b, c, d, e, f, g) end
+  if maybe_mail or timeout == 0 then
+    local id, a, b, c, d, e, f, g, h = bridge.try_recv(from, tag, cid, timeout)
+    if id == false then error(a, 2) end
+    if id ~= nil or timeout == 0 then return as_message(id, a, b, c, d, e, f, g, h) end
+  end
   return as_message(syscall("recv", from, tag, cid, timeout))
 end
 local function blocking(name)
