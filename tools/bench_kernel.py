@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pathlib
 import queue
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import grpc
 import lupa.lua54 as lupa
@@ -119,10 +121,10 @@ def serve_bare_echo(port_file: str) -> None:
     asyncio.run(main())
 
 
-def bare_echo_latency(n: int, payload: bytes) -> list[float]:
+@contextlib.contextmanager
+def bare_echo() -> Iterator[Callable[[bytes], bytes]]:
+    """A bare echo server in a process of its own, and a call to it."""
     port_file = tempfile.mktemp()
-    import subprocess
-
     proc = subprocess.Popen([sys.executable, __file__, "--bare-echo-server", port_file])
     try:
         deadline = time.monotonic() + 30
@@ -131,9 +133,7 @@ def bare_echo_latency(n: int, payload: bytes) -> list[float]:
                 raise RuntimeError("bare echo server did not start")
             time.sleep(0.02)
         with grpc.insecure_channel(f"127.0.0.1:{pathlib.Path(port_file).read_text()}") as ch:
-            echo = ch.unary_unary("/bench.Echo/Echo")
-            timed(lambda: echo(payload), n // 4)  # warm up
-            return timed(lambda: echo(payload), n)
+            yield ch.unary_unary("/bench.Echo/Echo")
     finally:
         proc.kill()
         proc.wait()
@@ -170,7 +170,6 @@ def bare_lua_work(n: int) -> float:
 def syscall_floor(k: Kernel, n: int, rows: list) -> None:
     body = {"text": "hello", "n": 1}
     payload = pb.SendRequest(to=1, body=to_value(body)).SerializeToString()
-    bare = bare_echo_latency(n, payload)
     port = k.stub.OpenPort(pb.OpenPortRequest()).pid
     echo = k.spawn(ECHO_LUA)
 
@@ -179,8 +178,18 @@ def syscall_floor(k: Kernel, n: int, rows: list) -> None:
         resp = k.stub.Recv(pb.RecvRequest(pid=port, timeout_ms=5000))
         assert not resp.timed_out
 
-    timed(round_trip, n // 4)
-    ours = timed(round_trip, n)
+    with bare_echo() as bare_call:
+        # Alternate the two, so that both see the same machine (other load, CPU
+        # frequency) over the run.
+        ours: list[float] = []
+        bare: list[float] = []
+        for i in range(n + n // 4):
+            keep = i >= n // 4  # the first quarter warms both up
+            for fn, samples in ((round_trip, ours), (lambda: bare_call(payload), bare)):
+                t = time.perf_counter()
+                fn()
+                if keep:
+                    samples.append(time.perf_counter() - t)
     k.stub.Send(pb.SendRequest(**{"from": port}, to=echo, tag="stop"))
     k.wait(echo)
     ratio = p50(ours) / p50(bare)
