@@ -276,8 +276,7 @@ if program == nil then error(err, 0) end
 local G = _G
 for name in next, G.package.loaded do G.package.loaded[name] = nil end
 for name in next, G do G[name] = nil end
-collectgarbage()
-collectgarbage("generational")
+collectgarbage("generational")  -- entering generational mode is itself a full collection
 
 main_co = co_create(program)
 if async_preempt then
