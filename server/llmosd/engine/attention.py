@@ -140,8 +140,8 @@ class TorchSDPABackend:
         write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         t, heads, d = q.shape
         kv_heads = k.shape[1]
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        out = torch.empty_like(q) if nd < t else None
         if nd:
             p = meta.prepared
             n = p["decode_len"]
@@ -150,6 +150,8 @@ class TorchSDPABackend:
             # One query per sequence: the group's query heads become the query rows of their KV head.
             qd = q[:nd].view(nd, kv_heads, heads // kv_heads, d)
             o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=p["decode_mask"], scale=scale)
+            if out is None:  # a decode-only step: no prefill output to place beside it
+                return o.reshape(t, heads * d)
             out[:nd] = o.reshape(nd, heads, d)
         start = nd
         for i in range(nd, len(meta.q_lens)):
