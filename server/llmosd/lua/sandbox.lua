@@ -271,12 +271,10 @@ local program, err = load(source, chunk_name, "t", env)
 if program == nil then error(err, 0) end
 
 -- Drop the libraries the program never sees (io, os, package, debug, lupa's
--- python table) and free what building the sandbox left behind: an idle
--- process should cost only its live data, as thousands may sit in recv.
+-- python table). They are freed by the first resume below.
 local G = _G
 for name in next, G.package.loaded do G.package.loaded[name] = nil end
 for name in next, G do G[name] = nil end
-collectgarbage("generational")  -- entering generational mode is itself a full collection
 
 main_co = co_create(program)
 if async_preempt then
@@ -296,6 +294,15 @@ local function outcome(ok, first, ...)
   return "error", "attempt to yield from outside a coroutine"
 end
 
+local collected = false
 return function(...)
+  if not collected then
+    -- Free what building the sandbox left behind, this chunk's own code
+    -- included (garbage only once it has returned): an idle process should
+    -- cost only its live data, as thousands may sit in recv. Entering
+    -- generational mode is itself a full collection.
+    collected = true
+    collectgarbage("generational")
+  end
   return outcome(co_resume(main_co, ...))
 end, tostring(main_co)
