@@ -78,10 +78,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, 1, D]. The rotate-half convention of HF Llama."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/signed_sin: [T, 1, D]. HF Llama's rotate-half convention,
+    x * cos + cat(-x2, x1) * sin, in three ops: rolling x by half a head gives (x2, x1), and
+    signed_sin is (-sin, sin) (the two halves of sin are equal)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -142,7 +143,9 @@ class CausalLM(nn.Module):
         self.to_empty(device=device)
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1).to(device)
-        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        half = emb.shape[-1] // 2
+        self.cos = emb.cos().to(dtype)
+        self.signed_sin = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1).to(dtype)
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +163,7 @@ class CausalLM(nn.Module):
         """Run the packed tokens ([T]) through the model; fp32 logits of the rows in logits_indices.
         between_layers() is called after each layer: it may run other forwards (an interrupt)."""
         h = self.embed_tokens(input_ids)
-        cos, sin = self.cos[meta.positions].unsqueeze(1), self.sin[meta.positions].unsqueeze(1)
+        cos, sin = self.cos[meta.positions].unsqueeze(1), self.signed_sin[meta.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, kv.k[i], kv.v[i], meta, backend)
             if between_layers is not None:
