@@ -253,7 +253,7 @@ def preemption(k: Kernel, n: int, work: int, rows: list) -> None:
     ours = min(k.wait(k.spawn(WORK_LUA, {"n": work})).usage.cpu_ms for _ in range(3)) / 1000
     cost = ours / bare - 1
     rows.append(("count hook cost on a CPU-bound loop", f"{ours * 1e3:.0f} ms", f"no hook (bare lupa) {bare * 1e3:.0f} ms",
-                 f"+{cost * 100:.1f}%", "≤ 15%", cost <= 0.15))
+                 f"{cost * 100:+.1f}%", "≤ 15%", cost <= 0.15))
 
 
 def blocking_calls(k: Kernel, server: LlmosdServer, n: int, rows: list) -> None:
