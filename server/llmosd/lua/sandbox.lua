@@ -212,8 +212,7 @@ end
 -- Syscalls that never block are one trip through the bridge's dispatcher,
 -- which checks the arguments (option tables included).
 local call = bridge.call
-local function direct(...)
-  local op, sub = ...
+local function direct(op, sub)
   if sub then return function(...) return check_result(call(op, sub, ...)) end end
   return function(...) return check_result(call(op, ...)) end
 end
