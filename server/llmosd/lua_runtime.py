@@ -388,8 +388,6 @@ class LuaProcess:
             return handler(self, *args[:arity])
         except KernelError as e:
             return None, str(e).encode()
-        except OSError as e:  # disk errors the file store does not classify: still a plain string
-            return None, f"{op.decode()}: {e.strerror or e}".encode()
 
     def spawn(self, spec: Any = None) -> int:
         spec = from_lua(spec, "sys.spawn")
@@ -444,8 +442,8 @@ class LuaProcess:
         timeout = options.get("timeout_ms")
         if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
             raise InvalidArgument(f"{fname}: timeout_ms must be a non-negative number")
-        kind = ("mutex", 1) if permits is None else ("semaphore", permits)
-        return text, kind[0], kind[1], None if timeout is None else timeout / 1000
+        seconds = None if timeout is None else timeout / 1000
+        return (text, "mutex", 1, seconds) if permits is None else (text, "semaphore", permits, seconds)
 
     def lock_try(self, name: Any = None, opts: Any = None) -> Any:
         lock_name, kind, permits, _ = self.lock_options(name, opts, "sys.lock.try_acquire")
@@ -462,8 +460,14 @@ class LuaProcess:
     def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
         """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
         without the kernel lock)."""
-        files, ns, pid = self.kernel.files, self.proc.namespace, self.proc.pid
         name = f"sys.fs.{op.decode()}"
+        try:
+            return self._file_call(op, name, path, a, b)
+        except OSError as e:  # disk errors the file store does not classify: still a plain string
+            return None, f"{name}: {e.strerror or e}".encode()
+
+    def _file_call(self, op: bytes, name: str, path: Any, a: Any, b: Any) -> Any:
+        files, ns, pid = self.kernel.files, self.proc.namespace, self.proc.pid
         vpath = _opt_str(path, f"{name}: path")
         if vpath is None:
             raise InvalidArgument(f"{name}: path must be a string")
