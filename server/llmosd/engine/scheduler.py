@@ -57,7 +57,7 @@ class Scheduler:
 
         An interrupt step takes only sequences more important than `above` and leaves `busy` ones
         (those of the paused step) out: they are neither chosen nor robbed of blocks."""
-        order = sorted(self.seqs, key=lambda s: (-s.effective_priority, s.ticket))
+        order = sorted((s for s in self.seqs if s not in busy), key=lambda s: (-s.effective_priority, s.ticket))
         batch: list[tuple[Sequence, int]] = []
         budget = self.max_step_tokens
         floor = None  # once a prefill is in, less important sequences sit this step out
@@ -67,8 +67,6 @@ class Scheduler:
                 break
             if floor is not None and seq.effective_priority < floor:
                 break
-            if seq in busy:
-                continue
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             upcoming = self.blocks.new_block_hashes(seq, len(seq.token_ids))
@@ -76,8 +74,7 @@ class Scheduler:
                 # Its next block is being computed for another sequence right now: wait a step
                 # and take it from the cache instead of computing and storing it twice.
                 continue
-            below = [s for s in order[i + 1 :] if s not in busy]
-            n = self._fit(seq, min(len(seq.token_ids) - seq.num_computed, budget), below)
+            n = self._fit(seq, min(len(seq.token_ids) - seq.num_computed, budget), order[i + 1 :])
             if n == 0:
                 continue
             if seq.cached_tokens is None:
