@@ -92,7 +92,7 @@ class Engine:
         self.defaults = loaded.generation_defaults
         device = torch.device(config.device)
         self.kv = KVCache.allocate(self.model_config, config.kv_memory_bytes, config.block_size, device, DTYPES[config.dtype])
-        self.backend = select_backend(device)
+        self.backend = select_backend(device, DTYPES[config.dtype])
         self.blocks = BlockManager(self.kv.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.blocks, config.max_batch, config.max_step_tokens, config.token_quantum, config.aging_steps
