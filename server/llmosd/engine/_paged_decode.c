@@ -5,13 +5,14 @@
  * cache blocks into one padded tensor and then runs scaled_dot_product_
  * attention on it: the keys and values are read three times and written
  * once, and SDPA's CPU kernel spends most of its time on per-head overhead,
- * as each sequence has a single query. Here each (sequence, KV head) pair
- * reads its keys and values once, where they lie, for all the query heads
- * of its group: two passes (scores, then the softmax-weighted sum of the
- * values), in parallel over the pairs.
+ * as each sequence has a single query. Here a task reads one sequence's
+ * keys and values once, block by block where they lie (a position's keys
+ * for all KV heads sit side by side), for all its query heads: the scores,
+ * a softmax, then the weighted sum of the values. Tasks run in parallel.
  *
- * A pair's result depends on its own sequence only, and the order of its
- * sums is fixed, so a sequence decodes the same tokens alone or in any batch.
+ * Each query head's result depends on its own sequence only and its sums
+ * run in a fixed order, so a sequence decodes the same tokens alone or in
+ * any batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -221,6 +222,8 @@ static PyObject *decode(PyObject *self, PyObject *args)
         }
         longest = p.lens[s] > longest ? p.lens[s] : longest;
     }
+    if (p.seqs == 0)
+        Py_RETURN_NONE;
     /* A sequence per task; split by KV heads only when there are fewer sequences than threads. */
     chunks = p.seqs >= threads ? 1 : p.kv_heads;
     Py_BEGIN_ALLOW_THREADS
