@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmosd.engine.attention import TorchSDPABackend, XformersBackend, build_metadata, gather_blocks, paged_decode
+from llmosd.engine.attention import TorchSDPABackend, XformersBackend, build_metadata, gather_blocks
 
 fmha = pytest.importorskip("xformers.ops.fmha")
 attn_bias = fmha.attn_bias
@@ -115,41 +115,6 @@ def test_cpu_backend_matches_xformers_bias_semantics(mix: str, paged_kernel: boo
     if q_lens == kv_lens:  # fresh packed prefill: BlockDiagonalCausalMask over the new keys alone
         mask = attn_bias.BlockDiagonalCausalMask.from_seqlens(q_lens, device=torch.device("cpu")).materialize((t, t))
         torch.testing.assert_close(out, _dense_with_mask(q, k, v, mask), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "block_size, heads, kv_heads, dim",
-    [(16, 9, 3, 64), (4, 8, 8, 20), (8, 4, 1, 128), (1, 2, 2, 3)],  # head dims that are not whole vectors too
-)
-def test_paged_decode_kernel_matches_reference(block_size: int, heads: int, kv_heads: int, dim: int) -> None:
-    pytest.importorskip("llmosd.engine._paged_decode", reason="the C kernel was not built (no compiler)")
-    g = torch.Generator().manual_seed(block_size * heads + dim)
-    lens = [1, 5, block_size, block_size + 1, 3 * block_size + 2, 200]
-    width = max(-(-n // block_size) for n in lens)
-    blocks = 2 * width * len(lens)
-    k_cache = torch.randn(blocks, block_size, kv_heads, dim, generator=g) * 3  # wide scores: a peaked softmax
-    v_cache = torch.randn(blocks, block_size, kv_heads, dim, generator=g)
-    tables = torch.randperm(blocks, generator=g)[: len(lens) * width].view(len(lens), width)
-    q = torch.randn(len(lens), heads + kv_heads, dim, generator=g)[:, :heads]  # rows apart, as the model slices q
-    out = paged_decode(q, k_cache, v_cache, tables, torch.tensor(lens), dim**-0.5)
-    for i, n in enumerate(lens):
-        slots = torch.tensor([int(tables[i, t // block_size]) * block_size + t % block_size for t in range(n)])
-        keys = k_cache.view(-1, kv_heads, dim)[slots].double().repeat_interleave(heads // kv_heads, dim=1)
-        vals = v_cache.view(-1, kv_heads, dim)[slots].double().repeat_interleave(heads // kv_heads, dim=1)
-        probs = (torch.einsum("hd,khd->hk", q[i].double(), keys) * dim**-0.5).softmax(-1)
-        torch.testing.assert_close(out[i].double(), torch.einsum("hk,khd->hd", probs, vals), atol=2e-6, rtol=1e-5)
-
-
-def test_paged_decode_kernel_refuses_bad_input() -> None:
-    pytest.importorskip("llmosd.engine._paged_decode", reason="the C kernel was not built (no compiler)")
-    cache = torch.zeros(4, 2, 1, 8)
-    q, tables = torch.zeros(1, 1, 8), torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="fit its block table"):
-        paged_decode(q, cache, cache, tables, torch.tensor([5]), 1.0)  # 5 keys, room for 4
-    with pytest.raises(ValueError, match="at least one"):
-        paged_decode(q, cache, cache, tables, torch.tensor([0]), 1.0)
-    with pytest.raises(ValueError, match="float32"):
-        paged_decode(q.double(), cache, cache, tables, torch.tensor([1]), 1.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the xformers backend needs CUDA")

@@ -12,7 +12,7 @@ offset", bottom-right aligned). Sequences with one new token (decodes) come firs
   layout for BlockDiagonalCausalWithOffsetPaddedKeysMask. (The Paged* biases would avoid the
   gather, but only run on fa3, or fa2/triton with page sizes of 256/64, and not in fp32.)
 - CPU: in float32, all decodes in one call of a C kernel that reads the blocks where they lie
-  (`_paged_decode.c`); without it, or in half precision, torch `scaled_dot_product_attention` on
+  (`_cpu_kernels.c`); without it, or in half precision, torch `scaled_dot_product_attention` on
   the decodes' blocks gathered with one index (a key-length mask per sequence, none when all
   lengths agree). Each prefill runs on its own through SDPA. Never a dense mask over the whole
   packed batch.
@@ -27,10 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-try:
-    from . import _paged_decode
-except ImportError:  # built without a C compiler
-    _paged_decode = None
+from . import cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -106,32 +103,6 @@ def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return g.view(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:])
 
 
-def paged_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Attention of one query per sequence (q: [seqs, heads, D], rows may lie apart) over its
-    lens[i] cached keys, read from the blocks tables[i] lists (float32 on CPU; see _paged_decode.c).
-    The block ids are trusted: they come from the engine's own block manager."""
-    seqs, heads, d = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if not (
-        q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-        and tables.dtype == lens.dtype == torch.long
-        and all(t.device.type == "cpu" for t in (q, k_cache, v_cache, tables, lens))
-        and q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous() and v_cache.is_contiguous()
-        and k_cache.shape == v_cache.shape and k_cache.shape[3] == d and tables.stride(1) == 1 and lens.is_contiguous()
-        and tables.shape[0] >= seqs and lens.shape[0] >= seqs and heads % kv_heads == 0
-    ):
-        raise ValueError("paged_decode: float32 CPU tensors of matching shapes")
-    out = torch.empty(seqs, heads, d, dtype=q.dtype)
-    _paged_decode.decode(
-        out.data_ptr(), q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_size,
-        tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(), seqs, heads, kv_heads, d, scale,
-        torch.get_num_threads(),
-    )
-    return out
-
-
 class TorchSDPABackend:
     """CPU attention: decodes batched (the C kernel, or SDPA over gathered blocks), prefills one
     sequence at a time through SDPA."""
@@ -139,8 +110,8 @@ class TorchSDPABackend:
     name = "torch-sdpa"
 
     def __init__(self, paged_kernel: bool = False) -> None:
-        """paged_kernel: decode with _paged_decode (float32 CPU caches only) when it is built."""
-        self.paged_kernel = paged_kernel and _paged_decode is not None
+        """paged_kernel: decode with cpu_kernels.paged_decode (float32 CPU caches only) when it is built."""
+        self.paged_kernel = paged_kernel and cpu_kernels.available
         if self.paged_kernel:
             self.name = "paged-decode+torch-sdpa"
         # The decode gather reuses one buffer per cache across layers and steps: a fresh
@@ -186,7 +157,7 @@ class TorchSDPABackend:
         if nd:
             p = meta.prepared
             if self.paged_kernel:
-                o = paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, p["decode_lens"], scale)
+                o = cpu_kernels.paged_decode(q[:nd], k_cache, v_cache, meta.block_tables, p["decode_lens"], scale)
             else:
                 n = p["decode_len"]
                 keys = self._gather("k", k_cache, p["decode_blocks"], nd)[:, :n].transpose(1, 2)

@@ -2,8 +2,9 @@
 
 q/k/v and gate/up projections are fused into one matmul each (fewer, larger ops: what matters on
 CPU); `load_weights` splits HF's separate tensors into them. On CPU in fp32, `pack_for_cpu` then
-moves every matmul weight into oneDNN's blocked layout. Numerics follow transformers: RMSNorm in
-fp32 cast back before the weight, RoPE tables computed in fp32 exactly as HF does.
+moves every matmul weight into oneDNN's blocked layout, and RMSNorm and SiLU-and-multiply run as C
+kernels (cpu_kernels.py). Numerics follow transformers: RMSNorm in fp32 cast back before the weight,
+RoPE tables computed in fp32 exactly as HF does.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .attention import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -70,8 +72,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
         self.eps = eps
+        self.cpu_kernel = False  # set by CausalLM.pack_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Half precision: normalise in fp32 and cast back before the weight, as transformers does.
@@ -110,9 +115,13 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.cpu_kernel = False  # set by CausalLM.pack_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.cpu_kernel:
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no new [T, inter] tensors
 
 
@@ -173,14 +182,18 @@ class CausalLM(nn.Module):
         return logits.float()
 
     def pack_for_cpu(self) -> None:
-        """Replace every matmul weight by its oneDNN-packed copy (see PackedLinear). A tied head
-        gets a packed copy of the embedding, which stays dense for the lookups."""
+        """Replace every matmul weight by its oneDNN-packed copy (see PackedLinear), and switch the
+        norms and MLP activations to the C kernels if they are built. A tied head gets a packed copy
+        of the embedding, which stays dense for the lookups."""
         for layer in self.layers:
             for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"), (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
                 linear = getattr(parent, name)
                 setattr(parent, name, PackedLinear(linear.weight, linear.bias))
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.lm_head = PackedLinear(head, None)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP)):
+                module.cpu_kernel = cpu_kernels.available
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in (fusing q/k/v and gate/up); every parameter must be provided once."""

@@ -1,17 +1,20 @@
 /*
- * Decode attention straight from the paged KV cache (CPU, float32).
+ * The engine's CPU kernels (float32): decode attention on the paged cache,
+ * RMSNorm, and SiLU-and-multiply. Each replaces a chain of small torch ops
+ * whose per-op overhead, not arithmetic, was the cost.
  *
- * With torch alone, a batched decode step first gathers every sequence's
- * cache blocks into one padded tensor and then runs scaled_dot_product_
- * attention on it: the keys and values are read three times and written
- * once, and SDPA's CPU kernel spends most of its time on per-head overhead,
- * as each sequence has a single query. Here a task reads one sequence's
- * keys and values once, block by block where they lie (a position's keys
- * for all KV heads sit side by side), for all its query heads: the scores,
- * a softmax, then the weighted sum of the values. Tasks run in parallel.
+ * Decode attention: with torch alone, a batched decode step first gathers
+ * every sequence's cache blocks into one padded tensor and then runs
+ * scaled_dot_product_attention on it: the keys and values are read three
+ * times and written once, and SDPA's CPU kernel spends most of its time on
+ * per-head overhead, as each sequence has a single query. Here a task reads
+ * one sequence's keys and values once, block by block where they lie (a
+ * position's keys for all KV heads sit side by side), for all its query
+ * heads: the scores, a softmax, then the weighted sum of the values. Tasks
+ * run in parallel.
  *
- * Each query head's result depends on its own sequence only and its sums
- * run in a fixed order, so a sequence decodes the same tokens alone or in
+ * Every result row depends on its own input row (its own sequence) only, and
+ * sums run in a fixed order, so a sequence gets the same tokens alone or in
  * any batch.
  */
 #define PY_SSIZE_T_CLEAN
@@ -194,6 +197,67 @@ VECTOR_CLONES static void attend(const Problem *p, Py_ssize_t seq, Py_ssize_t h0
     }
 }
 
+/* out = x / sqrt(mean(x^2) + eps) * weight, row by row, as transformers computes it in float32. */
+VECTOR_CLONES static void rms_norm_rows(float *out, const float *x, const float *weight, Py_ssize_t rows,
+                                        Py_ssize_t dim, Py_ssize_t x_stride, float eps)
+{
+    for (Py_ssize_t r = 0; r < rows; r++, x += x_stride, out += dim) {
+        float inverse = 1 / sqrtf(dot(x, x, dim) / dim + eps);
+        Py_ssize_t i = 0;
+        for (; i + W <= dim; i += W)
+            store(out + i, load(x + i) * splat(inverse) * load(weight + i));
+        for (; i < dim; i++)
+            out[i] = x[i] * inverse * weight[i];
+    }
+}
+
+/* silu(g) = g / (1 + e^-g), from e = e^-|g| <= 1: g / (1 + e) for g >= 0, g e / (1 + e) below. */
+static inline v8 silu(v8 g)
+{
+    v8i negative = (v8i)(g < splat(0));
+    v8 e = exp_nonpositive((v8)((v8i)g | ((v8i){0} + INT32_MIN))); /* -|g|: the sign bit set */
+    v8 numerator = (v8)((negative & (v8i)(g * e)) | (~negative & (v8i)g));
+    return numerator / (splat(1) + e);
+}
+
+/* out[r] = silu(gate[r]) * up[r], where row r of gate_up is gate then up, `inter` floats each. */
+VECTOR_CLONES static void silu_mul_rows(float *out, const float *gate_up, Py_ssize_t rows, Py_ssize_t inter)
+{
+    for (Py_ssize_t r = 0; r < rows; r++, gate_up += 2 * inter, out += inter) {
+        Py_ssize_t i = 0;
+        for (; i + W <= inter; i += W)
+            store(out + i, silu(load(gate_up + i)) * load(gate_up + inter + i));
+        for (; i < inter; i++) {
+            float g = gate_up[i];
+            out[i] = g / (1 + expf(-g)) * gate_up[inter + i];
+        }
+    }
+}
+
+static PyObject *rms_norm(PyObject *self, PyObject *args)
+{
+    unsigned long long out, x, weight;
+    Py_ssize_t rows, dim, x_stride;
+    float eps;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKnnnf", &out, &x, &weight, &rows, &dim, &x_stride, &eps))
+        return NULL;
+    rms_norm_rows((float *)(uintptr_t)out, (const float *)(uintptr_t)x, (const float *)(uintptr_t)weight, rows, dim,
+                  x_stride, eps);
+    Py_RETURN_NONE;
+}
+
+static PyObject *silu_mul(PyObject *self, PyObject *args)
+{
+    unsigned long long out, gate_up;
+    Py_ssize_t rows, inter;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnn", &out, &gate_up, &rows, &inter))
+        return NULL;
+    silu_mul_rows((float *)(uintptr_t)out, (const float *)(uintptr_t)gate_up, rows, inter);
+    Py_RETURN_NONE;
+}
+
 static PyObject *decode(PyObject *self, PyObject *args)
 {
     unsigned long long out, q, k_cache, v_cache, tables, lens;
@@ -249,17 +313,19 @@ static PyObject *decode(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(out, q, q_stride, k_cache, v_cache, block_size, tables, table_stride, table_width, lens, seqs, heads, "
-     "kv_heads, dim, scale, threads): one query per sequence against its cached keys; addresses of float32/int64 "
-     "data"},
+     "kv_heads, dim, scale, threads): one query per sequence against its cached keys"},
+    {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(out, x, weight, rows, dim, x_stride, eps)"},
+    {"silu_mul", silu_mul, METH_VARARGS, "silu_mul(out, gate_up, rows, inter)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_paged_decode", "Decode attention straight from the paged KV cache (CPU, float32).", -1,
-    methods,
+    PyModuleDef_HEAD_INIT, "_cpu_kernels",
+    "The engine's float32 CPU kernels; arguments are addresses of data the caller checked (see cpu_kernels.py).",
+    -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__paged_decode(void)
+PyMODINIT_FUNC PyInit__cpu_kernels(void)
 {
     return PyModule_Create(&module);
 }
