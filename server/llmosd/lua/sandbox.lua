@@ -270,7 +270,7 @@ local program, err = load(source, chunk_name, "t", env)
 if program == nil then error(err, 0) end
 
 -- Drop the libraries the program never sees (io, os, package, debug, lupa's
--- python table). They are freed by the first resume below.
+-- python table). They are freed when the program first blocks (see outcome).
 local G = _G
 for name in next, G.package.loaded do G.package.loaded[name] = nil end
 for name in next, G do G[name] = nil end
@@ -286,22 +286,25 @@ end
 --   "sys", name, ...   the program made a blocking syscall
 --   "done", value      the program returned (or called sys.exit)
 --   "error", message, reason   the program failed (reason: nil) or was ended (reason: why)
+local collected = false
 local function outcome(ok, first, ...)
   if not ok then return "error", first, dying end
   if co_status(main_co) == "dead" then return "done", first end
-  if first == SYSCALL then return "sys", ... end
+  if first == SYSCALL then
+    if not collected then
+      -- The first time the program blocks, free what building the sandbox
+      -- left behind, this chunk's own code included: a blocked process should
+      -- cost only its live data, as thousands may sit in recv. A program that
+      -- ends without blocking never pays for it: its state is closed at once.
+      -- Entering generational mode is itself a full collection.
+      collected = true
+      collectgarbage("generational")
+    end
+    return "sys", ...
+  end
   return "error", "attempt to yield from outside a coroutine"
 end
 
-local collected = false
 return function(...)
-  if not collected then
-    -- Free what building the sandbox left behind, this chunk's own code
-    -- included (garbage only once it has returned): an idle process should
-    -- cost only its live data, as thousands may sit in recv. Entering
-    -- generational mode is itself a full collection.
-    collected = true
-    collectgarbage("generational")
-  end
   return outcome(co_resume(main_co, ...))
 end, tostring(main_co)
