@@ -146,19 +146,32 @@ typedef struct {
     float scale;
 } Problem;
 
+static inline Py_ssize_t whole_vectors(Py_ssize_t n) /* n rounded up to a multiple of W */
+{
+    return (n + W - 1) / W * W;
+}
+
+/* Where the block holding position `start` of a sequence keeps KV head h0 of its first position;
+ * the next position's rows are kv_heads * dim floats on. */
+static inline const float *block_rows(const Problem *p, const float *cache, const int64_t *table, Py_ssize_t start,
+                                      Py_ssize_t h0)
+{
+    return cache + (table[start / p->block_size] * p->block_size * p->kv_heads + h0) * p->dim;
+}
+
 /* Sequence seq's attention for KV heads [h0, h1), reading its cache a block at a time: the
  * keys of one position for all KV heads lie side by side, so the cache is read in order.
  * scores: room for (h1 - h0) * group rows of lens[seq] floats, each rounded up to W. */
 VECTOR_CLONES static void attend(const Problem *p, Py_ssize_t seq, Py_ssize_t h0, Py_ssize_t h1, float *scores)
 {
     Py_ssize_t group = p->heads / p->kv_heads, dim = p->dim, len = p->lens[seq], bs = p->block_size;
-    Py_ssize_t stride = (len + W - 1) / W * W, pos_stride = p->kv_heads * dim; /* floats per cache position */
+    Py_ssize_t stride = whole_vectors(len), pos_stride = p->kv_heads * dim; /* floats per cache position */
     Py_ssize_t rows = (h1 - h0) * group;
     const int64_t *table = p->tables + seq * p->table_stride;
     const float *q = p->q + seq * p->q_stride + h0 * group * dim;
     float *out = p->out + (seq * p->heads + h0 * group) * dim;
     for (Py_ssize_t start = 0; start < len; start += bs) {
-        const float *k = p->k_cache + table[start / bs] * bs * pos_stride + h0 * dim;
+        const float *k = block_rows(p, p->k_cache, table, start, h0);
         Py_ssize_t n = len - start < bs ? len - start : bs;
         for (Py_ssize_t r = 0; r < rows; r++) {
             const float *qr = q + r * dim, *kr = k + r / group * dim;
@@ -190,7 +203,7 @@ VECTOR_CLONES static void attend(const Problem *p, Py_ssize_t seq, Py_ssize_t h0
     }
     /* Each output row is summed over a whole block's values in registers, then stored. */
     for (Py_ssize_t start = 0; start < len; start += bs) {
-        const float *v = p->v_cache + table[start / bs] * bs * pos_stride + h0 * dim;
+        const float *v = block_rows(p, p->v_cache, table, start, h0);
         Py_ssize_t n = len - start < bs ? len - start : bs;
         for (Py_ssize_t r = 0; r < rows; r++)
             add_weighted(out + r * dim, scores + r * stride + start, v + r / group * dim, pos_stride, n, dim);
@@ -293,7 +306,7 @@ static PyObject *decode(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(threads) reduction(|| : failed)
     {
-        float *scores = malloc(sizeof(float) * ((longest + W - 1) / W * W) * p.heads);
+        float *scores = malloc(sizeof(float) * whole_vectors(longest) * p.heads);
         if (scores == NULL)
             failed = 1;
 #pragma omp for schedule(dynamic)
