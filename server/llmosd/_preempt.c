@@ -9,8 +9,8 @@
  * standalone `lua` interpreter does on Ctrl-C. lua_sethook is documented to
  * be callable from a signal handler; because the handler runs on the thread
  * that owns the state, nothing else touches the state meanwhile. The hook
- * (the debug library's dispatcher, which calls the Lua hook function the
- * sandbox registered) then parks or ends the process and switches itself off.
+ * (the sandbox's, in _sandbox.c) then parks or ends the process and switches
+ * itself off.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -74,7 +74,7 @@ static PyObject *set_running(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS,
-     "setup(lua_library_path, debug_hook_address, signal): install the signal handler"},
+     "setup(lua_library_path, hook_address, signal): install the signal handler"},
     {"set_running", set_running, METH_O,
      "set_running(lua_state_address): the state this thread now runs (0: none)"},
     {NULL, NULL, 0, NULL},

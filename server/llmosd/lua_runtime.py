@@ -1,9 +1,10 @@
 """The Lua userland: one sandboxed Lua 5.4 state per process.
 
-The program runs as a coroutine (see lua/sandbox.lua). Non-blocking syscalls
-(send, spawn, kill, ...) are direct calls into the bridge below; blocking ones
-(recv with nothing to take, wait, sleep, infer, exit) yield to the kernel,
-which parks the process until its waiter completes and then resumes it.
+The sandbox (_sandbox.c) runs the program as a coroutine. Non-blocking
+syscalls (send, spawn, kill, ...) are direct calls into the bridge below;
+blocking ones (recv with nothing to take, wait, sleep, infer, exit) yield to
+the kernel, which parks the process until its waiter completes and then
+resumes it.
 
 Only plain Lua values ever cross into the program: bridge functions catch
 every exception and answer (nil, message) instead, and Python objects are
@@ -14,10 +15,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 import signal
 import threading
 import time
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable
 
 import lupa.lua54 as lupa
@@ -30,12 +31,16 @@ from .scheduler import DEFAULT_WEIGHT
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-SANDBOX_SOURCE = resources.files("llmosd").joinpath("lua/sandbox.lua").read_bytes()
-_sandbox_bytecode: bytes | None = None
+# _sandbox.c calls the Lua C API inside lupa's extension: make that
+# extension's symbols global before the module is loaded against them.
+ctypes.CDLL(lupa.__file__, mode=os.RTLD_NOW | os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+from . import _sandbox  # noqa: E402
+
+SANDBOX_LIBRARY = _sandbox.__file__.encode()
 
 try:
     from . import _preempt
-except ImportError:  # built without a C compiler: count hooks everywhere
+except ImportError:  # built without it: count hooks everywhere
     _preempt = None
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
 _async_ready: bool | None = None
@@ -47,31 +52,12 @@ def async_preemption() -> bool:
     global _async_ready
     with _async_lock:
         if _async_ready is None:
-            _async_ready = _preempt is not None and _setup_async()
+            _async_ready = _preempt is not None
+            if _async_ready:
+                _preempt.setup(lupa.__file__, _sandbox.hook_address(), PREEMPT_SIGNAL)
         return _async_ready
 
 
-def _setup_async() -> bool:
-    # The debug library's hook dispatcher is static in C; read its address
-    # off a thread that has a hook set through debug.sethook.
-    probe = new_state(0)
-    address = probe.execute(
-        b"local co = coroutine.create(function() end) debug.sethook(co, function() end, '', 1000) "
-        b"probe_thread = co return tostring(co)"
-    )
-    lib = ctypes.CDLL(lupa.__file__)
-    lib.lua_gethook.restype = ctypes.c_void_p
-    lib.lua_gethook.argtypes = [ctypes.c_void_p]
-    hook = lib.lua_gethook(_address(address))
-    if not hook:
-        return False
-    _preempt.setup(lupa.__file__, hook, PREEMPT_SIGNAL)
-    return True
-
-
-def _address(tostring_value: bytes) -> int:
-    """The pointer in Lua's tostring() of a thread: b"thread: 0x55d0c8a0"."""
-    return int(tostring_value.rsplit(b" ", 1)[1], 16)
 MAX_DEPTH = 64
 MEMORY_ERROR = "not enough memory"
 _lua_type = lupa.lua_type
@@ -83,18 +69,6 @@ def _deny_get(obj: Any, name: Any) -> Any:
 
 def _deny_set(obj: Any, name: Any, value: Any) -> None:
     raise AttributeError("access to Python attributes is not allowed")
-
-
-def sandbox_bytecode() -> bytes:
-    """sandbox.lua compiled once, without debug info: loading it is cheaper than
-    compiling the source in every new process, and the prototypes take a third
-    less memory. It is the kernel's own code, so loading bytecode is safe."""
-    global _sandbox_bytecode
-    if _sandbox_bytecode is None:
-        _sandbox_bytecode = new_state(0).execute(
-            b"return string.dump(load(...), true)", SANDBOX_SOURCE, b"=sandbox", b"t",
-        )
-    return _sandbox_bytecode
 
 
 def _now_ms() -> float:
@@ -253,17 +227,15 @@ class LuaProcess:
         self.slice_start = 0  # perf_counter_ns when the current slice began
         self.in_slice = False
         rt = self.rt = new_state(proc.limits.memory_bytes)
-        # The hot calls get their own entries; the rest share one dispatcher,
-        # as every entry is a Python object wrapped in every process's state.
-        bridge = rt.table_from({b"check": self.check, b"send": self.send, b"try_recv": self.try_recv,
-                                b"call": self.call})
         self.async_preempt = async_preemption()
-        # execute() loads the bytecode straight from the Python buffer (no copy as a Lua string).
-        self.step, main_state = rt.execute(
-            sandbox_bytecode(), bridge, proc.pid, proc.program.encode(), f"={proc.program_name}".encode(),
-            to_lua(rt, proc.args), kernel.config.hook_instructions, self.async_preempt,
+        open_sandbox = rt.globals()[b"package"][b"loadlib"](SANDBOX_LIBRARY, b"llmos_sandbox_open")
+        if type(open_sandbox) is tuple:  # nil, message, where
+            raise RuntimeError(f"cannot load the Lua sandbox: {open_sandbox[1].decode(errors='replace')}")
+        self.step, self.main_state = open_sandbox(
+            self.check, self.send, self.try_recv, self.call, proc.pid, proc.program.encode(),
+            f"={proc.program_name}".encode(), to_lua(rt, proc.args), kernel.config.hook_instructions,
+            self.async_preempt,
         )
-        self.main_state = _address(main_state)
 
     # -- the slice clock, kept by the kernel around each resume -----------------------
     # CPU time is time spent holding a virtual CPU. There are no more virtual

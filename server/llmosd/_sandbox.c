@@ -1,0 +1,1005 @@
+/*
+ * The sandbox of a Lua process, built into the process's own Lua 5.4 state.
+ *
+ * Before any program code runs, the kernel loads this module into the fresh
+ * state (package.loadlib, entry point llmos_sandbox_open) and calls it once.
+ * It leaves the program a whitelisted environment only, and wraps what would
+ * let a program slip the kernel's control:
+ *   - every coroutine carries a count hook that checks in with the kernel
+ *     (quantum, limits, kills); once the kernel ends the process the hook
+ *     fires on every instruction, and pcall, xpcall and coroutine.resume
+ *     re-raise the end instead of catching it;
+ *   - coroutine.resume passes a syscall made inside a program's coroutine up
+ *     to the kernel, and the answer back down, at any depth;
+ *   - no bytecode, string.dump, __gc finalizers, debug, io, os beyond the
+ *     clock, package, or lupa's python table;
+ *   - pattern functions, which run in C where no hook fires, refuse a
+ *     subject and pattern whose backtracking could outlast a preemption;
+ * and it adds `sys`, the syscall interface (see lua_runtime.py for the
+ * kernel's side, the "bridge" functions these call).
+ *
+ * Why C: written in Lua, the sandbox put some forty function prototypes with
+ * their closures and upvalues into every state, loaded from bytecode on each
+ * spawn, and they were a third of an idle process's memory. C functions cost
+ * a state nothing. The per-state context lives in a userdata that every
+ * thread of the state reaches through lua_getextraspace.
+ *
+ * Lupa ships no Lua headers: the part of the Lua 5.4 C API used here is
+ * declared below. The symbols are those of lupa's own extension, which
+ * lua_runtime.py makes global before importing this module; the registry
+ * index this relies on is checked when the module is opened.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* -- The Lua 5.4 C API (as in lua.h and lauxlib.h) ------------------------------------------ */
+typedef struct lua_State lua_State;
+typedef struct lua_Debug lua_Debug;
+typedef long long lua_Integer;
+typedef double lua_Number;
+typedef intptr_t lua_KContext;
+typedef int (*lua_CFunction)(lua_State *L);
+typedef int (*lua_KFunction)(lua_State *L, int status, lua_KContext ctx);
+typedef void (*lua_Hook)(lua_State *L, lua_Debug *ar);
+
+#define LUA_REGISTRYINDEX (-1000000 - 1000) /* -LUAI_MAXSTACK - 1000 */
+#define lua_upvalueindex(i) (LUA_REGISTRYINDEX - (i))
+#define LUA_RIDX_MAINTHREAD 1
+#define LUA_RIDX_GLOBALS 2
+#define LUA_MULTRET (-1)
+#define LUA_OK 0
+#define LUA_YIELD 1
+#define LUA_TNONE (-1)
+#define LUA_TNIL 0
+#define LUA_TBOOLEAN 1
+#define LUA_TNUMBER 3
+#define LUA_TSTRING 4
+#define LUA_TTABLE 5
+#define LUA_TFUNCTION 6
+#define LUA_TTHREAD 8
+#define LUA_MASKCOUNT (1 << 3)
+#define LUA_GCGEN 10
+#define LUA_EXTRASPACE (sizeof(void *))
+
+lua_Number lua_version(lua_State *L);
+int lua_gettop(lua_State *L);
+void lua_settop(lua_State *L, int idx);
+void lua_pushvalue(lua_State *L, int idx);
+void lua_rotate(lua_State *L, int idx, int n);
+void lua_copy(lua_State *L, int from, int to);
+int lua_checkstack(lua_State *L, int n);
+void lua_xmove(lua_State *from, lua_State *to, int n);
+int lua_type(lua_State *L, int idx);
+int lua_toboolean(lua_State *L, int idx);
+const char *lua_tolstring(lua_State *L, int idx, size_t *len);
+lua_Number lua_tonumberx(lua_State *L, int idx, int *isnum);
+lua_Integer lua_tointegerx(lua_State *L, int idx, int *isnum);
+lua_State *lua_tothread(lua_State *L, int idx);
+void *lua_touserdata(lua_State *L, int idx);
+void lua_pushnil(lua_State *L);
+void lua_pushinteger(lua_State *L, lua_Integer n);
+const char *lua_pushstring(lua_State *L, const char *s);
+void lua_pushboolean(lua_State *L, int b);
+void lua_pushcclosure(lua_State *L, lua_CFunction fn, int n);
+void lua_pushlightuserdata(lua_State *L, void *p);
+int lua_getfield(lua_State *L, int idx, const char *k);
+int lua_rawget(lua_State *L, int idx);
+int lua_rawgeti(lua_State *L, int idx, lua_Integer n);
+int lua_rawgetp(lua_State *L, int idx, const void *p);
+void lua_createtable(lua_State *L, int narr, int nrec);
+void *lua_newuserdatauv(lua_State *L, size_t size, int nuvalue);
+int lua_getmetatable(lua_State *L, int idx);
+int lua_getiuservalue(lua_State *L, int idx, int n);
+void lua_setfield(lua_State *L, int idx, const char *k);
+void lua_rawset(lua_State *L, int idx);
+void lua_rawsetp(lua_State *L, int idx, const void *p);
+int lua_setiuservalue(lua_State *L, int idx, int n);
+const char *lua_setupvalue(lua_State *L, int funcindex, int n);
+void lua_callk(lua_State *L, int nargs, int nresults, lua_KContext ctx, lua_KFunction k);
+int lua_pcallk(lua_State *L, int nargs, int nresults, int errfunc, lua_KContext ctx, lua_KFunction k);
+int lua_resume(lua_State *L, lua_State *from, int narg, int *nres);
+int lua_yieldk(lua_State *L, int nresults, lua_KContext ctx, lua_KFunction k);
+int lua_error(lua_State *L);
+int lua_next(lua_State *L, int idx);
+void lua_concat(lua_State *L, int n);
+int lua_gc(lua_State *L, int what, ...);
+void lua_sethook(lua_State *L, lua_Hook func, int mask, int count);
+lua_State *lua_newthread(lua_State *L);
+int luaL_ref(lua_State *L, int t);
+void luaL_checktype(lua_State *L, int arg, int t);
+void luaL_checkany(lua_State *L, int arg);
+void luaL_checkstack(lua_State *L, int sz, const char *msg);
+const char *luaL_checklstring(lua_State *L, int arg, size_t *len);
+int luaL_typeerror(lua_State *L, int arg, const char *tname);
+void luaL_where(lua_State *L, int lvl);
+int luaL_error(lua_State *L, const char *fmt, ...);
+const char *luaL_tolstring(lua_State *L, int idx, size_t *len);
+int luaL_loadbufferx(lua_State *L, const char *buff, size_t sz, const char *name, const char *mode);
+
+#define lua_pop(L, n) lua_settop(L, -(n)-1)
+#define lua_newtable(L) lua_createtable(L, 0, 0)
+#define lua_pushcfunction(L, f) lua_pushcclosure(L, (f), 0)
+#define lua_pushliteral(L, s) lua_pushstring(L, "" s)
+#define lua_tostring(L, i) lua_tolstring(L, (i), NULL)
+#define lua_tonumber(L, i) lua_tonumberx(L, (i), NULL)
+#define lua_isnil(L, n) (lua_type(L, (n)) == LUA_TNIL)
+#define lua_insert(L, idx) lua_rotate(L, (idx), 1)
+#define lua_remove(L, idx) (lua_rotate(L, (idx), -1), lua_pop(L, 1))
+#define lua_replace(L, idx) (lua_copy(L, -1, (idx)), lua_pop(L, 1))
+#define lua_call(L, n, r) lua_callk(L, (n), (r), 0, NULL)
+#define lua_yield(L, n) lua_yieldk(L, (n), 0, NULL)
+#define luaL_checkstring(L, n) luaL_checklstring(L, (n), NULL)
+
+/* -- The per-state context ----------------------------------------------------------------- */
+typedef struct {
+    lua_State *main_co;  /* the coroutine running the program */
+    lua_Integer pid;
+    int hook_count;      /* instructions between check-ins in the program's own coroutines */
+    int async_preempt;   /* main_co runs without a hook until the kernel installs one (_preempt.c) */
+    int maybe_mail;      /* whether a message may be waiting, as of the last send or receive */
+    int collected;       /* the first full collection has run (see step) */
+    int dying;           /* the kernel ended the process; the reason is user value DYING_REASON */
+    int check, send, try_recv, call; /* registry references of the kernel's bridge functions */
+} Sandbox;
+
+enum { DYING_REASON = 1, MEMORY_LIMIT = 2 }; /* the context userdata's user values */
+
+static const char MEMORY_ERROR[] = "not enough memory"; /* Lua's message when an allocation fails */
+static char CONTEXT_KEY; /* registry key of the context userdata (its address) */
+static char SYSCALL;     /* its address, as light userdata: the first value a syscall yields */
+
+static Sandbox *sandbox_of(lua_State *L)
+{
+    return *(Sandbox **)((char *)L - LUA_EXTRASPACE);
+}
+
+static void push_ref(lua_State *L, int ref)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+}
+
+/* Lua's error(value, 2) from a wrapper: a message is prefixed with the
+ * program's line that called the wrapper. */
+static int raise_at_caller(lua_State *L, int idx)
+{
+    lua_pushvalue(L, idx);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        luaL_where(L, 1);
+        lua_insert(L, -2);
+        lua_concat(L, 2);
+    }
+    return lua_error(L);
+}
+
+/* Neither reason allocates: they are strings the context already holds, as
+ * the process may be dying because memory ran out. */
+static void set_dying(lua_State *L, Sandbox *sb, int reason)
+{
+    reason = reason < 0 ? lua_gettop(L) + reason + 1 : reason;
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
+    lua_pushvalue(L, reason);
+    lua_setiuservalue(L, -2, DYING_REASON);
+    lua_pop(L, 1);
+    sb->dying = 1;
+}
+
+/* After a pcall or a resume has returned: a process the kernel has ended
+ * dies now, whatever the program meant to catch. A memory error counts as
+ * such an end. */
+static void die_if_dying(lua_State *L, Sandbox *sb, int failed)
+{
+    if (failed && !sb->dying && lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), MEMORY_ERROR) == 0) {
+        lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
+        lua_getiuservalue(L, -1, MEMORY_LIMIT);
+        set_dying(L, sb, -1);
+        lua_pop(L, 2);
+    }
+    if (sb->dying) {
+        lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
+        lua_getiuservalue(L, -1, DYING_REASON);
+        lua_error(L);
+    }
+}
+
+/* -- The hook ------------------------------------------------------------------------------ */
+/* Runs every `hook_count` instructions in the program's own coroutines, and
+ * in the main one when the kernel interrupts it: the kernel's check preempts
+ * the process (parking this thread) if its quantum is spent, and answers the
+ * reason if the process is to end. */
+static void hook(lua_State *L, lua_Debug *ar)
+{
+    Sandbox *sb = sandbox_of(L);
+    (void)ar;
+    push_ref(L, sb->check);
+    lua_call(L, 0, 1);
+    if (!lua_isnil(L, -1)) {
+        set_dying(L, sb, -1);
+        lua_sethook(L, hook, LUA_MASKCOUNT, 1);
+        lua_error(L);
+    }
+    lua_pop(L, 1);
+    if (sb->async_preempt && L == sb->main_co)
+        lua_sethook(L, NULL, 0, 0); /* off until the kernel asks again */
+}
+
+/* -- coroutine ----------------------------------------------------------------------------- */
+static int co_create(lua_State *L)
+{
+    lua_State *co;
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    co = lua_newthread(L);
+    lua_pushvalue(L, 1);
+    lua_xmove(L, co, 1);
+    lua_sethook(co, hook, LUA_MASKCOUNT, sandbox_of(L)->hook_count);
+    return 1;
+}
+
+enum { AS_RESUME, AS_WRAP };
+
+static int finish_resume(lua_State *L, lua_State *co, int status, int nres, lua_KContext as)
+{
+    Sandbox *sb = sandbox_of(L);
+    if (status != LUA_OK && status != LUA_YIELD) {
+        lua_xmove(co, L, 1); /* the error */
+        die_if_dying(L, sb, 1);
+        if (as == AS_WRAP)
+            return lua_error(L);
+        lua_pushboolean(L, 0);
+        lua_insert(L, -2);
+        return 2;
+    }
+    luaL_checkstack(L, nres + 1, "too many results to resume");
+    if (as == AS_RESUME)
+        lua_pushboolean(L, 1);
+    lua_xmove(co, L, nres);
+    die_if_dying(L, sb, 0);
+    return nres + (as == AS_RESUME);
+}
+
+/* Resume the coroutine at index 1 with the values above it. A syscall made
+ * inside it (a yield led by &SYSCALL) becomes this coroutine's own yield, so
+ * it travels up to the kernel, and this continuation passes the kernel's
+ * answer back down. */
+static int resume_k(lua_State *L, int status, lua_KContext as)
+{
+    lua_State *co = lua_tothread(L, 1);
+    int nargs = lua_gettop(L) - 1, nres;
+    (void)status;
+    if (!lua_checkstack(co, nargs))
+        return luaL_error(L, "too many arguments to resume");
+    lua_xmove(L, co, nargs);
+    status = lua_resume(co, L, nargs, &nres);
+    if (status == LUA_YIELD && nres > 0 && lua_touserdata(co, -nres) == &SYSCALL) {
+        luaL_checkstack(L, nres, "too many syscall arguments");
+        lua_xmove(co, L, nres);
+        return lua_yieldk(L, nres, as, resume_k);
+    }
+    return finish_resume(L, co, status, nres, as);
+}
+
+static int co_resume(lua_State *L)
+{
+    if (lua_tothread(L, 1) == NULL)
+        return luaL_typeerror(L, 1, "coroutine");
+    return resume_k(L, LUA_OK, AS_RESUME);
+}
+
+static int co_wrapped(lua_State *L)
+{
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    return resume_k(L, LUA_OK, AS_WRAP);
+}
+
+static int co_wrap(lua_State *L)
+{
+    co_create(L);
+    lua_pushcclosure(L, co_wrapped, 1);
+    return 1;
+}
+
+static int co_yield(lua_State *L)
+{
+    if (L == sandbox_of(L)->main_co)
+        return luaL_error(L, "attempt to yield from outside a coroutine");
+    return lua_yield(L, lua_gettop(L));
+}
+
+/* -- pcall, xpcall ------------------------------------------------------------------------- */
+/* Also the continuation: a protected call may yield (a syscall inside it). */
+static int finish_pcall(lua_State *L, int status, lua_KContext extra)
+{
+    Sandbox *sb = sandbox_of(L);
+    if (status != LUA_OK && status != LUA_YIELD) {
+        lua_pushboolean(L, 0);
+        lua_pushvalue(L, -2);
+        die_if_dying(L, sb, 1);
+        return 2;
+    }
+    die_if_dying(L, sb, 0);
+    return lua_gettop(L) - (int)extra;
+}
+
+static int sb_pcall(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    lua_pushboolean(L, 1); /* the first result if there is no error */
+    lua_insert(L, 1);
+    return finish_pcall(L, lua_pcallk(L, lua_gettop(L) - 2, LUA_MULTRET, 0, 0, finish_pcall), 0);
+}
+
+/* A message handler runs before the stack unwinds, which for an error the
+ * kernel's hook raised means with hooks still off: a dying process never
+ * runs the program's handler. */
+static int message_handler(lua_State *L)
+{
+    if (sandbox_of(L)->dying)
+        return 1;
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
+static int sb_xpcall(lua_State *L)
+{
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    lua_pushcclosure(L, message_handler, 1);
+    lua_replace(L, 2);
+    lua_pushboolean(L, 1); /* the first result */
+    lua_pushvalue(L, 1);   /* the function */
+    lua_rotate(L, 3, 2);   /* f, handler, true, f, args... */
+    return finish_pcall(L, lua_pcallk(L, n - 2, LUA_MULTRET, 2, 2, finish_pcall), 2);
+}
+
+/* -- Guarded base and string functions ----------------------------------------------------- */
+/* Finalizers run with hooks off (in the program's GC or when its state is
+ * closed), so a __gc that loops could never be stopped: none are allowed.
+ * Upvalue 1: the real setmetatable. */
+static int sb_setmetatable(lua_State *L)
+{
+    lua_settop(L, 2);
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_error(L, "setmetatable: __gc finalizers are not allowed in the sandbox");
+        lua_pop(L, 1);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 2, 1);
+    return 1;
+}
+
+/* Text chunks only: binary chunks can break the VM's memory safety. The
+ * default environment is the program's. Upvalues: the real load, the env. */
+static int sb_load(lua_State *L)
+{
+    lua_settop(L, 4);
+    if (!lua_isnil(L, 3) && (lua_type(L, 3) != LUA_TSTRING || strcmp(lua_tostring(L, 3), "t") != 0)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "load: only text chunks are allowed (mode 't')");
+        return 2;
+    }
+    if (lua_isnil(L, 4)) {
+        lua_pushvalue(L, lua_upvalueindex(2));
+        lua_replace(L, 4);
+    }
+    lua_pushliteral(L, "t");
+    lua_replace(L, 3);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 4, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* Upvalue 1: the real collectgarbage. Programs may not change how their
+ * state collects (the kernel chose generational mode for idle processes). */
+static int sb_collectgarbage(lua_State *L)
+{
+    const char *opt;
+    lua_settop(L, 1);
+    if (!lua_isnil(L, 1)) {
+        opt = lua_type(L, 1) == LUA_TSTRING ? lua_tostring(L, 1) : "";
+        if (strcmp(opt, "collect") != 0 && strcmp(opt, "count") != 0 && strcmp(opt, "step") != 0)
+            return luaL_error(L, "collectgarbage: only 'collect', 'count' and 'step' are allowed");
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* Pattern functions run in C, where the count hook cannot interrupt them,
+ * and backtracking makes their worst case polynomial in the subject's length
+ * with the number of repetition items as exponent. Refuse calls whose worst
+ * case could keep a CPU for long (about a second of C), so that a process can
+ * always be preempted and killed.
+ * Upvalues: the real function, its name, whether its 4th argument turns patterns off. */
+#define PATTERN_BUDGET 1e9
+
+static int sb_pattern_function(lua_State *L)
+{
+    size_t subject_len, pattern_len, i;
+    const char *pattern;
+    int items = 0;
+    lua_settop(L, 4);
+    if (!(lua_toboolean(L, lua_upvalueindex(3)) && lua_toboolean(L, 4))
+        && lua_type(L, 1) == LUA_TSTRING && lua_type(L, 2) == LUA_TSTRING) {
+        lua_tolstring(L, 1, &subject_len);
+        pattern = lua_tolstring(L, 2, &pattern_len);
+        for (i = 0; i < pattern_len; i++)
+            items += pattern[i] == '*' || pattern[i] == '+' || pattern[i] == '-' || pattern[i] == '?';
+        if (items > 0 && pow((double)subject_len + 1, items + (pattern[0] == '^' ? 0 : 1)) > PATTERN_BUDGET)
+            return luaL_error(L,
+                              "%s: pattern with %d repetition items on a %I-byte subject is too costly to run "
+                              "preemptibly; split the subject or simplify the pattern",
+                              lua_tostring(L, lua_upvalueindex(2)), items, (lua_Integer)subject_len);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 4, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* print and sys.log: one line to the process's log. */
+static int sb_log(lua_State *L)
+{
+    int n = lua_gettop(L), i;
+    luaL_checkstack(L, 2 * n + 2, "too many values to log");
+    push_ref(L, sandbox_of(L)->call);
+    lua_pushliteral(L, "log");
+    for (i = 1; i <= n; i++) {
+        if (i > 1)
+            lua_pushliteral(L, "\t");
+        luaL_tolstring(L, i, NULL);
+    }
+    lua_concat(L, n > 0 ? 2 * n - 1 : 0);
+    lua_call(L, 2, 0);
+    return 0;
+}
+
+/* -- sys ----------------------------------------------------------------------------------- */
+/* Bridge functions answer (value, ...) or (nil, error text) and never raise,
+ * so a program only ever sees plain Lua values. */
+
+/* The bridge's answer at base..top as the syscall's results: value, ... or
+ * the error raised at the program's line. */
+static int check_result(lua_State *L, int base)
+{
+    int n = lua_gettop(L) - base + 1;
+    if (n >= 2) {
+        if (!lua_isnil(L, base + 1))
+            return raise_at_caller(L, base + 1);
+        lua_remove(L, base + 1);
+        n--;
+    }
+    if (n < 1) {
+        lua_pushnil(L);
+        n = 1;
+    }
+    return n;
+}
+
+static void check_options(lua_State *L, int idx, const char *fname)
+{
+    int t = lua_type(L, idx);
+    if (t != LUA_TNIL && t != LUA_TTABLE)
+        luaL_error(L, "%s: expected a table of options", fname);
+}
+
+static void push_option(lua_State *L, int idx, const char *name)
+{
+    if (lua_type(L, idx) == LUA_TTABLE)
+        lua_getfield(L, idx, name);
+    else
+        lua_pushnil(L);
+}
+
+static int is_zero(lua_State *L, int idx)
+{
+    return lua_type(L, idx) == LUA_TNUMBER && lua_tonumber(L, idx) == 0;
+}
+
+static int sys_self(lua_State *L)
+{
+    lua_pushinteger(L, sandbox_of(L)->pid);
+    return 1;
+}
+
+/* A syscall that never blocks: one trip through the bridge's dispatcher,
+ * which checks the arguments (option tables included).
+ * Upvalues: the operation's name, and for sys.fs.* the file operation. */
+static int sys_direct(lua_State *L)
+{
+    int nargs = lua_gettop(L) + 1;
+    luaL_checkstack(L, 3, "too many arguments");
+    push_ref(L, sandbox_of(L)->call);
+    lua_insert(L, 1);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 2);
+    if (lua_type(L, lua_upvalueindex(2)) == LUA_TSTRING) {
+        lua_pushvalue(L, lua_upvalueindex(2));
+        lua_insert(L, 3);
+        nargs++;
+    }
+    lua_call(L, nargs, LUA_MULTRET);
+    return check_result(L, 1);
+}
+
+static int sys_send(lua_State *L)
+{
+    Sandbox *sb = sandbox_of(L);
+    lua_settop(L, 3); /* to, body, opts */
+    check_options(L, 3, "sys.send");
+    push_ref(L, sb->send);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    push_option(L, 3, "tag");
+    push_option(L, 3, "data");
+    push_option(L, 3, "correlation_id");
+    lua_call(L, 5, 2); /* message id and the sender's mailbox length, or nil and the error */
+    if (lua_isnil(L, -2))
+        return raise_at_caller(L, -1);
+    sb->maybe_mail = lua_tonumber(L, -1) > 0;
+    lua_pop(L, 1);
+    return 1;
+}
+
+/* A received message (id, from, to, tag, body, data, correlation_id,
+ * sent_at_ms, mailbox length) at base.. as a table; nil for a timeout. */
+static int as_message(lua_State *L, int base)
+{
+    static const char *const fields[] = {"id", "from", "to", "tag", "body", "data", "correlation_id", "sent_at_ms"};
+    int i;
+    lua_settop(L, base + 8);
+    if (lua_isnil(L, base)) {
+        if (!lua_isnil(L, base + 1))
+            return raise_at_caller(L, base + 1); /* nil, error text */
+        lua_pushnil(L);
+        return 1;
+    }
+    sandbox_of(L)->maybe_mail = lua_tonumber(L, base + 8) > 0;
+    lua_createtable(L, 0, 8);
+    for (i = 0; i < 8; i++) {
+        lua_pushvalue(L, base + i);
+        lua_setfield(L, -2, fields[i]);
+    }
+    return 1;
+}
+
+enum { RECV_ANSWER = 6 }; /* where sys.recv's answer lies: after opts and its four fields */
+
+static int recv_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    (void)ctx;
+    return as_message(L, RECV_ANSWER);
+}
+
+static int sys_recv(lua_State *L)
+{
+    Sandbox *sb = sandbox_of(L);
+    int i, zero_timeout;
+    lua_settop(L, 1);
+    check_options(L, 1, "sys.recv");
+    push_option(L, 1, "from");
+    push_option(L, 1, "tag");
+    push_option(L, 1, "correlation_id");
+    push_option(L, 1, "timeout_ms");
+    zero_timeout = is_zero(L, 5);
+    /* The common case, a message already waiting, costs no trip through the
+     * scheduler; when none can be waiting the kernel takes one that arrives
+     * meanwhile. */
+    if (sb->maybe_mail || zero_timeout) {
+        push_ref(L, sb->try_recv);
+        for (i = 2; i <= 5; i++)
+            lua_pushvalue(L, i);
+        lua_call(L, 4, 9);
+        if (lua_type(L, RECV_ANSWER) == LUA_TBOOLEAN && !lua_toboolean(L, RECV_ANSWER))
+            return raise_at_caller(L, RECV_ANSWER + 1); /* false, error text */
+        if (!lua_isnil(L, RECV_ANSWER) || zero_timeout)
+            return as_message(L, RECV_ANSWER);
+        lua_settop(L, 5);
+    }
+    lua_pushlightuserdata(L, &SYSCALL);
+    lua_pushliteral(L, "recv");
+    for (i = 2; i <= 5; i++)
+        lua_pushvalue(L, i);
+    return lua_yieldk(L, 6, 0, recv_k);
+}
+
+/* A blocking syscall's answer follows the `nargs` arguments it was made with. */
+static int syscall_k(lua_State *L, int status, lua_KContext nargs)
+{
+    (void)status;
+    return check_result(L, (int)nargs + 1);
+}
+
+/* sys.wait, sys.sleep, sys.infer: yield to the kernel. Upvalue 1: the syscall's name. */
+static int sys_blocking(lua_State *L)
+{
+    int n = lua_gettop(L), i;
+    luaL_checkstack(L, n + 2, "too many arguments");
+    lua_pushlightuserdata(L, &SYSCALL);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    for (i = 1; i <= n; i++)
+        lua_pushvalue(L, i);
+    return lua_yieldk(L, n + 2, n, syscall_k);
+}
+
+static int sys_exit(lua_State *L)
+{
+    lua_settop(L, 1);
+    lua_pushlightuserdata(L, &SYSCALL);
+    lua_pushliteral(L, "exit");
+    lua_pushvalue(L, 1);
+    return lua_yield(L, 3); /* never resumed */
+}
+
+/* A free lock costs no trip through the scheduler. */
+static int sys_lock_acquire(lua_State *L)
+{
+    lua_settop(L, 2); /* name, opts */
+    push_ref(L, sandbox_of(L)->call);
+    lua_pushliteral(L, "lock_try");
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_call(L, 3, 2); /* the lock's state, or nil and an error */
+    if (!lua_isnil(L, 4))
+        return raise_at_caller(L, 4);
+    if (!lua_isnil(L, 3)) {
+        lua_settop(L, 3);
+        return 1;
+    }
+    push_option(L, 2, "timeout_ms");
+    if (is_zero(L, 5)) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_settop(L, 2);
+    lua_pushlightuserdata(L, &SYSCALL);
+    lua_pushliteral(L, "lock_acquire");
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    return lua_yieldk(L, 4, 2, syscall_k);
+}
+
+/* -- Building the sandbox ------------------------------------------------------------------ */
+static void set_function(lua_State *L, const char *name, lua_CFunction f)
+{
+    lua_pushcfunction(L, f);
+    lua_setfield(L, -2, name);
+}
+
+/* t[name] = a C closure of f over the value at the top (which it pops). */
+static void set_closure(lua_State *L, int t, const char *name, lua_CFunction f, int nup)
+{
+    lua_pushcclosure(L, f, nup);
+    lua_setfield(L, t, name);
+}
+
+/* t[name] = from[name], for absolute indices. */
+static void copy_field(lua_State *L, int from, int to, const char *name)
+{
+    lua_getfield(L, from, name);
+    lua_setfield(L, to, name);
+}
+
+static void set_direct(lua_State *L, const char *name, const char *op, const char *file_op)
+{
+    lua_pushstring(L, op);
+    if (file_op != NULL)
+        lua_pushstring(L, file_op);
+    lua_pushcclosure(L, sys_direct, file_op != NULL ? 2 : 1);
+    lua_setfield(L, -2, name);
+}
+
+static void set_blocking(lua_State *L, const char *name)
+{
+    lua_pushstring(L, name);
+    lua_pushcclosure(L, sys_blocking, 1);
+    lua_setfield(L, -2, name);
+}
+
+static void push_sys(lua_State *L)
+{
+    static const char *const direct[] = {"now", "spawn", "kill", "register", "monitor", "whereis",
+                                         "set_priority", "info", NULL};
+    static const char *const file_ops[] = {"write", "read", "stat", "list", "delete", "rename", "mkdir", NULL};
+    const char *const *name;
+    lua_createtable(L, 0, 18);
+    set_function(L, "self", sys_self);
+    for (name = direct; *name != NULL; name++)
+        set_direct(L, *name, *name, NULL);
+    set_function(L, "log", sb_log);
+    set_function(L, "send", sys_send);
+    set_function(L, "recv", sys_recv);
+    set_blocking(L, "wait");
+    set_blocking(L, "sleep");
+    set_blocking(L, "infer");
+    set_function(L, "exit", sys_exit);
+    lua_createtable(L, 0, 3);
+    set_function(L, "acquire", sys_lock_acquire);
+    set_direct(L, "try_acquire", "lock_try", NULL);
+    set_direct(L, "release", "lock_release", NULL);
+    lua_setfield(L, -2, "lock");
+    lua_createtable(L, 0, 7);
+    for (name = file_ops; *name != NULL; name++)
+        set_direct(L, *name, "fs", *name);
+    lua_setfield(L, -2, "fs");
+}
+
+/* The string library, made safe in place (the state is the program's alone):
+ * no dump, guarded pattern functions, and a string metatable the program
+ * can neither reach nor change. */
+static void secure_string(lua_State *L, int string_lib)
+{
+    static const char *const guarded[] = {"find", "match", "gmatch", "gsub", NULL};
+    const char *const *name;
+    char qualified[32];
+    lua_pushnil(L);
+    lua_setfield(L, string_lib, "dump");
+    for (name = guarded; *name != NULL; name++) {
+        lua_getfield(L, string_lib, *name);
+        snprintf(qualified, sizeof qualified, "string.%s", *name);
+        lua_pushstring(L, qualified);
+        lua_pushboolean(L, strcmp(*name, "find") == 0); /* find's 4th argument turns patterns off */
+        set_closure(L, string_lib, *name, sb_pattern_function, 3);
+    }
+    lua_pushliteral(L, "");
+    lua_getmetatable(L, -1);
+    lua_pushvalue(L, string_lib);
+    lua_setfield(L, -2, "__index");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 2);
+}
+
+/* The program's environment, from the globals at `g`; leaves it on the stack. */
+static void push_env(lua_State *L, int g)
+{
+    static const char *const kept[] = {"assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget",
+                                       "rawlen", "rawset", "select", "tonumber", "tostring", "type",
+                                       "getmetatable", "_VERSION", "math", "string", "table", "utf8", NULL};
+    static const char *const os_kept[] = {"clock", "time", "date", "difftime", NULL};
+    static const char *const co_kept[] = {"status", "running", "close", "isyieldable", NULL};
+    const char *const *name;
+    int env;
+    lua_getfield(L, g, "string");
+    secure_string(L, lua_gettop(L));
+    lua_pop(L, 1);
+
+    lua_createtable(L, 0, 32);
+    env = lua_gettop(L);
+    for (name = kept; *name != NULL; name++)
+        copy_field(L, g, env, *name);
+    lua_pushvalue(L, env);
+    lua_setfield(L, env, "_G");
+
+    lua_createtable(L, 0, 4);
+    lua_getfield(L, g, "os");
+    for (name = os_kept; *name != NULL; name++)
+        copy_field(L, env + 2, env + 1, *name);
+    lua_pop(L, 1);
+    lua_setfield(L, env, "os");
+
+    lua_createtable(L, 0, 8);
+    lua_getfield(L, g, "coroutine");
+    for (name = co_kept; *name != NULL; name++)
+        copy_field(L, env + 2, env + 1, *name);
+    lua_pop(L, 1);
+    set_function(L, "create", co_create);
+    set_function(L, "resume", co_resume);
+    set_function(L, "wrap", co_wrap);
+    set_function(L, "yield", co_yield);
+    lua_setfield(L, env, "coroutine");
+
+    lua_pushcfunction(L, sb_pcall);
+    lua_setfield(L, env, "pcall");
+    lua_pushcfunction(L, sb_xpcall);
+    lua_setfield(L, env, "xpcall");
+    lua_pushcfunction(L, sb_log);
+    lua_setfield(L, env, "print");
+    lua_getfield(L, g, "setmetatable");
+    set_closure(L, env, "setmetatable", sb_setmetatable, 1);
+    lua_getfield(L, g, "collectgarbage");
+    set_closure(L, env, "collectgarbage", sb_collectgarbage, 1);
+    lua_getfield(L, g, "load");
+    lua_pushvalue(L, env);
+    set_closure(L, env, "load", sb_load, 2);
+    push_sys(L);
+    lua_setfield(L, env, "sys");
+}
+
+static void clear_table(lua_State *L, int t)
+{
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        lua_pushnil(L);
+        lua_rawset(L, t); /* clearing a field during the traversal is allowed */
+    }
+}
+
+/* What the standard libraries leave in the registry that nothing uses once
+ * they are gone. */
+static void drop_registry_field(lua_State *L, const char *name)
+{
+    lua_pushnil(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, name);
+}
+
+/* The kernel's side: resume the program with a syscall's answer. Returns
+ *   "sys", name, ...          the program made a blocking syscall
+ *   "done", value             the program returned
+ *   "error", message, reason  the program failed (reason nil) or was ended (reason: why) */
+static int step(lua_State *L)
+{
+    Sandbox *sb = sandbox_of(L);
+    lua_State *co = sb->main_co;
+    int nargs = lua_gettop(L), nres, status;
+    if (!lua_checkstack(co, nargs))
+        return luaL_error(L, "too many values to resume the program with");
+    lua_xmove(L, co, nargs);
+    status = lua_resume(co, L, nargs, &nres);
+    luaL_checkstack(L, nres + 3, "too many syscall arguments");
+    if (status == LUA_OK) {
+        lua_pushliteral(L, "done");
+        if (nres > 0) {
+            lua_pop(co, nres - 1);
+            lua_xmove(co, L, 1);
+        } else {
+            lua_pushnil(L);
+        }
+        return 2;
+    }
+    if (status == LUA_YIELD) {
+        if (nres > 0 && lua_touserdata(co, -nres) == &SYSCALL) {
+            if (!sb->collected) {
+                /* The first time the program blocks, free what building the
+                 * sandbox left behind: a blocked process should cost only its
+                 * live data, as thousands may sit in recv. A program that ends
+                 * without blocking never pays for it. Entering generational
+                 * mode is itself a full collection. */
+                sb->collected = 1;
+                lua_gc(L, LUA_GCGEN, 0, 0);
+            }
+            lua_pushliteral(L, "sys");
+            lua_xmove(co, L, nres);
+            lua_remove(L, -nres); /* &SYSCALL */
+            return nres;
+        }
+        lua_pop(co, nres);
+        lua_pushliteral(L, "error");
+        lua_pushliteral(L, "attempt to yield from outside a coroutine");
+        return 2;
+    }
+    lua_pushliteral(L, "error");
+    lua_xmove(co, L, 1);
+    if (sb->dying) {
+        lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
+        lua_getiuservalue(L, -1, DYING_REASON);
+        lua_remove(L, -2);
+    } else {
+        lua_pushnil(L);
+    }
+    return 3;
+}
+
+/* step, main_state = open(check, send, try_recv, call, pid, source, chunk_name, args,
+ *                         hook_count, async_preempt)
+ * main_state is the address of the program's coroutine, for _preempt. */
+static int sandbox_open(lua_State *L)
+{
+    enum { CHECK = 1, SEND, TRY_RECV, CALL, PID, SOURCE, CHUNK_NAME, ARGS, HOOK_COUNT, ASYNC, CONTEXT };
+    Sandbox *sb;
+    lua_State *main_thread, *co;
+    size_t source_len;
+    const char *source = luaL_checklstring(L, SOURCE, &source_len);
+    const char *chunk_name = luaL_checkstring(L, CHUNK_NAME);
+    int g, env;
+
+    lua_settop(L, ASYNC);
+    sb = lua_newuserdatauv(L, sizeof(Sandbox), 2);
+    memset(sb, 0, sizeof *sb);
+    sb->pid = lua_tointegerx(L, PID, NULL);
+    sb->hook_count = (int)lua_tointegerx(L, HOOK_COUNT, NULL);
+    sb->async_preempt = lua_toboolean(L, ASYNC);
+    sb->maybe_mail = 1;
+    lua_pushliteral(L, "memory_limit");
+    lua_setiuservalue(L, CONTEXT, MEMORY_LIMIT);
+    lua_pushvalue(L, CONTEXT);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
+    lua_pushvalue(L, CHECK);
+    sb->check = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, SEND);
+    sb->send = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, TRY_RECV);
+    sb->try_recv = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, CALL);
+    sb->call = luaL_ref(L, LUA_REGISTRYINDEX);
+    /* Threads created from now on copy the main thread's extra space. */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    main_thread = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    *(Sandbox **)((char *)main_thread - LUA_EXTRASPACE) = sb;
+    *(Sandbox **)((char *)L - LUA_EXTRASPACE) = sb;
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    g = lua_gettop(L);
+    push_env(L, g);
+    env = lua_gettop(L);
+    lua_pushvalue(L, ARGS);
+    lua_setfield(L, env, "args");
+
+    if (luaL_loadbufferx(L, source, source_len, chunk_name, "t") != LUA_OK)
+        return lua_error(L);
+    lua_pushvalue(L, env);
+    lua_setupvalue(L, -2, 1); /* the chunk's _ENV */
+    co = sb->main_co = lua_newthread(L);
+    lua_pushvalue(L, -1);
+    luaL_ref(L, LUA_REGISTRYINDEX); /* keeps the coroutine alive */
+    lua_pop(L, 1);
+    lua_xmove(L, co, 1); /* the program */
+    if (!sb->async_preempt)
+        lua_sethook(co, hook, LUA_MASKCOUNT, sb->hook_count);
+
+    /* Drop the libraries the program never sees (io, os, package, debug,
+     * lupa's python table); they are freed when the program first blocks. */
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    clear_table(L, lua_gettop(L));
+    lua_pop(L, 1);
+    clear_table(L, g);
+    drop_registry_field(L, "_IO_input");
+    drop_registry_field(L, "_IO_output");
+    drop_registry_field(L, "_PRELOAD");
+    drop_registry_field(L, "_CLIBS");
+
+    lua_pushcfunction(L, step);
+    lua_pushinteger(L, (lua_Integer)(intptr_t)co);
+    return 2;
+}
+
+/* Lua's entry point, through package.loadlib. Checks that this module and the
+ * state agree on the registry's index before anything relies on it. */
+int llmos_sandbox_open(lua_State *L)
+{
+    if (lua_version(L) != 504)
+        return luaL_error(L, "the llmos sandbox needs Lua 5.4 (this is %f)", lua_version(L));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    if (lua_type(L, -1) != LUA_TTHREAD)
+        return luaL_error(L, "the llmos sandbox was built for another LUAI_MAXSTACK than this Lua's");
+    lua_pop(L, 1);
+    return sandbox_open(L);
+}
+
+/* -- Python ------------------------------------------------------------------------------ */
+static PyObject *hook_address(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromVoidPtr((void *)hook);
+}
+
+static PyMethodDef methods[] = {
+    {"hook_address", hook_address, METH_NOARGS,
+     "hook_address(): the address of the count hook, which _preempt installs from its signal handler"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_sandbox",
+    "The Lua sandbox of a process (loaded into each state with package.loadlib)", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__sandbox(void)
+{
+    return PyModule_Create(&module);
+}
