@@ -462,6 +462,29 @@ def test_coroutine_yields_are_not_syscalls(stub: Any, bystander: Bystander) -> N
     assert out == ["exit/not the result", "sleep/1000000000.0", "recv/nil", "wait/true", "finished/nil"]
 
 
+def test_blocking_syscalls_travel_through_coroutines_and_pcall(stub: Any, bystander: Bystander) -> None:
+    out = exited(run(stub, """
+        local helper = sys.spawn{lua = "local m = sys.recv{} sys.sleep(20) sys.send(m.from, 'late', {tag = 'reply'})"}
+        local outer = coroutine.wrap(function()
+          local inner = coroutine.create(function()
+            return pcall(function()
+              sys.send(helper, 'go')
+              local m = sys.recv{tag = 'reply', timeout_ms = 5000}  -- blocks, two coroutines down
+              sys.sleep(1)
+              return m.body, sys.recv{tag = 'never', timeout_ms = 10}
+            end)
+          end)
+          return coroutine.resume(inner)
+        end)
+        local resumed, protected, body, none = outer()
+        local wait_ok, wait_err = pcall(sys.wait, 'x')
+        local handled = select(2, xpcall(function() error('boom', 0) end, function(e) return 'handled ' .. e end))
+        local wrapped = select(2, pcall(coroutine.wrap(function() error({code = 7}) end)))
+        return {resumed, protected, body, none == nil, wait_ok, wait_err, handled, wrapped.code}
+    """))
+    assert out == [True, True, "late", True, False, "sys.wait: pid must be an integer", "handled boom", 7]
+
+
 def test_unsendable_values_give_clear_errors(stub: Any, bystander: Bystander) -> None:
     out = exited(run(stub, """
         local me = sys.self()
