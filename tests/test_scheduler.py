@@ -1,6 +1,7 @@
 """Scheduling policy and accounting, observed through the syscall interface."""
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import Any
 
@@ -8,7 +9,9 @@ import grpc
 import pytest
 
 from llmos.v1 import kernel_pb2 as pb
+from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
+from llmosd.launch import LlmosdServer
 
 SPIN = "while true do end"
 
@@ -124,3 +127,30 @@ def test_cpu_limit_inside_a_coroutine_and_a_blocked_wall_limit(stub: Any) -> Non
     assert inside.exit_reason == "cpu_limit"
     blocked = wait(stub, spawn(stub, "sys.recv{}", limits=pb.Limits(wall_ms=100)))
     assert blocked.exit_reason == "wall_limit"
+
+
+def test_spawning_does_not_preempt_the_spawner(tmp_path: pathlib.Path) -> None:
+    # One CPU and a long quantum: children queue behind their parent instead of
+    # taking its CPU the moment they exist, as they would if a new process got
+    # a sleeper's credit. The parent first runs a while and sleeps, so that the
+    # scheduler's floor of CPU time has moved past a new process's zero.
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "1", "--quantum-ms", "200")
+    server.start()
+    try:
+        with server.channel() as channel:
+            stub = kernel_pb2_grpc.KernelStub(channel)
+            out = from_value(wait(stub, spawn(stub, """
+                local function spin(ms) local t0 = sys.now() while sys.now() - t0 < ms do end end
+                spin(50)
+                sys.sleep(1)
+                local kids = 3
+                for i = 1, kids do sys.spawn{lua = "sys.send(args, sys.now())", args = sys.self()} end
+                spin(20)
+                local done = sys.now()
+                local started = {}
+                for i = 1, kids do started[i] = sys.recv{}.body end
+                return {done = done, started = started}
+            """)).result)
+        assert all(start >= out["done"] for start in out["started"]), out
+    finally:
+        server.stop()

@@ -195,7 +195,7 @@ class Kernel:
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
             self._emit("spawned", proc)
-        self.scheduler.make_runnable(proc)
+        self.scheduler.make_runnable(proc, new=True)
         return pid
 
     def spawn_from_dict(self, spec: dict, parent: int) -> int:

@@ -55,17 +55,22 @@ class RunQueue:
     def __len__(self) -> int:
         return self._len
 
-    def push(self, proc: Process) -> None:
+    def push(self, proc: Process, new: bool = False) -> None:
         prio = proc.priority
         level = self._levels.get(prio)
         if level is None:
             level = self._levels[prio] = []
             self._floor.setdefault(prio, 0.0)
-        # A process back from a long sleep starts level with the others, not
-        # with a credit that would let it monopolise the CPU.
-        floor = self._floor[prio] - MAX_CREDIT_NS
-        if proc.vruntime < floor:
-            proc.vruntime = floor
+        floor = self._floor[prio]
+        if new:
+            # A new process starts level with the others (as CFS places a new
+            # task at min_vruntime), so that a burst of spawns cannot crowd
+            # out the processes already there.
+            proc.vruntime = max(proc.vruntime, floor)
+        elif proc.vruntime < floor - MAX_CREDIT_NS:
+            # A process back from a long sleep gets a bounded credit, not one
+            # that would let it monopolise the CPU.
+            proc.vruntime = floor - MAX_CREDIT_NS
         proc.queued_at = time.perf_counter_ns()
         heapq.heappush(level, (proc.vruntime, next(self._seq), proc))
         self._len += 1
@@ -135,23 +140,25 @@ class Scheduler:
             threading.Thread(target=self._watch, name="preempt-watch", daemon=True).start()
 
     # -- called by the kernel ----------------------------------------------------------
-    def make_runnable(self, proc: Process) -> None:
-        """Queue `proc` to run. Safe from any thread, with or without the kernel lock."""
+    def make_runnable(self, proc: Process, new: bool = False) -> None:
+        """Queue `proc` to run. Safe from any thread, with or without the kernel lock.
+        A `new` (just spawned) process never preempts a running one: as with
+        CFS's default, the spawner keeps its CPU until its quantum is spent."""
         local = self._local
         if getattr(local, "running", None) is not None and local.next is None:
             local.next = proc  # run next on this thread (see module docstring)
             return
-        self._enqueue(proc)
+        self._enqueue(proc, new)
 
     def requeue(self, proc: Process) -> None:
         """Queue a process that used up its quantum: behind the others, never as runnext."""
         self._enqueue(proc)
 
-    def _enqueue(self, proc: Process) -> None:
+    def _enqueue(self, proc: Process, new: bool = False) -> None:
         with self._lock:
-            self._queue.push(proc)
+            self._queue.push(proc, new)
             self._offer_locked()
-            if self._free > 0 or self._wants_cpu_back is None:
+            if self._free > 0 or self._wants_cpu_back is None or new:
                 return
         # Every CPU is busy. A process of higher priority, or one far behind in
         # its share (typically woken from a wait), takes a CPU now rather than
