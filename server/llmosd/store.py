@@ -106,11 +106,14 @@ class Store:
         # is the promise; only an OS crash could lose the last transactions.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+        self._db_lock = threading.Lock()  # one user of the connection at a time
         self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
 
+        # Write-behind rows. Their own lock, held only to append or take them,
+        # so that the kernel never waits while a batch is being written.
         self._pending: list[tuple[str, tuple]] = []
-        self._flush_wanted = threading.Condition(self._lock)
+        self._pending_lock = threading.Lock()
+        self._flush_wanted = threading.Condition(self._pending_lock)
         self._closed = False
         self._writer = threading.Thread(target=self._write_behind, name="store-writer", daemon=True)
         self._writer.start()
@@ -120,7 +123,7 @@ class Store:
         """The next id of `counter`. Callers serialize (the kernel holds its lock)."""
         block = self._counters.get(counter)
         if block is None or block[0] >= block[1]:
-            with self._lock:
+            with self._db_lock:
                 row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
                 start = row[0] if row else 1
                 self._db.execute(
@@ -156,18 +159,18 @@ class Store:
 
     def load_process(self, pid: int) -> ProcessRecord | None:
         self.flush()
-        with self._lock:
+        with self._db_lock:
             row = self._db.execute("SELECT * FROM processes WHERE pid=?", (pid,)).fetchone()
         return _record(row) if row else None
 
     def live_records(self) -> list[ProcessRecord]:
-        with self._lock:
+        with self._db_lock:
             rows = self._db.execute("SELECT * FROM processes WHERE ended_at_ms IS NULL ORDER BY pid").fetchall()
         return [_record(r) for r in rows]
 
     def ended_records(self, limit: int) -> list[ProcessRecord]:
         self.flush()
-        with self._lock:
+        with self._db_lock:
             rows = self._db.execute(
                 "SELECT * FROM processes WHERE ended_at_ms IS NOT NULL ORDER BY pid DESC LIMIT ?", (limit,)
             ).fetchall()
@@ -188,28 +191,32 @@ class Store:
         self._write("DELETE FROM port_messages WHERE port=?", (port,), durable=True)
 
     def port_messages(self, port: int) -> Iterator[StoredMessage]:
-        with self._lock:
+        with self._db_lock:
             rows = self._db.execute("SELECT * FROM port_messages WHERE port=? ORDER BY id", (port,)).fetchall()
         for r in rows:
             yield StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5]), r[6], r[7])
 
     # writing -----------------------------------------------------------------------------
     def _write(self, sql: str, row: tuple, durable: bool) -> None:
-        with self._lock:
-            if durable:
+        if durable:
+            with self._db_lock:
                 # Earlier write-behind rows first, so the database never holds
                 # an exit without its spawn.
                 self._apply_pending()
                 self._db.execute(sql, row)
-            else:
-                self._pending.append((sql, row))
-                if len(self._pending) == 1:
-                    self._flush_wanted.notify()
+            return
+        with self._pending_lock:
+            self._pending.append((sql, row))
+            if len(self._pending) == 1:
+                self._flush_wanted.notify()
 
     def _apply_pending(self) -> None:
-        if not self._pending:
+        """Write the pending rows in one transaction (the connection's lock held,
+        so that batches reach the database in the order they were taken)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        if not pending:
             return
-        pending, self._pending = self._pending, []
         self._db.execute("BEGIN")
         try:
             for sql, row in pending:
@@ -218,24 +225,26 @@ class Store:
             self._db.execute("COMMIT")
 
     def flush(self) -> None:
-        with self._lock:
+        with self._db_lock:
             self._apply_pending()
 
     def _write_behind(self) -> None:
-        with self._lock:
-            while not self._closed:
+        while True:
+            with self._pending_lock:
                 while not self._pending and not self._closed:
                     self._flush_wanted.wait()
+                if self._closed:  # close() writes what is left
+                    return
                 # Let a burst accumulate into one transaction.
                 self._flush_wanted.wait(0.005)
-                self._apply_pending()
+            self.flush()
 
     def close(self) -> None:
-        with self._lock:
-            self._apply_pending()
+        with self._pending_lock:
             self._closed = True
             self._flush_wanted.notify_all()
         self._writer.join()
+        self.flush()
         self._db.close()
 
 
