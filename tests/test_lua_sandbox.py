@@ -485,6 +485,12 @@ def test_blocking_syscalls_travel_through_coroutines_and_pcall(stub: Any, bystan
     assert out == [True, True, "late", True, False, "sys.wait: pid must be an integer", "handled boom", 7]
 
 
+def test_a_memory_limit_too_small_to_start_is_a_clear_error(stub: Any, bystander: Bystander) -> None:
+    info = wait(stub, spawn(stub, "return 1", limits=pb.Limits(memory_bytes=1000)))
+    crashed(info, "not enough memory to start (raise limits.memory_bytes)")
+    assert exited(wait(stub, spawn(stub, "return 1", limits=pb.Limits(memory_bytes=64 << 10)))) == 1
+
+
 def test_unsendable_values_give_clear_errors(stub: Any, bystander: Bystander) -> None:
     out = exited(run(stub, """
         local me = sys.self()

@@ -800,7 +800,9 @@ def _check_weight(weight: int) -> int:
 
 def _startup_error(e: Exception) -> str:
     text = str(e)
-    return "not enough memory to start (raise limits.memory_bytes)" if "memory" in text.lower() else text
+    if isinstance(e, MemoryError) or "memory" in text.lower():
+        return "not enough memory to start (raise limits.memory_bytes)"
+    return text
 
 
 def check_python_syntax(source: str, name: str) -> None:
