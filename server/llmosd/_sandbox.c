@@ -761,6 +761,20 @@ static void secure_string(lua_State *L, int string_lib)
     lua_pop(L, 2);
 }
 
+/* A new table with the named fields of the library g[lib], and room for `extra` more. */
+static void push_subset(lua_State *L, int g, const char *lib, const char *const *names, int extra)
+{
+    int n = 0, subset;
+    while (names[n] != NULL)
+        n++;
+    lua_createtable(L, 0, n + extra);
+    subset = lua_gettop(L);
+    lua_getfield(L, g, lib);
+    for (; *names != NULL; names++)
+        copy_field(L, subset + 1, subset, *names);
+    lua_pop(L, 1);
+}
+
 /* The program's environment, from the globals at `g`; leaves it on the stack. */
 static void push_env(lua_State *L, int g)
 {
@@ -782,18 +796,10 @@ static void push_env(lua_State *L, int g)
     lua_pushvalue(L, env);
     lua_setfield(L, env, "_G");
 
-    lua_createtable(L, 0, 4);
-    lua_getfield(L, g, "os");
-    for (name = os_kept; *name != NULL; name++)
-        copy_field(L, env + 2, env + 1, *name);
-    lua_pop(L, 1);
+    push_subset(L, g, "os", os_kept, 0);
     lua_setfield(L, env, "os");
 
-    lua_createtable(L, 0, 8);
-    lua_getfield(L, g, "coroutine");
-    for (name = co_kept; *name != NULL; name++)
-        copy_field(L, env + 2, env + 1, *name);
-    lua_pop(L, 1);
+    push_subset(L, g, "coroutine", co_kept, 4);
     set_function(L, "create", co_create);
     set_function(L, "resume", co_resume);
     set_function(L, "wrap", co_wrap);
