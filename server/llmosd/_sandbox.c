@@ -1,18 +1,17 @@
 /*
  * The sandbox of a Lua process, built into the process's own Lua 5.4 state.
  *
- * Before any program code runs, the kernel loads this module into the fresh
- * state (package.loadlib, entry point llmos_sandbox_open) and calls it once.
- * It leaves the program a whitelisted environment only, and wraps what would
- * let a program slip the kernel's control:
+ * Before any program code runs, the binding (_lua.c) opens the base
+ * libraries in a fresh state and calls llmos_sandbox_open once. It leaves the
+ * program a whitelisted environment only, and wraps what would let a program
+ * slip the kernel's control:
  *   - every coroutine carries a count hook that checks in with the kernel
  *     (quantum, limits, kills); once the kernel ends the process the hook
  *     fires on every instruction, and pcall, xpcall and coroutine.resume
  *     re-raise the end instead of catching it;
  *   - coroutine.resume passes a syscall made inside a program's coroutine up
  *     to the kernel, and the answer back down, at any depth;
- *   - no bytecode, string.dump, __gc finalizers, debug, io, os beyond the
- *     clock, package, or lupa's python table;
+ *   - no bytecode, string.dump, __gc finalizers, or os beyond the clock;
  *   - pattern functions, which run in C where no hook fires, refuse a
  *     subject and pattern whose backtracking could outlast a preemption;
  * and it adds `sys`, the syscall interface (see lua_runtime.py for the
@@ -23,115 +22,12 @@
  * spawn, and they were a third of an idle process's memory. C functions cost
  * a state nothing. The per-state context lives in a userdata that every
  * thread of the state reaches through lua_getextraspace.
- *
- * Lupa ships no Lua headers: the part of the Lua 5.4 C API used here is
- * declared below. The symbols are those of lupa's own extension, which
- * lua_runtime.py makes global before importing this module; the registry
- * index this relies on is checked when the module is opened.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
 #include <math.h>
-#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
-/* -- The Lua 5.4 C API (as in lua.h and lauxlib.h) ------------------------------------------ */
-typedef struct lua_State lua_State;
-typedef struct lua_Debug lua_Debug;
-typedef long long lua_Integer;
-typedef double lua_Number;
-typedef intptr_t lua_KContext;
-typedef int (*lua_CFunction)(lua_State *L);
-typedef int (*lua_KFunction)(lua_State *L, int status, lua_KContext ctx);
-typedef void (*lua_Hook)(lua_State *L, lua_Debug *ar);
-
-#define LUA_REGISTRYINDEX (-1000000 - 1000) /* -LUAI_MAXSTACK - 1000 */
-#define lua_upvalueindex(i) (LUA_REGISTRYINDEX - (i))
-#define LUA_RIDX_MAINTHREAD 1
-#define LUA_RIDX_GLOBALS 2
-#define LUA_MULTRET (-1)
-#define LUA_OK 0
-#define LUA_YIELD 1
-#define LUA_TNONE (-1)
-#define LUA_TNIL 0
-#define LUA_TBOOLEAN 1
-#define LUA_TNUMBER 3
-#define LUA_TSTRING 4
-#define LUA_TTABLE 5
-#define LUA_TFUNCTION 6
-#define LUA_TTHREAD 8
-#define LUA_MASKCOUNT (1 << 3)
-#define LUA_GCGEN 10
-#define LUA_EXTRASPACE (sizeof(void *))
-
-lua_Number lua_version(lua_State *L);
-int lua_gettop(lua_State *L);
-void lua_settop(lua_State *L, int idx);
-void lua_pushvalue(lua_State *L, int idx);
-void lua_rotate(lua_State *L, int idx, int n);
-void lua_copy(lua_State *L, int from, int to);
-int lua_checkstack(lua_State *L, int n);
-void lua_xmove(lua_State *from, lua_State *to, int n);
-int lua_type(lua_State *L, int idx);
-int lua_toboolean(lua_State *L, int idx);
-const char *lua_tolstring(lua_State *L, int idx, size_t *len);
-lua_Number lua_tonumberx(lua_State *L, int idx, int *isnum);
-lua_Integer lua_tointegerx(lua_State *L, int idx, int *isnum);
-lua_State *lua_tothread(lua_State *L, int idx);
-void *lua_touserdata(lua_State *L, int idx);
-void lua_pushnil(lua_State *L);
-void lua_pushinteger(lua_State *L, lua_Integer n);
-const char *lua_pushstring(lua_State *L, const char *s);
-void lua_pushboolean(lua_State *L, int b);
-void lua_pushcclosure(lua_State *L, lua_CFunction fn, int n);
-void lua_pushlightuserdata(lua_State *L, void *p);
-int lua_getfield(lua_State *L, int idx, const char *k);
-int lua_rawget(lua_State *L, int idx);
-int lua_rawgeti(lua_State *L, int idx, lua_Integer n);
-int lua_rawgetp(lua_State *L, int idx, const void *p);
-void lua_createtable(lua_State *L, int narr, int nrec);
-void *lua_newuserdatauv(lua_State *L, size_t size, int nuvalue);
-int lua_getmetatable(lua_State *L, int idx);
-int lua_getiuservalue(lua_State *L, int idx, int n);
-void lua_setfield(lua_State *L, int idx, const char *k);
-void lua_rawset(lua_State *L, int idx);
-void lua_rawsetp(lua_State *L, int idx, const void *p);
-int lua_setiuservalue(lua_State *L, int idx, int n);
-const char *lua_setupvalue(lua_State *L, int funcindex, int n);
-void lua_callk(lua_State *L, int nargs, int nresults, lua_KContext ctx, lua_KFunction k);
-int lua_pcallk(lua_State *L, int nargs, int nresults, int errfunc, lua_KContext ctx, lua_KFunction k);
-int lua_resume(lua_State *L, lua_State *from, int narg, int *nres);
-int lua_yieldk(lua_State *L, int nresults, lua_KContext ctx, lua_KFunction k);
-int lua_error(lua_State *L);
-int lua_next(lua_State *L, int idx);
-void lua_concat(lua_State *L, int n);
-int lua_gc(lua_State *L, int what, ...);
-void lua_sethook(lua_State *L, lua_Hook func, int mask, int count);
-lua_State *lua_newthread(lua_State *L);
-int luaL_ref(lua_State *L, int t);
-void luaL_checktype(lua_State *L, int arg, int t);
-void luaL_checkany(lua_State *L, int arg);
-void luaL_checkstack(lua_State *L, int sz, const char *msg);
-const char *luaL_checklstring(lua_State *L, int arg, size_t *len);
-int luaL_typeerror(lua_State *L, int arg, const char *tname);
-void luaL_where(lua_State *L, int lvl);
-int luaL_error(lua_State *L, const char *fmt, ...);
-const char *luaL_tolstring(lua_State *L, int idx, size_t *len);
-int luaL_loadbufferx(lua_State *L, const char *buff, size_t sz, const char *name, const char *mode);
-
-#define lua_pop(L, n) lua_settop(L, -(n)-1)
-#define lua_newtable(L) lua_createtable(L, 0, 0)
-#define lua_pushcfunction(L, f) lua_pushcclosure(L, (f), 0)
-#define lua_pushliteral(L, s) lua_pushstring(L, "" s)
-#define lua_tostring(L, i) lua_tolstring(L, (i), NULL)
-#define lua_tonumber(L, i) lua_tonumberx(L, (i), NULL)
-#define lua_isnil(L, n) (lua_type(L, (n)) == LUA_TNIL)
-#define lua_insert(L, idx) lua_rotate(L, (idx), 1)
-#define lua_remove(L, idx) (lua_rotate(L, (idx), -1), lua_pop(L, 1))
-#define lua_replace(L, idx) (lua_copy(L, -1, (idx)), lua_pop(L, 1))
-#define lua_call(L, n, r) lua_callk(L, (n), (r), 0, NULL)
-#define lua_yield(L, n) lua_yieldk(L, (n), 0, NULL)
-#define luaL_checkstring(L, n) luaL_checklstring(L, (n), NULL)
+#include "lua_api.h"
 
 /* -- The per-state context ----------------------------------------------------------------- */
 typedef struct {
@@ -209,7 +105,7 @@ static void die_if_dying(lua_State *L, Sandbox *sb, int failed)
  * in the main one when the kernel interrupts it: the kernel's check preempts
  * the process (parking this thread) if its quantum is spent, and answers the
  * reason if the process is to end. */
-static void hook(lua_State *L, lua_Debug *ar)
+void llmos_sandbox_hook(lua_State *L, lua_Debug *ar)
 {
     Sandbox *sb = sandbox_of(L);
     (void)ar;
@@ -217,7 +113,7 @@ static void hook(lua_State *L, lua_Debug *ar)
     lua_call(L, 0, 1);
     if (!lua_isnil(L, -1)) {
         set_dying(L, sb, -1);
-        lua_sethook(L, hook, LUA_MASKCOUNT, 1);
+        lua_sethook(L, llmos_sandbox_hook, LUA_MASKCOUNT, 1);
         lua_error(L);
     }
     lua_pop(L, 1);
@@ -233,7 +129,7 @@ static int co_create(lua_State *L)
     co = lua_newthread(L);
     lua_pushvalue(L, 1);
     lua_xmove(L, co, 1);
-    lua_sethook(co, hook, LUA_MASKCOUNT, sandbox_of(L)->hook_count);
+    lua_sethook(co, llmos_sandbox_hook, LUA_MASKCOUNT, sandbox_of(L)->hook_count);
     return 1;
 }
 
@@ -834,14 +730,6 @@ static void clear_table(lua_State *L, int t)
     }
 }
 
-/* What the standard libraries leave in the registry that nothing uses once
- * they are gone. */
-static void drop_registry_field(lua_State *L, const char *name)
-{
-    lua_pushnil(L);
-    lua_setfield(L, LUA_REGISTRYINDEX, name);
-}
-
 /* The kernel's side: resume the program with a syscall's answer. Returns
  *   "sys", name, ...          the program made a blocking syscall
  *   "done", value             the program returned
@@ -955,26 +843,22 @@ static int sandbox_open(lua_State *L)
     lua_pop(L, 1);
     lua_xmove(L, co, 1); /* the program */
     if (!sb->async_preempt)
-        lua_sethook(co, hook, LUA_MASKCOUNT, sb->hook_count);
+        lua_sethook(co, llmos_sandbox_hook, LUA_MASKCOUNT, sb->hook_count);
 
-    /* Drop the libraries the program never sees (io, os, package, debug,
-     * lupa's python table); they are freed when the program first blocks. */
+    /* Drop the globals the program never sees; they are freed when the
+     * program first blocks. */
     lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
     clear_table(L, lua_gettop(L));
     lua_pop(L, 1);
     clear_table(L, g);
-    drop_registry_field(L, "_IO_input");
-    drop_registry_field(L, "_IO_output");
-    drop_registry_field(L, "_PRELOAD");
-    drop_registry_field(L, "_CLIBS");
 
     lua_pushcfunction(L, step);
     lua_pushinteger(L, (lua_Integer)(intptr_t)co);
     return 2;
 }
 
-/* Lua's entry point, through package.loadlib. Checks that this module and the
- * state agree on the registry's index before anything relies on it. */
+/* Checks that this module and the state agree on the registry's index before
+ * anything relies on it. */
 int llmos_sandbox_open(lua_State *L)
 {
     if (lua_version(L) != 504)
@@ -984,28 +868,4 @@ int llmos_sandbox_open(lua_State *L)
         return luaL_error(L, "the llmos sandbox was built for another LUAI_MAXSTACK than this Lua's");
     lua_pop(L, 1);
     return sandbox_open(L);
-}
-
-/* -- Python ------------------------------------------------------------------------------ */
-static PyObject *hook_address(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-    return PyLong_FromVoidPtr((void *)hook);
-}
-
-static PyMethodDef methods[] = {
-    {"hook_address", hook_address, METH_NOARGS,
-     "hook_address(): the address of the count hook, which _preempt installs from its signal handler"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_sandbox",
-    "The Lua sandbox of a process (loaded into each state with package.loadlib)", -1, methods,
-};
-
-PyMODINIT_FUNC PyInit__sandbox(void)
-{
-    return PyModule_Create(&module);
 }

@@ -668,7 +668,7 @@ class Kernel:
             lua.begin_slice()
             try:
                 out = lua.step(*args)
-            except Exception as e:  # lupa raises for errors the sandbox could not catch (memory)
+            except Exception as e:  # errors the sandbox could not catch (memory)
                 out = (b"error", str(e).encode())
             lua.end_slice()
             kind = out[0]

@@ -1,14 +1,15 @@
 """The Lua userland: one sandboxed Lua 5.4 state per process.
 
-The sandbox (_sandbox.c) runs the program as a coroutine. Non-blocking
-syscalls (send, spawn, kill, ...) are direct calls into the bridge below;
-blocking ones (recv with nothing to take, wait, sleep, infer, exit) yield to
-the kernel, which parks the process until its waiter completes and then
-resumes it.
+Each process's state is an _lua.State (_lua.c), with the sandbox
+(_sandbox.c) built into it, which runs the program as a coroutine.
+Non-blocking syscalls (send, spawn, kill, ...) are direct calls into the
+bridge below; blocking ones (recv with nothing to take, wait, sleep, infer,
+exit) yield to the kernel, which parks the process until its waiter completes
+and then resumes it.
 
-Only plain Lua values ever cross into the program: bridge functions catch
-every exception and answer (nil, message) instead, and Python objects are
-never handed to Lua, so there is nothing to walk attributes on.
+Only plain values ever cross into the program, converted by _lua.c: bridge
+functions catch every exception and answer (nil, message) instead, and no
+Python object reaches Lua.
 """
 from __future__ import annotations
 
@@ -31,12 +32,11 @@ from .scheduler import DEFAULT_WEIGHT
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-# _sandbox.c calls the Lua C API inside lupa's extension: make that
-# extension's symbols global before the module is loaded against them.
+# _lua.c and _sandbox.c call the Lua C API inside lupa's extension (lupa
+# provides the Lua library): make that extension's symbols global before our
+# module is loaded against them.
 ctypes.CDLL(lupa.__file__, mode=os.RTLD_NOW | os.RTLD_GLOBAL | os.RTLD_NOLOAD)
-from . import _sandbox  # noqa: E402
-
-SANDBOX_LIBRARY = _sandbox.__file__.encode()
+from . import _lua  # noqa: E402
 
 try:
     from . import _preempt
@@ -54,40 +54,16 @@ def async_preemption() -> bool:
         if _async_ready is None:
             _async_ready = _preempt is not None
             if _async_ready:
-                _preempt.setup(lupa.__file__, _sandbox.hook_address(), PREEMPT_SIGNAL)
+                _preempt.setup(lupa.__file__, _lua.hook_address(), PREEMPT_SIGNAL)
         return _async_ready
 
 
-MAX_DEPTH = 64
+MAX_DEPTH = 64  # as _lua.c's
 MEMORY_ERROR = "not enough memory"
-_lua_type = lupa.lua_type
-
-
-def _deny_get(obj: Any, name: Any) -> Any:
-    raise AttributeError("access to Python attributes is not allowed")
-
-
-def _deny_set(obj: Any, name: Any, value: Any) -> None:
-    raise AttributeError("access to Python attributes is not allowed")
 
 
 def _now_ms() -> float:
     return time.time() * 1000.0
-
-
-def new_state(max_memory: int) -> lupa.LuaRuntime:
-    return lupa.LuaRuntime(
-        encoding=None,  # strings cross as bytes: Lua strings may hold any bytes
-        register_eval=False,
-        register_builtins=False,
-        unpack_returned_tuples=True,
-        attribute_handlers=(_deny_get, _deny_set),
-        max_memory=max_memory or None,
-    )
-
-
-_syntax_lock = threading.Lock()
-_syntax_check: Any = None
 
 
 def lua_syntax_error(source: str, name: str) -> str | None:
@@ -100,81 +76,38 @@ def lua_syntax_error(source: str, name: str) -> str | None:
 
 
 def _syntax_error(source: str, name: str) -> str | None:
-    global _syntax_check
-    with _syntax_lock:
-        if _syntax_check is None:
-            _syntax_check = new_state(0).eval(
-                b"function(src, name) local f, err = load(src, name, 't', {}) return err end")
-        err = _syntax_check(source.encode(), f"={name}".encode())
-    return None if err is None else err.decode(errors="replace")
+    return _lua.syntax_error(source.encode(), f"={name}".encode())
 
 
 _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 
 
 # -- values -----------------------------------------------------------------------------
+# _lua.c converts values as they cross: a Lua string given directly arrives as
+# bytes, a table as a dict or list already checked (text strings, finite
+# numbers, string or number keys, at most MAX_DEPTH levels), and a value that
+# cannot cross as a _lua.BadValue saying why.
 
-def to_lua(rt: lupa.LuaRuntime, value: Any, depth: int = 0) -> Any:
-    """A JSON-shaped Python value as a Lua value (null inside tables becomes nil)."""
-    if value is None or value is True or value is False or isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, bytes):
-        return value
-    if depth > MAX_DEPTH:
-        raise InvalidArgument(f"value nests deeper than {MAX_DEPTH} levels")
-    if isinstance(value, dict):
-        return rt.table_from({k.encode(): to_lua(rt, v, depth + 1) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return rt.table_from([to_lua(rt, v, depth + 1) for v in value])
-    raise InvalidArgument(f"cannot pass a {type(value).__name__} to Lua")
-
-
-def from_lua(value: Any, what: str = "value", depth: int = 0) -> Any:
-    """A Lua value as a JSON-shaped Python value.
-
-    Tables whose keys are 1..n (holes allowed, as nil stands for null) become
-    lists; other tables become objects with string keys; an empty table is {}.
-    """
-    if value is None or value is True or value is False:
-        return value
+def from_lua(value: Any, what: str = "value") -> Any:
+    """A value from Lua as a JSON-shaped Python value, or InvalidArgument
+    naming `what`. Tables whose keys are 1..n (holes allowed, as nil stands
+    for null) are lists; other tables are objects with string keys; an empty
+    table is {}."""
     kind = type(value)
+    if value is None or kind is bool or kind is int or kind is dict or kind is list:
+        return value
     if kind is bytes:
         try:
             return value.decode()
         except UnicodeDecodeError:
             raise InvalidArgument(f"{what}: strings must be UTF-8 text; send raw bytes as data") from None
-    if kind is int:
-        return value
     if kind is float:
         if not math.isfinite(value):
             raise InvalidArgument(f"{what}: NaN and infinity are not JSON numbers")
         return value
-    if _lua_type(value) != "table":
-        raise InvalidArgument(f"{what}: a Lua {_lua_type(value) or kind.__name__} cannot be sent or returned")
-    if depth >= MAX_DEPTH:
-        raise InvalidArgument(f"{what}: tables nest deeper than {MAX_DEPTH} levels (a cycle?)")
-    items = list(value.items())
-    if not items:
-        return {}
-    if all(type(k) is int and k > 0 for k, _ in items):
-        top = max(k for k, _ in items)
-        if top <= 2 * len(items):
-            out: list[Any] = [None] * top
-            for k, v in items:
-                out[k - 1] = from_lua(v, what, depth + 1)
-            return out
-    obj = {}
-    for k, v in items:
-        if type(k) is bytes:
-            key = from_lua(k, what, depth + 1)
-        elif type(k) is int or type(k) is float:
-            key = str(k)
-        else:
-            raise InvalidArgument(f"{what}: table keys must be strings or numbers")
-        obj[key] = from_lua(v, what, depth + 1)
-    return obj
+    if kind is _lua.BadValue:
+        raise InvalidArgument(f"{what}: {value.args[0]}")
+    raise InvalidArgument(f"{what}: a {kind.__name__} cannot be sent or returned")
 
 
 def _opt_str(value: Any, name: str) -> str | None:
@@ -202,10 +135,9 @@ def _options(opts: Any, fname: str) -> dict:
     """An options table (nil: none) as a dict."""
     if opts is None:
         return {}
-    value = from_lua(opts, fname) if _lua_type(opts) == "table" else None
-    if not isinstance(value, dict):
+    if not isinstance(opts, dict):
         raise InvalidArgument(f"{fname}: expected a table of options")
-    return value
+    return opts
 
 
 def error_text(err: Any) -> str:
@@ -214,8 +146,8 @@ def error_text(err: Any) -> str:
         return err.decode(errors="replace")
     try:
         return str(from_lua(err, "error"))
-    except KernelError:
-        return f"error object of type {_lua_type(err) or type(err).__name__}"
+    except KernelError as e:
+        return f"error object that cannot be shown ({e})"
 
 
 class LuaProcess:
@@ -226,16 +158,13 @@ class LuaProcess:
         self.proc = proc
         self.slice_start = 0  # perf_counter_ns when the current slice began
         self.in_slice = False
-        rt = self.rt = new_state(proc.limits.memory_bytes)
+        self.state = _lua.State(proc.limits.memory_bytes)
         self.async_preempt = async_preemption()
-        open_sandbox = rt.globals()[b"package"][b"loadlib"](SANDBOX_LIBRARY, b"llmos_sandbox_open")
-        if type(open_sandbox) is tuple:  # nil, message, where
-            raise RuntimeError(f"cannot load the Lua sandbox: {open_sandbox[1].decode(errors='replace')}")
-        self.step, self.main_state = open_sandbox(
-            self.check, self.send, self.try_recv, self.call, proc.pid, proc.program.encode(),
-            f"={proc.program_name}".encode(), to_lua(rt, proc.args), kernel.config.hook_instructions,
-            self.async_preempt,
+        self.main_state = self.state.open_sandbox(
+            self, proc.pid, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
+            kernel.config.hook_instructions, self.async_preempt,
         )
+        self.step = self.state.resume
 
     # -- the slice clock, kept by the kernel around each resume -----------------------
     # CPU time is time spent holding a virtual CPU. There are no more virtual
@@ -267,7 +196,7 @@ class LuaProcess:
         return ran >= quantum_ns and others_waiting
 
     def memory_used(self) -> int:
-        return self.rt.get_memory_used()
+        return self.state.memory_used()
 
     def cpu_ns(self) -> int:
         """CPU time so far, the running slice included (read from other threads)."""
@@ -343,10 +272,9 @@ class LuaProcess:
         )
 
     def message_values(self, msg: Message) -> tuple:
-        rt = self.rt
         return (
-            msg.id, msg.sender, msg.to, msg.tag.encode(), to_lua(rt, msg.body), msg.data or None,
-            msg.correlation_id.encode() if msg.correlation_id else None, msg.sent_at_ms, len(self.proc.mailbox),
+            msg.id, msg.sender, msg.to, msg.tag, msg.body, msg.data or None, msg.correlation_id or None,
+            msg.sent_at_ms, len(self.proc.mailbox),
         )
 
     def call(self, op: bytes, *args: Any) -> Any:
@@ -402,7 +330,7 @@ class LuaProcess:
 
     def info(self, pid: Any = None) -> Any:
         target = _opt_int(pid, "sys.info: pid")
-        return to_lua(self.rt, self.kernel.describe(self.proc.pid if target is None else target))
+        return self.kernel.describe(self.proc.pid if target is None else target)
 
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""
@@ -420,8 +348,7 @@ class LuaProcess:
     def lock_try(self, name: Any = None, opts: Any = None) -> Any:
         lock_name, kind, permits, _ = self.lock_options(name, opts, "sys.lock.try_acquire")
         with self.kernel.lock:
-            answer = self.kernel.sync.try_acquire(self.proc.namespace, lock_name, self.proc.pid, kind, permits)
-        return to_lua(self.rt, answer) if answer is not None else None
+            return self.kernel.sync.try_acquire(self.proc.namespace, lock_name, self.proc.pid, kind, permits)
 
     def lock_release(self, name: Any = None) -> bool:
         text = _opt_str(name, "sys.lock.release: name") or ""
@@ -458,7 +385,7 @@ class LuaProcess:
         if op == b"stat":
             return self.file_info(files.stat(ns, vpath))
         if op == b"list":
-            return self.rt.table_from([self.file_info(i) for i in files.list(ns, vpath)])
+            return [self.file_info(i) for i in files.list(ns, vpath)]
         if op == b"delete":
             files.delete(ns, vpath)
             return True
@@ -471,9 +398,8 @@ class LuaProcess:
             return self.file_info(files.mkdir(ns, vpath))
         raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
 
-    def file_info(self, info: Any) -> Any:
-        return to_lua(self.rt, {"path": info.path, "size": info.size, "is_dir": info.is_dir,
-                                "modified_ms": info.modified_ms})
+    def file_info(self, info: Any) -> dict:
+        return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}
 
     def log(self, text: bytes) -> None:
         self.kernel.log(self.proc, text.decode(errors="replace"))
@@ -489,7 +415,7 @@ class LuaProcess:
             return (True,)
         if value is None:  # timed out
             return ()
-        return (to_lua(self.rt, value),)
+        return (value,)
 
 
 
