@@ -45,7 +45,8 @@ typedef struct {
     lua_State *L;
     size_t used;                      /* bytes the state holds */
     size_t limit;                     /* 0: no limit */
-    PyObject *bridge[BRIDGE_COUNT];   /* the bound bridge methods, once the sandbox is built */
+    PyObject *bridge;                 /* a weak reference to the process's Python side, which owns the state */
+    PyObject *methods[BRIDGE_COUNT];  /* the bridge functions of its class */
 } State;
 
 /* The allocator of every State: Lua says how big a block was when it frees
@@ -288,13 +289,18 @@ static PyObject *to_python(lua_State *L, int idx, int depth, int nested)
     }
 }
 
-/* Values first..last as a tuple; a value that cannot cross is its BadValue. */
-static PyObject *values_to_tuple(lua_State *L, int first, int last)
+/* (head, values first..last) as a tuple, or without head if it is NULL; a
+ * value that cannot cross is its BadValue. */
+static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int last)
 {
-    PyObject *out = PyTuple_New(last >= first ? last - first + 1 : 0), *value, *type, *traceback;
-    int i;
+    int offset = head != NULL, i;
+    PyObject *out = PyTuple_New(offset + (last >= first ? last - first + 1 : 0)), *value, *type, *traceback;
     if (out == NULL)
         return NULL;
+    if (head != NULL) {
+        Py_INCREF(head);
+        PyTuple_SET_ITEM(out, 0, head);
+    }
     for (i = first; i <= last; i++) {
         value = to_python(L, i, 0, 0);
         if (value == NULL) {
@@ -307,7 +313,7 @@ static PyObject *values_to_tuple(lua_State *L, int first, int last)
             Py_XDECREF(type);
             Py_XDECREF(traceback);
         }
-        PyTuple_SET_ITEM(out, i - first, value);
+        PyTuple_SET_ITEM(out, offset + i - first, value);
     }
     return out;
 }
@@ -319,11 +325,13 @@ static int bridge_call(lua_State *L)
     State *state = state_of(L);
     int which = (int)lua_tointegerx(L, lua_upvalueindex(1), NULL), nargs = lua_gettop(L), status = LUA_OK;
     char message[512] = "";
-    PyObject *args, *result = NULL;
+    PyObject *args, *result = NULL, *process;
     PyGILState_STATE gil = PyGILState_Ensure();
-    args = values_to_tuple(L, 1, nargs);
-    if (args != NULL) {
-        result = PyObject_Call(state->bridge[which], args, NULL);
+    process = PyWeakref_GetObject(state->bridge);
+    if (process == Py_None)
+        PyErr_SetString(PyExc_RuntimeError, "the process's kernel side is gone");
+    else if ((args = values_to_tuple(L, process, 1, nargs)) != NULL) {
+        result = PyObject_Call(state->methods[which], args, NULL);
         Py_DECREF(args);
     }
     if (result == NULL) { /* a kernel bug: the program sees it as a plain error */
@@ -383,25 +391,18 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)state;
 }
 
-static int State_traverse(State *state, visitproc visit, void *arg)
+/* The state refers to its process only weakly, so that no reference cycle
+ * keeps a finished process's state alive until Python's cycle collector. */
+static void State_clear(State *state)
 {
     int i;
+    Py_CLEAR(state->bridge);
     for (i = 0; i < BRIDGE_COUNT; i++)
-        Py_VISIT(state->bridge[i]);
-    return 0;
-}
-
-static int State_clear(State *state)
-{
-    int i;
-    for (i = 0; i < BRIDGE_COUNT; i++)
-        Py_CLEAR(state->bridge[i]);
-    return 0;
+        Py_CLEAR(state->methods[i]);
 }
 
 static void State_dealloc(State *state)
 {
-    PyObject_GC_UnTrack(state);
     State_clear(state);
     if (state->L != NULL)
         lua_close(state->L);
@@ -412,7 +413,22 @@ typedef struct {
     PyObject *pid, *source, *chunk_name, *args, *hook_count, *async_preempt;
 } SandboxSpec;
 
-/* Runs protected: opens the libraries the sandbox keeps and builds it. */
+/* Runs protected, with the GIL: the values the kernel gives the sandbox. */
+static int push_spec(lua_State *L)
+{
+    SandboxSpec *spec = lua_touserdata(L, 1);
+    lua_settop(L, 0);
+    push_value(L, spec->pid, 0);
+    push_value(L, spec->source, 0);
+    push_value(L, spec->chunk_name, 0);
+    push_value(L, spec->args, 0);
+    push_value(L, spec->hook_count, 0);
+    push_value(L, spec->async_preempt, 0);
+    return 6;
+}
+
+/* Runs protected, without the GIL (it touches no Python object), on push_spec's
+ * values: opens the libraries the sandbox keeps and builds the sandbox. */
 static int build(lua_State *L)
 {
     static const luaL_Reg libraries[] = {
@@ -421,9 +437,7 @@ static int build(lua_State *L)
         {"os", luaopen_os},     {NULL, NULL},
     };
     const luaL_Reg *library;
-    SandboxSpec *spec = lua_touserdata(L, 1);
     int i;
-    lua_settop(L, 0);
     for (library = libraries; library->name != NULL; library++) {
         luaL_requiref(L, library->name, library->func, 1);
         lua_pop(L, 1);
@@ -432,13 +446,8 @@ static int build(lua_State *L)
         lua_pushinteger(L, i);
         lua_pushcclosure(L, bridge_call, 1);
     }
-    push_value(L, spec->pid, 0);
-    push_value(L, spec->source, 0);
-    push_value(L, spec->chunk_name, 0);
-    push_value(L, spec->args, 0);
-    push_value(L, spec->hook_count, 0);
-    push_value(L, spec->async_preempt, 0);
-    llmos_sandbox_open(L); /* step, main_state */
+    lua_rotate(L, 1, BRIDGE_COUNT); /* the bridge functions first */
+    llmos_sandbox_open(L);          /* step, main_state */
     lua_pushvalue(L, -2);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &STEP_KEY);
     return 1;
@@ -454,19 +463,28 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOSSOOO:open_sandbox", &bridge, &spec.pid, &spec.source, &spec.chunk_name,
                           &spec.args, &spec.hook_count, &spec.async_preempt))
         return NULL;
-    if (state->bridge[0] != NULL)
+    if (state->bridge != NULL)
         return PyErr_Format(PyExc_RuntimeError, "the sandbox is built already");
+    state->bridge = PyWeakref_NewRef(bridge, NULL);
+    if (state->bridge == NULL)
+        return NULL;
     for (i = 0; i < BRIDGE_COUNT; i++) {
-        state->bridge[i] = PyObject_GetAttrString(bridge, BRIDGE_METHODS[i]);
-        if (state->bridge[i] == NULL) {
+        state->methods[i] = PyObject_GetAttrString((PyObject *)Py_TYPE(bridge), BRIDGE_METHODS[i]);
+        if (state->methods[i] == NULL) {
             State_clear(state);
             return NULL;
         }
     }
     lua_settop(L, 0);
     lua_pushcfunction(L, build);
+    lua_pushcfunction(L, push_spec);
     lua_pushlightuserdata(L, &spec);
-    status = lua_pcall(L, 1, 1, 0);
+    status = lua_pcall(L, 1, 6, 0);
+    if (status == LUA_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        status = lua_pcall(L, 6, 1, 0);
+        Py_END_ALLOW_THREADS
+    }
     if (status != LUA_OK)
         return raise_lua_error(L, status);
     main_state = lua_tointegerx(L, -1, NULL);
@@ -495,7 +513,7 @@ static PyObject *State_resume(State *state, PyObject *args)
     Py_END_ALLOW_THREADS
     if (status != LUA_OK)
         return raise_lua_error(L, status);
-    out = values_to_tuple(L, 1, lua_gettop(L));
+    out = values_to_tuple(L, NULL, 1, lua_gettop(L));
     lua_settop(L, 0);
     return out;
 }
@@ -509,7 +527,8 @@ static PyObject *State_memory_used(State *state, PyObject *unused)
 static PyMethodDef State_methods[] = {
     {"open_sandbox", (PyCFunction)State_open_sandbox, METH_VARARGS,
      "open_sandbox(bridge, pid, source, chunk_name, args, hook_count, async_preempt) -> main_state: build the "
-     "sandbox; bridge has check, send, try_recv and call; main_state is the program coroutine's address"},
+     "sandbox; bridge (held weakly) has check, send, try_recv and call; main_state is the program coroutine's "
+     "address"},
     {"resume", (PyCFunction)State_resume, METH_VARARGS,
      "resume(*answer) -> (\"sys\", name, *args) | (\"done\", value) | (\"error\", message, reason)"},
     {"memory_used", (PyCFunction)State_memory_used, METH_NOARGS, "memory_used() -> bytes the state holds"},
@@ -521,11 +540,9 @@ static PyTypeObject StateType = {
     .tp_name = "llmosd._lua.State",
     .tp_doc = "State(memory_limit=0): a process's Lua state (0: no memory limit)",
     .tp_basicsize = sizeof(State),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = State_new,
     .tp_dealloc = (destructor)State_dealloc,
-    .tp_traverse = (traverseproc)State_traverse,
-    .tp_clear = (inquiry)State_clear,
     .tp_methods = State_methods,
 };
 

@@ -50,6 +50,8 @@ _async_lock = threading.Lock()
 def async_preemption() -> bool:
     """Set up signal-driven preemption once; False if it is unavailable."""
     global _async_ready
+    if _async_ready is not None:
+        return _async_ready
     with _async_lock:
         if _async_ready is None:
             _async_ready = _preempt is not None
