@@ -255,7 +255,7 @@ def preemption(k: Kernel, n: int, work: int, rows: list) -> None:
     # Rounds of ours and of bare lupa alternate, best of each: the machine's speed drifts.
     # Ours is the time the process held a virtual CPU, as the kernel accounts it (ms).
     bare = ours = math.inf
-    for _ in range(3):
+    for _ in range(5):
         bare = min(bare, bare_lua_work(work))
         ours = min(ours, k.wait(k.spawn(WORK_LUA, {"n": work})).usage.cpu_ms / 1000)
     cost = ours / bare - 1
