@@ -20,6 +20,9 @@
  * the GIL: values are pushed inside lua_pcall, and read with calls that
  * cannot raise.
  *
+ * _preempt.c, compiled into this module, interrupts a running program on a
+ * signal from the scheduler.
+ *
  * Why not lupa's LuaRuntime: it opens every standard library and its own
  * Python module in each state (a third of a spawn's cost, and memory the
  * sandbox then drops), and wraps each value that crosses in a Python object.
@@ -410,7 +413,7 @@ static void State_dealloc(State *state)
 }
 
 typedef struct {
-    PyObject *pid, *source, *chunk_name, *args, *hook_count, *async_preempt;
+    PyObject *pid, *source, *chunk_name, *args, *hook_count;
 } SandboxSpec;
 
 /* Runs protected, with the GIL: the values the kernel gives the sandbox. */
@@ -423,8 +426,7 @@ static int push_spec(lua_State *L)
     push_value(L, spec->chunk_name, 0);
     push_value(L, spec->args, 0);
     push_value(L, spec->hook_count, 0);
-    push_value(L, spec->async_preempt, 0);
-    return 6;
+    return 5;
 }
 
 /* Runs protected, without the GIL (it touches no Python object), on push_spec's
@@ -460,8 +462,8 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     lua_State *L = state->L;
     lua_Integer main_state;
     int i, status;
-    if (!PyArg_ParseTuple(args, "OOSSOOO:open_sandbox", &bridge, &spec.pid, &spec.source, &spec.chunk_name,
-                          &spec.args, &spec.hook_count, &spec.async_preempt))
+    if (!PyArg_ParseTuple(args, "OOSSOO:open_sandbox", &bridge, &spec.pid, &spec.source, &spec.chunk_name,
+                          &spec.args, &spec.hook_count))
         return NULL;
     if (state->bridge != NULL)
         return PyErr_Format(PyExc_RuntimeError, "the sandbox is built already");
@@ -479,10 +481,10 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     lua_pushcfunction(L, build);
     lua_pushcfunction(L, push_spec);
     lua_pushlightuserdata(L, &spec);
-    status = lua_pcall(L, 1, 6, 0);
+    status = lua_pcall(L, 1, 5, 0);
     if (status == LUA_OK) {
         Py_BEGIN_ALLOW_THREADS
-        status = lua_pcall(L, 6, 1, 0);
+        status = lua_pcall(L, 5, 1, 0);
         Py_END_ALLOW_THREADS
     }
     if (status != LUA_OK)
@@ -526,7 +528,7 @@ static PyObject *State_memory_used(State *state, PyObject *unused)
 
 static PyMethodDef State_methods[] = {
     {"open_sandbox", (PyCFunction)State_open_sandbox, METH_VARARGS,
-     "open_sandbox(bridge, pid, source, chunk_name, args, hook_count, async_preempt) -> main_state: build the "
+     "open_sandbox(bridge, pid, source, chunk_name, args, hook_count) -> main_state: build the "
      "sandbox; bridge (held weakly) has check, send, try_recv and call; main_state is the program coroutine's "
      "address"},
     {"resume", (PyCFunction)State_resume, METH_VARARGS,
@@ -586,18 +588,34 @@ static PyObject *syntax_error(PyObject *self, PyObject *args)
     return out;
 }
 
-static PyObject *hook_address(PyObject *self, PyObject *unused)
+static PyObject *setup_preemption(PyObject *self, PyObject *arg)
 {
+    long sig = PyLong_AsLong(arg);
     (void)self;
-    (void)unused;
-    return PyLong_FromVoidPtr((void *)llmos_sandbox_hook);
+    if (sig == -1 && PyErr_Occurred())
+        return NULL;
+    if (llmos_preempt_setup((int)sig) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_running(PyObject *self, PyObject *arg)
+{
+    void *L = PyLong_AsVoidPtr(arg);
+    (void)self;
+    if (L == NULL && PyErr_Occurred())
+        return NULL;
+    llmos_preempt_set_running(L);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"syntax_error", syntax_error, METH_VARARGS,
      "syntax_error(source: bytes, chunk_name: bytes) -> why the source does not compile as a Lua chunk, or None"},
-    {"hook_address", hook_address, METH_NOARGS,
-     "hook_address(): the address of the sandbox's count hook, which _preempt installs from its signal handler"},
+    {"setup_preemption", setup_preemption, METH_O,
+     "setup_preemption(signal): a thread that gets `signal` interrupts the program it runs (see _preempt.c)"},
+    {"set_running", set_running, METH_O,
+     "set_running(main_state): the program this thread now runs, as open_sandbox returned it (0: none)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -34,7 +34,6 @@ typedef struct {
     lua_State *main_co;  /* the coroutine running the program */
     lua_Integer pid;
     int hook_count;      /* instructions between check-ins in the program's own coroutines */
-    int async_preempt;   /* main_co runs without a hook until the kernel installs one (_preempt.c) */
     int maybe_mail;      /* whether a message may be waiting, as of the last send or receive */
     int collected;       /* the first full collection has run (see step) */
     int dying;           /* the kernel ended the process; the reason is user value DYING_REASON */
@@ -117,8 +116,8 @@ void llmos_sandbox_hook(lua_State *L, lua_Debug *ar)
         lua_error(L);
     }
     lua_pop(L, 1);
-    if (sb->async_preempt && L == sb->main_co)
-        lua_sethook(L, NULL, 0, 0); /* off until the kernel asks again */
+    if (L == sb->main_co)
+        lua_sethook(L, NULL, 0, 0); /* off until the kernel asks again (_preempt.c) */
 }
 
 /* -- coroutine ----------------------------------------------------------------------------- */
@@ -788,11 +787,12 @@ static int step(lua_State *L)
 }
 
 /* step, main_state = open(check, send, try_recv, call, pid, source, chunk_name, args,
- *                         hook_count, async_preempt)
- * main_state is the address of the program's coroutine, for _preempt. */
+ *                         hook_count)
+ * main_state is the address of the program's coroutine, which runs without a
+ * hook until _preempt.c installs one. */
 static int sandbox_open(lua_State *L)
 {
-    enum { CHECK = 1, SEND, TRY_RECV, CALL, PID, SOURCE, CHUNK_NAME, ARGS, HOOK_COUNT, ASYNC, CONTEXT };
+    enum { CHECK = 1, SEND, TRY_RECV, CALL, PID, SOURCE, CHUNK_NAME, ARGS, HOOK_COUNT, CONTEXT };
     Sandbox *sb;
     lua_State *main_thread, *co;
     size_t source_len;
@@ -800,12 +800,11 @@ static int sandbox_open(lua_State *L)
     const char *chunk_name = luaL_checkstring(L, CHUNK_NAME);
     int g, env;
 
-    lua_settop(L, ASYNC);
+    lua_settop(L, HOOK_COUNT);
     sb = lua_newuserdatauv(L, sizeof(Sandbox), 2);
     memset(sb, 0, sizeof *sb);
     sb->pid = lua_tointegerx(L, PID, NULL);
     sb->hook_count = (int)lua_tointegerx(L, HOOK_COUNT, NULL);
-    sb->async_preempt = lua_toboolean(L, ASYNC);
     sb->maybe_mail = 1;
     lua_pushliteral(L, "memory_limit");
     lua_setiuservalue(L, CONTEXT, MEMORY_LIMIT);
@@ -842,8 +841,6 @@ static int sandbox_open(lua_State *L)
     luaL_ref(L, LUA_REGISTRYINDEX); /* keeps the coroutine alive */
     lua_pop(L, 1);
     lua_xmove(L, co, 1); /* the program */
-    if (!sb->async_preempt)
-        lua_sethook(co, llmos_sandbox_hook, LUA_MASKCOUNT, sb->hook_count);
 
     /* Drop the globals the program never sees; they are freed when the
      * program first blocks. */

@@ -599,8 +599,7 @@ class Kernel:
     # -- running Lua processes -----------------------------------------------------------
     def _wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> bool:
         lua = proc.runtime
-        return (proc.kind == P.LUA and lua is not None and lua.async_preempt
-                and lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting))
+        return proc.kind == P.LUA and lua is not None and lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting)
 
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""

@@ -134,10 +134,17 @@ int luaopen_os(lua_State *L);
 /* -- What the sandbox (_sandbox.c) offers the binding (_lua.c) --------------------------- */
 /* Builds the sandbox into a state whose base libraries are open:
  *   step, main_state = llmos_sandbox_open(check, send, try_recv, call, pid, source,
- *                                         chunk_name, args, hook_count, async_preempt)
+ *                                         chunk_name, args, hook_count)
  * The four bridge functions answer (value, ...) or (nil, error text) and never raise. */
 int llmos_sandbox_open(lua_State *L);
-/* The count hook, which _preempt installs from its signal handler. */
+/* The count hook: on the program's own coroutines always, on its main one
+ * when _preempt.c installs it from its signal handler. */
 void llmos_sandbox_hook(lua_State *L, lua_Debug *ar);
+
+/* -- What preemption (_preempt.c) offers the binding ------------------------------------- */
+/* Install the handler of `sig` (0, or -1 with errno set). */
+int llmos_preempt_setup(int sig);
+/* The coroutine this thread runs from now on, which the signal interrupts (NULL: none). */
+void llmos_preempt_set_running(lua_State *L);
 
 #endif

@@ -18,7 +18,6 @@ import functools
 import math
 import os
 import signal
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -38,26 +37,9 @@ if TYPE_CHECKING:
 ctypes.CDLL(lupa.__file__, mode=os.RTLD_NOW | os.RTLD_GLOBAL | os.RTLD_NOLOAD)
 from . import _lua  # noqa: E402
 
-try:
-    from . import _preempt
-except ImportError:  # built without it: count hooks everywhere
-    _preempt = None
+# The scheduler interrupts a running program with this signal (see _preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
-_async_ready: bool | None = None
-_async_lock = threading.Lock()
-
-
-def async_preemption() -> bool:
-    """Set up signal-driven preemption once; False if it is unavailable."""
-    global _async_ready
-    if _async_ready is not None:
-        return _async_ready
-    with _async_lock:
-        if _async_ready is None:
-            _async_ready = _preempt is not None
-            if _async_ready:
-                _preempt.setup(lupa.__file__, _lua.hook_address(), PREEMPT_SIGNAL)
-        return _async_ready
+_lua.setup_preemption(PREEMPT_SIGNAL)
 
 
 MAX_DEPTH = 64  # as _lua.c's
@@ -161,10 +143,9 @@ class LuaProcess:
         self.slice_start = 0  # perf_counter_ns when the current slice began
         self.in_slice = False
         self.state = _lua.State(proc.limits.memory_bytes)
-        self.async_preempt = async_preemption()
         self.main_state = self.state.open_sandbox(
             self, proc.pid, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
-            kernel.config.hook_instructions, self.async_preempt,
+            kernel.config.hook_instructions,
         )
         self.step = self.state.resume
 
@@ -175,12 +156,10 @@ class LuaProcess:
     def begin_slice(self) -> None:
         self.slice_start = time.perf_counter_ns()
         self.in_slice = True
-        if self.async_preempt:
-            _preempt.set_running(self.main_state)
+        _lua.set_running(self.main_state)
 
     def end_slice(self) -> None:
-        if self.async_preempt:
-            _preempt.set_running(0)
+        _lua.set_running(0)
         self.in_slice = False
         ran = time.perf_counter_ns() - self.slice_start
         proc = self.proc
