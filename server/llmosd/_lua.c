@@ -35,7 +35,7 @@
 
 #include "lua_api.h"
 
-#define MAX_DEPTH 64 /* as lua_runtime.MAX_DEPTH */
+#define MAX_DEPTH 64 /* how deep a value that crosses may nest */
 
 enum { BRIDGE_CHECK, BRIDGE_SEND, BRIDGE_TRY_RECV, BRIDGE_CALL, BRIDGE_COUNT };
 static const char *const BRIDGE_METHODS[BRIDGE_COUNT] = {"check", "send", "try_recv", "call"};

@@ -42,7 +42,6 @@ PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
 _lua.setup_preemption(PREEMPT_SIGNAL)
 
 
-MAX_DEPTH = 64  # as _lua.c's
 MEMORY_ERROR = "not enough memory"
 
 
@@ -69,7 +68,7 @@ _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 # -- values -----------------------------------------------------------------------------
 # _lua.c converts values as they cross: a Lua string given directly arrives as
 # bytes, a table as a dict or list already checked (text strings, finite
-# numbers, string or number keys, at most MAX_DEPTH levels), and a value that
+# numbers, string or number keys, at most 64 levels deep), and a value that
 # cannot cross as a _lua.BadValue saying why.
 
 def from_lua(value: Any, what: str = "value") -> Any:
