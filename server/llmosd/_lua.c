@@ -32,6 +32,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "lua_api.h"
 
@@ -43,34 +44,110 @@ static const char *const BRIDGE_METHODS[BRIDGE_COUNT] = {"check", "send", "try_r
 static PyObject *BadValue; /* the exception class whose instances stand for values that cannot cross */
 static char STEP_KEY;      /* registry key (its address) of the sandbox's step function */
 
+/* Each state keeps its small blocks (most of its objects) in chunks of its
+ * own: Lua gives a block's size back when it frees or resizes it, so a block
+ * needs no header, a freed one goes on its size class's list for the state to
+ * reuse, and closing the state frees a few chunks instead of hundreds of
+ * blocks (which took 40 µs of every process's end with malloc). Larger blocks
+ * are malloc's. A state is only ever used by one thread at a time. */
+#define GRAIN 16 /* more than any Lua object needs to be aligned to */
+#define SMALL_MAX 256
+#define CLASSES (SMALL_MAX / GRAIN)
+#define CHUNK_BYTES 4096
+
+typedef struct Chunk {
+    struct Chunk *next;
+} Chunk; /* its blocks start GRAIN bytes in */
+
+typedef struct {
+    size_t used;            /* bytes the state holds */
+    size_t limit;           /* 0: no limit */
+    void *free[CLASSES];    /* freed small blocks by size class, linked through their first word */
+    char *next, *end;       /* the unused rest of the newest chunk */
+    Chunk *chunks;          /* all of them, to free with the state */
+} Heap;
+
 typedef struct {
     PyObject_HEAD
     lua_State *L;
-    size_t used;                      /* bytes the state holds */
-    size_t limit;                     /* 0: no limit */
+    Heap heap;
     PyObject *bridge;                 /* a weak reference to the process's Python side, which owns the state */
     PyObject *methods[BRIDGE_COUNT];  /* the bridge functions of its class */
 } State;
 
-/* The allocator of every State: Lua says how big a block was when it frees
- * or resizes it, so the count is exact. The state is the allocator's data. */
+static size_t size_class(size_t size) /* 1 <= size <= SMALL_MAX */
+{
+    return (size - 1) / GRAIN;
+}
+
+static void *take_small(Heap *heap, size_t size)
+{
+    size_t class = size_class(size), bytes = (class + 1) * GRAIN;
+    void *block = heap->free[class];
+    Chunk *chunk;
+    if (block != NULL) {
+        heap->free[class] = *(void **)block;
+        return block;
+    }
+    if ((size_t)(heap->end - heap->next) < bytes) { /* the old chunk's tail, under one block, is left */
+        chunk = malloc(CHUNK_BYTES);
+        if (chunk == NULL)
+            return NULL;
+        chunk->next = heap->chunks;
+        heap->chunks = chunk;
+        heap->next = (char *)chunk + GRAIN;
+        heap->end = (char *)chunk + CHUNK_BYTES;
+    }
+    block = heap->next;
+    heap->next += bytes;
+    return block;
+}
+
+static void give_back(Heap *heap, void *block, size_t size)
+{
+    size_t class;
+    if (size > SMALL_MAX) {
+        free(block);
+        return;
+    }
+    class = size_class(size);
+    *(void **)block = heap->free[class];
+    heap->free[class] = block;
+}
+
+/* The allocator of every State; the state is its data. */
 static void *allocate(void *ud, void *ptr, size_t osize, size_t nsize)
 {
-    State *state = ud;
+    Heap *heap = &((State *)ud)->heap;
     void *block;
     if (ptr == NULL)
         osize = 0; /* it then tells what kind of object is being made */
     if (nsize == 0) {
-        free(ptr);
-        state->used -= osize;
+        if (ptr != NULL)
+            give_back(heap, ptr, osize);
+        heap->used -= osize;
         return NULL;
     }
-    if (nsize > osize && state->limit != 0 && state->used + (nsize - osize) > state->limit)
+    if (nsize > osize && heap->limit != 0 && heap->used + (nsize - osize) > heap->limit)
         return NULL; /* Lua raises "not enough memory" */
-    block = realloc(ptr, nsize);
-    if (block == NULL)
-        return nsize <= osize ? ptr : NULL; /* Lua relies on shrinking never failing */
-    state->used += nsize - osize;
+    if (ptr != NULL && osize > SMALL_MAX && nsize > SMALL_MAX) {
+        block = realloc(ptr, nsize);
+    } else if (ptr != NULL && osize <= SMALL_MAX && nsize <= SMALL_MAX && size_class(osize) == size_class(nsize)) {
+        block = ptr;
+    } else {
+        block = nsize <= SMALL_MAX ? take_small(heap, nsize) : malloc(nsize);
+        if (block != NULL && ptr != NULL) {
+            memcpy(block, ptr, osize < nsize ? osize : nsize);
+            give_back(heap, ptr, osize);
+        }
+    }
+    if (block == NULL) {
+        /* Lua relies on shrinking never failing. The block stays where it is;
+         * if it was malloc's and is now small, it is reused as a small block
+         * and never returned to malloc, which only matters with malloc failing. */
+        return nsize <= osize ? ptr : NULL;
+    }
+    heap->used += nsize - osize;
     return block;
 }
 
@@ -385,7 +462,7 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     state = (State *)type->tp_alloc(type, 0);
     if (state == NULL)
         return NULL;
-    state->limit = (size_t)limit;
+    state->heap.limit = (size_t)limit;
     state->L = lua_newstate(allocate, state);
     if (state->L == NULL) {
         Py_DECREF(state);
@@ -406,9 +483,20 @@ static void State_clear(State *state)
 
 static void State_dealloc(State *state)
 {
+    lua_State *L = state->L;
     State_clear(state);
-    if (state->L != NULL)
-        lua_close(state->L);
+    if (L != NULL) {
+        /* Freeing a state's few hundred objects takes tens of microseconds,
+         * and touches nothing of Python's. */
+        Chunk *chunk, *next;
+        Py_BEGIN_ALLOW_THREADS
+        lua_close(L);
+        for (chunk = state->heap.chunks; chunk != NULL; chunk = next) {
+            next = chunk->next;
+            free(chunk);
+        }
+        Py_END_ALLOW_THREADS
+    }
     Py_TYPE(state)->tp_free((PyObject *)state);
 }
 
@@ -523,7 +611,7 @@ static PyObject *State_resume(State *state, PyObject *args)
 static PyObject *State_memory_used(State *state, PyObject *unused)
 {
     (void)unused;
-    return PyLong_FromSize_t(state->used);
+    return PyLong_FromSize_t(state->heap.used);
 }
 
 static PyMethodDef State_methods[] = {
