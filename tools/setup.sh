@@ -9,14 +9,19 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 
-# The project itself, editable, from *this* checkout (a clone elsewhere must not shadow it).
+# The project itself, editable, from *this* checkout (a clone elsewhere must not shadow it),
+# with its C extensions built from the C sources as they are now (an editable install does
+# not rebuild them when a pull changes them).
 if ! "$PY" - "$ROOT" <<'PYCHECK' 2>/dev/null; then
-import os, sys
+import glob, os, sys
 root = os.path.realpath(sys.argv[1])
 import llmos, llmosd, lupa, grpc, grpc_reflection, grpc_health, tokenizers, safetensors, jinja2
 import pytest, pytest_timeout, transformers, grpc_tools, psutil
 for mod in (llmos, llmosd):
     assert os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
+built = glob.glob(f"{root}/server/llmosd/**/*.so", recursive=True)
+sources = glob.glob(f"{root}/server/llmosd/**/*.[ch]", recursive=True)
+assert len(built) >= 2 and min(map(os.path.getmtime, built)) >= max(map(os.path.getmtime, sources))
 PYCHECK
   "$PY" -m pip install --quiet -e "$ROOT[test]"
 fi
