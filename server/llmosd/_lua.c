@@ -241,20 +241,25 @@ static PyObject *bad_value(const char *reason)
 
 static PyObject *to_python(lua_State *L, int idx, int depth, int nested);
 
-static PyObject *table_key(lua_State *L, int idx)
+/* A string inside a table: text. */
+static PyObject *text_to_python(lua_State *L, int idx)
 {
     size_t len;
-    const char *text;
+    const char *text = lua_tolstring(L, idx, &len);
+    PyObject *value = PyUnicode_DecodeUTF8(text, (Py_ssize_t)len, NULL);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear();
+        return bad_value("strings must be UTF-8 text; send raw bytes as data");
+    }
+    return value;
+}
+
+static PyObject *table_key(lua_State *L, int idx)
+{
     PyObject *number, *key;
     switch (lua_type(L, idx)) {
     case LUA_TSTRING:
-        text = lua_tolstring(L, idx, &len);
-        key = PyUnicode_DecodeUTF8(text, (Py_ssize_t)len, NULL);
-        if (key == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-            PyErr_Clear();
-            return bad_value("strings must be UTF-8 text; send raw bytes as data");
-        }
-        return key;
+        return text_to_python(L, idx);
     case LUA_TNUMBER: /* as Python's str() of the number */
         number = lua_isinteger(L, idx) ? PyLong_FromLongLong(lua_tointegerx(L, idx, NULL))
                                        : PyFloat_FromDouble(lua_tonumberx(L, idx, NULL));
@@ -334,7 +339,6 @@ static PyObject *to_python(lua_State *L, int idx, int depth, int nested)
 {
     size_t len;
     const char *text;
-    PyObject *value;
     lua_Number number;
     int type = lua_type(L, idx);
     switch (type) {
@@ -351,15 +355,10 @@ static PyObject *to_python(lua_State *L, int idx, int depth, int nested)
             return bad_value("NaN and infinity are not JSON numbers");
         return PyFloat_FromDouble(number);
     case LUA_TSTRING:
+        if (nested)
+            return text_to_python(L, idx);
         text = lua_tolstring(L, idx, &len);
-        if (!nested)
-            return PyBytes_FromStringAndSize(text, (Py_ssize_t)len);
-        value = PyUnicode_DecodeUTF8(text, (Py_ssize_t)len, NULL);
-        if (value == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-            PyErr_Clear();
-            return bad_value("strings must be UTF-8 text; send raw bytes as data");
-        }
-        return value;
+        return PyBytes_FromStringAndSize(text, (Py_ssize_t)len);
     case LUA_TTABLE:
         return table_to_python(L, idx, depth);
     default:

@@ -117,7 +117,6 @@ int luaopen_utf8(lua_State *L);
 int luaopen_os(lua_State *L);
 
 #define lua_pop(L, n) lua_settop(L, -(n)-1)
-#define lua_newtable(L) lua_createtable(L, 0, 0)
 #define lua_pushcfunction(L, f) lua_pushcclosure(L, (f), 0)
 #define lua_pushliteral(L, s) lua_pushstring(L, "" s)
 #define lua_tostring(L, i) lua_tolstring(L, (i), NULL)
