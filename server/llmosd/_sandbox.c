@@ -69,6 +69,15 @@ static int raise_at_caller(lua_State *L, int idx)
     return lua_error(L);
 }
 
+/* User value n of the context, which is there already: pushing it allocates
+ * nothing, as the process may be dying because memory ran out. */
+static void push_context_value(lua_State *L, int n)
+{
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
+    lua_getiuservalue(L, -1, n);
+    lua_remove(L, -2);
+}
+
 /* Neither reason allocates: they are strings the context already holds, as
  * the process may be dying because memory ran out. */
 static void set_dying(lua_State *L, Sandbox *sb, int reason)
@@ -87,14 +96,12 @@ static void set_dying(lua_State *L, Sandbox *sb, int reason)
 static void die_if_dying(lua_State *L, Sandbox *sb, int failed)
 {
     if (failed && !sb->dying && lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), MEMORY_ERROR) == 0) {
-        lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
-        lua_getiuservalue(L, -1, MEMORY_LIMIT);
+        push_context_value(L, MEMORY_LIMIT);
         set_dying(L, sb, -1);
-        lua_pop(L, 2);
+        lua_pop(L, 1);
     }
     if (sb->dying) {
-        lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
-        lua_getiuservalue(L, -1, DYING_REASON);
+        push_context_value(L, DYING_REASON);
         lua_error(L);
     }
 }
@@ -446,6 +453,20 @@ static int sys_send(lua_State *L)
     return 1;
 }
 
+/* A blocking syscall: yield &SYSCALL, the syscall's name and copies of the
+ * values first..last to the kernel, whose answer comes to k (without k, it is
+ * what the yielding function returns). */
+static int yield_syscall(lua_State *L, const char *name, int first, int last, lua_KContext ctx, lua_KFunction k)
+{
+    int i;
+    luaL_checkstack(L, last - first + 3, "too many arguments");
+    lua_pushlightuserdata(L, &SYSCALL);
+    lua_pushstring(L, name);
+    for (i = first; i <= last; i++)
+        lua_pushvalue(L, i);
+    return lua_yieldk(L, last - first + 3, ctx, k);
+}
+
 /* A received message (id, from, to, tag, body, data, correlation_id,
  * sent_at_ms, mailbox length) at base.. as a table; nil for a timeout. */
 static int as_message(lua_State *L, int base)
@@ -502,11 +523,7 @@ static int sys_recv(lua_State *L)
             return as_message(L, RECV_ANSWER);
         lua_settop(L, 5);
     }
-    lua_pushlightuserdata(L, &SYSCALL);
-    lua_pushliteral(L, "recv");
-    for (i = 2; i <= 5; i++)
-        lua_pushvalue(L, i);
-    return lua_yieldk(L, 6, 0, recv_k);
+    return yield_syscall(L, "recv", 2, 5, 0, recv_k);
 }
 
 /* A blocking syscall's answer follows the `nargs` arguments it was made with. */
@@ -519,22 +536,14 @@ static int syscall_k(lua_State *L, int status, lua_KContext nargs)
 /* sys.wait, sys.sleep, sys.infer: yield to the kernel. Upvalue 1: the syscall's name. */
 static int sys_blocking(lua_State *L)
 {
-    int n = lua_gettop(L), i;
-    luaL_checkstack(L, n + 2, "too many arguments");
-    lua_pushlightuserdata(L, &SYSCALL);
-    lua_pushvalue(L, lua_upvalueindex(1));
-    for (i = 1; i <= n; i++)
-        lua_pushvalue(L, i);
-    return lua_yieldk(L, n + 2, n, syscall_k);
+    int n = lua_gettop(L);
+    return yield_syscall(L, lua_tostring(L, lua_upvalueindex(1)), 1, n, n, syscall_k);
 }
 
 static int sys_exit(lua_State *L)
 {
     lua_settop(L, 1);
-    lua_pushlightuserdata(L, &SYSCALL);
-    lua_pushliteral(L, "exit");
-    lua_pushvalue(L, 1);
-    return lua_yield(L, 3); /* never resumed */
+    return yield_syscall(L, "exit", 1, 1, 0, NULL); /* never resumed */
 }
 
 /* A free lock costs no trip through the scheduler. */
@@ -558,11 +567,7 @@ static int sys_lock_acquire(lua_State *L)
         return 1;
     }
     lua_settop(L, 2);
-    lua_pushlightuserdata(L, &SYSCALL);
-    lua_pushliteral(L, "lock_acquire");
-    lua_pushvalue(L, 1);
-    lua_pushvalue(L, 2);
-    return lua_yieldk(L, 4, 2, syscall_k);
+    return yield_syscall(L, "lock_acquire", 1, 2, 2, syscall_k);
 }
 
 /* -- Building the sandbox ------------------------------------------------------------------ */
@@ -776,13 +781,10 @@ static int step(lua_State *L)
     }
     lua_pushliteral(L, "error");
     lua_xmove(co, L, 1);
-    if (sb->dying) {
-        lua_rawgetp(L, LUA_REGISTRYINDEX, &CONTEXT_KEY);
-        lua_getiuservalue(L, -1, DYING_REASON);
-        lua_remove(L, -2);
-    } else {
+    if (sb->dying)
+        push_context_value(L, DYING_REASON);
+    else
         lua_pushnil(L);
-    }
     return 3;
 }
 
