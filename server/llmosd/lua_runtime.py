@@ -118,9 +118,10 @@ def _options(opts: Any, fname: str) -> dict:
     """An options table (nil: none) as a dict."""
     if opts is None:
         return {}
-    if not isinstance(opts, dict):
+    value = from_lua(opts, fname)  # says why a table cannot cross
+    if not isinstance(value, dict):
         raise InvalidArgument(f"{fname}: expected a table of options")
-    return opts
+    return value
 
 
 def error_text(err: Any) -> str:
