@@ -1,7 +1,6 @@
 """The engine's float32 CPU kernels (_cpu_kernels.c) against torch and a float64 reference."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

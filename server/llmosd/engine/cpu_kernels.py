@@ -1,6 +1,6 @@
 """The engine's float32 CPU kernels (`_cpu_kernels.c`), behind the checks that keep them memory-safe.
 
-The C module is built with llmosd when a compiler is there; `available` says whether it was, and
+The C module's build is optional (it needs OpenMP); `available` says whether it was built, and
 without it the engine uses torch ops alone. Each function takes and returns tensors.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 try:
     from . import _cpu_kernels as _c
-except ImportError:  # built without a C compiler
+except ImportError:  # not built (a compiler without OpenMP)
     _c = None
 
 available = _c is not None
