@@ -28,11 +28,13 @@
  * sandbox then drops), and wraps each value that crosses in a Python object.
  * lupa still provides the Lua library itself (see lua_api.h).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "messaging.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <structmember.h>
+#include <time.h>
 
 #include "lua_api.h"
 
@@ -73,6 +75,11 @@ typedef struct {
     Heap heap;
     PyObject *bridge;                 /* a weak reference to the process's Python side, which owns the state */
     PyObject *methods[BRIDGE_COUNT];  /* the bridge functions of its class */
+    PyObject *proc;                   /* the process's Process */
+    PyObject *core;                   /* the kernel's Core */
+    lua_State *main_co;               /* the program's coroutine, which preemption interrupts */
+    long long slice_start;            /* monotonic ns when the running slice began */
+    int in_slice;
 } State;
 
 static size_t size_class(size_t size) /* 1 <= size <= SMALL_MAX */
@@ -217,22 +224,55 @@ static void push_value(lua_State *L, PyObject *value, int depth)
     }
 }
 
+/* A received message as the values sys.recv makes its table of: id, from,
+ * to, tag, body, data, correlation_id, sent_at_ms (empty data and
+ * correlation id are nil). */
+enum { MESSAGE_VALUES = 8 };
+
+static void push_message(lua_State *L, Message *msg)
+{
+    lua_pushinteger(L, msg->id);
+    lua_pushinteger(L, msg->sender);
+    lua_pushinteger(L, msg->to);
+    push_value(L, msg->tag, 0);
+    push_value(L, msg->body, 0);
+    if (PyBytes_GET_SIZE(msg->data) > 0)
+        push_value(L, msg->data, 0);
+    else
+        lua_pushnil(L);
+    if (PyUnicode_GET_LENGTH(msg->correlation_id) > 0)
+        push_value(L, msg->correlation_id, 0);
+    else
+        lua_pushnil(L);
+    lua_pushinteger(L, msg->sent_at_ms);
+}
+
 /* Pushes the values of the tuple given as light userdata (or the one value,
- * if it is not a tuple): a Python function's answer, or resume()'s arguments. */
+ * if it is not a tuple): a Python function's answer, or resume()'s arguments.
+ * A Message among them stands for its MESSAGE_VALUES values. */
 static int push_values(lua_State *L)
 {
-    PyObject *values = lua_touserdata(L, 1);
+    PyObject *values = lua_touserdata(L, 1), *item;
     Py_ssize_t i, n;
+    int pushed = 0;
     lua_pop(L, 1);
     if (!PyTuple_Check(values)) {
         push_value(L, values, 0);
         return 1;
     }
     n = PyTuple_GET_SIZE(values);
-    luaL_checkstack(L, (int)n, "too many values");
-    for (i = 0; i < n; i++)
-        push_value(L, PyTuple_GET_ITEM(values, i), 0);
-    return (int)n;
+    for (i = 0; i < n; i++) {
+        item = PyTuple_GET_ITEM(values, i);
+        luaL_checkstack(L, MESSAGE_VALUES, "too many values");
+        if (Py_IS_TYPE(item, &MessageType)) {
+            push_message(L, (Message *)item);
+            pushed += MESSAGE_VALUES;
+        } else {
+            push_value(L, item, 0);
+            pushed++;
+        }
+    }
+    return pushed;
 }
 
 /* -- Lua to Python (no call here can raise a Lua error) ------------------------------------- */
@@ -401,11 +441,12 @@ static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int la
 }
 
 /* -- The bridge: the program calling the kernel -------------------------------------------- */
-/* Upvalue 1: which bridge method. Runs on a thread that released the GIL in resume(). */
-static int bridge_call(lua_State *L)
+/* Calls bridge method `which` with the Lua arguments. Runs on a thread that
+ * released the GIL in resume(). */
+static int call_bridge(lua_State *L, int which)
 {
     State *state = state_of(L);
-    int which = (int)lua_tointegerx(L, lua_upvalueindex(1), NULL), nargs = lua_gettop(L), status = LUA_OK;
+    int nargs = lua_gettop(L), status = LUA_OK;
     char message[512] = "";
     PyObject *args, *result = NULL, *process;
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -443,6 +484,252 @@ static int bridge_call(lua_State *L)
     return lua_gettop(L) - nargs;
 }
 
+/* Upvalue 1: which bridge method. */
+static int bridge_call(lua_State *L)
+{
+    return call_bridge(L, (int)lua_tointegerx(L, lua_upvalueindex(1), NULL));
+}
+
+/* -- The kernel's C side: messages between processes ----------------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    Lock *lock;                       /* the kernel lock */
+    PyObject *procs;                  /* pid -> Process, the live ones */
+    PyObject *running;                /* thread ident -> the Process it runs (the scheduler's) */
+    PyObject *make_runnable;          /* the scheduler's */
+    PyObject *reserve_ids;            /* () -> (first, end): a block of message ids from the store */
+    long long next_id, end_id;        /* the block in use */
+    long long quantum_ns;
+} Core;
+
+static PyTypeObject CoreType;
+
+/* The Process attributes and values the C side reads and writes. */
+static PyObject *S_state, *S_blocked_on, *S_blocked_syscall, *S_resume_value, *S_messages_sent, *S_messages_received,
+    *S_kind, *S_mailbox, *S_runtime, *S_kill_reason, *S_parked, *S_cpu_ns, *S_vruntime, *S_weight, *S_pid,
+    *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_LUA, *S_PORT, *S_recv, *S_error, *empty_text, *empty_bytes,
+    *no_values;
+
+#define DEFAULT_WEIGHT 100 /* scheduler.DEFAULT_WEIGHT */
+
+/* A process woken by the one this worker thread runs, to run next on this
+ * thread without a trip through the run queue (Go's runnext); the scheduler
+ * uses the same slot (offer_next, take_next). */
+static __thread PyObject *runnext;
+static __thread int on_worker; /* this thread is one of the scheduler's workers */
+
+static long long monotonic_ns(void) /* the clock of Python's time.perf_counter_ns */
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static long long wall_ms(void) /* as store.now_ms */
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+static int is_text(PyObject *value, PyObject *text)
+{
+    return value == text || (PyUnicode_Check(value) && PyUnicode_Compare(value, text) == 0);
+}
+
+/* proc.<name> as a C integer; -1 with an exception on failure. */
+static int get_int(PyObject *proc, PyObject *name, long long *out)
+{
+    PyObject *value = PyObject_GetAttr(proc, name);
+    if (value == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int set_int(PyObject *proc, PyObject *name, long long n)
+{
+    PyObject *value = PyLong_FromLongLong(n);
+    int status = value != NULL ? PyObject_SetAttr(proc, name, value) : -1;
+    Py_XDECREF(value);
+    return status;
+}
+
+static int add_one(PyObject *proc, PyObject *name)
+{
+    long long n;
+    return get_int(proc, name, &n) < 0 ? -1 : set_int(proc, name, n + 1);
+}
+
+/* proc.<name> is `value` (compared as text); -1 with an exception on failure. */
+static int attr_is(PyObject *proc, PyObject *name, PyObject *value)
+{
+    PyObject *got = PyObject_GetAttr(proc, name);
+    int same;
+    if (got == NULL)
+        return -1;
+    same = is_text(got, value);
+    Py_DECREF(got);
+    return same;
+}
+
+Message *llmos_new_message(PyObject *core_object, long long sender, long long to, PyObject *tag, PyObject *body,
+                           PyObject *data, PyObject *correlation_id)
+{
+    Core *core = (Core *)core_object;
+    if (core->next_id >= core->end_id) {
+        PyObject *block = PyObject_CallNoArgs(core->reserve_ids);
+        long long first, end;
+        if (block == NULL)
+            return NULL;
+        if (!PyArg_ParseTuple(block, "LL:reserve_ids", &first, &end) || end <= first) {
+            Py_DECREF(block);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "reserve_ids gave an empty block");
+            return NULL;
+        }
+        Py_DECREF(block);
+        core->next_id = first;
+        core->end_id = end;
+    }
+    return llmos_make_message(core->next_id++, sender, to, tag, body, data, correlation_id, wall_ms());
+}
+
+int llmos_wake(PyObject *core, PyObject *proc, Message *msg)
+{
+    PyObject *done;
+    if (PyObject_SetAttr(proc, S_resume_value, (PyObject *)msg) < 0 || PyObject_SetAttr(proc, S_state, S_RUNNABLE) < 0
+        || PyObject_SetAttr(proc, S_blocked_on, Py_None) < 0)
+        return -1;
+    if (on_worker && runnext == NULL) {
+        Py_INCREF(proc);
+        runnext = proc;
+        return 0;
+    }
+    done = PyObject_CallOneArg(((Core *)core)->make_runnable, proc);
+    Py_XDECREF(done);
+    return done != NULL ? 0 : -1;
+}
+
+/* The error text of the exception set, as bytes for Lua; clears it. */
+static void take_error(char *out, size_t size)
+{
+    PyObject *type, *value, *traceback, *text;
+    const char *utf8;
+    PyErr_Fetch(&type, &value, &traceback);
+    text = value != NULL ? PyObject_Str(value) : NULL;
+    utf8 = text != NULL ? PyUnicode_AsUTF8(text) : NULL;
+    snprintf(out, size, "%s", utf8 != NULL ? utf8 : "unknown error");
+    PyErr_Clear();
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+/* A Lua string as text for a message field, or NULL (no exception) if it is not valid text. */
+static PyObject *text_field(lua_State *L, int idx)
+{
+    size_t len;
+    const char *text;
+    PyObject *value;
+    if (lua_isnil(L, idx)) {
+        Py_INCREF(empty_text);
+        return empty_text;
+    }
+    text = lua_tolstring(L, idx, &len);
+    value = PyUnicode_DecodeUTF8(text, (Py_ssize_t)len, NULL);
+    if (value == NULL)
+        PyErr_Clear();
+    return value;
+}
+
+enum { SEND_DONE, SEND_DECLINED, SEND_REFUSED };
+
+/* sys.send(to, body, tag, data, correlation_id) to a process's mailbox, with
+ * the GIL held: the message id and the sender's mailbox length on `id` and
+ * `waiting`, or why it was refused in `error`. Declined: the Python side
+ * handles what this does not (names, ports, raw data, values to report). */
+static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *waiting, char *error, size_t size)
+{
+    Core *core = (Core *)state->core;
+    PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox = NULL;
+    Message *msg = NULL;
+    long long pid;
+    int result = SEND_DECLINED, delivered;
+    if (core == NULL || state->proc == NULL)
+        return SEND_DECLINED;
+    body = to_python(L, 2, 0, 1); /* a body is JSON: text strings, finite numbers */
+    if (body == NULL) {
+        PyErr_Clear();
+        return SEND_DECLINED;
+    }
+    if ((tag = text_field(L, 3)) == NULL || (correlation_id = text_field(L, 5)) == NULL
+        || (key = PyLong_FromLongLong(lua_tointegerx(L, 1, NULL))) == NULL || get_int(state->proc, S_pid, &pid) < 0)
+        goto out;
+    llmos_lock(core->lock);
+    dst = PyDict_GetItemWithError(core->procs, key);
+    if (dst != NULL && attr_is(dst, S_kind, S_PORT) == 0 && (mailbox = PyObject_GetAttr(dst, S_mailbox)) != NULL
+        && (msg = llmos_new_message(state->core, pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
+                                    correlation_id)) != NULL) {
+        delivered = llmos_deliver((Mailbox *)mailbox, msg, 1);
+        if (delivered < 0) {
+            take_error(error, size);
+            result = SEND_REFUSED;
+        } else { /* sent: from here on, nothing may make the Python side send it again */
+            PyObject *own = PyObject_GetAttr(state->proc, S_mailbox);
+            result = SEND_DONE;
+            *id = msg->id;
+            *waiting = own != NULL ? ((Mailbox *)own)->count : 0;
+            Py_XDECREF(own);
+            if (delivered == 1)
+                add_one(dst, S_messages_received);
+            add_one(state->proc, S_messages_sent);
+        }
+    }
+    llmos_unlock(core->lock);
+out:
+    PyErr_Clear(); /* what failed otherwise is the Python side's to report, as it sends instead */
+    Py_XDECREF(msg);
+    Py_XDECREF(mailbox);
+    Py_XDECREF(key);
+    Py_XDECREF(correlation_id);
+    Py_XDECREF(tag);
+    Py_DECREF(body);
+    return result;
+}
+
+/* The bridge's send (to, body, tag, data, correlation_id) -> message id and
+ * the sender's mailbox length, or nil and why not. A message between
+ * processes goes straight into the receiver's mailbox, or its hands. */
+static int bridge_send(lua_State *L)
+{
+    State *state = state_of(L);
+    long long id = 0;
+    Py_ssize_t waiting = 0;
+    char error[512];
+    int result, tag = lua_type(L, 3), correlation_id = lua_type(L, 5);
+    PyGILState_STATE gil;
+    lua_settop(L, 5);
+    if (!lua_isinteger(L, 1) || !lua_isnil(L, 4) || (tag != LUA_TNIL && tag != LUA_TSTRING)
+        || (correlation_id != LUA_TNIL && correlation_id != LUA_TSTRING))
+        return call_bridge(L, BRIDGE_SEND);
+    gil = PyGILState_Ensure();
+    result = send_message(state, L, &id, &waiting, error, sizeof error);
+    PyGILState_Release(gil);
+    if (result == SEND_DECLINED)
+        return call_bridge(L, BRIDGE_SEND);
+    if (result == SEND_REFUSED) {
+        lua_pushnil(L);
+        lua_pushstring(L, error);
+        return 2;
+    }
+    lua_pushinteger(L, id);
+    lua_pushinteger(L, (lua_Integer)waiting);
+    return 2;
+}
+
 /* -- State ----------------------------------------------------------------------------------- */
 static PyObject *raise_lua_error(lua_State *L, int status)
 {
@@ -473,19 +760,31 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)state;
 }
 
-/* The state refers to its process only weakly, so that no reference cycle
- * keeps a finished process's state alive until Python's cycle collector. */
-static void State_clear(State *state)
+/* The state refers to its process's Python side only weakly; its Process
+ * and the core hold it in a cycle that the kernel breaks when the process
+ * ends (Process.runtime = None), and that the cycle collector can see. */
+static int State_traverse(State *state, visitproc visit, void *arg)
+{
+    Py_VISIT(state->proc);
+    Py_VISIT(state->core);
+    return 0;
+}
+
+static int State_clear(State *state)
 {
     int i;
     Py_CLEAR(state->bridge);
     for (i = 0; i < BRIDGE_COUNT; i++)
         Py_CLEAR(state->methods[i]);
+    Py_CLEAR(state->proc);
+    Py_CLEAR(state->core);
+    return 0;
 }
 
 static void State_dealloc(State *state)
 {
     lua_State *L = state->L;
+    PyObject_GC_UnTrack(state);
     State_clear(state);
     if (L != NULL) {
         /* A few microseconds with the state's own chunks: less than handing the GIL over. */
@@ -533,7 +832,7 @@ static int build(lua_State *L)
     }
     for (i = 0; i < BRIDGE_COUNT; i++) {
         lua_pushinteger(L, i);
-        lua_pushcclosure(L, bridge_call, 1);
+        lua_pushcclosure(L, i == BRIDGE_SEND ? bridge_send : bridge_call, 1);
     }
     lua_rotate(L, 1, BRIDGE_COUNT); /* the bridge functions first */
     llmos_sandbox_open(L);          /* step, main_state */
@@ -544,19 +843,28 @@ static int build(lua_State *L)
 
 static PyObject *State_open_sandbox(State *state, PyObject *args)
 {
-    PyObject *bridge;
+    PyObject *bridge, *proc, *core;
     SandboxSpec spec;
     lua_State *L = state->L;
-    lua_Integer main_state;
     int i, status;
-    if (!PyArg_ParseTuple(args, "OOSSOO:open_sandbox", &bridge, &spec.pid, &spec.source, &spec.chunk_name,
-                          &spec.args, &spec.hook_count))
+    if (!PyArg_ParseTuple(args, "OOO!SSOO:open_sandbox", &bridge, &proc, &CoreType, &core, &spec.source,
+                          &spec.chunk_name, &spec.args, &spec.hook_count))
         return NULL;
     if (state->bridge != NULL)
         return PyErr_Format(PyExc_RuntimeError, "the sandbox is built already");
     state->bridge = PyWeakref_NewRef(bridge, NULL);
     if (state->bridge == NULL)
         return NULL;
+    spec.pid = PyObject_GetAttr(proc, S_pid);
+    if (spec.pid == NULL) {
+        State_clear(state);
+        return NULL;
+    }
+    Py_DECREF(spec.pid); /* the process holds it */
+    Py_INCREF(proc);
+    state->proc = proc;
+    Py_INCREF(core);
+    state->core = core;
     for (i = 0; i < BRIDGE_COUNT; i++) {
         state->methods[i] = PyObject_GetAttrString((PyObject *)Py_TYPE(bridge), BRIDGE_METHODS[i]);
         if (state->methods[i] == NULL) {
@@ -576,35 +884,116 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     }
     if (status != LUA_OK)
         return raise_lua_error(L, status);
-    main_state = lua_tointegerx(L, -1, NULL);
+    state->main_co = (lua_State *)(intptr_t)lua_tointegerx(L, -1, NULL);
     lua_settop(L, 0);
-    return PyLong_FromLongLong(main_state);
+    Py_RETURN_NONE;
+}
+
+/* -- The slice clock: CPU time is time spent holding a virtual CPU ----------------------------------- */
+/* There are no more virtual CPUs than cores, so it tracks the thread's CPU
+ * time, at a tenth of the cost of asking the OS on every resume. */
+static void begin_slice(State *state)
+{
+    state->slice_start = monotonic_ns();
+    state->in_slice = 1;
+    llmos_preempt_set_running(state->main_co);
+}
+
+/* Charges the slice to the process: its CPU time, and its vruntime (CPU time
+ * scaled by DEFAULT_WEIGHT / weight). */
+static int end_slice(State *state)
+{
+    long long ran, cpu_ns, weight;
+    PyObject *vruntime, *sum;
+    double charged;
+    llmos_preempt_set_running(NULL);
+    state->in_slice = 0;
+    ran = monotonic_ns() - state->slice_start;
+    if (state->proc == NULL)
+        return 0;
+    if (get_int(state->proc, S_cpu_ns, &cpu_ns) < 0 || set_int(state->proc, S_cpu_ns, cpu_ns + ran) < 0
+        || get_int(state->proc, S_weight, &weight) < 0 || (vruntime = PyObject_GetAttr(state->proc, S_vruntime)) == NULL)
+        return -1;
+    charged = PyFloat_AsDouble(vruntime) + (double)ran * DEFAULT_WEIGHT / (double)(weight > 0 ? weight : 1);
+    Py_DECREF(vruntime);
+    sum = PyFloat_FromDouble(charged);
+    if (sum == NULL || PyObject_SetAttr(state->proc, S_vruntime, sum) < 0) {
+        Py_XDECREF(sum);
+        return -1;
+    }
+    Py_DECREF(sum);
+    return 0;
+}
+
+static PyObject *State_begin_slice(State *state, PyObject *unused)
+{
+    (void)unused;
+    begin_slice(state);
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_end_slice(State *state, PyObject *unused)
+{
+    (void)unused;
+    if (end_slice(state) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Runs the program until its next yield, with `answer` (a tuple of values)
+ * for the syscall it is blocked in. Leaves the step's results on L's stack;
+ * on failure, its error message. */
+static int run_step(State *state, PyObject *answer)
+{
+    lua_State *L = state->L;
+    int status;
+    lua_settop(L, 0);
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &STEP_KEY) != LUA_TFUNCTION) {
+        lua_settop(L, 0);
+        lua_pushliteral(L, "the sandbox is not built");
+        return LUA_ERRRUN;
+    }
+    lua_pushcfunction(L, push_values);
+    lua_pushlightuserdata(L, answer);
+    status = lua_pcall(L, 1, LUA_MULTRET, 0);
+    if (status != LUA_OK)
+        return status;
+    begin_slice(state);
+    Py_BEGIN_ALLOW_THREADS
+    status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    Py_END_ALLOW_THREADS
+    if (end_slice(state) < 0) {
+        lua_settop(L, 0);
+        return -1;
+    }
+    return status;
+}
+
+/* The step's results as Python values; a failure of the step itself (out of
+ * memory in the kernel's part of it) as ("error", message). */
+static PyObject *step_results(lua_State *L, int status)
+{
+    PyObject *out;
+    if (status == LUA_OK) {
+        out = values_to_tuple(L, NULL, 1, lua_gettop(L));
+    } else {
+        size_t len = 0;
+        const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        if (text == NULL) {
+            text = "error object is not a string";
+            len = strlen(text);
+        }
+        out = Py_BuildValue("(Oy#)", S_error, text, (Py_ssize_t)len);
+    }
+    lua_settop(L, 0);
+    return out;
 }
 
 /* Resume the program with a syscall's answer: the sandbox's step (see _sandbox.c). */
 static PyObject *State_resume(State *state, PyObject *args)
 {
-    lua_State *L = state->L;
-    int status;
-    PyObject *out;
-    lua_settop(L, 0);
-    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &STEP_KEY) != LUA_TFUNCTION) {
-        lua_settop(L, 0);
-        return PyErr_Format(PyExc_RuntimeError, "the sandbox is not built");
-    }
-    lua_pushcfunction(L, push_values);
-    lua_pushlightuserdata(L, args);
-    status = lua_pcall(L, 1, LUA_MULTRET, 0);
-    if (status != LUA_OK)
-        return raise_lua_error(L, status);
-    Py_BEGIN_ALLOW_THREADS
-    status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-    Py_END_ALLOW_THREADS
-    if (status != LUA_OK)
-        return raise_lua_error(L, status);
-    out = values_to_tuple(L, NULL, 1, lua_gettop(L));
-    lua_settop(L, 0);
-    return out;
+    int status = run_step(state, args);
+    return status < 0 ? NULL : step_results(state->L, status);
 }
 
 static PyObject *State_memory_used(State *state, PyObject *unused)
@@ -615,13 +1004,24 @@ static PyObject *State_memory_used(State *state, PyObject *unused)
 
 static PyMethodDef State_methods[] = {
     {"open_sandbox", (PyCFunction)State_open_sandbox, METH_VARARGS,
-     "open_sandbox(bridge, pid, source, chunk_name, args, hook_count) -> main_state: build the "
-     "sandbox; bridge (held weakly) has check, send, try_recv and call; main_state is the program coroutine's "
-     "address"},
+     "open_sandbox(bridge, proc, core, source, chunk_name, args, hook_count): build the sandbox for the "
+     "Process proc; bridge (held weakly) has check, send, try_recv and call"},
     {"resume", (PyCFunction)State_resume, METH_VARARGS,
-     "resume(*answer) -> (\"sys\", name, *args) | (\"done\", value) | (\"error\", message, reason)"},
+     "resume(*answer) -> (\"sys\", name, *args) | (\"done\", value) | (\"error\", message[, reason]); "
+     "a slice of the process's CPU time"},
+    {"begin_slice", (PyCFunction)State_begin_slice, METH_NOARGS,
+     "begin_slice(): the process holds a CPU from now, and preemption interrupts it on this thread"},
+    {"end_slice", (PyCFunction)State_end_slice, METH_NOARGS,
+     "end_slice(): the slice is over; charge it to the process's cpu_ns and vruntime"},
     {"memory_used", (PyCFunction)State_memory_used, METH_NOARGS, "memory_used() -> bytes the state holds"},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef State_members[] = {
+    {"slice_start", T_LONGLONG, offsetof(State, slice_start), READONLY,
+     "time.perf_counter_ns() when the running slice began"},
+    {"in_slice", T_INT, offsetof(State, in_slice), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject StateType = {
@@ -629,10 +1029,301 @@ static PyTypeObject StateType = {
     .tp_name = "llmosd._lua.State",
     .tp_doc = "State(memory_limit=0): a process's Lua state (0: no memory limit)",
     .tp_basicsize = sizeof(State),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = State_new,
+    .tp_traverse = (traverseproc)State_traverse,
+    .tp_clear = (inquiry)State_clear,
     .tp_dealloc = (destructor)State_dealloc,
     .tp_methods = State_methods,
+    .tp_members = State_members,
+};
+
+/* -- Core: running Lua processes, and handing the CPU from one to the next ----------------------- */
+static int lua_text_is(lua_State *L, int idx, const char *text)
+{
+    size_t len;
+    const char *value = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &len) : NULL;
+    return value != NULL && len == strlen(text) && memcmp(value, text, len) == 0;
+}
+
+/* An optional text field of sys.recv's filter: None for nil; NULL (no
+ * exception) for anything the Python side should check and report. */
+static PyObject *filter_text(lua_State *L, int idx)
+{
+    if (lua_isnil(L, idx)) {
+        Py_INCREF(Py_None);
+        return Py_None;
+    }
+    return lua_type(L, idx) == LUA_TSTRING ? text_field(L, idx) : NULL;
+}
+
+/* sys.recv's filter from its from, tag and correlation_id at idx..idx+2,
+ * in *match (NULL: any message). -1 (no exception): the Python side decides. */
+static int recv_filter(lua_State *L, int idx, Match **match)
+{
+    PyObject *sender = NULL, *tag = NULL, *correlation_id = NULL;
+    *match = NULL;
+    if (lua_isnil(L, idx) && lua_isnil(L, idx + 1) && lua_isnil(L, idx + 2))
+        return 0;
+    if (lua_isnil(L, idx)) {
+        Py_INCREF(Py_None);
+        sender = Py_None;
+    } else if (lua_isinteger(L, idx)) {
+        sender = PyLong_FromLongLong(lua_tointegerx(L, idx, NULL));
+    }
+    if (sender != NULL && (tag = filter_text(L, idx + 1)) != NULL
+        && (correlation_id = filter_text(L, idx + 2)) != NULL)
+        *match = (Match *)PyObject_CallFunctionObjArgs((PyObject *)&MatchType, sender, tag, correlation_id, NULL);
+    Py_XDECREF(sender);
+    Py_XDECREF(tag);
+    Py_XDECREF(correlation_id);
+    PyErr_Clear();
+    return *match != NULL ? 0 : -1;
+}
+
+static Py_ssize_t mailbox_length(PyObject *proc)
+{
+    PyObject *mailbox = PyObject_GetAttr(proc, S_mailbox);
+    Py_ssize_t n = mailbox != NULL ? ((Mailbox *)mailbox)->count : 0;
+    Py_XDECREF(mailbox);
+    PyErr_Clear();
+    return n;
+}
+
+enum { RECV_DECLINED, RECV_TAKEN, RECV_BLOCKED };
+
+/* After a step that yielded ("sys", "recv", from, tag, correlation_id,
+ * timeout_ms) with no timeout: take a matching message (*taken), or block
+ * the process on its mailbox, where a sender's llmos_wake finds it.
+ * Declined: the Python side handles the syscall (and a process to end). */
+static int receive(Core *core, PyObject *proc, lua_State *L, Message **taken)
+{
+    Match *match;
+    PyObject *kill_reason, *mailbox;
+    int result = RECV_DECLINED;
+    if (lua_gettop(L) != 6 || !lua_isnil(L, 6) || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv")
+        || recv_filter(L, 3, &match) < 0)
+        return RECV_DECLINED;
+    llmos_lock(core->lock);
+    kill_reason = PyObject_GetAttr(proc, S_kill_reason);
+    mailbox = PyObject_GetAttr(proc, S_mailbox);
+    if (kill_reason == Py_None && mailbox != NULL && PyObject_TypeCheck(mailbox, &MailboxType)) {
+        *taken = llmos_take((Mailbox *)mailbox, match);
+        if (*taken != NULL) {
+            add_one(proc, S_messages_received);
+            result = RECV_TAKEN;
+        } else if (PyObject_SetAttr(proc, S_state, S_BLOCKED) == 0 && PyObject_SetAttr(proc, S_blocked_on, S_recv) == 0
+                   && PyObject_SetAttr(proc, S_blocked_syscall, S_recv) == 0) {
+            if (llmos_block_owner((Mailbox *)mailbox, proc, match) == 0)
+                result = RECV_BLOCKED;
+            else
+                PyObject_SetAttr(proc, S_state, S_RUNNING);
+        }
+    }
+    llmos_unlock(core->lock);
+    Py_XDECREF(kill_reason);
+    Py_XDECREF(mailbox);
+    Py_XDECREF(match);
+    PyErr_Clear();
+    return result;
+}
+
+/* The process in runnext, if it can run on here at once: a Lua process woken
+ * with a message (its answer goes to *answer), not preempted mid-slice, not
+ * to end. It is then RUNNING on this thread. NULL: the scheduler's worker
+ * takes it from here. */
+static PyObject *switch_to_next(Core *core, PyObject **answer)
+{
+    PyObject *next = runnext, *value, *runtime, *parked, *kill_reason, *ident;
+    int ready;
+    if (next == NULL)
+        return NULL;
+    llmos_lock(core->lock);
+    value = PyObject_GetAttr(next, S_resume_value);
+    runtime = PyObject_GetAttr(next, S_runtime);
+    parked = PyObject_GetAttr(next, S_parked);
+    kill_reason = PyObject_GetAttr(next, S_kill_reason);
+    ready = value != NULL && Py_IS_TYPE(value, &MessageType) && runtime != NULL && runtime != Py_None
+            && parked == Py_None && kill_reason == Py_None && attr_is(next, S_kind, S_LUA) == 1
+            && attr_is(next, S_state, S_RUNNABLE) == 1
+            && PyObject_SetAttr(next, S_resume_value, no_values) == 0
+            && PyObject_SetAttr(next, S_state, S_RUNNING) == 0
+            && (*answer = Py_BuildValue("(On)", value, mailbox_length(next))) != NULL;
+    llmos_unlock(core->lock);
+    Py_XDECREF(value);
+    Py_XDECREF(runtime);
+    Py_XDECREF(parked);
+    Py_XDECREF(kill_reason);
+    PyErr_Clear();
+    if (!ready)
+        return NULL;
+    runnext = NULL; /* its reference is now the caller's */
+    ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (ident == NULL || PyDict_SetItem(core->running, ident, next) < 0)
+        PyErr_Clear(); /* only the watchdog's view of who runs here is off */
+    Py_XDECREF(ident);
+    return next;
+}
+
+static State *state_of_process(PyObject *proc)
+{
+    PyObject *runtime = PyObject_GetAttr(proc, S_runtime), *state;
+    if (runtime == NULL)
+        return NULL;
+    state = PyObject_GetAttr(runtime, S_state);
+    Py_DECREF(runtime);
+    if (state != NULL && !Py_IS_TYPE(state, &StateType)) {
+        Py_DECREF(state);
+        PyErr_SetString(PyExc_TypeError, "a Lua process's runtime has no State");
+        return NULL;
+    }
+    return (State *)state;
+}
+
+static PyObject *Core_run(Core *core, PyObject *args)
+{
+    PyObject *proc, *answer, *out = NULL;
+    State *state = NULL;
+    long long started = monotonic_ns();
+    Message *taken;
+    int status;
+    if (!PyArg_ParseTuple(args, "OO!:run", &proc, &PyTuple_Type, &answer))
+        return NULL;
+    Py_INCREF(proc);
+    Py_INCREF(answer);
+    for (;;) {
+        PyObject *next;
+        if ((state = state_of_process(proc)) == NULL)
+            break;
+        status = run_step(state, answer);
+        Py_CLEAR(answer);
+        if (status < 0)
+            break;
+        /* Past a quantum, the Python side decides whether others go first. */
+        if (status == LUA_OK && monotonic_ns() - started < core->quantum_ns) {
+            taken = NULL;
+            switch (receive(core, proc, state->L, &taken)) {
+            case RECV_TAKEN:
+                answer = Py_BuildValue("(On)", taken, mailbox_length(proc));
+                Py_DECREF(taken);
+                Py_CLEAR(state);
+                if (answer == NULL)
+                    goto done;
+                continue;
+            case RECV_BLOCKED:
+                lua_settop(state->L, 0);
+                Py_CLEAR(state);
+                next = switch_to_next(core, &answer);
+                if (next == NULL) {
+                    out = Py_BuildValue("(OO)", proc, Py_None);
+                    goto done;
+                }
+                Py_SETREF(proc, next);
+                continue;
+            }
+        }
+        out = step_results(state->L, status);
+        if (out != NULL)
+            out = Py_BuildValue("(ON)", proc, out);
+        break;
+    }
+done:
+    Py_XDECREF(state);
+    Py_XDECREF(answer);
+    Py_DECREF(proc);
+    return out;
+}
+
+static PyObject *Core_new_message(Core *core, PyObject *args)
+{
+    long long sender, to;
+    PyObject *tag, *body, *data, *correlation_id;
+    if (!PyArg_ParseTuple(args, "LLUOSU:new_message", &sender, &to, &tag, &body, &data, &correlation_id))
+        return NULL;
+    return (PyObject *)llmos_new_message((PyObject *)core, sender, to, tag, body, data, correlation_id);
+}
+
+static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", NULL};
+    PyObject *lock, *procs, *scheduler, *reserve_ids;
+    long long quantum_ns;
+    Core *core;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOL:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
+                                     &scheduler, &reserve_ids, &quantum_ns))
+        return NULL;
+    core = (Core *)type->tp_alloc(type, 0);
+    if (core == NULL)
+        return NULL;
+    Py_INCREF(lock);
+    core->lock = (Lock *)lock;
+    Py_INCREF(procs);
+    core->procs = procs;
+    Py_INCREF(reserve_ids);
+    core->reserve_ids = reserve_ids;
+    core->quantum_ns = quantum_ns;
+    core->running = PyObject_GetAttrString(scheduler, "running");
+    core->make_runnable = PyObject_GetAttrString(scheduler, "make_runnable");
+    if (core->running == NULL || core->make_runnable == NULL) {
+        Py_DECREF(core);
+        return NULL;
+    }
+    if (!PyDict_Check(core->running)) {
+        Py_DECREF(core);
+        return PyErr_Format(PyExc_TypeError, "Core: scheduler.running must be a dict");
+    }
+    return (PyObject *)core;
+}
+
+static int Core_traverse(Core *core, visitproc visit, void *arg)
+{
+    Py_VISIT(core->lock);
+    Py_VISIT(core->procs);
+    Py_VISIT(core->running);
+    Py_VISIT(core->make_runnable);
+    Py_VISIT(core->reserve_ids);
+    return 0;
+}
+
+static int Core_clear(Core *core)
+{
+    Py_CLEAR(core->lock);
+    Py_CLEAR(core->procs);
+    Py_CLEAR(core->running);
+    Py_CLEAR(core->make_runnable);
+    Py_CLEAR(core->reserve_ids);
+    return 0;
+}
+
+static void Core_dealloc(Core *core)
+{
+    PyObject_GC_UnTrack(core);
+    Core_clear(core);
+    Py_TYPE(core)->tp_free((PyObject *)core);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"run", (PyCFunction)Core_run, METH_VARARGS,
+     "run(proc, answer) -> (proc, out): run the Lua process `proc`, resumed with the tuple `answer`, and the "
+     "processes it hands the CPU to when it blocks in a receive; `proc` is the one that ran last, `out` what its "
+     "step returned (see State.resume), or None if it is blocked on its mailbox"},
+    {"new_message", (PyCFunction)Core_new_message, METH_VARARGS,
+     "new_message(sender, to, tag, body, data, correlation_id) -> a Message with the next id, sent now"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "llmosd._lua.Core",
+    .tp_doc = "Core(lock, procs, scheduler, reserve_ids, quantum_ns): the kernel's C side, where Lua processes "
+              "send, receive and hand the CPU to each other without entering Python",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Core_new,
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
 };
 
 /* -- The module ------------------------------------------------------------------------------ */
@@ -686,23 +1377,53 @@ static PyObject *setup_preemption(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-static PyObject *set_running(PyObject *self, PyObject *arg)
+static PyObject *become_worker(PyObject *self, PyObject *unused)
 {
-    void *L = PyLong_AsVoidPtr(arg);
     (void)self;
-    if (L == NULL && PyErr_Occurred())
-        return NULL;
-    llmos_preempt_set_running(L);
+    (void)unused;
+    on_worker = 1;
     Py_RETURN_NONE;
 }
 
+static PyObject *offer_next(PyObject *self, PyObject *proc)
+{
+    (void)self;
+    if (!on_worker || runnext != NULL)
+        Py_RETURN_FALSE;
+    Py_INCREF(proc);
+    runnext = proc;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *take_next(PyObject *self, PyObject *unused)
+{
+    PyObject *next = runnext;
+    (void)self;
+    (void)unused;
+    runnext = NULL;
+    if (next == NULL)
+        Py_RETURN_NONE;
+    return next;
+}
+
+static PyObject *has_next(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(runnext != NULL);
+}
+
 static PyMethodDef methods[] = {
+    {"become_worker", become_worker, METH_NOARGS,
+     "become_worker(): this thread is a scheduler worker, with a runnext slot"},
+    {"offer_next", offer_next, METH_O,
+     "offer_next(proc) -> True if `proc` is to run next on this worker thread (its slot was free)"},
+    {"take_next", take_next, METH_NOARGS, "take_next() -> the process to run next on this thread, or None"},
+    {"has_next", has_next, METH_NOARGS, "has_next() -> whether a process waits to run next on this thread"},
     {"syntax_error", syntax_error, METH_VARARGS,
      "syntax_error(source: bytes, chunk_name: bytes) -> why the source does not compile as a Lua chunk, or None"},
     {"setup_preemption", setup_preemption, METH_O,
      "setup_preemption(signal): a thread that gets `signal` interrupts the program it runs (see _preempt.c)"},
-    {"set_running", set_running, METH_O,
-     "set_running(main_state): the program this thread now runs, as open_sandbox returned it (0: none)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -710,10 +1431,34 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_lua", "The kernel's binding to the Lua states of its processes.", -1, methods,
 };
 
+static int intern_names(void)
+{
+    static const struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&S_state, "state"}, {&S_blocked_on, "blocked_on"}, {&S_blocked_syscall, "blocked_syscall"},
+        {&S_resume_value, "resume_value"}, {&S_messages_sent, "messages_sent"},
+        {&S_messages_received, "messages_received"}, {&S_kind, "kind"}, {&S_mailbox, "mailbox"},
+        {&S_runtime, "runtime"}, {&S_kill_reason, "kill_reason"}, {&S_parked, "parked"}, {&S_cpu_ns, "cpu_ns"},
+        {&S_vruntime, "vruntime"}, {&S_weight, "weight"}, {&S_pid, "pid"}, {&S_RUNNABLE, "RUNNABLE"},
+        {&S_RUNNING, "RUNNING"}, {&S_BLOCKED, "BLOCKED"}, {&S_LUA, "LUA"}, {&S_PORT, "PORT"}, {&S_recv, "recv"},
+        {&empty_text, ""},
+    };
+    size_t i;
+    for (i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return -1;
+    S_error = PyBytes_FromString("error");
+    empty_bytes = PyBytes_FromString("");
+    no_values = PyTuple_New(0);
+    return S_error != NULL && empty_bytes != NULL && no_values != NULL ? 0 : -1;
+}
+
 PyMODINIT_FUNC PyInit__lua(void)
 {
     PyObject *m;
-    if (PyType_Ready(&StateType) < 0)
+    if (PyType_Ready(&StateType) < 0 || PyType_Ready(&CoreType) < 0 || intern_names() < 0)
         return NULL;
     m = PyModule_Create(&module);
     if (m == NULL)
@@ -721,7 +1466,8 @@ PyMODINIT_FUNC PyInit__lua(void)
     BadValue = PyErr_NewExceptionWithDoc("llmosd._lua.BadValue",
                                          "A Lua value that cannot cross into Python; args[0] says why.", NULL, NULL);
     if (BadValue == NULL || PyModule_AddObjectRef(m, "BadValue", BadValue) < 0
-        || PyModule_AddObjectRef(m, "State", (PyObject *)&StateType) < 0) {
+        || PyModule_AddObjectRef(m, "State", (PyObject *)&StateType) < 0
+        || PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0 || llmos_messaging_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import pathlib
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .errors import (
 )
 from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua, lua_syntax_error
 from .mailbox import Mailbox, Match, Message
+from .native import _lua
 from .process import Limits, Process
 from .scheduler import DEFAULT_WEIGHT, Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
@@ -97,7 +97,7 @@ class LuaWaiter(Waiter):
 class Kernel:
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
-        self.lock = threading.Lock()  # not re-entrant: methods named *_locked expect it held
+        self.lock = _lua.Lock()  # not re-entrant: methods named *_locked expect it held
         self.store = Store(config.data_dir)
         self.timers = Timers()
         self.sync = SyncTable(self.lock, self.timers)
@@ -112,6 +112,9 @@ class Kernel:
             aging_ns=int(config.aging_ms * 1_000_000),
         )
         self.procs: dict[int, Process] = {}
+        # The C side: messages between Lua processes, and switching between them.
+        self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.reserve_ids("message"),
+                              self.quantum_ns)
         self.names: dict[str, int] = {}
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
@@ -127,8 +130,9 @@ class Kernel:
                 proc = self._new_process(rec.pid, P.PORT, rec.parent, rec.priority, Limits(**rec.limits), rec.namespace)
                 proc.started_at_ms = rec.started_at_ms
                 for m in self.store.port_messages(rec.pid):
-                    proc.mailbox.messages.append(
-                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms)
+                    proc.mailbox.deliver(
+                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
+                        limited=False,
                     )
                 if rec.name:
                     proc.name = rec.name
@@ -156,7 +160,7 @@ class Kernel:
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
         return Process(
             pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, limits=limits,
-            started_at_ms=now_ms(), mailbox=Mailbox(pid, limits.mailbox),
+            started_at_ms=now_ms(), mailbox=Mailbox(pid, limits.mailbox, self.core),
         )
 
     def spawn(self, spec: SpawnSpec) -> int:
@@ -321,9 +325,7 @@ class Kernel:
             dst = self.procs.get(to) if type(to) is int else None
             if dst is None:
                 dst = self.resolve(to)
-            msg = Message(
-                self.store.next_id("message"), sender, dst.pid, tag, body, data, correlation_id, now_ms(),
-            )
+            msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
             self._deliver(dst, msg)
             if src is not None:
                 src.messages_sent += 1
@@ -434,10 +436,7 @@ class Kernel:
             proc.waiter = None
         if proc.wall_timer is not None:
             proc.wall_timer.cancel()
-        for waiter, _ in proc.mailbox.receivers:
-            waiter.queue = None
-            waiter.abandon()
-        proc.mailbox.receivers.clear()
+        proc.mailbox.close()
         self.sync.process_ended(proc.pid)
         self.files.process_ended(proc.pid)
         if proc.kind == P.PORT:
@@ -497,7 +496,7 @@ class Kernel:
     def _send_exit_notice(self, watcher: int, rec: ProcessRecord) -> None:
         notice = {"pid": rec.pid, "state": rec.state, "reason": rec.exit_reason, "result": rec.result,
                   "error": rec.error}
-        msg = Message(self.store.next_id("message"), rec.pid, watcher, "EXIT", notice, b"", "", now_ms())
+        msg = self.core.new_message(rec.pid, watcher, "EXIT", notice, b"", "")
         self._deliver(self.procs[watcher], msg, limited=False)
 
     def set_priority(self, pid: int, priority: int | None, weight: int = 0) -> None:
@@ -664,12 +663,13 @@ class Kernel:
         else:
             args = self._resume_args(proc)
         while True:
-            lua.begin_slice()
-            try:
-                out = lua.step(*args)
-            except Exception as e:  # errors the sandbox could not catch (memory)
-                out = (b"error", str(e).encode())
-            lua.end_slice()
+            # The core runs the process, and whoever it hands the CPU to when
+            # it blocks in a receive (a reply it is waiting for): `proc` is the
+            # one that ran last, `out` what it yielded (None: blocked already).
+            proc, out = self.core.run(proc, args)
+            if out is None:
+                return
+            lua = proc.runtime
             kind = out[0]
             if kind == b"sys":
                 name = out[1].decode()
@@ -681,7 +681,7 @@ class Kernel:
                     if answer is None:
                         return  # blocked, or ended
                 args = lua.answer(name, answer)
-                if time.perf_counter_ns() - lua.slice_start >= self.quantum_ns and self.scheduler.should_yield(proc):
+                if time.perf_counter_ns() - lua.state.slice_start >= self.quantum_ns and self.scheduler.should_yield(proc):
                     with self.lock:
                         proc.state = P.RUNNABLE
                         proc.resume_value = _Ready(args)

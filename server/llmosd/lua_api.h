@@ -32,6 +32,7 @@ typedef struct luaL_Reg {
 #define LUA_MULTRET (-1)
 #define LUA_OK 0
 #define LUA_YIELD 1
+#define LUA_ERRRUN 2
 #define LUA_ERRMEM 4
 #define LUA_TNONE (-1)
 #define LUA_TNIL 0

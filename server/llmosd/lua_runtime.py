@@ -13,29 +13,19 @@ Python object reaches Lua.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
-import os
 import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-import lupa.lua54 as lupa
-
 from .errors import InvalidArgument, KernelError
 from .mailbox import ANY, Match, Message
+from .native import _lua
 from .process import Process
-from .scheduler import DEFAULT_WEIGHT
 
 if TYPE_CHECKING:
     from .kernel import Kernel
-
-# _lua.c and _sandbox.c call the Lua C API inside lupa's extension (lupa
-# provides the Lua library): make that extension's symbols global before our
-# module is loaded against them.
-ctypes.CDLL(lupa.__file__, mode=os.RTLD_NOW | os.RTLD_GLOBAL | os.RTLD_NOLOAD)
-from . import _lua  # noqa: E402
 
 # The scheduler interrupts a running program with this signal (see _preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
@@ -140,36 +130,18 @@ class LuaProcess:
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
-        self.slice_start = 0  # perf_counter_ns when the current slice began
-        self.in_slice = False
+        # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
+        # and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes)
-        self.main_state = self.state.open_sandbox(
-            self, proc.pid, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
+        self.state.open_sandbox(
+            self, proc, kernel.core, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,
         )
-        self.step = self.state.resume
-
-    # -- the slice clock, kept by the kernel around each resume -----------------------
-    # CPU time is time spent holding a virtual CPU. There are no more virtual
-    # CPUs than cores, so it tracks the thread's CPU time, at a tenth of the cost
-    # of asking the OS for that on every resume.
-    def begin_slice(self) -> None:
-        self.slice_start = time.perf_counter_ns()
-        self.in_slice = True
-        _lua.set_running(self.main_state)
-
-    def end_slice(self) -> None:
-        _lua.set_running(0)
-        self.in_slice = False
-        ran = time.perf_counter_ns() - self.slice_start
-        proc = self.proc
-        proc.cpu_ns += ran
-        proc.vruntime += ran * DEFAULT_WEIGHT / proc.weight
 
     def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> bool:
         """Should the kernel interrupt this process now (seen from another thread)?"""
         proc = self.proc
-        ran = now_ns - self.slice_start
+        ran = now_ns - self.state.slice_start
         if proc.kill_reason is not None:
             return True
         if proc.limits.cpu_ms and proc.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000:
@@ -181,7 +153,8 @@ class LuaProcess:
 
     def cpu_ns(self) -> int:
         """CPU time so far, the running slice included (read from other threads)."""
-        running = time.perf_counter_ns() - self.slice_start if self.in_slice else 0
+        state = self.state
+        running = time.perf_counter_ns() - state.slice_start if state.in_slice else 0
         return self.proc.cpu_ns + running
 
     # -- the count hook ---------------------------------------------------------------------
@@ -191,21 +164,22 @@ class LuaProcess:
         wants it gone, preempt it if its quantum is spent."""
         proc = self.proc
         kernel = self.kernel
+        state = self.state
         if proc.kill_reason is None:
             now = time.perf_counter_ns()
             cpu_limit = proc.limits.cpu_ms
-            if cpu_limit and proc.cpu_ns + now - self.slice_start > cpu_limit * 1_000_000:
+            if cpu_limit and proc.cpu_ns + now - state.slice_start > cpu_limit * 1_000_000:
                 proc.kill_reason = "cpu_limit"
-            elif proc.yield_requested or now - self.slice_start >= kernel.quantum_ns:
+            elif proc.yield_requested or now - state.slice_start >= kernel.quantum_ns:
                 proc.yield_requested = False
                 if kernel.scheduler.should_yield(proc):
-                    self.end_slice()
+                    state.end_slice()
                     kernel.scheduler.preempt(proc)
-                    self.begin_slice()
+                    state.begin_slice()
                 else:
                     # Nobody waits: keep going, and account the time so far.
-                    self.end_slice()
-                    self.begin_slice()
+                    state.end_slice()
+                    state.begin_slice()
         if proc.kill_reason is not None:
             return proc.kill_reason.encode()
         return None
@@ -238,7 +212,7 @@ class LuaProcess:
         try:
             match = self.recv_match(sender, tag, correlation_id, timeout_ms)
             msg = self.kernel.try_recv(self.proc.pid, match)
-            return self.message_values(msg) if msg is not None else (None,)
+            return (msg, len(self.proc.mailbox)) if msg is not None else (None,)
         except KernelError as e:
             return False, str(e).encode()
 
@@ -250,12 +224,6 @@ class LuaProcess:
         return Match(
             _opt_int(sender, "sys.recv: from"), _opt_str(tag, "sys.recv: tag"),
             _opt_str(correlation_id, "sys.recv: correlation_id"),
-        )
-
-    def message_values(self, msg: Message) -> tuple:
-        return (
-            msg.id, msg.sender, msg.to, msg.tag, msg.body, msg.data or None, msg.correlation_id or None,
-            msg.sent_at_ms, len(self.proc.mailbox),
         )
 
     def call(self, op: bytes, *args: Any) -> Any:
@@ -391,7 +359,8 @@ class LuaProcess:
         if isinstance(value, KernelError):
             return None, str(value).encode()
         if syscall == "recv":
-            return self.message_values(value) if isinstance(value, Message) else ()
+            # The binding pushes a Message as the values sys.recv makes its table of.
+            return (value, len(self.proc.mailbox)) if isinstance(value, Message) else ()
         if syscall == "sleep":
             return (True,)
         if value is None:  # timed out

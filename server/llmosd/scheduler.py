@@ -13,7 +13,9 @@ processes preempted mid-computation, never one per process.
 
 Like Go's runnext, a process woken by the running one (a reply to a message
 it just sent) is run next on the same thread, without a trip through the
-shared queue; a preemption or a long slice gives it back to the queue.
+shared queue; a preemption or a long slice gives it back to the queue. The
+runnext slot is the C side's (_lua.c), whose Core switches from a Lua process
+blocking in a receive straight to the one in the slot.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import threading
 import time
 from typing import Callable
 
+from .native import _lua
 from .process import Process
 
 log = logging.getLogger(__name__)
@@ -127,7 +130,8 @@ class Scheduler:
         self._run_slice = run_slice
         self._wants_cpu_back = wants_cpu_back
         self._signal = interrupt_signal
-        self._running: dict[int, Process] = {}  # thread ident -> the process it runs
+        # Thread ident -> the process it runs (the kernel's Core updates it when it switches).
+        self.running: dict[int, Process] = {}
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queue = RunQueue(aging_ns)
@@ -135,7 +139,6 @@ class Scheduler:
         self._idle = 0  # workers waiting for work
         self._threads = 0
         self._stopping = False
-        self._local = threading.local()
         if wants_cpu_back is not None:
             threading.Thread(target=self._watch, name="preempt-watch", daemon=True).start()
 
@@ -144,11 +147,8 @@ class Scheduler:
         """Queue `proc` to run. Safe from any thread, with or without the kernel lock.
         A `new` (just spawned) process never preempts a running one: as with
         CFS's default, the spawner keeps its CPU until its quantum is spent."""
-        local = self._local
-        if getattr(local, "running", None) is not None and local.next is None:
-            local.next = proc  # run next on this thread (see module docstring)
-            return
-        self._enqueue(proc, new)
+        if not _lua.offer_next(proc):  # else it runs next on this worker (see module docstring)
+            self._enqueue(proc, new)
 
     def requeue(self, proc: Process) -> None:
         """Queue a process that used up its quantum: behind the others, never as runnext."""
@@ -163,7 +163,7 @@ class Scheduler:
         # Every CPU is busy. A process of higher priority, or one far behind in
         # its share (typically woken from a wait), takes a CPU now rather than
         # at the end of the running one's quantum.
-        running = list(self._running.items())
+        running = list(self.running.items())
         if running:
             ident, victim = min(running, key=lambda item: (item[1].priority, -item[1].vruntime))
             if victim.priority < proc.priority or (
@@ -186,8 +186,7 @@ class Scheduler:
 
     def should_yield(self, proc: Process) -> bool:
         """True when someone of at least `proc`'s priority waits for a CPU."""
-        local_next = getattr(self._local, "next", None)
-        if local_next is not None:
+        if _lua.has_next():
             return True
         top = self._queue.top_priority()
         return top is not None and top >= proc.priority
@@ -207,10 +206,8 @@ class Scheduler:
         parked.wait()  # the GIL is released while parked
 
     def _flush_next(self) -> None:
-        local = self._local
-        nxt = getattr(local, "next", None)
+        nxt = _lua.take_next()
         if nxt is not None:
-            local.next = None
             self._enqueue(nxt)
 
     def stop(self) -> None:
@@ -220,7 +217,7 @@ class Scheduler:
 
     def interrupt(self, proc: Process) -> None:
         """Make a running process check in now (for a kill)."""
-        for ident, running in list(self._running.items()):
+        for ident, running in list(self.running.items()):
             if running is proc:
                 signal.pthread_kill(ident, self._signal)
 
@@ -230,11 +227,11 @@ class Scheduler:
         period = self.quantum_ns / 2e9
         while not self._stopping:
             time.sleep(period)
-            if not self._running:
+            if not self.running:
                 continue
             now = time.perf_counter_ns()
             top = self._queue.top_priority()
-            for ident, proc in list(self._running.items()):
+            for ident, proc in list(self.running.items()):
                 waiting = top is not None and top >= proc.priority
                 try:
                     if self._wants_cpu_back(proc, now, waiting):
@@ -245,15 +242,11 @@ class Scheduler:
     # -- workers ---------------------------------------------------------------------
     def _worker(self) -> None:
         ident = threading.get_ident()
-        local = self._local
-        local.running = None
-        local.next = None
+        _lua.become_worker()
         holding = False
         while True:
-            proc = local.next
-            if proc is not None:
-                local.next = None
-            else:
+            proc = _lua.take_next()
+            if proc is None:
                 with self._lock:
                     while True:
                         if self._stopping:
@@ -282,12 +275,10 @@ class Scheduler:
                         holding = False
                         parked.set()
                         continue
-            local.running = proc
-            self._running[ident] = proc
+            self.running[ident] = proc
             try:
                 self._run_slice(proc)
             except Exception:  # a kernel bug must not take a virtual CPU down
                 log.exception("slice of pid %d failed", proc.pid)
             finally:
-                local.running = None
-                self._running.pop(ident, None)
+                self.running.pop(ident, None)

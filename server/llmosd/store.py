@@ -123,18 +123,23 @@ class Store:
         """The next id of `counter`. Callers serialize (the kernel holds its lock)."""
         block = self._counters.get(counter)
         if block is None or block[0] >= block[1]:
-            with self._db_lock:
-                row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
-                start = row[0] if row else 1
-                self._db.execute(
-                    "INSERT INTO counters(name, next) VALUES(?, ?)"
-                    " ON CONFLICT(name) DO UPDATE SET next=excluded.next",
-                    (counter, start + ID_BLOCK),
-                )
-            block = self._counters[counter] = [start, start + ID_BLOCK]
+            block = self._counters[counter] = list(self.reserve_ids(counter))
         value = block[0]
         block[0] += 1
         return value
+
+    def reserve_ids(self, counter: str) -> tuple[int, int]:
+        """A block of ids of `counter`, [first, end), that no later call gives
+        again, also after a restart."""
+        with self._db_lock:
+            row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
+            start = row[0] if row else 1
+            self._db.execute(
+                "INSERT INTO counters(name, next) VALUES(?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET next=excluded.next",
+                (counter, start + ID_BLOCK),
+            )
+        return start, start + ID_BLOCK
 
     # process records ---------------------------------------------------------------
     def record_spawn(self, rec: ProcessRecord, durable: bool = False) -> None:
