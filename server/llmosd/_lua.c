@@ -76,9 +76,12 @@ typedef struct {
     PyObject *bridge;                 /* a weak reference to the process's Python side, which owns the state */
     PyObject *methods[BRIDGE_COUNT];  /* the bridge functions of its class */
     PyObject *proc;                   /* the process's Process */
+    Mailbox *mailbox;                 /* its mailbox */
+    long long pid;
     PyObject *core;                   /* the kernel's Core */
     lua_State *main_co;               /* the program's coroutine, which preemption interrupts */
     long long slice_start;            /* monotonic ns when the running slice began */
+    long long cpu_ns;                 /* CPU time of the slices that ended */
     int in_slice;
 } State;
 
@@ -505,17 +508,19 @@ typedef struct {
 static PyTypeObject CoreType;
 
 /* The Process attributes and values the C side reads and writes. */
-static PyObject *S_state, *S_blocked_on, *S_blocked_syscall, *S_resume_value, *S_messages_sent, *S_messages_received,
-    *S_kind, *S_mailbox, *S_runtime, *S_kill_reason, *S_parked, *S_cpu_ns, *S_vruntime, *S_weight, *S_pid,
-    *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_LUA, *S_PORT, *S_recv, *S_error, *empty_text, *empty_bytes,
+static PyObject *S_state, *S_blocked_on, *S_blocked_syscall, *S_resume_value, *S_mailbox, *S_runtime,
+    *S_kill_reason, *S_vruntime, *S_weight, *S_pid, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *S_error,
+    *empty_text, *empty_bytes,
     *no_values;
 
 #define DEFAULT_WEIGHT 100 /* scheduler.DEFAULT_WEIGHT */
 
 /* A process woken by the one this worker thread runs, to run next on this
  * thread without a trip through the run queue (Go's runnext); the scheduler
- * uses the same slot (offer_next, take_next). */
+ * uses the same slot (offer_next, take_next). runnext_state is its State
+ * when a receive woke it, which the core can switch to at once. */
 static __thread PyObject *runnext;
+static __thread PyObject *runnext_state;
 static __thread int on_worker; /* this thread is one of the scheduler's workers */
 
 static long long monotonic_ns(void) /* the clock of Python's time.perf_counter_ns */
@@ -546,20 +551,6 @@ static int get_int(PyObject *proc, PyObject *name, long long *out)
     *out = PyLong_AsLongLong(value);
     Py_DECREF(value);
     return *out == -1 && PyErr_Occurred() ? -1 : 0;
-}
-
-static int set_int(PyObject *proc, PyObject *name, long long n)
-{
-    PyObject *value = PyLong_FromLongLong(n);
-    int status = value != NULL ? PyObject_SetAttr(proc, name, value) : -1;
-    Py_XDECREF(value);
-    return status;
-}
-
-static int add_one(PyObject *proc, PyObject *name)
-{
-    long long n;
-    return get_int(proc, name, &n) < 0 ? -1 : set_int(proc, name, n + 1);
 }
 
 /* proc.<name> is `value` (compared as text); -1 with an exception on failure. */
@@ -596,7 +587,7 @@ Message *llmos_new_message(PyObject *core_object, long long sender, long long to
     return llmos_make_message(core->next_id++, sender, to, tag, body, data, correlation_id, wall_ms());
 }
 
-int llmos_wake(PyObject *core, PyObject *proc, Message *msg)
+int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg)
 {
     PyObject *done;
     if (PyObject_SetAttr(proc, S_resume_value, (PyObject *)msg) < 0 || PyObject_SetAttr(proc, S_state, S_RUNNABLE) < 0
@@ -605,9 +596,11 @@ int llmos_wake(PyObject *core, PyObject *proc, Message *msg)
     if (on_worker && runnext == NULL) {
         Py_INCREF(proc);
         runnext = proc;
+        Py_XINCREF(mailbox->owner_state);
+        Py_XSETREF(runnext_state, mailbox->owner_state);
         return 0;
     }
-    done = PyObject_CallOneArg(((Core *)core)->make_runnable, proc);
+    done = PyObject_CallOneArg(((Core *)mailbox->core)->make_runnable, proc);
     Py_XDECREF(done);
     return done != NULL ? 0 : -1;
 }
@@ -656,9 +649,8 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
     Core *core = (Core *)state->core;
     PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox = NULL;
     Message *msg = NULL;
-    long long pid;
     int result = SEND_DECLINED, delivered;
-    if (core == NULL || state->proc == NULL)
+    if (core == NULL || state->mailbox == NULL)
         return SEND_DECLINED;
     body = to_python(L, 2, 0, 1); /* a body is JSON: text strings, finite numbers */
     if (body == NULL) {
@@ -666,26 +658,23 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
         return SEND_DECLINED;
     }
     if ((tag = text_field(L, 3)) == NULL || (correlation_id = text_field(L, 5)) == NULL
-        || (key = PyLong_FromLongLong(lua_tointegerx(L, 1, NULL))) == NULL || get_int(state->proc, S_pid, &pid) < 0)
+        || (key = PyLong_FromLongLong(lua_tointegerx(L, 1, NULL))) == NULL)
         goto out;
     llmos_lock(core->lock);
     dst = PyDict_GetItemWithError(core->procs, key);
-    if (dst != NULL && attr_is(dst, S_kind, S_PORT) == 0 && (mailbox = PyObject_GetAttr(dst, S_mailbox)) != NULL
-        && (msg = llmos_new_message(state->core, pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
+    if (dst != NULL && (mailbox = PyObject_GetAttr(dst, S_mailbox)) != NULL && PyObject_TypeCheck(mailbox, &MailboxType)
+        && !((Mailbox *)mailbox)->durable
+        && (msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
                                     correlation_id)) != NULL) {
         delivered = llmos_deliver((Mailbox *)mailbox, msg, 1);
         if (delivered < 0) {
             take_error(error, size);
             result = SEND_REFUSED;
-        } else { /* sent: from here on, nothing may make the Python side send it again */
-            PyObject *own = PyObject_GetAttr(state->proc, S_mailbox);
+        } else {
             result = SEND_DONE;
             *id = msg->id;
-            *waiting = own != NULL ? ((Mailbox *)own)->count : 0;
-            Py_XDECREF(own);
-            if (delivered == 1)
-                add_one(dst, S_messages_received);
-            add_one(state->proc, S_messages_sent);
+            *waiting = state->mailbox->count;
+            state->mailbox->sent++;
         }
     }
     llmos_unlock(core->lock);
@@ -766,6 +755,7 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static int State_traverse(State *state, visitproc visit, void *arg)
 {
     Py_VISIT(state->proc);
+    Py_VISIT(state->mailbox);
     Py_VISIT(state->core);
     return 0;
 }
@@ -777,6 +767,9 @@ static int State_clear(State *state)
     for (i = 0; i < BRIDGE_COUNT; i++)
         Py_CLEAR(state->methods[i]);
     Py_CLEAR(state->proc);
+    if (state->mailbox != NULL && state->mailbox->owner_state == (PyObject *)state)
+        state->mailbox->owner_state = NULL;
+    Py_CLEAR(state->mailbox);
     Py_CLEAR(state->core);
     return 0;
 }
@@ -856,11 +849,16 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     if (state->bridge == NULL)
         return NULL;
     spec.pid = PyObject_GetAttr(proc, S_pid);
-    if (spec.pid == NULL) {
+    state->mailbox = (Mailbox *)PyObject_GetAttr(proc, S_mailbox);
+    Py_XDECREF(spec.pid); /* the process holds it */
+    if (spec.pid == NULL || state->mailbox == NULL || (state->pid = PyLong_AsLongLong(spec.pid)) == -1
+        || !PyObject_TypeCheck(state->mailbox, &MailboxType)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "open_sandbox: the process needs a pid and a Mailbox");
         State_clear(state);
         return NULL;
     }
-    Py_DECREF(spec.pid); /* the process holds it */
+    state->mailbox->owner_state = (PyObject *)state;
     Py_INCREF(proc);
     state->proc = proc;
     Py_INCREF(core);
@@ -900,19 +898,20 @@ static void begin_slice(State *state)
 }
 
 /* Charges the slice to the process: its CPU time, and its vruntime (CPU time
- * scaled by DEFAULT_WEIGHT / weight). */
-static int end_slice(State *state)
+ * scaled by DEFAULT_WEIGHT / weight), which orders the run queue. */
+static int end_slice(State *state, long long *now)
 {
-    long long ran, cpu_ns, weight;
+    long long ran, weight;
     PyObject *vruntime, *sum;
     double charged;
     llmos_preempt_set_running(NULL);
     state->in_slice = 0;
-    ran = monotonic_ns() - state->slice_start;
+    *now = monotonic_ns();
+    ran = *now - state->slice_start;
+    state->cpu_ns += ran;
     if (state->proc == NULL)
         return 0;
-    if (get_int(state->proc, S_cpu_ns, &cpu_ns) < 0 || set_int(state->proc, S_cpu_ns, cpu_ns + ran) < 0
-        || get_int(state->proc, S_weight, &weight) < 0 || (vruntime = PyObject_GetAttr(state->proc, S_vruntime)) == NULL)
+    if (get_int(state->proc, S_weight, &weight) < 0 || (vruntime = PyObject_GetAttr(state->proc, S_vruntime)) == NULL)
         return -1;
     charged = PyFloat_AsDouble(vruntime) + (double)ran * DEFAULT_WEIGHT / (double)(weight > 0 ? weight : 1);
     Py_DECREF(vruntime);
@@ -934,8 +933,9 @@ static PyObject *State_begin_slice(State *state, PyObject *unused)
 
 static PyObject *State_end_slice(State *state, PyObject *unused)
 {
+    long long now;
     (void)unused;
-    if (end_slice(state) < 0)
+    if (end_slice(state, &now) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -943,7 +943,7 @@ static PyObject *State_end_slice(State *state, PyObject *unused)
 /* Runs the program until its next yield, with `answer` (a tuple of values)
  * for the syscall it is blocked in. Leaves the step's results on L's stack;
  * on failure, its error message. */
-static int run_step(State *state, PyObject *answer)
+static int run_step(State *state, PyObject *answer, long long *now)
 {
     lua_State *L = state->L;
     int status;
@@ -962,7 +962,7 @@ static int run_step(State *state, PyObject *answer)
     Py_BEGIN_ALLOW_THREADS
     status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
     Py_END_ALLOW_THREADS
-    if (end_slice(state) < 0) {
+    if (end_slice(state, now) < 0) {
         lua_settop(L, 0);
         return -1;
     }
@@ -992,7 +992,8 @@ static PyObject *step_results(lua_State *L, int status)
 /* Resume the program with a syscall's answer: the sandbox's step (see _sandbox.c). */
 static PyObject *State_resume(State *state, PyObject *args)
 {
-    int status = run_step(state, args);
+    long long now;
+    int status = run_step(state, args, &now);
     return status < 0 ? NULL : step_results(state->L, status);
 }
 
@@ -1020,6 +1021,7 @@ static PyMethodDef State_methods[] = {
 static PyMemberDef State_members[] = {
     {"slice_start", T_LONGLONG, offsetof(State, slice_start), READONLY,
      "time.perf_counter_ns() when the running slice began"},
+    {"cpu_ns", T_LONGLONG, offsetof(State, cpu_ns), READONLY, "CPU time of the slices that ended"},
     {"in_slice", T_INT, offsetof(State, in_slice), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -1081,40 +1083,31 @@ static int recv_filter(lua_State *L, int idx, Match **match)
     return *match != NULL ? 0 : -1;
 }
 
-static Py_ssize_t mailbox_length(PyObject *proc)
-{
-    PyObject *mailbox = PyObject_GetAttr(proc, S_mailbox);
-    Py_ssize_t n = mailbox != NULL ? ((Mailbox *)mailbox)->count : 0;
-    Py_XDECREF(mailbox);
-    PyErr_Clear();
-    return n;
-}
-
 enum { RECV_DECLINED, RECV_TAKEN, RECV_BLOCKED };
 
 /* After a step that yielded ("sys", "recv", from, tag, correlation_id,
  * timeout_ms) with no timeout: take a matching message (*taken), or block
  * the process on its mailbox, where a sender's llmos_wake finds it.
  * Declined: the Python side handles the syscall (and a process to end). */
-static int receive(Core *core, PyObject *proc, lua_State *L, Message **taken)
+static int receive(Core *core, State *state, Message **taken)
 {
+    lua_State *L = state->L;
+    PyObject *proc = state->proc, *kill_reason;
+    Mailbox *mailbox = state->mailbox;
     Match *match;
-    PyObject *kill_reason, *mailbox;
     int result = RECV_DECLINED;
     if (lua_gettop(L) != 6 || !lua_isnil(L, 6) || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv")
         || recv_filter(L, 3, &match) < 0)
         return RECV_DECLINED;
     llmos_lock(core->lock);
     kill_reason = PyObject_GetAttr(proc, S_kill_reason);
-    mailbox = PyObject_GetAttr(proc, S_mailbox);
-    if (kill_reason == Py_None && mailbox != NULL && PyObject_TypeCheck(mailbox, &MailboxType)) {
-        *taken = llmos_take((Mailbox *)mailbox, match);
+    if (kill_reason == Py_None) {
+        *taken = llmos_take(mailbox, match);
         if (*taken != NULL) {
-            add_one(proc, S_messages_received);
             result = RECV_TAKEN;
         } else if (PyObject_SetAttr(proc, S_state, S_BLOCKED) == 0 && PyObject_SetAttr(proc, S_blocked_on, S_recv) == 0
                    && PyObject_SetAttr(proc, S_blocked_syscall, S_recv) == 0) {
-            if (llmos_block_owner((Mailbox *)mailbox, proc, match) == 0)
+            if (llmos_block_owner(mailbox, proc, match) == 0)
                 result = RECV_BLOCKED;
             else
                 PyObject_SetAttr(proc, S_state, S_RUNNING);
@@ -1122,42 +1115,39 @@ static int receive(Core *core, PyObject *proc, lua_State *L, Message **taken)
     }
     llmos_unlock(core->lock);
     Py_XDECREF(kill_reason);
-    Py_XDECREF(mailbox);
     Py_XDECREF(match);
     PyErr_Clear();
     return result;
 }
 
-/* The process in runnext, if it can run on here at once: a Lua process woken
- * with a message (its answer goes to *answer), not preempted mid-slice, not
- * to end. It is then RUNNING on this thread. NULL: the scheduler's worker
- * takes it from here. */
-static PyObject *switch_to_next(Core *core, PyObject **answer)
+/* The process in runnext, if it can run on here at once: a Lua process that
+ * a receive woke with a message (its answer goes to *answer; a process
+ * blocked in a receive is never one preempted mid-slice), and not to end.
+ * It is then RUNNING on this thread, and its State in *next_state. NULL: the
+ * scheduler's worker takes it from here. */
+static PyObject *switch_to_next(Core *core, State **next_state, PyObject **answer)
 {
-    PyObject *next = runnext, *value, *runtime, *parked, *kill_reason, *ident;
+    PyObject *next = runnext, *value, *kill_reason, *ident;
+    State *state = (State *)runnext_state;
     int ready;
-    if (next == NULL)
+    if (next == NULL || state == NULL || state->proc != next)
         return NULL;
     llmos_lock(core->lock);
     value = PyObject_GetAttr(next, S_resume_value);
-    runtime = PyObject_GetAttr(next, S_runtime);
-    parked = PyObject_GetAttr(next, S_parked);
     kill_reason = PyObject_GetAttr(next, S_kill_reason);
-    ready = value != NULL && Py_IS_TYPE(value, &MessageType) && runtime != NULL && runtime != Py_None
-            && parked == Py_None && kill_reason == Py_None && attr_is(next, S_kind, S_LUA) == 1
+    ready = value != NULL && Py_IS_TYPE(value, &MessageType) && kill_reason == Py_None
             && attr_is(next, S_state, S_RUNNABLE) == 1
             && PyObject_SetAttr(next, S_resume_value, no_values) == 0
             && PyObject_SetAttr(next, S_state, S_RUNNING) == 0
-            && (*answer = Py_BuildValue("(On)", value, mailbox_length(next))) != NULL;
+            && (*answer = Py_BuildValue("(On)", value, state->mailbox->count)) != NULL;
     llmos_unlock(core->lock);
     Py_XDECREF(value);
-    Py_XDECREF(runtime);
-    Py_XDECREF(parked);
     Py_XDECREF(kill_reason);
     PyErr_Clear();
     if (!ready)
         return NULL;
-    runnext = NULL; /* its reference is now the caller's */
+    runnext = runnext_state = NULL; /* their references are now the caller's */
+    *next_state = state;
     ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
     if (ident == NULL || PyDict_SetItem(core->running, ident, next) < 0)
         PyErr_Clear(); /* only the watchdog's view of who runs here is off */
@@ -1183,37 +1173,36 @@ static State *state_of_process(PyObject *proc)
 static PyObject *Core_run(Core *core, PyObject *args)
 {
     PyObject *proc, *answer, *out = NULL;
-    State *state = NULL;
-    long long started = monotonic_ns();
+    State *state;
+    long long started = monotonic_ns(), now;
     Message *taken;
     int status;
     if (!PyArg_ParseTuple(args, "OO!:run", &proc, &PyTuple_Type, &answer))
+        return NULL;
+    if ((state = state_of_process(proc)) == NULL)
         return NULL;
     Py_INCREF(proc);
     Py_INCREF(answer);
     for (;;) {
         PyObject *next;
-        if ((state = state_of_process(proc)) == NULL)
-            break;
-        status = run_step(state, answer);
+        status = run_step(state, answer, &now);
         Py_CLEAR(answer);
         if (status < 0)
             break;
         /* Past a quantum, the Python side decides whether others go first. */
-        if (status == LUA_OK && monotonic_ns() - started < core->quantum_ns) {
+        if (status == LUA_OK && now - started < core->quantum_ns) {
             taken = NULL;
-            switch (receive(core, proc, state->L, &taken)) {
+            switch (receive(core, state, &taken)) {
             case RECV_TAKEN:
-                answer = Py_BuildValue("(On)", taken, mailbox_length(proc));
+                answer = Py_BuildValue("(On)", taken, state->mailbox->count);
                 Py_DECREF(taken);
-                Py_CLEAR(state);
                 if (answer == NULL)
                     goto done;
                 continue;
             case RECV_BLOCKED:
                 lua_settop(state->L, 0);
                 Py_CLEAR(state);
-                next = switch_to_next(core, &answer);
+                next = switch_to_next(core, &state, &answer);
                 if (next == NULL) {
                     out = Py_BuildValue("(OO)", proc, Py_None);
                     goto done;
@@ -1392,6 +1381,7 @@ static PyObject *offer_next(PyObject *self, PyObject *proc)
         Py_RETURN_FALSE;
     Py_INCREF(proc);
     runnext = proc;
+    Py_CLEAR(runnext_state);
     Py_RETURN_TRUE;
 }
 
@@ -1401,6 +1391,7 @@ static PyObject *take_next(PyObject *self, PyObject *unused)
     (void)self;
     (void)unused;
     runnext = NULL;
+    Py_CLEAR(runnext_state);
     if (next == NULL)
         Py_RETURN_NONE;
     return next;
@@ -1438,11 +1429,10 @@ static int intern_names(void)
         const char *text;
     } names[] = {
         {&S_state, "state"}, {&S_blocked_on, "blocked_on"}, {&S_blocked_syscall, "blocked_syscall"},
-        {&S_resume_value, "resume_value"}, {&S_messages_sent, "messages_sent"},
-        {&S_messages_received, "messages_received"}, {&S_kind, "kind"}, {&S_mailbox, "mailbox"},
-        {&S_runtime, "runtime"}, {&S_kill_reason, "kill_reason"}, {&S_parked, "parked"}, {&S_cpu_ns, "cpu_ns"},
+        {&S_resume_value, "resume_value"}, {&S_mailbox, "mailbox"}, {&S_runtime, "runtime"},
+        {&S_kill_reason, "kill_reason"},
         {&S_vruntime, "vruntime"}, {&S_weight, "weight"}, {&S_pid, "pid"}, {&S_RUNNABLE, "RUNNABLE"},
-        {&S_RUNNING, "RUNNING"}, {&S_BLOCKED, "BLOCKED"}, {&S_LUA, "LUA"}, {&S_PORT, "PORT"}, {&S_recv, "recv"},
+        {&S_RUNNING, "RUNNING"}, {&S_BLOCKED, "BLOCKED"}, {&S_recv, "recv"},
         {&empty_text, ""},
     };
     size_t i;

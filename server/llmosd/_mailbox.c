@@ -358,10 +358,11 @@ int llmos_deliver(Mailbox *mb, Message *msg, int limited)
             return -1;
         }
         waiter = PyTuple_GET_ITEM(entry, 0);
+        mb->received++;
         if (waiter == Py_None) { /* the owner, blocked by _lua.c */
             PyObject *proc = mb->blocked;
             mb->blocked = NULL;
-            status = proc != NULL ? llmos_wake(mb->core, proc, msg) : 0;
+            status = proc != NULL ? llmos_wake(mb, proc, msg) : 0;
             Py_XDECREF(proc);
         } else if (PyObject_SetAttr(waiter, S_queue, Py_None) < 0
                    || (done = PyObject_CallMethodOneArg(waiter, S_complete, (PyObject *)msg)) == NULL) {
@@ -380,13 +381,12 @@ int llmos_deliver(Mailbox *mb, Message *msg, int limited)
 Message *llmos_take(Mailbox *mb, Match *match)
 {
     Py_ssize_t i;
-    if (mb->count == 0)
-        return NULL;
-    if (is_any(match))
-        return remove_at(mb, 0);
-    for (i = 0; i < mb->count; i++)
-        if (accepts(match, AT(mb, i)))
+    for (i = 0; i < mb->count; i++) {
+        if (is_any(match) || accepts(match, AT(mb, i))) {
+            mb->received++;
             return remove_at(mb, i);
+        }
+    }
     return NULL;
 }
 
@@ -408,18 +408,20 @@ int llmos_block_owner(Mailbox *mb, PyObject *proc, Match *match)
 /* -- Mailbox: the Python type ---------------------------------------------------------------------- */
 static PyObject *Mailbox_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"owner", "limit", "core", NULL};
+    static char *keywords[] = {"owner", "limit", "core", "durable", NULL};
     long long owner;
     Py_ssize_t limit;
     PyObject *core;
+    int durable = 0;
     Mailbox *mb;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LnO:Mailbox", keywords, &owner, &limit, &core))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LnO|p:Mailbox", keywords, &owner, &limit, &core, &durable))
         return NULL;
     mb = (Mailbox *)type->tp_alloc(type, 0);
     if (mb == NULL)
         return NULL;
     mb->owner = owner;
     mb->limit = limit;
+    mb->durable = (char)durable;
     mb->receivers = PyList_New(0);
     if (mb->receivers == NULL) {
         Py_DECREF(mb);
@@ -505,6 +507,7 @@ static PyObject *Mailbox_put_back(Mailbox *mb, PyObject *msg)
         ;
     if (insert_at(mb, i, (Message *)msg) < 0)
         return NULL;
+    mb->received--;
     Py_RETURN_NONE;
 }
 
@@ -572,6 +575,10 @@ static PyMethodDef Mailbox_methods[] = {
 static PyMemberDef Mailbox_members[] = {
     {"owner", T_LONGLONG, offsetof(Mailbox, owner), READONLY, NULL},
     {"limit", T_PYSSIZET, offsetof(Mailbox, limit), READONLY, NULL},
+    {"durable", T_BOOL, offsetof(Mailbox, durable), READONLY, "a port's: messages are stored"},
+    {"sent", T_LONGLONG, offsetof(Mailbox, sent), 0, "messages the owner sent (the kernel counts them)"},
+    {"received", T_LONGLONG, offsetof(Mailbox, received), READONLY,
+     "messages handed to a receiver or taken out (less those put back)"},
     {"receivers", T_OBJECT, offsetof(Mailbox, receivers), READONLY,
      "the waiting receivers, (waiter, match) in arrival order; waiter None is the owner"},
     {NULL, 0, 0, 0, NULL},
@@ -582,7 +589,7 @@ static PySequenceMethods Mailbox_as_sequence = {.sq_length = (lenfunc)Mailbox_le
 PyTypeObject MailboxType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "llmosd._lua.Mailbox",
-    .tp_doc = "Mailbox(owner, limit, core): a process's messages, with selective receive",
+    .tp_doc = "Mailbox(owner, limit, core, durable=False): a process's messages, with selective receive",
     .tp_basicsize = sizeof(Mailbox),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = Mailbox_new,

@@ -160,7 +160,7 @@ class Kernel:
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
         return Process(
             pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, limits=limits,
-            started_at_ms=now_ms(), mailbox=Mailbox(pid, limits.mailbox, self.core),
+            started_at_ms=now_ms(), mailbox=Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT),
         )
 
     def spawn(self, spec: SpawnSpec) -> int:
@@ -328,7 +328,7 @@ class Kernel:
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
             self._deliver(dst, msg)
             if src is not None:
-                src.messages_sent += 1
+                src.mailbox.sent += 1
             return msg.id
 
     def _deliver(self, dst: Process, msg: Message, limited: bool = True) -> None:
@@ -340,8 +340,7 @@ class Kernel:
             if limited:
                 dst.mailbox.check_room()
             self._store_port_message(msg)
-        if dst.mailbox.deliver(msg, limited):
-            dst.messages_received += 1
+        dst.mailbox.deliver(msg, limited)
 
     def try_recv(self, pid: int, match: Match) -> Message | None:
         with self.lock:
@@ -349,10 +348,8 @@ class Kernel:
 
     def _take_locked(self, proc: Process, match: Match) -> Message | None:
         msg = proc.mailbox.take(match)
-        if msg is not None:
-            proc.messages_received += 1
-            if proc.kind == P.PORT:
-                self.store.delete_message(msg.id)
+        if msg is not None and proc.kind == P.PORT:
+            self.store.delete_message(msg.id)
         return msg
 
     def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
@@ -375,7 +372,6 @@ class Kernel:
             proc = self.procs.get(pid)
             if proc is None:
                 return
-            proc.messages_received -= 1
             if proc.kind == P.PORT:
                 self._store_port_message(msg)
             proc.mailbox.put_back(msg)
@@ -522,8 +518,8 @@ class Kernel:
         return {
             "cpu_ms": (runtime.cpu_ns() if runtime is not None else proc.cpu_ns) // 1_000_000,
             "wall_ms": now_ms() - proc.started_at_ms,
-            "messages_sent": proc.messages_sent,
-            "messages_received": proc.messages_received,
+            "messages_sent": proc.mailbox.sent,
+            "messages_received": proc.mailbox.received,
             "tokens": proc.tokens,
             "memory_bytes": runtime.memory_used() if runtime is not None else 0,
             "mailbox_len": len(proc.mailbox),

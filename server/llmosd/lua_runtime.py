@@ -131,7 +131,7 @@ class LuaProcess:
         self.kernel = kernel
         self.proc = proc
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
-        # and begin_slice/end_slice, which charge the slice to the process.
+        # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes)
         self.state.open_sandbox(
             self, proc, kernel.core, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
@@ -144,7 +144,7 @@ class LuaProcess:
         ran = now_ns - self.state.slice_start
         if proc.kill_reason is not None:
             return True
-        if proc.limits.cpu_ms and proc.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000:
+        if proc.limits.cpu_ms and self.state.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000:
             return True
         return ran >= quantum_ns and others_waiting
 
@@ -155,7 +155,7 @@ class LuaProcess:
         """CPU time so far, the running slice included (read from other threads)."""
         state = self.state
         running = time.perf_counter_ns() - state.slice_start if state.in_slice else 0
-        return self.proc.cpu_ns + running
+        return state.cpu_ns + running
 
     # -- the count hook ---------------------------------------------------------------------
     def check(self) -> bytes | None:
@@ -168,7 +168,7 @@ class LuaProcess:
         if proc.kill_reason is None:
             now = time.perf_counter_ns()
             cpu_limit = proc.limits.cpu_ms
-            if cpu_limit and proc.cpu_ns + now - state.slice_start > cpu_limit * 1_000_000:
+            if cpu_limit and state.cpu_ns + now - state.slice_start > cpu_limit * 1_000_000:
                 proc.kill_reason = "cpu_limit"
             elif proc.yield_requested or now - state.slice_start >= kernel.quantum_ns:
                 proc.yield_requested = False

@@ -41,6 +41,10 @@ typedef struct {
     PyObject *receivers; /* list of (waiter, match), in arrival order; waiter None: the owner, see `blocked` */
     PyObject *blocked;   /* the owner's Process while it waits in a receive that _lua.c registered */
     PyObject *core;      /* the kernel's _lua.Core, which wakes the owner */
+    PyObject *owner_state; /* borrowed: the owner's _lua.State while it has one (a Lua process's) */
+    char durable;        /* a port's: a message must be stored before Send answers (the kernel's Python side) */
+    long long sent;      /* messages the owner sent */
+    long long received;  /* messages handed to a receiver or taken out */
 } Mailbox;
 
 extern PyTypeObject LockType, MessageType, MatchType, MailboxType;
@@ -56,8 +60,8 @@ int llmos_deliver(Mailbox *mailbox, Message *msg, int limited);
 Message *llmos_take(Mailbox *mailbox, Match *match);
 /* The owner, a Lua process, waits for a message `match` accepts; `proc` is its Process. */
 int llmos_block_owner(Mailbox *mailbox, PyObject *proc, Match *match);
-/* Wakes the owner `proc` with `msg` (defined in _lua.c). Kernel lock held. */
-int llmos_wake(PyObject *core, PyObject *proc, Message *msg);
+/* Wakes the owner `proc` of `mailbox` with `msg` (defined in _lua.c). Kernel lock held. */
+int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg);
 
 int llmos_messaging_init(PyObject *module);
 

@@ -78,9 +78,7 @@ class Process:
     wall_timer: Any = None
     # Accounting.
     cpu_ns: int = 0
-    messages_sent: int = 0
-    messages_received: int = 0
-    tokens: int = 0
+    tokens: int = 0  # messages sent and received are counted by the mailbox
     log: list[str] = field(default_factory=list)
     log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
     log_to_server: bool = False
