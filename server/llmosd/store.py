@@ -8,7 +8,11 @@ What must survive a restart or a `kill -9` of the server lives here:
 Port operations are written and committed before the syscall answers.
 Records of in-kernel processes (which die with the server anyway) go through
 a write-behind queue flushed by a background thread, so that spawning
-thousands of processes a second does not wait on SQLite.
+thousands of processes a second does not wait on SQLite. The queue keeps one
+row per process, its columns merged (a process that starts and ends within a
+batch is one row), and a batch is written with one statement per few
+hundred rows: the sqlite3 module releases the GIL for every statement it
+steps, and each release is a hand-off to a busy worker.
 """
 from __future__ import annotations
 
@@ -53,8 +57,18 @@ CREATE INDEX IF NOT EXISTS port_messages_by_port ON port_messages (port, id);
 """
 
 # Ids are handed out from blocks reserved in the database, so that a restart
-# skips the rest of a block instead of reusing an id.
-ID_BLOCK = 4096
+# skips the rest of a block instead of reusing an id. A block is twice the
+# size of the one before, up to the largest: a busy server reserves rarely
+# (each reservation waits for the disk), an idle one keeps its ids small.
+FIRST_ID_BLOCK = 4096
+LARGEST_ID_BLOCK = 1 << 20
+
+PROCESS_COLUMNS = (
+    "pid", "kind", "name", "parent", "namespace", "priority", "weight", "limits", "started_at_ms", "state",
+    "exit_reason", "result", "error", "ended_at_ms", "usage",
+)
+JSON_COLUMNS = frozenset(("limits", "result", "usage"))
+ROWS_PER_STATEMENT = 500  # 15 columns each: within SQLite's 32,766 variables
 
 
 @dataclass(slots=True)
@@ -108,10 +122,17 @@ class Store:
         self._db.executescript(SCHEMA)
         self._db_lock = threading.Lock()  # one user of the connection at a time
         self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
+        # Counter name -> the block reserved ahead by the writer thread, and
+        # the end of the last block handed out (ids only ever grow).
+        self._spare: dict[str, tuple[int, int]] = {}
+        self._handed: dict[str, int] = {}
+        self._spares_wanted: set[str] = set()
+        self._block_size: dict[str, int] = {}
 
-        # Write-behind rows. Their own lock, held only to append or take them,
+        # Write-behind process rows: pid -> the columns to write (whole when the
+        # spawn is among them). Their own lock, held only to add or take them,
         # so that the kernel never waits while a batch is being written.
-        self._pending: list[tuple[str, tuple]] = []
+        self._pending: dict[int, dict[str, Any]] = {}
         self._pending_lock = threading.Lock()
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._closed = False
@@ -123,44 +144,57 @@ class Store:
         """The next id of `counter`. Callers serialize (the kernel holds its lock)."""
         block = self._counters.get(counter)
         if block is None or block[0] >= block[1]:
-            block = self._counters[counter] = list(self.reserve_ids(counter))
+            block = self._counters[counter] = list(self.take_ids(counter))
         value = block[0]
         block[0] += 1
         return value
 
-    def reserve_ids(self, counter: str) -> tuple[int, int]:
-        """A block of ids of `counter`, [first, end), that no later call gives
-        again, also after a restart."""
+    def take_ids(self, counter: str) -> tuple[int, int]:
+        """A block of ids of `counter`, [first, end), above every one handed
+        out before and never given again, also after a restart. Callers
+        serialize. The writer thread reserves the next block meanwhile: the
+        reservation waits for the disk (and for a batch being written, tens of
+        ms), and the caller typically holds the kernel lock."""
+        with self._pending_lock:
+            spare = self._spare.pop(counter, None)
+            self._spares_wanted.add(counter)
+            self._flush_wanted.notify()
+        handed = self._handed.get(counter, 0)
+        block = spare if spare is not None and spare[0] >= handed else self._reserve(counter)
+        self._handed[counter] = block[1]
+        return block
+
+    def _reserve(self, counter: str) -> tuple[int, int]:
         with self._db_lock:
+            size = self._block_size.get(counter, FIRST_ID_BLOCK)
+            self._block_size[counter] = min(size * 2, LARGEST_ID_BLOCK)
             row = self._db.execute("SELECT next FROM counters WHERE name=?", (counter,)).fetchone()
             start = row[0] if row else 1
             self._db.execute(
                 "INSERT INTO counters(name, next) VALUES(?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET next=excluded.next",
-                (counter, start + ID_BLOCK),
+                (counter, start + size),
             )
-        return start, start + ID_BLOCK
+        return start, start + size
 
     # process records ---------------------------------------------------------------
+    # The values written are the record's own, encoded when the row is written:
+    # the kernel hands over a record it no longer changes.
     def record_spawn(self, rec: ProcessRecord, durable: bool = False) -> None:
-        row = (
-            rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority, rec.weight,
-            json.dumps(rec.limits), rec.started_at_ms, rec.state,
-        )
-        sql = (
-            "INSERT OR REPLACE INTO processes(pid, kind, name, parent, namespace, priority, weight, limits,"
-            " started_at_ms, state) VALUES(?,?,?,?,?,?,?,?,?,?)"
-        )
-        self._write(sql, row, durable)
+        self._write_process(rec.pid, {
+            "pid": rec.pid, "kind": rec.kind, "name": rec.name, "parent": rec.parent, "namespace": rec.namespace,
+            "priority": rec.priority, "weight": rec.weight, "limits": rec.limits,
+            "started_at_ms": rec.started_at_ms, "state": rec.state,
+        }, durable)
 
     def record_exit(self, rec: ProcessRecord, durable: bool = False) -> None:
-        row = (rec.state, rec.exit_reason, json.dumps(rec.result), rec.error, rec.ended_at_ms,
-               json.dumps(rec.usage), rec.pid)
-        sql = "UPDATE processes SET state=?, exit_reason=?, result=?, error=?, ended_at_ms=?, usage=? WHERE pid=?"
-        self._write(sql, row, durable)
+        self._write_process(rec.pid, {
+            "state": rec.state, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
+            "ended_at_ms": rec.ended_at_ms, "usage": rec.usage,
+        }, durable)
 
     def record_name(self, pid: int, name: str | None) -> None:
-        self._write("UPDATE processes SET name=? WHERE pid=?", (name, pid), durable=False)
+        self._write_process(pid, {"name": name}, durable=False)
 
     def load_process(self, pid: int) -> ProcessRecord | None:
         self.flush()
@@ -187,13 +221,13 @@ class Store:
             msg.id, msg.port, msg.sender, msg.tag, json.dumps(msg.body), msg.data,
             msg.correlation_id, msg.sent_at_ms,
         )
-        self._write("INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)", row, durable=True)
+        self._write_now("INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)", row)
 
     def delete_message(self, message_id: int) -> None:
-        self._write("DELETE FROM port_messages WHERE id=?", (message_id,), durable=True)
+        self._write_now("DELETE FROM port_messages WHERE id=?", (message_id,))
 
     def delete_port_messages(self, port: int) -> None:
-        self._write("DELETE FROM port_messages WHERE port=?", (port,), durable=True)
+        self._write_now("DELETE FROM port_messages WHERE port=?", (port,))
 
     def port_messages(self, port: int) -> Iterator[StoredMessage]:
         with self._db_lock:
@@ -202,16 +236,25 @@ class Store:
             yield StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5]), r[6], r[7])
 
     # writing -----------------------------------------------------------------------------
-    def _write(self, sql: str, row: tuple, durable: bool) -> None:
+    def _write_now(self, sql: str, row: tuple) -> None:
+        with self._db_lock:
+            # Earlier write-behind rows first, so the database never holds
+            # an exit without its spawn.
+            self._apply_pending()
+            self._db.execute(sql, row)
+
+    def _write_process(self, pid: int, columns: dict[str, Any], durable: bool) -> None:
         if durable:
             with self._db_lock:
-                # Earlier write-behind rows first, so the database never holds
-                # an exit without its spawn.
                 self._apply_pending()
-                self._db.execute(sql, row)
+                self._write_processes({pid: columns})
             return
         with self._pending_lock:
-            self._pending.append((sql, row))
+            row = self._pending.get(pid)
+            if row is not None:
+                row.update(columns)
+                return
+            self._pending[pid] = columns
             if len(self._pending) == 1:
                 self._flush_wanted.notify()
 
@@ -219,15 +262,37 @@ class Store:
         """Write the pending rows in one transaction (the connection's lock held,
         so that batches reach the database in the order they were taken)."""
         with self._pending_lock:
-            pending, self._pending = self._pending, []
+            pending, self._pending = self._pending, {}
         if not pending:
             return
         self._db.execute("BEGIN")
         try:
-            for sql, row in pending:
-                self._db.execute(sql, row)
+            self._write_processes(pending)
         finally:
             self._db.execute("COMMIT")
+
+    def _write_processes(self, rows: dict[int, dict[str, Any]]) -> None:
+        """Whole rows (with their spawn) as multi-row inserts; the rest as updates."""
+        whole = []
+        updates: dict[tuple[str, ...], list[tuple]] = {}
+        for pid, columns in rows.items():
+            if "kind" in columns:
+                whole.append(tuple(_column_value(columns, c) for c in PROCESS_COLUMNS))
+            else:
+                names = tuple(columns)
+                updates.setdefault(names, []).append(tuple(_column_value(columns, c) for c in names) + (pid,))
+        one_row = "(" + ",".join("?" * len(PROCESS_COLUMNS)) + ")"
+        for start in range(0, len(whole), ROWS_PER_STATEMENT):
+            chunk = whole[start:start + ROWS_PER_STATEMENT]
+            self._db.execute(
+                f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES "
+                + ",".join([one_row] * len(chunk)),
+                [value for row in chunk for value in row],
+            )
+        for names, params in updates.items():
+            self._db.executemany(
+                f"UPDATE processes SET {', '.join(f'{n}=?' for n in names)} WHERE pid=?", params,
+            )
 
     def flush(self) -> None:
         with self._db_lock:
@@ -236,12 +301,19 @@ class Store:
     def _write_behind(self) -> None:
         while True:
             with self._pending_lock:
-                while not self._pending and not self._closed:
+                while not self._pending and not self._spares_wanted and not self._closed:
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
                     return
-                # Let a burst accumulate into one transaction.
-                self._flush_wanted.wait(0.005)
+                wanted, self._spares_wanted = self._spares_wanted, set()
+            for counter in wanted:
+                block = self._reserve(counter)
+                with self._pending_lock:
+                    self._spare[counter] = block
+            with self._pending_lock:
+                if self._pending and not self._closed:
+                    # Let a burst accumulate into one transaction.
+                    self._flush_wanted.wait(0.005)
             self.flush()
 
     def close(self) -> None:
@@ -251,6 +323,15 @@ class Store:
         self._writer.join()
         self.flush()
         self._db.close()
+
+
+def _column_value(columns: dict[str, Any], name: str) -> Any:
+    """A process column's value as stored: JSON where the schema keeps JSON
+    (null once set), NULL where the row has no value yet."""
+    if name not in columns:
+        return None
+    value = columns[name]
+    return json.dumps(value) if name in JSON_COLUMNS else value
 
 
 def _record(row: tuple) -> ProcessRecord:
