@@ -31,6 +31,7 @@
 #include "messaging.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <structmember.h>
@@ -85,6 +86,43 @@ typedef struct {
     int in_slice;
 } State;
 
+/* Chunks of closed states, the last closed first, for the next states to
+ * be built: memory likely still in the CPU's caches. A state built in fresh
+ * memory took 80 us instead of 45, the difference being cache misses. */
+#define CACHED_CHUNKS 256 /* 1 MiB */
+static Chunk *cached_chunks;
+static int cached_count;
+static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static Chunk *new_chunk(void)
+{
+    Chunk *chunk;
+    pthread_mutex_lock(&cache_lock);
+    chunk = cached_chunks;
+    if (chunk != NULL) {
+        cached_chunks = chunk->next;
+        cached_count--;
+    }
+    pthread_mutex_unlock(&cache_lock);
+    return chunk != NULL ? chunk : malloc(CHUNK_BYTES);
+}
+
+static void drop_chunks(Chunk *chunk)
+{
+    Chunk *next;
+    pthread_mutex_lock(&cache_lock);
+    for (; chunk != NULL && cached_count < CACHED_CHUNKS; chunk = next, cached_count++) {
+        next = chunk->next;
+        chunk->next = cached_chunks;
+        cached_chunks = chunk;
+    }
+    pthread_mutex_unlock(&cache_lock);
+    for (; chunk != NULL; chunk = next) {
+        next = chunk->next;
+        free(chunk);
+    }
+}
+
 static size_t size_class(size_t size) /* 1 <= size <= SMALL_MAX */
 {
     return (size - 1) / GRAIN;
@@ -100,7 +138,7 @@ static void *take_small(Heap *heap, size_t size)
         return block;
     }
     if ((size_t)(heap->end - heap->next) < bytes) { /* the old chunk's tail, under one block, is left */
-        chunk = malloc(CHUNK_BYTES);
+        chunk = new_chunk();
         if (chunk == NULL)
             return NULL;
         chunk->next = heap->chunks;
@@ -781,12 +819,8 @@ static void State_dealloc(State *state)
     State_clear(state);
     if (L != NULL) {
         /* A few microseconds with the state's own chunks: less than handing the GIL over. */
-        Chunk *chunk, *next;
         lua_close(L);
-        for (chunk = state->heap.chunks; chunk != NULL; chunk = next) {
-            next = chunk->next;
-            free(chunk);
-        }
+        drop_chunks(state->heap.chunks);
     }
     Py_TYPE(state)->tp_free((PyObject *)state);
 }
@@ -819,6 +853,8 @@ static int build(lua_State *L)
     };
     const luaL_Reg *library;
     int i;
+    /* Nothing built here is garbage: collecting meanwhile only costs time. */
+    lua_gc(L, LUA_GCSTOP);
     for (library = libraries; library->name != NULL; library++) {
         luaL_requiref(L, library->name, library->func, 1);
         lua_pop(L, 1);
@@ -831,6 +867,7 @@ static int build(lua_State *L)
     llmos_sandbox_open(L);          /* step, main_state */
     lua_pushvalue(L, -2);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &STEP_KEY);
+    lua_gc(L, LUA_GCRESTART);
     return 1;
 }
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_LEN = 256
 MAX_LOG_LINES = 1000
+SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor"))
+LIMIT_NAMES = frozenset(Limits.__slots__)
 
 
 @dataclass
@@ -204,12 +206,11 @@ class Kernel:
 
     def spawn_from_dict(self, spec: dict, parent: int) -> int:
         """Spawn from the table a Lua program passed to sys.spawn."""
-        known = {"lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor"}
-        unknown = set(spec) - known
-        if unknown:
-            raise InvalidArgument(f"sys.spawn: unknown option(s) {', '.join(sorted(unknown))}")
+        if not SPAWN_OPTIONS.issuperset(spec):
+            unknown = ", ".join(sorted(set(spec) - SPAWN_OPTIONS))
+            raise InvalidArgument(f"sys.spawn: unknown option(s) {unknown}")
         limits = spec.get("limits") or {}
-        if not isinstance(limits, dict) or set(limits) - set(Limits().as_dict()):
+        if not isinstance(limits, dict) or not LIMIT_NAMES.issuperset(limits):
             raise InvalidArgument("sys.spawn: limits must be a table of cpu_ms, wall_ms, memory_bytes, tokens, mailbox")
         for key in ("lua", "python", "path", "name"):
             if spec.get(key) is not None and not isinstance(spec[key], str):
@@ -222,7 +223,7 @@ class Kernel:
             lim = Limits(**{k: int(v) for k, v in limits.items()})
         except (TypeError, ValueError):
             raise InvalidArgument("sys.spawn: limits must be non-negative integers") from None
-        if any(v < 0 for v in lim.as_dict().values()):
+        if any(v < 0 for v in limits and lim.as_dict().values()):
             raise InvalidArgument("sys.spawn: limits must be non-negative integers")
         return self.spawn(SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),

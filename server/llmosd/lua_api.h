@@ -43,6 +43,8 @@ typedef struct luaL_Reg {
 #define LUA_TFUNCTION 6
 #define LUA_TTHREAD 8
 #define LUA_MASKCOUNT (1 << 3)
+#define LUA_GCSTOP 0
+#define LUA_GCRESTART 1
 #define LUA_GCGEN 10
 #define LUA_EXTRASPACE (sizeof(void *))
 

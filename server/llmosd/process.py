@@ -39,7 +39,11 @@ class Limits:
         }
 
     def with_defaults(self, defaults: Limits) -> Limits:
-        return Limits(**{k: v or getattr(defaults, k) for k, v in self.as_dict().items()})
+        return Limits(
+            self.cpu_ms or defaults.cpu_ms, self.wall_ms or defaults.wall_ms,
+            self.memory_bytes or defaults.memory_bytes, self.tokens or defaults.tokens,
+            self.mailbox or defaults.mailbox,
+        )
 
 
 @dataclass(eq=False, slots=True)

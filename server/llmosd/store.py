@@ -16,6 +16,8 @@ steps, and each release is a hand-off to a busy worker.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import sqlite3
@@ -67,7 +69,8 @@ PROCESS_COLUMNS = (
     "pid", "kind", "name", "parent", "namespace", "priority", "weight", "limits", "started_at_ms", "state",
     "exit_reason", "result", "error", "ended_at_ms", "usage",
 )
-JSON_COLUMNS = frozenset(("limits", "result", "usage"))
+NAME, STATE = PROCESS_COLUMNS.index("name"), PROCESS_COLUMNS.index("state")  # where they are in a row
+EXIT_COLUMNS = PROCESS_COLUMNS[STATE:]
 ROWS_PER_STATEMENT = 500  # 15 columns each: within SQLite's 32,766 variables
 
 
@@ -129,10 +132,12 @@ class Store:
         self._spares_wanted: set[str] = set()
         self._block_size: dict[str, int] = {}
 
-        # Write-behind process rows: pid -> the columns to write (whole when the
-        # spawn is among them). Their own lock, held only to add or take them,
-        # so that the kernel never waits while a batch is being written.
-        self._pending: dict[int, dict[str, Any]] = {}
+        # Write-behind process rows: pid -> a whole row (PROCESS_COLUMNS) while
+        # its spawn is not written yet, and pid -> columns to update for the
+        # others. Their own lock, held only to add or take them, so that the
+        # kernel never waits while a batch is being written.
+        self._pending: dict[int, list[Any]] = {}
+        self._pending_updates: dict[int, dict[str, Any]] = {}
         self._pending_lock = threading.Lock()
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._closed = False
@@ -178,23 +183,27 @@ class Store:
         return start, start + size
 
     # process records ---------------------------------------------------------------
-    # The values written are the record's own, encoded when the row is written:
-    # the kernel hands over a record it no longer changes.
     def record_spawn(self, rec: ProcessRecord, durable: bool = False) -> None:
-        self._write_process(rec.pid, {
-            "pid": rec.pid, "kind": rec.kind, "name": rec.name, "parent": rec.parent, "namespace": rec.namespace,
-            "priority": rec.priority, "weight": rec.weight, "limits": rec.limits,
-            "started_at_ms": rec.started_at_ms, "state": rec.state,
-        }, durable)
+        row = [
+            rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority, rec.weight,
+            _counters_json(rec.limits), rec.started_at_ms, rec.state, None, None, None, None, None,
+        ]
+        if durable:
+            self._write_now(_INSERT_ONE, row)
+            return
+        with self._pending_lock:
+            self._pending[rec.pid] = row
+            self._wake_writer()
 
     def record_exit(self, rec: ProcessRecord, durable: bool = False) -> None:
-        self._write_process(rec.pid, {
-            "state": rec.state, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
-            "ended_at_ms": rec.ended_at_ms, "usage": rec.usage,
-        }, durable)
+        values = (
+            rec.state, rec.exit_reason, _result_json(rec.result), rec.error, rec.ended_at_ms,
+            _counters_json(rec.usage),
+        )
+        self._update(rec.pid, values, EXIT_COLUMNS, STATE, durable)
 
     def record_name(self, pid: int, name: str | None) -> None:
-        self._write_process(pid, {"name": name}, durable=False)
+        self._update(pid, (name,), ("name",), NAME, durable=False)
 
     def load_process(self, pid: int) -> ProcessRecord | None:
         self.flush()
@@ -236,63 +245,51 @@ class Store:
             yield StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5]), r[6], r[7])
 
     # writing -----------------------------------------------------------------------------
-    def _write_now(self, sql: str, row: tuple) -> None:
+    def _write_now(self, sql: str, row: tuple | list) -> None:
         with self._db_lock:
             # Earlier write-behind rows first, so the database never holds
             # an exit without its spawn.
             self._apply_pending()
             self._db.execute(sql, row)
 
-    def _write_process(self, pid: int, columns: dict[str, Any], durable: bool) -> None:
+    def _update(self, pid: int, values: tuple, names: tuple[str, ...], first: int, durable: bool) -> None:
+        """Set columns `names` (from PROCESS_COLUMNS[first] on) of a process's row."""
         if durable:
-            with self._db_lock:
-                self._apply_pending()
-                self._write_processes({pid: columns})
+            self._write_now(f"UPDATE processes SET {', '.join(f'{n}=?' for n in names)} WHERE pid=?", (*values, pid))
             return
         with self._pending_lock:
             row = self._pending.get(pid)
-            if row is not None:
-                row.update(columns)
+            if row is not None:  # its spawn is not written yet: one row for both
+                row[first:first + len(values)] = values
                 return
-            self._pending[pid] = columns
-            if len(self._pending) == 1:
-                self._flush_wanted.notify()
+            self._pending_updates.setdefault(pid, {}).update(zip(names, values))
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if len(self._pending) + len(self._pending_updates) == 1:
+            self._flush_wanted.notify()
 
     def _apply_pending(self) -> None:
         """Write the pending rows in one transaction (the connection's lock held,
-        so that batches reach the database in the order they were taken)."""
+        so that batches reach the database in the order they were taken):
+        whole rows as multi-row inserts, the rest as updates."""
         with self._pending_lock:
-            pending, self._pending = self._pending, {}
-        if not pending:
+            rows, self._pending = list(self._pending.values()), {}
+            updates, self._pending_updates = self._pending_updates, {}
+        if not rows and not updates:
             return
+        by_columns: dict[tuple[str, ...], list[tuple]] = {}
+        for pid, columns in updates.items():
+            by_columns.setdefault(tuple(columns), []).append((*columns.values(), pid))
         self._db.execute("BEGIN")
         try:
-            self._write_processes(pending)
+            for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                chunk = rows[start:start + ROWS_PER_STATEMENT]
+                self._db.execute(_insert_many(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+            for names, params in by_columns.items():
+                self._db.executemany(f"UPDATE processes SET {', '.join(f'{n}=?' for n in names)} WHERE pid=?", params)
         finally:
             self._db.execute("COMMIT")
-
-    def _write_processes(self, rows: dict[int, dict[str, Any]]) -> None:
-        """Whole rows (with their spawn) as multi-row inserts; the rest as updates."""
-        whole = []
-        updates: dict[tuple[str, ...], list[tuple]] = {}
-        for pid, columns in rows.items():
-            if "kind" in columns:
-                whole.append(tuple(_column_value(columns, c) for c in PROCESS_COLUMNS))
-            else:
-                names = tuple(columns)
-                updates.setdefault(names, []).append(tuple(_column_value(columns, c) for c in names) + (pid,))
-        one_row = "(" + ",".join("?" * len(PROCESS_COLUMNS)) + ")"
-        for start in range(0, len(whole), ROWS_PER_STATEMENT):
-            chunk = whole[start:start + ROWS_PER_STATEMENT]
-            self._db.execute(
-                f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES "
-                + ",".join([one_row] * len(chunk)),
-                [value for row in chunk for value in row],
-            )
-        for names, params in updates.items():
-            self._db.executemany(
-                f"UPDATE processes SET {', '.join(f'{n}=?' for n in names)} WHERE pid=?", params,
-            )
 
     def flush(self) -> None:
         with self._db_lock:
@@ -301,7 +298,7 @@ class Store:
     def _write_behind(self) -> None:
         while True:
             with self._pending_lock:
-                while not self._pending and not self._spares_wanted and not self._closed:
+                while not self._pending and not self._pending_updates and not self._spares_wanted and not self._closed:
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
                     return
@@ -311,7 +308,7 @@ class Store:
                 with self._pending_lock:
                     self._spare[counter] = block
             with self._pending_lock:
-                if self._pending and not self._closed:
+                if (self._pending or self._pending_updates) and not self._closed:
                     # Let a burst accumulate into one transaction.
                     self._flush_wanted.wait(0.005)
             self.flush()
@@ -325,13 +322,24 @@ class Store:
         self._db.close()
 
 
-def _column_value(columns: dict[str, Any], name: str) -> Any:
-    """A process column's value as stored: JSON where the schema keeps JSON
-    (null once set), NULL where the row has no value yet."""
-    if name not in columns:
-        return None
-    value = columns[name]
-    return json.dumps(value) if name in JSON_COLUMNS else value
+# The commonest values skip the json module, whose setup per call costs more
+# than their encoding.
+def _counters_json(counters: dict[str, int] | None) -> str:
+    """A dict of the kernel's own counters (limits, usage) as JSON: its keys
+    are plain identifiers and its values integers."""
+    return "null" if counters is None else "{" + ",".join([f'"{k}":{v}' for k, v in counters.items()]) + "}"
+
+
+def _result_json(value: Any) -> str:
+    return "null" if value is None else str(value) if type(value) is int else json.dumps(value)
+
+
+_INSERT_ONE = f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES ({','.join('?' * len(PROCESS_COLUMNS))})"
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_many(n: int) -> str:
+    return _INSERT_ONE + f",({','.join('?' * len(PROCESS_COLUMNS))})" * (n - 1)
 
 
 def _record(row: tuple) -> ProcessRecord:
