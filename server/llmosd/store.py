@@ -280,14 +280,16 @@ class Store:
             return
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
-            by_columns.setdefault(tuple(columns), []).append((*columns.values(), pid))
+            by_columns.setdefault(tuple(columns), []).append((pid, *columns.values()))
         self._db.execute("BEGIN")
         try:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
                 chunk = rows[start:start + ROWS_PER_STATEMENT]
                 self._db.execute(_insert_many(len(chunk)), list(itertools.chain.from_iterable(chunk)))
-            for names, params in by_columns.items():
-                self._db.executemany(f"UPDATE processes SET {', '.join(f'{n}=?' for n in names)} WHERE pid=?", params)
+            for names, values in by_columns.items():
+                for start in range(0, len(values), ROWS_PER_STATEMENT):
+                    chunk = values[start:start + ROWS_PER_STATEMENT]
+                    self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
         finally:
             self._db.execute("COMMIT")
 
@@ -326,8 +328,17 @@ class Store:
 # than their encoding.
 def _counters_json(counters: dict[str, int] | None) -> str:
     """A dict of the kernel's own counters (limits, usage) as JSON: its keys
-    are plain identifiers and its values integers."""
-    return "null" if counters is None else "{" + ",".join([f'"{k}":{v}' for k, v in counters.items()]) + "}"
+    are plain identifiers and its values integers, the same keys every time."""
+    if counters is None:
+        return "null"
+    keys = tuple(counters)
+    template = _COUNTER_TEMPLATES.get(keys)
+    if template is None:
+        template = _COUNTER_TEMPLATES[keys] = "{" + ",".join(f'"{key}":%d' for key in keys) + "}"
+    return template % tuple(counters.values())
+
+
+_COUNTER_TEMPLATES: dict[tuple[str, ...], str] = {}
 
 
 def _result_json(value: Any) -> str:
@@ -340,6 +351,15 @@ _INSERT_ONE = f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VA
 @functools.lru_cache(maxsize=8)
 def _insert_many(n: int) -> str:
     return _INSERT_ONE + f",({','.join('?' * len(PROCESS_COLUMNS))})" * (n - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _update_many(names: tuple[str, ...], n: int) -> str:
+    """Columns `names` of n rows from values (pid, *values) each, in one statement."""
+    row = f"({','.join('?' * (len(names) + 1))})"
+    assignments = ", ".join(f"{name}=v.column{i + 2}" for i, name in enumerate(names))
+    return (f"UPDATE processes SET {assignments} FROM (VALUES {','.join([row] * n)}) AS v"
+            " WHERE processes.pid=v.column1")
 
 
 def _record(row: tuple) -> ProcessRecord:

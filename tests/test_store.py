@@ -1,0 +1,68 @@
+"""The kernel's database (llmosd.store) on its own: the write-behind rows of
+processes and the id blocks, through a real SQLite file, closed and opened
+again as a restart would."""
+from __future__ import annotations
+
+import pathlib
+
+from llmosd.store import FIRST_ID_BLOCK, ROWS_PER_STATEMENT, ProcessRecord, Store
+
+
+def record(pid: int, name: str | None = None) -> ProcessRecord:
+    return ProcessRecord(
+        pid=pid, kind="LUA", name=name, parent=1, namespace="default", priority=0, weight=100,
+        limits={"cpu_ms": 0, "memory_bytes": 1 << 20}, started_at_ms=1000 + pid, state="RUNNABLE",
+    )
+
+
+def end(rec: ProcessRecord, result: object) -> ProcessRecord:
+    rec.state, rec.exit_reason, rec.result, rec.ended_at_ms = "EXITED", "normal", result, 2000 + rec.pid
+    rec.usage = {"cpu_ms": rec.pid, "messages_sent": 2}
+    return rec
+
+
+def test_process_rows_merge_and_batch_across_restarts(tmp_path: pathlib.Path) -> None:
+    store = Store(str(tmp_path))
+    n = ROWS_PER_STATEMENT + 7  # more than one statement's worth
+    # Spawned and ended within one batch: one row each.
+    for pid in range(1, n + 1):
+        store.record_spawn(record(pid))
+        store.record_exit(end(record(pid), {"pid": pid, "list": [1, None, "x"]}))
+    store.flush()
+    # Spawned in one batch, renamed and ended in the next: updates.
+    for pid in range(n + 1, 2 * n + 1):
+        store.record_spawn(record(pid))
+    store.flush()
+    for pid in range(n + 1, 2 * n + 1):
+        store.record_name(pid, f"p{pid}")
+        store.record_exit(end(record(pid), pid if pid % 2 else None))
+    # Still running at the restart.
+    store.record_spawn(record(10_000, name="live"))
+    store.close()
+
+    store = Store(str(tmp_path))
+    first = store.load_process(1)
+    assert first is not None and first.state == "EXITED" and first.result == {"pid": 1, "list": [1, None, "x"]}
+    assert first.limits == {"cpu_ms": 0, "memory_bytes": 1 << 20} and first.usage == {"cpu_ms": 1, "messages_sent": 2}
+    for pid in (n + 1, n + 2, 2 * n):
+        rec = store.load_process(pid)
+        assert rec is not None and rec.name == f"p{pid}" and rec.ended_at_ms == 2000 + pid
+        assert rec.result == (pid if pid % 2 else None) and rec.started_at_ms == 1000 + pid
+    assert [r.pid for r in store.live_records()] == [10_000]
+    assert len(store.ended_records(10 * n)) == 2 * n
+    store.close()
+
+
+def test_ids_only_grow_and_are_never_given_twice(tmp_path: pathlib.Path) -> None:
+    store = Store(str(tmp_path))
+    handed = [store.next_id("pid") for _ in range(3 * FIRST_ID_BLOCK)]  # several blocks, some reserved ahead
+    blocks = [store.take_ids("message") for _ in range(3)]
+    store.close()
+    assert handed == sorted(set(handed))
+    assert all(a[1] <= b[0] for a, b in zip(blocks, blocks[1:]))
+    assert blocks[1][1] - blocks[1][0] > blocks[0][1] - blocks[0][0]  # a busy counter reserves more at a time
+
+    store = Store(str(tmp_path))
+    assert store.next_id("pid") > max(handed)
+    assert store.take_ids("message")[0] >= blocks[-1][1]
+    store.close()
