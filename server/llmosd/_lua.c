@@ -84,6 +84,7 @@ typedef struct {
     long long slice_start;            /* monotonic ns when the running slice began */
     long long cpu_ns;                 /* CPU time of the slices that ended */
     int in_slice;
+    int built;                        /* the sandbox is built (by the first step) */
 } State;
 
 /* Chunks of closed states, the last closed first, for the next states to
@@ -907,20 +908,16 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
             return NULL;
         }
     }
+    /* The build itself waits for the first step, which runs it without the
+     * GIL together with the program's start: one GIL hand-off fewer for
+     * every process. */
     lua_settop(L, 0);
     lua_pushcfunction(L, build);
     lua_pushcfunction(L, push_spec);
     lua_pushlightuserdata(L, &spec);
     status = lua_pcall(L, 1, 5, 0);
-    if (status == LUA_OK) {
-        Py_BEGIN_ALLOW_THREADS
-        status = lua_pcall(L, 5, 1, 0);
-        Py_END_ALLOW_THREADS
-    }
     if (status != LUA_OK)
         return raise_lua_error(L, status);
-    state->main_co = (lua_State *)(intptr_t)lua_tointegerx(L, -1, NULL);
-    lua_settop(L, 0);
     Py_RETURN_NONE;
 }
 
@@ -977,6 +974,35 @@ static PyObject *State_end_slice(State *state, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+enum { START_FAILED = 100 }; /* run_step's status when the sandbox could not be built: START_FAILED + Lua's */
+
+/* The first step: build the sandbox (open_sandbox left build and its
+ * arguments on the stack) and start the program, all without the GIL. */
+static int start(State *state, long long *now)
+{
+    lua_State *L = state->L;
+    int status;
+    begin_slice(state);
+    Py_BEGIN_ALLOW_THREADS
+    status = lua_pcall(L, 5, 1, 0);
+    if (status == LUA_OK) {
+        state->main_co = (lua_State *)(intptr_t)lua_tointegerx(L, -1, NULL);
+        llmos_preempt_set_running(state->main_co);
+        state->built = 1;
+        lua_settop(L, 0);
+        lua_rawgetp(L, LUA_REGISTRYINDEX, &STEP_KEY);
+        status = lua_pcall(L, 0, LUA_MULTRET, 0);
+    } else {
+        status += START_FAILED;
+    }
+    Py_END_ALLOW_THREADS
+    if (end_slice(state, now) < 0) {
+        lua_settop(L, 0);
+        return -1;
+    }
+    return status;
+}
+
 /* Runs the program until its next yield, with `answer` (a tuple of values)
  * for the syscall it is blocked in. Leaves the step's results on L's stack;
  * on failure, its error message. */
@@ -984,6 +1010,13 @@ static int run_step(State *state, PyObject *answer, long long *now)
 {
     lua_State *L = state->L;
     int status;
+    if (!state->built) {
+        if (lua_gettop(L) != 6 || PyTuple_GET_SIZE(answer) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "a program starts once, with no answer; open_sandbox first");
+            return -1;
+        }
+        return start(state, now);
+    }
     lua_settop(L, 0);
     if (lua_rawgetp(L, LUA_REGISTRYINDEX, &STEP_KEY) != LUA_TFUNCTION) {
         lua_settop(L, 0);
@@ -1007,11 +1040,15 @@ static int run_step(State *state, PyObject *answer, long long *now)
 }
 
 /* The step's results as Python values; a failure of the step itself (out of
- * memory in the kernel's part of it) as ("error", message). */
+ * memory in the kernel's part of it) as ("error", message), and of the
+ * sandbox's build as ("unstarted", message, whether memory ran out). */
 static PyObject *step_results(lua_State *L, int status)
 {
     PyObject *out;
-    if (status == LUA_OK) {
+    if (status >= START_FAILED) {
+        const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "the sandbox could not be built";
+        out = Py_BuildValue("(yyO)", "unstarted", text, status - START_FAILED == LUA_ERRMEM ? Py_True : Py_False);
+    } else if (status == LUA_OK) {
         out = values_to_tuple(L, NULL, 1, lua_gettop(L));
     } else {
         size_t len = 0;

@@ -652,9 +652,9 @@ class Kernel:
         if lua is None:
             try:
                 lua = proc.runtime = LuaProcess(self, proc)
-            except Exception as e:  # compile errors, memory limit too small for the sandbox
+            except Exception as e:  # a memory limit too small for a Lua state
                 with self.lock:
-                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(e))
+                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(str(e), isinstance(e, MemoryError)))
                 return
             args: tuple = ()
         else:
@@ -686,7 +686,9 @@ class Kernel:
                     return
                 continue
             with self.lock:
-                if kind == b"done":
+                if kind == b"unstarted":  # the sandbox could not be built (its first step)
+                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(out[1].decode(), out[2]))
+                elif kind == b"done":
                     try:
                         result = from_lua(out[1], "result")
                     except KernelError as e:
@@ -794,9 +796,8 @@ def _check_weight(weight: int) -> int:
     return weight
 
 
-def _startup_error(e: Exception) -> str:
-    text = str(e)
-    if isinstance(e, MemoryError) or "memory" in text.lower():
+def _startup_error(text: str, out_of_memory: bool) -> str:
+    if out_of_memory or "memory" in text.lower():
         return "not enough memory to start (raise limits.memory_bytes)"
     return text
 
