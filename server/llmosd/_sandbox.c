@@ -734,6 +734,18 @@ static void clear_table(lua_State *L, int t)
     }
 }
 
+/* Empties the globals and the loaded libraries: the program sees only its
+ * own environment, built from them. */
+static void drop_globals(lua_State *L)
+{
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    clear_table(L, lua_gettop(L));
+    lua_pop(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    clear_table(L, lua_gettop(L));
+    lua_pop(L, 1);
+}
+
 /* The kernel's side: resume the program with a syscall's answer. Returns
  *   "sys", name, ...          the program made a blocking syscall
  *   "done", value             the program returned
@@ -762,11 +774,13 @@ static int step(lua_State *L)
         if (nres > 0 && lua_touserdata(co, -nres) == &SYSCALL) {
             if (!sb->collected) {
                 /* The first time the program blocks, free what building the
-                 * sandbox left behind: a blocked process should cost only its
-                 * live data, as thousands may sit in recv. A program that ends
+                 * sandbox left behind (the globals and libraries the program
+                 * never sees): a blocked process should cost only its live
+                 * data, as thousands may sit in recv. A program that ends
                  * without blocking never pays for it. Entering generational
                  * mode is itself a full collection. */
                 sb->collected = 1;
+                drop_globals(L);
                 lua_gc(L, LUA_GCGEN, 0, 0);
             }
             lua_pushliteral(L, "sys");
@@ -843,13 +857,6 @@ static int sandbox_open(lua_State *L)
     luaL_ref(L, LUA_REGISTRYINDEX); /* keeps the coroutine alive */
     lua_pop(L, 1);
     lua_xmove(L, co, 1); /* the program */
-
-    /* Drop the globals the program never sees; they are freed when the
-     * program first blocks. */
-    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
-    clear_table(L, lua_gettop(L));
-    lua_pop(L, 1);
-    clear_table(L, g);
 
     lua_pushcfunction(L, step);
     lua_pushinteger(L, (lua_Integer)(intptr_t)co);

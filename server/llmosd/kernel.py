@@ -36,6 +36,7 @@ MAX_NAME_LEN = 256
 MAX_LOG_LINES = 1000
 SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor"))
 LIMIT_NAMES = frozenset(Limits.__slots__)
+NO_LIMITS = Limits()
 
 
 @dataclass
@@ -197,7 +198,7 @@ class Kernel:
             if spec.monitor:
                 proc.monitored_by.add(spec.parent)
             self.procs[pid] = proc
-            self.store.record_spawn(self._record(proc))
+            self.store.record_spawn(proc)
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
             self._emit("spawned", proc)
@@ -219,12 +220,14 @@ class Kernel:
         for key, value in (("priority", priority), ("weight", weight)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidArgument(f"sys.spawn: {key} must be an integer")
-        try:
-            lim = Limits(**{k: int(v) for k, v in limits.items()})
-        except (TypeError, ValueError):
-            raise InvalidArgument("sys.spawn: limits must be non-negative integers") from None
-        if any(v < 0 for v in limits and lim.as_dict().values()):
-            raise InvalidArgument("sys.spawn: limits must be non-negative integers")
+        lim = NO_LIMITS
+        if limits:
+            try:
+                lim = Limits(**{k: int(v) for k, v in limits.items()})
+            except (TypeError, ValueError):
+                raise InvalidArgument("sys.spawn: limits must be non-negative integers") from None
+            if any(v < 0 for v in lim.as_dict().values()):
+                raise InvalidArgument("sys.spawn: limits must be non-negative integers")
         return self.spawn(SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
             name=spec.get("name"), priority=priority, weight=weight, limits=lim, parent=parent,
@@ -278,7 +281,7 @@ class Kernel:
                 proc.name = name
                 self.names[name] = pid
             self.procs[pid] = proc
-            self.store.record_spawn(self._record(proc), durable=True)
+            self.store.record_spawn(proc, durable=True)
             self._emit("spawned", proc)
         return pid
 

@@ -39,6 +39,8 @@ class Limits:
         }
 
     def with_defaults(self, defaults: Limits) -> Limits:
+        if not (self.cpu_ms or self.wall_ms or self.memory_bytes or self.tokens or self.mailbox):
+            return defaults  # limits are never changed once set, so they can be shared
         return Limits(
             self.cpu_ms or defaults.cpu_ms, self.wall_ms or defaults.wall_ms,
             self.memory_bytes or defaults.memory_bytes, self.tokens or defaults.tokens,

@@ -183,10 +183,13 @@ class Store:
         return start, start + size
 
     # process records ---------------------------------------------------------------
-    def record_spawn(self, rec: ProcessRecord, durable: bool = False) -> None:
+    def record_spawn(self, rec: Any, durable: bool = False) -> None:
+        """`rec`: a ProcessRecord, or the kernel's Process itself (whose limits
+        are a Limits), which has the same fields."""
+        limits = rec.limits if isinstance(rec.limits, dict) else rec.limits.as_dict()
         row = [
             rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority, rec.weight,
-            _counters_json(rec.limits), rec.started_at_ms, rec.state, None, None, None, None, None,
+            _counters_json(limits), rec.started_at_ms, rec.state, None, None, None, None, None,
         ]
         if durable:
             self._write_now(_INSERT_ONE, row)
