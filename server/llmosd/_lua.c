@@ -547,8 +547,7 @@ typedef struct {
 static PyTypeObject CoreType;
 
 /* The Process attributes and values the C side reads and writes. */
-static PyObject *S_state, *S_blocked_on, *S_blocked_syscall, *S_resume_value, *S_mailbox, *S_runtime,
-    *S_kill_reason, *S_vruntime, *S_weight, *S_pid, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *S_error,
+static PyObject *S_state, *S_mailbox, *S_runtime, *S_pid, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *S_error,
     *empty_text, *empty_bytes,
     *no_values;
 
@@ -581,27 +580,56 @@ static int is_text(PyObject *value, PyObject *text)
     return value == text || (PyUnicode_Check(value) && PyUnicode_Compare(value, text) == 0);
 }
 
-/* proc.<name> as a C integer; -1 with an exception on failure. */
-static int get_int(PyObject *proc, PyObject *name, long long *out)
+/* The Process fields read and written on every hand-off, reached through
+ * their slots' offsets: Process is a slots class (process.py), and attribute
+ * lookup cost more than the rest of a hand-off. The offsets come from the
+ * class's member descriptors when the first Core is made. */
+static PyTypeObject *process_type;
+static Py_ssize_t AT_STATE, AT_BLOCKED_ON, AT_BLOCKED_SYSCALL, AT_RESUME_VALUE, AT_KILL_REASON, AT_VRUNTIME,
+    AT_WEIGHT;
+
+static int find_slot(PyTypeObject *type, const char *name, Py_ssize_t *at)
 {
-    PyObject *value = PyObject_GetAttr(proc, name);
-    if (value == NULL)
+    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+        || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%s.%s must be a slot", type->tp_name, name);
         return -1;
-    *out = PyLong_AsLongLong(value);
-    Py_DECREF(value);
-    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+    }
+    *at = ((PyMemberDescrObject *)descr)->d_member->offset;
+    return 0;
 }
 
-/* proc.<name> is `value` (compared as text); -1 with an exception on failure. */
-static int attr_is(PyObject *proc, PyObject *name, PyObject *value)
+static int find_process_slots(PyTypeObject *type)
 {
-    PyObject *got = PyObject_GetAttr(proc, name);
-    int same;
-    if (got == NULL)
+    if (process_type != NULL) {
+        if (process_type == type)
+            return 0;
+        PyErr_Format(PyExc_TypeError, "the kernel's processes are %s already", process_type->tp_name);
         return -1;
-    same = is_text(got, value);
-    Py_DECREF(got);
-    return same;
+    }
+    if (find_slot(type, "state", &AT_STATE) < 0 || find_slot(type, "blocked_on", &AT_BLOCKED_ON) < 0
+        || find_slot(type, "blocked_syscall", &AT_BLOCKED_SYSCALL) < 0
+        || find_slot(type, "resume_value", &AT_RESUME_VALUE) < 0 || find_slot(type, "kill_reason", &AT_KILL_REASON) < 0
+        || find_slot(type, "vruntime", &AT_VRUNTIME) < 0 || find_slot(type, "weight", &AT_WEIGHT) < 0)
+        return -1;
+    Py_INCREF(type);
+    process_type = type;
+    return 0;
+}
+
+/* A field of a Process (the dataclass sets every field, so it is never NULL). */
+static PyObject *field(PyObject *proc, Py_ssize_t at)
+{
+    PyObject *value = *(PyObject **)((char *)proc + at);
+    return value != NULL ? value : Py_None;
+}
+
+static void set_field(PyObject *proc, Py_ssize_t at, PyObject *value)
+{
+    PyObject **slot = (PyObject **)((char *)proc + at);
+    Py_INCREF(value);
+    Py_XSETREF(*slot, value);
 }
 
 Message *llmos_new_message(PyObject *core_object, long long sender, long long to, PyObject *tag, PyObject *body,
@@ -629,9 +657,9 @@ Message *llmos_new_message(PyObject *core_object, long long sender, long long to
 int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg)
 {
     PyObject *done;
-    if (PyObject_SetAttr(proc, S_resume_value, (PyObject *)msg) < 0 || PyObject_SetAttr(proc, S_state, S_RUNNABLE) < 0
-        || PyObject_SetAttr(proc, S_blocked_on, Py_None) < 0)
-        return -1;
+    set_field(proc, AT_RESUME_VALUE, (PyObject *)msg);
+    set_field(proc, AT_STATE, S_RUNNABLE);
+    set_field(proc, AT_BLOCKED_ON, Py_None);
     if (on_worker && runnext == NULL) {
         Py_INCREF(proc);
         runnext = proc;
@@ -886,6 +914,8 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     state->bridge = PyWeakref_NewRef(bridge, NULL);
     if (state->bridge == NULL)
         return NULL;
+    if (!Py_IS_TYPE(proc, process_type))
+        return PyErr_Format(PyExc_TypeError, "open_sandbox: proc must be the kernel's Process");
     spec.pid = PyObject_GetAttr(proc, S_pid);
     state->mailbox = (Mailbox *)PyObject_GetAttr(proc, S_mailbox);
     Py_XDECREF(spec.pid); /* the process holds it */
@@ -936,8 +966,7 @@ static void begin_slice(State *state)
 static int end_slice(State *state, long long *now)
 {
     long long ran, weight;
-    PyObject *vruntime, *sum;
-    double charged;
+    PyObject *sum;
     llmos_preempt_set_running(NULL);
     state->in_slice = 0;
     *now = monotonic_ns();
@@ -945,15 +974,14 @@ static int end_slice(State *state, long long *now)
     state->cpu_ns += ran;
     if (state->proc == NULL)
         return 0;
-    if (get_int(state->proc, S_weight, &weight) < 0 || (vruntime = PyObject_GetAttr(state->proc, S_vruntime)) == NULL)
-        return -1;
-    charged = PyFloat_AsDouble(vruntime) + (double)ran * DEFAULT_WEIGHT / (double)(weight > 0 ? weight : 1);
-    Py_DECREF(vruntime);
-    sum = PyFloat_FromDouble(charged);
-    if (sum == NULL || PyObject_SetAttr(state->proc, S_vruntime, sum) < 0) {
+    weight = PyLong_AsLongLong(field(state->proc, AT_WEIGHT));
+    sum = PyFloat_FromDouble(PyFloat_AsDouble(field(state->proc, AT_VRUNTIME))
+                             + (double)ran * DEFAULT_WEIGHT / (double)(weight > 0 ? weight : 1));
+    if (sum == NULL || PyErr_Occurred()) {
         Py_XDECREF(sum);
         return -1;
     }
+    set_field(state->proc, AT_VRUNTIME, sum);
     Py_DECREF(sum);
     return 0;
 }
@@ -1166,7 +1194,7 @@ enum { RECV_DECLINED, RECV_TAKEN, RECV_BLOCKED };
 static int receive(Core *core, State *state, Message **taken)
 {
     lua_State *L = state->L;
-    PyObject *proc = state->proc, *kill_reason;
+    PyObject *proc = state->proc;
     Mailbox *mailbox = state->mailbox;
     Match *match;
     int result = RECV_DECLINED;
@@ -1174,21 +1202,18 @@ static int receive(Core *core, State *state, Message **taken)
         || recv_filter(L, 3, &match) < 0)
         return RECV_DECLINED;
     llmos_lock(core->lock);
-    kill_reason = PyObject_GetAttr(proc, S_kill_reason);
-    if (kill_reason == Py_None) {
+    if (field(proc, AT_KILL_REASON) == Py_None) {
         *taken = llmos_take(mailbox, match);
         if (*taken != NULL) {
             result = RECV_TAKEN;
-        } else if (PyObject_SetAttr(proc, S_state, S_BLOCKED) == 0 && PyObject_SetAttr(proc, S_blocked_on, S_recv) == 0
-                   && PyObject_SetAttr(proc, S_blocked_syscall, S_recv) == 0) {
-            if (llmos_block_owner(mailbox, proc, match) == 0)
-                result = RECV_BLOCKED;
-            else
-                PyObject_SetAttr(proc, S_state, S_RUNNING);
+        } else if (llmos_block_owner(mailbox, proc, match) == 0) {
+            set_field(proc, AT_STATE, S_BLOCKED);
+            set_field(proc, AT_BLOCKED_ON, S_recv);
+            set_field(proc, AT_BLOCKED_SYSCALL, S_recv);
+            result = RECV_BLOCKED;
         }
     }
     llmos_unlock(core->lock);
-    Py_XDECREF(kill_reason);
     Py_XDECREF(match);
     PyErr_Clear();
     return result;
@@ -1201,22 +1226,21 @@ static int receive(Core *core, State *state, Message **taken)
  * scheduler's worker takes it from here. */
 static PyObject *switch_to_next(Core *core, State **next_state, PyObject **answer)
 {
-    PyObject *next = runnext, *value, *kill_reason, *ident;
+    PyObject *next = runnext, *value, *ident;
     State *state = (State *)runnext_state;
     int ready;
     if (next == NULL || state == NULL || state->proc != next)
         return NULL;
     llmos_lock(core->lock);
-    value = PyObject_GetAttr(next, S_resume_value);
-    kill_reason = PyObject_GetAttr(next, S_kill_reason);
-    ready = value != NULL && Py_IS_TYPE(value, &MessageType) && kill_reason == Py_None
-            && attr_is(next, S_state, S_RUNNABLE) == 1
-            && PyObject_SetAttr(next, S_resume_value, no_values) == 0
-            && PyObject_SetAttr(next, S_state, S_RUNNING) == 0
+    value = field(next, AT_RESUME_VALUE);
+    ready = Py_IS_TYPE(value, &MessageType) && field(next, AT_KILL_REASON) == Py_None
+            && is_text(field(next, AT_STATE), S_RUNNABLE)
             && (*answer = Py_BuildValue("(On)", value, state->mailbox->count)) != NULL;
+    if (ready) {
+        set_field(next, AT_RESUME_VALUE, no_values);
+        set_field(next, AT_STATE, S_RUNNING);
+    }
     llmos_unlock(core->lock);
-    Py_XDECREF(value);
-    Py_XDECREF(kill_reason);
     PyErr_Clear();
     if (!ready)
         return NULL;
@@ -1308,12 +1332,13 @@ static PyObject *Core_new_message(Core *core, PyObject *args)
 
 static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", NULL};
-    PyObject *lock, *procs, *scheduler, *reserve_ids;
+    static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", "process_type", NULL};
+    PyObject *lock, *procs, *scheduler, *reserve_ids, *process_class;
     long long quantum_ns;
     Core *core;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOL:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
-                                     &scheduler, &reserve_ids, &quantum_ns))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOLO!:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
+                                     &scheduler, &reserve_ids, &quantum_ns, &PyType_Type, &process_class)
+        || find_process_slots((PyTypeObject *)process_class) < 0)
         return NULL;
     core = (Core *)type->tp_alloc(type, 0);
     if (core == NULL)
@@ -1378,8 +1403,9 @@ static PyMethodDef Core_methods[] = {
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "llmosd._lua.Core",
-    .tp_doc = "Core(lock, procs, scheduler, reserve_ids, quantum_ns): the kernel's C side, where Lua processes "
-              "send, receive and hand the CPU to each other without entering Python",
+    .tp_doc = "Core(lock, procs, scheduler, reserve_ids, quantum_ns, process_type): the kernel's C side, where Lua "
+              "processes send, receive and hand the CPU to each other without entering Python; process_type is "
+              "the slots class of its processes",
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = Core_new,
@@ -1502,10 +1528,8 @@ static int intern_names(void)
         PyObject **name;
         const char *text;
     } names[] = {
-        {&S_state, "state"}, {&S_blocked_on, "blocked_on"}, {&S_blocked_syscall, "blocked_syscall"},
-        {&S_resume_value, "resume_value"}, {&S_mailbox, "mailbox"}, {&S_runtime, "runtime"},
-        {&S_kill_reason, "kill_reason"},
-        {&S_vruntime, "vruntime"}, {&S_weight, "weight"}, {&S_pid, "pid"}, {&S_RUNNABLE, "RUNNABLE"},
+        {&S_state, "state"}, {&S_mailbox, "mailbox"}, {&S_runtime, "runtime"}, {&S_pid, "pid"},
+        {&S_RUNNABLE, "RUNNABLE"},
         {&S_RUNNING, "RUNNING"}, {&S_BLOCKED, "BLOCKED"}, {&S_recv, "recv"},
         {&empty_text, ""},
     };

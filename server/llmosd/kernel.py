@@ -117,7 +117,7 @@ class Kernel:
         self.procs: dict[int, Process] = {}
         # The C side: messages between Lua processes, and switching between them.
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
-                              self.quantum_ns)
+                              self.quantum_ns, Process)
         self.names: dict[str, int] = {}
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
