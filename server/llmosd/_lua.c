@@ -532,6 +532,8 @@ static int bridge_call(lua_State *L)
     return call_bridge(L, (int)lua_tointegerx(L, lua_upvalueindex(1), NULL));
 }
 
+static int bridge_try_recv(lua_State *L); /* the kernel's C side, below */
+
 /* -- The kernel's C side: messages between processes ----------------------------------------------- */
 typedef struct {
     PyObject_HEAD
@@ -890,7 +892,7 @@ static int build(lua_State *L)
     }
     for (i = 0; i < BRIDGE_COUNT; i++) {
         lua_pushinteger(L, i);
-        lua_pushcclosure(L, i == BRIDGE_SEND ? bridge_send : bridge_call, 1);
+        lua_pushcclosure(L, i == BRIDGE_SEND ? bridge_send : i == BRIDGE_TRY_RECV ? bridge_try_recv : bridge_call, 1);
     }
     lua_rotate(L, 1, BRIDGE_COUNT); /* the bridge functions first */
     llmos_sandbox_open(L);          /* step, main_state */
@@ -954,9 +956,9 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
 /* -- The slice clock: CPU time is time spent holding a virtual CPU ----------------------------------- */
 /* There are no more virtual CPUs than cores, so it tracks the thread's CPU
  * time, at a tenth of the cost of asking the OS on every resume. */
-static void begin_slice(State *state)
+static void begin_slice_at(State *state, long long now)
 {
-    state->slice_start = monotonic_ns();
+    state->slice_start = now;
     state->in_slice = 1;
     llmos_preempt_set_running(state->main_co);
 }
@@ -989,7 +991,7 @@ static int end_slice(State *state, long long *now)
 static PyObject *State_begin_slice(State *state, PyObject *unused)
 {
     (void)unused;
-    begin_slice(state);
+    begin_slice_at(state, monotonic_ns());
     Py_RETURN_NONE;
 }
 
@@ -1010,7 +1012,7 @@ static int start(State *state, long long *now)
 {
     lua_State *L = state->L;
     int status;
-    begin_slice(state);
+    begin_slice_at(state, *now);
     Py_BEGIN_ALLOW_THREADS
     status = lua_pcall(L, 5, 1, 0);
     if (status == LUA_OK) {
@@ -1032,8 +1034,9 @@ static int start(State *state, long long *now)
 }
 
 /* Runs the program until its next yield, with `answer` (a tuple of values)
- * for the syscall it is blocked in. Leaves the step's results on L's stack;
- * on failure, its error message. */
+ * for the syscall it is blocked in, its slice starting at *now; *now is then
+ * when it ended. Leaves the step's results on L's stack; on failure, its
+ * error message. */
 static int run_step(State *state, PyObject *answer, long long *now)
 {
     lua_State *L = state->L;
@@ -1056,7 +1059,7 @@ static int run_step(State *state, PyObject *answer, long long *now)
     status = lua_pcall(L, 1, LUA_MULTRET, 0);
     if (status != LUA_OK)
         return status;
-    begin_slice(state);
+    begin_slice_at(state, *now);
     Py_BEGIN_ALLOW_THREADS
     status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
     Py_END_ALLOW_THREADS
@@ -1094,7 +1097,7 @@ static PyObject *step_results(lua_State *L, int status)
 /* Resume the program with a syscall's answer: the sandbox's step (see _sandbox.c). */
 static PyObject *State_resume(State *state, PyObject *args)
 {
-    long long now;
+    long long now = monotonic_ns();
     int status = run_step(state, args, &now);
     return status < 0 ? NULL : step_results(state->L, status);
 }
@@ -1185,6 +1188,60 @@ static int recv_filter(lua_State *L, int idx, Match **match)
     return *match != NULL ? 0 : -1;
 }
 
+/* The answer to a receive: the message and how many wait after it. */
+static PyObject *message_answer(PyObject *msg, Mailbox *mailbox)
+{
+    PyObject *waiting = PyLong_FromSsize_t(mailbox->count), *answer;
+    if (waiting == NULL)
+        return NULL;
+    answer = PyTuple_Pack(2, msg, waiting);
+    Py_DECREF(waiting);
+    return answer;
+}
+
+/* The bridge's try_recv (from, tag, correlation_id, timeout_ms) -> the
+ * message's values and how many wait after it, or nil: sys.recv takes a
+ * waiting message without a trip through the scheduler. Filters the C side
+ * does not check go to the Python side, which reports what is wrong. */
+static int bridge_try_recv(lua_State *L)
+{
+    State *state = state_of(L);
+    int timeout = lua_type(L, 4), status;
+    Match *match;
+    Message *msg;
+    PyObject *answer;
+    PyGILState_STATE gil;
+    lua_settop(L, 4);
+    if (state->core == NULL || state->mailbox == NULL
+        || (timeout != LUA_TNIL && (timeout != LUA_TNUMBER || !(lua_tonumber(L, 4) >= 0))))
+        return call_bridge(L, BRIDGE_TRY_RECV);
+    gil = PyGILState_Ensure();
+    if (recv_filter(L, 1, &match) < 0) {
+        PyGILState_Release(gil);
+        return call_bridge(L, BRIDGE_TRY_RECV);
+    }
+    llmos_lock(((Core *)state->core)->lock);
+    msg = llmos_take(state->mailbox, match);
+    answer = msg != NULL ? message_answer((PyObject *)msg, state->mailbox) : NULL;
+    llmos_unlock(((Core *)state->core)->lock);
+    Py_XDECREF(match);
+    Py_XDECREF(msg);
+    if (answer == NULL) {
+        PyErr_Clear();
+        PyGILState_Release(gil);
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushcfunction(L, push_values);
+    lua_pushlightuserdata(L, answer);
+    status = lua_pcall(L, 1, LUA_MULTRET, 0);
+    Py_DECREF(answer);
+    PyGILState_Release(gil);
+    if (status != LUA_OK)
+        return lua_error(L); /* out of memory while pushing the answer */
+    return lua_gettop(L) - 4;
+}
+
 enum { RECV_DECLINED, RECV_TAKEN, RECV_BLOCKED };
 
 /* After a step that yielded ("sys", "recv", from, tag, correlation_id,
@@ -1224,9 +1281,9 @@ static int receive(Core *core, State *state, Message **taken)
  * blocked in a receive is never one preempted mid-slice), and not to end.
  * It is then RUNNING on this thread, and its State in *next_state. NULL: the
  * scheduler's worker takes it from here. */
-static PyObject *switch_to_next(Core *core, State **next_state, PyObject **answer)
+static PyObject *switch_to_next(Core *core, PyObject *ident, State **next_state, PyObject **answer)
 {
-    PyObject *next = runnext, *value, *ident;
+    PyObject *next = runnext, *value;
     State *state = (State *)runnext_state;
     int ready;
     if (next == NULL || state == NULL || state->proc != next)
@@ -1235,7 +1292,7 @@ static PyObject *switch_to_next(Core *core, State **next_state, PyObject **answe
     value = field(next, AT_RESUME_VALUE);
     ready = Py_IS_TYPE(value, &MessageType) && field(next, AT_KILL_REASON) == Py_None
             && is_text(field(next, AT_STATE), S_RUNNABLE)
-            && (*answer = Py_BuildValue("(On)", value, state->mailbox->count)) != NULL;
+            && (*answer = message_answer(value, state->mailbox)) != NULL;
     if (ready) {
         set_field(next, AT_RESUME_VALUE, no_values);
         set_field(next, AT_STATE, S_RUNNING);
@@ -1246,10 +1303,8 @@ static PyObject *switch_to_next(Core *core, State **next_state, PyObject **answe
         return NULL;
     runnext = runnext_state = NULL; /* their references are now the caller's */
     *next_state = state;
-    ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (ident == NULL || PyDict_SetItem(core->running, ident, next) < 0)
+    if (PyDict_SetItem(core->running, ident, next) < 0)
         PyErr_Clear(); /* only the watchdog's view of who runs here is off */
-    Py_XDECREF(ident);
     return next;
 }
 
@@ -1270,15 +1325,19 @@ static State *state_of_process(PyObject *proc)
 
 static PyObject *Core_run(Core *core, PyObject *args)
 {
-    PyObject *proc, *answer, *out = NULL;
+    PyObject *proc, *answer, *out = NULL, *ident;
     State *state;
-    long long started = monotonic_ns(), now;
+    long long started = monotonic_ns(), now = started;
     Message *taken;
     int status;
     if (!PyArg_ParseTuple(args, "OO!:run", &proc, &PyTuple_Type, &answer))
         return NULL;
     if ((state = state_of_process(proc)) == NULL)
         return NULL;
+    if ((ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident())) == NULL) {
+        Py_DECREF(state);
+        return NULL;
+    }
     Py_INCREF(proc);
     Py_INCREF(answer);
     for (;;) {
@@ -1292,7 +1351,7 @@ static PyObject *Core_run(Core *core, PyObject *args)
             taken = NULL;
             switch (receive(core, state, &taken)) {
             case RECV_TAKEN:
-                answer = Py_BuildValue("(On)", taken, state->mailbox->count);
+                answer = message_answer((PyObject *)taken, state->mailbox);
                 Py_DECREF(taken);
                 if (answer == NULL)
                     goto done;
@@ -1300,7 +1359,7 @@ static PyObject *Core_run(Core *core, PyObject *args)
             case RECV_BLOCKED:
                 lua_settop(state->L, 0);
                 Py_CLEAR(state);
-                next = switch_to_next(core, &state, &answer);
+                next = switch_to_next(core, ident, &state, &answer);
                 if (next == NULL) {
                     out = Py_BuildValue("(OO)", proc, Py_None);
                     goto done;
@@ -1318,6 +1377,7 @@ done:
     Py_XDECREF(state);
     Py_XDECREF(answer);
     Py_DECREF(proc);
+    Py_DECREF(ident);
     return out;
 }
 

@@ -467,24 +467,42 @@ static int yield_syscall(lua_State *L, const char *name, int first, int last, lu
     return lua_yieldk(L, last - first + 3, ctx, k);
 }
 
+/* sys.recv's upvalues: the names of a message's fields, then of the
+ * options' one more. Keys pushed from upvalues cost no lookup in the state's
+ * string table, which every C string (lua_getfield, lua_setfield) does. */
+static const char *const RECV_KEYS[] = {"id", "from", "to", "tag", "body", "data", "correlation_id", "sent_at_ms",
+                                        "timeout_ms"};
+enum { KEY_FROM = 2, KEY_TAG = 4, KEY_CORRELATION_ID = 7, MESSAGE_FIELDS = 8, KEY_TIMEOUT_MS = 9, RECV_KEY_COUNT = 9 };
+
+/* opts[key] (metamethods included, as lua_getfield), for the key in upvalue `key`; nil without opts. */
+static void push_recv_option(lua_State *L, int opts, int key)
+{
+    if (lua_type(L, opts) == LUA_TTABLE) {
+        lua_pushvalue(L, lua_upvalueindex(key));
+        lua_gettable(L, opts);
+    } else {
+        lua_pushnil(L);
+    }
+}
+
 /* A received message (id, from, to, tag, body, data, correlation_id,
  * sent_at_ms, mailbox length) at base.. as a table; nil for a timeout. */
 static int as_message(lua_State *L, int base)
 {
-    static const char *const fields[] = {"id", "from", "to", "tag", "body", "data", "correlation_id", "sent_at_ms"};
     int i;
-    lua_settop(L, base + 8);
+    lua_settop(L, base + MESSAGE_FIELDS);
     if (lua_isnil(L, base)) {
         if (!lua_isnil(L, base + 1))
             return raise_at_caller(L, base + 1); /* nil, error text */
         lua_pushnil(L);
         return 1;
     }
-    sandbox_of(L)->maybe_mail = lua_tonumber(L, base + 8) > 0;
-    lua_createtable(L, 0, 8);
-    for (i = 0; i < 8; i++) {
+    sandbox_of(L)->maybe_mail = lua_tonumber(L, base + MESSAGE_FIELDS) > 0;
+    lua_createtable(L, 0, MESSAGE_FIELDS);
+    for (i = 0; i < MESSAGE_FIELDS; i++) {
+        lua_pushvalue(L, lua_upvalueindex(i + 1));
         lua_pushvalue(L, base + i);
-        lua_setfield(L, -2, fields[i]);
+        lua_rawset(L, -3);
     }
     return 1;
 }
@@ -504,10 +522,10 @@ static int sys_recv(lua_State *L)
     int i, zero_timeout;
     lua_settop(L, 1);
     check_options(L, 1, "sys.recv");
-    push_option(L, 1, "from");
-    push_option(L, 1, "tag");
-    push_option(L, 1, "correlation_id");
-    push_option(L, 1, "timeout_ms");
+    push_recv_option(L, 1, KEY_FROM);
+    push_recv_option(L, 1, KEY_TAG);
+    push_recv_option(L, 1, KEY_CORRELATION_ID);
+    push_recv_option(L, 1, KEY_TIMEOUT_MS);
     zero_timeout = is_zero(L, 5);
     /* The common case, a message already waiting, costs no trip through the
      * scheduler; when none can be waiting the kernel takes one that arrives
@@ -613,13 +631,17 @@ static void push_sys(lua_State *L)
                                          "set_priority", "info", NULL};
     static const char *const file_ops[] = {"write", "read", "stat", "list", "delete", "rename", "mkdir", NULL};
     const char *const *name;
+    int i;
     lua_createtable(L, 0, 18);
     set_function(L, "self", sys_self);
     for (name = direct; *name != NULL; name++)
         set_direct(L, *name, *name, NULL);
     set_function(L, "log", sb_log);
     set_function(L, "send", sys_send);
-    set_function(L, "recv", sys_recv);
+    for (i = 0; i < RECV_KEY_COUNT; i++)
+        lua_pushstring(L, RECV_KEYS[i]);
+    lua_pushcclosure(L, sys_recv, RECV_KEY_COUNT);
+    lua_setfield(L, -2, "recv");
     set_blocking(L, "wait");
     set_blocking(L, "sleep");
     set_blocking(L, "infer");
