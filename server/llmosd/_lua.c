@@ -4,9 +4,19 @@
  * A State is one process's Lua 5.4 state: only the libraries the sandbox
  * keeps (base, coroutine, table, string, math, utf8, os), memory counted and
  * capped by its own allocator, and the sandbox (_sandbox.c) built into it.
- * The kernel runs the program with resume(); the program reaches the kernel
- * through four bridge functions, C closures that call the process's Python
- * side (LuaProcess.check, send, try_recv and call).
+ * The kernel runs the program with resume(), or Core.run; the program
+ * reaches the kernel through four bridge functions, C closures for the
+ * process's Python side (LuaProcess.check, send, try_recv and call).
+ *
+ * The Core is the kernel's C side of messaging. send and try_recv are C
+ * first: a message to another process goes straight into its mailbox
+ * (_mailbox.c), or the hands of a receiver blocked there, and a waiting
+ * message is taken without Python. Core.run runs a process and, when it
+ * blocks in a receive, blocks it on its mailbox and switches this worker to
+ * the process a send woke (the scheduler's runnext), so that two processes
+ * exchanging messages never enter Python. What the C side does not handle
+ * (ports, names, raw data, odd filters, values to report as errors, a
+ * quantum spent) goes to the Python side, which handles it as before.
  *
  * Lua runs without the GIL: resume() releases it, and a bridge call takes it
  * back while Python runs. Values cross by JSON's rules, converted here:

@@ -467,9 +467,10 @@ static int yield_syscall(lua_State *L, const char *name, int first, int last, lu
     return lua_yieldk(L, last - first + 3, ctx, k);
 }
 
-/* sys.recv's upvalues: the names of a message's fields, then of the
- * options' one more. Keys pushed from upvalues cost no lookup in the state's
- * string table, which every C string (lua_getfield, lua_setfield) does. */
+/* sys.recv's upvalues: the names of a message's fields, then timeout_ms,
+ * the one option that is not among them. A key pushed from an upvalue costs
+ * no lookup in the state's string table, which every C string key
+ * (lua_getfield, lua_setfield) does. */
 static const char *const RECV_KEYS[] = {"id", "from", "to", "tag", "body", "data", "correlation_id", "sent_at_ms",
                                         "timeout_ms"};
 enum { KEY_FROM = 2, KEY_TAG = 4, KEY_CORRELATION_ID = 7, MESSAGE_FIELDS = 8, KEY_TIMEOUT_MS = 9, RECV_KEY_COUNT = 9 };

@@ -5,7 +5,9 @@ Each process's state is an _lua.State (_lua.c), with the sandbox
 Non-blocking syscalls (send, spawn, kill, ...) are direct calls into the
 bridge below; blocking ones (recv with nothing to take, wait, sleep, infer,
 exit) yield to the kernel, which parks the process until its waiter completes
-and then resumes it.
+and then resumes it. Messages between processes are the C side's (the
+kernel's _lua.Core): send and try_recv here, and the receive that blocks,
+handle only what it leaves to Python.
 
 Only plain values ever cross into the program, converted by _lua.c: bridge
 functions catch every exception and answer (nil, message) instead, and no

@@ -82,9 +82,10 @@ class Process:
     queued_at: int = 0  # perf_counter_ns when last queued
     yield_requested: bool = False  # the scheduler wants the CPU back before the quantum ends
     wall_timer: Any = None
-    # Accounting.
+    # Accounting. The mailbox counts messages sent and received; a Lua
+    # process's CPU time is its State's (cpu_ns is a Python agent's).
     cpu_ns: int = 0
-    tokens: int = 0  # messages sent and received are counted by the mailbox
+    tokens: int = 0
     log: list[str] = field(default_factory=list)
     log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
     log_to_server: bool = False
