@@ -598,7 +598,7 @@ static int is_text(PyObject *value, PyObject *text)
  * class's member descriptors when the first Core is made. */
 static PyTypeObject *process_type;
 static Py_ssize_t AT_STATE, AT_BLOCKED_ON, AT_BLOCKED_SYSCALL, AT_RESUME_VALUE, AT_KILL_REASON, AT_VRUNTIME,
-    AT_WEIGHT;
+    AT_WEIGHT, AT_MAILBOX;
 
 static int find_slot(PyTypeObject *type, const char *name, Py_ssize_t *at)
 {
@@ -623,7 +623,8 @@ static int find_process_slots(PyTypeObject *type)
     if (find_slot(type, "state", &AT_STATE) < 0 || find_slot(type, "blocked_on", &AT_BLOCKED_ON) < 0
         || find_slot(type, "blocked_syscall", &AT_BLOCKED_SYSCALL) < 0
         || find_slot(type, "resume_value", &AT_RESUME_VALUE) < 0 || find_slot(type, "kill_reason", &AT_KILL_REASON) < 0
-        || find_slot(type, "vruntime", &AT_VRUNTIME) < 0 || find_slot(type, "weight", &AT_WEIGHT) < 0)
+        || find_slot(type, "vruntime", &AT_VRUNTIME) < 0 || find_slot(type, "weight", &AT_WEIGHT) < 0
+        || find_slot(type, "mailbox", &AT_MAILBOX) < 0)
         return -1;
     Py_INCREF(type);
     process_type = type;
@@ -726,7 +727,7 @@ enum { SEND_DONE, SEND_DECLINED, SEND_REFUSED };
 static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *waiting, char *error, size_t size)
 {
     Core *core = (Core *)state->core;
-    PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox = NULL;
+    PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox;
     Message *msg = NULL;
     int result = SEND_DECLINED, delivered;
     if (core == NULL || state->mailbox == NULL)
@@ -741,7 +742,7 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
         goto out;
     llmos_lock(core->lock);
     dst = PyDict_GetItemWithError(core->procs, key);
-    if (dst != NULL && (mailbox = PyObject_GetAttr(dst, S_mailbox)) != NULL && PyObject_TypeCheck(mailbox, &MailboxType)
+    if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = field(dst, AT_MAILBOX), &MailboxType)
         && !((Mailbox *)mailbox)->durable
         && (msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
                                     correlation_id)) != NULL) {
@@ -758,9 +759,9 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
     }
     llmos_unlock(core->lock);
 out:
-    PyErr_Clear(); /* what failed otherwise is the Python side's to report, as it sends instead */
+    if (PyErr_Occurred())
+        PyErr_Clear(); /* what failed otherwise is the Python side's to report, as it sends instead */
     Py_XDECREF(msg);
-    Py_XDECREF(mailbox);
     Py_XDECREF(key);
     Py_XDECREF(correlation_id);
     Py_XDECREF(tag);
@@ -1282,7 +1283,8 @@ static int receive(Core *core, State *state, Message **taken)
     }
     llmos_unlock(core->lock);
     Py_XDECREF(match);
-    PyErr_Clear();
+    if (PyErr_Occurred())
+        PyErr_Clear();
     return result;
 }
 
@@ -1308,7 +1310,8 @@ static PyObject *switch_to_next(Core *core, PyObject *ident, State **next_state,
         set_field(next, AT_STATE, S_RUNNING);
     }
     llmos_unlock(core->lock);
-    PyErr_Clear();
+    if (PyErr_Occurred())
+        PyErr_Clear();
     if (!ready)
         return NULL;
     runnext = runnext_state = NULL; /* their references are now the caller's */

@@ -22,6 +22,7 @@
 
 static PyObject *ResourceExhausted; /* llmosd.errors.ResourceExhausted */
 static Match *any_match;            /* the filter that accepts every message */
+static PyObject *owner_any;         /* the receivers' entry (None, any_match): the owner waiting for anything */
 static PyObject *S_queue, *S_complete, *S_abandon, *S_register;
 
 /* -- Lock ------------------------------------------------------------------------------------ */
@@ -392,7 +393,7 @@ Message *llmos_take(Mailbox *mb, Match *match)
 
 int llmos_block_owner(Mailbox *mb, PyObject *proc, Match *match)
 {
-    PyObject *entry = PyTuple_Pack(2, Py_None, match != NULL ? (PyObject *)match : (PyObject *)any_match);
+    PyObject *entry = is_any(match) ? Py_NewRef(owner_any) : PyTuple_Pack(2, Py_None, (PyObject *)match);
     int status;
     if (entry == NULL)
         return -1;
@@ -613,11 +614,12 @@ int llmos_messaging_init(PyObject *module)
         || PyType_Ready(&MatchType) < 0 || PyType_Ready(&MailboxType) < 0)
         return -1;
     any_match = (Match *)PyObject_CallNoArgs((PyObject *)&MatchType);
+    owner_any = any_match != NULL ? PyTuple_Pack(2, Py_None, (PyObject *)any_match) : NULL;
     S_queue = PyUnicode_InternFromString("queue");
     S_complete = PyUnicode_InternFromString("complete");
     S_abandon = PyUnicode_InternFromString("abandon");
     S_register = PyUnicode_InternFromString("register");
-    if (any_match == NULL || S_queue == NULL || S_complete == NULL || S_abandon == NULL || S_register == NULL)
+    if (any_match == NULL || owner_any == NULL || S_queue == NULL || S_complete == NULL || S_abandon == NULL || S_register == NULL)
         return -1;
     if (PyModule_AddObjectRef(module, "Lock", (PyObject *)&LockType) < 0
         || PyModule_AddObjectRef(module, "Message", (PyObject *)&MessageType) < 0
