@@ -1,4 +1,4 @@
-"""Messages between Lua processes, which the kernel's C side (_lua.c's Core,
+"""Messages between Lua processes, which the kernel's C side (_core.c,
 _mailbox.c) sends, receives and hands the CPU over for without entering
 Python, and the cases it leaves to the Python side. Over real gRPC against a
 real llmosd."""

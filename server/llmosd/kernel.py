@@ -2,7 +2,7 @@
 
 Every syscall, whether from an RPC or from a Lua program, lands in one of the
 public methods here, or, for messages between Lua processes, in the C core
-(`self.core`, see _lua.c), which changes the same process table and
+(`self.core`, see _core.c), which changes the same process table and
 mailboxes. State changes happen under one lock (`self.lock`, a C lock both
 sides take), held only for bookkeeping, never while program code runs or an
 RPC waits.

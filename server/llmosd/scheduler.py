@@ -14,7 +14,7 @@ processes preempted mid-computation, never one per process.
 Like Go's runnext, a process woken by the running one (a reply to a message
 it just sent) is run next on the same thread, without a trip through the
 shared queue; a preemption or a long slice gives it back to the queue. The
-runnext slot is the C side's (_lua.c), whose Core switches from a Lua process
+runnext slot is the C side's (_core.c), whose Core switches from a Lua process
 blocking in a receive straight to the one in the slot.
 """
 from __future__ import annotations

@@ -1,0 +1,700 @@
+/*
+ * llmosd._lua's core: the kernel's C side of messages between processes,
+ * and of handing a worker's CPU from one Lua process to the next.
+ *
+ * send and try_recv, two of a state's bridge functions (see _lua.c), are C
+ * first: a message to another process goes straight into its mailbox
+ * (_mailbox.c), or the hands of a receiver blocked there, and a waiting
+ * message is taken without Python. Core.run runs a process and, when it
+ * blocks in a receive, blocks it on its mailbox and switches this worker to
+ * the process a send woke (the scheduler's runnext), so that processes
+ * exchanging messages never enter Python. What this side does not handle
+ * (ports, names, raw data, odd filters, values to report as errors, a
+ * quantum spent) goes to the Python side (lua_runtime.py, kernel.py), which
+ * handles it as it always did. Both sides change the process table and
+ * mailboxes under the one kernel lock.
+ */
+#include "lua_state.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <structmember.h>
+#include <time.h>
+
+typedef struct {
+    PyObject_HEAD
+    Lock *lock;                       /* the kernel lock */
+    PyObject *procs;                  /* pid -> Process, the live ones */
+    PyObject *running;                /* thread ident -> the Process it runs (the scheduler's) */
+    PyObject *make_runnable;          /* the scheduler's */
+    PyObject *reserve_ids;            /* () -> (first, end): a block of message ids from the store */
+    long long next_id, end_id;        /* the block in use */
+    long long quantum_ns;
+} Core;
+
+/* The Process attributes and values the C side reads and writes. */
+static PyObject *S_state, *S_runtime, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *empty_text, *empty_bytes,
+    *no_values;
+
+#define DEFAULT_WEIGHT 100 /* scheduler.DEFAULT_WEIGHT */
+
+/* A process woken by the one this worker thread runs, to run next on this
+ * thread without a trip through the run queue (Go's runnext); the scheduler
+ * uses the same slot (offer_next, take_next). runnext_state is its State
+ * when a receive woke it, which the core can switch to at once. */
+static __thread PyObject *runnext;
+static __thread PyObject *runnext_state;
+static __thread int on_worker; /* this thread is one of the scheduler's workers */
+
+long long llmos_monotonic_ns(void) /* the clock of Python's time.perf_counter_ns */
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static long long wall_ms(void) /* as store.now_ms */
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+static int is_text(PyObject *value, PyObject *text)
+{
+    return value == text || (PyUnicode_Check(value) && PyUnicode_Compare(value, text) == 0);
+}
+
+/* The Process fields read and written on every hand-off, reached through
+ * their slots' offsets: Process is a slots class (process.py), and attribute
+ * lookup cost more than the rest of a hand-off. The offsets come from the
+ * class's member descriptors when the first Core is made. */
+static PyTypeObject *process_type;
+static Py_ssize_t AT_STATE, AT_BLOCKED_ON, AT_BLOCKED_SYSCALL, AT_RESUME_VALUE, AT_KILL_REASON, AT_VRUNTIME,
+    AT_WEIGHT, AT_MAILBOX;
+
+static int find_slot(PyTypeObject *type, const char *name, Py_ssize_t *at)
+{
+    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+        || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%s.%s must be a slot", type->tp_name, name);
+        return -1;
+    }
+    *at = ((PyMemberDescrObject *)descr)->d_member->offset;
+    return 0;
+}
+
+static int find_process_slots(PyTypeObject *type)
+{
+    if (process_type != NULL) {
+        if (process_type == type)
+            return 0;
+        PyErr_Format(PyExc_TypeError, "the kernel's processes are %s already", process_type->tp_name);
+        return -1;
+    }
+    if (find_slot(type, "state", &AT_STATE) < 0 || find_slot(type, "blocked_on", &AT_BLOCKED_ON) < 0
+        || find_slot(type, "blocked_syscall", &AT_BLOCKED_SYSCALL) < 0
+        || find_slot(type, "resume_value", &AT_RESUME_VALUE) < 0 || find_slot(type, "kill_reason", &AT_KILL_REASON) < 0
+        || find_slot(type, "vruntime", &AT_VRUNTIME) < 0 || find_slot(type, "weight", &AT_WEIGHT) < 0
+        || find_slot(type, "mailbox", &AT_MAILBOX) < 0)
+        return -1;
+    Py_INCREF(type);
+    process_type = type;
+    return 0;
+}
+
+int llmos_is_process(PyObject *proc)
+{
+    return process_type != NULL && Py_IS_TYPE(proc, process_type);
+}
+
+/* A field of a Process (the dataclass sets every field, so it is never NULL). */
+static PyObject *field(PyObject *proc, Py_ssize_t at)
+{
+    PyObject *value = *(PyObject **)((char *)proc + at);
+    return value != NULL ? value : Py_None;
+}
+
+static void set_field(PyObject *proc, Py_ssize_t at, PyObject *value)
+{
+    PyObject **slot = (PyObject **)((char *)proc + at);
+    Py_INCREF(value);
+    Py_XSETREF(*slot, value);
+}
+
+/* vruntime: CPU time scaled by DEFAULT_WEIGHT / weight, which orders the run queue. */
+int llmos_charge(PyObject *proc, long long ran)
+{
+    long long weight = PyLong_AsLongLong(field(proc, AT_WEIGHT));
+    PyObject *sum = PyFloat_FromDouble(PyFloat_AsDouble(field(proc, AT_VRUNTIME))
+                                       + (double)ran * DEFAULT_WEIGHT / (double)(weight > 0 ? weight : 1));
+    if (sum == NULL || PyErr_Occurred()) {
+        Py_XDECREF(sum);
+        return -1;
+    }
+    set_field(proc, AT_VRUNTIME, sum);
+    Py_DECREF(sum);
+    return 0;
+}
+
+Message *llmos_new_message(PyObject *core_object, long long sender, long long to, PyObject *tag, PyObject *body,
+                           PyObject *data, PyObject *correlation_id)
+{
+    Core *core = (Core *)core_object;
+    if (core->next_id >= core->end_id) {
+        PyObject *block = PyObject_CallNoArgs(core->reserve_ids);
+        long long first, end;
+        if (block == NULL)
+            return NULL;
+        if (!PyArg_ParseTuple(block, "LL:reserve_ids", &first, &end) || end <= first) {
+            Py_DECREF(block);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "reserve_ids gave an empty block");
+            return NULL;
+        }
+        Py_DECREF(block);
+        core->next_id = first;
+        core->end_id = end;
+    }
+    return llmos_make_message(core->next_id++, sender, to, tag, body, data, correlation_id, wall_ms());
+}
+
+int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg)
+{
+    PyObject *done;
+    set_field(proc, AT_RESUME_VALUE, (PyObject *)msg);
+    set_field(proc, AT_STATE, S_RUNNABLE);
+    set_field(proc, AT_BLOCKED_ON, Py_None);
+    if (on_worker && runnext == NULL) {
+        Py_INCREF(proc);
+        runnext = proc;
+        Py_XINCREF(mailbox->owner_state);
+        Py_XSETREF(runnext_state, mailbox->owner_state);
+        return 0;
+    }
+    done = PyObject_CallOneArg(((Core *)mailbox->core)->make_runnable, proc);
+    Py_XDECREF(done);
+    return done != NULL ? 0 : -1;
+}
+
+/* The error text of the exception set, as bytes for Lua; clears it. */
+static void take_error(char *out, size_t size)
+{
+    PyObject *type, *value, *traceback, *text;
+    const char *utf8;
+    PyErr_Fetch(&type, &value, &traceback);
+    text = value != NULL ? PyObject_Str(value) : NULL;
+    utf8 = text != NULL ? PyUnicode_AsUTF8(text) : NULL;
+    snprintf(out, size, "%s", utf8 != NULL ? utf8 : "unknown error");
+    PyErr_Clear();
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+/* A Lua string as text for a message field, or NULL (no exception) if it is not valid text. */
+static PyObject *text_field(lua_State *L, int idx)
+{
+    size_t len;
+    const char *text;
+    PyObject *value;
+    if (lua_isnil(L, idx)) {
+        Py_INCREF(empty_text);
+        return empty_text;
+    }
+    text = lua_tolstring(L, idx, &len);
+    value = PyUnicode_DecodeUTF8(text, (Py_ssize_t)len, NULL);
+    if (value == NULL)
+        PyErr_Clear();
+    return value;
+}
+
+enum { SEND_DONE, SEND_DECLINED, SEND_REFUSED };
+
+/* sys.send(to, body, tag, data, correlation_id) to a process's mailbox, with
+ * the GIL held: the message id and the sender's mailbox length on `id` and
+ * `waiting`, or why it was refused in `error`. Declined: the Python side
+ * handles what this does not (names, ports, raw data, values to report). */
+static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *waiting, char *error, size_t size)
+{
+    Core *core = (Core *)state->core;
+    PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox;
+    Message *msg = NULL;
+    int result = SEND_DECLINED, delivered;
+    if (core == NULL || state->mailbox == NULL)
+        return SEND_DECLINED;
+    body = llmos_to_python(L, 2, 0, 1); /* a body is JSON: text strings, finite numbers */
+    if (body == NULL) {
+        PyErr_Clear();
+        return SEND_DECLINED;
+    }
+    if ((tag = text_field(L, 3)) == NULL || (correlation_id = text_field(L, 5)) == NULL
+        || (key = PyLong_FromLongLong(lua_tointegerx(L, 1, NULL))) == NULL)
+        goto out;
+    llmos_lock(core->lock);
+    dst = PyDict_GetItemWithError(core->procs, key);
+    if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = field(dst, AT_MAILBOX), &MailboxType)
+        && !((Mailbox *)mailbox)->durable
+        && (msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
+                                    correlation_id)) != NULL) {
+        delivered = llmos_deliver((Mailbox *)mailbox, msg, 1);
+        if (delivered < 0) {
+            take_error(error, size);
+            result = SEND_REFUSED;
+        } else {
+            result = SEND_DONE;
+            *id = msg->id;
+            *waiting = state->mailbox->count;
+            state->mailbox->sent++;
+        }
+    }
+    llmos_unlock(core->lock);
+out:
+    if (PyErr_Occurred())
+        PyErr_Clear(); /* what failed otherwise is the Python side's to report, as it sends instead */
+    Py_XDECREF(msg);
+    Py_XDECREF(key);
+    Py_XDECREF(correlation_id);
+    Py_XDECREF(tag);
+    Py_DECREF(body);
+    return result;
+}
+
+/* The bridge's send (to, body, tag, data, correlation_id) -> message id and
+ * the sender's mailbox length, or nil and why not. A message between
+ * processes goes straight into the receiver's mailbox, or its hands. */
+int llmos_bridge_send(lua_State *L)
+{
+    State *state = llmos_state_of(L);
+    long long id = 0;
+    Py_ssize_t waiting = 0;
+    char error[512];
+    int result, tag = lua_type(L, 3), correlation_id = lua_type(L, 5);
+    PyGILState_STATE gil;
+    lua_settop(L, 5);
+    if (!lua_isinteger(L, 1) || !lua_isnil(L, 4) || (tag != LUA_TNIL && tag != LUA_TSTRING)
+        || (correlation_id != LUA_TNIL && correlation_id != LUA_TSTRING))
+        return llmos_call_bridge(L, BRIDGE_SEND);
+    gil = PyGILState_Ensure();
+    result = send_message(state, L, &id, &waiting, error, sizeof error);
+    PyGILState_Release(gil);
+    if (result == SEND_DECLINED)
+        return llmos_call_bridge(L, BRIDGE_SEND);
+    if (result == SEND_REFUSED) {
+        lua_pushnil(L);
+        lua_pushstring(L, error);
+        return 2;
+    }
+    lua_pushinteger(L, id);
+    lua_pushinteger(L, (lua_Integer)waiting);
+    return 2;
+}
+
+/* -- Core: running Lua processes, and handing the CPU from one to the next ----------------------- */
+static int lua_text_is(lua_State *L, int idx, const char *text)
+{
+    size_t len;
+    const char *value = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &len) : NULL;
+    return value != NULL && len == strlen(text) && memcmp(value, text, len) == 0;
+}
+
+/* An optional text field of sys.recv's filter: None for nil; NULL (no
+ * exception) for anything the Python side should check and report. */
+static PyObject *filter_text(lua_State *L, int idx)
+{
+    if (lua_isnil(L, idx)) {
+        Py_INCREF(Py_None);
+        return Py_None;
+    }
+    return lua_type(L, idx) == LUA_TSTRING ? text_field(L, idx) : NULL;
+}
+
+/* sys.recv's filter from its from, tag and correlation_id at idx..idx+2,
+ * in *match (NULL: any message). -1 (no exception): the Python side decides. */
+static int recv_filter(lua_State *L, int idx, Match **match)
+{
+    PyObject *sender = NULL, *tag = NULL, *correlation_id = NULL;
+    *match = NULL;
+    if (lua_isnil(L, idx) && lua_isnil(L, idx + 1) && lua_isnil(L, idx + 2))
+        return 0;
+    if (lua_isnil(L, idx)) {
+        Py_INCREF(Py_None);
+        sender = Py_None;
+    } else if (lua_isinteger(L, idx)) {
+        sender = PyLong_FromLongLong(lua_tointegerx(L, idx, NULL));
+    }
+    if (sender != NULL && (tag = filter_text(L, idx + 1)) != NULL
+        && (correlation_id = filter_text(L, idx + 2)) != NULL)
+        *match = (Match *)PyObject_CallFunctionObjArgs((PyObject *)&MatchType, sender, tag, correlation_id, NULL);
+    Py_XDECREF(sender);
+    Py_XDECREF(tag);
+    Py_XDECREF(correlation_id);
+    PyErr_Clear();
+    return *match != NULL ? 0 : -1;
+}
+
+/* The answer to a receive: the message and how many wait after it. */
+static PyObject *message_answer(PyObject *msg, Mailbox *mailbox)
+{
+    PyObject *waiting = PyLong_FromSsize_t(mailbox->count), *answer;
+    if (waiting == NULL)
+        return NULL;
+    answer = PyTuple_Pack(2, msg, waiting);
+    Py_DECREF(waiting);
+    return answer;
+}
+
+/* The bridge's try_recv (from, tag, correlation_id, timeout_ms) -> the
+ * message's values and how many wait after it, or nil: sys.recv takes a
+ * waiting message without a trip through the scheduler. Filters the C side
+ * does not check go to the Python side, which reports what is wrong. */
+int llmos_bridge_try_recv(lua_State *L)
+{
+    State *state = llmos_state_of(L);
+    int timeout = lua_type(L, 4), status;
+    Match *match;
+    Message *msg;
+    PyObject *answer;
+    PyGILState_STATE gil;
+    lua_settop(L, 4);
+    if (state->core == NULL || state->mailbox == NULL
+        || (timeout != LUA_TNIL && (timeout != LUA_TNUMBER || !(lua_tonumber(L, 4) >= 0))))
+        return llmos_call_bridge(L, BRIDGE_TRY_RECV);
+    gil = PyGILState_Ensure();
+    if (recv_filter(L, 1, &match) < 0) {
+        PyGILState_Release(gil);
+        return llmos_call_bridge(L, BRIDGE_TRY_RECV);
+    }
+    llmos_lock(((Core *)state->core)->lock);
+    msg = llmos_take(state->mailbox, match);
+    answer = msg != NULL ? message_answer((PyObject *)msg, state->mailbox) : NULL;
+    llmos_unlock(((Core *)state->core)->lock);
+    Py_XDECREF(match);
+    Py_XDECREF(msg);
+    if (answer == NULL) {
+        PyErr_Clear();
+        PyGILState_Release(gil);
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushcfunction(L, llmos_push_values);
+    lua_pushlightuserdata(L, answer);
+    status = lua_pcall(L, 1, LUA_MULTRET, 0);
+    Py_DECREF(answer);
+    PyGILState_Release(gil);
+    if (status != LUA_OK)
+        return lua_error(L); /* out of memory while pushing the answer */
+    return lua_gettop(L) - 4;
+}
+
+enum { RECV_DECLINED, RECV_TAKEN, RECV_BLOCKED };
+
+/* After a step that yielded ("sys", "recv", from, tag, correlation_id,
+ * timeout_ms) with no timeout: take a matching message (*taken), or block
+ * the process on its mailbox, where a sender's llmos_wake finds it.
+ * Declined: the Python side handles the syscall (and a process to end). */
+static int receive(Core *core, State *state, Message **taken)
+{
+    lua_State *L = state->L;
+    PyObject *proc = state->proc;
+    Mailbox *mailbox = state->mailbox;
+    Match *match;
+    int result = RECV_DECLINED;
+    if (lua_gettop(L) != 6 || !lua_isnil(L, 6) || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv")
+        || recv_filter(L, 3, &match) < 0)
+        return RECV_DECLINED;
+    llmos_lock(core->lock);
+    if (field(proc, AT_KILL_REASON) == Py_None) {
+        *taken = llmos_take(mailbox, match);
+        if (*taken != NULL) {
+            result = RECV_TAKEN;
+        } else if (llmos_block_owner(mailbox, proc, match) == 0) {
+            set_field(proc, AT_STATE, S_BLOCKED);
+            set_field(proc, AT_BLOCKED_ON, S_recv);
+            set_field(proc, AT_BLOCKED_SYSCALL, S_recv);
+            result = RECV_BLOCKED;
+        }
+    }
+    llmos_unlock(core->lock);
+    Py_XDECREF(match);
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    return result;
+}
+
+/* The process in runnext, if it can run on here at once: a Lua process that
+ * a receive woke with a message (its answer goes to *answer; a process
+ * blocked in a receive is never one preempted mid-slice), and not to end.
+ * It is then RUNNING on this thread, and its State in *next_state. NULL: the
+ * scheduler's worker takes it from here. */
+static PyObject *switch_to_next(Core *core, PyObject *ident, State **next_state, PyObject **answer)
+{
+    PyObject *next = runnext, *value;
+    State *state = (State *)runnext_state;
+    int ready;
+    if (next == NULL || state == NULL || state->proc != next)
+        return NULL;
+    llmos_lock(core->lock);
+    value = field(next, AT_RESUME_VALUE);
+    ready = Py_IS_TYPE(value, &MessageType) && field(next, AT_KILL_REASON) == Py_None
+            && is_text(field(next, AT_STATE), S_RUNNABLE)
+            && (*answer = message_answer(value, state->mailbox)) != NULL;
+    if (ready) {
+        set_field(next, AT_RESUME_VALUE, no_values);
+        set_field(next, AT_STATE, S_RUNNING);
+    }
+    llmos_unlock(core->lock);
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    if (!ready)
+        return NULL;
+    runnext = runnext_state = NULL; /* their references are now the caller's */
+    *next_state = state;
+    if (PyDict_SetItem(core->running, ident, next) < 0)
+        PyErr_Clear(); /* only the watchdog's view of who runs here is off */
+    return next;
+}
+
+static State *state_of_process(PyObject *proc)
+{
+    PyObject *runtime = PyObject_GetAttr(proc, S_runtime), *state;
+    if (runtime == NULL)
+        return NULL;
+    state = PyObject_GetAttr(runtime, S_state);
+    Py_DECREF(runtime);
+    if (state != NULL && !Py_IS_TYPE(state, &StateType)) {
+        Py_DECREF(state);
+        PyErr_SetString(PyExc_TypeError, "a Lua process's runtime has no State");
+        return NULL;
+    }
+    return (State *)state;
+}
+
+static PyObject *Core_run(Core *core, PyObject *args)
+{
+    PyObject *proc, *answer, *out = NULL, *ident;
+    State *state;
+    long long started = llmos_monotonic_ns(), now = started;
+    Message *taken;
+    int status;
+    if (!PyArg_ParseTuple(args, "OO!:run", &proc, &PyTuple_Type, &answer))
+        return NULL;
+    if ((state = state_of_process(proc)) == NULL)
+        return NULL;
+    if ((ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident())) == NULL) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    Py_INCREF(proc);
+    Py_INCREF(answer);
+    for (;;) {
+        PyObject *next;
+        status = llmos_run_step(state, answer, &now);
+        Py_CLEAR(answer);
+        if (status < 0)
+            break;
+        /* Past a quantum, the Python side decides whether others go first. */
+        if (status == LUA_OK && now - started < core->quantum_ns) {
+            taken = NULL;
+            switch (receive(core, state, &taken)) {
+            case RECV_TAKEN:
+                answer = message_answer((PyObject *)taken, state->mailbox);
+                Py_DECREF(taken);
+                if (answer == NULL)
+                    goto done;
+                continue;
+            case RECV_BLOCKED:
+                lua_settop(state->L, 0);
+                Py_CLEAR(state);
+                next = switch_to_next(core, ident, &state, &answer);
+                if (next == NULL) {
+                    out = Py_BuildValue("(OO)", proc, Py_None);
+                    goto done;
+                }
+                Py_SETREF(proc, next);
+                continue;
+            }
+        }
+        out = llmos_step_results(state->L, status);
+        if (out != NULL)
+            out = Py_BuildValue("(ON)", proc, out);
+        break;
+    }
+done:
+    Py_XDECREF(state);
+    Py_XDECREF(answer);
+    Py_DECREF(proc);
+    Py_DECREF(ident);
+    return out;
+}
+
+static PyObject *Core_new_message(Core *core, PyObject *args)
+{
+    long long sender, to;
+    PyObject *tag, *body, *data, *correlation_id;
+    if (!PyArg_ParseTuple(args, "LLUOSU:new_message", &sender, &to, &tag, &body, &data, &correlation_id))
+        return NULL;
+    return (PyObject *)llmos_new_message((PyObject *)core, sender, to, tag, body, data, correlation_id);
+}
+
+static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", "process_type", NULL};
+    PyObject *lock, *procs, *scheduler, *reserve_ids, *process_class;
+    long long quantum_ns;
+    Core *core;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOLO!:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
+                                     &scheduler, &reserve_ids, &quantum_ns, &PyType_Type, &process_class)
+        || find_process_slots((PyTypeObject *)process_class) < 0)
+        return NULL;
+    core = (Core *)type->tp_alloc(type, 0);
+    if (core == NULL)
+        return NULL;
+    Py_INCREF(lock);
+    core->lock = (Lock *)lock;
+    Py_INCREF(procs);
+    core->procs = procs;
+    Py_INCREF(reserve_ids);
+    core->reserve_ids = reserve_ids;
+    core->quantum_ns = quantum_ns;
+    core->running = PyObject_GetAttrString(scheduler, "running");
+    core->make_runnable = PyObject_GetAttrString(scheduler, "make_runnable");
+    if (core->running == NULL || core->make_runnable == NULL) {
+        Py_DECREF(core);
+        return NULL;
+    }
+    if (!PyDict_Check(core->running)) {
+        Py_DECREF(core);
+        return PyErr_Format(PyExc_TypeError, "Core: scheduler.running must be a dict");
+    }
+    return (PyObject *)core;
+}
+
+static int Core_traverse(Core *core, visitproc visit, void *arg)
+{
+    Py_VISIT(core->lock);
+    Py_VISIT(core->procs);
+    Py_VISIT(core->running);
+    Py_VISIT(core->make_runnable);
+    Py_VISIT(core->reserve_ids);
+    return 0;
+}
+
+static int Core_clear(Core *core)
+{
+    Py_CLEAR(core->lock);
+    Py_CLEAR(core->procs);
+    Py_CLEAR(core->running);
+    Py_CLEAR(core->make_runnable);
+    Py_CLEAR(core->reserve_ids);
+    return 0;
+}
+
+static void Core_dealloc(Core *core)
+{
+    PyObject_GC_UnTrack(core);
+    Core_clear(core);
+    Py_TYPE(core)->tp_free((PyObject *)core);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"run", (PyCFunction)Core_run, METH_VARARGS,
+     "run(proc, answer) -> (proc, out): run the Lua process `proc`, resumed with the tuple `answer`, and the "
+     "processes it hands the CPU to when it blocks in a receive; `proc` is the one that ran last, `out` what its "
+     "step returned (see State.resume), or None if it is blocked on its mailbox"},
+    {"new_message", (PyCFunction)Core_new_message, METH_VARARGS,
+     "new_message(sender, to, tag, body, data, correlation_id) -> a Message with the next id, sent now"},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "llmosd._lua.Core",
+    .tp_doc = "Core(lock, procs, scheduler, reserve_ids, quantum_ns, process_type): the kernel's C side, where Lua "
+              "processes send, receive and hand the CPU to each other without entering Python; process_type is "
+              "the slots class of its processes",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Core_new,
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+};
+
+static PyObject *become_worker(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    on_worker = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *offer_next(PyObject *self, PyObject *proc)
+{
+    (void)self;
+    if (!on_worker || runnext != NULL)
+        Py_RETURN_FALSE;
+    Py_INCREF(proc);
+    runnext = proc;
+    Py_CLEAR(runnext_state);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *take_next(PyObject *self, PyObject *unused)
+{
+    PyObject *next = runnext;
+    (void)self;
+    (void)unused;
+    runnext = NULL;
+    Py_CLEAR(runnext_state);
+    if (next == NULL)
+        Py_RETURN_NONE;
+    return next;
+}
+
+static PyObject *has_next(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(runnext != NULL);
+}
+
+static PyMethodDef core_functions[] = {
+    {"become_worker", become_worker, METH_NOARGS,
+     "become_worker(): this thread is a scheduler worker, with a runnext slot"},
+    {"offer_next", offer_next, METH_O,
+     "offer_next(proc) -> True if `proc` is to run next on this worker thread (its slot was free)"},
+    {"take_next", take_next, METH_NOARGS, "take_next() -> the process to run next on this thread, or None"},
+    {"has_next", has_next, METH_NOARGS, "has_next() -> whether a process waits to run next on this thread"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int intern_names(void)
+{
+    static const struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&S_state, "state"}, {&S_runtime, "runtime"}, {&S_RUNNABLE, "RUNNABLE"},
+        {&S_RUNNING, "RUNNING"}, {&S_BLOCKED, "BLOCKED"}, {&S_recv, "recv"},
+        {&empty_text, ""},
+    };
+    size_t i;
+    for (i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return -1;
+    empty_bytes = PyBytes_FromString("");
+    no_values = PyTuple_New(0);
+    return empty_bytes != NULL && no_values != NULL ? 0 : -1;
+}
+
+int llmos_core_init(PyObject *module)
+{
+    if (PyType_Ready(&CoreType) < 0 || intern_names() < 0 || PyModule_AddFunctions(module, core_functions) < 0)
+        return -1;
+    return PyModule_AddObjectRef(module, "Core", (PyObject *)&CoreType);
+}
+

@@ -1,0 +1,78 @@
+/*
+ * What _lua.c (the Lua states of processes) and _core.c (the kernel's C side
+ * of messaging and switching) share.
+ */
+#ifndef LLMOS_LUA_STATE_H
+#define LLMOS_LUA_STATE_H
+
+#include "messaging.h"
+
+#include "lua_api.h"
+
+/* The bridge functions of a state: what the program calls the kernel with. */
+enum { BRIDGE_CHECK, BRIDGE_SEND, BRIDGE_TRY_RECV, BRIDGE_CALL, BRIDGE_COUNT };
+
+/* Each state keeps its small blocks (most of its objects) in chunks of its
+ * own: Lua gives a block's size back when it frees or resizes it, so a block
+ * needs no header, a freed one goes on its size class's list for the state to
+ * reuse, and closing the state frees a few chunks instead of hundreds of
+ * blocks (which took 40 µs of every process's end with malloc). Larger blocks
+ * are malloc's. A state is only ever used by one thread at a time. */
+#define GRAIN 16 /* more than any Lua object needs to be aligned to */
+#define SMALL_MAX 256
+#define CLASSES (SMALL_MAX / GRAIN)
+#define CHUNK_BYTES 4096
+
+typedef struct Chunk {
+    struct Chunk *next;
+} Chunk; /* its blocks start GRAIN bytes in */
+
+typedef struct {
+    size_t used;            /* bytes the state holds */
+    size_t limit;           /* 0: no limit */
+    void *free[CLASSES];    /* freed small blocks by size class, linked through their first word */
+    char *next, *end;       /* the unused rest of the newest chunk */
+    Chunk *chunks;          /* all of them, to free with the state */
+} Heap;
+
+typedef struct {
+    PyObject_HEAD
+    lua_State *L;
+    Heap heap;
+    PyObject *bridge;                 /* a weak reference to the process's Python side, which owns the state */
+    PyObject *methods[BRIDGE_COUNT];  /* the bridge functions of its class */
+    PyObject *proc;                   /* the process's Process */
+    Mailbox *mailbox;                 /* its mailbox */
+    long long pid;
+    PyObject *core;                   /* the kernel's Core */
+    lua_State *main_co;               /* the program's coroutine, which preemption interrupts */
+    long long slice_start;            /* monotonic ns when the running slice began */
+    long long cpu_ns;                 /* CPU time of the slices that ended */
+    int in_slice;
+    int built;                        /* the sandbox is built (by the first step) */
+} State;
+
+extern PyTypeObject StateType, CoreType;
+
+/* _lua.c */
+State *llmos_state_of(lua_State *L);
+/* A lua_CFunction, run protected: pushes the values of the tuple given as light userdata. */
+int llmos_push_values(lua_State *L);
+/* A Lua value as Python's (nested: inside a table, where strings are text); NULL with BadValue if it cannot cross. */
+PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested);
+/* Calls bridge method `which` of the process's Python side with the Lua arguments. */
+int llmos_call_bridge(lua_State *L, int which);
+/* Runs the program until its next yield, answering the syscall it waits in (see _lua.c). */
+int llmos_run_step(State *state, PyObject *answer, long long *now);
+PyObject *llmos_step_results(lua_State *L, int status);
+
+/* _core.c */
+long long llmos_monotonic_ns(void);
+int llmos_is_process(PyObject *proc);
+/* Charges `ran` ns of CPU to the process's vruntime. */
+int llmos_charge(PyObject *proc, long long ran);
+int llmos_bridge_send(lua_State *L);
+int llmos_bridge_try_recv(lua_State *L);
+int llmos_core_init(PyObject *module);
+
+#endif
