@@ -614,6 +614,8 @@ for i = 1, 3 do sys.lock.release(s) end
 out.release_unheld = select(2, pcall(sys.lock.release, s))
 out.bad_name = select(2, pcall(sys.lock.acquire, ""))
 out.bad_opts = select(2, pcall(sys.lock.acquire, m, 5))
+out.bad_semaphore = select(2, pcall(sys.lock.acquire, m, {semaphore = "two"}))
+out.bad_semaphore_try = select(2, pcall(sys.lock.try_acquire, m, {semaphore = "two"}))
 out.held_by_port = sys.lock.acquire(args.prefix .. "-port", {timeout_ms = 0}) == nil
 return out
 """
@@ -634,6 +636,9 @@ def test_lua_lock_calls(stub: Any, k: llmos.Client, uniq: str) -> None:
     assert "3 permits" in out["sem_wrong_size"] and "semaphore" in out["sem_as_mutex"]
     assert "does not hold" in out["release_unheld"]
     assert isinstance(out["bad_name"], str) and isinstance(out["bad_opts"], str)
+    # each call's errors name the call
+    assert "sys.lock.acquire: semaphore must be an integer" in out["bad_semaphore"]
+    assert "sys.lock.try_acquire: semaphore must be an integer" in out["bad_semaphore_try"]
     assert out["held_by_port"]  # Lua processes and ports share the namespace's locks
     # the Lua process ended holding nothing; the port still holds its lock
     assert acquire(stub, blocker, f"{uniq}-m", timeout_ms=0).acquired

@@ -570,7 +570,7 @@ static int sys_lock_acquire(lua_State *L)
 {
     lua_settop(L, 2); /* name, opts */
     push_ref(L, sandbox_of(L)->call);
-    lua_pushliteral(L, "lock_try");
+    lua_pushliteral(L, "lock_acquire_now");
     lua_pushvalue(L, 1);
     lua_pushvalue(L, 2);
     lua_call(L, 3, 2); /* the lock's state, or nil and an error */
