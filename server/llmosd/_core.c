@@ -16,7 +16,6 @@
  */
 #include "lua_state.h"
 
-#include <stdio.h>
 #include <string.h>
 #include <structmember.h>
 #include <time.h>
@@ -178,34 +177,15 @@ int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg)
     return done != NULL ? 0 : -1;
 }
 
-/* The error text of the exception set, as bytes for Lua; clears it. */
-static void take_error(char *out, size_t size)
-{
-    PyObject *type, *value, *traceback, *text;
-    const char *utf8;
-    PyErr_Fetch(&type, &value, &traceback);
-    text = value != NULL ? PyObject_Str(value) : NULL;
-    utf8 = text != NULL ? PyUnicode_AsUTF8(text) : NULL;
-    snprintf(out, size, "%s", utf8 != NULL ? utf8 : "unknown error");
-    PyErr_Clear();
-    Py_XDECREF(text);
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(traceback);
-}
-
 /* A Lua string as text for a message field, or NULL (no exception) if it is not valid text. */
 static PyObject *text_field(lua_State *L, int idx)
 {
-    size_t len;
-    const char *text;
     PyObject *value;
     if (lua_isnil(L, idx)) {
         Py_INCREF(empty_text);
         return empty_text;
     }
-    text = lua_tolstring(L, idx, &len);
-    value = PyUnicode_DecodeUTF8(text, (Py_ssize_t)len, NULL);
+    value = llmos_text_to_python(L, idx);
     if (value == NULL)
         PyErr_Clear();
     return value;
@@ -241,7 +221,7 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
                                     correlation_id)) != NULL) {
         delivered = llmos_deliver((Mailbox *)mailbox, msg, 1);
         if (delivered < 0) {
-            take_error(error, size);
+            llmos_error_text(error, size, "unknown error");
             result = SEND_REFUSED;
         } else {
             result = SEND_DONE;

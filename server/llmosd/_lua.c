@@ -285,7 +285,7 @@ static PyObject *bad_value(const char *reason)
 
 
 /* A string inside a table: text. */
-static PyObject *text_to_python(lua_State *L, int idx)
+PyObject *llmos_text_to_python(lua_State *L, int idx)
 {
     size_t len;
     const char *text = lua_tolstring(L, idx, &len);
@@ -302,7 +302,7 @@ static PyObject *table_key(lua_State *L, int idx)
     PyObject *number, *key;
     switch (lua_type(L, idx)) {
     case LUA_TSTRING:
-        return text_to_python(L, idx);
+        return llmos_text_to_python(L, idx);
     case LUA_TNUMBER: /* as Python's str() of the number */
         number = lua_isinteger(L, idx) ? PyLong_FromLongLong(lua_tointegerx(L, idx, NULL))
                                        : PyFloat_FromDouble(lua_tonumberx(L, idx, NULL));
@@ -399,7 +399,7 @@ PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested)
         return PyFloat_FromDouble(number);
     case LUA_TSTRING:
         if (nested)
-            return text_to_python(L, idx);
+            return llmos_text_to_python(L, idx);
         text = lua_tolstring(L, idx, &len);
         return PyBytes_FromStringAndSize(text, (Py_ssize_t)len);
     case LUA_TTABLE:
@@ -441,13 +441,28 @@ static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int la
 }
 
 /* -- The bridge: the program calling the kernel -------------------------------------------- */
+void llmos_error_text(char *out, size_t size, const char *fallback)
+{
+    PyObject *type, *value, *traceback, *text;
+    const char *utf8;
+    PyErr_Fetch(&type, &value, &traceback);
+    text = value != NULL ? PyObject_Str(value) : NULL;
+    utf8 = text != NULL ? PyUnicode_AsUTF8(text) : NULL;
+    snprintf(out, size, "%s", utf8 != NULL ? utf8 : fallback);
+    PyErr_Clear();
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
 /* Calls bridge method `which` with the Lua arguments. Runs on a thread that
  * released the GIL in resume(). */
 int llmos_call_bridge(lua_State *L, int which)
 {
     State *state = llmos_state_of(L);
     int nargs = lua_gettop(L), status = LUA_OK;
-    char message[512] = "";
+    char message[512] = "", error[448];
     PyObject *args, *result = NULL, *process;
     PyGILState_STATE gil = PyGILState_Ensure();
     process = PyWeakref_GetObject(state->bridge);
@@ -458,18 +473,8 @@ int llmos_call_bridge(lua_State *L, int which)
         Py_DECREF(args);
     }
     if (result == NULL) { /* a kernel bug: the program sees it as a plain error */
-        PyObject *type, *value, *traceback, *text;
-        const char *utf8;
-        PyErr_Fetch(&type, &value, &traceback);
-        text = value != NULL ? PyObject_Str(value) : NULL;
-        utf8 = text != NULL ? PyUnicode_AsUTF8(text) : NULL;
-        snprintf(message, sizeof message, "kernel error in sys bridge %s: %s", BRIDGE_METHODS[which],
-                 utf8 != NULL ? utf8 : "unknown");
-        PyErr_Clear();
-        Py_XDECREF(text);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(traceback);
+        llmos_error_text(error, sizeof error, "unknown");
+        snprintf(message, sizeof message, "kernel error in sys bridge %s: %s", BRIDGE_METHODS[which], error);
     } else {
         lua_pushcfunction(L, llmos_push_values);
         lua_pushlightuserdata(L, result);

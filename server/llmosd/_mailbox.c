@@ -73,13 +73,19 @@ static PyObject *Lock_acquire(Lock *self, PyObject *unused)
     Py_RETURN_TRUE;
 }
 
+static int is_held(Lock *self)
+{
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK))
+        return 1;
+    PyThread_release_lock(self->lock);
+    return 0;
+}
+
 static PyObject *Lock_release(Lock *self, PyObject *args)
 {
     (void)args;
-    if (PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        PyThread_release_lock(self->lock);
+    if (!is_held(self))
         return PyErr_Format(PyExc_RuntimeError, "release of an unlocked lock");
-    }
     llmos_unlock(self);
     Py_RETURN_NONE;
 }
@@ -87,11 +93,7 @@ static PyObject *Lock_release(Lock *self, PyObject *args)
 static PyObject *Lock_locked(Lock *self, PyObject *unused)
 {
     (void)unused;
-    if (PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        PyThread_release_lock(self->lock);
-        Py_RETURN_FALSE;
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(is_held(self));
 }
 
 static PyMethodDef Lock_methods[] = {

@@ -60,6 +60,10 @@ State *llmos_state_of(lua_State *L);
 int llmos_push_values(lua_State *L);
 /* A Lua value as Python's (nested: inside a table, where strings are text); NULL with BadValue if it cannot cross. */
 PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested);
+/* A Lua string as text; NULL with BadValue if it is not UTF-8. */
+PyObject *llmos_text_to_python(lua_State *L, int idx);
+/* The text of the exception set (or `fallback`), into out; clears it. */
+void llmos_error_text(char *out, size_t size, const char *fallback);
 /* Calls bridge method `which` of the process's Python side with the Lua arguments. */
 int llmos_call_bridge(lua_State *L, int which);
 /* Runs the program until its next yield, answering the syscall it waits in (see _lua.c). */

@@ -70,7 +70,6 @@ PROCESS_COLUMNS = (
     "exit_reason", "result", "error", "ended_at_ms", "usage",
 )
 NAME, STATE = PROCESS_COLUMNS.index("name"), PROCESS_COLUMNS.index("state")  # where they are in a row
-EXIT_COLUMNS = PROCESS_COLUMNS[STATE:]
 ROWS_PER_STATEMENT = 500  # 15 columns each: within SQLite's 32,766 variables
 
 
@@ -203,10 +202,10 @@ class Store:
             rec.state, rec.exit_reason, _result_json(rec.result), rec.error, rec.ended_at_ms,
             _counters_json(rec.usage),
         )
-        self._update(rec.pid, values, EXIT_COLUMNS, STATE, durable)
+        self._update(rec.pid, STATE, values, durable)
 
     def record_name(self, pid: int, name: str | None) -> None:
-        self._update(pid, (name,), ("name",), NAME, durable=False)
+        self._update(pid, NAME, (name,), durable=False)
 
     def load_process(self, pid: int) -> ProcessRecord | None:
         self.flush()
@@ -255,8 +254,9 @@ class Store:
             self._apply_pending()
             self._db.execute(sql, row)
 
-    def _update(self, pid: int, values: tuple, names: tuple[str, ...], first: int, durable: bool) -> None:
-        """Set columns `names` (from PROCESS_COLUMNS[first] on) of a process's row."""
+    def _update(self, pid: int, first: int, values: tuple, durable: bool) -> None:
+        """Set the columns of a process's row from PROCESS_COLUMNS[first] on to `values`."""
+        names = PROCESS_COLUMNS[first:first + len(values)]
         if durable:
             self._write_now(f"UPDATE processes SET {', '.join(f'{n}=?' for n in names)} WHERE pid=?", (*values, pid))
             return
