@@ -599,9 +599,11 @@ class Kernel:
             listener(kind, rec)
 
     # -- running Lua processes -----------------------------------------------------------
-    def _wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> bool:
+    def _wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> int | None:
         lua = proc.runtime
-        return proc.kind == P.LUA and lua is not None and lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting)
+        if proc.kind != P.LUA or lua is None:
+            return None
+        return lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting)
 
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""

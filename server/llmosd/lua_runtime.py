@@ -140,15 +140,20 @@ class LuaProcess:
             kernel.config.hook_instructions,
         )
 
-    def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> bool:
-        """Should the kernel interrupt this process now (seen from another thread)?"""
-        proc = self.proc
-        ran = now_ns - self.state.slice_start
-        if proc.kill_reason is not None:
-            return True
-        if proc.limits.cpu_ms and self.state.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000:
-            return True
-        return ran >= quantum_ns and others_waiting
+    def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> int | None:
+        """Should the kernel interrupt this process now (seen from another
+        thread)? The start of its running slice if so (which tells that slice
+        from the next one), else None; never while it is not in a slice."""
+        proc, state = self.proc, self.state
+        if not state.in_slice:
+            return None
+        start = state.slice_start
+        ran = now_ns - start
+        if proc.kill_reason is not None or (ran >= quantum_ns and others_waiting) or (
+            proc.limits.cpu_ms and state.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000
+        ):
+            return start
+        return None
 
     def memory_used(self) -> int:
         return self.state.memory_used()

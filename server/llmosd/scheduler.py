@@ -9,22 +9,80 @@ calls `preempt`, which parks the *thread* with the process on it, gives its
 slot back, and makes sure a worker is there to use the slot. When the parked
 process is picked again, the picking worker hands its slot to the parked
 thread and goes back to the pool. Threads therefore number the CPUs plus the
-processes preempted mid-computation, never one per process.
+processes preempted mid-computation (plus threads stuck in C, below), never
+one per process.
 
 Like Go's runnext, a process woken by the running one (a reply to a message
 it just sent) is run next on the same thread, without a trip through the
-shared queue; a preemption or a long slice gives it back to the queue. The
-runnext slot is the C side's (_core.c), whose Core switches from a Lua process
-blocking in a receive straight to the one in the slot.
+shared queue. As in Go, it inherits the time slice: once the slice that began
+when the worker last took from the queue has lasted a quantum, or when a
+process of higher priority is queued, it goes to the queue like any other.
+The runnext slot is the C side's (_core.c), whose Core switches from a Lua
+process blocking in a receive straight to the one in the slot.
+
+The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The
+hook runs between two instructions, so a thread inside one long C call (a
+library function, or one VM instruction such as hashing a long string used
+as a table key) cannot check in. The watcher thread signals a thread when the
+kernel wants its CPU back (quantum spent while someone waits, a kill, a CPU
+limit) and notes when it first did so for that slice. A thread still in that
+slice GRACE_NS later, at the watcher's next look (every half quantum), loses
+its virtual CPU: the slot counts as free and goes to another worker (a fresh
+one if none is idle), so the run queue keeps moving. At most `cpus` threads
+are without a slot at once; beyond that, stuck threads keep theirs, so that a
+flood of long C calls cannot use more than twice the CPUs. The stuck thread
+finishes its call without a slot and checks in at the hook (the signal armed
+it, so it runs before the process's next instruction) or at the end of its
+slice; from then on it runs no process code until it holds a slot again: at
+the hook it parks with its process, as a preempted thread does (or takes a
+free slot back at once if nobody who goes first waits); at the end of a slice
+it becomes a worker without a slot. So threads running process code exceed
+`cpus` only by threads inside a C call past their due time, and only until
+that call returns. While no thread is due, this costs a test of an empty
+dict per slice. `stuck_ns` tells how long the longest-stuck thread has been
+past its due time (the health service reports NOT_SERVING past a threshold).
+
+Policy (RunQueue): priority, then aging, then weight.
+
+- A queued process's effective priority is its priority plus one level per
+  `aging_ns` it has waited since it was queued.
+- The level whose longest-waiting process has the highest effective priority
+  runs next; a tie goes to the higher priority.
+- Within the level, a process that has waited `aging_ns` or more goes first,
+  longest wait first; otherwise the one with the least weighted CPU time
+  (vruntime: time on a CPU x DEFAULT_WEIGHT / weight), which shares CPU time
+  in proportion to weight as Linux's CFS does. Weights therefore shape shares
+  while a level's waits stay under `aging_ns`; past that, the bounded wait
+  wins (a weight-1 process among weight-10000 ones still runs every
+  `aging_ns`).
+- A running process yields when its quantum is spent and a queued one would
+  be picked before it were it queued now (`precedes`: a tie within its level
+  yields, for round robin).
+
+The bound. A runnable process of priority p is picked within
+(top - p + 1) x aging_ns, where top is the highest priority runnable
+meanwhile (priorities are in [-20, 20]: at most 41 x aging_ns), plus the time
+the CPUs take to run one slice of each process queued ahead of it by then.
+A slice lasts at most 1.5 quanta (the watcher looks every half quantum), or
+for a thread stuck in C, until the sysmon retakes its CPU (GRACE_NS and a
+half quantum later) or, past the cap on retaken CPUs, until its call returns.
+Alone behind a CPU-bound hog: (top - p + 1) x aging_ns + 1.5 quanta. Why:
+from then on its effective priority is above that of anything queued later,
+and its level takes the longest-waiting first, so only processes queued
+before then can go first, each once (requeued, it is behind); and a CPU
+running a process it precedes gives it up at the end of that slice.
+tests/test_run_queue.py checks the bound on random mixes.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from .native import _lua
@@ -35,25 +93,67 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHT = 100  # as cgroup v2's cpu.weight
 MAX_CREDIT_NS = 20_000_000  # how far behind its level a woken process may start (2 quanta)
 WAKEUP_GRANULARITY_NS = 4_000_000  # how far behind a woken process must be to preempt at once
+# How long a signalled thread may take to check in before the sysmon retakes its
+# CPU: checking in takes the GIL, which a waiting thread gets within Python's
+# switch interval (5 ms), so a thread waiting for it is not mistaken for a stuck one.
+GRACE_NS = 10_000_000
+
+# A queued entry: [vruntime, seq, proc, queued_at, live]. A list, so that it can
+# leave one of its level's two orders and be skipped (dead) in the other; the
+# heap compares (vruntime, seq), and seq is unique.
+_VRUNTIME, _SEQ, _PROC, _QUEUED_AT, _LIVE = range(5)
+
+
+class _Level:
+    """The processes queued at one priority, in both orders the policy needs."""
+
+    __slots__ = ("by_vruntime", "by_arrival", "count")
+
+    def __init__(self) -> None:
+        self.by_vruntime: list[list] = []  # heap
+        self.by_arrival: collections.deque[list] = collections.deque()
+        self.count = 0  # live entries
+
+    def oldest(self) -> list:
+        arrival = self.by_arrival
+        while not arrival[0][_LIVE]:
+            arrival.popleft()
+        return arrival[0]
+
+    def least_vruntime(self) -> list:
+        heap = self.by_vruntime
+        while not heap[0][_LIVE]:
+            heapq.heappop(heap)
+        return heap[0]
+
+    def remove(self, entry: list) -> None:
+        entry[_LIVE] = False
+        self.count -= 1
+        # Dead entries left in the other order are dropped when they reach its
+        # front, or here, once they outnumber the live ones.
+        if len(self.by_vruntime) > 2 * self.count + 16:
+            self.by_vruntime = [e for e in self.by_vruntime if e[_LIVE]]
+            heapq.heapify(self.by_vruntime)
+        if len(self.by_arrival) > 2 * self.count + 16:
+            self.by_arrival = collections.deque(e for e in self.by_arrival if e[_LIVE])
 
 
 class RunQueue:
-    """Runnable processes, in the order the scheduling policy wants them.
+    """Runnable processes, in the order of the scheduling policy (see the
+    module docstring). Not thread-safe: the scheduler holds its lock. Any
+    int is a valid priority; `clock` gives nanoseconds (tests pass their own)."""
 
-    - Priority first: a higher level always runs before a lower one...
-    - ...except that a process waiting longer than `aging_ns` counts one level
-      higher per period waited, so that no level starves.
-    - Within a level, the process with the least weighted CPU time (vruntime:
-      time on a CPU x DEFAULT_WEIGHT / weight) runs next, so CPU time is shared
-      in proportion to weight, as in Linux's CFS.
-    """
-
-    def __init__(self, aging_ns: int) -> None:
+    def __init__(self, aging_ns: int, clock: Callable[[], int] = time.perf_counter_ns) -> None:
+        if aging_ns < 1:
+            raise ValueError("aging must be positive: it is what bounds every wait")
         self.aging_ns = aging_ns
-        self._levels: dict[int, list[tuple[float, int, Process]]] = {}  # priority -> heap
+        self._clock = clock
+        self._levels: dict[int, _Level] = {}
         self._floor: dict[int, float] = {}  # priority -> vruntime of the last process picked
         self._seq = itertools.count()
         self._len = 0
+        # The highest priority queued, readable without the lock (an int or None).
+        self.highest: int | None = None
 
     def __len__(self) -> int:
         return self._len
@@ -62,9 +162,10 @@ class RunQueue:
         prio = proc.priority
         level = self._levels.get(prio)
         if level is None:
-            level = self._levels[prio] = []
-            self._floor.setdefault(prio, 0.0)
-        floor = self._floor[prio]
+            level = self._levels[prio] = _Level()
+            if self.highest is None or prio > self.highest:
+                self.highest = prio
+        floor = self._floor.setdefault(prio, 0.0)
         if new:
             # A new process starts level with the others (as CFS places a new
             # task at min_vruntime), so that a burst of spawns cannot crowd
@@ -74,39 +175,61 @@ class RunQueue:
             # A process back from a long sleep gets a bounded credit, not one
             # that would let it monopolise the CPU.
             proc.vruntime = floor - MAX_CREDIT_NS
-        proc.queued_at = time.perf_counter_ns()
-        heapq.heappush(level, (proc.vruntime, next(self._seq), proc))
+        now = self._clock()
+        proc.queued_at = now
+        entry = [proc.vruntime, next(self._seq), proc, now, True]
+        heapq.heappush(level.by_vruntime, entry)
+        level.by_arrival.append(entry)
+        level.count += 1
         self._len += 1
 
-    def _best(self) -> tuple[int, int] | None:
-        """(effective priority, level) of the process to run next."""
-        now = time.perf_counter_ns()
+    def _best(self, now: int) -> tuple[int, int] | None:
+        """(effective priority, priority) of the level to run next."""
         best = None
         for prio, level in self._levels.items():
-            if level:
-                head = level[0][2]
-                effective = prio + (now - head.queued_at) // self.aging_ns
-                if best is None or (effective, prio) > best:
-                    best = (effective, prio)
+            effective = prio + (now - level.oldest()[_QUEUED_AT]) // self.aging_ns
+            if best is None or (effective, prio) > best:
+                best = (effective, prio)
         return best
 
     def pop(self) -> Process:
-        best = self._best()
+        now = self._clock()
+        best = self._best(now)
         if best is None:
             raise IndexError("pop from an empty run queue")
         prio = best[1]
         level = self._levels[prio]
-        vruntime, _, proc = heapq.heappop(level)
-        if not level:
+        oldest = level.oldest()
+        entry = oldest if now - oldest[_QUEUED_AT] >= self.aging_ns else level.least_vruntime()
+        level.remove(entry)
+        if not level.count:
             del self._levels[prio]
-        self._floor[prio] = max(self._floor[prio], vruntime)
+            if prio == self.highest:
+                self.highest = max(self._levels, default=None)
+        self._floor[prio] = max(self._floor[prio], entry[_VRUNTIME])
         self._len -= 1
-        return proc
+        return entry[_PROC]
 
-    def top_priority(self) -> int | None:
-        """The effective priority of the process that would run next."""
-        best = self._best()
-        return None if best is None else best[0]
+    def top(self) -> tuple[int, int] | None:
+        """(effective priority, priority) of the process that would run next."""
+        return self._best(self._clock())
+
+
+def precedes(top: tuple[int, int] | None, priority: int) -> bool:
+    """Whether the queued process `top` (effective, base priority) would be
+    picked before a running process of `priority` requeued now (a tie within
+    its level counts: round robin)."""
+    return top is not None and top >= (priority, priority)
+
+
+@dataclass(slots=True)
+class _Due:
+    """A worker thread the scheduler wants a CPU back from, until it checks in."""
+
+    proc: Process
+    slice_start: int  # tells the slice signalled from a later one
+    since_ns: int  # when the scheduler first wanted it back
+    retaken: bool = False  # the sysmon gave its slot to another worker
 
 
 class Scheduler:
@@ -114,14 +237,16 @@ class Scheduler:
 
     `run_slice(proc)` runs a process until it blocks, ends or is preempted.
     `wants_cpu_back(proc, now_ns, others_waiting)` is asked every half quantum
-    about each running process; when it says yes, the running thread gets
-    `interrupt_signal`, whose handler makes the process check in at once.
+    about each running process; when it answers the start of the running
+    slice (None: no), the running thread gets `interrupt_signal`, whose
+    handler makes the process check in at once, and the sysmon watches that
+    slice (see the module docstring).
     """
 
     def __init__(
         self, cpus: int, quantum_ns: int, run_slice: Callable[[Process], None],
-        wants_cpu_back: Callable[[Process, int, bool], bool] | None = None, interrupt_signal: int = signal.SIGURG,
-        aging_ns: int = 200_000_000,
+        wants_cpu_back: Callable[[Process, int, bool], int | None] | None = None,
+        interrupt_signal: int = signal.SIGURG, aging_ns: int = 200_000_000,
     ) -> None:
         if cpus < 1:
             raise ValueError("cpus must be at least 1")
@@ -139,6 +264,9 @@ class Scheduler:
         self._idle = 0  # workers waiting for work
         self._threads = 0
         self._stopping = False
+        # Thread ident -> why it is due to check in. Written under the lock;
+        # read without it only to skip the lock when empty.
+        self._due: dict[int, _Due] = {}
         if wants_cpu_back is not None:
             threading.Thread(target=self._watch, name="preempt-watch", daemon=True).start()
 
@@ -163,7 +291,7 @@ class Scheduler:
         # Every CPU is busy. A process of higher priority, or one far behind in
         # its share (typically woken from a wait), takes a CPU now rather than
         # at the end of the running one's quantum.
-        running = list(self.running.items())
+        running = [(ident, proc) for ident, proc in list(self.running.items()) if ident not in self._due]
         if running:
             ident, victim = min(running, key=lambda item: (item[1].priority, -item[1].vruntime))
             if victim.priority < proc.priority or (
@@ -185,25 +313,37 @@ class Scheduler:
         threading.Thread(target=self._worker, name=f"vcpu-{self._threads}", daemon=True).start()
 
     def should_yield(self, proc: Process) -> bool:
-        """True when someone of at least `proc`'s priority waits for a CPU."""
+        """True when `proc`, running on this thread, should give its CPU up now:
+        a queued process would be picked before it, or this thread is due to
+        check in with the sysmon (`preempt` or the end of the slice does)."""
         if _lua.has_next():
             return True
-        top = self._queue.top_priority()
-        return top is not None and top >= proc.priority
+        if self._due and threading.get_ident() in self._due:
+            return True
+        with self._lock:
+            return precedes(self._queue.top(), proc.priority)
 
     def preempt(self, proc: Process) -> None:
         """Called on the running thread from the count hook when the quantum
-        is spent: park here until the scheduler picks `proc` again."""
+        is spent (or the thread was due to check in): park here until the
+        scheduler picks `proc` again, if anyone goes first or if the sysmon
+        took this thread's CPU."""
         self._flush_next()
         with self._lock:
-            top = self._queue.top_priority()
-            if top is None or top < proc.priority:
-                return  # nobody else wants the CPU
+            due = self._due.pop(threading.get_ident(), None)
+            holding = due is None or not due.retaken
+            if not precedes(self._queue.top(), proc.priority):
+                if holding:
+                    return  # nobody else wants the CPU
+                if self._free > 0:
+                    self._free -= 1  # take a CPU back
+                    return
             parked = proc.parked = threading.Event()
             self._queue.push(proc)
-            self._free += 1
+            if holding:
+                self._free += 1
             self._offer_locked()
-        parked.wait()  # the GIL is released while parked
+        parked.wait()  # the GIL is released while parked; a worker hands over its slot
 
     def _flush_next(self) -> None:
         nxt = _lua.take_next()
@@ -221,31 +361,83 @@ class Scheduler:
             if running is proc:
                 signal.pthread_kill(ident, self._signal)
 
+    def stuck_ns(self) -> int:
+        """How long the longest-stuck worker thread has been past its due time
+        without checking in, since the sysmon retook its CPU (0: none is)."""
+        if not self._due:
+            return 0
+        now = time.perf_counter_ns()
+        with self._lock:
+            return max((now - due.since_ns for due in self._due.values() if due.retaken), default=0)
+
+    # -- the watcher and the sysmon -------------------------------------------------------
     def _watch(self) -> None:
-        """Every half quantum, interrupt running processes that should give the CPU back."""
+        """Every half quantum, interrupt running processes that should give the
+        CPU back, and retake the CPUs of threads that do not check in."""
         assert self._wants_cpu_back is not None
         period = self.quantum_ns / 2e9
         while not self._stopping:
             time.sleep(period)
-            if not self.running:
+            if not self.running and not self._due:
                 continue
             now = time.perf_counter_ns()
-            top = self._queue.top_priority()
+            with self._lock:
+                top = self._queue.top()
+            wanted: dict[int, tuple[Process, int]] = {}
             for ident, proc in list(self.running.items()):
-                waiting = top is not None and top >= proc.priority
                 try:
-                    if self._wants_cpu_back(proc, now, waiting):
+                    slice_start = self._wants_cpu_back(proc, now, precedes(top, proc.priority))
+                    if slice_start is not None:
+                        wanted[ident] = (proc, slice_start)
                         signal.pthread_kill(ident, self._signal)
                 except Exception:  # one process's trouble must not end preemption for all
                     log.exception("preemption check of pid %d failed", proc.pid)
+            if wanted or self._due:
+                with self._lock:
+                    self._sysmon_locked(now, wanted)
+
+    def _sysmon_locked(self, now: int, wanted: dict[int, tuple[Process, int]]) -> None:
+        """Retake the CPU of each thread still in the slice it was signalled in
+        GRACE_NS ago, up to `cpus` such threads at once; note the newly
+        signalled ones. A thread that checks in takes this lock when it finds
+        itself here, so it sees a retake whole."""
+        retaken = sum(due.retaken for due in self._due.values())
+        for ident, due in list(self._due.items()):
+            if due.retaken:
+                continue  # its thread removes it when it checks in
+            if wanted.get(ident) != (due.proc, due.slice_start):
+                del self._due[ident]  # it checked in, or moved on to another slice
+            elif now - due.since_ns >= GRACE_NS and retaken < self.cpus:
+                due.retaken = True
+                retaken += 1
+                self._free += 1
+                self._offer_locked()
+                log.debug("pid %d has not checked in %.0f ms after it was due: its CPU goes to another worker",
+                          due.proc.pid, (now - due.since_ns) / 1e6)
+        for ident, (proc, slice_start) in wanted.items():
+            if ident not in self._due:
+                self._due[ident] = _Due(proc, slice_start, now)
+
+    def _checked_in(self, ident: int) -> bool:
+        """This thread checks in at the end of a slice: False if its CPU was retaken."""
+        with self._lock:
+            due = self._due.pop(ident, None)
+        return due is None or not due.retaken
 
     # -- workers ---------------------------------------------------------------------
     def _worker(self) -> None:
         ident = threading.get_ident()
         _lua.become_worker()
         holding = False
+        slice_began = 0  # when this worker last took a process from the queue
         while True:
             proc = _lua.take_next()
+            highest = self._queue.highest  # None: nobody queued
+            if proc is not None and highest is not None and (
+                highest > proc.priority or time.perf_counter_ns() - slice_began >= self.quantum_ns
+            ):
+                self._enqueue(proc)  # runnext's time slice is over, or someone of higher priority waits
+                proc = None
             if proc is None:
                 with self._lock:
                     while True:
@@ -269,6 +461,7 @@ class Scheduler:
                         self._free -= 1
                         holding = True
                     proc = self._queue.pop()
+                    slice_began = time.perf_counter_ns()
                     if proc.parked is not None:
                         # Hand this slot to the thread parked with the process.
                         parked, proc.parked = proc.parked, None
@@ -282,3 +475,6 @@ class Scheduler:
                 log.exception("slice of pid %d failed", proc.pid)
             finally:
                 self.running.pop(ident, None)
+            if self._due and ident in self._due and not self._checked_in(ident):
+                holding = False  # the sysmon gave this thread's slot away
+                self._flush_next()
