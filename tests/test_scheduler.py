@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pathlib
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -27,53 +27,134 @@ def wait(stub: Any, pid: int, timeout_ms: int = 30_000) -> pb.ProcessInfo:
     return resp.process
 
 
+@pytest.fixture(scope="module")
+def one_cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A server of this module's with one virtual CPU, whatever the machine's
+    cores: the processes of a test compete for it. Tests end their processes."""
+    server = LlmosdServer(tmp_path_factory.mktemp("one-cpu") / "data", "--model", "none", "--cpus", "1")
+    server.start()
+    try:
+        with server.channel() as channel:
+            yield kernel_pb2_grpc.KernelStub(channel)
+    finally:
+        server.stop()
+
+
+def end_all(stub: Any, pids: list[int]) -> None:
+    for pid in pids:
+        stub.Kill(pb.KillRequest(pid=pid))
+    for pid in pids:
+        wait(stub, pid)
+
+
 def cpu(stub: Any, pids: list[int]) -> list[int]:
+    """CPU time used so far by each process (Usage.cpu_ms)."""
     return [stub.GetProcess(pb.GetProcessRequest(pid=p)).usage.cpu_ms for p in pids]
+
+
+def cpu_over(stub: Any, pids: list[int], seconds: float) -> list[int]:
+    before = cpu(stub, pids)
+    time.sleep(seconds)
+    return [b - a for a, b in zip(before, cpu(stub, pids))]
 
 
 def share_for(stub: Any, weights: list[int], seconds: float) -> list[int]:
     pids = [spawn(stub, SPIN, weight=w) for w in weights]
-    before = cpu(stub, pids)
-    time.sleep(seconds)
-    after = cpu(stub, pids)
-    for pid in pids:
-        stub.Kill(pb.KillRequest(pid=pid))
-    return [b - a for a, b in zip(before, after)]
+    try:
+        return cpu_over(stub, pids, seconds)
+    finally:
+        end_all(stub, pids)
 
 
-def test_equal_processes_get_equal_cpu(stub: Any) -> None:
-    used = share_for(stub, [100] * 4, 1.5)
+def test_equal_processes_get_equal_cpu(one_cpu: Any) -> None:
+    used = share_for(one_cpu, [100] * 4, 1.5)
     jain = sum(used) ** 2 / (len(used) * sum(u * u for u in used))
     assert jain > 0.95, used
 
 
-def test_weights_share_cpu_in_proportion(stub: Any) -> None:
-    used = share_for(stub, [100, 300] * 2, 2.0)
+def test_weights_share_cpu_in_proportion(one_cpu: Any) -> None:
+    used = share_for(one_cpu, [100, 300] * 2, 2.0)
     light, heavy = used[0] + used[2], used[1] + used[3]
     assert 2.4 < heavy / light < 3.6, used
 
 
-def test_higher_priority_runs_first(stub: Any) -> None:
-    """With every CPU busy at priority 0, a priority-5 process still finishes its work,
-    and a priority-0 newcomer waits its turn behind it."""
-    spinners = [spawn(stub, SPIN) for _ in range(4)]
+def test_higher_priority_runs_first(one_cpu: Any) -> None:
+    # Queued together, the higher priority runs first, whatever the order of
+    # arrival (the first child would also be the spawner's runnext).
+    order = from_value(wait(one_cpu, spawn(one_cpu, """
+        local report = "sys.send(args.parent, args.name)"
+        for _, child in ipairs{{"low1", 0}, {"low2", 0}, {"high", 5}} do
+            sys.spawn{lua = report, args = {parent = sys.self(), name = child[1]}, priority = child[2]}
+        end
+        local order = {}
+        for i = 1, 3 do order[i] = sys.recv{}.body end
+        return order
+    """, priority=5)).result)
+    assert order[0] == "high", order
+    # While it is runnable, it gets the CPU, not a spinner of lower priority
+    # that held it (until aging, 6 x 200 ms away).
+    spinner = spawn(one_cpu, SPIN)
     try:
-        urgent = spawn(stub, "local x = 0 for i = 1, 3e6 do x = x + i end return sys.now()", priority=5)
-        info = wait(stub, urgent)
-        assert info.state == pb.EXITED and info.priority == 5
+        before = cpu(one_cpu, [spinner])[0]
+        urgent = wait(one_cpu, spawn(one_cpu, "local x = 0 for i = 1, 2e7 do x = x + i end", priority=5))
+        spinner_used = cpu(one_cpu, [spinner])[0] - before
+        assert urgent.state == pb.EXITED
+        assert spinner_used < 0.2 * urgent.usage.cpu_ms, (spinner_used, urgent.usage.cpu_ms)
     finally:
-        for pid in spinners:
-            stub.Kill(pb.KillRequest(pid=pid))
+        end_all(one_cpu, [spinner])
 
 
-def test_aging_keeps_low_priority_from_starving(stub: Any) -> None:
-    hogs = [spawn(stub, SPIN, priority=3) for _ in range(3)]
+def test_aging_bounds_the_wait_of_the_lowest_priority_behind_a_top_priority_hog(tmp_path: pathlib.Path) -> None:
+    aging_ms, quantum_ms = 5, 10
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "1",
+                          "--aging-ms", str(aging_ms), "--quantum-ms", str(quantum_ms))
+    server.start()
     try:
-        low = spawn(stub, "local x = 0 for i = 1, 2e6 do x = x + i end return 'done'", priority=0)
-        assert from_value(wait(stub, low, 60_000).result) == "done"
+        with server.channel() as channel:
+            stub = kernel_pb2_grpc.KernelStub(channel)
+            hog = spawn(stub, SPIN, priority=20)
+            while stub.GetProcess(pb.GetProcessRequest(pid=hog)).state != pb.RUNNING:
+                time.sleep(0.01)
+            queued = time.time() * 1000  # sys.now()'s clock
+            victim = wait(stub, spawn(stub, "return sys.now()", priority=-20))
+            waited = from_value(victim.result) - queued
+            end_all(stub, [hog])
     finally:
-        for pid in hogs:
-            stub.Kill(pb.KillRequest(pid=pid))
+        server.stop()
+    # scheduler.py: (top - p + 1) x aging + 1.5 quanta. It waited for aging
+    # (priority held it back), and not much longer (aging let it in).
+    bound = (20 - -20 + 1) * aging_ms + 1.5 * quantum_ms
+    assert 40 * aging_ms <= waited <= 10 * bound, (waited, bound)
+
+
+def test_a_chain_of_messages_shares_the_cpu(one_cpu: Any) -> None:
+    # Two processes handing the CPU to each other (each reply runs next on the
+    # same thread) get one time slice between them, then others get theirs.
+    pair = spawn(one_cpu, """
+        local peer = sys.spawn{lua = "while true do local m = sys.recv{} sys.send(m.from, m.body) end"}
+        while true do sys.send(peer, 1) sys.recv{} end
+    """)
+    peer = one_cpu.ListProcesses(pb.ListProcessesRequest(parent=pair)).processes[0].pid
+    time.sleep(0.2)
+    try:
+        before = cpu(one_cpu, [pair, peer])
+        # A competitor whose fair share is 400 / (100 + 100 + 400), which notes
+        # the longest it went without the CPU, from when it was spawned.
+        competitor = wait(one_cpu, spawn(one_cpu, """
+            local last, worst = args, 0
+            repeat
+                local now = sys.now()
+                worst = math.max(worst, now - last)
+                last = now
+                for i = 1, 2e4 do end
+            until now > args + 1500
+            return worst
+        """, args=time.time() * 1000, weight=400))
+        pair_used = sum(cpu(one_cpu, [pair, peer])) - sum(before)
+        share = competitor.usage.cpu_ms / (competitor.usage.cpu_ms + pair_used)
+        assert share > 0.55 and from_value(competitor.result) < 1000, (share, from_value(competitor.result))
+    finally:
+        end_all(one_cpu, [pair, peer])
 
 
 def test_set_priority_and_weight(stub: Any) -> None:

@@ -23,6 +23,7 @@ from .process import Limits
 from .syscalls import SERVICE, kernel_service
 
 log = logging.getLogger("llmosd")
+HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="files and directories per namespace")
     p.add_argument("--process-file-bytes", type=int, default=FileLimits.process_bytes, help="file bytes per process")
     p.add_argument("--process-files", type=int, default=FileLimits.process_files, help="files per process")
+    p.add_argument("--wedged-ms", type=float, default=1000.0,
+                   help="health reports NOT_SERVING while a worker thread has been stuck in one C call this long "
+                        "past the time it was due to give its virtual CPU back (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.wedged_ms > 0:
+        p.error("--wedged-ms must be a positive number")
+    return args
 
 
 def kernel_config(args: argparse.Namespace) -> KernelConfig:
@@ -113,6 +120,7 @@ async def serve(args: argparse.Namespace) -> None:
         await agent_server.start()
     for name in ("", SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_watch = asyncio.create_task(watch_health(kernel, health_servicer, int(args.wedged_ms * 1_000_000)))
     where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
     print(f"llmosd: listening on {where}", flush=True)
     for path in args.spawn:
@@ -128,10 +136,34 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    health_watch.cancel()
     await server.stop(grace=1.0)
     if agent_server is not None:
         await agent_server.stop(grace=0.5)
     kernel.shutdown()
+
+
+async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int) -> None:
+    """The overall service and the kernel's are NOT_SERVING while a virtual CPU
+    is wedged: its thread has been stuck in one C call more than `wedged_ns`
+    past the time it was due to give the CPU back (the scheduler has handed
+    the CPU to another thread meanwhile, see scheduler.py), and SERVING again
+    once it checks in."""
+    serving = True
+    while True:
+        await asyncio.sleep(HEALTH_PERIOD_S)
+        stuck_ns = kernel.scheduler.stuck_ns()
+        if (stuck_ns <= wedged_ns) == serving:
+            continue
+        serving = not serving
+        if serving:
+            log.warning("no virtual CPU is wedged any more: SERVING")
+        else:
+            log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time): NOT_SERVING",
+                        stuck_ns / 1e6)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE.full_name):
+            await servicer.set(name, status)
 
 
 def main(argv: list[str] | None = None) -> None:
