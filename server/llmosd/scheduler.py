@@ -291,7 +291,8 @@ class Scheduler:
         # Every CPU is busy. A process of higher priority, or one far behind in
         # its share (typically woken from a wait), takes a CPU now rather than
         # at the end of the running one's quantum.
-        running = [(ident, proc) for ident, proc in list(self.running.items()) if ident not in self._due]
+        # (A thread due to check in is giving its CPU up already, or stuck in C.)
+        running = [item for item in list(self.running.items()) if item[0] not in self._due]
         if running:
             ident, victim = min(running, key=lambda item: (item[1].priority, -item[1].vruntime))
             if victim.priority < proc.priority or (
@@ -329,8 +330,9 @@ class Scheduler:
         scheduler picks `proc` again, if anyone goes first or if the sysmon
         took this thread's CPU."""
         self._flush_next()
+        ident = threading.get_ident()
         with self._lock:
-            due = self._due.pop(threading.get_ident(), None)
+            due = self._due.pop(ident, None)
             holding = due is None or not due.retaken
             if not precedes(self._queue.top(), proc.priority):
                 if holding:
@@ -343,7 +345,10 @@ class Scheduler:
             if holding:
                 self._free += 1
             self._offer_locked()
+        # Parked, the thread runs nothing: neither the watcher nor a wake-up should pick it to interrupt.
+        self.running.pop(ident, None)
         parked.wait()  # the GIL is released while parked; a worker hands over its slot
+        self.running[ident] = proc
 
     def _flush_next(self) -> None:
         nxt = _lua.take_next()
