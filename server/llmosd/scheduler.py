@@ -368,12 +368,13 @@ class Scheduler:
 
     def stuck_ns(self) -> int:
         """How long the longest-stuck worker thread has been past its due time
-        without checking in, since the sysmon retook its CPU (0: none is)."""
+        without checking in (0: none is). Whether the sysmon retook its CPU
+        or not (past the cap): either way, a virtual CPU is wedged."""
         if not self._due:
             return 0
         now = time.perf_counter_ns()
         with self._lock:
-            return max((now - due.since_ns for due in self._due.values() if due.retaken), default=0)
+            return max((now - due.since_ns for due in self._due.values()), default=0)
 
     # -- the watcher and the sysmon -------------------------------------------------------
     def _watch(self) -> None:
