@@ -64,8 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "past the time it was due to give its virtual CPU back (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    if not args.wedged_ms > 0:
-        p.error("--wedged-ms must be a positive number")
+    for flag in ("aging_ms", "wedged_ms"):
+        if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
+            p.error(f"--{flag.replace('_', '-')} must be a positive number")
     return args
 
 
