@@ -134,7 +134,12 @@ def test_a_chain_of_messages_shares_the_cpu(one_cpu: Any) -> None:
         local peer = sys.spawn{lua = "while true do local m = sys.recv{} sys.send(m.from, m.body) end"}
         while true do sys.send(peer, 1) sys.recv{} end
     """)
-    peer = one_cpu.ListProcesses(pb.ListProcessesRequest(parent=pair)).processes[0].pid
+    for _ in range(500):  # bounded: until it has spawned its peer
+        children = one_cpu.ListProcesses(pb.ListProcessesRequest(parent=pair)).processes
+        if children:
+            break
+        time.sleep(0.01)
+    peer = children[0].pid
     time.sleep(0.2)
     try:
         before = cpu(one_cpu, [pair, peer])
