@@ -92,11 +92,11 @@ def test_higher_priority_runs_first(one_cpu: Any) -> None:
     """, priority=5)).result)
     assert order[0] == "high", order
     # While it is runnable, it gets the CPU, not a spinner of lower priority
-    # that held it (until aging, 6 x 200 ms away).
+    # that held it (but for the spinner's quantum, and aging: a turn per 6 x 200 ms).
     spinner = spawn(one_cpu, SPIN)
     try:
         before = cpu(one_cpu, [spinner])[0]
-        urgent = wait(one_cpu, spawn(one_cpu, "local x = 0 for i = 1, 2e7 do x = x + i end", priority=5))
+        urgent = wait(one_cpu, spawn(one_cpu, "local x = 0 for i = 1, 1e8 do x = x + i end", priority=5))
         spinner_used = cpu(one_cpu, [spinner])[0] - before
         assert urgent.state == pb.EXITED
         assert spinner_used < 0.2 * urgent.usage.cpu_ms, (spinner_used, urgent.usage.cpu_ms)
