@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from llmosd import checks as CHECKS
 from llmosd import sync as S
 from llmosd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llmosd.sync import SEMAPHORE, SyncTable
@@ -111,7 +112,7 @@ def test_namespaces_do_not_share_locks(h: Harness) -> None:
 
 @pytest.mark.parametrize("kwargs, error", [
     (dict(name=""), InvalidArgument),
-    (dict(name="x" * (S.MAX_NAME_LEN + 1)), InvalidArgument),
+    (dict(name="x" * (CHECKS.MAX_NAME_LEN + 1)), InvalidArgument),
     (dict(name="bad\nname"), InvalidArgument),
     (dict(kind="rwlock"), InvalidArgument),
     (dict(kind=SEMAPHORE, permits=0), InvalidArgument),
