@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _send_exit_notice)
 MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
 MAX_SPAWN_DEPTH = 100  # how deep a process tree may grow (each spawn counts against every ancestor's limit)
-SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor"))
+SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
+                           "source_name"))
 
 
 @dataclass
@@ -80,7 +81,8 @@ class SpawnSpec:
     args: Any = None
     name: str | None = None
     priority: int = 0
-    weight: int = 0  # 0: DEFAULT_WEIGHT
+    weight: int = 0  # 0: the default weight
+    source_name: str | None = None  # what errors call lua/python source (default "program")
     limits: Limits = field(default_factory=Limits)
     parent: int = 0
     monitor: bool = False
@@ -258,7 +260,7 @@ class Kernel:
         limits = spec.get("limits") or {}
         if not isinstance(limits, dict):
             raise InvalidArgument(f"sys.spawn: limits must be a table of {', '.join(Limits.__slots__)}")
-        for key in ("lua", "python", "path", "name"):
+        for key in ("lua", "python", "path", "name", "source_name"):
             if spec.get(key) is not None and not isinstance(spec[key], str):
                 raise InvalidArgument(f"sys.spawn: {key} must be a string")
         return self.spawn(SpawnSpec(
@@ -266,6 +268,7 @@ class Kernel:
             name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
             weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
             limits=C.limits(limits, "sys.spawn: limits"), parent=parent, monitor=bool(spec.get("monitor")),
+            source_name=spec.get("source_name"),
         ))
 
     def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str, pathlib.Path | None]:
@@ -273,10 +276,11 @@ class Kernel:
         given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
         if len(given) != 1:
             raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
+        source_name = "program" if spec.source_name is None else C.name(spec.source_name, "source_name")
         if spec.lua is not None:
-            return P.LUA, spec.lua, "program", None
+            return P.LUA, spec.lua, source_name, None
         if spec.python is not None:
-            return P.PYTHON, spec.python, "program", None
+            return P.PYTHON, spec.python, source_name, None
         root = self.config.userland_root
         if not root:
             raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")

@@ -117,7 +117,7 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
     spec = SpawnSpec(
         args=_value(req.args) if req.HasField("args") else None, name=req.name or None, priority=req.priority,
         weight=req.weight, limits=C.limits({f.name: v for f, v in req.limits.ListFields()}),
-        parent=req.parent, monitor=req.monitor,
+        parent=req.parent, monitor=req.monitor, source_name=req.source_name or None,
     )
     setattr(spec, which, getattr(req, which))
     return pb.SpawnResponse(pid=k.spawn(spec))
@@ -145,7 +145,11 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
         msg = await _await(k, waiter, "recv", lambda taken: k.put_back(pid, taken))
         if msg is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
-    return pb.RecvResponse(message=message_pb(msg))
+    try:
+        return pb.RecvResponse(message=message_pb(msg))
+    except Exception:  # a message that cannot be answered is a kernel bug, but it is never lost for it
+        k.put_back(pid, msg)
+        raise
 
 
 async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:

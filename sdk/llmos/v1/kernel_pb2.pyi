@@ -77,7 +77,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class SpawnRequest(_message.Message):
-    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight")
+    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name")
     LUA_FIELD_NUMBER: _ClassVar[int]
     PYTHON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class SpawnRequest(_message.Message):
     PARENT_FIELD_NUMBER: _ClassVar[int]
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     lua: str
     python: str
     path: str
@@ -98,7 +99,8 @@ class SpawnRequest(_message.Message):
     parent: int
     monitor: bool
     weight: int
-    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ...) -> None: ...
+    source_name: str
+    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ...) -> None: ...
 
 class SpawnResponse(_message.Message):
     __slots__ = ("pid",)
