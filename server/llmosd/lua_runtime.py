@@ -149,18 +149,21 @@ class LuaProcess:
         ran = now_ns - self.state.slice_start
         if proc.kill_reason is not None:
             return True
-        if proc.limits.cpu_ms and self.state.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000:
+        if proc.limits.cpu_ms and self.state.cpu_used_ns + ran > proc.limits.cpu_ms * 1_000_000:
             return True
-        return ran >= quantum_ns and others_waiting
+        # Every quantum, even with nobody waiting: the check-in ends the slice,
+        # which measures the CPU the next ones actually use (see _lua.c's slice clock).
+        return ran >= quantum_ns
 
     def memory_used(self) -> int:
         return self.state.memory_used()
 
     def cpu_ns(self) -> int:
-        """CPU time so far, the running slice included (read from other threads)."""
+        """CPU time actually used so far, the running slice included (at most its wall time so far:
+        read from other threads, which cannot read this thread's CPU clock)."""
         state = self.state
         running = time.perf_counter_ns() - state.slice_start if state.in_slice else 0
-        return state.cpu_ns + running
+        return state.cpu_used_ns + running
 
     # -- the count hook ---------------------------------------------------------------------
     def check(self) -> bytes | None:
@@ -173,7 +176,7 @@ class LuaProcess:
         if proc.kill_reason is None:
             now = time.perf_counter_ns()
             cpu_limit = proc.limits.cpu_ms
-            if cpu_limit and state.cpu_ns + now - state.slice_start > cpu_limit * 1_000_000:
+            if cpu_limit and state.cpu_used_ns + now - state.slice_start > cpu_limit * 1_000_000:
                 proc.kill_reason = "cpu_limit"
             elif proc.yield_requested or now - state.slice_start >= kernel.quantum_ns:
                 proc.yield_requested = False

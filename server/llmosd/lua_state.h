@@ -48,7 +48,10 @@ typedef struct {
     lua_State *main_co;               /* the program's coroutine, which preemption interrupts */
     Py_ssize_t value_limit;           /* the most bytes a value from the program may take (the message limit) */
     long long slice_start;            /* monotonic ns when the running slice began */
-    long long cpu_ns;                 /* CPU time of the slices that ended */
+    long long cpu_ns;                 /* time holding a virtual CPU, in the slices that ended */
+    long long cpu_used_ns;            /* CPU time actually used in them (see _lua.c's slice clock) */
+    long long slice_cpu_start;        /* the thread's CPU time when the slice began, if measured */
+    int measure_cpu;                  /* whether this slice's CPU time is measured */
     int in_slice;
     int built;                        /* the sandbox is built (by the first step) */
 } State;
