@@ -149,6 +149,14 @@ def test_grpc_file_calls(stub: Any, uniq: str) -> None:
     # a write charged to a process needs a process that exists
     assert code_of(write, stub, f"{uniq}/p", b"x", pid=1 << 40) == grpc.StatusCode.NOT_FOUND
 
+    made = stub.MakeDir(pb.FilePath(path=f"{uniq}/m/n/o"))  # with its missing parents
+    assert (made.path, made.is_dir) == (f"{uniq}/m/n/o", True)
+    assert stub.MakeDir(pb.FilePath(path=f"{uniq}/m/n/o")) == made  # an existing directory is fine
+    assert [e.path for e in stub.ListFiles(pb.FilePath(path=f"{uniq}/m")).entries] == [f"{uniq}/m/n"]
+    write(stub, f"{uniq}/m/file", b"x")
+    for over_a_file in (f"{uniq}/m/file", f"{uniq}/m/file/below"):
+        assert code_of(stub.MakeDir, pb.FilePath(path=over_a_file)) == grpc.StatusCode.FAILED_PRECONDITION
+
 
 def test_a_file_larger_than_a_chunk_streams_both_ways(stub: Any, k: llmos.Client, uniq: str) -> None:
     data = os.urandom(3 * MiB + 12345)
@@ -254,6 +262,7 @@ def test_traversal_refused_over_grpc(stub: Any, uniq: str, path: str) -> None:
         "stat": lambda: stub.StatFile(pb.FilePath(path=path)),
         "list": lambda: stub.ListFiles(pb.FilePath(path=path)),
         "delete": lambda: stub.DeleteFile(pb.FilePath(path=path)),
+        "mkdir": lambda: stub.MakeDir(pb.FilePath(path=path)),
         "rename_from": lambda: stub.RenameFile(pb.RenameFileRequest(from_path=path, to_path=f"{uniq}/got")),
         "rename_to": lambda: stub.RenameFile(pb.RenameFileRequest(from_path=f"{uniq}/ok", to_path=path)),
     }
