@@ -324,6 +324,30 @@ def test_every_status_code_has_its_class() -> None:
 
 
 # -- files and locks ----------------------------------------------------------------------------
+class GaveUp(BaseException):
+    """Not an Exception (like SystemExit or KeyboardInterrupt): gRPC does not cancel a call whose request
+    iterator raises one, so the SDK must, or the call would wait for ever."""
+
+
+def raised_by(call: Any, timeout_s: float = 10.0) -> BaseException | None:
+    """What `call` raised (None if it returned), run in a thread so that a call that hangs fails the
+    test at once instead of holding it up."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert outcome, f"the call neither returned nor raised within {timeout_s} s"
+    return outcome[0]
+
+
 def test_file_calls(k: llmos.Client) -> None:
     d = f"sdk-{os.getpid()}-{time.monotonic_ns()}"
     info = k.write_file(f"{d}/a.txt", "héllo")
@@ -355,19 +379,6 @@ def test_file_calls(k: llmos.Client) -> None:
     with pytest.raises(llmos.NotFound):
         list(k.open_file_stream(f"{d}/missing"))
 
-    class Broken(Exception):
-        pass
-
-    def failing() -> Iterator[bytes]:
-        yield b"half a file"
-        raise Broken("the source failed")
-
-    with pytest.raises(Broken):  # the caller's own error, not a bare CANCELLED; nothing is written
-        k.write_file(f"{d}/half", failing())
-    with pytest.raises(llmos.InvalidArgument, match="not bytes"):
-        k.write_file(f"{d}/half", [b"ok", "text piece"])  # type: ignore[list-item]
-    with pytest.raises(llmos.NotFound):
-        k.stat(f"{d}/half")
     for bad in (dict(chunk_size=0), dict(chunk_size=8 << 20)):
         with pytest.raises(llmos.InvalidArgument, match="chunk_size"):
             k.write_file(f"{d}/x", b"x", **bad)  # type: ignore[arg-type]
@@ -375,6 +386,32 @@ def test_file_calls(k: llmos.Client) -> None:
         k.read_file(f"{d}/empty", offset=-1)
     with pytest.raises(llmos.InvalidArgument):
         k.write_file(f"{d}/x", 42)  # type: ignore[arg-type]
+
+
+class Broken(Exception):
+    pass
+
+
+def half_then(error: BaseException) -> Iterator[bytes]:
+    yield b"half a file"
+    raise error
+
+
+@pytest.mark.parametrize("source, raised", [
+    (lambda: half_then(Broken("the source failed")), Broken),
+    (lambda: [b"ok", "text piece"], llmos.InvalidArgument),  # the SDK's own check of each piece
+    (lambda: half_then(GaveUp("the source gave up")), GaveUp),
+], ids=["Exception", "not bytes", "BaseException"])
+def test_a_write_whose_source_fails_raises_its_error(k: llmos.Client, source: Any, raised: type) -> None:
+    """The caller gets its own error, not a bare CANCELLED, at once; and (the docstring's promise) the file
+    is not written."""
+    path = f"sdk-failed-{time.monotonic_ns()}/half"
+    assert type(raised_by(lambda: k.write_file(path, source()))) is raised
+    try:
+        info = k.stat(path)
+    except llmos.NotFound:
+        return
+    raise AssertionError(f"the failed write left {info.size} bytes: {k.read_file(path)!r}")
 
 
 def test_lock_calls(k: llmos.Client) -> None:
@@ -451,8 +488,16 @@ def test_aio_client_has_the_same_api(server: str) -> None:
                 yield b"x"
                 raise KeyError("source")
 
+            def gives_up() -> Iterator[bytes]:
+                yield b"x"
+                raise GaveUp("the source gave up")
+
             with pytest.raises(KeyError):
                 await ak.write_file(f"{d}/h", broken())
+            with pytest.raises(GaveUp):
+                await asyncio.wait_for(ak.write_file(f"{d}/h", gives_up()), 10)
+            with pytest.raises(llmos.NotFound):
+                await ak.stat(f"{d}/h")
             holder = await ak.open_port()
             assert await ak.acquire(holder, d) == {"acquired": True}
             assert await ak.acquire(port, d, timeout=0) is None
