@@ -228,8 +228,8 @@ class RequestStream:
     An exception raised while producing a request (say, by the caller's data iterable) is kept in
     ``error``, and the client raises it rather than a bare CANCELLED. gRPC gets a RequestSourceFailed
     instead, an Exception, whatever the caller raised: gRPC cancels the call on an Exception, but
-    anything else (SystemExit, KeyboardInterrupt, GeneratorExit) would end gRPC's request thread, or
-    escape into asyncio's event loop, without cancelling it, and the call would wait for ever.
+    anything else (SystemExit, KeyboardInterrupt, GeneratorExit) would end the synchronous client's
+    request thread without cancelling the call, which would then wait for ever.
     """
 
     def __init__(self, requests: Iterator[Any]) -> None:
