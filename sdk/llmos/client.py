@@ -218,11 +218,18 @@ class Streaming:
     collect: bool
 
 
+class RequestSourceFailed(Exception):
+    """What gRPC is handed when producing a request failed: the caller's own exception is kept apart."""
+
+
 class RequestStream:
     """The requests of a client-streaming RPC, read lazily as gRPC sends them.
 
-    An exception raised while producing a request (say, by the caller's data iterable) makes gRPC
-    cancel the call; ``error`` keeps it so that the client raises it rather than a bare CANCELLED.
+    An exception raised while producing a request (say, by the caller's data iterable) is kept in
+    ``error``, and the client raises it rather than a bare CANCELLED. gRPC gets a RequestSourceFailed
+    instead, an Exception, whatever the caller raised: gRPC cancels the call on an Exception, but
+    anything else (SystemExit, KeyboardInterrupt, GeneratorExit) would end the synchronous client's
+    request thread without cancelling the call, which would then wait for ever.
     """
 
     def __init__(self, requests: Iterator[Any]) -> None:
@@ -239,7 +246,7 @@ class RequestStream:
             raise
         except BaseException as e:
             self.error = e
-            raise
+            raise RequestSourceFailed(f"producing a request raised {type(e).__name__}: {e}") from e
 
 
 @dataclass(frozen=True)
