@@ -1,6 +1,7 @@
 """The Python userland through a real llmosd over real gRPC: the example
 programs (userland/python/), messaging with Lua, monitors, names, selective
-receive, logs, exits, kills, limits, scheduling, escapes, and shutdown.
+receive, logs, exits, kills, limits, scheduling, the CPU bound, escapes, and
+shutdown.
 
 Programs are spawned by path ("python/...") or as source. Values a test needs
 inside an agent travel in its args, never formatted into the source.
@@ -16,6 +17,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 
 import llmos
@@ -554,15 +556,20 @@ def test_sleep_blocks_in_the_kernel(client: llmos.Client) -> None:
 
 
 @pytest.fixture
-def one_cpu(tmp_path: pathlib.Path) -> Iterator[llmos.Client]:
-    """A server of the test's own with one virtual CPU."""
+def one_cpu_server(tmp_path: pathlib.Path) -> Iterator[tuple[LlmosdServer, llmos.Client]]:
+    """A server of the test's own with one virtual CPU, and a client of it."""
     srv = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "1", userland_root=USERLAND)
     srv.start()
     try:
         with llmos.Client(srv.target) as c:
-            yield c
+            yield srv, c
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def one_cpu(one_cpu_server: tuple[LlmosdServer, llmos.Client]) -> llmos.Client:
+    return one_cpu_server[1]
 
 
 def cpu_bound(c: llmos.Client, n: int) -> list[int]:
@@ -596,6 +603,58 @@ def test_cpu_bound_agents_take_turns(one_cpu: llmos.Client) -> None:
         until(lambda: all(c.get(p).usage["cpu_ms"] > 0 for p in pids), "every agent to get some CPU", tries=150)
     finally:
         end_all(c, pids)
+
+
+# Four threads hashing big buffers: hashlib releases the GIL, so they use four host cores if let.
+GIL_FREE_THREADS = src("""
+    import hashlib, threading
+    data = b"x" * (4 << 20)
+    def burn():
+        while True:
+            hashlib.sha256(data).digest()
+    threads = [threading.Thread(target=burn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+""")
+
+
+def host_cpu_s(host: int) -> float:
+    """CPU seconds of a host process and all its threads and descendants, as psutil reads them."""
+    root = psutil.Process(host)
+    total = 0.0
+    for proc in [root] + root.children(recursive=True):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core cannot show an agent using more than one")
+def test_an_agent_uses_no_more_cpu_than_its_virtual_cpu(one_cpu_server: tuple[LlmosdServer, llmos.Client]) -> None:
+    """One virtual CPU bounds a multi-threaded agent to about one CPU of host time, and
+    Usage.cpu_ms is the CPU it used. (Without the bound this agent uses every core.)"""
+    server, c = one_cpu_server
+    pid = c.spawn(python=GIL_FREE_THREADS, limits={"wall_ms": 60_000})
+    host = host_pid(server, pid)
+    until(lambda: c.get(pid).usage["cpu_ms"] > 300, "the agent to burn some CPU")
+    cpu_before, usage_before, start = host_cpu_s(host), c.get(pid).usage["cpu_ms"], time.monotonic()
+    time.sleep(3)
+    cpu, usage, wall = (host_cpu_s(host) - cpu_before, (c.get(pid).usage["cpu_ms"] - usage_before) / 1000,
+                        time.monotonic() - start)
+    end_all(c, [pid])
+    assert cpu / wall < 1.3, f"the agent used {cpu:.2f} CPU seconds in {wall:.2f} s on one virtual CPU"
+    assert abs(usage - cpu) < 0.25 * cpu + 0.1, f"Usage.cpu_ms says {usage:.2f} s, the host {cpu:.2f} s"
+
+
+def test_usage_cpu_ms_is_cpu_used_not_time_held(one_cpu: llmos.Client) -> None:
+    """An agent asleep in the host's kernel holds its virtual CPU but uses no CPU."""
+    info = run(one_cpu, python="import time\ntime.sleep(1.5)")
+    assert result(info) is None
+    assert info.usage["wall_ms"] >= 1500 and info.usage["cpu_ms"] < 500, info.usage
 
 
 # -- escapes: each fails inside the sandbox, and the server carries on ------------------------------
