@@ -657,6 +657,23 @@ def test_usage_cpu_ms_is_cpu_used_not_time_held(one_cpu: llmos.Client) -> None:
     assert info.usage["wall_ms"] >= 1500 and info.usage["cpu_ms"] < 500, info.usage
 
 
+def test_agents_killed_while_queued_end_cleanly(one_cpu_server: tuple[LlmosdServer, llmos.Client]) -> None:
+    """Processes killed while waiting in the run queue end KILLED, and the kernel logs no error
+    when the queue later hands them to a virtual CPU."""
+    server, c = one_cpu_server
+    hog = c.spawn(python="while True:\n    pass\n", limits={"wall_ms": 60_000})
+    until(lambda: c.get(hog).state == "RUNNING", "the hog to hold the virtual CPU")
+    queued = [c.spawn(python="while True:\n    pass\n") for _ in range(15)]
+    queued += [c.spawn(lua="while true do end") for _ in range(15)]
+    for pid in queued:
+        c.kill(pid)
+    assert {c.wait(pid, timeout=WAIT_S).state for pid in queued} == {"KILLED"}
+    end_all(c, [hog])
+    assert result(run(c, python="from llmos.userland import sys\nsys.exit('next')")) == "next"
+    log = server.log_path.read_text(errors="replace")
+    assert "kernel error" not in log and "Traceback" not in log, log[-3000:]
+
+
 # -- escapes: each fails inside the sandbox, and the server carries on ------------------------------
 @pytest.fixture
 def carries_on(client: llmos.Client) -> Iterator[None]:

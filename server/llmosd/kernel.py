@@ -607,7 +607,9 @@ class Kernel:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         try:
             if proc.kind == P.PYTHON:
-                proc.runtime.run_slice()
+                agent = proc.runtime  # None once ended: killed while it was queued
+                if agent is not None:
+                    agent.run_slice()
             else:
                 self._run_lua_slice(proc)
         except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING
