@@ -1,7 +1,7 @@
 """The Python userland through a real llmosd over real gRPC: the example
 programs (userland/python/), messaging with Lua, monitors, names, selective
-receive, logs, exits, kills, limits, scheduling, the CPU bound, escapes, and
-shutdown.
+receive, logs, exits, kills, limits, scheduling, the CPU bound, the cap on live
+agents, escapes, and shutdown.
 
 Programs are spawned by path ("python/...") or as source. Values a test needs
 inside an agent travel in its args, never formatted into the source.
@@ -672,6 +672,37 @@ def test_agents_killed_while_queued_end_cleanly(one_cpu_server: tuple[LlmosdServ
     assert result(run(c, python="from llmos.userland import sys\nsys.exit('next')")) == "next"
     log = server.log_path.read_text(errors="replace")
     assert "kernel error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_live_agents_are_capped(tmp_path: pathlib.Path) -> None:
+    srv = LlmosdServer(tmp_path / "data", "--model", "none", "--max-agents", "3", userland_root=USERLAND)
+    srv.start()
+    idle = "from llmos.userland import sys\nsys.recv(tag='stop')"
+    try:
+        with llmos.Client(srv.target) as c:
+            pids = [c.spawn(python=idle) for _ in range(3)]
+            with pytest.raises(llmos.ResourceExhausted, match="3 Python agents are live.*--max-agents"):
+                c.spawn(python=idle)
+            assert result(run(c, lua="return 'lua still spawns'")) == "lua still spawns"
+            assert all(not c.get(pid).ended for pid in pids)  # nothing was killed to make room
+            # An agent spawning one agent too many gets the same answer.
+            c.send(pids[0], None, tag="stop")
+            c.wait(pids[0], timeout=WAIT_S)
+            spawner = c.spawn(python=src("""
+                import llmos
+                from llmos.userland import sys
+                try:
+                    sys.spawn(python="pass")
+                except llmos.ResourceExhausted as e:
+                    sys.exit(e.code.name)
+            """))
+            assert result(c.wait(spawner, timeout=WAIT_S)) == "RESOURCE_EXHAUSTED"
+            assert result(run(c, python="from llmos.userland import sys\nsys.exit(1)")) == 1  # room again
+            for pid in pids[1:]:
+                c.send(pid, None, tag="stop")
+                assert result(c.wait(pid, timeout=WAIT_S)) is None
+    finally:
+        srv.stop()
 
 
 # -- escapes: each fails inside the sandbox, and the server carries on ------------------------------

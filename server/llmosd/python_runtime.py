@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import process as P
+from .errors import ResourceExhausted
 from .pysandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
 from .scheduler import DEFAULT_WEIGHT
 
@@ -44,13 +45,26 @@ THROTTLE_S = 0.002
 
 
 class Agents:
-    """The fork server and the credentials of the running Python agents."""
+    """The fork server, the credentials of the running Python agents, and how many may live at once."""
 
-    def __init__(self, work_root: Path, socket_path: Path, read_only: tuple[Path, ...]) -> None:
+    def __init__(self, work_root: Path, socket_path: Path, read_only: tuple[Path, ...], max_agents: int) -> None:
+        if max_agents < 0:
+            raise ValueError("max_agents must be 0 (no limit) or more")
         self.config = LauncherConfig(work_root=work_root, kernel_socket=socket_path, read_only=read_only)
         self.launcher: Launcher | None = None
         self.tokens: dict[str, int] = {}  # token -> pid
+        self.max_agents = max_agents  # 0: no limit
+        self.live = 0  # Python processes spawned and not ended (kernel lock)
         self._start_lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Count one more live agent, or refuse it (kernel lock held). An idle agent is an
+        interpreter of its own (some 30 MiB), so their number is bounded server-wide."""
+        if self.max_agents and self.live >= self.max_agents:
+            raise ResourceExhausted(
+                f"{self.live} Python agents are live, the most this server runs at once (--max-agents); "
+                "spawn again when one has ended")
+        self.live += 1
 
     def launcher_ready(self) -> Launcher:
         """The fork server, started on first use (it preloads grpc and the SDK: about a second)."""
@@ -73,6 +87,8 @@ class PythonProcess:
     """One agent subprocess and the state its slices need."""
 
     def __init__(self, kernel: Kernel, proc: Process, program_path: Path | None) -> None:
+        assert kernel.agents is not None
+        kernel.agents.admit()
         self.kernel = kernel
         self.proc = proc
         self.program_path = program_path
@@ -203,6 +219,11 @@ class PythonProcess:
         if self.child is not None:
             self.child.kill()
         self.wake.set()
+
+    def release(self) -> None:
+        """The process has ended (kernel lock held): no subprocess, no token, one live agent fewer."""
+        self.terminate()
+        self.kernel.agents.live -= 1
 
     def log_lines(self, limit: int) -> list[str]:
         if self.child is None:
