@@ -1,7 +1,7 @@
 """The Python userland through a real llmosd over real gRPC: the example
 programs (userland/python/), messaging with Lua, monitors, names, selective
 receive, logs, exits, kills, limits, scheduling, the CPU bound, the cap on live
-agents, escapes, and shutdown.
+agents, hostile arguments, escapes, and shutdown.
 
 Programs are spawned by path ("python/...") or as source. Values a test needs
 inside an agent travel in its args, never formatted into the source.
@@ -703,6 +703,153 @@ def test_live_agents_are_capped(tmp_path: pathlib.Path) -> None:
                 assert result(c.wait(pid, timeout=WAIT_S)) is None
     finally:
         srv.stop()
+
+
+# -- hostile arguments through llmos.userland ---------------------------------------------------------
+CALLS = ["sys.self", "sys.spawn", "sys.send", "sys.recv", "sys.wait", "sys.kill", "sys.register", "sys.whereis",
+         "sys.monitor", "sys.info", "sys.set_priority", "sys.sleep", "sys.now", "sys.log", "sys.infer", "sys.exit",
+         "sys.fs.write", "sys.fs.read", "sys.fs.stat", "sys.fs.list", "sys.fs.delete", "sys.fs.rename",
+         "sys.lock.acquire", "sys.lock.try_acquire", "sys.lock.release"]
+
+# Each expression runs inside an agent: what it raised (the status code) or returned (its type).
+HOSTILE = {
+    # durations: NaN, negative, not a number (above 10 years is clamped: see the next test)
+    "sys.recv(timeout_ms=-1)": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms=float('nan'))": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms='10')": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms=True)": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms=0)": "NoneType",
+    "sys.sleep(-5)": "INVALID_ARGUMENT",
+    "sys.sleep(float('-inf'))": "INVALID_ARGUMENT",
+    "sys.sleep(None)": "INVALID_ARGUMENT",
+    "sys.wait(999_999_999, timeout_ms=float('nan'))": "INVALID_ARGUMENT",
+    "sys.lock.acquire('l', timeout_ms=-0.5)": "INVALID_ARGUMENT",
+    "sys.infer(prompt='x', timeout_ms=float('nan'))": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'cpu_ms': -1})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'wall_ms': float('nan')})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'wall_ms': float('inf'), 'cpu_ms': 10**30})": "int",
+    # pids: not an int, 0, or one that cannot exist
+    "sys.wait(0)": "INVALID_ARGUMENT",
+    "sys.wait('1')": "INVALID_ARGUMENT",
+    "sys.wait(sys.self())": "INVALID_ARGUMENT",
+    "sys.wait(2**53 + 1)": "NOT_FOUND",
+    "sys.wait(2**64, timeout_ms=0)": "NOT_FOUND",
+    "sys.wait(-1)": "NOT_FOUND",
+    "sys.wait(999_999_999, timeout_ms=0)": "NOT_FOUND",
+    "sys.send(2**64, 1)": "NOT_FOUND",
+    "sys.send(-7, 1)": "NOT_FOUND",
+    "sys.send(None, 1)": "INVALID_ARGUMENT",
+    "sys.send(1.0, 1)": "INVALID_ARGUMENT",
+    "sys.recv(sender=2**70, timeout_ms=0)": "NOT_FOUND",
+    "sys.recv(sender=True, timeout_ms=0)": "INVALID_ARGUMENT",
+    "sys.kill(2**64)": "NOT_FOUND",
+    "sys.kill(sys.self(), reason=5)": "INVALID_ARGUMENT",
+    "sys.monitor(2**64)": "NOT_FOUND",
+    "sys.monitor('x')": "INVALID_ARGUMENT",
+    "sys.info(0)": "INVALID_ARGUMENT",
+    "sys.info(-1)": "NOT_FOUND",
+    "sys.set_priority(2**60, 0)": "NOT_FOUND",
+    # values that are not JSON, numbers outside +-2^53, bad text and bytes
+    "sys.send(sys.self(), float('nan'))": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 2**60)": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), {1: 'x'})": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), object())": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), (lambda l: l.append(l) or l)([]))": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 1, tag=b'x')": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 1, tag='\\ud800')": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 1, data='text')": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 'x' * (5 << 20))": "RESOURCE_EXHAUSTED",
+    "sys.spawn(lua='return 1', args=float('inf'))": "INVALID_ARGUMENT",
+    "sys.exit(float('nan'))": "INVALID_ARGUMENT",
+    # wrong types and ranges of the other arguments
+    "sys.spawn()": "INVALID_ARGUMENT",
+    "sys.spawn(lua=5)": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits=[1])": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'cpu': 5})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'memory_bytes': 2**70})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', priority=2**40)": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', monitor='yes')": "INVALID_ARGUMENT",
+    "sys.set_priority(None, 10**20)": "INVALID_ARGUMENT",
+    "sys.set_priority(None, 0, weight=-1)": "INVALID_ARGUMENT",
+    "sys.register(5)": "INVALID_ARGUMENT",
+    "sys.register('')": "INVALID_ARGUMENT",
+    "sys.whereis(None)": "INVALID_ARGUMENT",
+    "sys.whereis('')": "NoneType",
+    "sys.infer(messages=5)": "INVALID_ARGUMENT",
+    "sys.infer(prompt='x', stop='abc')": "INVALID_ARGUMENT",
+    "sys.infer(prompt=b'x')": "INVALID_ARGUMENT",
+    "sys.fs.read(None)": "INVALID_ARGUMENT",
+    "sys.fs.read('f', offset=-1)": "INVALID_ARGUMENT",
+    "sys.fs.read('f', offset=2**70)": "INVALID_ARGUMENT",
+    "sys.fs.write('f', 5)": "INVALID_ARGUMENT",
+    "sys.fs.write('f', b'x', append='yes')": "INVALID_ARGUMENT",
+    "sys.fs.rename(None, 'g')": "INVALID_ARGUMENT",
+    "sys.fs.list(5)": "INVALID_ARGUMENT",
+    "sys.lock.acquire(5)": "INVALID_ARGUMENT",
+    "sys.lock.try_acquire('l', semaphore=2**40)": "INVALID_ARGUMENT",
+    "sys.lock.release(None)": "INVALID_ARGUMENT",
+    # arguments that do not fit the call
+    "sys.recv(1, 2, 3, 4, 5)": "INVALID_ARGUMENT",
+    "sys.wait()": "INVALID_ARGUMENT",
+    "sys.self(1)": "INVALID_ARGUMENT",
+    "sys.infer(prompt='x', stream=True)": "INVALID_ARGUMENT",
+}
+
+RUN_EXPRESSIONS = src("""
+    import math
+    import llmos
+    from llmos.userland import sys
+    out = {}
+    for expr in sys.args:
+        try:
+            out[expr] = type(eval(expr, {"sys": sys, "math": math})).__name__
+        except llmos.LlmosError as e:
+            out[expr] = [e.code.name, e.message]
+        except BaseException as e:
+            out[expr] = ["NOT AN LLMOS ERROR", repr(e)]
+    sys.exit(out)
+""")
+
+
+def run_expressions(client: llmos.Client, expressions: list[str]) -> dict[str, Any]:
+    return result(run(client, python=RUN_EXPRESSIONS, args=expressions))
+
+
+def test_unknown_keywords_are_invalid_arguments_naming_them(client: llmos.Client) -> None:
+    out = run_expressions(client, [f"{call}(bogus_option=1)" for call in CALLS] + ["sys.recv(timeout=10)"])
+    for expr, outcome in out.items():
+        assert isinstance(outcome, list) and outcome[0] == "INVALID_ARGUMENT", (expr, outcome)
+        assert "unknown option" in outcome[1] and "it takes" in outcome[1], (expr, outcome)
+    assert "'bogus_option'" in out["sys.spawn(bogus_option=1)"][1]
+    # the mistake of the issue: sys.recv{timeout=10} meant timeout_ms, and used to block for ever
+    message = out["sys.recv(timeout=10)"][1]
+    assert message.startswith("sys.recv: unknown option 'timeout'") and "timeout_ms" in message, message
+
+
+def test_bad_values_get_documented_errors(client: llmos.Client) -> None:
+    out = run_expressions(client, list(HOSTILE))
+    got = {expr: outcome[0] if isinstance(outcome, list) else outcome for expr, outcome in out.items()}
+    assert got == HOSTILE, {e: out[e] for e in HOSTILE if got[e] != HOSTILE[e]}
+
+
+def test_durations_above_ten_years_mean_for_ever(client: llmos.Client) -> None:
+    program = src("""
+        import math
+        from llmos.userland import sys
+        first = sys.recv(tag="go", timeout_ms=math.inf)
+        second = sys.recv(tag="go", timeout_ms=1e300)
+        sys.wait(sys.args, timeout_ms=10**30)  # the sleeper below, killed by the test
+        sys.exit([first.body, second.body, sys.recv(tag="never", timeout_ms=50)])
+    """)
+    sleeper = client.spawn(python="from llmos.userland import sys\nsys.sleep(float('inf'))")
+    pid = client.spawn(python=program, args=sleeper)
+    for body in (1, 2):
+        assert wait_blocked(client, pid).blocked_on == "recv"
+        client.send(pid, body, tag="go")
+    assert wait_blocked(client, sleeper).blocked_on == "recv"
+    assert wait_blocked(client, pid).blocked_on == "wait"
+    client.kill(sleeper)
+    assert result(client.wait(pid, timeout=WAIT_S)) == [1, 2, None]  # and short timeouts still fire
 
 
 # -- escapes: each fails inside the sandbox, and the server carries on ------------------------------
