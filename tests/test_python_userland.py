@@ -735,6 +735,8 @@ HOSTILE = {
     "sys.wait(2**53 + 1)": "NOT_FOUND",
     "sys.wait(2**64, timeout_ms=0)": "NOT_FOUND",
     "sys.wait(-1)": "NOT_FOUND",
+    "sys.wait(10**5000)": "NOT_FOUND",  # too long an int for Python to print in the message
+    "sys.sleep(-10**5000)": "INVALID_ARGUMENT",
     "sys.wait(999_999_999, timeout_ms=0)": "NOT_FOUND",
     "sys.send(2**64, 1)": "NOT_FOUND",
     "sys.send(-7, 1)": "NOT_FOUND",
@@ -747,6 +749,7 @@ HOSTILE = {
     "sys.monitor(2**64)": "NOT_FOUND",
     "sys.monitor('x')": "INVALID_ARGUMENT",
     "sys.info(0)": "INVALID_ARGUMENT",
+    "sys.info(type('Index', (), {'__index__': lambda _: sys.self()})())": "ProcessInfo",  # as numpy ints are
     "sys.info(-1)": "NOT_FOUND",
     "sys.set_priority(2**60, 0)": "NOT_FOUND",
     # values that are not JSON, numbers outside +-2^53, bad text and bytes
@@ -770,6 +773,7 @@ HOSTILE = {
     "sys.spawn(lua='return 1', priority=2**40)": "INVALID_ARGUMENT",
     "sys.spawn(lua='return 1', monitor='yes')": "INVALID_ARGUMENT",
     "sys.set_priority(None, 10**20)": "INVALID_ARGUMENT",
+    "sys.set_priority(None, -10**5000)": "INVALID_ARGUMENT",
     "sys.set_priority(None, 0, weight=-1)": "INVALID_ARGUMENT",
     "sys.register(5)": "INVALID_ARGUMENT",
     "sys.register('')": "INVALID_ARGUMENT",

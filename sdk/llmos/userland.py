@@ -31,6 +31,8 @@ import functools
 import inspect
 import json
 import math
+import numbers
+import operator
 import os
 import secrets
 import sys as _sys
@@ -102,7 +104,7 @@ def _syscall(fn: F) -> F:
         except TypeError as e:
             unknown = [k for k in kwargs if k == "self" or k not in signature.parameters]
             if unknown:
-                raise _invalid(f"{name}: unknown option {', '.join(map(repr, unknown))}; "
+                raise _invalid(f"{name}: unknown option {', '.join(map(_show, unknown))}; "
                                f"it takes {accepted}") from None
             raise _invalid(f"{name}: {e}; it takes {accepted}") from None
         return fn(self, *args, **kwargs)
@@ -110,12 +112,32 @@ def _syscall(fn: F) -> F:
     return call  # type: ignore[return-value]
 
 
+def _show(value: Any) -> str:
+    """repr(value), cut short (an int too long for Python to print is shown by its size)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _integer(value: Any, what: str) -> int:
+    """An int, or anything that is one (a numpy integer), but not a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise _invalid(f"{what} must be an int, not {type(value).__name__}")
+
+
 def _duration_ms(ms: Any, what: str) -> float:
     """A duration in ms: NaN and negative are refused, more than MAX_DURATION_MS (+inf too) is that."""
-    if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+    if isinstance(ms, bool) or not isinstance(ms, numbers.Real):
         raise _invalid(f"{what} must be a number of milliseconds, not {type(ms).__name__}")
+    ms = operator.index(ms) if isinstance(ms, numbers.Integral) else float(ms)
     if not ms >= 0:  # NaN too
-        raise _invalid(f"{what} must be a non-negative number of milliseconds, not {ms!r}")
+        raise _invalid(f"{what} must be a non-negative number of milliseconds, not {_show(ms)}")
     return min(ms, MAX_DURATION_MS)
 
 
@@ -125,12 +147,11 @@ def _timeout_s(ms: Any, what: str) -> float | None:
 
 
 def _pid(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(f"{what} must be a pid (an int), not {type(value).__name__}")
+    value = _integer(value, what)
     if value == 0:
         raise _invalid(f"{what} is required (0 is no process)")
     if not 0 < value <= MAX_PID:
-        raise NotFound(grpc.StatusCode.NOT_FOUND, f"no process with pid {value}")
+        raise NotFound(grpc.StatusCode.NOT_FOUND, f"no process with pid {_show(value)}")
     return value
 
 
@@ -149,10 +170,9 @@ def _optional_text(value: Any, what: str) -> str | None:
 
 
 def _int(value: Any, what: str, bounds: tuple[int, int]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(f"{what} must be an int, not {type(value).__name__}")
+    value = _integer(value, what)
     if not bounds[0] <= value <= bounds[1]:
-        raise _invalid(f"{what} {value} is out of range")
+        raise _invalid(f"{what} {_show(value)} is out of range")
     return value
 
 
@@ -174,7 +194,7 @@ def _limits(limits: Any, what: str) -> dict[str, int] | None:
     if not isinstance(limits, dict) or not set(_LIMITS).issuperset(limits):
         unknown = [k for k in limits if k not in _LIMITS] if isinstance(limits, dict) else []
         raise _invalid(f"{what} must be a dict of {', '.join(_LIMITS)}"
-                       + (f"; unknown: {', '.join(map(repr, unknown))}" if unknown else ""))
+                       + (f"; unknown: {', '.join(map(_show, unknown))}" if unknown else ""))
     return {
         # A fraction of a ms still limits (0 would mean "the server's default").
         k: math.ceil(_duration_ms(v, f"{what}.{k}")) if k in _DURATION_LIMITS else _int(v, f"{what}.{k}", _LIMITS[k])
