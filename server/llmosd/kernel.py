@@ -64,6 +64,7 @@ class KernelConfig:
     file_limits: FileLimits = field(default_factory=FileLimits)
     agent_socket: str | None = None  # the Unix socket Python agents reach the kernel on; None: no Python userland
     python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)
+    max_agents: int = 64  # live Python agents at once (each is an interpreter: ~30 MiB idle); 0: no limit
     ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
 
     @property
@@ -119,7 +120,8 @@ class Kernel:
         self.agents: Agents | None = None
         if config.agent_socket:
             roots = (pathlib.Path(config.userland_root),) if config.userland_root else ()
-            self.agents = Agents(pathlib.Path(config.data_dir) / "python", pathlib.Path(config.agent_socket), roots)
+            self.agents = Agents(pathlib.Path(config.data_dir) / "python", pathlib.Path(config.agent_socket), roots,
+                                 config.max_agents)
         self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.scheduler = Scheduler(
             config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
@@ -507,7 +509,7 @@ class Kernel:
                 self._send_exit_notice(watcher, rec)
         if proc.kind == P.PYTHON:
             self.logs.replace(proc, proc.runtime.log_lines(MAX_LOG_LINES))  # in place: `rec` shares the list
-            proc.runtime.terminate()
+            proc.runtime.release()
         self.logs.ended(proc, rec)
         proc.runtime = None
         if proc.log_to_server:
@@ -671,7 +673,9 @@ class Kernel:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         try:
             if proc.kind == P.PYTHON:
-                proc.runtime.run_slice()
+                agent = proc.runtime  # None once ended: killed while it was queued
+                if agent is not None:
+                    agent.run_slice()
             else:
                 self._run_lua_slice(proc)
         except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wall-ms", type=int, default=0, help="default wall-clock limit per process (0: none)")
     p.add_argument("--agent-socket", default=None,
                    help="Unix socket Python agents reach the kernel on (default: DATA_DIR/agents.sock; 'none': no Python userland)")
+    p.add_argument("--max-agents", type=int, default=64,
+                   help="most Python agents live at once (each is an interpreter, ~30 MiB idle; 0: no limit; "
+                        "default %(default)s)")
     p.add_argument("--model", default="tiny",
                    help='"tiny" (built in, random weights), a Hugging Face-style directory, or "none" (default %(default)s)')
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -76,7 +79,7 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         root = os.path.abspath("userland")
     agent_socket = args.agent_socket or os.path.join(os.path.abspath(args.data_dir), "agents.sock")
     return KernelConfig(
-        agent_socket=None if agent_socket == "none" else agent_socket,
+        agent_socket=None if agent_socket == "none" else agent_socket, max_agents=args.max_agents,
         data_dir=args.data_dir, cpus=args.cpus, quantum_ms=args.quantum_ms, aging_ms=args.aging_ms,
         hook_instructions=args.hook_instructions,
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
