@@ -24,8 +24,7 @@ The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The
 hook runs between two instructions, so a thread inside one long C call (a
 library function, or one VM instruction such as hashing a long string used
 as a table key) cannot check in. The watcher thread signals a thread when the
-kernel wants its CPU back (quantum spent while someone waits, a kill, a CPU
-limit) and notes when it first did so for that slice. A thread still in that
+kernel wants its CPU back (its quantum spent, a kill, a CPU limit) and notes when it first did so for that slice. A thread still in that
 slice GRACE_NS later, at the watcher's next look (every half quantum), loses
 its virtual CPU: the slot counts as free and goes to another worker (a fresh
 one if none is idle), so the run queue keeps moving. At most `cpus` threads
