@@ -24,8 +24,9 @@ The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The
 hook runs between two instructions, so a thread inside one long C call (a
 library function, or one VM instruction such as hashing a long string used
 as a table key) cannot check in. The watcher thread signals a thread when the
-kernel wants its CPU back (its quantum spent, a kill, a CPU limit) and notes when it first did so for that slice. A thread still in that
-slice GRACE_NS later, at the watcher's next look (every half quantum), loses
+kernel wants its CPU back (its quantum spent, a kill, a CPU limit) and notes
+when it first did so for that slice. A thread still in that slice GRACE_NS
+later, at the watcher's next look (every half quantum), loses
 its virtual CPU: the slot counts as free and goes to another worker (a fresh
 one if none is idle), so the run queue keeps moving. At most `cpus` threads
 are without a slot at once; beyond that, stuck threads keep theirs, so that a
