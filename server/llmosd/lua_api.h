@@ -38,10 +38,8 @@ typedef struct luaL_Reg {
 #define LUA_MULTRET (-1)
 #define LUA_MAXINTEGER INT64_MAX
 #define LUA_MININTEGER INT64_MIN
-#define LUA_MINSTACK 20
 #define LUA_OPEQ 0
 #define LUA_OPLT 1
-#define LUA_OPLE 2
 #define LUA_OK 0
 #define LUA_YIELD 1
 #define LUA_ERRRUN 2
@@ -51,10 +49,8 @@ typedef struct luaL_Reg {
 #define LUA_TBOOLEAN 1
 #define LUA_TNUMBER 3
 #define LUA_TSTRING 4
-#define LUA_TLIGHTUSERDATA 2
 #define LUA_TTABLE 5
 #define LUA_TFUNCTION 6
-#define LUA_TUSERDATA 7
 #define LUA_TTHREAD 8
 #define LUA_MASKCOUNT (1 << 3)
 #define LUA_GCSTOP 0
@@ -81,12 +77,10 @@ lua_Number lua_tonumberx(lua_State *L, int idx, int *isnum);
 lua_Integer lua_tointegerx(lua_State *L, int idx, int *isnum);
 lua_State *lua_tothread(lua_State *L, int idx);
 int lua_isinteger(lua_State *L, int idx);
-int lua_isnumber(lua_State *L, int idx);
 int lua_isstring(lua_State *L, int idx);
 const char *lua_typename(lua_State *L, int tp);
 const void *lua_topointer(lua_State *L, int idx);
 size_t lua_stringtonumber(lua_State *L, const char *s);
-lua_CFunction lua_tocfunction(lua_State *L, int idx);
 int lua_compare(lua_State *L, int idx1, int idx2, int op);
 void *lua_touserdata(lua_State *L, int idx);
 void lua_pushnil(lua_State *L);
@@ -168,9 +162,7 @@ int luaopen_os(lua_State *L);
 #define luaL_optstring(L, n, d) luaL_optlstring(L, (n), (d), NULL)
 #define luaL_typename(L, i) lua_typename(L, lua_type(L, (i)))
 #define luaL_argcheck(L, cond, arg, extramsg) ((void)((cond) || luaL_argerror(L, (arg), (extramsg))))
-#define lua_isnone(L, n) (lua_type(L, (n)) == LUA_TNONE)
 #define lua_isnoneornil(L, n) (lua_type(L, (n)) <= 0)
-#define lua_newuserdata(L, s) lua_newuserdatauv(L, s, 1)
 
 /* -- What the sandbox (_sandbox.c) offers the binding (_lua.c) --------------------------- */
 /* Builds the sandbox into a state whose base libraries are open:
