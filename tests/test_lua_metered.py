@@ -390,7 +390,48 @@ OTHER_EDGES = [
     case("table.sort", list(range(50)), Fn("never"), after=1), case("table.sort", [3, 1], "x"),
     case("table.sort", Table("proxy"), Fn("gt"), after=1), case("table.sort", "abc"), case("table.sort", []),
     case("table.sort", [1.5, -2, 3, 2 ** 53, float("inf"), -0.0, 0], after=1),
+    case("string.pack", "c2000", "x"), case("string.pack", "x" * 3000), case("string.packsize", "c2147483647c1"),
+    case("string.packsize", "i16" * 200), case("string.unpack", "z", "abc"), case("string.unpack", "z", "abc\0def"),
+    case("string.unpack", "s1", "\5abc"), case("string.unpack", "i16", "\xff" * 16), case("string.unpack", "<i9", "\0" * 8 + "\1"),
+    case("string.unpack", "c2c2", "abcd", 2), case("string.unpack", "!4 i4", "\0" * 8, 2),
 ]
+
+PACK_OPTIONS = ["b", "B", "h", "H", "l", "L", "j", "J", "T", "f", "n", "d", "i", "i3", "I5", "i16", "I9", "i17",
+                "i0", "s", "s1", "s2", "c3", "c0", "c", "z", "x", "Xi4", "X", "Xc2", "!", "!4", "!3", "!16", "<", ">",
+                "=", " ", "q", "i999999999999"]
+PACK_VALUES = [0, 1, -1, 127, 128, -129, 255, 256, 65535, -32769, 2 ** 31, -2 ** 63, 2 ** 63 - 1, 1.5, 0.1, -2.0,
+               float("inf"), "", "ab", "abc\0d", "abcdefgh", "7", None]
+
+PACK_INTS = [v for v in PACK_VALUES if isinstance(v, int)]
+PACK_STRINGS = [v for v in PACK_VALUES if isinstance(v, str)]
+
+
+def _pack_item(option: str) -> st.SearchStrategy:
+    """The option with a value of its kind (now and then any value)."""
+    kind = option[:1]
+    if kind in "bBhHlLjJTiI":
+        fitting = st.sampled_from(PACK_INTS)
+    elif kind in "fnd":
+        fitting = st.sampled_from([1.5, 0.1, -2.0, 3, float("inf")])
+    elif kind in "szc":
+        fitting = st.sampled_from(PACK_STRINGS)
+    else:
+        return st.just((option, ()))
+    return st.tuples(st.just(option), st.one_of(fitting, fitting, fitting, st.sampled_from(PACK_VALUES)).map(
+        lambda v: (v,)))
+
+
+def _pack(items: list) -> dict:
+    return case("string.pack", "".join(o for o, _ in items), *[v for _, vs in items for v in vs])
+
+
+pack_case = st.one_of(
+    st.lists(st.sampled_from(PACK_OPTIONS).flatmap(_pack_item), min_size=1, max_size=5).map(_pack),
+    st.builds(lambda opts: case("string.packsize", "".join(opts)), st.lists(st.sampled_from(PACK_OPTIONS), max_size=4)),
+    st.builds(lambda opts, data, init: _without_trailing_nones("string.unpack", "".join(opts), data, init),
+              st.lists(st.sampled_from(PACK_OPTIONS), min_size=1, max_size=4), st.binary(min_size=8, max_size=40),
+              st.sampled_from([None, None, None, 1, 2, -9, 0, 41, 100])),
+)
 
 sort_case = st.builds(
     lambda values, cmp: case("table.sort", values, *([cmp] if cmp else []), after=1),
@@ -406,8 +447,8 @@ def test_other_edge_cases_match_stock_lua(stub: Any) -> None:
 @settings(max_examples=15, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])  # the stub is stateless
-@given(st.lists(st.one_of(format_case, sort_case), min_size=100, max_size=100))
-def test_format_and_sort_match_stock_lua(stub: Any, cases: list[dict]) -> None:
+@given(st.lists(st.one_of(format_case, sort_case, pack_case), min_size=100, max_size=100))
+def test_format_pack_and_sort_match_stock_lua(stub: Any, cases: list[dict]) -> None:
     assert_same(stub, cases)
 
 

@@ -362,7 +362,332 @@ static int str_format(lua_State *L)
     return 1;
 }
 
+/* -- pack, unpack, packsize ------------------------------------------------------------------ */
+/* The formats of §6.4.2: a pass over the format, with fixed-size strings padded
+ * to any size; each option and each METER_BYTES of padding counts. */
+#define MAX_INT_SIZE 16                  /* the largest size of i[n] and s[n] */
+#define INT_SIZE ((int)sizeof(lua_Integer))
+#define OPTIONS_PER_CHECK 4096
+#define NATIVE_LITTLE 1                  /* x86-64 and arm64 as Linux runs them */
+#define NATIVE_MAX_ALIGN 8               /* the strictest alignment of a C scalar */
+
+typedef enum { K_INT, K_UINT, K_FLOAT, K_NUMBER, K_DOUBLE, K_CHAR, K_STRING, K_ZSTR, K_PADDING, K_PADDALIGN, K_NOP } Kind;
+
+typedef struct {
+    lua_State *L;
+    int little;    /* byte order */
+    int max_align;
+    unsigned options; /* read so far, for the checkpoints */
+} Header;
+
+static void header_init(lua_State *L, Header *h)
+{
+    h->L = L;
+    h->little = NATIVE_LITTLE;
+    h->max_align = 1;
+    h->options = 0;
+}
+
+/* A decimal number at *fmt (the default if there is none), kept below INT_MAX. */
+static int read_number(const char **fmt, int otherwise)
+{
+    int a = 0;
+    if (!is_digit((unsigned char)**fmt))
+        return otherwise;
+    do {
+        a = a * 10 + (*((*fmt)++) - '0');
+    } while (is_digit((unsigned char)**fmt) && a <= ((int)MAX_STRING - 9) / 10);
+    return a;
+}
+
+static int read_size(Header *h, const char **fmt, int otherwise)
+{
+    int size = read_number(fmt, otherwise);
+    if (size > MAX_INT_SIZE || size <= 0)
+        return luaL_error(h->L, "integral size (%d) out of limits [1,%d]", size, MAX_INT_SIZE);
+    return size;
+}
+
+/* The option at *fmt and its size; advances *fmt past it. */
+static Kind read_option(Header *h, const char **fmt, int *size)
+{
+    int option = *((*fmt)++);
+    *size = 0;
+    switch (option) {
+    case 'b': *size = 1; return K_INT;
+    case 'B': *size = 1; return K_UINT;
+    case 'h': *size = (int)sizeof(short); return K_INT;
+    case 'H': *size = (int)sizeof(short); return K_UINT;
+    case 'l': *size = (int)sizeof(long); return K_INT;
+    case 'L': *size = (int)sizeof(long); return K_UINT;
+    case 'j': *size = INT_SIZE; return K_INT;
+    case 'J': *size = INT_SIZE; return K_UINT;
+    case 'T': *size = (int)sizeof(size_t); return K_UINT;
+    case 'f': *size = (int)sizeof(float); return K_FLOAT;
+    case 'n': *size = (int)sizeof(lua_Number); return K_NUMBER;
+    case 'd': *size = (int)sizeof(double); return K_DOUBLE;
+    case 'i': *size = read_size(h, fmt, (int)sizeof(int)); return K_INT;
+    case 'I': *size = read_size(h, fmt, (int)sizeof(int)); return K_UINT;
+    case 's': *size = read_size(h, fmt, (int)sizeof(size_t)); return K_STRING;
+    case 'c':
+        *size = read_number(fmt, -1);
+        if (*size == -1)
+            luaL_error(h->L, "missing size for format option 'c'");
+        return K_CHAR;
+    case 'z': return K_ZSTR;
+    case 'x': *size = 1; return K_PADDING;
+    case 'X': return K_PADDALIGN;
+    case ' ': break;
+    case '<': h->little = 1; break;
+    case '>': h->little = 0; break;
+    case '=': h->little = NATIVE_LITTLE; break;
+    case '!': h->max_align = read_size(h, fmt, NATIVE_MAX_ALIGN); break;
+    default: luaL_error(h->L, "invalid format option '%c'", option);
+    }
+    return K_NOP;
+}
+
+/* The next option, its size, and the padding that aligns it at `total`. */
+static Kind read_item(Header *h, size_t total, const char **fmt, int *size, int *padding)
+{
+    Kind kind = read_option(h, fmt, size);
+    int align = *size; /* as a rule, alignment follows size */
+    if (++h->options % OPTIONS_PER_CHECK == 0)
+        llmos_checkpoint(h->L);
+    if (kind == K_PADDALIGN && (**fmt == '\0' || read_option(h, fmt, &align) == K_CHAR || align == 0))
+        luaL_argerror(h->L, 1, "invalid next option for option 'X'");
+    if (align <= 1 || kind == K_CHAR) {
+        *padding = 0;
+    } else {
+        if (align > h->max_align)
+            align = h->max_align;
+        if ((align & (align - 1)) != 0)
+            luaL_argerror(h->L, 1, "format asks for alignment not power of 2");
+        *padding = (align - (int)(total & (size_t)(align - 1))) & (align - 1);
+    }
+    return kind;
+}
+
+/* n as `size` bytes (sign-extended beyond lua_Integer's if negative). */
+static void pack_int(lua_State *L, Box *b, lua_Unsigned n, int little, int size, int negative)
+{
+    char *out = llmos_box_reserve(L, b, (size_t)size);
+    int i;
+    for (i = 0; i < size; i++) {
+        out[little ? i : size - 1 - i] = (char)(i < INT_SIZE ? n & 0xFF : negative ? 0xFF : 0);
+        n = i < INT_SIZE ? n >> 8 : n;
+    }
+    b->len += (size_t)size;
+}
+
+static void copy_with_order(char *dest, const char *src, int size, int little)
+{
+    int i;
+    for (i = 0; i < size; i++)
+        dest[i] = src[little == NATIVE_LITTLE ? i : size - 1 - i];
+}
+
+/* n zero bytes. */
+static void add_zeros(lua_State *L, Box *b, size_t n)
+{
+    size_t piece;
+    llmos_box_reserve(L, b, n);
+    while (n > 0) {
+        piece = n < METER_BYTES ? n : METER_BYTES;
+        memset(b->data + b->len, 0, piece);
+        b->len += piece;
+        n -= piece;
+        llmos_checkpoint(L);
+    }
+}
+
+static int str_pack(lua_State *L)
+{
+    Header h;
+    const char *fmt = luaL_checkstring(L, 1), *s;
+    int arg = 1, size, padding;
+    size_t total = 0, len;
+    lua_Integer n;
+    Box *b;
+    header_init(L, &h);
+    lua_pushnil(L); /* the arguments end here */
+    b = llmos_box_new(L);
+    while (*fmt != '\0') {
+        Kind kind = read_item(&h, total, &fmt, &size, &padding);
+        total += (size_t)padding + (size_t)size;
+        add_zeros(L, b, (size_t)padding);
+        arg++;
+        switch (kind) {
+        case K_INT:
+            n = luaL_checkinteger(L, arg);
+            if (size < INT_SIZE) {
+                lua_Integer limit = (lua_Integer)1 << (size * 8 - 1);
+                luaL_argcheck(L, -limit <= n && n < limit, arg, "integer overflow");
+            }
+            pack_int(L, b, (lua_Unsigned)n, h.little, size, n < 0);
+            break;
+        case K_UINT:
+            n = luaL_checkinteger(L, arg);
+            if (size < INT_SIZE)
+                luaL_argcheck(L, (lua_Unsigned)n < ((lua_Unsigned)1 << (size * 8)), arg, "unsigned overflow");
+            pack_int(L, b, (lua_Unsigned)n, h.little, size, 0);
+            break;
+        case K_FLOAT: {
+            float f = (float)luaL_checknumber(L, arg);
+            copy_with_order(llmos_box_reserve(L, b, sizeof f), (const char *)&f, (int)sizeof f, h.little);
+            b->len += sizeof f;
+            break;
+        }
+        case K_NUMBER:
+        case K_DOUBLE: {
+            double f = (double)luaL_checknumber(L, arg);
+            copy_with_order(llmos_box_reserve(L, b, sizeof f), (const char *)&f, (int)sizeof f, h.little);
+            b->len += sizeof f;
+            break;
+        }
+        case K_CHAR:
+            s = luaL_checklstring(L, arg, &len);
+            luaL_argcheck(L, len <= (size_t)size, arg, "string longer than given size");
+            llmos_box_add(L, b, s, len);
+            add_zeros(L, b, (size_t)size - len);
+            break;
+        case K_STRING:
+            s = luaL_checklstring(L, arg, &len);
+            luaL_argcheck(L, size >= (int)sizeof(size_t) || len < ((size_t)1 << (size * 8)), arg,
+                          "string length does not fit in given size");
+            pack_int(L, b, (lua_Unsigned)len, h.little, size, 0);
+            llmos_box_add(L, b, s, len);
+            total += len;
+            break;
+        case K_ZSTR:
+            s = luaL_checklstring(L, arg, &len);
+            luaL_argcheck(L, memchr(s, '\0', len) == NULL, arg, "string contains zeros");
+            llmos_box_add(L, b, s, len);
+            llmos_box_addchar(L, b, '\0');
+            total += len + 1;
+            break;
+        case K_PADDING:
+            llmos_box_addchar(L, b, '\0');
+            /* fall through */
+        case K_PADDALIGN:
+        case K_NOP:
+            arg--; /* took no argument */
+            break;
+        }
+    }
+    llmos_box_push(L, b);
+    return 1;
+}
+
+static int str_packsize(lua_State *L)
+{
+    Header h;
+    const char *fmt = luaL_checkstring(L, 1);
+    size_t total = 0;
+    int size, padding;
+    header_init(L, &h);
+    while (*fmt != '\0') {
+        Kind kind = read_item(&h, total, &fmt, &size, &padding);
+        luaL_argcheck(L, kind != K_STRING && kind != K_ZSTR, 1, "variable-length format");
+        size += padding;
+        luaL_argcheck(L, total <= MAX_STRING - (size_t)size, 1, "format result too large");
+        total += (size_t)size;
+    }
+    lua_pushinteger(L, (lua_Integer)total);
+    return 1;
+}
+
+/* The integer of `size` bytes at str; an error if it does not fit in a lua_Integer. */
+static lua_Integer unpack_int(lua_State *L, const char *str, int little, int size, int is_signed)
+{
+    lua_Unsigned res = 0, mask;
+    int i, limit = size <= INT_SIZE ? size : INT_SIZE, extra;
+    for (i = limit - 1; i >= 0; i--) {
+        res <<= 8;
+        res |= (lua_Unsigned)(unsigned char)str[little ? i : size - 1 - i];
+    }
+    if (size < INT_SIZE) {
+        if (is_signed) {
+            mask = (lua_Unsigned)1 << (size * 8 - 1);
+            res = (res ^ mask) - mask; /* sign extension */
+        }
+    } else if (size > INT_SIZE) { /* the bytes beyond must only extend the sign */
+        extra = !is_signed || (lua_Integer)res >= 0 ? 0 : 0xFF;
+        for (i = limit; i < size; i++)
+            if ((unsigned char)str[little ? i : size - 1 - i] != extra)
+                luaL_error(L, "%d-byte integer does not fit into Lua Integer", size);
+    }
+    return (lua_Integer)res;
+}
+
+static int str_unpack(lua_State *L)
+{
+    Header h;
+    const char *fmt = luaL_checkstring(L, 1);
+    size_t ld, pos, len;
+    const char *data = luaL_checklstring(L, 2, &ld), *zero;
+    lua_Integer init = luaL_optinteger(L, 3, 1);
+    int n = 0, size, padding;
+    /* the initial position, from the end if negative */
+    pos = (init > 0 ? (size_t)init : init == 0 || init < -(lua_Integer)ld ? 1 : ld + (size_t)init + 1) - 1;
+    luaL_argcheck(L, pos <= ld, 3, "initial position out of string");
+    header_init(L, &h);
+    while (*fmt != '\0') {
+        Kind kind = read_item(&h, pos, &fmt, &size, &padding);
+        luaL_argcheck(L, (size_t)padding + (size_t)size <= ld - pos, 2, "data string too short");
+        pos += (size_t)padding;
+        luaL_checkstack(L, 2, "too many results"); /* the item and the next position */
+        n++;
+        switch (kind) {
+        case K_INT:
+        case K_UINT:
+            lua_pushinteger(L, unpack_int(L, data + pos, h.little, size, kind == K_INT));
+            break;
+        case K_FLOAT: {
+            float f;
+            copy_with_order((char *)&f, data + pos, (int)sizeof f, h.little);
+            lua_pushnumber(L, (lua_Number)f);
+            break;
+        }
+        case K_NUMBER:
+        case K_DOUBLE: {
+            double f;
+            copy_with_order((char *)&f, data + pos, (int)sizeof f, h.little);
+            lua_pushnumber(L, (lua_Number)f);
+            break;
+        }
+        case K_CHAR:
+            lua_pushlstring(L, data + pos, (size_t)size);
+            break;
+        case K_STRING: {
+            lua_Unsigned slen = (lua_Unsigned)unpack_int(L, data + pos, h.little, size, 0);
+            luaL_argcheck(L, slen <= ld - pos - (size_t)size, 2, "data string too short");
+            lua_pushlstring(L, data + pos + size, (size_t)slen);
+            pos += (size_t)slen;
+            break;
+        }
+        case K_ZSTR:
+            /* the terminating zero of data ends the search at worst */
+            for (len = 0; (zero = memchr(data + pos + len, '\0', METER_BYTES)) == NULL; len += METER_BYTES)
+                llmos_checkpoint(L);
+            len = (size_t)(zero - (data + pos));
+            luaL_argcheck(L, pos + len < ld, 2, "unfinished string for format 'z'");
+            lua_pushlstring(L, data + pos, len);
+            pos += len + 1;
+            break;
+        case K_PADDALIGN:
+        case K_PADDING:
+        case K_NOP:
+            n--; /* gave no result */
+            break;
+        }
+        pos += (size_t)size;
+    }
+    lua_pushinteger(L, (lua_Integer)pos + 1);
+    return n + 1;
+}
+
 const luaL_Reg llmos_string_functions[] = {
     {"rep", str_rep}, {"upper", str_upper}, {"lower", str_lower}, {"reverse", str_reverse},
-    {"format", str_format}, {NULL, NULL},
+    {"format", str_format}, {"pack", str_pack}, {"packsize", str_packsize}, {"unpack", str_unpack}, {NULL, NULL},
 };
