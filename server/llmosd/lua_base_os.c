@@ -162,7 +162,7 @@ static int os_date(lua_State *L)
     struct tm tmr, *stm;
     char conversion[4] = "%", text[MAX_CONVERSION_TEXT];
     unsigned conversions = 0;
-    Box *b;
+    Box box, *b;
     if (*s == '!') { /* UTC */
         stm = gmtime_r(&t, &tmr);
         s++;
@@ -176,7 +176,8 @@ static int os_date(lua_State *L)
         set_all_fields(L, stm);
         return 1;
     }
-    b = llmos_box_new(L);
+    b = &box;
+    llmos_box_init(L, b);
     while (s < se) {
         if (*s != '%') {
             percent = memchr(s, '%', (size_t)(se - s));

@@ -5,7 +5,13 @@
  */
 #include "lua_metered.h"
 
-static char BOX_METATABLE; /* registry key (its address) of the boxes' metatable */
+static char HOLDER_METATABLE; /* registry key (its address) of the holders' metatable */
+
+/* The userdata that owns a box's memory once it outgrows its initial bytes. */
+typedef struct {
+    char *data;
+    size_t size;
+} Holder;
 
 static void *reallocate(lua_State *L, void *block, size_t old_size, size_t new_size)
 {
@@ -14,37 +20,48 @@ static void *reallocate(lua_State *L, void *block, size_t old_size, size_t new_s
     return allocate(ud, block, old_size, new_size);
 }
 
-static int box_gc(lua_State *L)
+static int holder_gc(lua_State *L)
 {
-    Box *box = lua_touserdata(L, 1);
-    if (box->data != NULL)
-        reallocate(L, box->data, box->size, 0);
-    box->data = NULL;
-    box->size = box->len = 0;
+    Holder *holder = lua_touserdata(L, 1);
+    if (holder->data != NULL)
+        reallocate(L, holder->data, holder->size, 0);
+    holder->data = NULL;
+    holder->size = 0;
     return 0;
 }
 
-Box *llmos_box_new(lua_State *L)
+void llmos_box_init(lua_State *L, Box *box)
 {
-    Box *box = lua_newuserdatauv(L, sizeof(Box), 0);
-    box->data = NULL;
-    box->len = box->size = box->unmetered = 0;
-    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &BOX_METATABLE) == LUA_TNIL) { /* the state's first box */
+    box->data = box->initial;
+    box->len = box->unmetered = 0;
+    box->size = BOX_INITIAL;
+    lua_pushnil(L); /* the holder's place */
+    box->slot = lua_gettop(L);
+}
+
+static Holder *new_holder(lua_State *L, int slot)
+{
+    Holder *holder = lua_newuserdatauv(L, sizeof(Holder), 0);
+    holder->data = NULL;
+    holder->size = 0;
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &HOLDER_METATABLE) == LUA_TNIL) { /* the state's first */
         lua_pop(L, 1);
         lua_createtable(L, 0, 1);
-        lua_pushcfunction(L, box_gc);
+        lua_pushcfunction(L, holder_gc);
         lua_setfield(L, -2, "__gc");
         lua_pushvalue(L, -1);
-        lua_rawsetp(L, LUA_REGISTRYINDEX, &BOX_METATABLE);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &HOLDER_METATABLE);
     }
     lua_setmetatable(L, -2);
-    return box;
+    lua_replace(L, slot);
+    return holder;
 }
 
 char *llmos_box_reserve(lua_State *L, Box *box, size_t n)
 {
     size_t size;
     char *data;
+    Holder *holder;
     if (box->size - box->len >= n)
         return box->data + box->len;
     if ((size_t)-1 - n < box->len)
@@ -52,15 +69,21 @@ char *llmos_box_reserve(lua_State *L, Box *box, size_t n)
     size = box->size / 2 * 3;
     if (size < box->len + n)
         size = box->len + n;
-    if (size < 64)
-        size = 64;
-    data = reallocate(L, box->data, box->size, size);
+    if (box->data == box->initial) {
+        holder = new_holder(L, box->slot);
+        data = reallocate(L, NULL, 0, size);
+        if (data != NULL)
+            memcpy(data, box->initial, box->len);
+    } else {
+        holder = lua_touserdata(L, box->slot);
+        data = reallocate(L, holder->data, holder->size, size);
+    }
     if (data == NULL) {
-        lua_pushliteral(L, "not enough memory"); /* as Lua's buffers: the string exists already */
+        lua_pushliteral(L, "not enough memory"); /* as Lua's buffers (the string exists already) */
         lua_error(L);
     }
-    box->data = data;
-    box->size = size;
+    holder->data = box->data = data;
+    holder->size = box->size = size;
     return data + box->len;
 }
 
@@ -86,9 +109,15 @@ void llmos_box_add(lua_State *L, Box *box, const char *s, size_t n)
 
 void llmos_box_push(lua_State *L, Box *box)
 {
-    lua_pushlstring(L, box->data != NULL ? box->data : "", box->len);
-    if (box->data != NULL)
-        reallocate(L, box->data, box->size, 0);
-    box->data = NULL;
-    box->size = box->len = 0;
+    Holder *holder;
+    lua_pushlstring(L, box->data, box->len);
+    if (box->data != box->initial) {
+        holder = lua_touserdata(L, box->slot);
+        reallocate(L, holder->data, holder->size, 0);
+        holder->data = NULL;
+        holder->size = 0;
+    }
+    box->data = box->initial;
+    box->len = 0;
+    box->size = BOX_INITIAL;
 }

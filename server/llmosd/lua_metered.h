@@ -30,24 +30,31 @@
 #define METER_BYTES (256 << 10)
 
 /* -- Box: a growable byte buffer owned by the Lua state ------------------------------------ */
-/* A userdata on the stack holds the bytes, allocated with the state's own
- * allocator (counted against the memory limit, failing as Lua does with "not
- * enough memory"); its __gc frees them if an error or a kill leaves it to the
- * collector. It grows by half as Lua's luaL_Buffer does. Copies into it are
- * metered: a checkpoint every METER_BYTES copied. */
+/* A Box lives on its function's C stack and starts in its own INITIAL bytes,
+ * so that short results cost no allocation. Longer ones move to memory
+ * allocated with the state's own allocator (counted against the memory limit,
+ * failing as Lua does with "not enough memory") and held by a userdata in a
+ * stack slot the box reserves when it is made; the userdata's __gc frees the
+ * memory if an error or a kill leaves it to the collector. It grows by half,
+ * as Lua's luaL_Buffer does. Copies into it are metered: a checkpoint every
+ * METER_BYTES copied. */
+#define BOX_INITIAL 1024
+
 typedef struct {
-    char *data;
+    char *data;        /* `initial`, or the held memory */
     size_t len, size;
-    size_t unmetered; /* bytes copied since the last checkpoint */
+    size_t unmetered;  /* bytes copied since the last checkpoint */
+    int slot;          /* the stack slot of the userdata that holds the memory */
+    char initial[BOX_INITIAL];
 } Box;
 
-/* Pushes a new, empty box. */
-Box *llmos_box_new(lua_State *L);
+/* Makes an empty box, reserving a stack slot (pushes one value). */
+void llmos_box_init(lua_State *L, Box *box);
 /* Room for `n` more bytes, which the caller writes at the returned address and then counts in box->len. */
 char *llmos_box_reserve(lua_State *L, Box *box, size_t n);
 /* Appends n bytes, with a checkpoint every METER_BYTES of them. */
 void llmos_box_add(lua_State *L, Box *box, const char *s, size_t n);
-/* Pushes the contents as a string and frees the box's bytes at once. */
+/* Pushes the contents as a string and frees the box's memory at once. */
 void llmos_box_push(lua_State *L, Box *box);
 
 static inline void llmos_box_addchar(lua_State *L, Box *box, char c)

@@ -646,11 +646,12 @@ static int str_gsub(lua_State *L)
     int anchor = *p == '^', changed = 0;
     lua_Integer n = 0;
     Matcher m;
-    Box *b;
+    Box box, *b;
     if (!(tr == LUA_TNUMBER || tr == LUA_TSTRING || tr == LUA_TFUNCTION || tr == LUA_TTABLE))
         luaL_typeerror(L, 3, "string/function/table");
     lua_settop(L, 4);
-    b = llmos_box_new(L); /* at 5 */
+    b = &box;
+    llmos_box_init(L, b);
     if (anchor) {
         p++;
         lp--;

@@ -30,7 +30,7 @@ static int str_rep(lua_State *L)
     const char *s = luaL_checklstring(L, 1, &l);
     lua_Integer n = luaL_checkinteger(L, 2);
     const char *sep = luaL_optlstring(L, 3, "", &lsep);
-    Box *b;
+    Box box, *b;
     if (n <= 0 || l + lsep == 0) { /* (l + lsep == 0: n empty pieces, however many) */
         lua_pushliteral(L, "");
         return 1;
@@ -39,7 +39,8 @@ static int str_rep(lua_State *L)
         return luaL_error(L, "resulting string too large");
     period = l + lsep;
     total = (size_t)n * l + (size_t)(n - 1) * lsep;
-    b = llmos_box_new(L);
+    b = &box;
+    llmos_box_init(L, b);
     llmos_box_reserve(L, b, total);
     /* The result is s..sep repeated and cut at `total`: write one period,
      * then copy what is written onto what follows, a whole number of periods
@@ -73,7 +74,8 @@ static int transform(lua_State *L, int how)
 {
     size_t l, i, end;
     const char *s = luaL_checklstring(L, 1, &l);
-    Box *b = llmos_box_new(L);
+    Box box, *b = &box;
+    llmos_box_init(L, b);
     char *out = llmos_box_reserve(L, b, l);
     unsigned char c;
     for (i = 0; i < l; i = end) {
@@ -269,7 +271,8 @@ static int str_format(lua_State *L)
     lua_Integer n;
     lua_Number x;
     const void *pointer;
-    Box *b = llmos_box_new(L);
+    Box box, *b = &box;
+    llmos_box_init(L, b);
     while (fmt < end) {
         if (*fmt != '%') { /* a run of plain text (the box meters copies) */
             percent = memchr(fmt, '%', (size_t)(end - fmt));
@@ -508,10 +511,11 @@ static int str_pack(lua_State *L)
     int arg = 1, size, padding;
     size_t total = 0, len;
     lua_Integer n;
-    Box *b;
+    Box box, *b;
     header_init(L, &h);
     lua_pushnil(L); /* the arguments end here */
-    b = llmos_box_new(L);
+    b = &box;
+    llmos_box_init(L, b);
     while (*fmt != '\0') {
         Kind kind = read_item(&h, total, &fmt, &size, &padding);
         total += (size_t)padding + (size_t)size;

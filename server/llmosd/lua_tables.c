@@ -155,10 +155,11 @@ static int tab_concat(lua_State *L)
     size_t lsep;
     const char *sep = luaL_optlstring(L, 2, "", &lsep);
     unsigned countdown = ELEMENTS_PER_CHECK;
-    Box *b;
+    Box box, *b;
     i = luaL_optinteger(L, 3, 1);
     last = luaL_optinteger(L, 4, last);
-    b = llmos_box_new(L);
+    b = &box;
+    llmos_box_init(L, b);
     for (; i < last; i++) {
         add_field(L, b, i);
         llmos_box_add(L, b, sep, lsep);
