@@ -128,3 +128,34 @@ def test_ordinary_text_work_on_megabytes_runs(one_cpu: Any) -> None:
     assert info.state == pb.EXITED, info.error
     assert from_value(info.result) == {"words": 1_000_000, "n": 1_000_000, "len": 7_000_000, "first": 5_000_001,
                                        "at": 5_000_000, "guarded": 20_000}
+
+
+# C functions that run Lua code protected and answer its error as a value: the
+# end of the process raised inside them (a kill, a limit, memory) must not be
+# something the program can go on from.
+ENDS_CAUGHT_IN_C = {
+    "load's reader": "local f, err = load(function() {body} end) return 'survived: ' .. tostring(err)",
+    "coroutine.close's __close": """
+        local co = coroutine.create(function()
+          local x <close> = setmetatable({{}}, {{__close = function() {body} end}})
+          coroutine.yield()
+        end)
+        coroutine.resume(co)
+        return 'survived: ' .. tostring(select(2, coroutine.close(co)))""",
+}
+LOOP = "while true do end"
+ALLOCATE = "local t = {} for i = 1, 1e8 do t[i] = i end"
+
+
+@pytest.mark.parametrize("lua", list(ENDS_CAUGHT_IN_C.values()), ids=list(ENDS_CAUGHT_IN_C))
+def test_an_end_caught_by_a_c_function_still_ends_the_process(one_cpu: Any, lua: str) -> None:
+    stub = one_cpu
+    pid = spawn(stub, lua.format(body=LOOP))
+    wait_running(stub, pid)
+    time.sleep(0.1)
+    stub.Kill(pb.KillRequest(pid=pid, reason="stop"))
+    ended(wait(stub, pid), "stop")
+    ended(wait(stub, spawn(stub, lua.format(body=LOOP), cpu_ms=200)), "cpu_limit")
+    info = wait(stub, stub.Spawn(pb.SpawnRequest(lua=lua.format(body=ALLOCATE),
+                                                 limits=pb.Limits(memory_bytes=8 << 20))).pid)
+    ended(info, "memory_limit")

@@ -263,7 +263,7 @@ pattern_case = st.one_of(
 )
 
 
-@settings(max_examples=40, derandomize=True, deadline=None,
+@settings(max_examples=40, derandomize=True, database=None, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])  # the stub is stateless
 @given(st.lists(pattern_case, min_size=150, max_size=150))
@@ -444,7 +444,7 @@ def test_other_edge_cases_match_stock_lua(stub: Any) -> None:
     assert_same(stub, OTHER_EDGES)
 
 
-@settings(max_examples=15, derandomize=True, deadline=None,
+@settings(max_examples=15, derandomize=True, database=None, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])  # the stub is stateless
 @given(st.lists(st.one_of(format_case, sort_case, pack_case), min_size=100, max_size=100))

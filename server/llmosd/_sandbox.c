@@ -7,8 +7,8 @@
  * slip the kernel's control:
  *   - every coroutine carries a count hook that checks in with the kernel
  *     (quantum, limits, kills); once the kernel ends the process the hook
- *     fires on every instruction, and pcall, xpcall and coroutine.resume
- *     re-raise the end instead of catching it;
+ *     fires on every instruction, and pcall, xpcall, coroutine.resume,
+ *     coroutine.close and load re-raise the end instead of catching it;
  *   - coroutine.resume passes a syscall made inside a program's coroutine up
  *     to the kernel, and the answer back down, at any depth;
  *   - no bytecode, string.dump, __gc finalizers, or os beyond the clock;
@@ -121,6 +121,10 @@ void llmos_sandbox_hook(lua_State *L, lua_Debug *ar)
     Sandbox *sb = sandbox_of(L);
     (void)ar;
     llmos_interrupted = 0; /* this is the check the signal asked for */
+    if (sb->dying) { /* ended already (a memory error too, which the kernel does not know of) */
+        push_context_value(L, DYING_REASON);
+        lua_error(L);
+    }
     push_ref(L, sb->check);
     lua_call(L, 0, 1);
     if (!lua_isnil(L, -1)) {
@@ -190,7 +194,7 @@ static int resume_k(lua_State *L, int status, lua_KContext as)
 static int co_resume(lua_State *L)
 {
     if (lua_tothread(L, 1) == NULL)
-        return luaL_typeerror(L, 1, "coroutine");
+        return luaL_typeerror(L, 1, "thread");
     return resume_k(L, LUA_OK, AS_RESUME);
 }
 
@@ -213,6 +217,24 @@ static int co_yield(lua_State *L)
     if (L == sandbox_of(L)->main_co)
         return luaL_error(L, "attempt to yield from outside a coroutine");
     return lua_yield(L, lua_gettop(L));
+}
+
+/* coroutine.close runs the coroutine's pending __close handlers, protected,
+ * and answers false and the error if one fails: the end of the process (a
+ * memory error too) is raised again, as after pcall. Upvalue 1: the real close. */
+static int co_close(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, 1);
+    if (co == NULL)
+        return luaL_typeerror(L, 1, "thread");
+    if (co == L) /* raised here, Lua's message names the caller's line */
+        return luaL_error(L, "cannot close a running coroutine");
+    lua_settop(L, 1);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 1, LUA_MULTRET);
+    die_if_dying(L, sandbox_of(L), !lua_toboolean(L, 1));
+    return lua_gettop(L);
 }
 
 /* -- pcall, xpcall ------------------------------------------------------------------------- */
@@ -753,7 +775,7 @@ static void push_env(lua_State *L, int g)
                                        "rawlen", "rawset", "select", "tonumber", "tostring", "type",
                                        "getmetatable", "_VERSION", "math", "string", "table", "utf8", NULL};
     static const char *const os_kept[] = {"clock", "time", "date", "difftime", NULL};
-    static const char *const co_kept[] = {"status", "running", "close", "isyieldable", NULL};
+    static const char *const co_kept[] = {"status", "running", "isyieldable", NULL};
     const char *const *name;
     int env;
     install_metered(L, g);
@@ -771,11 +793,15 @@ static void push_env(lua_State *L, int g)
     push_subset(L, g, "os", os_kept, 0);
     lua_setfield(L, env, "os");
 
-    push_subset(L, g, "coroutine", co_kept, 4);
+    push_subset(L, g, "coroutine", co_kept, 5);
     set_function(L, "create", co_create);
     set_function(L, "resume", co_resume);
     set_function(L, "wrap", co_wrap);
     set_function(L, "yield", co_yield);
+    lua_getfield(L, g, "coroutine");
+    lua_getfield(L, -1, "close");
+    lua_remove(L, -2);
+    set_closure(L, lua_gettop(L) - 1, "close", co_close, 1);
     lua_setfield(L, env, "coroutine");
 
     lua_pushcfunction(L, sb_pcall);
