@@ -48,6 +48,8 @@ HOGS = {
     "table.concat": "return table.concat(setmetatable({}, {__index = type}), '', 1, 2^40)",
     "table.sort": "local t = {} for i = 1, 2^20 do t[i] = (i * 7919) % 1000003 end "
                   "while true do table.sort(t, math.ult) table.sort(t, function(a, b) return a > b end) end",
+    "utf8.char (a million arguments)": "local t = {} for i = 1, 999000 do t[i] = 0x10FFFF end "
+                                       "while true do local s = utf8.char(table.unpack(t)) end",
     "utf8.len (16 MiB)": "local s = ('a'):rep(2^24) while true do utf8.len(s) end",
     "tonumber(s, 2) (16 MiB)": "local s = ('1'):rep(2^24) while true do tonumber(s, 2) end",
     "os.date": "local f = ('%j'):rep(1e6) while true do local d = os.date(f) end",

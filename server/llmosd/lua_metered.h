@@ -14,8 +14,8 @@
  * malloc's, so that the raise leaks nothing.
  *
  * Not metered, and why: functions whose work is bounded by a constant or by
- * the Lua stack (LUAI_MAXSTACK, one million values: string.byte/char,
- * utf8.char/codepoint, table.pack, select; about a millisecond), and single
+ * the Lua stack (LUAI_MAXSTACK, one million values) at a few ns a value
+ * (string.byte, utf8.codepoint, select, math.max: a few ms), and single
  * copies of a string (string.sub, lua_pushlstring of a result), which the VM
  * itself does in one instruction (`..`) and which the memory limit bounds.
  */
@@ -68,9 +68,9 @@ static inline void llmos_box_addchar(lua_State *L, Box *box, char c)
 /* Each list ends with {NULL, NULL}; the sandbox sets them into the library
  * tables in place of Lua's functions of those names. */
 extern const luaL_Reg llmos_pattern_functions[]; /* string.find, match, gmatch, gsub */
-extern const luaL_Reg llmos_string_functions[];  /* string.rep, upper, lower, reverse, format */
-extern const luaL_Reg llmos_table_functions[];   /* table.concat, insert, remove, move, sort, unpack */
-extern const luaL_Reg llmos_utf8_functions[];    /* utf8.len, offset, codes */
+extern const luaL_Reg llmos_string_functions[];  /* string.rep, char, upper, lower, reverse, format, pack... */
+extern const luaL_Reg llmos_table_functions[];   /* table.concat, insert, remove, move, sort, unpack, pack */
+extern const luaL_Reg llmos_utf8_functions[];    /* utf8.len, offset, codes, char */
 extern const luaL_Reg llmos_os_functions[];      /* os.date */
 extern const luaL_Reg llmos_base_functions[];    /* tonumber */
 

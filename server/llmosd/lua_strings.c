@@ -8,9 +8,10 @@
  *   - upper, lower, reverse: a pass over a string of any length;
  *   - format: a pass over the format (any length), %q quoting a string byte
  *     by byte, %s copying strings of any length;
- *   - pack, unpack, packsize: a pass over the format, padding of any size.
- * Not metered: len, sub (one copy), byte and char (at most LUAI_MAXSTACK
- * values), and the pattern functions' (lua_patterns.c).
+ *   - pack, unpack, packsize: a pass over the format, padding of any size;
+ *   - char: up to LUAI_MAXSTACK (a million) arguments, checked one by one.
+ * Not metered: len, sub (one copy), byte (at most LUAI_MAXSTACK values, each
+ * a few ns), and the pattern functions' (lua_patterns.c).
  * Character classes are the C locale's (ASCII), as Lua's in the C and UTF-8
  * locales.
  */
@@ -114,6 +115,27 @@ static int str_lower(lua_State *L)
 static int str_reverse(lua_State *L)
 {
     return transform(L, REVERSE);
+}
+
+/* -- char ----------------------------------------------------------------------------------- */
+static int str_char(lua_State *L)
+{
+    int n = lua_gettop(L), i;
+    lua_Unsigned c;
+    Box box, *b = &box;
+    char *out;
+    llmos_box_init(L, b);
+    out = llmos_box_reserve(L, b, (size_t)n);
+    for (i = 1; i <= n; i++) {
+        c = (lua_Unsigned)luaL_checkinteger(L, i);
+        luaL_argcheck(L, c <= (lua_Unsigned)UCHAR_MAX, i, "value out of range");
+        out[i - 1] = (char)c;
+        if (i % (METER_BYTES / 4) == 0)
+            llmos_checkpoint(L);
+    }
+    b->len = (size_t)n;
+    llmos_box_push(L, b);
+    return 1;
 }
 
 /* -- format ----------------------------------------------------------------------------------- */
@@ -692,6 +714,6 @@ static int str_unpack(lua_State *L)
 }
 
 const luaL_Reg llmos_string_functions[] = {
-    {"rep", str_rep}, {"upper", str_upper}, {"lower", str_lower}, {"reverse", str_reverse},
+    {"rep", str_rep}, {"char", str_char}, {"upper", str_upper}, {"lower", str_lower}, {"reverse", str_reverse},
     {"format", str_format}, {"pack", str_pack}, {"packsize", str_packsize}, {"unpack", str_unpack}, {NULL, NULL},
 };

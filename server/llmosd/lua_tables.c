@@ -4,15 +4,14 @@
  * stock Lua by tests/test_lua_metered.py. They go through lua_geti/lua_seti,
  * as Lua's do, so that metamethods apply; a metamethod that is a Lua function
  * is interrupted by the hook, but the number of elements is the caller's to
- * choose (a __len answering 2^62, an __index chain), so each loop checks in
- * every ELEMENTS_PER_CHECK elements:
+ * choose (a __len answering 2^62, an __index chain):
  *   - concat, insert, remove, move, unpack: a loop over a range of elements;
  *   - sort: Lua's algorithm (a quicksort whose pivot is the median of three,
  *     randomized on large ranges), so that it calls the order function in the
  *     same sequence and raises "invalid order function for sorting" where Lua
- *     does, metered by comparison.
- * Not metered: pack (at most LUAI_MAXSTACK values, stored without
- * metamethods in a new table).
+ *     does, metered by comparison;
+ *   - pack: up to LUAI_MAXSTACK (a million) values stored one by one.
+ * Each loop checks in every ELEMENTS_PER_CHECK elements (or comparisons).
  */
 #include <limits.h>
 #include <time.h>
@@ -190,6 +189,21 @@ static int tab_unpack(lua_State *L)
     return (int)n;
 }
 
+static int tab_pack(lua_State *L)
+{
+    int i, n = lua_gettop(L);
+    unsigned countdown = ELEMENTS_PER_CHECK;
+    lua_createtable(L, n, 1);
+    lua_insert(L, 1);
+    for (i = n; i >= 1; i--) { /* from the end: the arguments are popped as they are stored */
+        lua_seti(L, 1, i);
+        count_element(L, &countdown);
+    }
+    lua_pushinteger(L, n);
+    lua_setfield(L, 1, "n");
+    return 1;
+}
+
 /* -- sort ----------------------------------------------------------------------------------------- */
 typedef unsigned int Index;
 
@@ -334,5 +348,5 @@ static int tab_sort(lua_State *L)
 
 const luaL_Reg llmos_table_functions[] = {
     {"concat", tab_concat}, {"insert", tab_insert}, {"remove", tab_remove}, {"move", tab_move},
-    {"sort", tab_sort},     {"unpack", tab_unpack}, {NULL, NULL},
+    {"sort", tab_sort},     {"unpack", tab_unpack}, {"pack", tab_pack},     {NULL, NULL},
 };
