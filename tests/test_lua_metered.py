@@ -37,9 +37,9 @@ for i = 0, 255 do
   FROMHEX[h] = string.char(i)
 end
 local function unhex(h)
-  local s = ""
-  for i = 1, #h, 2 do s = s .. FROMHEX[h:sub(i, i + 1)] end
-  return s
+  local bytes = {}
+  for i = 1, #h, 2 do bytes[#bytes + 1] = FROMHEX[h:sub(i, i + 1)] end
+  return table.concat(bytes)
 end
 local function hex(s)
   local out = {}
@@ -344,6 +344,11 @@ OTHER_EDGES = [
     case("utf8.char"), case("utf8.char", 0x80000000), case("utf8.char", -1), case("utf8.char", 65),
     case("utf8.char", 65.5), case("utf8.char", "x"), case("utf8.char", 0xD800, 0x3FFFFFF, 0x4000000),
     case("table.pack"), case("table.pack", 1, None, 3), case("table.pack", None),
+    # load, fed to the parser in pieces (text only, by design: no binary chunks to compare)
+    case("load", "return 1"), case("load", "x = "), case("load", "x = ", "=name"), case("load", "x = ", 5),
+    case("load", 12), case("load", None), case("load", []), case("load", Fn("none")), case("load", Fn("fail")),
+    case("load", Fn("table")), case("load", "return " + "1 + " * 40000 + "1"),
+    case("load", "return '" + "x" * 200_000 + "'"), case("load", "return [[" + "y" * 100_000),
     case("tonumber", "  ff  ", 16), case("tonumber", "z", 36), case("tonumber", "Z", 36), case("tonumber", "1", 37),
     case("tonumber", 1, 10), case("tonumber", "-0x", 16), case("tonumber", "", 10), case("tonumber", "1e", 10),
     case("tonumber", "-ff", 16), case("tonumber", "+11", 2), case("tonumber", "12", 2), case("tonumber", "1 1", 10),
