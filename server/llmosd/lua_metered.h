@@ -13,9 +13,11 @@
  * meanwhile is on its C stack or owned by the Lua state (a Box), never
  * malloc's, so that the raise leaks nothing.
  *
- * Not metered, and why: functions whose work is bounded by a constant or by
- * the Lua stack (LUAI_MAXSTACK, one million values) at a few ns a value
- * (string.byte, utf8.codepoint, select, math.max: a few ms), and single
+ * Not metered, and why: functions whose work is bounded by a constant (the
+ * rest of math, os.clock/time/difftime, coroutine, and base but tonumber and
+ * load; what they call back is Lua code, which the hook interrupts) or by the
+ * Lua stack (LUAI_MAXSTACK, one million values) at a few ns a value
+ * (string.byte, utf8.codepoint, select, math.max/min: a few ms), and single
  * copies of a string (string.sub, lua_pushlstring of a result), which the VM
  * itself does in one instruction (`..`) and which the memory limit bounds.
  */
