@@ -10,6 +10,12 @@
  * be callable from a signal handler; because the handler runs on the thread
  * that owns the state, nothing else touches the state meanwhile. The hook
  * (the sandbox's) then parks or ends the process and switches itself off.
+ *
+ * No hook fires while the program is inside a C function (a library
+ * function over a long string or table), so the handler also raises a flag
+ * of the thread's, which such functions test every slice of their work
+ * (llmos_checkpoint, lua_metered.h): when it is raised they run the hook's
+ * check themselves, which may park the thread there or end the process.
  */
 #include <signal.h>
 #include <string.h>
@@ -17,13 +23,25 @@
 #include "lua_api.h"
 
 static __thread lua_State *volatile running_state; /* the coroutine this thread runs, or NULL */
+__thread volatile sig_atomic_t llmos_interrupted;
 
 static void on_signal(int sig)
 {
     lua_State *L = running_state;
     (void)sig;
+    llmos_interrupted = 1;
     if (L != NULL)
         lua_sethook(L, llmos_sandbox_hook, LUA_MASKCOUNT, 1);
+}
+
+/* The check is the hook's own, run from the C function on whichever of the
+ * program's coroutines called it. A flag raised for the process that ran
+ * before on this thread only costs one check. */
+void llmos_checkpoint_now(lua_State *L)
+{
+    llmos_interrupted = 0;
+    luaL_checkstack(L, 4, "checkpoint");
+    llmos_sandbox_hook(L, NULL);
 }
 
 int llmos_preempt_setup(int sig)

@@ -7,13 +7,14 @@
  * slip the kernel's control:
  *   - every coroutine carries a count hook that checks in with the kernel
  *     (quantum, limits, kills); once the kernel ends the process the hook
- *     fires on every instruction, and pcall, xpcall and coroutine.resume
- *     re-raise the end instead of catching it;
+ *     fires on every instruction, and pcall, xpcall, coroutine.resume,
+ *     coroutine.close and load re-raise the end instead of catching it;
  *   - coroutine.resume passes a syscall made inside a program's coroutine up
  *     to the kernel, and the answer back down, at any depth;
  *   - no bytecode, string.dump, __gc finalizers, or os beyond the clock;
- *   - pattern functions, which run in C where no hook fires, refuse a
- *     subject and pattern whose backtracking could outlast a preemption;
+ *   - the library functions that can run long in C, where no hook fires,
+ *     are llmos's metered ones (lua_metered.h), which check in with the
+ *     kernel as they go;
  * and it adds `sys`, the syscall interface (see lua_runtime.py for the
  * kernel's side, the "bridge" functions these call).
  *
@@ -23,11 +24,9 @@
  * a state nothing. The per-state context lives in a userdata that every
  * thread of the state reaches through lua_getextraspace.
  */
-#include <math.h>
-#include <stdio.h>
 #include <string.h>
 
-#include "lua_api.h"
+#include "lua_metered.h"
 
 /* -- The per-state context ----------------------------------------------------------------- */
 typedef struct {
@@ -79,7 +78,10 @@ static void push_context_value(lua_State *L, int n)
 }
 
 /* Neither reason allocates: they are strings the context already holds, as
- * the process may be dying because memory ran out. */
+ * the process may be dying because memory ran out. From now on the hook
+ * fires on every instruction, of the coroutine that learnt it and of the
+ * main one, so that the end is raised again wherever a C function (load's
+ * reader, coroutine.close) caught it and the program went on. */
 static void set_dying(lua_State *L, Sandbox *sb, int reason)
 {
     reason = reason < 0 ? lua_gettop(L) + reason + 1 : reason;
@@ -88,6 +90,9 @@ static void set_dying(lua_State *L, Sandbox *sb, int reason)
     lua_setiuservalue(L, -2, DYING_REASON);
     lua_pop(L, 1);
     sb->dying = 1;
+    lua_sethook(L, llmos_sandbox_hook, LUA_MASKCOUNT, 1);
+    if (sb->main_co != NULL)
+        lua_sethook(sb->main_co, llmos_sandbox_hook, LUA_MASKCOUNT, 1);
 }
 
 /* After a pcall or a resume has returned: a process the kernel has ended
@@ -115,11 +120,15 @@ void llmos_sandbox_hook(lua_State *L, lua_Debug *ar)
 {
     Sandbox *sb = sandbox_of(L);
     (void)ar;
+    llmos_interrupted = 0; /* this is the check the signal asked for */
+    if (sb->dying) { /* ended already (a memory error too, which the kernel does not know of) */
+        push_context_value(L, DYING_REASON);
+        lua_error(L);
+    }
     push_ref(L, sb->check);
     lua_call(L, 0, 1);
     if (!lua_isnil(L, -1)) {
         set_dying(L, sb, -1);
-        lua_sethook(L, llmos_sandbox_hook, LUA_MASKCOUNT, 1);
         lua_error(L);
     }
     lua_pop(L, 1);
@@ -185,7 +194,7 @@ static int resume_k(lua_State *L, int status, lua_KContext as)
 static int co_resume(lua_State *L)
 {
     if (lua_tothread(L, 1) == NULL)
-        return luaL_typeerror(L, 1, "coroutine");
+        return luaL_typeerror(L, 1, "thread");
     return resume_k(L, LUA_OK, AS_RESUME);
 }
 
@@ -208,6 +217,24 @@ static int co_yield(lua_State *L)
     if (L == sandbox_of(L)->main_co)
         return luaL_error(L, "attempt to yield from outside a coroutine");
     return lua_yield(L, lua_gettop(L));
+}
+
+/* coroutine.close runs the coroutine's pending __close handlers, protected,
+ * and answers false and the error if one fails: the end of the process (a
+ * memory error too) is raised again, as after pcall. Upvalue 1: the real close. */
+static int co_close(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, 1);
+    if (co == NULL)
+        return luaL_typeerror(L, 1, "thread");
+    if (co == L) /* raised here, Lua's message names the caller's line */
+        return luaL_error(L, "cannot close a running coroutine");
+    lua_settop(L, 1);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 1, LUA_MULTRET);
+    die_if_dying(L, sandbox_of(L), !lua_toboolean(L, 1));
+    return lua_gettop(L);
 }
 
 /* -- pcall, xpcall ------------------------------------------------------------------------- */
@@ -278,26 +305,85 @@ static int sb_setmetatable(lua_State *L)
     return 1;
 }
 
-/* Text chunks only: binary chunks can break the VM's memory safety. The
- * default environment is the program's. Upvalues: the real load, the env. */
+/* load, as Lua's but for text chunks only (binary chunks can break the VM's
+ * memory safety), with the program's environment as the default one.
+ * Lua's parser runs in C, where no hook fires: it is fed the chunk (a string,
+ * or what the reader function returns) LOAD_PIECE bytes at a time, with a
+ * checkpoint before each piece. The parser catches errors, the end of the
+ * process among them: that end is raised again once it returns. Upvalue 1:
+ * the env. */
+#define LOAD_PIECE (64 << 10)
+
+typedef struct {
+    const char *rest; /* what of the current string the parser has not had yet */
+    size_t left;
+    int reader;       /* stack index of the reader function; 0 for a string chunk */
+} Loading;
+
+enum { LOAD_CHUNK = 1, LOAD_NAME, LOAD_MODE, LOAD_ENV, LOAD_PIECE_SLOT };
+
+static const char *feed_parser(lua_State *L, void *data, size_t *size)
+{
+    Loading *ld = data;
+    const char *piece = ld->rest;
+    llmos_checkpoint(L);
+    if (ld->left == 0 && ld->reader != 0) {
+        /* As Lua's load: nil or an empty string ends the chunk. */
+        luaL_checkstack(L, 2, "too many nested functions");
+        lua_pushvalue(L, ld->reader);
+        lua_call(L, 0, 1);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            *size = 0;
+            return NULL;
+        }
+        if (!lua_isstring(L, -1))
+            luaL_error(L, "reader function must return a string");
+        lua_replace(L, LOAD_PIECE_SLOT); /* keeps the piece alive while it is parsed */
+        piece = ld->rest = lua_tolstring(L, LOAD_PIECE_SLOT, &ld->left);
+    }
+    *size = ld->left < LOAD_PIECE ? ld->left : LOAD_PIECE;
+    ld->rest += *size;
+    ld->left -= *size;
+    return *size > 0 ? piece : NULL;
+}
+
 static int sb_load(lua_State *L)
 {
-    lua_settop(L, 4);
-    if (!lua_isnil(L, 3) && (lua_type(L, 3) != LUA_TSTRING || strcmp(lua_tostring(L, 3), "t") != 0)) {
+    Loading ld = {NULL, 0, 0};
+    const char *chunk_name;
+    int status;
+    lua_settop(L, LOAD_ENV);
+    if (!lua_isnil(L, LOAD_MODE)
+        && (lua_type(L, LOAD_MODE) != LUA_TSTRING || strcmp(lua_tostring(L, LOAD_MODE), "t") != 0)) {
         lua_pushnil(L);
         lua_pushliteral(L, "load: only text chunks are allowed (mode 't')");
         return 2;
     }
-    if (lua_isnil(L, 4)) {
-        lua_pushvalue(L, lua_upvalueindex(2));
-        lua_replace(L, 4);
+    if (lua_isnil(L, LOAD_ENV)) {
+        lua_pushvalue(L, lua_upvalueindex(1));
+        lua_replace(L, LOAD_ENV);
     }
-    lua_pushliteral(L, "t");
-    lua_replace(L, 3);
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, 4, LUA_MULTRET);
-    return lua_gettop(L);
+    ld.rest = lua_tolstring(L, LOAD_CHUNK, &ld.left);
+    if (ld.rest != NULL) {
+        chunk_name = luaL_optstring(L, LOAD_NAME, ld.rest);
+    } else {
+        chunk_name = luaL_optstring(L, LOAD_NAME, "=(load)");
+        luaL_checktype(L, LOAD_CHUNK, LUA_TFUNCTION);
+        ld.reader = LOAD_CHUNK;
+    }
+    lua_settop(L, LOAD_PIECE_SLOT);
+    status = lua_load(L, feed_parser, &ld, chunk_name, "t");
+    die_if_dying(L, sandbox_of(L), status != LUA_OK);
+    if (status != LUA_OK) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    lua_pushvalue(L, LOAD_ENV);
+    if (!lua_setupvalue(L, -2, 1))
+        lua_pop(L, 1);
+    return 1;
 }
 
 /* Upvalue 1: the real collectgarbage. Programs may not change how their
@@ -314,38 +400,6 @@ static int sb_collectgarbage(lua_State *L)
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
     lua_call(L, 1, LUA_MULTRET);
-    return lua_gettop(L);
-}
-
-/* Pattern functions run in C, where the count hook cannot interrupt them,
- * and backtracking makes their worst case polynomial in the subject's length
- * with the number of repetition items as exponent. Refuse calls whose worst
- * case could keep a CPU for long (about a second of C), so that a process can
- * always be preempted and killed.
- * Upvalues: the real function, its name, whether its 4th argument turns patterns off. */
-#define PATTERN_BUDGET 1e9
-
-static int sb_pattern_function(lua_State *L)
-{
-    size_t subject_len, pattern_len, i;
-    const char *pattern;
-    int items = 0;
-    lua_settop(L, 4);
-    if (!(lua_toboolean(L, lua_upvalueindex(3)) && lua_toboolean(L, 4))
-        && lua_type(L, 1) == LUA_TSTRING && lua_type(L, 2) == LUA_TSTRING) {
-        lua_tolstring(L, 1, &subject_len);
-        pattern = lua_tolstring(L, 2, &pattern_len);
-        for (i = 0; i < pattern_len; i++)
-            items += pattern[i] == '*' || pattern[i] == '+' || pattern[i] == '-' || pattern[i] == '?';
-        if (items > 0 && pow((double)subject_len + 1, items + (pattern[0] == '^' ? 0 : 1)) > PATTERN_BUDGET)
-            return luaL_error(L,
-                              "%s: pattern with %d repetition items on a %I-byte subject is too costly to run "
-                              "preemptibly; split the subject or simplify the pattern",
-                              lua_tostring(L, lua_upvalueindex(2)), items, (lua_Integer)subject_len);
-    }
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, 4, LUA_MULTRET);
     return lua_gettop(L);
 }
 
@@ -659,22 +713,11 @@ static void push_sys(lua_State *L)
 }
 
 /* The string library, made safe in place (the state is the program's alone):
- * no dump, guarded pattern functions, and a string metatable the program
- * can neither reach nor change. */
+ * no dump, and a string metatable the program can neither reach nor change. */
 static void secure_string(lua_State *L, int string_lib)
 {
-    static const char *const guarded[] = {"find", "match", "gmatch", "gsub", NULL};
-    const char *const *name;
-    char qualified[32];
     lua_pushnil(L);
     lua_setfield(L, string_lib, "dump");
-    for (name = guarded; *name != NULL; name++) {
-        lua_getfield(L, string_lib, *name);
-        snprintf(qualified, sizeof qualified, "string.%s", *name);
-        lua_pushstring(L, qualified);
-        lua_pushboolean(L, strcmp(*name, "find") == 0); /* find's 4th argument turns patterns off */
-        set_closure(L, string_lib, *name, sb_pattern_function, 3);
-    }
     lua_pushliteral(L, "");
     lua_getmetatable(L, -1);
     lua_pushvalue(L, string_lib);
@@ -682,6 +725,33 @@ static void secure_string(lua_State *L, int string_lib)
     lua_pushboolean(L, 0);
     lua_setfield(L, -2, "__metatable");
     lua_pop(L, 2);
+}
+
+/* The metered library (lua_metered.h) in place of Lua's functions that can
+ * run long in C, in the libraries at `g` (before the program's environment
+ * copies them). */
+static void install_metered(lua_State *L, int g)
+{
+    static const struct {
+        const char *lib; /* NULL: the globals */
+        const luaL_Reg *functions;
+    } metered[] = {
+        {"string", llmos_pattern_functions}, {"string", llmos_string_functions}, {"table", llmos_table_functions},
+        {"utf8", llmos_utf8_functions},      {"os", llmos_os_functions},         {NULL, llmos_base_functions},
+    };
+    const luaL_Reg *f;
+    size_t i;
+    for (i = 0; i < sizeof metered / sizeof metered[0]; i++) {
+        if (metered[i].lib != NULL)
+            lua_getfield(L, g, metered[i].lib);
+        else
+            lua_pushvalue(L, g);
+        for (f = metered[i].functions; f->name != NULL; f++) {
+            lua_pushcfunction(L, f->func);
+            lua_setfield(L, -2, f->name);
+        }
+        lua_pop(L, 1);
+    }
 }
 
 /* A new table with the named fields of the library g[lib], and room for `extra` more. */
@@ -705,9 +775,10 @@ static void push_env(lua_State *L, int g)
                                        "rawlen", "rawset", "select", "tonumber", "tostring", "type",
                                        "getmetatable", "_VERSION", "math", "string", "table", "utf8", NULL};
     static const char *const os_kept[] = {"clock", "time", "date", "difftime", NULL};
-    static const char *const co_kept[] = {"status", "running", "close", "isyieldable", NULL};
+    static const char *const co_kept[] = {"status", "running", "isyieldable", NULL};
     const char *const *name;
     int env;
+    install_metered(L, g);
     lua_getfield(L, g, "string");
     secure_string(L, lua_gettop(L));
     lua_pop(L, 1);
@@ -722,11 +793,15 @@ static void push_env(lua_State *L, int g)
     push_subset(L, g, "os", os_kept, 0);
     lua_setfield(L, env, "os");
 
-    push_subset(L, g, "coroutine", co_kept, 4);
+    push_subset(L, g, "coroutine", co_kept, 5);
     set_function(L, "create", co_create);
     set_function(L, "resume", co_resume);
     set_function(L, "wrap", co_wrap);
     set_function(L, "yield", co_yield);
+    lua_getfield(L, g, "coroutine");
+    lua_getfield(L, -1, "close");
+    lua_remove(L, -2);
+    set_closure(L, lua_gettop(L) - 1, "close", co_close, 1);
     lua_setfield(L, env, "coroutine");
 
     lua_pushcfunction(L, sb_pcall);
@@ -739,9 +814,8 @@ static void push_env(lua_State *L, int g)
     set_closure(L, env, "setmetatable", sb_setmetatable, 1);
     lua_getfield(L, g, "collectgarbage");
     set_closure(L, env, "collectgarbage", sb_collectgarbage, 1);
-    lua_getfield(L, g, "load");
     lua_pushvalue(L, env);
-    set_closure(L, env, "load", sb_load, 2);
+    set_closure(L, env, "load", sb_load, 1);
     push_sys(L);
     lua_setfield(L, env, "sys");
 }
@@ -783,6 +857,15 @@ static int step(lua_State *L)
     lua_xmove(L, co, nargs);
     status = lua_resume(co, L, nargs, &nres);
     luaL_checkstack(L, nres + 3, "too many syscall arguments");
+    if (sb->dying && (status == LUA_OK || status == LUA_YIELD)) {
+        /* Ended, but a C function caught the end and the program returned
+         * or yielded before its next instruction: it ends all the same. */
+        lua_pop(co, nres);
+        lua_pushliteral(L, "error");
+        push_context_value(L, DYING_REASON);
+        lua_pushvalue(L, -1);
+        return 3;
+    }
     if (status == LUA_OK) {
         lua_pushliteral(L, "done");
         if (nres > 0) {
