@@ -56,7 +56,8 @@ def _raise(message: str) -> None:
 
 
 def render_chat(
-    template: str, messages: list[dict[str, str]], bos_token: str, eos_token: str, add_generation_prompt: bool
+    template: str, messages: list[dict[str, str]], bos_token: str, eos_token: str, add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render a HF chat template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -65,7 +66,8 @@ def render_chat(
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         return env.from_string(template).render(
-            messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+            messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"chat template: {exc}") from exc
@@ -148,11 +150,18 @@ class HFTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def backend(self) -> Any:
+        """The `tokenizers` tokenizer (grammar libraries build their vocabulary from its JSON)."""
+        return self._tok
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         check_messages(messages)
         if self.chat_template is None:
             raise InvalidRequest("this model has no chat template: send a prompt instead of messages")
-        text = render_chat(self.chat_template, messages, self.bos_token, self.eos_token, add_generation_prompt)
+        text = render_chat(self.chat_template, messages, self.bos_token, self.eos_token, add_generation_prompt, tools)
         # The template already wrote BOS where it belongs, as transformers assumes.
         return self.encode(text, add_special_tokens=False)
 
