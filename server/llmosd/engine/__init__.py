@@ -25,20 +25,28 @@ handle.result()) drives the engine in the caller's thread.
 from .config import EngineConfig, ModelConfig
 from .engine import Completion, Engine, EngineError, RequestHandle
 from .loader import load_model
-from .sequence import Event, FinishEvent, InvalidRequest, Request, TokenEvent, Usage
+from .contexts import ContextInfo
+from .sequence import (
+    ContextBusy, Event, FinishEvent, InvalidRequest, KVLimitExceeded, Request, TokenEvent, ToolCall, UnknownContext, Usage,
+)
 
 __all__ = [
     "Completion",
+    "ContextBusy",
+    "ContextInfo",
     "Engine",
     "EngineConfig",
     "EngineError",
     "Event",
     "FinishEvent",
     "InvalidRequest",
+    "KVLimitExceeded",
     "ModelConfig",
     "Request",
     "RequestHandle",
     "TokenEvent",
+    "ToolCall",
+    "UnknownContext",
     "Usage",
     "load_model",
 ]
