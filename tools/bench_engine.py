@@ -2,14 +2,17 @@
 """Benchmark the inference engine against Hugging Face transformers in the same run.
 
     python tools/bench_engine.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-        [--shape smollm-135m] [--hf-sequential N] [--only throughput,single,ttft,prefix] [--rounds 2]
-        [--plot out.png]
+        [--shape smollm-135m] [--hf-sequential N] [--only throughput,single,ttft,prefix,constrained,contexts]
+        [--rounds 2] [--context-model smollm2] [--plot out.png]
 
 A random-initialised checkpoint of the shape is written to a temp dir (tools/make_checkpoint.py).
 Every request generates exactly its max tokens (ignore_eos here, min_new_tokens for HF). Prints:
 throughput (16 concurrent requests vs HF one at a time and vs HF as one padded batch), single
 stream decode rate, time to first token of a high-priority request on a saturated vs an idle
-engine, and prefill work / KV blocks with a shared system prompt vs without.
+engine, and prefill work / KV blocks with a shared system prompt vs without. Then structured
+generation's cost (16 concurrent requests under a JSON schema vs free, same engine, alternating)
+and a 10-turn conversation with a context vs re-sending the whole history each turn (on
+--context-model: the real SmolLM2 where its package is installed, else the random checkpoint).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from make_checkpoint import write_checkpoint  # noqa: E402
 
 from llmosd.engine import Engine, EngineConfig, Request, TokenEvent  # noqa: E402
-from llmosd.engine.loader import DTYPES  # noqa: E402
+from llmosd.engine.loader import DTYPES, resolve_model  # noqa: E402
 
 
 def _ids(n: int, seed: int, vocab: int = 4000) -> list[int]:
@@ -129,7 +132,92 @@ def hf_generate(model, prompts: list[list[int]], new: int, device: str) -> float
     return time.perf_counter() - t0
 
 
-FIGURES = ("throughput", "single", "ttft", "prefix")
+# Structured output that cannot end within the benchmark's tokens (minItems), with structure at
+# every few tokens: every constrained request runs to max_tokens, as the free ones do.
+LONG_SCHEMA = {
+    "type": "array",
+    "minItems": 10_000,
+    "items": {
+        "type": "object",
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"}},
+        "required": ["id", "name", "ok"],
+        "additionalProperties": False,
+    },
+}
+
+
+def constrained_rows(engine: Engine, fresh, n_req: int, new: int, rounds: int) -> list[tuple]:
+    """Throughput of n_req concurrent requests under LONG_SCHEMA vs free ones (ignore_eos), both
+    exactly `new` tokens each, alternating runs on one engine, best of each."""
+
+    def run(constrained: bool) -> float:
+        extra = dict(json_schema=LONG_SCHEMA) if constrained else dict(ignore_eos=True)
+        t0 = time.perf_counter()
+        handles = [engine.submit(Request(prompt_ids=next(fresh), max_tokens=new, **extra)) for _ in range(n_req)]
+        results = [h.result() for h in handles]
+        assert all(r.finish_reason == "length" and len(r.token_ids) == new for r in results)
+        return n_req * new / (time.perf_counter() - t0)
+
+    run(True)  # warm-up: llguidance builds its view of the vocabulary once
+    free = with_schema = 0.0
+    for _ in range(rounds):
+        free, with_schema = max(free, run(False)), max(with_schema, run(True))
+    return [(f"throughput, {n_req} requests, JSON schema vs free (tok/s)", with_schema, free, with_schema / free, ">= 0.85x")]
+
+
+def _conversation_turn(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Question {i}: in one sentence, what should an agent do next with file notes_{i}.txt?"}]
+
+
+def context_rows(engine: Engine, turns: int, answer_tokens: int, label: str) -> list[tuple]:
+    """A conversation of `turns` turns with a context, then the same history re-sent as a whole
+    each turn (the prefix cache still serves what it can). Prefill tokens are the prompt tokens
+    the engine computed; a context turn's new tokens are those its prompt adds to the context."""
+    system = [{"role": "system", "content": "You are an agent of llmos. You plan, then act, then report. " * 6}]
+    computed = lambda: engine.stats()["prompt_tokens_computed"]  # noqa: E731
+    handle = engine.create_context(system, owner=1)
+    handle.result()
+    ctx = handle.context_id
+    history = list(system)
+    ctx_prefill = new_tokens = 0
+    ctx_times: list[float] = []
+    for i in range(turns):
+        before, held = computed(), engine.context_info(ctx, 1).tokens
+        t0 = time.perf_counter()
+        result = engine.generate(Request(messages=_conversation_turn(i), context=ctx, owner=1, max_tokens=answer_tokens))
+        ctx_times.append(time.perf_counter() - t0)
+        ctx_prefill += computed() - before
+        new_tokens += result.usage.prompt_tokens - held
+        history += _conversation_turn(i) + [{"role": "assistant", "content": result.text}]
+    engine.drop_context(ctx, owner=1)
+    resent_prefill = 0
+    resent_times: list[float] = []
+    for i in range(turns):
+        asked = history[: 1 + 2 * i] + _conversation_turn(i)
+        before = computed()
+        t0 = time.perf_counter()
+        engine.generate(Request(messages=asked, owner=1, max_tokens=answer_tokens))
+        resent_times.append(time.perf_counter() - t0)
+        resent_prefill += computed() - before
+    ms = lambda xs: 1e3 * sum(xs) / len(xs)  # noqa: E731
+    return [
+        (f"{turns}-turn chat ({label}): context prefill / new tokens", ctx_prefill, new_tokens, ctx_prefill / new_tokens, "<= 1.1x"),
+        (f"{turns}-turn chat ({label}): prefill, context vs re-sent", ctx_prefill, resent_prefill, ctx_prefill / resent_prefill, "< 1"),
+        (f"{turns}-turn chat ({label}): ms per turn, context vs re-sent", ms(ctx_times), ms(resent_times), sum(ctx_times) / sum(resent_times), "< 1"),
+    ]
+
+
+def context_engine(name: str, fallback: pathlib.Path, args: argparse.Namespace) -> tuple[Engine, str]:
+    """The engine of the context rows: `name` (an alias or path) if it is there, else `fallback`."""
+    try:
+        resolve_model(name)
+    except FileNotFoundError as exc:
+        print(f"context rows: {exc}; using the random {args.shape} checkpoint instead")
+        return _engine(fallback, args), f"random {args.shape}"
+    return _engine(pathlib.Path(name), args), name
+
+
+FIGURES = ("throughput", "single", "ttft", "prefix", "constrained", "contexts")
 
 
 def main() -> int:
@@ -142,6 +230,7 @@ def main() -> int:
     ap.add_argument("--kv-gib", type=int, default=1)
     ap.add_argument("--only", default=",".join(FIGURES), help="comma-separated subset of the figures to measure")
     ap.add_argument("--rounds", type=int, default=2, help="runs of ours (best taken) for throughput, alternating with HF's batch")
+    ap.add_argument("--context-model", default="smollm2", help="model of the context rows (the random checkpoint if absent)")
     ap.add_argument("--plot", type=pathlib.Path, default=None, help="save a PNG of the ratios (needs matplotlib)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -187,8 +276,16 @@ def main() -> int:
         if "ttft" in only:
             ttft_idle = min(ours_ttft(engine, next(fresh), [], new) for _ in range(3))
             ttft_busy = ours_ttft(engine, next(fresh), prompts, 4 * new)
+        if "constrained" in only:
+            constrained = constrained_rows(engine, fresh, n_req, new, args.rounds)
         engine.stop()
         del engine
+        if "contexts" in only:
+            ctx_engine, label = context_engine(args.context_model, path, args)
+            ctx_engine.start()
+            contexts = context_rows(ctx_engine, 10 if not args.quick else 3, 32 if not args.quick else 8, label)
+            ctx_engine.stop()
+            del ctx_engine
         if "prefix" in only:
             shared, unshared = (ours_prefix(path, args, system_len, n_req, sharing) for sharing in (True, False))
 
@@ -211,13 +308,17 @@ def main() -> int:
                 (f"prefill tokens, shared {system_len}-token prompt vs not", shared[0], unshared[0], shared[0] / unshared[0], "< 1"),
                 ("peak KV blocks, shared vs not", shared[1], unshared[1], shared[1] / unshared[1], "< 1"),
             ]
+        if "constrained" in only:
+            rows += constrained
+        if "contexts" in only:
+            rows += contexts
 
     print(f"\n{args.shape}, {args.device} {args.dtype}, {torch.get_num_threads()} threads"
           f"{' (quick)' if args.quick else ''}; HF one-at-a-time rate from {hf_seq} request(s);"
           f" throughput best of {args.rounds} alternating runs")
-    print(f"{'figure':58} {'ours':>10} {'peer':>10} {'ratio':>8}  target")
+    print(f"{'figure':64} {'ours':>10} {'peer':>10} {'ratio':>8}  target")
     for name, ours, peer, ratio, target in rows:
-        print(f"{name:58} {ours:10.1f} {peer:10.1f} {ratio:7.2f}x  {target}")
+        print(f"{name:64} {ours:10.1f} {peer:10.1f} {ratio:7.2f}x  {target}")
     if args.plot:
         try:
             import matplotlib
