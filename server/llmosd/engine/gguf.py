@@ -39,12 +39,12 @@ LLAMA3_SPLIT = (
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
-    **{name: (GPT2_SPLIT,) for name in ("default", "gpt2", "gpt-2")},
-    # Digits one by one, then GPT-2's regex.
-    **{name: (r"\p{N}", GPT2_SPLIT) for name in ("smollm", "starcoder", "refact", "codeshell", "command-r")},
-    **{name: (LLAMA3_SPLIT,) for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")},
-    **{name: (QWEN2_SPLIT,) for name in ("qwen2", "deepseek-r1-qwen")},
+# (digits one by one first, as these models' own tokenizer.json does; the regex) per pre-tokenizer name.
+PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
+    **{name: (False, GPT2_SPLIT) for name in ("default", "gpt2", "gpt-2")},
+    **{name: (True, GPT2_SPLIT) for name in ("smollm", "starcoder", "refact", "codeshell", "command-r")},
+    **{name: (False, LLAMA3_SPLIT) for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")},
+    **{name: (False, QWEN2_SPLIT) for name in ("qwen2", "deepseek-r1-qwen")},
 }
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
@@ -188,14 +188,15 @@ class GGUFModel:
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
         if kind != "gpt2":
             raise ValueError(f"unsupported GGUF tokenizer {kind!r}: the engine reads byte-level BPE ('gpt2')")
-        if pre not in PRE_TOKENIZER_SPLITS:
-            raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}: known are {', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}: known are {', '.join(sorted(PRE_TOKENIZERS))}")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
         tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        digits, regex = PRE_TOKENIZERS[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in PRE_TOKENIZER_SPLITS[pre]]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [pre_tokenizers.Digits(individual_digits=True)] * digits
+            + [pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         tok.decoder = decoders.ByteLevel()
         # Control tokens are special (skipped when decoding); user-defined ones are matched whole too.
