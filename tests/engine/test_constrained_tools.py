@@ -119,7 +119,7 @@ def test_a_template_with_tools_renders_them_itself(tiny_checkpoint, tmp_path) ->
         "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     )
     (path / "tokenizer_config.json").write_text(json.dumps(config))
-    tokenizer = HFTokenizer(path)
+    tokenizer = HFTokenizer.from_dir(path)
     text = tokenizer.decode(render(tokenizer, CHAT, [t.get("function", t) for t in TOOLS]))
     assert text.startswith("TOOLS: get_weather add now") and "user: What is the weather" in text
 

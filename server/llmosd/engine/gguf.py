@@ -1,0 +1,212 @@
+"""Reading a GGUF file (llama.cpp's format): config, weights and tokenizer in one file.
+
+The `gguf` package parses the header. Weights are dequantized here to the serving dtype, with
+vectorised torch for the common types (F32, F16, BF16, Q8_0, Q4_0, Q4_1; several times faster
+than gguf's numpy reference) and gguf's own `dequantize` for the rest. llama.cpp's converter
+interleaves the rows of Llama's q/k projections for its RoPE; `tensors` undoes that, so the model
+sees Hugging Face's layout and names. The tokenizer is rebuilt from the metadata with `tokenizers`,
+as llama.cpp would split text (its pre-tokenizer regexes), and the chat template is the file's.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GGUF"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # Mistral files say "llama"
+
+# GGUF tensor names -> Hugging Face names.
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_TENSORS = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+# llama.cpp's text splitting per `tokenizer.ggml.pre` (llama-vocab.cpp), before byte-level BPE.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# (digits one by one first, as these models' own tokenizer.json does; the regex) per pre-tokenizer name.
+PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
+    **{name: (False, GPT2_SPLIT) for name in ("default", "gpt2", "gpt-2")},
+    **{name: (True, GPT2_SPLIT) for name in ("smollm", "starcoder", "refact", "codeshell", "command-r")},
+    **{name: (False, LLAMA3_SPLIT) for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")},
+    **{name: (False, QWEN2_SPLIT) for name in ("qwen2", "deepseek-r1-qwen")},
+}
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+def is_gguf(path: pathlib.Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def _field_value(field: Any) -> Any:
+    """A metadata value as Python data. Arrays are read straight from the parts (field.contents()
+    converts element by element: seconds for a 49k-token vocabulary)."""
+    from gguf import GGUFValueType
+
+    if field.types[0] != GGUFValueType.ARRAY:
+        return field.contents()
+    if field.types[-1] == GGUFValueType.STRING:
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    if not field.data:
+        return []
+    return np.concatenate([field.parts[i] for i in field.data]).tolist()
+
+
+def _dequantize(raw: torch.Tensor, qtype: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 values of a tensor's bytes (raw: uint8) of GGML type qtype."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if qtype == Q.F32:
+        out = raw.view(torch.float32)
+    elif qtype in (Q.F16, Q.BF16):
+        out = raw.view(torch.float16 if qtype == Q.F16 else torch.bfloat16).float()
+    elif qtype == Q.Q8_0:  # blocks of 32: f16 scale, 32 int8
+        blocks = raw.view(-1, 34)
+        out = blocks[:, 2:].view(torch.int8).float() * blocks[:, :2].view(torch.float16).float()
+    elif qtype in (Q.Q4_0, Q.Q4_1):  # blocks of 32: f16 scale (Q4_1: and min), 16 bytes of nibbles, low ones first
+        head = 2 if qtype == Q.Q4_0 else 4
+        blocks = raw.view(-1, head + 16)
+        nibbles = blocks[:, head:]
+        q = torch.cat((nibbles & 15, nibbles >> 4), dim=1).float()
+        scale = blocks[:, :2].view(torch.float16).float()
+        if qtype == Q.Q4_0:
+            out = q.sub_(8).mul_(scale)
+        else:
+            out = q.mul_(scale).add_(blocks[:, 2:4].view(torch.float16).float())
+    else:
+        out = torch.from_numpy(quants.dequantize(raw.numpy(), qtype))
+    return out.reshape(shape)
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp convert's `permute` of q/k rows (per head: halves -> interleaved pairs)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFModel:
+    """A parsed GGUF file: metadata, the model's config, its weights under HF names, its tokenizer."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = pathlib.Path(path)
+        reader = GGUFReader(self.path)
+        self.metadata: dict[str, Any] = {name: _field_value(f) for name, f in reader.fields.items()}
+        self.tensor_infos = reader.tensors
+        arch = self.metadata.get("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unsupported GGUF architecture {arch!r}: the engine runs {', '.join(ARCHITECTURES)}")
+        self.arch = arch
+
+    def _get(self, key: str, default: Any = None) -> Any:
+        value = self.metadata.get(f"{self.arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{self.path.name} lacks metadata {self.arch}.{key}")
+        return value
+
+    def config(self) -> ModelConfig:
+        """The config, normalised by ModelConfig.from_dict like a config.json."""
+        meta, names = self.metadata, {t.name for t in self.tensor_infos}
+        heads, hidden = int(self._get("attention.head_count")), int(self._get("embedding_length"))
+        rope: dict[str, Any] | None = None
+        scaling = self._get("rope.scaling.type", "none")
+        if scaling == "linear":
+            rope = {"rope_type": "linear", "factor": float(self._get("rope.scaling.factor"))}
+        elif scaling != "none":
+            raise ValueError(f"unsupported GGUF rope scaling {scaling!r}: the engine supports linear")
+        if "rope_freqs.weight" in names:  # Llama 3.1 files bake their RoPE scaling into this tensor
+            raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1 RoPE scaling) are not supported")
+        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+        return ModelConfig.from_dict({
+            "architectures": [ARCHITECTURES[self.arch]],
+            "vocab_size": int(self._get("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))),
+            "hidden_size": hidden,
+            "intermediate_size": int(self._get("feed_forward_length")),
+            "num_hidden_layers": int(self._get("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._get("attention.head_count_kv", heads)),
+            "head_dim": int(self._get("attention.key_length", hidden // heads)),
+            "max_position_embeddings": int(self._get("context_length")),
+            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(self._get("rope.freq_base", 10000.0)),
+            "rope_scaling": rope,
+            "attention_bias": self.arch == "llama" and "blk.0.attn_q.bias" in names,
+            "tie_word_embeddings": "output.weight" not in names,
+            "eos_token_id": list(dict.fromkeys(eos)),
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        })
+
+    def tensors(self, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight, dequantized to dtype, under its Hugging Face name; progress is logged."""
+        data = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8))  # one read; writable, unlike the memmap
+        total, step = len(self.tensor_infos), max(1, len(self.tensor_infos) // 4)
+        for done, info in enumerate(self.tensor_infos, 1):
+            base, kind = info.name.rsplit(".", 1)
+            parts = base.split(".", 2)
+            if base in GLOBAL_TENSORS:
+                name = f"{GLOBAL_TENSORS[base]}.{kind}"
+            elif parts[0] == "blk" and len(parts) == 3 and parts[2] in LAYER_TENSORS:
+                name = f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{kind}"
+            else:
+                raise ValueError(f"GGUF tensor {info.name!r} has no place in {cfg.architecture}")
+            shape = tuple(int(n) for n in reversed(info.shape.tolist()))  # GGUF lists the innermost dimension first
+            raw = data[info.data_offset : info.data_offset + info.n_bytes]
+            tensor = _dequantize(raw, info.tensor_type, shape)
+            if self.arch == "llama" and parts[-1] in ("attn_q", "attn_k"):
+                tensor = _unpermute(tensor, cfg.num_heads if parts[-1] == "attn_q" else cfg.num_kv_heads)
+            if done % step == 0 or done == total:
+                log.info("%s: dequantized %d/%d tensors", self.path.name, done, total)
+            yield name, tensor.to(dtype)
+
+    def tokenizer(self, eos_token_ids: tuple[int, ...]):
+        """The file's byte-level BPE tokenizer and chat template (an HFTokenizer)."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+        from .tokenizer import HFTokenizer
+
+        meta = self.metadata
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2":
+            raise ValueError(f"unsupported GGUF tokenizer {kind!r}: the engine reads byte-level BPE ('gpt2')")
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}: known are {', '.join(sorted(PRE_TOKENIZERS))}")
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        digits, regex = PRE_TOKENIZERS[pre]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True)] * digits
+            + [pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        tok.decoder = decoders.ByteLevel()
+        # Control tokens are special (skipped when decoding); user-defined ones are matched whole too.
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+        token = lambda key: tokens[meta[key]] if key in meta else ""  # noqa: E731
+        bos = token("tokenizer.ggml.bos_token_id")
+        if meta.get("tokenizer.ggml.add_bos_token", False) and bos:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
+            )
+        return HFTokenizer(tok, meta.get("tokenizer.chat_template"), bos, token("tokenizer.ggml.eos_token_id"), eos_token_ids)
