@@ -169,11 +169,14 @@ def _conversation_turn(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Question {i}: in one sentence, what should an agent do next with file notes_{i}.txt?"}]
 
 
-def context_rows(engine: Engine, turns: int, answer_tokens: int, label: str) -> list[tuple]:
+def context_rows(make_engine, turns: int, answer_tokens: int, label: str) -> list[tuple]:
     """A conversation of `turns` turns with a context, then the same history re-sent as a whole
-    each turn (the prefix cache still serves what it can). Prefill tokens are the prompt tokens
-    the engine computed; a context turn's new tokens are those its prompt adds to the context."""
+    each turn, each on a fresh engine (the re-sent history still gets the prefix cache's full
+    blocks of its own earlier turns). Prefill tokens are the prompt tokens the engine computed; a
+    context turn's new tokens are those its prompt adds to the context."""
     system = [{"role": "system", "content": "You are an agent of llmos. You plan, then act, then report. " * 6}]
+    engine = make_engine()
+    engine.start()
     computed = lambda: engine.stats()["prompt_tokens_computed"]  # noqa: E731
     handle = engine.create_context(system, owner=1)
     handle.result()
@@ -189,32 +192,37 @@ def context_rows(engine: Engine, turns: int, answer_tokens: int, label: str) -> 
         ctx_prefill += computed() - before
         new_tokens += result.usage.prompt_tokens - held
         history += _conversation_turn(i) + [{"role": "assistant", "content": result.text}]
-    engine.drop_context(ctx, owner=1)
-    resent_prefill = 0
+    engine.stop()
+    engine = make_engine()
+    engine.start()
+    resent_prefill = resent_prompts = 0
     resent_times: list[float] = []
     for i in range(turns):
-        asked = history[: 1 + 2 * i] + _conversation_turn(i)
         before = computed()
         t0 = time.perf_counter()
-        engine.generate(Request(messages=asked, owner=1, max_tokens=answer_tokens))
+        result = engine.generate(Request(messages=history[: 1 + 2 * i] + _conversation_turn(i), owner=1, max_tokens=answer_tokens))
         resent_times.append(time.perf_counter() - t0)
         resent_prefill += computed() - before
+        resent_prompts += result.usage.prompt_tokens
+    engine.stop()
     ms = lambda xs: 1e3 * sum(xs) / len(xs)  # noqa: E731
+    name = f"{turns}-turn chat ({label}),"
     return [
-        (f"{turns}-turn chat ({label}): context prefill / new tokens", ctx_prefill, new_tokens, ctx_prefill / new_tokens, "<= 1.1x"),
-        (f"{turns}-turn chat ({label}): prefill, context vs re-sent", ctx_prefill, resent_prefill, ctx_prefill / resent_prefill, "< 1"),
-        (f"{turns}-turn chat ({label}): ms per turn, context vs re-sent", ms(ctx_times), ms(resent_times), sum(ctx_times) / sum(resent_times), "< 1"),
+        (f"{name} context prefill / new tokens", ctx_prefill, new_tokens, ctx_prefill / new_tokens, "<= 1.1x"),
+        (f"{name} prefill, context vs re-sent", ctx_prefill, resent_prefill, ctx_prefill / resent_prefill, "< 1"),
+        (f"{name} prompt tokens, context's new vs re-sent", new_tokens, resent_prompts, new_tokens / resent_prompts, "< 1"),
+        (f"{name} ms per turn, context vs re-sent", ms(ctx_times), ms(resent_times), sum(ctx_times) / sum(resent_times), "< 1"),
     ]
 
 
-def context_engine(name: str, fallback: pathlib.Path, args: argparse.Namespace) -> tuple[Engine, str]:
-    """The engine of the context rows: `name` (an alias or path) if it is there, else `fallback`."""
+def context_model(name: str, fallback: pathlib.Path, args: argparse.Namespace) -> tuple[object, str]:
+    """A maker of engines for the context rows: of `name` (an alias or path) if it is there, else `fallback`."""
     try:
         resolve_model(name)
     except FileNotFoundError as exc:
         print(f"context rows: {exc}; using the random {args.shape} checkpoint instead")
-        return _engine(fallback, args), f"random {args.shape}"
-    return _engine(pathlib.Path(name), args), name
+        return (lambda: _engine(fallback, args)), f"random {args.shape}"
+    return (lambda: _engine(pathlib.Path(name), args)), name
 
 
 FIGURES = ("throughput", "single", "ttft", "prefix", "constrained", "contexts")
@@ -281,11 +289,8 @@ def main() -> int:
         engine.stop()
         del engine
         if "contexts" in only:
-            ctx_engine, label = context_engine(args.context_model, path, args)
-            ctx_engine.start()
-            contexts = context_rows(ctx_engine, 10 if not args.quick else 3, 32 if not args.quick else 8, label)
-            ctx_engine.stop()
-            del ctx_engine
+            make_engine, label = context_model(args.context_model, path, args)
+            contexts = context_rows(make_engine, 10 if not args.quick else 3, 32 if not args.quick else 8, label)
         if "prefix" in only:
             shared, unshared = (ours_prefix(path, args, system_len, n_req, sharing) for sharing in (True, False))
 
