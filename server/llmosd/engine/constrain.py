@@ -86,7 +86,10 @@ class Grammars:
                     base = source.backend.to_str()
                 else:
                     raise InvalidRequest("this model's tokenizer does not support constrained generation")
-                self._vocabulary = llguidance.LLTokenizer(base, n_vocab=self.vocab_size, eos_token=self._eos)
+                try:
+                    self._vocabulary = llguidance.LLTokenizer(base, n_vocab=self.vocab_size, eos_token=self._eos)
+                except Exception as exc:  # a tokenizer llguidance cannot read: the request cannot be served
+                    raise InvalidRequest(f"constrained generation is unavailable for this model's tokenizer: {exc}") from None
             return self._vocabulary
 
     def compile(self, json_schema: Any = None, regex: Any = None, grammar: Any = None, lark: str | None = None) -> Constraint | None:

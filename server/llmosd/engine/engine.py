@@ -265,6 +265,8 @@ class Engine:
     def set_kv_limit(self, owner: int, limit_bytes: int | None) -> None:
         """Cap the KV bytes of the owner's contexts (None: no cap). Contexts already past it stay,
         but none can be created, forked or continued until the owner is under it."""
+        if limit_bytes is not None and (not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0):
+            raise InvalidRequest(f"a KV limit is a number of bytes >= 0 or None, got {limit_bytes!r}")
         with self._lock:
             if limit_bytes is None:
                 self.contexts.limits.pop(owner, None)
@@ -276,7 +278,8 @@ class Engine:
         return self.submit(request).result(timeout)
 
     def kv_blocks_used(self, owner: int) -> int:
-        """KV blocks held by the owner's live requests (shared prefix blocks count for each owner)."""
+        """KV blocks held by the owner's live requests and contexts (a block shared by two owners
+        counts for each)."""
         return self.blocks.used_by(owner)
 
     def stats(self) -> dict[str, int | str]:

@@ -35,7 +35,8 @@ class Request:
     matches it) or grammar (GBNF, or llguidance's Lark); or tools (OpenAI-shaped, see tools.py)
     with tool_choice "auto" (default), "none", "required" or a tool ({"name": ...} or
     {"type": "function", "function": {"name": ...}}). context: continue a conversation context
-    (Engine.create_context) with `messages` as the new turn; its tools are the context's.
+    (Engine.create_context) with `messages` as the new turn; its tools are the context's (in its
+    prompt whatever the tool_choice; "none" only leaves the output free).
     """
 
     prompt: str | None = None
