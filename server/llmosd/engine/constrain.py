@@ -74,6 +74,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._vocabulary: llguidance.LLTokenizer | None = None
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self._executor = llguidance.LLExecutor(num_threads=torch.get_num_threads())  # fills rows in parallel
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
         """llguidance's view of the vocabulary, built on first use (~0.2 s for 49k tokens)."""
@@ -133,10 +134,12 @@ class Grammars:
             return
         if self._bitmask.shape[0] < len(rows):
             self._bitmask = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab_size)
-        for j, i in enumerate(rows):
-            llguidance.torch.fill_next_token_bitmask(seqs[i].constraint.matcher, self._bitmask, j)
-        bits = np.unpackbits(self._bitmask[: len(rows)].numpy().view(np.uint8), axis=1, bitorder="little")
-        forbidden = torch.from_numpy(bits[:, : logits.shape[1]] == 0).to(logits.device)
+        bitmask = self._bitmask[: len(rows)]
+        llguidance.torch.fill_next_token_bitmask_par(
+            self._executor, [(seqs[i].constraint.matcher, j) for j, i in enumerate(rows)], bitmask
+        )
+        bits = np.unpackbits((~bitmask).numpy().view(np.uint8), axis=1, bitorder="little")  # 1: forbidden
+        forbidden = torch.from_numpy(bits[:, : logits.shape[1]].view(np.bool_)).to(logits.device)
         if forbidden.shape[1] < logits.shape[1]:  # logits past the vocabulary (padding rows of lm_head)
             forbidden = torch.nn.functional.pad(forbidden, (0, logits.shape[1] - forbidden.shape[1]), value=True)
         if len(rows) == logits.shape[0]:

@@ -168,7 +168,7 @@ class Engine:
             with self._lock:
                 ctx.claimed = False
                 if ctx.dropped:  # dropped while this request was being built
-                    self._operations.append(lambda: self.blocks.release(ctx))  # type: ignore[arg-type]
+                    self._operate(lambda: self.blocks.release(ctx))  # type: ignore[arg-type]
             raise
 
     def _submit(self, request: Request, on_event: Callable[[Event], None] | None, ctx: Context | None) -> RequestHandle:
@@ -237,7 +237,7 @@ class Engine:
         """A new context with the same history, sharing its KV blocks (copy on write)."""
         with self._lock:
             source, fork = self.contexts.fork(context, owner)
-            self._operations.append(lambda: self.blocks.share(source, fork))  # type: ignore[arg-type]
+            self._operate(lambda: self.blocks.share(source, fork))  # type: ignore[arg-type]
             return fork.id
 
     def drop_context(self, context: int, owner: int = 0) -> None:
@@ -398,7 +398,12 @@ class Engine:
         if ctx.request is not None:
             self._cancel(ctx.request, "cancelled")  # its end frees the blocks
         elif not ctx.claimed:  # (a claimed one is freed by the submit that claimed it)
-            self._operations.append(lambda: self.blocks.release(ctx))  # type: ignore[arg-type]
+            self._operate(lambda: self.blocks.release(ctx))  # type: ignore[arg-type]
+
+    def _operate(self, operation: Callable[[], None]) -> None:
+        """Queue a block move for the engine thread, before the next arrivals (engine lock held)."""
+        self._operations.append(operation)
+        self._lock.notify_all()
 
     def _admit(self) -> list[Sequence]:
         """Run the queued context operations, then move submitted requests into the scheduler
@@ -406,7 +411,6 @@ class Engine:
         with self._lock:
             operations, self._operations = self._operations, []
             incoming, self._incoming, self._incoming_top = self._incoming, [], -math.inf
-            self._lock.notify_all()
         for operation in operations:
             operation()
         for seq in incoming:
