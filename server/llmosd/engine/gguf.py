@@ -1,18 +1,18 @@
 """Reading a GGUF file (llama.cpp's format): config, weights and tokenizer in one file.
 
-The header is parsed here, with the `gguf` package's constants: its GGUFReader builds a numpy view
-per array element, 2 s for a 49k-token vocabulary, most of the real model's load. Weights are
-dequantized here to the serving dtype, with
-vectorised torch for the common types (F32, F16, BF16, Q8_0, Q4_0, Q4_1; several times faster
-than gguf's numpy reference) and gguf's own `dequantize` for the rest. llama.cpp's converter
-interleaves the rows of Llama's q/k projections for its RoPE; `tensors` undoes that, so the model
-sees Hugging Face's layout and names. The tokenizer is rebuilt from the metadata with `tokenizers`,
-splitting text as the model's own tokenizer.json does (llama.cpp's regexes, by tokenizer.ggml.pre),
-and the chat template is the file's.
+The header is parsed here, with the `gguf` package's constants (its GGUFReader builds a numpy
+view per array element: 2 s for a 49k-token vocabulary, then most of the real model's load).
+Weights are dequantized to the serving dtype in vectorised torch for the common types (F32, F16,
+BF16, Q8_0, Q4_0, Q4_1: ~10x faster than gguf's numpy reference), by gguf's own `dequantize` for
+the rest. llama.cpp's converter interleaves the rows of Llama's q/k projections for its RoPE;
+`tensors` undoes that, so the model sees Hugging Face's layout and names. The tokenizer is rebuilt
+from the metadata with `tokenizers`, splitting text as the model's own tokenizer.json does
+(llama.cpp's regexes, by tokenizer.ggml.pre), and the chat template is the file's.
 """
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 import struct
 from typing import Any, Iterator, NamedTuple
@@ -46,7 +46,7 @@ QWEN2_SPLIT = (
 # (digits one by one first, as these models' own tokenizer.json does; the regex) per pre-tokenizer name.
 PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
     **{name: (False, GPT2_SPLIT) for name in ("default", "gpt2", "gpt-2")},
-    **{name: (True, GPT2_SPLIT) for name in ("smollm", "starcoder", "refact", "codeshell", "command-r")},
+    **{name: (True, GPT2_SPLIT) for name in ("smollm", "starcoder", "refact", "codeshell")},
     **{name: (False, LLAMA3_SPLIT) for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")},
     **{name: (False, QWEN2_SPLIT) for name in ("qwen2", "deepseek-r1-qwen")},
 }
@@ -119,8 +119,10 @@ def read_header(buf: memoryview) -> tuple[dict[str, Any], list[TensorInfo]]:
         pos += 8 * dims
         qtype, offset = GGMLQuantizationType(unpack("<I")), unpack("<Q")
         block, size = GGML_QUANT_SIZES[qtype]
-        table.append((name, shape, qtype, offset, int(np.prod(shape)) // block * size))
+        table.append((name, shape, qtype, offset, math.prod(shape) // block * size))
     align = int(metadata.get("general.alignment", 32))
+    if align <= 0 or align & (align - 1):
+        raise ValueError(f"general.alignment {align} is not a power of two")
     data = -(-pos // align) * align
     tensors = [TensorInfo(name, shape, q, data + off, data + off + n) for name, shape, q, off, n in table]
     if any(t.end > len(buf) for t in tensors):
