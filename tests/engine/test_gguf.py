@@ -127,6 +127,10 @@ def test_unsupported_files_are_clear_errors(tmp_path: pathlib.Path) -> None:
         write()
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'gemma'"):
         load_model(str(tmp_path / "gemma.gguf"))
+    whole = (tmp_path / "gemma.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="cut.gguf is not a readable GGUF file"):
+        load_model(str(tmp_path / "cut.gguf"))
     (tmp_path / "fake.gguf").write_bytes(b"not a gguf")
     with pytest.raises(FileNotFoundError, match="neither 'tiny'"):
         load_model(str(tmp_path / "fake.gguf"))

@@ -63,7 +63,7 @@ else
   sys.log("demo: no inference here (" .. tostring(res) .. "), skipping the model")
 end
 
-sys.send(greeter, nil, {tag = "stop"})
+pcall(sys.send, greeter, nil, {tag = "stop"})  -- it ends by itself after 5 s idle: maybe already
 sys.recv{tag = "EXIT", from = greeter, timeout_ms = 5000}
 return {greeting = greeting and greeting.body, ring = back and back.body, failed = exit and exit.body.reason,
         answer = answer}

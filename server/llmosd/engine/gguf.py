@@ -1,17 +1,21 @@
 """Reading a GGUF file (llama.cpp's format): config, weights and tokenizer in one file.
 
-The `gguf` package parses the header. Weights are dequantized here to the serving dtype, with
-vectorised torch for the common types (F32, F16, BF16, Q8_0, Q4_0, Q4_1; several times faster
-than gguf's numpy reference) and gguf's own `dequantize` for the rest. llama.cpp's converter
-interleaves the rows of Llama's q/k projections for its RoPE; `tensors` undoes that, so the model
-sees Hugging Face's layout and names. The tokenizer is rebuilt from the metadata with `tokenizers`,
-as llama.cpp would split text (its pre-tokenizer regexes), and the chat template is the file's.
+The header is parsed here, with the `gguf` package's constants (its GGUFReader builds a numpy
+view per array element: 2 s for a 49k-token vocabulary, then most of the real model's load).
+Weights are dequantized to the serving dtype in vectorised torch for the common types (F32, F16,
+BF16, Q8_0, Q4_0, Q4_1: ~10x faster than gguf's numpy reference), by gguf's own `dequantize` for
+the rest. llama.cpp's converter interleaves the rows of Llama's q/k projections for its RoPE;
+`tensors` undoes that, so the model sees Hugging Face's layout and names. The tokenizer is rebuilt
+from the metadata with `tokenizers`, splitting text as the model's own tokenizer.json does
+(llama.cpp's regexes, by tokenizer.ggml.pre), and the chat template is the file's.
 """
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
-from typing import Any, Iterator
+import struct
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -42,7 +46,7 @@ QWEN2_SPLIT = (
 # (digits one by one first, as these models' own tokenizer.json does; the regex) per pre-tokenizer name.
 PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
     **{name: (False, GPT2_SPLIT) for name in ("default", "gpt2", "gpt-2")},
-    **{name: (True, GPT2_SPLIT) for name in ("smollm", "starcoder", "refact", "codeshell", "command-r")},
+    **{name: (True, GPT2_SPLIT) for name in ("smollm", "starcoder", "refact", "codeshell")},
     **{name: (False, LLAMA3_SPLIT) for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")},
     **{name: (False, QWEN2_SPLIT) for name in ("qwen2", "deepseek-r1-qwen")},
 }
@@ -57,18 +61,73 @@ def is_gguf(path: pathlib.Path) -> bool:
         return False
 
 
-def _field_value(field: Any) -> Any:
-    """A metadata value as Python data. Arrays are read straight from the parts (field.contents()
-    converts element by element: seconds for a 49k-token vocabulary)."""
-    from gguf import GGUFValueType
+# GGUF value types (gguf.GGUFValueType): struct formats of the scalars; 8 is a string, 9 an array.
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9
 
-    if field.types[0] != GGUFValueType.ARRAY:
-        return field.contents()
-    if field.types[-1] == GGUFValueType.STRING:
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-    if not field.data:
-        return []
-    return np.concatenate([field.parts[i] for i in field.data]).tolist()
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # torch order (GGUF lists the innermost dimension first)
+    qtype: int  # gguf.GGMLQuantizationType
+    start: int  # byte offsets in the file
+    end: int
+
+
+def read_header(buf: memoryview) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """The metadata and tensor table of a GGUF file (v2 or v3, little-endian) held in buf."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    pos = 4  # after the magic
+
+    def unpack(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = unpack("<Q")
+        pos += n
+        return str(buf[pos - n : pos], "utf-8")
+
+    def value(kind: int) -> Any:
+        nonlocal pos
+        if kind == STRING:
+            return string()
+        if kind != ARRAY:
+            return unpack(SCALARS[kind])
+        item, count = unpack("<I"), unpack("<Q")
+        if item in (STRING, ARRAY):
+            return [value(item) for _ in range(count)]
+        array = np.frombuffer(buf, np.dtype(SCALARS[item]), count, pos)
+        pos += array.nbytes
+        return array.tolist()
+
+    if bytes(buf[:4]) != MAGIC or unpack("<I") not in (2, 3):
+        raise ValueError("not a GGUF file of version 2 or 3 (little-endian)")
+    tensor_count, kv_count = unpack("<Q"), unpack("<Q")
+    metadata = {}
+    for _ in range(kv_count):
+        key = string()
+        metadata[key] = value(unpack("<I"))
+    table = []
+    for _ in range(tensor_count):
+        name, dims = string(), unpack("<I")
+        shape = tuple(reversed(struct.unpack_from(f"<{dims}Q", buf, pos)))
+        pos += 8 * dims
+        qtype, offset = GGMLQuantizationType(unpack("<I")), unpack("<Q")
+        block, size = GGML_QUANT_SIZES[qtype]
+        table.append((name, shape, qtype, offset, math.prod(shape) // block * size))
+    align = int(metadata.get("general.alignment", 32))
+    if align <= 0 or align & (align - 1):
+        raise ValueError(f"general.alignment {align} is not a power of two")
+    data = -(-pos // align) * align
+    tensors = [TensorInfo(name, shape, q, data + off, data + off + n) for name, shape, q, off, n in table]
+    if any(t.end > len(buf) for t in tensors):
+        raise ValueError("the GGUF file is truncated: its tensors run past its end")
+    return metadata, tensors
 
 
 def _dequantize(raw: torch.Tensor, qtype: Any, shape: tuple[int, ...]) -> torch.Tensor:
@@ -107,12 +166,12 @@ class GGUFModel:
     """A parsed GGUF file: metadata, the model's config, its weights under HF names, its tokenizer."""
 
     def __init__(self, path: str | pathlib.Path) -> None:
-        from gguf import GGUFReader
-
         self.path = pathlib.Path(path)
-        reader = GGUFReader(self.path)
-        self.metadata: dict[str, Any] = {name: _field_value(f) for name, f in reader.fields.items()}
-        self.tensor_infos = reader.tensors
+        self.data = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8))  # one read: ~100 MB for the real model
+        try:
+            self.metadata, self.tensor_infos = read_header(memoryview(self.data.numpy()))
+        except (struct.error, KeyError, ValueError) as e:  # a value type, tensor type or length that cannot be
+            raise ValueError(f"{self.path.name} is not a readable GGUF file: {e}") from None
         arch = self.metadata.get("general.architecture")
         if arch not in ARCHITECTURES:
             raise ValueError(f"unsupported GGUF architecture {arch!r}: the engine runs {', '.join(ARCHITECTURES)}")
@@ -158,7 +217,6 @@ class GGUFModel:
 
     def tensors(self, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight, dequantized to dtype, under its Hugging Face name; progress is logged."""
-        data = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8))  # one read; writable, unlike the memmap
         total, step = len(self.tensor_infos), max(1, len(self.tensor_infos) // 4)
         for done, info in enumerate(self.tensor_infos, 1):
             base, kind = info.name.rsplit(".", 1)
@@ -169,9 +227,7 @@ class GGUFModel:
                 name = f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{kind}"
             else:
                 raise ValueError(f"GGUF tensor {info.name!r} has no place in {cfg.architecture}")
-            shape = tuple(int(n) for n in reversed(info.shape.tolist()))  # GGUF lists the innermost dimension first
-            raw = data[info.data_offset : info.data_offset + info.n_bytes]
-            tensor = _dequantize(raw, info.tensor_type, shape)
+            tensor = _dequantize(self.data[info.start : info.end], info.qtype, info.shape)
             if self.arch == "llama" and parts[-1] in ("attn_q", "attn_k"):
                 tensor = _unpermute(tensor, cfg.num_heads if parts[-1] == "attn_q" else cfg.num_kv_heads)
             if done % step == 0 or done == total:

@@ -149,23 +149,29 @@ def load_model(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "fl
         model = CausalLM(TINY_CONFIG, dev, DTYPES[dtype])
         model.load_weights(random_state_dict(TINY_CONFIG, seed).items())
         return LoadedModel(TINY_CONFIG, _for_inference(model), ByteTokenizer(), generation_defaults({}))
-    t0 = time.perf_counter()
+    t0, threads = time.perf_counter(), torch.get_num_threads()
     log.info("model: reading %s", path)
-    if pathlib.Path(path).is_file():
-        gguf = GGUFModel(path)
-        cfg = gguf.config()
-        tokenizer: Tokenizer = gguf.tokenizer(cfg.eos_token_ids)
-        model = CausalLM(cfg, dev, DTYPES[dtype])
-        model.load_weights(gguf.tensors(cfg, DTYPES[dtype]))
-        gen: dict[str, Any] = {}  # a GGUF has no generation config: greedy, as transformers reads it
-    else:
-        cfg = ModelConfig.from_dir(path)
-        model = CausalLM(cfg, dev, DTYPES[dtype])
-        model.load_weights(read_safetensors(pathlib.Path(path)))
-        gen_path = pathlib.Path(path) / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        tokenizer = HFTokenizer.from_dir(path, cfg.eos_token_ids)
-    model = _for_inference(model)
+    # Loading is thousands of small ops: in one thread, as OpenMP's fork-join across threads costs
+    # more than it saves there, and 5-15x more on a busy machine (the real model: 1.5 s vs 6-25 s).
+    torch.set_num_threads(1)
+    try:
+        if pathlib.Path(path).is_file():
+            gguf = GGUFModel(path)
+            cfg = gguf.config()
+            tokenizer: Tokenizer = gguf.tokenizer(cfg.eos_token_ids)
+            model = CausalLM(cfg, dev, DTYPES[dtype])
+            model.load_weights(gguf.tensors(cfg, DTYPES[dtype]))
+            gen: dict[str, Any] = {}  # a GGUF has no generation config: greedy, as transformers reads it
+        else:
+            cfg = ModelConfig.from_dir(path)
+            model = CausalLM(cfg, dev, DTYPES[dtype])
+            model.load_weights(read_safetensors(pathlib.Path(path)))
+            gen_path = pathlib.Path(path) / "generation_config.json"
+            gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+            tokenizer = HFTokenizer.from_dir(path, cfg.eos_token_ids)
+        model = _for_inference(model)
+    finally:
+        torch.set_num_threads(threads)
     log.info("model: %s loaded in %.1f s", path, time.perf_counter() - t0)
     return LoadedModel(cfg, model, tokenizer, generation_defaults(gen))
 
