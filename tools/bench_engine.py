@@ -178,12 +178,19 @@ def _conversation_turn(i: int) -> list[dict[str, str]]:
 
 def context_rows(make_engine, turns: int, answer_tokens: int, label: str) -> list[tuple]:
     """A conversation of `turns` turns with a context, then the same history re-sent as a whole
-    each turn, each on a fresh engine (the re-sent history still gets the prefix cache's full
-    blocks of its own earlier turns). Prefill tokens are the prompt tokens the engine computed; a
-    context turn's new tokens are those its prompt adds to the context."""
+    each turn, each on a fresh, warmed-up engine (the re-sent history still gets the prefix
+    cache's full blocks of its own earlier turns); a re-sent turn decodes as many tokens as the
+    context's did. Prefill tokens are the prompt tokens the engine computed; a context turn's new
+    tokens are those its prompt adds to the context."""
     system = [{"role": "system", "content": "You are an agent of llmos. You plan, then act, then report. " * 6}]
-    engine = make_engine()
-    engine.start()
+
+    def warm_engine() -> Engine:
+        engine = make_engine()
+        engine.start()
+        engine.generate(Request(prompt="warm-up", max_tokens=answer_tokens, ignore_eos=True))
+        return engine
+
+    engine = warm_engine()
     computed = lambda: engine.stats()["prompt_tokens_computed"]  # noqa: E731
     handle = engine.create_context(system, owner=1)
     handle.result()
@@ -191,6 +198,7 @@ def context_rows(make_engine, turns: int, answer_tokens: int, label: str) -> lis
     history = list(system)
     ctx_prefill = new_tokens = 0
     ctx_times: list[float] = []
+    answer_lengths: list[int] = []
     for i in range(turns):
         before, held = computed(), engine.context_info(ctx, 1).tokens
         t0 = time.perf_counter()
@@ -198,16 +206,17 @@ def context_rows(make_engine, turns: int, answer_tokens: int, label: str) -> lis
         ctx_times.append(time.perf_counter() - t0)
         ctx_prefill += computed() - before
         new_tokens += result.usage.prompt_tokens - held
+        answer_lengths.append(len(result.token_ids))
         history += _conversation_turn(i) + [{"role": "assistant", "content": result.text}]
     engine.stop()
-    engine = make_engine()
-    engine.start()
+    engine = warm_engine()
     resent_prefill = resent_prompts = 0
     resent_times: list[float] = []
     for i in range(turns):
         before = computed()
         t0 = time.perf_counter()
-        result = engine.generate(Request(messages=history[: 1 + 2 * i] + _conversation_turn(i), owner=1, max_tokens=answer_tokens))
+        asked = history[: 1 + 2 * i] + _conversation_turn(i)
+        result = engine.generate(Request(messages=asked, owner=1, max_tokens=answer_lengths[i], ignore_eos=True))
         resent_times.append(time.perf_counter() - t0)
         resent_prefill += computed() - before
         resent_prompts += result.usage.prompt_tokens
