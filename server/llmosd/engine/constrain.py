@@ -93,10 +93,13 @@ class Grammars:
                     raise InvalidRequest(f"constrained generation is unavailable for this model's tokenizer: {exc}") from None
             return self._vocabulary
 
-    def compile(self, json_schema: Any = None, regex: Any = None, grammar: Any = None, lark: str | None = None) -> Constraint | None:
+    def compile(
+        self, json_schema: Any = None, regex: Any = None, grammar: Any = None, lark: str | None = None
+    ) -> Constraint | None:
         """A matcher for the one constraint given (None if none); InvalidRequest with the library's
         message for a bad one. `lark` is a grammar the engine built itself (tool calls)."""
-        given = [(k, v) for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar), ("tools", lark)) if v is not None]
+        named = (("json_schema", json_schema), ("regex", regex), ("grammar", grammar), ("tools", lark))
+        given = [(k, v) for k, v in named if v is not None]
         if not given:
             return None
         if len(given) > 1:

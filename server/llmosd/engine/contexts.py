@@ -102,7 +102,10 @@ class Contexts:
         if total > limit:
             raise KVLimitExceeded(f"owner {owner}'s contexts would hold {total} bytes of KV cache, over its limit of {limit}")
 
-    def new(self, owner: int, priority: int, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, token_ids: list[int]) -> Context:
+    def new(
+        self, owner: int, priority: int, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None,
+        token_ids: list[int],
+    ) -> Context:
         self.check_limit(owner, len(token_ids))
         ctx = Context(next(self._ids), owner, priority, list(messages), tools, list(token_ids), last_used=time.monotonic())
         self.items[ctx.id] = ctx

@@ -62,7 +62,9 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
         if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
             tool = tool["function"]
         if not isinstance(tool, dict) or set(tool) - {"name", "description", "parameters"}:
-            raise InvalidRequest(f"tools[{i}] must be {{name, description, parameters}} (or OpenAI's {{type: function, function: ...}})")
+            raise InvalidRequest(
+                f"tools[{i}] must be {{name, description, parameters}} (or OpenAI's {{type: function, function: ...}})"
+            )
         name, description = tool.get("name"), tool.get("description", "")
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise InvalidRequest(f"tools[{i}].name must be 1-64 letters, digits, _ or -")
