@@ -45,11 +45,11 @@ from .client import Client, FileInfo, Message, ProcessInfo
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .v1 import kernel_pb2 as pb
 from .v1 import kernel_pb2_grpc
+from .values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
 JSON = Any
 TOKEN_HEADER = "llmos-token"  # the metadata the kernel's agent socket checks
-MAX_DURATION_MS = 315_360_000_000  # 10 years: any longer duration means this (DECISIONS.md)
-MAX_PID = 2**53  # pids above cannot exist (they would not survive a JSON number)
+MAX_PID = MAX_EXACT_INTEGER  # pids above cannot exist (they would not survive a JSON number)
 _INT32 = (-2**31, 2**31 - 1)
 _UINT32 = (0, 2**32 - 1)
 _LIMITS = {f.name: _UINT32 if f.type == f.TYPE_UINT32 else (0, 2**64 - 1) for f in pb.Limits.DESCRIPTOR.fields}

@@ -22,12 +22,11 @@ from typing import Any
 from .errors import InvalidArgument, NotFound, ResourceExhausted
 from .native import _lua
 from .process import Limits
-from .waiting import MAX_DELAY_S
+from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
-MAX_DURATION_MS = int(MAX_DELAY_S * 1000)  # ten years: the longest any timer waits
 MIN_PRIORITY, MAX_PRIORITY = -20, 20
 DEFAULT_WEIGHT, MAX_WEIGHT = 100, 10_000  # as cgroup v2's cpu.weight
-MAX_PID = MAX_EXACT_INTEGER = 2**53  # pids are exact JSON numbers
+MAX_PID = MAX_EXACT_INTEGER  # pids are exact JSON numbers
 MAX_NAME_LEN = 256
 MAX_TEXT_BYTES = 1024
 

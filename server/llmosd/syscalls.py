@@ -35,6 +35,8 @@ TOKEN_HEADER = "llmos-token"
 
 # The pid of the Python agent making the current call (None: an external client).
 CALLER: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller", default=None)
+# The current call's gRPC context.
+CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar("call")
 
 # On the agent socket, each of these fields must name the calling agent (0 is
 # filled in with it): an agent can send, receive, hold locks... only as itself.
@@ -245,6 +247,14 @@ async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest]
                 await asyncio.to_thread(writer.write, req.data)
         if writer is None:
             raise InvalidArgument("WriteFile needs at least one message (with the path)")
+        # A client that cancels can look like one that finished: grpc.aio ends
+        # the request stream either way, and tells the handler of a cancel
+        # only later. Any operation on the call fails once it is cancelled,
+        # so this one, before the file is committed, keeps a failed write out.
+        try:
+            await CALL.get().send_initial_metadata(())
+        except Exception:  # the call is cancelled: nobody is there to answer
+            raise asyncio.CancelledError() from None
         info = await asyncio.to_thread(writer.close)
         writer = None
         return file_pb(info)
@@ -423,6 +433,7 @@ def _act_as(req: Any, field: str, caller: int) -> None:
 
 def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+        CALL.set(ctx)
         try:
             return await fn(identity.k, identity.check(method, req, ctx))
         except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -16,10 +16,12 @@ import threading
 import time
 from typing import Any, Callable
 
+from llmos.values import MAX_DURATION_MS
+
 log = logging.getLogger(__name__)
 
 TIMED_OUT = object()  # the value a waiter completes with when its timeout passes
-MAX_DELAY_S = 315_360_000.0  # ten years: the longest any timer waits ("for ever" to a caller)
+MAX_DELAY_S = MAX_DURATION_MS / 1000  # the longest any timer waits ("for ever" to a caller)
 MAX_WAIT_S = 60.0  # the longest the timer thread sleeps at once
 
 
