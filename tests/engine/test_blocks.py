@@ -92,3 +92,42 @@ def test_interrupt_step_leaves_the_paused_batch_alone() -> None:
     assert len(low.block_table) == 2 and (sch.evictions, sch.preemptions) == (0, 0)
     bm.release(high)
     assert sch.schedule() == [(high, 12)] and sch.evictions == 1  # a regular step evicts low
+
+
+def test_fork_shares_all_blocks_and_copies_the_partial_one_on_write() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    source = _seq(list(range(10)), owner=3)  # two full blocks and a partly filled one
+    _run(bm, source)
+    fork = _seq(list(range(10)), owner=3)
+    bm.share(source, fork)
+    assert fork.block_table == source.block_table and fork.num_computed == 10
+    assert [bm.ref[b] for b in source.block_table] == [2, 2, 2] and bm.used_by(3) == 3
+    assert bm.needed(fork, 11) == 1  # its next token goes into the shared partial block: a copy
+    tail = source.block_table[2]
+    assert bm.grow(fork, 11)
+    assert fork.block_table[:2] == source.block_table[:2] and fork.block_table[2] != tail
+    assert bm.copies == [(tail, fork.block_table[2])] and bm.ref[tail] == 1
+    assert bm.needed(source, 11) == 0  # alone in it now: writes in place
+    # Full blocks are never copied: a fork at a block boundary grows into a fresh block.
+    aligned = _seq(list(range(8)), owner=3)
+    aligned.block_table, aligned.num_computed = [], 0
+    bm.share(_prefix(source, 8), aligned)
+    assert bm.needed(aligned, 9) == 1 and bm.copy_needed(aligned) == 0
+
+
+def _prefix(seq: Sequence, n: int) -> Sequence:
+    view = _seq(seq.token_ids[:n], owner=seq.owner)
+    view.block_table, view.num_computed = seq.block_table[: n // 4], n
+    return view
+
+
+def test_truncate_keeps_a_prefix_and_never_rewrites_a_cached_block() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = _seq(list(range(11)))
+    _run(bm, seq)  # blocks 0-1 full (cached), block 2 holds 3 tokens
+    table = list(seq.block_table)
+    bm.truncate(seq, 10)  # the cut falls in the uncached partial block: it is kept
+    assert (seq.block_table, seq.num_computed) == (table, 10)
+    bm.truncate(seq, 6)  # the cut falls in a cached full block: it is left to the cache, recomputed
+    assert (seq.block_table, seq.num_computed, len(seq.block_hashes)) == (table[:1], 4, 1)
+    assert bm.num_used == 1 and bm.hash[table[1]] is not None

@@ -64,7 +64,7 @@ def test_config_reads_transformers5_rope_parameters_and_generation_eos() -> None
 def test_chat_template_renders_like_transformers(tiny_checkpoint: pathlib.Path) -> None:
     transformers = pytest.importorskip("transformers")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    ours = HFTokenizer(tiny_checkpoint)
+    ours = HFTokenizer.from_dir(tiny_checkpoint)
     theirs = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
     for gen in (True, False):
         expected = theirs.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
@@ -76,7 +76,7 @@ def test_chat_template_renders_like_transformers(tiny_checkpoint: pathlib.Path) 
 
 @pytest.mark.parametrize("which", ["bytes", "bpe"])
 def test_streaming_never_splits_a_utf8_character(which: str, tiny_checkpoint: pathlib.Path) -> None:
-    tok = ByteTokenizer() if which == "bytes" else HFTokenizer(tiny_checkpoint)
+    tok = ByteTokenizer() if which == "bytes" else HFTokenizer.from_dir(tiny_checkpoint)
     ids = tok.encode(TEXT, add_special_tokens=False)
     assert len(ids) > len(TEXT)  # multi-byte characters span several tokens
     detok = IncrementalDetokenizer(tok, tok.encode("prompt: "))

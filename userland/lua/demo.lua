@@ -3,8 +3,10 @@
 -- 1. spawns a registered "greeter" that answers greetings,
 -- 2. spawns three agents in a ring that pass a token around, each logging
 --    what it does, and a crash-prone one watched through a monitor,
--- 3. asks the shared model a short question with sys.infer when the server
---    runs an inference engine (skipped with a log line otherwise),
+-- 3. asks the shared model "What is the capital of France?" with sys.infer,
+--    greedy, when the server runs an inference engine (skipped with a log
+--    line otherwise): the real model (llmosd --model smollm2, what
+--    tools/demo.sh starts) answers Paris; the built-in tiny one, gibberish,
 -- and returns a summary. It ends by itself within a few seconds.
 
 local me = sys.self()
@@ -50,7 +52,10 @@ sys.log("demo: pid " .. doomed .. " ended: " .. tostring(exit and exit.body.reas
 
 -- 3. The shared model, if this server runs one.
 local answer
-local ok, res = pcall(sys.infer, {prompt = "Say hello in five words.", max_tokens = 16})
+local ok, res = pcall(sys.infer, {
+  messages = {{role = "user", content = "What is the capital of France?"}},
+  temperature = 0, max_tokens = 32,
+})
 if ok then
   answer = type(res) == "table" and res.text or res
   sys.log("demo: the model says: " .. tostring(answer))
@@ -58,7 +63,7 @@ else
   sys.log("demo: no inference here (" .. tostring(res) .. "), skipping the model")
 end
 
-sys.send(greeter, nil, {tag = "stop"})
+pcall(sys.send, greeter, nil, {tag = "stop"})  -- it ends by itself after 5 s idle: maybe already
 sys.recv{tag = "EXIT", from = greeter, timeout_ms = 5000}
 return {greeting = greeting and greeting.body, ring = back and back.body, failed = exit and exit.body.reason,
         answer = answer}

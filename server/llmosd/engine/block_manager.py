@@ -5,6 +5,11 @@ mean equal prefixes. Sequences whose prompts share full blocks share those block
 count: the prefix is neither recomputed nor stored twice. A block whose count drops to zero goes
 to the free list but keeps its hash, so a later request with the same prefix can take it back
 until the block is handed out for something else (least recently freed first).
+
+A forked context (contexts.py) shares all of its source's blocks, the partly filled last one
+too. Full blocks are never written again; the first write into a shared partly filled block
+copies it (copy on write): grow() takes a fresh block and queues (source, copy) in `copies`,
+which the engine applies to the KV tensors before the forward pass.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class BlockManager:
         self.by_hash: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.owners: dict[int, Counter[int]] = {}
+        self.copies: list[tuple[int, int]] = []  # (source, copy) block pairs to copy before the next forward
 
     @property
     def num_free(self) -> int:
@@ -79,20 +85,46 @@ class BlockManager:
             out.append(prev)
         return out
 
+    def copy_needed(self, seq: Sequence) -> int:
+        """1 if the next token goes into a partly filled block that another holder shares."""
+        bs, n = self.block_size, seq.num_computed
+        return int(n % bs != 0 and len(seq.block_table) > n // bs and self.ref[seq.block_table[n // bs]] > 1)
+
+    def needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Free blocks grow(seq, num_tokens) takes."""
+        return self.blocks_for(num_tokens) - len(seq.block_table) + self.copy_needed(seq)
+
+    def _fresh(self, seq: Sequence) -> None:
+        block = next(iter(self.free))
+        old = self.hash[block]
+        if old is not None:  # the cached prefix it held is forgotten now
+            if self.by_hash.get(old) == block:
+                del self.by_hash[old]
+            self.hash[block] = self.tokens[block] = None
+        self._take(seq, block)
+
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Add blocks so the table covers num_tokens tokens; False (and nothing taken) if too few are free."""
-        need = self.blocks_for(num_tokens) - len(seq.block_table)
+        """Add blocks so the table covers num_tokens tokens, copying a shared partly filled last
+        block first; False (and nothing taken) if too few are free."""
+        need = self.needed(seq, num_tokens)
         if need > len(self.free):
             return False
-        for _ in range(need):
-            block = next(iter(self.free))
-            old = self.hash[block]
-            if old is not None:  # the cached prefix it held is forgotten now
-                if self.by_hash.get(old) == block:
-                    del self.by_hash[old]
-                self.hash[block] = self.tokens[block] = None
-            self._take(seq, block)
+        if self.copy_needed(seq):
+            shared = seq.block_table.pop()  # the last block: the ones after it are not filled yet
+            self._drop(seq.owner, [shared])
+            self._fresh(seq)
+            self.copies.append((shared, seq.block_table[-1]))
+        for _ in range(self.blocks_for(num_tokens) - len(seq.block_table)):
+            self._fresh(seq)
         return True
+
+    def share(self, source: Sequence, holder: Sequence) -> None:
+        """Give a holder without blocks every block of source (a fork), and its computed tokens."""
+        assert not holder.block_table
+        for block in source.block_table:
+            self._take(holder, block)
+        holder.block_hashes = list(source.block_hashes)
+        holder.num_computed = source.num_computed
 
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's newly completed full blocks in the prefix cache."""
@@ -105,11 +137,10 @@ class BlockManager:
                 self.by_hash[h], self.hash[block], self.tokens[block] = block, h, tuple(chunk)
             seq.block_hashes.append(h)
 
-    def release(self, seq: Sequence) -> None:
-        """Drop all of the sequence's blocks; its K/V must be recomputed if it runs again."""
-        counts = self.owners.get(seq.owner)
+    def _drop(self, owner: int, blocks: list[int]) -> None:
+        counts = self.owners[owner]
         # Last blocks first, so that shared prefixes stay cached longest.
-        for block in reversed(seq.block_table):
+        for block in reversed(blocks):
             self.ref[block] -= 1
             counts[block] -= 1
             if not counts[block]:
@@ -118,11 +149,28 @@ class BlockManager:
                 self.free[block] = None
                 if self.hash[block] is None:  # nothing worth keeping: hand it out first
                     self.free.move_to_end(block, last=False)
-        if counts is not None and not counts:
-            del self.owners[seq.owner]
-        seq.block_table.clear()
-        seq.block_hashes.clear()
-        seq.num_computed = 0
+        if not counts:
+            del self.owners[owner]
+
+    def release(self, seq: Sequence) -> None:
+        """Drop all of the sequence's blocks; its K/V must be recomputed if it runs again."""
+        self.truncate(seq, 0)
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep the K/V of the first num_tokens computed tokens only (fewer when the cut falls in
+        a block of the prefix cache: it stays there as it is, and the tokens are recomputed)."""
+        bs = self.block_size
+        keep = min(num_tokens, seq.num_computed)
+        kept_blocks = keep // bs
+        if keep % bs and self.hash[seq.block_table[kept_blocks]] is None:
+            kept_blocks += 1  # a partly kept block nobody else can look up: later tokens overwrite it
+        else:
+            keep = kept_blocks * bs
+        if len(seq.block_table) > kept_blocks:
+            self._drop(seq.owner, seq.block_table[kept_blocks:])
+            del seq.block_table[kept_blocks:]
+        del seq.block_hashes[keep // bs :]
+        seq.num_computed = keep
 
     def evictable(self, seq: Sequence) -> int:
         """Blocks that releasing this sequence would free."""

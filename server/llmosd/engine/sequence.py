@@ -12,12 +12,31 @@ class InvalidRequest(ValueError):
     """A request the engine refuses, with the reason; the engine and other requests carry on."""
 
 
+class UnknownContext(InvalidRequest):
+    """The context handle names no context of this owner (dropped, or never created)."""
+
+
+class ContextBusy(InvalidRequest):
+    """The context is in use by another request; one request at a time continues a context."""
+
+
+class KVLimitExceeded(InvalidRequest):
+    """The owner's contexts would hold more KV cache than its limit (Engine.set_kv_limit)."""
+
+
 @dataclass
 class Request:
     """One generation request. Exactly one of prompt, messages, prompt_ids is given.
 
     Sampling fields left None take the model's generation_config.json defaults (greedy without one).
     max_tokens None means as many as the context (and the KV pool) allows.
+
+    At most one constraint: json_schema (a dict or its JSON text), regex (the whole output
+    matches it) or grammar (GBNF, or llguidance's Lark); or tools (OpenAI-shaped, see tools.py)
+    with tool_choice "auto" (default), "none", "required" or a tool ({"name": ...} or
+    {"type": "function", "function": {"name": ...}}). context: continue a conversation context
+    (Engine.create_context) with `messages` as the new turn; its tools are the context's (in its
+    prompt whatever the tool_choice; "none" only leaves the output free).
     """
 
     prompt: str | None = None
@@ -33,6 +52,12 @@ class Request:
     priority: int = 0  # higher runs first
     owner: int = 0  # the calling process's pid: KV blocks are accounted to it
     deadline: float | None = None  # time.monotonic() after which the request is cancelled
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    context: int | None = None
 
 
 @dataclass
@@ -40,6 +65,15 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class ToolCall:
+    """A call the model made: arguments validate against the tool's parameters schema."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
 
 
 @dataclass
@@ -53,13 +87,15 @@ class TokenEvent:
 
 @dataclass
 class FinishEvent:
-    """The last event of a request. reason: "stop" (EOS or stop string), "length", "cancelled"
-    (by the caller or its deadline), or "error" (the engine failed this request; see error)."""
+    """The last event of a request. reason: "stop" (EOS, stop string, or a constraint's end),
+    "length" (max_tokens: a constrained output is then incomplete), "cancelled" (by the caller
+    or its deadline), or "error" (the engine failed this request; see error)."""
 
     reason: str
     usage: Usage
     text_delta: str = ""  # output held back until the end (partial stop-string match, bytes)
     error: str | None = None
+    tool_calls: list[ToolCall] | None = None  # a request with tools: the calls made (maybe none)
 
 
 Event = TokenEvent | FinishEvent
@@ -91,6 +127,10 @@ class Sequence:
     scheduled: bool = False  # ran in the last step
     cancel_reason: str | None = None  # set by cancel()/deadline; acted on by the engine thread
     finished: bool = False
+    constraint: Any = None  # constrain.Constraint: the grammar the output must match
+    tool_choice: Any = None  # tools.ToolChoice: the output holds tool calls to parse
+    context: Any = None  # contexts.Context this request continues (or creates)
+    prefill_only: bool = False  # a context's creation: compute the prompt, sample nothing
 
     @property
     def owner(self) -> int:

@@ -1,4 +1,4 @@
-"""Tokenizers (a byte-level one for the built-in model, HF tokenizer.json), chat templates, and
+"""Tokenizers (a byte-level one for the built-in model; HF tokenizer.json, or one built from a GGUF), chat templates, and
 incremental detokenisation that never emits half a UTF-8 character."""
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def _raise(message: str) -> None:
 
 
 def render_chat(
-    template: str, messages: list[dict[str, str]], bos_token: str, eos_token: str, add_generation_prompt: bool
+    template: str, messages: list[dict[str, str]], bos_token: str, eos_token: str, add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render a HF chat template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -65,7 +66,8 @@ def render_chat(
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         return env.from_string(template).render(
-            messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+            messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"chat template: {exc}") from exc
@@ -116,14 +118,28 @@ def _token_text(value: Any) -> str | None:
 
 
 class HFTokenizer:
-    """tokenizer.json through the `tokenizers` library; chat template from tokenizer_config.json
-    (or chat_template.jinja); EOS ids from the model's config plus the tokenizer's eos_token."""
+    """A `tokenizers` tokenizer with its chat template, BOS/EOS tokens, and EOS ids (the model's
+    config's plus the tokenizer's eos_token). `from_dir` reads tokenizer.json and
+    tokenizer_config.json (or chat_template.jinja); gguf.py builds one from a GGUF's metadata."""
 
-    def __init__(self, path: str | pathlib.Path, eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, tok: Any, chat_template: str | None, bos_token: str, eos_token: str, eos_token_ids: tuple[int, ...] = ()
+    ) -> None:
+        self._tok = tok
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        eos = list(eos_token_ids)
+        eos_id = tok.token_to_id(eos_token) if eos_token else None
+        if eos_id is not None and eos_id not in eos:
+            eos.append(eos_id)
+        self.eos_token_ids = tuple(eos)
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def from_dir(cls, path: str | pathlib.Path, eos_token_ids: tuple[int, ...] = ()) -> "HFTokenizer":
         from tokenizers import Tokenizer as _Tokenizer
 
         path = pathlib.Path(path)
-        self._tok = _Tokenizer.from_file(str(path / "tokenizer.json"))
         cfg_path = path / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         template = cfg.get("chat_template")
@@ -132,15 +148,10 @@ class HFTokenizer:
         jinja_path = path / "chat_template.jinja"
         if template is None and jinja_path.exists():
             template = jinja_path.read_text()
-        self.chat_template: str | None = template
-        self.bos_token = _token_text(cfg.get("bos_token")) or ""
-        self.eos_token = _token_text(cfg.get("eos_token")) or ""
-        eos = list(eos_token_ids)
-        eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        if eos_id is not None and eos_id not in eos:
-            eos.append(eos_id)
-        self.eos_token_ids = tuple(eos)
-        self.vocab_size = self._tok.get_vocab_size()
+        return cls(
+            _Tokenizer.from_file(str(path / "tokenizer.json")), template,
+            _token_text(cfg.get("bos_token")) or "", _token_text(cfg.get("eos_token")) or "", eos_token_ids,
+        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -148,11 +159,18 @@ class HFTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def backend(self) -> Any:
+        """The `tokenizers` tokenizer (grammar libraries build their vocabulary from its JSON)."""
+        return self._tok
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         check_messages(messages)
         if self.chat_template is None:
             raise InvalidRequest("this model has no chat template: send a prompt instead of messages")
-        text = render_chat(self.chat_template, messages, self.bos_token, self.eos_token, add_generation_prompt)
+        text = render_chat(self.chat_template, messages, self.bos_token, self.eos_token, add_generation_prompt, tools)
         # The template already wrote BOS where it belongs, as transformers assumes.
         return self.encode(text, add_special_tokens=False)
 
