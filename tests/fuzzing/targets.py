@@ -1,0 +1,383 @@
+"""The fuzz targets: Hypothesis tests over a FuzzServer, one per surface.
+
+- rpc: a few calls of random methods, every field hostile (requests.py), naming
+  the example's own processes: two ports (one with a mailbox of 2), a Lua process
+  blocked in recv under a registered name, one that has ended;
+- wire: a valid request's bytes, mutated (invalid UTF-8, wrong wire types, 11-byte
+  varints, deep nesting, truncation...);
+- lua: a program of hostile syscalls and value round trips (lua_programs.py);
+- python: a Python agent making hostile raw calls through the agent socket, acting
+  as itself and as other processes;
+- machine: random sequences against a model of ports, messages, files, locks
+  (machine.py).
+
+tests/test_fuzz.py runs each under PROFILES["ci"]; tools/fuzz.py under "long".
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any, Callable
+
+import grpc
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from llmos.v1 import kernel_pb2 as pb
+from llmos.values import from_value, to_value
+
+from . import lua_programs as lp
+from . import requests as rq
+from .harness import (
+    LEAKED_EXCEPTION, MAX_STATUS_BYTES, METHODS, OK, STATS, FuzzServer, Outcome, check_outcome, fail, result_of,
+    short, violation,
+)
+from .values import Fate, same_json
+
+_names = itertools.count(1)
+
+SETTINGS = dict(deadline=None, database=None, print_blob=False, report_multiple_bugs=True,
+                suppress_health_check=list(HealthCheck))
+# Examples per target: CI's budget keeps the whole of tests/test_fuzz.py well under 2
+# minutes on 2 cores (measured: see tests/test_fuzz.py), and CI does not shrink (each
+# violation's message holds the exact call that broke; shrinking against a server that
+# restarts after each break could take minutes). "long" is one round of tools/fuzz.py.
+PROFILES: dict[str, dict[str, Any]] = {
+    "ci": {"derandomize": True, "shrink": False, "steps": 20,
+           "examples": {"rpc": 40, "wire": 25, "lua": 25, "python": 2, "machine": 6}},
+    "long": {"derandomize": False, "shrink": True, "steps": 40,
+             "examples": {"rpc": 100, "wire": 60, "lua": 60, "python": 6, "machine": 15}},
+}
+
+
+def hypothesis_settings(profile: str, target: str) -> settings:
+    p = PROFILES[profile]
+    phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if p["shrink"] else [])
+    return settings(max_examples=p["examples"][target], derandomize=p["derandomize"],
+                    stateful_step_count=p["steps"], phases=phases, **SETTINGS)
+
+
+# -- the example's processes ------------------------------------------------------------------
+def victims(server: FuzzServer, ex: Any) -> rq.Pool:
+    """Processes an example's calls may name: live, blocked, named, ended."""
+    n = next(_names)
+    a_name, r_name = f"fz-a{n}", f"fz-r{n}"
+    port_a = ex.spawned(server.must("OpenPort", pb.OpenPortRequest(name=a_name)).pid)
+    port_b = ex.spawned(server.must("OpenPort", pb.OpenPortRequest(mailbox=2)).pid)
+    receiver = ex.spawned(server.spawn_lua(
+        "sys.register(args) while true do local m = sys.recv{} if m.tag == 'stop' then return m.body end end",
+        args=to_value(r_name)))
+    ended = ex.spawned(server.spawn_lua("return {done = true}"))
+    server.must("Wait", pb.WaitRequest(pid=ended, timeout_ms=5000), deadline=7)
+    return rq.Pool([port_a, port_b, receiver, ended], [a_name, r_name], [f"fz/{n}.txt"])
+
+
+def _call(server: FuzzServer, ex: Any, req: rq.Request, target: str = "rpc") -> Any:
+    deadline, blocking = rq.deadline_for(req)
+    method = METHODS[req.method]
+    out = server.call(req.method, req.message, deadline, max_items=3 if method.name == "Events" else 10_000)
+    STATS.rpc[(req.method, out.code.name)] += 1
+    check_outcome(out, blocking, target, lambda: f"Reproducer: {req!r}")
+    if out.ok and req.refusals:
+        return fail(f"{req.method}:accepted", f"{req.method} answered OK though {'; '.join(req.refusals)}. "
+                        f"Reproducer: {req!r}")
+    if out.ok and req.method in ("Spawn", "OpenPort"):
+        ex.spawned(out.response.pid)
+    return out
+
+
+# -- rpc --------------------------------------------------------------------------------------
+def rpc_example(server: FuzzServer, data: Any) -> None:
+    with server.example("rpc") as ex:
+        pool = victims(server, ex)
+        for _ in range(data.draw(st.integers(1, 5), label="calls")):
+            method = data.draw(st.sampled_from(sorted(METHODS)), label="method")
+            req = data.draw(rq.request(method, pool), label="request")
+            _call(server, ex, req)
+
+
+# -- wire -------------------------------------------------------------------------------------
+def wire_example(server: FuzzServer, data: Any) -> None:
+    with server.example("wire") as ex:
+        pool = victims(server, ex)
+        method = data.draw(st.sampled_from(sorted(METHODS)), label="method")
+        req = data.draw(rq.wire_request(method, pool), label="request")
+        m = METHODS[method]
+        payload = req.payloads if m.client_streaming else req.payloads[0]
+        out = server.call(method, payload, 0.5 if rq.may_block(m) else 10.0, raw=True, max_items=3)
+        STATS.wire[(method, out.code.name)] += 1
+        check_outcome(out, rq.may_block(m), "wire", lambda: f"Reproducer: {req!r}")
+
+
+# -- lua --------------------------------------------------------------------------------------
+LUA_BUDGET_S = 8.0
+
+
+def lua_example(server: FuzzServer, data: Any) -> None:
+    with server.example("lua") as ex:
+        pool = victims(server, ex)
+        collector = server.open_port(mailbox=5000)
+        program = data.draw(lp.programs(len(pool.pids), len(pool.names)), label="program")
+        pid = ex.spawned(server.spawn_lua(program.source(), args={"collector": collector, "pids": pool.pids,
+                                                                   "names": pool.names}))
+        info = _run_to_end(server, pid)
+        if info is None:
+            return
+        messages = server.drain(collector)
+        server.call("Kill", pb.KillRequest(pid=collector))
+        server.harness_pids.discard(collector)
+        _check_program(server, ex, program, info, messages)
+
+
+def _run_to_end(server: FuzzServer, pid: int) -> pb.ProcessInfo | None:
+    """Wait for the program; kill it once it has sat blocked a while (its last step
+    may block for ever) or its time is up. None if the server stopped answering."""
+    start, blocked_polls = time.monotonic(), 0
+    while True:
+        out = server.call("Wait", pb.WaitRequest(pid=pid, timeout_ms=200), deadline=10)
+        if not out.ok:
+            server.broken(f"Wait:{out.code.name}", f"Wait(timeout_ms=200) on a Lua program answered {out.code.name} "
+                          f"{short(out.details)} after {out.elapsed:.1f} s")
+            return None
+        if not out.response.timed_out:
+            return out.response.process
+        info = server.call("GetProcess", pb.GetProcessRequest(pid=pid))
+        blocked = info.ok and info.response.state == pb.BLOCKED and info.response.blocked_on != "infer"
+        blocked_polls = blocked_polls + 1 if blocked else 0
+        if blocked_polls >= 3 or time.monotonic() - start > LUA_BUDGET_S:
+            server.call("Kill", pb.KillRequest(pid=pid, reason="fuzz: done waiting"))
+            out = server.call("Wait", pb.WaitRequest(pid=pid, timeout_ms=5000), deadline=10)
+            if out.ok and out.response.timed_out:
+                server.broken("kill:no effect", f"the fuzzed program {pid} did not end within 5 s of Kill")
+                return server.must("GetProcess", pb.GetProcessRequest(pid=pid))
+            return out.response.process
+
+
+def _check_program(server: FuzzServer, ex: Any, program: lp.Program, info: pb.ProcessInfo,
+                   messages: list[pb.Message]) -> None:
+    reports = {}
+    trips = {}
+    for m in messages:
+        if m.tag == "call":
+            body = from_value(m.body)
+            reports[body["i"]] = body
+        elif m.tag in ("rt", "rs"):
+            if m.correlation_id in trips:
+                return fail("lua:duplicate", f"message {m.correlation_id} arrived twice. {program!r}")
+            trips[m.correlation_id] = m
+    for i, step in enumerate(program.steps, 1):
+        r = reports.get(i)
+        if r is None:
+            continue
+        where = f"Step {i}: {step!r}. Program: {program!r}"
+        if step.kind == "call":
+            STATS.lua[(step.fname, "ok" if r["ok"] else "error")] += 1
+            STATS.contexts[step.context] += 1
+            _check_call(step, r, where)
+        else:
+            STATS.lua[(f"round trip: {step.kind}", "ok" if r["ok"] else "error")] += 1
+            _check_trip(server, ex, i, step, r, trips, where)
+    last = program.steps[-1]
+    if last.kind == "call" and last.fname == "sys.exit" and len(program.steps) not in reports \
+            and last.context in lp.CAN_BLOCK and info.state in (pb.EXITED, pb.CRASHED):
+        _check_ending(info, last.value, f"the program's sys.exit({last.value!r}). Program: {program!r}")
+    if info.state == pb.CRASHED and LEAKED_EXCEPTION.search(info.error):
+        return fail("lua:crash leaked exception", f"the program crashed with {short(info.error)}. {program!r}")
+
+
+def _check_call(step: lp.Step, r: dict, where: str) -> None:
+    name = step.fname
+    if r["ok"]:
+        if step.refusals:
+            return fail(f"lua:{name}:accepted", f"{name} succeeded though {'; '.join(step.refusals)}. {where}")
+        return
+    err = r.get("err") or ""
+    if LEAKED_EXCEPTION.search(err):
+        return fail(f"lua:{name}:leaked exception", f"{name} failed with a Python exception's text: "
+                        f"{short(err)}. {where}")
+    if step.context in lp.FAITHFUL_ERRORS:
+        if r.get("errtype") != "string":
+            return fail(f"lua:{name}:error not a string", f"{name} raised a {r.get('errtype')}. {where}")
+        for key in step.unknown_keys:
+            if key not in err:
+                return fail(f"lua:{name}:unknown key not named",
+                                f"{name}'s error does not name the unknown option {key!r}: {short(err)}. {where}")
+
+
+def _check_trip(server: FuzzServer, ex: Any, i: int, step: lp.Step, r: dict, trips: dict, where: str) -> None:
+    v = step.value
+    assert v is not None
+    refused = v.fate in (Fate.INVALID, Fate.TOO_BIG)
+    if step.kind in ("port", "self", "args"):
+        if r["ok"] and refused:
+            return fail(f"lua:{step.kind}:accepted", f"the value model refuses {v!r} ({v.fate}), "
+                            f"yet it was accepted. {where}")
+        if not r["ok"]:
+            err = r.get("err") or ""
+            if "LOST" in err:
+                return fail("lua:self:lost", f"a message a process sent itself was not there: {where}")
+            if v.fate == Fate.OK:
+                return fail(f"lua:{step.kind}:refused", f"{v!r} is a valid value, refused: {short(err)}. {where}")
+            if LEAKED_EXCEPTION.search(err):
+                return fail(f"lua:{step.kind}:leaked exception", f"{short(err)}. {where}")
+            return
+    if step.kind in ("port", "self"):
+        msg = trips.get(f"{'rt' if step.kind == 'port' else 'rs'}{i}")
+        if msg is None:
+            return fail(f"lua:{step.kind}:lost", f"the send succeeded and the message never arrived. {where}")
+        if v.fate == Fate.OK and not same_json(from_value(msg.body), v.json):
+            return fail(f"lua:{step.kind}:changed", f"{v!r} arrived as {short(from_value(msg.body))}. {where}")
+        return
+    if not r["ok"]:
+        return fail(f"lua:{step.kind}:spawn failed", f"spawning the child failed: {short(r.get('err'))}. {where}")
+    child = ex.spawned(r["ret"])
+    out = server.call("Wait", pb.WaitRequest(pid=child, timeout_ms=5000), deadline=10)
+    check_outcome(out, blocking=False, where="lua child")
+    if not out.ok:
+        return fail(f"readback:Wait", f"Wait on child {child}: {out.code.name} {short(out.details)}. {where}")
+    if out.response.timed_out:
+        return fail(f"lua:{step.kind}:child hangs", f"child {child} did not end within 5 s. {where}")
+    _check_ending(out.response.process, v, where)
+
+
+def _check_ending(info: pb.ProcessInfo, v: Any, where: str) -> None:
+    """A process that ended with `v` (its return or exit value): EXITED with it, or
+    CRASHED if the value model refuses it."""
+    state = pb.ProcessState.Name(info.state)
+    if v.fate == Fate.OK:
+        if info.state != pb.EXITED:
+            return fail("lua:result refused", f"ending with {v!r} gave {state} {short(info.error)}. {where}")
+        if not same_json(result_of(info), v.json):
+            return fail("lua:result changed", f"ending with {v!r} stored {short(result_of(info))}. {where}")
+    elif v.fate == Fate.INVALID and info.state != pb.CRASHED:
+        return fail("lua:result accepted", f"ending with {v!r} (refused by the value model) gave {state} "
+                        f"with result {short(result_of(info))}. {where}")
+    # TOO_BIG: refused, or stored; either way Wait just read it back.
+
+
+# -- python -----------------------------------------------------------------------------------
+AGENT = r'''
+import json
+import grpc
+from llmos.userland import sys as k
+
+collector = k.args["collector"]
+calls = json.loads(k.recv(tag="calls", timeout_ms=30000).data)
+channel = k._k._channel
+for i, (method, kind, payloads, deadline) in enumerate(calls):
+    path = "/llmos.v1.Kernel/" + method
+    requests = [bytes.fromhex(p) for p in payloads]
+    code, details = "OK", ""
+    try:
+        if kind == "unary_unary":
+            channel.unary_unary(path)(requests[0], timeout=deadline)
+        elif kind == "unary_stream":
+            stream = channel.unary_stream(path)(requests[0], timeout=deadline)
+            for n, _ in enumerate(stream):
+                if n >= 2:
+                    stream.cancel()
+                    code = "CLIENT_CANCELLED"
+                    break
+        else:
+            channel.stream_unary(path)(iter(requests), timeout=deadline)
+    except grpc.RpcError as e:
+        code, details = (e.code().name, e.details() or "") if code == "OK" else (code, "")
+    k.send(collector, {"i": i, "code": code, "bytes": len(details.encode()),
+                       "details": details.encode("ascii", "backslashreplace").decode()[:600]}, tag="call")
+'''
+# Fields an agent may set only to itself (README: it cannot receive from another
+# mailbox, send as someone else or open ports).
+AGENT_SELF_ONLY = {("Recv", "pid"), ("Send", "from")}
+AGENT_DENIED = {"OpenPort"}
+
+
+def python_example(server: FuzzServer, data: Any) -> None:
+    with server.example("python") as ex:
+        pool = victims(server, ex)
+        collector = server.open_port(mailbox=5000)
+        agent = ex.spawned(server.must("Spawn", pb.SpawnRequest(python=AGENT, args=to_value({"collector": collector})))
+                           .pid)
+        pool.pids.append(agent)
+        calls = []
+        for _ in range(data.draw(st.integers(1, 6), label="calls")):
+            method = data.draw(st.sampled_from(sorted(METHODS)), label="method")
+            calls.append(data.draw(rq.request(method, pool), label="request"))
+        wire = []
+        for req in calls:
+            m = METHODS[req.method]
+            kind = ("stream_" if m.client_streaming else "unary_") + ("stream" if m.server_streaming else "unary")
+            deadline, _ = rq.deadline_for(req)
+            wire.append([req.method, kind, [x.SerializeToString().hex() for x in req.messages] or [""],
+                         max(deadline, 1.0)])
+        payload = json.dumps(wire).encode()
+        if len(payload) > (3 << 20):
+            payload = json.dumps([w for w in wire if len(json.dumps(w)) < 100_000]).encode()
+            calls = [c for c, w in zip(calls, wire) if len(json.dumps(w)) < 100_000]
+        server.must("Send", _send(collector, agent, "calls", payload))
+        out = server.call("Wait", pb.WaitRequest(pid=agent, timeout_ms=30_000), deadline=35)
+        if out.ok and out.response.timed_out:
+            server.call("Kill", pb.KillRequest(pid=agent))
+        reports = {from_value(m.body)["i"]: from_value(m.body) for m in server.drain(collector) if m.tag == "call"}
+        server.call("Kill", pb.KillRequest(pid=collector))
+        server.harness_pids.discard(collector)
+        for i, req in enumerate(calls):
+            r = reports.get(i)
+            if r is None:
+                continue
+            _check_agent_call(req, r, agent)
+
+
+def _send(frm: int, to: int, tag: str, data: bytes) -> pb.SendRequest:
+    req = pb.SendRequest(to=to, tag=tag, data=data)
+    setattr(req, "from", frm)
+    return req
+
+
+def _check_agent_call(req: rq.Request, r: dict, agent: int) -> None:
+    code = r["code"]
+    STATS.agent[(req.method, code)] += 1
+    where = f"From inside Python agent {agent}: {req!r}"
+    if code == "CLIENT_CANCELLED":
+        return
+    status = getattr(grpc.StatusCode, code)
+    blocking = rq.deadline_for(req)[1]
+    out = Outcome(req.method, status, r["details"], client_gave_up=code == "DEADLINE_EXCEEDED" and blocking)
+    check_outcome(out, blocking, "agent", lambda: where)
+    if r["bytes"] > MAX_STATUS_BYTES + 8:
+        return fail(f"{req.method}:long message", f"a {r['bytes']}-byte status message. {where}")
+    refusals = list(req.refusals)
+    if req.method in AGENT_DENIED:
+        refusals.append("agents cannot open ports")
+    for method, fname in AGENT_SELF_ONLY:
+        if req.method == method and req.messages and getattr(req.messages[0], fname) not in (0, agent):
+            refusals.append(f"an agent acting as pid {getattr(req.messages[0], fname)}")
+    if status == OK and refusals:
+        return fail(f"agent:{req.method}:accepted", f"answered OK though {'; '.join(refusals)}. {where}")
+
+
+# -- running ----------------------------------------------------------------------------------
+EXAMPLES: dict[str, Callable[[FuzzServer, Any], None]] = {
+    "rpc": rpc_example, "wire": wire_example, "lua": lua_example, "python": python_example,
+}
+
+
+def run(target: str, server: FuzzServer, profile: str = "ci", seed: int | None = None) -> None:
+    """Run one target under a profile (a seed makes a "long" run reproducible)."""
+    if target == "machine":
+        from .machine import run_machine
+        run_machine(server, hypothesis_settings(profile, target))
+        return
+    example = EXAMPLES[target]
+
+    @hypothesis_settings(profile, target)
+    @given(data=st.data())
+    def fuzz(data: Any) -> None:
+        example(server, data)
+
+    fuzz.__name__ = f"fuzz_{target}"
+    fuzz.__qualname__ = fuzz.__name__
+    if seed is not None:
+        from hypothesis import seed as with_seed
+        fuzz = with_seed(seed)(fuzz)
+    fuzz()
