@@ -11,12 +11,15 @@ from llmosd.launch import LlmosdServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USERLAND = ROOT / "userland"
+# Two virtual CPUs whatever the machine: by default llmosd takes one per core, and tests of scheduling
+# or timing must not pass on one machine and fail on another.
+PINNED = ("--cpus", "2")
 
 
 @pytest.fixture(scope="session")
 def llmosd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
     """One server shared by the tests of a session (tests must not depend on each other's processes)."""
-    server = LlmosdServer(tmp_path_factory.mktemp("llmosd") / "data", userland_root=USERLAND)
+    server = LlmosdServer(tmp_path_factory.mktemp("llmosd") / "data", *PINNED, userland_root=USERLAND)
     server.start()
     yield server
     server.stop()
@@ -26,7 +29,7 @@ def llmosd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
 def fresh_llmosd(tmp_path: pathlib.Path) -> Iterator[LlmosdServer]:
     """A server of the test's own, for tests that restart or kill it. It runs no
     inference engine (loading torch and a model would only slow these tests)."""
-    server = LlmosdServer(tmp_path / "data", "--model", "none", userland_root=USERLAND)
+    server = LlmosdServer(tmp_path / "data", "--model", "none", *PINNED, userland_root=USERLAND)
     server.start()
     yield server
     server.stop(signal.SIGKILL)

@@ -364,12 +364,13 @@ def test_an_aborted_or_failed_writer_leaves_nothing(store: FileStore) -> None:
 
 def test_concurrent_writers_and_readers_never_mix_versions(store: FileStore) -> None:
     """Writers replace one file with distinct full contents (of distinct sizes);
-    readers only ever see one whole version."""
+    readers, reading all the while, only ever see one whole version."""
     writers, rounds = 4, 15
     versions = {bytes([65 + i]) * (200_000 + 1000 * i) for i in range(writers)}
     store.write(NS, 1, "shared", b"A" * 200_000)
+    writing = threading.Event()
     stop = threading.Event()
-    seen: set[bytes] = set()
+    reads_while_writing = [0, 0]
     bad: list[str] = []
 
     def write(i: int) -> None:
@@ -382,23 +383,27 @@ def test_concurrent_writers_and_readers_never_mix_versions(store: FileStore) -> 
             else:
                 store.write(NS, 10 + i, "shared", content)
 
-    def read() -> None:
+    def read(j: int) -> None:
+        writing.wait()
         while not stop.is_set():
             data = store.read(NS, "shared")
             if data not in versions:
                 bad.append(f"{len(data)} bytes starting {data[:1]!r}")
-            seen.add(data[:1])
+            reads_while_writing[j] += 1
 
-    readers = [threading.Thread(target=read) for _ in range(2)]
+    readers = [threading.Thread(target=read, args=(j,)) for j in range(2)]
     threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
     for t in readers + threads:
         t.start()
+    writing.set()
     for t in threads:
         t.join(60)
     stop.set()
     for t in readers:
         t.join(10)
+    assert not any(t.is_alive() for t in readers + threads)
     assert not bad
+    assert all(n > 0 for n in reads_while_writing), reads_while_writing  # the readers did read meanwhile
     assert store.read(NS, "shared") in versions
     assert store.usage(NS).files == 1
     assert store.usage(NS).bytes == len(store.read(NS, "shared"))

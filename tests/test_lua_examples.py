@@ -428,9 +428,13 @@ def test_sending_from_a_dead_pid_is_failed_precondition(stub: Any) -> None:
     wait(stub, dead)
     code, details = status_of(lambda: send(stub, dead, port, "ghost"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and str(dead) in details
-    # Sending to a dead pid is also refused clearly.
-    code, _ = status_of(lambda: send(stub, port, dead, "hello?"))
-    assert code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+    # Sending to a dead pid is refused the same way (README: "Sending from or to an ended pid is
+    # FAILED_PRECONDITION, to an unknown one NOT_FOUND"), from gRPC and from Lua.
+    code, details = status_of(lambda: send(stub, port, dead, "hello?"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and str(dead) in details, (code, details)
+    out = run(stub, lua="local ok, err = pcall(sys.send, args, 'hello?') return {ok, err}", args=dead)
+    ok, err = result(out)
+    assert ok is False and str(dead) in err
     assert_serving(stub)
 
 

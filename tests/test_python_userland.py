@@ -1,6 +1,7 @@
 """The Python userland through a real llmosd over real gRPC: the example
 programs (userland/python/), messaging with Lua, monitors, names, selective
-receive, logs, exits, kills, limits, scheduling, escapes, and shutdown.
+receive, logs, exits, kills, limits, scheduling, the CPU bound, the cap on live
+agents, hostile arguments, escapes, and shutdown.
 
 Programs are spawned by path ("python/...") or as source. Values a test needs
 inside an agent travel in its args, never formatted into the source.
@@ -16,6 +17,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 
 import llmos
@@ -554,15 +556,20 @@ def test_sleep_blocks_in_the_kernel(client: llmos.Client) -> None:
 
 
 @pytest.fixture
-def one_cpu(tmp_path: pathlib.Path) -> Iterator[llmos.Client]:
-    """A server of the test's own with one virtual CPU."""
+def one_cpu_server(tmp_path: pathlib.Path) -> Iterator[tuple[LlmosdServer, llmos.Client]]:
+    """A server of the test's own with one virtual CPU, and a client of it."""
     srv = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "1", userland_root=USERLAND)
     srv.start()
     try:
         with llmos.Client(srv.target) as c:
-            yield c
+            yield srv, c
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def one_cpu(one_cpu_server: tuple[LlmosdServer, llmos.Client]) -> llmos.Client:
+    return one_cpu_server[1]
 
 
 def cpu_bound(c: llmos.Client, n: int) -> list[int]:
@@ -596,6 +603,257 @@ def test_cpu_bound_agents_take_turns(one_cpu: llmos.Client) -> None:
         until(lambda: all(c.get(p).usage["cpu_ms"] > 0 for p in pids), "every agent to get some CPU", tries=150)
     finally:
         end_all(c, pids)
+
+
+# Four threads hashing big buffers: hashlib releases the GIL, so they use four host cores if let.
+GIL_FREE_THREADS = src("""
+    import hashlib, threading
+    data = b"x" * (4 << 20)
+    def burn():
+        while True:
+            hashlib.sha256(data).digest()
+    threads = [threading.Thread(target=burn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+""")
+
+
+def host_cpu_s(host: int) -> float:
+    """CPU seconds of a host process and all its threads and descendants, as psutil reads them."""
+    root = psutil.Process(host)
+    total = 0.0
+    for proc in [root] + root.children(recursive=True):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core cannot show an agent using more than one")
+def test_an_agent_uses_no_more_cpu_than_its_virtual_cpu(one_cpu_server: tuple[LlmosdServer, llmos.Client]) -> None:
+    """One virtual CPU bounds a multi-threaded agent to about one CPU of host time, and
+    Usage.cpu_ms is the CPU it used. (Without the bound this agent uses every core.)"""
+    server, c = one_cpu_server
+    pid = c.spawn(python=GIL_FREE_THREADS, limits={"wall_ms": 60_000})
+    host = host_pid(server, pid)
+    until(lambda: c.get(pid).usage["cpu_ms"] > 300, "the agent to burn some CPU")
+    cpu_before, usage_before, start = host_cpu_s(host), c.get(pid).usage["cpu_ms"], time.monotonic()
+    time.sleep(3)
+    cpu, usage, wall = (host_cpu_s(host) - cpu_before, (c.get(pid).usage["cpu_ms"] - usage_before) / 1000,
+                        time.monotonic() - start)
+    end_all(c, [pid])
+    assert cpu / wall < 1.3, f"the agent used {cpu:.2f} CPU seconds in {wall:.2f} s on one virtual CPU"
+    assert abs(usage - cpu) < 0.25 * cpu + 0.1, f"Usage.cpu_ms says {usage:.2f} s, the host {cpu:.2f} s"
+
+
+def test_usage_cpu_ms_is_cpu_used_not_time_held(one_cpu: llmos.Client) -> None:
+    """An agent asleep in the host's kernel holds its virtual CPU but uses no CPU."""
+    info = run(one_cpu, python="import time\ntime.sleep(1.5)")
+    assert result(info) is None
+    assert info.usage["wall_ms"] >= 1500 and info.usage["cpu_ms"] < 500, info.usage
+
+
+def test_agents_killed_while_queued_end_cleanly(one_cpu_server: tuple[LlmosdServer, llmos.Client]) -> None:
+    """Processes killed while waiting in the run queue end KILLED, and the kernel logs no error
+    when the queue later hands them to a virtual CPU."""
+    server, c = one_cpu_server
+    hog = c.spawn(python="while True:\n    pass\n", limits={"wall_ms": 60_000})
+    until(lambda: c.get(hog).state == "RUNNING", "the hog to hold the virtual CPU")
+    queued = [c.spawn(python="while True:\n    pass\n") for _ in range(15)]
+    queued += [c.spawn(lua="while true do end") for _ in range(15)]
+    for pid in queued:
+        c.kill(pid)
+    assert {c.wait(pid, timeout=WAIT_S).state for pid in queued} == {"KILLED"}
+    end_all(c, [hog])
+    assert result(run(c, python="from llmos.userland import sys\nsys.exit('next')")) == "next"
+    log = server.log_path.read_text(errors="replace")
+    assert "kernel error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_live_agents_are_capped(tmp_path: pathlib.Path) -> None:
+    srv = LlmosdServer(tmp_path / "data", "--model", "none", "--max-agents", "3", userland_root=USERLAND)
+    srv.start()
+    idle = "from llmos.userland import sys\nsys.recv(tag='stop')"
+    try:
+        with llmos.Client(srv.target) as c:
+            pids = [c.spawn(python=idle) for _ in range(3)]
+            with pytest.raises(llmos.ResourceExhausted, match="3 Python agents are live.*--max-agents"):
+                c.spawn(python=idle)
+            assert result(run(c, lua="return 'lua still spawns'")) == "lua still spawns"
+            assert all(not c.get(pid).ended for pid in pids)  # nothing was killed to make room
+            # An agent spawning one agent too many gets the same answer.
+            c.send(pids[0], None, tag="stop")
+            c.wait(pids[0], timeout=WAIT_S)
+            spawner = c.spawn(python=src("""
+                import llmos
+                from llmos.userland import sys
+                try:
+                    sys.spawn(python="pass")
+                except llmos.ResourceExhausted as e:
+                    sys.exit(e.code.name)
+            """))
+            assert result(c.wait(spawner, timeout=WAIT_S)) == "RESOURCE_EXHAUSTED"
+            assert result(run(c, python="from llmos.userland import sys\nsys.exit(1)")) == 1  # room again
+            for pid in pids[1:]:
+                c.send(pid, None, tag="stop")
+                assert result(c.wait(pid, timeout=WAIT_S)) is None
+    finally:
+        srv.stop()
+
+
+# -- hostile arguments through llmos.userland ---------------------------------------------------------
+CALLS = ["sys.self", "sys.spawn", "sys.send", "sys.recv", "sys.wait", "sys.kill", "sys.register", "sys.whereis",
+         "sys.monitor", "sys.info", "sys.set_priority", "sys.sleep", "sys.now", "sys.log", "sys.infer", "sys.exit",
+         "sys.fs.write", "sys.fs.read", "sys.fs.stat", "sys.fs.list", "sys.fs.delete", "sys.fs.rename",
+         "sys.lock.acquire", "sys.lock.try_acquire", "sys.lock.release"]
+
+# Each expression runs inside an agent: what it raised (the status code) or returned (its type).
+HOSTILE = {
+    # durations: NaN, negative, not a number (above 10 years is clamped: see the next test)
+    "sys.recv(timeout_ms=-1)": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms=float('nan'))": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms='10')": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms=True)": "INVALID_ARGUMENT",
+    "sys.recv(timeout_ms=0)": "NoneType",
+    "sys.sleep(-5)": "INVALID_ARGUMENT",
+    "sys.sleep(float('-inf'))": "INVALID_ARGUMENT",
+    "sys.sleep(None)": "INVALID_ARGUMENT",
+    "sys.wait(999_999_999, timeout_ms=float('nan'))": "INVALID_ARGUMENT",
+    "sys.lock.acquire('l', timeout_ms=-0.5)": "INVALID_ARGUMENT",
+    "sys.infer(prompt='x', timeout_ms=float('nan'))": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'cpu_ms': -1})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'wall_ms': float('nan')})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'wall_ms': float('inf'), 'cpu_ms': 10**30})": "int",
+    # pids: not an int, 0, or one that cannot exist
+    "sys.wait(0)": "INVALID_ARGUMENT",
+    "sys.wait('1')": "INVALID_ARGUMENT",
+    "sys.wait(sys.self())": "INVALID_ARGUMENT",
+    "sys.wait(2**53 + 1)": "NOT_FOUND",
+    "sys.wait(2**64, timeout_ms=0)": "NOT_FOUND",
+    "sys.wait(-1)": "NOT_FOUND",
+    "sys.wait(10**5000)": "NOT_FOUND",  # too long an int for Python to print in the message
+    "sys.sleep(-10**5000)": "INVALID_ARGUMENT",
+    "sys.wait(999_999_999, timeout_ms=0)": "NOT_FOUND",
+    "sys.send(2**64, 1)": "NOT_FOUND",
+    "sys.send(-7, 1)": "NOT_FOUND",
+    "sys.send(None, 1)": "INVALID_ARGUMENT",
+    "sys.send(1.0, 1)": "INVALID_ARGUMENT",
+    "sys.recv(sender=2**70, timeout_ms=0)": "NOT_FOUND",
+    "sys.recv(sender=True, timeout_ms=0)": "INVALID_ARGUMENT",
+    "sys.kill(2**64)": "NOT_FOUND",
+    "sys.kill(sys.self(), reason=5)": "INVALID_ARGUMENT",
+    "sys.monitor(2**64)": "NOT_FOUND",
+    "sys.monitor('x')": "INVALID_ARGUMENT",
+    "sys.info(0)": "INVALID_ARGUMENT",
+    "sys.info(type('Index', (), {'__index__': lambda _: sys.self()})())": "ProcessInfo",  # as numpy ints are
+    "sys.info(-1)": "NOT_FOUND",
+    "sys.set_priority(2**60, 0)": "NOT_FOUND",
+    # values that are not JSON, numbers outside +-2^53, bad text and bytes
+    "sys.send(sys.self(), float('nan'))": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 2**60)": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), {1: 'x'})": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), object())": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), (lambda l: l.append(l) or l)([]))": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 1, tag=b'x')": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 1, tag='\\ud800')": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 1, data='text')": "INVALID_ARGUMENT",
+    "sys.send(sys.self(), 'x' * (5 << 20))": "RESOURCE_EXHAUSTED",
+    "sys.spawn(lua='return 1', args=float('inf'))": "INVALID_ARGUMENT",
+    "sys.exit(float('nan'))": "INVALID_ARGUMENT",
+    # wrong types and ranges of the other arguments
+    "sys.spawn()": "INVALID_ARGUMENT",
+    "sys.spawn(lua=5)": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits=[1])": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'cpu': 5})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', limits={'memory_bytes': 2**70})": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', priority=2**40)": "INVALID_ARGUMENT",
+    "sys.spawn(lua='return 1', monitor='yes')": "INVALID_ARGUMENT",
+    "sys.set_priority(None, 10**20)": "INVALID_ARGUMENT",
+    "sys.set_priority(None, -10**5000)": "INVALID_ARGUMENT",
+    "sys.set_priority(None, 0, weight=-1)": "INVALID_ARGUMENT",
+    "sys.register(5)": "INVALID_ARGUMENT",
+    "sys.register('')": "INVALID_ARGUMENT",
+    "sys.whereis(None)": "INVALID_ARGUMENT",
+    "sys.whereis('')": "NoneType",
+    "sys.infer(messages=5)": "INVALID_ARGUMENT",
+    "sys.infer(prompt='x', stop='abc')": "INVALID_ARGUMENT",
+    "sys.infer(prompt=b'x')": "INVALID_ARGUMENT",
+    "sys.fs.read(None)": "INVALID_ARGUMENT",
+    "sys.fs.read('f', offset=-1)": "INVALID_ARGUMENT",
+    "sys.fs.read('f', offset=2**70)": "INVALID_ARGUMENT",
+    "sys.fs.write('f', 5)": "INVALID_ARGUMENT",
+    "sys.fs.write('f', b'x', append='yes')": "INVALID_ARGUMENT",
+    "sys.fs.rename(None, 'g')": "INVALID_ARGUMENT",
+    "sys.fs.list(5)": "INVALID_ARGUMENT",
+    "sys.lock.acquire(5)": "INVALID_ARGUMENT",
+    "sys.lock.try_acquire('l', semaphore=2**40)": "INVALID_ARGUMENT",
+    "sys.lock.release(None)": "INVALID_ARGUMENT",
+    # arguments that do not fit the call
+    "sys.recv(1, 2, 3, 4, 5)": "INVALID_ARGUMENT",
+    "sys.wait()": "INVALID_ARGUMENT",
+    "sys.self(1)": "INVALID_ARGUMENT",
+    "sys.infer(prompt='x', stream=True)": "INVALID_ARGUMENT",
+}
+
+RUN_EXPRESSIONS = src("""
+    import math
+    import llmos
+    from llmos.userland import sys
+    out = {}
+    for expr in sys.args:
+        try:
+            out[expr] = type(eval(expr, {"sys": sys, "math": math})).__name__
+        except llmos.LlmosError as e:
+            out[expr] = [e.code.name, e.message]
+        except BaseException as e:
+            out[expr] = ["NOT AN LLMOS ERROR", repr(e)]
+    sys.exit(out)
+""")
+
+
+def run_expressions(client: llmos.Client, expressions: list[str]) -> dict[str, Any]:
+    return result(run(client, python=RUN_EXPRESSIONS, args=expressions))
+
+
+def test_unknown_keywords_are_invalid_arguments_naming_them(client: llmos.Client) -> None:
+    out = run_expressions(client, [f"{call}(bogus_option=1)" for call in CALLS] + ["sys.recv(timeout=10)"])
+    for expr, outcome in out.items():
+        assert isinstance(outcome, list) and outcome[0] == "INVALID_ARGUMENT", (expr, outcome)
+        assert "unknown option" in outcome[1] and "it takes" in outcome[1], (expr, outcome)
+    assert "'bogus_option'" in out["sys.spawn(bogus_option=1)"][1]
+    # the mistake of the issue: sys.recv{timeout=10} meant timeout_ms, and used to block for ever
+    message = out["sys.recv(timeout=10)"][1]
+    assert message.startswith("sys.recv: unknown option 'timeout'") and "timeout_ms" in message, message
+
+
+def test_bad_values_get_documented_errors(client: llmos.Client) -> None:
+    out = run_expressions(client, list(HOSTILE))
+    got = {expr: outcome[0] if isinstance(outcome, list) else outcome for expr, outcome in out.items()}
+    assert got == HOSTILE, {e: out[e] for e in HOSTILE if got[e] != HOSTILE[e]}
+
+
+def test_durations_above_ten_years_mean_for_ever(client: llmos.Client) -> None:
+    program = src("""
+        import math
+        from llmos.userland import sys
+        first = sys.recv(tag="go", timeout_ms=math.inf)
+        second = sys.recv(tag="go", timeout_ms=1e300)
+        sys.wait(sys.args, timeout_ms=10**30)  # the sleeper below, killed by the test
+        sys.exit([first.body, second.body, sys.recv(tag="never", timeout_ms=50)])
+    """)
+    sleeper = client.spawn(python="from llmos.userland import sys\nsys.sleep(float('inf'))")
+    pid = client.spawn(python=program, args=sleeper)
+    for body in (1, 2):
+        assert wait_blocked(client, pid).blocked_on == "recv"
+        client.send(pid, body, tag="go")
+    assert wait_blocked(client, sleeper).blocked_on == "recv"
+    assert wait_blocked(client, pid).blocked_on == "wait"
+    client.kill(sleeper)
+    assert result(client.wait(pid, timeout=WAIT_S)) == [1, 2, None]  # and short timeouts still fire
 
 
 # -- escapes: each fails inside the sandbox, and the server carries on ------------------------------

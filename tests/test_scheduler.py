@@ -84,8 +84,16 @@ def test_set_priority_and_weight(stub: Any) -> None:
     with pytest.raises(grpc.RpcError) as e:
         stub.SetPriority(pb.SetPriorityRequest(pid=pid, priority=1, weight=10**6))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    own = wait(stub, spawn(stub, "sys.set_priority(sys.self(), 4, 50) local i = sys.info() return {i.priority, i.weight}"))
-    assert from_value(own.result) == [4, 50]
+    own = wait(stub, spawn(stub, "sys.set_priority(sys.self(), -4, 50) local i = sys.info() return {i.priority, i.weight}"))
+    assert from_value(own.result) == [-4, 50]
+    # A process lowers its priority and may go back up to its ceiling (what it was spawned with), no higher.
+    back = wait(stub, spawn(stub, """
+        sys.set_priority(sys.self(), -4)
+        sys.set_priority(sys.self(), 2)
+        local ok, err = pcall(sys.set_priority, sys.self(), 3)
+        return {sys.info().priority, ok, err}""", priority=2))
+    priority, ok, err = from_value(back.result)
+    assert (priority, ok) == (2, False) and "up to 2" in err
     stub.Kill(pb.KillRequest(pid=pid))
 
 

@@ -40,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = open(tmp / "llmosd.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmosd", "--listen", target, "--data-dir", str(tmp / "data"),
-         "--userland-root", str(userland)],
+         "--userland-root", str(userland), "--cpus", "2"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -226,20 +226,19 @@ def test_events_stream_spawned_and_ended(k: llmos.Client) -> None:
         events.close()
 
 
-def test_infer_answers_text_or_unimplemented(k: llmos.Client) -> None:
-    # Until the inference engine is wired in, the server says UNIMPLEMENTED; afterwards the call returns text.
-    try:
-        result = k.infer("Hello", max_tokens=4, temperature=0, seed=1, timeout=60)
-    except llmos.Unimplemented as e:
-        assert "inference" in e.message
-        with pytest.raises(llmos.Unimplemented):
-            list(k.infer("Hello", max_tokens=4, stream=True, timeout=60))
-        return
+def test_infer_answers_text(k: llmos.Client) -> None:
+    # The server runs its default model, the built-in tiny one: greedy decoding gives the same text each time.
+    result = k.infer("Hello", max_tokens=4, temperature=0, seed=1, timeout=60)
     assert isinstance(result, llmos.InferResult)
-    assert result.finish_reason in ("stop", "length") and 0 < result.usage["completion_tokens"] <= 4
+    completion = result.usage["completion_tokens"]
+    assert 0 < completion <= 4 and len(result.token_ids) == completion
+    assert result.finish_reason == ("length" if completion == 4 else "stop")  # fewer only at an end-of-sequence
+    assert result.usage["prompt_tokens"] > 0
     chunks = list(k.infer("Hello", max_tokens=4, temperature=0, seed=1, stream=True, timeout=60))
+    assert all(isinstance(c, llmos.client.InferChunk) for c in chunks)
     assert "".join(c.text for c in chunks) == result.text
-    assert chunks[-1].finish_reason == result.finish_reason
+    assert [t for c in chunks for t in c.token_ids] == result.token_ids
+    assert chunks[-1].finish_reason == result.finish_reason and chunks[-1].usage == result.usage
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -274,14 +273,11 @@ def test_server_errors_map_to_exception_classes(k: llmos.Client) -> None:
         k.spawn(path="no-such-program.lua")
 
 
-def test_python_program_gets_the_servers_answer(k: llmos.Client) -> None:
-    try:
-        pid = k.spawn(python="print('hi')")
-    except llmos.LlmosError as e:
-        # the server has no Python userland yet and says so
-        assert isinstance(e, llmos.Unimplemented) and "Python" in e.message
-        return
-    assert k.wait(pid, timeout=30) is not None
+def test_python_program_runs(k: llmos.Client) -> None:
+    pid = k.spawn(python="print('hi')")
+    info = k.wait(pid, timeout=30)
+    assert info is not None and (info.kind, info.state, info.exit_reason) == ("PYTHON", "EXITED", "normal"), info
+    assert info.result is None and k.read_log(pid) == (["hi"], 1)  # print goes to the process's log
 
 
 def test_arguments_checked_before_any_rpc(k: llmos.Client) -> None:
@@ -328,6 +324,30 @@ def test_every_status_code_has_its_class() -> None:
 
 
 # -- files and locks ----------------------------------------------------------------------------
+class GaveUp(BaseException):
+    """Not an Exception (like SystemExit or KeyboardInterrupt): gRPC does not cancel a call whose request
+    iterator raises one, so the SDK must, or the call would wait for ever."""
+
+
+def raised_by(call: Any, timeout_s: float = 10.0) -> BaseException | None:
+    """What `call` raised (None if it returned), run in a thread so that a call that hangs fails the
+    test at once instead of holding it up."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert outcome, f"the call neither returned nor raised within {timeout_s} s"
+    return outcome[0]
+
+
 def test_file_calls(k: llmos.Client) -> None:
     d = f"sdk-{os.getpid()}-{time.monotonic_ns()}"
     info = k.write_file(f"{d}/a.txt", "héllo")
@@ -359,19 +379,6 @@ def test_file_calls(k: llmos.Client) -> None:
     with pytest.raises(llmos.NotFound):
         list(k.open_file_stream(f"{d}/missing"))
 
-    class Broken(Exception):
-        pass
-
-    def failing() -> Iterator[bytes]:
-        yield b"half a file"
-        raise Broken("the source failed")
-
-    with pytest.raises(Broken):  # the caller's own error, not a bare CANCELLED; nothing is written
-        k.write_file(f"{d}/half", failing())
-    with pytest.raises(llmos.InvalidArgument, match="not bytes"):
-        k.write_file(f"{d}/half", [b"ok", "text piece"])  # type: ignore[list-item]
-    with pytest.raises(llmos.NotFound):
-        k.stat(f"{d}/half")
     for bad in (dict(chunk_size=0), dict(chunk_size=8 << 20)):
         with pytest.raises(llmos.InvalidArgument, match="chunk_size"):
             k.write_file(f"{d}/x", b"x", **bad)  # type: ignore[arg-type]
@@ -379,6 +386,32 @@ def test_file_calls(k: llmos.Client) -> None:
         k.read_file(f"{d}/empty", offset=-1)
     with pytest.raises(llmos.InvalidArgument):
         k.write_file(f"{d}/x", 42)  # type: ignore[arg-type]
+
+
+class Broken(Exception):
+    pass
+
+
+def half_then(error: BaseException) -> Iterator[bytes]:
+    yield b"half a file"
+    raise error
+
+
+@pytest.mark.parametrize("source, raised", [
+    (lambda: half_then(Broken("the source failed")), Broken),
+    (lambda: [b"ok", "text piece"], llmos.InvalidArgument),  # the SDK's own check of each piece
+    (lambda: half_then(GaveUp("the source gave up")), GaveUp),
+], ids=["Exception", "not bytes", "BaseException"])
+def test_a_write_whose_source_fails_raises_its_error(k: llmos.Client, source: Any, raised: type) -> None:
+    """The caller gets its own error, not a bare CANCELLED, at once; and (the docstring's promise) the file
+    is not written."""
+    path = f"sdk-failed-{time.monotonic_ns()}/half"
+    assert type(raised_by(lambda: k.write_file(path, source()))) is raised
+    try:
+        info = k.stat(path)
+    except llmos.NotFound:
+        return
+    raise AssertionError(f"the failed write left {info.size} bytes: {k.read_file(path)!r}")
 
 
 def test_lock_calls(k: llmos.Client) -> None:
@@ -455,8 +488,16 @@ def test_aio_client_has_the_same_api(server: str) -> None:
                 yield b"x"
                 raise KeyError("source")
 
+            def gives_up() -> Iterator[bytes]:
+                yield b"x"
+                raise GaveUp("the source gave up")
+
             with pytest.raises(KeyError):
                 await ak.write_file(f"{d}/h", broken())
+            with pytest.raises(GaveUp):
+                await asyncio.wait_for(ak.write_file(f"{d}/h", gives_up()), 10)
+            with pytest.raises(llmos.NotFound):
+                await ak.stat(f"{d}/h")
             holder = await ak.open_port()
             assert await ak.acquire(holder, d) == {"acquired": True}
             assert await ak.acquire(port, d, timeout=0) is None
@@ -467,7 +508,7 @@ def test_aio_client_has_the_same_api(server: str) -> None:
 
 
 # -- the CLI --------------------------------------------------------------------------------------
-def llmos_cli(server: str, *args: str, env_server: bool = False) -> subprocess.CompletedProcess:
+def llmos_cli(server: str, *args: str, env_server: bool = False, text: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("LLMOS_SERVER", None)
     if env_server:
@@ -475,7 +516,7 @@ def llmos_cli(server: str, *args: str, env_server: bool = False) -> subprocess.C
         argv = list(args)
     else:
         argv = ["--server", server, *args]
-    return subprocess.run([sys.executable, "-m", "llmos.cli", *argv], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "llmos.cli", *argv], capture_output=True, text=text, env=env,
                           timeout=CLI_TIMEOUT_S)
 
 
@@ -561,12 +602,11 @@ def test_cli_reports_errors_clearly(server: str, tmp_path: pathlib.Path) -> None
     assert "is llmosd running" in nobody.stderr
 
 
-def test_cli_infer_streams_or_says_unimplemented(server: str) -> None:
-    done = llmos_cli(server, "infer", "Hello", "--max-tokens", "4", "--temperature", "0", "--seed", "1")
-    if done.returncode == 0:
-        assert done.stdout.endswith("\n") and done.stderr == ""
-    else:
-        assert done.returncode == 1 and done.stderr.startswith("llmos: UNIMPLEMENTED: ")
+def test_cli_infer_streams_the_text(server: str, k: llmos.Client) -> None:
+    expected = k.infer("Hello", max_tokens=4, temperature=0, seed=1, timeout=60).text
+    done = llmos_cli(server, "infer", "Hello", "--max-tokens", "4", "--temperature", "0", "--seed", "1", text=False)
+    assert done.returncode == 0 and done.stderr == b""
+    assert done.stdout == (expected + "\n").encode()  # bytes: the gibberish may hold a "\r"
 
 
 def test_cli_fs_put_cat_ls_mv_rm(server: str, tmp_path: pathlib.Path) -> None:

@@ -149,6 +149,14 @@ def test_grpc_file_calls(stub: Any, uniq: str) -> None:
     # a write charged to a process needs a process that exists
     assert code_of(write, stub, f"{uniq}/p", b"x", pid=1 << 40) == grpc.StatusCode.NOT_FOUND
 
+    made = stub.MakeDir(pb.FilePath(path=f"{uniq}/m/n/o"))  # with its missing parents
+    assert (made.path, made.is_dir) == (f"{uniq}/m/n/o", True)
+    assert stub.MakeDir(pb.FilePath(path=f"{uniq}/m/n/o")) == made  # an existing directory is fine
+    assert [e.path for e in stub.ListFiles(pb.FilePath(path=f"{uniq}/m")).entries] == [f"{uniq}/m/n"]
+    write(stub, f"{uniq}/m/file", b"x")
+    for over_a_file in (f"{uniq}/m/file", f"{uniq}/m/file/below"):
+        assert code_of(stub.MakeDir, pb.FilePath(path=over_a_file)) == grpc.StatusCode.FAILED_PRECONDITION
+
 
 def test_a_file_larger_than_a_chunk_streams_both_ways(stub: Any, k: llmos.Client, uniq: str) -> None:
     data = os.urandom(3 * MiB + 12345)
@@ -254,6 +262,7 @@ def test_traversal_refused_over_grpc(stub: Any, uniq: str, path: str) -> None:
         "stat": lambda: stub.StatFile(pb.FilePath(path=path)),
         "list": lambda: stub.ListFiles(pb.FilePath(path=path)),
         "delete": lambda: stub.DeleteFile(pb.FilePath(path=path)),
+        "mkdir": lambda: stub.MakeDir(pb.FilePath(path=path)),
         "rename_from": lambda: stub.RenameFile(pb.RenameFileRequest(from_path=path, to_path=f"{uniq}/got")),
         "rename_to": lambda: stub.RenameFile(pb.RenameFileRequest(from_path=f"{uniq}/ok", to_path=path)),
     }
@@ -635,7 +644,8 @@ def test_lua_lock_calls(stub: Any, k: llmos.Client, uniq: str) -> None:
     assert out["sem_full"] and out["sem_full_wait"]
     assert "3 permits" in out["sem_wrong_size"] and "semaphore" in out["sem_as_mutex"]
     assert "does not hold" in out["release_unheld"]
-    assert isinstance(out["bad_name"], str) and isinstance(out["bad_opts"], str)
+    assert out["bad_name"].startswith("sys.lock.acquire: name"), out["bad_name"]
+    assert out["bad_opts"].startswith("sys.lock.acquire: ") and "table of options" in out["bad_opts"], out["bad_opts"]
     # each call's errors name the call
     assert "sys.lock.acquire: semaphore must be an integer" in out["bad_semaphore"]
     assert "sys.lock.try_acquire: semaphore must be an integer" in out["bad_semaphore_try"]
@@ -776,6 +786,37 @@ def test_grpc_waiters_are_served_by_their_given_priority(stub: Any, k: llmos.Cli
     assert order == [ports[1], ports[3], ports[0], ports[2]]
 
 
+def test_a_mutex_admits_one_lua_process_at_a_time(k: llmos.Client, uniq: str) -> None:
+    """Lua processes increment a counter in a shared file, reading it and writing it back a moment later,
+    under one mutex: no two are ever inside at once (each says "in" after acquiring and "out" before
+    releasing) and no increment is lost, which two processes inside at once would do."""
+    port, name, path = k.open_port(), f"{uniq}-mutex-n", f"{uniq}/counter"
+    k.write_file(path, "0")
+    source = """
+        for i = 1, args.rounds do
+            assert(sys.lock.acquire(args.name))
+            sys.send(args.port, 1, {tag = "edge"})
+            local n = tonumber(sys.fs.read(args.path))
+            sys.sleep(1)
+            sys.fs.write(args.path, tostring(n + 1))
+            sys.send(args.port, -1, {tag = "edge"})
+            sys.lock.release(args.name)
+        end
+    """
+    processes, rounds = 6, 5
+    pids = [k.spawn(lua=source, args={"name": name, "port": port, "path": path, "rounds": rounds})
+            for _ in range(processes)]
+    edges = recv_bodies(k, port, 2 * processes * rounds, "edge")
+    inside, most = 0, 0
+    for e in edges:
+        inside += e
+        most = max(most, inside)
+    assert (inside, most) == (0, 1)
+    for pid in pids:
+        assert k.wait(pid, timeout=WAIT_S).ok
+    assert k.read_file(path) == str(processes * rounds).encode()
+
+
 def test_semaphore_never_admits_more_than_n_lua_processes(k: llmos.Client, uniq: str) -> None:
     port, name = k.open_port(), f"{uniq}-sem-n"
     source = """
@@ -798,17 +839,20 @@ def test_semaphore_never_admits_more_than_n_lua_processes(k: llmos.Client, uniq:
 
 def test_quotas_from_server_flags(tmp_path: Any) -> None:
     """Namespace and per-process quotas, set by llmosd's flags, refuse with RESOURCE_EXHAUSTED."""
-    server = LlmosdServer(tmp_path / "data", "--model", "none", "--namespace-files", "3",
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "2", "--namespace-files", "3",
                           "--process-file-bytes", "1000")
     server.start()
     try:
         stub = kernel_pb2_grpc.KernelStub(server.channel())
-        out = stub.Wait(pb.WaitRequest(pid=stub.Spawn(pb.SpawnRequest(lua="""
+        pid = stub.Spawn(pb.SpawnRequest(lua="""
             sys.fs.write("a", ("x"):rep(600))
             local ok, err = pcall(sys.fs.write, "b", ("x"):rep(600))
-            return err
-        """)).pid, timeout_ms=10_000)).process
-        assert "quota" in from_value(out.result) or "limit" in from_value(out.result), out
+            return {ok, err}
+        """)).pid
+        out = stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=10_000)).process
+        ok, err = from_value(out.result)
+        assert ok is False and f"pid {pid} would own more than its quota of 1000 bytes" in err, err
+        assert code_of(stub.StatFile, pb.FilePath(path="b")) == grpc.StatusCode.NOT_FOUND
         for name in ("n1", "n2"):
             stub.MakeDir(pb.FilePath(path=name))
         with pytest.raises(grpc.RpcError) as e:

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from llmosd import checks as CHECKS
 from llmosd import sync as S
 from llmosd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llmosd.sync import SEMAPHORE, SyncTable
@@ -111,7 +112,7 @@ def test_namespaces_do_not_share_locks(h: Harness) -> None:
 
 @pytest.mark.parametrize("kwargs, error", [
     (dict(name=""), InvalidArgument),
-    (dict(name="x" * (S.MAX_NAME_LEN + 1)), InvalidArgument),
+    (dict(name="x" * (CHECKS.MAX_NAME_LEN + 1)), InvalidArgument),
     (dict(name="bad\nname"), InvalidArgument),
     (dict(kind="rwlock"), InvalidArgument),
     (dict(kind=SEMAPHORE, permits=0), InvalidArgument),
@@ -191,9 +192,9 @@ def test_timeout_of_the_only_waiter_after_the_holder_left_forgets_nothing_wrongl
 
 
 def test_timeouts_racing_releases_complete_each_waiter_exactly_once(h: Harness) -> None:
-    """Whether the timer or the release wins, the waiter is woken once and the
-    lock ends up held by it exactly when it was told it acquired."""
-    outcomes = {"acquired": 0, "timed_out": 0}
+    """Whether the timer or the release wins, the waiter is woken once and the lock ends up held by it
+    exactly when it was told it acquired."""
+    waiters = []
     for i in range(40):
         name = f"race-{i}"
         h.acquire(name, 1)
@@ -201,15 +202,15 @@ def test_timeouts_racing_releases_complete_each_waiter_exactly_once(h: Harness) 
         time.sleep(0.002)
         h.call("release", NS, name, 1)
         value = w.result()
-        assert w.wakes == 1
-        if value is TIMED_OUT:
-            outcomes["timed_out"] += 1
+        waiters.append(w)
+        if value is TIMED_OUT:  # nobody holds it, and it is forgotten
             assert name not in {k[1] for k in h.table._locks}
         else:
-            outcomes["acquired"] += 1
+            assert value == {"acquired": True}
             assert h.call("info", NS, name)["holders"] == [2]
             h.call("release", NS, name, 2)
-    assert sum(outcomes.values()) == 40
+    # by now every timer is past due: the loser of each race (timer or release) woke no one again
+    assert [w.wakes for w in waiters] == [1] * 40
     assert h.table._locks == {} and h.table._waiting == {} and h.table._held == {}
 
 
@@ -312,6 +313,73 @@ def test_permits_held_per_process_are_bounded(h: Harness, monkeypatch: pytest.Mo
     assert h.acquire("c", 1)[0] == {"acquired": True}
 
 
+class Occupancy:
+    """What holders report as they enter and leave a critical section outside the table's lock: how many
+    were inside at once, at most."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.inside: set[int] = set()
+        self.most = 0
+
+    def enter(self, pid: int) -> None:
+        with self._lock:
+            self.inside.add(pid)
+            self.most = max(self.most, len(self.inside))
+
+    def leave(self, pid: int) -> None:
+        with self._lock:
+            self.inside.remove(pid)
+
+
+def hammer(h: Harness, name: str, threads_n: int, rounds: int, occupancy: Occupancy, **options: Any) -> list[int]:
+    """`threads_n` threads (pids 100...) each acquire `name`, stay inside a while (yielding to the others,
+    which are free to barge in if the table lets them), leave and release, `rounds` times. Returns how
+    many rounds each completed; fails the test if a thread raised or never finished."""
+    counts = [0] * threads_n
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        pid = 100 + i
+        try:
+            for _ in range(rounds):
+                answer, waiter = h.acquire(name, pid, **options)
+                if answer is None:
+                    assert waiter.result(10) == {"acquired": True}
+                occupancy.enter(pid)
+                time.sleep(0)  # hand the interpreter to the others while inside
+                occupancy.leave(pid)
+                counts[i] += 1
+                h.call("release", NS, name, pid)
+        except BaseException as e:  # surfaced below: a thread's assert must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[0]
+    assert not any(t.is_alive() for t in threads), "a thread never got through its rounds"
+    return counts
+
+
+def test_a_mutex_has_one_holder_at_a_time_and_every_acquirer_gets_it(h: Harness) -> None:
+    occupancy = Occupancy()
+    counts = hammer(h, "m", threads_n=8, rounds=100, occupancy=occupancy)
+    assert occupancy.most == 1
+    assert counts == [100] * 8
+    assert h.table._locks == {} and h.table._waiting == {} and h.table._held == {}
+
+
+def test_a_semaphore_never_has_more_holders_than_permits(h: Harness) -> None:
+    occupancy = Occupancy()
+    counts = hammer(h, "s", threads_n=8, rounds=100, occupancy=occupancy, kind=SEMAPHORE, permits=3)
+    assert 1 <= occupancy.most <= 3
+    assert counts == [100] * 8
+    assert h.table._locks == {} and h.table._waiting == {} and h.table._held == {}
+
+
 def test_contended_acquisitions_are_fair(h: Harness) -> None:
     """8 threads loop acquire/release on one mutex until 1,600 acquisitions in all;
     handoff in arrival order gives each about the same share (a lock that let the
@@ -321,6 +389,7 @@ def test_contended_acquisitions_are_fair(h: Harness) -> None:
     done = threading.Event()
     taken = 0
     errors: list[BaseException] = []
+    occupancy = Occupancy()
 
     def worker(i: int) -> None:
         nonlocal taken
@@ -330,6 +399,8 @@ def test_contended_acquisitions_are_fair(h: Harness) -> None:
                 answer, waiter = h.acquire("hot", pid)
                 if answer is None:
                     assert waiter.result(10) == {"acquired": True}
+                occupancy.enter(pid)
+                occupancy.leave(pid)
                 with h.lock:
                     taken += 1
                     counts[i] += 1
@@ -348,11 +419,14 @@ def test_contended_acquisitions_are_fair(h: Harness) -> None:
     deadline = time.monotonic() + 10
     while len(h.call("info", NS, "hot")["waiters"]) < threads_n and time.monotonic() < deadline:
         time.sleep(0.001)
+    assert len(h.call("info", NS, "hot")["waiters"]) == threads_n, "not every thread queued"
     h.call("release", NS, "hot", 1)
     for t in threads:
         t.join(30)
-    assert not errors
-    assert sum(counts) >= total
+    assert not errors, errors[0]
+    assert not any(t.is_alive() for t in threads)
+    assert occupancy.most == 1
+    assert total <= sum(counts) < total + threads_n  # each thread stops after at most one more turn
     jain = sum(counts) ** 2 / (threads_n * sum(c * c for c in counts))
     assert jain >= 0.95, counts
     assert h.table._locks == {} and h.table._waiting == {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -67,7 +68,7 @@ def _report_end(info: ProcessInfo) -> int:
 # -- commands -------------------------------------------------------------------------------
 def cmd_run(k: Client, a: argparse.Namespace) -> int:
     args = _json_arg(a.args, "--args") if a.args is not None else None
-    info = k.run(_read_file(a.file), args=args, timeout=a.timeout)
+    info = k.run(_read_file(a.file), args=args, timeout=a.timeout, source_name=os.path.basename(a.file))
     if info.ok:
         print(_dumps(info.result))
     return _report_end(info)
@@ -77,7 +78,7 @@ def cmd_spawn(k: Client, a: argparse.Namespace) -> int:
     args = _json_arg(a.args, "--args") if a.args is not None else None
     program = {"lua": a.lua, "path": a.path}
     if a.file is not None:
-        program["lua"] = _read_file(a.file)
+        program.update(lua=_read_file(a.file), source_name=os.path.basename(a.file))
     print(k.spawn(**program, args=args, name=a.name, priority=a.priority))
     return EXIT_OK
 

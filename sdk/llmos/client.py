@@ -218,11 +218,18 @@ class Streaming:
     collect: bool
 
 
+class RequestSourceFailed(Exception):
+    """What gRPC is handed when producing a request failed: the caller's own exception is kept apart."""
+
+
 class RequestStream:
     """The requests of a client-streaming RPC, read lazily as gRPC sends them.
 
-    An exception raised while producing a request (say, by the caller's data iterable) makes gRPC
-    cancel the call; ``error`` keeps it so that the client raises it rather than a bare CANCELLED.
+    An exception raised while producing a request (say, by the caller's data iterable) is kept in
+    ``error``, and the client raises it rather than a bare CANCELLED. gRPC gets a RequestSourceFailed
+    instead, an Exception, whatever the caller raised: gRPC cancels the call on an Exception, but
+    anything else (SystemExit, KeyboardInterrupt, GeneratorExit) would end the synchronous client's
+    request thread without cancelling the call, which would then wait for ever.
     """
 
     def __init__(self, requests: Iterator[Any]) -> None:
@@ -239,7 +246,7 @@ class RequestStream:
             raise
         except BaseException as e:
             self.error = e
-            raise
+            raise RequestSourceFailed(f"producing a request raised {type(e).__name__}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -333,13 +340,14 @@ def _write_requests(path: str, append: bool, pid: int, data: bytes | str | Itera
         yield pb.WriteFileRequest(path=path, append=append, pid=pid)
 
 
-def _lua_program(program: str | os.PathLike) -> str:
-    """Source text: a path-like or a str naming an existing file is read, any other str is Lua source."""
+def _lua_program(program: str | os.PathLike) -> tuple[str, str | None]:
+    """(source text, the file's name or None): a path-like or a str naming an existing file is read,
+    any other str is Lua source."""
     if isinstance(program, os.PathLike) or (isinstance(program, str) and "\n" not in program
                                              and os.path.isfile(program)):
         with open(program, encoding="utf-8") as f:
-            return f.read()
-    return program
+            return f.read(), os.path.basename(program)
+    return program, None
 
 
 class Syscalls:
@@ -360,13 +368,14 @@ class Syscalls:
         return Unary(method, request, self.rpc_timeout)
 
     def _spawn_call(self, lua: str | None, python: str | None, path: str | None, args: JSON, name: str | None,
-                    priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool) -> Unary:
+                    priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool,
+                    source_name: str | None = None) -> Unary:
         programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
         if len(programs) != 1:
             raise _invalid("give exactly one program: lua (source), python (source) or path")
         request = _message(pb.SpawnRequest, "spawn request", dict(
             programs, name=name or "", priority=priority, parent=parent, monitor=monitor,
-            limits=_message(pb.Limits, "limits", limits or {})))
+            limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or ""))
         if args is not None:
             request.args.CopyFrom(_value(args, "args"))
         return self._unary("Spawn", request)
@@ -379,15 +388,17 @@ class Syscalls:
     @syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: Mapping[str, int] | None = None, parent: int = 0,
-              monitor: bool = False) -> Plan[int]:
+              monitor: bool = False, source_name: str | None = None) -> Plan[int]:
         """Start a process and return its pid at once.
 
         Give exactly one program: ``lua`` or ``python`` source text, or ``path`` (a program under the server's
         userland root). ``args`` is any JSON-shaped value, seen by the program as ``args``. ``limits`` takes
-        cpu_ms, wall_ms, memory_bytes, tokens and mailbox (0: the server's default). With ``monitor`` the
-        ``parent`` gets an EXIT message when the child ends.
+        cpu_ms, wall_ms, memory_bytes, tokens, mailbox, mailbox_bytes and processes (0: the server's default;
+        at most the parent's). With ``monitor`` the ``parent`` gets an EXIT message when the child ends.
+        ``source_name`` is what errors call the source (say, the file it came from).
         """
-        reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor)
+        reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
+                                       source_name)
         return reply.pid
 
     @syscall
@@ -633,12 +644,13 @@ class Syscalls:
         text is sent as the source. If it has not ended after ``timeout`` seconds it is killed with the
         reason "timeout" and its final info (state KILLED) is returned. ``spawn_options`` go to :meth:`spawn`.
         """
-        options = dict(name=None, priority=0, limits=None, parent=0, monitor=False)
+        source, source_name = _lua_program(program)
+        options = dict(name=None, priority=0, limits=None, parent=0, monitor=False, source_name=source_name)
         unknown = set(spawn_options) - set(options)
         if unknown:
             raise _invalid(f"unknown spawn option(s) {sorted(unknown)}")
         options.update(spawn_options)
-        spawned = yield self._spawn_call(_lua_program(program), None, None, args, **options)
+        spawned = yield self._spawn_call(source, None, None, args, **options)
         reply = yield self._wait_call(spawned.pid, timeout)
         if reply.timed_out:
             yield self._unary("Kill", pb.KillRequest(pid=spawned.pid, reason="timeout"))

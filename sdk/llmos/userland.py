@@ -13,7 +13,13 @@ and sys.log() write the process log (`llmos logs PID`). An uncaught exception
 crashes the process with its message as the error. Calls reach the kernel
 over gRPC on its agent socket, with this process's token: an agent acts only
 as itself (it cannot receive from another mailbox or send as another pid).
-Errors are llmos.LlmosError subclasses, as in the client SDK.
+Errors are llmos.LlmosError subclasses, as in the client SDK: a bad argument
+(an unknown keyword, a value of the wrong type or out of range) is
+llmos.InvalidArgument naming it, raised here before anything is sent where
+this module can tell, else by the kernel; a pid that cannot exist is
+llmos.NotFound. Durations are in ms: NaN and negative ones are refused, and
+anything above MAX_DURATION_MS (10 years, +inf included) means that long,
+i.e. for ever.
 
 Outside an agent (no LLMOS_TOKEN in the environment), `from llmos.userland
 import sys` fails with a clear error.
@@ -21,21 +27,35 @@ import sys` fails with a clear error.
 from __future__ import annotations
 
 import builtins
+import functools
+import inspect
 import json
+import math
+import numbers
+import operator
 import os
 import secrets
 import sys as _sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import grpc
 
 from .client import Client, FileInfo, Message, ProcessInfo
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .v1 import kernel_pb2 as pb
 from .v1 import kernel_pb2_grpc
+from .values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
 JSON = Any
 TOKEN_HEADER = "llmos-token"  # the metadata the kernel's agent socket checks
+MAX_PID = MAX_EXACT_INTEGER  # pids above cannot exist (they would not survive a JSON number)
+_INT32 = (-2**31, 2**31 - 1)
+_UINT32 = (0, 2**32 - 1)
+_LIMITS = {f.name: _UINT32 if f.type == f.TYPE_UINT32 else (0, 2**64 - 1) for f in pb.Limits.DESCRIPTOR.fields}
+_DURATION_LIMITS = ("cpu_ms", "wall_ms")
+_OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock"}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -65,8 +85,121 @@ class _AgentClient(Client):
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
 
-def _ms(timeout_ms: float | None) -> float | None:
-    return None if timeout_ms is None else timeout_ms / 1000
+# -- argument checks: each bad value is InvalidArgument (or NotFound for a pid that cannot exist) ------
+def _invalid(message: str) -> InvalidArgument:
+    return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _syscall(fn: F) -> F:
+    """Make `fn` a syscall whose arguments are checked against its signature first:
+    an unknown keyword, a missing argument or one too many is InvalidArgument naming it."""
+    name = f"{_OWNERS[fn.__qualname__.split('.')[0]]}.{fn.__name__}"
+    signature = inspect.signature(fn)
+    accepted = ", ".join(p for p in signature.parameters if p != "self") or "no arguments"
+
+    @functools.wraps(fn)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            signature.bind(self, *args, **kwargs)
+        except TypeError as e:
+            unknown = [k for k in kwargs if k == "self" or k not in signature.parameters]
+            if unknown:
+                raise _invalid(f"{name}: unknown option {', '.join(map(_show, unknown))}; "
+                               f"it takes {accepted}") from None
+            raise _invalid(f"{name}: {e}; it takes {accepted}") from None
+        return fn(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def _show(value: Any) -> str:
+    """repr(value), cut short (an int too long for Python to print is shown by its size)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _integer(value: Any, what: str) -> int:
+    """An int, or anything that is one (a numpy integer), but not a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise _invalid(f"{what} must be an int, not {type(value).__name__}")
+
+
+def _duration_ms(ms: Any, what: str) -> float:
+    """A duration in ms: NaN and negative are refused, more than MAX_DURATION_MS (+inf too) is that."""
+    if isinstance(ms, bool) or not isinstance(ms, numbers.Real):
+        raise _invalid(f"{what} must be a number of milliseconds, not {type(ms).__name__}")
+    ms = operator.index(ms) if isinstance(ms, numbers.Integral) else float(ms)
+    if not ms >= 0:  # NaN too
+        raise _invalid(f"{what} must be a non-negative number of milliseconds, not {_show(ms)}")
+    return min(ms, MAX_DURATION_MS)
+
+
+def _timeout_s(ms: Any, what: str) -> float | None:
+    """A timeout in ms as the client's seconds; None waits without limit."""
+    return None if ms is None else _duration_ms(ms, what) / 1000
+
+
+def _pid(value: Any, what: str) -> int:
+    value = _integer(value, what)
+    if value == 0:
+        raise _invalid(f"{what} is required (0 is no process)")
+    if not 0 < value <= MAX_PID:
+        raise NotFound(grpc.StatusCode.NOT_FOUND, f"no process with pid {_show(value)}")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"{what} must be a str, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(f"{what} is not valid UTF-8 text (it holds a lone surrogate)") from None
+    return value
+
+
+def _optional_text(value: Any, what: str) -> str | None:
+    return None if value is None else _text(value, what)
+
+
+def _int(value: Any, what: str, bounds: tuple[int, int]) -> int:
+    value = _integer(value, what)
+    if not bounds[0] <= value <= bounds[1]:
+        raise _invalid(f"{what} {_show(value)} is out of range")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _invalid(f"{what} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def _bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise _invalid(f"{what} must be bytes, not {type(value).__name__}")
+    return bytes(value)
+
+
+def _limits(limits: Any, what: str) -> dict[str, int] | None:
+    if limits is None:
+        return None
+    if not isinstance(limits, dict) or not set(_LIMITS).issuperset(limits):
+        unknown = [k for k in limits if k not in _LIMITS] if isinstance(limits, dict) else []
+        raise _invalid(f"{what} must be a dict of {', '.join(_LIMITS)}"
+                       + (f"; unknown: {', '.join(map(_show, unknown))}" if unknown else ""))
+    return {
+        # A fraction of a ms still limits (0 would mean "the server's default").
+        k: math.ceil(_duration_ms(v, f"{what}.{k}")) if k in _DURATION_LIMITS else _int(v, f"{what}.{k}", _LIMITS[k])
+        for k, v in limits.items()
+    }
 
 
 class Files:
@@ -75,23 +208,29 @@ class Files:
     def __init__(self, kernel: _AgentClient) -> None:
         self._k = kernel
 
+    @_syscall
     def write(self, path: str, data: bytes | str, append: bool = False) -> FileInfo:
-        return self._k.write_file(path, data, append=append)
+        return self._k.write_file(_text(path, "sys.fs.write: path"), data, append=_flag(append, "sys.fs.write: append"))
 
+    @_syscall
     def read(self, path: str, offset: int = 0, length: int = 0) -> bytes:
-        return self._k.read_file(path, offset=offset, length=length)
+        return self._k.read_file(_text(path, "sys.fs.read: path"), offset=offset, length=length)
 
+    @_syscall
     def stat(self, path: str) -> FileInfo:
-        return self._k.stat(path)
+        return self._k.stat(_text(path, "sys.fs.stat: path"))
 
+    @_syscall
     def list(self, path: str = "") -> list[FileInfo]:
-        return self._k.list_files(path)
+        return self._k.list_files(_text(path, "sys.fs.list: path"))
 
+    @_syscall
     def delete(self, path: str) -> None:
-        self._k.delete_file(path)
+        self._k.delete_file(_text(path, "sys.fs.delete: path"))
 
+    @_syscall
     def rename(self, src: str, dst: str) -> FileInfo:
-        return self._k.rename_file(src, dst)
+        return self._k.rename_file(_text(src, "sys.fs.rename: src"), _text(dst, "sys.fs.rename: dst"))
 
 
 class Locks:
@@ -101,14 +240,18 @@ class Locks:
         self._k = kernel
         self._pid = pid
 
+    @_syscall
     def acquire(self, name: str, timeout_ms: float | None = None, semaphore: int = 0) -> dict | None:
-        return self._k.acquire(self._pid, name, semaphore=semaphore, timeout=_ms(timeout_ms))
+        return self._k.acquire(self._pid, _text(name, "sys.lock.acquire: name"), semaphore=semaphore,
+                               timeout=_timeout_s(timeout_ms, "sys.lock.acquire: timeout_ms"))
 
+    @_syscall
     def try_acquire(self, name: str, semaphore: int = 0) -> dict | None:
-        return self._k.acquire(self._pid, name, semaphore=semaphore, timeout=0)
+        return self._k.acquire(self._pid, _text(name, "sys.lock.try_acquire: name"), semaphore=semaphore, timeout=0)
 
+    @_syscall
     def release(self, name: str) -> None:
-        self._k.release(self._pid, name)
+        self._k.release(self._pid, _text(name, "sys.lock.release: name"))
 
 
 class Sys:
@@ -121,62 +264,104 @@ class Sys:
         self.fs = Files(self._k)
         self.lock = Locks(self._k, pid)
 
+    @_syscall
     def self(self) -> int:
         return self.pid
 
+    @_syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: dict | None = None,
               monitor: bool = False) -> int:
-        return self._k.spawn(lua=lua, python=python, path=path, args=args, name=name, priority=priority,
-                             limits=limits, monitor=monitor)
+        return self._k.spawn(
+            lua=_optional_text(lua, "sys.spawn: lua"), python=_optional_text(python, "sys.spawn: python"),
+            path=_optional_text(path, "sys.spawn: path"), args=args, name=_optional_text(name, "sys.spawn: name"),
+            priority=_int(priority, "sys.spawn: priority", _INT32), limits=_limits(limits, "sys.spawn: limits"),
+            monitor=_flag(monitor, "sys.spawn: monitor"))
 
+    @_syscall
     def send(self, to: int | str, body: JSON = None, tag: str = "", data: bytes = b"",
              correlation_id: str = "") -> int:
-        return self._k.send(to, body, sender=self.pid, tag=tag, data=data, correlation_id=correlation_id)
+        target = _text(to, "sys.send: to") if isinstance(to, str) else _pid(to, "sys.send: to")
+        return self._k.send(target, body, sender=self.pid, tag=_text(tag, "sys.send: tag"),
+                            data=_bytes(data, "sys.send: data"),
+                            correlation_id=_text(correlation_id, "sys.send: correlation_id"))
 
+    @_syscall
     def recv(self, sender: int | None = None, tag: str | None = None, correlation_id: str | None = None,
              timeout_ms: float | None = None) -> Message | None:
-        return self._k.recv(self.pid, sender=sender, tag=tag, correlation_id=correlation_id, timeout=_ms(timeout_ms))
+        return self._k.recv(
+            self.pid, sender=None if sender is None else _pid(sender, "sys.recv: sender"),
+            tag=_optional_text(tag, "sys.recv: tag"),
+            correlation_id=_optional_text(correlation_id, "sys.recv: correlation_id"),
+            timeout=_timeout_s(timeout_ms, "sys.recv: timeout_ms"))
 
+    @_syscall
     def wait(self, pid: int, timeout_ms: float | None = None) -> ProcessInfo | None:
-        return self._k.wait(pid, timeout=_ms(timeout_ms))
+        if _pid(pid, "sys.wait: pid") == self.pid:
+            raise _invalid("sys.wait: a process cannot wait for itself")
+        return self._k.wait(pid, timeout=_timeout_s(timeout_ms, "sys.wait: timeout_ms"))
 
+    @_syscall
     def kill(self, pid: int, reason: str = "killed") -> bool:
-        return self._k.kill(pid, reason)
+        return self._k.kill(_pid(pid, "sys.kill: pid"), _text(reason, "sys.kill: reason"))
 
+    @_syscall
     def register(self, name: str) -> None:
-        self._k.register(self.pid, name)
+        self._k.register(self.pid, _text(name, "sys.register: name"))
 
+    @_syscall
     def whereis(self, name: str) -> int | None:
+        if not _text(name, "sys.whereis: name"):
+            return None  # no process is registered as "" (and ListProcesses would take it for "any")
         found = self._k.ps(name=name)
         return found[0].pid if found else None
 
+    @_syscall
     def monitor(self, pid: int) -> None:
-        self._k.monitor(self.pid, pid)
+        self._k.monitor(self.pid, _pid(pid, "sys.monitor: pid"))
 
+    @_syscall
     def info(self, pid: int | None = None) -> ProcessInfo:
-        return self._k.get(pid or self.pid)
+        return self._k.get(self.pid if pid is None else _pid(pid, "sys.info: pid"))
 
+    @_syscall
     def set_priority(self, pid: int | None, priority: int, weight: int = 0) -> None:
-        self._k.set_priority(pid or self.pid, priority, weight)
+        self._k.set_priority(self.pid if pid is None else _pid(pid, "sys.set_priority: pid"),
+                             _int(priority, "sys.set_priority: priority", _INT32),
+                             _int(weight, "sys.set_priority: weight", _UINT32))
 
+    @_syscall
     def sleep(self, ms: float) -> None:
         """Sleep in the kernel, so that this process gives up its CPU while it waits."""
-        if not ms >= 0:
-            raise ValueError("sleep: ms must be a non-negative number")
-        self._k.recv(self.pid, correlation_id=f"sleep-{secrets.token_hex(16)}", timeout=ms / 1000)
+        timeout = _duration_ms(ms, "sys.sleep: ms") / 1000
+        self._k.recv(self.pid, correlation_id=f"sleep-{secrets.token_hex(16)}", timeout=timeout)
 
+    @_syscall
     def now(self) -> float:
         return time.time() * 1000.0
 
+    @_syscall
     def log(self, *values: Any) -> None:
         builtins.print(*values, flush=True)
 
-    def infer(self, prompt: str | None = None, messages: list[dict] | None = None, **sampling: Any) -> dict:
+    @_syscall
+    def infer(self, prompt: str | None = None, messages: list[dict] | None = None, max_tokens: int = 0,
+              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+              seed: int | None = None, stop: list[str] | None = None, priority: int | None = None,
+              timeout_ms: float | None = None) -> dict:
         """Generate with the shared model; returns {text, finish_reason, usage} as in Lua."""
-        result = self._k.infer(prompt=prompt, messages=messages, pid=self.pid, **sampling)
+        if messages is not None and not isinstance(messages, (list, tuple)):
+            raise _invalid("sys.infer: messages must be a list of {role, content} dicts, "
+                           f"not {type(messages).__name__}")
+        if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
+            raise _invalid("sys.infer: stop must be a list of str")
+        result = self._k.infer(
+            prompt=_optional_text(prompt, "sys.infer: prompt"), messages=messages, pid=self.pid, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, priority=priority,
+            timeout=_timeout_s(timeout_ms, "sys.infer: timeout_ms"))
         return {"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage}
 
+    @_syscall
     def exit(self, value: JSON = None) -> None:
         """End now with `value` as the result."""
         self._k.exit(self.pid, value)

@@ -13,7 +13,9 @@ from google.protobuf import struct_pb2
 
 JSON = Any  # None | bool | int | float | str | list[JSON] | dict[str, JSON]
 
-_MAX_EXACT = 2**53
+MAX_EXACT_INTEGER = 2**53  # integers beyond are not exact JSON numbers (doubles)
+MAX_DURATION_MS = 315_360_000_000  # ten years: a longer duration (or +inf) means this, "for ever"
+_MAX_EXACT = MAX_EXACT_INTEGER
 
 
 def to_value(obj: JSON, _depth: int = 0) -> struct_pb2.Value:

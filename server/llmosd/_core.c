@@ -29,9 +29,11 @@ typedef struct {
     PyObject *reserve_ids;            /* () -> (first, end): a block of message ids from the store */
     long long next_id, end_id;        /* the block in use */
     long long quantum_ns;
+    Py_ssize_t max_message_bytes;     /* the one size limit of a message, on every path */
 } Core;
 
 /* The Process attributes and values the C side reads and writes. */
+static PyObject *ResourceExhausted, *InvalidArgument; /* llmosd.errors' */
 static PyObject *S_state, *S_runtime, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *empty_text, *empty_bytes,
     *no_values;
 
@@ -137,10 +139,35 @@ int llmos_charge(PyObject *proc, long long ran)
     return 0;
 }
 
+/* A message that breaks the value model or the size limit becomes the
+ * kernel's error for it: InvalidArgument or ResourceExhausted. */
+static Message *refuse_message(Core *core)
+{
+    PyObject *type, *value, *traceback, *text;
+    int too_large = PyErr_ExceptionMatches(llmos_TooLarge);
+    if (!too_large && !PyErr_ExceptionMatches(llmos_BadValue))
+        return NULL;
+    PyErr_Fetch(&type, &value, &traceback);
+    text = value != NULL ? PyObject_Str(value) : NULL;
+    if (too_large)
+        PyErr_Format(ResourceExhausted, "message larger than the limit of %zd bytes", core->max_message_bytes);
+    else if (text != NULL)
+        PyErr_Format(InvalidArgument, "message body: %U", text);
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return NULL;
+}
+
 Message *llmos_new_message(PyObject *core_object, long long sender, long long to, PyObject *tag, PyObject *body,
-                           PyObject *data, PyObject *correlation_id)
+                           PyObject *data, PyObject *correlation_id, Py_ssize_t body_size, Py_ssize_t headroom)
 {
     Core *core = (Core *)core_object;
+    Py_ssize_t limit = core->max_message_bytes + headroom;
+    Message *msg;
+    if (body_size < 0 && (body_size = llmos_value_size(body, limit)) < 0)
+        return refuse_message(core);
     if (core->next_id >= core->end_id) {
         PyObject *block = PyObject_CallNoArgs(core->reserve_ids);
         long long first, end;
@@ -156,7 +183,15 @@ Message *llmos_new_message(PyObject *core_object, long long sender, long long to
         core->next_id = first;
         core->end_id = end;
     }
-    return llmos_make_message(core->next_id++, sender, to, tag, body, data, correlation_id, wall_ms());
+    msg = llmos_make_message(core->next_id++, sender, to, tag, body, data, correlation_id, wall_ms(), body_size);
+    if (msg == NULL)
+        return refuse_message(core);
+    if (msg->size > limit) { /* ids only grow: the one taken is skipped */
+        Py_DECREF(msg);
+        llmos_too_large(limit);
+        return refuse_message(core);
+    }
+    return msg;
 }
 
 int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg)
@@ -203,9 +238,10 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
     PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox;
     Message *msg = NULL;
     int result = SEND_DECLINED, delivered;
+    LuaValueBudget budget = llmos_value_budget(L);
     if (core == NULL || state->mailbox == NULL)
         return SEND_DECLINED;
-    body = llmos_to_python(L, 2, 0, 1); /* a body is JSON: text strings, finite numbers */
+    body = llmos_to_python(L, 2, 0, 1, &budget); /* a body is JSON, of at most a message's size */
     if (body == NULL) {
         PyErr_Clear();
         return SEND_DECLINED;
@@ -216,10 +252,10 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
     llmos_lock(core->lock);
     dst = PyDict_GetItemWithError(core->procs, key);
     if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = field(dst, AT_MAILBOX), &MailboxType)
-        && !((Mailbox *)mailbox)->durable
-        && (msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
-                                    correlation_id)) != NULL) {
-        delivered = llmos_deliver((Mailbox *)mailbox, msg, 1);
+        && !((Mailbox *)mailbox)->durable) {
+        msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
+                                correlation_id, budget.used, 0);
+        delivered = msg != NULL ? llmos_deliver((Mailbox *)mailbox, msg, 1) : -1;
         if (delivered < 0) {
             llmos_error_text(error, size, "unknown error");
             result = SEND_REFUSED;
@@ -513,20 +549,25 @@ done:
 static PyObject *Core_new_message(Core *core, PyObject *args)
 {
     long long sender, to;
+    Py_ssize_t headroom = 0;
     PyObject *tag, *body, *data, *correlation_id;
-    if (!PyArg_ParseTuple(args, "LLUOSU:new_message", &sender, &to, &tag, &body, &data, &correlation_id))
-        return NULL;
-    return (PyObject *)llmos_new_message((PyObject *)core, sender, to, tag, body, data, correlation_id);
+    if (!PyArg_ParseTuple(args, "LLUOSU|n:new_message", &sender, &to, &tag, &body, &data, &correlation_id, &headroom)
+        || headroom < 0)
+        return headroom < 0 ? PyErr_Format(PyExc_ValueError, "headroom must not be negative") : NULL;
+    return (PyObject *)llmos_new_message((PyObject *)core, sender, to, tag, body, data, correlation_id, -1, headroom);
 }
 
 static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", "process_type", NULL};
+    static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", "process_type",
+                               "max_message_bytes", NULL};
     PyObject *lock, *procs, *scheduler, *reserve_ids, *process_class;
     long long quantum_ns;
+    Py_ssize_t max_message_bytes;
     Core *core;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOLO!:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
-                                     &scheduler, &reserve_ids, &quantum_ns, &PyType_Type, &process_class)
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOLO!n:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
+                                     &scheduler, &reserve_ids, &quantum_ns, &PyType_Type, &process_class,
+                                     &max_message_bytes)
         || find_process_slots((PyTypeObject *)process_class) < 0)
         return NULL;
     core = (Core *)type->tp_alloc(type, 0);
@@ -539,6 +580,7 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_INCREF(reserve_ids);
     core->reserve_ids = reserve_ids;
     core->quantum_ns = quantum_ns;
+    core->max_message_bytes = max_message_bytes;
     core->running = PyObject_GetAttrString(scheduler, "running");
     core->make_runnable = PyObject_GetAttrString(scheduler, "make_runnable");
     if (core->running == NULL || core->make_runnable == NULL) {
@@ -585,14 +627,17 @@ static PyMethodDef Core_methods[] = {
      "processes it hands the CPU to when it blocks in a receive; `proc` is the one that ran last, `out` what its "
      "step returned (see State.resume), or None if it is blocked on its mailbox"},
     {"new_message", (PyCFunction)Core_new_message, METH_VARARGS,
-     "new_message(sender, to, tag, body, data, correlation_id) -> a Message with the next id, sent now"},
+     "new_message(sender, to, tag, body, data, correlation_id, headroom=0) -> a Message with the next id, sent now; "
+     "InvalidArgument if its body is not a JSON value (see value_size), ResourceExhausted if it is larger than "
+     "max_message_bytes + headroom"},
     {NULL, NULL, 0, NULL},
 };
 
 PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "llmosd._lua.Core",
-    .tp_doc = "Core(lock, procs, scheduler, reserve_ids, quantum_ns, process_type): the kernel's C side, where Lua "
+    .tp_doc = "Core(lock, procs, scheduler, reserve_ids, quantum_ns, process_type, max_message_bytes): the kernel's "
+              "C side, where Lua "
               "processes send, receive and hand the CPU to each other without entering Python; process_type is "
               "the slots class of its processes",
     .tp_basicsize = sizeof(Core),
@@ -673,7 +718,14 @@ static int intern_names(void)
 
 int llmos_core_init(PyObject *module)
 {
-    if (PyType_Ready(&CoreType) < 0 || intern_names() < 0 || PyModule_AddFunctions(module, core_functions) < 0)
+    PyObject *errors = PyImport_ImportModule("llmosd.errors");
+    if (errors == NULL)
+        return -1;
+    ResourceExhausted = PyObject_GetAttrString(errors, "ResourceExhausted");
+    InvalidArgument = PyObject_GetAttrString(errors, "InvalidArgument");
+    Py_DECREF(errors);
+    if (ResourceExhausted == NULL || InvalidArgument == NULL || PyType_Ready(&CoreType) < 0 || intern_names() < 0
+        || PyModule_AddFunctions(module, core_functions) < 0)
         return -1;
     return PyModule_AddObjectRef(module, "Core", (PyObject *)&CoreType);
 }

@@ -38,12 +38,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <structmember.h>
+#include <time.h>
 
-#define MAX_DEPTH 64 /* how deep a value that crosses may nest */
 
 static const char *const BRIDGE_METHODS[BRIDGE_COUNT] = {"check", "send", "try_recv", "call"};
 
-static PyObject *BadValue; /* the exception class whose instances stand for values that cannot cross */
 static char STEP_KEY;      /* registry key (its address) of the sandbox's step function */
 
 /* Chunks of closed states, the last closed first, for the next states to
@@ -196,8 +195,8 @@ static void push_value(lua_State *L, PyObject *value, int depth)
         }
         lua_pushlstring(L, text, (size_t)len);
     } else if (PyDict_Check(value) || PyList_Check(value) || PyTuple_Check(value)) {
-        if (depth > MAX_DEPTH)
-            luaL_error(L, "value nests deeper than %d levels", MAX_DEPTH);
+        if (depth > LLMOS_MAX_DEPTH)
+            luaL_error(L, "value nests deeper than %d levels", LLMOS_MAX_DEPTH);
         luaL_checkstack(L, 3, "value nests too deep");
         if (PyDict_Check(value)) {
             Py_ssize_t pos = 0;
@@ -279,10 +278,26 @@ int llmos_push_values(lua_State *L)
 /* -- Lua to Python (no call here can raise a Lua error) ------------------------------------- */
 static PyObject *bad_value(const char *reason)
 {
-    PyErr_SetString(BadValue, reason);
+    PyErr_SetString(llmos_BadValue, reason);
     return NULL;
 }
 
+LuaValueBudget llmos_value_budget(lua_State *L)
+{
+    LuaValueBudget budget = {0, llmos_state_of(L)->value_limit};
+    return budget;
+}
+
+/* Charges `size` bytes to the conversion; 0, or -1 with TooLarge past its limit. */
+static int charge(LuaValueBudget *budget, Py_ssize_t size)
+{
+    budget->used += size;
+    if (budget->used > budget->limit) {
+        llmos_too_large(budget->limit);
+        return -1;
+    }
+    return 0;
+}
 
 /* A string inside a table: text. */
 PyObject *llmos_text_to_python(lua_State *L, int idx)
@@ -317,13 +332,16 @@ static PyObject *table_key(lua_State *L, int idx)
 }
 
 /* Keys 1..n (holes allowed, as nil stands for null) make a list, other keys
- * an object with string keys; an empty table is {}. */
-static PyObject *table_to_python(lua_State *L, int idx, int depth)
+ * an object with string keys; an empty table is {}. Each entry is charged as
+ * it is converted, so a table reached many times over (a DAG) costs no more
+ * than the budget to refuse. */
+static PyObject *table_to_python(lua_State *L, int idx, int depth, LuaValueBudget *budget)
 {
     lua_Integer count = 0, top = 0, key;
     int is_list = 1;
+    Py_ssize_t before = budget->used, item_start, key_bytes;
     PyObject *out, *item, *name;
-    if (depth >= MAX_DEPTH)
+    if (depth >= LLMOS_MAX_DEPTH)
         return bad_value("tables nest deeper than 64 levels (a cycle?)");
     if (!lua_checkstack(L, 2)) { /* for lua_next's key and value; growing it may need memory */
         PyErr_SetString(PyExc_MemoryError, "not enough memory");
@@ -341,6 +359,9 @@ static PyObject *table_to_python(lua_State *L, int idx, int depth)
         lua_pop(L, 1);
     }
     is_list = count > 0 && is_list && top <= 2 * count;
+    /* The holes of a list are nulls, charged before they are made. */
+    if (is_list && charge(budget, (top - count) * llmos_field_size(LLMOS_SCALAR_SIZE)) < 0)
+        return NULL;
     out = is_list ? PyList_New((Py_ssize_t)top) : PyDict_New();
     if (out == NULL)
         return NULL;
@@ -352,23 +373,48 @@ static PyObject *table_to_python(lua_State *L, int idx, int depth)
     }
     lua_pushnil(L);
     while (lua_next(L, idx)) {
-        item = llmos_to_python(L, -1, depth + 1, 1);
+        item_start = budget->used;
+        item = llmos_to_python(L, -1, depth + 1, 1, budget);
         if (item == NULL)
             goto fail;
         if (is_list) {
             key = lua_tointegerx(L, -2, NULL);
             Py_SETREF(PyList_GET_ITEM(out, key - 1), item); /* it held None */
+            item_start = budget->used - item_start;
+            budget->used -= item_start;
+            if (charge(budget, llmos_field_size(item_start)) < 0)
+                goto fail;
         } else {
             name = table_key(L, -2);
-            if (name == NULL || PyDict_SetItem(out, name, item) < 0) {
+            if (name != NULL && PyDict_Contains(out, name) == 1) /* {[1]=a, ["1"]=b} */
+                PyErr_Format(llmos_BadValue, "two keys of one table are both %R as text", name);
+            if (name == NULL || PyErr_Occurred() || PyDict_SetItem(out, name, item) < 0) {
                 Py_XDECREF(name);
                 Py_DECREF(item);
                 goto fail;
             }
+            /* a number's text is ASCII: as many bytes as characters */
+            if (lua_type(L, -2) == LUA_TSTRING) {
+                size_t len;
+                lua_tolstring(L, -2, &len); /* a string key: no conversion, lua_next stays valid */
+                key_bytes = (Py_ssize_t)len;
+            } else {
+                key_bytes = PyUnicode_GET_LENGTH(name);
+            }
             Py_DECREF(name);
             Py_DECREF(item);
+            item_start = budget->used - item_start;
+            budget->used -= item_start;
+            if (charge(budget, llmos_entry_size(key_bytes, item_start)) < 0)
+                goto fail;
         }
         lua_pop(L, 1);
+    }
+    item_start = budget->used - before;
+    budget->used = before;
+    if (charge(budget, llmos_field_size(item_start)) < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 fail:
@@ -377,46 +423,62 @@ fail:
     return NULL;
 }
 
-/* `nested`: inside a table, where strings are text and numbers must be finite. */
-PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested)
+PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested, LuaValueBudget *budget)
 {
     size_t len;
     const char *text;
     lua_Number number;
+    lua_Integer integer;
+    PyObject *out;
     int type = lua_type(L, idx);
     switch (type) {
     case LUA_TNONE:
     case LUA_TNIL:
+        if (charge(budget, LLMOS_SCALAR_SIZE) < 0)
+            return NULL;
         Py_RETURN_NONE;
     case LUA_TBOOLEAN:
+        if (charge(budget, LLMOS_SCALAR_SIZE) < 0)
+            return NULL;
         return PyBool_FromLong(lua_toboolean(L, idx));
     case LUA_TNUMBER:
-        if (lua_isinteger(L, idx))
-            return PyLong_FromLongLong(lua_tointegerx(L, idx, NULL));
+        if (charge(budget, LLMOS_NUMBER_SIZE) < 0)
+            return NULL;
+        if (lua_isinteger(L, idx)) {
+            integer = lua_tointegerx(L, idx, NULL);
+            if (nested && (integer > LLMOS_MAX_EXACT_INTEGER || integer < -LLMOS_MAX_EXACT_INTEGER))
+                return bad_value("integers beyond +-2^53 are not exact JSON numbers");
+            return PyLong_FromLongLong(integer);
+        }
         number = lua_tonumberx(L, idx, NULL);
         if (nested && !isfinite(number))
             return bad_value("NaN and infinity are not JSON numbers");
         return PyFloat_FromDouble(number);
     case LUA_TSTRING:
-        if (nested)
-            return llmos_text_to_python(L, idx);
         text = lua_tolstring(L, idx, &len);
-        return PyBytes_FromStringAndSize(text, (Py_ssize_t)len);
+        if (!nested) /* raw bytes, which the kernel bounds as what they are for (a file's data, a message's) */
+            return PyBytes_FromStringAndSize(text, (Py_ssize_t)len);
+        if (charge(budget, llmos_field_size((Py_ssize_t)len)) < 0)
+            return NULL;
+        return llmos_text_to_python(L, idx);
     case LUA_TTABLE:
-        return table_to_python(L, idx, depth);
+        out = table_to_python(L, idx, depth, budget);
+        return out;
     default:
-        PyErr_Format(BadValue, "a Lua %s cannot be sent or returned",
+        PyErr_Format(llmos_BadValue, "a Lua %s cannot be sent or returned",
                      type == LUA_TFUNCTION ? "function" : type == LUA_TTHREAD ? "thread" : "userdata");
         return NULL;
     }
 }
 
 /* (head, values first..last) as a tuple, or without head if it is NULL; a
- * value that cannot cross is its BadValue. */
+ * value that cannot cross is its BadValue (or TooLarge). Each value may be
+ * as large as a message. */
 static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int last)
 {
     int offset = head != NULL, i;
     PyObject *out = PyTuple_New(offset + (last >= first ? last - first + 1 : 0)), *value, *type, *traceback;
+    LuaValueBudget budget;
     if (out == NULL)
         return NULL;
     if (head != NULL) {
@@ -424,9 +486,10 @@ static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int la
         PyTuple_SET_ITEM(out, 0, head);
     }
     for (i = first; i <= last; i++) {
-        value = llmos_to_python(L, i, 0, 0);
+        budget = llmos_value_budget(L);
+        value = llmos_to_python(L, i, 0, 0, &budget);
         if (value == NULL) {
-            if (!PyErr_ExceptionMatches(BadValue)) {
+            if (!PyErr_ExceptionMatches(llmos_BadValue)) {
                 Py_DECREF(out);
                 return NULL;
             }
@@ -506,17 +569,18 @@ static PyObject *raise_lua_error(lua_State *L, int status)
 
 static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"memory_limit", NULL};
-    Py_ssize_t limit = 0;
+    static char *keywords[] = {"memory_limit", "value_limit", NULL};
+    Py_ssize_t limit = 0, value_limit = 0;
     State *state;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n", keywords, &limit))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nn", keywords, &limit, &value_limit))
         return NULL;
-    if (limit < 0)
-        return PyErr_Format(PyExc_ValueError, "memory_limit must not be negative");
+    if (limit < 0 || value_limit < 0)
+        return PyErr_Format(PyExc_ValueError, "memory_limit and value_limit must not be negative");
     state = (State *)type->tp_alloc(type, 0);
     if (state == NULL)
         return NULL;
     state->heap.limit = (size_t)limit;
+    state->value_limit = value_limit > 0 ? value_limit : PY_SSIZE_T_MAX;
     state->L = lua_newstate(allocate, state);
     if (state->L == NULL) {
         Py_DECREF(state);
@@ -660,12 +724,29 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* -- The slice clock: CPU time is time spent holding a virtual CPU ----------------------------------- */
-/* There are no more virtual CPUs than cores, so it tracks the thread's CPU
- * time, at a tenth of the cost of asking the OS on every resume. */
+/* -- The slice clock ---------------------------------------------------------------------------------
+ * Two figures: time holding a virtual CPU (cpu_ns), which the scheduler
+ * charges for fairness (vruntime), and CPU time actually used (cpu_used_ns),
+ * which Usage reports and limits.cpu_ms bounds. They differ when the host
+ * has fewer cores than there are virtual CPUs, or is busy. The thread's CPU
+ * clock costs a system call (~0.4 µs, twenty times the monotonic clock): it
+ * is read around slices that follow a long one (a CPU-bound process's); a
+ * short slice, such as one of a message hand-off, is charged its wall time,
+ * which it cannot exceed by more than its own length. */
+#define MEASURE_AFTER_NS 1000000LL /* slices at least this long have their successors' CPU time measured */
+
+static long long thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static void begin_slice_at(State *state, long long now)
 {
     state->slice_start = now;
+    if (state->measure_cpu)
+        state->slice_cpu_start = thread_cpu_ns();
     state->in_slice = 1;
     llmos_preempt_set_running(state->main_co);
 }
@@ -680,6 +761,8 @@ static int end_slice(State *state, long long *now)
     *now = llmos_monotonic_ns();
     ran = *now - state->slice_start;
     state->cpu_ns += ran;
+    state->cpu_used_ns += state->measure_cpu ? thread_cpu_ns() - state->slice_cpu_start : ran;
+    state->measure_cpu = ran >= MEASURE_AFTER_NS;
     return state->proc != NULL ? llmos_charge(state->proc, ran) : 0;
 }
 
@@ -821,7 +904,10 @@ static PyMethodDef State_methods[] = {
 static PyMemberDef State_members[] = {
     {"slice_start", T_LONGLONG, offsetof(State, slice_start), READONLY,
      "time.perf_counter_ns() when the running slice began"},
-    {"cpu_ns", T_LONGLONG, offsetof(State, cpu_ns), READONLY, "CPU time of the slices that ended"},
+    {"cpu_ns", T_LONGLONG, offsetof(State, cpu_ns), READONLY,
+     "time holding a virtual CPU, in the slices that ended (what fairness charges)"},
+    {"cpu_used_ns", T_LONGLONG, offsetof(State, cpu_used_ns), READONLY,
+     "CPU time actually used in the slices that ended"},
     {"in_slice", T_INT, offsetof(State, in_slice), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -829,7 +915,8 @@ static PyMemberDef State_members[] = {
 PyTypeObject StateType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "llmosd._lua.State",
-    .tp_doc = "State(memory_limit=0): a process's Lua state (0: no memory limit)",
+    .tp_doc = "State(memory_limit=0, value_limit=0): a process's Lua state; the most bytes it may hold, and that "
+              "one value it gives the kernel may take (encoded; 0: no limit)",
     .tp_basicsize = sizeof(State),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = State_new,
@@ -911,10 +998,7 @@ PyMODINIT_FUNC PyInit__lua(void)
     m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    BadValue = PyErr_NewExceptionWithDoc("llmosd._lua.BadValue",
-                                         "A Lua value that cannot cross into Python; args[0] says why.", NULL, NULL);
-    if (BadValue == NULL || PyModule_AddObjectRef(m, "BadValue", BadValue) < 0
-        || PyModule_AddObjectRef(m, "State", (PyObject *)&StateType) < 0
+    if (PyModule_AddObjectRef(m, "State", (PyObject *)&StateType) < 0
         || llmos_messaging_init(m) < 0 || llmos_core_init(m) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -18,6 +18,7 @@
 #include "messaging.h"
 
 #include <limits.h>
+#include <math.h>
 #include <structmember.h>
 
 static PyObject *ResourceExhausted; /* llmosd.errors.ResourceExhausted */
@@ -116,11 +117,134 @@ PyTypeObject LockType = {
     .tp_methods = Lock_methods,
 };
 
+/* -- The value model ----------------------------------------------------------------------- */
+PyObject *llmos_BadValue, *llmos_TooLarge;
+
+void llmos_too_large(Py_ssize_t limit)
+{
+    PyErr_Format(llmos_TooLarge, "a value of more than %zd bytes (the message size limit)", limit);
+}
+
+static int bad_value(const char *reason)
+{
+    PyErr_SetString(llmos_BadValue, reason);
+    return -1;
+}
+
+/* UTF-8 bytes of a str, or -1 with BadValue (lone surrogates are not text). */
+static Py_ssize_t text_bytes(PyObject *text)
+{
+    Py_ssize_t len;
+    if (PyUnicode_AsUTF8AndSize(text, &len) == NULL) {
+        PyErr_Clear();
+        return bad_value("strings must be valid Unicode text");
+    }
+    return len;
+}
+
+/* Adds `size` to *total; -1 with TooLarge once past the limit. */
+static int charge(Py_ssize_t *total, Py_ssize_t size, Py_ssize_t limit)
+{
+    *total += size;
+    if (limit > 0 && *total > limit) {
+        llmos_too_large(limit);
+        return -1;
+    }
+    return 0;
+}
+
+/* The value's encoded size added to *total (whose limit it checks as it goes). */
+static int value_size(PyObject *v, int depth, Py_ssize_t *total, Py_ssize_t limit)
+{
+    Py_ssize_t inner = 0, n, i, before, key_bytes;
+    if (v == Py_None || PyBool_Check(v))
+        return charge(total, LLMOS_SCALAR_SIZE, limit);
+    if (PyLong_Check(v)) {
+        int overflow;
+        long long n = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow || n > LLMOS_MAX_EXACT_INTEGER || n < -LLMOS_MAX_EXACT_INTEGER)
+            return bad_value("integers beyond +-2^53 are not exact JSON numbers");
+        return charge(total, LLMOS_NUMBER_SIZE, limit);
+    }
+    if (PyFloat_Check(v)) {
+        if (!isfinite(PyFloat_AS_DOUBLE(v)))
+            return bad_value("NaN and infinity are not JSON numbers");
+        return charge(total, LLMOS_NUMBER_SIZE, limit);
+    }
+    if (PyUnicode_Check(v)) {
+        if ((n = text_bytes(v)) < 0)
+            return -1;
+        return charge(total, llmos_field_size(n), limit);
+    }
+    if (!PyList_Check(v) && !PyTuple_Check(v) && !PyDict_Check(v))
+        return bad_value(PyBytes_Check(v) ? "strings must be UTF-8 text; send raw bytes as data"
+                                          : "only JSON values can cross (null, booleans, numbers, text, arrays, objects)");
+    if (depth >= LLMOS_MAX_DEPTH)
+        return bad_value("values nest at most 64 levels deep");
+    /* A container's payload is counted as it grows, so a huge one is refused
+     * early; its own header is added at the end. */
+    before = *total;
+    if (PyDict_Check(v)) {
+        PyObject *key, *item;
+        Py_ssize_t pos = 0, item_start;
+        while (PyDict_Next(v, &pos, &key, &item)) {
+            if (!PyUnicode_Check(key))
+                return bad_value("object keys must be text");
+            if ((key_bytes = text_bytes(key)) < 0)
+                return -1;
+            item_start = *total;
+            if (value_size(item, depth + 1, total, limit) < 0)
+                return -1;
+            n = *total - item_start;
+            *total = item_start;
+            if (charge(total, llmos_entry_size(key_bytes, n), limit) < 0)
+                return -1;
+        }
+    } else {
+        n = PySequence_Fast_GET_SIZE(v);
+        for (i = 0; i < n; i++) {
+            Py_ssize_t item_start = *total;
+            if (value_size(PySequence_Fast_GET_ITEM(v, i), depth + 1, total, limit) < 0)
+                return -1;
+            inner = *total - item_start;
+            *total = item_start;
+            if (charge(total, llmos_field_size(inner), limit) < 0)
+                return -1;
+        }
+    }
+    inner = *total - before;
+    *total = before;
+    return charge(total, llmos_field_size(inner), limit);
+}
+
+Py_ssize_t llmos_value_size(PyObject *value, Py_ssize_t limit)
+{
+    Py_ssize_t total = 0;
+    return value_size(value, 0, &total, limit) < 0 ? -1 : total;
+}
+
+static PyObject *value_size_py(PyObject *self, PyObject *args)
+{
+    PyObject *value;
+    Py_ssize_t limit = 0, size;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O|n:value_size", &value, &limit))
+        return NULL;
+    size = llmos_value_size(value, limit);
+    return size < 0 ? NULL : PyLong_FromSsize_t(size);
+}
+
 /* -- Message --------------------------------------------------------------------------------- */
 Message *llmos_make_message(long long id, long long sender, long long to, PyObject *tag, PyObject *body,
-                             PyObject *data, PyObject *correlation_id, long long sent_at_ms)
+                             PyObject *data, PyObject *correlation_id, long long sent_at_ms, Py_ssize_t body_size)
 {
-    Message *msg = PyObject_New(Message, &MessageType);
+    Py_ssize_t tag_bytes, correlation_bytes;
+    Message *msg;
+    if (body_size < 0 && (body_size = llmos_value_size(body, 0)) < 0)
+        return NULL;
+    if ((tag_bytes = text_bytes(tag)) < 0 || (correlation_bytes = text_bytes(correlation_id)) < 0)
+        return NULL;
+    msg = PyObject_New(Message, &MessageType);
     if (msg == NULL)
         return NULL;
     msg->id = id;
@@ -135,6 +259,7 @@ Message *llmos_make_message(long long id, long long sender, long long to, PyObje
     msg->data = data;
     Py_INCREF(correlation_id);
     msg->correlation_id = correlation_id;
+    msg->size = body_size + PyBytes_GET_SIZE(data) + tag_bytes + correlation_bytes;
     return msg;
 }
 
@@ -147,7 +272,7 @@ static PyObject *Message_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "LLLUOSUL:Message", keywords, &id, &sender, &to, &tag, &body, &data,
                                      &correlation_id, &sent_at_ms))
         return NULL;
-    return (PyObject *)llmos_make_message(id, sender, to, tag, body, data, correlation_id, sent_at_ms);
+    return (PyObject *)llmos_make_message(id, sender, to, tag, body, data, correlation_id, sent_at_ms, -1);
 }
 
 static void Message_dealloc(Message *msg)
@@ -174,6 +299,8 @@ static PyMemberDef Message_members[] = {
     {"data", T_OBJECT, offsetof(Message, data), READONLY, NULL},
     {"correlation_id", T_OBJECT, offsetof(Message, correlation_id), READONLY, NULL},
     {"sent_at_ms", T_LONGLONG, offsetof(Message, sent_at_ms), READONLY, NULL},
+    {"size", T_PYSSIZET, offsetof(Message, size), READONLY,
+     "bytes it is charged: its body's encoded size (as a google.protobuf.Value), data, tag and correlation id"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -321,6 +448,7 @@ static int insert_at(Mailbox *mb, Py_ssize_t i, Message *msg)
     Py_INCREF(msg);
     AT(mb, i) = msg;
     mb->count++;
+    mb->bytes += msg->size;
     return 0;
 }
 
@@ -336,14 +464,23 @@ static Message *remove_at(Mailbox *mb, Py_ssize_t i)
             AT(mb, j) = AT(mb, j + 1);
     }
     mb->count--;
+    mb->bytes -= msg->size;
     return msg;
 }
 
-static int raise_full(Mailbox *mb)
+/* 0 if a message of `size` bytes fits, else -1 with ResourceExhausted. */
+static int check_room(Mailbox *mb, Py_ssize_t size)
 {
-    PyErr_Format(ResourceExhausted,
-                 "mailbox of pid %lld is full (%zd messages waiting); the receiver is not keeping up, retry later",
-                 mb->owner, mb->limit);
+    if (mb->count >= mb->limit)
+        PyErr_Format(ResourceExhausted,
+                     "mailbox of pid %lld is full (%zd messages waiting); the receiver is not keeping up, retry later",
+                     mb->owner, mb->limit);
+    else if (mb->byte_limit > 0 && size > mb->byte_limit - mb->bytes)
+        PyErr_Format(ResourceExhausted,
+                     "mailbox of pid %lld is full (%zd of its %zd bytes taken; this message is %zd); the receiver "
+                     "is not keeping up, retry later", mb->owner, mb->bytes, mb->byte_limit, size);
+    else
+        return 0;
     return -1;
 }
 
@@ -376,8 +513,8 @@ int llmos_deliver(Mailbox *mb, Message *msg, int limited)
         Py_DECREF(entry);
         return status < 0 ? -1 : 1;
     }
-    if (limited && mb->count >= mb->limit)
-        return raise_full(mb);
+    if (limited && check_room(mb, msg->size) < 0)
+        return -1;
     return insert_at(mb, mb->count, msg);
 }
 
@@ -411,19 +548,21 @@ int llmos_block_owner(Mailbox *mb, PyObject *proc, Match *match)
 /* -- Mailbox: the Python type ---------------------------------------------------------------------- */
 static PyObject *Mailbox_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"owner", "limit", "core", "durable", NULL};
+    static char *keywords[] = {"owner", "limit", "core", "durable", "byte_limit", NULL};
     long long owner;
-    Py_ssize_t limit;
+    Py_ssize_t limit, byte_limit = 0;
     PyObject *core;
     int durable = 0;
     Mailbox *mb;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LnO|p:Mailbox", keywords, &owner, &limit, &core, &durable))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LnO|pn:Mailbox", keywords, &owner, &limit, &core, &durable,
+                                     &byte_limit))
         return NULL;
     mb = (Mailbox *)type->tp_alloc(type, 0);
     if (mb == NULL)
         return NULL;
     mb->owner = owner;
     mb->limit = limit;
+    mb->byte_limit = byte_limit;
     mb->durable = (char)durable;
     mb->receivers = PyList_New(0);
     if (mb->receivers == NULL) {
@@ -527,11 +666,10 @@ static PyObject *Mailbox_wait(Mailbox *mb, PyObject *args)
     return out;
 }
 
-static PyObject *Mailbox_check_room(Mailbox *mb, PyObject *unused)
+static PyObject *Mailbox_check_room(Mailbox *mb, PyObject *msg)
 {
-    (void)unused;
-    if (mb->count >= mb->limit)
-        return raise_full(mb), NULL;
+    if (check_types(msg, NULL) < 0 || check_room(mb, ((Message *)msg)->size) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -569,7 +707,8 @@ static PyMethodDef Mailbox_methods[] = {
     {"put_back", (PyCFunction)Mailbox_put_back, METH_O,
      "put_back(msg): return a taken message that could not be handed over, in id order"},
     {"wait", (PyCFunction)Mailbox_wait, METH_VARARGS, "wait(waiter, match): register a waiting receiver"},
-    {"check_room", (PyCFunction)Mailbox_check_room, METH_NOARGS, "check_room(): ResourceExhausted if full"},
+    {"check_room", (PyCFunction)Mailbox_check_room, METH_O,
+     "check_room(msg): ResourceExhausted if `msg` would not fit (too many messages or bytes waiting)"},
     {"close", (PyCFunction)Mailbox_close, METH_NOARGS,
      "close(): the owner ended; every waiting receiver is abandoned (the messages stay)"},
     {NULL, NULL, 0, NULL},
@@ -577,7 +716,9 @@ static PyMethodDef Mailbox_methods[] = {
 
 static PyMemberDef Mailbox_members[] = {
     {"owner", T_LONGLONG, offsetof(Mailbox, owner), READONLY, NULL},
-    {"limit", T_PYSSIZET, offsetof(Mailbox, limit), READONLY, NULL},
+    {"limit", T_PYSSIZET, offsetof(Mailbox, limit), READONLY, "most messages waiting at once"},
+    {"byte_limit", T_PYSSIZET, offsetof(Mailbox, byte_limit), READONLY, "most bytes waiting at once (0: none)"},
+    {"bytes", T_PYSSIZET, offsetof(Mailbox, bytes), READONLY, "bytes (Message.size) waiting"},
     {"durable", T_BOOL, offsetof(Mailbox, durable), READONLY, "a port's: messages are stored"},
     {"sent", T_LONGLONG, offsetof(Mailbox, sent), 0, "messages the owner sent (the kernel counts them)"},
     {"received", T_LONGLONG, offsetof(Mailbox, received), READONLY,
@@ -592,7 +733,8 @@ static PySequenceMethods Mailbox_as_sequence = {.sq_length = (lenfunc)Mailbox_le
 PyTypeObject MailboxType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "llmosd._lua.Mailbox",
-    .tp_doc = "Mailbox(owner, limit, core, durable=False): a process's messages, with selective receive",
+    .tp_doc = "Mailbox(owner, limit, core, durable=False, byte_limit=0): a process's messages, with selective "
+              "receive",
     .tp_basicsize = sizeof(Mailbox),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = Mailbox_new,
@@ -605,6 +747,13 @@ PyTypeObject MailboxType = {
 };
 
 /* -- The module's part ------------------------------------------------------------------------------ */
+static PyMethodDef messaging_functions[] = {
+    {"value_size", value_size_py, METH_VARARGS,
+     "value_size(value, limit=0) -> its size as a google.protobuf.Value encoding; BadValue if it breaks the value "
+     "model (JSON; integers within +-2^53; 64 levels deep), TooLarge past `limit` (0: none)"},
+    {NULL, NULL, 0, NULL},
+};
+
 int llmos_messaging_init(PyObject *module)
 {
     PyObject *errors = PyImport_ImportModule("llmosd.errors");
@@ -612,6 +761,15 @@ int llmos_messaging_init(PyObject *module)
         return -1;
     ResourceExhausted = PyObject_GetAttrString(errors, "ResourceExhausted");
     Py_DECREF(errors);
+    llmos_BadValue = PyErr_NewExceptionWithDoc("llmosd._lua.BadValue",
+                                               "A value that cannot cross into the kernel; args[0] says why.", NULL,
+                                               NULL);
+    llmos_TooLarge = llmos_BadValue == NULL ? NULL : PyErr_NewExceptionWithDoc(
+        "llmosd._lua.TooLarge", "A value over the message size limit; args[0] says so.", llmos_BadValue, NULL);
+    if (llmos_TooLarge == NULL || PyModule_AddObjectRef(module, "BadValue", llmos_BadValue) < 0
+        || PyModule_AddObjectRef(module, "TooLarge", llmos_TooLarge) < 0
+        || PyModule_AddFunctions(module, messaging_functions) < 0)
+        return -1;
     if (ResourceExhausted == NULL || PyType_Ready(&LockType) < 0 || PyType_Ready(&MessageType) < 0
         || PyType_Ready(&MatchType) < 0 || PyType_Ready(&MailboxType) < 0)
         return -1;

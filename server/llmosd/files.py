@@ -140,8 +140,9 @@ def normalize(path: str) -> tuple[str, ...]:
             continue
         if len(comp.encode("utf-8")) > MAX_NAME_BYTES:
             raise InvalidArgument(f"{path!r}: a name is at most {MAX_NAME_BYTES} bytes")
-        if any(ord(c) < 32 or ord(c) == 127 for c in comp):
-            raise InvalidArgument(f"{path!r}: names must not contain control characters")
+        if not comp.isprintable():  # as every name in the kernel (checks.name)
+            raise InvalidArgument(f"{path!r}: names must be printable (no control, format, bidi-override or "
+                                  "separator characters but the space)")
         parts.append(comp)
     if len(parts) > MAX_DEPTH:
         raise InvalidArgument(f"{path!r}: paths are at most {MAX_DEPTH} components deep")

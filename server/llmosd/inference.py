@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from llmos.v1 import kernel_pb2 as pb
 
+from . import checks as C
 from .errors import InvalidArgument, KernelError, ResourceExhausted, Unavailable
 from .process import Process
 from .waiting import Waiter
@@ -120,16 +121,18 @@ class Inference:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidArgument("stop must be a list of non-empty strings")
         timeout = spec.get("timeout_ms")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and C.duration_ms(timeout, "timeout_ms") == 0:
             raise InvalidArgument("timeout_ms must be a positive number")
         priority = spec.get("priority")
         if priority is None:
             priority = proc.priority if proc is not None else 0
+        else:
+            priority = C.priority(priority)
         return Request(
             prompt=prompt, messages=messages, max_tokens=spec.get("max_tokens") or DEFAULT_MAX_TOKENS,
             temperature=spec.get("temperature"), top_p=spec.get("top_p"), top_k=spec.get("top_k") or None,
             seed=spec.get("seed"), stop=stop, priority=priority, owner=proc.pid if proc is not None else 0,
-            deadline=time.monotonic() + timeout / 1000 if timeout else None,
+            deadline=time.monotonic() + C.duration_ms(timeout, "timeout_ms") / 1000 if timeout else None,
         )
 
     def submit_from_lua(self, proc: Process, waiter: Waiter, spec: Any) -> None:

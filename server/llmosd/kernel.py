@@ -18,28 +18,31 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import checks as C
 from . import process as P
 from .errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, Unimplemented,
+    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, PermissionDenied, ResourceExhausted,
+    Unimplemented,
 )
 from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua, lua_syntax_error
 from .mailbox import Mailbox, Match, Message
 from .native import _lua
 from .process import Limits, Process
-from .scheduler import DEFAULT_WEIGHT, Scheduler
+from .scheduler import Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import TIMED_OUT, Timers, Waiter
 from .files import FileLimits, FileStore
+from .logs import MAX_LINES as MAX_LOG_LINES, Logs
 from .python_runtime import Agents, PythonProcess
 from .sync import SyncTable
 
 log = logging.getLogger(__name__)
 
-MAX_NAME_LEN = 256
-MAX_LOG_LINES = 1000
-SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor"))
-LIMIT_NAMES = frozenset(Limits.__slots__)
-NO_LIMITS = Limits()
+NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _send_exit_notice)
+MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
+MAX_SPAWN_DEPTH = 100  # how deep a process tree may grow (each spawn counts against every ancestor's limit)
+SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
+                           "source_name"))
 
 
 @dataclass
@@ -51,12 +54,17 @@ class KernelConfig:
     # About 0.2 ms of Lua here: fine-grained enough for a 10 ms quantum and
     # prompt kills, rare enough that the hook costs about 1%.
     hook_instructions: int = 100_000
-    defaults: Limits = field(default_factory=lambda: Limits(memory_bytes=64 << 20, mailbox=10_000))
+    defaults: Limits = field(default_factory=lambda: Limits(
+        memory_bytes=64 << 20, mailbox=10_000, mailbox_bytes=64 << 20, processes=16_384))
     userland_root: str | None = None
     max_message_bytes: int = 4 << 20
+    max_processes: int = 65_536  # live processes and ports in the whole server
+    process_log_bytes: int = 256 << 10  # characters of log a process keeps (the oldest lines go first)
+    log_memory_bytes: int = 64 << 20  # characters of log kept in memory in all (ended processes' go first)
     file_limits: FileLimits = field(default_factory=FileLimits)
     agent_socket: str | None = None  # the Unix socket Python agents reach the kernel on; None: no Python userland
     python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)
+    max_agents: int = 64  # live Python agents at once (each is an interpreter: ~30 MiB idle); 0: no limit
     ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
 
     @property
@@ -74,7 +82,8 @@ class SpawnSpec:
     args: Any = None
     name: str | None = None
     priority: int = 0
-    weight: int = 0  # 0: DEFAULT_WEIGHT
+    weight: int = 0  # 0: the default weight
+    source_name: str | None = None  # what errors call lua/python source (default "program")
     limits: Limits = field(default_factory=Limits)
     parent: int = 0
     monitor: bool = False
@@ -111,7 +120,8 @@ class Kernel:
         self.agents: Agents | None = None
         if config.agent_socket:
             roots = (pathlib.Path(config.userland_root),) if config.userland_root else ()
-            self.agents = Agents(pathlib.Path(config.data_dir) / "python", pathlib.Path(config.agent_socket), roots)
+            self.agents = Agents(pathlib.Path(config.data_dir) / "python", pathlib.Path(config.agent_socket), roots,
+                                 config.max_agents)
         self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.scheduler = Scheduler(
             config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
@@ -120,7 +130,8 @@ class Kernel:
         self.procs: dict[int, Process] = {}
         # The C side: messages between Lua processes, and switching between them.
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
-                              self.quantum_ns, Process)
+                              self.quantum_ns, Process, config.max_message_bytes)
+        self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[str, int] = {}
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
@@ -165,13 +176,17 @@ class Kernel:
     # -- process creation ------------------------------------------------------------------
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
         return Process(
-            pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, limits=limits,
-            started_at_ms=now_ms(), mailbox=Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT),
+            pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, max_priority=priority,
+            limits=limits, started_at_ms=now_ms(),
+            mailbox=Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT, byte_limit=limits.mailbox_bytes),
         )
 
     def spawn(self, spec: SpawnSpec) -> int:
         kind, source, program_name, program_path = self._resolve_program(spec)
-        self._check_name(spec.name)
+        if spec.name is not None:
+            C.name(spec.name)
+        priority, weight = C.priority(spec.priority), C.weight(spec.weight or C.DEFAULT_WEIGHT)
+        args = C.value(spec.args, "args", self.config.max_message_bytes)
         defaults = self.config.defaults
         if kind == P.PYTHON:
             if self.agents is None:
@@ -183,15 +198,27 @@ class Kernel:
         limits = spec.limits.with_defaults(defaults)
         with self.lock:
             if spec.parent:
-                self.live_locked(spec.parent, "parent")
+                parent = self.live_locked(spec.parent, "parent")
+                if limits is not parent.limits:  # the shared defaults are within themselves
+                    limits = _child_limits(parent, spec.limits, limits, kind)
+                if priority > parent.max_priority:
+                    raise PermissionDenied(f"a child's priority is at most its parent's ({parent.max_priority}), "
+                                           f"not {priority}")
+                lineage = (parent.pid,) + parent.ancestors
+                ancestors = self._ancestors_with_room(lineage)
             elif spec.monitor:
                 raise InvalidArgument("monitor needs a parent pid")
+            else:
+                lineage, ancestors = (), []
+            if len(self.procs) >= self.config.max_processes:
+                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
             if spec.name and spec.name in self.names:
                 raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[spec.name]}")
             pid = self.store.next_id("pid")
-            proc = self._new_process(pid, kind, spec.parent, spec.priority, limits, "default")
-            proc.program, proc.program_name, proc.args = source, program_name, spec.args
-            proc.weight = _check_weight(spec.weight or DEFAULT_WEIGHT)
+            proc = self._new_process(pid, kind, spec.parent, priority, limits, "default")
+            proc.program, proc.program_name, proc.args = source, program_name, args
+            proc.weight = weight
+            proc.ancestors = lineage
             if kind == P.PYTHON:
                 proc.runtime = PythonProcess(self, proc, program_path)
             proc.log_to_server = spec.log_to_server
@@ -200,6 +227,8 @@ class Kernel:
                 self.names[spec.name] = pid
             if spec.monitor:
                 proc.monitored_by.add(spec.parent)
+            for ancestor in ancestors:
+                ancestor.descendants += 1
             self.procs[pid] = proc
             self.store.record_spawn(proc)
             if limits.wall_ms:
@@ -208,33 +237,40 @@ class Kernel:
         self.scheduler.make_runnable(proc, new=True)
         return pid
 
+    def _ancestors_with_room(self, lineage: tuple[int, ...]) -> list[Process]:
+        """The live processes of a new child's `lineage` (its parent, grandparent...
+        including those below an ancestor that ended); each must have room for
+        one more descendant (lock held)."""
+        if len(lineage) > MAX_SPAWN_DEPTH:
+            raise ResourceExhausted(f"process trees are at most {MAX_SPAWN_DEPTH} levels deep")
+        live = []
+        for pid in lineage:
+            proc = self.procs.get(pid)
+            if proc is None:
+                continue
+            if proc.limits.processes and proc.descendants >= proc.limits.processes:
+                raise ResourceExhausted(
+                    f"pid {proc.pid} has its limit of {proc.limits.processes} live descendants (limits.processes)")
+            live.append(proc)
+        return live
+
     def spawn_from_dict(self, spec: dict, parent: int) -> int:
         """Spawn from the table a Lua program passed to sys.spawn."""
         if not SPAWN_OPTIONS.issuperset(spec):
             unknown = ", ".join(sorted(set(spec) - SPAWN_OPTIONS))
             raise InvalidArgument(f"sys.spawn: unknown option(s) {unknown}")
         limits = spec.get("limits") or {}
-        if not isinstance(limits, dict) or not LIMIT_NAMES.issuperset(limits):
-            raise InvalidArgument("sys.spawn: limits must be a table of cpu_ms, wall_ms, memory_bytes, tokens, mailbox")
-        for key in ("lua", "python", "path", "name"):
+        if not isinstance(limits, dict):
+            raise InvalidArgument(f"sys.spawn: limits must be a table of {', '.join(Limits.__slots__)}")
+        for key in ("lua", "python", "path", "name", "source_name"):
             if spec.get(key) is not None and not isinstance(spec[key], str):
                 raise InvalidArgument(f"sys.spawn: {key} must be a string")
-        priority, weight = spec.get("priority", 0), spec.get("weight", 0)
-        for key, value in (("priority", priority), ("weight", weight)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise InvalidArgument(f"sys.spawn: {key} must be an integer")
-        lim = NO_LIMITS
-        if limits:
-            try:
-                lim = Limits(**{k: int(v) for k, v in limits.items()})
-            except (TypeError, ValueError):
-                raise InvalidArgument("sys.spawn: limits must be non-negative integers") from None
-            if any(v < 0 for v in lim.as_dict().values()):
-                raise InvalidArgument("sys.spawn: limits must be non-negative integers")
         return self.spawn(SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
-            name=spec.get("name"), priority=priority, weight=weight, limits=lim, parent=parent,
-            monitor=bool(spec.get("monitor")),
+            name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
+            weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
+            limits=C.limits(limits, "sys.spawn: limits"), parent=parent, monitor=bool(spec.get("monitor")),
+            source_name=spec.get("source_name"),
         ))
 
     def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str, pathlib.Path | None]:
@@ -242,10 +278,11 @@ class Kernel:
         given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
         if len(given) != 1:
             raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
+        source_name = "program" if spec.source_name is None else C.name(spec.source_name, "source_name")
         if spec.lua is not None:
-            return P.LUA, spec.lua, "program", None
+            return P.LUA, spec.lua, source_name, None
         if spec.python is not None:
-            return P.PYTHON, spec.python, "program", None
+            return P.PYTHON, spec.python, source_name, None
         root = self.config.userland_root
         if not root:
             raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")
@@ -267,17 +304,17 @@ class Kernel:
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidArgument(f"cannot read program {rel!r}: {e}") from None
 
-    def _check_name(self, name: str | None) -> None:
-        if name is not None and (not name or len(name) > MAX_NAME_LEN or not name.isprintable()):
-            raise InvalidArgument(f"names are 1 to {MAX_NAME_LEN} printable characters")
-
     def open_port(self, name: str | None = None, mailbox: int = 0) -> int:
-        self._check_name(name)
+        if name is not None:
+            C.name(name)
         with self.lock:
             if name and name in self.names:
                 raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[name]}")
+            if len(self.procs) >= self.config.max_processes:
+                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
             pid = self.store.next_id("pid")
-            limits = Limits(mailbox=mailbox or self.config.defaults.mailbox)
+            defaults = self.config.defaults
+            limits = Limits(mailbox=mailbox or defaults.mailbox, mailbox_bytes=defaults.mailbox_bytes)
             proc = self._new_process(pid, P.PORT, 0, 0, limits, "default")
             proc.state = P.RUNNABLE
             if name:
@@ -306,6 +343,8 @@ class Kernel:
     def _ended_record(self, pid: int) -> ProcessRecord | None:
         rec = self.ended.get(pid)
         if rec is None:
+            if not 0 < pid <= C.MAX_PID:  # the store holds only pids it gave out
+                return None
             rec = self.store.load_process(pid)
             if rec is not None and rec.ended_at_ms is None:
                 return None
@@ -345,7 +384,7 @@ class Kernel:
         and dropping one would leave a monitor waiting forever."""
         if dst.kind == P.PORT and not any(match.accepts(msg) for _, match in dst.mailbox.receivers):
             if limited:
-                dst.mailbox.check_room()
+                dst.mailbox.check_room(msg)
             self._store_port_message(msg)
         dst.mailbox.deliver(msg, limited)
 
@@ -410,6 +449,7 @@ class Kernel:
 
     def kill(self, pid: int, reason: str = "killed") -> bool:
         """End `pid` with `reason`; False if it had already ended."""
+        C.text(reason, "reason")
         with self.lock:
             proc = self.procs.get(pid)
             if proc is None:
@@ -445,15 +485,21 @@ class Kernel:
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
         del self.procs[proc.pid]
+        for pid in proc.ancestors:
+            ancestor = self.procs.get(pid)
+            if ancestor is not None:
+                ancestor.descendants -= 1
         if proc.name and self.names.get(proc.name) == proc.pid:
             del self.names[proc.name]
+        if error is not None and len(error) > MAX_ERROR:
+            error = f"{error[:MAX_ERROR]} ... [{len(error) - MAX_ERROR} characters cut]"
         rec = self._record(proc)
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=proc.kind == P.PORT)
         self.ended[proc.pid] = rec
         if len(self.ended) > self.config.ended_cache:
-            self.ended.popitem(last=False)
+            self.logs.forget(self.ended.popitem(last=False)[0])
         for waiter in proc.exit_waiters:
             waiter.queue = None
             waiter.complete(rec)
@@ -462,8 +508,9 @@ class Kernel:
             if watcher in self.procs:
                 self._send_exit_notice(watcher, rec)
         if proc.kind == P.PYTHON:
-            proc.log[:] = proc.runtime.log_lines(MAX_LOG_LINES)  # in place: `rec` shares the list
-            proc.runtime.terminate()
+            self.logs.replace(proc, proc.runtime.log_lines(MAX_LOG_LINES))  # in place: `rec` shares the list
+            proc.runtime.release()
+        self.logs.ended(proc, rec)
         proc.runtime = None
         if proc.log_to_server:
             log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
@@ -471,7 +518,7 @@ class Kernel:
 
     # -- names, monitors, priorities -------------------------------------------------------
     def register(self, pid: int, name: str) -> None:
-        self._check_name(name)
+        C.name(name)
         with self.lock:
             proc = self.live_locked(pid)
             owner = self.names.get(name)
@@ -493,24 +540,44 @@ class Kernel:
             rec = self._ended_record(target)
             if rec is None:
                 raise NotFound(f"no process with pid {target}")
-            # Already ended: tell the watcher at once, as Erlang does.
-            self._send_exit_notice(watcher, rec)
+            # Already ended: tell the watcher at once, as Erlang does. Asked
+            # for, so it counts against the mailbox's limits like any message:
+            # asking again and again must not flood the watcher.
+            self._send_exit_notice(watcher, rec, limited=True)
 
-    def _send_exit_notice(self, watcher: int, rec: ProcessRecord) -> None:
+    def _send_exit_notice(self, watcher: int, rec: ProcessRecord, limited: bool = False) -> None:
+        """A process sends at most one notice to each watcher when it ends, and
+        it is never refused, or a monitor would wait for ever: its result is a
+        value of at most a message's size, and its error is cut short, so the
+        notice fits the headroom the limit has for it."""
         notice = {"pid": rec.pid, "state": rec.state, "reason": rec.exit_reason, "result": rec.result,
                   "error": rec.error}
-        msg = self.core.new_message(rec.pid, watcher, "EXIT", notice, b"", "")
-        self._deliver(self.procs[watcher], msg, limited=False)
+        msg = self.core.new_message(rec.pid, watcher, "EXIT", notice, b"", "", NOTICE_HEADROOM)
+        self._deliver(self.procs[watcher], msg, limited)
 
-    def set_priority(self, pid: int, priority: int | None, weight: int = 0) -> None:
-        """Change priority (None: keep) and weight (0: keep). A queued process
-        moves at its next scheduling."""
+    def set_priority(self, pid: int, priority: int | None, weight: int = 0, caller: int | None = None) -> None:
+        """Change priority (None: keep) and weight (0: keep). A process (`caller`)
+        may set a priority up to the target's ceiling and its own, never above:
+        no program raises itself over what it was given. An external client
+        may set any priority in range, which becomes the ceiling. A queued
+        process moves at its next scheduling."""
+        if priority is not None:
+            priority = C.priority(priority)
+        if weight:
+            weight = C.weight(weight)
         with self.lock:
             proc = self.live_locked(pid)
             if priority is not None:
+                if caller is None:
+                    proc.max_priority = max(proc.max_priority, priority)
+                else:
+                    ceiling = min(proc.max_priority, self.live_locked(caller, "caller").max_priority)
+                    if priority > ceiling:
+                        raise PermissionDenied(f"a process may set pid {pid}'s priority up to {ceiling} (the lower "
+                                               f"of its own ceiling and the target's), not {priority}")
                 proc.priority = priority
             if weight:
-                proc.weight = _check_weight(weight)
+                proc.weight = weight
 
     # -- inspection -----------------------------------------------------------------------
     def _record(self, proc: Process) -> ProcessRecord:
@@ -530,6 +597,8 @@ class Kernel:
             "tokens": proc.tokens,
             "memory_bytes": runtime.memory_used() if runtime is not None else 0,
             "mailbox_len": len(proc.mailbox),
+            "mailbox_bytes": proc.mailbox.bytes,
+            "processes": proc.descendants,
         }
 
     def _snapshot(self, proc: Process) -> tuple[ProcessRecord, str | None]:
@@ -571,11 +640,8 @@ class Kernel:
         return out
 
     def log(self, proc: Process, line: str) -> None:
-        proc.log.append(line)
-        if len(proc.log) > MAX_LOG_LINES:
-            extra = len(proc.log) - MAX_LOG_LINES
-            del proc.log[:extra]
-            proc.log_dropped += extra
+        with self.lock:
+            line = self.logs.append(proc, line)
         log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line)
 
     def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
@@ -607,7 +673,9 @@ class Kernel:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         try:
             if proc.kind == P.PYTHON:
-                proc.runtime.run_slice()
+                agent = proc.runtime  # None once ended: killed while it was queued
+                if agent is not None:
+                    agent.run_slice()
             else:
                 self._run_lua_slice(proc)
         except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING
@@ -637,6 +705,7 @@ class Kernel:
 
     def set_result(self, pid: int, result: Any) -> None:
         """Exit: an agent's result before it ends; for a port, closing it."""
+        C.value(result, "result", self.config.max_message_bytes)
         with self.lock:
             proc = self.live_locked(pid)
             if proc.kind == P.PORT:
@@ -746,25 +815,17 @@ class Kernel:
 
     def _register_waiter(self, proc: Process, lua: LuaProcess, name: str, args: tuple, waiter: Waiter) -> Any:
         if name == "recv":
-            timeout = args[3]
-            return self._recv_locked(
-                proc.pid, lua.recv_match(*args[:4]), waiter, None if timeout is None else timeout / 1000,
-            )
+            match = lua.recv_match(*args[:4])
+            return self._recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"))
         if name == "wait":
-            pid, timeout = args[0], args[1] if len(args) > 1 else None
-            if type(pid) is not int:
-                raise InvalidArgument("sys.wait: pid must be an integer")
-            if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
-                raise InvalidArgument("sys.wait: timeout_ms must be a non-negative number")
+            pid = C.pid(args[0] if args else None, "sys.wait: pid")
+            timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
             if pid == proc.pid:
                 raise InvalidArgument("sys.wait: a process cannot wait for itself")
-            rec = self._wait_locked(pid, waiter, None if timeout is None else timeout / 1000)
+            rec = self._wait_locked(pid, waiter, timeout)
             return describe_record(rec) if rec is not None else None
         if name == "sleep":
-            ms = args[0] if args else None
-            if type(ms) not in (int, float) or ms < 0:
-                raise InvalidArgument("sys.sleep: ms must be a non-negative number")
-            self._arm_timeout(waiter, ms / 1000)
+            self._arm_timeout(waiter, C.duration_ms(args[0] if args else None, "sys.sleep: ms") / 1000)
             return None
         if name == "lock_acquire":
             lock_name, kind, permits, timeout = lua.lock_options(args[0], args[1], "sys.lock.acquire")
@@ -796,10 +857,21 @@ def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     return {k: v for k, v in info.items() if v is not None}
 
 
-def _check_weight(weight: int) -> int:
-    if not 1 <= weight <= 10_000:
-        raise InvalidArgument("weight must be between 1 and 10000 (the default is 100)")
-    return weight
+def _child_limits(parent: Process, asked: Limits, limits: Limits, kind: str) -> Limits:
+    """A child's limits: at most its parent's. Asking for more is refused; a
+    server default above the parent's limit is lowered to it. A Python agent's
+    memory limit is its address space, which an interpreter needs far more of
+    than a Lua heap: it is not bounded by a parent's (only by the server's)."""
+    out = limits.as_dict()
+    for key, ceiling in parent.limits.as_dict().items():
+        if not ceiling or (key == "memory_bytes" and kind == P.PYTHON):
+            continue
+        wanted = getattr(asked, key)
+        if wanted > ceiling:
+            raise PermissionDenied(f"a child's limits are at most its parent's: {key} {wanted} > {ceiling}")
+        if not out[key] or out[key] > ceiling:
+            out[key] = ceiling
+    return Limits(**out)
 
 
 def _startup_error(text: str, out_of_memory: bool) -> str:

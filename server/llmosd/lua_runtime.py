@@ -21,7 +21,8 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import InvalidArgument, KernelError
+from . import checks as C
+from .errors import InvalidArgument, KernelError, ResourceExhausted
 from .mailbox import ANY, Match, Message
 from .native import _lua
 from .process import Process
@@ -59,17 +60,22 @@ _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 
 # -- values -----------------------------------------------------------------------------
 # _lua.c converts values as they cross: a Lua string given directly arrives as
-# bytes, a table as a dict or list already checked (text strings, finite
-# numbers, string or number keys, at most 64 levels deep), and a value that
-# cannot cross as a _lua.BadValue saying why.
+# bytes, a number as it is, a table as a dict or list already checked against
+# the value model (messaging.h: text strings, finite numbers, integers within
+# +-2^53, text keys, at most 64 levels deep, at most the message size limit),
+# and a value that cannot cross as a _lua.BadValue (or TooLarge) saying why.
 
 def from_lua(value: Any, what: str = "value") -> Any:
     """A value from Lua as a JSON-shaped Python value, or InvalidArgument
-    naming `what`. Tables whose keys are 1..n (holes allowed, as nil stands
-    for null) are lists; other tables are objects with string keys; an empty
-    table is {}."""
+    (ResourceExhausted if too large) naming `what`. Tables whose keys are 1..n
+    (holes allowed, as nil stands for null) are lists; other tables are
+    objects with string keys; an empty table is {}."""
     kind = type(value)
-    if value is None or kind is bool or kind is int or kind is dict or kind is list:
+    if value is None or kind is bool or kind is dict or kind is list:
+        return value
+    if kind is int:
+        if not -C.MAX_EXACT_INTEGER <= value <= C.MAX_EXACT_INTEGER:
+            raise InvalidArgument(f"{what}: integers beyond +-2^53 are not exact JSON numbers")
         return value
     if kind is bytes:
         try:
@@ -80,6 +86,8 @@ def from_lua(value: Any, what: str = "value") -> Any:
         if not math.isfinite(value):
             raise InvalidArgument(f"{what}: NaN and infinity are not JSON numbers")
         return value
+    if kind is _lua.TooLarge:
+        raise ResourceExhausted(f"{what}: {value.args[0]}")
     if kind is _lua.BadValue:
         raise InvalidArgument(f"{what}: {value.args[0]}")
     raise InvalidArgument(f"{what}: a {kind.__name__} cannot be sent or returned")
@@ -97,22 +105,17 @@ def _opt_str(value: Any, name: str) -> str | None:
 
 
 def _opt_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if type(value) is float and value.is_integer():
-        value = int(value)
-    if type(value) is not int:
-        raise InvalidArgument(f"{name} must be an integer")
-    return value
+    return None if value is None else C.integer(value, name)
 
 
-def _options(opts: Any, fname: str) -> dict:
-    """An options table (nil: none) as a dict."""
+def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
+    """An options table (nil: none) as a dict of `known` options only."""
     if opts is None:
         return {}
     value = from_lua(opts, fname)  # says why a table cannot cross
     if not isinstance(value, dict):
         raise InvalidArgument(f"{fname}: expected a table of options")
+    C.known_options(value, known, fname)
     return value
 
 
@@ -134,7 +137,7 @@ class LuaProcess:
         self.proc = proc
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
-        self.state = _lua.State(proc.limits.memory_bytes)
+        self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
         self.state.open_sandbox(
             self, proc, kernel.core, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,
@@ -146,18 +149,21 @@ class LuaProcess:
         ran = now_ns - self.state.slice_start
         if proc.kill_reason is not None:
             return True
-        if proc.limits.cpu_ms and self.state.cpu_ns + ran > proc.limits.cpu_ms * 1_000_000:
+        if proc.limits.cpu_ms and self.state.cpu_used_ns + ran > proc.limits.cpu_ms * 1_000_000:
             return True
-        return ran >= quantum_ns and others_waiting
+        # Every quantum, even with nobody waiting: the check-in ends the slice,
+        # which measures the CPU the next ones actually use (see _lua.c's slice clock).
+        return ran >= quantum_ns
 
     def memory_used(self) -> int:
         return self.state.memory_used()
 
     def cpu_ns(self) -> int:
-        """CPU time so far, the running slice included (read from other threads)."""
+        """CPU time actually used so far, the running slice included (at most its wall time so far:
+        read from other threads, which cannot read this thread's CPU clock)."""
         state = self.state
         running = time.perf_counter_ns() - state.slice_start if state.in_slice else 0
-        return state.cpu_ns + running
+        return state.cpu_used_ns + running
 
     # -- the count hook ---------------------------------------------------------------------
     def check(self) -> bytes | None:
@@ -170,7 +176,7 @@ class LuaProcess:
         if proc.kill_reason is None:
             now = time.perf_counter_ns()
             cpu_limit = proc.limits.cpu_ms
-            if cpu_limit and state.cpu_ns + now - state.slice_start > cpu_limit * 1_000_000:
+            if cpu_limit and state.cpu_used_ns + now - state.slice_start > cpu_limit * 1_000_000:
                 proc.kill_reason = "cpu_limit"
             elif proc.yield_requested or now - state.slice_start >= kernel.quantum_ns:
                 proc.yield_requested = False
@@ -219,8 +225,7 @@ class LuaProcess:
             return False, str(e).encode()
 
     def recv_match(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> Match:
-        if timeout_ms is not None and (type(timeout_ms) not in (int, float) or timeout_ms < 0):
-            raise InvalidArgument("sys.recv: timeout_ms must be a non-negative number")
+        C.timeout_s(timeout_ms, "sys.recv: timeout_ms")
         if sender is None and tag is None and correlation_id is None:
             return ANY
         return Match(
@@ -247,10 +252,7 @@ class LuaProcess:
         return self.kernel.spawn_from_dict(spec, parent=self.proc.pid)
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
-        target = _opt_int(pid, "sys.kill: pid")
-        if target is None:
-            raise InvalidArgument("sys.kill: pid must be an integer")
-        self.kernel.kill(target, _opt_str(reason, "sys.kill: reason") or "killed")
+        self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed")
         return True
 
     def register(self, name: Any = None) -> bool:
@@ -264,36 +266,29 @@ class LuaProcess:
         return self.kernel.whereis(_opt_str(name, "sys.whereis: name") or "")
 
     def monitor(self, pid: Any = None) -> bool:
-        target = _opt_int(pid, "sys.monitor: pid")
-        if target is None:
-            raise InvalidArgument("sys.monitor: pid must be an integer")
-        self.kernel.monitor(self.proc.pid, target)
+        self.kernel.monitor(self.proc.pid, C.pid(pid, "sys.monitor: pid"))
         return True
 
     def set_priority(self, pid: Any = None, priority: Any = None, weight: Any = None) -> bool:
-        target = _opt_int(pid, "sys.set_priority: pid") or self.proc.pid
-        prio = _opt_int(priority, "sys.set_priority: priority")
-        share = _opt_int(weight, "sys.set_priority: weight") or 0
-        if prio is None and not share:
+        target = self.proc.pid if pid is None else C.pid(pid, "sys.set_priority: pid")
+        prio = None if priority is None else C.priority(priority, "sys.set_priority: priority")
+        share = None if weight is None else C.weight(weight, "sys.set_priority: weight")
+        if prio is None and share is None:
             raise InvalidArgument("sys.set_priority: give a priority (integer) and/or a weight")
-        self.kernel.set_priority(target, prio, share)
+        self.kernel.set_priority(target, prio, share or 0, caller=self.proc.pid)
         return True
 
     def info(self, pid: Any = None) -> Any:
-        target = _opt_int(pid, "sys.info: pid")
-        return self.kernel.describe(self.proc.pid if target is None else target)
+        return self.kernel.describe(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"))
 
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""
         text = _opt_str(name, f"{fname}: name")
         if not text:
             raise InvalidArgument(f"{fname}: name must be a non-empty string")
-        options = _options(opts, fname)
+        options = _options(opts, fname, ("semaphore", "timeout_ms"))
         permits = _opt_int(options.get("semaphore"), f"{fname}: semaphore")
-        timeout = options.get("timeout_ms")
-        if timeout is not None and (type(timeout) not in (int, float) or timeout < 0):
-            raise InvalidArgument(f"{fname}: timeout_ms must be a non-negative number")
-        seconds = None if timeout is None else timeout / 1000
+        seconds = C.timeout_s(options.get("timeout_ms"), f"{fname}: timeout_ms")
         return (text, "mutex", 1, seconds) if permits is None else (text, "semaphore", permits, seconds)
 
     def lock_try(self, name: Any = None, opts: Any = None, fname: str = "sys.lock.try_acquire") -> Any:
@@ -324,10 +319,10 @@ class LuaProcess:
         if op == b"write":  # (path, data, {append=})
             if type(a) is not bytes:
                 raise InvalidArgument("sys.fs.write: data must be a string")
-            append = bool(_options(b, name).get("append"))
+            append = bool(_options(b, name, ("append",)).get("append"))
             return self.file_info(files.write(ns, pid, vpath, a, append=append))
         if op == b"read":  # (path, {offset=, length=})
-            options = _options(a, name)
+            options = _options(a, name, ("offset", "length"))
             offset = _opt_int(options.get("offset"), "sys.fs.read: offset") or 0
             length = _opt_int(options.get("length"), "sys.fs.read: length")
             if offset < 0 or (length is not None and length < 0):

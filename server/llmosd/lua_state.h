@@ -46,8 +46,12 @@ typedef struct {
     long long pid;
     PyObject *core;                   /* the kernel's Core */
     lua_State *main_co;               /* the program's coroutine, which preemption interrupts */
+    Py_ssize_t value_limit;           /* the most bytes a value from the program may take (the message limit) */
     long long slice_start;            /* monotonic ns when the running slice began */
-    long long cpu_ns;                 /* CPU time of the slices that ended */
+    long long cpu_ns;                 /* time holding a virtual CPU, in the slices that ended */
+    long long cpu_used_ns;            /* CPU time actually used in them (see _lua.c's slice clock) */
+    long long slice_cpu_start;        /* the thread's CPU time when the slice began, if measured */
+    int measure_cpu;                  /* whether this slice's CPU time is measured */
     int in_slice;
     int built;                        /* the sandbox is built (by the first step) */
 } State;
@@ -58,8 +62,15 @@ extern PyTypeObject StateType, CoreType;
 State *llmos_state_of(lua_State *L);
 /* A lua_CFunction, run protected: pushes the values of the tuple given as light userdata. */
 int llmos_push_values(lua_State *L);
-/* A Lua value as Python's (nested: inside a table, where strings are text); NULL with BadValue if it cannot cross. */
-PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested);
+/* What converting one Lua value has cost so far, in encoded bytes (see messaging.h), and may cost. */
+typedef struct {
+    Py_ssize_t used, limit;
+} LuaValueBudget;
+/* A budget of the state's value limit. */
+LuaValueBudget llmos_value_budget(lua_State *L);
+/* A Lua value as Python's (nested: inside a table, where strings are text and numbers follow the value
+ * model); NULL with BadValue if it cannot cross, TooLarge once it costs more than the budget allows. */
+PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested, LuaValueBudget *budget);
 /* A Lua string as text; NULL with BadValue if it is not UTF-8. */
 PyObject *llmos_text_to_python(lua_State *L, int idx);
 /* The text of the exception set (or `fallback`), into out; clears it. */

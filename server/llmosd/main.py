@@ -42,10 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Lua instructions between preemption checks (default %(default)s)")
     p.add_argument("--memory-bytes", type=int, default=64 << 20, help="default per-process memory limit")
     p.add_argument("--mailbox", type=int, default=10_000, help="default mailbox limit (messages)")
+    p.add_argument("--mailbox-bytes", type=int, default=64 << 20,
+                   help="default mailbox limit (bytes waiting; default %(default)s)")
+    p.add_argument("--processes", type=int, default=16_384,
+                   help="default limit of a process's live descendants (default %(default)s)")
+    p.add_argument("--max-processes", type=int, default=65_536,
+                   help="live processes and ports in the whole server (default %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20,
+                   help="the largest message, argument or result (default %(default)s)")
     p.add_argument("--cpu-ms", type=int, default=0, help="default CPU limit per process (0: none)")
     p.add_argument("--wall-ms", type=int, default=0, help="default wall-clock limit per process (0: none)")
     p.add_argument("--agent-socket", default=None,
                    help="Unix socket Python agents reach the kernel on (default: DATA_DIR/agents.sock; 'none': no Python userland)")
+    p.add_argument("--max-agents", type=int, default=64,
+                   help="most Python agents live at once (each is an interpreter, ~30 MiB idle; 0: no limit; "
+                        "default %(default)s)")
     p.add_argument("--model", default="tiny",
                    help='"tiny" (built in, random weights), a Hugging Face-style directory, or "none" (default %(default)s)')
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -68,11 +79,12 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         root = os.path.abspath("userland")
     agent_socket = args.agent_socket or os.path.join(os.path.abspath(args.data_dir), "agents.sock")
     return KernelConfig(
-        agent_socket=None if agent_socket == "none" else agent_socket,
+        agent_socket=None if agent_socket == "none" else agent_socket, max_agents=args.max_agents,
         data_dir=args.data_dir, cpus=args.cpus, quantum_ms=args.quantum_ms, aging_ms=args.aging_ms,
         hook_instructions=args.hook_instructions,
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
-                        mailbox=args.mailbox),
+                        mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
+        max_processes=args.max_processes, max_message_bytes=args.max_message_bytes,
         userland_root=root,
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
                                namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,

@@ -24,6 +24,7 @@ typedef struct {
     PyObject_HEAD
     long long id, sender, to, sent_at_ms;
     PyObject *tag, *body, *data, *correlation_id; /* str, a JSON-shaped value, bytes, str */
+    Py_ssize_t size; /* what it is charged: its body's encoded size, data, tag and correlation id */
 } Message;
 
 typedef struct {
@@ -35,7 +36,9 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     long long owner;
-    Py_ssize_t limit;
+    Py_ssize_t limit;      /* most messages waiting at once */
+    Py_ssize_t byte_limit; /* most bytes (Message.size) waiting at once; 0: none */
+    Py_ssize_t bytes;      /* bytes waiting */
     Message **ring; /* the queued messages, oldest at `head` */
     Py_ssize_t head, count, capacity;
     PyObject *receivers; /* list of (waiter, match), in arrival order; waiter None: the owner, see `blocked` */
@@ -49,11 +52,55 @@ typedef struct {
 
 extern PyTypeObject LockType, MessageType, MatchType, MailboxType;
 
+/* -- The value model: what may cross into the kernel, and what it weighs ----------------------------
+ * Values are JSON's: null, booleans, numbers (doubles: integers only within
+ * +-2^53, where they are exact; no NaN or infinity), UTF-8 text, arrays, and
+ * objects with text keys, nested at most LLMOS_MAX_DEPTH deep. A value's size
+ * is the size of its google.protobuf.Value encoding, what a gRPC client sends:
+ * the same bytes are counted whichever way a message arrives. */
+#define LLMOS_MAX_DEPTH 64
+#define LLMOS_MAX_EXACT_INTEGER 9007199254740992LL /* 2^53 */
+
+extern PyObject *llmos_BadValue, *llmos_TooLarge; /* a value that cannot cross; one over the size limit */
+
+static inline Py_ssize_t llmos_varint_size(Py_ssize_t n)
+{
+    Py_ssize_t size = 1;
+    for (; n >= 128; n >>= 7)
+        size++;
+    return size;
+}
+
+/* A length-delimited field: its tag, its length and its payload. */
+static inline Py_ssize_t llmos_field_size(Py_ssize_t payload)
+{
+    return 1 + llmos_varint_size(payload) + payload;
+}
+
+enum { LLMOS_SCALAR_SIZE = 2, LLMOS_NUMBER_SIZE = 9 }; /* null or boolean; a double */
+
+/* An object's entry (key and value) as it counts in the object's payload. */
+static inline Py_ssize_t llmos_entry_size(Py_ssize_t key_bytes, Py_ssize_t value_size)
+{
+    return llmos_field_size(llmos_field_size(key_bytes) + llmos_field_size(value_size));
+}
+
+/* The encoded size of a JSON-shaped Python value, checked against the value
+ * model; -1 with BadValue set if it breaks it, or TooLarge as soon as the
+ * count passes `limit` (0: none), so that a huge value costs no more than the
+ * limit to refuse. */
+Py_ssize_t llmos_value_size(PyObject *value, Py_ssize_t limit);
+/* Raises TooLarge for a value of more than `limit` bytes. */
+void llmos_too_large(Py_ssize_t limit);
+
 Message *llmos_make_message(long long id, long long sender, long long to, PyObject *tag, PyObject *body,
-                            PyObject *data, PyObject *correlation_id, long long sent_at_ms);
-/* A new message (id and time from the core); NULL with an exception set. */
+                            PyObject *data, PyObject *correlation_id, long long sent_at_ms, Py_ssize_t body_size);
+/* A new message (id and time from the core), of at most the core's message
+ * size limit plus `headroom` (body_size: the body's encoded size, -1 if not
+ * known yet); NULL with an exception set (InvalidArgument for a body that is
+ * not a JSON value, ResourceExhausted if too large). */
 Message *llmos_new_message(PyObject *core, long long sender, long long to, PyObject *tag, PyObject *body,
-                           PyObject *data, PyObject *correlation_id);
+                           PyObject *data, PyObject *correlation_id, Py_ssize_t body_size, Py_ssize_t headroom);
 /* 1: handed to a waiting receiver, 0: queued, -1: refused (an exception is set). Kernel lock held. */
 int llmos_deliver(Mailbox *mailbox, Message *msg, int limited);
 /* The oldest message `match` (NULL: any) accepts, taken out; NULL if none (no exception). */

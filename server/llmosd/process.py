@@ -30,22 +30,20 @@ class Limits:
     wall_ms: int = 0
     memory_bytes: int = 0
     tokens: int = 0
-    mailbox: int = 0
+    mailbox: int = 0  # messages waiting at once
+    mailbox_bytes: int = 0  # bytes waiting at once (Message.size)
+    processes: int = 0  # live descendants at once
 
     def as_dict(self) -> dict[str, int]:
         return {
-            "cpu_ms": self.cpu_ms, "wall_ms": self.wall_ms, "memory_bytes": self.memory_bytes,
-            "tokens": self.tokens, "mailbox": self.mailbox,
+            "cpu_ms": self.cpu_ms, "wall_ms": self.wall_ms, "memory_bytes": self.memory_bytes, "tokens": self.tokens,
+            "mailbox": self.mailbox, "mailbox_bytes": self.mailbox_bytes, "processes": self.processes,
         }
 
     def with_defaults(self, defaults: Limits) -> Limits:
-        if not (self.cpu_ms or self.wall_ms or self.memory_bytes or self.tokens or self.mailbox):
+        if not any(self.as_dict().values()):
             return defaults  # limits are never changed once set, so they can be shared
-        return Limits(
-            self.cpu_ms or defaults.cpu_ms, self.wall_ms or defaults.wall_ms,
-            self.memory_bytes or defaults.memory_bytes, self.tokens or defaults.tokens,
-            self.mailbox or defaults.mailbox,
-        )
+        return Limits(**{name: getattr(self, name) or getattr(defaults, name) for name in self.__slots__})
 
 
 @dataclass(eq=False, slots=True)
@@ -77,6 +75,9 @@ class Process:
     runtime: Any = None  # a LuaProcess while the program lives
     resume_value: tuple = ()
     parked: threading.Event | None = None  # set while preempted inside the count hook
+    max_priority: int = 0  # the ceiling its priority may be raised back to: the one it was spawned with
+    descendants: int = 0  # live processes below it, against limits.processes
+    ancestors: tuple[int, ...] = ()  # parent, grandparent, ... (ended ones too), whose descendants it counts as
     weight: int = 100  # share of CPU within its priority level
     vruntime: float = 0.0  # ns on a CPU, scaled by 100 / weight
     queued_at: int = 0  # perf_counter_ns when last queued
@@ -88,6 +89,7 @@ class Process:
     tokens: int = 0
     log: list[str] = field(default_factory=list)
     log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
+    log_bytes: int = 0  # bytes of the lines in `log`
     log_to_server: bool = False
 
     @property

@@ -6,6 +6,16 @@ scheduler governs agents like Lua processes: one runs only while it holds a
 virtual CPU; it is stopped (SIGSTOP) when its quantum is spent and someone
 waits, and while it is blocked in a syscall, and continued (SIGCONT) when
 it is scheduled again.
+
+A virtual CPU is one CPU's worth of time, but an agent's threads (or the
+processes it forks) can run on several host cores at once. So an agent's
+CPU use is bounded as CFS bandwidth control bounds a cgroup's: CPU it uses
+beyond the wall time it has held its virtual CPU is a debt, paid by staying
+stopped, still holding that CPU (or, preempted, at the start of its next
+slice), until the time held has caught up. Its use runs ahead of the time
+held by at most a quantum per thread, so over time all agents together use
+at most --cpus CPUs. The scheduler charges vruntime for the time it grants
+(held); Usage.cpu_ms is the CPU the agent actually used.
 """
 from __future__ import annotations
 
@@ -14,11 +24,14 @@ import logging
 import math
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import process as P
+from .errors import ResourceExhausted
 from .pysandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
+from .scheduler import DEFAULT_WEIGHT
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -26,15 +39,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# CPU an agent may use beyond the time it has held its virtual CPU before it
+# is stopped to pay it back (see the module docstring).
+THROTTLE_S = 0.002
+
 
 class Agents:
-    """The fork server and the credentials of the running Python agents."""
+    """The fork server, the credentials of the running Python agents, and how many may live at once."""
 
-    def __init__(self, work_root: Path, socket_path: Path, read_only: tuple[Path, ...]) -> None:
+    def __init__(self, work_root: Path, socket_path: Path, read_only: tuple[Path, ...], max_agents: int) -> None:
+        if max_agents < 0:
+            raise ValueError("max_agents must be 0 (no limit) or more")
         self.config = LauncherConfig(work_root=work_root, kernel_socket=socket_path, read_only=read_only)
         self.launcher: Launcher | None = None
         self.tokens: dict[str, int] = {}  # token -> pid
+        self.max_agents = max_agents  # 0: no limit
+        self.live = 0  # Python processes spawned and not ended (kernel lock)
         self._start_lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Count one more live agent, or refuse it (kernel lock held). An idle agent is an
+        interpreter of its own (some 30 MiB), so their number is bounded server-wide."""
+        if self.max_agents and self.live >= self.max_agents:
+            raise ResourceExhausted(
+                f"{self.live} Python agents are live, the most this server runs at once (--max-agents); "
+                "spawn again when one has ended")
+        self.live += 1
 
     def launcher_ready(self) -> Launcher:
         """The fork server, started on first use (it preloads grpc and the SDK: about a second)."""
@@ -57,6 +87,8 @@ class PythonProcess:
     """One agent subprocess and the state its slices need."""
 
     def __init__(self, kernel: Kernel, proc: Process, program_path: Path | None) -> None:
+        assert kernel.agents is not None
+        kernel.agents.admit()
         self.kernel = kernel
         self.proc = proc
         self.program_path = program_path
@@ -66,7 +98,10 @@ class PythonProcess:
         self.in_slice = False
         self.requeue_after_slice = False  # unblocked while its slice was still ending
         self.result: Any = None  # set by the Exit syscall
-        self.cpu_s = 0.0
+        self.cpu_s = 0.0  # CPU seconds used, as last read
+        self.debt_s = 0.0  # CPU seconds used beyond the virtual CPU time held, still to pay
+        self._looked_at = 0.0  # monotonic time of the last charge in this slice
+        self._cpu_lock = threading.Lock()
 
     def start(self) -> None:
         """Launch the subprocess (on the first slice)."""
@@ -89,13 +124,16 @@ class PythonProcess:
     def run_slice(self) -> None:
         """Let the agent run (SIGCONT) until it blocks, ends, or its quantum is
         spent while someone waits; then stop it (SIGSTOP). The worker thread
-        waits meanwhile, holding the virtual CPU the agent runs on."""
+        waits meanwhile, holding the virtual CPU the agent runs on, and keeps
+        the agent stopped while it owes CPU (see the module docstring)."""
         kernel, proc = self.kernel, self.proc
         with kernel.lock:
             if proc.ended:
                 return
             proc.state, self.in_slice, self.requeue_after_slice = P.RUNNING, True, False
             self.wake.clear()
+        self._looked_at = time.monotonic()
+        throttled = False
         if self.child is None:
             try:
                 self.start()
@@ -107,16 +145,25 @@ class PythonProcess:
                 if proc.kill_reason is not None:  # killed while starting: its exit report ends it
                     self.child.kill()
         else:
-            self.child.cont()
+            throttled = self.debt_s > THROTTLE_S  # a debt from its last slice: paid first
+            if not throttled:
+                self.child.cont()
+        quantum_s = kernel.config.quantum_s
         try:
-            while not self.wake.wait(kernel.config.quantum_s):
-                self.account()
+            while not self.wake.wait(min(self.debt_s, quantum_s) if throttled else quantum_s):
+                self._charge()
                 if proc.limits.cpu_ms and proc.cpu_ns > proc.limits.cpu_ms * 1_000_000:
                     kernel.kill(proc.pid, "cpu_limit")
                 elif kernel.scheduler.should_yield(proc):
                     break
+                elif throttled != (self.debt_s > THROTTLE_S):
+                    throttled = not throttled
+                    if throttled:
+                        self.child.stop()
+                    else:
+                        self.child.cont()
         finally:
-            self.account()
+            self._charge()
             with kernel.lock:
                 self.in_slice = False
                 if proc.ended or proc.kill_reason is not None:
@@ -134,6 +181,7 @@ class PythonProcess:
         assert self.child is not None
         status = self.child.wait()
         assert status is not None
+        self._take_cpu()  # the final figure, from the exit's resource usage
         kernel, proc = self.kernel, self.proc
         with kernel.lock:
             self.wake.set()
@@ -144,22 +192,38 @@ class PythonProcess:
                 state, reason = P.KILLED, proc.kill_reason
             kernel.end_locked(proc, state, reason, result=result, error=error)
 
-    def account(self) -> None:
-        """Charge the CPU time the subprocess used since the last look."""
-        if self.child is None:
-            return
-        used = self.child.cpu_time()
-        delta = max(used - self.cpu_s, 0.0)
-        self.cpu_s = used
+    def _charge(self) -> None:
+        """Charge the time since the last look in this slice: the virtual CPU held
+        to vruntime (the scheduler charges what it grants), and CPU used beyond
+        it to the debt."""
+        now = time.monotonic()
+        held, self._looked_at = now - self._looked_at, now
+        used = self._take_cpu()
         proc = self.proc
-        proc.cpu_ns += int(delta * 1e9)
-        proc.vruntime += delta * 1e9 * 100 / proc.weight
+        proc.vruntime += held * 1e9 * DEFAULT_WEIGHT / proc.weight
+        self.debt_s = max(self.debt_s + used - held, 0.0)
+
+    def _take_cpu(self) -> float:
+        """Read the CPU the agent has used (Usage.cpu_ms); the seconds used since the last reading."""
+        if self.child is None:
+            return 0.0
+        with self._cpu_lock:  # the slice's thread and the exit watcher both read
+            used = max(self.child.cpu_time() - self.cpu_s, 0.0)
+            self.cpu_s += used
+            self.proc.cpu_ns = int(self.cpu_s * 1e9)
+        return used
 
     def terminate(self) -> None:
+        """Kill the subprocess (it ends the process once the fork server reports its exit)."""
         self.kernel.agents.tokens.pop(self.token, None)
         if self.child is not None:
             self.child.kill()
         self.wake.set()
+
+    def release(self) -> None:
+        """The process has ended (kernel lock held): no subprocess, no token, one live agent fewer."""
+        self.terminate()
+        self.kernel.agents.live -= 1
 
     def log_lines(self, limit: int) -> list[str]:
         if self.child is None:

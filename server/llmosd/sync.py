@@ -40,12 +40,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import checks as C
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .waiting import Timers, Waiter
 
 MUTEX = "mutex"
 SEMAPHORE = "semaphore"
-MAX_NAME_LEN = 256
 MAX_PERMITS = 1_000_000
 MAX_HELD_PER_PROCESS = 10_000  # permits one pid may hold at once, all locks together
 
@@ -168,8 +168,7 @@ class SyncTable:
 
     # -- inside -----------------------------------------------------------------------------
     def _lock_for(self, namespace: str, name: str, kind: str, permits: int) -> tuple[Key, _Lock]:
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN or not name.isprintable():
-            raise InvalidArgument(f"lock names are 1 to {MAX_NAME_LEN} printable characters")
+        C.name(name, "lock name")
         if kind not in (MUTEX, SEMAPHORE):
             raise InvalidArgument(f"a lock is a {MUTEX!r} or a {SEMAPHORE!r}, not {kind!r}")
         if type(permits) is not int or not 1 <= permits <= MAX_PERMITS:

@@ -19,10 +19,10 @@ from google.protobuf import message_factory
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
+from . import checks as C
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .kernel import Kernel, SpawnSpec
 from .mailbox import Match, Message
-from .process import Limits
 from .store import ProcessRecord, now_ms
 from .waiting import TIMED_OUT, AsyncWaiter
 
@@ -35,6 +35,8 @@ TOKEN_HEADER = "llmos-token"
 
 # The pid of the Python agent making the current call (None: an external client).
 CALLER: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller", default=None)
+# The current call's gRPC context.
+CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar("call")
 
 # On the agent socket, each of these fields must name the calling agent (0 is
 # filled in with it): an agent can send, receive, hold locks... only as itself.
@@ -48,6 +50,13 @@ AGENT_DENIED = {"OpenPort": "agents have a mailbox of their own; ports are for e
 # -- conversions --------------------------------------------------------------------------
 def _value(v: Any) -> Any:
     return from_value(v) if v is not None else None
+
+
+def _enum_name(enum: Any, number: int, field: str) -> str:
+    try:
+        return enum.Name(number)
+    except ValueError:
+        raise InvalidArgument(f"{field}: {number} is not a value of {enum.DESCRIPTOR.name}") from None
 
 
 def message_pb(msg: Message) -> pb.Message:
@@ -73,24 +82,12 @@ def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessI
 
 
 def _timeout(req: Any) -> float | None:
-    if not req.HasField("timeout_ms"):
-        return None
-    if req.timeout_ms < 0:
-        raise InvalidArgument("timeout_ms must not be negative (leave it unset to wait without limit)")
-    return req.timeout_ms / 1000
+    """The request's timeout_ms in seconds (unset: None, no limit); see checks.duration_ms."""
+    return C.timeout_s(req.timeout_ms, "timeout_ms") if req.HasField("timeout_ms") else None
 
 
 def _pid(value: int, field: str = "pid") -> int:
-    if value == 0:
-        raise InvalidArgument(f"{field} is required")
-    return value
-
-
-def _payload(value: Any, data: bytes, limit: int) -> Any:
-    size = len(data) + (value.ByteSize() if value is not None else 0)
-    if size > limit:
-        raise ResourceExhausted(f"message of {size} bytes is larger than the limit of {limit} bytes")
-    return _value(value)
+    return C.pid(value, field)
 
 
 async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
@@ -119,12 +116,10 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
     which = req.WhichOneof("program")
     if which is None:
         raise InvalidArgument("program is required: set lua (source), python (source) or path")
-    lim = req.limits
     spec = SpawnSpec(
         args=_value(req.args) if req.HasField("args") else None, name=req.name or None, priority=req.priority,
-        weight=req.weight,
-        limits=Limits(lim.cpu_ms, lim.wall_ms, lim.memory_bytes, lim.tokens, lim.mailbox),
-        parent=req.parent, monitor=req.monitor,
+        weight=req.weight, limits=C.limits({f.name: v for f, v in req.limits.ListFields()}),
+        parent=req.parent, monitor=req.monitor, source_name=req.source_name or None,
     )
     setattr(spec, which, getattr(req, which))
     return pb.SpawnResponse(pid=k.spawn(spec))
@@ -134,7 +129,7 @@ async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
     target = req.WhichOneof("target")
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
-    body = _payload(req.body if req.HasField("body") else None, req.data, k.config.max_message_bytes)
+    body = _value(req.body) if req.HasField("body") else None
     message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id)
     return pb.SendResponse(message_id=message_id)
 
@@ -152,7 +147,11 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
         msg = await _await(k, waiter, "recv", lambda taken: k.put_back(pid, taken))
         if msg is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
-    return pb.RecvResponse(message=message_pb(msg))
+    try:
+        return pb.RecvResponse(message=message_pb(msg))
+    except Exception:  # a message that cannot be answered is a kernel bug, but it is never lost for it
+        k.put_back(pid, msg)
+        raise
 
 
 async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
@@ -189,7 +188,7 @@ async def sys_monitor(k: Kernel, req: pb.MonitorRequest) -> pb.MonitorResponse:
 
 
 async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest) -> pb.SetPriorityResponse:
-    k.set_priority(_pid(req.pid), req.priority, req.weight)
+    k.set_priority(_pid(req.pid), req.priority, req.weight, caller=CALLER.get())
     return pb.SetPriorityResponse()
 
 
@@ -199,7 +198,7 @@ async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
 
 
 async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
-    states = {pb.ProcessState.Name(s) for s in req.states}
+    states = {_enum_name(pb.ProcessState, s, "states") for s in req.states}
     found = k.list(states, req.name or None, req.parent, req.include_ended)
     return pb.ListProcessesResponse(processes=[process_pb(*t) for t in found])
 
@@ -248,6 +247,14 @@ async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest]
                 await asyncio.to_thread(writer.write, req.data)
         if writer is None:
             raise InvalidArgument("WriteFile needs at least one message (with the path)")
+        # A client that cancels can look like one that finished: grpc.aio ends
+        # the request stream either way, and tells the handler of a cancel
+        # only later. Any operation on the call fails once it is cancelled,
+        # so this one, before the file is committed, keeps a failed write out.
+        try:
+            await CALL.get().send_initial_metadata(())
+        except Exception:  # the call is cancelled: nobody is there to answer
+            raise asyncio.CancelledError() from None
         info = await asyncio.to_thread(writer.close)
         writer = None
         return file_pb(info)
@@ -302,7 +309,7 @@ async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
     waiter = AsyncWaiter(asyncio.get_running_loop())
     with k.lock:
         holder = k.procs.get(pid) or k.live_locked(pid, "holder")
-        priority = req.priority if req.HasField("priority") else holder.priority
+        priority = C.priority(req.priority) if req.HasField("priority") else holder.priority
         if timeout == 0:
             answer = k.sync.try_acquire(holder.namespace, req.name, pid, kind, permits)
             if answer is None:
@@ -365,8 +372,20 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
 
 
 # -- wiring into grpc -------------------------------------------------------------------------
-def _status(err: KernelError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, err.code)
+MAX_STATUS_TEXT = 2048  # characters of an error's text: any status must fit in gRPC's trailers
+
+
+async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
+    """Answer a failed call: a kernel error with its status and (cut) text; anything else is a
+    kernel bug, logged, and answered INTERNAL."""
+    if isinstance(err, KernelError):
+        code, text = getattr(grpc.StatusCode, err.code), str(err)
+    else:
+        log.exception("%s failed", method, exc_info=err)
+        code, text = grpc.StatusCode.INTERNAL, f"kernel error in {method} (logged by the server): {err!r}"
+    if len(text) > MAX_STATUS_TEXT:
+        text = f"{text[:MAX_STATUS_TEXT]} ... [{len(text) - MAX_STATUS_TEXT} characters cut]"
+    await ctx.abort(code, text)
 
 
 class Identity:
@@ -414,10 +433,13 @@ def _act_as(req: Any, field: str, caller: int) -> None:
 
 def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+        CALL.set(ctx)
         try:
             return await fn(identity.k, identity.check(method, req, ctx))
-        except KernelError as e:
-            await ctx.abort(_status(e), str(e))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await _abort(ctx, method, e)
 
     return handle
 
@@ -427,8 +449,10 @@ def _stream(identity: Identity, method: str, fn: Callable[..., AsyncIterator[Any
         try:
             async for item in fn(identity.k, identity.check(method, req, ctx)):
                 yield item
-        except KernelError as e:
-            await ctx.abort(_status(e), str(e))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await _abort(ctx, method, e)
 
     return handle
 

@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import threading
 import time
 from typing import Any, Callable
 
+from llmos.values import MAX_DURATION_MS
+
+log = logging.getLogger(__name__)
+
 TIMED_OUT = object()  # the value a waiter completes with when its timeout passes
+MAX_DELAY_S = MAX_DURATION_MS / 1000  # the longest any timer waits ("for ever" to a caller)
+MAX_WAIT_S = 60.0  # the longest the timer thread sleeps at once
 
 
 class Waiter:
@@ -102,7 +109,13 @@ class Timer:
 
 
 class Timers:
-    """One thread runs every timeout in the kernel, from a heap of deadlines."""
+    """One thread runs every timeout in the kernel, from a heap of deadlines.
+
+    Nothing a caller passes can stop it: a delay is clamped to [0, MAX_DELAY_S]
+    (callers have refused NaN and clamped what they were given already, see
+    checks.py), the thread never sleeps longer than a minute at a time, and a
+    callback that raises is logged and the others go on.
+    """
 
     def time_out(self, lock: threading.Lock, waiter: Waiter, timeout_s: float | None) -> None:
         """Complete `waiter` with TIMED_OUT after `timeout_s` (None: never) unless
@@ -127,7 +140,9 @@ class Timers:
         self._thread.start()
 
     def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + seconds, callback)
+        if not seconds >= 0:  # NaN too
+            seconds = 0.0
+        timer = Timer(time.monotonic() + min(seconds, MAX_DELAY_S), callback)
         with self._cond:
             heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
             if self._heap[0][2] is timer:
@@ -141,14 +156,17 @@ class Timers:
                     if self._heap and self._heap[0][2].cancelled:
                         heapq.heappop(self._heap)
                         continue
-                    delay = self._heap[0][0] - time.monotonic() if self._heap else None
-                    if delay is not None and delay <= 0:
+                    delay = self._heap[0][0] - time.monotonic() if self._heap else MAX_WAIT_S
+                    if delay <= 0:
                         break
-                    self._cond.wait(delay)
+                    self._cond.wait(min(delay, MAX_WAIT_S))
                 if self._stopped:
                     return
                 timer = heapq.heappop(self._heap)[2]
-            timer.callback()
+            try:
+                timer.callback()
+            except Exception:  # one timeout's trouble must not end every other's
+                log.exception("a timer's callback failed")
 
     def stop(self) -> None:
         with self._cond:

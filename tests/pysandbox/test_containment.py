@@ -198,6 +198,12 @@ with Launcher(LauncherConfig(work_root=root, kernel_socket=root / "k.sock", pyth
         "tcp": f"import socket\\nsocket.create_connection(('127.0.0.1', {srv.getsockname()[1]}), timeout=2)",
         "outside": "open('/tmp/llmos-user-escape', 'w')",
         "ok": "print(open('f', 'w').write('abc'))",
+        # a forked process tries to leave the agent's process group, which the scheduler stops as one
+        "leave_group": "import os\\nr, w = os.pipe()\\nif os.fork() == 0:\\n    out = []\\n"
+                       "    for leave in (os.setsid, lambda: os.setpgid(0, 0)):\\n        try:\\n"
+                       "            leave()\\n            out.append('left')\\n        except OSError as e:\\n"
+                       "            out.append(str(e.errno))\\n    os.write(w, ' '.join(out).encode())\\n"
+                       "    os._exit(0)\\nos.wait()\\nprint(os.read(r, 100).decode())",
     }
     for name, src in programs.items():
         c = launcher.spawn(SpawnSpec(pid=len(results), token="t", source=src, limits=Limits(processes=8, wall_s=30)))
@@ -239,6 +245,7 @@ def test_as_an_ordinary_user(user_dir: Path) -> None:
     assert r["tcp"][0] == "exception" and "OSError" in r["tcp"][2]
     assert r["outside"][0] == "exception" and "PermissionError" in r["outside"][2]
     assert r["ok"][:2] == ["exited", 0] and r["ok"][3] == "3\n"
+    assert r["leave_group"][:2] == ["exited", 0] and r["leave_group"][3] == "1 1\n", r["leave_group"]  # EPERM
     assert not os.path.exists("/tmp/llmos-user-escape")
 
     # Killed with SIGKILL, an ordinary user's launcher leaves no process of that user behind,

@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
-from llmosd.pysandbox import Launcher, Limits, SpawnSpec
+import psutil
+import pytest
+
+from llmosd.pysandbox import Launcher, LauncherConfig, Limits, SpawnSpec
 
 from _sbx import RunFn, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 
@@ -97,6 +101,49 @@ def test_stop_and_continue(launcher: Launcher) -> None:
     st = child.wait(10)
     assert st is not None and st.reason == "killed" and st.signal == signal.SIGKILL
     assert not child.stop() and not child.cont()
+
+
+def _settle(what: object, message: str, tries: int = 250) -> object:
+    for _ in range(tries):
+        got = what()  # type: ignore[operator]
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def test_stop_continue_and_cpu_time_cover_forked_processes(tmp_path: Path) -> None:
+    """Where agents may start processes, the scheduler's stop reaches all of them, and the
+    agent's CPU time counts theirs (seccomp is left off here: as root it would refuse forks)."""
+    config = LauncherConfig(work_root=tmp_path, kernel_socket=tmp_path / "k.sock", disable=frozenset({"seccomp"}))
+    with Launcher(config) as launcher:
+        assert launcher.fork_limit != "seccomp"
+        child = spawn(launcher, """
+            import os
+            for _ in range(2):
+                if os.fork() == 0:
+                    break
+            while True:
+                pass
+        """, Limits(wall_s=30, processes=8))
+        try:
+            agent = psutil.Process(child.os_pid)
+            tree = _settle(lambda: (lambda t: t if len(t) == 3 else None)([agent] + agent.children(recursive=True)),
+                           "the agent and its two children")
+            _settle(lambda: child.cpu_time() > 0.6, "the three processes to burn CPU")
+            seen = sum(p.cpu_times().user + p.cpu_times().system for p in tree)
+            assert abs(child.cpu_time() - seen) < 0.2 * seen + 0.05, (child.cpu_time(), seen)
+            assert child.stop()
+            _settle(lambda: all(p.status() == psutil.STATUS_STOPPED for p in tree), "every process to stop")
+            frozen = child.cpu_time()
+            time.sleep(0.4)
+            assert child.cpu_time() - frozen < 0.02
+            assert child.cont()
+            _settle(lambda: child.cpu_time() - frozen > 0.3, "the processes to run again")
+        finally:
+            child.kill()
+        st = child.wait(10)
+        assert st is not None and st.reason == "killed"
 
 
 def test_cpu_limit(run: RunFn) -> None:

@@ -37,21 +37,25 @@ PYTHON: ProcessKind
 PORT: ProcessKind
 
 class Limits(_message.Message):
-    __slots__ = ("cpu_ms", "wall_ms", "memory_bytes", "tokens", "mailbox")
+    __slots__ = ("cpu_ms", "wall_ms", "memory_bytes", "tokens", "mailbox", "mailbox_bytes", "processes")
     CPU_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     cpu_ms: int
     wall_ms: int
     memory_bytes: int
     tokens: int
     mailbox: int
-    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., mailbox: _Optional[int] = ...) -> None: ...
+    mailbox_bytes: int
+    processes: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., mailbox: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("cpu_ms", "wall_ms", "messages_sent", "messages_received", "tokens", "memory_bytes", "mailbox_len")
+    __slots__ = ("cpu_ms", "wall_ms", "messages_sent", "messages_received", "tokens", "memory_bytes", "mailbox_len", "mailbox_bytes", "processes")
     CPU_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_SENT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +63,8 @@ class Usage(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     cpu_ms: int
     wall_ms: int
     messages_sent: int
@@ -66,10 +72,12 @@ class Usage(_message.Message):
     tokens: int
     memory_bytes: int
     mailbox_len: int
-    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ...) -> None: ...
+    mailbox_bytes: int
+    processes: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class SpawnRequest(_message.Message):
-    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight")
+    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name")
     LUA_FIELD_NUMBER: _ClassVar[int]
     PYTHON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +88,7 @@ class SpawnRequest(_message.Message):
     PARENT_FIELD_NUMBER: _ClassVar[int]
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     lua: str
     python: str
     path: str
@@ -90,7 +99,8 @@ class SpawnRequest(_message.Message):
     parent: int
     monitor: bool
     weight: int
-    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ...) -> None: ...
+    source_name: str
+    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ...) -> None: ...
 
 class SpawnResponse(_message.Message):
     __slots__ = ("pid",)

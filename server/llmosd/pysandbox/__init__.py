@@ -6,7 +6,8 @@ Usage::
     launcher.start()                      # fork server up; launcher.layers says what is enforced
     child = launcher.spawn(SpawnSpec(pid=7, token="...", source="print('hi')", args_json="{}",
                                      limits=Limits(cpu_s=10, memory_bytes=1 << 30, wall_s=60)))
-    child.os_pid; child.stop(); child.cont(); child.kill(); child.cpu_time(); child.rss()
+    child.os_pid; child.stop(); child.cont(); child.kill(); child.rss()
+    child.cpu_time()                      # CPU seconds of all its threads and processes
     status = child.wait(timeout)          # ExitStatus(reason, code, signal, error, cpu_s, max_rss)
     child.read_log()                      # stdout+stderr, also at child.log_path
     launcher.shutdown()                   # kills every agent; so does the death of this process
@@ -45,7 +46,9 @@ logged warning (``launcher.layers``, ``launcher.notices``):
     signals or abstract sockets leaving the agent.
   * "seccomp": no ptrace, mount, namespaces, kexec, bpf, io_uring, keyrings,
     module loading; socket() for AF_UNIX only (unless allow_network); no
-    processes with fork_limit "seccomp"; no_new_privs.
+    setsid/setpgid, so that whatever an agent forks stays in its process group,
+    which Child.stop/cont/kill signal as one; no processes with fork_limit
+    "seccomp"; no_new_privs.
 The agent's death is reported by the fork server (its parent); agents get
 PR_SET_PDEATHSIG from it, and it gets PR_SET_PDEATHSIG from the launcher
 thread that started it and watches its control socket.

@@ -26,8 +26,9 @@ IS_X86_64 = platform.machine() == "x86_64"
 # asm/unistd_64.h
 NR = {
     "socket": 41, "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "kill": 62,
-    "ptrace": 101, "syslog": 103, "rt_sigqueueinfo": 129, "uselib": 134, "personality": 135,
-    "ustat": 136, "sysfs": 139, "vhangup": 153, "pivot_root": 155, "chroot": 161, "acct": 163,
+    "ptrace": 101, "syslog": 103, "setpgid": 109, "setsid": 112, "rt_sigqueueinfo": 129,
+    "uselib": 134, "personality": 135, "ustat": 136, "sysfs": 139, "vhangup": 153, "pivot_root": 155,
+    "chroot": 161, "acct": 163,
     "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "iopl": 172,
     "ioperm": 173, "init_module": 175, "delete_module": 176, "quotactl": 179, "nfsservctl": 180,
     "gettid": 186, "tkill": 200, "lookup_dcookie": 212, "tgkill": 234, "kexec_load": 246,
@@ -228,8 +229,11 @@ def ret_errno(err: int) -> int:
 
 # Denied outright: debugging other processes, namespaces/mounts, kernel
 # modules and images, eBPF, keyrings, io_uring (its ops bypass seccomp),
-# handle-based opens that skip path checks, and other host-admin calls.
+# handle-based opens that skip path checks, and other host-admin calls; and
+# leaving the agent's process group, which the scheduler stops and continues
+# as one (the agent made it with setsid() before confining itself).
 DENIED_SYSCALLS = (
+    "setsid", "setpgid",
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "process_madvise",
     "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_tree", "move_mount",
     "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",

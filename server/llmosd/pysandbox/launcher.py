@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .child import EXIT_SETUP
 log = logging.getLogger("llmosd.pysandbox")
 
 _SERVER_DIR = str(Path(__file__).resolve().parent.parent.parent)
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_PRELOAD = ("json", "grpc", "google.protobuf", "google.protobuf.struct_pb2", "llmos", "llmos.userland")
 
 
@@ -108,10 +110,16 @@ class SandboxError(RuntimeError):
 
 
 class Child:
-    """A running (or finished) agent. Signals go through a pidfd, so they never hit a reused pid."""
+    """A running (or finished) agent. Signals go through a pidfd, so they never hit a reused pid.
+
+    Where agents may start processes (``Launcher.fork_limit`` other than "seccomp"), stop,
+    cont and kill reach the agent's whole process group (the agent is a session leader, and
+    the seccomp filter keeps its processes from leaving its group), and cpu_time counts every
+    process it started.
+    """
 
     def __init__(self, launcher: Launcher, spec: SpawnSpec, os_pid: int, pidfd: int, payload_fd: int,
-                 workdir: Path, log_path: Path) -> None:
+                 workdir: Path, log_path: Path, forks: bool) -> None:
         self.pid = spec.pid
         self.os_pid = os_pid
         self.workdir = workdir
@@ -120,10 +128,12 @@ class Child:
         self._launcher = launcher
         self._pidfd = pidfd
         self._payload_fd = payload_fd
+        self._forks = forks
         self._done = threading.Event()
         self._fd_lock = threading.Lock()
         self._status: ExitStatus | None = None
         self._killed = False
+        self._cpu_s = 0.0  # the last reading of cpu_time(), kept once the process is gone
 
     def _signal(self, sig: int) -> bool:
         # Under the lock so that _finish cannot close the pidfd (and its number be reused) meanwhile.
@@ -133,6 +143,23 @@ class Child:
             try:
                 signal.pidfd_send_signal(self._pidfd, sig)
             except ProcessLookupError:  # exited, not yet reaped
+                return False
+            if self._forks:
+                # The leader was alive (unreaped) just now, so its group id is still its own.
+                try:
+                    os.killpg(self.os_pid, sig)
+                except OSError:
+                    pass
+        return True
+
+    def _alive(self) -> bool:
+        """True while the agent has not been reaped (so its host pid is still its own)."""
+        with self._fd_lock:
+            if self._pidfd < 0:
+                return False
+            try:
+                signal.pidfd_send_signal(self._pidfd, 0)
+            except OSError:
                 return False
         return True
 
@@ -161,16 +188,20 @@ class Child:
         return self._status
 
     def cpu_time(self) -> float:
-        """CPU seconds used (user + system), including reaped children; final once ended."""
+        """CPU seconds used (user + system) by all the agent's threads, live and ended, and, where
+        agents may fork, by every process it started; final once ended (then from its rusage)."""
         if self._status is not None:
             return self._status.cpu_s
-        try:
-            with open(f"/proc/{self.os_pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return self._status.cpu_s if self._status else 0.0
-        ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        return ticks / os.sysconf("SC_CLK_TCK")
+        if self._forks:
+            used = _tree_cpu(self.os_pid)
+        else:
+            try:
+                used = time.clock_gettime(_cpu_clock(self.os_pid))
+            except OSError:  # reaped already: its status comes next
+                return self._cpu_s
+        if self._alive():  # else the pid may have been reused before the reading
+            self._cpu_s = max(self._cpu_s, used)
+        return self._cpu_s
 
     def rss(self) -> int:
         """Resident set size in bytes now (0 once ended)."""
@@ -210,6 +241,29 @@ class Child:
             _remove_tree(self.workdir)
         self._status = status
         self._done.set()
+
+
+def _cpu_clock(pid: int) -> int:
+    """The clock id of process `pid`'s CPU time, as clock_getcpuclockid(3) makes it (CPUCLOCK_SCHED:
+    nanosecond precision, the sum of all its threads, including those that have ended)."""
+    return ((~pid) << 3) | 2
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds of `root` and of its descendants, live (their CPU clocks) or reaped (cutime, cstime)."""
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += time.clock_gettime(_cpu_clock(pid)) + (int(fields[13]) + int(fields[14])) / _CLK_TCK
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return total
 
 
 def _classify(msg: dict[str, Any], outcome: dict[str, Any], limits: Limits, killed: bool) -> ExitStatus:
@@ -344,7 +398,7 @@ class Launcher:
                     if op == "spawned":
                         # Registered here, not by spawn(), so an exit record that follows at once finds it.
                         pending.child = Child(self, pending.spec, msg["os_pid"], fds[0], pending.payload_fd,
-                                              pending.workdir, pending.log_path)
+                                              pending.workdir, pending.log_path, self.fork_limit != "seccomp")
                         self._children[msg["seq"]] = pending.child
                     else:
                         pending.error = msg["error"]

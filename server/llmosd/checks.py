@@ -1,0 +1,136 @@
+"""The argument rules every userland's syscalls share: gRPC clients, Lua
+programs and Python agents reach the kernel with values of any type and size,
+and each rule is written here once.
+
+- Durations (ms): a number; NaN and negatives are refused; anything above
+  MAX_DURATION_MS (ten years, +inf included) means "for ever" and is clamped to
+  it, so that no timer ever sees an unrepresentable time.
+- Priorities: integers in [MIN_PRIORITY, MAX_PRIORITY]. Weights: 1..MAX_WEIGHT.
+- pids: positive integers; one that cannot exist (above MAX_PID) is simply not
+  found, like any unknown pid.
+- Names (of processes, ports and locks): 1..MAX_NAME_LEN printable characters
+  (no control, format, bidi-override or separator characters but the space).
+- Short texts (tags, correlation ids, reasons): at most MAX_TEXT_BYTES bytes.
+- Values (message bodies, arguments, results): JSON within the message size
+  limit, as _lua.value_size checks (see messaging.h).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .native import _lua
+from .process import Limits
+from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
+
+MIN_PRIORITY, MAX_PRIORITY = -20, 20
+DEFAULT_WEIGHT, MAX_WEIGHT = 100, 10_000  # as cgroup v2's cpu.weight
+MAX_PID = MAX_EXACT_INTEGER  # pids are exact JSON numbers
+MAX_NAME_LEN = 256
+MAX_TEXT_BYTES = 1024
+
+
+def integer(value: Any, what: str) -> int:
+    """An integer (an integral float too, as Lua numbers may be), else InvalidArgument."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if type(value) is not int:
+        raise InvalidArgument(f"{what} must be an integer")
+    return value
+
+
+def duration_ms(value: Any, what: str) -> float:
+    if type(value) not in (int, float) or math.isnan(value) or value < 0:
+        raise InvalidArgument(f"{what} must be a non-negative number of milliseconds")
+    return min(value, MAX_DURATION_MS)
+
+
+def timeout_s(value: Any, what: str) -> float | None:
+    """A timeout given in ms as seconds; None (no timeout) stays None."""
+    return None if value is None else duration_ms(value, what) / 1000
+
+
+def priority(value: Any, what: str = "priority") -> int:
+    value = integer(value, what)
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidArgument(f"{what} must be between {MIN_PRIORITY} and {MAX_PRIORITY}, not {value}")
+    return value
+
+
+def weight(value: Any, what: str = "weight") -> int:
+    value = integer(value, what)
+    if not 1 <= value <= MAX_WEIGHT:
+        raise InvalidArgument(f"{what} must be between 1 and {MAX_WEIGHT} (the default is {DEFAULT_WEIGHT})")
+    return value
+
+
+def pid(value: Any, what: str = "pid") -> int:
+    """A pid given by a caller: an integer; 0 means unset (refused); one that cannot exist is NotFound."""
+    value = integer(value, what)
+    if value == 0:
+        raise InvalidArgument(f"{what} is required")
+    if not 0 < value <= MAX_PID:
+        raise NotFound(f"no process with pid {value}")
+    return value
+
+
+def name(value: Any, what: str = "name") -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable():
+        raise InvalidArgument(f"{what}: names are 1 to {MAX_NAME_LEN} printable characters "
+                              "(no control, format or separator characters but the space)")
+    return value
+
+
+def known_options(given: Any, known: tuple[str, ...], what: str) -> None:
+    """InvalidArgument naming any option not in `known` (a misspelt option must not pass silently)."""
+    unknown = sorted(set(given) - set(known), key=str)
+    if unknown:
+        raise InvalidArgument(f"{what}: unknown option(s) {', '.join(map(str, unknown))} "
+                              f"(known: {', '.join(known)})")
+
+
+def text(value: Any, what: str) -> str:
+    """A short text (tag, correlation id, reason): str of at most MAX_TEXT_BYTES UTF-8 bytes."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} must be valid Unicode text") from None
+    if size > MAX_TEXT_BYTES:
+        raise InvalidArgument(f"{what} is at most {MAX_TEXT_BYTES} bytes; this one has {size}")
+    return value
+
+
+def value(obj: Any, what: str, limit: int) -> Any:
+    """`obj` if it is a JSON value of at most `limit` encoded bytes (see _lua.value_size)."""
+    try:
+        _lua.value_size(obj, limit)
+    except _lua.TooLarge:
+        raise ResourceExhausted(f"{what}: larger than the limit of {limit} bytes") from None
+    except _lua.BadValue as e:
+        raise InvalidArgument(f"{what}: {e.args[0]}") from None
+    return obj
+
+
+MAX_AMOUNT = 2**53  # a byte or count limit above this is taken as this ("unlimited" in practice)
+_DURATION_LIMITS = ("cpu_ms", "wall_ms")
+
+
+def limits(given: Any, what: str = "limits") -> Limits:
+    """Limits from a mapping of names to numbers (a Lua table, a gRPC Limits'
+    fields): durations as duration_ms; byte and count limits non-negative
+    integers, clamped to MAX_AMOUNT."""
+    out = {}
+    for key, amount in given.items():
+        if key not in Limits.__slots__:
+            raise InvalidArgument(f"{what}: unknown limit {key!r} (known: {', '.join(Limits.__slots__)})")
+        if key in _DURATION_LIMITS:
+            out[key] = math.ceil(duration_ms(amount, f"{what}.{key}"))
+        else:
+            amount = integer(amount, f"{what}.{key}")
+            if amount < 0:
+                raise InvalidArgument(f"{what}.{key} must not be negative")
+            out[key] = min(amount, MAX_AMOUNT)
+    return Limits(**out)

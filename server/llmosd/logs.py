@@ -1,0 +1,74 @@
+"""Process logs in memory, bounded three ways so that no program can make the
+kernel hold more than the operator allows: a line is cut at MAX_LINE
+characters, a process keeps its last `process_chars` characters (and
+MAX_LINES lines), and all logs together, of live and ended processes, hold at
+most `total_chars`; over that, the logs of the processes that ended longest
+ago are dropped first (ReadLog reports them as dropped), then the writer's
+own oldest lines. Sizes are counted in characters, what a str costs at least.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .process import Process
+    from .store import ProcessRecord
+
+MAX_LINES = 1000
+MAX_LINE = 16 << 10
+
+
+class Logs:
+    def __init__(self, process_chars: int, total_chars: int) -> None:
+        self.process_chars = process_chars
+        self.total_chars = total_chars
+        self.used = 0  # characters held, live and ended
+        self._ended: OrderedDict[int, tuple[ProcessRecord, int]] = OrderedDict()  # pid -> (record, characters)
+
+    def append(self, proc: Process, line: str) -> str:
+        """Add a line to `proc`'s log (kernel lock held); the line as kept."""
+        if len(line) > MAX_LINE:
+            line = f"{line[:MAX_LINE]} ... [{len(line) - MAX_LINE} characters cut]"
+        log = proc.log
+        log.append(line)
+        proc.log_bytes += len(line)
+        self.used += len(line)
+        while len(log) > MAX_LINES or (proc.log_bytes > self.process_chars and len(log) > 1):
+            self._drop_first(proc)
+        while self.used > self.total_chars and self._ended:
+            self._drop_ended()
+        while self.used > self.total_chars and len(log) > 1:
+            self._drop_first(proc)
+        return line
+
+    def replace(self, proc: Process, lines: list[str]) -> None:
+        """`proc`'s log is `lines` now (a Python agent's, read from its output at its end)."""
+        self.used -= proc.log_bytes
+        proc.log[:] = []
+        proc.log_bytes = 0
+        for line in lines:
+            self.append(proc, line)
+
+    def ended(self, proc: Process, rec: ProcessRecord) -> None:
+        """`proc` ended: its log stays with its record, the first to go when memory runs short."""
+        if proc.log_bytes:
+            self._ended[proc.pid] = (rec, proc.log_bytes)
+
+    def forget(self, pid: int) -> None:
+        """An ended process's record leaves memory: so does its log."""
+        entry = self._ended.pop(pid, None)
+        if entry is not None:
+            self.used -= entry[1]
+
+    def _drop_first(self, proc: Process) -> None:
+        first = proc.log.pop(0)
+        proc.log_bytes -= len(first)
+        proc.log_dropped += 1
+        self.used -= len(first)
+
+    def _drop_ended(self) -> None:
+        _, (rec, chars) = self._ended.popitem(last=False)
+        rec.log_dropped += len(rec.log or ())
+        rec.log = []
+        self.used -= chars
