@@ -158,15 +158,22 @@ def targets(npids: int, nnames: int, string_ok: bool = False) -> st.SearchStrate
     return st.one_of(st.sampled_from(fine + names), st.sampled_from(bad))
 
 
-def durations(nil_blocks: bool) -> st.SearchStrategy[Arg]:
-    return st.sampled_from([
-        Arg("0", "0"), Arg("1", "1"), Arg("5", "5"), Arg("20", "20"), Arg("2.5", "2.5"),
-        Arg("-1", "-1", "a negative duration"), Arg("-0.0", "-0.0"), Arg("0/0", "NaN", "a NaN duration"),
-        Arg("math.huge", "inf", blocks=True), Arg("1e300", "1e300", blocks=True), Arg("2^63", "2^63", blocks=True),
-        Arg("math.maxinteger", "maxinteger", blocks=True), Arg(str(MAX_DURATION_MS + 1), "10 years + 1 ms", blocks=True),
-        Arg("-math.huge", "-inf", "a negative duration"), Arg("{}", "{}", "a table as a duration"),
-        Arg("nil", "nil", blocks=nil_blocks),
-    ])
+SHORT_DURATIONS = [
+    Arg("0", "0"), Arg("1", "1"), Arg("5", "5"), Arg("20", "20"), Arg("2.5", "2.5"), Arg("-0.0", "-0.0"),
+    Arg("-1", "-1", "a negative duration"), Arg("0/0", "NaN", "a NaN duration"),
+    Arg("-math.huge", "-inf", "a negative duration"), Arg("{}", "{}", "a table as a duration"),
+]
+LONG_DURATIONS = [
+    Arg("math.huge", "inf", blocks=True), Arg("1e300", "1e300", blocks=True), Arg("2^63", "2^63", blocks=True),
+    Arg("math.maxinteger", "maxinteger", blocks=True), Arg(str(MAX_DURATION_MS + 1), "10 years + 1 ms", blocks=True),
+]
+
+
+def durations(quick: bool, nil_blocks: bool = False) -> st.SearchStrategy[Arg]:
+    """Durations in ms; `quick`: none that may wait long (nor nil, where nil waits for ever)."""
+    if quick:
+        return st.sampled_from(SHORT_DURATIONS)
+    return st.sampled_from(SHORT_DURATIONS + LONG_DURATIONS + [Arg("nil", "nil", blocks=nil_blocks)])
 
 
 def texts() -> st.SearchStrategy[Arg]:
@@ -202,9 +209,11 @@ def _name_refusal(arg: Arg) -> str:
     return f"{arg.label} is no name"
 
 
-def _option_table(draw: Any, keys: dict[str, st.SearchStrategy[Arg]], fname: str) -> tuple[Arg, list[str], list[Arg]]:
+def _option_table(draw: Any, keys: dict[str, st.SearchStrategy[Arg]], fname: str,
+                  required: tuple[str, ...] = ()) -> tuple[Arg, list[str], list[Arg]]:
     """(the table, unknown keys in it, the values given per known key)."""
-    chosen = draw(st.lists(st.sampled_from(sorted(keys)), unique=True, max_size=len(keys)))
+    chosen = list(required) + draw(st.lists(st.sampled_from(sorted(set(keys) - set(required))), unique=True,
+                                            max_size=len(keys)))
     unknown = draw(st.lists(st.sampled_from(UNKNOWN_KEYS), unique=True, max_size=1))
     parts, labels, given = [], [], []
     for key in chosen:
@@ -219,13 +228,15 @@ def _option_table(draw: Any, keys: dict[str, st.SearchStrategy[Arg]], fname: str
 
 
 # -- steps ------------------------------------------------------------------------------------
+MAY_WAIT = {"sys.recv", "sys.wait", "sys.sleep", "sys.infer", "sys.lock.acquire", "sys.exit"}
 SMALL_PROGRAMS = ["return 1", "sys.recv{}", "error('child')", "return math.maxinteger", "while true do end",
                   "return args", "sys.sleep(1e300)"]
 
 
 @st.composite
-def call_step(draw: Any, fname: str, npids: int, nnames: int) -> Step:
-    """A call of `fname` with arguments chosen for what it takes."""
+def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = False) -> Step:
+    """A call of `fname` with arguments chosen for what it takes; `quick`: with none that
+    lets it wait long (it is not the program's last step)."""
     ctx = draw(st.sampled_from(sorted(CONTEXTS)))
     step = Step("call", fname, context=ctx)
     value = st.one_of(lua_values(), st.sampled_from(LUA_SCALARS))
@@ -236,8 +247,8 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int) -> Step:
             step.refusals.append(arg.refused)
         return arg
 
-    def options(keys: dict[str, st.SearchStrategy[Arg]]) -> None:
-        table, unknown, given = _option_table(draw, keys, fname)
+    def options(keys: dict[str, st.SearchStrategy[Arg]], required: tuple[str, ...] = ()) -> None:
+        table, unknown, given = _option_table(draw, keys, fname, required if quick else ())
         step.args.append(table)
         step.unknown_keys.extend(unknown)
         step.refusals.extend(f"unknown option {k}" for k in unknown)
@@ -253,17 +264,18 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int) -> Step:
         options({"tag": text_field(), "data": text_field(raw_ok=True), "correlation_id": text_field()})
     elif fname == "sys.recv":
         to = targets(npids, nnames)
-        options({"from": to, "tag": texts(), "correlation_id": texts(), "timeout_ms": durations(nil_blocks=True)})
+        options({"from": to, "tag": texts(), "correlation_id": texts(), "timeout_ms": durations(quick, True)},
+                required=("timeout_ms",))
         if "timeout_ms" not in step.args[0].src:
             step.blocks = True  # no timeout: waits for a message
     elif fname == "sys.wait":
         add(draw(targets(npids, nnames)))
-        d = add(draw(durations(nil_blocks=True)))
-        step.blocks = d.blocks or d.src == "nil" or d.src not in ("0", "1", "5", "20", "2.5", "-0.0")
+        d = add(draw(durations(quick, nil_blocks=True)))
+        step.blocks = d.blocks or d.src == "nil"
         if step.args[0].src == "sys.self()":
             step.refusals.append("a process cannot wait for itself")
     elif fname == "sys.sleep":
-        d = add(draw(durations(nil_blocks=False)))
+        d = add(draw(durations(quick)))
         step.blocks = d.blocks
         if d.src == "nil":
             step.refusals.append("sys.sleep needs a duration")
@@ -294,6 +306,7 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int) -> Step:
         for v in draw(st.lists(st.one_of(value, st.sampled_from(LUA_SHAPES)), max_size=3)):
             step.args.append(Arg(v.src, repr(v)))  # sys.log takes anything, as print does
     elif fname == "sys.exit":
+        assert not quick, "sys.exit ends the program: only as its last step"
         v = draw(value)
         step.args.append(Arg(v.src, repr(v)))
         step.value = v
@@ -313,7 +326,7 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int) -> Step:
             "args": value.map(_value_arg), "name": texts(), "priority": prio,
             "weight": st.sampled_from([Arg("0", "0"), Arg("100", "100"), Arg("10001", "10001", "weight above 10000")]),
             "limits": limits, "monitor": st.sampled_from([Arg("true", "true"), Arg("false", "false")]),
-        })
+        }, required=("lua",))
         src = step.args[0].src
         if "['lua']" not in src:
             step.refusals.append("no program")
@@ -326,18 +339,18 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int) -> Step:
             "top_k": st.sampled_from([Arg("1", "1"), Arg("-1", "-1"), Arg("2^40", "2^40")]),
             "seed": st.sampled_from([Arg("1", "1"), Arg("math.maxinteger", "maxinteger"), Arg("-1", "-1")]),
             "stop": st.sampled_from([Arg("{'a'}", "{'a'}"), Arg("{''}", "{''}"), Arg("{{}}", "{{}}")]),
-            "timeout_ms": durations(nil_blocks=False),
-        })
-        step.blocks = True  # generation takes a while; it goes last
+            "timeout_ms": durations(quick),
+        }, required=("timeout_ms", "prompt"))
+        step.blocks = not quick  # a long generation goes last
     elif fname.startswith("sys.fs."):
         op = fname.rsplit(".", 1)[1]
         path = draw(_paths())
         step.args.append(path)
-        if op in ("write", "mkdir") and path.refused:
-            step.refusals.append(path.refused)
+        if path.refused and (op in ("write", "mkdir") or path.src in ("{}", "nil")):
+            step.refusals.append(path.refused)  # a name is checked where it is made; a non-string everywhere
         if op == "write":
             data = draw(texts())
-            add(Arg(data.src, data.label, "a table is not data" if data.src == "{}" else ""))
+            add(Arg(data.src, data.label, "data must be a string" if data.src in ("{}", "42", "nil") else ""))
             options({"append": st.sampled_from([Arg("true", "true"), Arg("false", "false")])})
         elif op == "read":
             options({"offset": st.sampled_from([Arg("0", "0"), Arg("-1", "-1", "a negative offset"),
@@ -358,11 +371,11 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int) -> Step:
             options({"semaphore": st.sampled_from([Arg("1", "1"), Arg("3", "3"), Arg("0", "0"),
                                                    Arg("-1", "-1", "a negative semaphore"),
                                                    Arg("2^40", "2^40")]),
-                     "timeout_ms": durations(nil_blocks=False)})
-            step.blocks |= op == "acquire"
+                     "timeout_ms": durations(quick)}, required=("timeout_ms",))
+            step.blocks |= op == "acquire" and not quick
     else:
         raise KeyError(f"the fuzzer has no strategy for {fname}: add one to lua_programs.call_step")
-    if draw(st.integers(0, 9)) == 0:  # now and then: anything at all, in any number
+    if draw(st.integers(0, 9)) == 0 and not (quick and fname in MAY_WAIT):  # now and then: anything at all
         step.args = [_value_arg(v) for v in draw(st.lists(value, max_size=4))]
         step.refusals, step.unknown_keys = [], []
     if ctx not in CAN_BLOCK and step.blocks:
@@ -376,14 +389,14 @@ def _paths() -> st.SearchStrategy[Arg]:
         Arg("'fz/a\\u{85}b'", "'fz/U+0085'", "a non-printable name"), Arg("'fz/a\\nb'", "'fz/a\\nb'", "a control character"),
         Arg("'../../etc/passwd'", "'../../etc/passwd'"), Arg("'/etc/passwd'", "'/etc/passwd'"), Arg("''", "''"),
         Arg("'fz/\\xff'", "'fz/\\xff'", "not UTF-8"), Arg("'a\\0b'", "'a\\0b'", "a NUL"),
-        Arg("string.rep('d/', 40) .. 'f'", "40 levels"), Arg("string.rep('n', 300)", "'n'*300"), Arg("{}", "{}"),
-        Arg("nil", "nil"),
+        Arg("string.rep('d/', 40) .. 'f'", "40 levels"), Arg("string.rep('n', 300)", "'n'*300"),
+        Arg("{}", "{}", "a path must be a string"), Arg("nil", "nil", "a path must be a string"),
     ])
 
 
 @st.composite
 def round_trip(draw: Any) -> Step:
-    kind = draw(st.sampled_from(["port", "self", "args", "return", "exit"]))
+    kind = draw(st.sampled_from(["port", "self", "args", "return", "exit"]))  # "exit": a child's sys.exit(value)
     return Step(kind, value=draw(lua_values()))
 
 
@@ -408,14 +421,14 @@ return out
 
 
 @st.composite
-def programs(draw: Any, npids: int, nnames: int, max_steps: int = 6) -> Program:
-    """A few steps; at most one that may block for long, last."""
-    steps = []
-    for _ in range(draw(st.integers(1, max_steps))):
-        if draw(st.integers(0, 2)) == 0:
-            steps.append(draw(round_trip()))
-        else:
-            steps.append(draw(call_step(draw(st.sampled_from(SYS_FUNCTIONS)), npids, nnames)))
-    quick = [s for s in steps if not s.blocks]
-    slow = [s for s in steps if s.blocks][:1]
-    return Program(quick + slow)
+def programs(draw: Any, npids: int, nnames: int) -> Program:
+    """Every sys function once (sys.exit is the round trips' children's), in a random
+    order, with arguments that cannot make it wait long; value round trips; and now and
+    then a last call of anything that may wait for ever (or end the program)."""
+    order = draw(st.permutations([f for f in SYS_FUNCTIONS if f != "sys.exit"]))
+    steps = [draw(call_step(f, npids, nnames, quick=True)) for f in order]
+    for _ in range(draw(st.integers(1, 4))):
+        steps.insert(draw(st.integers(0, len(steps))), draw(round_trip()))
+    if draw(st.booleans()):
+        steps.append(draw(call_step(draw(st.sampled_from(SYS_FUNCTIONS)), npids, nnames)))
+    return Program(steps)

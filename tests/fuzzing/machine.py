@@ -325,10 +325,11 @@ class KernelModel(RuleBasedStateMachine):
             self.expect("Register", out, {OK, C.ALREADY_EXISTS, C.FAILED_PRECONDITION}, "a free name")
         if out.ok:
             self.named(name, port)
+        self.names_resolve()
 
-    @rule()
     def names_resolve(self) -> None:
-        for name, pid in list(self.names.items())[:3]:
+        """Every name the model knows finds its port."""
+        for name, pid in list(self.names.items()):
             out = self.call("ListProcesses", pb.ListProcessesRequest(name=name))
             if not self.expect("ListProcesses", out, {OK}, "a name filter"):
                 return
@@ -378,6 +379,7 @@ class KernelModel(RuleBasedStateMachine):
             return
         if not self.expect("ReadFile", out, {OK}, "a file written"):
             return
+        self.list_files()
         got = b"".join(c.data for c in out.items)
         if got != self.stored[path]:
             return fail("model:files", f"ReadFile({path!r}) gave {short(got)}; written: {short(self.stored[path])}")
@@ -402,8 +404,8 @@ class KernelModel(RuleBasedStateMachine):
         self.stored[dst] = self.stored.pop(src)
         return dst
 
-    @rule()
     def list_files(self) -> None:
+        """The model's directory lists exactly the model's files."""
         out = self.call("ListFiles", pb.FilePath(path=self.dir))
         if not self.stored:
             self.expect("ListFiles", out, {OK, C.NOT_FOUND}, "a directory that may not exist")
@@ -524,7 +526,10 @@ class KernelModel(RuleBasedStateMachine):
             self.srv.after_example(self.ex)
 
     def drain_all(self) -> None:
-        """Every message the model still expects is there, once, in order."""
+        """Every name and file the model knows is there, and every message it still
+        expects is, once and in order."""
+        self.names_resolve()
+        self.list_files()
         for port in self.model.values():
             if port.ended:
                 continue

@@ -347,15 +347,15 @@ def deadline_for(req: Request) -> tuple[float, bool]:
     """(client deadline in s, whether the call may legitimately still be waiting then)."""
     m = METHODS[req.method]
     if m.name == "Events":
-        return 0.3, True
+        return 0.1, True
     if m.name == "Infer":
-        return 3.0, True
+        return 1.0, True
     if not may_block(m):
         return 10.0, False
     timeout = req.timeout_ms()
     if timeout is not None and 0 <= timeout <= 100:
         return 10.0, False  # the server must time the call out itself
-    return 0.3, True
+    return 0.1, True
 
 
 # -- the wire ---------------------------------------------------------------------------------
