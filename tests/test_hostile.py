@@ -352,6 +352,16 @@ def test_spawn_with_limit_2_64_minus_1_is_clamped(fresh: Kernel, field: str) -> 
     assert from_value(fresh.wait(pid).result) == "go"
 
 
+def test_infinite_durations_are_clamped_in_spawn_limits(server: Kernel) -> None:
+    """+Inf durations mean "for ever" (DECISIONS.md), in a limits table too."""
+    got = server.result("""
+        local child = sys.spawn{lua = 'return sys.recv{}.body', limits = {wall_ms = math.huge, cpu_ms = math.huge}}
+        sys.send(child, 'go')
+        return sys.wait(child, 5000).result
+    """)
+    assert got == "go"
+
+
 @pytest.mark.parametrize("call", [
     "sys.sleep(-1)", "sys.sleep(0/0)", "sys.sleep(-math.huge)", "sys.recv{timeout_ms = -1}",
     "sys.recv{timeout_ms = 0/0}", "sys.wait(sys.spawn{lua = 'return 1'}, -5)", "sys.wait(sys.spawn{lua = 'return 1'}, 0/0)",

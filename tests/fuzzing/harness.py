@@ -36,6 +36,7 @@ import psutil
 from google.protobuf import descriptor, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmos.client import CHANNEL_OPTIONS
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value
 from llmosd.launch import LlmosdServer
@@ -267,7 +268,8 @@ class FuzzServer:
         data.parent.mkdir(parents=True, exist_ok=True)
         self.server = LlmosdServer(data, *self.extra, userland_root=ROOT / "userland")
         self.server.start()
-        self.channel = self.server.channel()
+        # as the SDK's clients do: a reply may exceed gRPC's default 4 MiB (see fuzz-findings)
+        self.channel = grpc.insecure_channel(self.server.target, options=CHANNEL_OPTIONS)
         self.rpc = Rpc(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.log_offset = 0
