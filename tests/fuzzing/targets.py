@@ -30,8 +30,8 @@ from llmos.values import from_value, to_value
 from . import lua_programs as lp
 from . import requests as rq
 from .harness import (
-    LEAKED_EXCEPTION, MAX_STATUS_BYTES, METHODS, OK, STATS, FuzzServer, Outcome, check_outcome, fail, result_of,
-    short, violation,
+    DOCUMENTED, LEAKED_EXCEPTION, MAX_STATUS_BYTES, METHODS, OK, STATS, FuzzServer, Outcome, check_outcome, fail,
+    result_of, short,
 )
 from .values import Fate, same_json
 
@@ -266,10 +266,22 @@ import json
 import grpc
 from llmos.userland import sys as k
 
+import llmos
+
 collector = k.args["collector"]
-calls = json.loads(k.recv(tag="calls", timeout_ms=30000).data)
+work = json.loads(k.recv(tag="calls", timeout_ms=30000).data)
+for i, expr in enumerate(work["userland"]):  # llmos.userland's own calls, with hostile values
+    try:
+        eval(expr, {"k": k, "C": collector})
+        outcome, code, text = "ok", "", ""
+    except llmos.LlmosError as e:
+        outcome, code, text = type(e).__name__, e.code.name, str(e)
+    except Exception as e:
+        outcome, code, text = type(e).__name__, "", str(e)
+    k.send(collector, {"u": i, "outcome": outcome, "code": code,
+                       "text": text.encode("ascii", "backslashreplace").decode()[:600]}, tag="userland")
 channel = k._k._channel
-for i, (method, kind, payloads, deadline) in enumerate(calls):
+for i, (method, kind, payloads, deadline) in enumerate(work["raw"]):
     path = "/llmos.v1.Kernel/" + method
     requests = [bytes.fromhex(p) for p in payloads]
     code, details = "OK", ""
@@ -290,9 +302,27 @@ for i, (method, kind, payloads, deadline) in enumerate(calls):
     k.send(collector, {"i": i, "code": code, "bytes": len(details.encode()),
                        "details": details.encode("ascii", "backslashreplace").decode()[:600]}, tag="call")
 '''
+# Calls of llmos.userland that must fail: with llmos.LlmosError of a documented code, or
+# Python's TypeError/ValueError for arguments the SDK refuses itself. C is a port's pid.
+USERLAND_CALLS = [
+    "k.send(C, float('nan'))", "k.send(C, {'a': [float('inf')]})", "k.send(C, 2**60)", "k.send(C, '\\ud800')",
+    "k.send(C, b'raw')", "k.send(2**64 - 1, 1)", "k.send(0, 1)", "k.send('nobody', 1)",
+    "k.recv(timeout_ms=-1)", "k.recv(timeout_ms=float('nan'))", "k.recv(sender=2**64, timeout_ms=0)",
+    "k.sleep(float('nan'))", "k.sleep(-1)", "k.wait(k.self())", "k.wait(2**64 - 1, timeout_ms=0)",
+    "k.kill(2**63)", "k.register('\\u202e')", "k.register('')", "k.register('x' * 257)",
+    "k.set_priority(None, 10**15)", "k.set_priority(None, 21)", "k.set_priority(None, 0, weight=10**6)",
+    "k.spawn(lua='return 1', limits={'bogus': 1})", "k.spawn(lua='return 1', priority=10**9)",
+    "k.spawn(python='(' * 100000)", "k.spawn(lua='return 1', args=float('nan'))", "k.spawn()",
+    "k.fs.write('fz/a\\u0085b', b'x')", "k.fs.read('../../etc/passwd')", "k.lock.acquire('', timeout_ms=0)",
+    "k.lock.acquire('l', timeout_ms=-5)", "k.info(2**63)", "k.infer(prompt='x', max_tokens=-1)",
+    "k.infer(prompt='x', bogus=1)", "k.monitor(2**64 - 1)",
+]
 # Fields an agent may set only to itself (README: it cannot receive from another
 # mailbox, send as someone else or open ports).
 AGENT_SELF_ONLY = {("Recv", "pid"), ("Send", "from")}
+# ...and where an agent leaves one of its identity fields 0, the kernel fills in the agent.
+AGENT_IDENTITY = {"Spawn": "parent", "Send": "from", "Recv": "pid", "Register": "pid", "Monitor": "watcher",
+                  "Infer": "pid", "Acquire": "pid", "Release": "pid", "Exit": "pid", "WriteFile": "pid"}
 AGENT_DENIED = {"OpenPort"}
 
 
@@ -311,22 +341,43 @@ def python_example(server: FuzzServer, data: Any) -> None:
             kind = ("stream_" if m.client_streaming else "unary_") + ("stream" if m.server_streaming else "unary")
             deadline, _ = rq.deadline_for(req)
             wire.append([req.method, kind, [x.SerializeToString().hex() for x in req.messages] or [""], deadline])
-        payload = json.dumps(wire).encode()
-        if len(payload) > (3 << 20):
-            payload = json.dumps([w for w in wire if len(json.dumps(w)) < 100_000]).encode()
-            calls = [c for c, w in zip(calls, wire) if len(json.dumps(w)) < 100_000]
+        small = [len(json.dumps(w)) < 100_000 for w in wire]  # the calls travel in one message
+        calls = [c for c, fits in zip(calls, small) if fits]
+        wire = [w for w, fits in zip(wire, small) if fits]
+        userland = data.draw(st.lists(st.sampled_from(USERLAND_CALLS), min_size=1, max_size=8, unique=True),
+                             label="llmos.userland calls")
+        payload = json.dumps({"raw": wire, "userland": userland}).encode()
         server.must("Send", _send(collector, agent, "calls", payload))
         out = server.call("Wait", pb.WaitRequest(pid=agent, timeout_ms=30_000), deadline=35)
         if out.ok and out.response.timed_out:
             server.call("Kill", pb.KillRequest(pid=agent))
-        reports = {from_value(m.body)["i"]: from_value(m.body) for m in server.drain(collector) if m.tag == "call"}
+        messages = server.drain(collector)
         server.call("Kill", pb.KillRequest(pid=collector))
         server.harness_pids.discard(collector)
+        for m in messages:
+            r = from_value(m.body)
+            if m.tag == "userland":
+                _check_userland_call(userland[r["u"]], r, agent)
+        reports = {from_value(m.body)["i"]: from_value(m.body) for m in messages if m.tag == "call"}
         for i, req in enumerate(calls):
             r = reports.get(i)
             if r is None:
                 continue
             _check_agent_call(req, r, agent)
+
+
+def _check_userland_call(expr: str, r: dict, agent: int) -> None:
+    STATS.agent[(f"userland {expr.split('(')[0]}", r["code"] or r["outcome"])] += 1
+    where = f"In Python agent {agent}: {expr} -> {r['outcome']} {r['code']} {short(r['text'])}"
+    if r["outcome"] == "ok":
+        return fail(f"userland:{expr.split('(')[0]}:accepted", f"succeeded though it must fail. {where}")
+    if r["code"]:
+        if getattr(grpc.StatusCode, r["code"]) not in DOCUMENTED:
+            return fail(f"userland:{r['code']}", where)
+    elif r["outcome"] not in ("TypeError", "ValueError"):
+        return fail(f"userland:{r['outcome']}", f"a {r['outcome']} instead of an llmos error. {where}")
+    if LEAKED_EXCEPTION.search(r["text"]) and r["outcome"] not in ("TypeError", "ValueError"):
+        return fail("userland:leaked exception", where)
 
 
 def _send(frm: int, to: int, tag: str, data: bytes) -> pb.SendRequest:
@@ -347,7 +398,8 @@ def _check_agent_call(req: rq.Request, r: dict, agent: int) -> None:
     check_outcome(out, blocking, "agent", lambda: where)
     if r["bytes"] > MAX_STATUS_BYTES + 8:
         return fail(f"{req.method}:long message", f"a {r['bytes']}-byte status message. {where}")
-    refusals = list(req.refusals)
+    itself = AGENT_IDENTITY.get(req.method)
+    refusals = [r for r in req.refusals if not (itself and r.startswith(f"{itself}: 0 is unset"))]
     if req.method in AGENT_DENIED:
         refusals.append("agents cannot open ports")
     for method, fname in AGENT_SELF_ONLY:
