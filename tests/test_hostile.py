@@ -24,6 +24,7 @@ import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmos.client import CHANNEL_OPTIONS
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
@@ -42,7 +43,7 @@ class Kernel:
 
     def __init__(self, server: LlmosdServer) -> None:
         self.server = server
-        self.channel = server.channel()
+        self.channel = grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS)  # as the SDK: no 4 MiB cap
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
 
     def spawn(self, lua: str, args: Any = None, timeout: float = 10, **fields: Any) -> int:
@@ -436,6 +437,47 @@ def test_a_big_integer_sent_to_a_port_is_refused_and_nothing_is_deleted(fresh: K
     assert fresh.recv(port).timed_out
 
 
+@pytest.mark.parametrize("size", ["4 * 2^20 + 1", "8 * 2^20"])
+def test_a_result_over_the_message_limit_is_refused_or_reads_back(fresh: Kernel, size: str) -> None:
+    pid = fresh.spawn(f"return string.rep('x', {size})")
+    info = fresh.wait(pid)  # Wait must be able to answer with whatever was stored
+    assert info.state in (pb.EXITED, pb.CRASHED), pb.ProcessState.Name(info.state)
+    _everything_reads_back(fresh, pid)
+
+
+def test_ended_processes_with_big_results_still_list(fresh: Kernel) -> None:
+    for _ in range(3):
+        fresh.run("return string.rep('r', 3 * 2^20)")
+    fresh.stub.ListProcesses(pb.ListProcessesRequest(include_ended=True), timeout=30)
+
+
+@pytest.mark.parametrize("call", [
+    "sys.now(x)", "sys.self(x)", "sys.info(nil, x)", "sys.fs.stat('nothing', x)", "sys.lock.release('l', x)",
+    "sys.fs.delete(x)", "sys.fs.stat(x)", "sys.kill(x)", "sys.register(x)", "sys.whereis(x)", "sys.monitor(x)",
+    "sys.send(sys.self(), 1, x)", "sys.recv(x)", "sys.spawn(x)", "sys.lock.try_acquire(x)", "sys.set_priority(x, x, x)",
+])
+def test_a_syscall_argument_costs_no_more_than_a_message(fresh: Kernel, call: str) -> None:
+    """Arguments cross into the kernel too: a DAG of 2^22 paths is refused or ignored, quickly."""
+    started = time.monotonic()
+    fresh.run(f"local x = {{}} for i = 1, 22 do x = {{x, x}} end pcall(function() return {call} end) return 1",
+              timeout_ms=5000)
+    assert time.monotonic() - started < 5
+
+
+def test_refusing_big_arguments_in_a_loop_keeps_the_server_responsive(fresh: Kernel) -> None:
+    """A process refused a 2^22-path DAG over and over must not hold the GIL for long
+    stretches: Health answers within a second meanwhile."""
+    pid = fresh.spawn("local x = {} for i = 1, 22 do x = {x, x} end "
+                      "for i = 1, 30 do pcall(sys.fs.delete, {a = x}) pcall(sys.send, sys.self(), x) end")
+    health = health_pb2_grpc.HealthStub(fresh.channel)
+    time.sleep(0.3)
+    for _ in range(5):
+        started = time.monotonic()
+        health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert time.monotonic() - started < 1.0, f"Health took {time.monotonic() - started:.1f} s"
+    fresh.kill(pid)
+
+
 def test_integers_up_to_2_53_cross_exactly(server: Kernel) -> None:
     port = server.port()
     server.result("sys.send(args, {9007199254740992, -9007199254740992, 2^63}) return 1", port)
@@ -478,6 +520,11 @@ def test_lua_pids_that_cannot_exist_are_refused(server: Kernel, pid: int) -> Non
                  "sys.set_priority(P, 0)"):
         got = lua_outcome(server, f"local P = {lua_pid} {call}")
         assert got["ok"] is False and got["err"], (call, got)
+
+
+@pytest.mark.parametrize("path", ["a\x00b.lua", "lua/\x00.lua", "\x00"])
+def test_a_program_path_with_nul_is_invalid_argument(server: Kernel, path: str) -> None:
+    refused(lambda: server.stub.Spawn(pb.SpawnRequest(path=path), timeout=5), grpc.StatusCode.INVALID_ARGUMENT)
 
 
 @pytest.mark.parametrize("states", [[99], [-1], [pb.RUNNABLE, 7]])

@@ -349,15 +349,15 @@ class KernelModel(RuleBasedStateMachine):
             w.notices += 1
 
     # -- files ----------------------------------------------------------------------------
-    @rule(target=files, name=st.one_of(printable_name(), hostile_text(10)), data=st.binary(max_size=64),
-          append=st.booleans())
+    @rule(target=files, name=st.one_of(printable_name(), hostile_text(10)).filter(_one_component),
+          data=st.binary(max_size=64), append=st.booleans())
     def write_file(self, name: str, data: bytes, append: bool) -> Any:
         path = f"{self.dir}/{name}"
         out = self.call("WriteFile", [pb.WriteFileRequest(path=path, data=data, append=append)])
-        if not name_is_valid(name) or "/" in name or name in (".", "..") or len(name.encode()) > 255:
+        if not name_is_valid(name) or len(name.encode()) > 255:
             if not name_is_valid(name):
                 self.expect("WriteFile", out, {C.INVALID_ARGUMENT}, f"the file name {name!r} is not printable")
-            if out.ok and "/" not in name and name not in (".", ".."):  # it was stored all the same
+            if out.ok:  # it was stored all the same
                 self.stored[path] = (self.stored.get(path, b"") if append else b"") + data
                 return path
             return multiple()
@@ -390,11 +390,14 @@ class KernelModel(RuleBasedStateMachine):
         self.expect("DeleteFile", out, {OK} if path in self.stored else {C.NOT_FOUND}, "the model's file")
         self.stored.pop(path, None)
 
-    @rule(target=files, src=consumes(files), name=printable_name())
+    @rule(target=files, src=consumes(files), name=printable_name().filter(_one_component))
     def rename_file(self, src: str, name: str) -> Any:
         dst = f"{self.dir}/{name}"
         out = self.call("RenameFile", pb.RenameFileRequest(from_path=src, to_path=dst))
-        if "/" in name or name in (".", "..") or len(name.encode()) > 255:
+        if len(name.encode()) > 255:  # over the host's name limit: not decided
+            if out.ok:
+                self.stored[dst] = self.stored.pop(src)
+                return dst
             return multiple()
         if src not in self.stored:
             self.expect("RenameFile", out, {C.NOT_FOUND}, "a file that is gone")
@@ -567,6 +570,11 @@ class KernelModel(RuleBasedStateMachine):
                     return fail("model:order", f"sink {sink} got {short((msg.tag, from_value(msg.body)))}; "
                                     f"expected next: {short(queue[0].body) if queue else 'nothing'}")
                 del queue[: i + 1]
+
+
+def _one_component(name: str) -> bool:
+    """A name the model's flat directory can hold as one entry."""
+    return "/" not in name and name not in (".", "..") and "\0" not in name
 
 
 UNDECIDED = object()  # a value whose shape after crossing Lua is not decided
