@@ -12,20 +12,19 @@ Invariants (issue 12, section 7):
 - the server logs no kernel error (a traceback) while it is fuzzed.
 
 A violation raises an exception whose type is made per kind of failure (its
-signature), so that Hypothesis shrinks and reports each kind on its own. After
-one, the server is restarted on a fresh data directory before the next example
-(a poisoned record would otherwise fail every later one).
+signature), so that Hypothesis shrinks and reports each kind on its own. When the
+server itself was hurt (a probe failed, a process would not die, CPU or memory did
+not come back), it is restarted on a fresh data directory before the next example:
+a poisoned record would otherwise fail every later one.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import re
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.client import CHANNEL_OPTIONS
 from llmos.v1 import kernel_pb2 as pb
-from llmos.values import from_value
+from llmos.values import from_value, to_value
 from llmosd.launch import LlmosdServer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -123,9 +122,6 @@ class Stats:
     tolerated: Counter = field(default_factory=Counter)   # violations of kinds already reported
     restarts: int = 0
     restart_seconds: float = 0.0
-
-    def methods_called(self) -> set[str]:
-        return {m for m, _ in self.rpc} | {m for m, _ in self.wire}
 
 
 STATS = Stats()
@@ -233,7 +229,7 @@ def _outcome_problem(out: Outcome, blocking: bool, where: str) -> tuple[str, str
         return None
     if not details.strip():
         return f"{method}:{code.name}:no message", f"{method} answered {code.name} with no message"
-    if len(details.encode()) > MAX_STATUS_BYTES + 8:  # room for a truncation mark
+    if len(details.encode()) > MAX_STATUS_BYTES:
         return f"{method}:long message", f"{method}'s {code.name} message is {len(details.encode())} bytes (> 2 KiB)"
     if LEAKED_EXCEPTION.search(details):
         return (f"{method}:{code.name}:leaked exception",
@@ -329,10 +325,9 @@ class FuzzServer:
         return pid
 
     def spawn_lua(self, source: str, args: Any = None, **fields: Any) -> int:
-        from llmos.values import to_value
         req = pb.SpawnRequest(lua=source, **fields)
         if args is not None:
-            req.args.CopyFrom(args if not isinstance(args, (dict, list)) else to_value(args))
+            req.args.CopyFrom(to_value(args))
         return self.must("Spawn", req).pid
 
     def drain(self, port: int, **match: Any) -> list[pb.Message]:
@@ -411,7 +406,8 @@ class FuzzServer:
         if found:
             start = text.rfind("\n", 0, found.start()) + 1
             error = re.search(r"^(\w+(?:Error|Exception))\b", text[start:], re.MULTILINE)
-            fail(f"log:{error.group(1) if error else 'kernel error'}", f"the server logged: {short(text[start:], 1500)}")
+            kind = error.group(1) if error else "kernel error"
+            fail(f"log:{kind}", f"the server logged: {short(text[start:], 1500)}")
 
     def live_pids(self, known: Iterable[int]) -> set[int]:
         out = self.call("ListProcesses", pb.ListProcessesRequest())
@@ -454,20 +450,20 @@ class FuzzServer:
                 break
         if record and lowest > IDLE_CPU_PERCENT:
             self.broken("cpu:not idle", f"with no process left the server still uses {lowest:.0f}% of a core "
-                            f"after {IDLE_WAIT_S:.0f} s")
+                        f"after {IDLE_WAIT_S:.0f} s")
         return lowest
 
     def check_rss(self, slack: int = RSS_SLACK_BYTES) -> None:
         grown = self.rss() - self.baseline_rss
         if grown > slack:
             self.broken("rss:grown", f"with no process left the server's RSS is {grown >> 20} MiB above its "
-                            f"start (bound {slack >> 20} MiB)")
+                        f"start (bound {slack >> 20} MiB)")
 
     @contextlib.contextmanager
     def example(self, target: str) -> Iterator[Example]:
         """One example: a clean, checked server before; after, every process ended,
-        the server probed and quiet. An example that raised leaves the server to be
-        restarted, so the next one starts clean."""
+        the server probed and quiet (also after a violation, to learn whether the
+        server was hurt and must be restarted)."""
         self.ensure()
         STATS.examples[target] += 1
         ex = Example(self)
@@ -506,26 +502,3 @@ class Example:
 def result_of(info: pb.ProcessInfo) -> Any:
     return from_value(info.result) if info.HasField("result") else None
 
-
-_shared: dict[str, FuzzServer] = {}
-_shared_lock = threading.Lock()
-
-
-def shared_server() -> FuzzServer:
-    """One fuzzed server per Python process (tests and tools/fuzz.py share the targets)."""
-    with _shared_lock:
-        if "server" not in _shared:
-            _shared["server"] = FuzzServer()
-        return _shared["server"]
-
-
-def close_shared_server() -> None:
-    with _shared_lock:
-        server = _shared.pop("server", None)
-    if server is not None:
-        server.close()
-
-
-def env_seed() -> int | None:
-    value = os.environ.get("LLMOS_FUZZ_SEED")
-    return int(value) if value else None

@@ -24,9 +24,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from .values import (
-    LUA_SCALARS, LUA_SHAPES, MAX_DURATION_MS, Fate, Shown, LuaValue, lua_string_literal, lua_values, name_is_valid,
-)
+from llmos.values import MAX_DURATION_MS
+
+from .values import LUA_SCALARS, LUA_SHAPES, Fate, LuaValue, Shown, lua_values, name_is_valid
 
 # Contexts a syscall is made in. Errors keep their text in all but xpcall's handler.
 CONTEXTS = {
@@ -149,9 +149,11 @@ def targets(npids: int, nnames: int, string_ok: bool = False) -> st.SearchStrate
     names = [Arg(f"N[{k}]", f"N[{k}]", "" if string_ok else "a name where a pid is wanted")
              for k in range(1, nnames + 1)]
     bad = [Arg("0", "0", "pid 0 is unset"), Arg("-1", "-1", "a negative pid"),
-           Arg("9007199254740993", "2^53+1", "a pid beyond 2^53"), Arg("math.maxinteger", "maxinteger", "a pid beyond 2^53"),
+           Arg("9007199254740993", "2^53+1", "a pid beyond 2^53"),
+           Arg("math.maxinteger", "maxinteger", "a pid beyond 2^53"),
            Arg("2^64", "2^64", "a pid beyond 2^53"), Arg("0/0", "NaN", "NaN is no pid"),
-           Arg("math.huge", "inf", "inf is no pid"), Arg("1.5", "1.5", "1.5 is no pid"), Arg("{}", "{}", "a table is no pid"),
+           Arg("math.huge", "inf", "inf is no pid"), Arg("1.5", "1.5", "1.5 is no pid"),
+           Arg("{}", "{}", "a table is no pid"),
            Arg("print", "print", "a function is no pid"),
            Arg("'nobody'", "'nobody'", "" if string_ok else "a string where a pid is wanted"),
            Arg('"\\xff"', "'\\xff'", "not UTF-8" if string_ok else "a string where a pid is wanted")]
@@ -318,7 +320,8 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = Fals
         limits = st.sampled_from([
             Arg("{}", "{}"), Arg("{cpu_ms = 50}", "{cpu_ms=50}"), Arg("{wall_ms = 2^64}", "{wall_ms=2^64}"),
             Arg("{memory_bytes = 4 * 2^30}", "{memory_bytes=4GiB}"), Arg("{mailbox = 0}", "{mailbox=0}"),
-            Arg("{cpu_ms = -1}", "{cpu_ms=-1}", "a negative limit"), Arg("{cpu_ms = 0/0}", "{cpu_ms=NaN}", "a NaN limit"),
+            Arg("{cpu_ms = -1}", "{cpu_ms=-1}", "a negative limit"),
+            Arg("{cpu_ms = 0/0}", "{cpu_ms=NaN}", "a NaN limit"),
             Arg("{wall_ms = math.huge}", "{wall_ms=inf}"), Arg("{bogus = 1}", "{bogus=1}", "an unknown limit"),
         ])
         options({
@@ -386,7 +389,8 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = Fals
 def _paths() -> st.SearchStrategy[Arg]:
     return st.sampled_from([
         Arg("'fz/lua.txt'", "'fz/lua.txt'"), Arg("'fz/\\u{202E}txt.exe'", "'fz/U+202E'", "a non-printable name"),
-        Arg("'fz/a\\u{85}b'", "'fz/U+0085'", "a non-printable name"), Arg("'fz/a\\nb'", "'fz/a\\nb'", "a control character"),
+        Arg("'fz/a\\u{85}b'", "'fz/U+0085'", "a non-printable name"),
+        Arg("'fz/a\\nb'", "'fz/a\\nb'", "a control character"),
         Arg("'../../etc/passwd'", "'../../etc/passwd'"), Arg("'/etc/passwd'", "'/etc/passwd'"), Arg("''", "''"),
         Arg("'fz/\\xff'", "'fz/\\xff'", "not UTF-8"), Arg("'a\\0b'", "'a\\0b'", "a NUL"),
         Arg("string.rep('d/', 40) .. 'f'", "40 levels"), Arg("string.rep('n', 300)", "'n'*300"),

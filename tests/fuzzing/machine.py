@@ -31,7 +31,7 @@ from llmos.values import from_value
 from . import requests as rq
 from .harness import METHODS, OK, STATS, Example, FuzzServer, Violation, check_outcome, fail, short, violation
 from .values import (
-    MAX_DEPTH, MAX_MESSAGE_BYTES, Fate, JsonPlan, _finite, depth_of, hostile_text, json_plans, name_is_valid,
+    MAX_DEPTH, MAX_MESSAGE_BYTES, Fate, JsonPlan, all_finite, depth_of, hostile_text, json_plans, name_is_valid,
     printable_name, same_json,
 )
 
@@ -45,6 +45,11 @@ while true do
 end
 """
 _sequences = itertools.count(1)
+
+
+def _one_component(name: str) -> bool:
+    """A name the model's flat directory can hold as one entry."""
+    return "/" not in name and name not in (".", "..") and "\0" not in name
 
 
 @dataclass
@@ -120,7 +125,7 @@ class KernelModel(RuleBasedStateMachine):
         if out.code not in allowed:
             names = "/".join(sorted(c.name for c in allowed))
             fail(f"model:{rule}:{out.code.name}", f"{rule} answered {out.code.name} "
-                            f"{short(out.details)}; the model expects {names} ({why})")
+                 f"{short(out.details)}; the model expects {names} ({why})")
             return False
         return True
 
@@ -161,7 +166,7 @@ class KernelModel(RuleBasedStateMachine):
                 older = [o for o in port.queue[:i] if o.matches(sender, tag, cid) and o.required]
                 if older:
                     return fail("model:order", f"{rule} on {port.pid} gave message {msg.id} while {older[0].id} "
-                                    f"(sent earlier, matching too) waits")
+                                f"(sent earlier, matching too) waits")
                 self._same(e, msg, port.pid, rule)
                 port.queue = [o for o in port.queue[:i] if not o.matches(sender, tag, cid)] + port.queue[i + 1:]
                 return
@@ -169,8 +174,8 @@ class KernelModel(RuleBasedStateMachine):
             port.notices -= 1
             return
         return fail("model:unknown message", f"{rule} on {port.pid} gave message {msg.id} "
-                        f"(from {getattr(msg, 'from')}, tag {msg.tag!r}) that the model never saw sent, "
-                        f"or already received")
+                    f"(from {getattr(msg, 'from')}, tag {msg.tag!r}) that the model never saw sent, "
+                    f"or already received")
 
     def _same(self, e: Expected, msg: pb.Message, to: int, rule: str) -> None:
         got = (getattr(msg, "from"), msg.tag, msg.correlation_id, bytes(msg.data))
@@ -179,7 +184,7 @@ class KernelModel(RuleBasedStateMachine):
             return
         if got != want or not same_json(from_value(msg.body), e.body):
             return fail("model:changed", f"{rule}: message {msg.id} to {to} came back as "
-                            f"{short((got, from_value(msg.body)))}, sent as {short((want, e.body))}")
+                        f"{short((got, from_value(msg.body)))}, sent as {short((want, e.body))}")
 
     # -- ports and relays ---------------------------------------------------------------------
     @initialize(target=ports)
@@ -189,7 +194,7 @@ class KernelModel(RuleBasedStateMachine):
             self.ex.spawned(pid)
             self.model[pid] = Port(pid, DEFAULT_MAILBOX)
         sink = self.srv.must("OpenPort", pb.OpenPortRequest(mailbox=10_000)).pid
-        relay = self.srv.spawn_lua(RELAY, args=_number(sink))
+        relay = self.srv.spawn_lua(RELAY, args=sink)
         self.ex.spawned(sink), self.ex.spawned(relay)
         self.relays[relay] = sink
         self.sink_queue[relay] = []
@@ -295,7 +300,7 @@ class KernelModel(RuleBasedStateMachine):
             waiting = [e for e in p.queue if e.matches(sender, tag, cid) and e.required]
             if waiting:
                 return fail("model:lost", f"Recv(pid={port}, from={sender}, tag={tag!r}, correlation_id={cid!r}) "
-                                f"found nothing, yet message {waiting[0].id} was accepted for it")
+                            f"found nothing, yet message {waiting[0].id} was accepted for it")
             return
         self.take(p, out.response.message, sender, tag, cid, "Recv")
 
@@ -307,7 +312,7 @@ class KernelModel(RuleBasedStateMachine):
             return
         if out.response.already_ended != p.ended:
             return fail("model:Kill", f"Kill({port}).already_ended is {out.response.already_ended}; "
-                            f"the port {'had' if p.ended else 'had not'} ended")
+                        f"the port {'had' if p.ended else 'had not'} ended")
         self.end_port(p)
 
     @rule(port=ports, name=st.one_of(printable_name(), hostile_text(12)))
@@ -366,7 +371,7 @@ class KernelModel(RuleBasedStateMachine):
         self.stored[path] = (self.stored.get(path, b"") if append else b"") + data
         if out.response.size != len(self.stored[path]):
             fail("model:files", f"WriteFile({path!r}) says {out.response.size} bytes; "
-                            f"the model has {len(self.stored[path])}")
+                 f"the model has {len(self.stored[path])}")
         return path
 
     @rule(path=files)
@@ -466,7 +471,7 @@ class KernelModel(RuleBasedStateMachine):
         check_outcome(out, blocking, "machine", lambda: f"Reproducer: {req!r}")
         if out.ok and req.refusals:
             return fail(f"{method}:accepted", f"{method} answered OK though {'; '.join(req.refusals)}. "
-                            f"Reproducer: {req!r}")
+                        f"Reproducer: {req!r}")
         self.learn(req, out)
 
     def learn(self, req: rq.Request, out: Any) -> None:
@@ -477,7 +482,7 @@ class KernelModel(RuleBasedStateMachine):
         if req.method == "Send" and out.ok:
             to = msg.to if msg.WhichOneof("target") == "to" else self.names.get(msg.to_name)
             if to is not None:
-                sane = not msg.HasField("body") or (_finite(msg.body) and depth_of(msg.body) <= MAX_DEPTH)
+                sane = not msg.HasField("body") or (all_finite(msg.body) and depth_of(msg.body) <= MAX_DEPTH)
                 body = from_value(msg.body) if msg.HasField("body") and sane else None
                 self._accepted(out.response.message_id, getattr(msg, "from"), to, msg.tag, msg.correlation_id,
                                body, bytes(msg.data), doubtful=bool(req.refusals) or not sane)
@@ -541,7 +546,7 @@ class KernelModel(RuleBasedStateMachine):
             missing = [e.id for e in port.queue if e.required]
             if missing and not any(e.doubtful for e in port.queue):  # after a doubtful one, anything goes
                 return fail("model:lost", f"messages {missing} were accepted for port {port.pid} and never "
-                                f"received")
+                            f"received")
         deadline = time.monotonic() + 5
         for relay, sink in self.relays.items():
             queue = self.sink_queue[relay]
@@ -553,7 +558,7 @@ class KernelModel(RuleBasedStateMachine):
                     if time.monotonic() > deadline:
                         lost = [e.id for e in queue if e.required]
                         return fail("model:lost", f"messages {lost} sent to relay {relay} never reached its "
-                                        f"sink {sink}")
+                                    f"sink {sink}")
                     continue
                 msg = out.response.message
                 if msg.tag == "relay-error":
@@ -568,13 +573,8 @@ class KernelModel(RuleBasedStateMachine):
                           and (e.doubtful or same_json(e.body, from_value(msg.body)))), None)
                 if i is None or any(e.required for e in queue[:i]):
                     return fail("model:order", f"sink {sink} got {short((msg.tag, from_value(msg.body)))}; "
-                                    f"expected next: {short(queue[0].body) if queue else 'nothing'}")
+                                f"expected next: {short(queue[0].body) if queue else 'nothing'}")
                 del queue[: i + 1]
-
-
-def _one_component(name: str) -> bool:
-    """A name the model's flat directory can hold as one entry."""
-    return "/" not in name and name not in (".", "..") and "\0" not in name
 
 
 UNDECIDED = object()  # a value whose shape after crossing Lua is not decided
@@ -596,13 +596,6 @@ def through_lua(value: Any) -> Any:
         items = {k: through_lua(v) for k, v in value.items() if v is not None}
         return UNDECIDED if any(v is UNDECIDED for v in items.values()) else items
     return value
-
-
-def _number(x: int) -> Any:
-    from google.protobuf import struct_pb2
-    v = struct_pb2.Value()
-    v.number_value = x
-    return v
 
 
 def run_machine(server: FuzzServer, hyp_settings: settings) -> None:

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from .harness import METHODS, may_block
 from .values import (
-    EDGE_TEXTS, HOSTILE_FLOATS, Shown, HOSTILE_UINT64, MAX_EXACT, Fate, JsonPlan, _nested, hostile_text, ints, json_plans,
-    name_is_valid,
+    EDGE_TEXTS, HOSTILE_FLOATS, HOSTILE_UINT64, MAX_EXACT, Fate, JsonPlan, Shown, hostile_text, ints, json_plans,
+    name_is_valid, nested_value,
 )
 
 PRIORITY_RANGE = (-20, 20)
@@ -112,9 +112,9 @@ class Request(Shown):
         return msg.timeout_ms
 
     def __repr__(self) -> str:
-        parts = [describe(m, self.labels, str(i) if len(self.messages) > 1 else "") for i, m in enumerate(self.messages)]
-        body = " | ".join(parts)
-        return f"{self.method}({body})"
+        several = len(self.messages) > 1
+        parts = [describe(m, self.labels, str(i) if several else "") for i, m in enumerate(self.messages)]
+        return f"{self.method}({' | '.join(parts)})"
 
 
 def _short_value(v: Any) -> str:
@@ -407,7 +407,7 @@ def _mutations(m: descriptor.MethodDescriptor) -> list[tuple[str, Any]]:
             out.append((f"{fd.name}: 2^64-1", lambda b, d, n=n: b + _key(n, 0) + _varint(2**64 - 1)))
             out.append((f"{fd.name}: 11-byte varint", lambda b, d, n=n: b + _key(n, 0) + b"\xff" * 10 + b"\x01"))
         if fd.type == F.TYPE_MESSAGE and fd.message_type.full_name == "google.protobuf.Value":
-            deep = _nested(150).SerializeToString()
+            deep = nested_value(150).SerializeToString()
             out.append((f"{fd.name}: nested 150 deep",
                         lambda b, d, n=n, deep=deep: b + _key(n, 2) + _varint(len(deep)) + deep))
         if fd.type == F.TYPE_ENUM:

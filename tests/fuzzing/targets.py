@@ -67,7 +67,7 @@ def victims(server: FuzzServer, ex: Any) -> rq.Pool:
     port_b = ex.spawned(server.must("OpenPort", pb.OpenPortRequest(mailbox=2)).pid)
     receiver = ex.spawned(server.spawn_lua(
         "sys.register(args) while true do local m = sys.recv{} if m.tag == 'stop' then return m.body end end",
-        args=to_value(r_name)))
+        args=r_name))
     ended = ex.spawned(server.spawn_lua("return {done = true}"))
     server.must("Wait", pb.WaitRequest(pid=ended, timeout_ms=5000), deadline=7)
     return rq.Pool([port_a, port_b, receiver, ended], [a_name, r_name], [f"fz/{n}.txt"])
@@ -81,7 +81,7 @@ def _call(server: FuzzServer, ex: Any, req: rq.Request, target: str = "rpc") -> 
     check_outcome(out, blocking, target, lambda: f"Reproducer: {req!r}")
     if out.ok and req.refusals:
         return fail(f"{req.method}:accepted", f"{req.method} answered OK though {'; '.join(req.refusals)}. "
-                        f"Reproducer: {req!r}")
+                    f"Reproducer: {req!r}")
     if out.ok and req.method in ("Spawn", "OpenPort"):
         ex.spawned(out.response.pid)
     return out
@@ -206,7 +206,7 @@ def _check_call(step: lp.Step, r: dict, where: str) -> None:
     err = r.get("err") or ""
     if LEAKED_EXCEPTION.search(err):
         return fail(f"lua:{name}:leaked exception", f"{name} failed with a Python exception's text: "
-                        f"{short(err)}. {where}")
+                    f"{short(err)}. {where}")
     if step.context in lp.FAITHFUL_ERRORS and r.get("errtype") != "string":
         return fail(f"lua:{name}:error not a string", f"{name} raised a {r.get('errtype')}. {where}")
 
@@ -218,7 +218,7 @@ def _check_trip(server: FuzzServer, ex: Any, i: int, step: lp.Step, r: dict, tri
     if step.kind in ("port", "self", "args"):
         if r["ok"] and refused:
             return fail(f"lua:{step.kind}:accepted", f"the value model refuses {v!r} ({v.fate}), "
-                            f"yet it was accepted. {where}")
+                        f"yet it was accepted. {where}")
         if not r["ok"]:
             err = r.get("err") or ""
             if "LOST" in err:
@@ -241,7 +241,7 @@ def _check_trip(server: FuzzServer, ex: Any, i: int, step: lp.Step, r: dict, tri
     out = server.call("Wait", pb.WaitRequest(pid=child, timeout_ms=5000), deadline=10)
     check_outcome(out, blocking=False, where="lua child")
     if not out.ok:
-        return fail(f"readback:Wait", f"Wait on child {child}: {out.code.name} {short(out.details)}. {where}")
+        return fail("readback:Wait", f"Wait on child {child}: {out.code.name} {short(out.details)}. {where}")
     if out.response.timed_out:
         return fail(f"lua:{step.kind}:child hangs", f"child {child} did not end within 5 s. {where}")
     _check_ending(out.response.process, v, where)
@@ -258,7 +258,7 @@ def _check_ending(info: pb.ProcessInfo, v: Any, where: str) -> None:
             return fail("lua:result changed", f"ending with {v!r} stored {short(result_of(info))}. {where}")
     elif v.fate == Fate.INVALID and info.state != pb.CRASHED:
         return fail("lua:result accepted", f"ending with {v!r} (refused by the value model) gave {state} "
-                        f"with result {short(result_of(info))}. {where}")
+                    f"with result {short(result_of(info))}. {where}")
     # TOO_BIG: refused, or stored; either way Wait just read it back.
 
 
@@ -398,7 +398,7 @@ def _check_agent_call(req: rq.Request, r: dict, agent: int) -> None:
     blocking = rq.deadline_for(req)[1]
     out = Outcome(req.method, status, r["details"], client_gave_up=code == "DEADLINE_EXCEEDED" and blocking)
     check_outcome(out, blocking, "agent", lambda: where)
-    if r["bytes"] > MAX_STATUS_BYTES + 8:
+    if r["bytes"] > MAX_STATUS_BYTES:
         return fail(f"{req.method}:long message", f"a {r['bytes']}-byte status message. {where}")
     itself = AGENT_IDENTITY.get(req.method)
     refusals = [r for r in req.refusals if not (itself and r.startswith(f"{itself}: 0 is unset"))]

@@ -20,16 +20,15 @@ from typing import Any, Callable
 from google.protobuf import struct_pb2
 from hypothesis import strategies as st
 
-from llmos.values import from_value
+from llmos.values import MAX_EXACT_INTEGER, from_value
 
-MAX_MESSAGE_BYTES = 4 << 20
+MAX_MESSAGE_BYTES = 4 << 20  # llmosd --max-message-bytes, its default
 MAX_DEPTH = 64
 # Depth every limit accepts: beyond 32 (and up to 64) a value may be refused, since a
 # google.protobuf.Value nested n lists deep is 2n+3 levels in a RecvResponse, and
 # protobuf parsers stop at 100 (n <= 48): DECISIONS.md's 64 cannot be met over gRPC.
 SURE_DEPTH = 32
-MAX_EXACT = 2**53
-MAX_DURATION_MS = 315_360_000_000  # 10 years
+MAX_EXACT = MAX_EXACT_INTEGER
 NAME_MAX_CHARS = 256
 
 
@@ -116,7 +115,7 @@ class JsonPlan(Shown):
     def invalid(self) -> bool:
         """Refused whatever its size: NaN or +-Inf inside, or nested too deep."""
         v = self.value()
-        return not _finite(v) or depth_of(v) > MAX_DEPTH
+        return not all_finite(v) or depth_of(v) > MAX_DEPTH
 
     def fate(self, data_bytes: int = 0) -> str:
         if self.invalid:
@@ -172,7 +171,7 @@ def _object(fields: dict[str, struct_pb2.Value]) -> struct_pb2.Value:
     return v
 
 
-def _nested(depth: int) -> struct_pb2.Value:
+def nested_value(depth: int) -> struct_pb2.Value:
     """`depth` lists, one inside the other, around a 1."""
     v = _number(1)
     for _ in range(depth):
@@ -194,7 +193,7 @@ def depth_of(v: struct_pb2.Value) -> int:
     return deepest
 
 
-def _finite(v: struct_pb2.Value) -> bool:
+def all_finite(v: struct_pb2.Value) -> bool:
     todo = [v]
     while todo:
         item = todo.pop()
@@ -228,7 +227,7 @@ def _sized_plans() -> st.SearchStrategy[JsonPlan]:
     """Deep, wide and big values around the limits."""
     return st.one_of(
         st.sampled_from([10, 31, 32, 48, 64, 65, 100, 150, 1000])
-        .map(lambda d: plan_of(f"nested({d})", lambda: _nested(d))),
+        .map(lambda d: plan_of(f"nested({d})", lambda: nested_value(d))),
         st.sampled_from([1000, 100_000])
         .map(lambda n: plan_of(f"wide_list({n})", lambda: _list([_number(i) for i in range(n)]))),
         st.sampled_from([1000, 50_000])
