@@ -763,6 +763,62 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+PYTHON_HOSTILE = r"""
+import llmos
+from llmos.userland import sys as k
+
+def outcome(call):
+    try:
+        call()
+        return "ok"
+    except llmos.LlmosError as e:
+        return e.code.name
+    except (TypeError, ValueError) as e:
+        return type(e).__name__
+
+port = k.args
+k.exit({
+    "sleep nan": outcome(lambda: k.sleep(float("nan"))),
+    "sleep -1": outcome(lambda: k.sleep(-1)),
+    "recv timeout -1": outcome(lambda: k.recv(timeout_ms=-1)),
+    "recv unknown keyword": outcome(lambda: k.recv(timeout=10)),
+    "wait nan": outcome(lambda: k.wait(port, timeout_ms=float("nan"))),
+    "lock nan": outcome(lambda: k.lock.acquire("py-lock", timeout_ms=float("nan"))),
+    "send nan": outcome(lambda: k.send(port, float("nan"))),
+    "send 2^60": outcome(lambda: k.send(port, 2**60)),
+    "send to 2^64-1": outcome(lambda: k.send(2**64 - 1, 1)),
+    "lua child of 4 GiB": outcome(lambda: k.spawn(lua="return 1", limits={"memory_bytes": 4 << 30})),
+    "unknown limit": outcome(lambda: k.spawn(lua="return 1", limits={"cpu": 1})),
+    "priority 1e15": outcome(lambda: k.set_priority(None, 10**15)),
+    "above its ceiling": outcome(lambda: k.set_priority(None, 1)),
+    "spawn above its ceiling": outcome(lambda: k.spawn(lua="return 1", priority=5)),
+})
+"""
+
+
+def test_a_python_agents_hostile_arguments_are_refused(server: Kernel) -> None:
+    """The same rules from llmos.userland as from Lua and gRPC: nothing hostile succeeds,
+    and nothing blocks (sys.recv(timeout=10) is a TypeError, not a wait for ever)."""
+    port = server.port()
+    req = pb.SpawnRequest(python=PYTHON_HOSTILE, args=to_value(port))
+    info = server.wait(server.stub.Spawn(req, timeout=10).pid, timeout_ms=30_000)
+    assert info.state == pb.EXITED, info.error
+    got = from_value(info.result)
+    assert got["lua child of 4 GiB"] == "PERMISSION_DENIED", got
+    assert got["above its ceiling"] == "PERMISSION_DENIED" and got["spawn above its ceiling"] != "ok", got
+    assert all(v != "ok" for v in got.values()), {k: v for k, v in got.items() if v == "ok"}
+    assert server.recv(port).timed_out
+
+
+def test_live_python_agents_are_capped(own_server: Callable[..., Kernel]) -> None:
+    k = own_server("--max-agents", "2")
+    agents = [k.stub.Spawn(pb.SpawnRequest(python="import time\ntime.sleep(60)"), timeout=10).pid for _ in range(2)]
+    refused(lambda: k.stub.Spawn(pb.SpawnRequest(python="pass"), timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    for pid in agents:
+        assert k.get(pid).state != pb.KILLED  # the cap refuses the newcomer, it kills no one
+        k.kill(pid)
+
+
 # == 5. Smaller defects ==================================================================
 def test_killing_a_process_inside_load_with_a_reader_records_killed(fresh: Kernel) -> None:
     pid = fresh.spawn(C_HOGS["load with a reader"])
