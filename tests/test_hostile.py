@@ -536,7 +536,7 @@ def test_unknown_enum_values_are_invalid_argument(server: Kernel, states: list[i
 @pytest.mark.parametrize("program", [
     "x = (" + "1," * 1_000_000, "def f(:\n" + "    pass\n" * 250_000, "'" + "a" * 2_000_000, "\0" * 2_000_000,
     "(" * 2_000_000, "1 +" * 700_000,
-])
+], ids=["open tuple", "bad def", "open string", "NULs", "parentheses", "dangling plus"])
 def test_a_2_mb_python_syntax_error_is_invalid_argument(server: Kernel, program: str) -> None:
     refused(lambda: server.stub.Spawn(pb.SpawnRequest(python=program), timeout=60), grpc.StatusCode.INVALID_ARGUMENT)
 
@@ -554,7 +554,8 @@ def test_file_names_with_control_or_format_characters_are_refused(server: Kernel
     assert got["ok"] is False, got
 
 
-@pytest.mark.parametrize("name", ["", "x" * 257, "a\u0085b", "\u202eevil", "a\nb", "tab\there", "nb\u00a0sp"])
+@pytest.mark.parametrize("name", ["", "x" * 257, "a\u0085b", "\u202eevil", "a\nb", "tab\there", "nb\u00a0sp"],
+                         ids=["empty", "257 chars", "U+0085", "U+202E", "newline", "tab", "no-break space"])
 def test_names_are_1_to_256_printable_characters(server: Kernel, name: str) -> None:
     s = server.stub
     port = server.port()
