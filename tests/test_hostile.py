@@ -445,6 +445,17 @@ def test_a_result_over_the_message_limit_is_refused_or_reads_back(fresh: Kernel,
     _everything_reads_back(fresh, pid)
 
 
+def test_results_of_ended_processes_are_not_all_kept_in_memory(fresh: Kernel) -> None:
+    """Wait must answer for every ended process, but the kernel keeps up to 100,000 of
+    them in memory: their results cannot all stay there (60 x 3 MiB here)."""
+    before = fresh.rss()
+    first = fresh.run("return string.rep('r', 3 * 2^20)").pid
+    for i in range(1, 60):
+        fresh.run(f"return string.rep('r', 3 * 2^20 - {i})")
+    assert fresh.rss() - before < (128 << 20), f"RSS grew {(fresh.rss() - before) >> 20} MiB"
+    assert len(from_value(fresh.wait(first).result)) == 3 << 20
+
+
 def test_ended_processes_with_big_results_still_list(fresh: Kernel) -> None:
     for _ in range(3):
         fresh.run("return string.rep('r', 3 * 2^20)")
