@@ -63,10 +63,10 @@ def status_table(title: str, counts: Counter) -> None:
     codes = sorted({code for _, code in counts}, key=lambda c: (c != "OK", c))
     width = max(len(m) for m in per_method) + 2
     print(f"\n{title}")
-    print(f"{'method':<{width}}{'calls':>7}  " + "  ".join(f"{c[:18]:>18}" for c in codes))
+    print(f"{'method':<{width}}{'calls':>7}  " + "  ".join(f"{c:>19}" for c in codes))
     for method in sorted(per_method):
         row = per_method[method]
-        print(f"{method:<{width}}{sum(row.values()):>7}  " + "  ".join(f"{row.get(c, 0) or '':>18}" for c in codes))
+        print(f"{method:<{width}}{sum(row.values()):>7}  " + "  ".join(f"{row.get(c, 0) or '':>19}" for c in codes))
 
 
 def main() -> int:

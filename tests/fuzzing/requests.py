@@ -23,10 +23,12 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import strategies as st
 
+from llmos.values import MAX_EXACT_INTEGER
+
 from .harness import METHODS, may_block
 from .values import (
-    EDGE_TEXTS, HOSTILE_FLOATS, HOSTILE_UINT64, MAX_EXACT, Fate, JsonPlan, Shown, hostile_text, ints, json_plans,
-    name_is_valid, nested_value,
+    EDGE_TEXTS, HOSTILE_FLOATS, HOSTILE_UINT64, Fate, JsonPlan, Shown, hostile_text, ints, json_plans, name_is_valid,
+    nested_value,
 )
 
 PRIORITY_RANGE = (-20, 20)
@@ -201,7 +203,7 @@ def _field_value(draw: Any, msg_name: str, fd: descriptor.FieldDescriptor, pool:
     key = (msg_name, fd.name)
     if fd.name in PID_FIELDS and fd.type in (F.TYPE_UINT64, F.TYPE_INT64):
         value = draw(pids(pool))
-        if key in SUBJECT_PIDS and value > MAX_EXACT:
+        if key in SUBJECT_PIDS and value > MAX_EXACT_INTEGER:
             req.refusals.append(f"{path}: pid {value} cannot exist")
         if key in REQUIRED_PIDS and value == 0:
             req.refusals.append(f"{path}: 0 is unset and the pid is required")

@@ -4,7 +4,7 @@ The value model (DECISIONS.md): JSON values; numbers are doubles, integers exact
 within +-2^53 (a Lua integer beyond is refused, never rounded); NaN and +-Inf are
 refused; strings are UTF-8 text; Lua tables with keys 1..n (holes as null) are
 arrays, other tables objects whose number keys become decimal text, two keys
-becoming one string are refused; at most 64 levels deep; a message is at most
+becoming one string are refused; at most 64 levels deep (but see SURE_DEPTH); a message is at most
 4 MiB (len(data) + the protobuf size of its body), past which RESOURCE_EXHAUSTED.
 
 A JsonPlan is a value as a client sends it (a google.protobuf.Value, NaN
@@ -20,7 +20,7 @@ from typing import Any, Callable
 from google.protobuf import struct_pb2
 from hypothesis import strategies as st
 
-from llmos.values import MAX_EXACT_INTEGER, from_value
+from llmos.values import from_value
 
 MAX_MESSAGE_BYTES = 4 << 20  # llmosd --max-message-bytes, its default
 MAX_DEPTH = 64
@@ -28,7 +28,6 @@ MAX_DEPTH = 64
 # google.protobuf.Value nested n lists deep is 2n+3 levels in a RecvResponse, and
 # protobuf parsers stop at 100 (n <= 48): DECISIONS.md's 64 cannot be met over gRPC.
 SURE_DEPTH = 32
-MAX_EXACT = MAX_EXACT_INTEGER
 NAME_MAX_CHARS = 256
 
 
