@@ -381,6 +381,7 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = Fals
     if draw(st.integers(0, 9)) == 0 and not (quick and fname in MAY_WAIT):  # now and then: anything at all
         step.args = [_value_arg(v) for v in draw(st.lists(value, max_size=4))]
         step.refusals = []
+        step.blocks = fname in MAY_WAIT  # whatever it now waits for
     if ctx not in CAN_BLOCK and step.blocks:
         step.blocks = False  # it cannot block there: it fails at once
     return step
