@@ -654,3 +654,19 @@ def test_cli_logs_and_top(server: str, k: llmos.Client) -> None:
     finally:
         client.kill(spinner)
         client.kill(idle)
+
+
+# -- the server's start -------------------------------------------------------------------------
+def test_llmosd_refuses_a_bound_port_and_a_held_data_dir(fresh_llmosd: Any, tmp_path: pathlib.Path) -> None:
+    def second_llmosd(listen: str, data_dir: pathlib.Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmosd", "--listen", listen, "--data-dir", str(data_dir),
+                               "--model", "none"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+    taken = second_llmosd(fresh_llmosd.target, tmp_path / "other")
+    assert taken.returncode != 0 and taken.stdout == ""
+    assert taken.stderr.splitlines() == [f"llmosd: cannot listen on {fresh_llmosd.target}: Address already in use"]
+    held = second_llmosd("127.0.0.1:0", fresh_llmosd.data_dir)
+    assert held.returncode != 0 and len(held.stderr.splitlines()) == 1
+    assert held.stderr.startswith(f"llmosd: data directory {fresh_llmosd.data_dir} is in use by another llmosd")
+    with llmos.connect(fresh_llmosd.target) as k:  # the first server is untouched
+        assert k.run("return 1").result == 1

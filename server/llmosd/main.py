@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 
 import grpc
@@ -101,7 +103,45 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
     )
 
 
+def hold_data_dir(data_dir: str) -> int:
+    """Take the data directory's lock file for this process's lifetime (the returned descriptor stays
+    open): a second llmosd on the same directory would corrupt the store and unlink the agent socket."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, "llmosd.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"llmosd: data directory {data_dir} is in use by another llmosd (lock {path} held)")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def refuse_bound_port(listen: str) -> None:
+    """Exit with one line if a TCP address is taken, before gRPC tries it (gRPC's own failure is a
+    C-core log line and a traceback)."""
+    host, _, port = listen.rpartition(":")
+    if listen.startswith("unix:") or not port.isdigit() or int(port) == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SystemExit(f"llmosd: cannot listen on {listen}: {e.strerror}")
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise SystemExit(f"llmosd: cannot listen on {listen}: {e.strerror}")
+
+
 async def serve(args: argparse.Namespace) -> None:
+    refuse_bound_port(args.listen)
+    hold_data_dir(args.data_dir)
     if args.model != "none":
         from .engine.loader import resolve_model
 
@@ -119,6 +159,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_batch=args.max_batch,
         ))
     server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),  # gRPC's default lets a second server share the port; refuse it instead
         ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
         ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
     ])
@@ -126,9 +167,12 @@ async def serve(args: argparse.Namespace) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(args.listen)
+    try:
+        port = server.add_insecure_port(args.listen)
+    except RuntimeError:  # taken between the probe and now, or an address gRPC cannot parse
+        port = 0
     if port == 0 and not args.listen.startswith("unix:"):
-        raise SystemExit(f"llmosd: cannot listen on {args.listen}")
+        raise SystemExit(f"llmosd: cannot listen on {args.listen} (already in use, or not an address)")
     await server.start()
     agent_server = None
     if kernel.config.agent_socket:
