@@ -18,7 +18,9 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, ParamSpec, Sequence, TypeVar, Union
+from enum import Enum
+from typing import (TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Literal, Mapping, ParamSpec,
+                    Sequence, TypeVar, Union, overload)
 
 import grpc
 
@@ -36,7 +38,36 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_mess
 # Blocking calls (Recv, Wait, Infer) pass their timeout to the server; the RPC deadline gets this much more,
 # so that the server's "timed out" answer arrives before gRPC gives up on the call.
 DEADLINE_MARGIN_S = 5.0
-ENDED_STATES = ("EXITED", "KILLED", "CRASHED")
+
+
+class _NameEnum(str, Enum):
+    """An enum whose members are their names as str: ``state == "EXITED"``, f"{state}" and json.dumps
+    all give the plain name."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class ProcessState(_NameEnum):
+    """A process's state (the proto's ProcessState without UNSPECIFIED)."""
+
+    RUNNABLE = "RUNNABLE"
+    RUNNING = "RUNNING"
+    BLOCKED = "BLOCKED"  # in recv, wait, sleep or infer: see ProcessInfo.blocked_on
+    EXITED = "EXITED"    # returned or called sys.exit
+    KILLED = "KILLED"    # by kill, or by the kernel for a limit: see ProcessInfo.exit_reason
+    CRASHED = "CRASHED"  # a runtime error: see ProcessInfo.error
+
+
+class ProcessKind(_NameEnum):
+    """What runs in a process: a Lua program, a Python agent, or nothing (a port: a client's mailbox)."""
+
+    LUA = "LUA"
+    PYTHON = "PYTHON"
+    PORT = "PORT"
+
+
+ENDED_STATES = (ProcessState.EXITED, ProcessState.KILLED, ProcessState.CRASHED)
 
 
 def default_target() -> str:
@@ -70,13 +101,14 @@ class Message:
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """A process as the kernel reports it; ``state`` and ``kind`` are enum names like "EXITED" and "LUA"."""
+    """A process as the kernel reports it; ``state`` and ``kind`` are :class:`ProcessState` and
+    :class:`ProcessKind` members, which are also their names as str ("EXITED", "LUA")."""
 
     pid: int
     name: str
     parent: int
-    kind: str
-    state: str
+    kind: ProcessKind
+    state: ProcessState
     priority: int
     limits: dict[str, int]
     usage: dict[str, int]
@@ -106,10 +138,10 @@ class ProcessInfo:
 
 @dataclass(frozen=True)
 class Event:
-    """A process lifecycle event: ``kind`` is "spawned" or "ended"."""
+    """A process lifecycle event: ``kind`` is "subscribed" (``process`` None), "spawned" or "ended"."""
 
     kind: str
-    process: ProcessInfo
+    process: ProcessInfo | None
     at_ms: int
 
 
@@ -161,8 +193,8 @@ def message_from_pb(msg: pb.Message) -> Message:
 def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
     """Convert a protobuf ProcessInfo into a :class:`ProcessInfo`."""
     return ProcessInfo(
-        pid=info.pid, name=info.name, parent=info.parent, kind=pb.ProcessKind.Name(info.kind),
-        state=pb.ProcessState.Name(info.state), priority=info.priority, limits=_fields(info.limits),
+        pid=info.pid, name=info.name, parent=info.parent, kind=ProcessKind(pb.ProcessKind.Name(info.kind)),
+        state=ProcessState(pb.ProcessState.Name(info.state)), priority=info.priority, limits=_fields(info.limits),
         usage=_fields(info.usage), exit_reason=info.exit_reason,
         result=from_value(info.result) if info.HasField("result") else None, error=info.error,
         started_at_ms=info.started_at_ms, ended_at_ms=info.ended_at_ms, blocked_on=info.blocked_on,
@@ -171,7 +203,8 @@ def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
 
 
 def event_from_pb(event: pb.Event) -> Event:
-    return Event(kind=event.kind, process=process_from_pb(event.process), at_ms=event.at_ms)
+    process = process_from_pb(event.process) if event.HasField("process") else None
+    return Event(kind=event.kind, process=process, at_ms=event.at_ms)
 
 
 def file_from_pb(info: pb.FileInfo) -> FileInfo:
@@ -340,14 +373,15 @@ def _write_requests(path: str, append: bool, pid: int, data: bytes | str | Itera
         yield pb.WriteFileRequest(path=path, append=append, pid=pid)
 
 
-def _lua_program(program: str | os.PathLike) -> tuple[str, str | None]:
-    """(source text, the file's name or None): a path-like or a str naming an existing file is read,
-    any other str is Lua source."""
+def program_source(program: str | os.PathLike) -> tuple[str, str, str | None]:
+    """(language, source text, the file's name or None) for spawn: a path-like or a str naming an
+    existing file is read (a ".py" file is a Python agent, any other Lua); any other str is Lua source."""
     if isinstance(program, os.PathLike) or (isinstance(program, str) and "\n" not in program
                                              and os.path.isfile(program)):
         with open(program, encoding="utf-8") as f:
-            return f.read(), os.path.basename(program)
-    return program, None
+            language = "python" if os.fspath(program).endswith(".py") else "lua"
+            return language, f.read(), os.path.basename(program)
+    return "lua", program, None
 
 
 class Syscalls:
@@ -369,12 +403,12 @@ class Syscalls:
 
     def _spawn_call(self, lua: str | None, python: str | None, path: str | None, args: JSON, name: str | None,
                     priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool,
-                    source_name: str | None = None) -> Unary:
+                    source_name: str | None = None, weight: int = 0) -> Unary:
         programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
         if len(programs) != 1:
             raise _invalid("give exactly one program: lua (source), python (source) or path")
         request = _message(pb.SpawnRequest, "spawn request", dict(
-            programs, name=name or "", priority=priority, parent=parent, monitor=monitor,
+            programs, name=name or "", priority=priority, weight=weight, parent=parent, monitor=monitor,
             limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or ""))
         if args is not None:
             request.args.CopyFrom(_value(args, "args"))
@@ -388,17 +422,18 @@ class Syscalls:
     @syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: Mapping[str, int] | None = None, parent: int = 0,
-              monitor: bool = False, source_name: str | None = None) -> Plan[int]:
+              monitor: bool = False, source_name: str | None = None, weight: int = 0) -> Plan[int]:
         """Start a process and return its pid at once.
 
         Give exactly one program: ``lua`` or ``python`` source text, or ``path`` (a program under the server's
         userland root). ``args`` is any JSON-shaped value, seen by the program as ``args``. ``limits`` takes
         cpu_ms, wall_ms, memory_bytes, tokens, mailbox, mailbox_bytes and processes (0: the server's default;
         at most the parent's). With ``monitor`` the ``parent`` gets an EXIT message when the child ends.
-        ``source_name`` is what errors call the source (say, the file it came from).
+        ``source_name`` is what errors call the source (say, the file it came from). ``weight`` (1..10000;
+        0: the default, 100) is the process's share of CPU among processes of its priority.
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
-                                       source_name)
+                                       source_name, weight)
         return reply.pid
 
     @syscall
@@ -638,19 +673,20 @@ class Syscalls:
     @syscall
     def run(self, program: str | os.PathLike, args: JSON = None, timeout: float | None = None,
             **spawn_options: Any) -> Plan[ProcessInfo]:
-        """Spawn a Lua program, wait for it to end and return its final info.
+        """Spawn a program, wait for it to end and return its final info.
 
         ``program`` is Lua source, or a path (a path-like, or a str naming an existing local file) whose
-        text is sent as the source. If it has not ended after ``timeout`` seconds it is killed with the
+        text is sent as the source: Python for a ".py" file, else Lua. If it has not ended after ``timeout`` seconds it is killed with the
         reason "timeout" and its final info (state KILLED) is returned. ``spawn_options`` go to :meth:`spawn`.
         """
-        source, source_name = _lua_program(program)
-        options = dict(name=None, priority=0, limits=None, parent=0, monitor=False, source_name=source_name)
+        language, source, source_name = program_source(program)
+        options = dict(name=None, priority=0, weight=0, limits=None, parent=0, monitor=False, source_name=source_name)
         unknown = set(spawn_options) - set(options)
         if unknown:
             raise _invalid(f"unknown spawn option(s) {sorted(unknown)}")
         options.update(spawn_options)
-        spawned = yield self._spawn_call(source, None, None, args, **options)
+        lua, python = (source, None) if language == "lua" else (None, source)
+        spawned = yield self._spawn_call(lua, python, None, args, **options)
         reply = yield self._wait_call(spawned.pid, timeout)
         if reply.timed_out:
             yield self._unary("Kill", pb.KillRequest(pid=spawned.pid, reason="timeout"))
@@ -707,6 +743,23 @@ class Client(Syscalls):
                 call = plan.send(reply)
             except StopIteration as done:
                 return done.value
+
+    if TYPE_CHECKING:  # what a type checker sees of infer: its result's type follows ``stream``
+        @overload
+        def infer(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                  pid: int = 0, max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None, stop: Sequence[str] | None = None,
+                  stream: Literal[False] = False, priority: int | None = None,
+                  timeout: float | None = None) -> InferResult: ...
+
+        @overload
+        def infer(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                  pid: int = 0, max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None, stop: Sequence[str] | None = None, *,
+                  stream: Literal[True], priority: int | None = None,
+                  timeout: float | None = None) -> Iterator[InferChunk]: ...
+
+        def infer(self, *args: Any, **kwargs: Any) -> InferResult | Iterator[InferChunk]: ...
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the server's channel is connected; Unavailable after ``timeout`` seconds."""
