@@ -342,7 +342,7 @@ static PyObject *table_to_python(lua_State *L, int idx, int depth, LuaValueBudge
     Py_ssize_t before = budget->used, item_start, key_bytes;
     PyObject *out, *item, *name;
     if (depth >= LLMOS_MAX_DEPTH)
-        return bad_value("tables nest deeper than 64 levels (a cycle?)");
+        return bad_value("tables nest deeper than " LLMOS_STR(LLMOS_MAX_DEPTH) " levels (a cycle?)");
     if (!lua_checkstack(L, 2)) { /* for lua_next's key and value; growing it may need memory */
         PyErr_SetString(PyExc_MemoryError, "not enough memory");
         return NULL;
