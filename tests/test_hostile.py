@@ -358,14 +358,20 @@ def test_spawn_with_limit_2_64_minus_1_is_clamped(fresh: Kernel, field: str) -> 
     assert from_value(fresh.wait(pid).result) == "go"
 
 
-def test_infinite_durations_are_clamped_in_spawn_limits(server: Kernel) -> None:
-    """+Inf durations mean "for ever" (DECISIONS.md), in a limits table too."""
+def test_durations_in_a_spawn_limits_table_follow_the_value_model(server: Kernel) -> None:
+    """A number passed to a syscall (sys.sleep(math.huge), a timeout) is clamped to 10 years when
+    infinite; a number inside a table is a value, so infinity is refused there by name, and a
+    huge finite duration is clamped (DECISIONS.md)."""
     got = server.result("""
-        local child = sys.spawn{lua = 'return sys.recv{}.body', limits = {wall_ms = math.huge, cpu_ms = math.huge}}
+        local ok, err = pcall(sys.spawn, {lua = 'return 1', limits = {wall_ms = math.huge}})
+        local child = sys.spawn{lua = 'return sys.recv{}.body', limits = {wall_ms = 2^53, cpu_ms = 1e300}}
         sys.send(child, 'go')
-        return sys.wait(child, 5000).result
+        return {ok = ok, err = err, result = sys.wait(child, 5000).result, child = child}
     """)
-    assert got == "go"
+    assert got["ok"] is False and "infinity" in got["err"], got
+    assert got["result"] == "go"
+    limits = server.get(got["child"]).limits
+    assert limits.wall_ms == limits.cpu_ms == 315_360_000_000, limits
 
 
 @pytest.mark.parametrize("call", [
