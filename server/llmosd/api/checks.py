@@ -20,8 +20,8 @@ import math
 from typing import Any
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted
-from .native import _lua
-from .process import Limits
+from ..native import _lua
+from ..kernel.process import Limits
 from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
 MIN_PRIORITY, MAX_PRIORITY = -20, 20
@@ -79,6 +79,23 @@ def name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable():
         raise InvalidArgument(f"{what}: names are 1 to {MAX_NAME_LEN} printable characters "
                               "(no control, format or separator characters but the space)")
+    return value
+
+
+MAX_PATH_BYTES = 4096
+
+
+def program_path(value: Any) -> str:
+    """A program's path under the userland root: printable Unicode text (so no NUL) of at most
+    MAX_PATH_BYTES in UTF-8. Staying inside the root is the loader's check."""
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise InvalidArgument("path: a program's path is non-empty printable text (no NUL or control characters)")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument("path must be valid Unicode text") from None
+    if size > MAX_PATH_BYTES:
+        raise InvalidArgument(f"path: at most {MAX_PATH_BYTES} bytes; this one has {size}")
     return value
 
 

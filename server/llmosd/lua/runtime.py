@@ -21,14 +21,14 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import checks as C
-from .errors import InvalidArgument, KernelError, ResourceExhausted
-from .mailbox import ANY, Match, Message
-from .native import _lua
-from .process import Process
+from ..api import checks as C
+from ..api.errors import InvalidArgument, KernelError, ResourceExhausted
+from ..kernel.mailbox import ANY, Match, Message
+from ..native import _lua
+from ..kernel.process import Process
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from ..kernel.kernel import Kernel
 
 # The scheduler interrupts a running program with this signal (see _preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
@@ -62,7 +62,7 @@ _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 # _lua.c converts values as they cross: a Lua string given directly arrives as
 # bytes, a number as it is, a table as a dict or list already checked against
 # the value model (messaging.h: text strings, finite numbers, integers within
-# +-2^53, text keys, at most 64 levels deep, at most the message size limit),
+# +-2^53, text keys, at most 32 levels deep, at most the message size limit),
 # and a value that cannot cross as a _lua.BadValue (or TooLarge) saying why.
 
 def from_lua(value: Any, what: str = "value") -> Any:

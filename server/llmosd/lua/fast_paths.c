@@ -14,7 +14,7 @@
  * handles it as it always did. Both sides change the process table and
  * mailboxes under the one kernel lock.
  */
-#include "lua_state.h"
+#include "state.h"
 
 #include <string.h>
 #include <structmember.h>
@@ -242,6 +242,7 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
     if (core == NULL || state->mailbox == NULL)
         return SEND_DECLINED;
     body = llmos_to_python(L, 2, 0, 1, &budget); /* a body is JSON, of at most a message's size */
+    llmos_value_budget_done(&budget);
     if (body == NULL) {
         PyErr_Clear();
         return SEND_DECLINED;
@@ -718,7 +719,7 @@ static int intern_names(void)
 
 int llmos_core_init(PyObject *module)
 {
-    PyObject *errors = PyImport_ImportModule("llmosd.errors");
+    PyObject *errors = PyImport_ImportModule("llmosd.api.errors");
     if (errors == NULL)
         return -1;
     ResourceExhausted = PyObject_GetAttrString(errors, "ResourceExhausted");
