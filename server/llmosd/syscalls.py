@@ -375,17 +375,22 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
 MAX_STATUS_TEXT = 2048  # characters of an error's text: any status must fit in gRPC's trailers
 
 
-async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
-    """Answer a failed call: a kernel error with its status and (cut) text; anything else is a
-    kernel bug, logged, and answered INTERNAL."""
+def status_of(method: str, err: Exception) -> tuple[str, str]:
+    """A failed call's status name and (cut) text, on every door (gRPC, HTTP): a kernel error's
+    own; anything else is a kernel bug, logged, and INTERNAL."""
     if isinstance(err, KernelError):
-        code, text = getattr(grpc.StatusCode, err.code), str(err)
+        code, text = err.code, str(err)
     else:
         log.exception("%s failed", method, exc_info=err)
-        code, text = grpc.StatusCode.INTERNAL, f"kernel error in {method} (logged by the server): {err!r}"
+        code, text = "INTERNAL", f"kernel error in {method} (logged by the server): {err!r}"
     if len(text) > MAX_STATUS_TEXT:
         text = f"{text[:MAX_STATUS_TEXT]} ... [{len(text) - MAX_STATUS_TEXT} characters cut]"
-    await ctx.abort(code, text)
+    return code, text
+
+
+async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
+    code, text = status_of(method, err)
+    await ctx.abort(getattr(grpc.StatusCode, code), text)
 
 
 class Identity:
