@@ -328,14 +328,17 @@ async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
     return pb.ReleaseResponse()
 
 
-async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
+async def sys_infer(k: Kernel, req: pb.InferRequest,
+                    engine_options: dict[str, Any] | None = None) -> AsyncIterator[pb.InferChunk]:
+    """engine_options: structured generation (json_schema, tools, tool_choice) that an in-process
+    door (the OpenAI API) adds, until InferRequest has fields for it."""
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
     caller = CALLER.get()
     if caller is not None:
         k.python_blocking(caller, "infer")
     try:
-        async for chunk in k.inference.infer_rpc(req):
+        async for chunk in k.inference.infer_rpc(req, engine_options):
             yield chunk
     finally:
         if caller is not None:

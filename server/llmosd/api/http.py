@@ -233,9 +233,12 @@ async def console_file(request: web.Request) -> web.StreamResponse:
 
 # -- the listener -----------------------------------------------------------------------------
 def make_app(kernel: Kernel) -> web.Application:
+    from . import openai_api
+
     app = web.Application(middlewares=[json_errors], client_max_size=kernel.config.max_message_bytes + BODY_SLACK)
     gateway = Gateway(kernel)
     app.router.add_route("*", "/v1/kernel/{method}", gateway.handle)
+    openai_api.add_routes(app, kernel)
     app.router.add_get("/", console_file)
     app.router.add_get("/{path:.+}", console_file)
     return app
