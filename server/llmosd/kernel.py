@@ -14,7 +14,7 @@ import logging
 import os
 import pathlib
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -136,6 +136,10 @@ class Kernel:
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
         self.inference: Any = None  # set by the server when an engine is configured
+        # For /metrics: processes started by kind, and ended by (kind, state, reason); a Kill's
+        # own reason text counts as "other", so that callers cannot grow this without bound.
+        self.spawns: Counter[str] = Counter()
+        self.exits: Counter[tuple[str, str, str]] = Counter()
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
@@ -231,6 +235,7 @@ class Kernel:
                 ancestor.descendants += 1
             self.procs[pid] = proc
             self.store.record_spawn(proc)
+            self.spawns[kind] += 1
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
             self._emit("spawned", proc)
@@ -322,6 +327,7 @@ class Kernel:
                 self.names[name] = pid
             self.procs[pid] = proc
             self.store.record_spawn(proc, durable=True)
+            self.spawns[P.PORT] += 1
             self._emit("spawned", proc)
         return pid
 
@@ -497,6 +503,7 @@ class Kernel:
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=proc.kind == P.PORT)
+        self.exits[proc.kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         self.ended[proc.pid] = rec
         if len(self.ended) > self.config.ended_cache:
             self.logs.forget(self.ended.popitem(last=False)[0])

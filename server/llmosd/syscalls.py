@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import message_factory
+from prometheus_client import Counter, Histogram
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
@@ -377,6 +379,19 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
 # -- wiring into grpc -------------------------------------------------------------------------
 MAX_STATUS_TEXT = 2048  # characters of an error's text: any status must fit in gRPC's trailers
 
+# For /metrics (api/metrics.py): calls through the table on every door (gRPC, agents, HTTP) by
+# method and status, and the time to answer the unary ones (a stream lasts as long as its client).
+CALLS = Counter("llmos_syscalls", "Syscalls answered, by method and status", ["method", "code"], registry=None)
+CALL_SECONDS = Histogram("llmos_syscall_seconds", "Time to answer a unary syscall", ["method"], registry=None,
+                         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0))
+
+
+def count_call(method: str, code: str, began: float | None = None) -> None:
+    """Count an answered call; `began` (perf_counter) also times it."""
+    CALLS.labels(method, code).inc()
+    if began is not None:
+        CALL_SECONDS.labels(method).observe(time.perf_counter() - began)
+
 
 def status_of(method: str, err: Exception) -> tuple[str, str]:
     """A failed call's status name and (cut) text, on every door (gRPC, HTTP): a kernel error's
@@ -389,11 +404,6 @@ def status_of(method: str, err: Exception) -> tuple[str, str]:
     if len(text) > MAX_STATUS_TEXT:
         text = f"{text[:MAX_STATUS_TEXT]} ... [{len(text) - MAX_STATUS_TEXT} characters cut]"
     return code, text
-
-
-async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
-    code, text = status_of(method, err)
-    await ctx.abort(getattr(grpc.StatusCode, code), text)
 
 
 class Identity:
@@ -442,25 +452,39 @@ def _act_as(req: Any, field: str, caller: int) -> None:
 def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
         CALL.set(ctx)
+        began, code = time.perf_counter(), "OK"
         try:
             return await fn(identity.k, identity.check(method, req, ctx))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await _abort(ctx, method, e)
+            code, text = status_of(method, e)
+            await ctx.abort(getattr(grpc.StatusCode, code), text)
+        finally:
+            count_call(method, code, began)
 
     return handle
 
 
 def _stream(identity: Identity, method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable:
     async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        code = "OK"
         try:
             async for item in fn(identity.k, identity.check(method, req, ctx)):
                 yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await _abort(ctx, method, e)
+            code, text = status_of(method, e)
+            await ctx.abort(getattr(grpc.StatusCode, code), text)
+        finally:
+            count_call(method, code)
 
     return handle
 

@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import pathlib
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -34,7 +35,7 @@ from llmos.v1 import kernel_pb2 as pb
 
 from ..errors import InvalidArgument, KernelError
 from ..kernel import Kernel
-from ..syscalls import CALL, SERVICE, SYSCALLS, Identity, status_of
+from ..syscalls import CALL, SERVICE, SYSCALLS, Identity, count_call, status_of
 
 log = logging.getLogger(__name__)
 CONSOLE_DIR = pathlib.Path(__file__).resolve().parent / "console"
@@ -157,6 +158,7 @@ class Gateway:
         call = HttpCall(request)
         CALL.set(call)
         fn = SYSCALLS[name]
+        began, code = time.perf_counter(), "OK"
         try:
             if method.client_streaming:
                 req: Any = self._write_file_requests(request)
@@ -165,10 +167,18 @@ class Gateway:
                                     f"{name} request")
             req = self.identity.check(name, req, call)
             if method.server_streaming:
+                began = None  # a stream is counted, not timed
                 return await stream_sse(request, fn(self.kernel, req), name, message_json)
             return web.json_response(message_json(await fn(self.kernel, req)))
-        except KernelError as e:
-            return error_response(*status_of(name, e))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            code, text = status_of(name, e)
+            return error_response(code, text)
+        finally:
+            if began is not None:
+                count_call(name, code, began)
 
     def _write_file_requests(self, request: web.Request) -> AsyncIterator[pb.WriteFileRequest]:
         """WriteFile's stream: the query's path, append and pid first, then the body's bytes."""
@@ -187,18 +197,21 @@ class Gateway:
         return requests()
 
 
-async def stream_sse(request: web.Request, items: AsyncIterator[Any], where: str,
+async def stream_sse(request: web.Request, items: AsyncIterator[Any], method: str,
                      to_json: Callable[[Any], Any], done: bytes = b"event: end\ndata: {}\n\n") -> web.StreamResponse:
-    """Answer with Server-Sent Events, one per item. A failure before the first item is a plain
-    error response; after it, an `event: error`. The iterator is closed whatever happens (a
-    client that goes away cancels the handler, which cancels the syscall)."""
+    """Answer a streaming syscall `method` with Server-Sent Events, one per item. A failure
+    before the first item is a plain error response; after it, an `event: error`. The iterator
+    is closed whatever happens (a client that goes away cancels the handler, which cancels the
+    syscall), and the call counted with its status."""
+    code = "OK"
     try:
         try:
             first = await items.__anext__()
         except StopAsyncIteration:
             first = None
         except Exception as e:
-            return error_response(*status_of(where, e))
+            code, text = status_of(method, e)
+            return error_response(code, text)
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         try:
@@ -208,11 +221,14 @@ async def stream_sse(request: web.Request, items: AsyncIterator[Any], where: str
                     await response.write(sse_data(to_json(item)))
             await response.write(done)
         except (asyncio.CancelledError, ConnectionResetError):
+            code = "CANCELLED"
             raise
         except Exception as e:
-            await response.write(b"event: error\n" + sse_data(error_body(*status_of(where, e))))
+            code, text = status_of(method, e)
+            await response.write(b"event: error\n" + sse_data(error_body(code, text)))
         return response
     finally:
+        count_call(method, code)
         await items.aclose()  # type: ignore[attr-defined]
 
 
@@ -233,12 +249,13 @@ async def console_file(request: web.Request) -> web.StreamResponse:
 
 # -- the listener -----------------------------------------------------------------------------
 def make_app(kernel: Kernel) -> web.Application:
-    from . import openai_api
+    from . import metrics, openai_api
 
     app = web.Application(middlewares=[json_errors], client_max_size=kernel.config.max_message_bytes + BODY_SLACK)
     gateway = Gateway(kernel)
     app.router.add_route("*", "/v1/kernel/{method}", gateway.handle)
     openai_api.add_routes(app, kernel)
+    app.router.add_get("/metrics", metrics.handler(kernel))
     app.router.add_get("/", console_file)
     app.router.add_get("/{path:.+}", console_file)
     return app

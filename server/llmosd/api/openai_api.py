@@ -14,6 +14,7 @@ has system, user and assistant turns); a `model` other than the one served is NO
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -26,7 +27,7 @@ from llmos.v1 import kernel_pb2 as pb
 from ..engine import tools as engine_tools
 from ..errors import InvalidArgument, KernelError, NotFound
 from ..kernel import Kernel
-from ..syscalls import CALL, SYSCALLS, Identity, status_of
+from ..syscalls import CALL, SYSCALLS, Identity, count_call, status_of
 from .http import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
 
 TOOL_CALL_TAG = "<tool_call>"
@@ -63,7 +64,6 @@ class OpenAI:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        where = "chat.completions" if chat else "completions"
         call = HttpCall(request)
         CALL.set(call)
         try:
@@ -71,18 +71,24 @@ class OpenAI:
             infer, options, stream, include_usage = self._infer_request(body, chat)
             infer = self.identity.check("Infer", infer, call)
         except KernelError as e:
-            return error_response(*status_of(where, e))
+            return error_response(*status_of("Infer", e))
         reply = Reply(body.get("model"), chat, options.get("tools") is not None and options.get("tool_choice") != "none")
         chunks = SYSCALLS["Infer"](self.kernel, infer, options)
         if stream:
-            return await stream_sse(request, reply.stream(chunks, include_usage), where, lambda obj: obj, OPENAI_DONE)
+            return await stream_sse(request, reply.stream(chunks, include_usage), "Infer", lambda obj: obj, OPENAI_DONE)
+        code = "OK"  # counted as an Infer call, which it is
         try:
             final = None
             async for chunk in chunks:
                 final = chunk
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except Exception as e:
-            return error_response(*status_of(where, e))
+            code, text = status_of("Infer", e)
+            return error_response(code, text)
         finally:
+            count_call("Infer", code)
             await chunks.aclose()
         assert final is not None  # Infer ends with a final chunk or fails
         return web.json_response(reply.whole(final))
