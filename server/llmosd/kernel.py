@@ -649,7 +649,8 @@ class Kernel:
     def log(self, proc: Process, line: str) -> None:
         with self.lock:
             line = self.logs.append(proc, line)
-        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line)
+        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line,
+                extra={"pid": proc.pid})
 
     def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
         """(lines from `offset` on, next offset, lines dropped before offset)."""

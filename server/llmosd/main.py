@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from .errors import KernelError
 from .files import FileLimits
 from .kernel import Kernel, KernelConfig, SpawnSpec
+from .logs import JsonFormatter
 from .process import Limits
 from .syscalls import SERVICE, kernel_service
 
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also serve HTTP: the syscalls as JSON, the OpenAI API, /metrics and the web console "
                         "(port 0 picks a free one)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="the server's log on stderr: text lines, or one JSON object a line (default %(default)s)")
     args = p.parse_args(argv)
     for flag in ("aging_ms", "wedged_ms"):
         if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
@@ -200,7 +203,12 @@ async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedg
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     asyncio.run(serve(args))
 
 
