@@ -24,7 +24,6 @@ from aiohttp import web
 
 from llmos.v1 import kernel_pb2 as pb
 
-from ..engine import tools as engine_tools
 from ..errors import InvalidArgument, KernelError, NotFound
 from ..kernel import Kernel
 from ..syscalls import CALL, SYSCALLS, Identity, count_call, status_of
@@ -214,6 +213,8 @@ class Reply:
         """The text before the first call, and the calls (the engine's own parser reads them)."""
         if not self.tools:
             return text, []
+        from ..engine import tools as engine_tools  # only with a model: the engine package imports torch
+
         calls = engine_tools.parse(text, next(_ids))
         content = text.split(TOOL_CALL_TAG, 1)[0]
         return content, [{"id": c.id, "type": "function",
