@@ -6,6 +6,7 @@ import base64
 import json
 import pathlib
 import threading
+import time
 from typing import Any, Iterator
 
 import grpc
@@ -128,6 +129,20 @@ def test_a_body_over_the_message_limit_is_refused(http: httpx.Client) -> None:
     r = http.post("/v1/kernel/Spawn", content=chunks())
     assert error_of(r) == (400, "INVALID_ARGUMENT")
     assert int(ok(http, "Spawn", {"lua": "return 1"})["pid"]) > 0
+
+
+def test_a_body_that_arrives_in_pieces(http: httpx.Client) -> None:
+    body = json.dumps({"lua": "return #'" + "x" * 40_000 + "'"}).encode()
+
+    def pieces() -> Iterator[bytes]:
+        for i in range(0, len(body), 1000):
+            if i % 10_000 == 0:
+                time.sleep(0.01)  # let the server read what came so far
+            yield body[i:i + 1000]
+
+    r = http.post("/v1/kernel/Spawn", content=pieces())
+    assert r.status_code == 200, r.text
+    assert ok(http, "Wait", {"pid": r.json()["pid"], "timeoutMs": 20000})["process"]["result"] == 40_000
 
 
 def test_routes_and_verbs(http: httpx.Client) -> None:

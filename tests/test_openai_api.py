@@ -105,6 +105,7 @@ def test_tools_become_tool_calls(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize("change, status, fragment", [
     ({"model": "gpt-4o"}, 404, "not served here"),
+    ({"model": None}, 400, "model is required"),
     ({"temperature": -1}, 400, "temperature"),
     ({"temperature": "hot"}, 400, "temperature"),
     ({"top_p": 5}, 400, "top_p"),

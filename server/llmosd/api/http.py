@@ -90,9 +90,13 @@ async def read_json(request: web.Request, limit: int) -> Any:
     else: too large, not UTF-8, not JSON (NaN and Infinity are not JSON), nested too deep."""
     if request.content_length is not None and request.content_length > limit:
         raise InvalidArgument(f"the request body is {request.content_length} bytes, more than the limit of {limit}")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise InvalidArgument(f"the request body is more than the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():  # counted as it arrives: no length need be given
+        size += len(chunk)
+        if size > limit:
+            raise InvalidArgument(f"the request body is more than the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return {}
     try:

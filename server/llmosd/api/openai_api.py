@@ -71,7 +71,7 @@ class OpenAI:
             infer = self.identity.check("Infer", infer, call)
         except KernelError as e:
             return error_response(*status_of("Infer", e))
-        reply = Reply(body.get("model"), chat, options.get("tools") is not None and options.get("tool_choice") != "none")
+        reply = Reply(body["model"], chat, options.get("tools") is not None and options.get("tool_choice") != "none")
         chunks = SYSCALLS["Infer"](self.kernel, infer, options)
         if stream:
             return await stream_sse(request, reply.stream(chunks, include_usage), "Infer", lambda obj: obj, OPENAI_DONE)
@@ -103,8 +103,10 @@ class OpenAI:
                 raise InvalidArgument(f"{key} must be {json.dumps(NEUTRAL[key])} here (or left out)")
             if key not in known and key not in IGNORED and key not in NEUTRAL:
                 raise InvalidArgument(f"unknown field {key!r} (known: {', '.join(sorted(known))})")
+        if not isinstance(body.get("model"), str):
+            raise InvalidArgument("model is required (GET /v1/models lists the one served)")
         name = self.model_name()
-        if name is not None and body.get("model") != name:  # no model at all: Infer says so
+        if name is not None and body["model"] != name:  # no model at all: Infer says so
             raise NotFound(f"model {body.get('model')!r} is not served here; the model is {name!r} (GET /v1/models)")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
