@@ -27,7 +27,7 @@ from llmos.v1 import kernel_pb2 as pb
 from ..errors import InvalidArgument, KernelError, NotFound
 from ..kernel import Kernel
 from ..syscalls import CALL, SYSCALLS, Identity, count_call, status_of
-from .http import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
+from .web import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
 
 TOOL_CALL_TAG = "<tool_call>"
 OPENAI_DONE = b"data: [DONE]\n\n"
