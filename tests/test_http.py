@@ -101,6 +101,8 @@ def test_spawn_wait_and_log(http: httpx.Client) -> None:
     (b'{"lua": "x", "args": NaN}', "NaN is not JSON"),
     (b'{"lua": "\xff\xfe"}', "not UTF-8"),
     (b'{"lua": "\\ud800"}', "surrogate"),
+    (b'{"lua": "x", "limits": "\\udc00"}', "surrogate"),  # a string for a message: protobuf's own failure
+    (b'{"lua": "x", "args": {"\\ud83d": ["\\ud83d\\ude00"]}}', "surrogate"),
     (b'{"lua": "x", "nosuch": 1}', "nosuch"),
     (b'{"lua": 12}', "lua"),
     (b'{"lua": "x", "priority": "high"}', "priority"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -23,6 +24,7 @@ HTTP_STATUS = {
 }
 # aiohttp's own refusals (no route, wrong verb...) -> the gRPC status they stand for.
 STATUS_OF_HTTP = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT"}
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a UTF-16 surrogate
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -73,11 +75,33 @@ async def read_json(request: web.Request, limit: int) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as e:
         raise InvalidArgument(f"the request body is not UTF-8 text: {e.reason} at byte {e.start}") from None
     except (ValueError, RecursionError) as e:
         raise InvalidArgument(f"the request body is not JSON: {e}") from None
+    if SURROGATE_ESCAPE.search(raw):  # rare: only then is every string looked at
+        _refuse_lone_surrogates(value)
+    return value
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """InvalidArgument if any string (key or value) holds a surrogate left unpaired by a \\u
+    escape: it is not Unicode text, and protobuf fails on it in ways of its own."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument("the request body holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape "
+                                      "without its pair), which is not Unicode text") from None
 
 
 class HttpCall:
