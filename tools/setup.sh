@@ -17,6 +17,7 @@ import glob, os, sys
 root = os.path.realpath(sys.argv[1])
 import llmos, llmosd, lupa, grpc, grpc_reflection, grpc_health, tokenizers, safetensors, jinja2
 import pytest, pytest_timeout, transformers, grpc_tools, psutil, hypothesis, gguf, accelerate, jsonschema, llguidance
+import aiohttp, prometheus_client, openai, httpx
 for mod in (llmos, llmosd):
     assert os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
 built = glob.glob(f"{root}/server/llmosd/**/*.so", recursive=True)

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from .api.errors import KernelError
 from .services.files import FileLimits
 from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
+from .kernel.logs import JsonFormatter
 from .kernel.process import Limits
 from .api.syscalls import SERVICE, kernel_service
 
@@ -76,7 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wedged-ms", type=float, default=1000.0,
                    help="health reports NOT_SERVING while a worker thread has been stuck in one C call this long "
                         "past the time it was due to give its virtual CPU back (default %(default)s)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="also serve HTTP: the syscalls as JSON, the OpenAI API, /metrics and the web console "
+                        "(port 0 picks a free one)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="the server's log on stderr: text lines, or one JSON object a line (default %(default)s)")
     args = p.parse_args(argv)
     for flag in ("aging_ms", "wedged_ms"):
         if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
@@ -185,6 +191,12 @@ async def serve(args: argparse.Namespace) -> None:
         await agent_server.start()
     for name in ("", SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http_runner = None
+    if args.http:
+        from .api.http import start_http
+
+        http_runner, http_where = await start_http(kernel, args.http)
+        print(f"llmosd: http on {http_where}", flush=True)
     health_watch = asyncio.create_task(watch_health(kernel, health_servicer, int(args.wedged_ms * 1_000_000)))
     where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
     print(f"llmosd: listening on {where}", flush=True)
@@ -202,6 +214,8 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("shutting down")
     health_watch.cancel()
+    if http_runner is not None:
+        await http_runner.cleanup()
     await server.stop(grace=1.0)
     if agent_server is not None:
         await agent_server.stop(grace=0.5)
@@ -233,7 +247,12 @@ async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedg
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     asyncio.run(serve(args))
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
+from prometheus_client import Counter, Histogram
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
@@ -349,14 +351,17 @@ async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
     return pb.ReleaseResponse()
 
 
-async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
+async def sys_infer(k: Kernel, req: pb.InferRequest,
+                    engine_options: dict[str, Any] | None = None) -> AsyncIterator[pb.InferChunk]:
+    """engine_options: structured generation (json_schema, tools, tool_choice) that an in-process
+    door (the OpenAI API) adds, until InferRequest has fields for it."""
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
     caller = CALLER.get()
     if caller is not None:
         k.python_blocking(caller, "infer")
     try:
-        async for chunk in k.inference.infer_rpc(req):
+        async for chunk in k.inference.infer_rpc(req, engine_options):
             yield chunk
     finally:
         if caller is not None:
@@ -405,15 +410,29 @@ def status_text(text: str) -> str:
     return raw[: MAX_STATUS_BYTES - len(note)].decode("utf-8", "ignore") + note
 
 
-async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
-    """Answer a failed call: a kernel error with its status and (cut) text; anything else is a
-    kernel bug, logged, and answered INTERNAL."""
+# For /metrics (api/metrics.py): calls through the table on every door (gRPC, agents, HTTP) by
+# method and status, and the time to answer the unary ones (a stream lasts as long as its client).
+CALLS = Counter("llmos_syscalls", "Syscalls answered, by method and status", ["method", "code"], registry=None)
+CALL_SECONDS = Histogram("llmos_syscall_seconds", "Time to answer a unary syscall", ["method"], registry=None,
+                         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0))
+
+
+def count_call(method: str, code: str, began: float | None = None) -> None:
+    """Count an answered call; `began` (perf_counter) also times it."""
+    CALLS.labels(method, code).inc()
+    if began is not None:
+        CALL_SECONDS.labels(method).observe(time.perf_counter() - began)
+
+
+def status_of(method: str, err: Exception) -> tuple[str, str]:
+    """A failed call's status name and (cut) text, on every door (gRPC, HTTP): a kernel error's
+    own; anything else is a kernel bug, logged, and INTERNAL."""
     if isinstance(err, KernelError):
-        code, text = getattr(grpc.StatusCode, err.code), str(err)
+        code, text = err.code, str(err)
     else:
         log.exception("%s failed", method, exc_info=err)
-        code, text = grpc.StatusCode.INTERNAL, f"kernel error in {method} (logged by the server): {err!r}"
-    await ctx.abort(code, status_text(text))
+        code, text = "INTERNAL", f"kernel error in {method} (logged by the server): {err!r}"
+    return code, status_text(text)
 
 
 class Identity:
@@ -477,26 +496,40 @@ async def _decode_stream(request: type[ProtoMessage], raws: AsyncIterator[bytes]
 def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., Awaitable[Any]]) -> Callable:
     async def handle(raw: Any, ctx: grpc.aio.ServicerContext) -> Any:
         CALL.set(ctx)
+        began, code = time.perf_counter(), "OK"
         try:
             req = _decode_stream(request, raw) if hasattr(raw, "__aiter__") else _decode(request, raw)
             return await fn(identity.k, identity.check(method, req, ctx))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await _abort(ctx, method, e)
+            code, text = status_of(method, e)
+            await ctx.abort(getattr(grpc.StatusCode, code), text)
+        finally:
+            count_call(method, code, began)
 
     return handle
 
 
 def _stream(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., AsyncIterator[Any]]) -> Callable:
     async def handle(raw: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        code = "OK"
         try:
             async for item in fn(identity.k, identity.check(method, _decode(request, raw), ctx)):
                 yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await _abort(ctx, method, e)
+            code, text = status_of(method, e)
+            await ctx.abort(getattr(grpc.StatusCode, code), text)
+        finally:
+            count_call(method, code)
 
     return handle
 

@@ -14,7 +14,7 @@ import logging
 import os
 import pathlib
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -141,6 +141,10 @@ class Kernel:
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
         self.inference: Any = None  # set by the server when an engine is configured
+        # For /metrics: processes started by kind, and ended by (kind, state, reason); a Kill's
+        # own reason text counts as "other", so that callers cannot grow this without bound.
+        self.spawns: Counter[str] = Counter()
+        self.exits: Counter[tuple[str, str, str]] = Counter()
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
@@ -236,6 +240,7 @@ class Kernel:
                 ancestor.descendants += 1
             self.procs[pid] = proc
             self.store.record_spawn(proc)
+            self.spawns[kind] += 1
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
             self._emit("spawned", proc)
@@ -327,6 +332,7 @@ class Kernel:
                 self.names[name] = pid
             self.procs[pid] = proc
             self.store.record_spawn(proc, durable=True)
+            self.spawns[P.PORT] += 1
             self._emit("spawned", proc)
         return pid
 
@@ -502,6 +508,7 @@ class Kernel:
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=proc.kind == P.PORT)
+        self.exits[proc.kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         self.ended[proc.pid] = kept
         if len(self.ended) > self.config.ended_cache:
@@ -647,7 +654,8 @@ class Kernel:
     def log(self, proc: Process, line: str) -> None:
         with self.lock:
             line = self.logs.append(proc, line)
-        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line)
+        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line,
+                extra={"pid": proc.pid})
 
     def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
         """(lines from `offset` on, next offset, lines dropped before offset)."""

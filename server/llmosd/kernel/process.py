@@ -16,6 +16,9 @@ EXITED = "EXITED"
 KILLED = "KILLED"
 CRASHED = "CRASHED"
 ENDED = frozenset((EXITED, KILLED, CRASHED))
+# The reasons the kernel itself gives an end (a Kill may give any text).
+EXIT_REASONS = frozenset(("normal", "killed", "error", "cpu_limit", "wall_limit", "memory_limit", "shutdown",
+                          "server_restart"))
 
 LUA = "LUA"
 PYTHON = "PYTHON"

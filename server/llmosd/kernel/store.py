@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from prometheus_client import Histogram
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS processes (
@@ -105,6 +107,8 @@ class StoredMessage:
     correlation_id: str
     sent_at_ms: int
 
+COMMIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -123,6 +127,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._db_lock = threading.Lock()  # one user of the connection at a time
+        # Each transaction's time (a durable write, or a write-behind batch), for /metrics.
+        self.commit_seconds = Histogram("llmos_store_commit_seconds", "Time to commit a store transaction",
+                                        buckets=COMMIT_BUCKETS_S, registry=None)
         self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
         # Counter name -> the block reserved ahead by the writer thread, and
         # the end of the last block handed out (ids only ever grow).
@@ -252,7 +259,9 @@ class Store:
             # Earlier write-behind rows first, so the database never holds
             # an exit without its spawn.
             self._apply_pending()
+            began = time.perf_counter()
             self._db.execute(sql, row)
+            self.commit_seconds.observe(time.perf_counter() - began)
 
     def _update(self, pid: int, first: int, values: tuple, durable: bool) -> None:
         """Set the columns of a process's row from PROCESS_COLUMNS[first] on to `values`."""
@@ -284,6 +293,7 @@ class Store:
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
             by_columns.setdefault(tuple(columns), []).append((pid, *columns.values()))
+        began = time.perf_counter()
         self._db.execute("BEGIN")
         try:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
@@ -295,6 +305,7 @@ class Store:
                     self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
         finally:
             self._db.execute("COMMIT")
+            self.commit_seconds.observe(time.perf_counter() - began)
 
     def flush(self) -> None:
         with self._db_lock:
