@@ -101,13 +101,19 @@ function setOnline(ok, why = "") {
 // -- the process list: a full refresh each second, kept current between them by Events ---------
 async function refreshProcesses() {
   const began = performance.now();
-  const reply = await call("ListProcesses", { includeEnded: $("show-ended").checked });
+  const listed = [];
+  for (let after = "0"; ;) {  // the kernel answers in pages, by pid
+    const page = await call("ListProcesses", { includeEnded: $("show-ended").checked, pageSize: 10000, afterPid: after });
+    listed.push(...page.processes);
+    if (page.nextAfterPid === "0") break;
+    after = page.nextAfterPid;
+  }
   const now = performance.now();
   refreshSeconds = lastRefresh ? (now - lastRefresh) / 1000 : 0;
   lastRefresh = now;
   procs.clear();
   cpuPercent = new Map();
-  for (const p of reply.processes) {
+  for (const p of listed) {
     procs.set(p.pid, p);
     const before = previousCpu.get(p.pid);
     if (refreshSeconds && before !== undefined) {
