@@ -4,7 +4,9 @@ stream, a streamed inference and errors with their gRPC status codes."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 from typing import Any
@@ -67,3 +69,15 @@ def test_node_client_talks_to_lua_echo(llmosd: Any, node_modules: pathlib.Path) 
     assert summary["big_int"]["code"] == invalid and "2^53" in summary["big_int"]["details"]
     infer = summary["infer"]
     assert infer["streamed"] == infer["whole"] and infer["tokens"] == 4 and infer["finish"] == "length"
+
+
+def test_the_docs_node_example_runs(llmosd: Any, node_modules: pathlib.Path) -> None:
+    """docs/any-language.md's Node example, as written (run where llmos-client resolves: tests/node)."""
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "any-language.md").read_text()
+    [source] = re.findall(r"```js\n(.*?)```", doc, re.S)
+    out = subprocess.run([NODE, "-e", source], cwd=NODE_DIR, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "LLMOS_SERVER": llmosd.target})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "bigint [ 'from node', 1, null, 2.5, { ok: true } ]"
+    assert lines[1] == "EXITED" and lines[2].startswith('"') and lines[3] == "NOT_FOUND 5"
