@@ -861,3 +861,42 @@ def test_llmosd_refuses_a_bound_port_and_a_held_data_dir(fresh_llmosd: Any, tmp_
     assert held.stderr.startswith(f"llmosd: data directory {fresh_llmosd.data_dir} is in use by another llmosd")
     with llmos.connect(fresh_llmosd.target) as k:  # the first server is untouched
         assert k.run("return 1").result == 1
+
+
+# -- the client-only distribution ---------------------------------------------------------------
+def test_the_sdk_distribution_needs_only_grpcio_and_protobuf(tmp_path: pathlib.Path, server: str) -> None:
+    """sdk/ builds a wheel of its own (llmos-client) that declares grpcio and protobuf alone, ships py.typed,
+    and works with the server's packages (torch, lupa, numpy, llmosd) unimportable."""
+    import zipfile
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(root / "sdk")], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("llmos_client-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+        z.extractall(tmp_path / "site")
+    requires = sorted(line.split()[1].split(">")[0].split("<")[0] for line in metadata.splitlines()
+                      if line.startswith("Requires-Dist:") and "extra ==" not in line)
+    assert requires == ["grpcio", "protobuf"]
+    assert "llmos/py.typed" in names and "llmos/v1/kernel_pb2.py" in names
+    assert not any(n.startswith("llmosd/") for n in names)
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torch', 'lupa', 'numpy', 'llmosd'):\n"
+               "            raise ImportError(f'{name} is not installed')\n"
+               "sys.meta_path.insert(0, Block())\n")
+    (tmp_path / "site" / "sitecustomize.py").write_text(blocker)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True,
+                             timeout=CLI_TIMEOUT_S)
+    assert blocked.returncode != 0 and "torch is not installed" in blocked.stderr  # the blocker is in force
+    done = subprocess.run([sys.executable, "-c", "import llmos, llmos.cli, llmos.aio; print(llmos.__file__)"],
+                          env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert done.returncode == 0 and done.stdout.startswith(str(tmp_path / "site")), done.stderr
+    ps = subprocess.run([sys.executable, "-m", "llmos.cli", "--server", server, "ps", "-o", "json"], env=env,
+                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert ps.returncode == 0 and isinstance(json.loads(ps.stdout), list), ps.stderr
