@@ -16,9 +16,9 @@ from google.protobuf import json_format
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
-from llmosd.launch import LlmosdServer
 
 from conftest import PINNED, USERLAND
+from llmosd_process import LlmosdServer
 
 CONSOLE = pathlib.Path(__file__).resolve().parent.parent / "server" / "llmosd" / "api" / "console"
 

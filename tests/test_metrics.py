@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
-from llmosd.launch import LlmosdServer
 
 from conftest import PINNED, USERLAND
+from llmosd_process import LlmosdServer
 
 
 @pytest.fixture(scope="module")

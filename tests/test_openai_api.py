@@ -12,9 +12,9 @@ import pytest
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
-from llmosd.launch import LlmosdServer
 
 from conftest import PINNED, USERLAND
+from llmosd_process import LlmosdServer
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
 WEATHER = {"type": "function", "function": {

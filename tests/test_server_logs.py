@@ -7,9 +7,9 @@ import pathlib
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
-from llmosd.launch import LlmosdServer
 
 from conftest import PINNED
+from llmosd_process import LlmosdServer
 
 
 def test_json_log_lines(tmp_path: pathlib.Path) -> None:

@@ -31,9 +31,9 @@ from google.protobuf import json_format, message_factory
 
 from llmos.v1 import kernel_pb2 as pb
 
-from ..errors import InvalidArgument
-from ..kernel import Kernel
-from ..syscalls import CALL, SERVICE, SYSCALLS, Identity, count_call, status_of
+from .errors import InvalidArgument
+from ..kernel.kernel import Kernel
+from .syscalls import CALL, SERVICE, SYSCALLS, Identity, count_call, status_of
 from . import metrics, openai_api
 from .web import BODY_SLACK, HttpCall, error_response, json_errors, read_json, stream_sse
 

@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .. import syscalls
-from ..kernel import Kernel
+from . import syscalls
+from ..kernel.kernel import Kernel
 
 MAILBOX_DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 10_000)
 RATE_WINDOW_S = 10.0  # tokens/s and batch size: over the engine's steps of this last while

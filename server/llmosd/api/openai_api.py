@@ -24,9 +24,9 @@ from aiohttp import web
 
 from llmos.v1 import kernel_pb2 as pb
 
-from ..errors import InvalidArgument, KernelError, NotFound
-from ..kernel import Kernel
-from ..syscalls import CALL, SYSCALLS, Identity, count_call, status_of
+from .errors import InvalidArgument, KernelError, NotFound
+from ..kernel.kernel import Kernel
+from .syscalls import CALL, SYSCALLS, Identity, count_call, status_of
 from .web import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
 
 TOOL_CALL_TAG = "<tool_call>"

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from llmos.v1 import kernel_pb2 as pb
 
-from . import checks as C
-from .errors import InvalidArgument, KernelError, ResourceExhausted, Unavailable
-from .process import Process
-from .waiting import Waiter
+from ..api import checks as C
+from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unavailable
+from ..kernel.process import Process
+from ..kernel.waiting import Waiter
 
 if TYPE_CHECKING:
-    from .engine import Engine, EngineConfig, Request
-    from .kernel import Kernel
+    from ..engine import Engine, EngineConfig, Request
+    from ..kernel.kernel import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Inference:
 
     def _load(self) -> None:
         try:
-            from .engine import Engine  # torch is imported here, not at server start
+            from ..engine import Engine  # torch is imported here, not at server start
 
             engine = Engine(self.config)
             engine.start()
@@ -97,7 +97,7 @@ class Inference:
 
     def build_request(self, spec: dict[str, Any], proc: Process | None) -> Request:
         """A checked engine Request from plain values (what Lua or an RPC gave)."""
-        from .engine import Request
+        from ..engine import Request
 
         prompt, messages = spec.get("prompt"), spec.get("messages")
         if (prompt is None) == (messages is None):
@@ -276,7 +276,7 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
 
 def _engine_error(e: ValueError) -> KernelError:
     """The status of a request the engine refused (its InvalidRequest kinds)."""
-    from .engine import KVLimitExceeded, TokenBudgetExceeded
+    from ..engine import KVLimitExceeded, TokenBudgetExceeded
 
     if isinstance(e, (TokenBudgetExceeded, KVLimitExceeded)):
         return ResourceExhausted(str(e))
