@@ -4,6 +4,7 @@ The real SmolLM2 answers through them in tests/engine/test_gguf_smollm2.py."""
 from __future__ import annotations
 
 import json
+import pathlib
 from typing import Any, Iterator
 
 import httpx
@@ -13,8 +14,9 @@ import pytest
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 
-from conftest import PINNED, USERLAND
 from llmosd_process import LlmosdServer
+
+USERLAND = pathlib.Path(__file__).resolve().parent.parent / "userland"
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
 WEATHER = {"type": "function", "function": {
@@ -26,7 +28,7 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
     srv = LlmosdServer(tmp_path_factory.mktemp("openai") / "data", "--model", "tiny", "--http", "127.0.0.1:0",
-                       *PINNED, userland_root=USERLAND)
+                       "--cpus", "2", userland_root=USERLAND)
     srv.start()
     yield srv
     srv.stop()
