@@ -149,3 +149,17 @@ def test_completions_and_grpc_infer_share_the_engine(server: LlmosdServer, clien
         assert r.usage.completion_tokens <= 4
         assert list(grpc_stream)[-1].finish_reason in ("stop", "length")
 
+
+
+def test_infer_streams_over_the_json_gateway(server: LlmosdServer) -> None:
+    """The kernel's own Infer, as Server-Sent Events from POST /v1/kernel/Infer."""
+    with httpx.Client(base_url=server.http, timeout=60) as http:
+        with http.stream("POST", "/v1/kernel/Infer",
+                         json={"prompt": "hello", "sampling": {"maxTokens": 3, "temperature": 0}, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in r.iter_lines() if line]
+    data = [json.loads(line[len("data: "):]) for line in events if line.startswith("data: ")]
+    assert events[-2:] == ["event: end", "data: {}"]
+    chunks = data[:-1]
+    assert chunks[-1]["finishReason"] in ("stop", "length") and int(chunks[-1]["usage"]["completionTokens"]) <= 3
+    assert all(not c["finishReason"] for c in chunks[:-1])
