@@ -16,9 +16,10 @@ from google.protobuf import json_format
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
+
 from llmosd_process import LlmosdServer
 
-from conftest import PINNED, USERLAND
+USERLAND = pathlib.Path(__file__).resolve().parent.parent / "userland"
 
 CONSOLE = pathlib.Path(__file__).resolve().parent.parent / "server" / "llmosd" / "api" / "console"
 
@@ -26,7 +27,7 @@ CONSOLE = pathlib.Path(__file__).resolve().parent.parent / "server" / "llmosd" /
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
     srv = LlmosdServer(tmp_path_factory.mktemp("http") / "data", "--model", "none", "--http", "127.0.0.1:0",
-                       "--max-message-bytes", str(1 << 20), *PINNED, userland_root=USERLAND)
+                       "--max-message-bytes", str(1 << 20), "--cpus", "2", userland_root=USERLAND)
     srv.start()
     assert srv.http.startswith("http://127.0.0.1:")
     yield srv

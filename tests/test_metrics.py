@@ -2,6 +2,7 @@
 real work through gRPC, HTTP and the OpenAI endpoints."""
 from __future__ import annotations
 
+import pathlib
 from typing import Iterator
 
 import grpc
@@ -11,15 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
+
 from llmosd_process import LlmosdServer
 
-from conftest import PINNED, USERLAND
+USERLAND = pathlib.Path(__file__).resolve().parent.parent / "userland"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
     srv = LlmosdServer(tmp_path_factory.mktemp("metrics") / "data", "--model", "tiny", "--http", "127.0.0.1:0",
-                       *PINNED, userland_root=USERLAND)
+                       "--cpus", "2", userland_root=USERLAND)
     srv.start()
     yield srv
     srv.stop()

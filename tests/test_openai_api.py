@@ -4,6 +4,7 @@ The real SmolLM2 answers through them in tests/engine/test_gguf_smollm2.py."""
 from __future__ import annotations
 
 import json
+import pathlib
 from typing import Any, Iterator
 
 import httpx
@@ -12,9 +13,10 @@ import pytest
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
+
 from llmosd_process import LlmosdServer
 
-from conftest import PINNED, USERLAND
+USERLAND = pathlib.Path(__file__).resolve().parent.parent / "userland"
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
 WEATHER = {"type": "function", "function": {
@@ -26,7 +28,7 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
     srv = LlmosdServer(tmp_path_factory.mktemp("openai") / "data", "--model", "tiny", "--http", "127.0.0.1:0",
-                       *PINNED, userland_root=USERLAND)
+                       "--cpus", "2", userland_root=USERLAND)
     srv.start()
     yield srv
     srv.stop()
@@ -147,3 +149,17 @@ def test_completions_and_grpc_infer_share_the_engine(server: LlmosdServer, clien
         assert r.usage.completion_tokens <= 4
         assert list(grpc_stream)[-1].finish_reason in ("stop", "length")
 
+
+
+def test_infer_streams_over_the_json_gateway(server: LlmosdServer) -> None:
+    """The kernel's own Infer, as Server-Sent Events from POST /v1/kernel/Infer."""
+    with httpx.Client(base_url=server.http, timeout=60) as http:
+        with http.stream("POST", "/v1/kernel/Infer",
+                         json={"prompt": "hello", "sampling": {"maxTokens": 3, "temperature": 0}, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in r.iter_lines() if line]
+    data = [json.loads(line[len("data: "):]) for line in events if line.startswith("data: ")]
+    assert events[-2:] == ["event: end", "data: {}"]
+    chunks = data[:-1]
+    assert chunks[-1]["finishReason"] in ("stop", "length") and int(chunks[-1]["usage"]["completionTokens"]) <= 3
+    assert all(not c["finishReason"] for c in chunks[:-1])

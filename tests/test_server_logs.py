@@ -7,9 +7,8 @@ import pathlib
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
-from llmosd_process import LlmosdServer
 
-from conftest import PINNED
+from llmosd_process import LlmosdServer
 
 
 def test_json_log_lines(tmp_path: pathlib.Path) -> None:
@@ -17,7 +16,7 @@ def test_json_log_lines(tmp_path: pathlib.Path) -> None:
     userland.mkdir()
     (userland / "hello.lua").write_text('print("hello, \\"log\\"")\n')
     server = LlmosdServer(tmp_path / "data", "--model", "none", "--log-format", "json", "--spawn", "hello.lua",
-                          *PINNED, userland_root=userland)
+                          "--cpus", "2", userland_root=userland)
     server.start()
     try:
         with server.channel() as channel:

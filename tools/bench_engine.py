@@ -349,7 +349,9 @@ def openai_row(path: pathlib.Path, args: argparse.Namespace, n: int) -> tuple:
 
     from llmos.v1 import kernel_pb2 as pb
     from llmos.v1 import kernel_pb2_grpc
-    from llmosd.launch import LlmosdServer
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # the tests' server launcher
+    from llmosd_process import LlmosdServer
 
     with tempfile.TemporaryDirectory() as tmp:
         server = LlmosdServer(pathlib.Path(tmp) / "data", "--model", str(path), "--device", args.device,

@@ -32,9 +32,11 @@ from .web import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
 TOOL_CALL_TAG = "<tool_call>"
 OPENAI_DONE = b"data: [DONE]\n\n"
 # Fields of OpenAI's requests accepted and ignored (they change nothing here) when given as is.
-IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options", "logit_bias"}
-NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "echo": False, "best_of": 1}
-SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop")
+IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}
+# Fields accepted only with the value that asks for nothing (the default).
+NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "echo": False, "best_of": 1,
+           "logit_bias": {}}
+SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream_options")
 CHAT_FIELDS = {"model", "messages", "stream", "response_format", "tools", "tool_choice", *SAMPLING}
 COMPLETION_FIELDS = {"model", "prompt", "stream", *SAMPLING}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
