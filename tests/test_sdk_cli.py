@@ -815,6 +815,7 @@ def test_cli_send_body_from_stdin_and_file(server: str, k: llmos.Client, tmp_pat
 
 @pytest.mark.parametrize("argv, says", [
     (["logs", "--", "-5"], "a pid is a positive integer"),
+    (["inspect", str(1 << 64)], "a pid is a positive integer below 2^64"),
     (["top", "--interval", "-1"], "an interval is a number of seconds"),
     (["run", "x.lua", "--limits", "bogus=1"], "unknown limit(s) bogus"),
     (["run", "x.lua", "--limits", "cpu_ms=-3"], "limits are KEY=N"),
@@ -861,6 +862,13 @@ def test_llmosd_refuses_a_bound_port_and_a_held_data_dir(fresh_llmosd: Any, tmp_
     assert held.stderr.startswith(f"llmosd: data directory {fresh_llmosd.data_dir} is in use by another llmosd")
     with llmos.connect(fresh_llmosd.target) as k:  # the first server is untouched
         assert k.run("return 1").result == 1
+
+
+def test_values_protobuf_cannot_hold_are_invalid_argument_before_sending(k: llmos.Client) -> None:
+    for call in (lambda: k.get(1 << 64), lambda: k.wait(-1, timeout=0), lambda: k.kill("7"),
+                 lambda: k.set_priority(1, 1 << 40)):
+        with pytest.raises(llmos.InvalidArgument, match="bad argument"):
+            call()
 
 
 # -- the client-only distribution ---------------------------------------------------------------

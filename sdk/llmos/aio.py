@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from .client import CHANNEL_OPTIONS, Call, ClientStreaming, Plan, Streaming, Syscalls
+from .client import CHANNEL_OPTIONS, Call, ClientStreaming, Plan, Streaming, Syscalls, first_call
 from .errors import Unavailable, from_rpc_error
 from .v1 import kernel_pb2_grpc
 
@@ -66,7 +66,7 @@ class Client(Syscalls):
             raise from_rpc_error(e) from None
 
     def _drive(self, plan: Plan[T]) -> Any:
-        call = next(plan)
+        call = first_call(plan)
         if isinstance(call, Streaming) and not call.collect:
             # a plan that yields an open stream returns it: hand the async iterator to the caller directly
             try:

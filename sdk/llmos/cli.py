@@ -381,8 +381,8 @@ def cmd_fs_mv(k: Client, a: argparse.Namespace) -> int:
 
 # -- argument parsing -------------------------------------------------------------------------
 def _pid(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"a pid is a positive integer, not {text!r}")
+    if not text.isdigit() or not 0 < int(text) < 1 << 64:  # pids are uint64 (above 2^53, none exists)
+        raise argparse.ArgumentTypeError(f"a pid is a positive integer below 2^64, not {text!r}")
     return int(text)
 
 

@@ -315,6 +315,17 @@ def _invalid(message: str) -> InvalidArgument:
     return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def first_call(plan: Plan[T]) -> Call:
+    """The plan's first call. Building it is where arguments become request fields: a value protobuf
+    refuses there (a pid of 2^64, a str for an int) is InvalidArgument, before anything is sent."""
+    try:
+        return next(plan)
+    except InvalidArgument:
+        raise
+    except (ValueError, TypeError) as e:
+        raise _invalid(f"bad argument: {e}") from None
+
+
 def _timeout_ms(timeout: float | None) -> int | None:
     if timeout is None:
         return None
@@ -744,7 +755,7 @@ class Client(Syscalls):
             raise from_rpc_error(e) from None
 
     def _drive(self, plan: Plan[T]) -> T:
-        call = next(plan)
+        call = first_call(plan)
         while True:
             reply = self._perform(call)
             try:
