@@ -20,6 +20,8 @@ from .api.errors import KernelError
 from .services.files import FileLimits
 from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
 from .kernel.process import Limits
+from .lua.slices import LuaRuntime
+from .python.runtime import PythonRuntime
 from .api.syscalls import SERVICE, kernel_service
 
 log = logging.getLogger("llmosd")
@@ -110,6 +112,9 @@ async def serve(args: argparse.Namespace) -> None:
         except FileNotFoundError as e:
             raise SystemExit(f"llmosd: {e}")
     kernel = Kernel(kernel_config(args))
+    kernel.add_runtime(LuaRuntime(kernel))
+    if kernel.config.agent_socket:
+        kernel.add_runtime(PythonRuntime(kernel))
     if args.model != "none":
         from .engine import EngineConfig
         from .services.inference import Inference

@@ -22,6 +22,7 @@ from llmos.values import from_value, to_value
 from . import checks as C
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from ..kernel.kernel import Kernel, SpawnSpec
+from ..kernel.process import PYTHON
 from ..kernel.mailbox import Match, Message
 from ..kernel.store import ProcessRecord, now_ms
 from ..kernel.waiting import TIMED_OUT, AsyncWaiter
@@ -96,7 +97,7 @@ async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
     A Python agent waiting gives up its CPU meanwhile."""
     caller = CALLER.get()
     if caller is not None:
-        kernel.python_blocking(caller, syscall)
+        kernel.runtimes[PYTHON].blocking(caller, syscall)
     try:
         return await waiter.future
     except asyncio.CancelledError:
@@ -108,7 +109,7 @@ async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
         raise
     finally:
         if caller is not None:
-            kernel.python_resumed(caller)
+            kernel.runtimes[PYTHON].resumed(caller)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ async def sys_kill(k: Kernel, req: pb.KillRequest) -> pb.KillResponse:
 
 
 async def sys_exit(k: Kernel, req: pb.ExitRequest) -> pb.ExitResponse:
-    k.set_result(_pid(req.pid), _value(req.result) if req.HasField("result") else None)
+    k.exit(_pid(req.pid), _value(req.result) if req.HasField("result") else None)
     return pb.ExitResponse()
 
 
@@ -333,13 +334,13 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
     caller = CALLER.get()
     if caller is not None:
-        k.python_blocking(caller, "infer")
+        k.runtimes[PYTHON].blocking(caller, "infer")
     try:
         async for chunk in k.inference.infer_rpc(req):
             yield chunk
     finally:
         if caller is not None:
-            k.python_resumed(caller)
+            k.runtimes[PYTHON].resumed(caller)
 
 
 # The table. Every RPC of the service must have exactly one entry.
@@ -403,7 +404,8 @@ class Identity:
             CALLER.set(None)
             return req
         tokens = [v for key, v in ctx.invocation_metadata() or () if key == TOKEN_HEADER]
-        caller = self.k.agents.pid_of(tokens[0]) if tokens and self.k.agents is not None else None
+        python = self.k.runtimes.get(PYTHON)
+        caller = python.pid_of(tokens[0]) if tokens and python is not None else None
         if caller is None:
             raise PermissionDenied("the agent socket needs the llmos-token of a live Python process")
         CALLER.set(caller)

@@ -1,11 +1,13 @@
-"""The kernel: the process table and the operations behind every syscall.
+"""The kernel: the process table and the operations on it that syscalls end in.
 
-Every syscall, whether from an RPC or from a Lua program, lands in one of the
-public methods here, or, for messages between Lua processes, in the C core
-(`self.core`, see _core.c), which changes the same process table and
-mailboxes. State changes happen under one lock (`self.lock`, a C lock both
-sides take), held only for bookkeeping, never while program code runs or an
-RPC waits.
+A syscall's entry in the table (api/syscalls.py) checks its arguments and
+calls a public method here, or a subsystem (services/); messages between Lua
+processes take the table's C implementation of send and receive instead
+(lua/fast_paths.c), which changes the same process table and mailboxes.
+Running a process is its userland's (kernel/runtime.py: the kernel never
+imports lua/ or python/). State changes happen under one lock (`self.lock`, a
+C lock both sides take), held only for bookkeeping, never while program code
+runs or an RPC waits.
 """
 from __future__ import annotations
 
@@ -13,27 +15,25 @@ import json
 import logging
 import os
 import pathlib
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..api import checks as C
 from . import process as P
 from ..api.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, PermissionDenied, ResourceExhausted,
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
     Unimplemented,
 )
-from ..lua.runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua, lua_syntax_error
 from .mailbox import Mailbox, Match, Message
 from ..native import _lua
 from .process import Limits, Process
 from .scheduler import Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
-from .waiting import TIMED_OUT, Timers, Waiter
-from ..services.files import FileLimits, FileStore
+from .waiting import Timers, Waiter
+from ..services.files import FileStore
+from .config import KernelConfig, SpawnSpec
 from .logs import MAX_LINES as MAX_LOG_LINES, Logs
-from ..python.runtime import Agents, PythonProcess
+from .runtime import Runtime
 from ..services.sync import SyncTable
 
 log = logging.getLogger(__name__)
@@ -41,72 +41,6 @@ log = logging.getLogger(__name__)
 NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _send_exit_notice)
 MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
 MAX_SPAWN_DEPTH = 100  # how deep a process tree may grow (each spawn counts against every ancestor's limit)
-SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
-                           "source_name"))
-
-
-@dataclass
-class KernelConfig:
-    data_dir: str
-    cpus: int = 0  # 0: one per core
-    quantum_ms: float = 10.0
-    aging_ms: float = 200.0  # a waiting process gains a priority level per this much waiting
-    # About 0.2 ms of Lua here: fine-grained enough for a 10 ms quantum and
-    # prompt kills, rare enough that the hook costs about 1%.
-    hook_instructions: int = 100_000
-    defaults: Limits = field(default_factory=lambda: Limits(
-        memory_bytes=64 << 20, mailbox=10_000, mailbox_bytes=64 << 20, processes=16_384))
-    userland_root: str | None = None
-    max_message_bytes: int = 4 << 20
-    max_processes: int = 65_536  # live processes and ports in the whole server
-    process_log_bytes: int = 256 << 10  # characters of log a process keeps (the oldest lines go first)
-    log_memory_bytes: int = 64 << 20  # characters of log kept in memory in all (ended processes' go first)
-    file_limits: FileLimits = field(default_factory=FileLimits)
-    agent_socket: str | None = None  # the Unix socket Python agents reach the kernel on; None: no Python userland
-    python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)
-    max_agents: int = 64  # live Python agents at once (each is an interpreter: ~30 MiB idle); 0: no limit
-    ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
-
-    @property
-    def quantum_s(self) -> float:
-        return self.quantum_ms / 1000.0
-
-
-@dataclass
-class SpawnSpec:
-    """What Spawn takes, checked by the syscall layer or the Lua bridge."""
-
-    lua: str | None = None
-    python: str | None = None
-    path: str | None = None
-    args: Any = None
-    name: str | None = None
-    priority: int = 0
-    weight: int = 0  # 0: the default weight
-    source_name: str | None = None  # what errors call lua/python source (default "program")
-    limits: Limits = field(default_factory=Limits)
-    parent: int = 0
-    monitor: bool = False
-    log_to_server: bool = False  # also write the process's log lines to the server's log (boot programs)
-
-
-class LuaWaiter(Waiter):
-    """A Lua process blocked in a syscall: completing it makes the process runnable."""
-
-    __slots__ = ("kernel", "proc")
-
-    def __init__(self, kernel: Kernel, proc: Process) -> None:
-        super().__init__()
-        self.kernel = kernel
-        self.proc = proc
-
-    def _wake(self, value: Any) -> None:
-        proc = self.proc
-        proc.resume_value = value
-        proc.waiter = None
-        proc.state = P.RUNNABLE
-        proc.blocked_on = None
-        self.kernel.scheduler.make_runnable(proc)
 
 
 class Kernel:
@@ -117,11 +51,7 @@ class Kernel:
         self.timers = Timers()
         self.sync = SyncTable(self.lock, self.timers)
         self.files = FileStore(pathlib.Path(config.data_dir) / "files", config.file_limits)
-        self.agents: Agents | None = None
-        if config.agent_socket:
-            roots = (pathlib.Path(config.userland_root),) if config.userland_root else ()
-            self.agents = Agents(pathlib.Path(config.data_dir) / "python", pathlib.Path(config.agent_socket), roots,
-                                 config.max_agents)
+        self.runtimes: dict[str, Runtime] = {}  # process kind -> its userland (add_runtime)
         self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.scheduler = Scheduler(
             config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
@@ -139,6 +69,10 @@ class Kernel:
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
+    def add_runtime(self, runtime: Runtime) -> None:
+        """Let processes of `runtime.kind` be spawned (before the server serves)."""
+        self.runtimes[runtime.kind] = runtime
+
     def _recover(self) -> None:
         """Bring back ports with their messages; processes that were alive when the
         server went down end with reason "server_restart"."""
@@ -166,8 +100,8 @@ class Kernel:
             self.kill(proc.pid, "shutdown")
         if self.inference is not None:
             self.inference.stop()
-        if self.agents is not None:
-            self.agents.shutdown()
+        for runtime in self.runtimes.values():
+            runtime.shutdown()
         self.scheduler.stop()
         self.timers.stop()
         self.store.close()
@@ -187,20 +121,16 @@ class Kernel:
             C.name(spec.name)
         priority, weight = C.priority(spec.priority), C.weight(spec.weight or C.DEFAULT_WEIGHT)
         args = C.value(spec.args, "args", self.config.max_message_bytes)
-        defaults = self.config.defaults
-        if kind == P.PYTHON:
-            if self.agents is None:
-                raise Unimplemented("this server runs no Python userland (start llmosd with an agent socket)")
-            check_python_syntax(source, program_name)
-            defaults = Limits(**{**defaults.as_dict(), "memory_bytes": self.config.python_memory_bytes})
-        else:
-            check_syntax(source, program_name)
-        limits = spec.limits.with_defaults(defaults)
+        runtime = self.runtimes.get(kind)
+        if runtime is None:
+            raise Unimplemented(f"this server runs no {kind.title()} userland"
+                                + (" (start llmosd with an agent socket)" if kind == P.PYTHON else ""))
+        limits = spec.limits.with_defaults(runtime.check_program(source, program_name, self.config.defaults))
         with self.lock:
             if spec.parent:
                 parent = self.live_locked(spec.parent, "parent")
                 if limits is not parent.limits:  # the shared defaults are within themselves
-                    limits = _child_limits(parent, spec.limits, limits, kind)
+                    limits = P.child_limits(parent, spec.limits, limits, kind)
                 if priority > parent.max_priority:
                     raise PermissionDenied(f"a child's priority is at most its parent's ({parent.max_priority}), "
                                            f"not {priority}")
@@ -219,8 +149,7 @@ class Kernel:
             proc.program, proc.program_name, proc.args = source, program_name, args
             proc.weight = weight
             proc.ancestors = lineage
-            if kind == P.PYTHON:
-                proc.runtime = PythonProcess(self, proc, program_path)
+            runtime.attach(proc, program_path)
             proc.log_to_server = spec.log_to_server
             if spec.name:
                 proc.name = spec.name
@@ -253,25 +182,6 @@ class Kernel:
                     f"pid {proc.pid} has its limit of {proc.limits.processes} live descendants (limits.processes)")
             live.append(proc)
         return live
-
-    def spawn_from_dict(self, spec: dict, parent: int) -> int:
-        """Spawn from the table a Lua program passed to sys.spawn."""
-        if not SPAWN_OPTIONS.issuperset(spec):
-            unknown = ", ".join(sorted(set(spec) - SPAWN_OPTIONS))
-            raise InvalidArgument(f"sys.spawn: unknown option(s) {unknown}")
-        limits = spec.get("limits") or {}
-        if not isinstance(limits, dict):
-            raise InvalidArgument(f"sys.spawn: limits must be a table of {', '.join(Limits.__slots__)}")
-        for key in ("lua", "python", "path", "name", "source_name"):
-            if spec.get(key) is not None and not isinstance(spec[key], str):
-                raise InvalidArgument(f"sys.spawn: {key} must be a string")
-        return self.spawn(SpawnSpec(
-            lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
-            name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
-            weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
-            limits=C.limits(limits, "sys.spawn: limits"), parent=parent, monitor=bool(spec.get("monitor")),
-            source_name=spec.get("source_name"),
-        ))
 
     def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str, pathlib.Path | None]:
         """(kind, source, name for tracebacks, the file if given by path)."""
@@ -401,15 +311,15 @@ class Kernel:
     def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
         """Take a matching message now, or register `waiter` to get one (None)."""
         with self.lock:
-            return self._recv_locked(pid, match, waiter, timeout_s)
+            return self.recv_locked(pid, match, waiter, timeout_s)
 
-    def _recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
+    def recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
         proc = self.procs.get(pid) or self.live_locked(pid, "receiver")
         msg = self._take_locked(proc, match)
         if msg is not None:
             return msg
         proc.mailbox.wait(waiter, match)
-        self._arm_timeout(waiter, timeout_s)
+        self.arm_timeout(waiter, timeout_s)
         return None
 
     def put_back(self, pid: int, msg: Message) -> None:
@@ -427,16 +337,16 @@ class Kernel:
             msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
         ))
 
-    def _arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
+    def arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
         self.timers.time_out(self.lock, waiter, timeout_s)
 
     # -- exits -----------------------------------------------------------------------------
     def wait(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
         """The final record of `pid` if it has ended, else register `waiter` (None)."""
         with self.lock:
-            return self._wait_locked(pid, waiter, timeout_s)
+            return self.wait_locked(pid, waiter, timeout_s)
 
-    def _wait_locked(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
+    def wait_locked(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
         proc = self.procs.get(pid)
         if proc is None:
             rec = self._ended_record(pid)
@@ -444,7 +354,7 @@ class Kernel:
                 raise NotFound(f"no process with pid {pid}")
             return rec
         waiter.register(proc.exit_waiters, waiter)
-        self._arm_timeout(waiter, timeout_s)
+        self.arm_timeout(waiter, timeout_s)
         return None
 
     def kill(self, pid: int, reason: str = "killed") -> bool:
@@ -459,14 +369,10 @@ class Kernel:
             if proc.kind == P.PORT or proc.state in (P.BLOCKED, P.RUNNABLE):
                 # Not running any code (a preempted process stays RUNNING): end it now.
                 self.end_locked(proc, P.KILLED, reason)
-            elif proc.kind == P.PYTHON:
-                # Its exit, reported by the fork server, ends it with this reason.
-                proc.kill_reason = reason
-                proc.runtime.terminate()
             elif proc.kill_reason is None:
-                # Running (or parked mid-slice): its own thread ends it at the next check.
+                # Running (or parked mid-slice): its userland ends it with this reason.
                 proc.kill_reason = reason
-                self.scheduler.interrupt(proc)
+                self.runtimes[proc.kind].kill(proc)
             return True
 
     def end_locked(self, proc: Process, state: str, reason: str, result: Any = None, error: str | None = None) -> None:
@@ -507,9 +413,11 @@ class Kernel:
         for watcher in proc.monitored_by:
             if watcher in self.procs:
                 self._send_exit_notice(watcher, rec)
-        if proc.kind == P.PYTHON:
-            self.logs.replace(proc, proc.runtime.log_lines(MAX_LOG_LINES))  # in place: `rec` shares the list
-            proc.runtime.release()
+        if proc.kind != P.PORT:
+            lines = proc.runtime.log_lines(MAX_LOG_LINES) if proc.runtime is not None else None
+            if lines is not None:
+                self.logs.replace(proc, lines)  # in place: `rec` shares the list
+            self.runtimes[proc.kind].ended(proc)
         self.logs.ended(proc, rec)
         proc.runtime = None
         if proc.log_to_server:
@@ -617,12 +525,6 @@ class Kernel:
             raise NotFound(f"no process with pid {pid}")
         return rec, None
 
-    def describe(self, pid: int | None) -> dict[str, Any]:
-        """A process's state as a plain table for Lua's sys.info / sys.wait."""
-        if pid is None:
-            raise InvalidArgument("pid must be an integer")
-        return describe_record(self.get(pid)[0])
-
     def list(self, states: set[str], name: str | None, parent: int, include_ended: bool) -> list[tuple]:
         with self.lock:
             out = [
@@ -648,9 +550,9 @@ class Kernel:
         """(lines from `offset` on, next offset, lines dropped before offset)."""
         with self.lock:
             proc = self.procs.get(pid)
-            runtime = proc.runtime if proc is not None and proc.kind == P.PYTHON else None
-        if runtime is not None:  # an agent's log is its output file
-            lines, dropped = runtime.log_lines(MAX_LOG_LINES), 0
+            runtime = proc.runtime if proc is not None else None
+        lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
+        if lines is not None:  # kept by its userland (an agent's output file)
             return lines[offset:], len(lines), 0
         rec = self.get(pid)[0]
         lines, dropped = list(rec.log or ()), rec.log_dropped
@@ -664,233 +566,25 @@ class Kernel:
         for listener in self.event_listeners:
             listener(kind, rec)
 
-    # -- running Lua processes -----------------------------------------------------------
+    # -- running processes: their userlands' ------------------------------------------------
     def _wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> int | None:
-        lua = proc.runtime
-        if proc.kind != P.LUA or lua is None:
-            return None
-        return lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting)
+        return self.runtimes[proc.kind].wants_cpu_back(proc, now_ns, others_waiting)
 
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         try:
-            if proc.kind == P.PYTHON:
-                agent = proc.runtime  # None once ended: killed while it was queued
-                if agent is not None:
-                    agent.run_slice()
-            else:
-                self._run_lua_slice(proc)
+            self.runtimes[proc.kind].run_slice(proc)
         except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING
             log.exception("pid %d: kernel error", proc.pid)
             with self.lock:
                 self.end_locked(proc, P.CRASHED, "error", error=f"kernel error: {e!r}")
 
-    def python_blocking(self, pid: int, syscall: str) -> None:
-        """An agent is about to wait in `syscall`: its CPU goes to someone else."""
-        with self.lock:
-            proc = self.procs.get(pid)
-            if proc is not None and proc.kind == P.PYTHON and proc.state == P.RUNNING:
-                proc.state, proc.blocked_on = P.BLOCKED, syscall
-                proc.runtime.wake.set()
-
-    def python_resumed(self, pid: int) -> None:
-        """An agent's wait is over: it may run again when scheduled."""
-        with self.lock:
-            proc = self.procs.get(pid)
-            if proc is None or proc.kind != P.PYTHON or proc.state != P.BLOCKED:
-                return
-            proc.state, proc.blocked_on = P.RUNNABLE, None
-            if proc.runtime.in_slice:
-                proc.runtime.requeue_after_slice = True
-                return
-        self.scheduler.make_runnable(proc)
-
-    def set_result(self, pid: int, result: Any) -> None:
-        """Exit: an agent's result before it ends; for a port, closing it."""
+    def exit(self, pid: int, result: Any) -> None:
+        """The Exit syscall: a process's result before it ends; for a port, closing it."""
         C.value(result, "result", self.config.max_message_bytes)
         with self.lock:
             proc = self.live_locked(pid)
             if proc.kind == P.PORT:
                 self.end_locked(proc, P.EXITED, "normal", result=result)
-            elif proc.kind == P.PYTHON:
-                proc.runtime.result = result
             else:
-                raise FailedPrecondition("a Lua process sets its result with sys.exit or its return value")
-
-    def _run_lua_slice(self, proc: Process) -> None:
-        with self.lock:
-            if proc.ended:
-                return
-            if proc.kill_reason is not None:
-                self.end_locked(proc, P.KILLED, proc.kill_reason)
-                return
-            proc.state = P.RUNNING
-        lua = proc.runtime
-        if lua is None:
-            try:
-                lua = proc.runtime = LuaProcess(self, proc)
-            except Exception as e:  # a memory limit too small for a Lua state
-                with self.lock:
-                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(str(e), isinstance(e, MemoryError)))
-                return
-            args: tuple = ()
-        else:
-            args = self._resume_args(proc)
-        while True:
-            # The core runs the process, and whoever it hands the CPU to when
-            # it blocks in a receive (a reply it is waiting for): `proc` is the
-            # one that ran last, `out` what it yielded (None: blocked already).
-            proc, out = self.core.run(proc, args)
-            if out is None:
-                return
-            lua = proc.runtime
-            kind = out[0]
-            if kind == b"sys":
-                name = out[1].decode()
-                with self.lock:
-                    if proc.kill_reason is not None:
-                        self.end_locked(proc, P.KILLED, proc.kill_reason)
-                        return
-                    answer = self._blocking_syscall(proc, name, out[2:])
-                    if answer is None:
-                        return  # blocked, or ended
-                args = lua.answer(name, answer)
-                if time.perf_counter_ns() - lua.state.slice_start >= self.quantum_ns and self.scheduler.should_yield(proc):
-                    with self.lock:
-                        proc.state = P.RUNNABLE
-                        proc.resume_value = _Ready(args)
-                    self.scheduler.requeue(proc)
-                    return
-                continue
-            with self.lock:
-                if kind == b"unstarted":  # the sandbox could not be built (its first step)
-                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(out[1].decode(), out[2]))
-                elif kind == b"done":
-                    try:
-                        result = from_lua(out[1], "result")
-                    except KernelError as e:
-                        self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
-                    else:
-                        self.end_locked(proc, P.EXITED, "normal", result=result)
-                else:
-                    text = error_text(out[1])
-                    dying = out[2].decode() if len(out) > 2 and out[2] is not None else None
-                    if proc.kill_reason is not None:
-                        self.end_locked(proc, P.KILLED, proc.kill_reason)
-                    elif dying == "memory_limit" or text == MEMORY_ERROR:
-                        self.end_locked(proc, P.KILLED, "memory_limit", error=MEMORY_ERROR)
-                    else:
-                        self.end_locked(proc, P.CRASHED, "error", error=text)
-            return
-
-    def _resume_args(self, proc: Process) -> tuple:
-        value, proc.resume_value = proc.resume_value, ()
-        if isinstance(value, _Ready):
-            return value.args
-        if isinstance(value, ProcessRecord):  # a wait that blocked
-            value = describe_record(value)
-        return proc.runtime.answer(proc.blocked_syscall, None if value is TIMED_OUT else value)
-
-    def _blocking_syscall(self, proc: Process, name: str, args: tuple) -> Any:
-        """Handle a yielded syscall (lock held). Returns the answer if it is ready,
-        or None after blocking (or ending) the process."""
-        lua = proc.runtime
-        if name == "exit":
-            try:
-                result = from_lua(args[0] if args else None, "sys.exit")
-            except KernelError as e:
-                self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
-                return None
-            self.end_locked(proc, P.EXITED, "normal", result=result)
-            return None
-        waiter = LuaWaiter(self, proc)
-        # Blocked before registering: a waiter may complete at once (from this thread).
-        proc.state, proc.blocked_on, proc.blocked_syscall, proc.waiter = P.BLOCKED, name, name, waiter
-        try:
-            answer = self._register_waiter(proc, lua, name, args, waiter)
-        except KernelError as e:
-            answer = e
-        if answer is not None:
-            waiter.abandon()
-            proc.state, proc.blocked_on, proc.waiter = P.RUNNING, None, None
-        return answer
-
-    def _register_waiter(self, proc: Process, lua: LuaProcess, name: str, args: tuple, waiter: Waiter) -> Any:
-        if name == "recv":
-            match = lua.recv_match(*args[:4])
-            return self._recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"))
-        if name == "wait":
-            pid = C.pid(args[0] if args else None, "sys.wait: pid")
-            timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
-            if pid == proc.pid:
-                raise InvalidArgument("sys.wait: a process cannot wait for itself")
-            rec = self._wait_locked(pid, waiter, timeout)
-            return describe_record(rec) if rec is not None else None
-        if name == "sleep":
-            self._arm_timeout(waiter, C.duration_ms(args[0] if args else None, "sys.sleep: ms") / 1000)
-            return None
-        if name == "lock_acquire":
-            lock_name, kind, permits, timeout = lua.lock_options(args[0], args[1], "sys.lock.acquire")
-            return self.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, timeout, kind, permits)
-        if name == "infer":
-            if self.inference is None:
-                raise Unimplemented("this server runs no inference engine")
-            self.inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
-            return None
-        raise InvalidArgument(f"unknown syscall {name!r}")
-
-
-class _Ready:
-    """Resume values computed already (a process requeued after a syscall)."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, args: tuple) -> None:
-        self.args = args
-
-
-def describe_record(rec: ProcessRecord) -> dict[str, Any]:
-    info = {
-        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
-        "priority": rec.priority, "weight": rec.weight, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
-    }
-    if rec.usage is not None:
-        info["usage"] = rec.usage
-    return {k: v for k, v in info.items() if v is not None}
-
-
-def _child_limits(parent: Process, asked: Limits, limits: Limits, kind: str) -> Limits:
-    """A child's limits: at most its parent's. Asking for more is refused; a
-    server default above the parent's limit is lowered to it. A Python agent's
-    memory limit is its address space, which an interpreter needs far more of
-    than a Lua heap: it is not bounded by a parent's (only by the server's)."""
-    out = limits.as_dict()
-    for key, ceiling in parent.limits.as_dict().items():
-        if not ceiling or (key == "memory_bytes" and kind == P.PYTHON):
-            continue
-        wanted = getattr(asked, key)
-        if wanted > ceiling:
-            raise PermissionDenied(f"a child's limits are at most its parent's: {key} {wanted} > {ceiling}")
-        if not out[key] or out[key] > ceiling:
-            out[key] = ceiling
-    return Limits(**out)
-
-
-def _startup_error(text: str, out_of_memory: bool) -> str:
-    if out_of_memory or "memory" in text.lower():
-        return "not enough memory to start (raise limits.memory_bytes)"
-    return text
-
-
-def check_python_syntax(source: str, name: str) -> None:
-    try:
-        compile(source, name, "exec", dont_inherit=True)
-    except (SyntaxError, ValueError) as e:
-        raise InvalidArgument(f"Python syntax error: {e}") from None
-
-
-def check_syntax(source: str, name: str) -> None:
-    """Compile (not run) a Lua program so that Spawn can refuse a bad one."""
-    err = lua_syntax_error(source, name)
-    if err is not None:
-        raise InvalidArgument(f"Lua syntax error: {err}")
+                self.runtimes[proc.kind].exit(proc, result)

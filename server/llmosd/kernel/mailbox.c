@@ -14,6 +14,10 @@
  * Python (see _core.c), which is what lets two of them ping-pong at more than
  * 100,000 round trips a second. Every method is called with the kernel lock
  * held, which is also defined here, so that C can take it directly.
+ *
+ * Why one file: the kernel lock, messages, receive filters and mailboxes are
+ * four small types read together (a mailbox is a queue of messages taken
+ * through filters under the lock), set up by one init that they share.
  */
 #include "messaging.h"
 

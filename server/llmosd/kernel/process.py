@@ -5,6 +5,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..api.errors import PermissionDenied
 from .mailbox import Mailbox
 from .waiting import Waiter
 
@@ -95,3 +96,20 @@ class Process:
     @property
     def ended(self) -> bool:
         return self.state in ENDED
+
+
+def child_limits(parent: Process, asked: Limits, limits: Limits, kind: str) -> Limits:
+    """A child's limits: at most its parent's. Asking for more is refused; a
+    server default above the parent's limit is lowered to it. A Python agent's
+    memory limit is its address space, which an interpreter needs far more of
+    than a Lua heap: it is not bounded by a parent's (only by the server's)."""
+    out = limits.as_dict()
+    for key, ceiling in parent.limits.as_dict().items():
+        if not ceiling or (key == "memory_bytes" and kind == PYTHON):
+            continue
+        wanted = getattr(asked, key)
+        if wanted > ceiling:
+            raise PermissionDenied(f"a child's limits are at most its parent's: {key} {wanted} > {ceiling}")
+        if not out[key] or out[key] > ceiling:
+            out[key] = ceiling
+    return Limits(**out)

@@ -13,6 +13,10 @@
  * quantum spent) goes to the Python side (lua_runtime.py, kernel.py), which
  * handles it as it always did. Both sides change the process table and
  * mailboxes under the one kernel lock.
+ *
+ * Why one file: send, try-receive, the blocking receive and the hand-off to
+ * the process a send woke are one protocol over the same per-thread runnext
+ * slot and Process fields; split, each part would need the others' statics.
  */
 #include "state.h"
 

@@ -14,6 +14,9 @@
  * a few ns), and the pattern functions' (lua_patterns.c).
  * Character classes are the C locale's (ASCII), as Lua's in the C and UTF-8
  * locales.
+ *
+ * Why one file: the string library's metered functions, each short, share
+ * the metered buffer and the format/pack option parsers.
  */
 #include <limits.h>
 #include <math.h>

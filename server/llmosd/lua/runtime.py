@@ -25,10 +25,12 @@ from ..api import checks as C
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
-from ..kernel.process import Process
+from ..kernel.process import Limits, Process
+from ..kernel.config import SpawnSpec
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
+    from ..kernel.store import ProcessRecord
 
 # The scheduler interrupts a running program with this signal (see _preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
@@ -119,6 +121,21 @@ def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
     return value
 
 
+SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
+                           "source_name"))
+
+
+def describe_record(rec: ProcessRecord) -> dict[str, Any]:
+    """A process's record as the plain table sys.info and sys.wait answer."""
+    info = {
+        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
+        "priority": rec.priority, "weight": rec.weight, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
+    }
+    if rec.usage is not None:
+        info["usage"] = rec.usage
+    return {k: v for k, v in info.items() if v is not None}
+
+
 def error_text(err: Any) -> str:
     """A Lua error object as text for the process's exit record."""
     if type(err) is bytes:
@@ -163,6 +180,9 @@ class LuaProcess:
 
     def memory_used(self) -> int:
         return self.state.memory_used()
+
+    def log_lines(self, limit: int) -> None:
+        return None  # a Lua process's log is the kernel's
 
     def cpu_ns(self) -> int:
         """CPU time actually used so far, the running slice included (at most its wall time so far:
@@ -255,7 +275,22 @@ class LuaProcess:
         spec = from_lua(spec, "sys.spawn")
         if not isinstance(spec, dict):
             raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
-        return self.kernel.spawn_from_dict(spec, parent=self.proc.pid)
+        if not SPAWN_OPTIONS.issuperset(spec):
+            unknown = ", ".join(sorted(set(spec) - SPAWN_OPTIONS))
+            raise InvalidArgument(f"sys.spawn: unknown option(s) {unknown}")
+        limits = spec.get("limits") or {}
+        if not isinstance(limits, dict):
+            raise InvalidArgument(f"sys.spawn: limits must be a table of {', '.join(Limits.__slots__)}")
+        for key in ("lua", "python", "path", "name", "source_name"):
+            if spec.get(key) is not None and not isinstance(spec[key], str):
+                raise InvalidArgument(f"sys.spawn: {key} must be a string")
+        return self.kernel.spawn(SpawnSpec(
+            lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
+            name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
+            weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
+            limits=C.limits(limits, "sys.spawn: limits"), parent=self.proc.pid, monitor=bool(spec.get("monitor")),
+            source_name=spec.get("source_name"),
+        ))
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
         self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed")
@@ -285,7 +320,7 @@ class LuaProcess:
         return True
 
     def info(self, pid: Any = None) -> Any:
-        return self.kernel.describe(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"))
+        return describe_record(self.kernel.get(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"))[0])
 
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""

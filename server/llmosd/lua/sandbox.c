@@ -23,6 +23,10 @@
  * spawn, and they were a third of an idle process's memory. C functions cost
  * a state nothing. The per-state context lives in a userdata that every
  * thread of the state reaches through lua_getextraspace.
+ *
+ * Why one file: the sandbox is one per-state context (Sandbox, below) that
+ * every wrapper and `sys` function reads; they are grouped by section in the
+ * order a program meets them (hook, wrappers of the base library, sys.*).
  */
 #include <string.h>
 

@@ -30,6 +30,10 @@
  * Python module in each state (78 µs of every spawn here, and memory the
  * sandbox then drops), and wraps each value that crosses in a Python object.
  * lupa still provides the Lua library itself (see lua_api.h).
+ *
+ * Why one file: a State's allocator, value conversion and slice clock work on
+ * the State struct and the Python objects it holds, and the module's init sets
+ * them up with the other parts of the extension.
  */
 #include "state.h"
 
