@@ -1,4 +1,4 @@
-"""The syscall table: every RPC of llmos.v1.Kernel and the thin handler behind it.
+"""The gRPC end of the syscall table (table.py): the thin handler behind every RPC of llmos.v1.Kernel.
 
 Handlers take the kernel and the request, check and convert arguments, call
 the kernel, and convert the answer; the calling agent, if any, is CALLER.
@@ -20,6 +20,7 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
 from . import checks as C
+from .table import AGENT_DENIED, AGENT_IDENTITY, BY_RPC
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from ..kernel.kernel import Kernel, SpawnSpec
 from ..kernel.process import PYTHON
@@ -38,15 +39,6 @@ TOKEN_HEADER = "llmos-token"
 CALLER: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller", default=None)
 # The current call's gRPC context.
 CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar("call")
-
-# On the agent socket, each of these fields must name the calling agent (0 is
-# filled in with it): an agent can send, receive, hold locks... only as itself.
-AGENT_IDENTITY = {
-    "Spawn": "parent", "Send": "from", "Recv": "pid", "Register": "pid", "Monitor": "watcher", "Infer": "pid",
-    "Acquire": "pid", "Release": "pid", "Exit": "pid", "WriteFile": "pid",
-}
-AGENT_DENIED = {"OpenPort": "agents have a mailbox of their own; ports are for external clients"}
-
 
 # -- conversions --------------------------------------------------------------------------
 def _value(v: Any) -> Any:
@@ -343,7 +335,7 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
             k.runtimes[PYTHON].resumed(caller)
 
 
-# The table. Every RPC of the service must have exactly one entry.
+# The handler of each RPC: exactly the table's `rpc`s (and the .proto's methods).
 SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
     "Send": sys_send,
@@ -464,8 +456,8 @@ def kernel_service(k: Kernel, agents: bool = False) -> grpc.GenericRpcHandler:
     With `agents`, calls must carry an agent's token and act only as it."""
     identity = Identity(k, agents)
     declared = {m.name for m in SERVICE.methods}
-    if declared != set(SYSCALLS):
-        raise RuntimeError(f"syscall table and .proto disagree: {sorted(declared ^ set(SYSCALLS))}")
+    if not declared == set(SYSCALLS) == set(BY_RPC):
+        raise RuntimeError(f"syscall table, handlers and .proto disagree: {sorted(declared ^ set(SYSCALLS) | declared ^ set(BY_RPC))}")
     handlers = {}
     for method in SERVICE.methods:
         request = message_factory.GetMessageClass(method.input_type)

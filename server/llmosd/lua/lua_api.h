@@ -170,6 +170,19 @@ int luaopen_os(lua_State *L);
  *                                         chunk_name, args, hook_count)
  * The four bridge functions answer (value, ...) or (nil, error text) and never raise. */
 int llmos_sandbox_open(lua_State *L);
+
+/* One function of the `sys` table (api/table.py's lua_layout): where it goes (the sub-table of
+ * sys, or NULL, and the name there) and how it is made: the sandbox's own function of that
+ * path, a call of the bridge's `call` with `op` (and `file_op`), or a yield of syscall `op`. */
+enum { LLMOS_SYS_C, LLMOS_SYS_CALL, LLMOS_SYS_YIELD };
+typedef struct {
+    const char *table, *name;
+    int how;
+    const char *op, *file_op;
+} llmos_SysEntry;
+/* Set once, before any state is made; the entries must live for ever. 0; -1 out of memory;
+ * -2 when the sandbox has no function for LLMOS_SYS_C entry *unknown. */
+int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *unknown);
 /* The count hook: on the program's own coroutines always, on its main one
  * when _preempt.c installs it from its signal handler. */
 void llmos_sandbox_hook(lua_State *L, lua_Debug *ar);

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..api import checks as C
+from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 # The scheduler interrupts a running program with this signal (see _preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
 _lua.setup_preemption(PREEMPT_SIGNAL)
+_lua.set_sys_layout(lua_layout())  # every state's sys table, from the syscall table
 
 
 MEMORY_ERROR = "not enough memory"
@@ -298,8 +300,8 @@ class LuaProcess:
 
     def register(self, name: Any = None) -> bool:
         text = _opt_str(name, "sys.register: name")
-        if not text:
-            raise InvalidArgument("sys.register: name must be a non-empty string")
+        if text is None:
+            raise InvalidArgument("sys.register: name must be a string")
         self.kernel.register(self.proc.pid, text)
         return True
 
@@ -332,7 +334,14 @@ class LuaProcess:
         seconds = C.timeout_s(options.get("timeout_ms"), f"{fname}: timeout_ms")
         return (text, "mutex", 1, seconds) if permits is None else (text, "semaphore", permits, seconds)
 
-    def lock_try(self, name: Any = None, opts: Any = None, fname: str = "sys.lock.try_acquire") -> Any:
+    def lock_try(self, name: Any = None, opts: Any = None) -> Any:
+        return self._lock_try(name, opts, "sys.lock.try_acquire")
+
+    def lock_acquire_now(self, name: Any = None, opts: Any = None) -> Any:
+        """sys.lock.acquire's first try, which costs no trip through the scheduler when the lock is free."""
+        return self._lock_try(name, opts, "sys.lock.acquire")
+
+    def _lock_try(self, name: Any, opts: Any, fname: str) -> Any:
         lock_name, kind, permits, _ = self.lock_options(name, opts, fname)
         with self.kernel.lock:
             return self.kernel.sync.try_acquire(self.proc.namespace, lock_name, self.proc.pid, kind, permits)
@@ -388,6 +397,9 @@ class LuaProcess:
     def file_info(self, info: Any) -> dict:
         return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}
 
+    def now(self) -> float:
+        return _now_ms()
+
     def log(self, text: bytes) -> None:
         self.kernel.log(self.proc, text.decode(errors="replace"))
 
@@ -407,20 +419,11 @@ class LuaProcess:
 
 
 
-# op -> (handler, how many arguments it takes): Lua may pass any number.
-_CALLS: dict[bytes, tuple[Callable[..., Any], int]] = {
-    b"now": (lambda lua: _now_ms(), 0),
-    b"spawn": (LuaProcess.spawn, 1),
-    b"kill": (LuaProcess.kill, 2),
-    b"register": (LuaProcess.register, 1),
-    b"whereis": (LuaProcess.whereis, 1),
-    b"monitor": (LuaProcess.monitor, 1),
-    b"set_priority": (LuaProcess.set_priority, 3),
-    b"info": (LuaProcess.info, 1),
-    b"log": (LuaProcess.log, 1),
-    b"lock_try": (LuaProcess.lock_try, 2),
-    # sys.lock.acquire's first try, which costs no trip through the scheduler when the lock is free.
-    b"lock_acquire_now": (lambda lua, name=None, opts=None: lua.lock_try(name, opts, "sys.lock.acquire"), 2),
-    b"lock_release": (LuaProcess.lock_release, 1),
-    b"fs": (LuaProcess.fs, 4),
-}
+def _call_entry(op: str) -> tuple[Callable[..., Any], int]:
+    method = getattr(LuaProcess, op)
+    return method, method.__code__.co_argcount - 1
+
+
+# The bridge's call ops, from the syscall table (api/table.py): op -> (LuaProcess method, how
+# many arguments it takes; Lua may pass any number).
+_CALLS: dict[bytes, tuple[Callable[..., Any], int]] = {op.encode(): _call_entry(op) for op in sorted(LUA_CALLS)}

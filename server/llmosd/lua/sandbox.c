@@ -28,6 +28,7 @@
  * every wrapper and `sys` function reads; they are grouped by section in the
  * order a program meets them (hook, wrappers of the base library, sys.*).
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "metered.h"
@@ -668,52 +669,92 @@ static void copy_field(lua_State *L, int from, int to, const char *name)
     lua_setfield(L, to, name);
 }
 
-static void set_direct(lua_State *L, const char *name, const char *op, const char *file_op)
+/* The `sys` table's layout: api/table.py's lua_layout(), which lua/runtime.py gives the
+ * binding once, before any state is made (llmos_sandbox_set_layout). */
+static const llmos_SysEntry *sys_layout;
+static size_t sys_layout_count;
+static lua_CFunction *sys_c_functions; /* per entry: the LLMOS_SYS_C entries' functions */
+
+static void push_recv(lua_State *L)
 {
-    lua_pushstring(L, op);
-    if (file_op != NULL)
-        lua_pushstring(L, file_op);
-    lua_pushcclosure(L, sys_direct, file_op != NULL ? 2 : 1);
-    lua_setfield(L, -2, name);
+    int i;
+    for (i = 0; i < RECV_KEY_COUNT; i++)
+        lua_pushstring(L, RECV_KEYS[i]);
+    lua_pushcclosure(L, sys_recv, RECV_KEY_COUNT);
 }
 
-static void set_blocking(lua_State *L, const char *name)
+/* The sandbox's own syscall functions, by their path in sys (recv, a closure, is NULL here). */
+static const struct {
+    const char *table, *name;
+    lua_CFunction f;
+} C_FUNCTIONS[] = {
+    {NULL, "self", sys_self}, {NULL, "log", sb_log},   {NULL, "send", sys_send},
+    {NULL, "recv", NULL},     {NULL, "exit", sys_exit}, {"lock", "acquire", sys_lock_acquire},
+};
+
+static int same_text(const char *a, const char *b)
 {
-    lua_pushstring(L, name);
-    lua_pushcclosure(L, sys_blocking, 1);
-    lua_setfield(L, -2, name);
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *unknown)
+{
+    size_t i, k, count = sizeof C_FUNCTIONS / sizeof C_FUNCTIONS[0];
+    lua_CFunction *functions = calloc(n > 0 ? n : 1, sizeof *functions);
+    if (functions == NULL)
+        return -1;
+    for (i = 0; i < n; i++) {
+        if (entries[i].how != LLMOS_SYS_C)
+            continue;
+        for (k = 0; k < count; k++)
+            if (same_text(C_FUNCTIONS[k].table, entries[i].table) && strcmp(C_FUNCTIONS[k].name, entries[i].name) == 0)
+                break;
+        if (k == count) {
+            free(functions);
+            *unknown = i;
+            return -2;
+        }
+        functions[i] = C_FUNCTIONS[k].f;
+    }
+    sys_c_functions = functions;
+    sys_layout = entries;
+    sys_layout_count = n;
+    return 0;
 }
 
 static void push_sys(lua_State *L)
 {
-    static const char *const direct[] = {"now", "spawn", "kill", "register", "monitor", "whereis",
-                                         "set_priority", "info", NULL};
-    static const char *const file_ops[] = {"write", "read", "stat", "list", "delete", "rename", "mkdir", NULL};
-    const char *const *name;
-    int i;
-    lua_createtable(L, 0, 18);
-    set_function(L, "self", sys_self);
-    for (name = direct; *name != NULL; name++)
-        set_direct(L, *name, *name, NULL);
-    set_function(L, "log", sb_log);
-    set_function(L, "send", sys_send);
-    for (i = 0; i < RECV_KEY_COUNT; i++)
-        lua_pushstring(L, RECV_KEYS[i]);
-    lua_pushcclosure(L, sys_recv, RECV_KEY_COUNT);
-    lua_setfield(L, -2, "recv");
-    set_blocking(L, "wait");
-    set_blocking(L, "sleep");
-    set_blocking(L, "infer");
-    set_function(L, "exit", sys_exit);
-    lua_createtable(L, 0, 3);
-    set_function(L, "acquire", sys_lock_acquire);
-    set_direct(L, "try_acquire", "lock_try", NULL);
-    set_direct(L, "release", "lock_release", NULL);
-    lua_setfield(L, -2, "lock");
-    lua_createtable(L, 0, 7);
-    for (name = file_ops; *name != NULL; name++)
-        set_direct(L, *name, "fs", *name);
-    lua_setfield(L, -2, "fs");
+    size_t i;
+    int sys;
+    lua_createtable(L, 0, (int)sys_layout_count);
+    sys = lua_gettop(L);
+    for (i = 0; i < sys_layout_count; i++) {
+        const llmos_SysEntry *e = &sys_layout[i];
+        if (e->table == NULL)
+            lua_pushvalue(L, sys);
+        else if (lua_getfield(L, sys, e->table) != LUA_TTABLE) {
+            lua_pop(L, 1);
+            lua_createtable(L, 0, 8);
+            lua_pushvalue(L, -1);
+            lua_setfield(L, sys, e->table);
+        }
+        if (e->how == LLMOS_SYS_C) {
+            if (sys_c_functions[i] != NULL)
+                lua_pushcfunction(L, sys_c_functions[i]);
+            else
+                push_recv(L);
+        } else if (e->how == LLMOS_SYS_CALL) {
+            lua_pushstring(L, e->op);
+            if (e->file_op != NULL)
+                lua_pushstring(L, e->file_op);
+            lua_pushcclosure(L, sys_direct, e->file_op != NULL ? 2 : 1);
+        } else {
+            lua_pushstring(L, e->op);
+            lua_pushcclosure(L, sys_blocking, 1);
+        }
+        lua_setfield(L, -2, e->name);
+        lua_pop(L, 1);
+    }
 }
 
 /* The string library, made safe in place (the state is the program's alone):

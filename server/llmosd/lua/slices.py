@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..api import checks as C
+from ..api.table import LUA_YIELDS
 from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, Unimplemented
 from ..kernel import process as P
 from ..kernel.process import Limits, Process
@@ -188,29 +189,44 @@ class LuaRuntime:
         return answer
 
     def _register_waiter(self, proc: Process, lua: LuaProcess, name: str, args: tuple, waiter: Waiter) -> Any:
-        kernel = self.kernel
-        if name == "recv":
-            match = lua.recv_match(*args[:4])
-            return kernel.recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"))
-        if name == "wait":
-            pid = C.pid(args[0] if args else None, "sys.wait: pid")
-            timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
-            if pid == proc.pid:
-                raise InvalidArgument("sys.wait: a process cannot wait for itself")
-            rec = kernel.wait_locked(pid, waiter, timeout)
-            return describe_record(rec) if rec is not None else None
-        if name == "sleep":
-            kernel.arm_timeout(waiter, C.duration_ms(args[0] if args else None, "sys.sleep: ms") / 1000)
-            return None
-        if name == "lock_acquire":
-            lock_name, kind, permits, timeout = lua.lock_options(args[0], args[1], "sys.lock.acquire")
-            return kernel.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, timeout, kind, permits)
-        if name == "infer":
-            if kernel.inference is None:
-                raise Unimplemented("this server runs no inference engine")
-            kernel.inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
-            return None
-        raise InvalidArgument(f"unknown syscall {name!r}")
+        block = _BLOCKS.get(name)
+        if block is None:
+            raise InvalidArgument(f"unknown syscall {name!r}")
+        return block(self, proc, lua, args, waiter)
+
+    # The syscalls a Lua program yields (the table's `yields`): each answers now, or returns
+    # None with `waiter` registered to complete when the answer is ready (kernel lock held).
+    def block_recv(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        match = lua.recv_match(*args[:4])
+        return self.kernel.recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"))
+
+    def block_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        pid = C.pid(args[0] if args else None, "sys.wait: pid")
+        timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
+        if pid == proc.pid:
+            raise InvalidArgument("sys.wait: a process cannot wait for itself")
+        rec = self.kernel.wait_locked(pid, waiter, timeout)
+        return describe_record(rec) if rec is not None else None
+
+    def block_sleep(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        self.kernel.arm_timeout(waiter, C.duration_ms(args[0] if args else None, "sys.sleep: ms") / 1000)
+        return None
+
+    def block_lock_acquire(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        lock_name, kind, permits, timeout = lua.lock_options(args[0], args[1], "sys.lock.acquire")
+        return self.kernel.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, timeout, kind,
+                                        permits)
+
+    def block_infer(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        inference = self.kernel.inference
+        if inference is None:
+            raise Unimplemented("this server runs no inference engine")
+        inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
+        return None
+
+
+# The syscalls Lua yields, from the syscall table; exit is no wait (_blocking_syscall ends the process).
+_BLOCKS = {name: getattr(LuaRuntime, f"block_{name}") for name in sorted(LUA_YIELDS - {"exit"})}
 
 
 def _startup_error(text: str, out_of_memory: bool) -> str:

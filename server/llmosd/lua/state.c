@@ -982,9 +982,84 @@ static PyObject *setup_preemption(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* A copy of `n` bytes of `text` (NULL: NULL), kept for ever: the sys layout's. */
+static int lasting_copy(const char *text, size_t n, const char **out)
+{
+    char *copy;
+    *out = NULL;
+    if (text == NULL)
+        return 0;
+    copy = PyMem_RawMalloc(n + 1);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(copy, text, n);
+    copy[n] = '\0';
+    *out = copy;
+    return 0;
+}
+
+static const char *utf8_or_null(PyObject *text)
+{
+    return text == Py_None ? NULL : PyUnicode_AsUTF8(text);
+}
+
+static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
+{
+    static const char *const WAYS[] = {"c", "call", "yield"};
+    llmos_SysEntry *entries;
+    Py_ssize_t n, i;
+    size_t unknown;
+    int status;
+    (void)self;
+    if (!PyTuple_Check(layout))
+        return PyErr_Format(PyExc_TypeError, "set_sys_layout takes a tuple of (path, how, op, file_op)");
+    n = PyTuple_GET_SIZE(layout);
+    entries = PyMem_RawCalloc(n > 0 ? (size_t)n : 1, sizeof *entries);
+    if (entries == NULL)
+        return PyErr_NoMemory();
+    /* Made once at import and kept for ever; a failure stops the server (nothing is freed). */
+    for (i = 0; i < n; i++) {
+        llmos_SysEntry *e = &entries[i];
+        PyObject *path, *how, *op, *file_op;
+        const char *path_text, *how_text, *op_text, *file_op_text, *dot;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(layout, i), "UUOO", &path, &how, &op, &file_op))
+            return NULL;
+        path_text = PyUnicode_AsUTF8(path);
+        how_text = PyUnicode_AsUTF8(how);
+        op_text = utf8_or_null(op);
+        file_op_text = utf8_or_null(file_op);
+        if (path_text == NULL || how_text == NULL || (op != Py_None && op_text == NULL)
+            || (file_op != Py_None && file_op_text == NULL))
+            return NULL;
+        for (e->how = 0; e->how < 3 && strcmp(how_text, WAYS[e->how]) != 0; e->how++)
+            ;
+        if (e->how == 3)
+            return PyErr_Format(PyExc_ValueError, "sys.%s: no way %s", path_text, how_text);
+        if (e->how != LLMOS_SYS_C && op_text == NULL)
+            return PyErr_Format(PyExc_ValueError, "sys.%s: a call or yield needs its op", path_text);
+        dot = strrchr(path_text, '.');
+        if (lasting_copy(dot != NULL ? path_text : NULL, dot != NULL ? (size_t)(dot - path_text) : 0, &e->table) < 0
+            || lasting_copy(dot != NULL ? dot + 1 : path_text, strlen(dot != NULL ? dot + 1 : path_text), &e->name) < 0
+            || lasting_copy(op_text, op_text != NULL ? strlen(op_text) : 0, &e->op) < 0
+            || lasting_copy(file_op_text, file_op_text != NULL ? strlen(file_op_text) : 0, &e->file_op) < 0)
+            return NULL;
+    }
+    status = llmos_sandbox_set_layout(entries, (size_t)n, &unknown);
+    if (status == -1)
+        return PyErr_NoMemory();
+    if (status == -2)
+        return PyErr_Format(PyExc_ValueError, "the sandbox has no function for sys.%R",
+                            PyTuple_GET_ITEM(PyTuple_GET_ITEM(layout, (Py_ssize_t)unknown), 0));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"syntax_error", syntax_error, METH_VARARGS,
      "syntax_error(source: bytes, chunk_name: bytes) -> why the source does not compile as a Lua chunk, or None"},
+    {"set_sys_layout", set_sys_layout, METH_O,
+     "set_sys_layout(api.table.lua_layout()): what every state's sys table is made of (once, before any state)"},
     {"setup_preemption", setup_preemption, METH_O,
      "setup_preemption(signal): a thread that gets `signal` interrupts the program it runs (see _preempt.c)"},
     {NULL, NULL, 0, NULL},
@@ -992,6 +1067,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_lua", "The kernel's binding to the Lua states of its processes.", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__lua(void)
