@@ -1,10 +1,15 @@
-"""What the kernel is made with (KernelConfig) and what Spawn asks of it (SpawnSpec)."""
+"""What the kernel is made with (KernelConfig), what Spawn asks of it (SpawnSpec), and the program that names."""
 from __future__ import annotations
 
+import os
+import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..api import checks as C
+from ..api.errors import FailedPrecondition, InvalidArgument, NotFound
 from ..services.files import FileLimits
+from . import process as P
 from .process import Limits
 
 
@@ -51,3 +56,35 @@ class SpawnSpec:
     parent: int = 0
     monitor: bool = False
     log_to_server: bool = False  # also write the process's log lines to the server's log (boot programs)
+
+
+def resolve_program(spec: SpawnSpec, userland_root: str | None) -> tuple[str, str, str, pathlib.Path | None]:
+    """The program a spawn names: (kind, source, name for tracebacks, the file if given by path)."""
+    given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
+    if len(given) != 1:
+        raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
+    source_name = "program" if spec.source_name is None else C.name(spec.source_name, "source_name")
+    if spec.lua is not None:
+        return P.LUA, spec.lua, source_name, None
+    if spec.python is not None:
+        return P.PYTHON, spec.python, source_name, None
+    root = userland_root
+    if not root:
+        raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")
+    rel = C.program_path(spec.path)
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or not full.startswith(os.path.realpath(root) + os.sep):
+        raise InvalidArgument(f"path {rel!r} must be relative and inside the userland root")
+    if full.endswith(".lua"):
+        kind = P.LUA
+    elif full.endswith(".py"):
+        kind = P.PYTHON
+    else:
+        raise InvalidArgument(f"path {rel!r}: programs end in .lua or .py")
+    try:
+        with open(full, encoding="utf-8") as f:
+            return kind, f.read(), rel, pathlib.Path(full)
+    except FileNotFoundError:
+        raise NotFound(f"no program at {rel!r} under the userland root") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"cannot read program {rel!r}: {e}") from None

@@ -16,6 +16,7 @@ import logging
 import os
 import pathlib
 from collections import OrderedDict
+import dataclasses
 from typing import Any, Callable
 
 from ..api import checks as C
@@ -31,7 +32,7 @@ from .scheduler import Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import Timers, Waiter
 from ..services.files import FileStore
-from .config import KernelConfig, SpawnSpec
+from .config import KernelConfig, SpawnSpec, resolve_program
 from .logs import MAX_LINES as MAX_LOG_LINES, Logs
 from .runtime import Runtime
 from ..services.sync import SyncTable
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _send_exit_notice)
 MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
+# An ended process's result stays in memory (for Wait, lists and events) only up to this size;
+# a bigger one is read back from the store when asked for, and lists and events leave it out.
+RESULT_KEPT_BYTES = 1024
+RESULT_IN_STORE = object()  # stands for such a result in the ended cache
 MAX_SPAWN_DEPTH = 100  # how deep a process tree may grow (each spawn counts against every ancestor's limit)
 
 
@@ -116,7 +121,7 @@ class Kernel:
         )
 
     def spawn(self, spec: SpawnSpec) -> int:
-        kind, source, program_name, program_path = self._resolve_program(spec)
+        kind, source, program_name, program_path = resolve_program(spec, self.config.userland_root)
         if spec.name is not None:
             C.name(spec.name)
         priority, weight = C.priority(spec.priority), C.weight(spec.weight or C.DEFAULT_WEIGHT)
@@ -183,37 +188,6 @@ class Kernel:
             live.append(proc)
         return live
 
-    def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str, pathlib.Path | None]:
-        """(kind, source, name for tracebacks, the file if given by path)."""
-        given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
-        if len(given) != 1:
-            raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
-        source_name = "program" if spec.source_name is None else C.name(spec.source_name, "source_name")
-        if spec.lua is not None:
-            return P.LUA, spec.lua, source_name, None
-        if spec.python is not None:
-            return P.PYTHON, spec.python, source_name, None
-        root = self.config.userland_root
-        if not root:
-            raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")
-        rel = spec.path or ""
-        full = os.path.realpath(os.path.join(root, rel))
-        if os.path.isabs(rel) or not full.startswith(os.path.realpath(root) + os.sep):
-            raise InvalidArgument(f"path {rel!r} must be relative and inside the userland root")
-        if full.endswith(".lua"):
-            kind = P.LUA
-        elif full.endswith(".py"):
-            kind = P.PYTHON
-        else:
-            raise InvalidArgument(f"path {rel!r}: programs end in .lua or .py")
-        try:
-            with open(full, encoding="utf-8") as f:
-                return kind, f.read(), rel, pathlib.Path(full)
-        except FileNotFoundError:
-            raise NotFound(f"no program at {rel!r} under the userland root") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidArgument(f"cannot read program {rel!r}: {e}") from None
-
     def open_port(self, name: str | None = None, mailbox: int = 0) -> int:
         if name is not None:
             C.name(name)
@@ -252,7 +226,7 @@ class Kernel:
 
     def _ended_record(self, pid: int) -> ProcessRecord | None:
         rec = self.ended.get(pid)
-        if rec is None:
+        if rec is None or rec.result is RESULT_IN_STORE:
             if not 0 < pid <= C.MAX_PID:  # the store holds only pids it gave out
                 return None
             rec = self.store.load_process(pid)
@@ -403,7 +377,8 @@ class Kernel:
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=proc.kind == P.PORT)
-        self.ended[proc.pid] = rec
+        kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
+        self.ended[proc.pid] = kept
         if len(self.ended) > self.config.ended_cache:
             self.logs.forget(self.ended.popitem(last=False)[0])
         for waiter in proc.exit_waiters:
@@ -422,7 +397,7 @@ class Kernel:
         proc.runtime = None
         if proc.log_to_server:
             log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
-        self._emit("ended", rec)
+        self._emit("ended", kept)
 
     # -- names, monitors, priorities -------------------------------------------------------
     def register(self, pid: int, name: str) -> None:
@@ -525,19 +500,18 @@ class Kernel:
             raise NotFound(f"no process with pid {pid}")
         return rec, None
 
-    def list(self, states: set[str], name: str | None, parent: int, include_ended: bool) -> list[tuple]:
+    def list(self, states: set[str], name: str | None, parent: int, include_ended: bool,
+             after_pid: int = 0) -> list[tuple]:
+        """(record, blocked_on) of the processes with pids above `after_pid` that match, by pid."""
+        def wanted(pid: int, state: str, pname: str | None, pparent: int) -> bool:
+            return (pid > after_pid and (not states or state in states) and (not name or pname == name)
+                    and (not parent or pparent == parent))
+
         with self.lock:
-            out = [
-                self._snapshot(p) for p in self.procs.values()
-                if (not states or p.state in states) and (not name or p.name == name)
-                and (not parent or p.parent == parent)
-            ]
+            out = [self._snapshot(p) for p in self.procs.values() if wanted(p.pid, p.state, p.name, p.parent)]
             if include_ended:
-                out += [
-                    (rec, None) for rec in self.ended.values()
-                    if (not states or rec.state in states) and (not name or rec.name == name)
-                    and (not parent or rec.parent == parent)
-                ]
+                out += [(rec, None) for rec in self.ended.values()
+                        if wanted(rec.pid, rec.state, rec.name, rec.parent)]
         out.sort(key=lambda t: t[0].pid)
         return out
 
@@ -588,3 +562,12 @@ class Kernel:
                 self.end_locked(proc, P.EXITED, "normal", result=result)
             else:
                 self.runtimes[proc.kind].exit(proc, result)
+
+
+def _fits(value: Any, limit: int) -> bool:
+    """Whether a (checked) value encodes in at most `limit` bytes."""
+    try:
+        _lua.value_size(value, limit)
+    except _lua.TooLarge:
+        return False
+    return True

@@ -139,7 +139,7 @@ class LuaRuntime:
                     kernel.end_locked(proc, P.CRASHED, "error", error=_startup_error(out[1].decode(), out[2]))
                 elif kind == b"done":
                     try:
-                        result = from_lua(out[1], "result")
+                        result = self._result(out[1], "result")
                     except KernelError as e:
                         kernel.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
                     else:
@@ -154,6 +154,10 @@ class LuaRuntime:
                     else:
                         kernel.end_locked(proc, P.CRASHED, "error", error=text)
             return
+
+    def _result(self, value: Any, what: str) -> Any:
+        """A Lua process's result, checked as a message body is: whatever is stored can be returned."""
+        return C.value(from_lua(value, what), what, self.kernel.config.max_message_bytes)
 
     def _resume_args(self, proc: Process) -> tuple:
         value, proc.resume_value = proc.resume_value, ()
@@ -170,7 +174,7 @@ class LuaRuntime:
         lua = proc.runtime
         if name == "exit":
             try:
-                result = from_lua(args[0] if args else None, "sys.exit")
+                result = self._result(args[0] if args else None, "sys.exit")
             except KernelError as e:
                 kernel.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
                 return None

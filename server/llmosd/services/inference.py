@@ -132,6 +132,7 @@ class Inference:
             prompt=prompt, messages=messages, max_tokens=spec.get("max_tokens") or DEFAULT_MAX_TOKENS,
             temperature=spec.get("temperature"), top_p=spec.get("top_p"), top_k=spec.get("top_k") or None,
             seed=spec.get("seed"), stop=stop, priority=priority, owner=proc.pid if proc is not None else 0,
+            token_budget=proc.limits.tokens - proc.tokens if proc is not None and proc.limits.tokens else None,
             deadline=time.monotonic() + C.duration_ms(timeout, "timeout_ms") / 1000 if timeout else None,
         )
 
@@ -162,7 +163,7 @@ class Inference:
             try:
                 handle = self._engine().submit(request, _collector(finished, self.kernel))
             except (KernelError, ValueError) as e:
-                error = e if isinstance(e, KernelError) else InvalidArgument(str(e))
+                error = e if isinstance(e, KernelError) else _engine_error(e)
                 with self.kernel.lock:
                     waiter.complete(error)
                 return
@@ -176,7 +177,7 @@ class Inference:
             try:
                 handle = self._engine().submit(request, _collector(finished, self.kernel))
             except ValueError as e:  # the engine's own checks (InvalidRequest)
-                raise InvalidArgument(str(e)) from None
+                raise _engine_error(e) from None
             waiter.register(_EngineRequest(handle.cancel), waiter)
         else:
             self._pending.append(submit)
@@ -207,7 +208,7 @@ class Inference:
         try:
             handle = self._engine().submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         except ValueError as e:
-            raise InvalidArgument(str(e)) from None
+            raise _engine_error(e) from None
         text: list[str] = []
         ids: list[int] = []
         try:
@@ -267,3 +268,12 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
             raise InvalidArgument(f"messages[{i}]: content must be text")
         out.append({"role": role, "content": content})
     return out
+
+
+def _engine_error(e: ValueError) -> KernelError:
+    """The status of a request the engine refused (its InvalidRequest kinds)."""
+    from .engine import KVLimitExceeded, TokenBudgetExceeded
+
+    if isinstance(e, (TokenBudgetExceeded, KVLimitExceeded)):
+        return ResourceExhausted(str(e))
+    return InvalidArgument(str(e))
