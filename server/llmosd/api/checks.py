@@ -21,11 +21,11 @@ from typing import Any
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted
 from ..native import _lua
-from ..kernel.process import Limits
+from ..kernel.process import DEFAULT_WEIGHT, Limits
 from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
 MIN_PRIORITY, MAX_PRIORITY = -20, 20
-DEFAULT_WEIGHT, MAX_WEIGHT = 100, 10_000  # as cgroup v2's cpu.weight
+MAX_WEIGHT = 10_000  # as cgroup v2's cpu.weight
 MAX_PID = MAX_EXACT_INTEGER  # pids are exact JSON numbers
 MAX_NAME_LEN = 256
 MAX_TEXT_BYTES = 1024

@@ -66,6 +66,7 @@ class Kernel:
         # The C side: messages between Lua processes, and switching between them.
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
+        self.core.refill_ids()
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[str, int] = {}
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
@@ -259,7 +260,8 @@ class Kernel:
             self._deliver(dst, msg)
             if src is not None:
                 src.mailbox.sent += 1
-            return msg.id
+        self.core.refill_ids()  # the next block of message ids, reserved without the lock
+        return msg.id
 
     def _deliver(self, dst: Process, msg: Message, limited: bool = True) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.

@@ -38,10 +38,12 @@ void llmos_lock(Lock *lock)
         PyThread_acquire_lock(lock->lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
     }
+    lock->owner = PyThread_get_thread_ident();
 }
 
 void llmos_unlock(Lock *lock)
 {
+    lock->owner = 0;
     PyThread_release_lock(lock->lock);
 }
 
@@ -91,6 +93,8 @@ static PyObject *Lock_release(Lock *self, PyObject *args)
     (void)args;
     if (!is_held(self))
         return PyErr_Format(PyExc_RuntimeError, "release of an unlocked lock");
+    if (self->owner != PyThread_get_thread_ident())
+        return PyErr_Format(PyExc_RuntimeError, "release of the kernel lock by a thread that does not hold it");
     llmos_unlock(self);
     Py_RETURN_NONE;
 }

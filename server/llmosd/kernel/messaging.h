@@ -14,6 +14,7 @@
 typedef struct {
     PyObject_HEAD
     PyThread_type_lock lock;
+    unsigned long owner; /* the thread holding it (PyThread_get_thread_ident), 0: none */
 } Lock;
 
 /* With the GIL held; waits for the lock without it. */

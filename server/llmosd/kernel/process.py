@@ -18,6 +18,10 @@ KILLED = "KILLED"
 CRASHED = "CRASHED"
 ENDED = frozenset((EXITED, KILLED, CRASHED))
 
+# A process's share of CPU within its priority level, as cgroup v2's cpu.weight (api/checks.py
+# checks the range; the C side's vruntime charge reads it from here).
+DEFAULT_WEIGHT = 100
+
 LUA = "LUA"
 PYTHON = "PYTHON"
 PORT = "PORT"
@@ -79,8 +83,8 @@ class Process:
     max_priority: int = 0  # the ceiling its priority may be raised back to: the one it was spawned with
     descendants: int = 0  # live processes below it, against limits.processes
     ancestors: tuple[int, ...] = ()  # parent, grandparent, ... (ended ones too), whose descendants it counts as
-    weight: int = 100  # share of CPU within its priority level
-    vruntime: float = 0.0  # ns on a CPU, scaled by 100 / weight
+    weight: int = DEFAULT_WEIGHT  # share of CPU within its priority level
+    vruntime: float = 0.0  # ns on a CPU, scaled by DEFAULT_WEIGHT / weight (lua/fast_paths.c's charge)
     queued_at: int = 0  # perf_counter_ns when last queued
     yield_requested: bool = False  # the scheduler wants the CPU back before the quantum ends
     wall_timer: Any = None

@@ -90,7 +90,6 @@ from .process import Process
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHT = 100  # as cgroup v2's cpu.weight
 MAX_CREDIT_NS = 20_000_000  # how far behind its level a woken process may start (2 quanta)
 WAKEUP_GRANULARITY_NS = 4_000_000  # how far behind a woken process must be to preempt at once
 # How long a signalled thread may take to check in before the sysmon retakes its

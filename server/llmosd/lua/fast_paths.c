@@ -32,6 +32,8 @@ typedef struct {
     PyObject *make_runnable;          /* the scheduler's */
     PyObject *reserve_ids;            /* () -> (first, end): a block of message ids from the store */
     long long next_id, end_id;        /* the block in use */
+    long long spare_first, spare_end; /* the next block, reserved ahead off the kernel lock (refill_ids) */
+    PyThread_type_lock refill_lock;   /* serializes reserve_ids (the store's take_ids wants one caller) */
     long long quantum_ns;
     Py_ssize_t max_message_bytes;     /* the one size limit of a message, on every path */
 } Core;
@@ -41,7 +43,7 @@ static PyObject *ResourceExhausted, *InvalidArgument; /* llmosd.errors' */
 static PyObject *S_state, *S_runtime, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *empty_text, *empty_bytes,
     *no_values;
 
-#define DEFAULT_WEIGHT 100 /* scheduler.DEFAULT_WEIGHT */
+static double default_weight; /* kernel/process.py's DEFAULT_WEIGHT, read when the first Core is made */
 
 /* A process woken by the one this worker thread runs, to run next on this
  * thread without a trip through the run queue (Go's runnext); the scheduler
@@ -128,12 +130,13 @@ static void set_field(PyObject *proc, Py_ssize_t at, PyObject *value)
     Py_XSETREF(*slot, value);
 }
 
-/* vruntime: CPU time scaled by DEFAULT_WEIGHT / weight, which orders the run queue. */
+/* vruntime: CPU time scaled by DEFAULT_WEIGHT / weight, which orders the run queue. The one
+ * place this charge is made: Python agents' slices call it too (Core.charge). */
 int llmos_charge(PyObject *proc, long long ran)
 {
     long long weight = PyLong_AsLongLong(field(proc, AT_WEIGHT));
     PyObject *sum = PyFloat_FromDouble(PyFloat_AsDouble(field(proc, AT_VRUNTIME))
-                                       + (double)ran * DEFAULT_WEIGHT / (double)(weight > 0 ? weight : 1));
+                                       + (double)ran * default_weight / (double)(weight > 0 ? weight : 1));
     if (sum == NULL || PyErr_Occurred()) {
         Py_XDECREF(sum);
         return -1;
@@ -164,6 +167,71 @@ static Message *refuse_message(Core *core)
     return NULL;
 }
 
+/* Message ids come from the store in blocks. Reserving one may wait for the disk, so the
+ * next block is reserved ahead, without the kernel lock, by refill_ids (called after a run and
+ * after a send from Python); new_message then switches blocks without calling out. All of this
+ * runs with the GIL held, which orders the accesses to the block fields. */
+static void lock_refill(Core *core)
+{
+    if (!PyThread_acquire_lock(core->refill_lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(core->refill_lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static int reserve_block(Core *core, long long *first, long long *end) /* refill_lock held */
+{
+    PyObject *block = PyObject_CallNoArgs(core->reserve_ids);
+    if (block == NULL)
+        return -1;
+    if (!PyArg_ParseTuple(block, "LL:reserve_ids", first, end) || *end <= *first) {
+        Py_DECREF(block);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "reserve_ids gave an empty block");
+        return -1;
+    }
+    Py_DECREF(block);
+    return 0;
+}
+
+static int use_spare(Core *core)
+{
+    if (core->spare_end <= core->spare_first)
+        return 0;
+    core->next_id = core->spare_first;
+    core->end_id = core->spare_end;
+    core->spare_first = core->spare_end = 0;
+    return 1;
+}
+
+/* Reserve the next block unless one is ready; without the kernel lock. */
+static int refill(Core *core)
+{
+    long long first, end;
+    int status = 0;
+    if (core->spare_end > core->spare_first)
+        return 0;
+    lock_refill(core);
+    if (core->spare_end <= core->spare_first) {
+        status = reserve_block(core, &first, &end);
+        if (status == 0) {
+            core->spare_first = first;
+            core->spare_end = end;
+        }
+    }
+    PyThread_release_lock(core->refill_lock);
+    return status;
+}
+
+static PyObject *Core_refill_ids(Core *core, PyObject *unused)
+{
+    (void)unused;
+    if (refill(core) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 Message *llmos_new_message(PyObject *core_object, long long sender, long long to, PyObject *tag, PyObject *body,
                            PyObject *data, PyObject *correlation_id, Py_ssize_t body_size, Py_ssize_t headroom)
 {
@@ -172,20 +240,15 @@ Message *llmos_new_message(PyObject *core_object, long long sender, long long to
     Message *msg;
     if (body_size < 0 && (body_size = llmos_value_size(body, limit)) < 0)
         return refuse_message(core);
-    if (core->next_id >= core->end_id) {
-        PyObject *block = PyObject_CallNoArgs(core->reserve_ids);
-        long long first, end;
-        if (block == NULL)
+    if (core->next_id >= core->end_id && !use_spare(core)) {
+        /* No block reserved ahead (start-up, or ids used faster than refill_ids ran): reserve one
+         * now, which may wait for the disk with the kernel lock held. */
+        int failed;
+        lock_refill(core);
+        failed = !use_spare(core) && reserve_block(core, &core->next_id, &core->end_id) < 0;
+        PyThread_release_lock(core->refill_lock);
+        if (failed)
             return NULL;
-        if (!PyArg_ParseTuple(block, "LL:reserve_ids", &first, &end) || end <= first) {
-            Py_DECREF(block);
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_RuntimeError, "reserve_ids gave an empty block");
-            return NULL;
-        }
-        Py_DECREF(block);
-        core->next_id = first;
-        core->end_id = end;
     }
     msg = llmos_make_message(core->next_id++, sender, to, tag, body, data, correlation_id, wall_ms(), body_size);
     if (msg == NULL)
@@ -512,6 +575,8 @@ static PyObject *Core_run(Core *core, PyObject *args)
     Py_INCREF(answer);
     for (;;) {
         PyObject *next;
+        if (refill(core) < 0) /* without the kernel lock, as here: one compare while a block is ready */
+            goto done;
         status = llmos_run_step(state, answer, &now);
         Py_CLEAR(answer);
         if (status < 0)
@@ -562,6 +627,36 @@ static PyObject *Core_new_message(Core *core, PyObject *args)
     return (PyObject *)llmos_new_message((PyObject *)core, sender, to, tag, body, data, correlation_id, -1, headroom);
 }
 
+static int read_default_weight(void)
+{
+    PyObject *module = PyImport_ImportModule("llmosd.kernel.process");
+    PyObject *weight = module != NULL ? PyObject_GetAttrString(module, "DEFAULT_WEIGHT") : NULL;
+    Py_XDECREF(module);
+    if (weight == NULL)
+        return -1;
+    default_weight = PyFloat_AsDouble(weight);
+    Py_DECREF(weight);
+    if (default_weight > 0)
+        return 0;
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "kernel.process.DEFAULT_WEIGHT must be positive");
+    return -1;
+}
+
+static PyObject *Core_charge(Core *core, PyObject *args)
+{
+    PyObject *proc;
+    long long ns;
+    (void)core;
+    if (!PyArg_ParseTuple(args, "OL:charge", &proc, &ns))
+        return NULL;
+    if (!llmos_is_process(proc))
+        return PyErr_Format(PyExc_TypeError, "charge: proc must be the kernel's Process");
+    if (llmos_charge(proc, ns) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", "process_type",
@@ -573,7 +668,7 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOLO!n:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
                                      &scheduler, &reserve_ids, &quantum_ns, &PyType_Type, &process_class,
                                      &max_message_bytes)
-        || find_process_slots((PyTypeObject *)process_class) < 0)
+        || find_process_slots((PyTypeObject *)process_class) < 0 || read_default_weight() < 0)
         return NULL;
     core = (Core *)type->tp_alloc(type, 0);
     if (core == NULL)
@@ -584,6 +679,11 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     core->procs = procs;
     Py_INCREF(reserve_ids);
     core->reserve_ids = reserve_ids;
+    core->refill_lock = PyThread_allocate_lock();
+    if (core->refill_lock == NULL) {
+        Py_DECREF(core);
+        return PyErr_NoMemory();
+    }
     core->quantum_ns = quantum_ns;
     core->max_message_bytes = max_message_bytes;
     core->running = PyObject_GetAttrString(scheduler, "running");
@@ -623,6 +723,8 @@ static void Core_dealloc(Core *core)
 {
     PyObject_GC_UnTrack(core);
     Core_clear(core);
+    if (core->refill_lock != NULL)
+        PyThread_free_lock(core->refill_lock);
     Py_TYPE(core)->tp_free((PyObject *)core);
 }
 
@@ -631,6 +733,10 @@ static PyMethodDef Core_methods[] = {
      "run(proc, answer) -> (proc, out): run the Lua process `proc`, resumed with the tuple `answer`, and the "
      "processes it hands the CPU to when it blocks in a receive; `proc` is the one that ran last, `out` what its "
      "step returned (see State.resume), or None if it is blocked on its mailbox"},
+    {"charge", (PyCFunction)Core_charge, METH_VARARGS,
+     "charge(proc, ns): add `ns` of CPU to proc's vruntime, scaled by its weight (the one vruntime charge)"},
+    {"refill_ids", (PyCFunction)Core_refill_ids, METH_NOARGS,
+     "refill_ids(): reserve the next block of message ids unless one is ready (never with the kernel lock held)"},
     {"new_message", (PyCFunction)Core_new_message, METH_VARARGS,
      "new_message(sender, to, tag, body, data, correlation_id, headroom=0) -> a Message with the next id, sent now; "
      "InvalidArgument if its body is not a JSON value (see value_size), ResourceExhausted if it is larger than "

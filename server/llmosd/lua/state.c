@@ -660,6 +660,7 @@ static int State_clear(State *state)
     for (i = 0; i < BRIDGE_COUNT; i++)
         Py_CLEAR(state->methods[i]);
     Py_CLEAR(state->proc);
+    /* state->mailbox is set only once it is known to be a Mailbox (open_sandbox) */
     if (state->mailbox != NULL && state->mailbox->owner_state == (PyObject *)state)
         state->mailbox->owner_state = NULL;
     Py_CLEAR(state->mailbox);
@@ -728,7 +729,7 @@ static int build(lua_State *L)
 
 static PyObject *State_open_sandbox(State *state, PyObject *args)
 {
-    PyObject *bridge, *proc, *core;
+    PyObject *bridge, *proc, *core, *pid, *mailbox;
     SandboxSpec spec;
     lua_State *L = state->L;
     int i, status;
@@ -737,21 +738,25 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
         return NULL;
     if (state->bridge != NULL)
         return PyErr_Format(PyExc_RuntimeError, "the sandbox is built already");
-    state->bridge = PyWeakref_NewRef(bridge, NULL);
-    if (state->bridge == NULL)
-        return NULL;
     if (!llmos_is_process(proc))
         return PyErr_Format(PyExc_TypeError, "open_sandbox: proc must be the kernel's Process");
-    spec.pid = PyObject_GetAttrString(proc, "pid");
-    state->mailbox = (Mailbox *)PyObject_GetAttrString(proc, "mailbox");
-    Py_XDECREF(spec.pid); /* the process holds it */
-    if (spec.pid == NULL || state->mailbox == NULL || (state->pid = PyLong_AsLongLong(spec.pid)) == -1
-        || !PyObject_TypeCheck(state->mailbox, &MailboxType)) {
+    pid = PyObject_GetAttrString(proc, "pid");
+    mailbox = PyObject_GetAttrString(proc, "mailbox");
+    if (pid == NULL || mailbox == NULL || !PyLong_Check(pid) || !PyObject_TypeCheck(mailbox, &MailboxType)
+        || (state->pid = PyLong_AsLongLong(pid)) == -1) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "open_sandbox: the process needs a pid and a Mailbox");
-        State_clear(state);
+        Py_XDECREF(pid);
+        Py_XDECREF(mailbox);
         return NULL;
     }
+    state->bridge = PyWeakref_NewRef(bridge, NULL);
+    if (state->bridge == NULL) {
+        Py_DECREF(pid);
+        Py_DECREF(mailbox);
+        return NULL;
+    }
+    state->mailbox = (Mailbox *)mailbox;
     state->mailbox->owner_state = (PyObject *)state;
     Py_INCREF(proc);
     state->proc = proc;
@@ -760,6 +765,7 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     for (i = 0; i < BRIDGE_COUNT; i++) {
         state->methods[i] = PyObject_GetAttrString((PyObject *)Py_TYPE(bridge), BRIDGE_METHODS[i]);
         if (state->methods[i] == NULL) {
+            Py_DECREF(pid);
             State_clear(state);
             return NULL;
         }
@@ -770,8 +776,10 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     lua_settop(L, 0);
     lua_pushcfunction(L, build);
     lua_pushcfunction(L, push_spec);
+    spec.pid = pid;
     lua_pushlightuserdata(L, &spec);
     status = lua_pcall(L, 1, 5, 0);
+    Py_DECREF(pid);
     if (status != LUA_OK)
         return raise_lua_error(L, status);
     Py_RETURN_NONE;

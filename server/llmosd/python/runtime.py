@@ -32,7 +32,6 @@ from ..kernel import process as P
 from ..api.errors import InvalidArgument, ResourceExhausted
 from ..kernel.process import Limits
 from .sandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
-from ..kernel.scheduler import DEFAULT_WEIGHT
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
@@ -270,7 +269,7 @@ class PythonProcess:
         held, self._looked_at = now - self._looked_at, now
         used = self._take_cpu()
         proc = self.proc
-        proc.vruntime += held * 1e9 * DEFAULT_WEIGHT / proc.weight
+        self.kernel.core.charge(proc, int(held * 1e9))
         self.debt_s = max(self.debt_s + used - held, 0.0)
 
     def _take_cpu(self) -> float:
