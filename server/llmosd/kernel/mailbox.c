@@ -7,11 +7,11 @@
  * that finds nothing registers as waiting; `deliver` hands a new message
  * straight to the first waiting receiver it suits, or queues it. Receivers
  * are Python waiters (an RPC, a Lua process's receive with a timeout) or,
- * for the commonest receive, the owner itself: a Lua process that _core.c
+ * for the commonest receive, the owner itself: a Lua process that lua/fast_paths.c
  * blocked without any Python object, woken through llmos_wake.
  *
  * Why C: Lua processes exchange messages through here without entering
- * Python (see _core.c), which is what lets two of them ping-pong at more than
+ * Python (see lua/fast_paths.c), which is what lets two of them ping-pong at more than
  * 100,000 round trips a second. Every method is called with the kernel lock
  * held, which is also defined here, so that C can take it directly.
  *
@@ -507,7 +507,7 @@ int llmos_deliver(Mailbox *mb, Message *msg, int limited)
         }
         waiter = PyTuple_GET_ITEM(entry, 0);
         mb->received++;
-        if (waiter == Py_None) { /* the owner, blocked by _core.c */
+        if (waiter == Py_None) { /* the owner, blocked by lua/fast_paths.c */
             PyObject *proc = mb->blocked;
             mb->blocked = NULL;
             status = proc != NULL ? llmos_wake(mb, proc, msg) : 0;

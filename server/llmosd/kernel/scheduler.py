@@ -17,7 +17,7 @@ it just sent) is run next on the same thread, without a trip through the
 shared queue. As in Go, it inherits the time slice: once the slice that began
 when the worker last took from the queue has lasted a quantum, or when a
 process of higher priority is queued, it goes to the queue like any other.
-The runnext slot is the C side's (_core.c), whose Core switches from a Lua
+The runnext slot is the C side's (lua/fast_paths.c), whose Core switches from a Lua
 process blocking in a receive straight to the one in the slot.
 
 The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The

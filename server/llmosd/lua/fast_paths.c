@@ -2,15 +2,15 @@
  * llmosd._lua's core: the kernel's C side of messages between processes,
  * and of handing a worker's CPU from one Lua process to the next.
  *
- * send and try_recv, two of a state's bridge functions (see _lua.c), are C
+ * send and try_recv, two of a state's bridge functions (see lua/state.c), are C
  * first: a message to another process goes straight into its mailbox
- * (_mailbox.c), or the hands of a receiver blocked there, and a waiting
+ * (kernel/mailbox.c), or the hands of a receiver blocked there, and a waiting
  * message is taken without Python. Core.run runs a process and, when it
  * blocks in a receive, blocks it on its mailbox and switches this worker to
  * the process a send woke (the scheduler's runnext), so that processes
  * exchanging messages never enter Python. What this side does not handle
  * (ports, names, raw data, odd filters, values to report as errors, a
- * quantum spent) goes to the Python side (lua_runtime.py, kernel.py), which
+ * quantum spent) goes to the Python side (lua/runtime.py, kernel.py), which
  * handles it as it always did. Both sides change the process table and
  * mailboxes under the one kernel lock.
  *

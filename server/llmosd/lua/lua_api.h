@@ -164,7 +164,7 @@ int luaopen_os(lua_State *L);
 #define luaL_argcheck(L, cond, arg, extramsg) ((void)((cond) || luaL_argerror(L, (arg), (extramsg))))
 #define lua_isnoneornil(L, n) (lua_type(L, (n)) <= 0)
 
-/* -- What the sandbox (_sandbox.c) offers the binding (_lua.c) --------------------------- */
+/* -- What the sandbox (lua/sandbox.c) offers the binding (lua/state.c) --------------------------- */
 /* Builds the sandbox into a state whose base libraries are open:
  *   step, main_state = llmos_sandbox_open(check, send, try_recv, call, pid, source,
  *                                         chunk_name, args, hook_count)
@@ -184,10 +184,10 @@ typedef struct {
  * -2 when the sandbox has no function for LLMOS_SYS_C entry *unknown. */
 int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *unknown);
 /* The count hook: on the program's own coroutines always, on its main one
- * when _preempt.c installs it from its signal handler. */
+ * when lua/preempt.c installs it from its signal handler. */
 void llmos_sandbox_hook(lua_State *L, lua_Debug *ar);
 
-/* -- What preemption (_preempt.c) offers the binding ------------------------------------- */
+/* -- What preemption (lua/preempt.c) offers the binding ------------------------------------- */
 /* Install the handler of `sig` (0, or -1 with errno set). */
 int llmos_preempt_setup(int sig);
 /* The coroutine this thread runs from now on, which the signal interrupts (NULL: none). */

@@ -1,7 +1,7 @@
 """The Lua userland: one sandboxed Lua 5.4 state per process.
 
-Each process's state is an _lua.State (_lua.c), with the sandbox
-(_sandbox.c) built into it, which runs the program as a coroutine.
+Each process's state is an _lua.State (lua/state.c), with the sandbox
+(lua/sandbox.c) built into it, which runs the program as a coroutine.
 Non-blocking syscalls (send, spawn, kill, ...) are direct calls into the
 bridge below; blocking ones (recv with nothing to take, wait, sleep, infer,
 exit) yield to the kernel, which parks the process until its waiter completes
@@ -9,7 +9,7 @@ and then resumes it. Messages between processes are the C side's (the
 kernel's _lua.Core): send and try_recv here, and the receive that blocks,
 handle only what it leaves to Python.
 
-Only plain values ever cross into the program, converted by _lua.c: bridge
+Only plain values ever cross into the program, converted by lua/state.c: bridge
 functions catch every exception and answer (nil, message) instead, and no
 Python object reaches Lua.
 """
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
     from ..kernel.store import ProcessRecord
 
-# The scheduler interrupts a running program with this signal (see _preempt.c).
+# The scheduler interrupts a running program with this signal (see lua/preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
 _lua.setup_preemption(PREEMPT_SIGNAL)
 _lua.set_sys_layout(lua_layout())  # every state's sys table, from the syscall table
@@ -63,7 +63,7 @@ _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 
 
 # -- values -----------------------------------------------------------------------------
-# _lua.c converts values as they cross: a Lua string given directly arrives as
+# lua/state.c converts values as they cross: a Lua string given directly arrives as
 # bytes, a number as it is, a table as a dict or list already checked against
 # the value model (messaging.h: text strings, finite numbers, integers within
 # +-2^53, text keys, at most 32 levels deep, at most the message size limit),
@@ -173,7 +173,7 @@ class LuaProcess:
         start = state.slice_start
         ran = now_ns - start
         # Every quantum, even with nobody waiting: the check-in ends the slice,
-        # which measures the CPU the next ones actually use (see _lua.c's slice clock).
+        # which measures the CPU the next ones actually use (see lua/state.c's slice clock).
         if proc.kill_reason is not None or ran >= quantum_ns or (
             proc.limits.cpu_ms and state.cpu_used_ns + ran > proc.limits.cpu_ms * 1_000_000
         ):

@@ -1,7 +1,7 @@
 /*
  * The sandbox of a Lua process, built into the process's own Lua 5.4 state.
  *
- * Before any program code runs, the binding (_lua.c) opens the base
+ * Before any program code runs, the binding (lua/state.c) opens the base
  * libraries in a fresh state and calls llmos_sandbox_open once. It leaves the
  * program a whitelisted environment only, and wraps what would let a program
  * slip the kernel's control:
@@ -13,9 +13,9 @@
  *     to the kernel, and the answer back down, at any depth;
  *   - no bytecode, string.dump, __gc finalizers, or os beyond the clock;
  *   - the library functions that can run long in C, where no hook fires,
- *     are llmos's metered ones (lua_metered.h), which check in with the
+ *     are llmos's metered ones (lua/metered.h), which check in with the
  *     kernel as they go;
- * and it adds `sys`, the syscall interface (see lua_runtime.py for the
+ * and it adds `sys`, the syscall interface (see lua/runtime.py for the
  * kernel's side, the "bridge" functions these call).
  *
  * Why C: written in Lua, the sandbox put some forty function prototypes with
@@ -138,7 +138,7 @@ void llmos_sandbox_hook(lua_State *L, lua_Debug *ar)
     }
     lua_pop(L, 1);
     if (L == sb->main_co)
-        lua_sethook(L, NULL, 0, 0); /* off until the kernel asks again (_preempt.c) */
+        lua_sethook(L, NULL, 0, 0); /* off until the kernel asks again (lua/preempt.c) */
 }
 
 /* -- coroutine ----------------------------------------------------------------------------- */
@@ -800,7 +800,7 @@ static void secure_string(lua_State *L, int string_lib)
     lua_pop(L, 2);
 }
 
-/* The metered library (lua_metered.h) in place of Lua's functions that can
+/* The metered library (lua/metered.h) in place of Lua's functions that can
  * run long in C, in the libraries at `g` (before the program's environment
  * copies them). */
 static void install_metered(lua_State *L, int g)
@@ -984,7 +984,7 @@ static int step(lua_State *L)
 /* step, main_state = open(check, send, try_recv, call, pid, source, chunk_name, args,
  *                         hook_count)
  * main_state is the address of the program's coroutine, which runs without a
- * hook until _preempt.c installs one. */
+ * hook until lua/preempt.c installs one. */
 static int sandbox_open(lua_State *L)
 {
     enum { CHECK = 1, SEND, TRY_RECV, CALL, PID, SOURCE, CHUNK_NAME, ARGS, HOOK_COUNT, CONTEXT };

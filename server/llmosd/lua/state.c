@@ -3,8 +3,8 @@
  *
  * A State is one process's Lua 5.4 state: only the libraries the sandbox
  * keeps (base, coroutine, table, string, math, utf8, os), memory counted and
- * capped by its own allocator, and the sandbox (_sandbox.c) built into it.
- * The kernel runs the program with resume(), or the core's run (_core.c);
+ * capped by its own allocator, and the sandbox (lua/sandbox.c) built into it.
+ * The kernel runs the program with resume(), or the core's run (lua/fast_paths.c);
  * the program reaches the kernel through four bridge functions, C closures
  * for the process's Python side (LuaProcess.check, send, try_recv and call),
  * of which send and try_recv are the core's first.
@@ -15,15 +15,15 @@
  *     as tables keyed by strings, lists as arrays (None inside is a hole);
  *   - Lua to Python: a string given directly as bytes (the kernel decides what
  *     it means), a table as a dict or a list with text strings inside (see
- *     lua_runtime.from_lua); a value that cannot cross becomes a BadValue
+ *     lua/runtime.py's from_lua); a value that cannot cross becomes a BadValue
  *     saying why, which the kernel reports with its context.
  * A Lua error must never unwind through code holding Python references or
  * the GIL: values are pushed inside lua_pcall, and read with calls that
  * cannot raise.
  *
- * Compiled into this module too: _core.c, the kernel's C side of messages
- * and of switching between processes; _mailbox.c, mailboxes and the kernel
- * lock; _preempt.c, which interrupts a running program on a signal from the
+ * Compiled into this module too: lua/fast_paths.c, the kernel's C side of messages
+ * and of switching between processes; kernel/mailbox.c, mailboxes and the kernel
+ * lock; lua/preempt.c, which interrupts a running program on a signal from the
  * scheduler.
  *
  * Why not lupa's LuaRuntime: it opens every standard library and its own
@@ -933,7 +933,7 @@ PyObject *llmos_step_results(lua_State *L, int status)
     return out;
 }
 
-/* Resume the program with a syscall's answer: the sandbox's step (see _sandbox.c). */
+/* Resume the program with a syscall's answer: the sandbox's step (see lua/sandbox.c). */
 static PyObject *State_resume(State *state, PyObject *args)
 {
     long long now = llmos_monotonic_ns();
@@ -1118,7 +1118,7 @@ static PyMethodDef methods[] = {
     {"set_sys_layout", set_sys_layout, METH_O,
      "set_sys_layout(api.table.lua_layout()): what every state's sys table is made of (once, before any state)"},
     {"setup_preemption", setup_preemption, METH_O,
-     "setup_preemption(signal): a thread that gets `signal` interrupts the program it runs (see _preempt.c)"},
+     "setup_preemption(signal): a thread that gets `signal` interrupts the program it runs (see lua/preempt.c)"},
     {NULL, NULL, 0, NULL},
 };
 

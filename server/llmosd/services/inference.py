@@ -33,13 +33,18 @@ LUA_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k
               "timeout_ms"}
 
 
-class _EngineRequest(list):
-    """Where a Lua process's infer waiter is registered: leaving it (the process
-    was killed) cancels the engine request, which frees its KV blocks at once."""
+class _EngineRequest:
+    """The WaitQueue (waiting.py) a Lua process's infer waiter registers in: when the waiter
+    leaves it (the process was killed), the engine request is cancelled, which frees its KV
+    blocks at once."""
+
+    __slots__ = ("cancel",)
 
     def __init__(self, cancel: Callable[[], None]) -> None:
-        super().__init__()
         self.cancel = cancel
+
+    def append(self, entry: Any) -> None:
+        pass  # the engine holds the request; nothing to keep here
 
     def remove(self, entry: Any) -> None:
         self.cancel()

@@ -68,22 +68,22 @@ def _order(entry: _Entry) -> tuple[int, int]:
     return entry.order
 
 
-class _Queue(list):
-    """A lock's waiters, best first. `Waiter.register` appends and `Waiter.leave`
-    removes; both go through here, so order and the table's index stay right
-    however a waiter leaves (granted, timed out, abandoned)."""
+class _Queue:
+    """A lock's waiters, best first: the WaitQueue (waiting.py) its waiters register in.
+    Waiter.register appends and Waiter.leave removes, so order and the table's index stay
+    right however a waiter leaves (granted, timed out, abandoned)."""
 
-    __slots__ = ("table",)
+    __slots__ = ("entries", "table")
 
     def __init__(self, table: SyncTable) -> None:
-        super().__init__()
+        self.entries: list[_Entry] = []
         self.table = table
 
     def append(self, entry: _Entry) -> None:
-        bisect.insort(self, entry, key=_order)
+        bisect.insort(self.entries, entry, key=_order)
 
     def remove(self, entry: _Entry) -> None:
-        super().remove(entry)
+        self.entries.remove(entry)
         self.table._forget_waiting(entry)
 
 
@@ -163,7 +163,7 @@ class SyncTable:
             return {"name": name, "holders": [], "waiters": []}
         return {
             "name": name, "kind": lock.kind, "permits": lock.permits, "available": lock.available,
-            "holders": sorted(lock.holders), "waiters": [e.pid for e in lock.queue],
+            "holders": sorted(lock.holders), "waiters": [e.pid for e in lock.queue.entries],
         }
 
     # -- inside -----------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class SyncTable:
         answer: dict[str, Any] = {"acquired": True}
         if died is not None:
             answer["previous_holder_died"] = died
-        queue = lock.queue
+        queue = lock.queue.entries
         while count and queue:
             entry = queue[0]
             waiter = entry.waiter
@@ -254,5 +254,5 @@ class SyncTable:
     def _forget_if_unused(self, key: Key, lock: _Lock) -> None:
         # Identity check: a handover whose queue held only stale waiters has had
         # its lock forgotten already, when the last of them left.
-        if not lock.holders and not lock.queue and self._locks.get(key) is lock:
+        if not lock.holders and not lock.queue.entries and self._locks.get(key) is lock:
             del self._locks[key]
