@@ -117,6 +117,16 @@ REQUESTS = {"Kill": pb.KillRequest, "GetProcess": pb.GetProcessRequest, "SetPrio
             "Register": pb.RegisterRequest, "Monitor": pb.MonitorRequest, "Release": pb.ReleaseRequest,
             "StatFile": pb.FilePath, "DeleteFile": pb.FilePath}
 
+def grpc_outcome(stub: Any, rpc: str, fields: dict, port: int) -> tuple[str, str]:
+    """(status code name, details) of the RPC, ("ok", "ok") if it succeeds; PORT stands for `port`."""
+    request = REQUESTS[rpc](**{k: port if v == "PORT" else v for k, v in fields.items()})
+    try:
+        getattr(stub, rpc)(request)
+    except grpc.RpcError as e:
+        return e.code().name, e.details()
+    return "ok", "ok"
+
+
 LUA_TRIES = """
 local out = {}
 for i, call in ipairs(args.calls) do
@@ -145,12 +155,7 @@ def test_lua_and_grpc_refuse_the_same_arguments_for_the_same_reason(stub: Any) -
     assert len(lua) == len(SAME_CALLS)
     disagree = []
     for (call, rpc, fields), lua_text in zip(SAME_CALLS, lua):
-        request = REQUESTS[rpc](**{k: port if v == "PORT" else v for k, v in fields.items()})
-        try:
-            getattr(stub, rpc)(request)
-            grpc_text = "ok"
-        except grpc.RpcError as e:
-            grpc_text = e.details()
+        _, grpc_text = grpc_outcome(stub, rpc, fields, port)
         if _same(_lua_reason(lua_text)) != _same(grpc_text):
             disagree.append(f"{call}: Lua {lua_text!r}, gRPC {grpc_text!r}")
     assert disagree == []
@@ -179,12 +184,7 @@ def test_python_agents_and_grpc_refuse_the_same_arguments_with_the_same_status(s
     assert len(python) == len(SAME_CALLS) and set(python) != {"ok"}
     disagree = []
     for (call, rpc, fields), status in zip(SAME_CALLS, python):
-        request = REQUESTS[rpc](**{k: port if v == "PORT" else v for k, v in fields.items()})
-        try:
-            getattr(stub, rpc)(request)
-            code = "ok"
-        except grpc.RpcError as e:
-            code = e.code().name
+        code, _ = grpc_outcome(stub, rpc, fields, port)
         if status != code:
             disagree.append(f"{call}: Python {status}, gRPC {code}")
     assert disagree == []
