@@ -115,11 +115,12 @@ class Kernel:
 
     # -- process creation ------------------------------------------------------------------
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
-        return Process(
+        proc = Process(
             pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, max_priority=priority,
             limits=limits, started_at_ms=now_ms(),
-            mailbox=Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT, byte_limit=limits.mailbox_bytes),
         )
+        proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT, byte_limit=limits.mailbox_bytes)
+        return proc
 
     def spawn(self, spec: SpawnSpec) -> int:
         kind, source, program_name, program_path = resolve_program(spec, self.config.userland_root)

@@ -118,4 +118,16 @@ int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg);
 
 int llmos_messaging_init(PyObject *module);
 
+/* A Process's fields that C reads and writes on every hand-off (kernel/process.c); Process
+ * (kernel/process.py) subclasses this type. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *state, *blocked_on, *blocked_syscall, *resume_value, *kill_reason, *mailbox;
+    double vruntime;
+    long long weight;
+} ProcessFields;
+extern PyTypeObject ProcessFieldsType;
+long long llmos_default_weight(void); /* kernel/process.py's DEFAULT_WEIGHT (once a process exists) */
+int llmos_process_init(PyObject *module);
+
 #endif

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.errors import PermissionDenied
-from .mailbox import Mailbox
+from ..native import _lua
 from .waiting import Waiter
 
 # States, as in the .proto.
@@ -52,7 +52,14 @@ class Limits:
 
 
 @dataclass(eq=False, slots=True)
-class Process:
+class Process(_lua.ProcessFields):
+    """What the kernel knows about a process. The fields the C side reads and writes on every
+    message and hand-off are ProcessFields' (kernel/process.c), set to their defaults when the
+    process is made: state (RUNNABLE), blocked_on (the blocking syscall, shown while BLOCKED),
+    blocked_syscall (the last one, whose answer the next resume carries), resume_value,
+    kill_reason (set when the kernel wants the process gone), mailbox (set by the kernel),
+    weight (DEFAULT_WEIGHT) and vruntime (ns on a CPU, scaled by DEFAULT_WEIGHT / weight)."""
+
     pid: int
     kind: str
     parent: int
@@ -60,11 +67,7 @@ class Process:
     priority: int
     limits: Limits
     started_at_ms: int
-    mailbox: Mailbox
     name: str | None = None
-    state: str = RUNNABLE
-    blocked_on: str | None = None  # the blocking syscall, shown while BLOCKED
-    blocked_syscall: str = ""  # the last blocking syscall, whose answer the next resume carries
     program: str = ""  # source text of a Lua or Python program
     program_name: str = "program"  # chunk name shown in tracebacks
     args: Any = None
@@ -74,17 +77,12 @@ class Process:
     exit_waiters: list[Waiter] = field(default_factory=list)
     # The syscall this process is blocked in, if any.
     waiter: Waiter | None = None
-    # Set when the kernel wants the process gone; honoured at the next check.
-    kill_reason: str | None = None
     # Scheduling.
     runtime: Any = None  # a LuaProcess while the program lives
-    resume_value: tuple = ()
     parked: threading.Event | None = None  # set while preempted inside the count hook
     max_priority: int = 0  # the ceiling its priority may be raised back to: the one it was spawned with
     descendants: int = 0  # live processes below it, against limits.processes
     ancestors: tuple[int, ...] = ()  # parent, grandparent, ... (ended ones too), whose descendants it counts as
-    weight: int = DEFAULT_WEIGHT  # share of CPU within its priority level
-    vruntime: float = 0.0  # ns on a CPU, scaled by DEFAULT_WEIGHT / weight (lua/fast_paths.c's charge)
     queued_at: int = 0  # perf_counter_ns when last queued
     yield_requested: bool = False  # the scheduler wants the CPU back before the quantum ends
     wall_timer: Any = None

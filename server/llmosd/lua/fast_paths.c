@@ -43,7 +43,6 @@ static PyObject *ResourceExhausted, *InvalidArgument; /* llmosd.errors' */
 static PyObject *S_state, *S_runtime, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *empty_text, *empty_bytes,
     *no_values;
 
-static double default_weight; /* kernel/process.py's DEFAULT_WEIGHT, read when the first Core is made */
 
 /* A process woken by the one this worker thread runs, to run next on this
  * thread without a trip through the run queue (Go's runnext); the scheduler
@@ -72,27 +71,12 @@ static int is_text(PyObject *value, PyObject *text)
     return value == text || (PyUnicode_Check(value) && PyUnicode_Compare(value, text) == 0);
 }
 
-/* The Process fields read and written on every hand-off, reached through
- * their slots' offsets: Process is a slots class (process.py), and attribute
- * lookup cost more than the rest of a hand-off. The offsets come from the
- * class's member descriptors when the first Core is made. */
+/* The kernel's Process class (a subclass of ProcessFields, kernel/process.c), given when the
+ * first Core is made: a hand-off tests a process's type exactly, which is cheaper than a subtype
+ * check. */
 static PyTypeObject *process_type;
-static Py_ssize_t AT_STATE, AT_BLOCKED_ON, AT_BLOCKED_SYSCALL, AT_RESUME_VALUE, AT_KILL_REASON, AT_VRUNTIME,
-    AT_WEIGHT, AT_MAILBOX;
 
-static int find_slot(PyTypeObject *type, const char *name, Py_ssize_t *at)
-{
-    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);
-    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
-        || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-        PyErr_Format(PyExc_TypeError, "%s.%s must be a slot", type->tp_name, name);
-        return -1;
-    }
-    *at = ((PyMemberDescrObject *)descr)->d_member->offset;
-    return 0;
-}
-
-static int find_process_slots(PyTypeObject *type)
+static int set_process_type(PyTypeObject *type)
 {
     if (process_type != NULL) {
         if (process_type == type)
@@ -100,12 +84,10 @@ static int find_process_slots(PyTypeObject *type)
         PyErr_Format(PyExc_TypeError, "the kernel's processes are %s already", process_type->tp_name);
         return -1;
     }
-    if (find_slot(type, "state", &AT_STATE) < 0 || find_slot(type, "blocked_on", &AT_BLOCKED_ON) < 0
-        || find_slot(type, "blocked_syscall", &AT_BLOCKED_SYSCALL) < 0
-        || find_slot(type, "resume_value", &AT_RESUME_VALUE) < 0 || find_slot(type, "kill_reason", &AT_KILL_REASON) < 0
-        || find_slot(type, "vruntime", &AT_VRUNTIME) < 0 || find_slot(type, "weight", &AT_WEIGHT) < 0
-        || find_slot(type, "mailbox", &AT_MAILBOX) < 0)
+    if (!PyType_IsSubtype(type, &ProcessFieldsType)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a subclass of ProcessFields", type->tp_name);
         return -1;
+    }
     Py_INCREF(type);
     process_type = type;
     return 0;
@@ -116,16 +98,10 @@ int llmos_is_process(PyObject *proc)
     return process_type != NULL && Py_IS_TYPE(proc, process_type);
 }
 
-/* A field of a Process (the dataclass sets every field, so it is never NULL). */
-static PyObject *field(PyObject *proc, Py_ssize_t at)
-{
-    PyObject *value = *(PyObject **)((char *)proc + at);
-    return value != NULL ? value : Py_None;
-}
+#define FIELDS(proc) ((ProcessFields *)(proc))
 
-static void set_field(PyObject *proc, Py_ssize_t at, PyObject *value)
+static void set_object(PyObject **slot, PyObject *value)
 {
-    PyObject **slot = (PyObject **)((char *)proc + at);
     Py_INCREF(value);
     Py_XSETREF(*slot, value);
 }
@@ -134,15 +110,8 @@ static void set_field(PyObject *proc, Py_ssize_t at, PyObject *value)
  * place this charge is made: Python agents' slices call it too (Core.charge). */
 int llmos_charge(PyObject *proc, long long ran)
 {
-    long long weight = PyLong_AsLongLong(field(proc, AT_WEIGHT));
-    PyObject *sum = PyFloat_FromDouble(PyFloat_AsDouble(field(proc, AT_VRUNTIME))
-                                       + (double)ran * default_weight / (double)(weight > 0 ? weight : 1));
-    if (sum == NULL || PyErr_Occurred()) {
-        Py_XDECREF(sum);
-        return -1;
-    }
-    set_field(proc, AT_VRUNTIME, sum);
-    Py_DECREF(sum);
+    ProcessFields *fields = FIELDS(proc);
+    fields->vruntime += (double)ran * (double)llmos_default_weight() / (double)(fields->weight > 0 ? fields->weight : 1);
     return 0;
 }
 
@@ -264,9 +233,9 @@ Message *llmos_new_message(PyObject *core_object, long long sender, long long to
 int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg)
 {
     PyObject *done;
-    set_field(proc, AT_RESUME_VALUE, (PyObject *)msg);
-    set_field(proc, AT_STATE, S_RUNNABLE);
-    set_field(proc, AT_BLOCKED_ON, Py_None);
+    set_object(&FIELDS(proc)->resume_value, (PyObject *)msg);
+    set_object(&FIELDS(proc)->state, S_RUNNABLE);
+    set_object(&FIELDS(proc)->blocked_on, Py_None);
     if (on_worker && runnext == NULL) {
         Py_INCREF(proc);
         runnext = proc;
@@ -319,7 +288,7 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
         goto out;
     llmos_lock(core->lock);
     dst = PyDict_GetItemWithError(core->procs, key);
-    if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = field(dst, AT_MAILBOX), &MailboxType)
+    if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = FIELDS(dst)->mailbox, &MailboxType)
         && !((Mailbox *)mailbox)->durable) {
         msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
                                 correlation_id, budget.used, 0);
@@ -490,14 +459,14 @@ static int receive(Core *core, State *state, Message **taken)
         || recv_filter(L, 3, &match) < 0)
         return RECV_DECLINED;
     llmos_lock(core->lock);
-    if (field(proc, AT_KILL_REASON) == Py_None) {
+    if (FIELDS(proc)->kill_reason == Py_None) {
         *taken = llmos_take(mailbox, match);
         if (*taken != NULL) {
             result = RECV_TAKEN;
         } else if (llmos_block_owner(mailbox, proc, match) == 0) {
-            set_field(proc, AT_STATE, S_BLOCKED);
-            set_field(proc, AT_BLOCKED_ON, S_recv);
-            set_field(proc, AT_BLOCKED_SYSCALL, S_recv);
+            set_object(&FIELDS(proc)->state, S_BLOCKED);
+            set_object(&FIELDS(proc)->blocked_on, S_recv);
+            set_object(&FIELDS(proc)->blocked_syscall, S_recv);
             result = RECV_BLOCKED;
         }
     }
@@ -521,13 +490,13 @@ static PyObject *switch_to_next(Core *core, PyObject *ident, State **next_state,
     if (next == NULL || state == NULL || state->proc != next)
         return NULL;
     llmos_lock(core->lock);
-    value = field(next, AT_RESUME_VALUE);
-    ready = Py_IS_TYPE(value, &MessageType) && field(next, AT_KILL_REASON) == Py_None
-            && is_text(field(next, AT_STATE), S_RUNNABLE)
+    value = FIELDS(next)->resume_value;
+    ready = Py_IS_TYPE(value, &MessageType) && FIELDS(next)->kill_reason == Py_None
+            && is_text(FIELDS(next)->state, S_RUNNABLE)
             && (*answer = message_answer(value, state->mailbox)) != NULL;
     if (ready) {
-        set_field(next, AT_RESUME_VALUE, no_values);
-        set_field(next, AT_STATE, S_RUNNING);
+        set_object(&FIELDS(next)->resume_value, no_values);
+        set_object(&FIELDS(next)->state, S_RUNNING);
     }
     llmos_unlock(core->lock);
     if (PyErr_Occurred())
@@ -627,22 +596,6 @@ static PyObject *Core_new_message(Core *core, PyObject *args)
     return (PyObject *)llmos_new_message((PyObject *)core, sender, to, tag, body, data, correlation_id, -1, headroom);
 }
 
-static int read_default_weight(void)
-{
-    PyObject *module = PyImport_ImportModule("llmosd.kernel.process");
-    PyObject *weight = module != NULL ? PyObject_GetAttrString(module, "DEFAULT_WEIGHT") : NULL;
-    Py_XDECREF(module);
-    if (weight == NULL)
-        return -1;
-    default_weight = PyFloat_AsDouble(weight);
-    Py_DECREF(weight);
-    if (default_weight > 0)
-        return 0;
-    if (!PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "kernel.process.DEFAULT_WEIGHT must be positive");
-    return -1;
-}
-
 static PyObject *Core_charge(Core *core, PyObject *args)
 {
     PyObject *proc;
@@ -668,7 +621,7 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOLO!n:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
                                      &scheduler, &reserve_ids, &quantum_ns, &PyType_Type, &process_class,
                                      &max_message_bytes)
-        || find_process_slots((PyTypeObject *)process_class) < 0 || read_default_weight() < 0)
+        || set_process_type((PyTypeObject *)process_class) < 0)
         return NULL;
     core = (Core *)type->tp_alloc(type, 0);
     if (core == NULL)

@@ -1136,7 +1136,7 @@ PyMODINIT_FUNC PyInit__lua(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "State", (PyObject *)&StateType) < 0
-        || llmos_messaging_init(m) < 0 || llmos_core_init(m) < 0) {
+        || llmos_messaging_init(m) < 0 || llmos_process_init(m) < 0 || llmos_core_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

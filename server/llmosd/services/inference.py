@@ -277,7 +277,7 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
 
 def _engine_error(e: ValueError) -> KernelError:
     """The status of a request the engine refused (its InvalidRequest kinds)."""
-    from .engine import KVLimitExceeded, TokenBudgetExceeded
+    from ..engine import KVLimitExceeded, TokenBudgetExceeded
 
     if isinstance(e, (TokenBudgetExceeded, KVLimitExceeded)):
         return ResourceExhausted(str(e))
