@@ -12,20 +12,15 @@ import os
 import signal
 import sys
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from .api.errors import KernelError
 from .services.files import FileLimits
 from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
 from .kernel.process import Limits
 from .lua.slices import LuaRuntime
 from .python.runtime import PythonRuntime
-from .api.syscalls import SERVICE, kernel_service
+from .api.grpc_server import GrpcServers
 
 log = logging.getLogger("llmosd")
-HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,32 +118,8 @@ async def serve(args: argparse.Namespace) -> None:
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
             max_batch=args.max_batch,
         ))
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
-        ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
-    ])
-    server.add_generic_rpc_handlers([kernel_service(kernel)])
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(args.listen)
-    if port == 0 and not args.listen.startswith("unix:"):
-        raise SystemExit(f"llmosd: cannot listen on {args.listen}")
-    await server.start()
-    agent_server = None
-    if kernel.config.agent_socket:
-        # Python agents' own door: every call must carry an agent's token.
-        if os.path.exists(kernel.config.agent_socket):
-            os.unlink(kernel.config.agent_socket)
-        agent_server = grpc.aio.server()
-        agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
-        agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
-        await agent_server.start()
-    for name in ("", SERVICE.full_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_watch = asyncio.create_task(watch_health(kernel, health_servicer, int(args.wedged_ms * 1_000_000)))
-    where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
-    print(f"llmosd: listening on {where}", flush=True)
+    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000))
+    print(f"llmosd: listening on {servers.where}", flush=True)
     for path in args.spawn:
         try:
             pid = kernel.spawn(SpawnSpec(path=path, log_to_server=True))
@@ -162,34 +133,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    health_watch.cancel()
-    await server.stop(grace=1.0)
-    if agent_server is not None:
-        await agent_server.stop(grace=0.5)
+    await servers.stop()
     kernel.shutdown()
-
-
-async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int) -> None:
-    """The overall service and the kernel's are NOT_SERVING while a virtual CPU
-    is wedged: its thread has been stuck in one C call more than `wedged_ns`
-    past the time it was due to give the CPU back (the scheduler has handed
-    the CPU to another thread meanwhile, see scheduler.py), and SERVING again
-    once it checks in."""
-    serving = True
-    while True:
-        await asyncio.sleep(HEALTH_PERIOD_S)
-        stuck_ns = kernel.scheduler.stuck_ns()
-        if (stuck_ns <= wedged_ns) == serving:
-            continue
-        serving = not serving
-        if serving:
-            log.warning("no virtual CPU is wedged any more: SERVING")
-        else:
-            log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time): NOT_SERVING",
-                        stuck_ns / 1e6)
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE.full_name):
-            await servicer.set(name, status)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,84 @@
+"""The gRPC servers of the syscall table: one on --listen for external clients, with health and
+reflection, and one on the agent socket for Python agents (every call carries an agent's token)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..kernel.kernel import Kernel
+from .syscalls import SERVICE, kernel_service
+
+log = logging.getLogger("llmosd")
+HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs
+
+
+class GrpcServers:
+    def __init__(self, server: grpc.aio.Server, agent_server: grpc.aio.Server | None, health_watch: asyncio.Task,
+                 where: str) -> None:
+        self.server = server
+        self.agent_server = agent_server
+        self.health_watch = health_watch
+        self.where = where  # the address clients reach: HOST:PORT (the port picked if 0 was asked) or unix:PATH
+
+    @classmethod
+    async def start(cls, kernel: Kernel, listen: str, wedged_ns: int) -> GrpcServers:
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
+            ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
+        ])
+        server.add_generic_rpc_handlers([kernel_service(kernel)])
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        port = server.add_insecure_port(listen)
+        if port == 0 and not listen.startswith("unix:"):
+            raise SystemExit(f"llmosd: cannot listen on {listen}")
+        await server.start()
+        agent_server = None
+        if kernel.config.agent_socket:
+            # Python agents' own door: every call must carry an agent's token.
+            if os.path.exists(kernel.config.agent_socket):
+                os.unlink(kernel.config.agent_socket)
+            agent_server = grpc.aio.server()
+            agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
+            agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
+            await agent_server.start()
+        for name in ("", SERVICE.full_name):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_watch = asyncio.create_task(watch_health(kernel, health_servicer, wedged_ns))
+        where = listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
+        return cls(server, agent_server, health_watch, where)
+
+    async def stop(self) -> None:
+        self.health_watch.cancel()
+        await self.server.stop(grace=1.0)
+        if self.agent_server is not None:
+            await self.agent_server.stop(grace=0.5)
+
+
+async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int) -> None:
+    """The overall service and the kernel's are NOT_SERVING while a virtual CPU
+    is wedged: its thread has been stuck in one C call more than `wedged_ns`
+    past the time it was due to give the CPU back (the scheduler has handed
+    the CPU to another thread meanwhile, see scheduler.py), and SERVING again
+    once it checks in."""
+    serving = True
+    while True:
+        await asyncio.sleep(HEALTH_PERIOD_S)
+        stuck_ns = kernel.scheduler.stuck_ns()
+        if (stuck_ns <= wedged_ns) == serving:
+            continue
+        serving = not serving
+        if serving:
+            log.warning("no virtual CPU is wedged any more: SERVING")
+        else:
+            log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time): NOT_SERVING",
+                        stuck_ns / 1e6)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE.full_name):
+            await servicer.set(name, status)
