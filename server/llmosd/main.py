@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -71,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wedged-ms", type=float, default=1000.0,
                    help="health reports NOT_SERVING while a worker thread has been stuck in one C call this long "
                         "past the time it was due to give its virtual CPU back (default %(default)s)")
+    p.add_argument("--require-tokens", action="store_true",
+                   help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
+                        "listener, where a call without one is otherwise the owner of namespace 'default'")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without TLS (calls are then plaintext, tokens required)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     for flag in ("aging_ms", "wedged_ms"):
@@ -118,8 +124,19 @@ async def serve(args: argparse.Namespace) -> None:
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
             max_batch=args.max_batch,
         ))
-    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000))
+    local = is_local(args.listen)
+    if not local and not args.insecure:
+        raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "
+                         "network in plaintext. Listen on 127.0.0.1 or unix:PATH, or pass --insecure (tokens "
+                         "are then required)")
+    single_user = local and not args.require_tokens
+    admin_file = kernel.tokens.first_admin_token(args.data_dir)
+    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000), single_user)
     print(f"llmosd: listening on {servers.where}", flush=True)
+    if admin_file:
+        print(f"llmosd: an admin token is in {admin_file} (mode 0600): LLMOS_TOKEN=$(cat {admin_file})", flush=True)
+    print("llmosd: single-user mode: a call without a token is the owner of namespace 'default'" if single_user
+          else "llmosd: every call needs a token (authorization: Bearer TOKEN)", flush=True)
     for path in args.spawn:
         try:
             pid = kernel.spawn(SpawnSpec(path=path, log_to_server=True))
@@ -135,6 +152,19 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("shutting down")
     await servers.stop()
     kernel.shutdown()
+
+
+def is_local(listen: str) -> bool:
+    """Whether `listen` is a Unix socket or a loopback address (only this machine can connect)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -151,17 +151,19 @@ class SendResponse(_message.Message):
     def __init__(self, message_id: _Optional[int] = ...) -> None: ...
 
 class RecvRequest(_message.Message):
-    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms")
+    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms", "port_secret")
     PID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PORT_SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
     tag: str
     correlation_id: str
     timeout_ms: int
-    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    port_secret: str
+    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., port_secret: _Optional[str] = ..., **kwargs) -> None: ...
 
 class RecvResponse(_message.Message):
     __slots__ = ("message", "timed_out")
@@ -202,12 +204,14 @@ class KillResponse(_message.Message):
     def __init__(self, already_ended: _Optional[bool] = ...) -> None: ...
 
 class ExitRequest(_message.Message):
-    __slots__ = ("pid", "result")
+    __slots__ = ("pid", "result", "port_secret")
     PID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    PORT_SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
     result: _struct_pb2.Value
-    def __init__(self, pid: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    port_secret: str
+    def __init__(self, pid: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., port_secret: _Optional[str] = ...) -> None: ...
 
 class ExitResponse(_message.Message):
     __slots__ = ()
@@ -222,10 +226,66 @@ class OpenPortRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., mailbox: _Optional[int] = ...) -> None: ...
 
 class OpenPortResponse(_message.Message):
-    __slots__ = ("pid",)
+    __slots__ = ("pid", "secret")
     PID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
-    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, pid: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("namespace", "role", "label")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    role: str
+    label: str
+    def __init__(self, namespace: _Optional[str] = ..., role: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("id", "token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    token: str
+    def __init__(self, id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("id", "namespace", "role", "label", "created_at_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    namespace: str
+    role: str
+    label: str
+    created_at_ms: int
+    def __init__(self, id: _Optional[str] = ..., namespace: _Optional[str] = ..., role: _Optional[str] = ..., label: _Optional[str] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("pid", "name")

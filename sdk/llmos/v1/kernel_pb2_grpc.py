@@ -154,6 +154,21 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/llmos.v1.Kernel/CreateToken',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/llmos.v1.Kernel/ListTokens',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/llmos.v1.Kernel/RevokeToken',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -322,6 +337,26 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Tokens (admin tokens only): `authorization: Bearer TOKEN` metadata names a caller's
+        namespace and role (admin, owner, reader); see docs/authority.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +479,21 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1094,6 +1144,87 @@ class Kernel:
             '/llmos.v1.Kernel/Release',
             llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CreateToken',
+            llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ListTokens',
+            llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/RevokeToken',
+            llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,12 +26,12 @@ class GrpcServers:
         self.where = where  # the address clients reach: HOST:PORT (the port picked if 0 was asked) or unix:PATH
 
     @classmethod
-    async def start(cls, kernel: Kernel, listen: str, wedged_ns: int) -> GrpcServers:
+    async def start(cls, kernel: Kernel, listen: str, wedged_ns: int, single_user: bool = True) -> GrpcServers:
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
             ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
         ])
-        server.add_generic_rpc_handlers([kernel_service(kernel)])
+        server.add_generic_rpc_handlers([kernel_service(kernel, single_user=single_user)])
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -22,8 +22,10 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
 from . import checks as C
-from .table import AGENT_DENIED, AGENT_IDENTITY, BY_RPC
-from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
+from .authority import ADMIN, PROCESS, READER, SINGLE_USER, Caller, process_caller
+from .table import ADMIN_ONLY, AGENT_DENIED, AGENT_IDENTITY, BY_RPC, READER_RPCS
+from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unauthenticated, Unimplemented
+from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.process import PYTHON
 from ..kernel.mailbox import Match, Message
@@ -34,11 +36,11 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]
 EVENT_BACKLOG = 10_000
 FILE_CHUNK_BYTES = 1 << 20
-DEFAULT_NAMESPACE = "default"  # external clients' namespace, until tokens map clients to namespaces
-TOKEN_HEADER = "llmos-token"
+TOKEN_HEADER = "llmos-token"  # a Python agent's, on the agent socket
+AUTHORIZATION = "authorization"  # a client's: "Bearer TOKEN" (api/tokens.py)
 
-# The pid of the Python agent making the current call (None: an external client).
-CALLER: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller", default=None)
+# Who makes the current call (api/authority.py): a client's token identity, or a Python agent.
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=SINGLE_USER)
 # The current call's gRPC context.
 CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar("call")
 
@@ -91,7 +93,7 @@ async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
                  on_cancel: Callable[[Any], None] | None = None) -> Any:
     """Wait for a registered waiter; if the client goes away, undo the wait.
     A Python agent waiting gives up its CPU meanwhile."""
-    caller = CALLER.get()
+    caller = _agent()
     if caller is not None:
         kernel.runtimes[PYTHON].blocking(caller, syscall)
     try:
@@ -108,6 +110,24 @@ async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
             kernel.runtimes[PYTHON].resumed(caller)
 
 
+def _agent() -> int | None:
+    """The pid of the Python agent making the current call (None: an external client)."""
+    caller = CALLER.get()
+    return caller.pid if caller.role == PROCESS else None
+
+
+def _port_caller(k: Kernel, pid: int, secret: str) -> Caller:
+    """The caller, lent a port's opener identity if it presents the port's secret."""
+    caller = CALLER.get()
+    if not secret:
+        return caller
+    with k.lock:
+        port = k.live_locked(_pid(pid), "port", caller)
+        if not port.secret or port.secret != digest(secret):
+            raise PermissionDenied(f"that is not pid {pid}'s port secret")
+        return Caller(caller.namespace, caller.role, key=port.opener)
+
+
 # -- handlers -------------------------------------------------------------------------------
 async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
     which = req.WhichOneof("program")
@@ -119,7 +139,7 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
         parent=req.parent, monitor=req.monitor, source_name=req.source_name or None,
     )
     setattr(spec, which, getattr(req, which))
-    return pb.SpawnResponse(pid=k.spawn(spec))
+    return pb.SpawnResponse(pid=k.spawn(spec, CALLER.get()))
 
 
 async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
@@ -127,19 +147,21 @@ async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
     body = _value(req.body) if req.HasField("body") else None
-    message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id)
+    message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id,
+                        CALLER.get())
     return pb.SendResponse(message_id=message_id)
 
 
 async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     pid = _pid(req.pid)
+    caller = _port_caller(k, pid, req.port_secret)
     match = Match(
         getattr(req, "from") if req.HasField("from") else None,
         req.tag if req.HasField("tag") else None,
         req.correlation_id if req.HasField("correlation_id") else None,
     )
     waiter = AsyncWaiter(asyncio.get_running_loop())
-    msg = k.recv(pid, match, waiter, _timeout(req))
+    msg = k.recv(pid, match, waiter, _timeout(req), caller)
     if msg is None:
         msg = await _await(k, waiter, "recv", lambda taken: k.put_back(pid, taken))
         if msg is TIMED_OUT:
@@ -153,7 +175,7 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
 
 async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
     waiter = AsyncWaiter(asyncio.get_running_loop())
-    rec = k.wait(_pid(req.pid), waiter, _timeout(req))
+    rec = k.wait(_pid(req.pid), waiter, _timeout(req), CALLER.get())
     if rec is None:
         rec = await _await(k, waiter, "wait")
         if rec is TIMED_OUT:
@@ -162,35 +184,37 @@ async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
 
 
 async def sys_kill(k: Kernel, req: pb.KillRequest) -> pb.KillResponse:
-    return pb.KillResponse(already_ended=not k.kill(_pid(req.pid), req.reason or "killed"))
+    return pb.KillResponse(already_ended=not k.kill(_pid(req.pid), req.reason or "killed", CALLER.get()))
 
 
 async def sys_exit(k: Kernel, req: pb.ExitRequest) -> pb.ExitResponse:
-    k.exit(_pid(req.pid), _value(req.result) if req.HasField("result") else None)
+    k.exit(_pid(req.pid), _value(req.result) if req.HasField("result") else None,
+           _port_caller(k, req.pid, req.port_secret))
     return pb.ExitResponse()
 
 
 async def sys_open_port(k: Kernel, req: pb.OpenPortRequest) -> pb.OpenPortResponse:
-    return pb.OpenPortResponse(pid=k.open_port(req.name or None, req.mailbox))
+    pid, secret = k.open_port(req.name or None, req.mailbox, CALLER.get())
+    return pb.OpenPortResponse(pid=pid, secret=secret)
 
 
 async def sys_register(k: Kernel, req: pb.RegisterRequest) -> pb.RegisterResponse:
-    k.register(_pid(req.pid), req.name)
+    k.register(_pid(req.pid), req.name, CALLER.get())
     return pb.RegisterResponse()
 
 
 async def sys_monitor(k: Kernel, req: pb.MonitorRequest) -> pb.MonitorResponse:
-    k.monitor(_pid(req.watcher, "watcher"), _pid(req.target, "target"))
+    k.monitor(_pid(req.watcher, "watcher"), _pid(req.target, "target"), CALLER.get())
     return pb.MonitorResponse()
 
 
 async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest) -> pb.SetPriorityResponse:
-    k.set_priority(_pid(req.pid), req.priority, req.weight, caller=CALLER.get())
+    k.set_priority(_pid(req.pid), req.priority, req.weight, CALLER.get())
     return pb.SetPriorityResponse()
 
 
 async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
-    lines, next_offset, dropped = k.read_log(_pid(req.pid), req.offset)
+    lines, next_offset, dropped = k.read_log(_pid(req.pid), req.offset, CALLER.get())
     return pb.ReadLogResponse(lines=lines, next_offset=next_offset, dropped=dropped)
 
 
@@ -204,7 +228,7 @@ async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesR
     if req.page_size > MAX_LIST_PAGE_SIZE:
         raise InvalidArgument(f"page_size is at most {MAX_LIST_PAGE_SIZE}")
     size = req.page_size or LIST_PAGE_SIZE
-    found = k.list(states, req.name or None, req.parent, req.include_ended, req.after_pid)
+    found = k.list(states, req.name or None, req.parent, req.include_ended, req.after_pid, CALLER.get())
     reply, used = pb.ListProcessesResponse(), 0
     for entry in found[:size]:
         info = process_pb(*entry)
@@ -218,15 +242,16 @@ async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesR
 
 
 async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
-    return process_pb(*k.get(_pid(req.pid)))
+    return process_pb(*k.get(_pid(req.pid), CALLER.get()))
 
 
 async def sys_events(k: Kernel, req: pb.EventsRequest) -> AsyncIterator[pb.Event]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    caller = CALLER.get()
 
     def listener(kind: str, rec: ProcessRecord) -> None:  # kernel lock held: only hand over
-        if not req.pid or rec.pid == req.pid:
+        if (not req.pid or rec.pid == req.pid) and caller.sees(rec.namespace):
             loop.call_soon_threadsafe(queue.put_nowait, (kind, rec, now_ms()))
 
     with k.lock:
@@ -250,13 +275,14 @@ def file_pb(info: Any) -> pb.FileInfo:
 
 
 async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest]) -> pb.FileInfo:
-    writer = None
+    writer, caller = None, CALLER.get()
     try:
         async for req in requests:
             if writer is None:
                 if req.pid:
-                    k.get(req.pid)  # NotFound for an unknown pid
-                writer = await asyncio.to_thread(k.files.open_writer, DEFAULT_NAMESPACE, req.pid, req.path, req.append)
+                    with k.lock:
+                        k.target_locked(caller, "fs.write", req.pid)  # NotFound for an unknown pid
+                writer = await asyncio.to_thread(k.files.open_writer, caller.namespace, req.pid, req.path, req.append)
             if req.data:
                 await asyncio.to_thread(writer.write, req.data)
         if writer is None:
@@ -279,7 +305,7 @@ async def sys_write_file(k: Kernel, requests: AsyncIterator[pb.WriteFileRequest]
 
 async def sys_read_file(k: Kernel, req: pb.ReadFileRequest) -> AsyncIterator[pb.FileChunk]:
     reader = await asyncio.to_thread(
-        k.files.open_reader, DEFAULT_NAMESPACE, req.path, req.offset, req.length or None, FILE_CHUNK_BYTES,
+        k.files.open_reader, CALLER.get().namespace, req.path, req.offset, req.length or None, FILE_CHUNK_BYTES,
     )
     try:
         offset = req.offset
@@ -294,25 +320,25 @@ async def sys_read_file(k: Kernel, req: pb.ReadFileRequest) -> AsyncIterator[pb.
 
 
 async def sys_stat_file(k: Kernel, req: pb.FilePath) -> pb.FileInfo:
-    return file_pb(await asyncio.to_thread(k.files.stat, DEFAULT_NAMESPACE, req.path))
+    return file_pb(await asyncio.to_thread(k.files.stat, CALLER.get().namespace, req.path))
 
 
 async def sys_list_files(k: Kernel, req: pb.FilePath) -> pb.ListFilesResponse:
-    entries = await asyncio.to_thread(k.files.list, DEFAULT_NAMESPACE, req.path)
+    entries = await asyncio.to_thread(k.files.list, CALLER.get().namespace, req.path)
     return pb.ListFilesResponse(entries=[file_pb(e) for e in entries])
 
 
 async def sys_delete_file(k: Kernel, req: pb.FilePath) -> pb.DeleteFileResponse:
-    await asyncio.to_thread(k.files.delete, DEFAULT_NAMESPACE, req.path)
+    await asyncio.to_thread(k.files.delete, CALLER.get().namespace, req.path)
     return pb.DeleteFileResponse()
 
 
 async def sys_rename_file(k: Kernel, req: pb.RenameFileRequest) -> pb.FileInfo:
-    return file_pb(await asyncio.to_thread(k.files.rename, DEFAULT_NAMESPACE, req.from_path, req.to_path))
+    return file_pb(await asyncio.to_thread(k.files.rename, CALLER.get().namespace, req.from_path, req.to_path))
 
 
 async def sys_make_dir(k: Kernel, req: pb.FilePath) -> pb.FileInfo:
-    return file_pb(await asyncio.to_thread(k.files.mkdir, DEFAULT_NAMESPACE, req.path))
+    return file_pb(await asyncio.to_thread(k.files.mkdir, CALLER.get().namespace, req.path))
 
 
 # -- locks ----------------------------------------------------------------------------------------
@@ -322,7 +348,7 @@ async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
     timeout = _timeout(req)
     waiter = AsyncWaiter(asyncio.get_running_loop())
     with k.lock:
-        holder = k.procs.get(pid) or k.live_locked(pid, "holder")
+        holder = k.target_locked(CALLER.get(), "lock.acquire", pid, "holder")
         priority = C.priority(req.priority) if req.HasField("priority") else holder.priority
         if timeout == 0:
             answer = k.sync.try_acquire(holder.namespace, req.name, pid, kind, permits)
@@ -338,14 +364,17 @@ async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
 
 
 async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
-    k.release_lock(_pid(req.pid), req.name)
+    k.release_lock(_pid(req.pid), req.name, CALLER.get())
     return pb.ReleaseResponse()
 
 
 async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
-    caller = CALLER.get()
+    if req.pid:
+        with k.lock:
+            k.target_locked(CALLER.get(), "infer", req.pid)
+    caller = _agent()
     if caller is not None:
         k.runtimes[PYTHON].blocking(caller, "infer")
     try:
@@ -354,6 +383,22 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
     finally:
         if caller is not None:
             k.runtimes[PYTHON].resumed(caller)
+
+
+# -- tokens (admin only: the table's rule) -----------------------------------------------------
+async def sys_create_token(k: Kernel, req: pb.CreateTokenRequest) -> pb.CreateTokenResponse:
+    token_id, token = k.tokens.create(req.namespace, req.role, req.label)
+    return pb.CreateTokenResponse(id=token_id, token=token)
+
+
+async def sys_list_tokens(k: Kernel, req: pb.ListTokensRequest) -> pb.ListTokensResponse:
+    return pb.ListTokensResponse(tokens=[
+        pb.TokenInfo(id=i, namespace=ns, role=role, label=label, created_at_ms=at) for i, ns, role, label, at in k.tokens.list()
+    ])
+
+
+async def sys_revoke_token(k: Kernel, req: pb.RevokeTokenRequest) -> pb.RevokeTokenResponse:
+    return pb.RevokeTokenResponse(revoked=k.tokens.revoke(req.id))
 
 
 # The handler of each RPC: exactly the table's `rpc`s (and the .proto's methods).
@@ -382,6 +427,9 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "MakeDir": sys_make_dir,
     "Acquire": sys_acquire,
     "Release": sys_release,
+    "CreateToken": sys_create_token,
+    "ListTokens": sys_list_tokens,
+    "RevokeToken": sys_revoke_token,
 }
 
 
@@ -410,33 +458,57 @@ async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> 
 
 
 class Identity:
-    """Who may make a call. On the agent socket, the caller is the agent whose
-    token the call carries, and may act only as itself."""
+    """Who makes a call (api/authority.py's Caller), from its metadata, and whether its role may
+    make it: the one place a call's identity is decided, for every door (the TCP/Unix listener,
+    the agent socket, and the HTTP gateway, which passes its headers on as the same metadata).
+    On the agent socket the caller is the agent whose token the call carries, and may act only
+    as itself. Elsewhere a call with `authorization: Bearer TOKEN` is that token's namespace and
+    role; one without is the owner of `default` in single-user mode, and refused otherwise."""
 
-    def __init__(self, k: Kernel, agents: bool) -> None:
+    def __init__(self, k: Kernel, agents: bool, single_user: bool = True) -> None:
         self.k = k
         self.agents = agents
+        self.single_user = single_user
+
+    def caller_of(self, metadata: Any) -> Caller:
+        if self.agents:
+            tokens = [v for key, v in metadata if key == TOKEN_HEADER]
+            python = self.k.runtimes.get(PYTHON)
+            pid = python.pid_of(tokens[0]) if tokens and python is not None else None
+            proc = self.k.procs.get(pid) if pid is not None else None
+            if proc is None:
+                raise PermissionDenied("the agent socket needs the llmos-token of a live Python process")
+            return process_caller(pid, proc.namespace)
+        bearer = [v for key, v in metadata if key == AUTHORIZATION]
+        if not bearer:
+            if self.single_user:
+                return SINGLE_USER
+            raise Unauthenticated("this server needs a token: send the metadata authorization: Bearer TOKEN")
+        scheme, _, token = bearer[0].partition(" ")
+        caller = self.k.tokens.caller_of(token.strip()) if scheme.lower() == "bearer" else None
+        if caller is None:
+            raise Unauthenticated("unknown or revoked token (authorization: Bearer TOKEN)")
+        return caller
 
     def check(self, method: str, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
         """Set CALLER for the call and return the request, checked (a stream is
         checked message by message)."""
-        if not self.agents:
-            CALLER.set(None)
-            return req
-        tokens = [v for key, v in ctx.invocation_metadata() or () if key == TOKEN_HEADER]
-        python = self.k.runtimes.get(PYTHON)
-        caller = python.pid_of(tokens[0]) if tokens and python is not None else None
-        if caller is None:
-            raise PermissionDenied("the agent socket needs the llmos-token of a live Python process")
+        caller = self.caller_of(ctx.invocation_metadata() or ())
         CALLER.set(caller)
+        if BY_RPC[method].rule == ADMIN_ONLY and caller.role != ADMIN:
+            raise PermissionDenied(f"{method} is for admin tokens")
+        if caller.role == READER and method not in READER_RPCS:
+            raise PermissionDenied(f"a reader token may not call {method}")
+        if caller.role != PROCESS:
+            return req
         if method in AGENT_DENIED:
             raise PermissionDenied(AGENT_DENIED[method])
         field = AGENT_IDENTITY.get(method)
         if field is None:
             return req
         if hasattr(req, "__aiter__"):
-            return self._check_stream(req, field, caller)
-        _act_as(req, field, caller)
+            return self._check_stream(req, field, caller.pid)
+        _act_as(req, field, caller.pid)
         return req
 
     async def _check_stream(self, requests: AsyncIterator[Any], field: str, caller: int) -> AsyncIterator[Any]:
@@ -495,10 +567,11 @@ def _stream(identity: Identity, method: str, request: type[ProtoMessage], fn: Ca
     return handle
 
 
-def kernel_service(k: Kernel, agents: bool = False) -> grpc.GenericRpcHandler:
+def kernel_service(k: Kernel, agents: bool = False, single_user: bool = True) -> grpc.GenericRpcHandler:
     """The llmos.v1.Kernel service as a gRPC handler, built from SYSCALLS.
-    With `agents`, calls must carry an agent's token and act only as it."""
-    identity = Identity(k, agents)
+    With `agents`, calls must carry an agent's token and act only as it; else a
+    client's token (or none, in `single_user` mode) says who calls (Identity)."""
+    identity = Identity(k, agents, single_user)
     declared = {m.name for m in SERVICE.methods}
     if not declared == set(SYSCALLS) == set(BY_RPC):
         raise RuntimeError(f"syscall table, handlers and .proto disagree: {sorted(declared ^ set(SYSCALLS) | declared ^ set(BY_RPC))}")

@@ -202,14 +202,15 @@ class LuaRuntime:
     # None with `waiter` registered to complete when the answer is ready (kernel lock held).
     def block_recv(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         match = lua.recv_match(*args[:4])
-        return self.kernel.recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"))
+        return self.kernel.recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"),
+                                       lua.caller)
 
     def block_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         pid = C.pid(args[0] if args else None, "sys.wait: pid")
         timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
         if pid == proc.pid:
             raise InvalidArgument("sys.wait: a process cannot wait for itself")
-        rec = self.kernel.wait_locked(pid, waiter, timeout)
+        rec = self.kernel.wait_locked(pid, waiter, timeout, lua.caller)
         return describe_record(rec) if rec is not None else None
 
     def block_sleep(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
