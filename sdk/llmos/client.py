@@ -39,6 +39,11 @@ DEADLINE_MARGIN_S = 5.0
 ENDED_STATES = ("EXITED", "KILLED", "CRASHED")
 
 
+def default_token() -> str | None:
+    """The client's token from $LLMOS_TOKEN (None: no token, as in a single-user server)."""
+    return os.environ.get("LLMOS_TOKEN") or None
+
+
 def default_target() -> str:
     """The server address from $LLMOS_SERVER, or 127.0.0.1:50051."""
     return os.environ.get("LLMOS_SERVER") or DEFAULT_TARGET
@@ -358,9 +363,11 @@ class Syscalls:
     blocking calls get their own ``timeout`` plus a small margin, or no deadline when unbounded.
     """
 
-    def __init__(self, target: str | None, rpc_timeout: float | None) -> None:
+    def __init__(self, target: str | None, rpc_timeout: float | None, token: str | None = None) -> None:
         self.target = target or default_target()
         self.rpc_timeout = rpc_timeout
+        token = token or default_token()
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def _drive(self, plan: Plan[T]) -> T:
         raise NotImplementedError
@@ -458,6 +465,26 @@ class Syscalls:
         """Open a mailbox-only process (a port) for this client to receive replies on; return its pid."""
         reply = yield self._unary("OpenPort", pb.OpenPortRequest(name=name or "", mailbox=mailbox))
         return reply.pid
+
+    @syscall
+    def create_token(self, namespace: str, role: str, label: str = "") -> Plan[tuple[str, str]]:
+        """(id, token) of a new token of ``role`` (admin, owner, reader) in ``namespace``; admin only.
+        The token is shown only now: the server keeps its SHA-256."""
+        reply = yield self._unary("CreateToken", pb.CreateTokenRequest(namespace=namespace, role=role, label=label))
+        return reply.id, reply.token
+
+    @syscall
+    def list_tokens(self) -> Plan[list[dict]]:
+        """Every token's id, namespace, role, label and created_at_ms (never the secret); admin only."""
+        reply = yield self._unary("ListTokens", pb.ListTokensRequest())
+        return [{"id": t.id, "namespace": t.namespace, "role": t.role, "label": t.label,
+                 "created_at_ms": t.created_at_ms} for t in reply.tokens]
+
+    @syscall
+    def revoke_token(self, token_id: str) -> Plan[bool]:
+        """Revoke a token by id: whether one had it; admin only."""
+        reply = yield self._unary("RevokeToken", pb.RevokeTokenRequest(id=token_id))
+        return reply.revoked
 
     @syscall
     def register(self, pid: int, name: str) -> Plan[None]:
@@ -685,25 +712,26 @@ class Client(Syscalls):
     Every method raises a :class:`llmos.LlmosError` subclass when the syscall fails.
     """
 
-    def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0) -> None:
-        super().__init__(target, rpc_timeout)
+    def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
+                 token: str | None = None) -> None:
+        super().__init__(target, rpc_timeout, token)
         self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
     def _perform(self, call: Call) -> Any:
         rpc = getattr(self._stub, call.method)
         if isinstance(call, Streaming):
-            items = _stream_items(rpc(call.request, timeout=call.timeout), call.convert)
+            items = _stream_items(rpc(call.request, timeout=call.timeout, metadata=self.metadata), call.convert)
             return list(items) if call.collect else items
         if isinstance(call, ClientStreaming):
             try:
-                return rpc(call.requests, timeout=call.timeout)
+                return rpc(call.requests, timeout=call.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 if call.requests.error is not None:
                     raise call.requests.error from None
                 raise from_rpc_error(e) from None
         try:
-            return rpc(call.request, timeout=call.timeout)
+            return rpc(call.request, timeout=call.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

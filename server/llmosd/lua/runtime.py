@@ -131,7 +131,8 @@ SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", 
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     """A process's record as the plain table sys.info and sys.wait answer."""
     info = {
-        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
+        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "namespace": rec.namespace, "kind": rec.kind,
+        "state": rec.state,
         "priority": rec.priority, "weight": rec.weight, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
     }
     if rec.usage is not None:
