@@ -9,6 +9,7 @@ syscall to a target when asked and answer with the status (OK or a code name). I
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -385,3 +386,69 @@ def test_the_docs_table_is_the_code_table() -> None:
     assert rows == want
     for rule, text in RULES.items():
         assert f"`{rule}`: {text}" in doc
+
+
+# -- namespaces: use and quotas -------------------------------------------------------------------
+def test_namespace_quota_of_live_processes(tmp_path: pathlib.Path) -> None:
+    s = LlmosdServer(tmp_path / "data", "--model", "none", "--namespace-processes", "3", userland_root=USERLAND)
+    s.start()
+    try:
+        with llmos.Client(s.target, token=(s.data_dir / "admin.token").read_text().strip()) as admin, \
+                llmos.Client(s.target, token=None) as default:
+            _, token = admin.create_token("small", "owner")
+            with llmos.Client(s.target, token=token) as small:
+                pids = [small.spawn(lua=FOREVER) for _ in range(2)]
+                port = small.open_port()
+                assert _code(lambda: small.spawn(lua=FOREVER)) == "RESOURCE_EXHAUSTED"
+                assert _code(lambda: small.open_port()) == "RESOURCE_EXHAUSTED"
+                # a process of the namespace is refused too, and nothing else is killed for it
+                small.kill(pids[1])
+                spawner = small.spawn(lua="local ok, err = pcall(sys.spawn, {lua = 'return 1'}); return tostring(err)")
+                info = small.wait(spawner, timeout=WAIT_S)
+                assert info is not None and "--namespace-processes" in str(info.result), info
+                assert default.spawn(lua="return 1")  # another namespace has its own count
+                use = small.get_namespace()
+                assert (use["name"], use["live_processes"], use["max_live_processes"], use["tokens"]) == \
+                    ("small", 2, 3, 1)
+                assert {p.pid for p in small.ps()} == {pids[0], port}
+                assert _code(lambda: small.get_namespace("default")) == "NOT_FOUND"
+                assert admin.get_namespace("small")["live_processes"] == 2
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_the_cli_manages_tokens(server: LlmosdServer, world: World, capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmos.cli import main
+
+    monkeypatch.setenv("LLMOS_TOKEN", (server.data_dir / "admin.token").read_text().strip())
+    assert main(["--server", server.target, "token", "create", "delta", "reader", "--label", "cli"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert main(["--server", server.target, "token", "list"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"id": made["id"], "namespace": "delta", "role": "reader", "label": "cli"}.items() <= \
+        next(t for t in listed if t["id"] == made["id"]).items()
+    monkeypatch.setenv("LLMOS_TOKEN", made["token"])
+    assert main(["--server", server.target, "ns"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "delta"
+    assert main(["--server", server.target, "token", "list"]) == 1
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    monkeypatch.setenv("LLMOS_TOKEN", (server.data_dir / "admin.token").read_text().strip())
+    assert main(["--server", server.target, "token", "revoke", made["id"]]) == 0
+    assert main(["--server", server.target, "token", "revoke", made["id"]]) == 1
+
+
+def test_the_unix_listener_is_the_server_users_only(tmp_path: pathlib.Path) -> None:
+    sock = tmp_path / "llmos.sock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "llmosd", "--listen", f"unix:{sock}", "--data-dir",
+                             str(tmp_path / "data"), "--model", "none"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "listening on" in line:
+                break
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    finally:
+        proc.kill()
+        proc.wait()

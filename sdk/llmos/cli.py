@@ -369,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.set_defaults(handler=cmd_fs_mv)
 
+    p = sub.add_parser("ns", help="the namespace's use and quotas as JSON (admin: any namespace)")
+    p.add_argument("name", nargs="?", default="")
+    p.set_defaults(handler=lambda k, a: _print_ok(k.get_namespace(a.name)))
+
     # Tokens (admin only; the client sends $LLMOS_TOKEN): create prints the secret once.
     tok = sub.add_parser("token", help="tokens: create, list, revoke (admin)").add_subparsers(
         dest="token_command", required=True, metavar="TOKEN_COMMAND")

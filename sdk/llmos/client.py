@@ -487,6 +487,13 @@ class Syscalls:
         return reply.revoked
 
     @syscall
+    def get_namespace(self, name: str = "") -> Plan[dict]:
+        """A namespace's use and quotas (live processes, file bytes and files, tokens): the caller's, or
+        (admin) ``name``'s."""
+        reply = yield self._unary("GetNamespace", pb.GetNamespaceRequest(name=name))
+        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+
+    @syscall
     def register(self, pid: int, name: str) -> Plan[None]:
         """Give a live process a registered name (AlreadyExists if another process holds it)."""
         yield self._unary("Register", pb.RegisterRequest(pid=pid, name=name))

@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wedged-ms", type=float, default=1000.0,
                    help="health reports NOT_SERVING while a worker thread has been stuck in one C call this long "
                         "past the time it was due to give its virtual CPU back (default %(default)s)")
+    p.add_argument("--namespace-processes", type=int, default=0,
+                   help="live processes and ports per namespace (default 0: only --max-processes)")
     p.add_argument("--require-tokens", action="store_true",
                    help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
                         "listener, where a call without one is otherwise the owner of namespace 'default'")
@@ -96,7 +98,8 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         hook_instructions=args.hook_instructions,
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
-        max_processes=args.max_processes, max_message_bytes=args.max_message_bytes,
+        max_processes=args.max_processes, namespace_processes=args.namespace_processes,
+        max_message_bytes=args.max_message_bytes,
         userland_root=root,
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
                                namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,

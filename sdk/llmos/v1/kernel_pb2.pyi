@@ -281,6 +281,32 @@ class RevokeTokenRequest(_message.Message):
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
+class GetNamespaceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class NamespaceInfo(_message.Message):
+    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    live_processes: int
+    max_live_processes: int
+    file_bytes: int
+    max_file_bytes: int
+    files: int
+    max_files: int
+    tokens: int
+    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+
 class RevokeTokenResponse(_message.Message):
     __slots__ = ("revoked",)
     REVOKED_FIELD_NUMBER: _ClassVar[int]

@@ -169,6 +169,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.GetNamespace = channel.unary_unary(
+                '/llmos.v1.Kernel/GetNamespace',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -357,6 +362,13 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNamespace(self, request, context):
+        """A namespace's use and quotas: the caller's (an admin may name any).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -494,6 +506,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'GetNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespace,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1225,6 +1242,33 @@ class Kernel:
             '/llmos.v1.Kernel/RevokeToken',
             llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/GetNamespace',
+            llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
             options,
             channel_credentials,
             insecure,

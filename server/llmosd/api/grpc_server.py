@@ -39,6 +39,9 @@ class GrpcServers:
         if port == 0 and not listen.startswith("unix:"):
             raise SystemExit(f"llmosd: cannot listen on {listen}")
         await server.start()
+        if listen.startswith("unix:"):
+            # Single-user mode trusts whoever can connect: only the server's user may.
+            os.chmod(listen.removeprefix("unix:").removeprefix("//"), 0o600)
         agent_server = None
         if kernel.config.agent_socket:
             # Python agents' own door: every call must carry an agent's token.

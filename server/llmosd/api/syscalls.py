@@ -401,6 +401,10 @@ async def sys_revoke_token(k: Kernel, req: pb.RevokeTokenRequest) -> pb.RevokeTo
     return pb.RevokeTokenResponse(revoked=k.tokens.revoke(req.id))
 
 
+async def sys_get_namespace(k: Kernel, req: pb.GetNamespaceRequest) -> pb.NamespaceInfo:
+    return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
+
+
 # The handler of each RPC: exactly the table's `rpc`s (and the .proto's methods).
 SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
@@ -430,6 +434,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "CreateToken": sys_create_token,
     "ListTokens": sys_list_tokens,
     "RevokeToken": sys_revoke_token,
+    "GetNamespace": sys_get_namespace,
 }
 
 

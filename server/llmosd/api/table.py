@@ -119,6 +119,7 @@ TABLE: tuple[Syscall, ...] = (
             agents="token management is for admin tokens"),
     Syscall("revoke_token", "RevokeToken", False, "Tokens.revoke", "whether it existed", rule=ADMIN_ONLY,
             agents="token management is for admin tokens"),
+    Syscall("get_namespace", "GetNamespace", False, "Kernel.namespace_use", "use and quotas", reader=True),
 )
 
 BY_NAME = {s.name: s for s in TABLE}

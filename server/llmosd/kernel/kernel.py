@@ -78,6 +78,7 @@ class Kernel:
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
         self.tokens = Tokens(self.store)
+        self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
         self.inference: Any = None  # set by the server when an engine is configured
@@ -96,6 +97,7 @@ class Kernel:
                 proc = self._new_process(rec.pid, P.PORT, rec.parent, rec.priority, Limits(**rec.limits), rec.namespace)
                 proc.opener = rec.opener
                 proc.started_at_ms = rec.started_at_ms
+                self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
                 for m in self.store.port_messages(rec.pid):
                     proc.mailbox.deliver(
                         Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
@@ -164,8 +166,7 @@ class Kernel:
                     raise PermissionDenied("a process spawns only its own children")
                 lineage, ancestors = (), []
                 namespace = caller.namespace if caller is not None else DEFAULT_NAMESPACE
-            if len(self.procs) >= self.config.max_processes:
-                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
+            self._check_room_locked(namespace)
             if spec.name and (namespace, spec.name) in self.names:
                 raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[namespace, spec.name]}")
             pid = self.store.next_id("pid")
@@ -183,12 +184,37 @@ class Kernel:
             for ancestor in ancestors:
                 ancestor.descendants += 1
             self.procs[pid] = proc
+            self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
             self.store.record_spawn(proc)
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
             self._emit("spawned", proc)
         self.scheduler.make_runnable(proc, new=True)
         return pid
+
+    def _check_room_locked(self, namespace: str) -> None:
+        """Room for one more live process in the server and in `namespace` (lock held)."""
+        if len(self.procs) >= self.config.max_processes:
+            raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
+        limit = self.config.namespace_processes
+        if limit and self.live_in.get(namespace, 0) >= limit:
+            raise ResourceExhausted(f"namespace {namespace!r} runs its limit of {limit} live processes "
+                                    "(--namespace-processes)")
+
+    def namespace_use(self, name: str, caller: Caller | None = None) -> dict[str, int | str]:
+        """A namespace's use and quotas (GetNamespace): the caller's, or (admin) any."""
+        name = name or (caller.namespace if caller is not None else DEFAULT_NAMESPACE)
+        if caller is not None and not caller.sees(name):
+            raise NotFound(f"no namespace {name!r}")
+        files, limits = self.files.usage(name), self.config.file_limits
+        with self.lock:
+            live = self.live_in.get(name, 0)
+        return {
+            "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
+            "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
+            "files": files.files + files.directories, "max_files": limits.namespace_files,
+            "tokens": sum(1 for _, ns, *_ in self.tokens.list() if ns == name),
+        }
 
     def _ancestors_with_room(self, lineage: tuple[int, ...]) -> list[Process]:
         """The live processes of a new child's `lineage` (its parent, grandparent...
@@ -216,8 +242,7 @@ class Kernel:
         with self.lock:
             if name and (namespace, name) in self.names:
                 raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[namespace, name]}")
-            if len(self.procs) >= self.config.max_processes:
-                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
+            self._check_room_locked(namespace)
             pid = self.store.next_id("pid")
             defaults = self.config.defaults
             limits = Limits(mailbox=mailbox or defaults.mailbox, mailbox_bytes=defaults.mailbox_bytes)
@@ -230,6 +255,7 @@ class Kernel:
                 proc.name = name
                 self.names[namespace, name] = pid
             self.procs[pid] = proc
+            self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
             self.store.record_spawn(proc, durable=True)
             self._emit("spawned", proc)
         return pid, secret
@@ -445,6 +471,7 @@ class Kernel:
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
         del self.procs[proc.pid]
+        self.live_in[proc.namespace] -= 1
         for pid in proc.ancestors:
             ancestor = self.procs.get(pid)
             if ancestor is not None:
