@@ -452,3 +452,80 @@ def test_the_unix_listener_is_the_server_users_only(tmp_path: pathlib.Path) -> N
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- TLS and mutual TLS: certificates made here, at test time -----------------------------------------
+def _certificates(where: pathlib.Path) -> dict[str, pathlib.Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out: dict[str, pathlib.Path] = {}
+
+    def make(name: str, cn: str, issuer: tuple | None, ca: bool = False, san: bool = False) -> tuple:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        builder = (x509.CertificateBuilder().subject_name(subject)
+                   .issuer_name(issuer[0].subject if issuer else subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+        (where / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (where / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        out[name], out[f"{name}-key"] = where / f"{name}.pem", where / f"{name}.key"
+        return cert, key
+
+    ca = make("ca", "llmos test CA", None, ca=True)
+    make("server", "localhost", ca, san=True)
+    make("alice", "owner@alpha", ca)
+    make("bad", "superuser", ca)
+    return out
+
+
+def test_tls_and_mutual_tls(tmp_path: pathlib.Path) -> None:
+    certs = _certificates(tmp_path)
+    s = LlmosdServer(tmp_path / "data", "--model", "none", "--tls-cert", str(certs["server"]), "--tls-key",
+                     str(certs["server-key"]), "--tls-client-ca", str(certs["ca"]), userland_root=USERLAND)
+    s.start()
+    try:
+        def tls(client: str | None) -> grpc.ChannelCredentials:
+            return llmos.client.channel_credentials(
+                str(certs["ca"]), str(certs[client]) if client else None, str(certs[f"{client}-key"]) if client else None)
+
+        admin_token = (s.data_dir / "admin.token").read_text().strip()
+        with llmos.Client(s.target, tls=tls("alice")) as alice:  # no token: the certificate's owner@alpha
+            pid = alice.spawn(lua=FOREVER)
+            assert alice.get(pid).namespace == "alpha"
+            assert alice.get_namespace()["name"] == "alpha"
+        with llmos.Client(s.target, tls=tls("alice"), token=admin_token) as admin:  # a token wins
+            assert admin.get_namespace()["name"] == "default" and pid in {p.pid for p in admin.ps()}
+        with llmos.Client(s.target, tls=tls("bad")) as bad:
+            assert _code(lambda: bad.ps()) == "UNAUTHENTICATED"
+        with llmos.Client(s.target, tls=tls(None), rpc_timeout=5) as no_certificate:
+            assert _code(lambda: no_certificate.ps()) == "UNAVAILABLE"  # the handshake fails
+        with llmos.Client(s.target, token=admin_token, rpc_timeout=5) as plaintext:
+            assert _code(lambda: plaintext.ps()) == "UNAVAILABLE"
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_tls_without_client_certificates(tmp_path: pathlib.Path) -> None:
+    certs = _certificates(tmp_path)
+    s = LlmosdServer(tmp_path / "data", "--model", "none", "--tls-cert", str(certs["server"]), "--tls-key",
+                     str(certs["server-key"]), userland_root=USERLAND)
+    s.start()  # on 127.0.0.1: single-user, over TLS
+    try:
+        with llmos.Client(s.target, tls=llmos.client.channel_credentials(str(certs["ca"]))) as k:
+            assert k.get_namespace()["name"] == "default"
+    finally:
+        s.stop(signal.SIGKILL)

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from .client import CHANNEL_OPTIONS, Call, ClientStreaming, Plan, Streaming, Syscalls
+from .client import CHANNEL_OPTIONS, Call, ClientStreaming, Plan, Streaming, Syscalls, channel_credentials
 from .errors import Unavailable, from_rpc_error
 from .v1 import kernel_pb2_grpc
 
@@ -41,9 +41,11 @@ class Client(Syscalls):
     """
 
     def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None) -> None:
         super().__init__(target, rpc_timeout, token)
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        tls = tls or channel_credentials()
+        self._channel = (grpc.aio.secure_channel(self.target, tls, options=CHANNEL_OPTIONS) if tls
+                         else grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS))
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
     async def _perform(self, call: Call) -> Any:

@@ -44,6 +44,24 @@ def default_token() -> str | None:
     return os.environ.get("LLMOS_TOKEN") or None
 
 
+def channel_credentials(ca: str | None = None, cert: str | None = None,
+                        key: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS from PEM files: the server's CA, and for mutual TLS this client's certificate and key
+    (defaults: $LLMOS_TLS_CA, $LLMOS_TLS_CERT, $LLMOS_TLS_KEY). None: plaintext."""
+    ca, cert, key = (ca or os.environ.get("LLMOS_TLS_CA"), cert or os.environ.get("LLMOS_TLS_CERT"),
+                     key or os.environ.get("LLMOS_TLS_KEY"))
+    if not (ca or cert):
+        return None
+
+    def pem(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(pem(ca), pem(key), pem(cert))
+
+
 def default_target() -> str:
     """The server address from $LLMOS_SERVER, or 127.0.0.1:50051."""
     return os.environ.get("LLMOS_SERVER") or DEFAULT_TARGET
@@ -720,9 +738,11 @@ class Client(Syscalls):
     """
 
     def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None) -> None:
         super().__init__(target, rpc_timeout, token)
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        tls = tls or channel_credentials()
+        self._channel = (grpc.secure_channel(self.target, tls, options=CHANNEL_OPTIONS) if tls
+                         else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS))
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
     def _perform(self, call: Call) -> Any:

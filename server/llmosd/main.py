@@ -19,7 +19,7 @@ from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
 from .kernel.process import Limits
 from .lua.slices import LuaRuntime
 from .python.runtime import PythonRuntime
-from .api.grpc_server import GrpcServers
+from .api.grpc_server import GrpcServers, TlsFiles
 
 log = logging.getLogger("llmosd")
 
@@ -79,8 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "listener, where a call without one is otherwise the owner of namespace 'default'")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --listen without TLS (calls are then plaintext, tokens required)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve --listen over TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS); a "
+                                           "certificate's subject CN 'ROLE@NAMESPACE' is the caller when no token is sent")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        p.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
     for flag in ("aging_ms", "wedged_ms"):
         if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
@@ -128,13 +134,14 @@ async def serve(args: argparse.Namespace) -> None:
             max_batch=args.max_batch,
         ))
     local = is_local(args.listen)
-    if not local and not args.insecure:
+    if not local and not args.tls_cert and not args.insecure:
         raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "
-                         "network in plaintext. Listen on 127.0.0.1 or unix:PATH, or pass --insecure (tokens "
-                         "are then required)")
+                         "network in plaintext. Listen on 127.0.0.1 or unix:PATH, serve TLS (--tls-cert, "
+                         "--tls-key), or pass --insecure (tokens are required either way)")
+    tls = TlsFiles.read(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     single_user = local and not args.require_tokens
     admin_file = kernel.tokens.first_admin_token(args.data_dir)
-    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000), single_user)
+    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000), single_user, tls)
     print(f"llmosd: listening on {servers.where}", flush=True)
     if admin_file:
         print(f"llmosd: an admin token is in {admin_file} (mode 0600): LLMOS_TOKEN=$(cat {admin_file})", flush=True)

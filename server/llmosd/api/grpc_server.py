@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,27 @@ log = logging.getLogger("llmosd")
 HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The listener's TLS: its certificate chain and key, and the CA of client certificates (mutual TLS)."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+
+    @classmethod
+    def read(cls, cert: str, key: str, client_ca: str | None) -> TlsFiles:
+        def pem(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return cls(pem(cert), pem(key), pem(client_ca) if client_ca else None)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
+                                           require_client_auth=self.client_ca is not None)
+
+
 class GrpcServers:
     def __init__(self, server: grpc.aio.Server, agent_server: grpc.aio.Server | None, health_watch: asyncio.Task,
                  where: str) -> None:
@@ -26,7 +48,8 @@ class GrpcServers:
         self.where = where  # the address clients reach: HOST:PORT (the port picked if 0 was asked) or unix:PATH
 
     @classmethod
-    async def start(cls, kernel: Kernel, listen: str, wedged_ns: int, single_user: bool = True) -> GrpcServers:
+    async def start(cls, kernel: Kernel, listen: str, wedged_ns: int, single_user: bool = True,
+                    tls: TlsFiles | None = None) -> GrpcServers:
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
             ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
@@ -35,7 +58,7 @@ class GrpcServers:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        port = server.add_insecure_port(listen)
+        port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
         if port == 0 and not listen.startswith("unix:"):
             raise SystemExit(f"llmosd: cannot listen on {listen}")
         await server.start()

@@ -22,9 +22,10 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
 from . import checks as C
-from .authority import ADMIN, PROCESS, READER, SINGLE_USER, Caller, process_caller
-from .table import ADMIN_ONLY, AGENT_DENIED, AGENT_IDENTITY, BY_RPC, READER_RPCS
-from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unauthenticated, Unimplemented
+from .authority import PROCESS, Caller
+from .identity import CALLER, Identity
+from .table import BY_RPC
+from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.process import PYTHON
@@ -36,11 +37,6 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]
 EVENT_BACKLOG = 10_000
 FILE_CHUNK_BYTES = 1 << 20
-TOKEN_HEADER = "llmos-token"  # a Python agent's, on the agent socket
-AUTHORIZATION = "authorization"  # a client's: "Bearer TOKEN" (api/tokens.py)
-
-# Who makes the current call (api/authority.py): a client's token identity, or a Python agent.
-CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=SINGLE_USER)
 # The current call's gRPC context.
 CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar("call")
 
@@ -460,74 +456,6 @@ async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> 
         log.exception("%s failed", method, exc_info=err)
         code, text = grpc.StatusCode.INTERNAL, f"kernel error in {method} (logged by the server): {err!r}"
     await ctx.abort(code, status_text(text))
-
-
-class Identity:
-    """Who makes a call (api/authority.py's Caller), from its metadata, and whether its role may
-    make it: the one place a call's identity is decided, for every door (the TCP/Unix listener,
-    the agent socket, and the HTTP gateway, which passes its headers on as the same metadata).
-    On the agent socket the caller is the agent whose token the call carries, and may act only
-    as itself. Elsewhere a call with `authorization: Bearer TOKEN` is that token's namespace and
-    role; one without is the owner of `default` in single-user mode, and refused otherwise."""
-
-    def __init__(self, k: Kernel, agents: bool, single_user: bool = True) -> None:
-        self.k = k
-        self.agents = agents
-        self.single_user = single_user
-
-    def caller_of(self, metadata: Any) -> Caller:
-        if self.agents:
-            tokens = [v for key, v in metadata if key == TOKEN_HEADER]
-            python = self.k.runtimes.get(PYTHON)
-            pid = python.pid_of(tokens[0]) if tokens and python is not None else None
-            proc = self.k.procs.get(pid) if pid is not None else None
-            if proc is None:
-                raise PermissionDenied("the agent socket needs the llmos-token of a live Python process")
-            return process_caller(pid, proc.namespace)
-        bearer = [v for key, v in metadata if key == AUTHORIZATION]
-        if not bearer:
-            if self.single_user:
-                return SINGLE_USER
-            raise Unauthenticated("this server needs a token: send the metadata authorization: Bearer TOKEN")
-        scheme, _, token = bearer[0].partition(" ")
-        caller = self.k.tokens.caller_of(token.strip()) if scheme.lower() == "bearer" else None
-        if caller is None:
-            raise Unauthenticated("unknown or revoked token (authorization: Bearer TOKEN)")
-        return caller
-
-    def check(self, method: str, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
-        """Set CALLER for the call and return the request, checked (a stream is
-        checked message by message)."""
-        caller = self.caller_of(ctx.invocation_metadata() or ())
-        CALLER.set(caller)
-        if BY_RPC[method].rule == ADMIN_ONLY and caller.role != ADMIN:
-            raise PermissionDenied(f"{method} is for admin tokens")
-        if caller.role == READER and method not in READER_RPCS:
-            raise PermissionDenied(f"a reader token may not call {method}")
-        if caller.role != PROCESS:
-            return req
-        if method in AGENT_DENIED:
-            raise PermissionDenied(AGENT_DENIED[method])
-        field = AGENT_IDENTITY.get(method)
-        if field is None:
-            return req
-        if hasattr(req, "__aiter__"):
-            return self._check_stream(req, field, caller.pid)
-        _act_as(req, field, caller.pid)
-        return req
-
-    async def _check_stream(self, requests: AsyncIterator[Any], field: str, caller: int) -> AsyncIterator[Any]:
-        async for req in requests:
-            _act_as(req, field, caller)
-            yield req
-
-
-def _act_as(req: Any, field: str, caller: int) -> None:
-    given = getattr(req, field)
-    if given == 0:
-        setattr(req, field, caller)
-    elif given != caller:
-        raise PermissionDenied(f"an agent acts only as itself: {field} must be {caller}, not {given}")
 
 
 def _decode(request: type[ProtoMessage], raw: bytes) -> ProtoMessage:
