@@ -529,3 +529,45 @@ def test_tls_without_client_certificates(tmp_path: pathlib.Path) -> None:
             assert k.get_namespace()["name"] == "default"
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_the_audit_log(world: World, server: LlmosdServer, capsys: pytest.CaptureFixture,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    owner = world.c["owner"]
+    pid = owner.spawn(lua=FOREVER)
+    owner.kill(pid)
+    assert _code(lambda: world.c["other"].kill(pid)) == "NOT_FOUND"
+    world.c["reader"].get(pid)  # reads are not recorded
+    assert _code(lambda: owner.read_audit()) == "PERMISSION_DENIED"
+    entries = []
+    for _ in range(100):  # the log is written behind, in batches
+        entries = world.admin.read_audit(limit=10_000)
+        if any(e["method"] == "Kill" and e["outcome"] == "NOT_FOUND" for e in entries):
+            break
+        time.sleep(0.05)
+    mine = [(e["namespace"], e["method"], e["target"], e["outcome"]) for e in entries if e["target"] == f"pid={pid}"]
+    assert ("alpha", "Kill", f"pid={pid}", "OK") in mine and ("beta", "Kill", f"pid={pid}", "NOT_FOUND") in mine
+    assert not any(e["method"] == "GetProcess" for e in entries)
+    assert entries == sorted(entries, key=lambda e: -e["id"])
+    owner_id = next(t["id"] for t in world.admin.list_tokens() if t["namespace"] == "alpha" and t["label"] == "tests"
+                    and t["role"] == "owner")
+    assert any(e["who"] == f"owner {owner_id}" for e in entries)
+    assert _code(lambda: world.admin.read_audit(limit=10_001)) == "INVALID_ARGUMENT"
+    from llmos.cli import main
+
+    monkeypatch.setenv("LLMOS_TOKEN", (server.data_dir / "admin.token").read_text().strip())
+    assert main(["--server", server.target, "audit", "--limit", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_the_audit_log_is_bounded(tmp_path: pathlib.Path) -> None:
+    s = LlmosdServer(tmp_path / "data", "--model", "none", "--audit-rows", "5", userland_root=USERLAND)
+    s.start()
+    try:
+        with llmos.Client(s.target, token=(s.data_dir / "admin.token").read_text().strip()) as admin:
+            for i in range(20):
+                admin.spawn(lua="return 1")
+            ids = [e["id"] for e in admin.read_audit(limit=100)]
+            assert len(ids) <= 5 + 1 and max(ids) >= 20
+    finally:
+        s.stop(signal.SIGKILL)

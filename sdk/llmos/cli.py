@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="")
     p.set_defaults(handler=lambda k, a: _print_ok(k.get_namespace(a.name)))
 
+    p = sub.add_parser("audit", help="the audit log's newest calls, one JSON line each (admin)")
+    p.add_argument("--limit", type=int, default=100, metavar="N")
+    p.set_defaults(handler=lambda k, a: _print_ok(*k.read_audit(a.limit)))
+
     # Tokens (admin only; the client sends $LLMOS_TOKEN): create prints the secret once.
     tok = sub.add_parser("token", help="tokens: create, list, revoke (admin)").add_subparsers(
         dest="token_command", required=True, metavar="TOKEN_COMMAND")

@@ -512,6 +512,12 @@ class Syscalls:
         return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
 
     @syscall
+    def read_audit(self, limit: int = 100, before_id: int = 0) -> Plan[list[dict]]:
+        """The audit log's newest entries (before ``before_id`` if set), newest first; admin only."""
+        reply = yield self._unary("ReadAudit", pb.ReadAuditRequest(limit=limit, before_id=before_id))
+        return [{f.name: getattr(e, f.name) for f in e.DESCRIPTOR.fields} for e in reply.entries]
+
+    @syscall
     def register(self, pid: int, name: str) -> Plan[None]:
         """Give a live process a registered name (AlreadyExists if another process holds it)."""
         yield self._unary("Register", pb.RegisterRequest(pid=pid, name=name))

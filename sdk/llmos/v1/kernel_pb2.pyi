@@ -307,6 +307,38 @@ class NamespaceInfo(_message.Message):
     tokens: int
     def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
+class ReadAuditRequest(_message.Message):
+    __slots__ = ("limit", "before_id")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_ID_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    before_id: int
+    def __init__(self, limit: _Optional[int] = ..., before_id: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "at_ms", "namespace", "who", "method", "target", "outcome")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    at_ms: int
+    namespace: str
+    who: str
+    method: str
+    target: str
+    outcome: str
+    def __init__(self, id: _Optional[int] = ..., at_ms: _Optional[int] = ..., namespace: _Optional[str] = ..., who: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class ReadAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
 class RevokeTokenResponse(_message.Message):
     __slots__ = ("revoked",)
     REVOKED_FIELD_NUMBER: _ClassVar[int]

@@ -174,6 +174,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
                 _registered_method=True)
+        self.ReadAudit = channel.unary_unary(
+                '/llmos.v1.Kernel/ReadAudit',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -369,6 +374,13 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadAudit(self, request, context):
+        """The audit log (admin only): calls that changed something, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -511,6 +523,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.GetNamespace,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.SerializeToString,
+            ),
+            'ReadAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadAudit,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1269,6 +1286,33 @@ class Kernel:
             '/llmos.v1.Kernel/GetNamespace',
             llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ReadAudit',
+            llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

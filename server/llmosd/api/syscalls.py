@@ -24,7 +24,8 @@ from llmos.values import from_value, to_value
 from . import checks as C
 from .authority import PROCESS, Caller
 from .identity import CALLER, Identity
-from .table import BY_RPC
+from .audit import target_of
+from .table import AUDITED_RPCS, BY_RPC
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
@@ -401,6 +402,19 @@ async def sys_get_namespace(k: Kernel, req: pb.GetNamespaceRequest) -> pb.Namesp
     return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
 
 
+MAX_AUDIT_PAGE = 10_000
+
+
+async def sys_read_audit(k: Kernel, req: pb.ReadAuditRequest) -> pb.ReadAuditResponse:
+    if req.limit > MAX_AUDIT_PAGE:
+        raise InvalidArgument(f"limit is at most {MAX_AUDIT_PAGE}")
+    rows = await asyncio.to_thread(k.audit.read, req.limit or 100, C.pid(req.before_id, "before_id") if req.before_id else 0)
+    return pb.ReadAuditResponse(entries=[
+        pb.AuditEntry(id=i, at_ms=at, namespace=ns, who=who, method=m, target=t, outcome=o)
+        for i, at, ns, who, m, t, o in rows
+    ])
+
+
 # The handler of each RPC: exactly the table's `rpc`s (and the .proto's methods).
 SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
@@ -431,6 +445,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "ListTokens": sys_list_tokens,
     "RevokeToken": sys_revoke_token,
     "GetNamespace": sys_get_namespace,
+    "ReadAudit": sys_read_audit,
 }
 
 
@@ -478,11 +493,22 @@ def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Cal
         CALL.set(ctx)
         try:
             req = _decode_stream(request, raw) if hasattr(raw, "__aiter__") else _decode(request, raw)
-            return await fn(identity.k, identity.check(method, req, ctx))
+            checked = identity.check(method, req, ctx)
+        except Exception as e:
+            await _abort(ctx, method, e)
+        outcome = "CANCELLED"
+        try:
+            reply = await fn(identity.k, checked)
+            outcome = "OK"
+            return reply
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            outcome = getattr(e, "code", "INTERNAL")
             await _abort(ctx, method, e)
+        finally:
+            if method in AUDITED_RPCS:
+                identity.k.audit.record(CALLER.get(), method, target_of(req), outcome)
 
     return handle
 
@@ -490,12 +516,22 @@ def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Cal
 def _stream(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., AsyncIterator[Any]]) -> Callable:
     async def handle(raw: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in fn(identity.k, identity.check(method, _decode(request, raw), ctx)):
+            req = identity.check(method, _decode(request, raw), ctx)
+        except Exception as e:
+            await _abort(ctx, method, e)
+        outcome = "CANCELLED"
+        try:
+            async for item in fn(identity.k, req):
                 yield item
+            outcome = "OK"
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            outcome = getattr(e, "code", "INTERNAL")
             await _abort(ctx, method, e)
+        finally:
+            if method in AUDITED_RPCS:
+                identity.k.audit.record(CALLER.get(), method, target_of(req), outcome)
 
     return handle
 

@@ -58,6 +58,7 @@ class Syscall:
     agents: str | None = None  # why Python agents may not call `rpc` (None: they may)
     rule: str = "namespace"  # who may apply it to which process (RULES; api/authority.py enforces them)
     reader: bool = False  # a reader token may call it (everything else needs owner or admin)
+    changes: bool = True  # the RPC changes something (recorded in the audit log) unless it is a reader one
 
 
 TABLE: tuple[Syscall, ...] = (
@@ -67,7 +68,7 @@ TABLE: tuple[Syscall, ...] = (
     Syscall("exit", "Exit", False, "Kernel.exit (Lua: the process ends, lua/slices.py)", "nothing",
             C_FUNCTION, yields="exit", python=True, acts_as="pid", rule=ACT),
     Syscall("wait", "Wait", True, "Kernel.wait", "the ended process's record, or nothing (timed out)",
-            YIELD, yields="wait", python=True),
+            YIELD, yields="wait", python=True, changes=False),
     Syscall("sleep", None, True, "Timers (Python agents: a Recv that times out)", "nothing",
             YIELD, yields="sleep", python=True),
     Syscall("self", None, False, "the process's own pid (kept by each userland)", "pid", C_FUNCTION, python=True),
@@ -116,10 +117,12 @@ TABLE: tuple[Syscall, ...] = (
     Syscall("create_token", "CreateToken", False, "Tokens.create", "id and token", rule=ADMIN_ONLY,
             agents="token management is for admin tokens"),
     Syscall("list_tokens", "ListTokens", False, "Tokens.list", "ids, namespaces, roles, labels", rule=ADMIN_ONLY,
-            agents="token management is for admin tokens"),
+            agents="token management is for admin tokens", changes=False),
     Syscall("revoke_token", "RevokeToken", False, "Tokens.revoke", "whether it existed", rule=ADMIN_ONLY,
             agents="token management is for admin tokens"),
     Syscall("get_namespace", "GetNamespace", False, "Kernel.namespace_use", "use and quotas", reader=True),
+    Syscall("read_audit", "ReadAudit", False, "AuditLog.read", "the newest audit entries", rule=ADMIN_ONLY,
+            agents="the audit log is for admin tokens", changes=False),
 )
 
 BY_NAME = {s.name: s for s in TABLE}
@@ -146,3 +149,4 @@ def lua_layout() -> tuple[tuple[str, str, str | None, str | None], ...]:
 
 RULE_OF = {s.name: s.rule for s in TABLE}
 READER_RPCS = frozenset(s.rpc for s in TABLE if s.rpc is not None and s.reader)
+AUDITED_RPCS = frozenset(s.rpc for s in TABLE if s.rpc is not None and s.changes and not s.reader)

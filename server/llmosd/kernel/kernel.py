@@ -43,6 +43,7 @@ from .config import KernelConfig, SpawnSpec, resolve_program
 from .logs import MAX_LINES as MAX_LOG_LINES, Logs
 from .runtime import Runtime
 from ..services.sync import SyncTable
+from ..api.audit import AuditLog
 from ..api.tokens import Tokens, digest
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Kernel:
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
         self.tokens = Tokens(self.store)
+        self.audit = AuditLog(config.data_dir, config.audit_rows)
         self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
@@ -123,6 +125,7 @@ class Kernel:
         self.scheduler.stop()
         self.timers.stop()
         self.store.close()
+        self.audit.close()
         self.files.close()
 
     # -- process creation ------------------------------------------------------------------
