@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--namespace-processes", type=int, default=0,
                    help="live processes and ports per namespace (default 0: only --max-processes)")
     p.add_argument("--audit-rows", type=int, default=100_000,
-                   help="the audit log (llmos audit) keeps this many newest calls (default %(default)s)")
+                   help="the audit log (llmos audit) keeps this many newest calls (default %(default)s; 0: no audit log)")
     p.add_argument("--require-tokens", action="store_true",
                    help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
                         "listener, where a call without one is otherwise the owner of namespace 'default'")

@@ -56,6 +56,8 @@ class AuditLog:
         self._writer.start()
 
     def record(self, caller: Caller, method: str, target: str, outcome: str) -> None:
+        if not self.max_rows:  # --audit-rows 0: no audit log
+            return
         with self._wanted:
             self._queue.append((int(time.time() * 1000), caller.namespace, who(caller), method, target, outcome))
             if len(self._queue) == 1:
