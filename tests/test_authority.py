@@ -571,3 +571,11 @@ def test_the_audit_log_is_bounded(tmp_path: pathlib.Path) -> None:
             assert len(ids) <= 5 + 1 and max(ids) >= 20
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_only_a_ports_opener_closes_it(world: World) -> None:
+    port = world.c["owner"].open_port()
+    assert _code(lambda: world.c["owner2"].kill(port)) == "PERMISSION_DENIED"
+    assert _code(lambda: world.c["owner2"].exit(port)) == "PERMISSION_DENIED"
+    assert _code(lambda: world.c["other"].kill(port)) == "NOT_FOUND"
+    assert world.c["owner"].kill(port)

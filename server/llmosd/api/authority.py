@@ -71,7 +71,7 @@ def authorize(caller: Caller | None, syscall: str, pid: int, namespace: str,
             raise PermissionDenied(f"{syscall}: a process acts only on itself and its descendants; "
                                    f"pid {pid} is neither")
         return
-    if rule == OWN_MAILBOX or (port_key is not None and syscall == "exit"):
+    if rule == OWN_MAILBOX or (port_key is not None and syscall in ("exit", "kill")):  # closing a port
         if port_key is None:
             raise PermissionDenied(f"pid {pid} is a process: only it receives from its mailbox")
         if port_key != caller.key and caller.role != ADMIN:

@@ -609,9 +609,10 @@ class Kernel:
             if proc is not None:
                 self._authorize(caller, syscall, proc)
                 return self._snapshot(proc)
-            rec = self._ended_record(pid)
-            if rec is None:
-                raise not_found(pid)
+        rec = self._ended_record(pid)  # may read the store: not under the lock
+        if rec is None:
+            raise not_found(pid)
+        with self.lock:
             self._authorize_ended(caller, syscall, rec)
         return rec, None
 
