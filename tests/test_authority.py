@@ -73,6 +73,9 @@ ops = {
     "forge_from": lambda t: sys._k.send(t, "forged", sender=t),
     "lock_as": lambda t: sys._k.acquire(t, "lock-as-another", timeout=0),
     "spawn_under": lambda t: sys._k.spawn(lua="return 1", parent=t),
+    "recv_from": lambda t: sys._k.recv(t, timeout=0),
+    "rename": lambda t: sys._k.register(t, "taken-over"),
+    "open_port": lambda t: sys._k.open_port(),
 }
 while True:
     m = sys.recv()
@@ -198,6 +201,9 @@ PYTHON_ATTACKS = [
     ("lock_as", "sibling", "PERMISSION_DENIED"),
     ("spawn_under", "sibling", "PERMISSION_DENIED"),
     ("spawn_under", "foreign", "PERMISSION_DENIED"),  # acts_as comes first: only itself may be a parent
+    ("recv_from", "sibling", "PERMISSION_DENIED"),
+    ("rename", "child", "PERMISSION_DENIED"),  # Register names the caller itself (acts_as)
+    ("open_port", "self", "PERMISSION_DENIED"),
 ]
 
 
