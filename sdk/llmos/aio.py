@@ -51,7 +51,8 @@ class Client(Syscalls):
     async def _perform(self, call: Call) -> Any:
         rpc = getattr(self._stub, call.method)
         if isinstance(call, Streaming):  # only collected streams come here (see _drive)
-            return [item async for item in _stream_items(rpc(call.request, timeout=call.timeout, metadata=self.metadata), call.convert)]
+            stream = rpc(call.request, timeout=call.timeout, metadata=self.metadata)
+            return [item async for item in _stream_items(stream, call.convert)]
         if isinstance(call, ClientStreaming):
             # grpc.aio reads the (synchronous) request iterator on the event loop; if producing a request
             # raises, it cancels the call, which surfaces here as CancelledError or an RpcError.
@@ -73,7 +74,8 @@ class Client(Syscalls):
         if isinstance(call, Streaming) and not call.collect:
             # a plan that yields an open stream returns it: hand the async iterator to the caller directly
             try:
-                plan.send(_stream_items(getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=self.metadata),
+                rpc = getattr(self._stub, call.method)
+                plan.send(_stream_items(rpc(call.request, timeout=call.timeout, metadata=self.metadata),
                                         call.convert))
             except StopIteration as done:
                 return done.value

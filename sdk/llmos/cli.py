@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("namespace")
     p.add_argument("role", choices=["admin", "owner", "reader"])
     p.add_argument("--label", default="")
-    p.set_defaults(handler=lambda k, a: _print_ok(dict(zip(("id", "token"), k.create_token(a.namespace, a.role, a.label)))))
+    p.set_defaults(handler=lambda k, a: _print_ok(
+        dict(zip(("id", "token"), k.create_token(a.namespace, a.role, a.label)))))
     p = tok.add_parser("list", help="every token's id, namespace, role and label, one JSON line each")
     p.set_defaults(handler=lambda k, a: _print_ok(*k.list_tokens()))
     p = tok.add_parser("revoke", help="revoke a token by id")

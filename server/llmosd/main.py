@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--namespace-processes", type=int, default=0,
                    help="live processes and ports per namespace (default 0: only --max-processes)")
     p.add_argument("--audit-rows", type=int, default=100_000,
-                   help="the audit log (llmos audit) keeps this many newest calls (default %(default)s; 0: no audit log)")
+                   help="the audit log (llmos audit) keeps this many newest calls "
+                        "(default %(default)s; 0: no audit log)")
     p.add_argument("--require-tokens", action="store_true",
                    help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
                         "listener, where a call without one is otherwise the owner of namespace 'default'")
@@ -83,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="allow a non-loopback --listen without TLS (calls are then plaintext, tokens required)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve --listen over TLS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS); a "
-                                           "certificate's subject CN 'ROLE@NAMESPACE' is the caller when no token is sent")
+    p.add_argument("--tls-client-ca",
+                   help="PEM CA bundle: require client certificates it signed (mutual TLS); a certificate's "
+                        "subject CN 'ROLE@NAMESPACE' is the caller when no token is sent")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):

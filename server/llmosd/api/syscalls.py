@@ -390,7 +390,8 @@ async def sys_create_token(k: Kernel, req: pb.CreateTokenRequest) -> pb.CreateTo
 
 async def sys_list_tokens(k: Kernel, req: pb.ListTokensRequest) -> pb.ListTokensResponse:
     return pb.ListTokensResponse(tokens=[
-        pb.TokenInfo(id=i, namespace=ns, role=role, label=label, created_at_ms=at) for i, ns, role, label, at in k.tokens.list()
+        pb.TokenInfo(id=i, namespace=ns, role=role, label=label, created_at_ms=at)
+        for i, ns, role, label, at in k.tokens.list()
     ])
 
 
@@ -408,7 +409,8 @@ MAX_AUDIT_PAGE = 10_000
 async def sys_read_audit(k: Kernel, req: pb.ReadAuditRequest) -> pb.ReadAuditResponse:
     if req.limit > MAX_AUDIT_PAGE:
         raise InvalidArgument(f"limit is at most {MAX_AUDIT_PAGE}")
-    rows = await asyncio.to_thread(k.audit.read, req.limit or 100, C.pid(req.before_id, "before_id") if req.before_id else 0)
+    before = C.pid(req.before_id, "before_id") if req.before_id else 0
+    rows = await asyncio.to_thread(k.audit.read, req.limit or 100, before)
     return pb.ReadAuditResponse(entries=[
         pb.AuditEntry(id=i, at_ms=at, namespace=ns, who=who, method=m, target=t, outcome=o)
         for i, at, ns, who, m, t, o in rows
