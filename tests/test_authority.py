@@ -419,6 +419,9 @@ def test_namespace_quota_of_live_processes(tmp_path: pathlib.Path) -> None:
                 assert {p.pid for p in small.ps()} == {pids[0], port}
                 assert _code(lambda: small.get_namespace("default")) == "NOT_FOUND"
                 assert admin.get_namespace("small")["live_processes"] == 2
+                small.send(port, "x" * 1000)
+                use = small.get_namespace()
+                assert use["mailbox_bytes"] >= 1000 and use["memory_bytes"] > 0
     finally:
         s.stop(signal.SIGKILL)
 

@@ -212,7 +212,11 @@ class Kernel:
         files, limits = self.files.usage(name), self.config.file_limits
         with self.lock:
             live = self.live_in.get(name, 0)
+            mine = [p for p in self.procs.values() if p.namespace == name]
+            mailbox_bytes = sum(p.mailbox.bytes for p in mine)
+            memory_bytes = sum(p.runtime.memory_used() for p in mine if p.runtime is not None)  # as usage() does
         return {
+            "memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes,
             "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
             "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
             "files": files.files + files.directories, "max_files": limits.namespace_files,
