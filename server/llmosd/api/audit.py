@@ -47,6 +47,7 @@ class AuditLog:
     def __init__(self, data_dir: str, max_rows: int = DEFAULT_ROWS) -> None:
         self.max_rows = max_rows
         self._db = sqlite3.connect(os.path.join(data_dir, "kernel.db"), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA cache_size=-256")  # KiB: it only appends; the kernel's store has the big cache
         self._db.executescript(SCHEMA)
         self._db_lock = threading.Lock()
         self._queue: list[tuple] = []
