@@ -112,10 +112,16 @@ SAME_CALLS = [
     ("sys.fs.stat('a\\0b')", "StatFile", {"path": "a\0b"}),
     ("sys.fs.stat('../x')", "StatFile", {"path": "../x"}),
     ("sys.fs.delete('nothing-here')", "DeleteFile", {"path": "nothing-here"}),
+    ("sys.lock.try_acquire('')", "Acquire", {"pid": "PORT", "name": "", "timeout_ms": 0}),
+    ("sys.lock.try_acquire('a\\0b')", "Acquire", {"pid": "PORT", "name": "a\0b", "timeout_ms": 0}),
+    ("sys.spawn{lua = 'return 1', priority = 21}", "Spawn", {"lua": "return 1", "priority": 21}),
+    ("sys.spawn{lua = 'return 1', weight = 20000}", "Spawn", {"lua": "return 1", "weight": 20000}),
+    ("sys.spawn{lua = 'return ('}", "Spawn", {"lua": "return ("}),
 ]
 REQUESTS = {"Kill": pb.KillRequest, "GetProcess": pb.GetProcessRequest, "SetPriority": pb.SetPriorityRequest,
             "Register": pb.RegisterRequest, "Monitor": pb.MonitorRequest, "Release": pb.ReleaseRequest,
-            "StatFile": pb.FilePath, "DeleteFile": pb.FilePath}
+            "StatFile": pb.FilePath, "DeleteFile": pb.FilePath, "Acquire": pb.AcquireRequest,
+            "Spawn": pb.SpawnRequest}
 
 def grpc_outcome(stub: Any, rpc: str, fields: dict, port: int) -> tuple[str, str]:
     """(status code name, details) of the RPC, ("ok", "ok") if it succeeds; PORT stands for `port`."""
@@ -178,7 +184,8 @@ sys.exit(out)
 
 def test_python_agents_and_grpc_refuse_the_same_arguments_with_the_same_status(stub: Any) -> None:
     port = stub.OpenPort(pb.OpenPortRequest()).pid
-    calls = [c.replace("nil", "None").replace("\\0", "\\x00").replace("string.rep('n', 257)", "'n' * 257") for c, _, _ in SAME_CALLS]
+    calls = [c.replace("nil", "None").replace("\\0", "\\x00").replace("string.rep('n', 257)", "'n' * 257")
+             .replace("{", "(").replace("}", ")") for c, _, _ in SAME_CALLS]  # Lua's f{...} is Python's f(...)
     # Python agents act only as themselves: the calls that name another process as the actor are Lua's.
     python = run_python(stub, PYTHON_TRIES, {"calls": calls, "port": port})
     assert len(python) == len(SAME_CALLS) and set(python) != {"ok"}

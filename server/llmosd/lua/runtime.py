@@ -327,8 +327,8 @@ class LuaProcess:
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""
         text = _opt_str(name, f"{fname}: name")
-        if not text:
-            raise InvalidArgument(f"{fname}: name must be a non-empty string")
+        if text is None:
+            raise InvalidArgument(f"{fname}: name must be a string")
         options = _options(opts, fname, ("semaphore", "timeout_ms"))
         permits = _opt_int(options.get("semaphore"), f"{fname}: semaphore")
         seconds = C.timeout_s(options.get("timeout_ms"), f"{fname}: timeout_ms")
