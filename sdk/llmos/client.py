@@ -644,6 +644,40 @@ class Syscalls:
         yield self._unary("Release", _message(pb.ReleaseRequest, "release request", {"pid": pid, "name": name}))
 
     @syscall
+    def cond_wait(self, pid: int, name: str, lock: str, *, timeout: float | None = None,
+                  priority: int | None = None) -> Plan[dict[str, Any]]:
+        """Release the mutex ``lock`` that ``pid`` holds and wait on the condition ``name``, atomically.
+
+        Returns once ``pid`` holds ``lock`` again: ``{"signalled": bool, "timed_out": bool}`` (with
+        ``"previous_holder_died": pid`` when the mutex came back from a holder that ended). ``timeout``
+        (seconds, None: without limit) bounds the wait for a signal, not the wait for the mutex after it.
+        Waiters are woken by ``priority`` (default: the waiter's), then in arrival order; never spuriously.
+        FailedPrecondition if ``pid`` does not hold the mutex ``lock``.
+        """
+        request = _message(pb.CondWaitRequest, "cond wait request", {
+            "pid": pid, "name": name, "lock": lock, "timeout_ms": _timeout_ms(timeout), "priority": priority})
+        reply = yield Unary("CondWait", request, None)  # the mutex may take any time to come back
+        answer: dict[str, Any] = {"signalled": reply.signalled, "timed_out": reply.timed_out}
+        if reply.previous_holder_died:
+            answer["previous_holder_died"] = reply.previous_holder_died
+        return answer
+
+    @syscall
+    def cond_signal(self, name: str, *, pid: int = 0) -> Plan[int]:
+        """Wake the best waiter of the condition ``name`` (in ``pid``'s namespace; 0: "default"):
+        how many were woken, 0 or 1. A signal with nobody waiting is not remembered."""
+        reply = yield self._unary("CondSignal", _message(pb.CondSignalRequest, "cond signal request",
+                                                         {"name": name, "pid": pid}))
+        return reply.woken
+
+    @syscall
+    def cond_broadcast(self, name: str, *, pid: int = 0) -> Plan[int]:
+        """Wake every waiter of the condition ``name``, best first: how many were woken."""
+        reply = yield self._unary("CondBroadcast", _message(pb.CondSignalRequest, "cond broadcast request",
+                                                            {"name": name, "pid": pid}))
+        return reply.woken
+
+    @syscall
     def run(self, program: str | os.PathLike, args: JSON = None, timeout: float | None = None,
             **spawn_options: Any) -> Plan[ProcessInfo]:
         """Spawn a Lua program, wait for it to end and return its final info.

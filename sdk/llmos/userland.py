@@ -54,7 +54,7 @@ _INT32 = (-2**31, 2**31 - 1)
 _UINT32 = (0, 2**32 - 1)
 _LIMITS = {f.name: _UINT32 if f.type == f.TYPE_UINT32 else (0, 2**64 - 1) for f in pb.Limits.DESCRIPTOR.fields}
 _DURATION_LIMITS = ("cpu_ms", "wall_ms")
-_OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock"}
+_OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock", "Conds": "sys.cond"}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -254,6 +254,27 @@ class Locks:
         self._k.release(self._pid, _text(name, "sys.lock.release: name"))
 
 
+class Conds:
+    """sys.cond: condition variables, waited on with a mutex this process holds (see docs/services.md)."""
+
+    def __init__(self, kernel: _AgentClient, pid: int) -> None:
+        self._k = kernel
+        self._pid = pid
+
+    @_syscall
+    def wait(self, name: str, lock: str, timeout_ms: float | None = None) -> dict:
+        return self._k.cond_wait(self._pid, _text(name, "sys.cond.wait: name"), _text(lock, "sys.cond.wait: lock"),
+                                 timeout=_timeout_s(timeout_ms, "sys.cond.wait: timeout_ms"))
+
+    @_syscall
+    def signal(self, name: str) -> int:
+        return self._k.cond_signal(_text(name, "sys.cond.signal: name"), pid=self._pid)
+
+    @_syscall
+    def broadcast(self, name: str) -> int:
+        return self._k.cond_broadcast(_text(name, "sys.cond.broadcast: name"), pid=self._pid)
+
+
 class Sys:
     """The syscalls of this agent (see the module docstring)."""
 
@@ -263,6 +284,7 @@ class Sys:
         self._k = _AgentClient(socket, token)
         self.fs = Files(self._k)
         self.lock = Locks(self._k, pid)
+        self.cond = Conds(self._k, pid)
 
     @_syscall
     def self(self) -> int:

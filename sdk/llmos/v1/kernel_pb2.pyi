@@ -532,3 +532,41 @@ class ReleaseRequest(_message.Message):
 class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CondWaitRequest(_message.Message):
+    __slots__ = ("pid", "name", "lock", "timeout_ms", "priority")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOCK_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    lock: str
+    timeout_ms: int
+    priority: int
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., lock: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class CondWaitResponse(_message.Message):
+    __slots__ = ("signalled", "timed_out", "previous_holder_died")
+    SIGNALLED_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_HOLDER_DIED_FIELD_NUMBER: _ClassVar[int]
+    signalled: bool
+    timed_out: bool
+    previous_holder_died: int
+    def __init__(self, signalled: _Optional[bool] = ..., timed_out: _Optional[bool] = ..., previous_holder_died: _Optional[int] = ...) -> None: ...
+
+class CondSignalRequest(_message.Message):
+    __slots__ = ("name", "pid")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pid: int
+    def __init__(self, name: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class CondSignalResponse(_message.Message):
+    __slots__ = ("woken",)
+    WOKEN_FIELD_NUMBER: _ClassVar[int]
+    woken: int
+    def __init__(self, woken: _Optional[int] = ...) -> None: ...

@@ -154,6 +154,21 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.CondWait = channel.unary_unary(
+                '/llmos.v1.Kernel/CondWait',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CondWaitRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CondWaitResponse.FromString,
+                _registered_method=True)
+        self.CondSignal = channel.unary_unary(
+                '/llmos.v1.Kernel/CondSignal',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
+                _registered_method=True)
+        self.CondBroadcast = channel.unary_unary(
+                '/llmos.v1.Kernel/CondBroadcast',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -322,6 +337,30 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CondWait(self, request, context):
+        """Condition variables, named like locks. CondWait releases the mutex `lock`,
+        which `pid` must hold, waits for a signal (or the timeout), and answers once
+        `pid` holds the mutex again. Waiters are served by priority, then FIFO;
+        wake-ups are never spurious.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CondSignal(self, request, context):
+        """wakes the best waiter
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CondBroadcast(self, request, context):
+        """wakes them all
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +483,21 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'CondWait': grpc.unary_unary_rpc_method_handler(
+                    servicer.CondWait,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CondWaitRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CondWaitResponse.SerializeToString,
+            ),
+            'CondSignal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CondSignal,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.SerializeToString,
+            ),
+            'CondBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.CondBroadcast,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1094,6 +1148,87 @@ class Kernel:
             '/llmos.v1.Kernel/Release',
             llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CondWait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CondWait',
+            llmos_dot_v1_dot_kernel__pb2.CondWaitRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CondWaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CondSignal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CondSignal',
+            llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CondBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CondBroadcast',
+            llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -342,6 +342,38 @@ async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
     return pb.ReleaseResponse()
 
 
+async def sys_cond_wait(k: Kernel, req: pb.CondWaitRequest) -> pb.CondWaitResponse:
+    pid = _pid(req.pid)
+    timeout = _timeout(req)
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    with k.lock:
+        waiting = k.procs.get(pid) or k.live_locked(pid, "waiter")
+        priority = C.priority(req.priority) if req.HasField("priority") else waiting.priority
+        k.sync.cond_wait(waiting.namespace, req.name, req.lock, pid, priority, waiter, timeout)
+    # A call cancelled after it held the mutex again gives it back; one cancelled before leaves it free.
+    answer = await _await(k, waiter, "cond_wait",
+                          lambda held: k.release_lock(pid, req.lock) if isinstance(held, dict) else None)
+    if isinstance(answer, KernelError):
+        raise answer
+    return pb.CondWaitResponse(signalled=answer["signalled"], timed_out=answer["timed_out"],
+                               previous_holder_died=answer.get("previous_holder_died") or 0)
+
+
+def _cond_namespace(k: Kernel, pid: int) -> str:
+    """A signaller's namespace: its own, or an external client's (pid 0)."""
+    return k.live_locked(C.pid(pid), "signaller").namespace if pid else DEFAULT_NAMESPACE
+
+
+async def sys_cond_signal(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
+    with k.lock:
+        return pb.CondSignalResponse(woken=k.sync.cond_signal(_cond_namespace(k, req.pid), req.name))
+
+
+async def sys_cond_broadcast(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
+    with k.lock:
+        return pb.CondSignalResponse(woken=k.sync.cond_broadcast(_cond_namespace(k, req.pid), req.name))
+
+
 async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
@@ -382,6 +414,9 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "MakeDir": sys_make_dir,
     "Acquire": sys_acquire,
     "Release": sys_release,
+    "CondWait": sys_cond_wait,
+    "CondSignal": sys_cond_signal,
+    "CondBroadcast": sys_cond_broadcast,
 }
 
 

@@ -96,6 +96,13 @@ TABLE: tuple[Syscall, ...] = (
             "{previous_holder_died}, or nothing", CALL, ("lock_try",), python=True),
     Syscall("lock.release", "Release", False, "SyncTable.release", "nothing", CALL, ("lock_release",), python=True,
             acts_as="pid"),
+    # -- condition variables (services/sync.py)
+    Syscall("cond.wait", "CondWait", True, "SyncTable.cond_wait", "{signalled, timed_out}, holding the lock again",
+            YIELD, yields="cond_wait", python=True, acts_as="pid"),
+    Syscall("cond.signal", "CondSignal", False, "SyncTable.cond_signal", "how many were woken (0 or 1)", CALL,
+            ("cond_signal",), python=True, acts_as="pid"),
+    Syscall("cond.broadcast", "CondBroadcast", False, "SyncTable.cond_broadcast", "how many were woken", CALL,
+            ("cond_broadcast",), python=True, acts_as="pid"),
     # -- inference (services/inference.py)
     Syscall("infer", "Infer", True, "Inference", "{text, finish_reason, usage}", YIELD, yields="infer",
             python=True, acts_as="pid"),

@@ -352,6 +352,27 @@ class LuaProcess:
             self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
         return True
 
+    def cond_wait_args(self, name: Any = None, lock: Any = None, timeout_ms: Any = None) -> tuple[str, str, float | None]:
+        """(condition, mutex, timeout in seconds or None) of sys.cond.wait(name, lock [, timeout_ms])."""
+        cond_name = _opt_str(name, "sys.cond.wait: name")
+        lock_name = _opt_str(lock, "sys.cond.wait: lock")
+        if cond_name is None or lock_name is None:
+            raise InvalidArgument("sys.cond.wait: name and lock must be strings")
+        return cond_name, lock_name, C.timeout_s(timeout_ms, "sys.cond.wait: timeout_ms")
+
+    def cond_signal(self, name: Any = None) -> int:
+        return self._cond_wake(name, "sys.cond.signal", self.kernel.sync.cond_signal)
+
+    def cond_broadcast(self, name: Any = None) -> int:
+        return self._cond_wake(name, "sys.cond.broadcast", self.kernel.sync.cond_broadcast)
+
+    def _cond_wake(self, name: Any, fname: str, wake: Callable[[str, str], int]) -> int:
+        text = _opt_str(name, f"{fname}: name")
+        if text is None:
+            raise InvalidArgument(f"{fname}: name must be a string")
+        with self.kernel.lock:
+            return wake(self.proc.namespace, text)
+
     def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
         """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
         without the kernel lock)."""

@@ -221,6 +221,11 @@ class LuaRuntime:
         return self.kernel.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, timeout, kind,
                                         permits)
 
+    def block_cond_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        name, lock_name, timeout = lua.cond_wait_args(*args[:3])
+        self.kernel.sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout)
+        return None
+
     def block_infer(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         inference = self.kernel.inference
         if inference is None:
