@@ -57,6 +57,8 @@ class Message:
     data: bytes
     correlation_id: str
     sent_at_ms: int
+    attempt: int = 0  # received with ack: times handed out, 1 the first time (0: received without ack)
+    redelivered: bool = False  # received with ack: handed out before (lease ran out, nacked, a restart)
 
     def to_json(self) -> dict[str, JSON]:
         """A JSON-ready dict as in the proto's JSON mapping: ``from`` for the sender, ``data`` (when present) base64."""
@@ -156,7 +158,8 @@ def message_from_pb(msg: pb.Message) -> Message:
     """Convert a protobuf Message into a :class:`Message`."""
     return Message(id=msg.id, sender=getattr(msg, "from"), to=msg.to, tag=msg.tag,
                    body=from_value(msg.body) if msg.HasField("body") else None, data=msg.data,
-                   correlation_id=msg.correlation_id, sent_at_ms=msg.sent_at_ms)
+                   correlation_id=msg.correlation_id, sent_at_ms=msg.sent_at_ms, attempt=msg.attempt,
+                   redelivered=msg.redelivered)
 
 
 def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
@@ -425,18 +428,37 @@ class Syscalls:
 
     @syscall
     def recv(self, pid: int, *, sender: int | None = None, tag: str | None = None,
-             correlation_id: str | None = None, timeout: float | None = None) -> Plan[Message | None]:
+             correlation_id: str | None = None, timeout: float | None = None, ack: bool = False,
+             lease: float | None = None) -> Plan[Message | None]:
         """Take the oldest message in ``pid``'s mailbox that matches every filter given.
 
         Waits up to ``timeout`` seconds (None: without limit; 0: not at all) and returns None if
         nothing matched in time. Messages that do not match stay in the mailbox, in order.
+
+        With ``ack`` the message is leased for ``lease`` seconds (None: 30) instead of taken: it stays
+        stored, hidden from other receives, until :meth:`ack`; if the lease runs out, or on :meth:`nack`,
+        it is delivered again in its place, with ``attempt`` one higher and ``redelivered`` set.
         """
         timeout_ms = _timeout_ms(timeout)
+        if lease is not None and not ack:
+            raise _invalid("lease is for a recv with ack=True")
         request = _message(pb.RecvRequest, "recv request",
                            {"pid": pid, "from": sender, "tag": tag, "correlation_id": correlation_id,
-                            "timeout_ms": timeout_ms})
+                            "timeout_ms": timeout_ms, "ack": ack,
+                            "lease_ms": None if lease is None else _timeout_ms(lease)})
         reply = yield Unary("Recv", request, _deadline(timeout_ms))
         return None if reply.timed_out else message_from_pb(reply.message)
+
+    @syscall
+    def ack(self, pid: int, message_id: int) -> Plan[None]:
+        """The message ``message_id`` that ``pid`` received with ack is done with: it is forgotten.
+        FailedPrecondition if ``pid`` holds no lease on it (acknowledged already, or its lease ran out)."""
+        yield self._unary("Ack", _message(pb.AckRequest, "ack request", {"pid": pid, "message_id": message_id}))
+
+    @syscall
+    def nack(self, pid: int, message_id: int) -> Plan[None]:
+        """Give back the message ``message_id`` that ``pid`` received with ack: it is delivered again now."""
+        yield self._unary("Nack", _message(pb.AckRequest, "nack request", {"pid": pid, "message_id": message_id}))
 
     @syscall
     def wait(self, pid: int, timeout: float | None = None) -> Plan[ProcessInfo | None]:

@@ -165,6 +165,11 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _message_id(msg: Any, what: str) -> int:
+    """sys.ack/sys.nack's argument: a Message (its id) or a message id."""
+    return _int(msg.id if isinstance(msg, Message) else msg, f"{what}: message id", (1, MAX_EXACT_INTEGER))
+
+
 def _optional_text(value: Any, what: str) -> str | None:
     return None if value is None else _text(value, what)
 
@@ -310,12 +315,24 @@ class Sys:
 
     @_syscall
     def recv(self, sender: int | None = None, tag: str | None = None, correlation_id: str | None = None,
-             timeout_ms: float | None = None) -> Message | None:
+             timeout_ms: float | None = None, ack: bool = False, lease_ms: float | None = None) -> Message | None:
+        ack = _flag(ack, "sys.recv: ack")
+        if lease_ms is not None and not ack:
+            raise _invalid("sys.recv: lease_ms is for a receive with ack=True")
         return self._k.recv(
             self.pid, sender=None if sender is None else _pid(sender, "sys.recv: sender"),
             tag=_optional_text(tag, "sys.recv: tag"),
             correlation_id=_optional_text(correlation_id, "sys.recv: correlation_id"),
-            timeout=_timeout_s(timeout_ms, "sys.recv: timeout_ms"))
+            timeout=_timeout_s(timeout_ms, "sys.recv: timeout_ms"), ack=ack,
+            lease=_timeout_s(lease_ms, "sys.recv: lease_ms"))
+
+    @_syscall
+    def ack(self, msg: Message | int) -> None:
+        self._k.ack(self.pid, _message_id(msg, "sys.ack"))
+
+    @_syscall
+    def nack(self, msg: Message | int) -> None:
+        self._k.nack(self.pid, _message_id(msg, "sys.nack"))
 
     @_syscall
     def wait(self, pid: int, timeout_ms: float | None = None) -> ProcessInfo | None:

@@ -109,7 +109,7 @@ class SpawnResponse(_message.Message):
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "to", "tag", "body", "data", "correlation_id", "sent_at_ms")
+    __slots__ = ("id", "to", "tag", "body", "data", "correlation_id", "sent_at_ms", "attempt", "redelivered")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,8 @@ class Message(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REDELIVERED_FIELD_NUMBER: _ClassVar[int]
     id: int
     to: int
     tag: str
@@ -125,7 +127,9 @@ class Message(_message.Message):
     data: bytes
     correlation_id: str
     sent_at_ms: int
-    def __init__(self, id: _Optional[int] = ..., to: _Optional[int] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., sent_at_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    attempt: int
+    redelivered: bool
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[int] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., sent_at_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., redelivered: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class SendRequest(_message.Message):
     __slots__ = ("to", "to_name", "tag", "body", "data", "correlation_id")
@@ -151,17 +155,33 @@ class SendResponse(_message.Message):
     def __init__(self, message_id: _Optional[int] = ...) -> None: ...
 
 class RecvRequest(_message.Message):
-    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms")
+    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms", "ack", "lease_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     tag: str
     correlation_id: str
     timeout_ms: int
-    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    ack: bool
+    lease_ms: int
+    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., ack: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., **kwargs) -> None: ...
+
+class AckRequest(_message.Message):
+    __slots__ = ("pid", "message_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    message_id: int
+    def __init__(self, pid: _Optional[int] = ..., message_id: _Optional[int] = ...) -> None: ...
+
+class AckResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RecvResponse(_message.Message):
     __slots__ = ("message", "timed_out")

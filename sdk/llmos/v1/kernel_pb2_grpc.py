@@ -49,6 +49,16 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.RecvRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.RecvResponse.FromString,
                 _registered_method=True)
+        self.Ack = channel.unary_unary(
+                '/llmos.v1.Kernel/Ack',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
+                _registered_method=True)
+        self.Nack = channel.unary_unary(
+                '/llmos.v1.Kernel/Nack',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
+                _registered_method=True)
         self.Wait = channel.unary_unary(
                 '/llmos.v1.Kernel/Wait',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.WaitRequest.SerializeToString,
@@ -191,6 +201,19 @@ class KernelServicer:
     def Recv(self, request, context):
         """Takes the oldest message matching the filter from a mailbox, waiting up to timeout_ms.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ack(self, request, context):
+        """A message received with ack is done with (Ack), or given back to be delivered again (Nack).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Nack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -378,6 +401,16 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Recv,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.RecvRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.RecvResponse.SerializeToString,
+            ),
+            'Ack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ack,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.SerializeToString,
+            ),
+            'Nack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Nack,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.SerializeToString,
             ),
             'Wait': grpc.unary_unary_rpc_method_handler(
                     servicer.Wait,
@@ -581,6 +614,60 @@ class Kernel:
             '/llmos.v1.Kernel/Recv',
             llmos_dot_v1_dot_kernel__pb2.RecvRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.RecvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/Ack',
+            llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Nack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/Nack',
+            llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
             options,
             channel_credentials,
             insecure,

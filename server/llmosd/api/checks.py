@@ -75,6 +75,16 @@ def pid(value: Any, what: str = "pid") -> int:
     return value
 
 
+def message_id(value: Any, what: str = "message_id") -> int:
+    """A message id given by a caller (Ack, Nack): an integer in 1..2^53; 0 means unset (refused)."""
+    value = integer(value, what)
+    if value == 0:
+        raise InvalidArgument(f"{what} is required")
+    if not 0 < value <= MAX_PID:
+        raise InvalidArgument(f"{what} must be between 1 and 2^53, not {value}")
+    return value
+
+
 def name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable():
         raise InvalidArgument(f"{what}: names are 1 to {MAX_NAME_LEN} printable characters "

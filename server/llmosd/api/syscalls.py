@@ -54,9 +54,10 @@ def _enum_name(enum: Any, number: int, field: str) -> str:
         raise InvalidArgument(f"{field}: {number} is not a value of {enum.DESCRIPTOR.name}") from None
 
 
-def message_pb(msg: Message) -> pb.Message:
+def message_pb(msg: Message, attempt: int = 0) -> pb.Message:
+    """`attempt`: set for a message received with ack (kernel/acks.py)."""
     out = pb.Message(id=msg.id, to=msg.to, tag=msg.tag, data=msg.data, correlation_id=msg.correlation_id,
-                     sent_at_ms=msg.sent_at_ms, body=to_value(msg.body))
+                     sent_at_ms=msg.sent_at_ms, body=to_value(msg.body), attempt=attempt, redelivered=attempt > 1)
     setattr(out, "from", msg.sender)
     return out
 
@@ -138,6 +139,10 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
         req.tag if req.HasField("tag") else None,
         req.correlation_id if req.HasField("correlation_id") else None,
     )
+    if req.ack:
+        return await _recv_leased(k, pid, match, req)
+    if req.HasField("lease_ms"):
+        raise InvalidArgument("lease_ms is for a Recv with ack")
     waiter = AsyncWaiter(asyncio.get_running_loop())
     msg = k.recv(pid, match, waiter, _timeout(req))
     if msg is None:
@@ -149,6 +154,45 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     except Exception:  # a message that cannot be answered is a kernel bug, but it is never lost for it
         k.put_back(pid, msg)
         raise
+
+
+async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest) -> pb.RecvResponse:
+    lease_s = C.timeout_s(req.lease_ms, "lease_ms") if req.HasField("lease_ms") else None
+    timeout = _timeout(req)
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    with k.lock:
+        receiver = k.procs.get(pid) or k.live_locked(pid, "receiver")
+        leased = k.acks.recv_locked(receiver, match, waiter, timeout, lease_s)
+    if leased is None:
+        leased = await _await(k, waiter, "recv", lambda taken: _give_back(k, pid, taken))
+        if leased is TIMED_OUT:
+            return pb.RecvResponse(timed_out=True)
+    try:
+        return pb.RecvResponse(message=message_pb(leased.msg, leased.attempt))
+    except Exception:  # never lost for a kernel bug: it is delivered again
+        _give_back(k, pid, leased)
+        raise
+
+
+def _give_back(k: Kernel, pid: int, leased: Any) -> None:
+    with k.lock:
+        k.acks.give_back(pid, leased)
+
+
+async def sys_ack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
+    pid, message_id = _pid(req.pid), C.message_id(req.message_id)
+    with k.lock:
+        k.live_locked(pid, "receiver")
+        k.acks.ack(pid, message_id)
+    return pb.AckResponse()
+
+
+async def sys_nack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
+    pid, message_id = _pid(req.pid), C.message_id(req.message_id)
+    with k.lock:
+        k.live_locked(pid, "receiver")
+        k.acks.nack(pid, message_id)
+    return pb.AckResponse()
 
 
 async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
@@ -393,6 +437,8 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
     "Send": sys_send,
     "Recv": sys_recv,
+    "Ack": sys_ack,
+    "Nack": sys_nack,
     "Wait": sys_wait,
     "Infer": sys_infer,
     "Kill": sys_kill,

@@ -72,8 +72,12 @@ TABLE: tuple[Syscall, ...] = (
     # -- messages and names
     Syscall("send", "Send", False, "Kernel.send; between Lua processes lua/fast_paths.c's send_message",
             "message id", C_FUNCTION, python=True, acts_as="from"),
-    Syscall("recv", "Recv", True, "Kernel.recv; between Lua processes lua/fast_paths.c's try_recv and receive",
+    Syscall("recv", "Recv", True, "Kernel.recv; between Lua processes lua/fast_paths.c's try_recv and receive; "
+            "with ack, Acks.recv_locked (kernel/acks.py)",
             "a message, or nothing (timed out)", C_FUNCTION, yields="recv", python=True, acts_as="pid"),
+    Syscall("ack", "Ack", False, "Acks.ack (kernel/acks.py)", "nothing", CALL, ("ack",), python=True, acts_as="pid"),
+    Syscall("nack", "Nack", False, "Acks.nack (kernel/acks.py)", "nothing", CALL, ("nack",), python=True,
+            acts_as="pid"),
     Syscall("register", "Register", False, "Kernel.register", "nothing", CALL, ("register",), python=True,
             acts_as="pid"),
     Syscall("whereis", None, False, "Kernel.whereis (Python agents: ListProcesses by name)", "pid or nothing",

@@ -36,6 +36,7 @@ from .config import KernelConfig, SpawnSpec, resolve_program
 from .logs import MAX_LINES as MAX_LOG_LINES, Logs
 from .runtime import Runtime
 from ..services.sync import SyncTable
+from .acks import Acks
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Kernel:
             aging_ns=int(config.aging_ms * 1_000_000),
         )
         self.procs: dict[int, Process] = {}
+        self.acks = Acks(self.lock, self.timers, self.procs, self.store, self._store_port_message)
         # The C side: messages between Lua processes, and switching between them.
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
@@ -364,6 +366,7 @@ class Kernel:
             proc.wall_timer.cancel()
         proc.mailbox.close()
         self.sync.process_ended(proc.pid)
+        self.acks.process_ended(proc.pid)
         self.files.process_ended(proc.pid)
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..api import checks as C
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted
+from ..kernel.acks import Leased
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
 from ..kernel.process import Limits, Process
@@ -106,6 +107,13 @@ def _opt_str(value: Any, name: str) -> str | None:
         return value.decode()
     except UnicodeDecodeError:  # two different byte strings must never name one file or lock
         raise InvalidArgument(f"{name} must be UTF-8 text") from None
+
+
+def _message_id(msg: Any, fname: str) -> int:
+    """The id of sys.ack/sys.nack's argument: a message (a table with its id) or the id itself."""
+    if isinstance(msg, dict):
+        msg = msg.get("id")
+    return C.message_id(msg, f"{fname}: message id")
 
 
 def _opt_int(value: Any, name: str) -> int | None:
@@ -260,6 +268,26 @@ class LuaProcess:
             _opt_int(sender, "sys.recv: from"), _opt_str(tag, "sys.recv: tag"),
             _opt_str(correlation_id, "sys.recv: correlation_id"),
         )
+
+    def recv_lease(self, ack: Any = None, lease_ms: Any = None) -> float | None | bool:
+        """sys.recv's ack and lease_ms: the lease in seconds (None: the default), False without ack."""
+        if ack is not None and type(ack) is not bool:
+            raise InvalidArgument("sys.recv: ack must be a boolean")
+        if not ack:
+            if lease_ms is not None:
+                raise InvalidArgument("sys.recv: lease_ms is for a receive with ack = true")
+            return False
+        return C.timeout_s(lease_ms, "sys.recv: lease_ms")
+
+    def ack(self, msg: Any = None) -> bool:
+        with self.kernel.lock:
+            self.kernel.acks.ack(self.proc.pid, _message_id(msg, "sys.ack"))
+        return True
+
+    def nack(self, msg: Any = None) -> bool:
+        with self.kernel.lock:
+            self.kernel.acks.nack(self.proc.pid, _message_id(msg, "sys.nack"))
+        return True
 
     def call(self, op: bytes, *args: Any) -> Any:
         """The bridge's dispatcher for the syscalls that never block: the
@@ -431,7 +459,14 @@ class LuaProcess:
             return None, str(value).encode()
         if syscall == "recv":
             # The binding pushes a Message as the values sys.recv makes its table of.
-            return (value, len(self.proc.mailbox)) if isinstance(value, Message) else ()
+            if isinstance(value, Message):
+                return (value, len(self.proc.mailbox))
+            if isinstance(value, Leased):  # a receive with ack: a table with attempt and redelivered
+                msg = value.msg
+                return ({"id": msg.id, "from": msg.sender, "to": msg.to, "tag": msg.tag, "body": msg.body,
+                         "data": msg.data, "correlation_id": msg.correlation_id, "sent_at_ms": msg.sent_at_ms,
+                         "attempt": value.attempt, "redelivered": value.redelivered},)
+            return ()
         if syscall == "sleep":
             return (True,)
         if value is None:  # timed out

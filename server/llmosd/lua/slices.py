@@ -202,7 +202,12 @@ class LuaRuntime:
     # None with `waiter` registered to complete when the answer is ready (kernel lock held).
     def block_recv(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         match = lua.recv_match(*args[:4])
-        return self.kernel.recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"))
+        timeout = C.timeout_s(args[3], "sys.recv: timeout_ms")
+        if len(args) > 4:  # (..., ack, lease_ms): given only by a receive with either option
+            lease = lua.recv_lease(*args[4:6])
+            if lease is not False:
+                return self.kernel.acks.recv_locked(proc, match, waiter, timeout, lease)
+        return self.kernel.recv_locked(proc.pid, match, waiter, timeout)
 
     def block_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         pid = C.pid(args[0] if args else None, "sys.wait: pid")
