@@ -177,7 +177,7 @@ def test_lua_receives_with_ack(stub: Any, k: llmos.Client) -> None:
     assert "ack must be a boolean" in out["refused"]["flag"]
     assert "unknown option(s) leese_ms" in out["refused"]["unknown"]
     assert "holds no lease" in out["refused"]["again"]
-    assert "message id is required" in out["refused"]["zero"]
+    assert "message_id is required" in out["refused"]["zero"]
 
 
 def test_python_agent_receives_with_ack(k: llmos.Client) -> None:

@@ -117,11 +117,18 @@ SAME_CALLS = [
     ("sys.spawn{lua = 'return 1', priority = 21}", "Spawn", {"lua": "return 1", "priority": 21}),
     ("sys.spawn{lua = 'return 1', weight = 20000}", "Spawn", {"lua": "return 1", "weight": 20000}),
     ("sys.spawn{lua = 'return ('}", "Spawn", {"lua": "return ("}),
+    ("sys.cond.signal('')", "CondSignal", {"name": ""}),
+    ("sys.cond.broadcast('a\\0b')", "CondBroadcast", {"name": "a\0b"}),
+    ("sys.cond.wait('', 'l')", "CondWait", {"pid": "PORT", "name": "", "lock": "l"}),
+    ("sys.cond.wait('c', 'not-held')", "CondWait", {"pid": "PORT", "name": "c", "lock": "not-held"}),
+    ("sys.ack(0)", "Ack", {"pid": "PORT", "message_id": 0}),
+    ("sys.nack(123456789)", "Nack", {"pid": "PORT", "message_id": 123456789}),
 ]
 REQUESTS = {"Kill": pb.KillRequest, "GetProcess": pb.GetProcessRequest, "SetPriority": pb.SetPriorityRequest,
             "Register": pb.RegisterRequest, "Monitor": pb.MonitorRequest, "Release": pb.ReleaseRequest,
             "StatFile": pb.FilePath, "DeleteFile": pb.FilePath, "Acquire": pb.AcquireRequest,
-            "Spawn": pb.SpawnRequest}
+            "Spawn": pb.SpawnRequest, "CondSignal": pb.CondSignalRequest, "CondBroadcast": pb.CondSignalRequest,
+            "CondWait": pb.CondWaitRequest, "Ack": pb.AckRequest, "Nack": pb.AckRequest}
 
 def grpc_outcome(stub: Any, rpc: str, fields: dict, port: int) -> tuple[str, str]:
     """(status code name, details) of the RPC, ("ok", "ok") if it succeeds; PORT stands for `port`."""

@@ -113,7 +113,7 @@ def _message_id(msg: Any, fname: str) -> int:
     """The id of sys.ack/sys.nack's argument: a message (a table with its id) or the id itself."""
     if isinstance(msg, dict):
         msg = msg.get("id")
-    return C.message_id(msg, f"{fname}: message id")
+    return C.message_id(msg, f"{fname}: message_id")
 
 
 def _opt_int(value: Any, name: str) -> int | None:
