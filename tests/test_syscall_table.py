@@ -157,9 +157,11 @@ def _lua_reason(text: str) -> str:
 
 
 def _same(text: str) -> str:
-    """What must be the same in both userlands' errors: not the numbers (the caller's pid), nor
-    what each calls the pid an argument names (Lua's sys.monitor(pid) is Monitor's target)."""
-    return re.sub(r"\d+", "N", text).replace("target", "pid")
+    """What must be the same in both userlands' errors: the rule's reason, after the label each
+    gives the argument ("lock name: ...", "sys.lock.acquire: name: ..."), without the numbers
+    (the caller's pid) or what each calls the pid an argument names (Lua's sys.monitor(pid) is
+    Monitor's target)."""
+    return re.sub(r"\d+", "N", text.rsplit(": ", 1)[-1]).replace("target", "pid")
 
 
 def test_lua_and_grpc_refuse_the_same_arguments_for_the_same_reason(stub: Any) -> None:

@@ -357,6 +357,7 @@ class LuaProcess:
         text = _opt_str(name, f"{fname}: name")
         if text is None:
             raise InvalidArgument(f"{fname}: name must be a string")
+        C.name(text, f"{fname}: name")
         options = _options(opts, fname, ("semaphore", "timeout_ms"))
         permits = _opt_int(options.get("semaphore"), f"{fname}: semaphore")
         seconds = C.timeout_s(options.get("timeout_ms"), f"{fname}: timeout_ms")
