@@ -205,3 +205,83 @@ def test_python_agent_receives_with_ack(k: llmos.Client) -> None:
     assert info.state == "EXITED", info.error
     assert info.result == {"first": ["job", 1, False], "second": ["job", 2, True], "again": "FailedPrecondition",
                            "lease": "InvalidArgument", "left": None}
+
+
+# -- dead letters ------------------------------------------------------------------------------------
+def dead_letters(k: llmos.Client, port: int, n: int) -> list[Any]:
+    out = [k.recv(port, tag="DEAD_LETTER", timeout=WAIT_MS / 1000) for _ in range(n)]
+    assert all(m is not None for m in out)
+    assert k.recv(port, tag="DEAD_LETTER", timeout=0) is None
+    return out
+
+
+def test_what_a_receiver_leaves_goes_to_its_dead_letter_target_in_order(stub: Any, k: llmos.Client) -> None:
+    dlq, sender = k.open_port(), k.open_port()
+    pid = k.spawn(lua="""
+        local leased = sys.recv{ack = true, tag = "b"}
+        sys.send(args, leased.id)
+        sys.recv{tag = "never"}
+    """, args=dlq, dead_letter=dlq)
+    ids = [k.send(pid, "a", sender=sender, data=b"\x00\xff", correlation_id="c1")]
+    ids.append(k.send(pid, "b", sender=sender, tag="b"))
+    ids.append(k.send(pid, "c", sender=sender))
+    assert k.recv(dlq, timeout=WAIT_MS / 1000).body == ids[1]  # "b" is leased now
+    k.kill(pid)
+    letters = dead_letters(k, dlq, 3)
+    assert [m.body["message"]["id"] for m in letters] == ids  # original order, the leased one in its place
+    first = letters[0]
+    assert (first.sender, first.data, first.correlation_id) == (pid, b"\x00\xff", "c1")
+    assert first.body == {"reason": "receiver_ended", "receiver": pid, "attempts": 0, "message": {
+        "id": ids[0], "from": sender, "to": pid, "tag": "", "body": "a", "sent_at_ms": first.body["message"]["sent_at_ms"]}}
+    assert [m.body["attempts"] for m in letters] == [0, 1, 0]
+
+
+def test_a_message_past_max_attempts_goes_to_the_target(stub: Any, k: llmos.Client) -> None:
+    dlq = k.open_port()
+    port = k.open_port(dead_letter=dlq, max_attempts=2)
+    mid = k.send(port, "poison", sender=port)
+    for attempt in (1, 2):
+        got = k.recv(port, ack=True, timeout=WAIT_MS / 1000)
+        assert (got.id, got.attempt) == (mid, attempt)
+        k.nack(port, mid)
+    letter, = dead_letters(k, dlq, 1)
+    assert letter.body["reason"] == "max_attempts" and letter.body["attempts"] == 2
+    assert letter.body["message"]["body"] == "poison"
+    assert k.recv(port, timeout=0) is None
+    k.kill(port)  # nothing left: no more dead letters
+    assert k.recv(dlq, timeout=0) is None
+
+
+def test_dead_letter_options_are_checked(stub: Any, k: llmos.Client) -> None:
+    inv = grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stub.OpenPort, pb.OpenPortRequest(max_attempts=3)) == inv  # no target for them
+    assert code_of(stub.OpenPort, pb.OpenPortRequest(dead_letter=1 << 40)) == grpc.StatusCode.NOT_FOUND
+    ended = k.open_port()
+    k.kill(ended)
+    assert code_of(stub.Spawn, pb.SpawnRequest(lua="return 1", dead_letter=ended)) == \
+        grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(stub.Spawn, pb.SpawnRequest(lua="return 1", dead_letter=k.open_port(),
+                                               max_attempts=2_000_000)) == inv
+    out = k.wait(k.spawn(lua="""
+        local r = {}
+        r.neg = select(2, pcall(sys.spawn, {lua = "return 1", dead_letter = args, max_attempts = -1}))
+        r.alone = select(2, pcall(sys.spawn, {lua = "return 1", max_attempts = 3}))
+        r.kind = select(2, pcall(sys.spawn, {lua = "return 1", dead_letter = "x"}))
+        return r
+    """, args=k.open_port()), timeout=WAIT_MS / 1000).result
+    assert "max_attempts must be between 0" in out["neg"] and "needs a dead_letter" in out["alone"]
+    assert "dead_letter must be an integer" in out["kind"]
+
+
+def test_a_python_agent_spawns_with_a_dead_letter_target(k: llmos.Client) -> None:
+    dlq = k.open_port()
+    agent = k.spawn(python=textwrap.dedent("""
+        from llmos.userland import sys
+        child = sys.spawn(lua="sys.recv{tag = 'never'}", dead_letter=sys.args)
+        sys.send(child, "left behind")
+        sys.kill(child)
+        sys.exit(child)
+    """), args=dlq)
+    child = k.wait(agent, timeout=WAIT_MS / 1000).result
+    letter, = dead_letters(k, dlq, 1)
+    assert letter.sender == child and letter.body["message"]["body"] == "left behind"

@@ -373,13 +373,14 @@ class Syscalls:
 
     def _spawn_call(self, lua: str | None, python: str | None, path: str | None, args: JSON, name: str | None,
                     priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool,
-                    source_name: str | None = None) -> Unary:
+                    source_name: str | None = None, dead_letter: int = 0, max_attempts: int = 0) -> Unary:
         programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
         if len(programs) != 1:
             raise _invalid("give exactly one program: lua (source), python (source) or path")
         request = _message(pb.SpawnRequest, "spawn request", dict(
             programs, name=name or "", priority=priority, parent=parent, monitor=monitor,
-            limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or ""))
+            limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or "",
+            dead_letter=dead_letter, max_attempts=max_attempts))
         if args is not None:
             request.args.CopyFrom(_value(args, "args"))
         return self._unary("Spawn", request)
@@ -392,17 +393,20 @@ class Syscalls:
     @syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: Mapping[str, int] | None = None, parent: int = 0,
-              monitor: bool = False, source_name: str | None = None) -> Plan[int]:
+              monitor: bool = False, source_name: str | None = None, dead_letter: int = 0,
+              max_attempts: int = 0) -> Plan[int]:
         """Start a process and return its pid at once.
 
         Give exactly one program: ``lua`` or ``python`` source text, or ``path`` (a program under the server's
         userland root). ``args`` is any JSON-shaped value, seen by the program as ``args``. ``limits`` takes
         cpu_ms, wall_ms, memory_bytes, tokens, mailbox, mailbox_bytes and processes (0: the server's default;
         at most the parent's). With ``monitor`` the ``parent`` gets an EXIT message when the child ends.
-        ``source_name`` is what errors call the source (say, the file it came from).
+        ``source_name`` is what errors call the source (say, the file it came from). ``dead_letter`` (a live
+        pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process ends, and
+        those received with ack ``max_attempts`` times (0: no limit) without an ack.
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
-                                       source_name)
+                                       source_name, dead_letter, max_attempts)
         return reply.pid
 
     @syscall
@@ -476,9 +480,12 @@ class Syscalls:
         return not reply.already_ended
 
     @syscall
-    def open_port(self, name: str | None = None, mailbox: int = 0) -> Plan[int]:
-        """Open a mailbox-only process (a port) for this client to receive replies on; return its pid."""
-        reply = yield self._unary("OpenPort", pb.OpenPortRequest(name=name or "", mailbox=mailbox))
+    def open_port(self, name: str | None = None, mailbox: int = 0, *, dead_letter: int = 0,
+                  max_attempts: int = 0) -> Plan[int]:
+        """Open a mailbox-only process (a port) for this client to receive replies on; return its pid.
+        ``dead_letter`` and ``max_attempts`` as for :meth:`spawn` (a killed port's messages go there)."""
+        reply = yield self._unary("OpenPort", _message(pb.OpenPortRequest, "open port request", {
+            "name": name or "", "mailbox": mailbox, "dead_letter": dead_letter, "max_attempts": max_attempts}))
         return reply.pid
 
     @syscall
@@ -709,7 +716,8 @@ class Syscalls:
         reason "timeout" and its final info (state KILLED) is returned. ``spawn_options`` go to :meth:`spawn`.
         """
         source, source_name = _lua_program(program)
-        options = dict(name=None, priority=0, limits=None, parent=0, monitor=False, source_name=source_name)
+        options = dict(name=None, priority=0, limits=None, parent=0, monitor=False, source_name=source_name,
+                       dead_letter=0, max_attempts=0)
         unknown = set(spawn_options) - set(options)
         if unknown:
             raise _invalid(f"unknown spawn option(s) {sorted(unknown)}")

@@ -77,7 +77,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class SpawnRequest(_message.Message):
-    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name")
+    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name", "dead_letter", "max_attempts")
     LUA_FIELD_NUMBER: _ClassVar[int]
     PYTHON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class SpawnRequest(_message.Message):
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     lua: str
     python: str
     path: str
@@ -100,7 +102,9 @@ class SpawnRequest(_message.Message):
     monitor: bool
     weight: int
     source_name: str
-    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ...) -> None: ...
+    dead_letter: int
+    max_attempts: int
+    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ..., dead_letter: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class SpawnResponse(_message.Message):
     __slots__ = ("pid",)
@@ -234,12 +238,16 @@ class ExitResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class OpenPortRequest(_message.Message):
-    __slots__ = ("name", "mailbox")
+    __slots__ = ("name", "mailbox", "dead_letter", "max_attempts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     mailbox: int
-    def __init__(self, name: _Optional[str] = ..., mailbox: _Optional[int] = ...) -> None: ...
+    dead_letter: int
+    max_attempts: int
+    def __init__(self, name: _Optional[str] = ..., mailbox: _Optional[int] = ..., dead_letter: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class OpenPortResponse(_message.Message):
     __slots__ = ("pid",)

@@ -118,6 +118,7 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
         args=_value(req.args) if req.HasField("args") else None, name=req.name or None, priority=req.priority,
         weight=req.weight, limits=C.limits({f.name: v for f, v in req.limits.ListFields()}),
         parent=req.parent, monitor=req.monitor, source_name=req.source_name or None,
+        dead_letter=req.dead_letter, max_attempts=req.max_attempts,
     )
     setattr(spec, which, getattr(req, which))
     return pb.SpawnResponse(pid=k.spawn(spec))
@@ -215,7 +216,7 @@ async def sys_exit(k: Kernel, req: pb.ExitRequest) -> pb.ExitResponse:
 
 
 async def sys_open_port(k: Kernel, req: pb.OpenPortRequest) -> pb.OpenPortResponse:
-    return pb.OpenPortResponse(pid=k.open_port(req.name or None, req.mailbox))
+    return pb.OpenPortResponse(pid=k.open_port(req.name or None, req.mailbox, req.dead_letter, req.max_attempts))
 
 
 async def sys_register(k: Kernel, req: pb.RegisterRequest) -> pb.RegisterResponse:

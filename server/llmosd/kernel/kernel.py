@@ -64,11 +64,12 @@ class Kernel:
             aging_ns=int(config.aging_ms * 1_000_000),
         )
         self.procs: dict[int, Process] = {}
-        self.acks = Acks(self.lock, self.timers, self.procs, self.store, self._store_port_message)
         # The C side: messages between Lua processes, and switching between them.
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
         self.core.refill_ids()
+        self.acks = Acks(self.lock, self.timers, self.procs, self.store, self._store_port_message,
+                         self.core.new_message, self._deliver, self.live_locked)
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[str, int] = {}
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
@@ -153,6 +154,7 @@ class Kernel:
                 raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
             if spec.name and spec.name in self.names:
                 raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[spec.name]}")
+            dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts)
             pid = self.store.next_id("pid")
             proc = self._new_process(pid, kind, spec.parent, priority, limits, "default")
             proc.program, proc.program_name, proc.args = source, program_name, args
@@ -168,6 +170,7 @@ class Kernel:
             for ancestor in ancestors:
                 ancestor.descendants += 1
             self.procs[pid] = proc
+            self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc)
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
@@ -192,12 +195,13 @@ class Kernel:
             live.append(proc)
         return live
 
-    def open_port(self, name: str | None = None, mailbox: int = 0) -> int:
+    def open_port(self, name: str | None = None, mailbox: int = 0, dead_letter: int = 0, max_attempts: int = 0) -> int:
         if name is not None:
             C.name(name)
         with self.lock:
             if name and name in self.names:
                 raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[name]}")
+            dead_letters = self.acks.policy(dead_letter, max_attempts)
             if len(self.procs) >= self.config.max_processes:
                 raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
             pid = self.store.next_id("pid")
@@ -209,6 +213,7 @@ class Kernel:
                 proc.name = name
                 self.names[name] = pid
             self.procs[pid] = proc
+            self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc, durable=True)
             self._emit("spawned", proc)
         return pid
@@ -366,7 +371,7 @@ class Kernel:
             proc.wall_timer.cancel()
         proc.mailbox.close()
         self.sync.process_ended(proc.pid)
-        self.acks.process_ended(proc.pid)
+        self.acks.process_ended(proc)
         self.files.process_ended(proc.pid)
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)

@@ -132,7 +132,7 @@ def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
 
 
 SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
-                           "source_name"))
+                           "source_name", "dead_letter", "max_attempts"))
 
 
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
@@ -320,6 +320,8 @@ class LuaProcess:
             weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
             limits=C.limits(limits, "sys.spawn: limits"), parent=self.proc.pid, monitor=bool(spec.get("monitor")),
             source_name=spec.get("source_name"),
+            dead_letter=C.integer(spec.get("dead_letter", 0), "sys.spawn: dead_letter"),
+            max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"),
         ))
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
