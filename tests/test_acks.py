@@ -285,3 +285,34 @@ def test_a_python_agent_spawns_with_a_dead_letter_target(k: llmos.Client) -> Non
     child = k.wait(agent, timeout=WAIT_MS / 1000).result
     letter, = dead_letters(k, dlq, 1)
     assert letter.sender == child and letter.body["message"]["body"] == "left behind"
+
+
+def test_a_lua_send_to_a_lua_receiver_blocked_with_ack_is_leased(k: llmos.Client) -> None:
+    out = k.wait(k.spawn(lua="""
+        local child = sys.spawn{lua = [[
+            local m = sys.recv{ack = true, lease_ms = 60000}
+            sys.nack(m)
+            local again = sys.recv{ack = true, timeout_ms = 0}
+            sys.ack(again)
+            return {m.body, m.attempt, again.attempt, again.redelivered}
+        ]]}
+        for _ = 1, 5000 do
+            local info = sys.info(child)
+            if info.state == "BLOCKED" then break end  -- in its receive: the send hands over
+            sys.sleep(1)
+        end
+        sys.send(child, "from lua")
+        return sys.wait(child).result
+    """), timeout=WAIT_MS / 1000)
+    assert out.state == "EXITED", out.error
+    assert out.result == ["from lua", 1, 2, True]
+
+
+def test_a_cancelled_receive_with_ack_gives_the_message_back(stub: Any) -> None:
+    port = stub.OpenPort(pb.OpenPortRequest()).pid
+    waiting = stub.Recv.future(pb.RecvRequest(pid=port, ack=True, timeout_ms=WAIT_MS))
+    time.sleep(0.2)
+    waiting.cancel()
+    mid = send(stub, port, "kept")
+    got = recv(stub, port, ack=True)
+    assert (got.id, got.attempt) == (mid, 1)  # not lost, and not counted as handed out to the cancelled call
