@@ -58,7 +58,7 @@ class Message:
     correlation_id: str
     sent_at_ms: int
     attempt: int = 0  # received with ack: times handed out, 1 the first time (0: received without ack)
-    redelivered: bool = False  # received with ack: handed out before (lease ran out, nacked, a restart)
+    redelivered: bool = False  # received with ack: handed out before (its lease ran out, or nacked)
 
     def to_json(self) -> dict[str, JSON]:
         """A JSON-ready dict as in the proto's JSON mapping: ``from`` for the sender, ``data`` (when present) base64."""
