@@ -687,7 +687,7 @@ static void push_sys(lua_State *L)
     static const char *const file_ops[] = {"write", "read", "stat", "list", "delete", "rename", "mkdir", NULL};
     const char *const *name;
     int i;
-    lua_createtable(L, 0, 18);
+    lua_createtable(L, 0, 19);
     set_function(L, "self", sys_self);
     for (name = direct; *name != NULL; name++)
         set_direct(L, *name, *name, NULL);
@@ -706,6 +706,13 @@ static void push_sys(lua_State *L)
     set_direct(L, "try_acquire", "lock_try", NULL);
     set_direct(L, "release", "lock_release", NULL);
     lua_setfield(L, -2, "lock");
+    lua_createtable(L, 0, 3); /* sys.context: create waits for the prefill */
+    lua_pushliteral(L, "context_create");
+    lua_pushcclosure(L, sys_blocking, 1);
+    lua_setfield(L, -2, "create");
+    set_direct(L, "fork", "context_fork", NULL);
+    set_direct(L, "drop", "context_drop", NULL);
+    lua_setfield(L, -2, "context");
     lua_createtable(L, 0, 7);
     for (name = file_ops; *name != NULL; name++)
         set_direct(L, *name, "fs", *name);

@@ -134,3 +134,60 @@ def limits(given: Any, what: str = "limits") -> Limits:
                 raise InvalidArgument(f"{what}.{key} must not be negative")
             out[key] = min(amount, MAX_AMOUNT)
     return Limits(**out)
+
+
+# -- inference ----------------------------------------------------------------------------------
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_FIELDS = ("role", "content", "name")
+INFER_OPTIONS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority",
+                 "timeout_ms", "json_schema", "regex", "grammar", "tools", "tool_choice", "context")
+CONTEXT_OPTIONS = ("messages", "tools")
+
+
+def chat(messages: Any, what: str = "messages", allow_empty: bool = False) -> list[dict[str, str]]:
+    """A chat: a list of {role, content} (and `name` for a tool's result), roles in CHAT_ROLES.
+    An empty Lua table arrives as {}: it is the empty chat where one is allowed."""
+    if allow_empty and messages in ({}, []):
+        return []
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument(f"{what} must be a non-empty list of {{role, content}}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidArgument(f"{what}[{i}] must be a table/object with role and content")
+        known_options(m, CHAT_FIELDS, f"{what}[{i}]")
+        role, content, tool = m.get("role"), m.get("content"), m.get("name")
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(f"{what}[{i}]: role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidArgument(f"{what}[{i}]: content must be text")
+        entry = {"role": role, "content": content}
+        if tool not in (None, ""):
+            if role != "tool":
+                raise InvalidArgument(f"{what}[{i}]: only a message of role tool has a name")
+            entry["name"] = text(tool, f"{what}[{i}].name")
+        out.append(entry)
+    return out
+
+
+def context_handle(value: Any, what: str = "context") -> int:
+    """A conversation context's handle: a positive integer; one that cannot exist is NotFound."""
+    value = integer(value, what)
+    if value <= 0:
+        raise InvalidArgument(f"{what} must be a context handle (a positive integer)")
+    if value > MAX_EXACT_INTEGER:
+        raise NotFound(f"no context {value}")
+    return value
+
+
+def tool_choice(value: Any, what: str = "tool_choice") -> str | dict[str, str] | None:
+    """None, "auto", "none", "required", or a tool's name (as {"name": NAME}); the engine checks
+    the name against the tools."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict):
+        known_options(value, ("name",), what)
+        value = value.get("name")
+    if not isinstance(value, str):
+        raise InvalidArgument(f'{what} must be "auto", "none", "required" or a tool\'s name')
+    return value if value in ("auto", "none", "required") else {"name": value}

@@ -510,6 +510,8 @@ class Kernel:
         if proc.kind == P.PYTHON:
             self.logs.replace(proc, proc.runtime.log_lines(MAX_LOG_LINES))  # in place: `rec` shares the list
             proc.runtime.release()
+        if self.inference is not None:
+            self.inference.process_ended(proc.pid)  # its conversation contexts
         self.logs.ended(proc, rec)
         proc.runtime = None
         if proc.log_to_server:
@@ -599,6 +601,7 @@ class Kernel:
             "mailbox_len": len(proc.mailbox),
             "mailbox_bytes": proc.mailbox.bytes,
             "processes": proc.descendants,
+            "kv_bytes": self.inference.kv_bytes(proc.pid) if self.inference is not None else 0,
         }
 
     def _snapshot(self, proc: Process) -> tuple[ProcessRecord, str | None]:
@@ -836,6 +839,11 @@ class Kernel:
             if self.inference is None:
                 raise Unimplemented("this server runs no inference engine")
             self.inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
+            return None
+        if name == "context_create":
+            if self.inference is None:
+                raise Unimplemented("this server runs no inference engine")
+            self.inference.create_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.context.create"))
             return None
         raise InvalidArgument(f"unknown syscall {name!r}")
 

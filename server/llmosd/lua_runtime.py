@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import checks as C
-from .errors import InvalidArgument, KernelError, ResourceExhausted
+from .errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from .mailbox import ANY, Match, Message
 from .native import _lua
 from .process import Process
@@ -350,6 +350,18 @@ class LuaProcess:
             return self.file_info(files.mkdir(ns, vpath))
         raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
 
+    def context_fork(self, handle: Any = None) -> int:
+        return self._inference().fork_context(self.proc.pid, handle)
+
+    def context_drop(self, handle: Any = None) -> bool:
+        self._inference().drop_context(self.proc.pid, handle)
+        return True
+
+    def _inference(self) -> Any:
+        if self.kernel.inference is None:
+            raise Unimplemented("this server runs no inference engine")
+        return self.kernel.inference
+
     def file_info(self, info: Any) -> dict:
         return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}
 
@@ -388,4 +400,6 @@ _CALLS: dict[bytes, tuple[Callable[..., Any], int]] = {
     b"lock_acquire_now": (lambda lua, name=None, opts=None: lua.lock_try(name, opts, "sys.lock.acquire"), 2),
     b"lock_release": (LuaProcess.lock_release, 1),
     b"fs": (LuaProcess.fs, 4),
+    b"context_fork": (LuaProcess.context_fork, 1),
+    b"context_drop": (LuaProcess.context_drop, 1),
 }

@@ -43,6 +43,7 @@ CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar(
 AGENT_IDENTITY = {
     "Spawn": "parent", "Send": "from", "Recv": "pid", "Register": "pid", "Monitor": "watcher", "Infer": "pid",
     "Acquire": "pid", "Release": "pid", "Exit": "pid", "WriteFile": "pid",
+    "CreateContext": "pid", "ForkContext": "pid", "DropContext": "pid",
 }
 AGENT_DENIED = {"OpenPort": "agents have a mailbox of their own; ports are for external clients"}
 
@@ -342,6 +343,32 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
             k.python_resumed(caller)
 
 
+def _inference(k: Kernel) -> Any:
+    if k.inference is None:
+        raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
+    return k.inference
+
+
+async def sys_create_context(k: Kernel, req: pb.CreateContextRequest) -> pb.ContextInfo:
+    caller = CALLER.get()
+    if caller is not None:
+        k.python_blocking(caller, "infer")
+    try:
+        return await _inference(k).create_context_rpc(req)
+    finally:
+        if caller is not None:
+            k.python_resumed(caller)
+
+
+async def sys_fork_context(k: Kernel, req: pb.ForkContextRequest) -> pb.ContextInfo:
+    return await _inference(k).fork_context_rpc(req)
+
+
+async def sys_drop_context(k: Kernel, req: pb.DropContextRequest) -> pb.DropContextResponse:
+    _inference(k).drop_context(_pid(req.pid), req.context_id)
+    return pb.DropContextResponse()
+
+
 # The table. Every RPC of the service must have exactly one entry.
 SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
@@ -349,6 +376,9 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "Recv": sys_recv,
     "Wait": sys_wait,
     "Infer": sys_infer,
+    "CreateContext": sys_create_context,
+    "ForkContext": sys_fork_context,
+    "DropContext": sys_drop_context,
     "Kill": sys_kill,
     "Exit": sys_exit,
     "OpenPort": sys_open_port,
