@@ -57,16 +57,19 @@ class Inference:
         self.error: str | None = None
         self._ready = threading.Event()
         self._pending: list[Callable[[], None]] = []  # Lua requests made while loading
+        self._started = time.monotonic()
         threading.Thread(target=self._load, name="engine-load", daemon=True).start()
 
     def _load(self) -> None:
         try:
+            log.info("loading the inference engine (model %s)", self.config.model)
             from .engine import Engine  # torch is imported here, not at server start
 
             engine = Engine(self.config)
             engine.start()
-            log.info("inference engine ready: model %s on %s (%s), attention backend %s",
-                     self.config.model, self.config.device, self.config.dtype, engine.stats().get("backend"))
+            log.info("inference engine ready in %.1f s: model %s on %s (%s), attention backend %s",
+                     time.monotonic() - self._started, self.config.model, self.config.device, self.config.dtype,
+                     engine.stats().get("backend"))
             self.engine = engine
         except Exception as e:  # a bad model directory must not take the kernel down
             log.exception("inference engine failed to load")
@@ -76,6 +79,11 @@ class Inference:
             self._ready.set()
         for submit in pending:
             submit()
+
+    @property
+    def loaded(self) -> bool:
+        """The engine is ready (False while loading, and for good if it failed to load)."""
+        return self.engine is not None
 
     def stop(self) -> None:
         if self.engine is not None:

@@ -139,8 +139,6 @@ async def serve(args: argparse.Namespace) -> None:
         agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
         agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
         await agent_server.start()
-    for name in ("", SERVICE.full_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_watch = asyncio.create_task(watch_health(kernel, health_servicer, int(args.wedged_ms * 1_000_000)))
     where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
     print(f"llmosd: listening on {where}", flush=True)
@@ -165,29 +163,41 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int) -> None:
-    """The overall service and the kernel's are NOT_SERVING while a virtual CPU
-    is wedged: its thread has been stuck in one C call more than `wedged_ns`
-    past the time it was due to give the CPU back (the scheduler has handed
-    the CPU to another thread meanwhile, see scheduler.py), and SERVING again
-    once it checks in."""
-    serving = True
+    """The overall service and the kernel's are SERVING once the model has loaded (NOT_SERVING
+    before, and for good if it failed to load), and NOT_SERVING again while a virtual CPU is
+    wedged: its thread has been stuck in one C call more than `wedged_ns` past the time it was due
+    to give the CPU back (the scheduler has handed the CPU to another thread meanwhile, see
+    scheduler.py), until it checks in."""
+    inference = kernel.inference
+    serving: bool | None = None
+    wedged = False
     while True:
-        await asyncio.sleep(HEALTH_PERIOD_S)
+        loaded = inference is None or inference.loaded
         stuck_ns = kernel.scheduler.stuck_ns()
-        if (stuck_ns <= wedged_ns) == serving:
-            continue
-        serving = not serving
-        if serving:
-            log.warning("no virtual CPU is wedged any more: SERVING")
-        else:
-            log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time): NOT_SERVING",
-                        stuck_ns / 1e6)
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE.full_name):
-            await servicer.set(name, status)
+        if (stuck_ns > wedged_ns) != wedged:
+            wedged = not wedged
+            if wedged:
+                log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time)",
+                            stuck_ns / 1e6)
+            else:
+                log.warning("no virtual CPU is wedged any more")
+        now = loaded and not wedged
+        if now != serving:
+            log.info("health: %s%s", "SERVING" if now else "NOT_SERVING",
+                     "" if loaded else " until the model has loaded")
+            serving = now
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE.full_name):
+                await servicer.set(name, status)
+        await asyncio.sleep(HEALTH_PERIOD_S)
 
 
 def main(argv: list[str] | None = None) -> None:
+    # OpenMP's default lets a thread pool's idle workers spin, waiting for the next parallel
+    # region. The model loads on one thread and runs on another, each with its own pool, and the
+    # idle pool's spinning took the cores from the engine's: on 2 cores SmolLM2's requests ran
+    # 10-20x slower. Passive workers sleep (no slower here). Set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve(args))
