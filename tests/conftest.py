@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USERLAND = ROOT / "userland"

@@ -1,4 +1,4 @@
-"""Unit tests of llmosd.files: real files in temporary directories, real threads."""
+"""Unit tests of llmosd.services.files: real files in temporary directories, real threads."""
 from __future__ import annotations
 
 import os
@@ -8,9 +8,9 @@ from typing import Iterator
 
 import pytest
 
-from llmosd import files as F
-from llmosd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from llmosd.files import FileLimits, FileStore
+from llmosd.services import files as F
+from llmosd.api.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from llmosd.services.files import FileLimits, FileStore
 
 NS = "default"
 LIMITS = FileLimits(max_file_bytes=16 << 20, namespace_bytes=32 << 20, namespace_files=50,

@@ -19,7 +19,7 @@ import pytest
 import llmos
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 from llmosd.native import _lua
 
 MiB = 1 << 20

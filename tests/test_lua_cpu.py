@@ -53,7 +53,7 @@ HOGS = {
 @pytest.fixture(scope="module")
 def one_cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A server with one virtual CPU, so that a process stuck in C would hold up all others."""
-    from llmosd.launch import LlmosdServer
+    from llmosd_process import LlmosdServer
 
     server = LlmosdServer(tmp_path_factory.mktemp("one_cpu") / "data", "--model", "none", "--cpus", "1")
     server.start()

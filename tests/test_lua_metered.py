@@ -1,4 +1,4 @@
-"""The metered library (server/llmosd/lua_metered.h) against stock Lua 5.4.
+"""The metered library (server/llmosd/lua/metered.h) against stock Lua 5.4.
 
 Each case is a call of a library function (string.find, string.gsub,
 table.sort, os.date...) with arguments; one Lua harness runs a batch of cases

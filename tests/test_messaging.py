@@ -1,5 +1,5 @@
-"""Messages between Lua processes, which the kernel's C side (_core.c,
-_mailbox.c) sends, receives and hands the CPU over for without entering
+"""Messages between Lua processes, which the kernel's C side (lua/fast_paths.c,
+kernel/mailbox.c) sends, receives and hands the CPU over for without entering
 Python, and the cases it leaves to the Python side. Over real gRPC against a
 real llmosd."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ import pytest
 
 import llmos
 from llmos.client import ProcessInfo
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USERLAND = ROOT / "userland"

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from llmosd.scheduler import DEFAULT_WEIGHT, RunQueue, precedes
+from llmosd.kernel.scheduler import DEFAULT_WEIGHT, RunQueue, precedes
 
 QUANTUM = 10_000_000
 AGING = 50_000_000

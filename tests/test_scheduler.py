@@ -11,7 +11,7 @@ import pytest
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 
 SPIN = "while true do end"
 

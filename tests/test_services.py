@@ -20,7 +20,7 @@ import llmos
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 
 MiB = 1 << 20
 MAX_FILE_BYTES = 64 * MiB  # files.FileLimits.max_file_bytes, the server's default

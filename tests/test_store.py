@@ -1,11 +1,11 @@
-"""The kernel's database (llmosd.store) on its own: the write-behind rows of
+"""The kernel's database (llmosd.kernel.store) on its own: the write-behind rows of
 processes and the id blocks, through a real SQLite file, closed and opened
 again as a restart would."""
 from __future__ import annotations
 
 import pathlib
 
-from llmosd.store import FIRST_ID_BLOCK, ROWS_PER_STATEMENT, ProcessRecord, Store
+from llmosd.kernel.store import FIRST_ID_BLOCK, ROWS_PER_STATEMENT, ProcessRecord, Store
 
 
 def record(pid: int, name: str | None = None) -> ProcessRecord:

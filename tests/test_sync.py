@@ -1,4 +1,4 @@
-"""Unit tests of llmosd.sync: named mutexes and semaphores, with real threads
+"""Unit tests of llmosd.services.sync: named mutexes and semaphores, with real threads
 as the blocked parties and the kernel's own Timers for timeouts."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from llmosd import checks as CHECKS
-from llmosd import sync as S
-from llmosd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from llmosd.sync import SEMAPHORE, SyncTable
-from llmosd.waiting import TIMED_OUT, Timers, Waiter
+from llmosd.api import checks as CHECKS
+from llmosd.services import sync as S
+from llmosd.api.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from llmosd.services.sync import SEMAPHORE, SyncTable
+from llmosd.kernel.waiting import TIMED_OUT, Timers, Waiter
 
 NS = "default"
 

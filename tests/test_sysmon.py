@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 
 # Tells the port (args) when it starts the stuck call ("ready") and when it
 # is back ("returned"), then runs Lua for ever.

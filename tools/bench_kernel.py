@@ -28,7 +28,8 @@ import psutil
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
-from llmosd.launch import LlmosdServer
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # the tests' server launcher
+from llmosd_process import LlmosdServer  # noqa: E402
 
 ECHO_LUA = """
 while true do

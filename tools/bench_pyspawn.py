@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 
-from llmosd.pysandbox import Child, Launcher, LauncherConfig, SpawnSpec  # noqa: E402
+from llmosd.python.sandbox import Child, Launcher, LauncherConfig, SpawnSpec  # noqa: E402
 
 FIRST = "import os, time; os.write(1, repr(time.monotonic()).encode())\n"
 GIB = 1 << 30

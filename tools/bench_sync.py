@@ -22,7 +22,8 @@ import tempfile
 import time
 
 import llmos
-from llmosd.launch import LlmosdServer
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # the tests' server launcher
+from llmosd_process import LlmosdServer  # noqa: E402
 
 UNCONTENDED_LUA = """
 for i = 1, args.n do

@@ -16,11 +16,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .errors import KernelError
-from .files import FileLimits
-from .kernel import Kernel, KernelConfig, SpawnSpec
-from .process import Limits
-from .syscalls import SERVICE, kernel_service
+from .api.errors import KernelError
+from .services.files import FileLimits
+from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
+from .kernel.process import Limits
+from .api.syscalls import SERVICE, kernel_service
 
 log = logging.getLogger("llmosd")
 HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs
@@ -112,7 +112,7 @@ async def serve(args: argparse.Namespace) -> None:
     kernel = Kernel(kernel_config(args))
     if args.model != "none":
         from .engine import EngineConfig
-        from .inference import Inference
+        from .services.inference import Inference
 
         kernel.inference = Inference(kernel, EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,

@@ -15,7 +15,7 @@ from llmosd.engine import Engine, EngineConfig, Request, load_model
 from llmosd.engine.attention import TorchSDPABackend, build_metadata
 from llmosd.engine.kv_cache import KVCache
 from llmosd.engine.loader import LoadedModel, resolve_model
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' GGUF loading needs it

@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmos.client import CHANNEL_OPTIONS
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
-from llmosd.launch import LlmosdServer
+from llmosd_process import LlmosdServer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from llmosd.pysandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits, SpawnSpec
+from llmosd.python.sandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits, SpawnSpec
 
 _pids = itertools.count(1000)
 RunFn = Callable[..., "tuple[ExitStatus, str]"]

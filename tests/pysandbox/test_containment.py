@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 from _sbx import RunFn, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 
-from llmosd.pysandbox import Launcher, LauncherConfig
+from llmosd.python.sandbox import Launcher, LauncherConfig
 
 SERVER_DIR = Path(__file__).resolve().parents[2] / "server"
 TEST_USER = "llmos-sbx-test"
@@ -45,7 +45,7 @@ HOST_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from typing import Iterator
-from llmosd.pysandbox import Launcher, LauncherConfig, Limits, SpawnSpec
+from llmosd.python.sandbox import Launcher, LauncherConfig, Limits, SpawnSpec
 root = Path(sys.argv[1])
 launcher = Launcher(LauncherConfig(work_root=root, kernel_socket=root / "k.sock", python=sys.executable))
 launcher.start()
@@ -183,7 +183,7 @@ USER_CHECKS = """
 import json, socket, sys
 from pathlib import Path
 from typing import Iterator
-from llmosd.pysandbox import Launcher, LauncherConfig, Limits, SpawnSpec
+from llmosd.python.sandbox import Launcher, LauncherConfig, Limits, SpawnSpec
 root = Path(sys.argv[1])
 results = {}
 with Launcher(LauncherConfig(work_root=root, kernel_socket=root / "k.sock", python=sys.executable)) as launcher:

@@ -8,7 +8,7 @@ import time
 import pytest
 from _sbx import RunFn, layers_needed, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 
-from llmosd.pysandbox import Launcher, Limits
+from llmosd.python.sandbox import Launcher, Limits
 
 
 @pytest.fixture(autouse=True)

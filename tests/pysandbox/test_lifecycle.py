@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llmosd.pysandbox import Launcher, LauncherConfig, Limits, SpawnSpec
+from llmosd.python.sandbox import Launcher, LauncherConfig, Limits, SpawnSpec
 
 from _sbx import RunFn, spawn, launcher, run  # noqa: F401  (fixtures, used by name)
 

@@ -14,7 +14,7 @@
  * handles it as it always did. Both sides change the process table and
  * mailboxes under the one kernel lock.
  */
-#include "lua_state.h"
+#include "state.h"
 
 #include <string.h>
 #include <structmember.h>
@@ -718,7 +718,7 @@ static int intern_names(void)
 
 int llmos_core_init(PyObject *module)
 {
-    PyObject *errors = PyImport_ImportModule("llmosd.errors");
+    PyObject *errors = PyImport_ImportModule("llmosd.api.errors");
     if (errors == NULL)
         return -1;
     ResourceExhausted = PyObject_GetAttrString(errors, "ResourceExhausted");

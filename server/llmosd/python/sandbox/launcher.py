@@ -19,7 +19,7 @@ from .child import EXIT_SETUP
 
 log = logging.getLogger("llmosd.pysandbox")
 
-_SERVER_DIR = str(Path(__file__).resolve().parent.parent.parent)
+_SERVER_DIR = str(Path(__file__).resolve().parents[3])
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_PRELOAD = ("json", "grpc", "google.protobuf", "google.protobuf.struct_pb2", "llmos", "llmos.userland")
 
@@ -352,7 +352,7 @@ class Launcher:
         config = {"preload": list(self.config.preload), "allow_network": self.config.allow_network,
                   "read_only": [str(p) for p in self.config.read_only],
                   "disable": sorted(self.config.disable), "injected_path": injected}
-        boot = f"import sys\nsys.path.insert(1, {injected!r})\nfrom llmosd.pysandbox.zygote import main\nmain()\n"
+        boot = f"import sys\nsys.path.insert(1, {injected!r})\nfrom llmosd.python.sandbox.zygote import main\nmain()\n"
         try:
             proc = subprocess.Popen(
                 [self.config.python, "-c", boot, str(theirs.fileno()), str(os.getpid()), json.dumps(config)],

@@ -20,8 +20,8 @@ import math
 from typing import Any
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted
-from .native import _lua
-from .process import Limits
+from ..native import _lua
+from ..kernel.process import Limits
 from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
 MIN_PRIORITY, MAX_PRIORITY = -20, 20

@@ -28,14 +28,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import process as P
-from .errors import ResourceExhausted
-from .pysandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
-from .scheduler import DEFAULT_WEIGHT
+from ..kernel import process as P
+from ..api.errors import ResourceExhausted
+from .sandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
+from ..kernel.scheduler import DEFAULT_WEIGHT
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
-    from .process import Process
+    from ..kernel.kernel import Kernel
+    from ..kernel.process import Process
 
 log = logging.getLogger(__name__)
 

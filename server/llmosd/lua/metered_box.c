@@ -3,7 +3,7 @@
  * lua_metered.h). Lua's own luaL_Buffer is not used: its layout depends on
  * how Lua was configured (LUAL_BUFFERSIZE), which lupa does not tell.
  */
-#include "lua_metered.h"
+#include "metered.h"
 
 static char HOLDER_METATABLE; /* registry key (its address) of the holders' metatable */
 

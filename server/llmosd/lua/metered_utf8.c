@@ -10,7 +10,7 @@
  * Not metered: codepoint (at most LUAI_MAXSTACK values, each a few ns),
  * charpattern.
  */
-#include "lua_metered.h"
+#include "metered.h"
 
 #define MAX_UNICODE 0x10FFFFu
 #define MAX_UTF 0x7FFFFFFFu /* the largest code the lax decoding accepts */

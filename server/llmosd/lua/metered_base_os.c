@@ -10,7 +10,7 @@
  */
 #include <time.h>
 
-#include "lua_metered.h"
+#include "metered.h"
 
 #define CONVERSIONS_PER_CHECK 256 /* strftime takes up to a µs */
 

@@ -21,14 +21,14 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import checks as C
-from .errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
-from .mailbox import ANY, Match, Message
-from .native import _lua
-from .process import Process
+from ..api import checks as C
+from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
+from ..kernel.mailbox import ANY, Match, Message
+from ..native import _lua
+from ..kernel.process import Process
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from ..kernel.kernel import Kernel
 
 # The scheduler interrupts a running program with this signal (see _preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless

@@ -756,7 +756,7 @@ static PyMethodDef messaging_functions[] = {
 
 int llmos_messaging_init(PyObject *module)
 {
-    PyObject *errors = PyImport_ImportModule("llmosd.errors");
+    PyObject *errors = PyImport_ImportModule("llmosd.api.errors");
     if (errors == NULL)
         return -1;
     ResourceExhausted = PyObject_GetAttrString(errors, "ResourceExhausted");

@@ -17,7 +17,7 @@ through them without entering Python (see _core.c):
 """
 from __future__ import annotations
 
-from .native import _lua
+from ..native import _lua
 
 Message = _lua.Message
 Match = _lua.Match

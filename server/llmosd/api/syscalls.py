@@ -21,10 +21,10 @@ from llmos.values import from_value, to_value
 
 from . import checks as C
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
-from .kernel import Kernel, SpawnSpec
-from .mailbox import Match, Message
-from .store import ProcessRecord, now_ms
-from .waiting import TIMED_OUT, AsyncWaiter
+from ..kernel.kernel import Kernel, SpawnSpec
+from ..kernel.mailbox import Match, Message
+from ..kernel.store import ProcessRecord, now_ms
+from ..kernel.waiting import TIMED_OUT, AsyncWaiter
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]

@@ -5,7 +5,7 @@
 #ifndef LLMOS_LUA_STATE_H
 #define LLMOS_LUA_STATE_H
 
-#include "messaging.h"
+#include "../kernel/messaging.h"
 
 #include "lua_api.h"
 

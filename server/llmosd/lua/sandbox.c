@@ -26,7 +26,7 @@
  */
 #include <string.h>
 
-#include "lua_metered.h"
+#include "metered.h"
 
 /* -- The per-state context ----------------------------------------------------------------- */
 typedef struct {

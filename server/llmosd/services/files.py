@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ..api.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 MAX_PATH_BYTES = 1024
 MAX_NAME_BYTES = 255

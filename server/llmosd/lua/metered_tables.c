@@ -16,7 +16,7 @@
 #include <limits.h>
 #include <time.h>
 
-#include "lua_metered.h"
+#include "metered.h"
 
 #define ELEMENTS_PER_CHECK 1024 /* each may run a chain of __index/__newindex tables */
 

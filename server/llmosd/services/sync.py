@@ -40,9 +40,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import checks as C
-from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from .waiting import Timers, Waiter
+from ..api import checks as C
+from ..api.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from ..kernel.waiting import Timers, Waiter
 
 MUTEX = "mutex"
 SEMAPHORE = "semaphore"

@@ -19,7 +19,7 @@
 #include <math.h>
 #include <stdio.h>
 
-#include "lua_metered.h"
+#include "metered.h"
 
 /* Lua's limit on the strings that rep, format items and pack make: INT_MAX. */
 #define MAX_STRING ((size_t)INT_MAX)

@@ -31,7 +31,7 @@
  * sandbox then drops), and wraps each value that crosses in a Python object.
  * lupa still provides the Lua library itself (see lua_api.h).
  */
-#include "lua_state.h"
+#include "state.h"
 
 #include <math.h>
 #include <pthread.h>

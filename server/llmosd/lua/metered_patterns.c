@@ -20,7 +20,7 @@
  */
 #include <stdint.h>
 
-#include "lua_metered.h"
+#include "metered.h"
 
 #define MAX_CAPTURES 32   /* Lua's LUA_MAXCAPTURES */
 #define MAX_CALLS 200     /* Lua's MAXCCALLS: how deep its match function may recurse */

@@ -18,23 +18,23 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import checks as C
+from ..api import checks as C
 from . import process as P
-from .errors import (
+from ..api.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, PermissionDenied, ResourceExhausted,
     Unimplemented,
 )
-from .lua_runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua, lua_syntax_error
+from ..lua.runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua, lua_syntax_error
 from .mailbox import Mailbox, Match, Message
-from .native import _lua
+from ..native import _lua
 from .process import Limits, Process
 from .scheduler import Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import TIMED_OUT, Timers, Waiter
-from .files import FileLimits, FileStore
+from ..services.files import FileLimits, FileStore
 from .logs import MAX_LINES as MAX_LOG_LINES, Logs
-from .python_runtime import Agents, PythonProcess
-from .sync import SyncTable
+from ..python.runtime import Agents, PythonProcess
+from ..services.sync import SyncTable
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .native import _lua
+from ..native import _lua
 from .process import Process
 
 log = logging.getLogger(__name__)

@@ -23,14 +23,14 @@ from llmos.v1 import kernel_pb2 as pb
 
 from llmos.values import from_value, to_value
 
-from . import checks as C
-from .errors import FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted, Unavailable
-from .process import Process
-from .waiting import Waiter
+from ..api import checks as C
+from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted, Unavailable
+from ..kernel.process import Process
+from ..kernel.waiting import Waiter
 
 if TYPE_CHECKING:
-    from .engine import Engine, EngineConfig, Request
-    from .kernel import Kernel
+    from ..engine import Engine, EngineConfig, Request
+    from ..kernel.kernel import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Inference:
     def _load(self) -> None:
         try:
             log.info("loading the inference engine (model %s)", self.config.model)
-            from .engine import Engine  # torch is imported here, not at server start
+            from ..engine import Engine  # torch is imported here, not at server start
 
             engine = Engine(self.config)
             engine.start()
@@ -109,7 +109,7 @@ class Inference:
 
     def build_request(self, spec: dict[str, Any], proc: Process | None) -> Request:
         """A checked engine Request from plain values (what Lua or an RPC gave)."""
-        from .engine import Request
+        from ..engine import Request
 
         C.known_options(spec, C.INFER_OPTIONS, "sys.infer")
         prompt, messages, context = spec.get("prompt"), spec.get("messages"), spec.get("context")
@@ -408,7 +408,7 @@ class Inference:
 
 def engine_error(e: ValueError) -> KernelError:
     """The engine's refusal (InvalidRequest or one of its kinds) as a kernel error."""
-    from .engine import ContextBusy, KVLimitExceeded, UnknownContext
+    from ..engine import ContextBusy, KVLimitExceeded, UnknownContext
 
     if isinstance(e, UnknownContext):
         return NotFound(str(e))
