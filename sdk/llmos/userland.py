@@ -414,6 +414,8 @@ class Sys:
         answer = {"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage}
         if tools is not None or context is not None:  # (a context may have tools)
             answer["tool_calls"] = result.tool_calls
+        if json_schema is not None and result.finish_reason == "stop":
+            answer["json"] = json.loads(result.text)  # the output matches the schema
         return answer
 
     @_syscall

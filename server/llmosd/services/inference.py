@@ -13,6 +13,7 @@ limits.kv_bytes caps them (RESOURCE_EXHAUSTED).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -168,6 +169,14 @@ class Inference:
         except ValueError as e:
             raise engine_error(e) from None
 
+    def _parsed(self, text: str) -> Any:
+        """A schema-constrained output as a value (Lua has no JSON parser); None if it does not
+        fit the value model (an integer beyond 2^53, say)."""
+        try:
+            return C.value(json.loads(text), "json", self.kernel.config.max_message_bytes)
+        except (ValueError, KernelError):
+            return None
+
     def submit_from_lua(self, proc: Process, waiter: Waiter, spec: Any) -> None:
         """sys.infer: submit and complete `waiter` with the result (kernel lock held)."""
         if not isinstance(spec, dict):
@@ -188,6 +197,8 @@ class Inference:
                 if event.tool_calls is not None:
                     result["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
                                             for c in event.tool_calls]
+                if request.json_schema is not None and event.reason == "stop":
+                    result["json"] = self._parsed(text)
             self._charge(pid, event.usage)
             with self.kernel.lock:
                 waiter.complete(result)
