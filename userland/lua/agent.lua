@@ -1,7 +1,7 @@
 -- agent.lua: an agent library for Lua programs on llmos.
 --
 -- Until llmos has a userland standard library, a program loads it from its namespace's file
--- store, where it is put once (`llmos fs put lib/agent.lua userland/lua/agent.lua`):
+-- store, where it is put once (`llmos fs put userland/lua/agent.lua lib/agent.lua`):
 --
 --   local agent = load(sys.fs.read("lib/agent.lua"), "=agent.lua")()
 --
@@ -150,8 +150,8 @@ end
 -- -- tools that are syscalls -------------------------------------------------------------------
 local MAX_READ = 4000  -- bytes of a file shown to the model
 
-local function object(properties, required)
-  return {type = "object", properties = properties, required = required}
+local function object(properties, required)  -- no other keys: the model's output ends where it should
+  return {type = "object", properties = properties, required = required, additionalProperties = false}
 end
 
 agent.tools = {}

@@ -2,7 +2,7 @@
 -- one sub-task per file, spawns a worker agent for each (userland/lua/planner_worker.lua) under a
 -- monitor, gathers their structured results from the monitors' EXIT notices, and writes a report.
 --
---   llmos fs put lib/agent.lua userland/lua/agent.lua      # the agent library (once)
+--   llmos fs put userland/lua/agent.lua lib/agent.lua      # the agent library (once)
 --   llmos run userland/lua/planner.lua --args '{"dir": "notes", "task": "Summarize the file."}'
 --
 -- args: dir (default "notes"), task, report (default "reports/DIR.json"), worker_tokens (each

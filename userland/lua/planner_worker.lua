@@ -12,6 +12,7 @@ local schema = {
     relevant = {type = "boolean"},
   },
   required = {"summary", "topics", "relevant"},
+  additionalProperties = false,
 }
 local answer, why = agent.structured({
   {role = "system", content = "You are a careful reader. Answer with a JSON object."},

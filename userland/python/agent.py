@@ -48,7 +48,9 @@ class Tool:
 
 
 def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": list(properties) if required is None else required}
+    """No other keys: the model's output ends where it should."""
+    return {"type": "object", "properties": properties, "required": list(properties) if required is None else required,
+            "additionalProperties": False}
 
 
 def tool(fn: Callable[..., Any], description: str, properties: dict[str, Any], name: str | None = None) -> Tool:
