@@ -33,7 +33,8 @@ USERLAND = ROOT / "userland"
 CHOICE = {"type": "object", "properties": {"choice": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
           "required": ["choice", "sure"], "additionalProperties": False}
 UNIT_TOOL = {"name": "set_unit", "description": "Set the temperature unit",
-             "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"]}}
+             "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"],
+                            "additionalProperties": False}}
 USER = [{"role": "user", "content": "Hello"}]
 
 
@@ -225,6 +226,40 @@ def test_python_agent_contexts_and_structured_outputs(stub: Any) -> None:
     assert out["dropped_twice"] == "NotFound"
     assert out["json"] == json.loads(out["text"]) and jsonschema.validate(out["json"], CHOICE) is None
     assert "unknown option 'bogus'" in out["unknown"]
+
+
+LUA_AGENT = r"""
+local agent = load(sys.fs.read("lib/agent.lua"), "=agent.lua")()
+local seen = {}
+local unit = {name = "set_unit", description = "Set the temperature unit",
+              parameters = {type = "object", properties = {unit = {enum = {"c", "f"}}}, required = {"unit"},
+                            additionalProperties = false},
+              run = function(a) seen[#seen + 1] = a.unit; return {unit = a.unit} end}
+local a = agent.new{tools = {unit}, first_tool_choice = "required", max_steps = 2,
+                    max_tokens = 80, memory = "memory/lua-agent-test.json"}
+local first, second = a:run("Use Celsius"), a:run("Again")
+local value = {1, 2.5, "a\"b\\c\n\u{e9}", {x = true, y = {}}, setmetatable({}, agent.json.array_mt)}
+return {first = first, second = second, seen = seen, memory = sys.fs.read("memory/lua-agent-test.json"),
+        decided = agent.decide("Yes or no?", {"yes", "no"}, {max_tokens = 1000}),  -- bytes: up to 4 a character
+        round_trip = agent.json.encode(agent.json.decode(agent.json.encode(value))) == agent.json.encode(value),
+        encoded = agent.json.encode(value)}
+"""
+
+
+def test_lua_agent_loop_calls_valid_tools_and_remembers(stub: Any) -> None:
+    stub.WriteFile(iter([pb.WriteFileRequest(path="lib/agent.lua", data=(USERLAND / "lua" / "agent.lua").read_bytes())]))
+    info = run_lua(stub, LUA_AGENT)
+    assert info.state == pb.EXITED, info.error
+    out = from_value(info.result)
+    schemas = {"set_unit": UNIT_TOOL["parameters"]}  # bounded arguments: the tiny model's calls always end
+    for run in (out["first"], out["second"]):
+        assert run["calls"] and run["steps"] == 2 and run["stopped"] in ("answer", "length"), run
+        for call in run["calls"]:
+            jsonschema.validate(call["arguments"], schemas[call["name"]])
+    assert len(out["seen"]) == sum(c["name"] == "set_unit" for r in (out["first"], out["second"]) for c in r["calls"])
+    assert [note["task"] for note in json.loads(out["memory"])][-2:] == ["Use Celsius", "Again"]
+    assert out["decided"]["choice"] in ("yes", "no") and isinstance(out["decided"]["reason"], str)
+    assert out["round_trip"] and json.loads(out["encoded"]) == [1, 2.5, 'a"b\\c\né', {"x": True, "y": {}}, []]
 
 
 # -- the real model: loading, the agent library's examples, the README's quick start ---------------------
