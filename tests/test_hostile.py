@@ -164,7 +164,6 @@ def fresh(own_server: Callable[..., Kernel]) -> Kernel:
 
 # == 1. Work in C where no hook fires ==========================================================
 C_HOGS = {
-    "string.rep": "return #string.rep('', 2^62)",
     "table.move": "table.move({}, 1, 2^29, 2, {})",
     "a long match": "local s = string.rep('a', 200000) return s:match(string.rep('.', 2000) .. 'b')",
     "%b()": "return string.rep('(', 200000):find('%b()')",
@@ -195,9 +194,16 @@ def test_cpu_and_wall_limits_end_a_process_busy_in_a_library_function(own_server
     assert (pb.ProcessState.Name(info.state), info.exit_reason) == ("KILLED", "wall_limit"), info.error
 
 
+def test_repeating_an_empty_string_costs_nothing(server: Kernel) -> None:
+    """Issue 12's first reproducer ran for ever; string.rep now does work in the result's
+    length, so the call answers at once."""
+    assert server.result("return #string.rep('', 2^62)") == 0
+    assert server.result("return #string.rep('', 2^62, '')") == 0
+
+
 def test_a_process_busy_in_c_does_not_hold_up_the_others(own_server: Callable[..., Kernel]) -> None:
     k = own_server("--cpus", "1")
-    hog = k.spawn(C_HOGS["string.rep"])
+    hog = k.spawn(C_HOGS["table.move"])
     time.sleep(0.3)
     assert k.result("return 'ran'") == "ran"  # on the only virtual CPU, within WAIT_MS
     k.kill(hog)
@@ -352,14 +358,20 @@ def test_spawn_with_limit_2_64_minus_1_is_clamped(fresh: Kernel, field: str) -> 
     assert from_value(fresh.wait(pid).result) == "go"
 
 
-def test_infinite_durations_are_clamped_in_spawn_limits(server: Kernel) -> None:
-    """+Inf durations mean "for ever" (DECISIONS.md), in a limits table too."""
+def test_durations_in_a_spawn_limits_table_follow_the_value_model(server: Kernel) -> None:
+    """A number passed to a syscall (sys.sleep(math.huge), a timeout) is clamped to 10 years when
+    infinite; a number inside a table is a value, so infinity is refused there by name, and a
+    huge finite duration is clamped (DECISIONS.md)."""
     got = server.result("""
-        local child = sys.spawn{lua = 'return sys.recv{}.body', limits = {wall_ms = math.huge, cpu_ms = math.huge}}
+        local ok, err = pcall(sys.spawn, {lua = 'return 1', limits = {wall_ms = math.huge}})
+        local child = sys.spawn{lua = 'return sys.recv{}.body', limits = {wall_ms = 2^53, cpu_ms = 1e300}}
         sys.send(child, 'go')
-        return sys.wait(child, 5000).result
+        return {ok = ok, err = err, result = sys.wait(child, 5000).result, child = child}
     """)
-    assert got == "go"
+    assert got["ok"] is False and "infinity" in got["err"], got
+    assert got["result"] == "go"
+    limits = server.get(got["child"]).limits
+    assert limits.wall_ms == limits.cpu_ms == 315_360_000_000, limits
 
 
 @pytest.mark.parametrize("call", [
@@ -932,7 +944,7 @@ def test_usage_cpu_ms_is_cpu_actually_used(own_server: Callable[..., Kernel]) ->
 
 def test_health_answers_while_every_cpu_is_busy_in_c(own_server: Callable[..., Kernel]) -> None:
     k = own_server("--cpus", "1")
-    hog = k.spawn(C_HOGS["string.rep"])
+    hog = k.spawn(C_HOGS["table.move"])
     time.sleep(0.3)
     health = health_pb2_grpc.HealthStub(k.channel)
     health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)  # answers, SERVING or not

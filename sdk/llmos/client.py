@@ -88,6 +88,7 @@ class ProcessInfo:
     blocked_on: str
     namespace: str
     weight: int
+    result_left_out: bool = False  # in lists and events, a result over 1 KiB (get() returns it)
 
     @property
     def ended(self) -> bool:
@@ -178,7 +179,7 @@ def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
         usage=_fields(info.usage), exit_reason=info.exit_reason,
         result=from_value(info.result) if info.HasField("result") else None, error=info.error,
         started_at_ms=info.started_at_ms, ended_at_ms=info.ended_at_ms, blocked_on=info.blocked_on,
-        namespace=info.namespace, weight=info.weight,
+        namespace=info.namespace, weight=info.weight, result_left_out=info.result_left_out,
     )
 
 
@@ -528,9 +529,16 @@ class Syscalls:
         except ValueError:
             known = ", ".join(n for n in pb.ProcessState.keys() if n != "PROCESS_STATE_UNSPECIFIED")
             raise _invalid(f"unknown state in {wanted!r}; states are {known}") from None
-        request = pb.ListProcessesRequest(states=codes, name=name or "", parent=parent, include_ended=include_ended)
-        reply = yield self._unary("ListProcesses", request)
-        return [process_from_pb(p) for p in reply.processes]
+        found: list[ProcessInfo] = []
+        after = 0
+        while True:  # the server answers in pages
+            request = pb.ListProcessesRequest(states=codes, name=name or "", parent=parent,
+                                              include_ended=include_ended, after_pid=after)
+            reply = yield self._unary("ListProcesses", request)
+            found += [process_from_pb(p) for p in reply.processes]
+            if not reply.next_after_pid:
+                return found
+            after = reply.next_after_pid
 
     @syscall
     def get(self, pid: int) -> Plan[ProcessInfo]:

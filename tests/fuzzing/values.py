@@ -4,7 +4,7 @@ The value model (DECISIONS.md): JSON values; numbers are doubles, integers exact
 within +-2^53 (a Lua integer beyond is refused, never rounded); NaN and +-Inf are
 refused; strings are UTF-8 text; Lua tables with keys 1..n (holes as null) are
 arrays, other tables objects whose number keys become decimal text, two keys
-becoming one string are refused; at most 64 levels deep (but see SURE_DEPTH); a message is at most
+becoming one string are refused; at most 32 levels deep; a message is at most
 4 MiB (len(data) + the protobuf size of its body), past which RESOURCE_EXHAUSTED.
 
 A JsonPlan is a value as a client sends it (a google.protobuf.Value, NaN
@@ -23,11 +23,7 @@ from hypothesis import strategies as st
 from llmos.values import from_value
 
 MAX_MESSAGE_BYTES = 4 << 20  # llmosd --max-message-bytes, its default
-MAX_DEPTH = 64
-# Depth every limit accepts: beyond 32 (and up to 64) a value may be refused, since a
-# google.protobuf.Value nested n lists deep is 2n+3 levels in a RecvResponse, and
-# protobuf parsers stop at 100 (n <= 48): DECISIONS.md's 64 cannot be met over gRPC.
-SURE_DEPTH = 32
+MAX_DEPTH = 32  # so that whatever is accepted reads back through any protobuf parser (messaging.h)
 NAME_MAX_CHARS = 256
 
 
@@ -121,7 +117,7 @@ class JsonPlan(Shown):
             return Fate.INVALID
         if self.value().ByteSize() + data_bytes > MAX_MESSAGE_BYTES:
             return Fate.TOO_BIG
-        return Fate.OK if depth_of(self.value()) <= SURE_DEPTH else Fate.EITHER
+        return Fate.OK
 
     def expected(self) -> Any:
         return from_value(self.value())
@@ -278,6 +274,7 @@ class LuaValue(Shown):
     fate: str
     json: Any = None
     label: str = ""
+    depth: int = 0  # how many tables deep it nests
 
     def __repr__(self) -> str:
         return self.label or self.src
@@ -330,12 +327,10 @@ def _lua_nested(depth: int) -> LuaValue:
     src = f"(function() local t = {{}} for i = 2, {depth} do t = {{t}} end return t end)()"
     if depth > MAX_DEPTH:
         return _lua_bad(src, f"nested_tables({depth})")
-    if depth > SURE_DEPTH:
-        return LuaValue(src, Fate.EITHER, label=f"nested_tables({depth})")
     json: Any = {}
     for _ in range(depth - 1):
         json = [json]
-    return _lua_ok(src, json, f"nested_tables({depth})")
+    return LuaValue(src, Fate.OK, json, f"nested_tables({depth})", depth)
 
 
 LUA_SHAPES: list[LuaValue] = [
@@ -365,7 +360,7 @@ LUA_SHAPES: list[LuaValue] = [
              label="DAG of 2^22 paths"),
     LuaValue("(function() local s = string.rep('x', 2^20) local t = {} for i = 1, 256 do t[i] = s end return t end)()",
              Fate.TOO_BIG, label="1 MiB string x256"),
-    _lua_nested(32), _lua_nested(48), _lua_nested(64), _lua_nested(65), _lua_nested(300),
+    _lua_nested(31), _lua_nested(32), _lua_nested(33), _lua_nested(64), _lua_nested(300),
 ]
 
 
@@ -381,10 +376,13 @@ def _combine_lua(items: list[LuaValue], keys: list[str] | None) -> LuaValue:
         src = "{" + ", ".join(f"[{lua_string_literal(k.encode())}] = {i.src}" for k, i in zip(keys, items)) + "}"
         label = "{" + ", ".join(f"{k!r}: {i!r}" for k, i in zip(keys, items)) + "}"
         json = {k: i.json for k, i in zip(keys, items) if i.src != "nil"}
+    depth = 1 + max(i.depth for i in items)
+    if depth > MAX_DEPTH:
+        fates.add(Fate.INVALID)
     for bad in (Fate.INVALID, Fate.TOO_BIG, Fate.EITHER):
         if bad in fates:
-            return LuaValue(src, bad, None, label)
-    return LuaValue(src, Fate.OK, json, label)
+            return LuaValue(src, bad, None, label, depth)
+    return LuaValue(src, Fate.OK, json, label, depth)
 
 
 def lua_values() -> st.SearchStrategy[LuaValue]:

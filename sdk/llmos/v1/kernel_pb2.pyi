@@ -288,22 +288,28 @@ class ReadLogResponse(_message.Message):
     def __init__(self, lines: _Optional[_Iterable[str]] = ..., next_offset: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class ListProcessesRequest(_message.Message):
-    __slots__ = ("states", "name", "parent", "include_ended")
+    __slots__ = ("states", "name", "parent", "include_ended", "page_size", "after_pid")
     STATES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ENDED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_PID_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[ProcessState]
     name: str
     parent: int
     include_ended: bool
-    def __init__(self, states: _Optional[_Iterable[_Union[ProcessState, str]]] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., include_ended: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    after_pid: int
+    def __init__(self, states: _Optional[_Iterable[_Union[ProcessState, str]]] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., include_ended: _Optional[bool] = ..., page_size: _Optional[int] = ..., after_pid: _Optional[int] = ...) -> None: ...
 
 class ListProcessesResponse(_message.Message):
-    __slots__ = ("processes",)
+    __slots__ = ("processes", "next_after_pid")
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_PID_FIELD_NUMBER: _ClassVar[int]
     processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
-    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ...) -> None: ...
+    next_after_pid: int
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., next_after_pid: _Optional[int] = ...) -> None: ...
 
 class GetProcessRequest(_message.Message):
     __slots__ = ("pid",)
@@ -312,7 +318,7 @@ class GetProcessRequest(_message.Message):
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
-    __slots__ = ("pid", "name", "parent", "kind", "state", "priority", "limits", "usage", "exit_reason", "result", "error", "started_at_ms", "ended_at_ms", "blocked_on", "namespace", "weight")
+    __slots__ = ("pid", "name", "parent", "kind", "state", "priority", "limits", "usage", "exit_reason", "result", "error", "started_at_ms", "ended_at_ms", "blocked_on", "namespace", "weight", "result_left_out")
     PID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +335,7 @@ class ProcessInfo(_message.Message):
     BLOCKED_ON_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
     pid: int
     name: str
     parent: int
@@ -345,7 +352,8 @@ class ProcessInfo(_message.Message):
     blocked_on: str
     namespace: str
     weight: int
-    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., kind: _Optional[_Union[ProcessKind, str]] = ..., state: _Optional[_Union[ProcessState, str]] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., exit_reason: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., blocked_on: _Optional[str] = ..., namespace: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+    result_left_out: bool
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., kind: _Optional[_Union[ProcessKind, str]] = ..., state: _Optional[_Union[ProcessState, str]] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., exit_reason: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., blocked_on: _Optional[str] = ..., namespace: _Optional[str] = ..., weight: _Optional[int] = ..., result_left_out: _Optional[bool] = ...) -> None: ...
 
 class EventsRequest(_message.Message):
     __slots__ = ("pid",)

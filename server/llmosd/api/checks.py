@@ -82,6 +82,23 @@ def name(value: Any, what: str = "name") -> str:
     return value
 
 
+MAX_PATH_BYTES = 4096
+
+
+def program_path(value: Any) -> str:
+    """A program's path under the userland root: printable Unicode text (so no NUL) of at most
+    MAX_PATH_BYTES in UTF-8. Staying inside the root is the loader's check."""
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise InvalidArgument("path: a program's path is non-empty printable text (no NUL or control characters)")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument("path must be valid Unicode text") from None
+    if size > MAX_PATH_BYTES:
+        raise InvalidArgument(f"path: at most {MAX_PATH_BYTES} bytes; this one has {size}")
+    return value
+
+
 def known_options(given: Any, known: tuple[str, ...], what: str) -> None:
     """InvalidArgument naming any option not in `known` (a misspelt option must not pass silently)."""
     unknown = sorted(set(given) - set(known), key=str)

@@ -15,13 +15,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
 from . import checks as C
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
-from ..kernel.kernel import Kernel, SpawnSpec
+from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.mailbox import Match, Message
 from ..kernel.store import ProcessRecord, now_ms
 from ..kernel.waiting import TIMED_OUT, AsyncWaiter
@@ -77,7 +79,9 @@ def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessI
     )
     if rec.usage is not None:
         info.usage.CopyFrom(pb.Usage(**rec.usage))
-    if rec.ended_at_ms:
+    if rec.result is RESULT_IN_STORE:
+        info.result_left_out = True
+    elif rec.ended_at_ms:
         info.result.CopyFrom(to_value(rec.result))
     return info
 
@@ -198,10 +202,27 @@ async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
     return pb.ReadLogResponse(lines=lines, next_offset=next_offset, dropped=dropped)
 
 
+LIST_PAGE_SIZE = 1000  # processes in a ListProcesses page when the request names no size
+MAX_LIST_PAGE_SIZE = 10_000
+LIST_PAGE_BYTES = 1 << 20  # a page ends early rather than grow past this (any reply must fit a client)
+
+
 async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
     states = {_enum_name(pb.ProcessState, s, "states") for s in req.states}
-    found = k.list(states, req.name or None, req.parent, req.include_ended)
-    return pb.ListProcessesResponse(processes=[process_pb(*t) for t in found])
+    if req.page_size > MAX_LIST_PAGE_SIZE:
+        raise InvalidArgument(f"page_size is at most {MAX_LIST_PAGE_SIZE}")
+    size = req.page_size or LIST_PAGE_SIZE
+    found = k.list(states, req.name or None, req.parent, req.include_ended, req.after_pid)
+    reply, used = pb.ListProcessesResponse(), 0
+    for entry in found[:size]:
+        info = process_pb(*entry)
+        used += info.ByteSize()
+        if used > LIST_PAGE_BYTES and reply.processes:
+            break
+        reply.processes.append(info)
+    if len(reply.processes) < len(found):
+        reply.next_after_pid = reply.processes[-1].pid
+    return reply
 
 
 async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
@@ -402,7 +423,16 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
 
 
 # -- wiring into grpc -------------------------------------------------------------------------
-MAX_STATUS_TEXT = 2048  # characters of an error's text: any status must fit in gRPC's trailers
+MAX_STATUS_BYTES = 2048  # an error's whole text, in UTF-8: any status must fit in gRPC's trailers
+
+
+def status_text(text: str) -> str:
+    """`text`, cut so that it and the note saying so fit in MAX_STATUS_BYTES of UTF-8."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= MAX_STATUS_BYTES:
+        return text
+    note = f" ... [{len(raw)} bytes, cut]"
+    return raw[: MAX_STATUS_BYTES - len(note)].decode("utf-8", "ignore") + note
 
 
 async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
@@ -413,9 +443,7 @@ async def _abort(ctx: grpc.aio.ServicerContext, method: str, err: Exception) -> 
     else:
         log.exception("%s failed", method, exc_info=err)
         code, text = grpc.StatusCode.INTERNAL, f"kernel error in {method} (logged by the server): {err!r}"
-    if len(text) > MAX_STATUS_TEXT:
-        text = f"{text[:MAX_STATUS_TEXT]} ... [{len(text) - MAX_STATUS_TEXT} characters cut]"
-    await ctx.abort(code, text)
+    await ctx.abort(code, status_text(text))
 
 
 class Identity:
@@ -461,10 +489,26 @@ def _act_as(req: Any, field: str, caller: int) -> None:
         raise PermissionDenied(f"an agent acts only as itself: {field} must be {caller}, not {given}")
 
 
-def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -> Callable:
-    async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+def _decode(request: type[ProtoMessage], raw: bytes) -> ProtoMessage:
+    """A request from its wire bytes. gRPC would answer UNKNOWN (and log a traceback) for bytes
+    that do not decode, so the handlers decode: malformed protobuf, invalid UTF-8 in a string
+    field, nesting past the parser's depth limit are INVALID_ARGUMENT."""
+    try:
+        return request.FromString(raw)
+    except DecodeError as e:
+        raise InvalidArgument(f"the request does not decode as {request.DESCRIPTOR.full_name}: {e}") from None
+
+
+async def _decode_stream(request: type[ProtoMessage], raws: AsyncIterator[bytes]) -> AsyncIterator[ProtoMessage]:
+    async for raw in raws:
+        yield _decode(request, raw)
+
+
+def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., Awaitable[Any]]) -> Callable:
+    async def handle(raw: Any, ctx: grpc.aio.ServicerContext) -> Any:
         CALL.set(ctx)
         try:
+            req = _decode_stream(request, raw) if hasattr(raw, "__aiter__") else _decode(request, raw)
             return await fn(identity.k, identity.check(method, req, ctx))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -474,10 +518,10 @@ def _unary(identity: Identity, method: str, fn: Callable[..., Awaitable[Any]]) -
     return handle
 
 
-def _stream(identity: Identity, method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable:
-    async def handle(req: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+def _stream(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., AsyncIterator[Any]]) -> Callable:
+    async def handle(raw: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in fn(identity.k, identity.check(method, req, ctx)):
+            async for item in fn(identity.k, identity.check(method, _decode(request, raw), ctx)):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -498,12 +542,12 @@ def kernel_service(k: Kernel, agents: bool = False) -> grpc.GenericRpcHandler:
     for method in SERVICE.methods:
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
-        kwargs = dict(request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+        kwargs = dict(response_serializer=response.SerializeToString)  # requests: see _decode
         fn = SYSCALLS[method.name]
         if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(identity, method.name, fn), **kwargs)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(identity, method.name, request, fn), **kwargs)
         elif method.client_streaming:
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_unary(identity, method.name, fn), **kwargs)
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_unary(identity, method.name, request, fn), **kwargs)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(identity, method.name, fn), **kwargs)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(identity, method.name, request, fn), **kwargs)
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

@@ -39,7 +39,8 @@ from .engine import Completion, Engine, EngineError, RequestHandle
 from .loader import load_model
 from .contexts import ContextInfo
 from .sequence import (
-    ContextBusy, Event, FinishEvent, InvalidRequest, KVLimitExceeded, Request, TokenEvent, ToolCall, UnknownContext, Usage,
+    ContextBusy, Event, FinishEvent, InvalidRequest, KVLimitExceeded, Request, TokenBudgetExceeded, TokenEvent,
+    ToolCall, UnknownContext, Usage,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "FinishEvent",
     "InvalidRequest",
     "KVLimitExceeded",
+    "TokenBudgetExceeded",
     "ModelConfig",
     "Request",
     "RequestHandle",

@@ -21,7 +21,8 @@ from .runner import ModelRunner
 from .sampling import OutputText, sample
 from .scheduler import Scheduler
 from .sequence import (
-    Event, FinishEvent, InvalidRequest, Request, Sequence, TokenEvent, ToolCall, UnknownContext, check_sampling,
+    Event, FinishEvent, InvalidRequest, Request, Sequence, TokenBudgetExceeded, TokenEvent, ToolCall, UnknownContext,
+    check_sampling,
 )
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -188,6 +189,11 @@ class Engine:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context length ({limit})"
             )
+        if request.token_budget is not None:
+            if len(prompt_ids) >= request.token_budget:
+                raise TokenBudgetExceeded(f"the prompt ({len(prompt_ids)} tokens) leaves nothing of the "
+                                          f"token budget ({request.token_budget})")
+            max_tokens = min(max_tokens, request.token_budget - len(prompt_ids))
         if not isinstance(request.priority, int) or not isinstance(request.owner, int):
             raise InvalidRequest("priority and owner must be integers")
         if request.deadline is not None and not (isinstance(request.deadline, (int, float)) and math.isfinite(request.deadline)):

@@ -24,6 +24,10 @@ class KVLimitExceeded(InvalidRequest):
     """The owner's contexts would hold more KV cache than its limit (Engine.set_kv_limit)."""
 
 
+class TokenBudgetExceeded(InvalidRequest):
+    """The prompt alone uses up the request's token_budget."""
+
+
 @dataclass
 class Request:
     """One generation request. Exactly one of prompt, messages, prompt_ids is given.
@@ -58,6 +62,9 @@ class Request:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     context: int | None = None
+    # Prompt plus generated tokens may not pass this (the caller's token quota left):
+    # max_tokens is cut to what the prompt leaves.
+    token_budget: int | None = None
 
 
 @dataclass

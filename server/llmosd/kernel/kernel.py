@@ -15,6 +15,7 @@ import os
 import pathlib
 import time
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _send_exit_notice)
 MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
+# An ended process's result stays in memory (for Wait, lists and events) only up to this size;
+# a bigger one is read back from the store when asked for, and lists and events leave it out.
+RESULT_KEPT_BYTES = 1024
+RESULT_IN_STORE = object()  # stands for such a result in the ended cache
 MAX_SPAWN_DEPTH = 100  # how deep a process tree may grow (each spawn counts against every ancestor's limit)
 SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
                            "source_name"))
@@ -286,7 +291,7 @@ class Kernel:
         root = self.config.userland_root
         if not root:
             raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")
-        rel = spec.path or ""
+        rel = C.program_path(spec.path)
         full = os.path.realpath(os.path.join(root, rel))
         if os.path.isabs(rel) or not full.startswith(os.path.realpath(root) + os.sep):
             raise InvalidArgument(f"path {rel!r} must be relative and inside the userland root")
@@ -342,7 +347,7 @@ class Kernel:
 
     def _ended_record(self, pid: int) -> ProcessRecord | None:
         rec = self.ended.get(pid)
-        if rec is None:
+        if rec is None or rec.result is RESULT_IN_STORE:
             if not 0 < pid <= C.MAX_PID:  # the store holds only pids it gave out
                 return None
             rec = self.store.load_process(pid)
@@ -497,7 +502,8 @@ class Kernel:
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=proc.kind == P.PORT)
-        self.ended[proc.pid] = rec
+        kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
+        self.ended[proc.pid] = kept
         if len(self.ended) > self.config.ended_cache:
             self.logs.forget(self.ended.popitem(last=False)[0])
         for waiter in proc.exit_waiters:
@@ -516,7 +522,7 @@ class Kernel:
         proc.runtime = None
         if proc.log_to_server:
             log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
-        self._emit("ended", rec)
+        self._emit("ended", kept)
 
     # -- names, monitors, priorities -------------------------------------------------------
     def register(self, pid: int, name: str) -> None:
@@ -626,19 +632,18 @@ class Kernel:
             raise InvalidArgument("pid must be an integer")
         return describe_record(self.get(pid)[0])
 
-    def list(self, states: set[str], name: str | None, parent: int, include_ended: bool) -> list[tuple]:
+    def list(self, states: set[str], name: str | None, parent: int, include_ended: bool,
+             after_pid: int = 0) -> list[tuple]:
+        """(record, blocked_on) of the processes with pids above `after_pid` that match, by pid."""
+        def wanted(pid: int, state: str, pname: str | None, pparent: int) -> bool:
+            return (pid > after_pid and (not states or state in states) and (not name or pname == name)
+                    and (not parent or pparent == parent))
+
         with self.lock:
-            out = [
-                self._snapshot(p) for p in self.procs.values()
-                if (not states or p.state in states) and (not name or p.name == name)
-                and (not parent or p.parent == parent)
-            ]
+            out = [self._snapshot(p) for p in self.procs.values() if wanted(p.pid, p.state, p.name, p.parent)]
             if include_ended:
-                out += [
-                    (rec, None) for rec in self.ended.values()
-                    if (not states or rec.state in states) and (not name or rec.name == name)
-                    and (not parent or rec.parent == parent)
-                ]
+                out += [(rec, None) for rec in self.ended.values()
+                        if wanted(rec.pid, rec.state, rec.name, rec.parent)]
         out.sort(key=lambda t: t[0].pid)
         return out
 
@@ -770,7 +775,7 @@ class Kernel:
                     self.end_locked(proc, P.CRASHED, "error", error=_startup_error(out[1].decode(), out[2]))
                 elif kind == b"done":
                     try:
-                        result = from_lua(out[1], "result")
+                        result = self._lua_result(out[1], "result")
                     except KernelError as e:
                         self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
                     else:
@@ -786,6 +791,10 @@ class Kernel:
                         self.end_locked(proc, P.CRASHED, "error", error=text)
             return
 
+    def _lua_result(self, value: Any, what: str) -> Any:
+        """A Lua process's result, checked as a message body is: whatever is stored can be returned."""
+        return C.value(from_lua(value, what), what, self.config.max_message_bytes)
+
     def _resume_args(self, proc: Process) -> tuple:
         value, proc.resume_value = proc.resume_value, ()
         if isinstance(value, _Ready):
@@ -800,7 +809,7 @@ class Kernel:
         lua = proc.runtime
         if name == "exit":
             try:
-                result = from_lua(args[0] if args else None, "sys.exit")
+                result = self._lua_result(args[0] if args else None, "sys.exit")
             except KernelError as e:
                 self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
                 return None
@@ -902,3 +911,12 @@ def check_syntax(source: str, name: str) -> None:
     err = lua_syntax_error(source, name)
     if err is not None:
         raise InvalidArgument(f"Lua syntax error: {err}")
+
+
+def _fits(value: Any, limit: int) -> bool:
+    """Whether a (checked) value encodes in at most `limit` bytes."""
+    try:
+        _lua.value_size(value, limit)
+    except _lua.TooLarge:
+        return False
+    return True

@@ -180,7 +180,7 @@ static int value_size(PyObject *v, int depth, Py_ssize_t *total, Py_ssize_t limi
         return bad_value(PyBytes_Check(v) ? "strings must be UTF-8 text; send raw bytes as data"
                                           : "only JSON values can cross (null, booleans, numbers, text, arrays, objects)");
     if (depth >= LLMOS_MAX_DEPTH)
-        return bad_value("values nest at most 64 levels deep");
+        return bad_value("values nest at most " LLMOS_STR(LLMOS_MAX_DEPTH) " levels deep");
     /* A container's payload is counted as it grows, so a huge one is refused
      * early; its own header is added at the end. */
     before = *total;
@@ -750,7 +750,7 @@ PyTypeObject MailboxType = {
 static PyMethodDef messaging_functions[] = {
     {"value_size", value_size_py, METH_VARARGS,
      "value_size(value, limit=0) -> its size as a google.protobuf.Value encoding; BadValue if it breaks the value "
-     "model (JSON; integers within +-2^53; 64 levels deep), TooLarge past `limit` (0: none)"},
+     "model (JSON; integers within +-2^53; LLMOS_MAX_DEPTH levels deep), TooLarge past `limit` (0: none)"},
     {NULL, NULL, 0, NULL},
 };
 

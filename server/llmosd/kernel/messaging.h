@@ -57,8 +57,13 @@ extern PyTypeObject LockType, MessageType, MatchType, MailboxType;
  * +-2^53, where they are exact; no NaN or infinity), UTF-8 text, arrays, and
  * objects with text keys, nested at most LLMOS_MAX_DEPTH deep. A value's size
  * is the size of its google.protobuf.Value encoding, what a gRPC client sends:
- * the same bytes are counted whichever way a message arrives. */
-#define LLMOS_MAX_DEPTH 64
+ * the same bytes are counted whichever way a message arrives.
+ * Depth 32: protobuf parsers (upb, C++, Java, Go) refuse messages nested past 100 levels, and
+ * a value n arrays deep is 2n+1 levels, 2n+5 inside the deepest reply that carries one
+ * (ListProcessesResponse > ProcessInfo > result), so whatever is accepted can be read back. */
+#define LLMOS_MAX_DEPTH 32
+#define LLMOS_STR_(x) #x
+#define LLMOS_STR(x) LLMOS_STR_(x) /* a number macro as a string literal, for messages */
 #define LLMOS_MAX_EXACT_INTEGER 9007199254740992LL /* 2^53 */
 
 extern PyObject *llmos_BadValue, *llmos_TooLarge; /* a value that cannot cross; one over the size limit */

@@ -242,6 +242,7 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
     if (core == NULL || state->mailbox == NULL)
         return SEND_DECLINED;
     body = llmos_to_python(L, 2, 0, 1, &budget); /* a body is JSON, of at most a message's size */
+    llmos_value_budget_done(&budget);
     if (body == NULL) {
         PyErr_Clear();
         return SEND_DECLINED;

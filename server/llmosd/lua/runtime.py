@@ -62,7 +62,7 @@ _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 # _lua.c converts values as they cross: a Lua string given directly arrives as
 # bytes, a number as it is, a table as a dict or list already checked against
 # the value model (messaging.h: text strings, finite numbers, integers within
-# +-2^53, text keys, at most 64 levels deep, at most the message size limit),
+# +-2^53, text keys, at most 32 levels deep, at most the message size limit),
 # and a value that cannot cross as a _lua.BadValue (or TooLarge) saying why.
 
 def from_lua(value: Any, what: str = "value") -> Any:

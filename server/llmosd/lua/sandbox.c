@@ -442,12 +442,40 @@ static int check_result(lua_State *L, int base)
     return n;
 }
 
-static void check_options(lua_State *L, int idx, const char *fname)
+/* Options of a C fast path: nil or a table whose keys are all among `known` (NULL-terminated);
+ * a misspelt option must not pass silently (checks.known_options words the same refusal for the
+ * syscalls the bridge answers). */
+static void check_options(lua_State *L, int idx, const char *fname, const char *const known[])
 {
-    int t = lua_type(L, idx);
-    if (t != LUA_TNIL && t != LUA_TTABLE)
+    int t = lua_type(L, idx), i;
+    const char *key;
+    if (t == LUA_TNIL)
+        return;
+    if (t != LUA_TTABLE)
         luaL_error(L, "%s: expected a table of options", fname);
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        key = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        for (i = 0; key != NULL && known[i] != NULL && strcmp(key, known[i]) != 0; i++)
+            ;
+        if (key == NULL || known[i] == NULL) {
+            int bad = lua_gettop(L);
+            luaL_where(L, 2); /* the caller's position, as the bridge's refusals have */
+            lua_pushfstring(L, "%s: unknown option(s) ", fname);
+            luaL_tolstring(L, bad, NULL);
+            lua_pushstring(L, " (known:");
+            for (i = 0; known[i] != NULL; i++)
+                lua_pushfstring(L, "%s %s", i > 0 ? "," : "", known[i]);
+            lua_pushstring(L, ")");
+            lua_concat(L, lua_gettop(L) - bad);
+            lua_error(L);
+        }
+    }
 }
+
+static const char *const SEND_OPTIONS[] = {"tag", "data", "correlation_id", NULL};
+static const char *const RECV_OPTIONS[] = {"from", "tag", "correlation_id", "timeout_ms", NULL};
 
 static void push_option(lua_State *L, int idx, const char *name)
 {
@@ -492,7 +520,7 @@ static int sys_send(lua_State *L)
 {
     Sandbox *sb = sandbox_of(L);
     lua_settop(L, 3); /* to, body, opts */
-    check_options(L, 3, "sys.send");
+    check_options(L, 3, "sys.send", SEND_OPTIONS);
     push_ref(L, sb->send);
     lua_pushvalue(L, 1);
     lua_pushvalue(L, 2);
@@ -576,7 +604,7 @@ static int sys_recv(lua_State *L)
     Sandbox *sb = sandbox_of(L);
     int i, zero_timeout;
     lua_settop(L, 1);
-    check_options(L, 1, "sys.recv");
+    check_options(L, 1, "sys.recv", RECV_OPTIONS);
     push_recv_option(L, 1, KEY_FROM);
     push_recv_option(L, 1, KEY_TAG);
     push_recv_option(L, 1, KEY_CORRELATION_ID);

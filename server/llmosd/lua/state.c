@@ -284,17 +284,32 @@ static PyObject *bad_value(const char *reason)
 
 LuaValueBudget llmos_value_budget(lua_State *L)
 {
-    LuaValueBudget budget = {0, llmos_state_of(L)->value_limit};
+    LuaValueBudget budget = {0, llmos_state_of(L)->value_limit, NULL, 0};
     return budget;
 }
+
+void llmos_value_budget_done(LuaValueBudget *budget)
+{
+    Py_CLEAR(budget->seen);
+}
+
+/* Bytes of a value converted between chances for other threads to take the GIL: a table
+ * shared along many paths (a DAG) costs up to the whole budget to walk, a few hundred ms
+ * at 4 MiB, and the rest of the server must not stall meanwhile. */
+#define GIL_SHARE_BYTES (1 << 16)
 
 /* Charges `size` bytes to the conversion; 0, or -1 with TooLarge past its limit. */
 static int charge(LuaValueBudget *budget, Py_ssize_t size)
 {
+    Py_ssize_t before = budget->used;
     budget->used += size;
     if (budget->used > budget->limit) {
         llmos_too_large(budget->limit);
         return -1;
+    }
+    if (before / GIL_SHARE_BYTES != budget->used / GIL_SHARE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS /* a thread that asked for the GIL gets it here */
+        Py_END_ALLOW_THREADS
     }
     return 0;
 }
@@ -340,11 +355,35 @@ static PyObject *table_to_python(lua_State *L, int idx, int depth, LuaValueBudge
     lua_Integer count = 0, top = 0, key;
     int is_list = 1;
     Py_ssize_t before = budget->used, item_start, key_bytes;
-    PyObject *out, *item, *name;
+    PyObject *out, *item, *name, *address, *seen;
+    int outer_deepest = budget->deepest, height;
     if (depth >= LLMOS_MAX_DEPTH)
-        return bad_value("tables nest deeper than 64 levels (a cycle?)");
+        return bad_value("tables nest deeper than " LLMOS_STR(LLMOS_MAX_DEPTH) " levels (a cycle?)");
+    if (budget->seen == NULL && (budget->seen = PyDict_New()) == NULL)
+        return NULL;
+    if ((address = PyLong_FromVoidPtr((void *)lua_topointer(L, idx))) == NULL)
+        return NULL;
+    seen = PyDict_GetItemWithError(budget->seen, address);
+    if (seen != NULL) { /* reached again: the same value, charged again, as its encoding repeats it */
+        Py_DECREF(address);
+        height = (int)PyLong_AsLong(PyTuple_GET_ITEM(seen, 2));
+        if (depth + height >= LLMOS_MAX_DEPTH)
+            return bad_value("tables nest deeper than " LLMOS_STR(LLMOS_MAX_DEPTH) " levels (a cycle?)");
+        budget->deepest = depth + height > budget->deepest ? depth + height : budget->deepest;
+        if (charge(budget, PyLong_AsSsize_t(PyTuple_GET_ITEM(seen, 1))) < 0)
+            return NULL;
+        out = PyTuple_GET_ITEM(seen, 0);
+        Py_INCREF(out);
+        return out;
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(address);
+        return NULL;
+    }
+    budget->deepest = depth;
     if (!lua_checkstack(L, 2)) { /* for lua_next's key and value; growing it may need memory */
         PyErr_SetString(PyExc_MemoryError, "not enough memory");
+        Py_DECREF(address);
         return NULL;
     }
     idx = lua_absindex(L, idx);
@@ -360,11 +399,11 @@ static PyObject *table_to_python(lua_State *L, int idx, int depth, LuaValueBudge
     }
     is_list = count > 0 && is_list && top <= 2 * count;
     /* The holes of a list are nulls, charged before they are made. */
+    out = NULL;
     if (is_list && charge(budget, (top - count) * llmos_field_size(LLMOS_SCALAR_SIZE)) < 0)
-        return NULL;
-    out = is_list ? PyList_New((Py_ssize_t)top) : PyDict_New();
-    if (out == NULL)
-        return NULL;
+        goto done;
+    if ((out = is_list ? PyList_New((Py_ssize_t)top) : PyDict_New()) == NULL)
+        goto done;
     if (is_list) {
         for (key = 0; key < top; key++) {
             Py_INCREF(Py_None);
@@ -412,14 +451,23 @@ static PyObject *table_to_python(lua_State *L, int idx, int depth, LuaValueBudge
     }
     item_start = budget->used - before;
     budget->used = before;
-    if (charge(budget, llmos_field_size(item_start)) < 0) {
-        Py_DECREF(out);
-        return NULL;
+    if (charge(budget, llmos_field_size(item_start)) < 0)
+        goto done;
+    height = budget->deepest - depth;
+    budget->deepest = budget->deepest > outer_deepest ? budget->deepest : outer_deepest;
+    seen = Py_BuildValue("(Onn)", out, budget->used - before, (Py_ssize_t)height);
+    if (seen == NULL || PyDict_SetItem(budget->seen, address, seen) < 0) {
+        Py_XDECREF(seen);
+        goto done;
     }
+    Py_DECREF(seen);
+    Py_DECREF(address);
     return out;
 fail:
     lua_pop(L, 2); /* the key and value lua_next left */
-    Py_DECREF(out);
+done:
+    Py_DECREF(address);
+    Py_XDECREF(out);
     return NULL;
 }
 
@@ -488,6 +536,7 @@ static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int la
     for (i = first; i <= last; i++) {
         budget = llmos_value_budget(L);
         value = llmos_to_python(L, i, 0, 0, &budget);
+        llmos_value_budget_done(&budget);
         if (value == NULL) {
             if (!PyErr_ExceptionMatches(llmos_BadValue)) {
                 Py_DECREF(out);

@@ -62,12 +62,17 @@ extern PyTypeObject StateType, CoreType;
 State *llmos_state_of(lua_State *L);
 /* A lua_CFunction, run protected: pushes the values of the tuple given as light userdata. */
 int llmos_push_values(lua_State *L);
-/* What converting one Lua value has cost so far, in encoded bytes (see messaging.h), and may cost. */
+/* What converting one Lua value has cost so far, in encoded bytes (see messaging.h), and may cost;
+ * the tables converted so far (so that a table reached again, in a DAG, costs one lookup), and
+ * the depth of the deepest table reached. */
 typedef struct {
     Py_ssize_t used, limit;
+    PyObject *seen; /* {table address: (value, encoded size, height)}, made on first use */
+    int deepest;
 } LuaValueBudget;
-/* A budget of the state's value limit. */
+/* A budget of the state's value limit; release it with llmos_value_budget_done. */
 LuaValueBudget llmos_value_budget(lua_State *L);
+void llmos_value_budget_done(LuaValueBudget *budget);
 /* A Lua value as Python's (nested: inside a table, where strings are text and numbers follow the value
  * model); NULL with BadValue if it cannot cross, TooLarge once it costs more than the budget allows. */
 PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested, LuaValueBudget *budget);

@@ -153,6 +153,7 @@ class Inference:
             prompt=prompt, messages=messages, max_tokens=spec.get("max_tokens") or DEFAULT_MAX_TOKENS,
             temperature=spec.get("temperature"), top_p=spec.get("top_p"), top_k=spec.get("top_k") or None,
             seed=spec.get("seed"), stop=stop, priority=priority, owner=proc.pid if proc is not None else 0,
+            token_budget=proc.limits.tokens - proc.tokens if proc is not None and proc.limits.tokens else None,
             deadline=time.monotonic() + C.duration_ms(timeout, "timeout_ms") / 1000 if timeout else None,
             json_schema=spec.get("json_schema"), regex=spec.get("regex"), grammar=spec.get("grammar"),
             tools=spec.get("tools"), tool_choice=C.tool_choice(spec.get("tool_choice")), context=context,
@@ -419,13 +420,13 @@ class Inference:
 
 def engine_error(e: ValueError) -> KernelError:
     """The engine's refusal (InvalidRequest or one of its kinds) as a kernel error."""
-    from ..engine import ContextBusy, KVLimitExceeded, UnknownContext
+    from ..engine import ContextBusy, KVLimitExceeded, TokenBudgetExceeded, UnknownContext
 
     if isinstance(e, UnknownContext):
         return NotFound(str(e))
     if isinstance(e, ContextBusy):
         return FailedPrecondition(str(e))
-    if isinstance(e, KVLimitExceeded):
+    if isinstance(e, (KVLimitExceeded, TokenBudgetExceeded)):
         return ResourceExhausted(str(e))
     return InvalidArgument(str(e))
 
