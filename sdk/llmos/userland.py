@@ -8,6 +8,9 @@ A Python program spawned by llmosd runs in a sandboxed subprocess and writes::
     sys.send(job.sender, job.body * 2, tag="result", correlation_id=job.correlation_id)
     sys.exit({"done": True})            # the process's result (default: None)
 
+`sys.infer(...)` generates with the shared model (json_schema, regex, grammar, tools,
+tool_choice and context as in Lua); `sys.context.create(messages, tools=None)`,
+`sys.context.fork(h)` and `sys.context.drop(h)` manage conversation contexts.
 `sys.args` is the argument value given at spawn, `sys.self()` the pid. print()
 and sys.log() write the process log (`llmos logs PID`). An uncaught exception
 crashes the process with its message as the error. Calls reach the kernel
