@@ -139,7 +139,10 @@ async def serve(args: argparse.Namespace) -> None:
         agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
         agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
         await agent_server.start()
-    health_watch = asyncio.create_task(watch_health(kernel, health_servicer, int(args.wedged_ms * 1_000_000)))
+    health_set = asyncio.Event()
+    health_watch = asyncio.create_task(watch_health(kernel, health_servicer, int(args.wedged_ms * 1_000_000),
+                                                    health_set))
+    await health_set.wait()  # a status from the start: a client told "listening" never gets NOT_FOUND
     where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
     print(f"llmosd: listening on {where}", flush=True)
     for path in args.spawn:
@@ -162,12 +165,13 @@ async def serve(args: argparse.Namespace) -> None:
     kernel.shutdown()
 
 
-async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int) -> None:
+async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int,
+                       first_set: asyncio.Event) -> None:
     """The overall service and the kernel's are SERVING once the model has loaded (NOT_SERVING
     before, and for good if it failed to load), and NOT_SERVING again while a virtual CPU is
     wedged: its thread has been stuck in one C call more than `wedged_ns` past the time it was due
     to give the CPU back (the scheduler has handed the CPU to another thread meanwhile, see
-    scheduler.py), until it checks in."""
+    scheduler.py), until it checks in. `first_set` is set once the first status is."""
     inference = kernel.inference
     serving: bool | None = None
     wedged = False
@@ -189,6 +193,7 @@ async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedg
             status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE.full_name):
                 await servicer.set(name, status)
+            first_set.set()
         await asyncio.sleep(HEALTH_PERIOD_S)
 
 
