@@ -90,13 +90,18 @@ def program_path(value: Any) -> str:
     MAX_PATH_BYTES in UTF-8. Staying inside the root is the loader's check."""
     if not isinstance(value, str) or not value or not value.isprintable():
         raise InvalidArgument("path: a program's path is non-empty printable text (no NUL or control characters)")
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        raise InvalidArgument("path must be valid Unicode text") from None
+    size = _utf8_size(value, "path")
     if size > MAX_PATH_BYTES:
         raise InvalidArgument(f"path: at most {MAX_PATH_BYTES} bytes; this one has {size}")
     return value
+
+
+def _utf8_size(value: str, what: str) -> int:
+    """`value`'s length in UTF-8; InvalidArgument for text that has none (a lone surrogate)."""
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} must be valid Unicode text") from None
 
 
 def known_options(given: Any, known: tuple[str, ...], what: str) -> None:
@@ -111,10 +116,7 @@ def text(value: Any, what: str) -> str:
     """A short text (tag, correlation id, reason): str of at most MAX_TEXT_BYTES UTF-8 bytes."""
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string")
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        raise InvalidArgument(f"{what} must be valid Unicode text") from None
+    size = _utf8_size(value, what)
     if size > MAX_TEXT_BYTES:
         raise InvalidArgument(f"{what} is at most {MAX_TEXT_BYTES} bytes; this one has {size}")
     return value
