@@ -76,7 +76,8 @@ def test_lua_sys_is_exactly_the_table_entries_for_lua(stub: Any) -> None:
 
 def test_python_agents_sys_is_exactly_the_table_entries_for_python() -> None:
     found = set()
-    for prefix, cls in (("", userland.Sys), ("fs.", userland.Files), ("lock.", userland.Locks), ("cond.", userland.Conds)):
+    for prefix, cls in (("", userland.Sys), ("fs.", userland.Files), ("lock.", userland.Locks),
+                        ("cond.", userland.Conds), ("context.", userland.Contexts)):
         found |= {prefix + name for name, _ in inspect.getmembers(cls, inspect.isfunction) if not name.startswith("_")}
     assert sorted(found) == sorted(s.name for s in TABLE if s.python)
 

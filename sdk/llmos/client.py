@@ -124,16 +124,28 @@ class InferChunk:
     token_ids: list[int]
     finish_reason: str
     usage: dict[str, int] | None
+    tool_calls: list[dict[str, JSON]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class InferResult:
-    """A whole generation: the text, its token ids, why it stopped and the token usage."""
+    """A whole generation: the text, its token ids, why it stopped and the token usage; with
+    tools, the calls the model made ({"id", "name", "arguments"}, arguments valid for the tool)."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     usage: dict[str, int] = field(default_factory=dict)
+    tool_calls: list[dict[str, JSON]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """A conversation context: its handle, its length in tokens and the KV cache bytes they take."""
+
+    context_id: int
+    tokens: int
+    kv_bytes: int
 
 
 @dataclass(frozen=True)
@@ -189,7 +201,9 @@ def _chunk_data(chunk: pb.FileChunk) -> bytes:
 
 def chunk_from_pb(chunk: pb.InferChunk) -> InferChunk:
     return InferChunk(text=chunk.text, token_ids=list(chunk.token_ids), finish_reason=chunk.finish_reason,
-                      usage=_fields(chunk.usage) if chunk.HasField("usage") else None)
+                      usage=_fields(chunk.usage) if chunk.HasField("usage") else None,
+                      tool_calls=[{"id": c.id, "name": c.name, "arguments": from_value(c.arguments)}
+                                  for c in chunk.tool_calls])
 
 
 def join_chunks(chunks: Sequence[InferChunk]) -> InferResult:
@@ -197,7 +211,7 @@ def join_chunks(chunks: Sequence[InferChunk]) -> InferResult:
     usage = next((c.usage for c in reversed(chunks) if c.usage is not None), {})
     finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "")
     return InferResult(text="".join(c.text for c in chunks), token_ids=[t for c in chunks for t in c.token_ids],
-                       finish_reason=finish, usage=usage)
+                       finish_reason=finish, usage=usage, tool_calls=[t for c in chunks for t in c.tool_calls])
 
 
 # -- calls and plans --------------------------------------------------------------------------
@@ -311,6 +325,25 @@ def _message(cls: type, what: str, fields: Mapping[str, Any]) -> Any:
         return cls(**fields)
     except (TypeError, ValueError) as e:
         raise _invalid(f"bad {what}: {e}") from None
+
+
+def _chat(messages: Sequence[Mapping[str, str]] | None) -> list[pb.ChatMessage]:
+    return [_message(pb.ChatMessage, "chat message", m) for m in messages or []]
+
+
+def _tools(tools: Sequence[Mapping[str, JSON]] | None) -> list[pb.Tool]:
+    """Tools in the proto's shape; OpenAI's {"type": "function", "function": {...}} is unwrapped."""
+    out = []
+    for tool in tools or []:
+        if isinstance(tool, Mapping) and tool.get("type") == "function" and isinstance(tool.get("function"), Mapping):
+            tool = tool["function"]
+        if not isinstance(tool, Mapping):
+            raise _invalid(f"a tool must be a dict of name, description and parameters, not {type(tool).__name__}")
+        fields = dict(tool)
+        if "parameters" in fields:
+            fields["parameters"] = to_value(fields["parameters"])
+        out.append(_message(pb.Tool, "tool", fields))
+    return out
 
 
 def _byte_pieces(data: bytes | bytearray | memoryview | str | Iterable[bytes]) -> Iterator[bytes]:
@@ -556,24 +589,55 @@ class Syscalls:
               max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
               top_k: int | None = None, seed: int | None = None, stop: Sequence[str] | None = None,
               stream: bool = False, priority: int | None = None,
-              timeout: float | None = None) -> Plan[InferResult | Iterator[InferChunk]]:
+              timeout: float | None = None, json_schema: Mapping[str, JSON] | None = None,
+              regex: str | None = None, grammar: str | None = None,
+              tools: Sequence[Mapping[str, JSON]] | None = None, tool_choice: str | None = None,
+              context: int = 0) -> Plan[InferResult | Iterator[InferChunk]]:
         """Generate text with the kernel's model, charged to process ``pid``.
 
         Give ``prompt`` text or chat ``messages`` ([{"role": "user", "content": "..."}]). ``max_tokens`` 0 is
         the server's default, ``temperature`` 0 is greedy. Returns an :class:`InferResult`, or with ``stream``
         an iterator of :class:`InferChunk` as tokens are generated. ``timeout`` (seconds) bounds the request.
+
+        At most one constraint makes the output match it: ``json_schema`` (a dict), ``regex`` or ``grammar``
+        (GBNF or Lark). ``tools`` ([{"name", "description", "parameters": JSON schema}], OpenAI's
+        {"type": "function", "function": {...}} too) are offered to the model; ``tool_choice`` is "auto",
+        "none", "required" or a tool's name; the calls come back in ``tool_calls``. ``context`` continues
+        a conversation context of ``pid`` (:meth:`create_context`) with ``messages`` as the new turn.
         """
         timeout_ms = _timeout_ms(timeout)
         sampling = _message(pb.SamplingParams, "sampling settings", dict(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []))
         request = _message(pb.InferRequest, "infer request", dict(
             pid=pid, prompt=prompt or "", sampling=sampling, stream=stream, priority=priority,
-            timeout_ms=timeout_ms,
-            messages=[_message(pb.ChatMessage, "chat message", m) for m in messages or []]))
+            timeout_ms=timeout_ms, messages=_chat(messages),
+            json_schema=None if json_schema is None else to_value(json_schema), regex=regex or "",
+            grammar=grammar or "", tools=_tools(tools), tool_choice=tool_choice or "", context_id=context))
         if not stream:
             chunks = yield Streaming("Infer", request, _deadline(timeout_ms), chunk_from_pb, collect=True)
             return join_chunks(chunks)
         return (yield Streaming("Infer", request, _deadline(timeout_ms), chunk_from_pb, collect=False))
+
+    @syscall
+    def create_context(self, pid: int, messages: Sequence[Mapping[str, str]],
+                       tools: Sequence[Mapping[str, JSON]] | None = None) -> Plan[ContextInfo]:
+        """A conversation context owned by process (or port) ``pid``: the chat is prefilled once and its
+        KV cache kept, so ``infer(pid=pid, context=c.context_id, messages=[new turn])`` prefills only the
+        turn. Freed by :meth:`drop_context` or when ``pid`` ends; ``limits.kv_bytes`` caps them."""
+        reply = yield self._unary("CreateContext", _message(pb.CreateContextRequest, "context request", dict(
+            pid=pid, messages=_chat(messages), tools=_tools(tools))))
+        return ContextInfo(reply.context_id, reply.tokens, reply.kv_bytes)
+
+    @syscall
+    def fork_context(self, pid: int, context: int) -> Plan[ContextInfo]:
+        """A new context of ``pid`` with the same history, sharing its KV cache (copy on write)."""
+        reply = yield self._unary("ForkContext", pb.ForkContextRequest(pid=pid, context_id=context))
+        return ContextInfo(reply.context_id, reply.tokens, reply.kv_bytes)
+
+    @syscall
+    def drop_context(self, pid: int, context: int) -> Plan[None]:
+        """Free a context of ``pid`` (NotFound if it has none by that handle)."""
+        yield self._unary("DropContext", pb.DropContextRequest(pid=pid, context_id=context))
 
     # -- files: a durable tree per namespace; external clients use namespace "default" ----------------
     @syscall

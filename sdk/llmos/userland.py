@@ -8,6 +8,9 @@ A Python program spawned by llmosd runs in a sandboxed subprocess and writes::
     sys.send(job.sender, job.body * 2, tag="result", correlation_id=job.correlation_id)
     sys.exit({"done": True})            # the process's result (default: None)
 
+`sys.infer(...)` generates with the shared model (json_schema, regex, grammar, tools,
+tool_choice and context as in Lua); `sys.context.create(messages, tools=None)`,
+`sys.context.fork(h)` and `sys.context.drop(h)` manage conversation contexts.
 `sys.args` is the argument value given at spawn, `sys.self()` the pid. print()
 and sys.log() write the process log (`llmos logs PID`). An uncaught exception
 crashes the process with its message as the error. Calls reach the kernel
@@ -54,7 +57,8 @@ _INT32 = (-2**31, 2**31 - 1)
 _UINT32 = (0, 2**32 - 1)
 _LIMITS = {f.name: _UINT32 if f.type == f.TYPE_UINT32 else (0, 2**64 - 1) for f in pb.Limits.DESCRIPTOR.fields}
 _DURATION_LIMITS = ("cpu_ms", "wall_ms")
-_OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock", "Conds": "sys.cond"}
+_OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock", "Conds": "sys.cond",
+           "Contexts": "sys.context"}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -280,6 +284,48 @@ class Conds:
         return self._k.cond_broadcast(_text(name, "sys.cond.broadcast: name"), pid=self._pid)
 
 
+class Contexts:
+    """sys.context: conversation contexts of this process, whose KV cache the kernel keeps."""
+
+    def __init__(self, kernel: _AgentClient, pid: int) -> None:
+        self._k = kernel
+        self._pid = pid
+
+    @_syscall
+    def create(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+        """A context holding the chat (and the tools every request on it may call); its handle."""
+        return self._k.create_context(self._pid, _chat(messages, "sys.context.create"),
+                                      tools=_tool_list(tools, "sys.context.create")).context_id
+
+    @_syscall
+    def fork(self, context: int) -> int:
+        """A copy of the context sharing its KV cache; its handle."""
+        return self._k.fork_context(self._pid, _handle(context, "sys.context.fork")).context_id
+
+    @_syscall
+    def drop(self, context: int) -> None:
+        self._k.drop_context(self._pid, _handle(context, "sys.context.drop"))
+
+
+def _chat(messages: Any, what: str) -> list[dict]:
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise _invalid(f"{what}: messages must be a list of {{role, content}} dicts, not {type(messages).__name__}")
+    return list(messages)
+
+
+def _tool_list(tools: Any, what: str) -> list[dict] | None:
+    if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
+        raise _invalid(f"{what}: tools must be a list of dicts (name, description, parameters)")
+    return None if tools is None else list(tools)
+
+
+def _handle(value: Any, what: str) -> int:
+    value = _integer(value, what)
+    if not 0 < value <= MAX_EXACT_INTEGER:
+        raise _invalid(f"{what}: a context handle is a positive integer, not {_show(value)}")
+    return value
+
+
 class Sys:
     """The syscalls of this agent (see the module docstring)."""
 
@@ -290,6 +336,7 @@ class Sys:
         self.fs = Files(self._k)
         self.lock = Locks(self._k, pid)
         self.cond = Conds(self._k, pid)
+        self.context = Contexts(self._k, pid)
 
     @_syscall
     def self(self) -> int:
@@ -389,18 +436,32 @@ class Sys:
     def infer(self, prompt: str | None = None, messages: list[dict] | None = None, max_tokens: int = 0,
               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
               seed: int | None = None, stop: list[str] | None = None, priority: int | None = None,
-              timeout_ms: float | None = None) -> dict:
-        """Generate with the shared model; returns {text, finish_reason, usage} as in Lua."""
-        if messages is not None and not isinstance(messages, (list, tuple)):
-            raise _invalid("sys.infer: messages must be a list of {role, content} dicts, "
-                           f"not {type(messages).__name__}")
+              timeout_ms: float | None = None, json_schema: dict | None = None, regex: str | None = None,
+              grammar: str | None = None, tools: list[dict] | None = None, tool_choice: str | None = None,
+              context: int | None = None) -> dict:
+        """Generate with the shared model; returns {text, finish_reason, usage} as in Lua, and
+        tool_calls ([{id, name, arguments}]) when tools were given."""
+        if messages is not None:
+            messages = _chat(messages, "sys.infer")
         if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
             raise _invalid("sys.infer: stop must be a list of str")
+        if json_schema is not None and not isinstance(json_schema, dict):
+            raise _invalid(f"sys.infer: json_schema must be a dict, not {type(json_schema).__name__}")
+        if tool_choice is not None and not isinstance(tool_choice, str):
+            raise _invalid('sys.infer: tool_choice must be "auto", "none", "required" or a tool\'s name')
         result = self._k.infer(
             prompt=_optional_text(prompt, "sys.infer: prompt"), messages=messages, pid=self.pid, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, priority=priority,
-            timeout=_timeout_s(timeout_ms, "sys.infer: timeout_ms"))
-        return {"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage}
+            timeout=_timeout_s(timeout_ms, "sys.infer: timeout_ms"), json_schema=json_schema,
+            regex=_optional_text(regex, "sys.infer: regex"), grammar=_optional_text(grammar, "sys.infer: grammar"),
+            tools=_tool_list(tools, "sys.infer"), tool_choice=tool_choice,
+            context=0 if context is None else _handle(context, "sys.infer: context"))
+        answer = {"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage}
+        if tools is not None or context is not None:  # (a context may have tools)
+            answer["tool_calls"] = result.tool_calls
+        if json_schema is not None and result.finish_reason == "stop":
+            answer["json"] = json.loads(result.text)  # the output matches the schema
+        return answer
 
     @_syscall
     def exit(self, value: JSON = None) -> None:

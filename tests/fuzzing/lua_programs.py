@@ -231,7 +231,7 @@ def _option_table(draw: Any, keys: dict[str, st.SearchStrategy[Arg]], fname: str
 
 
 # -- steps ------------------------------------------------------------------------------------
-MAY_WAIT = {"sys.recv", "sys.wait", "sys.sleep", "sys.infer", "sys.lock.acquire", "sys.exit"}
+MAY_WAIT = {"sys.recv", "sys.wait", "sys.sleep", "sys.infer", "sys.lock.acquire", "sys.exit", "sys.context.create"}
 SMALL_PROGRAMS = ["return 1", "sys.recv{}", "error('child')", "return math.maxinteger", "while true do end",
                   "return args", "sys.sleep(1e300)"]
 
@@ -349,8 +349,26 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = Fals
             "seed": st.sampled_from([Arg("1", "1"), Arg("math.maxinteger", "maxinteger"), Arg("-1", "-1")]),
             "stop": st.sampled_from([Arg("{'a'}", "{'a'}"), Arg("{''}", "{''}"), Arg("{{}}", "{{}}")]),
             "timeout_ms": durations(quick),
+            "json_schema": st.sampled_from([Arg("{type = 'object'}", "{type=object}"),
+                                            Arg("{type = 'bogus'}", "{type=bogus}", "a bad schema")]),
+            "regex": st.sampled_from([Arg("'[0-9]+'", "'[0-9]+'"), Arg("'('", "'('", "a bad regex")]),
+            "context": st.sampled_from([Arg("1", "1"), Arg("0", "0", "not a context handle"),
+                                        Arg("2^60", "2^60", "no such context")]),
         }, required=("timeout_ms", "prompt"))
         step.blocks = not quick  # a long generation goes last
+    elif fname == "sys.context.create":
+        options({
+            "messages": st.sampled_from([Arg("{{role = 'user', content = 'hi'}}", "one user message"),
+                                         Arg("{}", "{}", "no messages"),
+                                         Arg("{{role = 'robot', content = 'x'}}", "role robot", "an unknown role")]),
+            "tools": st.sampled_from([Arg("{{name = 't'}}", "one tool"),
+                                      Arg("{{name = 'a b'}}", "a tool named 'a b'", "a bad tool name")]),
+        }, required=("messages",))
+        step.blocks = not quick  # a prefill
+    elif fname in ("sys.context.fork", "sys.context.drop"):
+        add(draw(st.sampled_from([Arg("1", "1"), Arg("0", "0", "not a context handle"),
+                                  Arg("-1", "-1", "not a context handle"), Arg("2^60", "2^60", "no such context"),
+                                  Arg("'x'", "'x'", "not a context handle"), Arg("nil", "nil", "no handle")])))
     elif fname.startswith("sys.fs."):
         op = fname.rsplit(".", 1)[1]
         path = draw(_paths())
@@ -430,6 +448,7 @@ SYS_FUNCTIONS = [
     "sys.fs.write", "sys.fs.read", "sys.fs.stat", "sys.fs.list", "sys.fs.delete", "sys.fs.rename", "sys.fs.mkdir",
     "sys.lock.acquire", "sys.lock.try_acquire", "sys.lock.release",
     "sys.cond.wait", "sys.cond.signal", "sys.cond.broadcast", "sys.ack", "sys.nack",
+    "sys.context.create", "sys.context.fork", "sys.context.drop",
 ]
 # Lists every function reachable from `sys`, for the check that each has a strategy.
 LIST_SYS = """

@@ -37,7 +37,7 @@ PYTHON: ProcessKind
 PORT: ProcessKind
 
 class Limits(_message.Message):
-    __slots__ = ("cpu_ms", "wall_ms", "memory_bytes", "tokens", "mailbox", "mailbox_bytes", "processes")
+    __slots__ = ("cpu_ms", "wall_ms", "memory_bytes", "tokens", "mailbox", "mailbox_bytes", "processes", "kv_bytes")
     CPU_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Limits(_message.Message):
     MAILBOX_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_ms: int
     wall_ms: int
     memory_bytes: int
@@ -52,10 +53,11 @@ class Limits(_message.Message):
     mailbox: int
     mailbox_bytes: int
     processes: int
-    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., mailbox: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+    kv_bytes: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., mailbox: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("cpu_ms", "wall_ms", "messages_sent", "messages_received", "tokens", "memory_bytes", "mailbox_len", "mailbox_bytes", "processes")
+    __slots__ = ("cpu_ms", "wall_ms", "messages_sent", "messages_received", "tokens", "memory_bytes", "mailbox_len", "mailbox_bytes", "processes", "kv_bytes")
     CPU_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_SENT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class Usage(_message.Message):
     MAILBOX_LEN_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_ms: int
     wall_ms: int
     messages_sent: int
@@ -74,7 +77,8 @@ class Usage(_message.Message):
     mailbox_len: int
     mailbox_bytes: int
     processes: int
-    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+    kv_bytes: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class SpawnRequest(_message.Message):
     __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name", "dead_letter", "max_attempts")
@@ -396,12 +400,34 @@ class Event(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., process: _Optional[_Union[ProcessInfo, _Mapping]] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "name")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    name: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Tool(_message.Message):
+    __slots__ = ("name", "description", "parameters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    parameters: _struct_pb2.Value
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("id", "name", "arguments")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    arguments: _struct_pb2.Value
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -420,7 +446,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("pid", "prompt", "messages", "sampling", "stream", "priority", "timeout_ms")
+    __slots__ = ("pid", "prompt", "messages", "sampling", "stream", "priority", "timeout_ms", "json_schema", "regex", "grammar", "tools", "tool_choice", "context_id")
     PID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -428,6 +454,12 @@ class InferRequest(_message.Message):
     STREAM_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     pid: int
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -435,7 +467,13 @@ class InferRequest(_message.Message):
     stream: bool
     priority: int
     timeout_ms: int
-    def __init__(self, pid: _Optional[int] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    json_schema: _struct_pb2.Value
+    regex: str
+    grammar: str
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    tool_choice: str
+    context_id: int
+    def __init__(self, pid: _Optional[int] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., json_schema: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., context_id: _Optional[int] = ...) -> None: ...
 
 class InferUsage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
@@ -448,16 +486,58 @@ class InferUsage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class InferChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "tool_calls")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     usage: InferUsage
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[InferUsage, _Mapping]] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[InferUsage, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ...) -> None: ...
+
+class CreateContextRequest(_message.Message):
+    __slots__ = ("pid", "messages", "tools")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    def __init__(self, pid: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ...) -> None: ...
+
+class ForkContextRequest(_message.Message):
+    __slots__ = ("pid", "context_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    context_id: int
+    def __init__(self, pid: _Optional[int] = ..., context_id: _Optional[int] = ...) -> None: ...
+
+class DropContextRequest(_message.Message):
+    __slots__ = ("pid", "context_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    context_id: int
+    def __init__(self, pid: _Optional[int] = ..., context_id: _Optional[int] = ...) -> None: ...
+
+class DropContextResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContextInfo(_message.Message):
+    __slots__ = ("context_id", "tokens", "kv_bytes")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    context_id: int
+    tokens: int
+    kv_bytes: int
+    def __init__(self, context_id: _Optional[int] = ..., tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class WriteFileRequest(_message.Message):
     __slots__ = ("path", "append", "data", "pid")

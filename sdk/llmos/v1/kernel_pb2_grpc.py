@@ -69,6 +69,21 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.InferRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.InferChunk.FromString,
                 _registered_method=True)
+        self.CreateContext = channel.unary_unary(
+                '/llmos.v1.Kernel/CreateContext',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CreateContextRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+                _registered_method=True)
+        self.ForkContext = channel.unary_unary(
+                '/llmos.v1.Kernel/ForkContext',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ForkContextRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+                _registered_method=True)
+        self.DropContext = channel.unary_unary(
+                '/llmos.v1.Kernel/DropContext',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.DropContextRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.DropContextResponse.FromString,
+                _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/llmos.v1.Kernel/Kill',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.KillRequest.SerializeToString,
@@ -228,6 +243,28 @@ class KernelServicer:
     def Infer(self, request, context):
         """Generates text with the kernel's shared model, charged to the calling process.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateContext(self, request, context):
+        """Conversation contexts: chats whose KV cache the engine keeps, owned by a process and
+        freed when it ends. Infer with context_id appends a turn without prefilling the history.
+        Creating one waits until its messages are prefilled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkContext(self, request, context):
+        """A new context with the same history, sharing its KV blocks (copy on write).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropContext(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -421,6 +458,21 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.InferRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.InferChunk.SerializeToString,
+            ),
+            'CreateContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateContext,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateContextRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.SerializeToString,
+            ),
+            'ForkContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkContext,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ForkContextRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.SerializeToString,
+            ),
+            'DropContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropContext,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.DropContextRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.DropContextResponse.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
@@ -722,6 +774,87 @@ class Kernel:
             '/llmos.v1.Kernel/Infer',
             llmos_dot_v1_dot_kernel__pb2.InferRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.InferChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CreateContext',
+            llmos_dot_v1_dot_kernel__pb2.CreateContextRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ForkContext',
+            llmos_dot_v1_dot_kernel__pb2.ForkContextRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/DropContext',
+            llmos_dot_v1_dot_kernel__pb2.DropContextRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.DropContextResponse.FromString,
             options,
             channel_credentials,
             insecure,

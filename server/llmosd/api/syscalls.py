@@ -433,6 +433,32 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
             k.runtimes[PYTHON].resumed(caller)
 
 
+def _inference(k: Kernel) -> Any:
+    if k.inference is None:
+        raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
+    return k.inference
+
+
+async def sys_create_context(k: Kernel, req: pb.CreateContextRequest) -> pb.ContextInfo:
+    caller = CALLER.get()
+    if caller is not None:
+        k.runtimes[PYTHON].blocking(caller, "infer")
+    try:
+        return await _inference(k).create_context_rpc(req)
+    finally:
+        if caller is not None:
+            k.runtimes[PYTHON].resumed(caller)
+
+
+async def sys_fork_context(k: Kernel, req: pb.ForkContextRequest) -> pb.ContextInfo:
+    return await _inference(k).fork_context_rpc(req)
+
+
+async def sys_drop_context(k: Kernel, req: pb.DropContextRequest) -> pb.DropContextResponse:
+    _inference(k).drop_context(_pid(req.pid), req.context_id)
+    return pb.DropContextResponse()
+
+
 # The handler of each RPC: exactly the table's `rpc`s (and the .proto's methods).
 SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
@@ -442,6 +468,9 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "Nack": sys_nack,
     "Wait": sys_wait,
     "Infer": sys_infer,
+    "CreateContext": sys_create_context,
+    "ForkContext": sys_fork_context,
+    "DropContext": sys_drop_context,
     "Kill": sys_kill,
     "Exit": sys_exit,
     "OpenPort": sys_open_port,

@@ -110,6 +110,12 @@ TABLE: tuple[Syscall, ...] = (
     # -- inference (services/inference.py)
     Syscall("infer", "Infer", True, "Inference", "{text, finish_reason, usage}", YIELD, yields="infer",
             python=True, acts_as="pid"),
+    Syscall("context.create", "CreateContext", True, "Inference.create_context (waits for the prefill)",
+            "context handle", YIELD, yields="context_create", python=True, acts_as="pid"),
+    Syscall("context.fork", "ForkContext", False, "Inference.fork_context", "context handle", CALL,
+            ("context_fork",), python=True, acts_as="pid"),
+    Syscall("context.drop", "DropContext", False, "Inference.drop_context", "nothing", CALL, ("context_drop",),
+            python=True, acts_as="pid"),
 )
 
 BY_NAME = {s.name: s for s in TABLE}

@@ -404,6 +404,8 @@ class Kernel:
             if lines is not None:
                 self.logs.replace(proc, lines)  # in place: `rec` shares the list
             self.runtimes[proc.kind].ended(proc)
+        if self.inference is not None:
+            self.inference.process_ended(proc.pid)  # its conversation contexts
         self.logs.ended(proc, rec)
         proc.runtime = None
         if proc.log_to_server:
@@ -493,6 +495,7 @@ class Kernel:
             "mailbox_len": len(proc.mailbox),
             "mailbox_bytes": proc.mailbox.bytes,
             "processes": proc.descendants,
+            "kv_bytes": self.inference.kv_bytes(proc.pid) if self.inference is not None else 0,
         }
 
     def _snapshot(self, proc: Process) -> tuple[ProcessRecord, str | None]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..api import checks as C
 from ..api.table import LUA_CALLS, lua_layout
-from ..api.errors import InvalidArgument, KernelError, ResourceExhausted
+from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
@@ -445,6 +445,18 @@ class LuaProcess:
         if op == b"mkdir":
             return self.file_info(files.mkdir(ns, vpath))
         raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
+
+    def context_fork(self, handle: Any = None) -> int:
+        return self._inference().fork_context(self.proc.pid, handle)
+
+    def context_drop(self, handle: Any = None) -> bool:
+        self._inference().drop_context(self.proc.pid, handle)
+        return True
+
+    def _inference(self) -> Any:
+        if self.kernel.inference is None:
+            raise Unimplemented("this server runs no inference engine")
+        return self.kernel.inference
 
     def file_info(self, info: Any) -> dict:
         return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}

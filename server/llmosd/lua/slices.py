@@ -238,6 +238,13 @@ class LuaRuntime:
         inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
         return None
 
+    def block_context_create(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        inference = self.kernel.inference
+        if inference is None:
+            raise Unimplemented("this server runs no inference engine")
+        inference.create_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.context.create"))
+        return None
+
 
 # The syscalls Lua yields, from the syscall table; exit is no wait (_blocking_syscall ends the process).
 _BLOCKS = {name: getattr(LuaRuntime, f"block_{name}") for name in sorted(LUA_YIELDS - {"exit"})}
