@@ -76,7 +76,8 @@ def test_lua_sys_is_exactly_the_table_entries_for_lua(stub: Any) -> None:
 
 def test_python_agents_sys_is_exactly_the_table_entries_for_python() -> None:
     found = set()
-    for prefix, cls in (("", userland.Sys), ("fs.", userland.Files), ("lock.", userland.Locks)):
+    for prefix, cls in (("", userland.Sys), ("fs.", userland.Files), ("lock.", userland.Locks),
+                        ("cond.", userland.Conds), ("context.", userland.Contexts)):
         found |= {prefix + name for name, _ in inspect.getmembers(cls, inspect.isfunction) if not name.startswith("_")}
     assert sorted(found) == sorted(s.name for s in TABLE if s.python)
 
@@ -112,10 +113,23 @@ SAME_CALLS = [
     ("sys.fs.stat('a\\0b')", "StatFile", {"path": "a\0b"}),
     ("sys.fs.stat('../x')", "StatFile", {"path": "../x"}),
     ("sys.fs.delete('nothing-here')", "DeleteFile", {"path": "nothing-here"}),
+    ("sys.lock.try_acquire('')", "Acquire", {"pid": "PORT", "name": "", "timeout_ms": 0}),
+    ("sys.lock.try_acquire('a\\0b')", "Acquire", {"pid": "PORT", "name": "a\0b", "timeout_ms": 0}),
+    ("sys.spawn{lua = 'return 1', priority = 21}", "Spawn", {"lua": "return 1", "priority": 21}),
+    ("sys.spawn{lua = 'return 1', weight = 20000}", "Spawn", {"lua": "return 1", "weight": 20000}),
+    ("sys.spawn{lua = 'return ('}", "Spawn", {"lua": "return ("}),
+    ("sys.cond.signal('')", "CondSignal", {"name": ""}),
+    ("sys.cond.broadcast('a\\0b')", "CondBroadcast", {"name": "a\0b"}),
+    ("sys.cond.wait('', 'l')", "CondWait", {"pid": "PORT", "name": "", "lock": "l"}),
+    ("sys.cond.wait('c', 'not-held')", "CondWait", {"pid": "PORT", "name": "c", "lock": "not-held"}),
+    ("sys.ack(0)", "Ack", {"pid": "PORT", "message_id": 0}),
+    ("sys.nack(123456789)", "Nack", {"pid": "PORT", "message_id": 123456789}),
 ]
 REQUESTS = {"Kill": pb.KillRequest, "GetProcess": pb.GetProcessRequest, "SetPriority": pb.SetPriorityRequest,
             "Register": pb.RegisterRequest, "Monitor": pb.MonitorRequest, "Release": pb.ReleaseRequest,
-            "StatFile": pb.FilePath, "DeleteFile": pb.FilePath}
+            "StatFile": pb.FilePath, "DeleteFile": pb.FilePath, "Acquire": pb.AcquireRequest,
+            "Spawn": pb.SpawnRequest, "CondSignal": pb.CondSignalRequest, "CondBroadcast": pb.CondSignalRequest,
+            "CondWait": pb.CondWaitRequest, "Ack": pb.AckRequest, "Nack": pb.AckRequest}
 
 def grpc_outcome(stub: Any, rpc: str, fields: dict, port: int) -> tuple[str, str]:
     """(status code name, details) of the RPC, ("ok", "ok") if it succeeds; PORT stands for `port`."""
@@ -144,9 +158,11 @@ def _lua_reason(text: str) -> str:
 
 
 def _same(text: str) -> str:
-    """What must be the same in both userlands' errors: not the numbers (the caller's pid), nor
-    what each calls the pid an argument names (Lua's sys.monitor(pid) is Monitor's target)."""
-    return re.sub(r"\d+", "N", text).replace("target", "pid")
+    """What must be the same in both userlands' errors: the rule's reason, after the label each
+    gives the argument ("lock name: ...", "sys.lock.acquire: name: ..."), without the numbers
+    (the caller's pid) or what each calls the pid an argument names (Lua's sys.monitor(pid) is
+    Monitor's target)."""
+    return re.sub(r"\d+", "N", text.rsplit(": ", 1)[-1]).replace("target", "pid")
 
 
 def test_lua_and_grpc_refuse_the_same_arguments_for_the_same_reason(stub: Any) -> None:
@@ -178,7 +194,8 @@ sys.exit(out)
 
 def test_python_agents_and_grpc_refuse_the_same_arguments_with_the_same_status(stub: Any) -> None:
     port = stub.OpenPort(pb.OpenPortRequest()).pid
-    calls = [c.replace("nil", "None").replace("\\0", "\\x00").replace("string.rep('n', 257)", "'n' * 257") for c, _, _ in SAME_CALLS]
+    calls = [c.replace("nil", "None").replace("\\0", "\\x00").replace("string.rep('n', 257)", "'n' * 257")
+             .replace("{", "(").replace("}", ")") for c, _, _ in SAME_CALLS]  # Lua's f{...} is Python's f(...)
     # Python agents act only as themselves: the calls that name another process as the actor are Lua's.
     python = run_python(stub, PYTHON_TRIES, {"calls": calls, "port": port})
     assert len(python) == len(SAME_CALLS) and set(python) != {"ok"}

@@ -183,6 +183,11 @@ def is_local(listen: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # OpenMP's default lets a thread pool's idle workers spin, waiting for the next parallel
+    # region. The model loads on one thread and runs on another, each with its own pool, and the
+    # idle pool's spinning took the cores from the engine's: on 2 cores SmolLM2's requests ran
+    # 10-20x slower. Passive workers sleep (no slower here). Set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve(args))

@@ -74,9 +74,9 @@ class GrpcServers:
             agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
             agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
             await agent_server.start()
-        for name in ("", SERVICE.full_name):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        health_watch = asyncio.create_task(watch_health(kernel, health_servicer, wedged_ns))
+        health_set = asyncio.Event()
+        health_watch = asyncio.create_task(watch_health(kernel, health_servicer, wedged_ns, health_set))
+        await health_set.wait()  # a status from the start: a client told "listening" never gets NOT_FOUND
         where = listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
         return cls(server, agent_server, health_watch, where)
 
@@ -87,24 +87,33 @@ class GrpcServers:
             await self.agent_server.stop(grace=0.5)
 
 
-async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int) -> None:
-    """The overall service and the kernel's are NOT_SERVING while a virtual CPU
-    is wedged: its thread has been stuck in one C call more than `wedged_ns`
-    past the time it was due to give the CPU back (the scheduler has handed
-    the CPU to another thread meanwhile, see scheduler.py), and SERVING again
-    once it checks in."""
-    serving = True
+async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int,
+                       first_set: asyncio.Event) -> None:
+    """The overall service and the kernel's are SERVING once the model has loaded (NOT_SERVING
+    before, and for good if it failed to load), and NOT_SERVING again while a virtual CPU is
+    wedged: its thread has been stuck in one C call more than `wedged_ns` past the time it was due
+    to give the CPU back (the scheduler has handed the CPU to another thread meanwhile, see
+    scheduler.py), until it checks in. `first_set` is set once the first status is."""
+    inference = kernel.inference
+    serving: bool | None = None
+    wedged = False
     while True:
-        await asyncio.sleep(HEALTH_PERIOD_S)
+        loaded = inference is None or inference.loaded
         stuck_ns = kernel.scheduler.stuck_ns()
-        if (stuck_ns <= wedged_ns) == serving:
-            continue
-        serving = not serving
-        if serving:
-            log.warning("no virtual CPU is wedged any more: SERVING")
-        else:
-            log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time): NOT_SERVING",
-                        stuck_ns / 1e6)
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE.full_name):
-            await servicer.set(name, status)
+        if (stuck_ns > wedged_ns) != wedged:
+            wedged = not wedged
+            if wedged:
+                log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time)",
+                            stuck_ns / 1e6)
+            else:
+                log.warning("no virtual CPU is wedged any more")
+        now = loaded and not wedged
+        if now != serving:
+            log.info("health: %s%s", "SERVING" if now else "NOT_SERVING",
+                     "" if loaded else " until the model has loaded")
+            serving = now
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE.full_name):
+                await servicer.set(name, status)
+            first_set.set()
+        await asyncio.sleep(HEALTH_PERIOD_S)

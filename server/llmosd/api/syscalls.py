@@ -53,9 +53,10 @@ def _enum_name(enum: Any, number: int, field: str) -> str:
         raise InvalidArgument(f"{field}: {number} is not a value of {enum.DESCRIPTOR.name}") from None
 
 
-def message_pb(msg: Message) -> pb.Message:
+def message_pb(msg: Message, attempt: int = 0) -> pb.Message:
+    """`attempt`: set for a message received with ack (kernel/acks.py)."""
     out = pb.Message(id=msg.id, to=msg.to, tag=msg.tag, data=msg.data, correlation_id=msg.correlation_id,
-                     sent_at_ms=msg.sent_at_ms, body=to_value(msg.body))
+                     sent_at_ms=msg.sent_at_ms, body=to_value(msg.body), attempt=attempt, redelivered=attempt > 1)
     setattr(out, "from", msg.sender)
     return out
 
@@ -134,6 +135,7 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
         args=_value(req.args) if req.HasField("args") else None, name=req.name or None, priority=req.priority,
         weight=req.weight, limits=C.limits({f.name: v for f, v in req.limits.ListFields()}),
         parent=req.parent, monitor=req.monitor, source_name=req.source_name or None,
+        dead_letter=req.dead_letter, max_attempts=req.max_attempts,
     )
     setattr(spec, which, getattr(req, which))
     return pb.SpawnResponse(pid=k.spawn(spec, CALLER.get()))
@@ -157,6 +159,10 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
         req.tag if req.HasField("tag") else None,
         req.correlation_id if req.HasField("correlation_id") else None,
     )
+    if req.ack:
+        return await _recv_leased(k, pid, match, req, caller)
+    if req.HasField("lease_ms"):
+        raise InvalidArgument("lease_ms is for a Recv with ack")
     waiter = AsyncWaiter(asyncio.get_running_loop())
     msg = k.recv(pid, match, waiter, _timeout(req), caller)
     if msg is None:
@@ -168,6 +174,45 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     except Exception:  # a message that cannot be answered is a kernel bug, but it is never lost for it
         k.put_back(pid, msg)
         raise
+
+
+async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, caller: Caller) -> pb.RecvResponse:
+    lease_s = C.timeout_s(req.lease_ms, "lease_ms") if req.HasField("lease_ms") else None
+    timeout = _timeout(req)
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    with k.lock:
+        receiver = k.target_locked(caller, "recv", pid, "receiver")
+        leased = k.acks.recv_locked(receiver, match, waiter, timeout, lease_s)
+    if leased is None:
+        leased = await _await(k, waiter, "recv", lambda taken: _give_back(k, pid, taken))
+        if leased is TIMED_OUT:
+            return pb.RecvResponse(timed_out=True)
+    try:
+        return pb.RecvResponse(message=message_pb(leased.msg, leased.attempt))
+    except Exception:  # never lost for a kernel bug: it is delivered again
+        _give_back(k, pid, leased)
+        raise
+
+
+def _give_back(k: Kernel, pid: int, leased: Any) -> None:
+    with k.lock:
+        k.acks.give_back(pid, leased)
+
+
+async def sys_ack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
+    pid, message_id = _pid(req.pid), C.message_id(req.message_id)
+    with k.lock:
+        k.target_locked(CALLER.get(), "ack", pid, "receiver")
+        k.acks.ack(pid, message_id)
+    return pb.AckResponse()
+
+
+async def sys_nack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
+    pid, message_id = _pid(req.pid), C.message_id(req.message_id)
+    with k.lock:
+        k.target_locked(CALLER.get(), "nack", pid, "receiver")
+        k.acks.nack(pid, message_id)
+    return pb.AckResponse()
 
 
 async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
@@ -191,7 +236,7 @@ async def sys_exit(k: Kernel, req: pb.ExitRequest) -> pb.ExitResponse:
 
 
 async def sys_open_port(k: Kernel, req: pb.OpenPortRequest) -> pb.OpenPortResponse:
-    pid, secret = k.open_port(req.name or None, req.mailbox, CALLER.get())
+    pid, secret = k.open_port(req.name or None, req.mailbox, CALLER.get(), req.dead_letter, req.max_attempts)
     return pb.OpenPortResponse(pid=pid, secret=secret)
 
 
@@ -365,6 +410,39 @@ async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
     return pb.ReleaseResponse()
 
 
+async def sys_cond_wait(k: Kernel, req: pb.CondWaitRequest) -> pb.CondWaitResponse:
+    pid = _pid(req.pid)
+    timeout = _timeout(req)
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    with k.lock:
+        waiting = k.target_locked(CALLER.get(), "cond.wait", pid, "waiter")
+        priority = C.priority(req.priority) if req.HasField("priority") else waiting.priority
+        k.sync.cond_wait(waiting.namespace, req.name, req.lock, pid, priority, waiter, timeout)
+    # A call cancelled after it held the mutex again gives it back; one cancelled before leaves it free.
+    answer = await _await(k, waiter, "cond_wait",
+                          lambda held: k.release_lock(pid, req.lock) if isinstance(held, dict) else None)
+    if isinstance(answer, KernelError):
+        raise answer
+    return pb.CondWaitResponse(signalled=answer["signalled"], timed_out=answer["timed_out"],
+                               previous_holder_died=answer.get("previous_holder_died") or 0)
+
+
+def _cond_namespace(k: Kernel, pid: int, syscall: str) -> str:
+    """A signaller's namespace: its own, or an external client's (pid 0)."""
+    caller = CALLER.get()
+    return k.target_locked(caller, syscall, C.pid(pid), "signaller").namespace if pid else caller.namespace
+
+
+async def sys_cond_signal(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
+    with k.lock:
+        return pb.CondSignalResponse(woken=k.sync.cond_signal(_cond_namespace(k, req.pid, "cond.signal"), req.name))
+
+
+async def sys_cond_broadcast(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
+    with k.lock:
+        return pb.CondSignalResponse(woken=k.sync.cond_broadcast(_cond_namespace(k, req.pid, "cond.broadcast"), req.name))
+
+
 async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
     if k.inference is None:
         raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
@@ -380,6 +458,41 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
     finally:
         if caller is not None:
             k.runtimes[PYTHON].resumed(caller)
+
+
+def _inference(k: Kernel) -> Any:
+    if k.inference is None:
+        raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
+    return k.inference
+
+
+def _context_owner(k: Kernel, syscall: str, pid: int) -> None:
+    """The caller may act on the process that owns (or is to own) a context (the table's rule)."""
+    with k.lock:
+        k.target_locked(CALLER.get(), syscall, _pid(pid))
+
+
+async def sys_create_context(k: Kernel, req: pb.CreateContextRequest) -> pb.ContextInfo:
+    _context_owner(k, "context.create", req.pid)
+    caller = _agent()
+    if caller is not None:
+        k.runtimes[PYTHON].blocking(caller, "infer")
+    try:
+        return await _inference(k).create_context_rpc(req)
+    finally:
+        if caller is not None:
+            k.runtimes[PYTHON].resumed(caller)
+
+
+async def sys_fork_context(k: Kernel, req: pb.ForkContextRequest) -> pb.ContextInfo:
+    _context_owner(k, "context.fork", req.pid)
+    return await _inference(k).fork_context_rpc(req)
+
+
+async def sys_drop_context(k: Kernel, req: pb.DropContextRequest) -> pb.DropContextResponse:
+    _context_owner(k, "context.drop", req.pid)
+    _inference(k).drop_context(_pid(req.pid), req.context_id)
+    return pb.DropContextResponse()
 
 
 # -- tokens (admin only: the table's rule) -----------------------------------------------------
@@ -422,8 +535,13 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
     "Send": sys_send,
     "Recv": sys_recv,
+    "Ack": sys_ack,
+    "Nack": sys_nack,
     "Wait": sys_wait,
     "Infer": sys_infer,
+    "CreateContext": sys_create_context,
+    "ForkContext": sys_fork_context,
+    "DropContext": sys_drop_context,
     "Kill": sys_kill,
     "Exit": sys_exit,
     "OpenPort": sys_open_port,
@@ -443,6 +561,9 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "MakeDir": sys_make_dir,
     "Acquire": sys_acquire,
     "Release": sys_release,
+    "CondWait": sys_cond_wait,
+    "CondSignal": sys_cond_signal,
+    "CondBroadcast": sys_cond_broadcast,
     "CreateToken": sys_create_token,
     "ListTokens": sys_list_tokens,
     "RevokeToken": sys_revoke_token,

@@ -87,9 +87,14 @@ TABLE: tuple[Syscall, ...] = (
     # -- messages and names
     Syscall("send", "Send", False, "Kernel.send; between Lua processes lua/fast_paths.c's send_message",
             "message id", C_FUNCTION, python=True, acts_as="from"),
-    Syscall("recv", "Recv", True, "Kernel.recv; between Lua processes lua/fast_paths.c's try_recv and receive",
+    Syscall("recv", "Recv", True, "Kernel.recv; between Lua processes lua/fast_paths.c's try_recv and receive; "
+            "with ack, Acks.recv_locked (kernel/acks.py)",
             "a message, or nothing (timed out)", C_FUNCTION, yields="recv", python=True, acts_as="pid",
             rule=OWN_MAILBOX),
+    Syscall("ack", "Ack", False, "Acks.ack (kernel/acks.py)", "nothing", CALL, ("ack",), python=True, acts_as="pid",
+            rule=OWN_MAILBOX),
+    Syscall("nack", "Nack", False, "Acks.nack (kernel/acks.py)", "nothing", CALL, ("nack",), python=True,
+            acts_as="pid", rule=OWN_MAILBOX),
     Syscall("register", "Register", False, "Kernel.register", "nothing", CALL, ("register",), python=True,
             acts_as="pid", rule=ACT),
     Syscall("whereis", None, False, "Kernel.whereis (Python agents: ListProcesses by name)", "pid or nothing",
@@ -113,8 +118,21 @@ TABLE: tuple[Syscall, ...] = (
             "{previous_holder_died}, or nothing", CALL, ("lock_try",), python=True),
     Syscall("lock.release", "Release", False, "SyncTable.release", "nothing", CALL, ("lock_release",), python=True,
             acts_as="pid", rule=ACT),
+    # -- condition variables (services/sync.py)
+    Syscall("cond.wait", "CondWait", True, "SyncTable.cond_wait", "{signalled, timed_out}, holding the lock again",
+            YIELD, yields="cond_wait", python=True, acts_as="pid", rule=ACT),
+    Syscall("cond.signal", "CondSignal", False, "SyncTable.cond_signal", "how many were woken (0 or 1)", CALL,
+            ("cond_signal",), python=True, acts_as="pid", rule=ACT),
+    Syscall("cond.broadcast", "CondBroadcast", False, "SyncTable.cond_broadcast", "how many were woken", CALL,
+            ("cond_broadcast",), python=True, acts_as="pid", rule=ACT),
     # -- inference (services/inference.py)
     Syscall("infer", "Infer", True, "Inference", "{text, finish_reason, usage}", YIELD, yields="infer",
+            python=True, acts_as="pid", rule=ACT),
+    Syscall("context.create", "CreateContext", True, "Inference.create_context (waits for the prefill)",
+            "context handle", YIELD, yields="context_create", python=True, acts_as="pid", rule=ACT),
+    Syscall("context.fork", "ForkContext", False, "Inference.fork_context", "context handle", CALL,
+            ("context_fork",), python=True, acts_as="pid", rule=ACT),
+    Syscall("context.drop", "DropContext", False, "Inference.drop_context", "nothing", CALL, ("context_drop",),
             python=True, acts_as="pid", rule=ACT),
     # -- tokens (api/tokens.py)
     Syscall("create_token", "CreateToken", False, "Tokens.create", "id and token", rule=ADMIN_ONLY,

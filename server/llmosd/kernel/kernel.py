@@ -45,6 +45,7 @@ from .runtime import Runtime
 from ..services.sync import SyncTable
 from ..api.audit import AuditLog
 from ..api.tokens import Tokens, digest
+from .acks import Acks
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Kernel:
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
         self.core.refill_ids()
+        self.acks = Acks(self.lock, self.timers, self.procs, self.store, self._store_port_message,
+                         self.core.new_message, self._deliver, self.live_locked)
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
         self.tokens = Tokens(self.store)
@@ -172,6 +175,7 @@ class Kernel:
             self._check_room_locked(namespace)
             if spec.name and (namespace, spec.name) in self.names:
                 raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[namespace, spec.name]}")
+            dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts, namespace)
             pid = self.store.next_id("pid")
             proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace)
             proc.program, proc.program_name, proc.args = source, program_name, args
@@ -188,6 +192,7 @@ class Kernel:
                 ancestor.descendants += 1
             self.procs[pid] = proc
             self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
+            self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc)
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
@@ -240,7 +245,8 @@ class Kernel:
             live.append(proc)
         return live
 
-    def open_port(self, name: str | None = None, mailbox: int = 0, caller: Caller | None = None) -> tuple[int, str]:
+    def open_port(self, name: str | None = None, mailbox: int = 0, caller: Caller | None = None,
+                  dead_letter: int = 0, max_attempts: int = 0) -> tuple[int, str]:
         """(pid, secret) of a new port in the caller's namespace, owned by the caller's key and by
         whoever holds the secret (api/authority.py)."""
         if name is not None:
@@ -249,6 +255,7 @@ class Kernel:
         with self.lock:
             if name and (namespace, name) in self.names:
                 raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[namespace, name]}")
+            dead_letters = self.acks.policy(dead_letter, max_attempts, namespace)
             self._check_room_locked(namespace)
             pid = self.store.next_id("pid")
             defaults = self.config.defaults
@@ -263,6 +270,7 @@ class Kernel:
                 self.names[namespace, name] = pid
             self.procs[pid] = proc
             self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
+            self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc, durable=True)
             self._emit("spawned", proc)
         return pid, secret
@@ -474,6 +482,7 @@ class Kernel:
             proc.wall_timer.cancel()
         proc.mailbox.close()
         self.sync.process_ended(proc.pid)
+        self.acks.process_ended(proc)
         self.files.process_ended(proc.pid)
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
@@ -507,6 +516,8 @@ class Kernel:
             if lines is not None:
                 self.logs.replace(proc, lines)  # in place: `rec` shares the list
             self.runtimes[proc.kind].ended(proc)
+        if self.inference is not None:
+            self.inference.process_ended(proc.pid)  # its conversation contexts
         self.logs.ended(proc, rec)
         proc.runtime = None
         if proc.log_to_server:
@@ -599,6 +610,7 @@ class Kernel:
             "mailbox_len": len(proc.mailbox),
             "mailbox_bytes": proc.mailbox.bytes,
             "processes": proc.descendants,
+            "kv_bytes": self.inference.kv_bytes(proc.pid) if self.inference is not None else 0,
         }
 
     def _snapshot(self, proc: Process) -> tuple[ProcessRecord, str | None]:

@@ -38,11 +38,13 @@ class Limits:
     mailbox: int = 0  # messages waiting at once
     mailbox_bytes: int = 0  # bytes waiting at once (Message.size)
     processes: int = 0  # live descendants at once
+    kv_bytes: int = 0  # KV cache bytes its conversation contexts hold at once
 
     def as_dict(self) -> dict[str, int]:
         return {
             "cpu_ms": self.cpu_ms, "wall_ms": self.wall_ms, "memory_bytes": self.memory_bytes, "tokens": self.tokens,
             "mailbox": self.mailbox, "mailbox_bytes": self.mailbox_bytes, "processes": self.processes,
+            "kv_bytes": self.kv_bytes,
         }
 
     def with_defaults(self, defaults: Limits) -> Limits:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..api import checks as C
 from ..api.authority import process_caller
 from ..api.table import LUA_CALLS, lua_layout
-from ..api.errors import InvalidArgument, KernelError, ResourceExhausted
+from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
+from ..kernel.acks import Leased
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
 from ..kernel.process import Limits, Process
@@ -109,6 +110,13 @@ def _opt_str(value: Any, name: str) -> str | None:
         raise InvalidArgument(f"{name} must be UTF-8 text") from None
 
 
+def _message_id(msg: Any, fname: str) -> int:
+    """The id of sys.ack/sys.nack's argument: a message (a table with its id) or the id itself."""
+    if isinstance(msg, dict):
+        msg = msg.get("id")
+    return C.message_id(msg, f"{fname}: message_id")
+
+
 def _opt_int(value: Any, name: str) -> int | None:
     return None if value is None else C.integer(value, name)
 
@@ -125,7 +133,7 @@ def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
 
 
 SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
-                           "source_name"))
+                           "source_name", "dead_letter", "max_attempts"))
 
 
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
@@ -265,6 +273,26 @@ class LuaProcess:
             _opt_str(correlation_id, "sys.recv: correlation_id"),
         )
 
+    def recv_lease(self, ack: Any = None, lease_ms: Any = None) -> float | None | bool:
+        """sys.recv's ack and lease_ms: the lease in seconds (None: the default), False without ack."""
+        if ack is not None and type(ack) is not bool:
+            raise InvalidArgument("sys.recv: ack must be a boolean")
+        if not ack:
+            if lease_ms is not None:
+                raise InvalidArgument("sys.recv: lease_ms is for a receive with ack = true")
+            return False
+        return C.timeout_s(lease_ms, "sys.recv: lease_ms")
+
+    def ack(self, msg: Any = None) -> bool:
+        with self.kernel.lock:
+            self.kernel.acks.ack(self.proc.pid, _message_id(msg, "sys.ack"))
+        return True
+
+    def nack(self, msg: Any = None) -> bool:
+        with self.kernel.lock:
+            self.kernel.acks.nack(self.proc.pid, _message_id(msg, "sys.nack"))
+        return True
+
     def call(self, op: bytes, *args: Any) -> Any:
         """The bridge's dispatcher for the syscalls that never block: the
         handler's answer, or (nil, error text) for a bad call."""
@@ -296,6 +324,8 @@ class LuaProcess:
             weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
             limits=C.limits(limits, "sys.spawn: limits"), parent=self.proc.pid, monitor=bool(spec.get("monitor")),
             source_name=spec.get("source_name"),
+            dead_letter=C.integer(spec.get("dead_letter", 0), "sys.spawn: dead_letter"),
+            max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"),
         ), self.caller)
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
@@ -332,8 +362,9 @@ class LuaProcess:
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""
         text = _opt_str(name, f"{fname}: name")
-        if not text:
-            raise InvalidArgument(f"{fname}: name must be a non-empty string")
+        if text is None:
+            raise InvalidArgument(f"{fname}: name must be a string")
+        C.name(text, f"{fname}: name")
         options = _options(opts, fname, ("semaphore", "timeout_ms"))
         permits = _opt_int(options.get("semaphore"), f"{fname}: semaphore")
         seconds = C.timeout_s(options.get("timeout_ms"), f"{fname}: timeout_ms")
@@ -356,6 +387,27 @@ class LuaProcess:
         with self.kernel.lock:
             self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
         return True
+
+    def cond_wait_args(self, name: Any = None, lock: Any = None, timeout_ms: Any = None) -> tuple[str, str, float | None]:
+        """(condition, mutex, timeout in seconds or None) of sys.cond.wait(name, lock [, timeout_ms])."""
+        cond_name = _opt_str(name, "sys.cond.wait: name")
+        lock_name = _opt_str(lock, "sys.cond.wait: lock")
+        if cond_name is None or lock_name is None:
+            raise InvalidArgument("sys.cond.wait: name and lock must be strings")
+        return cond_name, lock_name, C.timeout_s(timeout_ms, "sys.cond.wait: timeout_ms")
+
+    def cond_signal(self, name: Any = None) -> int:
+        return self._cond_wake(name, "sys.cond.signal", self.kernel.sync.cond_signal)
+
+    def cond_broadcast(self, name: Any = None) -> int:
+        return self._cond_wake(name, "sys.cond.broadcast", self.kernel.sync.cond_broadcast)
+
+    def _cond_wake(self, name: Any, fname: str, wake: Callable[[str, str], int]) -> int:
+        text = _opt_str(name, f"{fname}: name")
+        if text is None:
+            raise InvalidArgument(f"{fname}: name must be a string")
+        with self.kernel.lock:
+            return wake(self.proc.namespace, text)
 
     def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
         """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
@@ -399,6 +451,18 @@ class LuaProcess:
             return self.file_info(files.mkdir(ns, vpath))
         raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
 
+    def context_fork(self, handle: Any = None) -> int:
+        return self._inference().fork_context(self.proc.pid, handle)
+
+    def context_drop(self, handle: Any = None) -> bool:
+        self._inference().drop_context(self.proc.pid, handle)
+        return True
+
+    def _inference(self) -> Any:
+        if self.kernel.inference is None:
+            raise Unimplemented("this server runs no inference engine")
+        return self.kernel.inference
+
     def file_info(self, info: Any) -> dict:
         return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}
 
@@ -415,7 +479,14 @@ class LuaProcess:
             return None, str(value).encode()
         if syscall == "recv":
             # The binding pushes a Message as the values sys.recv makes its table of.
-            return (value, len(self.proc.mailbox)) if isinstance(value, Message) else ()
+            if isinstance(value, Message):
+                return (value, len(self.proc.mailbox))
+            if isinstance(value, Leased):  # a receive with ack: a table with attempt and redelivered
+                msg = value.msg
+                return ({"id": msg.id, "from": msg.sender, "to": msg.to, "tag": msg.tag, "body": msg.body,
+                         "data": msg.data, "correlation_id": msg.correlation_id, "sent_at_ms": msg.sent_at_ms,
+                         "attempt": value.attempt, "redelivered": value.redelivered},)
+            return ()
         if syscall == "sleep":
             return (True,)
         if value is None:  # timed out

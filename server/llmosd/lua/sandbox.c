@@ -450,12 +450,13 @@ static int check_result(lua_State *L, int base)
 /* Options of a C fast path: nil or a table whose keys are all among `known` (NULL-terminated);
  * a misspelt option must not pass silently (checks.known_options words the same refusal for the
  * syscalls the bridge answers). */
-static void check_options(lua_State *L, int idx, const char *fname, const char *const known[])
+static unsigned check_options(lua_State *L, int idx, const char *fname, const char *const known[])
 {
     int t = lua_type(L, idx), i;
+    unsigned seen = 0; /* bit i: known[i] is given */
     const char *key;
     if (t == LUA_TNIL)
-        return;
+        return 0;
     if (t != LUA_TTABLE)
         luaL_error(L, "%s: expected a table of options", fname);
     lua_pushnil(L);
@@ -476,11 +477,14 @@ static void check_options(lua_State *L, int idx, const char *fname, const char *
             lua_concat(L, lua_gettop(L) - bad);
             lua_error(L);
         }
+        seen |= 1u << i;
     }
+    return seen;
 }
 
 static const char *const SEND_OPTIONS[] = {"tag", "data", "correlation_id", NULL};
-static const char *const RECV_OPTIONS[] = {"from", "tag", "correlation_id", "timeout_ms", NULL};
+static const char *const RECV_OPTIONS[] = {"from", "tag", "correlation_id", "timeout_ms", "ack", "lease_ms", NULL};
+enum { RECV_ACK_OPTIONS = 1u << 4 | 1u << 5 }; /* ack, lease_ms: a receive the kernel's Python side answers */
 
 static void push_option(lua_State *L, int idx, const char *name)
 {
@@ -559,8 +563,17 @@ static int yield_syscall(lua_State *L, const char *name, int first, int last, lu
  * no lookup in the state's string table, which every C string key
  * (lua_getfield, lua_setfield) does. */
 static const char *const RECV_KEYS[] = {"id", "from", "to", "tag", "body", "data", "correlation_id", "sent_at_ms",
-                                        "timeout_ms"};
-enum { KEY_FROM = 2, KEY_TAG = 4, KEY_CORRELATION_ID = 7, MESSAGE_FIELDS = 8, KEY_TIMEOUT_MS = 9, RECV_KEY_COUNT = 9 };
+                                        "timeout_ms", "ack", "lease_ms"};
+enum {
+    KEY_FROM = 2,
+    KEY_TAG = 4,
+    KEY_CORRELATION_ID = 7,
+    MESSAGE_FIELDS = 8,
+    KEY_TIMEOUT_MS = 9,
+    KEY_ACK = 10,
+    KEY_LEASE_MS = 11,
+    RECV_KEY_COUNT = 11
+};
 
 /* opts[key] (metamethods included, as lua_getfield), for the key in upvalue `key`; nil without opts. */
 static void push_recv_option(lua_State *L, int opts, int key)
@@ -604,16 +617,24 @@ static int recv_k(lua_State *L, int status, lua_KContext ctx)
     return as_message(L, RECV_ANSWER);
 }
 
+static int syscall_k(lua_State *L, int status, lua_KContext nargs);
+
 static int sys_recv(lua_State *L)
 {
     Sandbox *sb = sandbox_of(L);
     int i, zero_timeout;
+    unsigned given;
     lua_settop(L, 1);
-    check_options(L, 1, "sys.recv", RECV_OPTIONS);
+    given = check_options(L, 1, "sys.recv", RECV_OPTIONS);
     push_recv_option(L, 1, KEY_FROM);
     push_recv_option(L, 1, KEY_TAG);
     push_recv_option(L, 1, KEY_CORRELATION_ID);
     push_recv_option(L, 1, KEY_TIMEOUT_MS);
+    if (given & RECV_ACK_OPTIONS) { /* acknowledged delivery (kernel/acks.py): the kernel leases the message */
+        push_recv_option(L, 1, KEY_ACK);
+        push_recv_option(L, 1, KEY_LEASE_MS);
+        return yield_syscall(L, "recv", 2, 7, 7, syscall_k);
+    }
     zero_timeout = is_zero(L, 5);
     /* The common case, a message already waiting, costs no trip through the
      * scheduler; when none can be waiting the kernel takes one that arrives

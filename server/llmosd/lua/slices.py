@@ -202,8 +202,12 @@ class LuaRuntime:
     # None with `waiter` registered to complete when the answer is ready (kernel lock held).
     def block_recv(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         match = lua.recv_match(*args[:4])
-        return self.kernel.recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"),
-                                       lua.caller)
+        timeout = C.timeout_s(args[3], "sys.recv: timeout_ms")
+        if len(args) > 4:  # (..., ack, lease_ms): given only by a receive with either option
+            lease = lua.recv_lease(*args[4:6])
+            if lease is not False:
+                return self.kernel.acks.recv_locked(proc, match, waiter, timeout, lease)
+        return self.kernel.recv_locked(proc.pid, match, waiter, timeout, lua.caller)
 
     def block_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         pid = C.pid(args[0] if args else None, "sys.wait: pid")
@@ -222,11 +226,23 @@ class LuaRuntime:
         return self.kernel.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, timeout, kind,
                                         permits)
 
+    def block_cond_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        name, lock_name, timeout = lua.cond_wait_args(*args[:3])
+        self.kernel.sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout)
+        return None
+
     def block_infer(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         inference = self.kernel.inference
         if inference is None:
             raise Unimplemented("this server runs no inference engine")
         inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
+        return None
+
+    def block_context_create(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        inference = self.kernel.inference
+        if inference is None:
+            raise Unimplemented("this server runs no inference engine")
+        inference.create_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.context.create"))
         return None
 
 
