@@ -329,6 +329,41 @@ def test_files_and_locks_are_per_namespace(world: World) -> None:
     assert other.acquire(b, "shared-name", timeout=0)  # a different lock: another namespace's
 
 
+def test_acks_conditions_and_contexts_follow_the_rules(world: World, server: LlmosdServer) -> None:
+    """The syscalls that came with acknowledged delivery, condition variables and conversation
+    contexts carry the table's rules too: another namespace's pid does not exist for them, and a
+    dead-letter target must live in the new process's namespace."""
+    owner, other = world.c["owner"], world.c["other"]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = kernel_pb2_grpc.KernelStub(channel)
+        auth = (("authorization", f"Bearer {world.tokens['other']}"),)
+        calls = {
+            "Recv": lambda: stub.Recv(pb.RecvRequest(pid=world.sibling, ack=True, timeout_ms=0), metadata=auth),
+            "Ack": lambda: stub.Ack(pb.AckRequest(pid=world.sibling, message_id=1), metadata=auth),
+            "Nack": lambda: stub.Nack(pb.AckRequest(pid=world.sibling, message_id=1), metadata=auth),
+            "CondWait": lambda: stub.CondWait(pb.CondWaitRequest(pid=world.sibling, name="c", lock="m",
+                                                                 timeout_ms=0), metadata=auth),
+            "CondSignal": lambda: stub.CondSignal(pb.CondSignalRequest(pid=world.sibling, name="c"), metadata=auth),
+            "CondBroadcast": lambda: stub.CondBroadcast(pb.CondSignalRequest(pid=world.sibling, name="c"),
+                                                        metadata=auth),
+            "CreateContext": lambda: stub.CreateContext(pb.CreateContextRequest(pid=world.sibling), metadata=auth),
+            "ForkContext": lambda: stub.ForkContext(pb.ForkContextRequest(pid=world.sibling, context_id=1),
+                                                    metadata=auth),
+            "DropContext": lambda: stub.DropContext(pb.DropContextRequest(pid=world.sibling, context_id=1),
+                                                    metadata=auth),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, name
+    # The same namespace's client may not take from a process's mailbox, leased or not.
+    assert _code(lambda: owner.recv(world.sibling, timeout=0, ack=True)) == "PERMISSION_DENIED"
+    assert _code(lambda: other.spawn(lua=FOREVER, dead_letter=world.sibling)) == "NOT_FOUND"
+    assert _code(lambda: other.open_port(dead_letter=world.sibling)) == "NOT_FOUND"
+    catcher = other.open_port()
+    other.kill(other.spawn(lua=FOREVER, dead_letter=catcher))
+
+
 def test_lua_spawns_in_its_own_namespace(world: World) -> None:
     pid = world.c["other"].spawn(lua="local c = sys.spawn{lua = 'return 1'}; return sys.info(c).namespace")
     info = world.c["other"].wait(pid, timeout=WAIT_S)
