@@ -10,7 +10,7 @@
 :class:`Client` is blocking; :mod:`llmos.aio` has the same API for asyncio.
 Failed syscalls raise :class:`LlmosError` subclasses named after the gRPC status.
 """
-from .client import (Client, Event, InferChunk, InferResult, Message, ProcessInfo, connect,
+from .client import (Client, ContextInfo, Event, InferChunk, InferResult, Message, ProcessInfo, connect,
                      default_target)
 from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal,
                      InvalidArgument, LlmosError, NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
@@ -18,6 +18,7 @@ from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceed
 
 __all__ = [
     "Client", "connect", "default_target", "Message", "ProcessInfo", "Event", "InferChunk", "InferResult",
+    "ContextInfo",
     "LlmosError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
     "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
     "Internal", "Unavailable", "DataLoss", "Unauthenticated",

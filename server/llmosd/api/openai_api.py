@@ -26,7 +26,8 @@ from llmos.v1 import kernel_pb2 as pb
 
 from .errors import InvalidArgument, KernelError, NotFound
 from ..kernel.kernel import Kernel
-from .syscalls import CALL, SYSCALLS, Identity, count_call, status_of
+from .identity import Identity
+from .syscalls import CALL, SYSCALLS, finish_call, status_of
 from .web import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
 
 TOOL_CALL_TAG = "<tool_call>"
@@ -45,9 +46,9 @@ _ids = itertools.count(1)
 
 
 class OpenAI:
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, single_user: bool) -> None:
         self.kernel = kernel
-        self.identity = Identity(kernel, agents=False)
+        self.identity = Identity(kernel, agents=False, single_user=single_user)
         self.body_limit = kernel.config.max_message_bytes + BODY_SLACK
 
     def model_name(self) -> str | None:
@@ -76,7 +77,8 @@ class OpenAI:
         reply = Reply(body["model"], chat, options.get("tools") is not None and options.get("tool_choice") != "none")
         chunks = SYSCALLS["Infer"](self.kernel, infer, options)
         if stream:
-            return await stream_sse(request, reply.stream(chunks, include_usage), "Infer", lambda obj: obj, OPENAI_DONE)
+            return await stream_sse(request, reply.stream(chunks, include_usage), "Infer", lambda obj: obj,
+                                    lambda code: finish_call(self.identity, "Infer", infer, code), OPENAI_DONE)
         code = "OK"  # counted as an Infer call, which it is
         try:
             final = None
@@ -89,7 +91,7 @@ class OpenAI:
             code, text = status_of("Infer", e)
             return error_response(code, text)
         finally:
-            count_call("Infer", code)
+            finish_call(self.identity, "Infer", infer, code)
             await chunks.aclose()
         assert final is not None  # Infer ends with a final chunk or fails
         return web.json_response(reply.whole(final))
@@ -298,8 +300,8 @@ def _partial_tag(text: str) -> int:
     return 0
 
 
-def add_routes(app: web.Application, kernel: Kernel) -> None:
-    api = OpenAI(kernel)
+def add_routes(app: web.Application, kernel: Kernel, single_user: bool) -> None:
+    api = OpenAI(kernel, single_user)
     app.router.add_get("/v1/models", api.models)
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
