@@ -163,3 +163,19 @@ def test_infer_streams_over_the_json_gateway(server: LlmosdServer) -> None:
     chunks = data[:-1]
     assert chunks[-1]["finishReason"] in ("stop", "length") and int(chunks[-1]["usage"]["completionTokens"]) <= 3
     assert all(not c["finishReason"] for c in chunks[:-1])
+
+
+def test_a_tool_loop_sends_calls_and_results_back(client: openai.OpenAI) -> None:
+    """An earlier call and its result go back to the model (as the engine's markup and a tool
+    turn): the prompt grows by them, and the model answers."""
+    ask = {"role": "user", "content": "What is the weather in Paris?"}
+    call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [ask, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_7", "content": "sunny, 21 C"}]
+    first = client.chat.completions.create(model="tiny", messages=[ask], tools=[WEATHER], max_tokens=2)
+    later = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=2)
+    assert later.usage.prompt_tokens > first.usage.prompt_tokens + 10
+    with pytest.raises(openai.BadRequestError):
+        bad = dict(call, function={"name": "get_weather", "arguments": "{not json"})
+        client.chat.completions.create(model="tiny", max_tokens=2, tools=[WEATHER],
+                                       messages=[ask, {"role": "assistant", "content": None, "tool_calls": [bad]}])

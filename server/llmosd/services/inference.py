@@ -228,10 +228,8 @@ class Inference:
         else:
             self._pending.append(submit)
 
-    async def infer_rpc(self, req: pb.InferRequest,
-                        engine_options: dict[str, Any] | None = None) -> AsyncIterator[pb.InferChunk]:
-        """The Infer RPC: stream chunks (or one final chunk) for the request. engine_options are
-        engine Request fields (json_schema, tools, tool_choice) that the engine checks itself."""
+    async def infer_rpc(self, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
+        """The Infer RPC: stream chunks (or one final chunk) for the request."""
         with self.kernel.lock:
             proc = self.kernel.live_locked(req.pid, "caller") if req.pid else None
             self._charge_check(proc)
@@ -257,8 +255,6 @@ class Inference:
         if req.HasField("priority"):
             spec["priority"] = req.priority
         request = self.build_request(spec, proc)
-        for key, value in (engine_options or {}).items():
-            setattr(request, key, value)
         await asyncio.to_thread(self._ready.wait)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
