@@ -37,8 +37,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
 @pytest.fixture
 def client(server: LlmosdServer) -> Iterator[openai.OpenAI]:
     # No retries: a refusal must reach the test as it is, not be retried (429, 5xx).
-    with openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    token = (server.data_dir / "admin.token").read_text().strip()
+    with openai.OpenAI(base_url=f"{server.http}/v1", api_key=token, max_retries=0, timeout=120) as c:
         yield c
+
+
+def test_the_api_key_is_an_llmos_token(server: LlmosdServer) -> None:
+    with openai.OpenAI(base_url=f"{server.http}/v1", api_key="not-a-token", max_retries=0, timeout=120) as c:
+        with pytest.raises(openai.AuthenticationError):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
 
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
