@@ -265,3 +265,36 @@ def test_http_and_grpc_share_one_kernel(http: httpx.Client, stub: Any) -> None:
     ok(http, "Send", {"from": port, "to": port, "body": "over http"})
     assert stub.Recv(pb.RecvRequest(pid=port, timeout_ms=5000)).message.body.string_value == "over http"
     assert ok(http, "GetProcess", {"pid": port})["kind"] == "PORT"
+
+
+def test_tokens_say_who_calls_over_http(server: LlmosdServer, http: httpx.Client) -> None:
+    """The gateway decides callers as gRPC does (api/identity.py): a Bearer token's namespace
+    and role; another namespace's processes do not exist for it; a token that is not live is 401;
+    calls that change something are audited with their caller."""
+    admin = {"Authorization": f"Bearer {(server.data_dir / 'admin.token').read_text().strip()}"}
+    made = call(http, "CreateToken", {"namespace": "gamma", "role": "owner", "label": "http"}, headers=admin).json()
+    gamma = {"Authorization": f"Bearer {made['token']}"}
+    mine = ok(http, "Spawn", {"lua": "sys.recv()"})["pid"]  # no token on loopback: the owner of default
+    assert error_of(call(http, "GetProcess", {"pid": mine}, headers=gamma)) == (404, "NOT_FOUND")
+    assert error_of(call(http, "Kill", {"pid": mine}, headers=gamma)) == (404, "NOT_FOUND")
+    theirs = call(http, "Spawn", {"lua": "sys.recv()"}, headers=gamma).json()["pid"]
+    info = call(http, "GetProcess", {"pid": theirs}, headers=gamma).json()
+    assert info["namespace"] == "gamma"
+    assert error_of(call(http, "ListProcesses", {}, headers={"Authorization": "Bearer nope"})) == \
+        (401, "UNAUTHENTICATED")
+    entries = call(http, "ReadAudit", {"limit": 50}, headers=admin).json()["entries"]
+    assert any(e["method"] == "Spawn" and e["namespace"] == "gamma" for e in entries)
+    call(http, "Kill", {"pid": theirs}, headers=gamma)
+    call(http, "Kill", {"pid": mine})
+
+
+def test_http_off_loopback_needs_insecure(tmp_path: pathlib.Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-m", "llmosd", "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0",
+                          "--data-dir", str(tmp_path), "--model", "none"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode != 0 and "--insecure" in out.stderr

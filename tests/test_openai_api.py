@@ -37,8 +37,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
 @pytest.fixture
 def client(server: LlmosdServer) -> Iterator[openai.OpenAI]:
     # No retries: a refusal must reach the test as it is, not be retried (429, 5xx).
-    with openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    token = (server.data_dir / "admin.token").read_text().strip()
+    with openai.OpenAI(base_url=f"{server.http}/v1", api_key=token, max_retries=0, timeout=120) as c:
         yield c
+
+
+def test_the_api_key_is_an_llmos_token(server: LlmosdServer) -> None:
+    with openai.OpenAI(base_url=f"{server.http}/v1", api_key="not-a-token", max_retries=0, timeout=120) as c:
+        with pytest.raises(openai.AuthenticationError):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
 
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
@@ -163,3 +170,19 @@ def test_infer_streams_over_the_json_gateway(server: LlmosdServer) -> None:
     chunks = data[:-1]
     assert chunks[-1]["finishReason"] in ("stop", "length") and int(chunks[-1]["usage"]["completionTokens"]) <= 3
     assert all(not c["finishReason"] for c in chunks[:-1])
+
+
+def test_a_tool_loop_sends_calls_and_results_back(client: openai.OpenAI) -> None:
+    """An earlier call and its result go back to the model (as the engine's markup and a tool
+    turn): the prompt grows by them, and the model answers."""
+    ask = {"role": "user", "content": "What is the weather in Paris?"}
+    call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [ask, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_7", "content": "sunny, 21 C"}]
+    first = client.chat.completions.create(model="tiny", messages=[ask], tools=[WEATHER], max_tokens=2)
+    later = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=2)
+    assert later.usage.prompt_tokens > first.usage.prompt_tokens + 10
+    with pytest.raises(openai.BadRequestError):
+        bad = dict(call, function={"name": "get_weather", "arguments": "{not json"})
+        client.chat.completions.create(model="tiny", max_tokens=2, tools=[WEATHER],
+                                       messages=[ask, {"role": "assistant", "content": None, "tool_calls": [bad]}])

@@ -11,7 +11,8 @@ import random
 
 import pytest
 
-from llmosd.kernel.scheduler import DEFAULT_WEIGHT, RunQueue, precedes
+from llmosd.kernel.process import DEFAULT_WEIGHT
+from llmosd.kernel.scheduler import RunQueue, precedes
 
 QUANTUM = 10_000_000
 AGING = 50_000_000

@@ -430,3 +430,65 @@ def test_contended_acquisitions_are_fair(h: Harness) -> None:
     jain = sum(counts) ** 2 / (threads_n * sum(c * c for c in counts))
     assert jain >= 0.95, counts
     assert h.table._locks == {} and h.table._waiting == {}
+
+
+# -- condition variables --------------------------------------------------------------------------
+def cond_wait(h: Harness, cond: str, lock: str, pid: int, priority: int = 0,
+              timeout_s: float | None = None) -> EventWaiter:
+    waiter = EventWaiter()
+    with h.lock:
+        h.table.cond_wait(NS, cond, lock, pid, priority, waiter, timeout_s)
+    return waiter
+
+
+def test_cond_wait_releases_atomically_and_returns_holding_the_mutex(h: Harness) -> None:
+    h.acquire("m", 1)
+    queued_for_mutex = h.acquire("m", 2)[1]
+    w = cond_wait(h, "c", "m", 1)
+    assert queued_for_mutex.result() == {"acquired": True}  # the wait handed the mutex on
+    assert h.call("cond_signal", NS, "c") == 1
+    assert not w.event.is_set()  # signalled, but pid 2 holds the mutex
+    assert h.call("info", NS, "m")["waiters"] == [1]
+    h.call("release", NS, "m", 2)
+    assert w.result() == {"signalled": True, "timed_out": False} and w.wakes == 1
+    assert h.call("info", NS, "m")["holders"] == [1]
+    h.call("release", NS, "m", 1)
+    assert h.table._locks == {} and h.table._conds == {} and h.table._waiting == {}
+
+
+def test_cond_timeout_queues_for_the_mutex_and_a_dead_holder_is_reported(h: Harness) -> None:
+    h.acquire("m", 1)
+    w = cond_wait(h, "c", "m", 1, timeout_s=0.0)
+    h.acquire("m", 2)  # free since the wait: pid 2 takes it before the timer fires
+    for _ in range(500):
+        with h.lock:
+            if h.table._conds == {}:
+                break
+        time.sleep(0.01)
+    assert h.call("info", NS, "m")["waiters"] == [1]  # timed out, now waiting for the mutex
+    h.call("process_ended", 2)
+    assert w.result() == {"signalled": False, "timed_out": True, "previous_holder_died": 2}
+
+
+def test_an_ended_cond_waiter_leaves_no_trace(h: Harness) -> None:
+    h.acquire("m", 1)
+    w = cond_wait(h, "c", "m", 1, timeout_s=60)
+    h.call("process_ended", 1)
+    assert h.call("cond_broadcast", NS, "c") == 0 and not w.event.is_set()
+    assert h.table._locks == {} and h.table._conds == {} and h.table._waiting == {}
+
+
+def test_cond_refusals(h: Harness) -> None:
+    with pytest.raises(FailedPrecondition, match="does not hold"):
+        cond_wait(h, "c", "m", 1)
+    h.acquire("s", 1, kind=SEMAPHORE, permits=2)
+    with pytest.raises(FailedPrecondition, match="waits with a mutex"):
+        cond_wait(h, "c", "s", 1)
+    h.acquire("m", 1)
+    h.acquire("m2", 2)
+    cond_wait(h, "c", "m", 1)
+    with pytest.raises(FailedPrecondition, match="wait with the lock 'm'"):
+        cond_wait(h, "c", "m2", 2)
+    with pytest.raises(InvalidArgument):
+        h.call("cond_signal", NS, "")
+    assert h.table._waiting.keys() == {1}

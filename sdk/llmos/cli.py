@@ -593,7 +593,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("completion", help="print a shell completion script: eval \"$(llmos completion bash)\"")
     p.add_argument("shell", choices=("bash", "zsh", "fish", "tcsh"))
     p.set_defaults(handler=None)
+
+    p = sub.add_parser("ns", help="the namespace's use and quotas as JSON (admin: any namespace)")
+    p.add_argument("name", nargs="?", default="")
+    p.set_defaults(handler=lambda k, a: _print_ok(k.get_namespace(a.name)))
+
+    p = sub.add_parser("audit", help="the audit log's newest calls, one JSON line each (admin)")
+    p.add_argument("--limit", type=int, default=100, metavar="N")
+    p.set_defaults(handler=lambda k, a: _print_ok(*k.read_audit(a.limit)))
+
+    # Tokens (admin only; the client sends $LLMOS_TOKEN): create prints the secret once.
+    tok = sub.add_parser("token", help="tokens: create, list, revoke (admin)").add_subparsers(
+        dest="token_command", required=True, metavar="TOKEN_COMMAND")
+    p = tok.add_parser("create", help="print a new token's id and secret as JSON")
+    p.add_argument("namespace")
+    p.add_argument("role", choices=["admin", "owner", "reader"])
+    p.add_argument("--label", default="")
+    p.set_defaults(handler=lambda k, a: _print_ok(
+        dict(zip(("id", "token"), k.create_token(a.namespace, a.role, a.label)))))
+    p = tok.add_parser("list", help="every token's id, namespace, role and label, one JSON line each")
+    p.set_defaults(handler=lambda k, a: _print_ok(*k.list_tokens()))
+    p = tok.add_parser("revoke", help="revoke a token by id")
+    p.add_argument("id")
+    p.set_defaults(handler=lambda k, a: EXIT_OK if k.revoke_token(a.id) else _fail("NOT_FOUND", f"no token {a.id}"))
     return parser
+
+
+def _print_ok(*values: Any) -> int:
+    for value in values:
+        print(_dumps(value))
+    return EXIT_OK
 
 
 def completion_script(shell: str) -> str:

@@ -70,6 +70,29 @@ class ProcessKind(_NameEnum):
 ENDED_STATES = (ProcessState.EXITED, ProcessState.KILLED, ProcessState.CRASHED)
 
 
+def default_token() -> str | None:
+    """The client's token from $LLMOS_TOKEN (None: no token, as in a single-user server)."""
+    return os.environ.get("LLMOS_TOKEN") or None
+
+
+def channel_credentials(ca: str | None = None, cert: str | None = None,
+                        key: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS from PEM files: the server's CA, and for mutual TLS this client's certificate and key
+    (defaults: $LLMOS_TLS_CA, $LLMOS_TLS_CERT, $LLMOS_TLS_KEY). None: plaintext."""
+    ca, cert, key = (ca or os.environ.get("LLMOS_TLS_CA"), cert or os.environ.get("LLMOS_TLS_CERT"),
+                     key or os.environ.get("LLMOS_TLS_KEY"))
+    if not (ca or cert):
+        return None
+
+    def pem(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(pem(ca), pem(key), pem(cert))
+
+
 def default_target() -> str:
     """The server address from $LLMOS_SERVER, or 127.0.0.1:50051."""
     return os.environ.get("LLMOS_SERVER") or DEFAULT_TARGET
@@ -88,6 +111,8 @@ class Message:
     data: bytes
     correlation_id: str
     sent_at_ms: int
+    attempt: int = 0  # received with ack: times handed out, 1 the first time (0: received without ack)
+    redelivered: bool = False  # received with ack: handed out before (its lease ran out, or nacked)
 
     def to_json(self) -> dict[str, JSON]:
         """A JSON-ready dict as in the proto's JSON mapping: ``from`` for the sender, ``data`` (when present) base64."""
@@ -154,16 +179,28 @@ class InferChunk:
     token_ids: list[int]
     finish_reason: str
     usage: dict[str, int] | None
+    tool_calls: list[dict[str, JSON]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class InferResult:
-    """A whole generation: the text, its token ids, why it stopped and the token usage."""
+    """A whole generation: the text, its token ids, why it stopped and the token usage; with
+    tools, the calls the model made ({"id", "name", "arguments"}, arguments valid for the tool)."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     usage: dict[str, int] = field(default_factory=dict)
+    tool_calls: list[dict[str, JSON]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """A conversation context: its handle, its length in tokens and the KV cache bytes they take."""
+
+    context_id: int
+    tokens: int
+    kv_bytes: int
 
 
 @dataclass(frozen=True)
@@ -188,7 +225,8 @@ def message_from_pb(msg: pb.Message) -> Message:
     """Convert a protobuf Message into a :class:`Message`."""
     return Message(id=msg.id, sender=getattr(msg, "from"), to=msg.to, tag=msg.tag,
                    body=from_value(msg.body) if msg.HasField("body") else None, data=msg.data,
-                   correlation_id=msg.correlation_id, sent_at_ms=msg.sent_at_ms)
+                   correlation_id=msg.correlation_id, sent_at_ms=msg.sent_at_ms, attempt=msg.attempt,
+                   redelivered=msg.redelivered)
 
 
 def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
@@ -219,7 +257,9 @@ def _chunk_data(chunk: pb.FileChunk) -> bytes:
 
 def chunk_from_pb(chunk: pb.InferChunk) -> InferChunk:
     return InferChunk(text=chunk.text, token_ids=list(chunk.token_ids), finish_reason=chunk.finish_reason,
-                      usage=_fields(chunk.usage) if chunk.HasField("usage") else None)
+                      usage=_fields(chunk.usage) if chunk.HasField("usage") else None,
+                      tool_calls=[{"id": c.id, "name": c.name, "arguments": from_value(c.arguments)}
+                                  for c in chunk.tool_calls])
 
 
 def join_chunks(chunks: Sequence[InferChunk]) -> InferResult:
@@ -227,7 +267,7 @@ def join_chunks(chunks: Sequence[InferChunk]) -> InferResult:
     usage = next((c.usage for c in reversed(chunks) if c.usage is not None), {})
     finish = next((c.finish_reason for c in reversed(chunks) if c.finish_reason), "")
     return InferResult(text="".join(c.text for c in chunks), token_ids=[t for c in chunks for t in c.token_ids],
-                       finish_reason=finish, usage=usage)
+                       finish_reason=finish, usage=usage, tool_calls=[t for c in chunks for t in c.tool_calls])
 
 
 # -- calls and plans --------------------------------------------------------------------------
@@ -354,6 +394,25 @@ def _message(cls: type, what: str, fields: Mapping[str, Any]) -> Any:
         raise _invalid(f"bad {what}: {e}") from None
 
 
+def _chat(messages: Sequence[Mapping[str, str]] | None) -> list[pb.ChatMessage]:
+    return [_message(pb.ChatMessage, "chat message", m) for m in messages or []]
+
+
+def _tools(tools: Sequence[Mapping[str, JSON]] | None) -> list[pb.Tool]:
+    """Tools in the proto's shape; OpenAI's {"type": "function", "function": {...}} is unwrapped."""
+    out = []
+    for tool in tools or []:
+        if isinstance(tool, Mapping) and tool.get("type") == "function" and isinstance(tool.get("function"), Mapping):
+            tool = tool["function"]
+        if not isinstance(tool, Mapping):
+            raise _invalid(f"a tool must be a dict of name, description and parameters, not {type(tool).__name__}")
+        fields = dict(tool)
+        if "parameters" in fields:
+            fields["parameters"] = to_value(fields["parameters"])
+        out.append(_message(pb.Tool, "tool", fields))
+    return out
+
+
 def _byte_pieces(data: bytes | bytearray | memoryview | str | Iterable[bytes]) -> Iterator[bytes]:
     """The caller's data as bytes objects: a str is UTF-8, a bytes-like object is one piece, any
     other iterable gives bytes-like pieces."""
@@ -403,9 +462,11 @@ class Syscalls:
     blocking calls get their own ``timeout`` plus a small margin, or no deadline when unbounded.
     """
 
-    def __init__(self, target: str | None, rpc_timeout: float | None) -> None:
+    def __init__(self, target: str | None, rpc_timeout: float | None, token: str | None = None) -> None:
         self.target = target or default_target()
         self.rpc_timeout = rpc_timeout
+        token = token or default_token()
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def _drive(self, plan: Plan[T]) -> T:
         raise NotImplementedError
@@ -415,13 +476,15 @@ class Syscalls:
 
     def _spawn_call(self, lua: str | None, python: str | None, path: str | None, args: JSON, name: str | None,
                     priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool,
-                    source_name: str | None = None, weight: int = 0) -> Unary:
+                    source_name: str | None = None, weight: int = 0, dead_letter: int = 0,
+                    max_attempts: int = 0) -> Unary:
         programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
         if len(programs) != 1:
             raise _invalid("give exactly one program: lua (source), python (source) or path")
         request = _message(pb.SpawnRequest, "spawn request", dict(
             programs, name=name or "", priority=priority, weight=weight, parent=parent, monitor=monitor,
-            limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or ""))
+            limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or "",
+            dead_letter=dead_letter, max_attempts=max_attempts))
         if args is not None:
             request.args.CopyFrom(_value(args, "args"))
         return self._unary("Spawn", request)
@@ -434,7 +497,8 @@ class Syscalls:
     @syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: Mapping[str, int] | None = None, parent: int = 0,
-              monitor: bool = False, source_name: str | None = None, weight: int = 0) -> Plan[int]:
+              monitor: bool = False, source_name: str | None = None, weight: int = 0, dead_letter: int = 0,
+              max_attempts: int = 0) -> Plan[int]:
         """Start a process and return its pid at once.
 
         Give exactly one program: ``lua`` or ``python`` source text, or ``path`` (a program under the server's
@@ -442,10 +506,12 @@ class Syscalls:
         cpu_ms, wall_ms, memory_bytes, tokens, mailbox, mailbox_bytes and processes (0: the server's default;
         at most the parent's). With ``monitor`` the ``parent`` gets an EXIT message when the child ends.
         ``source_name`` is what errors call the source (say, the file it came from). ``weight`` (1..10000;
-        0: the default, 100) is the process's share of CPU among processes of its priority.
+        0: the default, 100) is the process's share of CPU among processes of its priority. ``dead_letter``
+        (a live pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process
+        ends, and those received with ack ``max_attempts`` times (0: no limit) without an ack.
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
-                                       source_name, weight)
+                                       source_name, weight, dead_letter, max_attempts)
         return reply.pid
 
     @syscall
@@ -471,18 +537,37 @@ class Syscalls:
 
     @syscall
     def recv(self, pid: int, *, sender: int | None = None, tag: str | None = None,
-             correlation_id: str | None = None, timeout: float | None = None) -> Plan[Message | None]:
+             correlation_id: str | None = None, timeout: float | None = None, ack: bool = False,
+             lease: float | None = None) -> Plan[Message | None]:
         """Take the oldest message in ``pid``'s mailbox that matches every filter given.
 
         Waits up to ``timeout`` seconds (None: without limit; 0: not at all) and returns None if
         nothing matched in time. Messages that do not match stay in the mailbox, in order.
+
+        With ``ack`` the message is leased for ``lease`` seconds (None: 30) instead of taken: it stays
+        stored, hidden from other receives, until :meth:`ack`; if the lease runs out, or on :meth:`nack`,
+        it is delivered again in its place, with ``attempt`` one higher and ``redelivered`` set.
         """
         timeout_ms = _timeout_ms(timeout)
+        if lease is not None and not ack:
+            raise _invalid("lease is for a recv with ack=True")
         request = _message(pb.RecvRequest, "recv request",
                            {"pid": pid, "from": sender, "tag": tag, "correlation_id": correlation_id,
-                            "timeout_ms": timeout_ms})
+                            "timeout_ms": timeout_ms, "ack": ack,
+                            "lease_ms": None if lease is None else _timeout_ms(lease)})
         reply = yield Unary("Recv", request, _deadline(timeout_ms))
         return None if reply.timed_out else message_from_pb(reply.message)
+
+    @syscall
+    def ack(self, pid: int, message_id: int) -> Plan[None]:
+        """The message ``message_id`` that ``pid`` received with ack is done with: it is forgotten.
+        FailedPrecondition if ``pid`` holds no lease on it (acknowledged already, or its lease ran out)."""
+        yield self._unary("Ack", _message(pb.AckRequest, "ack request", {"pid": pid, "message_id": message_id}))
+
+    @syscall
+    def nack(self, pid: int, message_id: int) -> Plan[None]:
+        """Give back the message ``message_id`` that ``pid`` received with ack: it is delivered again now."""
+        yield self._unary("Nack", _message(pb.AckRequest, "nack request", {"pid": pid, "message_id": message_id}))
 
     @syscall
     def wait(self, pid: int, timeout: float | None = None) -> Plan[ProcessInfo | None]:
@@ -500,10 +585,46 @@ class Syscalls:
         return not reply.already_ended
 
     @syscall
-    def open_port(self, name: str | None = None, mailbox: int = 0) -> Plan[int]:
-        """Open a mailbox-only process (a port) for this client to receive replies on; return its pid."""
-        reply = yield self._unary("OpenPort", pb.OpenPortRequest(name=name or "", mailbox=mailbox))
+    def open_port(self, name: str | None = None, mailbox: int = 0, *, dead_letter: int = 0,
+                  max_attempts: int = 0) -> Plan[int]:
+        """Open a mailbox-only process (a port) for this client to receive replies on; return its pid.
+        ``dead_letter`` and ``max_attempts`` as for :meth:`spawn` (a killed port's messages go there)."""
+        reply = yield self._unary("OpenPort", _message(pb.OpenPortRequest, "open port request", {
+            "name": name or "", "mailbox": mailbox, "dead_letter": dead_letter, "max_attempts": max_attempts}))
         return reply.pid
+
+    @syscall
+    def create_token(self, namespace: str, role: str, label: str = "") -> Plan[tuple[str, str]]:
+        """(id, token) of a new token of ``role`` (admin, owner, reader) in ``namespace``; admin only.
+        The token is shown only now: the server keeps its SHA-256."""
+        reply = yield self._unary("CreateToken", pb.CreateTokenRequest(namespace=namespace, role=role, label=label))
+        return reply.id, reply.token
+
+    @syscall
+    def list_tokens(self) -> Plan[list[dict]]:
+        """Every token's id, namespace, role, label and created_at_ms (never the secret); admin only."""
+        reply = yield self._unary("ListTokens", pb.ListTokensRequest())
+        return [{"id": t.id, "namespace": t.namespace, "role": t.role, "label": t.label,
+                 "created_at_ms": t.created_at_ms} for t in reply.tokens]
+
+    @syscall
+    def revoke_token(self, token_id: str) -> Plan[bool]:
+        """Revoke a token by id: whether one had it; admin only."""
+        reply = yield self._unary("RevokeToken", pb.RevokeTokenRequest(id=token_id))
+        return reply.revoked
+
+    @syscall
+    def get_namespace(self, name: str = "") -> Plan[dict]:
+        """A namespace's use and quotas (live processes, file bytes and files, tokens): the caller's, or
+        (admin) ``name``'s."""
+        reply = yield self._unary("GetNamespace", pb.GetNamespaceRequest(name=name))
+        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+
+    @syscall
+    def read_audit(self, limit: int = 100, before_id: int = 0) -> Plan[list[dict]]:
+        """The audit log's newest entries (before ``before_id`` if set), newest first; admin only."""
+        reply = yield self._unary("ReadAudit", pb.ReadAuditRequest(limit=limit, before_id=before_id))
+        return [{f.name: getattr(e, f.name) for f in e.DESCRIPTOR.fields} for e in reply.entries]
 
     @syscall
     def register(self, pid: int, name: str) -> Plan[None]:
@@ -573,24 +694,55 @@ class Syscalls:
               max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
               top_k: int | None = None, seed: int | None = None, stop: Sequence[str] | None = None,
               stream: bool = False, priority: int | None = None,
-              timeout: float | None = None) -> Plan[InferResult | Iterator[InferChunk]]:
+              timeout: float | None = None, json_schema: Mapping[str, JSON] | None = None,
+              regex: str | None = None, grammar: str | None = None,
+              tools: Sequence[Mapping[str, JSON]] | None = None, tool_choice: str | None = None,
+              context: int = 0) -> Plan[InferResult | Iterator[InferChunk]]:
         """Generate text with the kernel's model, charged to process ``pid``.
 
         Give ``prompt`` text or chat ``messages`` ([{"role": "user", "content": "..."}]). ``max_tokens`` 0 is
         the server's default, ``temperature`` 0 is greedy. Returns an :class:`InferResult`, or with ``stream``
         an iterator of :class:`InferChunk` as tokens are generated. ``timeout`` (seconds) bounds the request.
+
+        At most one constraint makes the output match it: ``json_schema`` (a dict), ``regex`` or ``grammar``
+        (GBNF or Lark). ``tools`` ([{"name", "description", "parameters": JSON schema}], OpenAI's
+        {"type": "function", "function": {...}} too) are offered to the model; ``tool_choice`` is "auto",
+        "none", "required" or a tool's name; the calls come back in ``tool_calls``. ``context`` continues
+        a conversation context of ``pid`` (:meth:`create_context`) with ``messages`` as the new turn.
         """
         timeout_ms = _timeout_ms(timeout)
         sampling = _message(pb.SamplingParams, "sampling settings", dict(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []))
         request = _message(pb.InferRequest, "infer request", dict(
             pid=pid, prompt=prompt or "", sampling=sampling, stream=stream, priority=priority,
-            timeout_ms=timeout_ms,
-            messages=[_message(pb.ChatMessage, "chat message", m) for m in messages or []]))
+            timeout_ms=timeout_ms, messages=_chat(messages),
+            json_schema=None if json_schema is None else to_value(json_schema), regex=regex or "",
+            grammar=grammar or "", tools=_tools(tools), tool_choice=tool_choice or "", context_id=context))
         if not stream:
             chunks = yield Streaming("Infer", request, _deadline(timeout_ms), chunk_from_pb, collect=True)
             return join_chunks(chunks)
         return (yield Streaming("Infer", request, _deadline(timeout_ms), chunk_from_pb, collect=False))
+
+    @syscall
+    def create_context(self, pid: int, messages: Sequence[Mapping[str, str]],
+                       tools: Sequence[Mapping[str, JSON]] | None = None) -> Plan[ContextInfo]:
+        """A conversation context owned by process (or port) ``pid``: the chat is prefilled once and its
+        KV cache kept, so ``infer(pid=pid, context=c.context_id, messages=[new turn])`` prefills only the
+        turn. Freed by :meth:`drop_context` or when ``pid`` ends; ``limits.kv_bytes`` caps them."""
+        reply = yield self._unary("CreateContext", _message(pb.CreateContextRequest, "context request", dict(
+            pid=pid, messages=_chat(messages), tools=_tools(tools))))
+        return ContextInfo(reply.context_id, reply.tokens, reply.kv_bytes)
+
+    @syscall
+    def fork_context(self, pid: int, context: int) -> Plan[ContextInfo]:
+        """A new context of ``pid`` with the same history, sharing its KV cache (copy on write)."""
+        reply = yield self._unary("ForkContext", pb.ForkContextRequest(pid=pid, context_id=context))
+        return ContextInfo(reply.context_id, reply.tokens, reply.kv_bytes)
+
+    @syscall
+    def drop_context(self, pid: int, context: int) -> Plan[None]:
+        """Free a context of ``pid`` (NotFound if it has none by that handle)."""
+        yield self._unary("DropContext", pb.DropContextRequest(pid=pid, context_id=context))
 
     # -- files: a durable tree per namespace; external clients use namespace "default" ----------------
     @syscall
@@ -690,6 +842,40 @@ class Syscalls:
         yield self._unary("Release", _message(pb.ReleaseRequest, "release request", {"pid": pid, "name": name}))
 
     @syscall
+    def cond_wait(self, pid: int, name: str, lock: str, *, timeout: float | None = None,
+                  priority: int | None = None) -> Plan[dict[str, Any]]:
+        """Release the mutex ``lock`` that ``pid`` holds and wait on the condition ``name``, atomically.
+
+        Returns once ``pid`` holds ``lock`` again: ``{"signalled": bool, "timed_out": bool}`` (with
+        ``"previous_holder_died": pid`` when the mutex came back from a holder that ended). ``timeout``
+        (seconds, None: without limit) bounds the wait for a signal, not the wait for the mutex after it.
+        Waiters are woken by ``priority`` (default: the waiter's), then in arrival order; never spuriously.
+        FailedPrecondition if ``pid`` does not hold the mutex ``lock``.
+        """
+        request = _message(pb.CondWaitRequest, "cond wait request", {
+            "pid": pid, "name": name, "lock": lock, "timeout_ms": _timeout_ms(timeout), "priority": priority})
+        reply = yield Unary("CondWait", request, None)  # the mutex may take any time to come back
+        answer: dict[str, Any] = {"signalled": reply.signalled, "timed_out": reply.timed_out}
+        if reply.previous_holder_died:
+            answer["previous_holder_died"] = reply.previous_holder_died
+        return answer
+
+    @syscall
+    def cond_signal(self, name: str, *, pid: int = 0) -> Plan[int]:
+        """Wake the best waiter of the condition ``name`` (in ``pid``'s namespace; 0: "default"):
+        how many were woken, 0 or 1. A signal with nobody waiting is not remembered."""
+        reply = yield self._unary("CondSignal", _message(pb.CondSignalRequest, "cond signal request",
+                                                         {"name": name, "pid": pid}))
+        return reply.woken
+
+    @syscall
+    def cond_broadcast(self, name: str, *, pid: int = 0) -> Plan[int]:
+        """Wake every waiter of the condition ``name``, best first: how many were woken."""
+        reply = yield self._unary("CondBroadcast", _message(pb.CondSignalRequest, "cond broadcast request",
+                                                            {"name": name, "pid": pid}))
+        return reply.woken
+
+    @syscall
     def run(self, program: str | os.PathLike, args: JSON = None, timeout: float | None = None,
             **spawn_options: Any) -> Plan[ProcessInfo]:
         """Spawn a program, wait for it to end and return its final info.
@@ -699,7 +885,8 @@ class Syscalls:
         reason "timeout" and its final info (state KILLED) is returned. ``spawn_options`` go to :meth:`spawn`.
         """
         language, source, source_name = program_source(program)
-        options = dict(name=None, priority=0, weight=0, limits=None, parent=0, monitor=False, source_name=source_name)
+        options = dict(name=None, priority=0, weight=0, limits=None, parent=0, monitor=False, source_name=source_name,
+                       dead_letter=0, max_attempts=0)
         unknown = set(spawn_options) - set(options)
         if unknown:
             raise _invalid(f"unknown spawn option(s) {sorted(unknown)}")
@@ -732,25 +919,28 @@ class Client(Syscalls):
     Every method raises a :class:`llmos.LlmosError` subclass when the syscall fails.
     """
 
-    def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0) -> None:
-        super().__init__(target, rpc_timeout)
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+    def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None) -> None:
+        super().__init__(target, rpc_timeout, token)
+        tls = tls or channel_credentials()
+        self._channel = (grpc.secure_channel(self.target, tls, options=CHANNEL_OPTIONS) if tls
+                         else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS))
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
     def _perform(self, call: Call) -> Any:
         rpc = getattr(self._stub, call.method)
         if isinstance(call, Streaming):
-            items = _stream_items(rpc(call.request, timeout=call.timeout), call.convert)
+            items = _stream_items(rpc(call.request, timeout=call.timeout, metadata=self.metadata), call.convert)
             return list(items) if call.collect else items
         if isinstance(call, ClientStreaming):
             try:
-                return rpc(call.requests, timeout=call.timeout)
+                return rpc(call.requests, timeout=call.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 if call.requests.error is not None:
                     raise call.requests.error from None
                 raise from_rpc_error(e) from None
         try:
-            return rpc(call.request, timeout=call.timeout)
+            return rpc(call.request, timeout=call.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

@@ -8,6 +8,9 @@ A Python program spawned by llmosd runs in a sandboxed subprocess and writes::
     sys.send(job.sender, job.body * 2, tag="result", correlation_id=job.correlation_id)
     sys.exit({"done": True})            # the process's result (default: None)
 
+`sys.infer(...)` generates with the shared model (json_schema, regex, grammar, tools,
+tool_choice and context as in Lua); `sys.context.create(messages, tools=None)`,
+`sys.context.fork(h)` and `sys.context.drop(h)` manage conversation contexts.
 `sys.args` is the argument value given at spawn, `sys.self()` the pid. print()
 and sys.log() write the process log (`llmos logs PID`). An uncaught exception
 crashes the process with its message as the error. Calls reach the kernel
@@ -54,7 +57,8 @@ _INT32 = (-2**31, 2**31 - 1)
 _UINT32 = (0, 2**32 - 1)
 _LIMITS = {f.name: _UINT32 if f.type == f.TYPE_UINT32 else (0, 2**64 - 1) for f in pb.Limits.DESCRIPTOR.fields}
 _DURATION_LIMITS = ("cpu_ms", "wall_ms")
-_OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock"}
+_OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock", "Conds": "sys.cond",
+           "Contexts": "sys.context"}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -165,6 +169,11 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _message_id(msg: Any, what: str) -> int:
+    """sys.ack/sys.nack's argument: a Message (its id) or a message id."""
+    return _int(msg.id if isinstance(msg, Message) else msg, f"{what}: message id", (1, MAX_EXACT_INTEGER))
+
+
 def _optional_text(value: Any, what: str) -> str | None:
     return None if value is None else _text(value, what)
 
@@ -254,6 +263,69 @@ class Locks:
         self._k.release(self._pid, _text(name, "sys.lock.release: name"))
 
 
+class Conds:
+    """sys.cond: condition variables, waited on with a mutex this process holds (see docs/services.md)."""
+
+    def __init__(self, kernel: _AgentClient, pid: int) -> None:
+        self._k = kernel
+        self._pid = pid
+
+    @_syscall
+    def wait(self, name: str, lock: str, timeout_ms: float | None = None) -> dict:
+        return self._k.cond_wait(self._pid, _text(name, "sys.cond.wait: name"), _text(lock, "sys.cond.wait: lock"),
+                                 timeout=_timeout_s(timeout_ms, "sys.cond.wait: timeout_ms"))
+
+    @_syscall
+    def signal(self, name: str) -> int:
+        return self._k.cond_signal(_text(name, "sys.cond.signal: name"), pid=self._pid)
+
+    @_syscall
+    def broadcast(self, name: str) -> int:
+        return self._k.cond_broadcast(_text(name, "sys.cond.broadcast: name"), pid=self._pid)
+
+
+class Contexts:
+    """sys.context: conversation contexts of this process, whose KV cache the kernel keeps."""
+
+    def __init__(self, kernel: _AgentClient, pid: int) -> None:
+        self._k = kernel
+        self._pid = pid
+
+    @_syscall
+    def create(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+        """A context holding the chat (and the tools every request on it may call); its handle."""
+        return self._k.create_context(self._pid, _chat(messages, "sys.context.create"),
+                                      tools=_tool_list(tools, "sys.context.create")).context_id
+
+    @_syscall
+    def fork(self, context: int) -> int:
+        """A copy of the context sharing its KV cache; its handle."""
+        return self._k.fork_context(self._pid, _handle(context, "sys.context.fork")).context_id
+
+    @_syscall
+    def drop(self, context: int) -> None:
+        self._k.drop_context(self._pid, _handle(context, "sys.context.drop"))
+
+
+def _chat(messages: Any, what: str) -> list[dict]:
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise _invalid(f"{what}: messages must be a list of {{role, content}} dicts, not {type(messages).__name__}")
+    return list(messages)
+
+
+def _tool_list(tools: Any, what: str) -> list[dict] | None:
+    if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
+        raise _invalid(f"{what}: tools must be a list of dicts (name, description, parameters)")
+    return None if tools is None else list(tools)
+
+
+def _handle(value: Any, what: str) -> int:
+    value = _integer(value, what)
+    if not 0 < value <= MAX_EXACT_INTEGER:
+        raise _invalid(f"{what}: a context handle is a positive integer, not {_show(value)}")
+    return value
+
+
 class Sys:
     """The syscalls of this agent (see the module docstring)."""
 
@@ -263,6 +335,8 @@ class Sys:
         self._k = _AgentClient(socket, token)
         self.fs = Files(self._k)
         self.lock = Locks(self._k, pid)
+        self.cond = Conds(self._k, pid)
+        self.context = Contexts(self._k, pid)
 
     @_syscall
     def self(self) -> int:
@@ -271,12 +345,14 @@ class Sys:
     @_syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: dict | None = None,
-              monitor: bool = False, weight: int = 0) -> int:
+              monitor: bool = False, weight: int = 0, dead_letter: int | None = None, max_attempts: int = 0) -> int:
         return self._k.spawn(
             lua=_optional_text(lua, "sys.spawn: lua"), python=_optional_text(python, "sys.spawn: python"),
             path=_optional_text(path, "sys.spawn: path"), args=args, name=_optional_text(name, "sys.spawn: name"),
             priority=_int(priority, "sys.spawn: priority", _INT32), limits=_limits(limits, "sys.spawn: limits"),
-            monitor=_flag(monitor, "sys.spawn: monitor"), weight=_int(weight, "sys.spawn: weight", _UINT32))
+            monitor=_flag(monitor, "sys.spawn: monitor"), weight=_int(weight, "sys.spawn: weight", _UINT32),
+            dead_letter=0 if dead_letter is None else _pid(dead_letter, "sys.spawn: dead_letter"),
+            max_attempts=_int(max_attempts, "sys.spawn: max_attempts", _UINT32))
 
     @_syscall
     def send(self, to: int | str, body: JSON = None, tag: str = "", data: bytes = b"",
@@ -288,12 +364,24 @@ class Sys:
 
     @_syscall
     def recv(self, sender: int | None = None, tag: str | None = None, correlation_id: str | None = None,
-             timeout_ms: float | None = None) -> Message | None:
+             timeout_ms: float | None = None, ack: bool = False, lease_ms: float | None = None) -> Message | None:
+        ack = _flag(ack, "sys.recv: ack")
+        if lease_ms is not None and not ack:
+            raise _invalid("sys.recv: lease_ms is for a receive with ack=True")
         return self._k.recv(
             self.pid, sender=None if sender is None else _pid(sender, "sys.recv: sender"),
             tag=_optional_text(tag, "sys.recv: tag"),
             correlation_id=_optional_text(correlation_id, "sys.recv: correlation_id"),
-            timeout=_timeout_s(timeout_ms, "sys.recv: timeout_ms"))
+            timeout=_timeout_s(timeout_ms, "sys.recv: timeout_ms"), ack=ack,
+            lease=_timeout_s(lease_ms, "sys.recv: lease_ms"))
+
+    @_syscall
+    def ack(self, msg: Message | int) -> None:
+        self._k.ack(self.pid, _message_id(msg, "sys.ack"))
+
+    @_syscall
+    def nack(self, msg: Message | int) -> None:
+        self._k.nack(self.pid, _message_id(msg, "sys.nack"))
 
     @_syscall
     def wait(self, pid: int, timeout_ms: float | None = None) -> ProcessInfo | None:
@@ -348,18 +436,32 @@ class Sys:
     def infer(self, prompt: str | None = None, messages: list[dict] | None = None, max_tokens: int = 0,
               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
               seed: int | None = None, stop: list[str] | None = None, priority: int | None = None,
-              timeout_ms: float | None = None) -> dict:
-        """Generate with the shared model; returns {text, finish_reason, usage} as in Lua."""
-        if messages is not None and not isinstance(messages, (list, tuple)):
-            raise _invalid("sys.infer: messages must be a list of {role, content} dicts, "
-                           f"not {type(messages).__name__}")
+              timeout_ms: float | None = None, json_schema: dict | None = None, regex: str | None = None,
+              grammar: str | None = None, tools: list[dict] | None = None, tool_choice: str | None = None,
+              context: int | None = None) -> dict:
+        """Generate with the shared model; returns {text, finish_reason, usage} as in Lua, and
+        tool_calls ([{id, name, arguments}]) when tools were given."""
+        if messages is not None:
+            messages = _chat(messages, "sys.infer")
         if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
             raise _invalid("sys.infer: stop must be a list of str")
+        if json_schema is not None and not isinstance(json_schema, dict):
+            raise _invalid(f"sys.infer: json_schema must be a dict, not {type(json_schema).__name__}")
+        if tool_choice is not None and not isinstance(tool_choice, str):
+            raise _invalid('sys.infer: tool_choice must be "auto", "none", "required" or a tool\'s name')
         result = self._k.infer(
             prompt=_optional_text(prompt, "sys.infer: prompt"), messages=messages, pid=self.pid, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, priority=priority,
-            timeout=_timeout_s(timeout_ms, "sys.infer: timeout_ms"))
-        return {"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage}
+            timeout=_timeout_s(timeout_ms, "sys.infer: timeout_ms"), json_schema=json_schema,
+            regex=_optional_text(regex, "sys.infer: regex"), grammar=_optional_text(grammar, "sys.infer: grammar"),
+            tools=_tool_list(tools, "sys.infer"), tool_choice=tool_choice,
+            context=0 if context is None else _handle(context, "sys.infer: context"))
+        answer = {"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage}
+        if tools is not None or context is not None:  # (a context may have tools)
+            answer["tool_calls"] = result.tool_calls
+        if json_schema is not None and result.finish_reason == "stop":
+            answer["json"] = json.loads(result.text)  # the output matches the schema
+        return answer
 
     @_syscall
     def exit(self, value: JSON = None) -> None:

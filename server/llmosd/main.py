@@ -8,25 +8,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from .api.errors import KernelError
 from .services.files import FileLimits
 from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
 from .kernel.logs import JsonFormatter
 from .kernel.process import Limits
-from .api.syscalls import SERVICE, kernel_service
+from .lua.slices import LuaRuntime
+from .python.runtime import PythonRuntime
+from .api.grpc_server import GrpcServers, TlsFiles
 
 log = logging.getLogger("llmosd")
-HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,10 +78,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="also serve HTTP: the syscalls as JSON, the OpenAI API, /metrics and the web console "
                         "(port 0 picks a free one)")
+    p.add_argument("--namespace-processes", type=int, default=0,
+                   help="live processes and ports per namespace (default 0: only --max-processes)")
+    p.add_argument("--audit-rows", type=int, default=100_000,
+                   help="the audit log (llmos audit) keeps this many newest calls "
+                        "(default %(default)s; 0: no audit log)")
+    p.add_argument("--require-tokens", action="store_true",
+                   help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
+                        "listener, where a call without one is otherwise the owner of namespace 'default'")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without TLS (calls are then plaintext, tokens required)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve --listen over TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca",
+                   help="PEM CA bundle: require client certificates it signed (mutual TLS); a certificate's "
+                        "subject CN 'ROLE@NAMESPACE' is the caller when no token is sent")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="the server's log on stderr: text lines, or one JSON object a line (default %(default)s)")
     args = p.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        p.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
     for flag in ("aging_ms", "wedged_ms"):
         if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
@@ -101,7 +116,9 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         hook_instructions=args.hook_instructions,
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
-        max_processes=args.max_processes, max_message_bytes=args.max_message_bytes,
+        max_processes=args.max_processes, namespace_processes=args.namespace_processes,
+        audit_rows=args.audit_rows,
+        max_message_bytes=args.max_message_bytes,
         userland_root=root,
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
                                namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,
@@ -156,6 +173,9 @@ async def serve(args: argparse.Namespace) -> None:
         except FileNotFoundError as e:
             raise SystemExit(f"llmosd: {e}")
     kernel = Kernel(kernel_config(args))
+    kernel.add_runtime(LuaRuntime(kernel))
+    if kernel.config.agent_socket:
+        kernel.add_runtime(PythonRuntime(kernel))
     if args.model != "none":
         from .engine import EngineConfig
         from .services.inference import Inference
@@ -164,42 +184,31 @@ async def serve(args: argparse.Namespace) -> None:
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
             max_batch=args.max_batch,
         ))
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 0),  # gRPC's default lets a second server share the port; refuse it instead
-        ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
-        ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
-    ])
-    server.add_generic_rpc_handlers([kernel_service(kernel)])
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    try:
-        port = server.add_insecure_port(args.listen)
-    except RuntimeError:  # taken between the probe and now, or an address gRPC cannot parse
-        port = 0
-    if port == 0 and not args.listen.startswith("unix:"):
-        raise SystemExit(f"llmosd: cannot listen on {args.listen} (already in use, or not an address)")
-    await server.start()
-    agent_server = None
-    if kernel.config.agent_socket:
-        # Python agents' own door: every call must carry an agent's token.
-        if os.path.exists(kernel.config.agent_socket):
-            os.unlink(kernel.config.agent_socket)
-        agent_server = grpc.aio.server()
-        agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
-        agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
-        await agent_server.start()
-    for name in ("", SERVICE.full_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    local = is_local(args.listen)
+    if not local and not args.tls_cert and not args.insecure:
+        raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "
+                         "network in plaintext. Listen on 127.0.0.1 or unix:PATH, serve TLS (--tls-cert, "
+                         "--tls-key), or pass --insecure (tokens are required either way)")
+    http_local = args.http is None or is_local(args.http)
+    if not http_local and not args.insecure:
+        raise SystemExit(f"llmosd: --http {args.http} is not a loopback address and HTTP is served in plaintext: "
+                         "serve it on 127.0.0.1 (behind a TLS proxy), or pass --insecure (tokens are required "
+                         "either way)")
+    tls = TlsFiles.read(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    single_user = local and not args.require_tokens
+    admin_file = kernel.tokens.first_admin_token(args.data_dir)
+    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000), single_user, tls)
     http_runner = None
     if args.http:
         from .api.http import start_http
 
-        http_runner, http_where = await start_http(kernel, args.http)
+        http_runner, http_where = await start_http(kernel, args.http, http_local and not args.require_tokens)
         print(f"llmosd: http on {http_where}", flush=True)
-    health_watch = asyncio.create_task(watch_health(kernel, health_servicer, int(args.wedged_ms * 1_000_000)))
-    where = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
-    print(f"llmosd: listening on {where}", flush=True)
+    print(f"llmosd: listening on {servers.where}", flush=True)
+    if admin_file:
+        print(f"llmosd: an admin token is in {admin_file} (mode 0600): LLMOS_TOKEN=$(cat {admin_file})", flush=True)
+    print("llmosd: single-user mode: a call without a token is the owner of namespace 'default'" if single_user
+          else "llmosd: every call needs a token (authorization: Bearer TOKEN)", flush=True)
     for path in args.spawn:
         try:
             pid = kernel.spawn(SpawnSpec(path=path, log_to_server=True))
@@ -213,39 +222,31 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    health_watch.cancel()
     if http_runner is not None:
         await http_runner.cleanup()
-    await server.stop(grace=1.0)
-    if agent_server is not None:
-        await agent_server.stop(grace=0.5)
+    await servers.stop()
     kernel.shutdown()
 
 
-async def watch_health(kernel: Kernel, servicer: health.aio.HealthServicer, wedged_ns: int) -> None:
-    """The overall service and the kernel's are NOT_SERVING while a virtual CPU
-    is wedged: its thread has been stuck in one C call more than `wedged_ns`
-    past the time it was due to give the CPU back (the scheduler has handed
-    the CPU to another thread meanwhile, see scheduler.py), and SERVING again
-    once it checks in."""
-    serving = True
-    while True:
-        await asyncio.sleep(HEALTH_PERIOD_S)
-        stuck_ns = kernel.scheduler.stuck_ns()
-        if (stuck_ns <= wedged_ns) == serving:
-            continue
-        serving = not serving
-        if serving:
-            log.warning("no virtual CPU is wedged any more: SERVING")
-        else:
-            log.warning("a virtual CPU is wedged (a thread %.0f ms in one C call past its due time): NOT_SERVING",
-                        stuck_ns / 1e6)
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE.full_name):
-            await servicer.set(name, status)
+def is_local(listen: str) -> bool:
+    """Whether `listen` is a Unix socket or a loopback address (only this machine can connect)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
+    # OpenMP's default lets a thread pool's idle workers spin, waiting for the next parallel
+    # region. The model loads on one thread and runs on another, each with its own pool, and the
+    # idle pool's spinning took the cores from the engine's: on 2 cores SmolLM2's requests ran
+    # 10-20x slower. Passive workers sleep (no slower here). Set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     handler = logging.StreamHandler()
     if args.log_format == "json":

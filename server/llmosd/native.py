@@ -1,6 +1,6 @@
 """The kernel's C extension, `_lua`, loaded against lupa's Lua library.
 
-_lua.c and _sandbox.c call the Lua C API inside lupa's extension (lupa
+lua/state.c and lua/sandbox.c call the Lua C API inside lupa's extension (lupa
 provides the Lua library): that extension's symbols are made global before
 our module is loaded against them. lupa ships no headers, so lua_api.h
 declares the part of the API used, with values that depend on how that Lua

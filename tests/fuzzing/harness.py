@@ -268,6 +268,10 @@ class FuzzServer:
         self.channel = grpc.insecure_channel(self.server.target, options=CHANNEL_OPTIONS)
         self.rpc = Rpc(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + 60  # health is NOT_SERVING until the model has loaded
+        while (self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_S).status
+               != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline):
+            time.sleep(0.05)
         self.log_offset = 0
         self.harness_pids = set()
         self.probe_port = self.open_port()

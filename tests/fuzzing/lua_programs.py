@@ -231,7 +231,7 @@ def _option_table(draw: Any, keys: dict[str, st.SearchStrategy[Arg]], fname: str
 
 
 # -- steps ------------------------------------------------------------------------------------
-MAY_WAIT = {"sys.recv", "sys.wait", "sys.sleep", "sys.infer", "sys.lock.acquire", "sys.exit"}
+MAY_WAIT = {"sys.recv", "sys.wait", "sys.sleep", "sys.infer", "sys.lock.acquire", "sys.exit", "sys.context.create"}
 SMALL_PROGRAMS = ["return 1", "sys.recv{}", "error('child')", "return math.maxinteger", "while true do end",
                   "return args", "sys.sleep(1e300)"]
 
@@ -266,9 +266,15 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = Fals
         options({"tag": text_field(), "data": text_field(raw_ok=True), "correlation_id": text_field()})
     elif fname == "sys.recv":
         to = targets(npids, nnames)
-        options({"from": to, "tag": texts(), "correlation_id": texts(), "timeout_ms": durations(quick, True)},
+        options({"from": to, "tag": texts(), "correlation_id": texts(), "timeout_ms": durations(quick, True),
+                 "ack": st.sampled_from([Arg("true", "true"), Arg("false", "false"),
+                                         Arg("1", "1", "ack must be a boolean")]),
+                 "lease_ms": durations(quick)},
                 required=("timeout_ms",))
-        if "timeout_ms" not in step.args[0].src:
+        src = step.args[0].src
+        if "['lease_ms']" in src and "['ack'] = true" not in src:
+            step.refusals.append("lease_ms without ack = true")
+        if "timeout_ms" not in src:
             step.blocks = True  # no timeout: waits for a message
     elif fname == "sys.wait":
         add(draw(targets(npids, nnames)))
@@ -343,8 +349,26 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = Fals
             "seed": st.sampled_from([Arg("1", "1"), Arg("math.maxinteger", "maxinteger"), Arg("-1", "-1")]),
             "stop": st.sampled_from([Arg("{'a'}", "{'a'}"), Arg("{''}", "{''}"), Arg("{{}}", "{{}}")]),
             "timeout_ms": durations(quick),
+            "json_schema": st.sampled_from([Arg("{type = 'object'}", "{type=object}"),
+                                            Arg("{type = 'bogus'}", "{type=bogus}", "a bad schema")]),
+            "regex": st.sampled_from([Arg("'[0-9]+'", "'[0-9]+'"), Arg("'('", "'('", "a bad regex")]),
+            "context": st.sampled_from([Arg("1", "1"), Arg("0", "0", "not a context handle"),
+                                        Arg("2^60", "2^60", "no such context")]),
         }, required=("timeout_ms", "prompt"))
         step.blocks = not quick  # a long generation goes last
+    elif fname == "sys.context.create":
+        options({
+            "messages": st.sampled_from([Arg("{{role = 'user', content = 'hi'}}", "one user message"),
+                                         Arg("{}", "{}", "no messages"),
+                                         Arg("{{role = 'robot', content = 'x'}}", "role robot", "an unknown role")]),
+            "tools": st.sampled_from([Arg("{{name = 't'}}", "one tool"),
+                                      Arg("{{name = 'a b'}}", "a tool named 'a b'", "a bad tool name")]),
+        }, required=("messages",))
+        step.blocks = not quick  # a prefill
+    elif fname in ("sys.context.fork", "sys.context.drop"):
+        add(draw(st.sampled_from([Arg("1", "1"), Arg("0", "0", "not a context handle"),
+                                  Arg("-1", "-1", "not a context handle"), Arg("2^60", "2^60", "no such context"),
+                                  Arg("'x'", "'x'", "not a context handle"), Arg("nil", "nil", "no handle")])))
     elif fname.startswith("sys.fs."):
         op = fname.rsplit(".", 1)[1]
         path = draw(_paths())
@@ -376,6 +400,19 @@ def call_step(draw: Any, fname: str, npids: int, nnames: int, quick: bool = Fals
                                                    Arg("2^40", "2^40")]),
                      "timeout_ms": durations(quick)}, required=("timeout_ms",))
             step.blocks |= op == "acquire" and not quick
+    elif fname.startswith("sys.cond."):
+        name = add(draw(texts()))
+        reason = _name_refusal(name)
+        if reason:
+            step.refusals.append(reason)
+        if fname == "sys.cond.wait":  # with a lock no other step takes, so never held: always refused
+            add(draw(st.sampled_from([Arg("'fz-cond-lock'", "'fz-cond-lock'"), Arg("nil", "nil")])))
+            add(draw(durations(quick)))
+            step.refusals.append("the caller does not hold the lock")
+    elif fname in ("sys.ack", "sys.nack"):  # nothing is ever leased with these ids: always refused
+        add(draw(st.sampled_from([Arg("0", "0"), Arg("-1", "-1"), Arg("123456789", "123456789"), Arg("2^53", "2^53"),
+                                  Arg("{id = 7}", "{id=7}"), Arg("{}", "{}"), Arg("nil", "nil"), Arg("'x'", "'x'")])))
+        step.refusals.append("no lease on that message")
     else:
         raise KeyError(f"the fuzzer has no strategy for {fname}: add one to lua_programs.call_step")
     if draw(st.integers(0, 9)) == 0 and not (quick and fname in MAY_WAIT):  # now and then: anything at all
@@ -410,6 +447,8 @@ SYS_FUNCTIONS = [
     "sys.monitor", "sys.set_priority", "sys.info", "sys.log", "sys.exit", "sys.spawn", "sys.infer",
     "sys.fs.write", "sys.fs.read", "sys.fs.stat", "sys.fs.list", "sys.fs.delete", "sys.fs.rename", "sys.fs.mkdir",
     "sys.lock.acquire", "sys.lock.try_acquire", "sys.lock.release",
+    "sys.cond.wait", "sys.cond.signal", "sys.cond.broadcast", "sys.ack", "sys.nack",
+    "sys.context.create", "sys.context.fork", "sys.context.drop",
 ]
 # Lists every function reachable from `sys`, for the check that each has a strategy.
 LIST_SYS = """

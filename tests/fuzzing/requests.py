@@ -65,14 +65,16 @@ SUBJECT_PIDS = {
     ("ReadLogRequest", "pid"), ("SetPriorityRequest", "pid"), ("RegisterRequest", "pid"), ("ExitRequest", "pid"),
     ("AcquireRequest", "pid"), ("ReleaseRequest", "pid"), ("InferRequest", "pid"), ("SendRequest", "from"),
     ("SendRequest", "to"), ("MonitorRequest", "watcher"), ("MonitorRequest", "target"), ("SpawnRequest", "parent"),
-    ("WriteFileRequest", "pid"),
+    ("WriteFileRequest", "pid"), ("CreateContextRequest", "pid"), ("ForkContextRequest", "pid"),
+    ("DropContextRequest", "pid"),
 }
 # ...and of those, the ones where 0 ("unset") must be refused too.
 REQUIRED_PIDS = {
     ("GetProcessRequest", "pid"), ("WaitRequest", "pid"), ("KillRequest", "pid"), ("RecvRequest", "pid"),
     ("ReadLogRequest", "pid"), ("SetPriorityRequest", "pid"), ("RegisterRequest", "pid"), ("ExitRequest", "pid"),
     ("AcquireRequest", "pid"), ("ReleaseRequest", "pid"), ("SendRequest", "to"), ("MonitorRequest", "watcher"),
-    ("MonitorRequest", "target"),
+    ("MonitorRequest", "target"), ("CreateContextRequest", "pid"), ("ForkContextRequest", "pid"),
+    ("DropContextRequest", "pid"),
 }
 PID_FIELDS = {"pid", "from", "to", "parent", "watcher", "target"}
 NAME_FIELDS = {("SpawnRequest", "name"), ("OpenPortRequest", "name"), ("RegisterRequest", "name"),

@@ -326,7 +326,8 @@ USERLAND_CALLS = [
 AGENT_SELF_ONLY = {("Recv", "pid"), ("Send", "from")}
 # ...and where an agent leaves one of its identity fields 0, the kernel fills in the agent.
 AGENT_IDENTITY = {"Spawn": "parent", "Send": "from", "Recv": "pid", "Register": "pid", "Monitor": "watcher",
-                  "Infer": "pid", "Acquire": "pid", "Release": "pid", "Exit": "pid", "WriteFile": "pid"}
+                  "Infer": "pid", "Acquire": "pid", "Release": "pid", "Exit": "pid", "WriteFile": "pid",
+                  "CreateContext": "pid", "ForkContext": "pid", "DropContext": "pid"}
 AGENT_DENIED = {"OpenPort"}
 
 

@@ -37,7 +37,7 @@ PYTHON: ProcessKind
 PORT: ProcessKind
 
 class Limits(_message.Message):
-    __slots__ = ("cpu_ms", "wall_ms", "memory_bytes", "tokens", "mailbox", "mailbox_bytes", "processes")
+    __slots__ = ("cpu_ms", "wall_ms", "memory_bytes", "tokens", "mailbox", "mailbox_bytes", "processes", "kv_bytes")
     CPU_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Limits(_message.Message):
     MAILBOX_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_ms: int
     wall_ms: int
     memory_bytes: int
@@ -52,10 +53,11 @@ class Limits(_message.Message):
     mailbox: int
     mailbox_bytes: int
     processes: int
-    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., mailbox: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+    kv_bytes: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., mailbox: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("cpu_ms", "wall_ms", "messages_sent", "messages_received", "tokens", "memory_bytes", "mailbox_len", "mailbox_bytes", "processes")
+    __slots__ = ("cpu_ms", "wall_ms", "messages_sent", "messages_received", "tokens", "memory_bytes", "mailbox_len", "mailbox_bytes", "processes", "kv_bytes")
     CPU_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_SENT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class Usage(_message.Message):
     MAILBOX_LEN_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_ms: int
     wall_ms: int
     messages_sent: int
@@ -74,10 +77,11 @@ class Usage(_message.Message):
     mailbox_len: int
     mailbox_bytes: int
     processes: int
-    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+    kv_bytes: int
+    def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class SpawnRequest(_message.Message):
-    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name")
+    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name", "dead_letter", "max_attempts")
     LUA_FIELD_NUMBER: _ClassVar[int]
     PYTHON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +93,8 @@ class SpawnRequest(_message.Message):
     MONITOR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     lua: str
     python: str
     path: str
@@ -100,7 +106,9 @@ class SpawnRequest(_message.Message):
     monitor: bool
     weight: int
     source_name: str
-    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ...) -> None: ...
+    dead_letter: int
+    max_attempts: int
+    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ..., dead_letter: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class SpawnResponse(_message.Message):
     __slots__ = ("pid",)
@@ -109,7 +117,7 @@ class SpawnResponse(_message.Message):
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "to", "tag", "body", "data", "correlation_id", "sent_at_ms")
+    __slots__ = ("id", "to", "tag", "body", "data", "correlation_id", "sent_at_ms", "attempt", "redelivered")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +126,8 @@ class Message(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REDELIVERED_FIELD_NUMBER: _ClassVar[int]
     id: int
     to: int
     tag: str
@@ -125,7 +135,9 @@ class Message(_message.Message):
     data: bytes
     correlation_id: str
     sent_at_ms: int
-    def __init__(self, id: _Optional[int] = ..., to: _Optional[int] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., sent_at_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    attempt: int
+    redelivered: bool
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[int] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., sent_at_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., redelivered: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class SendRequest(_message.Message):
     __slots__ = ("to", "to_name", "tag", "body", "data", "correlation_id")
@@ -151,17 +163,35 @@ class SendResponse(_message.Message):
     def __init__(self, message_id: _Optional[int] = ...) -> None: ...
 
 class RecvRequest(_message.Message):
-    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms")
+    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms", "port_secret", "ack", "lease_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PORT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     tag: str
     correlation_id: str
     timeout_ms: int
-    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    port_secret: str
+    ack: bool
+    lease_ms: int
+    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., port_secret: _Optional[str] = ..., ack: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., **kwargs) -> None: ...
+
+class AckRequest(_message.Message):
+    __slots__ = ("pid", "message_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    message_id: int
+    def __init__(self, pid: _Optional[int] = ..., message_id: _Optional[int] = ...) -> None: ...
+
+class AckResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RecvResponse(_message.Message):
     __slots__ = ("message", "timed_out")
@@ -202,30 +232,154 @@ class KillResponse(_message.Message):
     def __init__(self, already_ended: _Optional[bool] = ...) -> None: ...
 
 class ExitRequest(_message.Message):
-    __slots__ = ("pid", "result")
+    __slots__ = ("pid", "result", "port_secret")
     PID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    PORT_SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
     result: _struct_pb2.Value
-    def __init__(self, pid: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    port_secret: str
+    def __init__(self, pid: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., port_secret: _Optional[str] = ...) -> None: ...
 
 class ExitResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class OpenPortRequest(_message.Message):
-    __slots__ = ("name", "mailbox")
+    __slots__ = ("name", "mailbox", "dead_letter", "max_attempts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     mailbox: int
-    def __init__(self, name: _Optional[str] = ..., mailbox: _Optional[int] = ...) -> None: ...
+    dead_letter: int
+    max_attempts: int
+    def __init__(self, name: _Optional[str] = ..., mailbox: _Optional[int] = ..., dead_letter: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class OpenPortResponse(_message.Message):
-    __slots__ = ("pid",)
+    __slots__ = ("pid", "secret")
     PID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
-    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, pid: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("namespace", "role", "label")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    role: str
+    label: str
+    def __init__(self, namespace: _Optional[str] = ..., role: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("id", "token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    token: str
+    def __init__(self, id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("id", "namespace", "role", "label", "created_at_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    namespace: str
+    role: str
+    label: str
+    created_at_ms: int
+    def __init__(self, id: _Optional[str] = ..., namespace: _Optional[str] = ..., role: _Optional[str] = ..., label: _Optional[str] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetNamespaceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class NamespaceInfo(_message.Message):
+    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    live_processes: int
+    max_live_processes: int
+    file_bytes: int
+    max_file_bytes: int
+    files: int
+    max_files: int
+    tokens: int
+    memory_bytes: int
+    mailbox_bytes: int
+    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ...) -> None: ...
+
+class ReadAuditRequest(_message.Message):
+    __slots__ = ("limit", "before_id")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_ID_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    before_id: int
+    def __init__(self, limit: _Optional[int] = ..., before_id: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "at_ms", "namespace", "who", "method", "target", "outcome")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    at_ms: int
+    namespace: str
+    who: str
+    method: str
+    target: str
+    outcome: str
+    def __init__(self, id: _Optional[int] = ..., at_ms: _Optional[int] = ..., namespace: _Optional[str] = ..., who: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class ReadAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("pid", "name")
@@ -368,12 +522,34 @@ class Event(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., process: _Optional[_Union[ProcessInfo, _Mapping]] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "name")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    name: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Tool(_message.Message):
+    __slots__ = ("name", "description", "parameters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    parameters: _struct_pb2.Value
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("id", "name", "arguments")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    arguments: _struct_pb2.Value
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -392,7 +568,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("pid", "prompt", "messages", "sampling", "stream", "priority", "timeout_ms")
+    __slots__ = ("pid", "prompt", "messages", "sampling", "stream", "priority", "timeout_ms", "json_schema", "regex", "grammar", "tools", "tool_choice", "context_id")
     PID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +576,12 @@ class InferRequest(_message.Message):
     STREAM_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     pid: int
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -407,7 +589,13 @@ class InferRequest(_message.Message):
     stream: bool
     priority: int
     timeout_ms: int
-    def __init__(self, pid: _Optional[int] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    json_schema: _struct_pb2.Value
+    regex: str
+    grammar: str
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    tool_choice: str
+    context_id: int
+    def __init__(self, pid: _Optional[int] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., json_schema: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., context_id: _Optional[int] = ...) -> None: ...
 
 class InferUsage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
@@ -420,16 +608,58 @@ class InferUsage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class InferChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "tool_calls")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     usage: InferUsage
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[InferUsage, _Mapping]] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[InferUsage, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ...) -> None: ...
+
+class CreateContextRequest(_message.Message):
+    __slots__ = ("pid", "messages", "tools")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    def __init__(self, pid: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ...) -> None: ...
+
+class ForkContextRequest(_message.Message):
+    __slots__ = ("pid", "context_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    context_id: int
+    def __init__(self, pid: _Optional[int] = ..., context_id: _Optional[int] = ...) -> None: ...
+
+class DropContextRequest(_message.Message):
+    __slots__ = ("pid", "context_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    context_id: int
+    def __init__(self, pid: _Optional[int] = ..., context_id: _Optional[int] = ...) -> None: ...
+
+class DropContextResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContextInfo(_message.Message):
+    __slots__ = ("context_id", "tokens", "kv_bytes")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    context_id: int
+    tokens: int
+    kv_bytes: int
+    def __init__(self, context_id: _Optional[int] = ..., tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class WriteFileRequest(_message.Message):
     __slots__ = ("path", "append", "data", "pid")
@@ -532,3 +762,41 @@ class ReleaseRequest(_message.Message):
 class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CondWaitRequest(_message.Message):
+    __slots__ = ("pid", "name", "lock", "timeout_ms", "priority")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOCK_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    lock: str
+    timeout_ms: int
+    priority: int
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., lock: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class CondWaitResponse(_message.Message):
+    __slots__ = ("signalled", "timed_out", "previous_holder_died")
+    SIGNALLED_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_HOLDER_DIED_FIELD_NUMBER: _ClassVar[int]
+    signalled: bool
+    timed_out: bool
+    previous_holder_died: int
+    def __init__(self, signalled: _Optional[bool] = ..., timed_out: _Optional[bool] = ..., previous_holder_died: _Optional[int] = ...) -> None: ...
+
+class CondSignalRequest(_message.Message):
+    __slots__ = ("name", "pid")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pid: int
+    def __init__(self, name: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class CondSignalResponse(_message.Message):
+    __slots__ = ("woken",)
+    WOKEN_FIELD_NUMBER: _ClassVar[int]
+    woken: int
+    def __init__(self, woken: _Optional[int] = ...) -> None: ...

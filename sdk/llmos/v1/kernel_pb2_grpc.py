@@ -49,6 +49,16 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.RecvRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.RecvResponse.FromString,
                 _registered_method=True)
+        self.Ack = channel.unary_unary(
+                '/llmos.v1.Kernel/Ack',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
+                _registered_method=True)
+        self.Nack = channel.unary_unary(
+                '/llmos.v1.Kernel/Nack',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
+                _registered_method=True)
         self.Wait = channel.unary_unary(
                 '/llmos.v1.Kernel/Wait',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.WaitRequest.SerializeToString,
@@ -58,6 +68,21 @@ class KernelStub:
                 '/llmos.v1.Kernel/Infer',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.InferRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.InferChunk.FromString,
+                _registered_method=True)
+        self.CreateContext = channel.unary_unary(
+                '/llmos.v1.Kernel/CreateContext',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CreateContextRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+                _registered_method=True)
+        self.ForkContext = channel.unary_unary(
+                '/llmos.v1.Kernel/ForkContext',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ForkContextRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+                _registered_method=True)
+        self.DropContext = channel.unary_unary(
+                '/llmos.v1.Kernel/DropContext',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.DropContextRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.DropContextResponse.FromString,
                 _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/llmos.v1.Kernel/Kill',
@@ -154,6 +179,46 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/llmos.v1.Kernel/CreateToken',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/llmos.v1.Kernel/ListTokens',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/llmos.v1.Kernel/RevokeToken',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.GetNamespace = channel.unary_unary(
+                '/llmos.v1.Kernel/GetNamespace',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+                _registered_method=True)
+        self.ReadAudit = channel.unary_unary(
+                '/llmos.v1.Kernel/ReadAudit',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.FromString,
+                _registered_method=True)
+        self.CondWait = channel.unary_unary(
+                '/llmos.v1.Kernel/CondWait',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CondWaitRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CondWaitResponse.FromString,
+                _registered_method=True)
+        self.CondSignal = channel.unary_unary(
+                '/llmos.v1.Kernel/CondSignal',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
+                _registered_method=True)
+        self.CondBroadcast = channel.unary_unary(
+                '/llmos.v1.Kernel/CondBroadcast',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -180,6 +245,19 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ack(self, request, context):
+        """A message received with ack is done with (Ack), or given back to be delivered again (Nack).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Nack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Wait(self, request, context):
         """Waits until a process has ended (or the timeout passes) and returns its final info.
         """
@@ -190,6 +268,28 @@ class KernelServicer:
     def Infer(self, request, context):
         """Generates text with the kernel's shared model, charged to the calling process.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateContext(self, request, context):
+        """Conversation contexts: chats whose KV cache the engine keeps, owned by a process and
+        freed when it ends. Infer with context_id appends a turn without prefilling the history.
+        Creating one waits until its messages are prefilled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkContext(self, request, context):
+        """A new context with the same history, sharing its KV blocks (copy on write).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropContext(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -322,6 +422,64 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Tokens (admin tokens only): `authorization: Bearer TOKEN` metadata names a caller's
+        namespace and role (admin, owner, reader); see docs/authority.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNamespace(self, request, context):
+        """A namespace's use and quotas: the caller's (an admin may name any).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadAudit(self, request, context):
+        """The audit log (admin only): calls that changed something, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CondWait(self, request, context):
+        """Condition variables, named like locks. CondWait releases the mutex `lock`,
+        which `pid` must hold, waits for a signal (or the timeout), and answers once
+        `pid` holds the mutex again. Waiters are served by priority, then FIFO;
+        wake-ups are never spurious.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CondSignal(self, request, context):
+        """wakes the best waiter
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CondBroadcast(self, request, context):
+        """wakes them all
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -340,6 +498,16 @@ def add_KernelServicer_to_server(servicer, server):
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.RecvRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.RecvResponse.SerializeToString,
             ),
+            'Ack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ack,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.SerializeToString,
+            ),
+            'Nack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Nack,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.AckRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.AckResponse.SerializeToString,
+            ),
             'Wait': grpc.unary_unary_rpc_method_handler(
                     servicer.Wait,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.WaitRequest.FromString,
@@ -349,6 +517,21 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.InferRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.InferChunk.SerializeToString,
+            ),
+            'CreateContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateContext,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateContextRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.SerializeToString,
+            ),
+            'ForkContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkContext,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ForkContextRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ContextInfo.SerializeToString,
+            ),
+            'DropContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropContext,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.DropContextRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.DropContextResponse.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
@@ -445,6 +628,46 @@ def add_KernelServicer_to_server(servicer, server):
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.SerializeToString,
             ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'GetNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespace,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.SerializeToString,
+            ),
+            'ReadAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadAudit,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.SerializeToString,
+            ),
+            'CondWait': grpc.unary_unary_rpc_method_handler(
+                    servicer.CondWait,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CondWaitRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CondWaitResponse.SerializeToString,
+            ),
+            'CondSignal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CondSignal,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.SerializeToString,
+            ),
+            'CondBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.CondBroadcast,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'llmos.v1.Kernel', rpc_method_handlers)
@@ -538,6 +761,60 @@ class Kernel:
             _registered_method=True)
 
     @staticmethod
+    def Ack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/Ack',
+            llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Nack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/Nack',
+            llmos_dot_v1_dot_kernel__pb2.AckRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Wait(request,
             target,
             options=(),
@@ -581,6 +858,87 @@ class Kernel:
             '/llmos.v1.Kernel/Infer',
             llmos_dot_v1_dot_kernel__pb2.InferRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.InferChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CreateContext',
+            llmos_dot_v1_dot_kernel__pb2.CreateContextRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ForkContext',
+            llmos_dot_v1_dot_kernel__pb2.ForkContextRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ContextInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/DropContext',
+            llmos_dot_v1_dot_kernel__pb2.DropContextRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.DropContextResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1094,6 +1452,222 @@ class Kernel:
             '/llmos.v1.Kernel/Release',
             llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CreateToken',
+            llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ListTokens',
+            llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/RevokeToken',
+            llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/GetNamespace',
+            llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ReadAudit',
+            llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CondWait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CondWait',
+            llmos_dot_v1_dot_kernel__pb2.CondWaitRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CondWaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CondSignal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CondSignal',
+            llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CondBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CondBroadcast',
+            llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
             options,
             channel_credentials,
             insecure,

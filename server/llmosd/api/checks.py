@@ -21,11 +21,11 @@ from typing import Any
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted
 from ..native import _lua
-from ..kernel.process import Limits
+from ..kernel.process import DEFAULT_WEIGHT, Limits
 from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
 MIN_PRIORITY, MAX_PRIORITY = -20, 20
-DEFAULT_WEIGHT, MAX_WEIGHT = 100, 10_000  # as cgroup v2's cpu.weight
+MAX_WEIGHT = 10_000  # as cgroup v2's cpu.weight
 MAX_PID = MAX_EXACT_INTEGER  # pids are exact JSON numbers
 MAX_NAME_LEN = 256
 MAX_TEXT_BYTES = 1024
@@ -75,6 +75,16 @@ def pid(value: Any, what: str = "pid") -> int:
     return value
 
 
+def message_id(value: Any, what: str = "message_id") -> int:
+    """A message id given by a caller (Ack, Nack): an integer in 1..2^53; 0 means unset (refused)."""
+    value = integer(value, what)
+    if value == 0:
+        raise InvalidArgument(f"{what} is required")
+    if not 0 < value <= MAX_PID:
+        raise InvalidArgument(f"{what} must be between 1 and 2^53, not {value}")
+    return value
+
+
 def name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable():
         raise InvalidArgument(f"{what}: names are 1 to {MAX_NAME_LEN} printable characters "
@@ -90,13 +100,18 @@ def program_path(value: Any) -> str:
     MAX_PATH_BYTES in UTF-8. Staying inside the root is the loader's check."""
     if not isinstance(value, str) or not value or not value.isprintable():
         raise InvalidArgument("path: a program's path is non-empty printable text (no NUL or control characters)")
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        raise InvalidArgument("path must be valid Unicode text") from None
+    size = _utf8_size(value, "path")
     if size > MAX_PATH_BYTES:
         raise InvalidArgument(f"path: at most {MAX_PATH_BYTES} bytes; this one has {size}")
     return value
+
+
+def _utf8_size(value: str, what: str) -> int:
+    """`value`'s length in UTF-8; InvalidArgument for text that has none (a lone surrogate)."""
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} must be valid Unicode text") from None
 
 
 def known_options(given: Any, known: tuple[str, ...], what: str) -> None:
@@ -111,10 +126,7 @@ def text(value: Any, what: str) -> str:
     """A short text (tag, correlation id, reason): str of at most MAX_TEXT_BYTES UTF-8 bytes."""
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string")
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        raise InvalidArgument(f"{what} must be valid Unicode text") from None
+    size = _utf8_size(value, what)
     if size > MAX_TEXT_BYTES:
         raise InvalidArgument(f"{what} is at most {MAX_TEXT_BYTES} bytes; this one has {size}")
     return value
@@ -151,3 +163,60 @@ def limits(given: Any, what: str = "limits") -> Limits:
                 raise InvalidArgument(f"{what}.{key} must not be negative")
             out[key] = min(amount, MAX_AMOUNT)
     return Limits(**out)
+
+
+# -- inference ----------------------------------------------------------------------------------
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_FIELDS = ("role", "content", "name")
+INFER_OPTIONS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority",
+                 "timeout_ms", "json_schema", "regex", "grammar", "tools", "tool_choice", "context")
+CONTEXT_OPTIONS = ("messages", "tools")
+
+
+def chat(messages: Any, what: str = "messages", allow_empty: bool = False) -> list[dict[str, str]]:
+    """A chat: a list of {role, content} (and `name` for a tool's result), roles in CHAT_ROLES.
+    An empty Lua table arrives as {}: it is the empty chat where one is allowed."""
+    if allow_empty and messages in ({}, []):
+        return []
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument(f"{what} must be a non-empty list of {{role, content}}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidArgument(f"{what}[{i}] must be a table/object with role and content")
+        known_options(m, CHAT_FIELDS, f"{what}[{i}]")
+        role, content, tool = m.get("role"), m.get("content"), m.get("name")
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(f"{what}[{i}]: role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidArgument(f"{what}[{i}]: content must be text")
+        entry = {"role": role, "content": content}
+        if tool not in (None, ""):
+            if role != "tool":
+                raise InvalidArgument(f"{what}[{i}]: only a message of role tool has a name")
+            entry["name"] = text(tool, f"{what}[{i}].name")
+        out.append(entry)
+    return out
+
+
+def context_handle(value: Any, what: str = "context") -> int:
+    """A conversation context's handle: a positive integer; one that cannot exist is NotFound."""
+    value = integer(value, what)
+    if value <= 0:
+        raise InvalidArgument(f"{what} must be a context handle (a positive integer)")
+    if value > MAX_EXACT_INTEGER:
+        raise NotFound(f"no context {value}")
+    return value
+
+
+def tool_choice(value: Any, what: str = "tool_choice") -> str | dict[str, str] | None:
+    """None, "auto", "none", "required", or a tool's name (as {"name": NAME}); the engine checks
+    the name against the tools."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict):
+        known_options(value, ("name",), what)
+        value = value.get("name")
+    if not isinstance(value, str):
+        raise InvalidArgument(f'{what} must be "auto", "none", "required" or a tool\'s name')
+    return value if value in ("auto", "none", "required") else {"name": value}

@@ -33,7 +33,8 @@ from llmos.v1 import kernel_pb2 as pb
 
 from .errors import InvalidArgument
 from ..kernel.kernel import Kernel
-from .syscalls import CALL, SERVICE, SYSCALLS, Identity, count_call, status_of
+from .identity import Identity
+from .syscalls import CALL, SERVICE, SYSCALLS, count_call, finish_call, status_of
 from . import metrics, openai_api
 from .web import BODY_SLACK, HttpCall, error_response, json_errors, read_json, stream_sse
 
@@ -63,9 +64,9 @@ def message_json(msg: Any) -> dict[str, Any]:
 class Gateway:
     """`POST /v1/kernel/<Method>` for every method of the service, through SYSCALLS."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, single_user: bool) -> None:
         self.kernel = kernel
-        self.identity = Identity(kernel, agents=False)
+        self.identity = Identity(kernel, agents=False, single_user=single_user)
         self.body_limit = kernel.config.max_message_bytes + BODY_SLACK
         self.methods = {m.name: m for m in SERVICE.methods}
         self.request_classes = {m.name: message_factory.GetMessageClass(m.input_type) for m in SERVICE.methods}
@@ -80,18 +81,19 @@ class Gateway:
         call = HttpCall(request)
         CALL.set(call)
         fn = SYSCALLS[name]
-        began, code = time.perf_counter(), "OK"
+        began, code, checked = time.perf_counter(), "OK", None
         try:
             if method.client_streaming:
                 req: Any = self._write_file_requests(request)
             else:
                 req = parse_message(await read_json(request, self.body_limit), self.request_classes[name],
                                     f"{name} request")
-            req = self.identity.check(name, req, call)
+            checked = self.identity.check(name, req, call)
             if method.server_streaming:
-                began = None  # a stream is counted, not timed
-                return await stream_sse(request, fn(self.kernel, req), name, message_json)
-            return web.json_response(message_json(await fn(self.kernel, req)))
+                began = None  # a stream is counted, not timed; stream_sse finishes it
+                return await stream_sse(request, fn(self.kernel, checked), name, message_json,
+                                        lambda code: finish_call(self.identity, name, checked, code))
+            return web.json_response(message_json(await fn(self.kernel, checked)))
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -99,8 +101,10 @@ class Gateway:
             code, text = status_of(name, e)
             return error_response(code, text)
         finally:
-            if began is not None:
-                count_call(name, code, began)
+            if checked is None:
+                count_call(name, code, began)  # not audited: no caller to name
+            elif began is not None:
+                finish_call(self.identity, name, checked, code, began)
 
     def _write_file_requests(self, request: web.Request) -> AsyncIterator[pb.WriteFileRequest]:
         """WriteFile's stream: the query's path, append and pid first, then the body's bytes."""
@@ -131,27 +135,29 @@ async def console_file(request: web.Request) -> web.StreamResponse:
 
 
 # -- the listener -----------------------------------------------------------------------------
-def make_app(kernel: Kernel) -> web.Application:
+def make_app(kernel: Kernel, single_user: bool) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=kernel.config.max_message_bytes + BODY_SLACK)
-    gateway = Gateway(kernel)
+    gateway = Gateway(kernel, single_user)
     app.router.add_route("*", "/v1/kernel/{method}", gateway.handle)
-    openai_api.add_routes(app, kernel)
+    openai_api.add_routes(app, kernel, single_user)
     app.router.add_get("/metrics", metrics.handler(kernel))
     app.router.add_get("/", console_file)
     app.router.add_get("/{path:.+}", console_file)
     return app
 
 
-async def start_http(kernel: Kernel, address: str) -> tuple[web.AppRunner, str]:
+async def start_http(kernel: Kernel, address: str, single_user: bool) -> tuple[web.AppRunner, str]:
     """Serve the HTTP API on `address` (HOST:PORT; port 0 picks a free one) on the running
-    loop; returns the runner (to clean up) and the address bound."""
+    loop; returns the runner (to clean up) and the address bound. Callers are who their
+    `Authorization: Bearer TOKEN` says (api/identity.py); without one, the owner of `default`
+    in `single_user` mode, else UNAUTHENTICATED."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SystemExit(f"llmosd: --http takes HOST:PORT, not {address!r}")
     host = host.strip("[]")
     # handler_cancellation: a client that goes away cancels its call, as in gRPC (a Recv
     # cancelled puts its message back).
-    runner = web.AppRunner(make_app(kernel), handler_cancellation=True, access_log=None,
+    runner = web.AppRunner(make_app(kernel, single_user), handler_cancellation=True, access_log=None,
                            shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, int(port), reuse_port=False)

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from .errors import InvalidArgument
-from .syscalls import count_call, status_of
+from .syscalls import status_of
 
 BODY_SLACK = 64 << 10  # JSON framing around a message of the largest size, as gRPC's limit allows
 
@@ -114,6 +114,9 @@ class HttpCall:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return tuple((key.lower(), value) for key, value in self.request.headers.items())
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}  # no client certificates over HTTP: a token (Authorization: Bearer) says who calls
+
     async def send_initial_metadata(self, metadata: Any) -> None:
         transport = self.request.transport
         if transport is None or transport.is_closing():
@@ -122,11 +125,12 @@ class HttpCall:
 
 # -- streams ----------------------------------------------------------------------------------
 async def stream_sse(request: web.Request, items: AsyncIterator[Any], method: str,
-                     to_json: Callable[[Any], Any], done: bytes = b"event: end\ndata: {}\n\n") -> web.StreamResponse:
+                     to_json: Callable[[Any], Any], finish: Callable[[str], None],
+                     done: bytes = b"event: end\ndata: {}\n\n") -> web.StreamResponse:
     """Answer a streaming syscall `method` with Server-Sent Events, one per item. A failure
     before the first item is a plain error response; after it, an `event: error`. The iterator
     is closed whatever happens (a client that goes away cancels the handler, which cancels the
-    syscall), and the call counted with its status."""
+    syscall), and `finish` is called with the call's status (syscalls.finish_call)."""
     code = "OK"
     try:
         try:
@@ -152,7 +156,7 @@ async def stream_sse(request: web.Request, items: AsyncIterator[Any], method: st
             await response.write(b"event: error\n" + sse_data(error_body(code, text)))
         return response
     finally:
-        count_call(method, code)
+        finish(code)
         await items.aclose()  # type: ignore[attr-defined]
 
 

@@ -335,7 +335,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_cpu_kernels",
     "The engine's float32 CPU kernels; arguments are addresses of data the caller checked (see cpu_kernels.py).",
-    -1, methods,
+    -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__cpu_kernels(void)

@@ -19,7 +19,6 @@ import threading
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import numpy as np
 import torch
 
@@ -64,6 +63,11 @@ def _byte_vocabulary(tokenizer: ByteTokenizer) -> llguidance.TokenizerWrapper:
     return llguidance.TokenizerWrapper(Vocabulary())
 
 
+def _bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """Rows of allowed-token bits, 32 tokens an int32 (llguidance's layout), all allowed."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
 class Grammars:
     """Compiles constraints for one model's vocabulary and masks logits with them.
 
@@ -73,7 +77,7 @@ class Grammars:
         self._source, self.vocab_size, self._eos = tokenizer, vocab_size, sorted(eos_token_ids)
         self._lock = threading.Lock()
         self._vocabulary: llguidance.LLTokenizer | None = None
-        self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self._bitmask = _bitmask(1, vocab_size)
         self._executor = llguidance.LLExecutor(num_threads=torch.get_num_threads())  # fills rows in parallel
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
@@ -136,10 +140,14 @@ class Grammars:
         if not rows:
             return
         if self._bitmask.shape[0] < len(rows):
-            self._bitmask = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab_size)
+            self._bitmask = _bitmask(len(rows), self.vocab_size)
         bitmask = self._bitmask[: len(rows)]
-        llguidance.torch.fill_next_token_bitmask_par(
-            self._executor, [(seqs[i].constraint.matcher, j) for j, i in enumerate(rows)], bitmask
+        # What llguidance.torch.fill_next_token_bitmask_par does; that module is not imported, as its
+        # import compiles a kernel with torch.compile, which imports dynamo and inductor (1.5-4 s of
+        # the server's start) for a kernel this engine does not use.
+        self._executor.unsafe_compute_mask_ptr(
+            [(seqs[i].constraint.matcher, j) for j, i in enumerate(rows)], bitmask.data_ptr(), bitmask.shape[1] * 4,
+            len(rows),
         )
         bits = np.unpackbits((~bitmask).numpy().view(np.uint8), axis=1, bitorder="little")  # 1: forbidden
         forbidden = torch.from_numpy(bits[:, : logits.shape[1]].view(np.bool_)).to(logits.device)

@@ -1,41 +1,51 @@
-"""The kernel: the process table and the operations behind every syscall.
+"""The kernel: the process table and the operations on it that syscalls end in.
 
-Every syscall, whether from an RPC or from a Lua program, lands in one of the
-public methods here, or, for messages between Lua processes, in the C core
-(`self.core`, see _core.c), which changes the same process table and
-mailboxes. State changes happen under one lock (`self.lock`, a C lock both
-sides take), held only for bookkeeping, never while program code runs or an
-RPC waits.
+A syscall's entry in the table (api/syscalls.py) checks its arguments and
+calls a public method here, or a subsystem (services/); messages between Lua
+processes take the table's C implementation of send and receive instead
+(lua/fast_paths.c), which changes the same process table and mailboxes.
+Running a process is its userland's (kernel/runtime.py: the kernel never
+imports lua/ or python/). State changes happen under one lock (`self.lock`, a
+C lock both sides take), held only for bookkeeping, never while program code
+runs or an RPC waits.
+
+Why one file: every method here keeps the same invariants of the process table under that one
+lock (names, ancestors' descendant counts, monitors, mailboxes, namespaces and who may touch
+what); split, each part would reach into the others' state.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 import pathlib
-import time
+import secrets
 from collections import Counter, OrderedDict
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..api import checks as C
+from ..api.authority import DEFAULT_NAMESPACE, Caller, authorize, not_found
 from . import process as P
 from ..api.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, PermissionDenied, ResourceExhausted,
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
     Unimplemented,
 )
-from ..lua.runtime import MEMORY_ERROR, LuaProcess, error_text, from_lua, lua_syntax_error
 from .mailbox import Mailbox, Match, Message
 from ..native import _lua
 from .process import Limits, Process
 from .scheduler import Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
-from .waiting import TIMED_OUT, Timers, Waiter
-from ..services.files import FileLimits, FileStore
+from .waiting import Timers, Waiter
+from ..services.files import FileStore
+from .config import KernelConfig, SpawnSpec, resolve_program
 from .logs import MAX_LINES as MAX_LOG_LINES, Logs
-from ..python.runtime import Agents, PythonProcess
+from .runtime import Runtime
 from ..services.sync import SyncTable
+from ..api.audit import AuditLog
+from ..api.tokens import Tokens, digest
+from .acks import Acks
 
 log = logging.getLogger(__name__)
 
@@ -46,72 +56,6 @@ MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
 RESULT_KEPT_BYTES = 1024
 RESULT_IN_STORE = object()  # stands for such a result in the ended cache
 MAX_SPAWN_DEPTH = 100  # how deep a process tree may grow (each spawn counts against every ancestor's limit)
-SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
-                           "source_name"))
-
-
-@dataclass
-class KernelConfig:
-    data_dir: str
-    cpus: int = 0  # 0: one per core
-    quantum_ms: float = 10.0
-    aging_ms: float = 200.0  # a waiting process gains a priority level per this much waiting
-    # About 0.2 ms of Lua here: fine-grained enough for a 10 ms quantum and
-    # prompt kills, rare enough that the hook costs about 1%.
-    hook_instructions: int = 100_000
-    defaults: Limits = field(default_factory=lambda: Limits(
-        memory_bytes=64 << 20, mailbox=10_000, mailbox_bytes=64 << 20, processes=16_384))
-    userland_root: str | None = None
-    max_message_bytes: int = 4 << 20
-    max_processes: int = 65_536  # live processes and ports in the whole server
-    process_log_bytes: int = 256 << 10  # characters of log a process keeps (the oldest lines go first)
-    log_memory_bytes: int = 64 << 20  # characters of log kept in memory in all (ended processes' go first)
-    file_limits: FileLimits = field(default_factory=FileLimits)
-    agent_socket: str | None = None  # the Unix socket Python agents reach the kernel on; None: no Python userland
-    python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)
-    max_agents: int = 64  # live Python agents at once (each is an interpreter: ~30 MiB idle); 0: no limit
-    ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
-
-    @property
-    def quantum_s(self) -> float:
-        return self.quantum_ms / 1000.0
-
-
-@dataclass
-class SpawnSpec:
-    """What Spawn takes, checked by the syscall layer or the Lua bridge."""
-
-    lua: str | None = None
-    python: str | None = None
-    path: str | None = None
-    args: Any = None
-    name: str | None = None
-    priority: int = 0
-    weight: int = 0  # 0: the default weight
-    source_name: str | None = None  # what errors call lua/python source (default "program")
-    limits: Limits = field(default_factory=Limits)
-    parent: int = 0
-    monitor: bool = False
-    log_to_server: bool = False  # also write the process's log lines to the server's log (boot programs)
-
-
-class LuaWaiter(Waiter):
-    """A Lua process blocked in a syscall: completing it makes the process runnable."""
-
-    __slots__ = ("kernel", "proc")
-
-    def __init__(self, kernel: Kernel, proc: Process) -> None:
-        super().__init__()
-        self.kernel = kernel
-        self.proc = proc
-
-    def _wake(self, value: Any) -> None:
-        proc = self.proc
-        proc.resume_value = value
-        proc.waiter = None
-        proc.state = P.RUNNABLE
-        proc.blocked_on = None
-        self.kernel.scheduler.make_runnable(proc)
 
 
 class Kernel:
@@ -122,11 +66,7 @@ class Kernel:
         self.timers = Timers()
         self.sync = SyncTable(self.lock, self.timers)
         self.files = FileStore(pathlib.Path(config.data_dir) / "files", config.file_limits)
-        self.agents: Agents | None = None
-        if config.agent_socket:
-            roots = (pathlib.Path(config.userland_root),) if config.userland_root else ()
-            self.agents = Agents(pathlib.Path(config.data_dir) / "python", pathlib.Path(config.agent_socket), roots,
-                                 config.max_agents)
+        self.runtimes: dict[str, Runtime] = {}  # process kind -> its userland (add_runtime)
         self.quantum_ns = int(config.quantum_ms * 1_000_000)
         self.scheduler = Scheduler(
             config.cpus or os.cpu_count() or 1, self.quantum_ns, self._run_slice, self._wants_cpu_back,
@@ -136,8 +76,14 @@ class Kernel:
         # The C side: messages between Lua processes, and switching between them.
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
+        self.core.refill_ids()
+        self.acks = Acks(self.lock, self.timers, self.procs, self.store, self._store_port_message,
+                         self.core.new_message, self._deliver, self.live_locked)
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
-        self.names: dict[str, int] = {}
+        self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
+        self.tokens = Tokens(self.store)
+        self.audit = AuditLog(config.data_dir, config.audit_rows)
+        self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
         self.inference: Any = None  # set by the server when an engine is configured
@@ -148,13 +94,19 @@ class Kernel:
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
+    def add_runtime(self, runtime: Runtime) -> None:
+        """Let processes of `runtime.kind` be spawned (before the server serves)."""
+        self.runtimes[runtime.kind] = runtime
+
     def _recover(self) -> None:
         """Bring back ports with their messages; processes that were alive when the
         server went down end with reason "server_restart"."""
         for rec in self.store.live_records():
             if rec.kind == P.PORT:
                 proc = self._new_process(rec.pid, P.PORT, rec.parent, rec.priority, Limits(**rec.limits), rec.namespace)
+                proc.opener = rec.opener
                 proc.started_at_ms = rec.started_at_ms
+                self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
                 for m in self.store.port_messages(rec.pid):
                     proc.mailbox.deliver(
                         Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
@@ -162,7 +114,7 @@ class Kernel:
                     )
                 if rec.name:
                     proc.name = rec.name
-                    self.names[rec.name] = rec.pid
+                    self.names[rec.namespace, rec.name] = rec.pid
                 self.procs[rec.pid] = proc
             else:
                 rec.state, rec.exit_reason, rec.ended_at_ms = P.KILLED, "server_restart", now_ms()
@@ -175,41 +127,43 @@ class Kernel:
             self.kill(proc.pid, "shutdown")
         if self.inference is not None:
             self.inference.stop()
-        if self.agents is not None:
-            self.agents.shutdown()
+        for runtime in self.runtimes.values():
+            runtime.shutdown()
         self.scheduler.stop()
         self.timers.stop()
         self.store.close()
+        self.audit.close()
         self.files.close()
 
     # -- process creation ------------------------------------------------------------------
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
-        return Process(
-            pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, max_priority=priority,
+        proc = Process(
+            pid=pid, kind=kind, parent=parent, priority=priority, max_priority=priority,
             limits=limits, started_at_ms=now_ms(),
-            mailbox=Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT, byte_limit=limits.mailbox_bytes),
         )
+        proc.namespace = sys.intern(namespace)  # interned: lua/fast_paths.c compares namespaces by pointer
+        proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT, byte_limit=limits.mailbox_bytes)
+        return proc
 
-    def spawn(self, spec: SpawnSpec) -> int:
-        kind, source, program_name, program_path = self._resolve_program(spec)
+    def spawn(self, spec: SpawnSpec, caller: Caller | None = None) -> int:
+        """A new process, in its parent's namespace (no parent: the caller's)."""
+        kind, source, program_name, program_path = resolve_program(spec, self.config.userland_root)
         if spec.name is not None:
             C.name(spec.name)
         priority, weight = C.priority(spec.priority), C.weight(spec.weight or C.DEFAULT_WEIGHT)
         args = C.value(spec.args, "args", self.config.max_message_bytes)
-        defaults = self.config.defaults
-        if kind == P.PYTHON:
-            if self.agents is None:
-                raise Unimplemented("this server runs no Python userland (start llmosd with an agent socket)")
-            check_python_syntax(source, program_name)
-            defaults = Limits(**{**defaults.as_dict(), "memory_bytes": self.config.python_memory_bytes})
-        else:
-            check_syntax(source, program_name)
-        limits = spec.limits.with_defaults(defaults)
+        runtime = self.runtimes.get(kind)
+        if runtime is None:
+            raise Unimplemented(f"this server runs no {kind.title()} userland"
+                                + (" (start llmosd with an agent socket)" if kind == P.PYTHON else ""))
+        limits = spec.limits.with_defaults(runtime.check_program(source, program_name, self.config.defaults))
         with self.lock:
             if spec.parent:
                 parent = self.live_locked(spec.parent, "parent")
+                self._authorize(caller, "spawn", parent)
+                namespace = parent.namespace
                 if limits is not parent.limits:  # the shared defaults are within themselves
-                    limits = _child_limits(parent, spec.limits, limits, kind)
+                    limits = P.child_limits(parent, spec.limits, limits, kind)
                 if priority > parent.max_priority:
                     raise PermissionDenied(f"a child's priority is at most its parent's ({parent.max_priority}), "
                                            f"not {priority}")
@@ -218,27 +172,31 @@ class Kernel:
             elif spec.monitor:
                 raise InvalidArgument("monitor needs a parent pid")
             else:
+                if caller is not None and caller.role == "process":
+                    raise PermissionDenied("a process spawns only its own children")
                 lineage, ancestors = (), []
-            if len(self.procs) >= self.config.max_processes:
-                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
-            if spec.name and spec.name in self.names:
-                raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[spec.name]}")
+                namespace = caller.namespace if caller is not None else DEFAULT_NAMESPACE
+            self._check_room_locked(namespace)
+            if spec.name and (namespace, spec.name) in self.names:
+                raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[namespace, spec.name]}")
+            dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts, namespace)
             pid = self.store.next_id("pid")
-            proc = self._new_process(pid, kind, spec.parent, priority, limits, "default")
+            proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace)
             proc.program, proc.program_name, proc.args = source, program_name, args
             proc.weight = weight
             proc.ancestors = lineage
-            if kind == P.PYTHON:
-                proc.runtime = PythonProcess(self, proc, program_path)
+            runtime.attach(proc, program_path)
             proc.log_to_server = spec.log_to_server
             if spec.name:
                 proc.name = spec.name
-                self.names[spec.name] = pid
+                self.names[namespace, spec.name] = pid
             if spec.monitor:
                 proc.monitored_by.add(spec.parent)
             for ancestor in ancestors:
                 ancestor.descendants += 1
             self.procs[pid] = proc
+            self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
+            self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc)
             self.spawns[kind] += 1
             if limits.wall_ms:
@@ -246,6 +204,34 @@ class Kernel:
             self._emit("spawned", proc)
         self.scheduler.make_runnable(proc, new=True)
         return pid
+
+    def _check_room_locked(self, namespace: str) -> None:
+        """Room for one more live process in the server and in `namespace` (lock held)."""
+        if len(self.procs) >= self.config.max_processes:
+            raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
+        limit = self.config.namespace_processes
+        if limit and self.live_in.get(namespace, 0) >= limit:
+            raise ResourceExhausted(f"namespace {namespace!r} runs its limit of {limit} live processes "
+                                    "(--namespace-processes)")
+
+    def namespace_use(self, name: str, caller: Caller | None = None) -> dict[str, int | str]:
+        """A namespace's use and quotas (GetNamespace): the caller's, or (admin) any."""
+        name = name or (caller.namespace if caller is not None else DEFAULT_NAMESPACE)
+        if caller is not None and not caller.sees(name):
+            raise NotFound(f"no namespace {name!r}")
+        files, limits = self.files.usage(name), self.config.file_limits
+        with self.lock:
+            live = self.live_in.get(name, 0)
+            mine = [p for p in self.procs.values() if p.namespace == name]
+            mailbox_bytes = sum(p.mailbox.bytes for p in mine)
+            memory_bytes = sum(p.runtime.memory_used() for p in mine if p.runtime is not None)  # as usage() does
+        return {
+            "memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes,
+            "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
+            "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
+            "files": files.files + files.directories, "max_files": limits.namespace_files,
+            "tokens": sum(1 for _, ns, *_ in self.tokens.list() if ns == name),
+        }
 
     def _ancestors_with_room(self, lineage: tuple[int, ...]) -> list[Process]:
         """The live processes of a new child's `lineage` (its parent, grandparent...
@@ -264,92 +250,83 @@ class Kernel:
             live.append(proc)
         return live
 
-    def spawn_from_dict(self, spec: dict, parent: int) -> int:
-        """Spawn from the table a Lua program passed to sys.spawn."""
-        if not SPAWN_OPTIONS.issuperset(spec):
-            unknown = ", ".join(sorted(set(spec) - SPAWN_OPTIONS))
-            raise InvalidArgument(f"sys.spawn: unknown option(s) {unknown}")
-        limits = spec.get("limits") or {}
-        if not isinstance(limits, dict):
-            raise InvalidArgument(f"sys.spawn: limits must be a table of {', '.join(Limits.__slots__)}")
-        for key in ("lua", "python", "path", "name", "source_name"):
-            if spec.get(key) is not None and not isinstance(spec[key], str):
-                raise InvalidArgument(f"sys.spawn: {key} must be a string")
-        return self.spawn(SpawnSpec(
-            lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
-            name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
-            weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
-            limits=C.limits(limits, "sys.spawn: limits"), parent=parent, monitor=bool(spec.get("monitor")),
-            source_name=spec.get("source_name"),
-        ))
-
-    def _resolve_program(self, spec: SpawnSpec) -> tuple[str, str, str, pathlib.Path | None]:
-        """(kind, source, name for tracebacks, the file if given by path)."""
-        given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
-        if len(given) != 1:
-            raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
-        source_name = "program" if spec.source_name is None else C.name(spec.source_name, "source_name")
-        if spec.lua is not None:
-            return P.LUA, spec.lua, source_name, None
-        if spec.python is not None:
-            return P.PYTHON, spec.python, source_name, None
-        root = self.config.userland_root
-        if not root:
-            raise FailedPrecondition("this server has no userland root (--userland-root) to load programs from")
-        rel = C.program_path(spec.path)
-        full = os.path.realpath(os.path.join(root, rel))
-        if os.path.isabs(rel) or not full.startswith(os.path.realpath(root) + os.sep):
-            raise InvalidArgument(f"path {rel!r} must be relative and inside the userland root")
-        if full.endswith(".lua"):
-            kind = P.LUA
-        elif full.endswith(".py"):
-            kind = P.PYTHON
-        else:
-            raise InvalidArgument(f"path {rel!r}: programs end in .lua or .py")
-        try:
-            with open(full, encoding="utf-8") as f:
-                return kind, f.read(), rel, pathlib.Path(full)
-        except FileNotFoundError:
-            raise NotFound(f"no program at {rel!r} under the userland root") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidArgument(f"cannot read program {rel!r}: {e}") from None
-
-    def open_port(self, name: str | None = None, mailbox: int = 0) -> int:
+    def open_port(self, name: str | None = None, mailbox: int = 0, caller: Caller | None = None,
+                  dead_letter: int = 0, max_attempts: int = 0) -> tuple[int, str]:
+        """(pid, secret) of a new port in the caller's namespace, owned by the caller's key and by
+        whoever holds the secret (api/authority.py)."""
         if name is not None:
             C.name(name)
+        namespace = caller.namespace if caller is not None else DEFAULT_NAMESPACE
         with self.lock:
-            if name and name in self.names:
-                raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[name]}")
-            if len(self.procs) >= self.config.max_processes:
-                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
+            if name and (namespace, name) in self.names:
+                raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[namespace, name]}")
+            dead_letters = self.acks.policy(dead_letter, max_attempts, namespace)
+            self._check_room_locked(namespace)
             pid = self.store.next_id("pid")
             defaults = self.config.defaults
             limits = Limits(mailbox=mailbox or defaults.mailbox, mailbox_bytes=defaults.mailbox_bytes)
-            proc = self._new_process(pid, P.PORT, 0, 0, limits, "default")
+            proc = self._new_process(pid, P.PORT, 0, 0, limits, namespace)
+            proc.opener = caller.key if caller is not None else ""
+            secret = secrets.token_urlsafe(24)
+            proc.secret = digest(secret)
             proc.state = P.RUNNABLE
             if name:
                 proc.name = name
-                self.names[name] = pid
+                self.names[namespace, name] = pid
             self.procs[pid] = proc
+            self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
+            self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc, durable=True)
             self.spawns[P.PORT] += 1
             self._emit("spawned", proc)
-        return pid
+        return pid, secret
 
     # -- lookup ---------------------------------------------------------------------------
-    def release_lock(self, pid: int, name: str) -> None:
+    def release_lock(self, pid: int, name: str, caller: Caller | None = None) -> None:
         with self.lock:
-            holder = self.live_locked(pid, "holder")
+            holder = self.target_locked(caller, "lock.release", pid, "holder")
             self.sync.release(holder.namespace, name, pid)
 
-    def live_locked(self, pid: int, role: str = "process") -> Process:
-        """The live process `pid`, or NotFound / FailedPrecondition (ended). Lock held."""
+    def live_locked(self, pid: int, role: str = "process", caller: Caller | None = None) -> Process:
+        """The live process `pid`, or NotFound / FailedPrecondition (ended): for `caller`, one of
+        another namespace is NotFound too, ended or not. Lock held."""
         proc = self.procs.get(pid)
         if proc is None:
-            if pid in self.ended or self._ended_record(pid) is not None:
+            rec = self.ended.get(pid) or self._ended_record(pid)
+            if rec is not None and (caller is None or caller.sees(rec.namespace)):
                 raise FailedPrecondition(f"{role} pid {pid} has ended")
-            raise NotFound(f"no process with pid {pid}")
+            raise not_found(pid)
+        if caller is not None and not caller.sees(proc.namespace):
+            raise not_found(pid)
         return proc
+
+    def target_locked(self, caller: Caller | None, syscall: str, pid: int, role: str = "process") -> Process:
+        """The live process `pid` that `caller` may apply `syscall` to (api/authority.py). Lock held."""
+        proc = self.procs.get(pid) or self.live_locked(pid, role, caller)
+        self._authorize(caller, syscall, proc)
+        return proc
+
+    def _authorize(self, caller: Caller | None, syscall: str, proc: Process) -> None:
+        if caller is not None:
+            authorize(caller, syscall, proc.pid, proc.namespace, lambda: proc.ancestors,
+                      proc.opener if proc.kind == P.PORT else None)
+
+    def _authorize_ended(self, caller: Caller | None, syscall: str, rec: ProcessRecord) -> None:
+        if caller is not None:
+            authorize(caller, syscall, rec.pid, rec.namespace, lambda: self._lineage(rec),
+                      rec.opener if rec.kind == P.PORT else None)
+
+    def _lineage(self, rec: ProcessRecord) -> tuple[int, ...]:
+        """An ended process's ancestors, from its parents' records (lock held)."""
+        out, pid = [], rec.parent
+        while pid and len(out) <= MAX_SPAWN_DEPTH:
+            out.append(pid)
+            live = self.procs.get(pid)
+            if live is not None:
+                return tuple(out) + live.ancestors
+            parent = self.ended.get(pid) or self._ended_record(pid)
+            pid = parent.parent if parent is not None else 0
+        return tuple(out)
 
     def _ended_record(self, pid: int) -> ProcessRecord | None:
         rec = self.ended.get(pid)
@@ -361,32 +338,46 @@ class Kernel:
                 return None
         return rec
 
-    def resolve(self, target: int | str) -> Process:
+    def resolve(self, target: int | str, caller: Caller | None = None) -> Process:
         if isinstance(target, str):
-            pid = self.names.get(target)
+            pid = self.names.get((caller.namespace if caller is not None else DEFAULT_NAMESPACE, target))
             if pid is None:
                 raise NotFound(f"no process is registered as {target!r}")
             return self.procs[pid]
-        return self.live_locked(target, "receiver")
+        return self.live_locked(target, "receiver", caller)
 
-    def whereis(self, name: str) -> int | None:
+    def whereis(self, name: str, caller: Caller | None = None) -> int | None:
         with self.lock:
-            return self.names.get(name)
+            return self.names.get((caller.namespace if caller is not None else DEFAULT_NAMESPACE, name))
 
     # -- messages ---------------------------------------------------------------------------
-    def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str) -> int:
+    def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str,
+             caller: Caller | None = None) -> int:
+        """`sender` is the caller: a process's own pid (or 0, for a client, or a port it owns)."""
         with self.lock:
             src = self.procs.get(sender) if sender else None
             if src is None and sender:
-                self.live_locked(sender, "sender")  # raises the right error
+                self.live_locked(sender, "sender", caller)  # raises the right error
+            if src is not None and caller is not None:
+                self._check_sender(caller, src)
             dst = self.procs.get(to) if type(to) is int else None
-            if dst is None:
-                dst = self.resolve(to)
+            if dst is None or (caller is not None and not caller.sees(dst.namespace)):
+                dst = self.resolve(to, caller)
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
             self._deliver(dst, msg)
             if src is not None:
                 src.mailbox.sent += 1
-            return msg.id
+        self.core.refill_ids()  # the next block of message ids, reserved without the lock
+        return msg.id
+
+    def _check_sender(self, caller: Caller, src: Process) -> None:
+        """`from` is always the caller: a process itself, or a port the client owns (lock held)."""
+        if not caller.sees(src.namespace):
+            raise not_found(src.pid)
+        if src.pid == caller.pid:
+            return
+        if caller.role == "process" or src.kind != P.PORT or (src.opener != caller.key and caller.role != "admin"):
+            raise PermissionDenied(f"from must be the caller (or a port it opened), not pid {src.pid}")
 
     def _deliver(self, dst: Process, msg: Message, limited: bool = True) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
@@ -399,9 +390,9 @@ class Kernel:
             self._store_port_message(msg)
         dst.mailbox.deliver(msg, limited)
 
-    def try_recv(self, pid: int, match: Match) -> Message | None:
+    def try_recv(self, pid: int, match: Match, caller: Caller | None = None) -> Message | None:
         with self.lock:
-            return self._take_locked(self.procs.get(pid) or self.live_locked(pid, "receiver"), match)
+            return self._take_locked(self.target_locked(caller, "recv", pid, "receiver"), match)
 
     def _take_locked(self, proc: Process, match: Match) -> Message | None:
         msg = proc.mailbox.take(match)
@@ -409,18 +400,20 @@ class Kernel:
             self.store.delete_message(msg.id)
         return msg
 
-    def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
+    def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None,
+             caller: Caller | None = None) -> Message | None:
         """Take a matching message now, or register `waiter` to get one (None)."""
         with self.lock:
-            return self._recv_locked(pid, match, waiter, timeout_s)
+            return self.recv_locked(pid, match, waiter, timeout_s, caller)
 
-    def _recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
-        proc = self.procs.get(pid) or self.live_locked(pid, "receiver")
+    def recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None,
+                    caller: Caller | None = None) -> Message | None:
+        proc = self.target_locked(caller, "recv", pid, "receiver")
         msg = self._take_locked(proc, match)
         if msg is not None:
             return msg
         proc.mailbox.wait(waiter, match)
-        self._arm_timeout(waiter, timeout_s)
+        self.arm_timeout(waiter, timeout_s)
         return None
 
     def put_back(self, pid: int, msg: Message) -> None:
@@ -438,46 +431,49 @@ class Kernel:
             msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
         ))
 
-    def _arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
+    def arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
         self.timers.time_out(self.lock, waiter, timeout_s)
 
     # -- exits -----------------------------------------------------------------------------
-    def wait(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
+    def wait(self, pid: int, waiter: Waiter, timeout_s: float | None,
+             caller: Caller | None = None) -> ProcessRecord | None:
         """The final record of `pid` if it has ended, else register `waiter` (None)."""
         with self.lock:
-            return self._wait_locked(pid, waiter, timeout_s)
+            return self.wait_locked(pid, waiter, timeout_s, caller)
 
-    def _wait_locked(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
+    def wait_locked(self, pid: int, waiter: Waiter, timeout_s: float | None,
+                    caller: Caller | None = None) -> ProcessRecord | None:
         proc = self.procs.get(pid)
         if proc is None:
             rec = self._ended_record(pid)
             if rec is None:
-                raise NotFound(f"no process with pid {pid}")
+                raise not_found(pid)
+            self._authorize_ended(caller, "wait", rec)
             return rec
+        self._authorize(caller, "wait", proc)
         waiter.register(proc.exit_waiters, waiter)
-        self._arm_timeout(waiter, timeout_s)
+        self.arm_timeout(waiter, timeout_s)
         return None
 
-    def kill(self, pid: int, reason: str = "killed") -> bool:
+    def kill(self, pid: int, reason: str = "killed", caller: Caller | None = None) -> bool:
         """End `pid` with `reason`; False if it had already ended."""
         C.text(reason, "reason")
         with self.lock:
             proc = self.procs.get(pid)
             if proc is None:
-                if self._ended_record(pid) is not None:
-                    return False
-                raise NotFound(f"no process with pid {pid}")
+                rec = self._ended_record(pid)
+                if rec is None:
+                    raise not_found(pid)
+                self._authorize_ended(caller, "kill", rec)
+                return False
+            self._authorize(caller, "kill", proc)
             if proc.kind == P.PORT or proc.state in (P.BLOCKED, P.RUNNABLE):
                 # Not running any code (a preempted process stays RUNNING): end it now.
                 self.end_locked(proc, P.KILLED, reason)
-            elif proc.kind == P.PYTHON:
-                # Its exit, reported by the fork server, ends it with this reason.
-                proc.kill_reason = reason
-                proc.runtime.terminate()
             elif proc.kill_reason is None:
-                # Running (or parked mid-slice): its own thread ends it at the next check.
+                # Running (or parked mid-slice): its userland ends it with this reason.
                 proc.kill_reason = reason
-                self.scheduler.interrupt(proc)
+                self.runtimes[proc.kind].kill(proc)
             return True
 
     def end_locked(self, proc: Process, state: str, reason: str, result: Any = None, error: str | None = None) -> None:
@@ -492,16 +488,18 @@ class Kernel:
             proc.wall_timer.cancel()
         proc.mailbox.close()
         self.sync.process_ended(proc.pid)
+        self.acks.process_ended(proc)
         self.files.process_ended(proc.pid)
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
         del self.procs[proc.pid]
+        self.live_in[proc.namespace] -= 1
         for pid in proc.ancestors:
             ancestor = self.procs.get(pid)
             if ancestor is not None:
                 ancestor.descendants -= 1
-        if proc.name and self.names.get(proc.name) == proc.pid:
-            del self.names[proc.name]
+        if proc.name and self.names.get((proc.namespace, proc.name)) == proc.pid:
+            del self.names[proc.namespace, proc.name]
         if error is not None and len(error) > MAX_ERROR:
             error = f"{error[:MAX_ERROR]} ... [{len(error) - MAX_ERROR} characters cut]"
         rec = self._record(proc)
@@ -520,9 +518,13 @@ class Kernel:
         for watcher in proc.monitored_by:
             if watcher in self.procs:
                 self._send_exit_notice(watcher, rec)
-        if proc.kind == P.PYTHON:
-            self.logs.replace(proc, proc.runtime.log_lines(MAX_LOG_LINES))  # in place: `rec` shares the list
-            proc.runtime.release()
+        if proc.kind != P.PORT:
+            lines = proc.runtime.log_lines(MAX_LOG_LINES) if proc.runtime is not None else None
+            if lines is not None:
+                self.logs.replace(proc, lines)  # in place: `rec` shares the list
+            self.runtimes[proc.kind].ended(proc)
+        if self.inference is not None:
+            self.inference.process_ended(proc.pid)  # its conversation contexts
         self.logs.ended(proc, rec)
         proc.runtime = None
         if proc.log_to_server:
@@ -530,29 +532,31 @@ class Kernel:
         self._emit("ended", kept)
 
     # -- names, monitors, priorities -------------------------------------------------------
-    def register(self, pid: int, name: str) -> None:
+    def register(self, pid: int, name: str, caller: Caller | None = None) -> None:
         C.name(name)
         with self.lock:
-            proc = self.live_locked(pid)
-            owner = self.names.get(name)
+            proc = self.target_locked(caller, "register", pid)
+            owner = self.names.get((proc.namespace, name))
             if owner is not None and owner != pid:
                 raise AlreadyExists(f"the name {name!r} is registered to pid {owner}")
             if proc.name and proc.name != name:
-                del self.names[proc.name]
+                del self.names[proc.namespace, proc.name]
             proc.name = name
-            self.names[name] = pid
+            self.names[proc.namespace, name] = pid
             self.store.record_name(pid, name)
 
-    def monitor(self, watcher: int, target: int) -> None:
+    def monitor(self, watcher: int, target: int, caller: Caller | None = None) -> None:
+        """`watcher` (the caller, or a process it may act on) is told when `target` (in the
+        namespace) ends."""
         with self.lock:
-            self.live_locked(watcher, "watcher")
+            self.target_locked(caller, "monitor", watcher, "watcher")
             proc = self.procs.get(target)
-            if proc is not None:
+            if proc is not None and (caller is None or caller.sees(proc.namespace)):
                 proc.monitored_by.add(watcher)
                 return
-            rec = self._ended_record(target)
-            if rec is None:
-                raise NotFound(f"no process with pid {target}")
+            rec = self._ended_record(target) if proc is None else None
+            if rec is None or (caller is not None and not caller.sees(rec.namespace)):
+                raise not_found(target)
             # Already ended: tell the watcher at once, as Erlang does. Asked
             # for, so it counts against the mailbox's limits like any message:
             # asking again and again must not flood the watcher.
@@ -568,7 +572,7 @@ class Kernel:
         msg = self.core.new_message(rec.pid, watcher, "EXIT", notice, b"", "", NOTICE_HEADROOM)
         self._deliver(self.procs[watcher], msg, limited)
 
-    def set_priority(self, pid: int, priority: int | None, weight: int = 0, caller: int | None = None) -> None:
+    def set_priority(self, pid: int, priority: int | None, weight: int = 0, caller: Caller | None = None) -> None:
         """Change priority (None: keep) and weight (0: keep). A process (`caller`)
         may set a priority up to the target's ceiling and its own, never above:
         no program raises itself over what it was given. An external client
@@ -579,12 +583,12 @@ class Kernel:
         if weight:
             weight = C.weight(weight)
         with self.lock:
-            proc = self.live_locked(pid)
+            proc = self.target_locked(caller, "set_priority", pid)
             if priority is not None:
-                if caller is None:
+                if caller is None or caller.role != "process":
                     proc.max_priority = max(proc.max_priority, priority)
                 else:
-                    ceiling = min(proc.max_priority, self.live_locked(caller, "caller").max_priority)
+                    ceiling = min(proc.max_priority, self.live_locked(caller.pid, "caller").max_priority)
                     if priority > ceiling:
                         raise PermissionDenied(f"a process may set pid {pid}'s priority up to {ceiling} (the lower "
                                                f"of its own ceiling and the target's), not {priority}")
@@ -596,6 +600,7 @@ class Kernel:
     def _record(self, proc: Process) -> ProcessRecord:
         return ProcessRecord(
             pid=proc.pid, kind=proc.kind, name=proc.name, parent=proc.parent, namespace=proc.namespace,
+            opener=proc.opener,
             priority=proc.priority, weight=proc.weight, limits=proc.limits.as_dict(),
             started_at_ms=proc.started_at_ms, state=proc.state, log=proc.log, log_dropped=proc.log_dropped,
         )
@@ -612,6 +617,7 @@ class Kernel:
             "mailbox_len": len(proc.mailbox),
             "mailbox_bytes": proc.mailbox.bytes,
             "processes": proc.descendants,
+            "kv_bytes": self.inference.kv_bytes(proc.pid) if self.inference is not None else 0,
         }
 
     def _snapshot(self, proc: Process) -> tuple[ProcessRecord, str | None]:
@@ -619,35 +625,34 @@ class Kernel:
         rec.usage = self.usage(proc)
         return rec, proc.blocked_on
 
-    def get(self, pid: int) -> tuple[ProcessRecord, str | None]:
+    def get(self, pid: int, caller: Caller | None = None, syscall: str = "info") -> tuple[ProcessRecord, str | None]:
         """(record with usage, blocked_on) of a live or ended process."""
         with self.lock:
             proc = self.procs.get(pid)
             if proc is not None:
+                self._authorize(caller, syscall, proc)
                 return self._snapshot(proc)
-        rec = self._ended_record(pid)
+        rec = self._ended_record(pid)  # may read the store: not under the lock
         if rec is None:
-            raise NotFound(f"no process with pid {pid}")
+            raise not_found(pid)
+        with self.lock:
+            self._authorize_ended(caller, syscall, rec)
         return rec, None
 
-    def describe(self, pid: int | None) -> dict[str, Any]:
-        """A process's state as a plain table for Lua's sys.info / sys.wait."""
-        if pid is None:
-            raise InvalidArgument("pid must be an integer")
-        return describe_record(self.get(pid)[0])
-
     def list(self, states: set[str], name: str | None, parent: int, include_ended: bool,
-             after_pid: int = 0) -> list[tuple]:
-        """(record, blocked_on) of the processes with pids above `after_pid` that match, by pid."""
-        def wanted(pid: int, state: str, pname: str | None, pparent: int) -> bool:
+             after_pid: int = 0, caller: Caller | None = None) -> list[tuple]:
+        """(record, blocked_on) of the processes with pids above `after_pid` that match, by pid:
+        those of the caller's namespace."""
+        def wanted(pid: int, state: str, pname: str | None, pparent: int, namespace: str) -> bool:
             return (pid > after_pid and (not states or state in states) and (not name or pname == name)
-                    and (not parent or pparent == parent))
+                    and (not parent or pparent == parent) and (caller is None or caller.sees(namespace)))
 
         with self.lock:
-            out = [self._snapshot(p) for p in self.procs.values() if wanted(p.pid, p.state, p.name, p.parent)]
+            out = [self._snapshot(p) for p in self.procs.values()
+                   if wanted(p.pid, p.state, p.name, p.parent, p.namespace)]
             if include_ended:
                 out += [(rec, None) for rec in self.ended.values()
-                        if wanted(rec.pid, rec.state, rec.name, rec.parent)]
+                        if wanted(rec.pid, rec.state, rec.name, rec.parent, rec.namespace)]
         out.sort(key=lambda t: t[0].pid)
         return out
 
@@ -657,15 +662,17 @@ class Kernel:
         log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line,
                 extra={"pid": proc.pid})
 
-    def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
+    def read_log(self, pid: int, offset: int, caller: Caller | None = None) -> tuple[list[str], int, int]:
         """(lines from `offset` on, next offset, lines dropped before offset)."""
         with self.lock:
             proc = self.procs.get(pid)
-            runtime = proc.runtime if proc is not None and proc.kind == P.PYTHON else None
-        if runtime is not None:  # an agent's log is its output file
-            lines, dropped = runtime.log_lines(MAX_LOG_LINES), 0
+            if proc is not None:
+                self._authorize(caller, "read_log", proc)
+            runtime = proc.runtime if proc is not None else None
+        lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
+        if lines is not None:  # kept by its userland (an agent's output file)
             return lines[offset:], len(lines), 0
-        rec = self.get(pid)[0]
+        rec = self.get(pid, caller, "read_log")[0]
         lines, dropped = list(rec.log or ()), rec.log_dropped
         start = max(offset - dropped, 0)
         return lines[start:], dropped + len(lines), max(dropped - offset, 0)
@@ -677,240 +684,28 @@ class Kernel:
         for listener in self.event_listeners:
             listener(kind, rec)
 
-    # -- running Lua processes -----------------------------------------------------------
+    # -- running processes: their userlands' ------------------------------------------------
     def _wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> int | None:
-        lua = proc.runtime
-        if proc.kind != P.LUA or lua is None:
-            return None
-        return lua.wants_cpu_back(now_ns, self.quantum_ns, others_waiting)
+        return self.runtimes[proc.kind].wants_cpu_back(proc, now_ns, others_waiting)
 
     def _run_slice(self, proc: Process) -> None:
         """Run `proc` on this worker until it blocks, ends, or used its quantum."""
         try:
-            if proc.kind == P.PYTHON:
-                agent = proc.runtime  # None once ended: killed while it was queued
-                if agent is not None:
-                    agent.run_slice()
-            else:
-                self._run_lua_slice(proc)
+            self.runtimes[proc.kind].run_slice(proc)
         except Exception as e:  # a kernel bug: end the process rather than leave it stuck RUNNING
             log.exception("pid %d: kernel error", proc.pid)
             with self.lock:
                 self.end_locked(proc, P.CRASHED, "error", error=f"kernel error: {e!r}")
 
-    def python_blocking(self, pid: int, syscall: str) -> None:
-        """An agent is about to wait in `syscall`: its CPU goes to someone else."""
-        with self.lock:
-            proc = self.procs.get(pid)
-            if proc is not None and proc.kind == P.PYTHON and proc.state == P.RUNNING:
-                proc.state, proc.blocked_on = P.BLOCKED, syscall
-                proc.runtime.wake.set()
-
-    def python_resumed(self, pid: int) -> None:
-        """An agent's wait is over: it may run again when scheduled."""
-        with self.lock:
-            proc = self.procs.get(pid)
-            if proc is None or proc.kind != P.PYTHON or proc.state != P.BLOCKED:
-                return
-            proc.state, proc.blocked_on = P.RUNNABLE, None
-            if proc.runtime.in_slice:
-                proc.runtime.requeue_after_slice = True
-                return
-        self.scheduler.make_runnable(proc)
-
-    def set_result(self, pid: int, result: Any) -> None:
-        """Exit: an agent's result before it ends; for a port, closing it."""
+    def exit(self, pid: int, result: Any, caller: Caller | None = None) -> None:
+        """The Exit syscall: a process's result before it ends; for a port, closing it."""
         C.value(result, "result", self.config.max_message_bytes)
         with self.lock:
-            proc = self.live_locked(pid)
+            proc = self.target_locked(caller, "exit", pid)
             if proc.kind == P.PORT:
                 self.end_locked(proc, P.EXITED, "normal", result=result)
-            elif proc.kind == P.PYTHON:
-                proc.runtime.result = result
             else:
-                raise FailedPrecondition("a Lua process sets its result with sys.exit or its return value")
-
-    def _run_lua_slice(self, proc: Process) -> None:
-        with self.lock:
-            if proc.ended:
-                return
-            if proc.kill_reason is not None:
-                self.end_locked(proc, P.KILLED, proc.kill_reason)
-                return
-            proc.state = P.RUNNING
-        lua = proc.runtime
-        if lua is None:
-            try:
-                lua = proc.runtime = LuaProcess(self, proc)
-            except Exception as e:  # a memory limit too small for a Lua state
-                with self.lock:
-                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(str(e), isinstance(e, MemoryError)))
-                return
-            args: tuple = ()
-        else:
-            args = self._resume_args(proc)
-        while True:
-            # The core runs the process, and whoever it hands the CPU to when
-            # it blocks in a receive (a reply it is waiting for): `proc` is the
-            # one that ran last, `out` what it yielded (None: blocked already).
-            proc, out = self.core.run(proc, args)
-            if out is None:
-                return
-            lua = proc.runtime
-            kind = out[0]
-            if kind == b"sys":
-                name = out[1].decode()
-                with self.lock:
-                    if proc.kill_reason is not None:
-                        self.end_locked(proc, P.KILLED, proc.kill_reason)
-                        return
-                    answer = self._blocking_syscall(proc, name, out[2:])
-                    if answer is None:
-                        return  # blocked, or ended
-                args = lua.answer(name, answer)
-                if time.perf_counter_ns() - lua.state.slice_start >= self.quantum_ns and self.scheduler.should_yield(proc):
-                    with self.lock:
-                        proc.state = P.RUNNABLE
-                        proc.resume_value = _Ready(args)
-                    self.scheduler.requeue(proc)
-                    return
-                continue
-            with self.lock:
-                if kind == b"unstarted":  # the sandbox could not be built (its first step)
-                    self.end_locked(proc, P.CRASHED, "error", error=_startup_error(out[1].decode(), out[2]))
-                elif kind == b"done":
-                    try:
-                        result = self._lua_result(out[1], "result")
-                    except KernelError as e:
-                        self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
-                    else:
-                        self.end_locked(proc, P.EXITED, "normal", result=result)
-                else:
-                    text = error_text(out[1])
-                    dying = out[2].decode() if len(out) > 2 and out[2] is not None else None
-                    if proc.kill_reason is not None:
-                        self.end_locked(proc, P.KILLED, proc.kill_reason)
-                    elif dying == "memory_limit" or text == MEMORY_ERROR:
-                        self.end_locked(proc, P.KILLED, "memory_limit", error=MEMORY_ERROR)
-                    else:
-                        self.end_locked(proc, P.CRASHED, "error", error=text)
-            return
-
-    def _lua_result(self, value: Any, what: str) -> Any:
-        """A Lua process's result, checked as a message body is: whatever is stored can be returned."""
-        return C.value(from_lua(value, what), what, self.config.max_message_bytes)
-
-    def _resume_args(self, proc: Process) -> tuple:
-        value, proc.resume_value = proc.resume_value, ()
-        if isinstance(value, _Ready):
-            return value.args
-        if isinstance(value, ProcessRecord):  # a wait that blocked
-            value = describe_record(value)
-        return proc.runtime.answer(proc.blocked_syscall, None if value is TIMED_OUT else value)
-
-    def _blocking_syscall(self, proc: Process, name: str, args: tuple) -> Any:
-        """Handle a yielded syscall (lock held). Returns the answer if it is ready,
-        or None after blocking (or ending) the process."""
-        lua = proc.runtime
-        if name == "exit":
-            try:
-                result = self._lua_result(args[0] if args else None, "sys.exit")
-            except KernelError as e:
-                self.end_locked(proc, P.CRASHED, "error", error=f"cannot return the result: {e}")
-                return None
-            self.end_locked(proc, P.EXITED, "normal", result=result)
-            return None
-        waiter = LuaWaiter(self, proc)
-        # Blocked before registering: a waiter may complete at once (from this thread).
-        proc.state, proc.blocked_on, proc.blocked_syscall, proc.waiter = P.BLOCKED, name, name, waiter
-        try:
-            answer = self._register_waiter(proc, lua, name, args, waiter)
-        except KernelError as e:
-            answer = e
-        if answer is not None:
-            waiter.abandon()
-            proc.state, proc.blocked_on, proc.waiter = P.RUNNING, None, None
-        return answer
-
-    def _register_waiter(self, proc: Process, lua: LuaProcess, name: str, args: tuple, waiter: Waiter) -> Any:
-        if name == "recv":
-            match = lua.recv_match(*args[:4])
-            return self._recv_locked(proc.pid, match, waiter, C.timeout_s(args[3], "sys.recv: timeout_ms"))
-        if name == "wait":
-            pid = C.pid(args[0] if args else None, "sys.wait: pid")
-            timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
-            if pid == proc.pid:
-                raise InvalidArgument("sys.wait: a process cannot wait for itself")
-            rec = self._wait_locked(pid, waiter, timeout)
-            return describe_record(rec) if rec is not None else None
-        if name == "sleep":
-            self._arm_timeout(waiter, C.duration_ms(args[0] if args else None, "sys.sleep: ms") / 1000)
-            return None
-        if name == "lock_acquire":
-            lock_name, kind, permits, timeout = lua.lock_options(args[0], args[1], "sys.lock.acquire")
-            return self.sync.acquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, timeout, kind, permits)
-        if name == "infer":
-            if self.inference is None:
-                raise Unimplemented("this server runs no inference engine")
-            self.inference.submit_from_lua(proc, waiter, from_lua(args[0] if args else None, "sys.infer"))
-            return None
-        raise InvalidArgument(f"unknown syscall {name!r}")
-
-
-class _Ready:
-    """Resume values computed already (a process requeued after a syscall)."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, args: tuple) -> None:
-        self.args = args
-
-
-def describe_record(rec: ProcessRecord) -> dict[str, Any]:
-    info = {
-        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
-        "priority": rec.priority, "weight": rec.weight, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
-    }
-    if rec.usage is not None:
-        info["usage"] = rec.usage
-    return {k: v for k, v in info.items() if v is not None}
-
-
-def _child_limits(parent: Process, asked: Limits, limits: Limits, kind: str) -> Limits:
-    """A child's limits: at most its parent's. Asking for more is refused; a
-    server default above the parent's limit is lowered to it. A Python agent's
-    memory limit is its address space, which an interpreter needs far more of
-    than a Lua heap: it is not bounded by a parent's (only by the server's)."""
-    out = limits.as_dict()
-    for key, ceiling in parent.limits.as_dict().items():
-        if not ceiling or (key == "memory_bytes" and kind == P.PYTHON):
-            continue
-        wanted = getattr(asked, key)
-        if wanted > ceiling:
-            raise PermissionDenied(f"a child's limits are at most its parent's: {key} {wanted} > {ceiling}")
-        if not out[key] or out[key] > ceiling:
-            out[key] = ceiling
-    return Limits(**out)
-
-
-def _startup_error(text: str, out_of_memory: bool) -> str:
-    if out_of_memory or "memory" in text.lower():
-        return "not enough memory to start (raise limits.memory_bytes)"
-    return text
-
-
-def check_python_syntax(source: str, name: str) -> None:
-    try:
-        compile(source, name, "exec", dont_inherit=True)
-    except (SyntaxError, ValueError) as e:
-        raise InvalidArgument(f"Python syntax error: {e}") from None
-
-
-def check_syntax(source: str, name: str) -> None:
-    """Compile (not run) a Lua program so that Spawn can refuse a bad one."""
-    err = lua_syntax_error(source, name)
-    if err is not None:
-        raise InvalidArgument(f"Lua syntax error: {err}")
+                self.runtimes[proc.kind].exit(proc, result)
 
 
 def _fits(value: Any, limit: int) -> bool:

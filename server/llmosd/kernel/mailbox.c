@@ -7,13 +7,17 @@
  * that finds nothing registers as waiting; `deliver` hands a new message
  * straight to the first waiting receiver it suits, or queues it. Receivers
  * are Python waiters (an RPC, a Lua process's receive with a timeout) or,
- * for the commonest receive, the owner itself: a Lua process that _core.c
+ * for the commonest receive, the owner itself: a Lua process that lua/fast_paths.c
  * blocked without any Python object, woken through llmos_wake.
  *
  * Why C: Lua processes exchange messages through here without entering
- * Python (see _core.c), which is what lets two of them ping-pong at more than
+ * Python (see lua/fast_paths.c), which is what lets two of them ping-pong at more than
  * 100,000 round trips a second. Every method is called with the kernel lock
  * held, which is also defined here, so that C can take it directly.
+ *
+ * Why one file: the kernel lock, messages, receive filters and mailboxes are
+ * four small types read together (a mailbox is a queue of messages taken
+ * through filters under the lock), set up by one init that they share.
  */
 #include "messaging.h"
 
@@ -34,10 +38,12 @@ void llmos_lock(Lock *lock)
         PyThread_acquire_lock(lock->lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
     }
+    lock->owner = PyThread_get_thread_ident();
 }
 
 void llmos_unlock(Lock *lock)
 {
+    lock->owner = 0;
     PyThread_release_lock(lock->lock);
 }
 
@@ -87,6 +93,8 @@ static PyObject *Lock_release(Lock *self, PyObject *args)
     (void)args;
     if (!is_held(self))
         return PyErr_Format(PyExc_RuntimeError, "release of an unlocked lock");
+    if (self->owner != PyThread_get_thread_ident())
+        return PyErr_Format(PyExc_RuntimeError, "release of the kernel lock by a thread that does not hold it");
     llmos_unlock(self);
     Py_RETURN_NONE;
 }
@@ -499,7 +507,7 @@ int llmos_deliver(Mailbox *mb, Message *msg, int limited)
         }
         waiter = PyTuple_GET_ITEM(entry, 0);
         mb->received++;
-        if (waiter == Py_None) { /* the owner, blocked by _core.c */
+        if (waiter == Py_None) { /* the owner, blocked by lua/fast_paths.c */
             PyObject *proc = mb->blocked;
             mb->blocked = NULL;
             status = proc != NULL ? llmos_wake(mb, proc, msg) : 0;

@@ -6,8 +6,8 @@ finds nothing registers a waiter; `deliver` hands a new message straight to
 the first waiting receiver it matches, or queues it. All methods are called
 with the kernel lock held.
 
-They are written in C (_mailbox.c), as Lua processes send and receive
-through them without entering Python (see _core.c):
+They are written in C (kernel/mailbox.c), as Lua processes send and receive
+through them without entering Python (see lua/fast_paths.c):
   - Message(id, sender, to, tag, body, data, correlation_id, sent_at_ms),
     immutable; body is a JSON-shaped Python value.
   - Match(sender=None, tag=None, correlation_id=None), a receive filter whose

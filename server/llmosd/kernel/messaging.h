@@ -1,7 +1,7 @@
 /*
- * What _core.c and _mailbox.c share: the kernel lock, messages, receive
- * filters and mailboxes (see _mailbox.c), and the wake-up of a Lua process
- * blocked in a receive (see _core.c).
+ * What lua/fast_paths.c and kernel/mailbox.c share: the kernel lock, messages, receive
+ * filters and mailboxes (see kernel/mailbox.c), and the wake-up of a Lua process
+ * blocked in a receive (see lua/fast_paths.c).
  */
 #ifndef LLMOS_MESSAGING_H
 #define LLMOS_MESSAGING_H
@@ -14,6 +14,7 @@
 typedef struct {
     PyObject_HEAD
     PyThread_type_lock lock;
+    unsigned long owner; /* the thread holding it (PyThread_get_thread_ident), 0: none */
 } Lock;
 
 /* With the GIL held; waits for the lock without it. */
@@ -42,7 +43,7 @@ typedef struct {
     Message **ring; /* the queued messages, oldest at `head` */
     Py_ssize_t head, count, capacity;
     PyObject *receivers; /* list of (waiter, match), in arrival order; waiter None: the owner, see `blocked` */
-    PyObject *blocked;   /* the owner's Process while it waits in a receive that _core.c registered */
+    PyObject *blocked;   /* the owner's Process while it waits in a receive that lua/fast_paths.c registered */
     PyObject *core;      /* the kernel's _lua.Core, which wakes the owner */
     PyObject *owner_state; /* borrowed: the owner's _lua.State while it has one (a Lua process's) */
     char durable;        /* a port's: a message must be stored before Send answers (the kernel's Python side) */
@@ -112,9 +113,22 @@ int llmos_deliver(Mailbox *mailbox, Message *msg, int limited);
 Message *llmos_take(Mailbox *mailbox, Match *match);
 /* The owner, a Lua process, waits for a message `match` accepts; `proc` is its Process. */
 int llmos_block_owner(Mailbox *mailbox, PyObject *proc, Match *match);
-/* Wakes the owner `proc` of `mailbox` with `msg` (defined in _core.c). Kernel lock held. */
+/* Wakes the owner `proc` of `mailbox` with `msg` (defined in lua/fast_paths.c). Kernel lock held. */
 int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg);
 
 int llmos_messaging_init(PyObject *module);
+
+/* A Process's fields that C reads and writes on every hand-off (kernel/process.c); Process
+ * (kernel/process.py) subclasses this type. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *state, *blocked_on, *blocked_syscall, *resume_value, *kill_reason, *mailbox;
+    PyObject *namespace; /* an interned str: two processes share a namespace iff the pointers are equal */
+    double vruntime;
+    long long weight;
+} ProcessFields;
+extern PyTypeObject ProcessFieldsType;
+long long llmos_default_weight(void); /* kernel/process.py's DEFAULT_WEIGHT (once a process exists) */
+int llmos_process_init(PyObject *module);
 
 #endif

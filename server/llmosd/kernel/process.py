@@ -5,7 +5,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .mailbox import Mailbox
+from ..api.errors import PermissionDenied
+from ..native import _lua
 from .waiting import Waiter
 
 # States, as in the .proto.
@@ -19,6 +20,10 @@ ENDED = frozenset((EXITED, KILLED, CRASHED))
 # The reasons the kernel itself gives an end (a Kill may give any text).
 EXIT_REASONS = frozenset(("normal", "killed", "error", "cpu_limit", "wall_limit", "memory_limit", "shutdown",
                           "server_restart"))
+
+# A process's share of CPU within its priority level, as cgroup v2's cpu.weight (api/checks.py
+# checks the range; the C side's vruntime charge reads it from here).
+DEFAULT_WEIGHT = 100
 
 LUA = "LUA"
 PYTHON = "PYTHON"
@@ -36,11 +41,13 @@ class Limits:
     mailbox: int = 0  # messages waiting at once
     mailbox_bytes: int = 0  # bytes waiting at once (Message.size)
     processes: int = 0  # live descendants at once
+    kv_bytes: int = 0  # KV cache bytes its conversation contexts hold at once
 
     def as_dict(self) -> dict[str, int]:
         return {
             "cpu_ms": self.cpu_ms, "wall_ms": self.wall_ms, "memory_bytes": self.memory_bytes, "tokens": self.tokens,
             "mailbox": self.mailbox, "mailbox_bytes": self.mailbox_bytes, "processes": self.processes,
+            "kv_bytes": self.kv_bytes,
         }
 
     def with_defaults(self, defaults: Limits) -> Limits:
@@ -50,19 +57,22 @@ class Limits:
 
 
 @dataclass(eq=False, slots=True)
-class Process:
+class Process(_lua.ProcessFields):
+    """What the kernel knows about a process. The fields the C side reads and writes on every
+    message and hand-off are ProcessFields' (kernel/process.c), set to their defaults when the
+    process is made: state (RUNNABLE), blocked_on (the blocking syscall, shown while BLOCKED),
+    blocked_syscall (the last one, whose answer the next resume carries), resume_value,
+    kill_reason (set when the kernel wants the process gone), mailbox (set by the kernel),
+    weight (DEFAULT_WEIGHT), vruntime (ns on a CPU, scaled by DEFAULT_WEIGHT / weight) and
+    namespace (interned: lua/fast_paths.c compares two by pointer)."""
+
     pid: int
     kind: str
     parent: int
-    namespace: str
     priority: int
     limits: Limits
     started_at_ms: int
-    mailbox: Mailbox
     name: str | None = None
-    state: str = RUNNABLE
-    blocked_on: str | None = None  # the blocking syscall, shown while BLOCKED
-    blocked_syscall: str = ""  # the last blocking syscall, whose answer the next resume carries
     program: str = ""  # source text of a Lua or Python program
     program_name: str = "program"  # chunk name shown in tracebacks
     args: Any = None
@@ -72,17 +82,12 @@ class Process:
     exit_waiters: list[Waiter] = field(default_factory=list)
     # The syscall this process is blocked in, if any.
     waiter: Waiter | None = None
-    # Set when the kernel wants the process gone; honoured at the next check.
-    kill_reason: str | None = None
     # Scheduling.
     runtime: Any = None  # a LuaProcess while the program lives
-    resume_value: tuple = ()
     parked: threading.Event | None = None  # set while preempted inside the count hook
     max_priority: int = 0  # the ceiling its priority may be raised back to: the one it was spawned with
     descendants: int = 0  # live processes below it, against limits.processes
     ancestors: tuple[int, ...] = ()  # parent, grandparent, ... (ended ones too), whose descendants it counts as
-    weight: int = 100  # share of CPU within its priority level
-    vruntime: float = 0.0  # ns on a CPU, scaled by 100 / weight
     queued_at: int = 0  # perf_counter_ns when last queued
     yield_requested: bool = False  # the scheduler wants the CPU back before the quantum ends
     wall_timer: Any = None
@@ -94,7 +99,26 @@ class Process:
     log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
     log_bytes: int = 0  # bytes of the lines in `log`
     log_to_server: bool = False
+    opener: str = ""  # a port's: the key of the client identity that opened it (api/authority.py)
+    secret: str = ""  # a port's: the SHA-256 of the secret OpenPort returned (in memory only)
 
     @property
     def ended(self) -> bool:
         return self.state in ENDED
+
+
+def child_limits(parent: Process, asked: Limits, limits: Limits, kind: str) -> Limits:
+    """A child's limits: at most its parent's. Asking for more is refused; a
+    server default above the parent's limit is lowered to it. A Python agent's
+    memory limit is its address space, which an interpreter needs far more of
+    than a Lua heap: it is not bounded by a parent's (only by the server's)."""
+    out = limits.as_dict()
+    for key, ceiling in parent.limits.as_dict().items():
+        if not ceiling or (key == "memory_bytes" and kind == PYTHON):
+            continue
+        wanted = getattr(asked, key)
+        if wanted > ceiling:
+            raise PermissionDenied(f"a child's limits are at most its parent's: {key} {wanted} > {ceiling}")
+        if not out[key] or out[key] > ceiling:
+            out[key] = ceiling
+    return Limits(**out)

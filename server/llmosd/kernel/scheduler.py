@@ -17,7 +17,7 @@ it just sent) is run next on the same thread, without a trip through the
 shared queue. As in Go, it inherits the time slice: once the slice that began
 when the worker last took from the queue has lasted a quantum, or when a
 process of higher priority is queued, it goes to the queue like any other.
-The runnext slot is the C side's (_core.c), whose Core switches from a Lua
+The runnext slot is the C side's (lua/fast_paths.c), whose Core switches from a Lua
 process blocking in a receive straight to the one in the slot.
 
 The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The
@@ -90,7 +90,6 @@ from .process import Process
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHT = 100  # as cgroup v2's cpu.weight
 MAX_CREDIT_NS = 20_000_000  # how far behind its level a woken process may start (2 quanta)
 WAKEUP_GRANULARITY_NS = 4_000_000  # how far behind a woken process must be to preempt at once
 # How long a signalled thread may take to check in before the sysmon retakes its

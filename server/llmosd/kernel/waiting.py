@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from llmos.values import MAX_DURATION_MS
 
@@ -23,6 +23,16 @@ log = logging.getLogger(__name__)
 TIMED_OUT = object()  # the value a waiter completes with when its timeout passes
 MAX_DELAY_S = MAX_DURATION_MS / 1000  # the longest any timer waits ("for ever" to a caller)
 MAX_WAIT_S = 60.0  # the longest the timer thread sleeps at once
+
+
+class WaitQueue(Protocol):
+    """Where a waiter waits: a plain list (a mailbox's receivers, a process's exit waiters), or a
+    queue that keeps an order of its own or acts when a waiter leaves it (services/sync.py's lock
+    queues, services/inference.py's engine requests)."""
+
+    def append(self, entry: Any) -> None: ...
+
+    def remove(self, entry: Any) -> None: ...
 
 
 class Waiter:
@@ -35,10 +45,10 @@ class Waiter:
         self.timer: Timer | None = None
         # Where the waiter is registered (a mailbox's receivers, a process's
         # exit waiters): it leaves when completed some other way.
-        self.queue: list | None = None
+        self.queue: WaitQueue | None = None
         self.entry: Any = None
 
-    def register(self, queue: list, entry: Any) -> None:
+    def register(self, queue: WaitQueue, entry: Any) -> None:
         self.queue, self.entry = queue, entry
         queue.append(entry)
 

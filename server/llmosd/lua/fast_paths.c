@@ -2,17 +2,21 @@
  * llmosd._lua's core: the kernel's C side of messages between processes,
  * and of handing a worker's CPU from one Lua process to the next.
  *
- * send and try_recv, two of a state's bridge functions (see _lua.c), are C
+ * send and try_recv, two of a state's bridge functions (see lua/state.c), are C
  * first: a message to another process goes straight into its mailbox
- * (_mailbox.c), or the hands of a receiver blocked there, and a waiting
+ * (kernel/mailbox.c), or the hands of a receiver blocked there, and a waiting
  * message is taken without Python. Core.run runs a process and, when it
  * blocks in a receive, blocks it on its mailbox and switches this worker to
  * the process a send woke (the scheduler's runnext), so that processes
  * exchanging messages never enter Python. What this side does not handle
  * (ports, names, raw data, odd filters, values to report as errors, a
- * quantum spent) goes to the Python side (lua_runtime.py, kernel.py), which
+ * quantum spent) goes to the Python side (lua/runtime.py, kernel.py), which
  * handles it as it always did. Both sides change the process table and
  * mailboxes under the one kernel lock.
+ *
+ * Why one file: send, try-receive, the blocking receive and the hand-off to
+ * the process a send woke are one protocol over the same per-thread runnext
+ * slot and Process fields; split, each part would need the others' statics.
  */
 #include "state.h"
 
@@ -28,6 +32,8 @@ typedef struct {
     PyObject *make_runnable;          /* the scheduler's */
     PyObject *reserve_ids;            /* () -> (first, end): a block of message ids from the store */
     long long next_id, end_id;        /* the block in use */
+    long long spare_first, spare_end; /* the next block, reserved ahead off the kernel lock (refill_ids) */
+    PyThread_type_lock refill_lock;   /* serializes reserve_ids (the store's take_ids wants one caller) */
     long long quantum_ns;
     Py_ssize_t max_message_bytes;     /* the one size limit of a message, on every path */
 } Core;
@@ -37,7 +43,6 @@ static PyObject *ResourceExhausted, *InvalidArgument; /* llmosd.errors' */
 static PyObject *S_state, *S_runtime, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *empty_text, *empty_bytes,
     *no_values;
 
-#define DEFAULT_WEIGHT 100 /* scheduler.DEFAULT_WEIGHT */
 
 /* A process woken by the one this worker thread runs, to run next on this
  * thread without a trip through the run queue (Go's runnext); the scheduler
@@ -66,27 +71,12 @@ static int is_text(PyObject *value, PyObject *text)
     return value == text || (PyUnicode_Check(value) && PyUnicode_Compare(value, text) == 0);
 }
 
-/* The Process fields read and written on every hand-off, reached through
- * their slots' offsets: Process is a slots class (process.py), and attribute
- * lookup cost more than the rest of a hand-off. The offsets come from the
- * class's member descriptors when the first Core is made. */
+/* The kernel's Process class (a subclass of ProcessFields, kernel/process.c), given when the
+ * first Core is made: a hand-off tests a process's type exactly, which is cheaper than a subtype
+ * check. */
 static PyTypeObject *process_type;
-static Py_ssize_t AT_STATE, AT_BLOCKED_ON, AT_BLOCKED_SYSCALL, AT_RESUME_VALUE, AT_KILL_REASON, AT_VRUNTIME,
-    AT_WEIGHT, AT_MAILBOX;
 
-static int find_slot(PyTypeObject *type, const char *name, Py_ssize_t *at)
-{
-    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);
-    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
-        || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-        PyErr_Format(PyExc_TypeError, "%s.%s must be a slot", type->tp_name, name);
-        return -1;
-    }
-    *at = ((PyMemberDescrObject *)descr)->d_member->offset;
-    return 0;
-}
-
-static int find_process_slots(PyTypeObject *type)
+static int set_process_type(PyTypeObject *type)
 {
     if (process_type != NULL) {
         if (process_type == type)
@@ -94,12 +84,10 @@ static int find_process_slots(PyTypeObject *type)
         PyErr_Format(PyExc_TypeError, "the kernel's processes are %s already", process_type->tp_name);
         return -1;
     }
-    if (find_slot(type, "state", &AT_STATE) < 0 || find_slot(type, "blocked_on", &AT_BLOCKED_ON) < 0
-        || find_slot(type, "blocked_syscall", &AT_BLOCKED_SYSCALL) < 0
-        || find_slot(type, "resume_value", &AT_RESUME_VALUE) < 0 || find_slot(type, "kill_reason", &AT_KILL_REASON) < 0
-        || find_slot(type, "vruntime", &AT_VRUNTIME) < 0 || find_slot(type, "weight", &AT_WEIGHT) < 0
-        || find_slot(type, "mailbox", &AT_MAILBOX) < 0)
+    if (!PyType_IsSubtype(type, &ProcessFieldsType)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a subclass of ProcessFields", type->tp_name);
         return -1;
+    }
     Py_INCREF(type);
     process_type = type;
     return 0;
@@ -110,32 +98,20 @@ int llmos_is_process(PyObject *proc)
     return process_type != NULL && Py_IS_TYPE(proc, process_type);
 }
 
-/* A field of a Process (the dataclass sets every field, so it is never NULL). */
-static PyObject *field(PyObject *proc, Py_ssize_t at)
-{
-    PyObject *value = *(PyObject **)((char *)proc + at);
-    return value != NULL ? value : Py_None;
-}
+#define FIELDS(proc) ((ProcessFields *)(proc))
 
-static void set_field(PyObject *proc, Py_ssize_t at, PyObject *value)
+static void set_object(PyObject **slot, PyObject *value)
 {
-    PyObject **slot = (PyObject **)((char *)proc + at);
     Py_INCREF(value);
     Py_XSETREF(*slot, value);
 }
 
-/* vruntime: CPU time scaled by DEFAULT_WEIGHT / weight, which orders the run queue. */
+/* vruntime: CPU time scaled by DEFAULT_WEIGHT / weight, which orders the run queue. The one
+ * place this charge is made: Python agents' slices call it too (Core.charge). */
 int llmos_charge(PyObject *proc, long long ran)
 {
-    long long weight = PyLong_AsLongLong(field(proc, AT_WEIGHT));
-    PyObject *sum = PyFloat_FromDouble(PyFloat_AsDouble(field(proc, AT_VRUNTIME))
-                                       + (double)ran * DEFAULT_WEIGHT / (double)(weight > 0 ? weight : 1));
-    if (sum == NULL || PyErr_Occurred()) {
-        Py_XDECREF(sum);
-        return -1;
-    }
-    set_field(proc, AT_VRUNTIME, sum);
-    Py_DECREF(sum);
+    ProcessFields *fields = FIELDS(proc);
+    fields->vruntime += (double)ran * (double)llmos_default_weight() / (double)(fields->weight > 0 ? fields->weight : 1);
     return 0;
 }
 
@@ -160,6 +136,71 @@ static Message *refuse_message(Core *core)
     return NULL;
 }
 
+/* Message ids come from the store in blocks. Reserving one may wait for the disk, so the
+ * next block is reserved ahead, without the kernel lock, by refill_ids (called after a run and
+ * after a send from Python); new_message then switches blocks without calling out. All of this
+ * runs with the GIL held, which orders the accesses to the block fields. */
+static void lock_refill(Core *core)
+{
+    if (!PyThread_acquire_lock(core->refill_lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(core->refill_lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static int reserve_block(Core *core, long long *first, long long *end) /* refill_lock held */
+{
+    PyObject *block = PyObject_CallNoArgs(core->reserve_ids);
+    if (block == NULL)
+        return -1;
+    if (!PyArg_ParseTuple(block, "LL:reserve_ids", first, end) || *end <= *first) {
+        Py_DECREF(block);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "reserve_ids gave an empty block");
+        return -1;
+    }
+    Py_DECREF(block);
+    return 0;
+}
+
+static int use_spare(Core *core)
+{
+    if (core->spare_end <= core->spare_first)
+        return 0;
+    core->next_id = core->spare_first;
+    core->end_id = core->spare_end;
+    core->spare_first = core->spare_end = 0;
+    return 1;
+}
+
+/* Reserve the next block unless one is ready; without the kernel lock. */
+static int refill(Core *core)
+{
+    long long first, end;
+    int status = 0;
+    if (core->spare_end > core->spare_first)
+        return 0;
+    lock_refill(core);
+    if (core->spare_end <= core->spare_first) {
+        status = reserve_block(core, &first, &end);
+        if (status == 0) {
+            core->spare_first = first;
+            core->spare_end = end;
+        }
+    }
+    PyThread_release_lock(core->refill_lock);
+    return status;
+}
+
+static PyObject *Core_refill_ids(Core *core, PyObject *unused)
+{
+    (void)unused;
+    if (refill(core) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 Message *llmos_new_message(PyObject *core_object, long long sender, long long to, PyObject *tag, PyObject *body,
                            PyObject *data, PyObject *correlation_id, Py_ssize_t body_size, Py_ssize_t headroom)
 {
@@ -168,20 +209,15 @@ Message *llmos_new_message(PyObject *core_object, long long sender, long long to
     Message *msg;
     if (body_size < 0 && (body_size = llmos_value_size(body, limit)) < 0)
         return refuse_message(core);
-    if (core->next_id >= core->end_id) {
-        PyObject *block = PyObject_CallNoArgs(core->reserve_ids);
-        long long first, end;
-        if (block == NULL)
+    if (core->next_id >= core->end_id && !use_spare(core)) {
+        /* No block reserved ahead (start-up, or ids used faster than refill_ids ran): reserve one
+         * now, which may wait for the disk with the kernel lock held. */
+        int failed;
+        lock_refill(core);
+        failed = !use_spare(core) && reserve_block(core, &core->next_id, &core->end_id) < 0;
+        PyThread_release_lock(core->refill_lock);
+        if (failed)
             return NULL;
-        if (!PyArg_ParseTuple(block, "LL:reserve_ids", &first, &end) || end <= first) {
-            Py_DECREF(block);
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_RuntimeError, "reserve_ids gave an empty block");
-            return NULL;
-        }
-        Py_DECREF(block);
-        core->next_id = first;
-        core->end_id = end;
     }
     msg = llmos_make_message(core->next_id++, sender, to, tag, body, data, correlation_id, wall_ms(), body_size);
     if (msg == NULL)
@@ -197,9 +233,9 @@ Message *llmos_new_message(PyObject *core_object, long long sender, long long to
 int llmos_wake(Mailbox *mailbox, PyObject *proc, Message *msg)
 {
     PyObject *done;
-    set_field(proc, AT_RESUME_VALUE, (PyObject *)msg);
-    set_field(proc, AT_STATE, S_RUNNABLE);
-    set_field(proc, AT_BLOCKED_ON, Py_None);
+    set_object(&FIELDS(proc)->resume_value, (PyObject *)msg);
+    set_object(&FIELDS(proc)->state, S_RUNNABLE);
+    set_object(&FIELDS(proc)->blocked_on, Py_None);
     if (on_worker && runnext == NULL) {
         Py_INCREF(proc);
         runnext = proc;
@@ -252,8 +288,9 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
         goto out;
     llmos_lock(core->lock);
     dst = PyDict_GetItemWithError(core->procs, key);
-    if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = field(dst, AT_MAILBOX), &MailboxType)
-        && !((Mailbox *)mailbox)->durable) {
+    /* Another namespace (different interned strings) is the Python side's to refuse. */
+    if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = FIELDS(dst)->mailbox, &MailboxType)
+        && !((Mailbox *)mailbox)->durable && FIELDS(dst)->namespace == FIELDS(state->proc)->namespace) {
         msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
                                 correlation_id, budget.used, 0);
         delivered = msg != NULL ? llmos_deliver((Mailbox *)mailbox, msg, 1) : -1;
@@ -423,14 +460,14 @@ static int receive(Core *core, State *state, Message **taken)
         || recv_filter(L, 3, &match) < 0)
         return RECV_DECLINED;
     llmos_lock(core->lock);
-    if (field(proc, AT_KILL_REASON) == Py_None) {
+    if (FIELDS(proc)->kill_reason == Py_None) {
         *taken = llmos_take(mailbox, match);
         if (*taken != NULL) {
             result = RECV_TAKEN;
         } else if (llmos_block_owner(mailbox, proc, match) == 0) {
-            set_field(proc, AT_STATE, S_BLOCKED);
-            set_field(proc, AT_BLOCKED_ON, S_recv);
-            set_field(proc, AT_BLOCKED_SYSCALL, S_recv);
+            set_object(&FIELDS(proc)->state, S_BLOCKED);
+            set_object(&FIELDS(proc)->blocked_on, S_recv);
+            set_object(&FIELDS(proc)->blocked_syscall, S_recv);
             result = RECV_BLOCKED;
         }
     }
@@ -454,13 +491,13 @@ static PyObject *switch_to_next(Core *core, PyObject *ident, State **next_state,
     if (next == NULL || state == NULL || state->proc != next)
         return NULL;
     llmos_lock(core->lock);
-    value = field(next, AT_RESUME_VALUE);
-    ready = Py_IS_TYPE(value, &MessageType) && field(next, AT_KILL_REASON) == Py_None
-            && is_text(field(next, AT_STATE), S_RUNNABLE)
+    value = FIELDS(next)->resume_value;
+    ready = Py_IS_TYPE(value, &MessageType) && FIELDS(next)->kill_reason == Py_None
+            && is_text(FIELDS(next)->state, S_RUNNABLE)
             && (*answer = message_answer(value, state->mailbox)) != NULL;
     if (ready) {
-        set_field(next, AT_RESUME_VALUE, no_values);
-        set_field(next, AT_STATE, S_RUNNING);
+        set_object(&FIELDS(next)->resume_value, no_values);
+        set_object(&FIELDS(next)->state, S_RUNNING);
     }
     llmos_unlock(core->lock);
     if (PyErr_Occurred())
@@ -508,6 +545,8 @@ static PyObject *Core_run(Core *core, PyObject *args)
     Py_INCREF(answer);
     for (;;) {
         PyObject *next;
+        if (refill(core) < 0) /* without the kernel lock, as here: one compare while a block is ready */
+            goto done;
         status = llmos_run_step(state, answer, &now);
         Py_CLEAR(answer);
         if (status < 0)
@@ -558,6 +597,20 @@ static PyObject *Core_new_message(Core *core, PyObject *args)
     return (PyObject *)llmos_new_message((PyObject *)core, sender, to, tag, body, data, correlation_id, -1, headroom);
 }
 
+static PyObject *Core_charge(Core *core, PyObject *args)
+{
+    PyObject *proc;
+    long long ns;
+    (void)core;
+    if (!PyArg_ParseTuple(args, "OL:charge", &proc, &ns))
+        return NULL;
+    if (!llmos_is_process(proc))
+        return PyErr_Format(PyExc_TypeError, "charge: proc must be the kernel's Process");
+    if (llmos_charge(proc, ns) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *keywords[] = {"lock", "procs", "scheduler", "reserve_ids", "quantum_ns", "process_type",
@@ -569,7 +622,7 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOLO!n:Core", keywords, &LockType, &lock, &PyDict_Type, &procs,
                                      &scheduler, &reserve_ids, &quantum_ns, &PyType_Type, &process_class,
                                      &max_message_bytes)
-        || find_process_slots((PyTypeObject *)process_class) < 0)
+        || set_process_type((PyTypeObject *)process_class) < 0)
         return NULL;
     core = (Core *)type->tp_alloc(type, 0);
     if (core == NULL)
@@ -580,6 +633,11 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     core->procs = procs;
     Py_INCREF(reserve_ids);
     core->reserve_ids = reserve_ids;
+    core->refill_lock = PyThread_allocate_lock();
+    if (core->refill_lock == NULL) {
+        Py_DECREF(core);
+        return PyErr_NoMemory();
+    }
     core->quantum_ns = quantum_ns;
     core->max_message_bytes = max_message_bytes;
     core->running = PyObject_GetAttrString(scheduler, "running");
@@ -619,6 +677,8 @@ static void Core_dealloc(Core *core)
 {
     PyObject_GC_UnTrack(core);
     Core_clear(core);
+    if (core->refill_lock != NULL)
+        PyThread_free_lock(core->refill_lock);
     Py_TYPE(core)->tp_free((PyObject *)core);
 }
 
@@ -627,6 +687,10 @@ static PyMethodDef Core_methods[] = {
      "run(proc, answer) -> (proc, out): run the Lua process `proc`, resumed with the tuple `answer`, and the "
      "processes it hands the CPU to when it blocks in a receive; `proc` is the one that ran last, `out` what its "
      "step returned (see State.resume), or None if it is blocked on its mailbox"},
+    {"charge", (PyCFunction)Core_charge, METH_VARARGS,
+     "charge(proc, ns): add `ns` of CPU to proc's vruntime, scaled by its weight (the one vruntime charge)"},
+    {"refill_ids", (PyCFunction)Core_refill_ids, METH_NOARGS,
+     "refill_ids(): reserve the next block of message ids unless one is ready (never with the kernel lock held)"},
     {"new_message", (PyCFunction)Core_new_message, METH_VARARGS,
      "new_message(sender, to, tag, body, data, correlation_id, headroom=0) -> a Message with the next id, sent now; "
      "InvalidArgument if its body is not a JSON value (see value_size), ResourceExhausted if it is larger than "

@@ -164,17 +164,30 @@ int luaopen_os(lua_State *L);
 #define luaL_argcheck(L, cond, arg, extramsg) ((void)((cond) || luaL_argerror(L, (arg), (extramsg))))
 #define lua_isnoneornil(L, n) (lua_type(L, (n)) <= 0)
 
-/* -- What the sandbox (_sandbox.c) offers the binding (_lua.c) --------------------------- */
+/* -- What the sandbox (lua/sandbox.c) offers the binding (lua/state.c) --------------------------- */
 /* Builds the sandbox into a state whose base libraries are open:
  *   step, main_state = llmos_sandbox_open(check, send, try_recv, call, pid, source,
  *                                         chunk_name, args, hook_count)
  * The four bridge functions answer (value, ...) or (nil, error text) and never raise. */
 int llmos_sandbox_open(lua_State *L);
+
+/* One function of the `sys` table (api/table.py's lua_layout): where it goes (the sub-table of
+ * sys, or NULL, and the name there) and how it is made: the sandbox's own function of that
+ * path, a call of the bridge's `call` with `op` (and `file_op`), or a yield of syscall `op`. */
+enum { LLMOS_SYS_C, LLMOS_SYS_CALL, LLMOS_SYS_YIELD };
+typedef struct {
+    const char *table, *name;
+    int how;
+    const char *op, *file_op;
+} llmos_SysEntry;
+/* Set once, before any state is made; the entries must live for ever. 0; -1 out of memory;
+ * -2 when the sandbox has no function for LLMOS_SYS_C entry *unknown. */
+int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *unknown);
 /* The count hook: on the program's own coroutines always, on its main one
- * when _preempt.c installs it from its signal handler. */
+ * when lua/preempt.c installs it from its signal handler. */
 void llmos_sandbox_hook(lua_State *L, lua_Debug *ar);
 
-/* -- What preemption (_preempt.c) offers the binding ------------------------------------- */
+/* -- What preemption (lua/preempt.c) offers the binding ------------------------------------- */
 /* Install the handler of `sig` (0, or -1 with errno set). */
 int llmos_preempt_setup(int sig);
 /* The coroutine this thread runs from now on, which the signal interrupts (NULL: none). */

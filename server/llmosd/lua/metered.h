@@ -1,8 +1,8 @@
 /*
  * The metered library: llmos's own versions of the Lua 5.4 library functions
- * that can run long in C, where no count hook fires (lua_patterns.c,
- * lua_strings.c, lua_tables.c, lua_utf8.c, lua_base_os.c, and load in
- * _sandbox.c). Each file says why each of its functions is metered, and why
+ * that can run long in C, where no count hook fires (lua/metered_patterns.c,
+ * lua/metered_strings.c, lua/metered_tables.c, lua/metered_utf8.c, lua/metered_base_os.c, and load in
+ * lua/sandbox.c). Each file says why each of its functions is metered, and why
  * the rest of its library is not. Each
  * behaves as Lua 5.4's (results and error messages; the differential tests
  * compare them with stock Lua), and calls llmos_checkpoint (lua_api.h) every

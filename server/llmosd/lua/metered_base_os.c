@@ -1,12 +1,12 @@
 /*
- * Base and os functions that can run long in C, metered (see lua_metered.h),
+ * Base and os functions that can run long in C, metered (see lua/metered.h),
  * written from the Lua 5.4 manual (§6.1, §6.9) and checked against stock Lua
  * by tests/test_lua_metered.py:
  *   - tonumber with a base: a pass over a numeral of any length;
  *   - os.date: a strftime call for each conversion of a format of any length.
  * Not metered: tonumber without a base, a conversion Lua's VM also does in
  * one instruction (`s + 0`), linear at about a nanosecond a byte; load's
- * parsing is fed in metered pieces by the sandbox (_sandbox.c).
+ * parsing is fed in metered pieces by the sandbox (lua/sandbox.c).
  */
 #include <time.h>
 

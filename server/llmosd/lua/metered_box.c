@@ -1,6 +1,6 @@
 /*
  * Box: the growable, Lua-owned byte buffer of the metered library (see
- * lua_metered.h). Lua's own luaL_Buffer is not used: its layout depends on
+ * lua/metered.h). Lua's own luaL_Buffer is not used: its layout depends on
  * how Lua was configured (LUAL_BUFFERSIZE), which lupa does not tell.
  */
 #include "metered.h"

@@ -17,6 +17,9 @@
  * 32 captures; it tries alternatives in the same order, and so finds the same
  * matches and raises the same errors at the same point. Character classes
  * are those of the C locale (ASCII), as Lua's are in the C and UTF-8 locales.
+ *
+ * Why one file: the four functions share one matcher (its explicit stack,
+ * captures and class tests), which is most of the file.
  */
 #include <stdint.h>
 

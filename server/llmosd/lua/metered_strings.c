@@ -1,6 +1,6 @@
 /*
  * The string library's functions that can run long in C, metered (see
- * lua_metered.h), written from the Lua 5.4 manual (§6.4) and checked against
+ * lua/metered.h), written from the Lua 5.4 manual (§6.4) and checked against
  * stock Lua by tests/test_lua_metered.py:
  *   - rep: time and memory in the result's length, which Lua lets be huge
  *     with empty pieces (2^62 copies of '' looped for ever); here an empty
@@ -11,9 +11,12 @@
  *   - pack, unpack, packsize: a pass over the format, padding of any size;
  *   - char: up to LUAI_MAXSTACK (a million) arguments, checked one by one.
  * Not metered: len, sub (one copy), byte (at most LUAI_MAXSTACK values, each
- * a few ns), and the pattern functions' (lua_patterns.c).
+ * a few ns), and the pattern functions' (lua/metered_patterns.c).
  * Character classes are the C locale's (ASCII), as Lua's in the C and UTF-8
  * locales.
+ *
+ * Why one file: the string library's metered functions, each short, share
+ * the metered buffer and the format/pack option parsers.
  */
 #include <limits.h>
 #include <math.h>

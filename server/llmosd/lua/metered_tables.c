@@ -1,6 +1,6 @@
 /*
  * The table library's functions that can run long in C, metered (see
- * lua_metered.h), written from the Lua 5.4 manual (§6.6) and checked against
+ * lua/metered.h), written from the Lua 5.4 manual (§6.6) and checked against
  * stock Lua by tests/test_lua_metered.py. They go through lua_geti/lua_seti,
  * as Lua's do, so that metamethods apply; a metamethod that is a Lua function
  * is interrupted by the hook, but the number of elements is the caller's to

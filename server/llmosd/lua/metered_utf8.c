@@ -1,6 +1,6 @@
 /*
  * The utf8 library's functions that can run long in C, metered (see
- * lua_metered.h), written from the Lua 5.4 manual (§6.5) and checked against
+ * lua/metered.h), written from the Lua 5.4 manual (§6.5) and checked against
  * stock Lua by tests/test_lua_metered.py:
  *   - len, offset: a walk over a range of a string of any length;
  *   - codes: its iterator skips continuation bytes, as many as the string

@@ -14,7 +14,7 @@
  * No hook fires while the program is inside a C function (a library
  * function over a long string or table), so the handler also raises a flag
  * of the thread's, which such functions test every slice of their work
- * (llmos_checkpoint, lua_metered.h): when it is raised they run the hook's
+ * (llmos_checkpoint, lua/metered.h): when it is raised they run the hook's
  * check themselves, which may park the thread there or end the process.
  */
 #include <signal.h>

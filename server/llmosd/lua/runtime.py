@@ -1,7 +1,7 @@
 """The Lua userland: one sandboxed Lua 5.4 state per process.
 
-Each process's state is an _lua.State (_lua.c), with the sandbox
-(_sandbox.c) built into it, which runs the program as a coroutine.
+Each process's state is an _lua.State (lua/state.c), with the sandbox
+(lua/sandbox.c) built into it, which runs the program as a coroutine.
 Non-blocking syscalls (send, spawn, kill, ...) are direct calls into the
 bridge below; blocking ones (recv with nothing to take, wait, sleep, infer,
 exit) yield to the kernel, which parks the process until its waiter completes
@@ -9,7 +9,7 @@ and then resumes it. Messages between processes are the C side's (the
 kernel's _lua.Core): send and try_recv here, and the receive that blocks,
 handle only what it leaves to Python.
 
-Only plain values ever cross into the program, converted by _lua.c: bridge
+Only plain values ever cross into the program, converted by lua/state.c: bridge
 functions catch every exception and answer (nil, message) instead, and no
 Python object reaches Lua.
 """
@@ -22,17 +22,23 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..api import checks as C
-from ..api.errors import InvalidArgument, KernelError, ResourceExhausted
+from ..api.authority import process_caller
+from ..api.table import LUA_CALLS, lua_layout
+from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
+from ..kernel.acks import Leased
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
-from ..kernel.process import Process
+from ..kernel.process import Limits, Process
+from ..kernel.config import SpawnSpec
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
+    from ..kernel.store import ProcessRecord
 
-# The scheduler interrupts a running program with this signal (see _preempt.c).
+# The scheduler interrupts a running program with this signal (see lua/preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
 _lua.setup_preemption(PREEMPT_SIGNAL)
+_lua.set_sys_layout(lua_layout())  # every state's sys table, from the syscall table
 
 
 MEMORY_ERROR = "not enough memory"
@@ -59,7 +65,7 @@ _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 
 
 # -- values -----------------------------------------------------------------------------
-# _lua.c converts values as they cross: a Lua string given directly arrives as
+# lua/state.c converts values as they cross: a Lua string given directly arrives as
 # bytes, a number as it is, a table as a dict or list already checked against
 # the value model (messaging.h: text strings, finite numbers, integers within
 # +-2^53, text keys, at most 32 levels deep, at most the message size limit),
@@ -104,6 +110,13 @@ def _opt_str(value: Any, name: str) -> str | None:
         raise InvalidArgument(f"{name} must be UTF-8 text") from None
 
 
+def _message_id(msg: Any, fname: str) -> int:
+    """The id of sys.ack/sys.nack's argument: a message (a table with its id) or the id itself."""
+    if isinstance(msg, dict):
+        msg = msg.get("id")
+    return C.message_id(msg, f"{fname}: message_id")
+
+
 def _opt_int(value: Any, name: str) -> int | None:
     return None if value is None else C.integer(value, name)
 
@@ -117,6 +130,22 @@ def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
         raise InvalidArgument(f"{fname}: expected a table of options")
     C.known_options(value, known, fname)
     return value
+
+
+SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
+                           "source_name", "dead_letter", "max_attempts"))
+
+
+def describe_record(rec: ProcessRecord) -> dict[str, Any]:
+    """A process's record as the plain table sys.info and sys.wait answer."""
+    info = {
+        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "namespace": rec.namespace, "kind": rec.kind,
+        "state": rec.state,
+        "priority": rec.priority, "weight": rec.weight, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
+    }
+    if rec.usage is not None:
+        info["usage"] = rec.usage
+    return {k: v for k, v in info.items() if v is not None}
 
 
 def error_text(err: Any) -> str:
@@ -135,6 +164,7 @@ class LuaProcess:
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
+        self.caller = process_caller(proc.pid, proc.namespace)  # who its syscalls act as (api/authority.py)
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
@@ -154,7 +184,7 @@ class LuaProcess:
         start = state.slice_start
         ran = now_ns - start
         # Every quantum, even with nobody waiting: the check-in ends the slice,
-        # which measures the CPU the next ones actually use (see _lua.c's slice clock).
+        # which measures the CPU the next ones actually use (see lua/state.c's slice clock).
         if proc.kill_reason is not None or ran >= quantum_ns or (
             proc.limits.cpu_ms and state.cpu_used_ns + ran > proc.limits.cpu_ms * 1_000_000
         ):
@@ -163,6 +193,9 @@ class LuaProcess:
 
     def memory_used(self) -> int:
         return self.state.memory_used()
+
+    def log_lines(self, limit: int) -> None:
+        return None  # a Lua process's log is the kernel's
 
     def cpu_ns(self) -> int:
         """CPU time actually used so far, the running slice included (at most its wall time so far:
@@ -217,6 +250,7 @@ class LuaProcess:
                 self.proc.pid, target, "" if tag is None else _opt_str(tag, "sys.send: tag"),
                 value, data or b"",
                 "" if correlation_id is None else _opt_str(correlation_id, "sys.send: correlation_id"),
+                self.caller,
             )
             return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
         except KernelError as e:
@@ -225,7 +259,7 @@ class LuaProcess:
     def try_recv(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> tuple:
         try:
             match = self.recv_match(sender, tag, correlation_id, timeout_ms)
-            msg = self.kernel.try_recv(self.proc.pid, match)
+            msg = self.kernel.try_recv(self.proc.pid, match, self.caller)
             return (msg, len(self.proc.mailbox)) if msg is not None else (None,)
         except KernelError as e:
             return False, str(e).encode()
@@ -238,6 +272,26 @@ class LuaProcess:
             _opt_int(sender, "sys.recv: from"), _opt_str(tag, "sys.recv: tag"),
             _opt_str(correlation_id, "sys.recv: correlation_id"),
         )
+
+    def recv_lease(self, ack: Any = None, lease_ms: Any = None) -> float | None | bool:
+        """sys.recv's ack and lease_ms: the lease in seconds (None: the default), False without ack."""
+        if ack is not None and type(ack) is not bool:
+            raise InvalidArgument("sys.recv: ack must be a boolean")
+        if not ack:
+            if lease_ms is not None:
+                raise InvalidArgument("sys.recv: lease_ms is for a receive with ack = true")
+            return False
+        return C.timeout_s(lease_ms, "sys.recv: lease_ms")
+
+    def ack(self, msg: Any = None) -> bool:
+        with self.kernel.lock:
+            self.kernel.acks.ack(self.proc.pid, _message_id(msg, "sys.ack"))
+        return True
+
+    def nack(self, msg: Any = None) -> bool:
+        with self.kernel.lock:
+            self.kernel.acks.nack(self.proc.pid, _message_id(msg, "sys.nack"))
+        return True
 
     def call(self, op: bytes, *args: Any) -> Any:
         """The bridge's dispatcher for the syscalls that never block: the
@@ -255,24 +309,41 @@ class LuaProcess:
         spec = from_lua(spec, "sys.spawn")
         if not isinstance(spec, dict):
             raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
-        return self.kernel.spawn_from_dict(spec, parent=self.proc.pid)
+        if not SPAWN_OPTIONS.issuperset(spec):
+            unknown = ", ".join(sorted(set(spec) - SPAWN_OPTIONS))
+            raise InvalidArgument(f"sys.spawn: unknown option(s) {unknown}")
+        limits = spec.get("limits") or {}
+        if not isinstance(limits, dict):
+            raise InvalidArgument(f"sys.spawn: limits must be a table of {', '.join(Limits.__slots__)}")
+        for key in ("lua", "python", "path", "name", "source_name"):
+            if spec.get(key) is not None and not isinstance(spec[key], str):
+                raise InvalidArgument(f"sys.spawn: {key} must be a string")
+        return self.kernel.spawn(SpawnSpec(
+            lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
+            name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
+            weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
+            limits=C.limits(limits, "sys.spawn: limits"), parent=self.proc.pid, monitor=bool(spec.get("monitor")),
+            source_name=spec.get("source_name"),
+            dead_letter=C.integer(spec.get("dead_letter", 0), "sys.spawn: dead_letter"),
+            max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"),
+        ), self.caller)
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
-        self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed")
+        self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed", self.caller)
         return True
 
     def register(self, name: Any = None) -> bool:
         text = _opt_str(name, "sys.register: name")
-        if not text:
-            raise InvalidArgument("sys.register: name must be a non-empty string")
-        self.kernel.register(self.proc.pid, text)
+        if text is None:
+            raise InvalidArgument("sys.register: name must be a string")
+        self.kernel.register(self.proc.pid, text, self.caller)
         return True
 
     def whereis(self, name: Any = None) -> int | None:
-        return self.kernel.whereis(_opt_str(name, "sys.whereis: name") or "")
+        return self.kernel.whereis(_opt_str(name, "sys.whereis: name") or "", self.caller)
 
     def monitor(self, pid: Any = None) -> bool:
-        self.kernel.monitor(self.proc.pid, C.pid(pid, "sys.monitor: pid"))
+        self.kernel.monitor(self.proc.pid, C.pid(pid, "sys.monitor: pid"), self.caller)
         return True
 
     def set_priority(self, pid: Any = None, priority: Any = None, weight: Any = None) -> bool:
@@ -281,23 +352,32 @@ class LuaProcess:
         share = None if weight is None else C.weight(weight, "sys.set_priority: weight")
         if prio is None and share is None:
             raise InvalidArgument("sys.set_priority: give a priority (integer) and/or a weight")
-        self.kernel.set_priority(target, prio, share or 0, caller=self.proc.pid)
+        self.kernel.set_priority(target, prio, share or 0, caller=self.caller)
         return True
 
     def info(self, pid: Any = None) -> Any:
-        return self.kernel.describe(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"))
+        return describe_record(self.kernel.get(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"),
+                                               self.caller)[0])
 
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""
         text = _opt_str(name, f"{fname}: name")
-        if not text:
-            raise InvalidArgument(f"{fname}: name must be a non-empty string")
+        if text is None:
+            raise InvalidArgument(f"{fname}: name must be a string")
+        C.name(text, f"{fname}: name")
         options = _options(opts, fname, ("semaphore", "timeout_ms"))
         permits = _opt_int(options.get("semaphore"), f"{fname}: semaphore")
         seconds = C.timeout_s(options.get("timeout_ms"), f"{fname}: timeout_ms")
         return (text, "mutex", 1, seconds) if permits is None else (text, "semaphore", permits, seconds)
 
-    def lock_try(self, name: Any = None, opts: Any = None, fname: str = "sys.lock.try_acquire") -> Any:
+    def lock_try(self, name: Any = None, opts: Any = None) -> Any:
+        return self._lock_try(name, opts, "sys.lock.try_acquire")
+
+    def lock_acquire_now(self, name: Any = None, opts: Any = None) -> Any:
+        """sys.lock.acquire's first try, which costs no trip through the scheduler when the lock is free."""
+        return self._lock_try(name, opts, "sys.lock.acquire")
+
+    def _lock_try(self, name: Any, opts: Any, fname: str) -> Any:
         lock_name, kind, permits, _ = self.lock_options(name, opts, fname)
         with self.kernel.lock:
             return self.kernel.sync.try_acquire(self.proc.namespace, lock_name, self.proc.pid, kind, permits)
@@ -307,6 +387,27 @@ class LuaProcess:
         with self.kernel.lock:
             self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
         return True
+
+    def cond_wait_args(self, name: Any = None, lock: Any = None, timeout_ms: Any = None) -> tuple[str, str, float | None]:
+        """(condition, mutex, timeout in seconds or None) of sys.cond.wait(name, lock [, timeout_ms])."""
+        cond_name = _opt_str(name, "sys.cond.wait: name")
+        lock_name = _opt_str(lock, "sys.cond.wait: lock")
+        if cond_name is None or lock_name is None:
+            raise InvalidArgument("sys.cond.wait: name and lock must be strings")
+        return cond_name, lock_name, C.timeout_s(timeout_ms, "sys.cond.wait: timeout_ms")
+
+    def cond_signal(self, name: Any = None) -> int:
+        return self._cond_wake(name, "sys.cond.signal", self.kernel.sync.cond_signal)
+
+    def cond_broadcast(self, name: Any = None) -> int:
+        return self._cond_wake(name, "sys.cond.broadcast", self.kernel.sync.cond_broadcast)
+
+    def _cond_wake(self, name: Any, fname: str, wake: Callable[[str, str], int]) -> int:
+        text = _opt_str(name, f"{fname}: name")
+        if text is None:
+            raise InvalidArgument(f"{fname}: name must be a string")
+        with self.kernel.lock:
+            return wake(self.proc.namespace, text)
 
     def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
         """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
@@ -350,8 +451,23 @@ class LuaProcess:
             return self.file_info(files.mkdir(ns, vpath))
         raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
 
+    def context_fork(self, handle: Any = None) -> int:
+        return self._inference().fork_context(self.proc.pid, handle)
+
+    def context_drop(self, handle: Any = None) -> bool:
+        self._inference().drop_context(self.proc.pid, handle)
+        return True
+
+    def _inference(self) -> Any:
+        if self.kernel.inference is None:
+            raise Unimplemented("this server runs no inference engine")
+        return self.kernel.inference
+
     def file_info(self, info: Any) -> dict:
         return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}
+
+    def now(self) -> float:
+        return _now_ms()
 
     def log(self, text: bytes) -> None:
         self.kernel.log(self.proc, text.decode(errors="replace"))
@@ -363,7 +479,14 @@ class LuaProcess:
             return None, str(value).encode()
         if syscall == "recv":
             # The binding pushes a Message as the values sys.recv makes its table of.
-            return (value, len(self.proc.mailbox)) if isinstance(value, Message) else ()
+            if isinstance(value, Message):
+                return (value, len(self.proc.mailbox))
+            if isinstance(value, Leased):  # a receive with ack: a table with attempt and redelivered
+                msg = value.msg
+                return ({"id": msg.id, "from": msg.sender, "to": msg.to, "tag": msg.tag, "body": msg.body,
+                         "data": msg.data, "correlation_id": msg.correlation_id, "sent_at_ms": msg.sent_at_ms,
+                         "attempt": value.attempt, "redelivered": value.redelivered},)
+            return ()
         if syscall == "sleep":
             return (True,)
         if value is None:  # timed out
@@ -372,20 +495,11 @@ class LuaProcess:
 
 
 
-# op -> (handler, how many arguments it takes): Lua may pass any number.
-_CALLS: dict[bytes, tuple[Callable[..., Any], int]] = {
-    b"now": (lambda lua: _now_ms(), 0),
-    b"spawn": (LuaProcess.spawn, 1),
-    b"kill": (LuaProcess.kill, 2),
-    b"register": (LuaProcess.register, 1),
-    b"whereis": (LuaProcess.whereis, 1),
-    b"monitor": (LuaProcess.monitor, 1),
-    b"set_priority": (LuaProcess.set_priority, 3),
-    b"info": (LuaProcess.info, 1),
-    b"log": (LuaProcess.log, 1),
-    b"lock_try": (LuaProcess.lock_try, 2),
-    # sys.lock.acquire's first try, which costs no trip through the scheduler when the lock is free.
-    b"lock_acquire_now": (lambda lua, name=None, opts=None: lua.lock_try(name, opts, "sys.lock.acquire"), 2),
-    b"lock_release": (LuaProcess.lock_release, 1),
-    b"fs": (LuaProcess.fs, 4),
-}
+def _call_entry(op: str) -> tuple[Callable[..., Any], int]:
+    method = getattr(LuaProcess, op)
+    return method, method.__code__.co_argcount - 1
+
+
+# The bridge's call ops, from the syscall table (api/table.py): op -> (LuaProcess method, how
+# many arguments it takes; Lua may pass any number).
+_CALLS: dict[bytes, tuple[Callable[..., Any], int]] = {op.encode(): _call_entry(op) for op in sorted(LUA_CALLS)}

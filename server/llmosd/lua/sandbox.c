@@ -1,7 +1,7 @@
 /*
  * The sandbox of a Lua process, built into the process's own Lua 5.4 state.
  *
- * Before any program code runs, the binding (_lua.c) opens the base
+ * Before any program code runs, the binding (lua/state.c) opens the base
  * libraries in a fresh state and calls llmos_sandbox_open once. It leaves the
  * program a whitelisted environment only, and wraps what would let a program
  * slip the kernel's control:
@@ -13,9 +13,9 @@
  *     to the kernel, and the answer back down, at any depth;
  *   - no bytecode, string.dump, __gc finalizers, or os beyond the clock;
  *   - the library functions that can run long in C, where no hook fires,
- *     are llmos's metered ones (lua_metered.h), which check in with the
+ *     are llmos's metered ones (lua/metered.h), which check in with the
  *     kernel as they go;
- * and it adds `sys`, the syscall interface (see lua_runtime.py for the
+ * and it adds `sys`, the syscall interface (see lua/runtime.py for the
  * kernel's side, the "bridge" functions these call).
  *
  * Why C: written in Lua, the sandbox put some forty function prototypes with
@@ -23,7 +23,12 @@
  * spawn, and they were a third of an idle process's memory. C functions cost
  * a state nothing. The per-state context lives in a userdata that every
  * thread of the state reaches through lua_getextraspace.
+ *
+ * Why one file: the sandbox is one per-state context (Sandbox, below) that
+ * every wrapper and `sys` function reads; they are grouped by section in the
+ * order a program meets them (hook, wrappers of the base library, sys.*).
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "metered.h"
@@ -133,7 +138,7 @@ void llmos_sandbox_hook(lua_State *L, lua_Debug *ar)
     }
     lua_pop(L, 1);
     if (L == sb->main_co)
-        lua_sethook(L, NULL, 0, 0); /* off until the kernel asks again (_preempt.c) */
+        lua_sethook(L, NULL, 0, 0); /* off until the kernel asks again (lua/preempt.c) */
 }
 
 /* -- coroutine ----------------------------------------------------------------------------- */
@@ -445,12 +450,13 @@ static int check_result(lua_State *L, int base)
 /* Options of a C fast path: nil or a table whose keys are all among `known` (NULL-terminated);
  * a misspelt option must not pass silently (checks.known_options words the same refusal for the
  * syscalls the bridge answers). */
-static void check_options(lua_State *L, int idx, const char *fname, const char *const known[])
+static unsigned check_options(lua_State *L, int idx, const char *fname, const char *const known[])
 {
     int t = lua_type(L, idx), i;
+    unsigned seen = 0; /* bit i: known[i] is given */
     const char *key;
     if (t == LUA_TNIL)
-        return;
+        return 0;
     if (t != LUA_TTABLE)
         luaL_error(L, "%s: expected a table of options", fname);
     lua_pushnil(L);
@@ -471,11 +477,14 @@ static void check_options(lua_State *L, int idx, const char *fname, const char *
             lua_concat(L, lua_gettop(L) - bad);
             lua_error(L);
         }
+        seen |= 1u << i;
     }
+    return seen;
 }
 
 static const char *const SEND_OPTIONS[] = {"tag", "data", "correlation_id", NULL};
-static const char *const RECV_OPTIONS[] = {"from", "tag", "correlation_id", "timeout_ms", NULL};
+static const char *const RECV_OPTIONS[] = {"from", "tag", "correlation_id", "timeout_ms", "ack", "lease_ms", NULL};
+enum { RECV_ACK_OPTIONS = 1u << 4 | 1u << 5 }; /* ack, lease_ms: a receive the kernel's Python side answers */
 
 static void push_option(lua_State *L, int idx, const char *name)
 {
@@ -554,8 +563,17 @@ static int yield_syscall(lua_State *L, const char *name, int first, int last, lu
  * no lookup in the state's string table, which every C string key
  * (lua_getfield, lua_setfield) does. */
 static const char *const RECV_KEYS[] = {"id", "from", "to", "tag", "body", "data", "correlation_id", "sent_at_ms",
-                                        "timeout_ms"};
-enum { KEY_FROM = 2, KEY_TAG = 4, KEY_CORRELATION_ID = 7, MESSAGE_FIELDS = 8, KEY_TIMEOUT_MS = 9, RECV_KEY_COUNT = 9 };
+                                        "timeout_ms", "ack", "lease_ms"};
+enum {
+    KEY_FROM = 2,
+    KEY_TAG = 4,
+    KEY_CORRELATION_ID = 7,
+    MESSAGE_FIELDS = 8,
+    KEY_TIMEOUT_MS = 9,
+    KEY_ACK = 10,
+    KEY_LEASE_MS = 11,
+    RECV_KEY_COUNT = 11
+};
 
 /* opts[key] (metamethods included, as lua_getfield), for the key in upvalue `key`; nil without opts. */
 static void push_recv_option(lua_State *L, int opts, int key)
@@ -599,16 +617,24 @@ static int recv_k(lua_State *L, int status, lua_KContext ctx)
     return as_message(L, RECV_ANSWER);
 }
 
+static int syscall_k(lua_State *L, int status, lua_KContext nargs);
+
 static int sys_recv(lua_State *L)
 {
     Sandbox *sb = sandbox_of(L);
     int i, zero_timeout;
+    unsigned given;
     lua_settop(L, 1);
-    check_options(L, 1, "sys.recv", RECV_OPTIONS);
+    given = check_options(L, 1, "sys.recv", RECV_OPTIONS);
     push_recv_option(L, 1, KEY_FROM);
     push_recv_option(L, 1, KEY_TAG);
     push_recv_option(L, 1, KEY_CORRELATION_ID);
     push_recv_option(L, 1, KEY_TIMEOUT_MS);
+    if (given & RECV_ACK_OPTIONS) { /* acknowledged delivery (kernel/acks.py): the kernel leases the message */
+        push_recv_option(L, 1, KEY_ACK);
+        push_recv_option(L, 1, KEY_LEASE_MS);
+        return yield_syscall(L, "recv", 2, 7, 7, syscall_k);
+    }
     zero_timeout = is_zero(L, 5);
     /* The common case, a message already waiting, costs no trip through the
      * scheduler; when none can be waiting the kernel takes one that arrives
@@ -692,52 +718,92 @@ static void copy_field(lua_State *L, int from, int to, const char *name)
     lua_setfield(L, to, name);
 }
 
-static void set_direct(lua_State *L, const char *name, const char *op, const char *file_op)
+/* The `sys` table's layout: api/table.py's lua_layout(), which lua/runtime.py gives the
+ * binding once, before any state is made (llmos_sandbox_set_layout). */
+static const llmos_SysEntry *sys_layout;
+static size_t sys_layout_count;
+static lua_CFunction *sys_c_functions; /* per entry: the LLMOS_SYS_C entries' functions */
+
+static void push_recv(lua_State *L)
 {
-    lua_pushstring(L, op);
-    if (file_op != NULL)
-        lua_pushstring(L, file_op);
-    lua_pushcclosure(L, sys_direct, file_op != NULL ? 2 : 1);
-    lua_setfield(L, -2, name);
+    int i;
+    for (i = 0; i < RECV_KEY_COUNT; i++)
+        lua_pushstring(L, RECV_KEYS[i]);
+    lua_pushcclosure(L, sys_recv, RECV_KEY_COUNT);
 }
 
-static void set_blocking(lua_State *L, const char *name)
+/* The sandbox's own syscall functions, by their path in sys (recv, a closure, is NULL here). */
+static const struct {
+    const char *table, *name;
+    lua_CFunction f;
+} C_FUNCTIONS[] = {
+    {NULL, "self", sys_self}, {NULL, "log", sb_log},   {NULL, "send", sys_send},
+    {NULL, "recv", NULL},     {NULL, "exit", sys_exit}, {"lock", "acquire", sys_lock_acquire},
+};
+
+static int same_text(const char *a, const char *b)
 {
-    lua_pushstring(L, name);
-    lua_pushcclosure(L, sys_blocking, 1);
-    lua_setfield(L, -2, name);
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *unknown)
+{
+    size_t i, k, count = sizeof C_FUNCTIONS / sizeof C_FUNCTIONS[0];
+    lua_CFunction *functions = calloc(n > 0 ? n : 1, sizeof *functions);
+    if (functions == NULL)
+        return -1;
+    for (i = 0; i < n; i++) {
+        if (entries[i].how != LLMOS_SYS_C)
+            continue;
+        for (k = 0; k < count; k++)
+            if (same_text(C_FUNCTIONS[k].table, entries[i].table) && strcmp(C_FUNCTIONS[k].name, entries[i].name) == 0)
+                break;
+        if (k == count) {
+            free(functions);
+            *unknown = i;
+            return -2;
+        }
+        functions[i] = C_FUNCTIONS[k].f;
+    }
+    sys_c_functions = functions;
+    sys_layout = entries;
+    sys_layout_count = n;
+    return 0;
 }
 
 static void push_sys(lua_State *L)
 {
-    static const char *const direct[] = {"now", "spawn", "kill", "register", "monitor", "whereis",
-                                         "set_priority", "info", NULL};
-    static const char *const file_ops[] = {"write", "read", "stat", "list", "delete", "rename", "mkdir", NULL};
-    const char *const *name;
-    int i;
-    lua_createtable(L, 0, 18);
-    set_function(L, "self", sys_self);
-    for (name = direct; *name != NULL; name++)
-        set_direct(L, *name, *name, NULL);
-    set_function(L, "log", sb_log);
-    set_function(L, "send", sys_send);
-    for (i = 0; i < RECV_KEY_COUNT; i++)
-        lua_pushstring(L, RECV_KEYS[i]);
-    lua_pushcclosure(L, sys_recv, RECV_KEY_COUNT);
-    lua_setfield(L, -2, "recv");
-    set_blocking(L, "wait");
-    set_blocking(L, "sleep");
-    set_blocking(L, "infer");
-    set_function(L, "exit", sys_exit);
-    lua_createtable(L, 0, 3);
-    set_function(L, "acquire", sys_lock_acquire);
-    set_direct(L, "try_acquire", "lock_try", NULL);
-    set_direct(L, "release", "lock_release", NULL);
-    lua_setfield(L, -2, "lock");
-    lua_createtable(L, 0, 7);
-    for (name = file_ops; *name != NULL; name++)
-        set_direct(L, *name, "fs", *name);
-    lua_setfield(L, -2, "fs");
+    size_t i;
+    int sys;
+    lua_createtable(L, 0, (int)sys_layout_count);
+    sys = lua_gettop(L);
+    for (i = 0; i < sys_layout_count; i++) {
+        const llmos_SysEntry *e = &sys_layout[i];
+        if (e->table == NULL)
+            lua_pushvalue(L, sys);
+        else if (lua_getfield(L, sys, e->table) != LUA_TTABLE) {
+            lua_pop(L, 1);
+            lua_createtable(L, 0, 8);
+            lua_pushvalue(L, -1);
+            lua_setfield(L, sys, e->table);
+        }
+        if (e->how == LLMOS_SYS_C) {
+            if (sys_c_functions[i] != NULL)
+                lua_pushcfunction(L, sys_c_functions[i]);
+            else
+                push_recv(L);
+        } else if (e->how == LLMOS_SYS_CALL) {
+            lua_pushstring(L, e->op);
+            if (e->file_op != NULL)
+                lua_pushstring(L, e->file_op);
+            lua_pushcclosure(L, sys_direct, e->file_op != NULL ? 2 : 1);
+        } else {
+            lua_pushstring(L, e->op);
+            lua_pushcclosure(L, sys_blocking, 1);
+        }
+        lua_setfield(L, -2, e->name);
+        lua_pop(L, 1);
+    }
 }
 
 /* The string library, made safe in place (the state is the program's alone):
@@ -755,7 +821,7 @@ static void secure_string(lua_State *L, int string_lib)
     lua_pop(L, 2);
 }
 
-/* The metered library (lua_metered.h) in place of Lua's functions that can
+/* The metered library (lua/metered.h) in place of Lua's functions that can
  * run long in C, in the libraries at `g` (before the program's environment
  * copies them). */
 static void install_metered(lua_State *L, int g)
@@ -939,7 +1005,7 @@ static int step(lua_State *L)
 /* step, main_state = open(check, send, try_recv, call, pid, source, chunk_name, args,
  *                         hook_count)
  * main_state is the address of the program's coroutine, which runs without a
- * hook until _preempt.c installs one. */
+ * hook until lua/preempt.c installs one. */
 static int sandbox_open(lua_State *L)
 {
     enum { CHECK = 1, SEND, TRY_RECV, CALL, PID, SOURCE, CHUNK_NAME, ARGS, HOOK_COUNT, CONTEXT };

@@ -3,8 +3,8 @@
  *
  * A State is one process's Lua 5.4 state: only the libraries the sandbox
  * keeps (base, coroutine, table, string, math, utf8, os), memory counted and
- * capped by its own allocator, and the sandbox (_sandbox.c) built into it.
- * The kernel runs the program with resume(), or the core's run (_core.c);
+ * capped by its own allocator, and the sandbox (lua/sandbox.c) built into it.
+ * The kernel runs the program with resume(), or the core's run (lua/fast_paths.c);
  * the program reaches the kernel through four bridge functions, C closures
  * for the process's Python side (LuaProcess.check, send, try_recv and call),
  * of which send and try_recv are the core's first.
@@ -15,21 +15,25 @@
  *     as tables keyed by strings, lists as arrays (None inside is a hole);
  *   - Lua to Python: a string given directly as bytes (the kernel decides what
  *     it means), a table as a dict or a list with text strings inside (see
- *     lua_runtime.from_lua); a value that cannot cross becomes a BadValue
+ *     lua/runtime.py's from_lua); a value that cannot cross becomes a BadValue
  *     saying why, which the kernel reports with its context.
  * A Lua error must never unwind through code holding Python references or
  * the GIL: values are pushed inside lua_pcall, and read with calls that
  * cannot raise.
  *
- * Compiled into this module too: _core.c, the kernel's C side of messages
- * and of switching between processes; _mailbox.c, mailboxes and the kernel
- * lock; _preempt.c, which interrupts a running program on a signal from the
+ * Compiled into this module too: lua/fast_paths.c, the kernel's C side of messages
+ * and of switching between processes; kernel/mailbox.c, mailboxes and the kernel
+ * lock; lua/preempt.c, which interrupts a running program on a signal from the
  * scheduler.
  *
  * Why not lupa's LuaRuntime: it opens every standard library and its own
  * Python module in each state (78 µs of every spawn here, and memory the
  * sandbox then drops), and wraps each value that crosses in a Python object.
  * lupa still provides the Lua library itself (see lua_api.h).
+ *
+ * Why one file: a State's allocator, value conversion and slice clock work on
+ * the State struct and the Python objects it holds, and the module's init sets
+ * them up with the other parts of the extension.
  */
 #include "state.h"
 
@@ -656,6 +660,7 @@ static int State_clear(State *state)
     for (i = 0; i < BRIDGE_COUNT; i++)
         Py_CLEAR(state->methods[i]);
     Py_CLEAR(state->proc);
+    /* state->mailbox is set only once it is known to be a Mailbox (open_sandbox) */
     if (state->mailbox != NULL && state->mailbox->owner_state == (PyObject *)state)
         state->mailbox->owner_state = NULL;
     Py_CLEAR(state->mailbox);
@@ -724,7 +729,7 @@ static int build(lua_State *L)
 
 static PyObject *State_open_sandbox(State *state, PyObject *args)
 {
-    PyObject *bridge, *proc, *core;
+    PyObject *bridge, *proc, *core, *pid, *mailbox;
     SandboxSpec spec;
     lua_State *L = state->L;
     int i, status;
@@ -733,21 +738,25 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
         return NULL;
     if (state->bridge != NULL)
         return PyErr_Format(PyExc_RuntimeError, "the sandbox is built already");
-    state->bridge = PyWeakref_NewRef(bridge, NULL);
-    if (state->bridge == NULL)
-        return NULL;
     if (!llmos_is_process(proc))
         return PyErr_Format(PyExc_TypeError, "open_sandbox: proc must be the kernel's Process");
-    spec.pid = PyObject_GetAttrString(proc, "pid");
-    state->mailbox = (Mailbox *)PyObject_GetAttrString(proc, "mailbox");
-    Py_XDECREF(spec.pid); /* the process holds it */
-    if (spec.pid == NULL || state->mailbox == NULL || (state->pid = PyLong_AsLongLong(spec.pid)) == -1
-        || !PyObject_TypeCheck(state->mailbox, &MailboxType)) {
+    pid = PyObject_GetAttrString(proc, "pid");
+    mailbox = PyObject_GetAttrString(proc, "mailbox");
+    if (pid == NULL || mailbox == NULL || !PyLong_Check(pid) || !PyObject_TypeCheck(mailbox, &MailboxType)
+        || (state->pid = PyLong_AsLongLong(pid)) == -1) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "open_sandbox: the process needs a pid and a Mailbox");
-        State_clear(state);
+        Py_XDECREF(pid);
+        Py_XDECREF(mailbox);
         return NULL;
     }
+    state->bridge = PyWeakref_NewRef(bridge, NULL);
+    if (state->bridge == NULL) {
+        Py_DECREF(pid);
+        Py_DECREF(mailbox);
+        return NULL;
+    }
+    state->mailbox = (Mailbox *)mailbox;
     state->mailbox->owner_state = (PyObject *)state;
     Py_INCREF(proc);
     state->proc = proc;
@@ -756,6 +765,7 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     for (i = 0; i < BRIDGE_COUNT; i++) {
         state->methods[i] = PyObject_GetAttrString((PyObject *)Py_TYPE(bridge), BRIDGE_METHODS[i]);
         if (state->methods[i] == NULL) {
+            Py_DECREF(pid);
             State_clear(state);
             return NULL;
         }
@@ -766,8 +776,10 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
     lua_settop(L, 0);
     lua_pushcfunction(L, build);
     lua_pushcfunction(L, push_spec);
+    spec.pid = pid;
     lua_pushlightuserdata(L, &spec);
     status = lua_pcall(L, 1, 5, 0);
+    Py_DECREF(pid);
     if (status != LUA_OK)
         return raise_lua_error(L, status);
     Py_RETURN_NONE;
@@ -921,7 +933,7 @@ PyObject *llmos_step_results(lua_State *L, int status)
     return out;
 }
 
-/* Resume the program with a syscall's answer: the sandbox's step (see _sandbox.c). */
+/* Resume the program with a syscall's answer: the sandbox's step (see lua/sandbox.c). */
 static PyObject *State_resume(State *state, PyObject *args)
 {
     long long now = llmos_monotonic_ns();
@@ -1027,16 +1039,92 @@ static PyObject *setup_preemption(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* A copy of `n` bytes of `text` (NULL: NULL), kept for ever: the sys layout's. */
+static int lasting_copy(const char *text, size_t n, const char **out)
+{
+    char *copy;
+    *out = NULL;
+    if (text == NULL)
+        return 0;
+    copy = PyMem_RawMalloc(n + 1);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(copy, text, n);
+    copy[n] = '\0';
+    *out = copy;
+    return 0;
+}
+
+static const char *utf8_or_null(PyObject *text)
+{
+    return text == Py_None ? NULL : PyUnicode_AsUTF8(text);
+}
+
+static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
+{
+    static const char *const WAYS[] = {"c", "call", "yield"};
+    llmos_SysEntry *entries;
+    Py_ssize_t n, i;
+    size_t unknown;
+    int status;
+    (void)self;
+    if (!PyTuple_Check(layout))
+        return PyErr_Format(PyExc_TypeError, "set_sys_layout takes a tuple of (path, how, op, file_op)");
+    n = PyTuple_GET_SIZE(layout);
+    entries = PyMem_RawCalloc(n > 0 ? (size_t)n : 1, sizeof *entries);
+    if (entries == NULL)
+        return PyErr_NoMemory();
+    /* Made once at import and kept for ever; a failure stops the server (nothing is freed). */
+    for (i = 0; i < n; i++) {
+        llmos_SysEntry *e = &entries[i];
+        PyObject *path, *how, *op, *file_op;
+        const char *path_text, *how_text, *op_text, *file_op_text, *dot;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(layout, i), "UUOO", &path, &how, &op, &file_op))
+            return NULL;
+        path_text = PyUnicode_AsUTF8(path);
+        how_text = PyUnicode_AsUTF8(how);
+        op_text = utf8_or_null(op);
+        file_op_text = utf8_or_null(file_op);
+        if (path_text == NULL || how_text == NULL || (op != Py_None && op_text == NULL)
+            || (file_op != Py_None && file_op_text == NULL))
+            return NULL;
+        for (e->how = 0; e->how < 3 && strcmp(how_text, WAYS[e->how]) != 0; e->how++)
+            ;
+        if (e->how == 3)
+            return PyErr_Format(PyExc_ValueError, "sys.%s: no way %s", path_text, how_text);
+        if (e->how != LLMOS_SYS_C && op_text == NULL)
+            return PyErr_Format(PyExc_ValueError, "sys.%s: a call or yield needs its op", path_text);
+        dot = strrchr(path_text, '.');
+        if (lasting_copy(dot != NULL ? path_text : NULL, dot != NULL ? (size_t)(dot - path_text) : 0, &e->table) < 0
+            || lasting_copy(dot != NULL ? dot + 1 : path_text, strlen(dot != NULL ? dot + 1 : path_text), &e->name) < 0
+            || lasting_copy(op_text, op_text != NULL ? strlen(op_text) : 0, &e->op) < 0
+            || lasting_copy(file_op_text, file_op_text != NULL ? strlen(file_op_text) : 0, &e->file_op) < 0)
+            return NULL;
+    }
+    status = llmos_sandbox_set_layout(entries, (size_t)n, &unknown);
+    if (status == -1)
+        return PyErr_NoMemory();
+    if (status == -2)
+        return PyErr_Format(PyExc_ValueError, "the sandbox has no function for sys.%R",
+                            PyTuple_GET_ITEM(PyTuple_GET_ITEM(layout, (Py_ssize_t)unknown), 0));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"syntax_error", syntax_error, METH_VARARGS,
      "syntax_error(source: bytes, chunk_name: bytes) -> why the source does not compile as a Lua chunk, or None"},
+    {"set_sys_layout", set_sys_layout, METH_O,
+     "set_sys_layout(api.table.lua_layout()): what every state's sys table is made of (once, before any state)"},
     {"setup_preemption", setup_preemption, METH_O,
-     "setup_preemption(signal): a thread that gets `signal` interrupts the program it runs (see _preempt.c)"},
+     "setup_preemption(signal): a thread that gets `signal` interrupts the program it runs (see lua/preempt.c)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_lua", "The kernel's binding to the Lua states of its processes.", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__lua(void)
@@ -1048,7 +1136,7 @@ PyMODINIT_FUNC PyInit__lua(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "State", (PyObject *)&StateType) < 0
-        || llmos_messaging_init(m) < 0 || llmos_core_init(m) < 0) {
+        || llmos_messaging_init(m) < 0 || llmos_process_init(m) < 0 || llmos_core_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,5 +1,5 @@
 /*
- * What _lua.c (the Lua states of processes) and _core.c (the kernel's C side
+ * What lua/state.c (the Lua states of processes) and lua/fast_paths.c (the kernel's C side
  * of messaging and switching) share.
  */
 #ifndef LLMOS_LUA_STATE_H
@@ -49,7 +49,7 @@ typedef struct {
     Py_ssize_t value_limit;           /* the most bytes a value from the program may take (the message limit) */
     long long slice_start;            /* monotonic ns when the running slice began */
     long long cpu_ns;                 /* time holding a virtual CPU, in the slices that ended */
-    long long cpu_used_ns;            /* CPU time actually used in them (see _lua.c's slice clock) */
+    long long cpu_used_ns;            /* CPU time actually used in them (see lua/state.c's slice clock) */
     long long slice_cpu_start;        /* the thread's CPU time when the slice began, if measured */
     int measure_cpu;                  /* whether this slice's CPU time is measured */
     int in_slice;
@@ -58,7 +58,7 @@ typedef struct {
 
 extern PyTypeObject StateType, CoreType;
 
-/* _lua.c */
+/* lua/state.c */
 State *llmos_state_of(lua_State *L);
 /* A lua_CFunction, run protected: pushes the values of the tuple given as light userdata. */
 int llmos_push_values(lua_State *L);
@@ -82,11 +82,11 @@ PyObject *llmos_text_to_python(lua_State *L, int idx);
 void llmos_error_text(char *out, size_t size, const char *fallback);
 /* Calls bridge method `which` of the process's Python side with the Lua arguments. */
 int llmos_call_bridge(lua_State *L, int which);
-/* Runs the program until its next yield, answering the syscall it waits in (see _lua.c). */
+/* Runs the program until its next yield, answering the syscall it waits in (see lua/state.c). */
 int llmos_run_step(State *state, PyObject *answer, long long *now);
 PyObject *llmos_step_results(lua_State *L, int status);
 
-/* _core.c */
+/* lua/fast_paths.c */
 long long llmos_monotonic_ns(void);
 int llmos_is_process(PyObject *proc);
 /* Charges `ran` ns of CPU to the process's vruntime. */

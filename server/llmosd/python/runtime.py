@@ -1,7 +1,7 @@
-"""The Python userland: programs run as sandboxed subprocesses (see pysandbox).
+"""The Python userland: programs run as sandboxed subprocesses (see sandbox/).
 
 An agent talks to the kernel over gRPC on the kernel's agent socket, with a
-token that lets it act only as its own pid (syscalls.py checks it). The
+token that lets it act only as its own pid (api/syscalls.py checks it). The
 scheduler governs agents like Lua processes: one runs only while it holds a
 virtual CPU; it is stopped (SIGSTOP) when its quantum is spent and someone
 waits, and while it is blocked in a syscall, and continued (SIGCONT) when
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..kernel import process as P
-from ..api.errors import ResourceExhausted
+from ..api.errors import InvalidArgument, ResourceExhausted
+from ..kernel.process import Limits
 from .sandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
-from ..kernel.scheduler import DEFAULT_WEIGHT
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
@@ -83,13 +83,82 @@ class Agents:
             self.launcher.shutdown()
 
 
+class PythonRuntime:
+    """The Python userland's runtime (kernel/runtime.py's interface)."""
+
+    kind = P.PYTHON
+
+    def __init__(self, kernel: Kernel) -> None:
+        config = kernel.config
+        assert config.agent_socket
+        self.kernel = kernel
+        roots = (Path(config.userland_root),) if config.userland_root else ()
+        self.agents = Agents(Path(config.data_dir) / "python", Path(config.agent_socket), roots, config.max_agents)
+
+    def check_program(self, source: str, name: str, defaults: Limits) -> Limits:
+        try:
+            compile(source, name, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as e:
+            raise InvalidArgument(f"Python syntax error: {e}") from None
+        return Limits(**{**defaults.as_dict(), "memory_bytes": self.kernel.config.python_memory_bytes})
+
+    def attach(self, proc: Process, program_path: Path | None) -> None:
+        proc.runtime = PythonProcess(self.kernel, self.agents, proc, program_path)
+
+    def run_slice(self, proc: Process) -> None:
+        agent = proc.runtime  # None once ended: killed while it was queued
+        if agent is not None:
+            agent.run_slice()
+
+    def wants_cpu_back(self, proc: Process, now_ns: int, others_waiting: bool) -> int | None:
+        return None  # its slice's own thread watches the quantum
+
+    def kill(self, proc: Process) -> None:
+        proc.runtime.terminate()  # the fork server's report of its exit ends it, with proc.kill_reason
+
+    def exit(self, proc: Process, result: Any) -> None:
+        proc.runtime.result = result
+
+    def ended(self, proc: Process) -> None:
+        proc.runtime.release()
+
+    def shutdown(self) -> None:
+        self.agents.shutdown()
+
+    def pid_of(self, token: str) -> int | None:
+        """The live agent a call's llmos-token names."""
+        return self.agents.pid_of(token)
+
+    def blocking(self, pid: int, syscall: str) -> None:
+        """An agent is about to wait in `syscall`: its CPU goes to someone else."""
+        kernel = self.kernel
+        with kernel.lock:
+            proc = kernel.procs.get(pid)
+            if proc is not None and proc.kind == P.PYTHON and proc.state == P.RUNNING:
+                proc.state, proc.blocked_on = P.BLOCKED, syscall
+                proc.runtime.wake.set()
+
+    def resumed(self, pid: int) -> None:
+        """An agent's wait is over: it may run again when scheduled."""
+        kernel = self.kernel
+        with kernel.lock:
+            proc = kernel.procs.get(pid)
+            if proc is None or proc.kind != P.PYTHON or proc.state != P.BLOCKED:
+                return
+            proc.state, proc.blocked_on = P.RUNNABLE, None
+            if proc.runtime.in_slice:
+                proc.runtime.requeue_after_slice = True
+                return
+        kernel.scheduler.make_runnable(proc)
+
+
 class PythonProcess:
     """One agent subprocess and the state its slices need."""
 
-    def __init__(self, kernel: Kernel, proc: Process, program_path: Path | None) -> None:
-        assert kernel.agents is not None
-        kernel.agents.admit()
+    def __init__(self, kernel: Kernel, agents: Agents, proc: Process, program_path: Path | None) -> None:
+        agents.admit()
         self.kernel = kernel
+        self.agents = agents
         self.proc = proc
         self.program_path = program_path
         self.token = secrets.token_urlsafe(32)
@@ -105,7 +174,7 @@ class PythonProcess:
 
     def start(self) -> None:
         """Launch the subprocess (on the first slice)."""
-        agents = self.kernel.agents
+        agents = self.agents
         proc = self.proc
         limits = proc.limits
         sandbox_limits = SandboxLimits(
@@ -200,7 +269,7 @@ class PythonProcess:
         held, self._looked_at = now - self._looked_at, now
         used = self._take_cpu()
         proc = self.proc
-        proc.vruntime += held * 1e9 * DEFAULT_WEIGHT / proc.weight
+        self.kernel.core.charge(proc, int(held * 1e9))
         self.debt_s = max(self.debt_s + used - held, 0.0)
 
     def _take_cpu(self) -> float:
@@ -215,7 +284,7 @@ class PythonProcess:
 
     def terminate(self) -> None:
         """Kill the subprocess (it ends the process once the fork server reports its exit)."""
-        self.kernel.agents.tokens.pop(self.token, None)
+        self.agents.tokens.pop(self.token, None)
         if self.child is not None:
             self.child.kill()
         self.wake.set()
@@ -223,7 +292,7 @@ class PythonProcess:
     def release(self) -> None:
         """The process has ended (kernel lock held): no subprocess, no token, one live agent fewer."""
         self.terminate()
-        self.kernel.agents.live -= 1
+        self.agents.live -= 1
 
     def log_lines(self, limit: int) -> list[str]:
         if self.child is None:

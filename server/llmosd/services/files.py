@@ -57,6 +57,10 @@ against it and the table stays small.
 Thread-safety: one lock guards accounting and every change to the trees;
 reads take no lock. Only one FileStore may use a root at a time (start-up
 empties root/tmp).
+
+Why one file: every operation walks paths the same openat-style way and
+charges the same per-namespace and per-process quotas; split, each part would
+reach into the others' private state.
 """
 from __future__ import annotations
 

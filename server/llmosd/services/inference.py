@@ -1,13 +1,19 @@
-"""The Infer syscall: the kernel's side of the inference engine.
+"""The Infer syscall and conversation contexts: the kernel's side of the inference engine.
 
 Checks and converts requests (from RPCs and from Lua), charges tokens to the
 calling process, and connects engine events to the party waiting for them:
 an RPC's stream, or a Lua process blocked in sys.infer. The engine loads in
 the background at start-up; requests made meanwhile wait for it.
+
+Contexts (engine/contexts.py) belong to the process that created them (the
+engine's owner is its pid): another process's handle is NOT_FOUND, they are
+dropped when it ends, their KV bytes are its Usage.kv_bytes and its
+limits.kv_bytes caps them (RESOURCE_EXHAUSTED).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -16,8 +22,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from llmos.v1 import kernel_pb2 as pb
 
+from llmos.values import from_value, to_value
+
 from ..api import checks as C
-from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unavailable
+from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted, Unavailable
 from ..kernel.process import Process
 from ..kernel.waiting import Waiter
 
@@ -27,19 +35,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_TOKENS = 256  # when a request gives none (0)
-LUA_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority",
-              "timeout_ms"}
 
 
-class _EngineRequest(list):
-    """Where a Lua process's infer waiter is registered: leaving it (the process
-    was killed) cancels the engine request, which frees its KV blocks at once."""
+class _EngineRequest:
+    """The WaitQueue (waiting.py) a Lua process's infer waiter registers in: when the waiter
+    leaves it (the process was killed), the engine request is cancelled, which frees its KV
+    blocks at once."""
+
+    __slots__ = ("cancel",)
 
     def __init__(self, cancel: Callable[[], None]) -> None:
-        super().__init__()
         self.cancel = cancel
+
+    def append(self, entry: Any) -> None:
+        pass  # the engine holds the request; nothing to keep here
 
     def remove(self, entry: Any) -> None:
         self.cancel()
@@ -53,16 +63,19 @@ class Inference:
         self.error: str | None = None
         self._ready = threading.Event()
         self._pending: list[Callable[[], None]] = []  # Lua requests made while loading
+        self._started = time.monotonic()
         threading.Thread(target=self._load, name="engine-load", daemon=True).start()
 
     def _load(self) -> None:
         try:
+            log.info("loading the inference engine (model %s)", self.config.model)
             from ..engine import Engine  # torch is imported here, not at server start
 
             engine = Engine(self.config)
             engine.start()
-            log.info("inference engine ready: model %s on %s (%s), attention backend %s",
-                     self.config.model, self.config.device, self.config.dtype, engine.stats().get("backend"))
+            log.info("inference engine ready in %.1f s: model %s on %s (%s), attention backend %s",
+                     time.monotonic() - self._started, self.config.model, self.config.device, self.config.dtype,
+                     engine.stats().get("backend"))
             self.engine = engine
         except Exception as e:  # a bad model directory must not take the kernel down
             log.exception("inference engine failed to load")
@@ -72,6 +85,11 @@ class Inference:
             self._ready.set()
         for submit in pending:
             submit()
+
+    @property
+    def loaded(self) -> bool:
+        """The engine is ready (False while loading, and for good if it failed to load)."""
+        return self.engine is not None
 
     def stop(self) -> None:
         if self.engine is not None:
@@ -99,13 +117,21 @@ class Inference:
         """A checked engine Request from plain values (what Lua or an RPC gave)."""
         from ..engine import Request
 
-        prompt, messages = spec.get("prompt"), spec.get("messages")
-        if (prompt is None) == (messages is None):
+        C.known_options(spec, C.INFER_OPTIONS, "sys.infer")
+        prompt, messages, context = spec.get("prompt"), spec.get("messages"), spec.get("context")
+        if context is not None:
+            context = C.context_handle(context)
+            if proc is None:
+                raise InvalidArgument("a request on a context needs the calling process (pid) that owns it")
+            if prompt is not None:
+                raise InvalidArgument("a request on a context gives its new turn as messages, not a prompt")
+            messages = C.chat(messages, allow_empty=True) if messages is not None else []
+        elif (prompt is None) == (messages is None):
             raise InvalidArgument("give exactly one of prompt (text) or messages (a chat)")
+        elif messages is not None:
+            messages = C.chat(messages)
         if prompt is not None and (not isinstance(prompt, str) or not prompt):
             raise InvalidArgument("prompt must be non-empty text")
-        if messages is not None:
-            messages = _check_messages(messages)
         for key in ("temperature", "top_p"):
             value = spec.get(key)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -134,17 +160,36 @@ class Inference:
             seed=spec.get("seed"), stop=stop, priority=priority, owner=proc.pid if proc is not None else 0,
             token_budget=proc.limits.tokens - proc.tokens if proc is not None and proc.limits.tokens else None,
             deadline=time.monotonic() + C.duration_ms(timeout, "timeout_ms") / 1000 if timeout else None,
+            json_schema=spec.get("json_schema"), regex=spec.get("regex"), grammar=spec.get("grammar"),
+            tools=spec.get("tools"), tool_choice=C.tool_choice(spec.get("tool_choice")), context=context,
         )
+
+    def _submit(self, request: Request, on_event: Callable[[Any], None], kv_limit: int) -> Any:
+        """Submit to the loaded engine; the engine's refusals as kernel errors. kv_limit: the
+        calling process's limits.kv_bytes (0: none), which a request on a context must keep to."""
+        engine = self._engine()
+        try:
+            if request.context is not None:
+                engine.set_kv_limit(request.owner, kv_limit or None)
+            return engine.submit(request, on_event)
+        except ValueError as e:
+            raise engine_error(e) from None
+
+    def _parsed(self, text: str) -> Any:
+        """A schema-constrained output as a value (Lua has no JSON parser); None if it does not
+        fit the value model (an integer beyond 2^53, say)."""
+        try:
+            return C.value(json.loads(text), "json", self.kernel.config.max_message_bytes)
+        except (ValueError, KernelError):
+            return None
 
     def submit_from_lua(self, proc: Process, waiter: Waiter, spec: Any) -> None:
         """sys.infer: submit and complete `waiter` with the result (kernel lock held)."""
-        if not isinstance(spec, dict) or set(spec) - LUA_FIELDS:
-            unknown = sorted(set(spec) - LUA_FIELDS) if isinstance(spec, dict) else []
-            raise InvalidArgument(f"sys.infer: unknown field(s) {', '.join(unknown)}" if unknown
-                                  else "sys.infer takes a table like {prompt=..., max_tokens=...}")
+        if not isinstance(spec, dict):
+            raise InvalidArgument("sys.infer takes a table like {prompt=..., max_tokens=...}")
         self._charge_check(proc)
         request = self.build_request(spec, proc)
-        pid = proc.pid
+        pid, kv_limit = proc.pid, proc.limits.kv_bytes
 
         def finished(event: Any, text: str) -> None:
             result: Any
@@ -155,17 +200,21 @@ class Inference:
                 result = {"text": text, "finish_reason": event.reason,
                           "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                                     "cached_tokens": u.cached_tokens}}
+                if event.tool_calls is not None:
+                    result["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                            for c in event.tool_calls]
+                if request.json_schema is not None and event.reason == "stop":
+                    result["json"] = self._parsed(text)
             self._charge(pid, event.usage)
             with self.kernel.lock:
                 waiter.complete(result)
 
         def submit() -> None:
             try:
-                handle = self._engine().submit(request, _collector(finished, self.kernel))
-            except (KernelError, ValueError) as e:
-                error = e if isinstance(e, KernelError) else _engine_error(e)
+                handle = self._submit(request, _collector(finished, self.kernel), kv_limit)
+            except KernelError as e:
                 with self.kernel.lock:
-                    waiter.complete(error)
+                    waiter.complete(e)
                 return
             with self.kernel.lock:
                 if waiter.done:  # killed while loading
@@ -174,29 +223,31 @@ class Inference:
                     waiter.register(_EngineRequest(handle.cancel), waiter)
 
         if self._ready.is_set():
-            try:
-                handle = self._engine().submit(request, _collector(finished, self.kernel))
-            except ValueError as e:  # the engine's own checks (InvalidRequest)
-                raise _engine_error(e) from None
+            handle = self._submit(request, _collector(finished, self.kernel), kv_limit)
             waiter.register(_EngineRequest(handle.cancel), waiter)
         else:
             self._pending.append(submit)
 
-    async def infer_rpc(self, req: pb.InferRequest,
-                        engine_options: dict[str, Any] | None = None) -> AsyncIterator[pb.InferChunk]:
-        """The Infer RPC: stream chunks (or one final chunk) for the request. engine_options are
-        engine Request fields (json_schema, tools, tool_choice) that the engine checks itself."""
+    async def infer_rpc(self, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
+        """The Infer RPC: stream chunks (or one final chunk) for the request."""
         with self.kernel.lock:
             proc = self.kernel.live_locked(req.pid, "caller") if req.pid else None
             self._charge_check(proc)
-        if not req.prompt and not req.messages:
+            kv_limit = proc.limits.kv_bytes if proc is not None else 0
+        if not req.prompt and not req.messages and not req.context_id:
             raise InvalidArgument("the prompt is empty: give prompt text or chat messages")
         spec: dict[str, Any] = {
             "prompt": req.prompt or None,
-            "messages": [{"role": m.role, "content": m.content} for m in req.messages] or None,
+            "messages": _chat_from_pb(req.messages) if req.messages or req.context_id else None,
             "max_tokens": req.sampling.max_tokens or None,
             "stop": list(req.sampling.stop),
             "timeout_ms": req.timeout_ms if req.HasField("timeout_ms") else None,
+            "json_schema": from_value(req.json_schema) if req.HasField("json_schema") else None,
+            "regex": req.regex or None,
+            "grammar": req.grammar or None,
+            "tools": _tools_from_pb(req.tools),
+            "tool_choice": req.tool_choice or None,
+            "context": req.context_id or None,
         }
         for key in ("temperature", "top_p", "top_k", "seed"):
             if req.sampling.HasField(key):
@@ -204,15 +255,10 @@ class Inference:
         if req.HasField("priority"):
             spec["priority"] = req.priority
         request = self.build_request(spec, proc)
-        for key, value in (engine_options or {}).items():
-            setattr(request, key, value)
         await asyncio.to_thread(self._ready.wait)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        try:
-            handle = self._engine().submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        except ValueError as e:
-            raise _engine_error(e) from None
+        handle = self._submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), kv_limit)
         text: list[str] = []
         ids: list[int] = []
         try:
@@ -235,11 +281,169 @@ class Inference:
                     token_ids=ids if not req.stream else [], finish_reason=event.reason,
                     usage=pb.InferUsage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                                         cached_tokens=usage.cached_tokens),
+                    tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=to_value(c.arguments))
+                                for c in event.tool_calls or ()],
                 )
                 yield final
                 return
         finally:
             handle.cancel()  # a no-op once finished; frees the blocks if the client went away
+
+    # -- conversation contexts ----------------------------------------------------------------
+    def _create_context(self, proc: Process, spec: dict[str, Any], on_event: Callable[[Any], None]) -> Any:
+        """Create a context owned by `proc`; the engine's handle, which finishes ("stop") when the
+        messages are prefilled. Call _drop_if_ended after it unless the kernel lock is held."""
+        C.known_options(spec, C.CONTEXT_OPTIONS, "sys.context.create")
+        messages, tools = C.chat(spec.get("messages")), spec.get("tools")
+        engine = self._engine()
+        try:
+            engine.set_kv_limit(proc.pid, proc.limits.kv_bytes or None)
+            return engine.create_context(messages, tools=tools, owner=proc.pid, priority=proc.priority,
+                                         on_event=on_event)
+        except ValueError as e:
+            raise engine_error(e) from None
+
+    def _drop_if_ended(self, pid: int, context: int) -> None:
+        """Drop a context made for a process that ended meanwhile (its end dropped those it had
+        then). Kernel lock not held."""
+        with self.kernel.lock:
+            alive = pid in self.kernel.procs
+        if not alive:
+            self.drop_context(pid, context, missing_ok=True)
+
+    def create_from_lua(self, proc: Process, waiter: Waiter, spec: Any) -> None:
+        """sys.context.create: complete `waiter` with the handle once prefilled (kernel lock held)."""
+        if not isinstance(spec, dict):
+            raise InvalidArgument("sys.context.create takes a table like {messages=..., tools=...}")
+        C.known_options(spec, C.CONTEXT_OPTIONS, "sys.context.create")
+        C.chat(spec.get("messages"))  # refused now, before any wait
+
+        def finished(event: Any, _text: str) -> None:
+            result: Any = context_id[0]
+            if event.reason != "stop":
+                result = KernelError(f"sys.context.create: the prefill ended with {event.reason}: {event.error}")
+            with self.kernel.lock:
+                waiter.complete(result)
+
+        context_id: list[int] = []
+
+        def submit() -> None:
+            try:
+                handle = self._create_context(proc, spec, _collector(finished, self.kernel))
+            except KernelError as e:
+                with self.kernel.lock:
+                    waiter.complete(e)
+                return
+            context_id.append(handle.context_id)
+            self._drop_if_ended(proc.pid, handle.context_id)
+            with self.kernel.lock:
+                if waiter.done:  # killed meanwhile: its end drops the context
+                    handle.cancel()
+                else:
+                    waiter.register(_EngineRequest(handle.cancel), waiter)
+
+        if not self._ready.is_set():
+            self._pending.append(submit)
+            return
+        # The kernel lock is held (the process is alive, blocked here): the engine call takes only
+        # the engine's lock, which never waits for the kernel's.
+        handle = self._create_context(proc, spec, _collector(finished, self.kernel))
+        context_id.append(handle.context_id)
+        waiter.register(_EngineRequest(handle.cancel), waiter)
+
+    async def create_context_rpc(self, req: pb.CreateContextRequest) -> pb.ContextInfo:
+        pid = C.pid(req.pid, "pid")
+        with self.kernel.lock:
+            proc = self.kernel.live_locked(pid, "owner")
+        spec = {"messages": _chat_from_pb(req.messages), "tools": _tools_from_pb(req.tools)}
+        C.chat(spec["messages"])
+        await asyncio.to_thread(self._ready.wait)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def on_event(event: Any) -> None:
+            if getattr(event, "usage", None) is not None:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(event))
+
+        handle = self._create_context(proc, spec, on_event)
+        self._drop_if_ended(pid, handle.context_id)
+        try:
+            event = await done
+        except asyncio.CancelledError:
+            self.drop_context(pid, handle.context_id, missing_ok=True)
+            raise
+        if event.reason != "stop":
+            raise FailedPrecondition(f"the context's prefill ended with {event.reason}: {event.error or 'dropped'}")
+        return self._context_pb(pid, handle.context_id)
+
+    def _context_pb(self, pid: int, context: int) -> pb.ContextInfo:
+        try:
+            info = self._engine().context_info(context, pid)
+        except ValueError as e:
+            raise engine_error(e) from None
+        return pb.ContextInfo(context_id=info.id, tokens=info.tokens, kv_bytes=info.kv_bytes)
+
+    def fork_context(self, pid: int, context: Any) -> int:
+        """A copy-on-write fork of the process's context; its handle (kernel lock not held)."""
+        context = C.context_handle(context)
+        with self.kernel.lock:
+            limit = self.kernel.live_locked(pid, "owner").limits.kv_bytes
+        if self.engine is None:
+            raise NotFound(f"no context {context}")
+        try:
+            self.engine.set_kv_limit(pid, limit or None)
+            fork = self.engine.fork_context(context, pid)
+        except ValueError as e:
+            raise engine_error(e) from None
+        self._drop_if_ended(pid, fork)
+        return fork
+
+    async def fork_context_rpc(self, req: pb.ForkContextRequest) -> pb.ContextInfo:
+        pid = C.pid(req.pid, "pid")
+        return self._context_pb(pid, self.fork_context(pid, req.context_id))
+
+    def drop_context(self, pid: int, context: Any, missing_ok: bool = False) -> None:
+        context = C.context_handle(context)
+        if self.engine is None:
+            raise NotFound(f"no context {context}")
+        try:
+            self.engine.drop_context(context, pid)
+        except ValueError as e:
+            if not missing_ok:
+                raise engine_error(e) from None
+
+    def kv_bytes(self, pid: int) -> int:
+        """KV cache bytes the process's contexts hold (Usage.kv_bytes)."""
+        return self.engine.contexts_kv_bytes(pid) if self.engine is not None else 0
+
+    def process_ended(self, pid: int) -> None:
+        """Free the process's contexts (kernel lock held: the engine's lock never waits for it)."""
+        if self.engine is not None:
+            self.engine.drop_contexts(pid)
+            self.engine.set_kv_limit(pid, None)
+
+
+def engine_error(e: ValueError) -> KernelError:
+    """The engine's refusal (InvalidRequest or one of its kinds) as a kernel error."""
+    from ..engine import ContextBusy, KVLimitExceeded, TokenBudgetExceeded, UnknownContext
+
+    if isinstance(e, UnknownContext):
+        return NotFound(str(e))
+    if isinstance(e, ContextBusy):
+        return FailedPrecondition(str(e))
+    if isinstance(e, (KVLimitExceeded, TokenBudgetExceeded)):
+        return ResourceExhausted(str(e))
+    return InvalidArgument(str(e))
+
+
+def _chat_from_pb(messages: Any) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in messages]
+
+
+def _tools_from_pb(tools: Any) -> list[dict[str, Any]] | None:
+    return [{"name": t.name, "description": t.description,
+             **({"parameters": from_value(t.parameters)} if t.HasField("parameters") else {})}
+            for t in tools] or None
 
 
 def _collector(finished: Callable[[Any, str], None], kernel: Kernel) -> Callable[[Any], None]:
@@ -254,30 +458,3 @@ def _collector(finished: Callable[[Any, str], None], kernel: Kernel) -> Callable
 
     return on_event
 
-
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidArgument("messages must be a non-empty list of {role, content}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidArgument(f"messages[{i}] must be a table/object with role and content")
-        unknown = set(m) - {"role", "content"}
-        if unknown:
-            raise InvalidArgument(f"messages[{i}]: unknown field(s) {', '.join(sorted(unknown))}")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise InvalidArgument(f"messages[{i}]: role must be one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise InvalidArgument(f"messages[{i}]: content must be text")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _engine_error(e: ValueError) -> KernelError:
-    """The status of a request the engine refused (its InvalidRequest kinds)."""
-    from ..engine import KVLimitExceeded, TokenBudgetExceeded
-
-    if isinstance(e, (TokenBudgetExceeded, KVLimitExceeded)):
-        return ResourceExhausted(str(e))
-    return InvalidArgument(str(e))

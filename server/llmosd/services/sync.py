@@ -1,4 +1,4 @@
-"""Named mutexes and counting semaphores, one set per namespace.
+"""Named mutexes, counting semaphores and condition variables, one set per namespace.
 
 A lock is identified by (namespace, name) and exists only while someone holds
 or waits for it: the first acquire creates it, and it disappears when the last
@@ -31,6 +31,26 @@ Semantics:
   granted those permits are told, as Erlang tells a monitor:
   {"acquired": True, "previous_holder_died": pid}. Only waiters queued at that
   moment learn it; a later acquirer finds a free lock.
+
+Condition variables (`cond_wait`, `cond_signal`, `cond_broadcast`), named like
+locks and, like them, existing only while someone waits:
+- `cond_wait(cond, lock)` needs the caller to hold the mutex `lock`
+  (FailedPrecondition otherwise, and for a semaphore). Under the kernel lock it
+  releases the mutex (handing it to the best waiter) and queues the caller on
+  the condition: nothing can signal in between, so no signal is lost.
+- A signal takes the best waiter (priority, then FIFO, as for locks) off the
+  condition and queues it for the mutex; a broadcast does so for all of them,
+  in their order. The timeout covers only the wait for a signal; a waiter that
+  times out queues for the mutex the same way. Either way the waiter returns
+  holding the mutex again, with {"signalled": bool, "timed_out": bool} (and
+  "previous_holder_died" as for acquire).
+- Wake-ups are never spurious: a waiter returns signalled only when a signal
+  or broadcast chose it, and otherwise only because its timeout passed (or it
+  ends: a killed waiter leaves both queues). What was signalled may still have
+  changed by the time the mutex is back (another holder may run first), so a
+  program re-checks its predicate in a loop, as with any condition variable.
+- While a condition has waiters, they all wait with the same mutex: waiting on
+  it with another is FailedPrecondition.
 """
 from __future__ import annotations
 
@@ -53,38 +73,57 @@ Key = tuple[str, str]  # (namespace, name)
 
 
 class _Entry:
-    """A queued acquire. Compared by identity, ordered by `order`."""
+    """A queued acquire, or a condition's waiter. Compared by identity, ordered by `order`."""
 
-    __slots__ = ("waiter", "pid", "key", "order")
+    __slots__ = ("waiter", "pid", "key", "order", "answer")
 
-    def __init__(self, waiter: Waiter, pid: int, key: Key, order: tuple[int, int]) -> None:
+    def __init__(self, waiter: Waiter, pid: int, key: Key, order: tuple[int, int],
+                 answer: dict[str, Any] | None = None) -> None:
         self.waiter = waiter
         self.pid = pid
-        self.key = key
+        self.key = key  # the lock's (for a condition's waiter: the condition's)
         self.order = order  # (-priority, arrival): the smallest is served first
+        self.answer = answer  # what the waiter is told once it holds the lock (None: {"acquired": True})
 
 
 def _order(entry: _Entry) -> tuple[int, int]:
     return entry.order
 
 
-class _Queue(list):
-    """A lock's waiters, best first. `Waiter.register` appends and `Waiter.leave`
-    removes; both go through here, so order and the table's index stay right
-    however a waiter leaves (granted, timed out, abandoned)."""
+class _Queue:
+    """A lock's waiters, best first: the WaitQueue (waiting.py) its waiters register in.
+    Waiter.register appends and Waiter.leave removes, so order and the table's index stay
+    right however a waiter leaves (granted, timed out, abandoned)."""
 
-    __slots__ = ("table",)
+    __slots__ = ("entries", "table")
 
     def __init__(self, table: SyncTable) -> None:
-        super().__init__()
+        self.entries: list[_Entry] = []
         self.table = table
 
     def append(self, entry: _Entry) -> None:
-        bisect.insort(self, entry, key=_order)
+        bisect.insort(self.entries, entry, key=_order)
 
     def remove(self, entry: _Entry) -> None:
-        super().remove(entry)
+        self.entries.remove(entry)
         self.table._forget_waiting(entry)
+
+
+class _CondQueue(_Queue):
+    """A condition's waiters, best first."""
+
+    __slots__ = ("cond",)
+
+    def remove(self, entry: _Entry) -> None:
+        self.entries.remove(entry)
+        self.table._forget_cond_waiter(self.cond, entry)
+
+
+@dataclass(eq=False, slots=True)
+class _Cond:
+    lock: str  # the mutex its waiters hold when not waiting
+    queue: _CondQueue
+    timers: dict[_Entry, Any] = field(default_factory=dict)  # waiter -> its timeout (waits with one)
 
 
 @dataclass(eq=False, slots=True)
@@ -103,6 +142,7 @@ class SyncTable:
         self._lock = lock
         self._timers = timers
         self._locks: dict[Key, _Lock] = {}
+        self._conds: dict[Key, _Cond] = {}
         self._held: dict[int, dict[Key, int]] = {}  # pid -> lock -> permits held
         self._held_total: dict[int, int] = {}  # pid -> permits held, all locks
         self._waiting: dict[int, set[_Entry]] = {}  # pid -> its queued acquires
@@ -163,8 +203,90 @@ class SyncTable:
             return {"name": name, "holders": [], "waiters": []}
         return {
             "name": name, "kind": lock.kind, "permits": lock.permits, "available": lock.available,
-            "holders": sorted(lock.holders), "waiters": [e.pid for e in lock.queue],
+            "holders": sorted(lock.holders), "waiters": [e.pid for e in lock.queue.entries],
         }
+
+    # -- condition variables ----------------------------------------------------------------
+    def cond_wait(self, namespace: str, name: str, lock_name: str, pid: int, priority: int, waiter: Waiter,
+                  timeout_s: float | None) -> None:
+        """Release the mutex `lock_name` that `pid` holds and queue `waiter` on the condition
+        `name`, atomically. The waiter is completed once it holds the mutex again, with
+        {"signalled": bool, "timed_out": bool} (see the module's docstring)."""
+        if timeout_s is not None and not timeout_s >= 0:
+            raise InvalidArgument("timeout must be a non-negative number of seconds")
+        if type(priority) is not int:
+            raise InvalidArgument("priority must be an integer")
+        C.name(name, "condition name")
+        C.name(lock_name, "lock name")
+        lock_key, key = (namespace, lock_name), (namespace, name)
+        lock = self._locks.get(lock_key)
+        if lock is None or pid not in lock.holders:
+            raise FailedPrecondition(f"pid {pid} does not hold the lock {lock_name!r} it would wait with")
+        if lock.kind != MUTEX:
+            raise FailedPrecondition(f"{lock_name!r} is a {lock.kind}; a condition waits with a mutex")
+        cond = self._conds.get(key)
+        if cond is None:
+            cond = self._conds[key] = _Cond(lock_name, _CondQueue(self))
+            cond.queue.cond = cond
+        elif cond.lock != lock_name:
+            raise FailedPrecondition(
+                f"the waiters of condition {name!r} wait with the lock {cond.lock!r}, not {lock_name!r}")
+        entry = _Entry(waiter, pid, key, (-priority, next(self._arrivals)))
+        self._waiting.setdefault(pid, set()).add(entry)
+        waiter.register(cond.queue, entry)
+        self.release(namespace, lock_name, pid)
+        if timeout_s is not None:
+            waiter.timer = cond.timers[entry] = self._timers.call_later(
+                timeout_s, lambda: self._cond_timed_out(cond, entry))
+
+    def cond_signal(self, namespace: str, name: str) -> int:
+        """Wake the best waiter of the condition `name`: how many were woken (0 or 1)."""
+        return self._wake_cond(namespace, name, 1)
+
+    def cond_broadcast(self, namespace: str, name: str) -> int:
+        """Wake every waiter of the condition `name`, best first: how many were woken."""
+        return self._wake_cond(namespace, name, None)
+
+    def _wake_cond(self, namespace: str, name: str, count: int | None) -> int:
+        C.name(name, "condition name")
+        cond = self._conds.get((namespace, name))
+        woken = 0
+        while cond is not None and cond.queue.entries and (count is None or woken < count):
+            entry = cond.queue.entries[0]
+            if entry.waiter.done:  # completed by someone else without leaving: just drop it
+                entry.waiter.leave()
+                continue
+            timer = cond.timers.pop(entry, None)
+            if timer is not None:
+                timer.cancel()
+            self._reacquire(cond, entry, signalled=True)
+            woken += 1
+        return woken
+
+    def _cond_timed_out(self, cond: _Cond, entry: _Entry) -> None:
+        with self._lock:
+            if cond.timers.pop(entry, None) is not None and entry.waiter.queue is cond.queue:
+                self._reacquire(cond, entry, signalled=False)
+
+    def _reacquire(self, cond: _Cond, entry: _Entry, signalled: bool) -> None:
+        """Move a condition's waiter to its mutex: it is completed once it holds it."""
+        waiter, namespace = entry.waiter, entry.key[0]
+        waiter.leave()
+        waiter.timer = None  # it waits for the mutex without limit, as pthread_cond_timedwait does
+        answer = {"signalled": signalled, "timed_out": not signalled}
+        try:
+            key, lock = self._lock_for(namespace, cond.lock, MUTEX, 1)
+        except FailedPrecondition as e:  # the name became a semaphore's meanwhile
+            waiter.complete(e)
+            return
+        if lock.available:
+            lock.available -= 1
+            self._grant(key, lock, entry.pid)
+            waiter.complete(answer)
+            return
+        queued = _Entry(waiter, entry.pid, key, (entry.order[0], next(self._arrivals)), answer)
+        self._waiting.setdefault(entry.pid, set()).add(queued)
+        waiter.register(lock.queue, queued)
 
     # -- inside -----------------------------------------------------------------------------
     def _lock_for(self, namespace: str, name: str, kind: str, permits: int) -> tuple[Key, _Lock]:
@@ -222,10 +344,7 @@ class SyncTable:
 
     def _hand_over(self, key: Key, lock: _Lock, count: int, died: int | None) -> None:
         """Give `count` freed permits to the best waiters; keep the rest free."""
-        answer: dict[str, Any] = {"acquired": True}
-        if died is not None:
-            answer["previous_holder_died"] = died
-        queue = lock.queue
+        queue = lock.queue.entries
         while count and queue:
             entry = queue[0]
             waiter = entry.waiter
@@ -235,7 +354,10 @@ class SyncTable:
             # Grant before leaving, so that the lock never looks unused and is forgotten.
             self._grant(key, lock, entry.pid)
             waiter.leave()
-            waiter.complete(dict(answer))
+            answer = dict(entry.answer) if entry.answer is not None else {"acquired": True}
+            if died is not None:
+                answer["previous_holder_died"] = died
+            waiter.complete(answer)
             count -= 1
         lock.available += count
         self._forget_if_unused(key, lock)
@@ -251,8 +373,21 @@ class SyncTable:
         if lock is not None:
             self._forget_if_unused(entry.key, lock)
 
+    def _forget_cond_waiter(self, cond: _Cond, entry: _Entry) -> None:
+        """A waiter left a condition's queue (called by _CondQueue.remove)."""
+        mine = self._waiting.get(entry.pid)
+        if mine is not None:
+            mine.discard(entry)
+            if not mine:
+                del self._waiting[entry.pid]
+        timer = cond.timers.pop(entry, None)
+        if timer is not None:
+            timer.cancel()
+        if not cond.queue.entries and self._conds.get(entry.key) is cond:
+            del self._conds[entry.key]
+
     def _forget_if_unused(self, key: Key, lock: _Lock) -> None:
         # Identity check: a handover whose queue held only stale waiters has had
         # its lock forgotten already, when the last of them left.
-        if not lock.holders and not lock.queue and self._locks.get(key) is lock:
+        if not lock.holders and not lock.queue.entries and self._locks.get(key) is lock:
             del self._locks[key]

@@ -17,7 +17,7 @@ from typing import Any
 
 from .child import EXIT_SETUP
 
-log = logging.getLogger("llmosd.pysandbox")
+log = logging.getLogger("llmosd.python.sandbox")
 
 _SERVER_DIR = str(Path(__file__).resolve().parents[3])
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -1,0 +1,285 @@
+"""Acknowledged, at-least-once delivery: leases on received messages.
+
+A receive with `ack` leases the message it takes instead of consuming it: the
+message leaves the mailbox (no other receive sees it) but is kept, with a
+timer, until its receiver calls `ack(message_id)`. If the lease runs out, or
+the receiver calls `nack`, the message goes back into the mailbox in its
+original place (messages are kept in id order, and ids are handed out in
+arrival order) or straight to a receiver waiting for it, and the next receive
+with `ack` reports it with `attempt` one higher and `redelivered` set. A port's
+leased message stays in the store until acknowledged, so a server restart
+delivers it again too.
+
+Dead letters: a mailbox may have a `dead_letter` target (a live process or
+port, set at spawn or OpenPort) and, with one, `max_attempts`. A message handed
+out `max_attempts` times under a lease that runs out (or is nacked) once more
+goes to the target instead of back; and when a receiver with a target ends,
+every message still waiting in its mailbox or leased goes there, in id order,
+instead of being dropped. The target gets a message tagged DEAD_LETTER from the
+receiver, with the original data and correlation id and the body
+{reason = "max_attempts" | "receiver_ended", receiver, attempts, message =
+{id, from, to, tag, body, sent_at_ms}}. It counts against the target's mailbox
+limits like any message: one the target cannot take (full, or the target has
+ended) is dropped and logged. A mailbox without a target drops what is left when
+its receiver ends, as before.
+
+Receives without `ack` never come here: the mailbox (kernel/mailbox.c) and the
+Lua fast path (lua/fast_paths.c) are unchanged, and a message they take is
+consumed whatever its history. `attempt` is reported by receives with `ack`.
+
+Every method is called with the kernel lock held; the lease timers take it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..api import checks as C
+from ..api.authority import not_found
+from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, ResourceExhausted
+from . import process as P
+from .mailbox import ANY, Match, Message
+from .process import Process
+from .store import Store
+from .waiting import Timer, Timers, Waiter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 30.0  # a lease when the receive names none (as SQS's default visibility timeout)
+MAX_ATTEMPTS = 1_000_000
+DEAD_LETTER = "DEAD_LETTER"  # the tag of a dead letter
+DEAD_LETTER_HEADROOM = 4096  # what a dead letter's envelope may add beyond the message size limit
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPolicy:
+    target: int  # the pid that gets the dead letters
+    max_attempts: int  # 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    """A message handed out under a lease: what a receive with `ack` answers."""
+
+    msg: Message
+    attempt: int  # 1 the first time it is handed out
+
+    @property
+    def redelivered(self) -> bool:
+        return self.attempt > 1
+
+
+class _Lease:
+    __slots__ = ("msg", "attempt", "timer")
+
+    def __init__(self, msg: Message, attempt: int) -> None:
+        self.msg = msg
+        self.attempt = attempt
+        self.timer: Timer | None = None
+
+
+class _LeasingReceiver:
+    """What a receive with `ack` that found nothing leaves in the mailbox's receivers: the mailbox
+    hands it the next matching message, which it leases before waking the real waiter. It is
+    registered by the real waiter (Waiter.register), so the waiter's leaving (a timeout, its
+    process killed, its RPC cancelled) takes it out of the mailbox too."""
+
+    __slots__ = ("acks", "proc", "waiter", "lease_s", "queue")
+
+    def __init__(self, acks: Acks, proc: Process, waiter: Waiter, lease_s: float) -> None:
+        self.acks, self.proc, self.waiter, self.lease_s = acks, proc, waiter, lease_s
+        self.queue: Any = None  # set to None by the mailbox as it hands a message over
+
+    def complete(self, msg: Message) -> bool:
+        if self.waiter.done:  # cannot happen while registered; never lose the message for it
+            self.acks.redeliver_locked(self.proc, msg)
+            return False
+        self.waiter.queue = None  # the mailbox took the entry out already
+        return self.waiter.complete(self.acks.lease_locked(self.proc, msg, self.lease_s, stored=False))
+
+    def abandon(self) -> None:  # the mailbox is closing
+        self.waiter.queue = None
+        self.waiter.abandon()
+
+
+class Acks:
+    """The leases of every mailbox. Call every method with the kernel lock held."""
+
+    def __init__(self, lock: threading.Lock, timers: Timers, procs: dict[int, Process], store: Store,
+                 store_port_message: Callable[[Message], None], new_message: Callable[..., Message],
+                 deliver: Callable[[Process, Message, bool], None], live: Callable[[int, str], Process]) -> None:
+        """The kernel's lock, timers, live processes (its own dict) and store, and its calls that store
+        a port's message, make a message, deliver one and find a live process."""
+        self._lock = lock
+        self._timers = timers
+        self._procs = procs
+        self._store = store
+        self._store_port_message = store_port_message
+        self._new_message = new_message
+        self._deliver = deliver
+        self._live = live
+        self._policies: dict[int, DeadLetterPolicy] = {}  # receiver pid -> its dead-letter policy
+        self._leases: dict[int, dict[int, _Lease]] = {}  # owner pid -> message id -> lease
+        self._attempts: dict[int, dict[int, int]] = {}  # owner pid -> message id -> times handed out, while back
+
+    def recv_locked(self, proc: Process, match: Match, waiter: Waiter, timeout_s: float | None,
+                    lease_s: float | None) -> Leased | None:
+        """Take and lease a matching message now, or register `waiter` to get one (None)."""
+        lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
+        leases = self._leases.get(proc.pid)
+        if leases is not None and len(leases) >= proc.mailbox.limit:
+            raise ResourceExhausted(f"pid {proc.pid} holds {len(leases)} leased messages, its mailbox's limit: "
+                                    "ack or nack some first")
+        msg = proc.mailbox.take(match)
+        if msg is not None:
+            return self.lease_locked(proc, msg, lease_s, stored=True)
+        receiver = _LeasingReceiver(self, proc, waiter, lease_s)
+        waiter.register(proc.mailbox.receivers, (receiver, match))
+        self._timers.time_out(self._lock, waiter, timeout_s)
+        return None
+
+    def lease_locked(self, proc: Process, msg: Message, lease_s: float, stored: bool) -> Leased:
+        """Lease `msg`, just taken from `proc`'s mailbox (`stored`: a port's, from the store's copy)."""
+        pid = proc.pid
+        attempts = self._attempts.get(pid)
+        attempt = (attempts.pop(msg.id, 0) if attempts else 0) + 1
+        if attempts is not None and not attempts:
+            del self._attempts[pid]
+        lease = _Lease(msg, attempt)
+        self._leases.setdefault(pid, {})[msg.id] = lease
+        if proc.kind == P.PORT and not stored:  # handed straight to a waiting receiver: never stored
+            self._store_port_message(msg)
+        lease.timer = self._timers.call_later(lease_s, lambda: self._expire(pid, msg.id, lease))
+        return Leased(msg, attempt)
+
+    def ack(self, pid: int, message_id: int) -> None:
+        """The message is done with: forget it (a port's leaves the store)."""
+        lease = self._take_lease(pid, message_id, "ack")
+        if self._procs[pid].kind == P.PORT:
+            self._store.delete_message(lease.msg.id)
+
+    def nack(self, pid: int, message_id: int) -> None:
+        """The receiver gives the message back: deliver it again now."""
+        self._back(pid, self._take_lease(pid, message_id, "nack"))
+
+    def give_back(self, pid: int, leased: Leased) -> None:
+        """A receive took and leased `leased` but could not hand it over (its RPC was cancelled):
+        back where it was, as if never handed out."""
+        leases = self._leases.get(pid)
+        lease = leases.get(leased.msg.id) if leases is not None else None
+        if lease is None:
+            return
+        self._take_lease(pid, leased.msg.id, "give back")
+        lease.attempt -= 1
+        self._back(pid, lease)
+
+    def policy(self, dead_letter: Any, max_attempts: Any, namespace: str, what: str = "") -> DeadLetterPolicy | None:
+        """A spawn's or OpenPort's dead-letter options, checked (None: neither given): the target
+        is a live process or port of `namespace` (another namespace's does not exist for it)."""
+        attempts = C.integer(max_attempts or 0, f"{what}max_attempts")
+        if not 0 <= attempts <= MAX_ATTEMPTS:
+            raise InvalidArgument(f"{what}max_attempts must be between 0 (no limit) and {MAX_ATTEMPTS}, not {attempts}")
+        if not dead_letter:
+            if attempts:
+                raise InvalidArgument(f"{what}max_attempts needs a dead_letter target for the messages past it")
+            return None
+        target = C.pid(dead_letter, f"{what}dead_letter")
+        if self._live(target, "dead_letter").namespace != namespace:
+            raise not_found(target)
+        return DeadLetterPolicy(target, attempts)
+
+    def set_policy(self, pid: int, policy: DeadLetterPolicy | None) -> None:
+        if policy is not None:
+            self._policies[pid] = policy
+
+    def process_ended(self, proc: Process) -> None:
+        """`proc` has ended (its mailbox closed): its leases end; with a dead-letter target, what was
+        leased or waiting goes there, in id order."""
+        pid = proc.pid
+        attempts = self._attempts.pop(pid, {})
+        policy = self._policies.pop(pid, None)
+        left = []
+        for lease in self._leases.pop(pid, {}).values():
+            if lease.timer is not None:
+                lease.timer.cancel()
+            left.append((lease.msg, lease.attempt))
+        if policy is None:
+            return
+        while (msg := proc.mailbox.take(ANY)) is not None:
+            left.append((msg, attempts.get(msg.id, 0)))
+        left.sort(key=lambda entry: entry[0].id)
+        for msg, attempt in left:
+            self._dead_letter(pid, policy.target, msg, "receiver_ended", attempt)
+
+    def leased(self, pid: int) -> int:
+        """How many messages `pid` holds leased."""
+        return len(self._leases.get(pid, ()))
+
+    # -- inside -----------------------------------------------------------------------------
+    def _take_lease(self, pid: int, message_id: int, what: str) -> _Lease:
+        leases = self._leases.get(pid)
+        lease = leases.pop(message_id, None) if leases is not None else None
+        if lease is None:
+            raise FailedPrecondition(
+                f"cannot {what} message {message_id}: pid {pid} holds no lease on it (it was never received with "
+                "ack, was acknowledged already, or its lease ran out and it was delivered again)")
+        if not leases:
+            del self._leases[pid]
+        if lease.timer is not None:
+            lease.timer.cancel()
+        return lease
+
+    def _expire(self, pid: int, message_id: int, lease: _Lease) -> None:
+        with self._lock:
+            leases = self._leases.get(pid)
+            if leases is None or leases.get(message_id) is not lease:
+                return  # acknowledged, given back or ended meanwhile
+            del leases[message_id]
+            if not leases:
+                del self._leases[pid]
+            self._back(pid, lease)
+
+    def _back(self, pid: int, lease: _Lease) -> None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            return
+        policy = self._policies.get(pid)
+        if policy is not None and policy.max_attempts and lease.attempt >= policy.max_attempts:
+            if proc.kind == P.PORT:
+                self._store.delete_message(lease.msg.id)
+            self._dead_letter(pid, policy.target, lease.msg, "max_attempts", lease.attempt)
+            return
+        if lease.attempt:
+            self._attempts.setdefault(pid, {})[lease.msg.id] = lease.attempt
+        self.redeliver_locked(proc, lease.msg)
+
+    def redeliver_locked(self, proc: Process, msg: Message) -> None:
+        """Put `msg` back: to a receiver waiting for it, else in its place among the waiting."""
+        mailbox = proc.mailbox
+        receiver = next((who for who, match in mailbox.receivers if match.accepts(msg)), False)
+        if receiver is False:
+            mailbox.put_back(msg)
+            return
+        if proc.kind == P.PORT and not isinstance(receiver, _LeasingReceiver):
+            self._store.delete_message(msg.id)  # a receive without ack consumes it
+            self._attempts.get(proc.pid, {}).pop(msg.id, None)
+        mailbox.deliver(msg, False)
+
+    def _dead_letter(self, receiver: int, target: int, msg: Message, reason: str, attempts: int) -> None:
+        dst = self._procs.get(target)
+        if dst is None:
+            log.warning("dead letter of message %d (pid %d, %s) dropped: its target pid %d has ended",
+                        msg.id, receiver, reason, target)
+            return
+        body = {"reason": reason, "receiver": receiver, "attempts": attempts, "message": {
+            "id": msg.id, "from": msg.sender, "to": msg.to, "tag": msg.tag, "body": msg.body,
+            "sent_at_ms": msg.sent_at_ms}}
+        try:
+            dead = self._new_message(receiver, target, DEAD_LETTER, body, msg.data, msg.correlation_id,
+                                     DEAD_LETTER_HEADROOM)
+            self._deliver(dst, dead, True)
+        except KernelError as e:
+            log.warning("dead letter of message %d (pid %d, %s) dropped: pid %d refused it: %s",
+                        msg.id, receiver, reason, target, e)
