@@ -12,7 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..kernel.kernel import Kernel
-from .syscalls import SERVICE, kernel_service
+from .doors import kernel_service
+from .syscalls import SERVICE
 
 log = logging.getLogger("llmosd")
 HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs

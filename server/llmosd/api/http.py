@@ -34,7 +34,8 @@ from llmos.v1 import kernel_pb2 as pb
 from .errors import InvalidArgument
 from ..kernel.kernel import Kernel
 from .identity import Identity
-from .syscalls import CALL, SERVICE, SYSCALLS, count_call, finish_call, status_of
+from .doors import count_call, finish_call, status_of
+from .syscalls import CALL, SERVICE, SYSCALLS
 from . import metrics, openai_api
 from .web import BODY_SLACK, HttpCall, error_response, json_errors, read_json, stream_sse
 

@@ -3,7 +3,7 @@
 A custom collector computes the gauges at scrape time from the kernel's own tables (one pass
 over the live processes under the kernel lock), so nothing is updated per event but the few
 counters and histograms that must be: spawns and exits (kernel.py), syscalls and their times
-(syscalls.py, every door), virtual CPU busy time (scheduler.py), store commits (store.py), and
+(doors.py, every door), virtual CPU busy time (scheduler.py), store commits (store.py), and
 the engine's token latencies and steps (engine/engine.py).
 
 Labels stay bounded: processes by state, kind and namespace; exits by kind, state and the
@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import syscalls
+from . import doors
 from ..kernel.kernel import Kernel
 
 MAILBOX_DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 10_000)
@@ -34,8 +34,8 @@ class KernelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._processes()
-        yield from syscalls.CALLS.collect()
-        yield from syscalls.CALL_SECONDS.collect()
+        yield from doors.CALLS.collect()
+        yield from doors.CALL_SECONDS.collect()
         yield from self._scheduler()
         yield from self.kernel.store.commit_seconds.collect()
         inference = self.kernel.inference

@@ -29,7 +29,8 @@ from llmos.values import from_value, to_value
 from .errors import InvalidArgument, KernelError, NotFound
 from ..kernel.kernel import Kernel
 from .identity import Identity
-from .syscalls import CALL, SYSCALLS, finish_call, status_of
+from .doors import finish_call, status_of
+from .syscalls import CALL, SYSCALLS
 from .web import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
 
 TOOL_CALL_TAG = "<tool_call>"  # where the engine's markup of a call begins (engine/tools.py)

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from .errors import InvalidArgument
-from .syscalls import status_of
+from .doors import status_of
 
 BODY_SLACK = 64 << 10  # JSON framing around a message of the largest size, as gRPC's limit allows
 
