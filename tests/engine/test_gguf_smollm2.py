@@ -168,6 +168,7 @@ def test_demo_agent_answers_the_capital_question(smollm2_server: Any) -> None:
 def test_capital_question_through_the_openai_api(smollm2_llmosd: LlmosdServer) -> None:
     import openai
 
-    with openai.OpenAI(base_url=f"{smollm2_llmosd.http}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+    token = (smollm2_llmosd.data_dir / "admin.token").read_text().strip()  # the API key is an llmos token
+    with openai.OpenAI(base_url=f"{smollm2_llmosd.http}/v1", api_key=token, max_retries=0, timeout=120) as client:
         r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=32, temperature=0)
     assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
