@@ -206,7 +206,7 @@ def test_lua_wait_signal_timeout_and_refusals(stub: Any, k: llmos.Client) -> Non
     """))
     assert out["timed"] == {"signalled": False, "timed_out": True} and out["released"] is True and out["woken"] == 0
     assert "does not hold the lock" in out["refused"]["not_held"]
-    assert "sys.cond.wait: name and lock must be strings" in out["refused"]["no_lock"]
+    assert "sys.cond.wait: lock must be a string" in out["refused"]["no_lock"]
     assert "timeout_ms" in out["refused"]["bad_timeout"]
     assert "sys.cond.signal: name must be a string" in out["refused"]["bad_name"]
 

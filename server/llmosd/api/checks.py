@@ -13,6 +13,12 @@ and each rule is written here once.
 - Short texts (tags, correlation ids, reasons): at most MAX_TEXT_BYTES bytes.
 - Values (message bodies, arguments, results): JSON within the message size
   limit, as _lua.value_size checks (see messaging.h).
+
+A syscall's arguments are checked by `arguments`, from its entry in the syscall
+table (api/table.py): each argument's kind names its checker here (KINDS), so
+gRPC handlers, the Lua bridge and (through the agent socket's RPCs) Python
+agents refuse a bad value with the same status and words. Lua strings reach
+the checkers as bytes: text checkers take UTF-8 bytes as the text they hold.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import math
 from typing import Any
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .table import BY_NAME, DATA, FLAG, INTEGER, NAME, OPTIONS, PID, RECEIVER, STRING, TEXT, VALUE, Arg
+from . import table as T
 from ..native import _lua
 from ..kernel.process import DEFAULT_WEIGHT, Limits
 from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
@@ -86,6 +94,7 @@ def message_id(value: Any, what: str = "message_id") -> int:
 
 
 def name(value: Any, what: str = "name") -> str:
+    value = _decoded(value, what)
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable():
         raise InvalidArgument(f"{what}: names are 1 to {MAX_NAME_LEN} printable characters "
                               "(no control, format or separator characters but the space)")
@@ -122,10 +131,50 @@ def known_options(given: Any, known: tuple[str, ...], what: str) -> None:
                               f"(known: {', '.join(known)})")
 
 
-def text(value: Any, what: str) -> str:
-    """A short text (tag, correlation id, reason): str of at most MAX_TEXT_BYTES UTF-8 bytes."""
+def _decoded(value: Any, what: str) -> Any:
+    """A Lua string (bytes) as the text it holds; other values as they are."""
+    if type(value) is bytes:
+        try:
+            return value.decode()
+        except UnicodeDecodeError:  # two different byte strings must never name one file or lock
+            raise InvalidArgument(f"{what} must be UTF-8 text") from None
+    return value
+
+
+def string(value: Any, what: str) -> str:
+    """UTF-8 text of any length (whoever stores it counts its size)."""
+    value = _decoded(value, what)
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string")
+    _utf8_size(value, what)
+    return value
+
+
+def data(value: Any, what: str) -> bytes:
+    """Raw bytes (a Lua string as it is)."""
+    if type(value) is not bytes:
+        raise InvalidArgument(f"{what} must be a string")
+    return value
+
+
+def flag(value: Any, what: str) -> bool:
+    if type(value) is not bool:
+        raise InvalidArgument(f"{what} must be a boolean")
+    return value
+
+
+def receiver(value: Any, what: str) -> int | str:
+    """A message's receiver: a pid, or a registered name."""
+    if type(value) is bytes or isinstance(value, str):
+        return string(value, what)
+    if value is None or type(value) is bool:
+        raise InvalidArgument(f"{what} must be a pid or a registered name")
+    return pid(value, what)
+
+
+def text(value: Any, what: str) -> str:
+    """A short text (tag, correlation id, reason): str of at most MAX_TEXT_BYTES UTF-8 bytes."""
+    value = string(value, what)
     size = _utf8_size(value, what)
     if size > MAX_TEXT_BYTES:
         raise InvalidArgument(f"{what} is at most {MAX_TEXT_BYTES} bytes; this one has {size}")
@@ -220,3 +269,39 @@ def tool_choice(value: Any, what: str = "tool_choice") -> str | dict[str, str] |
     if not isinstance(value, str):
         raise InvalidArgument(f'{what} must be "auto", "none", "required" or a tool\'s name')
     return value if value in ("auto", "none", "required") else {"name": value}
+
+
+# -- a syscall's arguments, from its table entry ---------------------------------------------------
+def options(given: Any, what: str, arg: Arg, prefix: str) -> dict[str, Any]:
+    """A table of options (None: none): only `arg`'s keys, each checked by its kind. `what` names
+    the syscall (a misspelt option is refused naming it); each option is named after its key."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise InvalidArgument(f"{what}: expected a table of options")
+    known_options(given, tuple(o.name for o in arg.options), what)
+    return {o.name: argument(o, given.get(o.name), prefix) for o in arg.options if given.get(o.name) is not None}
+
+
+KINDS = {
+    PID: pid, T.DURATION_MS: duration_ms, T.PRIORITY: priority, T.WEIGHT: weight, NAME: name, TEXT: text,
+    STRING: string, DATA: data, FLAG: flag, INTEGER: integer, T.MESSAGE_ID: message_id,
+    T.CONTEXT: context_handle, T.LIMITS: limits, RECEIVER: receiver,
+    VALUE: lambda v, what: v,  # checked against the message size limit where it is stored (Kernel)
+}
+
+
+def argument(arg: Arg, given: Any, prefix: str = "") -> Any:
+    """One argument, checked by its kind; an optional one left out is None (options: {})."""
+    if arg.kind == OPTIONS:
+        return options(given, prefix.rstrip(": ") or "options", arg, prefix)
+    if given is None and arg.optional:
+        return None
+    return KINDS[arg.kind](given, prefix + arg.name)
+
+
+def arguments(syscall: str, given: dict[str, Any], prefix: str = "") -> tuple[Any, ...]:
+    """The syscall's arguments (by name; left out: None) checked by its table entry, in the
+    entry's order. `prefix` names the syscall as the caller knows it ("sys.kill: " from a
+    program, "" from gRPC, whose fields are the arguments' names)."""
+    return tuple(argument(a, given.get(a.name), prefix) for a in BY_NAME[syscall].args)

@@ -73,13 +73,17 @@ def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessI
     return info
 
 
-def _timeout(req: Any) -> float | None:
-    """The request's timeout_ms in seconds (unset: None, no limit); see checks.duration_ms."""
-    return C.timeout_s(req.timeout_ms, "timeout_ms") if req.HasField("timeout_ms") else None
-
-
 def _pid(value: int, field: str = "pid") -> int:
     return C.pid(value, field)
+
+
+def _set(req: Any, field: str) -> Any:
+    """An optional field's value, None when unset."""
+    return getattr(req, field) if req.HasField(field) else None
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
 
 
 async def _await(kernel: Kernel, waiter: AsyncWaiter, syscall: str,
@@ -140,8 +144,10 @@ async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
     target = req.WhichOneof("target")
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
-    body = _value(req.body) if req.HasField("body") else None
-    message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id,
+    to, body, options = C.arguments("send", {
+        "to": getattr(req, target), "body": _value(req.body) if req.HasField("body") else None,
+        "options": {"tag": req.tag, "data": req.data, "correlation_id": req.correlation_id}})
+    message_id = k.send(getattr(req, "from"), to, options["tag"], body, options["data"], options["correlation_id"],
                         CALLER.get())
     return pb.SendResponse(message_id=message_id)
 
@@ -149,17 +155,15 @@ async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
 async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     pid = _pid(req.pid)
     caller = _port_caller(k, pid, req.port_secret)
-    match = Match(
-        getattr(req, "from") if req.HasField("from") else None,
-        req.tag if req.HasField("tag") else None,
-        req.correlation_id if req.HasField("correlation_id") else None,
-    )
+    (options,) = C.arguments("recv", {"options": {
+        key: _set(req, key) for key in ("from", "tag", "correlation_id", "timeout_ms", "lease_ms")}})
+    match = Match(options.get("from"), options.get("tag"), options.get("correlation_id"))
     if req.ack:
         return await _recv_leased(k, pid, match, req, caller)
     if req.HasField("lease_ms"):
         raise InvalidArgument("lease_ms is for a Recv with ack")
     waiter = AsyncWaiter(asyncio.get_running_loop())
-    msg = k.recv(pid, match, waiter, _timeout(req), caller)
+    msg = k.recv(pid, match, waiter, _seconds(options.get("timeout_ms")), caller)
     if msg is None:
         msg = await _await(k, waiter, "recv", lambda taken: k.put_back(pid, taken))
         if msg is TIMED_OUT:
@@ -172,8 +176,9 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
 
 
 async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, caller: Caller) -> pb.RecvResponse:
-    lease_s = C.timeout_s(req.lease_ms, "lease_ms") if req.HasField("lease_ms") else None
-    timeout = _timeout(req)
+    (options,) = C.arguments("recv", {"options": {"timeout_ms": _set(req, "timeout_ms"),
+                                                  "lease_ms": _set(req, "lease_ms")}})
+    lease_s, timeout = _seconds(options.get("lease_ms")), _seconds(options.get("timeout_ms"))
     waiter = AsyncWaiter(asyncio.get_running_loop())
     with k.lock:
         receiver = k.target_locked(caller, "recv", pid, "receiver")
@@ -195,7 +200,7 @@ def _give_back(k: Kernel, pid: int, leased: Any) -> None:
 
 
 async def sys_ack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
-    pid, message_id = _pid(req.pid), C.message_id(req.message_id)
+    pid, (message_id,) = _pid(req.pid), C.arguments("ack", {"message_id": req.message_id})
     with k.lock:
         k.target_locked(CALLER.get(), "ack", pid, "receiver")
         k.acks.ack(pid, message_id)
@@ -203,7 +208,7 @@ async def sys_ack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
 
 
 async def sys_nack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
-    pid, message_id = _pid(req.pid), C.message_id(req.message_id)
+    pid, (message_id,) = _pid(req.pid), C.arguments("nack", {"message_id": req.message_id})
     with k.lock:
         k.target_locked(CALLER.get(), "nack", pid, "receiver")
         k.acks.nack(pid, message_id)
@@ -212,7 +217,8 @@ async def sys_nack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
 
 async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
     waiter = AsyncWaiter(asyncio.get_running_loop())
-    rec = k.wait(_pid(req.pid), waiter, _timeout(req), CALLER.get())
+    pid, timeout_ms = C.arguments("wait", {"pid": req.pid, "timeout_ms": _set(req, "timeout_ms")})
+    rec = k.wait(pid, waiter, _seconds(timeout_ms), CALLER.get())
     if rec is None:
         rec = await _await(k, waiter, "wait")
         if rec is TIMED_OUT:
@@ -221,7 +227,8 @@ async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
 
 
 async def sys_kill(k: Kernel, req: pb.KillRequest) -> pb.KillResponse:
-    return pb.KillResponse(already_ended=not k.kill(_pid(req.pid), req.reason or "killed", CALLER.get()))
+    pid, reason = C.arguments("kill", {"pid": req.pid, "reason": req.reason or None})
+    return pb.KillResponse(already_ended=not k.kill(pid, reason or "killed", CALLER.get()))
 
 
 async def sys_exit(k: Kernel, req: pb.ExitRequest) -> pb.ExitResponse:
@@ -236,17 +243,19 @@ async def sys_open_port(k: Kernel, req: pb.OpenPortRequest) -> pb.OpenPortRespon
 
 
 async def sys_register(k: Kernel, req: pb.RegisterRequest) -> pb.RegisterResponse:
-    k.register(_pid(req.pid), req.name, CALLER.get())
+    k.register(_pid(req.pid), *C.arguments("register", {"name": req.name}), CALLER.get())
     return pb.RegisterResponse()
 
 
 async def sys_monitor(k: Kernel, req: pb.MonitorRequest) -> pb.MonitorResponse:
-    k.monitor(_pid(req.watcher, "watcher"), _pid(req.target, "target"), CALLER.get())
+    k.monitor(_pid(req.watcher, "watcher"), *C.arguments("monitor", {"target": req.target}), CALLER.get())
     return pb.MonitorResponse()
 
 
 async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest) -> pb.SetPriorityResponse:
-    k.set_priority(_pid(req.pid), req.priority, req.weight, CALLER.get())
+    pid, priority, weight = C.arguments("set_priority", {"pid": req.pid, "priority": req.priority,
+                                                         "weight": req.weight or None})
+    k.set_priority(pid, priority, weight or 0, CALLER.get())
     return pb.SetPriorityResponse()
 
 
@@ -279,7 +288,7 @@ async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesR
 
 
 async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
-    return process_pb(*k.get(_pid(req.pid), CALLER.get()))
+    return process_pb(*k.get(*C.arguments("info", {"pid": req.pid}), CALLER.get()))
 
 
 async def sys_events(k: Kernel, req: pb.EventsRequest) -> AsyncIterator[pb.Event]:
@@ -381,18 +390,20 @@ async def sys_make_dir(k: Kernel, req: pb.FilePath) -> pb.FileInfo:
 # -- locks ----------------------------------------------------------------------------------------
 async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
     pid = _pid(req.pid)
-    kind, permits = ("semaphore", req.semaphore) if req.semaphore else ("mutex", 1)
-    timeout = _timeout(req)
+    name, options = C.arguments("lock.acquire", {"name": req.name, "options": {
+        "semaphore": req.semaphore or None, "timeout_ms": _set(req, "timeout_ms")}})
+    kind, permits = ("semaphore", options["semaphore"]) if "semaphore" in options else ("mutex", 1)
+    timeout = _seconds(options.get("timeout_ms"))
     waiter = AsyncWaiter(asyncio.get_running_loop())
     with k.lock:
         holder = k.target_locked(CALLER.get(), "lock.acquire", pid, "holder")
         priority = C.priority(req.priority) if req.HasField("priority") else holder.priority
         if timeout == 0:
-            answer = k.sync.try_acquire(holder.namespace, req.name, pid, kind, permits)
+            answer = k.sync.try_acquire(holder.namespace, name, pid, kind, permits)
             if answer is None:
                 return pb.AcquireResponse(timed_out=True)
         else:
-            answer = k.sync.acquire(holder.namespace, req.name, pid, priority, waiter, timeout, kind, permits)
+            answer = k.sync.acquire(holder.namespace, name, pid, priority, waiter, timeout, kind, permits)
     if answer is None:
         answer = await _await(k, waiter, "lock", lambda _: k.release_lock(pid, req.name))
         if answer is TIMED_OUT:
@@ -401,18 +412,19 @@ async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
 
 
 async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
-    k.release_lock(_pid(req.pid), req.name, CALLER.get())
+    k.release_lock(_pid(req.pid), *C.arguments("lock.release", {"name": req.name}), CALLER.get())
     return pb.ReleaseResponse()
 
 
 async def sys_cond_wait(k: Kernel, req: pb.CondWaitRequest) -> pb.CondWaitResponse:
     pid = _pid(req.pid)
-    timeout = _timeout(req)
+    name, lock, timeout_ms = C.arguments("cond.wait", {"name": req.name, "lock": req.lock,
+                                                       "timeout_ms": _set(req, "timeout_ms")})
     waiter = AsyncWaiter(asyncio.get_running_loop())
     with k.lock:
         waiting = k.target_locked(CALLER.get(), "cond.wait", pid, "waiter")
         priority = C.priority(req.priority) if req.HasField("priority") else waiting.priority
-        k.sync.cond_wait(waiting.namespace, req.name, req.lock, pid, priority, waiter, timeout)
+        k.sync.cond_wait(waiting.namespace, name, lock, pid, priority, waiter, _seconds(timeout_ms))
     # A call cancelled after it held the mutex again gives it back; one cancelled before leaves it free.
     answer = await _await(k, waiter, "cond_wait",
                           lambda held: k.release_lock(pid, req.lock) if isinstance(held, dict) else None)
@@ -430,12 +442,14 @@ def _cond_namespace(k: Kernel, pid: int, syscall: str) -> str:
 
 async def sys_cond_signal(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
     with k.lock:
-        return pb.CondSignalResponse(woken=k.sync.cond_signal(_cond_namespace(k, req.pid, "cond.signal"), req.name))
+        return pb.CondSignalResponse(woken=k.sync.cond_signal(_cond_namespace(k, req.pid, "cond.signal"),
+                                                              *C.arguments("cond.signal", {"name": req.name})))
 
 
 async def sys_cond_broadcast(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
     with k.lock:
-        return pb.CondSignalResponse(woken=k.sync.cond_broadcast(_cond_namespace(k, req.pid, "cond.broadcast"), req.name))
+        return pb.CondSignalResponse(woken=k.sync.cond_broadcast(_cond_namespace(k, req.pid, "cond.broadcast"),
+                                                                 *C.arguments("cond.broadcast", {"name": req.name})))
 
 
 async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:

@@ -18,6 +18,14 @@ The C fast paths (lua/fast_paths.c) are the Lua implementation of `send` and
 of `recv`'s take and block, not a second set of rules: what they do not
 handle themselves they hand to the same Python code.
 
+Each entry's `args` say how its arguments are checked: one Arg per argument
+(its name as programs pass it, in Lua's order, and its kind, whose one checker
+is api/checks.py's KINDS[kind]). The RPC handlers and the Lua bridge check
+through checks.arguments(name, values, prefix), so every userland refuses a
+bad argument with the same status and the same words ("sys.kill: pid ..."
+from Lua and Python agents, "pid ..." from gRPC); the Lua sandbox's C fast
+paths take their option keys from here (lua_layout).
+
 Adding a syscall: an entry here, its subsystem code, and the userlands' ends
 it names (an RPC handler, a LuaProcess method or LuaRuntime.block_ method).
 This module is plain data: anything may import it.
@@ -43,6 +51,41 @@ CALL = "call"  # the bridge's call with op calls[0] (for fs.*, the file operatio
 YIELD = "yield"  # yields `yields` to the kernel, which answers when the syscall is done
 
 
+# Kinds of argument, each checked by api/checks.py's KINDS[kind] (DECISIONS.md has the ranges).
+PID = "pid"  # a process: an integer; 0 is unset (INVALID_ARGUMENT), one that cannot exist NOT_FOUND
+RECEIVER = "receiver"  # a pid, or a registered name (the kernel looks it up)
+DURATION_MS = "duration_ms"  # ms: NaN and negative refused, above 10 years clamped
+PRIORITY, WEIGHT = "priority", "weight"  # [-20, 20]; 1..10000
+NAME = "name"  # a process, port or lock name: 1..256 printable characters
+TEXT = "text"  # a short text (reason, tool name): at most 1 KiB of UTF-8
+STRING = "string"  # UTF-8 text of any length (a tag, a correlation id, a path: its owner checks the rest)
+DATA = "data"  # raw bytes
+FLAG = "flag"  # a boolean
+INTEGER = "integer"  # an exact integer (an offset, a count)
+MESSAGE_ID = "message_id"  # 1..2^53
+CONTEXT = "context"  # a conversation context's handle
+LIMITS = "limits"  # a table of Limits' fields
+VALUE = "value"  # a JSON value (checked with the message size limit where it is stored)
+OPTIONS = "options"  # a table of the named options only (an unknown key is INVALID_ARGUMENT)
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str  # as programs pass it (Lua: in this order); a gRPC request's field of that name
+    kind: str  # its checker: api/checks.py KINDS[kind]
+    optional: bool = False  # may be left out (Lua nil, Python None, an unset or zero field)
+    options: tuple[Arg, ...] = ()  # kind OPTIONS: the keys it may hold, each with its kind
+
+
+def opts(*options: Arg) -> Arg:
+    """A trailing table of options (Lua's {tag = ..., timeout_ms = ...}, Python's keywords)."""
+    return Arg("options", OPTIONS, True, options)
+
+
+def optional(name: str, kind: str) -> Arg:
+    return Arg(name, kind, True)
+
+
 @dataclass(frozen=True)
 class Syscall:
     name: str  # sys.<name> in Lua and Python agents; for gRPC-only syscalls, the RPC's name in snake case
@@ -59,46 +102,61 @@ class Syscall:
     rule: str = "namespace"  # who may apply it to which process (RULES; api/authority.py enforces them)
     reader: bool = False  # a reader token may call it (everything else needs owner or admin)
     changes: bool = True  # the RPC changes something (recorded in the audit log) unless it is a reader one
+    args: tuple[Arg, ...] = ()  # how its arguments are checked (checks.arguments)
 
 
 TABLE: tuple[Syscall, ...] = (
     # -- processes
     Syscall("spawn", "Spawn", False, "Kernel.spawn", "pid", CALL, ("spawn",), python=True, acts_as="parent", rule=ACT),
-    Syscall("kill", "Kill", False, "Kernel.kill", "whether it was live", CALL, ("kill",), python=True, rule=ACT),
+    Syscall("kill", "Kill", False, "Kernel.kill", "whether it was live", CALL, ("kill",), python=True, rule=ACT,
+            args=(Arg("pid", PID), optional("reason", TEXT))),
     Syscall("exit", "Exit", False, "Kernel.exit (Lua: the process ends, lua/slices.py)", "nothing",
             C_FUNCTION, yields="exit", python=True, acts_as="pid", rule=ACT),
     Syscall("wait", "Wait", True, "Kernel.wait", "the ended process's record, or nothing (timed out)",
-            YIELD, yields="wait", python=True, changes=False),
+            YIELD, yields="wait", python=True, changes=False,
+            args=(Arg("pid", PID), optional("timeout_ms", DURATION_MS))),
     Syscall("sleep", None, True, "Timers (Python agents: a Recv that times out)", "nothing",
-            YIELD, yields="sleep", python=True),
+            YIELD, yields="sleep", python=True,
+            args=(Arg("ms", DURATION_MS),)),
     Syscall("self", None, False, "the process's own pid (kept by each userland)", "pid", C_FUNCTION, python=True),
     Syscall("now", None, False, "the wall clock", "ms since the epoch", CALL, ("now",), python=True),
     Syscall("log", None, False, "Kernel.log (Python agents: the output file)", "nothing", C_FUNCTION, ("log",),
             python=True),
     Syscall("info", "GetProcess", False, "Kernel.get", "the process's record", CALL, ("info",), python=True,
-            reader=True),
+            reader=True,
+            args=(optional("pid", PID),)),
     Syscall("set_priority", "SetPriority", False, "Kernel.set_priority", "nothing", CALL, ("set_priority",),
-            python=True, rule=ACT),
+            python=True, rule=ACT,
+            args=(optional("pid", PID), optional("priority", PRIORITY), optional("weight", WEIGHT))),
     Syscall("monitor", "Monitor", False, "Kernel.monitor", "nothing", CALL, ("monitor",), python=True,
-            acts_as="watcher", rule=ACT),
+            acts_as="watcher", rule=ACT,
+            args=(Arg("target", PID),)),
     Syscall("list_processes", "ListProcesses", False, "Kernel.list", "records", reader=True),
     Syscall("read_log", "ReadLog", False, "Kernel.read_log", "lines", rule=ACT, reader=True),
     Syscall("events", "Events", True, "Kernel.event_listeners", "a stream of process events", reader=True),
     # -- messages and names
     Syscall("send", "Send", False, "Kernel.send; between Lua processes lua/fast_paths.c's send_message",
-            "message id", C_FUNCTION, python=True, acts_as="from"),
+            "message id", C_FUNCTION, python=True, acts_as="from",
+            args=(Arg("to", RECEIVER), optional("body", VALUE),
+                  opts(optional("tag", STRING), optional("data", DATA), optional("correlation_id", STRING)))),
     Syscall("recv", "Recv", True, "Kernel.recv; between Lua processes lua/fast_paths.c's try_recv and receive; "
             "with ack, Acks.recv_locked (kernel/acks.py)",
             "a message, or nothing (timed out)", C_FUNCTION, yields="recv", python=True, acts_as="pid",
-            rule=OWN_MAILBOX),
+            rule=OWN_MAILBOX,
+            args=(opts(optional("from", INTEGER), optional("tag", STRING), optional("correlation_id", STRING),
+                       optional("timeout_ms", DURATION_MS), optional("ack", FLAG), optional("lease_ms", DURATION_MS)),)),
     Syscall("ack", "Ack", False, "Acks.ack (kernel/acks.py)", "nothing", CALL, ("ack",), python=True, acts_as="pid",
-            rule=OWN_MAILBOX),
+            rule=OWN_MAILBOX,
+            args=(Arg("message_id", MESSAGE_ID),)),
     Syscall("nack", "Nack", False, "Acks.nack (kernel/acks.py)", "nothing", CALL, ("nack",), python=True,
-            acts_as="pid", rule=OWN_MAILBOX),
+            acts_as="pid", rule=OWN_MAILBOX,
+            args=(Arg("message_id", MESSAGE_ID),)),
     Syscall("register", "Register", False, "Kernel.register", "nothing", CALL, ("register",), python=True,
-            acts_as="pid", rule=ACT),
+            acts_as="pid", rule=ACT,
+            args=(Arg("name", STRING),)),
     Syscall("whereis", None, False, "Kernel.whereis (Python agents: ListProcesses by name)", "pid or nothing",
-            CALL, ("whereis",), python=True, reader=True),
+            CALL, ("whereis",), python=True, reader=True,
+            args=(Arg("name", STRING),)),
     Syscall("open_port", "OpenPort", False, "Kernel.open_port", "pid",
             agents="agents have a mailbox of their own; ports are for external clients"),
     # -- files (services/files.py)
@@ -113,27 +171,35 @@ TABLE: tuple[Syscall, ...] = (
     Syscall("fs.mkdir", "MakeDir", False, "FileStore.mkdir", "file info", CALL, ("fs",)),
     # -- locks (services/sync.py)
     Syscall("lock.acquire", "Acquire", True, "SyncTable.acquire", "{previous_holder_died}, or nothing (timed out)",
-            C_FUNCTION, ("lock_acquire_now",), yields="lock_acquire", python=True, acts_as="pid", rule=ACT),
+            C_FUNCTION, ("lock_acquire_now",), yields="lock_acquire", python=True, acts_as="pid", rule=ACT,
+            args=(Arg("name", NAME), opts(optional("semaphore", INTEGER), optional("timeout_ms", DURATION_MS)))),
     Syscall("lock.try_acquire", None, False, "SyncTable.try_acquire (gRPC: Acquire with timeout_ms 0)",
-            "{previous_holder_died}, or nothing", CALL, ("lock_try",), python=True),
+            "{previous_holder_died}, or nothing", CALL, ("lock_try",), python=True,
+            args=(Arg("name", NAME), opts(optional("semaphore", INTEGER), optional("timeout_ms", DURATION_MS)))),
     Syscall("lock.release", "Release", False, "SyncTable.release", "nothing", CALL, ("lock_release",), python=True,
-            acts_as="pid", rule=ACT),
+            acts_as="pid", rule=ACT,
+            args=(Arg("name", STRING),)),
     # -- condition variables (services/sync.py)
     Syscall("cond.wait", "CondWait", True, "SyncTable.cond_wait", "{signalled, timed_out}, holding the lock again",
-            YIELD, yields="cond_wait", python=True, acts_as="pid", rule=ACT),
+            YIELD, yields="cond_wait", python=True, acts_as="pid", rule=ACT,
+            args=(Arg("name", STRING), Arg("lock", STRING), optional("timeout_ms", DURATION_MS))),
     Syscall("cond.signal", "CondSignal", False, "SyncTable.cond_signal", "how many were woken (0 or 1)", CALL,
-            ("cond_signal",), python=True, acts_as="pid", rule=ACT),
+            ("cond_signal",), python=True, acts_as="pid", rule=ACT,
+            args=(Arg("name", STRING),)),
     Syscall("cond.broadcast", "CondBroadcast", False, "SyncTable.cond_broadcast", "how many were woken", CALL,
-            ("cond_broadcast",), python=True, acts_as="pid", rule=ACT),
+            ("cond_broadcast",), python=True, acts_as="pid", rule=ACT,
+            args=(Arg("name", STRING),)),
     # -- inference (services/inference.py)
     Syscall("infer", "Infer", True, "Inference", "{text, finish_reason, usage}", YIELD, yields="infer",
             python=True, acts_as="pid", rule=ACT),
     Syscall("context.create", "CreateContext", True, "Inference.create_context (waits for the prefill)",
             "context handle", YIELD, yields="context_create", python=True, acts_as="pid", rule=ACT),
     Syscall("context.fork", "ForkContext", False, "Inference.fork_context", "context handle", CALL,
-            ("context_fork",), python=True, acts_as="pid", rule=ACT),
+            ("context_fork",), python=True, acts_as="pid", rule=ACT,
+            args=(Arg("context", CONTEXT),)),
     Syscall("context.drop", "DropContext", False, "Inference.drop_context", "nothing", CALL, ("context_drop",),
-            python=True, acts_as="pid", rule=ACT),
+            python=True, acts_as="pid", rule=ACT,
+            args=(Arg("context", CONTEXT),)),
     # -- tokens (api/tokens.py)
     Syscall("create_token", "CreateToken", False, "Tokens.create", "id and token", rule=ADMIN_ONLY,
             agents="token management is for admin tokens"),
@@ -154,17 +220,23 @@ LUA_CALLS = frozenset(op for s in TABLE for op in s.calls)
 LUA_YIELDS = frozenset(s.yields for s in TABLE if s.yields is not None)
 
 
-def lua_layout() -> tuple[tuple[str, str, str | None, str | None], ...]:
-    """What lua/sandbox.c builds each state's `sys` from: (path, how, op, file op) per entry."""
+def option_keys(s: Syscall) -> tuple[str, ...] | None:
+    """The keys of the entry's table of options (None: it takes none)."""
+    return next((tuple(o.name for o in a.options) for a in s.args if a.kind == OPTIONS), None)
+
+
+def lua_layout() -> tuple[tuple[str, str, str | None, str | None, tuple[str, ...] | None], ...]:
+    """What lua/sandbox.c builds each state's `sys` from: (path, how, op, file op, option keys) per
+    entry; a sandbox function of its own (send, recv) refuses option keys not in the last."""
     out = []
     for s in TABLE:
         if s.lua == C_FUNCTION:
-            out.append((s.name, s.lua, None, None))
+            out.append((s.name, s.lua, None, None, option_keys(s)))
         elif s.lua == CALL:
             op = s.calls[0]
-            out.append((s.name, s.lua, op, s.name.rpartition(".")[2] if op == "fs" else None))
+            out.append((s.name, s.lua, op, s.name.rpartition(".")[2] if op == "fs" else None, None))
         elif s.lua == YIELD:
-            out.append((s.name, s.lua, s.yields, None))
+            out.append((s.name, s.lua, s.yields, None, None))
     return tuple(out)
 
 

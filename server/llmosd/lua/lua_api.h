@@ -173,12 +173,14 @@ int llmos_sandbox_open(lua_State *L);
 
 /* One function of the `sys` table (api/table.py's lua_layout): where it goes (the sub-table of
  * sys, or NULL, and the name there) and how it is made: the sandbox's own function of that
- * path, a call of the bridge's `call` with `op` (and `file_op`), or a yield of syscall `op`. */
+ * path, a call of the bridge's `call` with `op` (and `file_op`), or a yield of syscall `op`; the
+ * option keys a sandbox function refuses any other of (the table's, never a list of C's own). */
 enum { LLMOS_SYS_C, LLMOS_SYS_CALL, LLMOS_SYS_YIELD };
 typedef struct {
     const char *table, *name;
     int how;
     const char *op, *file_op;
+    const char *const *options; /* LLMOS_SYS_C: the option keys it takes (NULL-terminated), or NULL */
 } llmos_SysEntry;
 /* Set once, before any state is made; the entries must live for ever. 0; -1 out of memory;
  * -2 when the sandbox has no function for LLMOS_SYS_C entry *unknown. */

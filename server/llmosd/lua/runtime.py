@@ -100,21 +100,7 @@ def from_lua(value: Any, what: str = "value") -> Any:
 
 
 def _opt_str(value: Any, name: str) -> str | None:
-    if value is None:
-        return None
-    if type(value) is not bytes:
-        raise InvalidArgument(f"{name} must be a string")
-    try:
-        return value.decode()
-    except UnicodeDecodeError:  # two different byte strings must never name one file or lock
-        raise InvalidArgument(f"{name} must be UTF-8 text") from None
-
-
-def _message_id(msg: Any, fname: str) -> int:
-    """The id of sys.ack/sys.nack's argument: a message (a table with its id) or the id itself."""
-    if isinstance(msg, dict):
-        msg = msg.get("id")
-    return C.message_id(msg, f"{fname}: message_id")
+    return None if value is None else C.string(value, name)
 
 
 def _opt_int(value: Any, name: str) -> int | None:
@@ -130,6 +116,15 @@ def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
         raise InvalidArgument(f"{fname}: expected a table of options")
     C.known_options(value, known, fname)
     return value
+
+
+def arguments(syscall: str, **given: Any) -> tuple[Any, ...]:
+    """sys.<syscall>'s arguments checked by its table entry (api/checks.py arguments), worded
+    "sys.<syscall>: ..."; a table that could not cross from Lua says why first."""
+    for key, value in given.items():
+        if type(value) in (_lua.BadValue, _lua.TooLarge):
+            from_lua(value, f"sys.{syscall}: {key}")
+    return C.arguments(syscall, given, f"sys.{syscall}: ")
 
 
 SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
@@ -234,24 +229,12 @@ class LuaProcess:
     # -- non-blocking syscalls ------------------------------------------------------------
     def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
         try:
-            if type(to) is bytes:
-                target: int | str = to.decode(errors="replace")
-            elif type(to) is not int:
-                target = _opt_int(to, "sys.send: the receiver")
-                if target is None:
-                    raise InvalidArgument("sys.send: the receiver must be a pid or a registered name")
-            else:
-                target = to
-            if data is not None and type(data) is not bytes:
-                raise InvalidArgument("sys.send: data must be a string")
+            target, _, options = arguments("send", to=to, options={
+                "tag": tag, "data": data, "correlation_id": correlation_id})
             kind = type(body)
             value = body if kind is int or body is None else from_lua(body, "sys.send: body")
-            message_id = self.kernel.send(
-                self.proc.pid, target, "" if tag is None else _opt_str(tag, "sys.send: tag"),
-                value, data or b"",
-                "" if correlation_id is None else _opt_str(correlation_id, "sys.send: correlation_id"),
-                self.caller,
-            )
+            message_id = self.kernel.send(self.proc.pid, target, options.get("tag", ""), value,
+                                          options.get("data", b""), options.get("correlation_id", ""), self.caller)
             return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
         except KernelError as e:
             return None, str(e).encode()
@@ -265,32 +248,31 @@ class LuaProcess:
             return False, str(e).encode()
 
     def recv_match(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> Match:
-        C.timeout_s(timeout_ms, "sys.recv: timeout_ms")
+        (options,) = arguments("recv", options={
+            "from": sender, "tag": tag, "correlation_id": correlation_id, "timeout_ms": timeout_ms})
         if sender is None and tag is None and correlation_id is None:
             return ANY
-        return Match(
-            _opt_int(sender, "sys.recv: from"), _opt_str(tag, "sys.recv: tag"),
-            _opt_str(correlation_id, "sys.recv: correlation_id"),
-        )
+        return Match(options.get("from"), options.get("tag"), options.get("correlation_id"))
 
     def recv_lease(self, ack: Any = None, lease_ms: Any = None) -> float | None | bool:
         """sys.recv's ack and lease_ms: the lease in seconds (None: the default), False without ack."""
-        if ack is not None and type(ack) is not bool:
-            raise InvalidArgument("sys.recv: ack must be a boolean")
-        if not ack:
+        (options,) = arguments("recv", options={"ack": ack, "lease_ms": lease_ms})
+        if not options.get("ack"):
             if lease_ms is not None:
                 raise InvalidArgument("sys.recv: lease_ms is for a receive with ack = true")
             return False
-        return C.timeout_s(lease_ms, "sys.recv: lease_ms")
+        return C.timeout_s(options.get("lease_ms"), "sys.recv: lease_ms")
 
     def ack(self, msg: Any = None) -> bool:
+        (message_id,) = arguments("ack", message_id=msg.get("id") if isinstance(msg, dict) else msg)
         with self.kernel.lock:
-            self.kernel.acks.ack(self.proc.pid, _message_id(msg, "sys.ack"))
+            self.kernel.acks.ack(self.proc.pid, message_id)
         return True
 
     def nack(self, msg: Any = None) -> bool:
+        (message_id,) = arguments("nack", message_id=msg.get("id") if isinstance(msg, dict) else msg)
         with self.kernel.lock:
-            self.kernel.acks.nack(self.proc.pid, _message_id(msg, "sys.nack"))
+            self.kernel.acks.nack(self.proc.pid, message_id)
         return True
 
     def call(self, op: bytes, *args: Any) -> Any:
@@ -329,44 +311,36 @@ class LuaProcess:
         ), self.caller)
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
-        self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed", self.caller)
+        pid, reason = arguments("kill", pid=pid, reason=reason)
+        self.kernel.kill(pid, reason or "killed", self.caller)
         return True
 
     def register(self, name: Any = None) -> bool:
-        text = _opt_str(name, "sys.register: name")
-        if text is None:
-            raise InvalidArgument("sys.register: name must be a string")
-        self.kernel.register(self.proc.pid, text, self.caller)
+        self.kernel.register(self.proc.pid, *arguments("register", name=name), self.caller)
         return True
 
     def whereis(self, name: Any = None) -> int | None:
-        return self.kernel.whereis(_opt_str(name, "sys.whereis: name") or "", self.caller)
+        return self.kernel.whereis(*arguments("whereis", name=name), self.caller)
 
     def monitor(self, pid: Any = None) -> bool:
-        self.kernel.monitor(self.proc.pid, C.pid(pid, "sys.monitor: pid"), self.caller)
+        self.kernel.monitor(self.proc.pid, *arguments("monitor", target=pid), self.caller)
         return True
 
     def set_priority(self, pid: Any = None, priority: Any = None, weight: Any = None) -> bool:
-        target = self.proc.pid if pid is None else C.pid(pid, "sys.set_priority: pid")
-        prio = None if priority is None else C.priority(priority, "sys.set_priority: priority")
-        share = None if weight is None else C.weight(weight, "sys.set_priority: weight")
+        target, prio, share = arguments("set_priority", pid=pid, priority=priority, weight=weight)
         if prio is None and share is None:
             raise InvalidArgument("sys.set_priority: give a priority (integer) and/or a weight")
-        self.kernel.set_priority(target, prio, share or 0, caller=self.caller)
+        self.kernel.set_priority(target or self.proc.pid, prio, share or 0, caller=self.caller)
         return True
 
     def info(self, pid: Any = None) -> Any:
-        return describe_record(self.kernel.get(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"),
-                                               self.caller)[0])
+        (pid,) = arguments("info", pid=pid)
+        return describe_record(self.kernel.get(pid or self.proc.pid, self.caller)[0])
 
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""
-        text = _opt_str(name, f"{fname}: name")
-        if text is None:
-            raise InvalidArgument(f"{fname}: name must be a string")
-        C.name(text, f"{fname}: name")
-        options = _options(opts, fname, ("semaphore", "timeout_ms"))
-        permits = _opt_int(options.get("semaphore"), f"{fname}: semaphore")
+        text, options = arguments(fname.removeprefix("sys."), name=name, options=opts)
+        permits = options.get("semaphore")
         seconds = C.timeout_s(options.get("timeout_ms"), f"{fname}: timeout_ms")
         return (text, "mutex", 1, seconds) if permits is None else (text, "semaphore", permits, seconds)
 
@@ -383,29 +357,24 @@ class LuaProcess:
             return self.kernel.sync.try_acquire(self.proc.namespace, lock_name, self.proc.pid, kind, permits)
 
     def lock_release(self, name: Any = None) -> bool:
-        text = _opt_str(name, "sys.lock.release: name") or ""
+        (text,) = arguments("lock.release", name=name)
         with self.kernel.lock:
             self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
         return True
 
     def cond_wait_args(self, name: Any = None, lock: Any = None, timeout_ms: Any = None) -> tuple[str, str, float | None]:
         """(condition, mutex, timeout in seconds or None) of sys.cond.wait(name, lock [, timeout_ms])."""
-        cond_name = _opt_str(name, "sys.cond.wait: name")
-        lock_name = _opt_str(lock, "sys.cond.wait: lock")
-        if cond_name is None or lock_name is None:
-            raise InvalidArgument("sys.cond.wait: name and lock must be strings")
-        return cond_name, lock_name, C.timeout_s(timeout_ms, "sys.cond.wait: timeout_ms")
+        cond_name, lock_name, ms = arguments("cond.wait", name=name, lock=lock, timeout_ms=timeout_ms)
+        return cond_name, lock_name, None if ms is None else ms / 1000
 
     def cond_signal(self, name: Any = None) -> int:
-        return self._cond_wake(name, "sys.cond.signal", self.kernel.sync.cond_signal)
+        return self._cond_wake("cond.signal", name, self.kernel.sync.cond_signal)
 
     def cond_broadcast(self, name: Any = None) -> int:
-        return self._cond_wake(name, "sys.cond.broadcast", self.kernel.sync.cond_broadcast)
+        return self._cond_wake("cond.broadcast", name, self.kernel.sync.cond_broadcast)
 
-    def _cond_wake(self, name: Any, fname: str, wake: Callable[[str, str], int]) -> int:
-        text = _opt_str(name, f"{fname}: name")
-        if text is None:
-            raise InvalidArgument(f"{fname}: name must be a string")
+    def _cond_wake(self, syscall: str, name: Any, wake: Callable[[str, str], int]) -> int:
+        (text,) = arguments(syscall, name=name)
         with self.kernel.lock:
             return wake(self.proc.namespace, text)
 
@@ -452,10 +421,10 @@ class LuaProcess:
         raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
 
     def context_fork(self, handle: Any = None) -> int:
-        return self._inference().fork_context(self.proc.pid, handle)
+        return self._inference().fork_context(self.proc.pid, *arguments("context.fork", context=handle))
 
     def context_drop(self, handle: Any = None) -> bool:
-        self._inference().drop_context(self.proc.pid, handle)
+        self._inference().drop_context(self.proc.pid, *arguments("context.drop", context=handle))
         return True
 
     def _inference(self) -> Any:

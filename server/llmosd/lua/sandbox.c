@@ -482,9 +482,19 @@ static unsigned check_options(lua_State *L, int idx, const char *fname, const ch
     return seen;
 }
 
-static const char *const SEND_OPTIONS[] = {"tag", "data", "correlation_id", NULL};
-static const char *const RECV_OPTIONS[] = {"from", "tag", "correlation_id", "timeout_ms", "ack", "lease_ms", NULL};
-enum { RECV_ACK_OPTIONS = 1u << 4 | 1u << 5 }; /* ack, lease_ms: a receive the kernel's Python side answers */
+/* sys.send's and sys.recv's option keys: the syscall table's (llmos_sandbox_set_layout). */
+static const char *const NO_OPTIONS[] = {NULL};
+static const char *const *send_options = NO_OPTIONS, *const *recv_options = NO_OPTIONS;
+static unsigned recv_ack_options; /* the bits of ack and lease_ms: a receive the kernel's Python side answers */
+
+static unsigned option_bit(const char *const known[], const char *key)
+{
+    unsigned i;
+    for (i = 0; known[i] != NULL; i++)
+        if (strcmp(known[i], key) == 0)
+            return 1u << i;
+    return 0;
+}
 
 static void push_option(lua_State *L, int idx, const char *name)
 {
@@ -529,7 +539,7 @@ static int sys_send(lua_State *L)
 {
     Sandbox *sb = sandbox_of(L);
     lua_settop(L, 3); /* to, body, opts */
-    check_options(L, 3, "sys.send", SEND_OPTIONS);
+    check_options(L, 3, "sys.send", send_options);
     push_ref(L, sb->send);
     lua_pushvalue(L, 1);
     lua_pushvalue(L, 2);
@@ -625,12 +635,12 @@ static int sys_recv(lua_State *L)
     int i, zero_timeout;
     unsigned given;
     lua_settop(L, 1);
-    given = check_options(L, 1, "sys.recv", RECV_OPTIONS);
+    given = check_options(L, 1, "sys.recv", recv_options);
     push_recv_option(L, 1, KEY_FROM);
     push_recv_option(L, 1, KEY_TAG);
     push_recv_option(L, 1, KEY_CORRELATION_ID);
     push_recv_option(L, 1, KEY_TIMEOUT_MS);
-    if (given & RECV_ACK_OPTIONS) { /* acknowledged delivery (kernel/acks.py): the kernel leases the message */
+    if (given & recv_ack_options) { /* acknowledged delivery (kernel/acks.py): the kernel leases the message */
         push_recv_option(L, 1, KEY_ACK);
         push_recv_option(L, 1, KEY_LEASE_MS);
         return yield_syscall(L, "recv", 2, 7, 7, syscall_k);
@@ -764,6 +774,12 @@ int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *un
             return -2;
         }
         functions[i] = C_FUNCTIONS[k].f;
+        if (entries[i].table == NULL && strcmp(entries[i].name, "send") == 0 && entries[i].options != NULL)
+            send_options = entries[i].options;
+        if (entries[i].table == NULL && strcmp(entries[i].name, "recv") == 0 && entries[i].options != NULL) {
+            recv_options = entries[i].options;
+            recv_ack_options = option_bit(recv_options, "ack") | option_bit(recv_options, "lease_ms");
+        }
     }
     sys_c_functions = functions;
     sys_layout = entries;

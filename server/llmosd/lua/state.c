@@ -1062,6 +1062,38 @@ static const char *utf8_or_null(PyObject *text)
     return text == Py_None ? NULL : PyUnicode_AsUTF8(text);
 }
 
+/* A tuple of str (or None) as a NULL-terminated array of lasting copies (or NULL). */
+static int lasting_keys(PyObject *keys, const char *const **out)
+{
+    const char **copy;
+    Py_ssize_t i, n;
+    *out = NULL;
+    if (keys == Py_None)
+        return 0;
+    if (!PyTuple_Check(keys) || (n = PyTuple_GET_SIZE(keys)) > 32) {
+        PyErr_SetString(PyExc_TypeError, "option keys: a tuple of at most 32 str");
+        return -1;
+    }
+    copy = PyMem_RawCalloc((size_t)n + 1, sizeof *copy);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(keys, i);
+        const char *key = PyUnicode_Check(item) ? PyUnicode_AsUTF8(item) : NULL;
+        if (key == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "option keys: a tuple of at most 32 str");
+            return -1;
+        }
+        if (lasting_copy(key, strlen(key), &copy[i]) < 0)
+            return -1;
+    }
+    *out = copy;
+    return 0;
+}
+
 static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
 {
     static const char *const WAYS[] = {"c", "call", "yield"};
@@ -1071,7 +1103,7 @@ static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
     int status;
     (void)self;
     if (!PyTuple_Check(layout))
-        return PyErr_Format(PyExc_TypeError, "set_sys_layout takes a tuple of (path, how, op, file_op)");
+        return PyErr_Format(PyExc_TypeError, "set_sys_layout takes a tuple of (path, how, op, file_op, options)");
     n = PyTuple_GET_SIZE(layout);
     entries = PyMem_RawCalloc(n > 0 ? (size_t)n : 1, sizeof *entries);
     if (entries == NULL)
@@ -1079,9 +1111,9 @@ static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
     /* Made once at import and kept for ever; a failure stops the server (nothing is freed). */
     for (i = 0; i < n; i++) {
         llmos_SysEntry *e = &entries[i];
-        PyObject *path, *how, *op, *file_op;
+        PyObject *path, *how, *op, *file_op, *options;
         const char *path_text, *how_text, *op_text, *file_op_text, *dot;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(layout, i), "UUOO", &path, &how, &op, &file_op))
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(layout, i), "UUOOO", &path, &how, &op, &file_op, &options))
             return NULL;
         path_text = PyUnicode_AsUTF8(path);
         how_text = PyUnicode_AsUTF8(how);
@@ -1100,7 +1132,8 @@ static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
         if (lasting_copy(dot != NULL ? path_text : NULL, dot != NULL ? (size_t)(dot - path_text) : 0, &e->table) < 0
             || lasting_copy(dot != NULL ? dot + 1 : path_text, strlen(dot != NULL ? dot + 1 : path_text), &e->name) < 0
             || lasting_copy(op_text, op_text != NULL ? strlen(op_text) : 0, &e->op) < 0
-            || lasting_copy(file_op_text, file_op_text != NULL ? strlen(file_op_text) : 0, &e->file_op) < 0)
+            || lasting_copy(file_op_text, file_op_text != NULL ? strlen(file_op_text) : 0, &e->file_op) < 0
+            || lasting_keys(options, &e->options) < 0)
             return NULL;
     }
     status = llmos_sandbox_set_layout(entries, (size_t)n, &unknown);
