@@ -18,11 +18,12 @@ over gRPC on its agent socket, with this process's token: an agent acts only
 as itself (it cannot receive from another mailbox or send as another pid).
 Errors are llmos.LlmosError subclasses, as in the client SDK: a bad argument
 (an unknown keyword, a value of the wrong type or out of range) is
-llmos.InvalidArgument naming it, raised here before anything is sent where
-this module can tell, else by the kernel; a pid that cannot exist is
-llmos.NotFound. Durations are in ms: NaN and negative ones are refused, and
-anything above MAX_DURATION_MS (10 years, +inf included) means that long,
-i.e. for ever.
+llmos.InvalidArgument naming it; a pid that cannot exist is llmos.NotFound.
+The kernel checks the arguments (the syscall table's rules, as for Lua and
+gRPC clients: same status, same words); this module only puts them in their
+request fields (see "arguments" below). Durations are in ms: NaN and negative
+ones are refused, and anything above MAX_DURATION_MS (10 years, +inf
+included) means that long, i.e. for ever.
 
 Outside an agent (no LLMOS_TOKEN in the environment), `from llmos.userland
 import sys` fails with a clear error.
@@ -44,18 +45,19 @@ from typing import Any, Callable, TypeVar
 
 import grpc
 
-from .client import Client, FileInfo, Message, ProcessInfo
+from .client import Client, FileInfo, Message, ProcessInfo, Unary, message_from_pb, process_from_pb
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .v1 import kernel_pb2 as pb
 from .v1 import kernel_pb2_grpc
-from .values import MAX_DURATION_MS, MAX_EXACT_INTEGER
+from .values import to_value
 
 JSON = Any
 TOKEN_HEADER = "llmos-token"  # the metadata the kernel's agent socket checks
-MAX_PID = MAX_EXACT_INTEGER  # pids above cannot exist (they would not survive a JSON number)
 _INT32 = (-2**31, 2**31 - 1)
 _UINT32 = (0, 2**32 - 1)
-_LIMITS = {f.name: _UINT32 if f.type == f.TYPE_UINT32 else (0, 2**64 - 1) for f in pb.Limits.DESCRIPTOR.fields}
+_UINT64 = (0, 2**64 - 1)
+_INT64 = (-2**63, 2**63 - 1)
+_LIMITS = {f.name: _UINT32 if f.type == f.TYPE_UINT32 else _UINT64 for f in pb.Limits.DESCRIPTOR.fields}
 _DURATION_LIMITS = ("cpu_ms", "wall_ms")
 _OWNERS = {"Sys": "sys", "Files": "sys.fs", "Locks": "sys.lock", "Conds": "sys.cond",
            "Contexts": "sys.context"}
@@ -89,7 +91,6 @@ class _AgentClient(Client):
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
 
-# -- argument checks: each bad value is InvalidArgument (or NotFound for a pid that cannot exist) ------
 def _invalid(message: str) -> InvalidArgument:
     return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -125,90 +126,110 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _integer(value: Any, what: str) -> int:
-    """An int, or anything that is one (a numpy integer), but not a bool."""
+# -- arguments: the kernel checks them ---------------------------------------------------------------
+# Every syscall here is an RPC on the agent socket, whose handler checks its arguments by the syscall
+# table's spec (the server's api/table.py and api/checks.py), as for gRPC clients and Lua programs: the
+# rules (ranges, required, not found, NaN, names, sizes) and their words are the kernel's alone. This
+# module only puts each value in its request field. A value of a type no such field carries is
+# refused here, naming the type the field wants; a number beyond the field's range is sent as the
+# field's bound nearest to it (unsigned fields: a negative as the top one), which the kernel refuses
+# by the same rule as the number itself (a pid no process can have is NOT_FOUND, a priority out of
+# range INVALID_ARGUMENT). The kernel's words name the argument without the syscall; the agent's
+# errors add "sys.<name>: " (_kernel).
+
+def _int(value: Any, what: str, bounds: tuple[int, int]) -> int:
+    """An int (or anything that is one, as a numpy integer; not a bool) for a field within `bounds`."""
     if not isinstance(value, bool):
         try:
-            return operator.index(value)
+            value = operator.index(value)
         except TypeError:
             pass
-    raise _invalid(f"{what} must be an int, not {type(value).__name__}")
-
-
-def _duration_ms(ms: Any, what: str) -> float:
-    """A duration in ms: NaN and negative are refused, more than MAX_DURATION_MS (+inf too) is that."""
-    if isinstance(ms, bool) or not isinstance(ms, numbers.Real):
-        raise _invalid(f"{what} must be a number of milliseconds, not {type(ms).__name__}")
-    ms = operator.index(ms) if isinstance(ms, numbers.Integral) else float(ms)
-    if not ms >= 0:  # NaN too
-        raise _invalid(f"{what} must be a non-negative number of milliseconds, not {_show(ms)}")
-    return min(ms, MAX_DURATION_MS)
-
-
-def _timeout_s(ms: Any, what: str) -> float | None:
-    """A timeout in ms as the client's seconds; None waits without limit."""
-    return None if ms is None else _duration_ms(ms, what) / 1000
+        else:
+            low, high = bounds
+            return high if value > high or (low == 0 and value < 0) else max(value, low)
+    raise _invalid(f"{what} must be an integer")
 
 
 def _pid(value: Any, what: str) -> int:
-    value = _integer(value, what)
-    if value == 0:
-        raise _invalid(f"{what} is required (0 is no process)")
-    if not 0 < value <= MAX_PID:
-        raise NotFound(grpc.StatusCode.NOT_FOUND, f"no process with pid {_show(value)}")
-    return value
+    return _int(value, what, _UINT64)
+
+
+def _ms(value: Any, what: str) -> int:
+    """A duration in ms for an int64 field (a fraction away from zero: -0.5 is negative)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _invalid(f"{what} must be a non-negative number of milliseconds")
+    if isinstance(value, numbers.Integral):
+        ms = operator.index(value)
+    else:
+        ms = float(value)
+        if math.isnan(ms):  # no number: no field holds it
+            raise _invalid(f"{what} must be a non-negative number of milliseconds")
+        ms = _INT64[ms > 0] if math.isinf(ms) else math.ceil(ms) if ms > 0 else math.floor(ms)
+    return min(max(ms, _INT64[0]), _INT64[1])
+
+
+def _optional_ms(value: Any, what: str) -> int | None:
+    return None if value is None else _ms(value, what)
 
 
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str):
-        raise _invalid(f"{what} must be a str, not {type(value).__name__}")
+        raise _invalid(f"{what} must be a string")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise _invalid(f"{what} is not valid UTF-8 text (it holds a lone surrogate)") from None
+        raise _invalid(f"{what} must be valid Unicode text") from None
     return value
-
-
-def _message_id(msg: Any, what: str) -> int:
-    """sys.ack/sys.nack's argument: a Message (its id) or a message id."""
-    return _int(msg.id if isinstance(msg, Message) else msg, f"{what}: message id", (1, MAX_EXACT_INTEGER))
 
 
 def _optional_text(value: Any, what: str) -> str | None:
     return None if value is None else _text(value, what)
 
 
-def _int(value: Any, what: str, bounds: tuple[int, int]) -> int:
-    value = _integer(value, what)
-    if not bounds[0] <= value <= bounds[1]:
-        raise _invalid(f"{what} {_show(value)} is out of range")
-    return value
-
-
 def _flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
-        raise _invalid(f"{what} must be True or False, not {type(value).__name__}")
+        raise _invalid(f"{what} must be a boolean")
     return value
 
 
 def _bytes(value: Any, what: str) -> bytes:
     if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise _invalid(f"{what} must be bytes, not {type(value).__name__}")
+        raise _invalid(f"{what} must be a string of bytes")
     return bytes(value)
 
 
+def _message_id(msg: Any, what: str) -> int:
+    """sys.ack/sys.nack's argument: a Message (its id) or a message id."""
+    return _int(msg.id if isinstance(msg, Message) else msg, f"{what}: message_id", _UINT64)
+
+
 def _limits(limits: Any, what: str) -> dict[str, int] | None:
+    """spawn's limits as pb.Limits' fields (the kernel checks them; an unknown key is no field)."""
     if limits is None:
         return None
-    if not isinstance(limits, dict) or not set(_LIMITS).issuperset(limits):
-        unknown = [k for k in limits if k not in _LIMITS] if isinstance(limits, dict) else []
-        raise _invalid(f"{what} must be a dict of {', '.join(_LIMITS)}"
-                       + (f"; unknown: {', '.join(map(_show, unknown))}" if unknown else ""))
-    return {
-        # A fraction of a ms still limits (0 would mean "the server's default").
-        k: math.ceil(_duration_ms(v, f"{what}.{k}")) if k in _DURATION_LIMITS else _int(v, f"{what}.{k}", _LIMITS[k])
-        for k, v in limits.items()
-    }
+    if not isinstance(limits, dict):
+        raise _invalid(f"{what} must be a dict of {', '.join(_LIMITS)}")
+    # A fraction of a ms still limits (0 would mean "the server's default").
+    return {k: max(0, _ms(v, f"{what}.{k}")) if k in _DURATION_LIMITS else _int(v, f"{what}.{k}", _LIMITS.get(k, _UINT64))
+            for k, v in limits.items()}
+
+
+def _unary(kernel: "_AgentClient", syscall: str, method: str, request: Any, timeout_ms: int | None = None,
+           field_is: tuple[str, str] | None = None) -> Any:
+    """The reply to one RPC; the kernel's refusal of an argument says which syscall refused it
+    (and, `field_is`, names the field by its argument's name)."""
+    def plan() -> Any:
+        deadline = None if timeout_ms is None or timeout_ms < 0 else timeout_ms / 1000 + 5.0
+        reply = yield Unary(method, request, deadline)
+        return reply
+
+    try:
+        return kernel._drive(plan())
+    except (InvalidArgument, NotFound) as e:
+        message = e.message
+        if field_is is not None and message.startswith(field_is[0] + " "):
+            message = field_is[1] + message[len(field_is[0]):]
+        raise type(e)(e.code, f"{syscall}: {message}") from None
 
 
 class Files:
@@ -251,16 +272,26 @@ class Locks:
 
     @_syscall
     def acquire(self, name: str, timeout_ms: float | None = None, semaphore: int = 0) -> dict | None:
-        return self._k.acquire(self._pid, _text(name, "sys.lock.acquire: name"), semaphore=semaphore,
-                               timeout=_timeout_s(timeout_ms, "sys.lock.acquire: timeout_ms"))
+        return self._acquire("sys.lock.acquire", name, _optional_ms(timeout_ms, "sys.lock.acquire: timeout_ms"),
+                             semaphore)
 
     @_syscall
     def try_acquire(self, name: str, semaphore: int = 0) -> dict | None:
-        return self._k.acquire(self._pid, _text(name, "sys.lock.try_acquire: name"), semaphore=semaphore, timeout=0)
+        return self._acquire("sys.lock.try_acquire", name, 0, semaphore)
+
+    def _acquire(self, syscall: str, name: Any, timeout_ms: int | None, semaphore: Any) -> dict | None:
+        request = pb.AcquireRequest(pid=self._pid, name=_text(name, f"{syscall}: name"), timeout_ms=timeout_ms,
+                                    semaphore=_int(semaphore, f"{syscall}: semaphore", _UINT32))
+        reply = _unary(self._k, syscall, "Acquire", request, timeout_ms)
+        if not reply.acquired:
+            return None
+        return {"acquired": True, **({"previous_holder_died": reply.previous_holder_died}
+                                     if reply.previous_holder_died else {})}
 
     @_syscall
     def release(self, name: str) -> None:
-        self._k.release(self._pid, _text(name, "sys.lock.release: name"))
+        _unary(self._k, "sys.lock.release", "Release",
+               pb.ReleaseRequest(pid=self._pid, name=_text(name, "sys.lock.release: name")))
 
 
 class Conds:
@@ -272,16 +303,24 @@ class Conds:
 
     @_syscall
     def wait(self, name: str, lock: str, timeout_ms: float | None = None) -> dict:
-        return self._k.cond_wait(self._pid, _text(name, "sys.cond.wait: name"), _text(lock, "sys.cond.wait: lock"),
-                                 timeout=_timeout_s(timeout_ms, "sys.cond.wait: timeout_ms"))
+        request = pb.CondWaitRequest(pid=self._pid, name=_text(name, "sys.cond.wait: name"),
+                                     lock=_text(lock, "sys.cond.wait: lock"),
+                                     timeout_ms=_optional_ms(timeout_ms, "sys.cond.wait: timeout_ms"))
+        reply = _unary(self._k, "sys.cond.wait", "CondWait", request)  # the mutex may take any time to come back
+        answer: dict[str, Any] = {"signalled": reply.signalled, "timed_out": reply.timed_out}
+        if reply.previous_holder_died:
+            answer["previous_holder_died"] = reply.previous_holder_died
+        return answer
 
     @_syscall
     def signal(self, name: str) -> int:
-        return self._k.cond_signal(_text(name, "sys.cond.signal: name"), pid=self._pid)
+        return _unary(self._k, "sys.cond.signal", "CondSignal", pb.CondSignalRequest(
+            pid=self._pid, name=_text(name, "sys.cond.signal: name"))).woken
 
     @_syscall
     def broadcast(self, name: str) -> int:
-        return self._k.cond_broadcast(_text(name, "sys.cond.broadcast: name"), pid=self._pid)
+        return _unary(self._k, "sys.cond.broadcast", "CondBroadcast", pb.CondSignalRequest(
+            pid=self._pid, name=_text(name, "sys.cond.broadcast: name"))).woken
 
 
 class Contexts:
@@ -300,11 +339,13 @@ class Contexts:
     @_syscall
     def fork(self, context: int) -> int:
         """A copy of the context sharing its KV cache; its handle."""
-        return self._k.fork_context(self._pid, _handle(context, "sys.context.fork")).context_id
+        return _unary(self._k, "sys.context.fork", "ForkContext", pb.ForkContextRequest(
+            pid=self._pid, context_id=_int(context, "sys.context.fork: context", _UINT64))).context_id
 
     @_syscall
     def drop(self, context: int) -> None:
-        self._k.drop_context(self._pid, _handle(context, "sys.context.drop"))
+        _unary(self._k, "sys.context.drop", "DropContext", pb.DropContextRequest(
+            pid=self._pid, context_id=_int(context, "sys.context.drop: context", _UINT64)))
 
 
 def _chat(messages: Any, what: str) -> list[dict]:
@@ -317,13 +358,6 @@ def _tool_list(tools: Any, what: str) -> list[dict] | None:
     if tools is not None and (not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools)):
         raise _invalid(f"{what}: tools must be a list of dicts (name, description, parameters)")
     return None if tools is None else list(tools)
-
-
-def _handle(value: Any, what: str) -> int:
-    value = _integer(value, what)
-    if not 0 < value <= MAX_EXACT_INTEGER:
-        raise _invalid(f"{what}: a context handle is a positive integer, not {_show(value)}")
-    return value
 
 
 class Sys:
@@ -357,45 +391,61 @@ class Sys:
     @_syscall
     def send(self, to: int | str, body: JSON = None, tag: str = "", data: bytes = b"",
              correlation_id: str = "") -> int:
-        target = _text(to, "sys.send: to") if isinstance(to, str) else _pid(to, "sys.send: to")
-        return self._k.send(target, body, sender=self.pid, tag=_text(tag, "sys.send: tag"),
-                            data=_bytes(data, "sys.send: data"),
-                            correlation_id=_text(correlation_id, "sys.send: correlation_id"))
+        request = pb.SendRequest(tag=_text(tag, "sys.send: tag"), data=_bytes(data, "sys.send: data"),
+                                 correlation_id=_text(correlation_id, "sys.send: correlation_id"))
+        setattr(request, "from", self.pid)
+        if isinstance(to, str):
+            request.to_name = _text(to, "sys.send: to")
+        elif isinstance(to, bool) or not isinstance(to, numbers.Integral):
+            raise _invalid("sys.send: to must be a pid or a registered name")
+        else:
+            request.to = _pid(to, "sys.send: to")
+        if body is not None:
+            try:
+                request.body.CopyFrom(to_value(body))
+            except (TypeError, ValueError) as e:
+                raise _invalid(f"sys.send: body: {e}") from None
+        return _unary(self._k, "sys.send", "Send", request).message_id
 
     @_syscall
     def recv(self, sender: int | None = None, tag: str | None = None, correlation_id: str | None = None,
              timeout_ms: float | None = None, ack: bool = False, lease_ms: float | None = None) -> Message | None:
-        ack = _flag(ack, "sys.recv: ack")
-        if lease_ms is not None and not ack:
-            raise _invalid("sys.recv: lease_ms is for a receive with ack=True")
-        return self._k.recv(
-            self.pid, sender=None if sender is None else _pid(sender, "sys.recv: sender"),
-            tag=_optional_text(tag, "sys.recv: tag"),
-            correlation_id=_optional_text(correlation_id, "sys.recv: correlation_id"),
-            timeout=_timeout_s(timeout_ms, "sys.recv: timeout_ms"), ack=ack,
-            lease=_timeout_s(lease_ms, "sys.recv: lease_ms"))
+        timeout = _optional_ms(timeout_ms, "sys.recv: timeout_ms")
+        request = pb.RecvRequest(pid=self.pid, tag=_optional_text(tag, "sys.recv: tag"),
+                                 correlation_id=_optional_text(correlation_id, "sys.recv: correlation_id"),
+                                 timeout_ms=timeout, ack=_flag(ack, "sys.recv: ack"),
+                                 lease_ms=_optional_ms(lease_ms, "sys.recv: lease_ms"))
+        if sender is not None:
+            setattr(request, "from", _pid(sender, "sys.recv: from"))
+        reply = _unary(self._k, "sys.recv", "Recv", request, timeout)
+        return None if reply.timed_out else message_from_pb(reply.message)
 
     @_syscall
     def ack(self, msg: Message | int) -> None:
-        self._k.ack(self.pid, _message_id(msg, "sys.ack"))
+        _unary(self._k, "sys.ack", "Ack", pb.AckRequest(pid=self.pid, message_id=_message_id(msg, "sys.ack")))
 
     @_syscall
     def nack(self, msg: Message | int) -> None:
-        self._k.nack(self.pid, _message_id(msg, "sys.nack"))
+        _unary(self._k, "sys.nack", "Nack", pb.AckRequest(pid=self.pid, message_id=_message_id(msg, "sys.nack")))
 
     @_syscall
     def wait(self, pid: int, timeout_ms: float | None = None) -> ProcessInfo | None:
-        if _pid(pid, "sys.wait: pid") == self.pid:
+        pid = _pid(pid, "sys.wait: pid")
+        if pid == self.pid:  # (the kernel would wait for ever: this process cannot end while it waits)
             raise _invalid("sys.wait: a process cannot wait for itself")
-        return self._k.wait(pid, timeout=_timeout_s(timeout_ms, "sys.wait: timeout_ms"))
+        timeout = _optional_ms(timeout_ms, "sys.wait: timeout_ms")
+        reply = _unary(self._k, "sys.wait", "Wait", pb.WaitRequest(pid=pid, timeout_ms=timeout), timeout)
+        return None if reply.timed_out else process_from_pb(reply.process)
 
     @_syscall
     def kill(self, pid: int, reason: str = "killed") -> bool:
-        return self._k.kill(_pid(pid, "sys.kill: pid"), _text(reason, "sys.kill: reason"))
+        request = pb.KillRequest(pid=_pid(pid, "sys.kill: pid"), reason=_text(reason, "sys.kill: reason"))
+        return not _unary(self._k, "sys.kill", "Kill", request).already_ended
 
     @_syscall
     def register(self, name: str) -> None:
-        self._k.register(self.pid, _text(name, "sys.register: name"))
+        _unary(self._k, "sys.register", "Register",
+               pb.RegisterRequest(pid=self.pid, name=_text(name, "sys.register: name")))
 
     @_syscall
     def whereis(self, name: str) -> int | None:
@@ -406,23 +456,31 @@ class Sys:
 
     @_syscall
     def monitor(self, pid: int) -> None:
-        self._k.monitor(self.pid, _pid(pid, "sys.monitor: pid"))
+        _unary(self._k, "sys.monitor", "Monitor",
+               pb.MonitorRequest(watcher=self.pid, target=_pid(pid, "sys.monitor: target")))
 
     @_syscall
     def info(self, pid: int | None = None) -> ProcessInfo:
-        return self._k.get(self.pid if pid is None else _pid(pid, "sys.info: pid"))
+        request = pb.GetProcessRequest(pid=self.pid if pid is None else _pid(pid, "sys.info: pid"))
+        return process_from_pb(_unary(self._k, "sys.info", "GetProcess", request))
 
     @_syscall
-    def set_priority(self, pid: int | None, priority: int, weight: int = 0) -> None:
-        self._k.set_priority(self.pid if pid is None else _pid(pid, "sys.set_priority: pid"),
-                             _int(priority, "sys.set_priority: priority", _INT32),
-                             _int(weight, "sys.set_priority: weight", _UINT32))
+    def set_priority(self, pid: int | None, priority: int | None = None, weight: int = 0) -> None:
+        if priority is None and not weight:
+            raise _invalid("sys.set_priority: give a priority (integer) and/or a weight")
+        current = self.info(pid).priority if priority is None else None  # SetPriority always sets one
+        _unary(self._k, "sys.set_priority", "SetPriority", pb.SetPriorityRequest(
+            pid=self.pid if pid is None else _pid(pid, "sys.set_priority: pid"),
+            priority=current if priority is None else _int(priority, "sys.set_priority: priority", _INT32),
+            weight=_int(weight, "sys.set_priority: weight", _UINT32)))
 
     @_syscall
     def sleep(self, ms: float) -> None:
         """Sleep in the kernel, so that this process gives up its CPU while it waits."""
-        timeout = _duration_ms(ms, "sys.sleep: ms") / 1000
-        self._k.recv(self.pid, correlation_id=f"sleep-{secrets.token_hex(16)}", timeout=timeout)
+        timeout = _ms(ms, "sys.sleep: ms")
+        _unary(self._k, "sys.sleep", "Recv", pb.RecvRequest(
+            pid=self.pid, correlation_id=f"sleep-{secrets.token_hex(16)}", timeout_ms=timeout), timeout,
+            ("timeout_ms", "ms"))
 
     @_syscall
     def now(self) -> float:
@@ -452,10 +510,11 @@ class Sys:
         result = self._k.infer(
             prompt=_optional_text(prompt, "sys.infer: prompt"), messages=messages, pid=self.pid, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, priority=priority,
-            timeout=_timeout_s(timeout_ms, "sys.infer: timeout_ms"), json_schema=json_schema,
+            timeout=None if timeout_ms is None else _ms(timeout_ms, "sys.infer: timeout_ms") / 1000,
+            json_schema=json_schema,
             regex=_optional_text(regex, "sys.infer: regex"), grammar=_optional_text(grammar, "sys.infer: grammar"),
             tools=_tool_list(tools, "sys.infer"), tool_choice=tool_choice,
-            context=0 if context is None else _handle(context, "sys.infer: context"))
+            context=0 if context is None else _int(context, "sys.infer: context", _UINT64))
         answer = {"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage}
         if tools is not None or context is not None:  # (a context may have tools)
             answer["tool_calls"] = result.tool_calls

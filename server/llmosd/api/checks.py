@@ -153,7 +153,7 @@ def string(value: Any, what: str) -> str:
 def data(value: Any, what: str) -> bytes:
     """Raw bytes (a Lua string as it is)."""
     if type(value) is not bytes:
-        raise InvalidArgument(f"{what} must be a string")
+        raise InvalidArgument(f"{what} must be a string of bytes")
     return value
 
 

@@ -172,10 +172,10 @@ TABLE: tuple[Syscall, ...] = (
     # -- locks (services/sync.py)
     Syscall("lock.acquire", "Acquire", True, "SyncTable.acquire", "{previous_holder_died}, or nothing (timed out)",
             C_FUNCTION, ("lock_acquire_now",), yields="lock_acquire", python=True, acts_as="pid", rule=ACT,
-            args=(Arg("name", NAME), opts(optional("semaphore", INTEGER), optional("timeout_ms", DURATION_MS)))),
+            args=(Arg("name", STRING), opts(optional("semaphore", INTEGER), optional("timeout_ms", DURATION_MS)))),
     Syscall("lock.try_acquire", None, False, "SyncTable.try_acquire (gRPC: Acquire with timeout_ms 0)",
             "{previous_holder_died}, or nothing", CALL, ("lock_try",), python=True,
-            args=(Arg("name", NAME), opts(optional("semaphore", INTEGER), optional("timeout_ms", DURATION_MS)))),
+            args=(Arg("name", STRING), opts(optional("semaphore", INTEGER)))),
     Syscall("lock.release", "Release", False, "SyncTable.release", "nothing", CALL, ("lock_release",), python=True,
             acts_as="pid", rule=ACT,
             args=(Arg("name", STRING),)),
