@@ -216,6 +216,8 @@ def test_python_agents_and_grpc_refuse_the_same_arguments_with_the_same_status(s
 BAD_VALUES = {
     T.PID: [("wrong type", "'x'", "'x'", None), ("zero", "0", "0", 0), ("negative", "-1", "-1", None),
             ("huge", "9007199254740993", "2**53 + 1", 2**53 + 1), ("NaN", "0/0", "float('nan')", None)],
+    T.SENDER: [("wrong type", "'x'", "'x'", None), ("negative", "-1", "-1", None),
+               ("huge", "9007199254740993", "2**53 + 1", 2**53 + 1)],
     T.RECEIVER: [("wrong type", "true", "True", None), ("huge", "9007199254740993", "2**53 + 1", 2**53 + 1),
                  ("bad UTF-8", "'\\255'", None, None)],
     T.INTEGER: [("wrong type", "'x'", "'x'", None), ("NaN", "0/0", "float('nan')", None)],

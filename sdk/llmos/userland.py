@@ -49,7 +49,7 @@ from .client import Client, FileInfo, Message, ProcessInfo, Unary, message_from_
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .v1 import kernel_pb2 as pb
 from .v1 import kernel_pb2_grpc
-from .values import to_value
+from .values import MAX_DURATION_MS, to_value
 
 JSON = Any
 TOKEN_HEADER = "llmos-token"  # the metadata the kernel's agent socket checks
@@ -137,17 +137,20 @@ def _show(value: Any) -> str:
 # range INVALID_ARGUMENT). The kernel's words name the argument without the syscall; the agent's
 # errors add "sys.<name>: " (_kernel).
 
-def _int(value: Any, what: str, bounds: tuple[int, int]) -> int:
-    """An int (or anything that is one, as a numpy integer; not a bool) for a field within `bounds`."""
+def _integer(value: Any, what: str) -> int:
+    """An int, or anything that is one (a numpy integer), but not a bool."""
     if not isinstance(value, bool):
         try:
-            value = operator.index(value)
+            return operator.index(value)
         except TypeError:
             pass
-        else:
-            low, high = bounds
-            return high if value > high or (low == 0 and value < 0) else max(value, low)
     raise _invalid(f"{what} must be an integer")
+
+
+def _int(value: Any, what: str, bounds: tuple[int, int]) -> int:
+    """An integer for a field within `bounds` (beyond them: the bound nearest, as above)."""
+    value, (low, high) = _integer(value, what), bounds
+    return high if value > high or (low == 0 and value < 0) else max(value, low)
 
 
 def _pid(value: Any, what: str) -> int:
@@ -204,14 +207,20 @@ def _message_id(msg: Any, what: str) -> int:
 
 
 def _limits(limits: Any, what: str) -> dict[str, int] | None:
-    """spawn's limits as pb.Limits' fields (the kernel checks them; an unknown key is no field)."""
+    """spawn's limits as pb.Limits' fields (the kernel checks them; an unknown key is no field).
+    Every field is unsigned and 0 means "the server's default": a negative or a number beyond the
+    field has no value that says the same, so it is refused here."""
     if limits is None:
         return None
     if not isinstance(limits, dict):
         raise _invalid(f"{what} must be a dict of {', '.join(_LIMITS)}")
-    # A fraction of a ms still limits (0 would mean "the server's default").
-    return {k: max(0, _ms(v, f"{what}.{k}")) if k in _DURATION_LIMITS else _int(v, f"{what}.{k}", _LIMITS.get(k, _UINT64))
-            for k, v in limits.items()}
+    out = {}
+    for key, value in limits.items():
+        field = _ms(value, f"{what}.{key}") if key in _DURATION_LIMITS else _integer(value, f"{what}.{key}")
+        if not _LIMITS.get(key, _UINT64)[0] <= field <= _LIMITS.get(key, _UINT64)[1]:
+            raise _invalid(f"{what}.{key}: {_show(value)} is out of range")
+        out[key] = field
+    return out
 
 
 def _unary(kernel: "_AgentClient", syscall: str, method: str, request: Any, timeout_ms: int | None = None,
@@ -219,7 +228,8 @@ def _unary(kernel: "_AgentClient", syscall: str, method: str, request: Any, time
     """The reply to one RPC; the kernel's refusal of an argument says which syscall refused it
     (and, `field_is`, names the field by its argument's name)."""
     def plan() -> Any:
-        deadline = None if timeout_ms is None or timeout_ms < 0 else timeout_ms / 1000 + 5.0
+        # (past the kernel's "for ever", no deadline: gRPC's cannot be that far)
+        deadline = None if timeout_ms is None or not 0 <= timeout_ms < MAX_DURATION_MS else timeout_ms / 1000 + 5.0
         reply = yield Unary(method, request, deadline)
         return reply
 
@@ -416,7 +426,7 @@ class Sys:
                                  timeout_ms=timeout, ack=_flag(ack, "sys.recv: ack"),
                                  lease_ms=_optional_ms(lease_ms, "sys.recv: lease_ms"))
         if sender is not None:
-            setattr(request, "from", _pid(sender, "sys.recv: from"))
+            setattr(request, "from", _pid(sender, "sys.recv: from"))  # (a negative: NOT_FOUND, as one too big)
         reply = _unary(self._k, "sys.recv", "Recv", request, timeout)
         return None if reply.timed_out else message_from_pb(reply.message)
 

@@ -163,6 +163,11 @@ def flag(value: Any, what: str) -> bool:
     return value
 
 
+def sender(value: Any, what: str) -> int:
+    """A receive's sender filter: a pid, or 0 for messages from external clients."""
+    return 0 if integer(value, what) == 0 else pid(value, what)
+
+
 def receiver(value: Any, what: str) -> int | str:
     """A message's receiver: a pid, or a registered name."""
     if type(value) is bytes or isinstance(value, str):
@@ -286,7 +291,7 @@ def options(given: Any, what: str, arg: Arg, prefix: str) -> dict[str, Any]:
 KINDS = {
     PID: pid, T.DURATION_MS: duration_ms, T.PRIORITY: priority, T.WEIGHT: weight, NAME: name, TEXT: text,
     STRING: string, DATA: data, FLAG: flag, INTEGER: integer, T.MESSAGE_ID: message_id,
-    T.CONTEXT: context_handle, T.LIMITS: limits, RECEIVER: receiver,
+    T.CONTEXT: context_handle, T.LIMITS: limits, RECEIVER: receiver, T.SENDER: sender,
     VALUE: lambda v, what: v,  # checked against the message size limit where it is stored (Kernel)
 }
 

@@ -54,6 +54,7 @@ YIELD = "yield"  # yields `yields` to the kernel, which answers when the syscall
 # Kinds of argument, each checked by api/checks.py's KINDS[kind] (DECISIONS.md has the ranges).
 PID = "pid"  # a process: an integer; 0 is unset (INVALID_ARGUMENT), one that cannot exist NOT_FOUND
 RECEIVER = "receiver"  # a pid, or a registered name (the kernel looks it up)
+SENDER = "sender"  # a receive's filter: a pid, or 0 for external clients; one that cannot exist NOT_FOUND
 DURATION_MS = "duration_ms"  # ms: NaN and negative refused, above 10 years clamped
 PRIORITY, WEIGHT = "priority", "weight"  # [-20, 20]; 1..10000
 NAME = "name"  # a process, port or lock name: 1..256 printable characters
@@ -143,7 +144,7 @@ TABLE: tuple[Syscall, ...] = (
             "with ack, Acks.recv_locked (kernel/acks.py)",
             "a message, or nothing (timed out)", C_FUNCTION, yields="recv", python=True, acts_as="pid",
             rule=OWN_MAILBOX,
-            args=(opts(optional("from", INTEGER), optional("tag", STRING), optional("correlation_id", STRING),
+            args=(opts(optional("from", SENDER), optional("tag", STRING), optional("correlation_id", STRING),
                        optional("timeout_ms", DURATION_MS), optional("ack", FLAG), optional("lease_ms", DURATION_MS)),)),
     Syscall("ack", "Ack", False, "Acks.ack (kernel/acks.py)", "nothing", CALL, ("ack",), python=True, acts_as="pid",
             rule=OWN_MAILBOX,

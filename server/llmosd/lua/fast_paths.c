@@ -366,7 +366,8 @@ static PyObject *filter_text(lua_State *L, int idx)
 }
 
 /* sys.recv's filter from its from, tag and correlation_id at idx..idx+2,
- * in *match (NULL: any message). -1 (no exception): the Python side decides. */
+ * in *match (NULL: any message). -1 (no exception): the Python side decides
+ * (and refuses: a `from` no process can have is the table's rule, api/checks.py sender). */
 static int recv_filter(lua_State *L, int idx, Match **match)
 {
     PyObject *sender = NULL, *tag = NULL, *correlation_id = NULL;
@@ -376,7 +377,8 @@ static int recv_filter(lua_State *L, int idx, Match **match)
     if (lua_isnil(L, idx)) {
         Py_INCREF(Py_None);
         sender = Py_None;
-    } else if (lua_isinteger(L, idx)) {
+    } else if (lua_isinteger(L, idx) && lua_tointegerx(L, idx, NULL) >= 0
+               && lua_tointegerx(L, idx, NULL) <= LLMOS_MAX_EXACT_INTEGER) {
         sender = PyLong_FromLongLong(lua_tointegerx(L, idx, NULL));
     }
     if (sender != NULL && (tag = filter_text(L, idx + 1)) != NULL
