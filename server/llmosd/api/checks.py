@@ -73,11 +73,17 @@ def weight(value: Any, what: str = "weight") -> int:
     return value
 
 
-def pid(value: Any, what: str = "pid") -> int:
-    """A pid given by a caller: an integer; 0 means unset (refused); one that cannot exist is NotFound."""
+def _set_id(value: Any, what: str) -> int:
+    """An id's integer; 0 means unset in a request field (refused)."""
     value = integer(value, what)
     if value == 0:
         raise InvalidArgument(f"{what} is required")
+    return value
+
+
+def pid(value: Any, what: str = "pid") -> int:
+    """A pid given by a caller: an integer; 0 means unset (refused); one that cannot exist is NotFound."""
+    value = _set_id(value, what)
     if not 0 < value <= MAX_PID:
         raise NotFound(f"no process with pid {value}")
     return value
@@ -85,9 +91,7 @@ def pid(value: Any, what: str = "pid") -> int:
 
 def message_id(value: Any, what: str = "message_id") -> int:
     """A message id given by a caller (Ack, Nack): an integer in 1..2^53; 0 means unset (refused)."""
-    value = integer(value, what)
-    if value == 0:
-        raise InvalidArgument(f"{what} is required")
+    value = _set_id(value, what)
     if not 0 < value <= MAX_PID:
         raise InvalidArgument(f"{what} must be between 1 and 2^53, not {value}")
     return value

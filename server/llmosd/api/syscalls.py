@@ -200,18 +200,19 @@ def _give_back(k: Kernel, pid: int, leased: Any) -> None:
 
 
 async def sys_ack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
-    pid, (message_id,) = _pid(req.pid), C.arguments("ack", {"message_id": req.message_id})
-    with k.lock:
-        k.target_locked(CALLER.get(), "ack", pid, "receiver")
-        k.acks.ack(pid, message_id)
-    return pb.AckResponse()
+    return _settle(k, req, "ack", k.acks.ack)
 
 
 async def sys_nack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
-    pid, (message_id,) = _pid(req.pid), C.arguments("nack", {"message_id": req.message_id})
+    return _settle(k, req, "nack", k.acks.nack)
+
+
+def _settle(k: Kernel, req: pb.AckRequest, syscall: str, settle: Callable[[int, int], None]) -> pb.AckResponse:
+    """Ack or Nack: the receiver's lease on a message ends."""
+    pid, (message_id,) = _pid(req.pid), C.arguments(syscall, {"message_id": req.message_id})
     with k.lock:
-        k.target_locked(CALLER.get(), "nack", pid, "receiver")
-        k.acks.nack(pid, message_id)
+        k.target_locked(CALLER.get(), syscall, pid, "receiver")
+        settle(pid, message_id)
     return pb.AckResponse()
 
 
