@@ -226,6 +226,8 @@ BAD_VALUES = {
     T.PRIORITY: [("above", "21", "21", 21), ("below", "-21", "-21", -21), ("wrong type", "'x'", "'x'", None)],
     T.WEIGHT: [("above", "20000", "20000", 20000), ("wrong type", "'x'", "'x'", None)],
     T.STRING: [("wrong type", "5", "5", None), ("bad UTF-8", "'\\255'", None, None)],
+    T.NAME: [("wrong type", "5", "5", None), ("empty", "''", "''", ""), ("control", "'a\\0b'", "'a\\x00b'", "a\0b"),
+             ("too long", "string.rep('n', 257)", "'n' * 257", "n" * 257), ("bad UTF-8", "'\\255'", None, None)],
     T.TEXT: [("wrong type", "5", "5", None), ("too long", "string.rep('t', 2000)", "'t' * 2000", "t" * 2000)],
     T.DATA: [("wrong type", "5", "5", None)],
     T.FLAG: [("wrong type", "'yes'", "'yes'", None)],
@@ -234,7 +236,7 @@ BAD_VALUES = {
 }
 # A valid value per kind, for the arguments a generated call does not make bad ("PORT": an open port).
 GOOD = {T.PID: ("PORT", "PORT", "PORT"), T.RECEIVER: ("PORT", "PORT", "PORT"), T.STRING: ("'x'", "'x'", "x"),
-        T.PRIORITY: ("0", "0", 0),
+        T.NAME: ("'x'", "'x'", "x"), T.PRIORITY: ("0", "0", 0), T.DATA: ("''", "b''", b""),
         T.DURATION_MS: ("0", "0", 0), T.MESSAGE_ID: ("1", "1", 1), T.VALUE: ("nil", "None", None)}
 # The fields an entry's RPC needs besides its arguments (whose fields have the arguments' names),
 # for the entries whose RPC is not the entry's own (info is GetProcess) or names the actor.

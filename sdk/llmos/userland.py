@@ -250,11 +250,15 @@ class Files:
 
     @_syscall
     def write(self, path: str, data: bytes | str, append: bool = False) -> FileInfo:
-        return self._k.write_file(_text(path, "sys.fs.write: path"), data, append=_flag(append, "sys.fs.write: append"))
+        """`data`: bytes, or a str (written as UTF-8)."""
+        return self._k.write_file(_text(path, "sys.fs.write: path"),
+                                  data if isinstance(data, str) else _bytes(data, "sys.fs.write: data"),
+                                  append=_flag(append, "sys.fs.write: append"))
 
     @_syscall
     def read(self, path: str, offset: int = 0, length: int = 0) -> bytes:
-        return self._k.read_file(_text(path, "sys.fs.read: path"), offset=offset, length=length)
+        return self._k.read_file(_text(path, "sys.fs.read: path"), offset=_integer(offset, "sys.fs.read: offset"),
+                                 length=_integer(length, "sys.fs.read: length"))
 
     @_syscall
     def stat(self, path: str) -> FileInfo:

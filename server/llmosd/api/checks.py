@@ -98,8 +98,8 @@ def message_id(value: Any, what: str = "message_id") -> int:
 
 
 def name(value: Any, what: str = "name") -> str:
-    value = _decoded(value, what)
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable():
+    value = string(value, what)
+    if not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable():
         raise InvalidArgument(f"{what}: names are 1 to {MAX_NAME_LEN} printable characters "
                               "(no control, format or separator characters but the space)")
     return value

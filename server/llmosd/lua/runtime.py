@@ -99,25 +99,6 @@ def from_lua(value: Any, what: str = "value") -> Any:
     raise InvalidArgument(f"{what}: a {kind.__name__} cannot be sent or returned")
 
 
-def _opt_str(value: Any, name: str) -> str | None:
-    return None if value is None else C.string(value, name)
-
-
-def _opt_int(value: Any, name: str) -> int | None:
-    return None if value is None else C.integer(value, name)
-
-
-def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
-    """An options table (nil: none) as a dict of `known` options only."""
-    if opts is None:
-        return {}
-    value = from_lua(opts, fname)  # says why a table cannot cross
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{fname}: expected a table of options")
-    C.known_options(value, known, fname)
-    return value
-
-
 def arguments(syscall: str, **given: Any) -> tuple[Any, ...]:
     """sys.<syscall>'s arguments checked by its table entry (api/checks.py arguments), worded
     "sys.<syscall>: ..."; a table that could not cross from Lua says why first."""
@@ -389,21 +370,20 @@ class LuaProcess:
 
     def _file_call(self, op: bytes, name: str, path: Any, a: Any, b: Any) -> Any:
         files, ns, pid = self.kernel.files, self.proc.namespace, self.proc.pid
-        vpath = _opt_str(path, f"{name}: path")
-        if vpath is None:
-            raise InvalidArgument(f"{name}: path must be a string")
         if op == b"write":  # (path, data, {append=})
-            if type(a) is not bytes:
-                raise InvalidArgument("sys.fs.write: data must be a string")
-            append = bool(_options(b, name, ("append",)).get("append"))
-            return self.file_info(files.write(ns, pid, vpath, a, append=append))
+            vpath, data, options = arguments("fs.write", path=path, data=a, options=b)
+            return self.file_info(files.write(ns, pid, vpath, data, append=options.get("append", False)))
         if op == b"read":  # (path, {offset=, length=})
-            options = _options(a, name, ("offset", "length"))
-            offset = _opt_int(options.get("offset"), "sys.fs.read: offset") or 0
-            length = _opt_int(options.get("length"), "sys.fs.read: length")
+            vpath, options = arguments("fs.read", path=path, options=a)
+            offset, length = options.get("offset", 0), options.get("length")
             if offset < 0 or (length is not None and length < 0):
                 raise InvalidArgument("sys.fs.read: offset and length must not be negative")
             return files.read(ns, vpath, offset, length)
+        if op == b"rename":  # (path, new path)
+            return self.file_info(files.rename(ns, *arguments("fs.rename", src=path, dst=a)))
+        if op not in (b"stat", b"list", b"delete", b"mkdir"):
+            raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
+        (vpath,) = arguments(f"fs.{op.decode()}", path=path)
         if op == b"stat":
             return self.file_info(files.stat(ns, vpath))
         if op == b"list":
@@ -411,14 +391,7 @@ class LuaProcess:
         if op == b"delete":
             files.delete(ns, vpath)
             return True
-        if op == b"rename":  # (path, new path)
-            target = _opt_str(a, "sys.fs.rename: new path")
-            if target is None:
-                raise InvalidArgument("sys.fs.rename: the new path must be a string")
-            return self.file_info(files.rename(ns, vpath, target))
-        if op == b"mkdir":
-            return self.file_info(files.mkdir(ns, vpath))
-        raise InvalidArgument(f"sys.fs has no {op.decode(errors='replace')}")
+        return self.file_info(files.mkdir(ns, vpath))
 
     def context_fork(self, handle: Any = None) -> int:
         return self._inference().fork_context(self.proc.pid, *arguments("context.fork", context=handle))
