@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="llmos-data", help="where the kernel database lives (default %(default)s)")
     p.add_argument("--userland-root", default=None,
                    help="directory that Spawn's path programs are read from (default: ./userland if present)")
+    p.add_argument("--lib", action="append", default=[], metavar="DIR",
+                   help="a directory of Lua modules that programs may require, searched before llmos's own "
+                        "library; repeatable")
     p.add_argument("--spawn", action="append", default=[], metavar="PATH",
                    help="a program (relative to the userland root) to start at boot; repeatable")
     p.add_argument("--cpus", type=int, default=0, help="virtual CPUs running programs (default: one per core)")
@@ -73,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "past the time it was due to give its virtual CPU back (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    for lib in args.lib:
+        if not os.path.isdir(lib):
+            p.error(f"--lib {lib}: not a directory")
     for flag in ("aging_ms", "wedged_ms"):
         if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
             p.error(f"--{flag.replace('_', '-')} must be a positive number")
@@ -91,7 +97,7 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
         max_processes=args.max_processes, max_message_bytes=args.max_message_bytes,
-        userland_root=root,
+        userland_root=root, lib_dirs=tuple(os.path.abspath(d) for d in args.lib),
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
                                namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,
                                process_files=args.process_files),
