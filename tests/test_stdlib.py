@@ -8,6 +8,7 @@ sibling crashes blocks in sys.recv until the test tells it to end.
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -100,6 +101,11 @@ def until(check: Any, what: str) -> Any:
             return found
         time.sleep(0.02)
     raise AssertionError(f"not within {WAIT_S} s: {what}")
+
+
+def registered(client: llmos.Client, name: str) -> int:
+    """The pid registered as `name`, once it is."""
+    return until(lambda: next((p.pid for p in client.ps(name=name)), None), f"a process registered as {name}")
 
 
 # -- require ---------------------------------------------------------------------------------------------
@@ -320,6 +326,7 @@ COUNTER = src("""
 
 def test_server_call_cast_and_timeout(client: llmos.Client) -> None:
     srv = client.spawn(lua=COUNTER, args={"name": "counter-1"})
+    registered(client, "counter-1")
     out = result(run(client, lua=src("""
         local server = require "server"
         local out = {}
@@ -343,6 +350,7 @@ def test_server_call_cast_and_timeout(client: llmos.Client) -> None:
 
 def test_server_handler_failure_answers_the_caller_and_ends_the_server(client: llmos.Client) -> None:
     srv = client.spawn(lua=COUNTER, args={"name": "counter-2"})
+    registered(client, "counter-2")
     out = result(run(client, lua="local server = require 'server' return {pcall(server.call, 'counter-2', 'fail', 5000)}"))
     assert out[0] is False and "server.call: the server failed: " in out[1] and "asked to fail" in out[1]
     info = client.wait(srv, timeout=WAIT_S)
@@ -401,6 +409,7 @@ def test_pool_job_fails_after_max_attempts(client: llmos.Client) -> None:
 def test_pool_serves_submitted_jobs_until_stopped(client: llmos.Client) -> None:
     pool_pid = client.spawn(lua="return require('pool').run{size = 2, name = 'squares', worker = {lua = args.worker}}",
                             args={"worker": SQUARER})
+    registered(client, "squares")
     out = result(run(client, lua=src("""
         local pool = require "pool"
         local out = {}
@@ -412,3 +421,9 @@ def test_pool_serves_submitted_jobs_until_stopped(client: llmos.Client) -> None:
     assert [r["attempts"] for r in out] == [1, 2, 1, 1]
     stats = result(client.wait(pool_pid, timeout=WAIT_S))
     assert (stats["done"], stats["failed"], stats["redelivered"], stats["workers_started"]) == (4, 0, 1, 3)
+
+
+def test_readme_stdlib_example_runs(client: llmos.Client) -> None:
+    readme = (ROOT / "README.md").read_text()
+    [source] = re.findall(r"```lua stdlib\n(.*?)```", readme, re.S)
+    assert result(run(client, lua=source)) == {"answer": 42, "restarts": 1}
