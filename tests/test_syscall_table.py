@@ -246,7 +246,7 @@ RPC_FIXED = {"monitor": {"watcher": "PORT"}, "recv": {"pid": "PORT"}, "ack": {"p
 RPC_OF = {"lock.try_acquire": "Acquire"}
 PYTHON_KEYWORDS = {"from": "sender"}  # `from` is a Python keyword: llmos.userland's sys.recv calls it sender
 # context.*: checked only where an engine runs (this server has none: UNIMPLEMENTED first, everywhere).
-NEEDS_ENGINE = {"context.fork", "context.drop"}
+NEEDS_ENGINE = {"infer", "context.create", "context.fork", "context.drop"}
 
 
 def _reachable(entry: T.Syscall) -> int:

@@ -393,8 +393,10 @@ class Sys:
     @_syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: dict | None = None,
-              monitor: bool = False, weight: int = 0, dead_letter: int | None = None, max_attempts: int = 0) -> int:
-        return self._k.spawn(
+              monitor: bool = False, weight: int = 0, dead_letter: int | None = None, max_attempts: int = 0,
+              source_name: str | None = None) -> int:
+        """`source_name`: the name a source program's errors and tracebacks give it."""
+        return self._k.spawn(source_name=_optional_text(source_name, "sys.spawn: source_name"),
             lua=_optional_text(lua, "sys.spawn: lua"), python=_optional_text(python, "sys.spawn: python"),
             path=_optional_text(path, "sys.spawn: path"), args=args, name=_optional_text(name, "sys.spawn: name"),
             priority=_int(priority, "sys.spawn: priority", _INT32), limits=_limits(limits, "sys.spawn: limits"),

@@ -208,7 +208,11 @@ _DURATION_LIMITS = ("cpu_ms", "wall_ms")
 def limits(given: Any, what: str = "limits") -> Limits:
     """Limits from a mapping of names to numbers (a Lua table, a gRPC Limits'
     fields): durations as duration_ms; byte and count limits non-negative
-    integers, clamped to MAX_AMOUNT."""
+    integers, clamped to MAX_AMOUNT. An empty Lua table may arrive as a list."""
+    if given == []:
+        given = {}
+    if not isinstance(given, dict):
+        raise InvalidArgument(f"{what} must be a table of {', '.join(Limits.__slots__)}")
     out = {}
     for key, amount in given.items():
         if key not in Limits.__slots__:
@@ -226,9 +230,8 @@ def limits(given: Any, what: str = "limits") -> Limits:
 # -- inference ----------------------------------------------------------------------------------
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 CHAT_FIELDS = ("role", "content", "name")
-INFER_OPTIONS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority",
-                 "timeout_ms", "json_schema", "regex", "grammar", "tools", "tool_choice", "context")
-CONTEXT_OPTIONS = ("messages", "tools")
+INFER_OPTIONS = T.option_keys(BY_NAME["infer"])  # the syscall table's
+CONTEXT_OPTIONS = T.option_keys(BY_NAME["context.create"])
 
 
 def chat(messages: Any, what: str = "messages", allow_empty: bool = False) -> list[dict[str, str]]:

@@ -108,7 +108,12 @@ class Syscall:
 
 TABLE: tuple[Syscall, ...] = (
     # -- processes
-    Syscall("spawn", "Spawn", False, "Kernel.spawn", "pid", CALL, ("spawn",), python=True, acts_as="parent", rule=ACT),
+    Syscall("spawn", "Spawn", False, "Kernel.spawn", "pid", CALL, ("spawn",), python=True, acts_as="parent", rule=ACT,
+            args=(opts(optional("lua", STRING), optional("python", STRING), optional("path", STRING),
+                       optional("args", VALUE), optional("name", STRING), optional("priority", INTEGER),
+                       optional("weight", INTEGER), optional("limits", LIMITS), optional("monitor", FLAG),
+                       optional("source_name", STRING), optional("dead_letter", INTEGER),
+                       optional("max_attempts", INTEGER)),)),
     Syscall("kill", "Kill", False, "Kernel.kill", "whether it was live", CALL, ("kill",), python=True, rule=ACT,
             args=(Arg("pid", PID), optional("reason", TEXT))),
     Syscall("exit", "Exit", False, "Kernel.exit (Lua: the process ends, lua/slices.py)", "nothing",
@@ -201,10 +206,15 @@ TABLE: tuple[Syscall, ...] = (
             ("cond_broadcast",), python=True, acts_as="pid", rule=ACT,
             args=(Arg("name", STRING),)),
     # -- inference (services/inference.py)
+    # (their options' values: the inference service's checks, api/checks.py chat, tool_choice...)
     Syscall("infer", "Infer", True, "Inference", "{text, finish_reason, usage}", YIELD, yields="infer",
-            python=True, acts_as="pid", rule=ACT),
+            python=True, acts_as="pid", rule=ACT,
+            args=(opts(*(optional(key, VALUE) for key in (
+                "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority",
+                "timeout_ms", "json_schema", "regex", "grammar", "tools", "tool_choice", "context"))),)),
     Syscall("context.create", "CreateContext", True, "Inference.create_context (waits for the prefill)",
-            "context handle", YIELD, yields="context_create", python=True, acts_as="pid", rule=ACT),
+            "context handle", YIELD, yields="context_create", python=True, acts_as="pid", rule=ACT,
+            args=(opts(optional("messages", VALUE), optional("tools", VALUE)),)),
     Syscall("context.fork", "ForkContext", False, "Inference.fork_context", "context handle", CALL,
             ("context_fork",), python=True, acts_as="pid", rule=ACT,
             args=(Arg("context", CONTEXT),)),

@@ -109,10 +109,6 @@ def arguments(syscall: str, **given: Any) -> tuple[Any, ...]:
     return C.arguments(syscall, given, f"sys.{syscall}: ")
 
 
-SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
-                           "source_name", "dead_letter", "max_attempts"))
-
-
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     """A process's record as the plain table sys.info and sys.wait answer."""
     info = {
@@ -270,26 +266,14 @@ class LuaProcess:
             return None, str(e).encode()
 
     def spawn(self, spec: Any = None) -> int:
-        spec = from_lua(spec, "sys.spawn")
-        if not isinstance(spec, dict):
-            raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
-        if not SPAWN_OPTIONS.issuperset(spec):
-            unknown = ", ".join(sorted(set(spec) - SPAWN_OPTIONS))
-            raise InvalidArgument(f"sys.spawn: unknown option(s) {unknown}")
-        limits = spec.get("limits") or {}
-        if not isinstance(limits, dict):
-            raise InvalidArgument(f"sys.spawn: limits must be a table of {', '.join(Limits.__slots__)}")
-        for key in ("lua", "python", "path", "name", "source_name"):
-            if spec.get(key) is not None and not isinstance(spec[key], str):
-                raise InvalidArgument(f"sys.spawn: {key} must be a string")
+        """sys.spawn{lua = source, args = ...}: the Kernel checks the program, name and ranges."""
+        (spec,) = arguments("spawn", options=spec)
         return self.kernel.spawn(SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
-            name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
-            weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
-            limits=C.limits(limits, "sys.spawn: limits"), parent=self.proc.pid, monitor=bool(spec.get("monitor")),
-            source_name=spec.get("source_name"),
-            dead_letter=C.integer(spec.get("dead_letter", 0), "sys.spawn: dead_letter"),
-            max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"),
+            name=spec.get("name"), priority=spec.get("priority", 0), weight=spec.get("weight", 0),
+            limits=spec.get("limits", Limits()), parent=self.proc.pid, monitor=spec.get("monitor", False),
+            source_name=spec.get("source_name"), dead_letter=spec.get("dead_letter", 0),
+            max_attempts=spec.get("max_attempts", 0),
         ), self.caller)
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
