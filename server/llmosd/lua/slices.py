@@ -20,7 +20,8 @@ from ..kernel import process as P
 from ..kernel.process import Limits, Process
 from ..kernel.store import ProcessRecord
 from ..kernel.waiting import TIMED_OUT, Waiter
-from .runtime import MEMORY_ERROR, LuaProcess, describe_record, error_text, from_lua, lua_syntax_error
+from ..kernel.journal import REPLAY_DIVERGENCE
+from .runtime import _LIVE, MEMORY_ERROR, LuaProcess, describe_record, error_text, from_lua, lua_syntax_error
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
@@ -94,7 +95,7 @@ class LuaRuntime:
             if proc.ended:
                 return
             if proc.kill_reason is not None:
-                kernel.end_locked(proc, P.KILLED, proc.kill_reason)
+                _end_killed(kernel, proc)
                 return
             proc.state = P.RUNNING
         lua = proc.runtime
@@ -119,9 +120,15 @@ class LuaRuntime:
             kind = out[0]
             if kind == b"sys":
                 name = out[1].decode()
+                if lua.journal is not None and name != "exit":  # a durable process's (kernel/journal.py)
+                    replayed = lua.replayed(name, out[2:])
+                    if replayed is not _LIVE and proc.kill_reason is None:
+                        args = replayed
+                        continue
+                    lua.pending_call = (name, out[2:])
                 with kernel.lock:
                     if proc.kill_reason is not None:
-                        kernel.end_locked(proc, P.KILLED, proc.kill_reason)
+                        _end_killed(kernel, proc)
                         return
                     answer = self._blocking_syscall(proc, name, out[2:])
                     if answer is None:
@@ -148,7 +155,7 @@ class LuaRuntime:
                     text = error_text(out[1])
                     dying = out[2].decode() if len(out) > 2 and out[2] is not None else None
                     if proc.kill_reason is not None:
-                        kernel.end_locked(proc, P.KILLED, proc.kill_reason)
+                        _end_killed(kernel, proc)
                     elif dying == "memory_limit" or text == MEMORY_ERROR:
                         kernel.end_locked(proc, P.KILLED, "memory_limit", error=MEMORY_ERROR)
                     else:
@@ -248,6 +255,15 @@ class LuaRuntime:
 
 # The syscalls Lua yields, from the syscall table; exit is no wait (_blocking_syscall ends the process).
 _BLOCKS = {name: getattr(LuaRuntime, f"block_{name}") for name in sorted(LUA_YIELDS - {"exit"})}
+
+
+def _end_killed(kernel: Kernel, proc: Process) -> None:
+    """End `proc` for its kill_reason (lock held): a durable process whose replay diverged crashed."""
+    journal = proc.runtime.journal if proc.runtime is not None else None
+    if journal is not None and journal.divergence is not None:
+        kernel.end_locked(proc, P.CRASHED, REPLAY_DIVERGENCE, error=journal.divergence)
+    else:
+        kernel.end_locked(proc, P.KILLED, proc.kill_reason)
 
 
 def _startup_error(text: str, out_of_memory: bool) -> str:
