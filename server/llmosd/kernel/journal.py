@@ -55,10 +55,15 @@ class Divergence(Exception):
     """The program made a different call than its journal has (its text says which)."""
 
 
-def args_hash(args: Any) -> int:
+_PLAIN = frozenset((int, float, bytes, str, bool, type(None)))
+
+
+def args_hash(args: tuple) -> int:
     """A hash of a call's arguments that does not depend on a table's iteration order."""
-    return int.from_bytes(hashlib.blake2b(marshal.dumps(_canonical(args)), digest_size=8).digest(), "little",
-                          signed=True)
+    plain = _PLAIN
+    if not all(type(v) in plain for v in args):
+        args = _canonical(args)
+    return int.from_bytes(hashlib.blake2b(marshal.dumps(args), digest_size=8).digest(), "little", signed=True)
 
 
 def _canonical(value: Any) -> Any:
