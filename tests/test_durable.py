@@ -219,3 +219,27 @@ def test_sys_spawn_durable_must_be_a_boolean(stub: Any) -> None:
                                          "return err")).pid
     reply = stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=60_000))
     assert "durable must be a boolean" in reply.process.result.string_value
+
+
+def test_a_replayed_process_holds_the_locks_it_held_and_appends_once(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        sys.lock.acquire("shared")
+        sys.fs.write("out.txt", "a", {append = true})
+        sys.send(args.port, "holding")
+        sys.recv{tag = "go"}
+        sys.fs.write("out.txt", "b", {append = true})
+        sys.lock.release("shared")
+        return "done"
+    """)
+    contender = "local got = sys.lock.try_acquire('shared') return got ~= nil"
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        bodies(k, port, 1)
+    with restart(fresh_llmosd) as k:
+        k.send(pid, None, tag="ping")  # not what it waits for: it stays blocked, replayed, live
+        assert k.run(contender, timeout=WAIT_S).result is False  # the lock is its again
+        k.send(pid, None, tag="go")
+        assert k.wait(pid, timeout=WAIT_S).result == "done"
+        assert k.run(contender, timeout=WAIT_S).result is True
+        assert k.read_file("out.txt") == b"ab"

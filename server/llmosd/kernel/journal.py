@@ -63,7 +63,8 @@ def args_hash(args: tuple) -> int:
     plain = _PLAIN
     if not all(type(v) in plain for v in args):
         args = _canonical(args)
-    return int.from_bytes(hashlib.blake2b(marshal.dumps(args), digest_size=8).digest(), "little", signed=True)
+    # Version 2: the later ones mark objects with more than one reference, so equal values could differ.
+    return int.from_bytes(hashlib.blake2b(marshal.dumps(args, 2), digest_size=8).digest(), "little", signed=True)
 
 
 def _canonical(value: Any) -> Any:

@@ -193,6 +193,7 @@ class LuaProcess:
         self.pending_call: tuple[str, tuple] | None = None  # a durable process's blocking call, until answered
         self._sent: tuple | None = None  # a durable send's journaled answer
         self.call_digest = 0  # the arguments hash of the durable call being made
+        self.held_locks: dict[str, tuple[str, int, int]] = {}  # in a replay: name -> (kind, permits, times held)
         program = proc.program if self.journal is None else DURABLE_PRELUDE % self.journal.seed + proc.program
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
@@ -266,15 +267,50 @@ class LuaProcess:
         """The journal's answer to a durable process's call while it replays, else _LIVE. A call
         that diverges ends the process (CRASHED, replay_divergence) at its next check."""
         journal = self.journal
+        if journal.divergence is None and not journal.replaying:
+            if self.held_locks:
+                self._retake_locks()
+            if journal.divergence is None:
+                return _LIVE
         if journal.divergence is not None:
             return None, journal.divergence.encode()
-        if not journal.replaying:
-            return _LIVE
         try:
-            return journal.replay(call, args)
+            answer = journal.replay(call, args)
         except Divergence as e:
             self.proc.kill_reason = REPLAY_DIVERGENCE  # ends it at its next check or blocking call
             return None, str(e).encode()
+        if call.startswith("lock_"):
+            self._replayed_lock(call, args, answer)
+        return answer
+
+    def _replayed_lock(self, call: str, args: tuple, answer: Any) -> None:
+        """Follow which locks a replayed program holds (the lock table starts empty after a restart)."""
+        if call == "lock_release":
+            name = _opt_str(args[0], "sys.lock.release: name") if args else None
+            held = self.held_locks.get(name)
+            if held is not None and held[2] > 1:
+                self.held_locks[name] = (held[0], held[1], held[2] - 1)
+            else:
+                self.held_locks.pop(name, None)
+            return
+        got = answer[0] if call == "lock_acquire" and type(answer) is tuple and answer else answer
+        if type(got) is dict:
+            name, kind, permits, _ = self.lock_options(args[0], args[1] if len(args) > 1 else None, "sys.lock.acquire")
+            count = self.held_locks.get(name, (kind, permits, 0))[2]
+            self.held_locks[name] = (kind, permits, count + 1)
+
+    def _retake_locks(self) -> None:
+        """Going live after a replay: take again the locks the program holds at this point of its journal."""
+        held, self.held_locks = self.held_locks, {}
+        kernel, proc = self.kernel, self.proc
+        with kernel.lock:
+            for name, (kind, permits, count) in held.items():
+                for _ in range(count):
+                    if kernel.sync.try_acquire(proc.namespace, name, proc.pid, kind, permits) is None:
+                        self.journal.divergence = (f"the lock {name!r} this process held before the restart is "
+                                                   "held by another process now")
+                        proc.kill_reason = REPLAY_DIVERGENCE
+                        return
 
     def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
         journal = self.journal
