@@ -51,6 +51,11 @@ _DELETE_MESSAGE = "DELETE FROM port_messages WHERE id=?"
 _MASK = (1 << 64) - 1
 
 
+# Calls that take or give back a lock: their entries also name the lock (kind, permits), so that a
+# restart can give each durable process the locks it held before anything runs (held_locks).
+LOCK_CALLS = frozenset(("lock_acquire_now", "lock_try", "lock_acquire", "lock_release"))
+
+
 class Divergence(Exception):
     """The program made a different call than its journal has (its text says which)."""
 
@@ -130,7 +135,8 @@ class ProcessJournal:
                                f"(arguments hash {args_hash(args) & _MASK:016x}): a different {what}")
             raise Divergence(self.divergence)
         self.cursor = seq + 1
-        return decode_result(blob)
+        result = decode_result(blob)
+        return result["answer"] if name in LOCK_CALLS else result
 
     def peek(self) -> str | None:
         """The name of the next journaled call, or None when live."""
@@ -143,8 +149,12 @@ class ProcessJournal:
         self.cursor = seq + 1
         return [(_INSERT_ENTRY, (self.pid, seq, call, digest, encode_result(result)))]
 
-    def record(self, call: str, args: Any, result: Any, effects: Iterable[tuple[str, tuple]] = ()) -> None:
-        """Journal a live call's result, with the ops of its effects on durable state, as one unit."""
+    def record(self, call: str, args: Any, result: Any, effects: Iterable[tuple[str, tuple]] = (),
+               lock: tuple | None = None) -> None:
+        """Journal a live call's result, with the ops of its effects on durable state, as one unit.
+        A call of LOCK_CALLS names its lock: (name, kind, permits)."""
+        if call in LOCK_CALLS:  # a dict: no tuple of it is taken for a message (decode_result)
+            result = {"answer": result, "lock": lock}
         ops = self.entry_ops(call, args_hash(args), result)
         ops.extend(effects)
         self.store.enqueue(ops)
@@ -176,6 +186,30 @@ class Journal:
         for pid, call, digest, blob in self.store.query("SELECT pid, call, args_hash, result FROM journal ORDER BY pid, seq"):
             out.setdefault(pid, []).append((call, digest, blob))
         return out
+
+    @staticmethod
+    def held_locks(entries: list[tuple[str, int, bytes]]) -> dict[str, tuple[str, int, int]]:
+        """The locks a journal's process holds at its end: name -> (kind, permits, times held)."""
+        held: dict[str, tuple[str, int, int]] = {}
+        for call, _, blob in entries:
+            if call not in LOCK_CALLS:
+                continue
+            entry = decode_result(blob)
+            answer, lock = entry["answer"], entry["lock"]
+            if lock is None:
+                continue
+            name, kind, permits = lock
+            count = held.get(name, (kind, permits, 0))[2]
+            if call == "lock_release":
+                if answer is True:
+                    count -= 1
+            elif type(answer[0] if call == "lock_acquire" and type(answer) is tuple and answer else answer) is dict:
+                count += 1
+            if count > 0:
+                held[name] = (kind, permits, count)
+            else:
+                held.pop(name, None)
+        return held
 
     def ended_ops(self, pid: int) -> list[tuple[str, tuple]]:
         """An ended process's spec, journal and stored messages go."""

@@ -144,7 +144,8 @@ class Kernel:
                     if ancestor in self.procs:
                         self.procs[ancestor].descendants += 1
                 self.procs[pid] = proc
-                self.journals[pid] = ProcessJournal(pid, self.store, spec["seed"], entries.get(pid, []))
+                journal = self.journals[pid] = ProcessJournal(pid, self.store, spec["seed"], entries.get(pid, []))
+                self._retake_locks(proc, journal)
                 try:
                     self.acks.set_policy(pid, self.acks.policy(spec["dead_letter"], spec["max_attempts"]))
                 except KernelError:  # its dead-letter target is gone: messages go nowhere, as when it ends
@@ -161,6 +162,14 @@ class Kernel:
                     "a replay of its journal would run another program"))
         for proc in recovered:
             self.scheduler.make_runnable(proc, new=True)
+
+    def _retake_locks(self, proc: Process, journal: ProcessJournal) -> None:
+        """A recovered durable process holds again the locks its journal ends holding, before any
+        process runs (lock held). Its journal is a prefix of the one ordered log, so no other's holds them."""
+        for name, (kind, permits, count) in Journal.held_locks(journal.entries).items():
+            for _ in range(count):
+                if self.sync.try_acquire(proc.namespace, name, proc.pid, kind, permits) is None:
+                    log.warning("pid %d: the lock %r it held is taken already", proc.pid, name)
 
     def shutdown(self) -> None:
         with self.lock:

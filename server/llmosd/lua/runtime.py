@@ -25,7 +25,7 @@ from ..api import checks as C
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
-from ..kernel.journal import REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash
+from ..kernel.journal import LOCK_CALLS, REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
 from ..kernel.process import Limits, Process
@@ -157,6 +157,8 @@ DURABLE_PRELUDE = (
 )
 # Calls whose effect is the kernel's memory, done again when replayed (their answer is the journal's).
 _REAPPLIED = frozenset(("monitor",))
+# Calls whose effect other processes see at once: journaled under the kernel lock (journaled_locked).
+_JOURNALED_UNDER_LOCK = frozenset(("lock_release", "cond_signal", "cond_broadcast"))
 # File calls that change the tree: everything journaled before them is committed first (output commit).
 _FILE_CHANGES = frozenset(("fs.write", "fs.delete", "fs.rename", "fs.mkdir"))
 _LIVE = object()  # a durable call that is not answered from the journal
@@ -193,7 +195,7 @@ class LuaProcess:
         self.pending_call: tuple[str, tuple] | None = None  # a durable process's blocking call, until answered
         self._sent: tuple | None = None  # a durable send's journaled answer
         self.call_digest = 0  # the arguments hash of the durable call being made
-        self.held_locks: dict[str, tuple[str, int, int]] = {}  # in a replay: name -> (kind, permits, times held)
+        self.call_under_lock: tuple[str, tuple] | None = None  # a durable call journaled_locked journals
         program = proc.program if self.journal is None else DURABLE_PRELUDE % self.journal.seed + proc.program
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
@@ -267,50 +269,27 @@ class LuaProcess:
         """The journal's answer to a durable process's call while it replays, else _LIVE. A call
         that diverges ends the process (CRASHED, replay_divergence) at its next check."""
         journal = self.journal
-        if journal.divergence is None and not journal.replaying:
-            if self.held_locks:
-                self._retake_locks()
-            if journal.divergence is None:
-                return _LIVE
         if journal.divergence is not None:
             return None, journal.divergence.encode()
+        if not journal.replaying:
+            return _LIVE
         try:
-            answer = journal.replay(call, args)
+            return journal.replay(call, args)
         except Divergence as e:
             self.proc.kill_reason = REPLAY_DIVERGENCE  # ends it at its next check or blocking call
             return None, str(e).encode()
-        if call.startswith("lock_"):
-            self._replayed_lock(call, args, answer)
-        return answer
 
-    def _replayed_lock(self, call: str, args: tuple, answer: Any) -> None:
-        """Follow which locks a replayed program holds (the lock table starts empty after a restart)."""
-        if call == "lock_release":
-            name = _opt_str(args[0], "sys.lock.release: name") if args else None
-            held = self.held_locks.get(name)
-            if held is not None and held[2] > 1:
-                self.held_locks[name] = (held[0], held[1], held[2] - 1)
-            else:
-                self.held_locks.pop(name, None)
-            return
-        got = answer[0] if call == "lock_acquire" and type(answer) is tuple and answer else answer
-        if type(got) is dict:
-            name, kind, permits, _ = self.lock_options(args[0], args[1] if len(args) > 1 else None, "sys.lock.acquire")
-            count = self.held_locks.get(name, (kind, permits, 0))[2]
-            self.held_locks[name] = (kind, permits, count + 1)
-
-    def _retake_locks(self) -> None:
-        """Going live after a replay: take again the locks the program holds at this point of its journal."""
-        held, self.held_locks = self.held_locks, {}
-        kernel, proc = self.kernel, self.proc
-        with kernel.lock:
-            for name, (kind, permits, count) in held.items():
-                for _ in range(count):
-                    if kernel.sync.try_acquire(proc.namespace, name, proc.pid, kind, permits) is None:
-                        self.journal.divergence = (f"the lock {name!r} this process held before the restart is "
-                                                   "held by another process now")
-                        proc.kill_reason = REPLAY_DIVERGENCE
-                        return
+    def lock_note(self, call: str, args: tuple) -> tuple | None:
+        """What a lock call's entry says of its lock (kernel/journal.py's LOCK_CALLS): (name, kind, permits)."""
+        try:
+            if call == "lock_release":
+                name = _opt_str(args[0] if args else None, "sys.lock.release: name")
+                return None if name is None else (name, "mutex", 1)
+            name, kind, permits, _ = self.lock_options(args[0] if args else None, args[1] if len(args) > 1 else None,
+                                                       "sys.lock.acquire")
+            return name, kind, permits
+        except KernelError:
+            return None
 
     def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
         journal = self.journal
@@ -445,14 +424,27 @@ class LuaProcess:
             journal.commit()  # what this change follows is durable before the tree shows it
         recorded = len(journal.entries)
         self.call_digest = args_hash(args)
+        if name in _JOURNALED_UNDER_LOCK:
+            self.call_under_lock = (name, args)
         try:
             answer = handler(self, *args)
         except KernelError as e:
             answer = None, str(e).encode()
+        finally:
+            self.call_under_lock = None
         if name in ("ack", "nack") and type(answer) is tuple:
             answer = True  # a lease lost with a restart: the journal has the message already
         if len(journal.entries) == recorded:  # a spawn journals itself with a durable child's spec
-            journal.record(name, args, answer)
+            journal.record(name, args, answer, lock=self.lock_note(name, args) if name in LOCK_CALLS else None)
+        return answer
+
+    def journaled_locked(self, answer: Any) -> Any:
+        """A durable process's call whose effect other processes see at once (a release, a signal):
+        its entry is queued before the kernel lock is let go, so that no entry of theirs that
+        follows from it can come first in the journal (kernel lock held). Returns `answer`."""
+        call, self.call_under_lock = self.call_under_lock, None
+        if call is not None:
+            self.journal.record(call[0], call[1], answer, lock=self.lock_note(*call) if call[0] in LOCK_CALLS else None)
         return answer
 
     def _append_intent(self, args: tuple) -> int | None:
@@ -572,7 +564,7 @@ class LuaProcess:
         text = _opt_str(name, "sys.lock.release: name") or ""
         with self.kernel.lock:
             self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
-        return True
+            return self.journaled_locked(True)
 
     def cond_wait_args(self, name: Any = None, lock: Any = None, timeout_ms: Any = None) -> tuple[str, str, float | None]:
         """(condition, mutex, timeout in seconds or None) of sys.cond.wait(name, lock [, timeout_ms])."""
@@ -593,7 +585,7 @@ class LuaProcess:
         if text is None:
             raise InvalidArgument(f"{fname}: name must be a string")
         with self.kernel.lock:
-            return wake(self.proc.namespace, text)
+            return self.journaled_locked(wake(self.proc.namespace, text))
 
     def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
         """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
@@ -668,7 +660,8 @@ class LuaProcess:
             self.pending_call = None
             # A durable process's message is received once journaled, with ack or without.
             received = value.msg if isinstance(value, Leased) else answer[0] if answer else None
-            self.journal.record(pending[0], pending[1], answer, self.journal.received(received))
+            self.journal.record(pending[0], pending[1], answer, self.journal.received(received),
+                                lock=self.lock_note(*pending) if pending[0] in LOCK_CALLS else None)
         return answer
 
     def _answer(self, syscall: str, value: Any) -> tuple:

@@ -234,6 +234,9 @@ class LuaRuntime:
                                         permits)
 
     def block_cond_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        if lua.journal is not None:
+            raise Unimplemented("sys.cond.wait: not in durable processes yet (a restart in the middle of a wait "
+                                "has no defined outcome); wait for a message instead")
         name, lock_name, timeout = lua.cond_wait_args(*args[:3])
         self.kernel.sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout)
         return None
