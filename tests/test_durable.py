@@ -104,9 +104,12 @@ def test_messages_waiting_in_a_durable_mailbox_survive_a_restart_in_order(fresh_
     """)
     with llmos.Client(fresh_llmosd.target) as k:
         pid = k.spawn(lua=program, durable=True)
+        plain = k.spawn(lua=program)
         for i in range(5):
             k.send(pid, i, tag="item")
     with restart(fresh_llmosd) as k:
+        info = k.get(plain)
+        assert (info.state, info.exit_reason) == ("KILLED", "server_restart")  # not durable: not brought back
         k.send(pid, None, tag="start")
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", [0, 1, 2, 3, 4])
@@ -196,10 +199,13 @@ def test_an_ended_durable_process_stays_ended_and_sigterm_keeps_live_ones(fresh_
         done = k.spawn(lua="return 7", durable=True)
         assert k.wait(done, timeout=WAIT_S).result == 7
         waiting = k.spawn(lua="return sys.recv().body", durable=True)
+        plain = k.spawn(lua="return sys.recv().body")
     fresh_llmosd.stop(signal.SIGTERM)
     fresh_llmosd.start()
     with llmos.Client(fresh_llmosd.target) as k:
         assert k.wait(done, timeout=WAIT_S).result == 7
+        info = k.wait(plain, timeout=WAIT_S)
+        assert (info.state, info.exit_reason) == ("KILLED", "shutdown")  # not durable: not brought back
         k.send(waiting, "still here")
         info = k.wait(waiting, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", "still here")
@@ -243,3 +249,14 @@ def test_a_replayed_process_holds_the_locks_it_held_and_appends_once(fresh_llmos
         assert k.wait(pid, timeout=WAIT_S).result == "done"
         assert k.run(contender, timeout=WAIT_S).result is True
         assert k.read_file("out.txt") == b"ab"
+
+
+def test_sys_cond_wait_is_unimplemented_in_durable_processes(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        sys.lock.acquire("m")
+        local ok, err = pcall(sys.cond.wait, "c", "m", 10)
+        return err
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        info = k.wait(k.spawn(lua=program, durable=True), timeout=WAIT_S)
+        assert "not in durable processes" in info.result
