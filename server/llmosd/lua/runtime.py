@@ -26,7 +26,6 @@ from ..api.authority import process_caller
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
-from ..kernel.journal import LOCK_CALLS, REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
 from ..kernel.process import Limits, Process
@@ -136,35 +135,6 @@ def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
 SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
                            "source_name", "dead_letter", "max_attempts", "durable"))
 
-# Run before a durable process's program, on its first line (line numbers stay): what a program
-# could reach that differs from run to run is made the same in every run (docs/durable-agents.md):
-# math.random is seeded from the journal, os.time and os.date read the journaled sys.now, and
-# pairs goes through keys in a fixed order (strings and numbers sorted; Lua 5.4 seeds its string
-# hashes per state, so the table's own order changes with every run).
-DURABLE_PRELUDE = (
-    "do math.randomseed(%d) "
-    "local next, sort, type, getmetatable, floor, now, time, date = "
-    "next, table.sort, type, getmetatable, math.floor, sys.now, os.time, os.date "
-    "local function before(a, b) local ta, tb = type(a), type(b) if ta ~= tb then return ta < tb end "
-    "if ta == 'number' or ta == 'string' then return a < b end "
-    "if ta == 'boolean' then return b and not a end return false end "
-    "pairs = function(t) local mt = getmetatable(t) "
-    "if type(mt) == 'table' and mt.__pairs then return mt.__pairs(t) end "
-    "local keys, n = {}, 0 for k in next, t do n = n + 1 keys[n] = k end sort(keys, before) "
-    "local i = 0 return function() i = i + 1 local k = keys[i] if k ~= nil then return k, t[k] end end, t, nil end "
-    "os.time = function(t) if t == nil then return floor(now() / 1000) end return time(t) end "
-    "os.date = function(f, t) return date(f, t or os.time()) end "
-    "end "
-)
-# Calls whose effect is the kernel's memory, done again when replayed (their answer is the journal's).
-_REAPPLIED = frozenset(("monitor",))
-# Calls whose effect other processes see at once: journaled under the kernel lock (journaled_locked).
-_JOURNALED_UNDER_LOCK = frozenset(("lock_release", "cond_signal", "cond_broadcast"))
-# File calls that change the tree: everything journaled before them is committed first (output commit).
-_FILE_CHANGES = frozenset(("fs.write", "fs.delete", "fs.rename", "fs.mkdir"))
-_LIVE = object()  # a durable call that is not answered from the journal
-
-
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     """A process's record as the plain table sys.info and sys.wait answer."""
     info = {
@@ -190,23 +160,28 @@ def error_text(err: Any) -> str:
 class LuaProcess:
     """A process's Lua state, its bridge to the kernel, and its slice clock."""
 
+    journal = None  # a durable process's (lua/durable.py)
+
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
         self.caller = process_caller(proc.pid, proc.namespace)  # who its syscalls act as (api/authority.py)
-        self.journal: ProcessJournal | None = kernel.journals.get(proc.pid)  # a durable process's
-        self.pending_call: tuple[str, tuple] | None = None  # a durable process's blocking call, until answered
-        self._sent: tuple | None = None  # a durable send's journaled answer
-        self.call_digest = 0  # the arguments hash of the durable call being made
-        self.call_under_lock: tuple[str, tuple] | None = None  # a durable call journaled_locked journals
-        program = proc.program if self.journal is None else DURABLE_PRELUDE % self.journal.seed + proc.program
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
         self.state.open_sandbox(
-            self, proc, kernel.core, program.encode(), f"={proc.program_name}".encode(), proc.args,
+            self, proc, kernel.core, self.source().encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,
         )
+
+    def source(self) -> str:
+        """The program the state runs."""
+        return self.proc.program
+
+    def journaled_locked(self, answer: Any) -> Any:
+        """Called with the kernel lock held by calls whose effect other processes see at once (a
+        release, a signal): a durable process journals them there (lua/durable.py)."""
+        return answer
 
     def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> int | None:
         """Should the kernel interrupt this process now (seen from another
@@ -267,56 +242,10 @@ class LuaProcess:
         return None
 
     # -- non-blocking syscalls ------------------------------------------------------------
-    # -- durable processes: their syscalls are journaled, and answered from the journal in a replay
-    def replayed(self, call: str, args: tuple) -> Any:
-        """The journal's answer to a durable process's call while it replays, else _LIVE. A call
-        that diverges ends the process (CRASHED, replay_divergence) at its next check."""
-        journal = self.journal
-        if journal.divergence is not None:
-            return None, journal.divergence.encode()
-        if not journal.replaying:
-            return _LIVE
-        try:
-            return journal.replay(call, args)
-        except Divergence as e:
-            self.proc.kill_reason = REPLAY_DIVERGENCE  # ends it at its next check or blocking call
-            return None, str(e).encode()
-
-    def lock_note(self, call: str, args: tuple) -> tuple | None:
-        """What a lock call's entry says of its lock (kernel/journal.py's LOCK_CALLS): (name, kind, permits)."""
-        try:
-            if call == "lock_release":
-                name = _opt_str(args[0] if args else None, "sys.lock.release: name")
-                return None if name is None else (name, "mutex", 1)
-            name, kind, permits, _ = self.lock_options(args[0] if args else None, args[1] if len(args) > 1 else None,
-                                                       "sys.lock.acquire")
-            return name, kind, permits
-        except KernelError:
-            return None
-
-    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
-        journal = self.journal
-        if journal is None:
-            return self._send(to, body, tag, data, correlation_id, None)
-        args = (to, body, tag, data, correlation_id)
-        answer = self.replayed("send", args)
-        if answer is not _LIVE:
-            return answer
-        self._sent = None
-        digest = args_hash(args)
-
-        def journaled(msg: Message) -> list:
-            self._sent = (msg.id, len(self.proc.mailbox))
-            return journal.entry_ops("send", digest, self._sent)
-
-        answer = self._send(to, body, tag, data, correlation_id, journaled)
-        if self._sent is not None:
-            return self._sent
-        journal.record("send", args, answer)  # refused: nothing was sent
-        return answer
-
-    def _send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any,
-              on_sent: Callable[[Message], list] | None) -> tuple:
+    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any,
+             on_sent: Callable[[Message], list] | None = None) -> tuple:
+        """sys.send's Python side (lua/fast_paths.c's declined cases); `on_sent`: a durable sender's
+        journal entry (Kernel.send)."""
         try:
             if type(to) is bytes:
                 target: int | str = to.decode(errors="replace")
@@ -341,17 +270,6 @@ class LuaProcess:
             return None, str(e).encode()
 
     def try_recv(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> tuple:
-        journal = self.journal
-        if journal is None:
-            return self._try_recv(sender, tag, correlation_id, timeout_ms)
-        args = (sender, tag, correlation_id, timeout_ms)
-        answer = self.replayed("try_recv", args)
-        if answer is _LIVE:
-            answer = self._try_recv(sender, tag, correlation_id, timeout_ms)
-            journal.record("try_recv", args, answer, journal.received(answer[0] if answer else None))
-        return answer
-
-    def _try_recv(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> tuple:
         try:
             match = self.recv_match(sender, tag, correlation_id, timeout_ms)
             msg = self.kernel.try_recv(self.proc.pid, match, self.caller)
@@ -395,91 +313,16 @@ class LuaProcess:
         if entry is None:
             return None, f"no syscall {op.decode(errors='replace')}".encode()
         handler, arity = entry
-        if self.journal is not None:
-            return self._durable_call(op, handler, args[:arity])
         try:
             return handler(self, *args[:arity])
         except KernelError as e:
             return None, str(e).encode()
 
-    def _durable_call(self, op: bytes, handler: Callable[..., Any], args: tuple) -> Any:
-        journal = self.journal
-        name = op.decode() if op != b"fs" else f"fs.{args[0].decode(errors='replace')}"
-        intended = False
-        if name == "fs.write" and journal.peek() == "fs.write.intent":
-            # An append that may have happened or not: journaled as intended, never as done.
-            size = self.replayed("fs.write.intent", args)
-            if type(size) is tuple:  # diverged
-                return size
-            intended = True
-            if not journal.replaying:
-                self._cut_file(args[1], size)
-        answer = self.replayed(name, args)
-        if answer is not _LIVE:
-            if name in _REAPPLIED and answer is True:
-                self._monitor_again(args[0] if args else None)
-            return answer
-        if name in _FILE_CHANGES:
-            if name == "fs.write" and not intended:
-                size = self._append_intent(args)
-                if size is not None:
-                    journal.record("fs.write.intent", args, size)
-            journal.commit()  # what this change follows is durable before the tree shows it
-        recorded = len(journal.entries)
-        self.call_digest = args_hash(args)
-        if name in _JOURNALED_UNDER_LOCK:
-            self.call_under_lock = (name, args)
-        try:
-            answer = handler(self, *args)
-        except KernelError as e:
-            answer = None, str(e).encode()
-        finally:
-            self.call_under_lock = None
-        if name in ("ack", "nack") and type(answer) is tuple:
-            answer = True  # a lease lost with a restart: the journal has the message already
-        if len(journal.entries) == recorded:  # a spawn journals itself with a durable child's spec
-            journal.record(name, args, answer, lock=self.lock_note(name, args) if name in LOCK_CALLS else None)
-        return answer
-
-    def journaled_locked(self, answer: Any) -> Any:
-        """A durable process's call whose effect other processes see at once (a release, a signal):
-        its entry is queued before the kernel lock is let go, so that no entry of theirs that
-        follows from it can come first in the journal (kernel lock held). Returns `answer`."""
-        call, self.call_under_lock = self.call_under_lock, None
-        if call is not None:
-            self.journal.record(call[0], call[1], answer, lock=self.lock_note(*call) if call[0] in LOCK_CALLS else None)
-        return answer
-
-    def _append_intent(self, args: tuple) -> int | None:
-        """An append's file size before it (-1: no file yet); None for a write that is not an append."""
-        try:
-            append = bool(_options(args[3] if len(args) > 3 else None, "sys.fs.write", ("append",)).get("append"))
-            path = _opt_str(args[1], "sys.fs.write: path")
-            if not append or path is None:
-                return None
-            return self.kernel.files.stat(self.proc.namespace, path).size
-        except KernelError:
-            return -1
-
-    def _cut_file(self, path: Any, size: int) -> None:
-        """Undo an append that may have happened after its intent was journaled."""
-        files, ns = self.kernel.files, self.proc.namespace
-        vpath = _opt_str(path, "sys.fs.write: path")
-        try:
-            if size < 0:
-                files.delete(ns, vpath)
-            elif files.stat(ns, vpath).size > size:
-                files.write(ns, self.proc.pid, vpath, files.read(ns, vpath, 0, size), append=False)
-        except KernelError:
-            pass  # nothing to undo
-
-    def _monitor_again(self, pid: Any) -> None:
-        with self.kernel.lock:
-            target = self.kernel.procs.get(pid) if type(pid) is int else None
-            if target is not None:
-                target.monitored_by.add(self.proc.pid)
-
     def spawn(self, spec: Any = None) -> int:
+        return self.kernel.spawn(self.spawn_spec(spec), self.caller)
+
+    def spawn_spec(self, spec: Any) -> SpawnSpec:
+        """sys.spawn's table as a SpawnSpec, checked."""
         spec = from_lua(spec, "sys.spawn")
         if not isinstance(spec, dict):
             raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
@@ -492,15 +335,10 @@ class LuaProcess:
         for key in ("lua", "python", "path", "name", "source_name"):
             if spec.get(key) is not None and not isinstance(spec[key], str):
                 raise InvalidArgument(f"sys.spawn: {key} must be a string")
-        journal = self.journal
-        on_spawned = None
-        if journal is not None:
-            digest = self.call_digest  # of the call's arguments as the program gave them
-            on_spawned = lambda pid: journal.entry_ops("spawn", digest, pid)  # noqa: E731
         durable = spec.get("durable", False)
         if type(durable) is not bool:
             raise InvalidArgument("sys.spawn: durable must be a boolean")
-        return self.kernel.spawn(SpawnSpec(
+        return SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
             name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
             weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
@@ -508,7 +346,7 @@ class LuaProcess:
             source_name=spec.get("source_name"),
             dead_letter=C.integer(spec.get("dead_letter", 0), "sys.spawn: dead_letter"),
             max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"), durable=durable,
-        ), self.caller, on_spawned)
+        )
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
         self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed", self.caller)
@@ -656,19 +494,7 @@ class LuaProcess:
 
     # -- answers to blocking syscalls ---------------------------------------------------
     def answer(self, syscall: str, value: Any) -> tuple:
-        """The values to resume the program with, for a blocking syscall's result (journaled for a
-        durable process)."""
-        answer = self._answer(syscall, value)
-        pending = self.pending_call
-        if pending is not None:
-            self.pending_call = None
-            # A durable process's message is received once journaled, with ack or without.
-            received = value.msg if isinstance(value, Leased) else answer[0] if answer else None
-            self.journal.record(pending[0], pending[1], answer, self.journal.received(received),
-                                lock=self.lock_note(*pending) if pending[0] in LOCK_CALLS else None)
-        return answer
-
-    def _answer(self, syscall: str, value: Any) -> tuple:
+        """The values to resume the program with, for a blocking syscall's result."""
         if isinstance(value, KernelError):
             return None, str(value).encode()
         if syscall == "recv":

@@ -21,7 +21,8 @@ from ..kernel.process import Limits, Process
 from ..kernel.store import ProcessRecord
 from ..kernel.waiting import TIMED_OUT, Waiter
 from ..kernel.journal import REPLAY_DIVERGENCE
-from .runtime import _LIVE, MEMORY_ERROR, LuaProcess, describe_record, error_text, from_lua, lua_syntax_error
+from .durable import _LIVE, DurableLuaProcess
+from .runtime import MEMORY_ERROR, LuaProcess, describe_record, error_text, from_lua, lua_syntax_error
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
@@ -101,7 +102,8 @@ class LuaRuntime:
         lua = proc.runtime
         if lua is None:
             try:
-                lua = proc.runtime = LuaProcess(kernel, proc)
+                bridge = DurableLuaProcess if proc.pid in kernel.journals else LuaProcess
+                lua = proc.runtime = bridge(kernel, proc)
             except Exception as e:  # a memory limit too small for a Lua state
                 with kernel.lock:
                     kernel.end_locked(proc, P.CRASHED, "error", error=_startup_error(str(e), isinstance(e, MemoryError)))
