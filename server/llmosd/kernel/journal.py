@@ -39,15 +39,13 @@ import marshal
 from typing import Any, Iterable
 
 from .mailbox import Message
-from .store import Store
+from .store import DELETE_MESSAGE, STORE_MESSAGE, Store
 
 REPLAY_DIVERGENCE = "replay_divergence"
 PROGRAM_CHANGED = "program_changed"
 
 _INSERT_ENTRY = "INSERT OR REPLACE INTO journal VALUES(?,?,?,?,?)"
 _INSERT_SPEC = "INSERT OR REPLACE INTO durable_processes VALUES(?,?)"
-_STORE_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)"
-_DELETE_MESSAGE = "DELETE FROM port_messages WHERE id=?"
 _MASK = (1 << 64) - 1
 
 
@@ -104,7 +102,7 @@ def _message_fields(m: Message) -> tuple:
 
 def message_row(m: Message) -> tuple[str, tuple]:
     """The op that stores `m` in its durable receiver's mailbox."""
-    return _STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms)
+    return STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms)
 
 
 class ProcessJournal:
@@ -165,7 +163,7 @@ class ProcessJournal:
 
     def received(self, msg: Any) -> list[tuple[str, tuple]]:
         """The effects of a receive that took `msg` (anything else: none): it leaves the durable mailbox."""
-        return [(_DELETE_MESSAGE, (msg.id,))] if type(msg) is Message else []
+        return [(DELETE_MESSAGE, (msg.id,))] if type(msg) is Message else []
 
 
 class Journal:

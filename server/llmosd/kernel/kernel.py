@@ -109,7 +109,10 @@ class Kernel:
         server went down end with reason "server_restart", except durable ones,
         which their runtime brings back (_recover_durable)."""
         specs = self.journal.specs()
-        for rec in self.store.live_records():
+        live = self.store.live_records()
+        for pid in specs.keys() - {rec.pid for rec in live}:  # ended, its journal not dropped yet
+            self.store.enqueue(self.journal.ended_ops(pid))
+        for rec in live:
             if rec.pid in specs:
                 self._durable_to_recover.append((rec, specs[rec.pid]))
                 continue
@@ -605,8 +608,6 @@ class Kernel:
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
         durable = self.journals.pop(proc.pid, None) is not None
-        if durable:
-            self.store.enqueue(self.journal.ended_ops(proc.pid))
         del self.procs[proc.pid]
         self.live_in[proc.namespace] -= 1
         for pid in proc.ancestors:
@@ -621,6 +622,8 @@ class Kernel:
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=durable or proc.kind == P.PORT)
+        if durable:  # once its exit is written: a restart in between finds it ended, and drops these
+            self.store.enqueue(self.journal.ended_ops(proc.pid))
         self.exits[proc.kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         self.ended[proc.pid] = kept

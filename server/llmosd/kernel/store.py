@@ -370,9 +370,8 @@ class Store:
                 for start in range(0, len(values), ROWS_PER_STATEMENT):
                     chunk = values[start:start + ROWS_PER_STATEMENT]
                     self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
-            # Runs of the same statement as one executemany, in order.
-            for sql, group in itertools.groupby(ordered, key=lambda op: op[0]):
-                self._db.executemany(sql, [params for _, params in group])
+            for sql, params in _durable_batch(ordered):
+                self._db.executemany(sql, params)
         finally:
             self._db.execute("COMMIT")
             self.commit_seconds.observe(time.perf_counter() - began)
@@ -445,6 +444,30 @@ def _update_many(names: tuple[str, ...], n: int) -> str:
     assignments = ", ".join(f"{name}=v.column{i + 2}" for i, name in enumerate(names))
     return (f"UPDATE processes SET {assignments} FROM (VALUES {','.join([row] * n)}) AS v"
             " WHERE processes.pid=v.column1")
+
+
+# The durable writes (kernel/journal.py): a message's copy in a durable mailbox, and its removal.
+STORE_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)"
+DELETE_MESSAGE = "DELETE FROM port_messages WHERE id=?"
+
+
+def _durable_batch(ordered: list[tuple[str, tuple]]) -> list[tuple[str, list[tuple]]]:
+    """A batch of the ordered queue as a few executemany calls with the same end state in its
+    transaction: a message whose last op in the batch removes it is not stored first (durable
+    processes hand most messages over at once), and the statements run inserts first (each row
+    is inserted once), then removals of messages by id, then the rest (removals of whole
+    processes' rows, which come after anything else of theirs)."""
+    last: dict[int, tuple[str, tuple]] = {}  # message id -> its last op in the batch
+    by_sql: dict[str, list[tuple]] = {}
+    for sql, params in ordered:
+        if sql is STORE_MESSAGE or sql is DELETE_MESSAGE:
+            last[params[0]] = (sql, params)
+        else:
+            by_sql.setdefault(sql, []).append(params)
+    for sql, params in last.values():
+        by_sql.setdefault(sql, []).append(params)
+    return sorted(by_sql.items(), key=lambda item: 0 if item[0].startswith("INSERT") else
+                  1 if item[0] is DELETE_MESSAGE else 2)
 
 
 def _record(row: tuple) -> ProcessRecord:
