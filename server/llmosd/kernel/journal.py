@@ -127,10 +127,10 @@ class ProcessJournal:
         seq = self.cursor
         name, digest, blob = self.entries[seq]
         if name != call or digest != args_hash(args):
-            what = "arguments" if name == call else "call"
+            what = "the same call with other arguments" if name == call else "another call"
             self.divergence = (f"replay diverged at syscall #{seq + 1}: the journal has {name} "
                                f"(arguments hash {digest & _MASK:016x}), the program made {call} "
-                               f"(arguments hash {args_hash(args) & _MASK:016x}): a different {what}")
+                               f"(arguments hash {args_hash(args) & _MASK:016x}): {what}")
             raise Divergence(self.divergence)
         self.cursor = seq + 1
         result = decode_result(blob)
