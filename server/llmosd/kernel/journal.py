@@ -81,18 +81,18 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-# Results are marshalled (plain values, bytes and tuples, fast); a received message, which is
-# no plain value, becomes a tuple inside the result tuple (Lua values never are tuples).
+# Results are marshalled (plain values, bytes and tuples, fast); a received message, which is no
+# plain value and comes first in a receive's answer, is kept as a tuple there (Lua values never are).
 def encode_result(result: Any) -> bytes:
-    if type(result) is tuple:
-        result = tuple(_message_fields(v) if type(v) is Message else v for v in result)
+    if type(result) is tuple and result and type(result[0]) is Message:
+        result = (_message_fields(result[0]),) + result[1:]
     return marshal.dumps(result)
 
 
 def decode_result(blob: bytes) -> Any:
     result = marshal.loads(blob)
-    if type(result) is tuple:
-        result = tuple(Message(*v) if type(v) is tuple else v for v in result)
+    if type(result) is tuple and result and type(result[0]) is tuple:
+        result = (Message(*result[0]),) + result[1:]
     return result
 
 
