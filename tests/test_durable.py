@@ -260,3 +260,22 @@ def test_sys_cond_wait_is_unimplemented_in_durable_processes(fresh_llmosd: Llmos
     with llmos.Client(fresh_llmosd.target) as k:
         info = k.wait(k.spawn(lua=program, durable=True), timeout=WAIT_S)
         assert "not in durable processes" in info.result
+
+
+def test_a_durable_process_receives_with_ack_once_across_a_restart(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local m = sys.recv{ack = true, tag = "job"}
+        sys.send(args.port, m.body)
+        sys.recv{tag = "go"}
+        return sys.ack(m)
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        k.send(pid, "job 1", tag="job")
+        assert bodies(k, port, 1) == ["job 1"]
+    with restart(fresh_llmosd) as k:  # its lease is gone with the server; its receive is journaled
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", True)
+        nothing_more(k, port)
