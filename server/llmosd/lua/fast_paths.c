@@ -456,8 +456,8 @@ static int receive(Core *core, State *state, Message **taken)
     Mailbox *mailbox = state->mailbox;
     Match *match;
     int result = RECV_DECLINED;
-    if (mailbox->durable || lua_gettop(L) != 6 || !lua_isnil(L, 6) || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv")
-        || recv_filter(L, 3, &match) < 0)
+    if (mailbox->durable /* journaled: kernel/journal.py */ || lua_gettop(L) != 6 || !lua_isnil(L, 6)
+        || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv") || recv_filter(L, 3, &match) < 0)
         return RECV_DECLINED;
     llmos_lock(core->lock);
     if (FIELDS(proc)->kill_reason == Py_None) {
