@@ -280,3 +280,21 @@ def test_a_durable_process_receives_with_ack_once_across_a_restart(fresh_llmosd:
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", True)
         nothing_more(k, port)
+
+
+def test_a_durable_process_requires_library_modules_across_a_restart(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local supervisor = require "supervisor"
+        sys.send(args.port, type(supervisor.run))
+        sys.recv{tag = "go"}
+        return type(require("server").call)
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        assert bodies(k, port, 1) == ["function"]
+    with restart(fresh_llmosd) as k:
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result, info.error) == ("EXITED", "function", "")
+        nothing_more(k, port)
