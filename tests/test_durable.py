@@ -298,3 +298,19 @@ def test_a_durable_process_requires_library_modules_across_a_restart(fresh_llmos
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result, info.error) == ("EXITED", "function", "")
         nothing_more(k, port)
+
+
+def test_bad_arguments_in_a_durable_process_are_refused_as_in_any(stub: Any) -> None:
+    from llmos.v1 import kernel_pb2 as pb
+    program = textwrap.dedent("""
+        local _, bad_ack = pcall(sys.ack, -5)
+        local _, bad_write = pcall(sys.fs.write, "a.txt", "x", {bogus = 1})
+        local _, bad_path = pcall(sys.fs.write, "../a.txt", "x", {append = true})
+        return {bad_ack, bad_write, bad_path}
+    """)
+    pid = stub.Spawn(pb.SpawnRequest(lua=program, durable=True)).pid
+    result = stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=60_000)).process.result
+    bad_ack, bad_write, bad_path = (v.string_value for v in result.list_value.values)
+    assert "message_id" in bad_ack
+    assert "bogus" in bad_write
+    assert "a.txt" in bad_path

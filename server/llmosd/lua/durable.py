@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..api.errors import KernelError
+from ..api.errors import FailedPrecondition, KernelError, NotFound
 from ..kernel.acks import Leased
 from ..kernel.journal import LOCK_CALLS, REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash
 from ..kernel.mailbox import Message
@@ -156,12 +156,13 @@ class DurableLuaProcess(LuaProcess):
             self.call_under_lock = (name, args)
         try:
             answer = handler(self, *args)
+        except FailedPrecondition as e:
+            # No lease on it: one a restart lost is done with (the journal has its message).
+            answer = True if name in ("ack", "nack") else (None, str(e).encode())
         except KernelError as e:
             answer = None, str(e).encode()
         finally:
             self.call_under_lock = None
-        if name in ("ack", "nack") and type(answer) is tuple:
-            answer = True  # a lease lost with a restart: the journal has the message already
         if len(journal.entries) == recorded:  # a spawn journals itself with a durable child's spec
             journal.record(name, args, answer, lock=self.lock_note(name, args) if name in LOCK_CALLS else None)
         return answer
@@ -180,11 +181,16 @@ class DurableLuaProcess(LuaProcess):
         try:
             append = bool(_options(args[3] if len(args) > 3 else None, "sys.fs.write", ("append",)).get("append"))
             path = _opt_str(args[1], "sys.fs.write: path")
-            if not append or path is None:
-                return None
-            return self.kernel.files.stat(self.proc.namespace, path).size
         except KernelError:
+            return None  # refused: it changes nothing
+        if not append or path is None:
+            return None
+        try:
+            return self.kernel.files.stat(self.proc.namespace, path).size
+        except NotFound:
             return -1
+        except KernelError:
+            return None  # a path the write refuses too
 
     def _cut_file(self, path: Any, size: int) -> None:
         """Undo an append that may have happened after its intent was journaled."""
