@@ -394,7 +394,7 @@ class Sys:
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: dict | None = None,
               monitor: bool = False, weight: int = 0, dead_letter: int | None = None, max_attempts: int = 0,
-              source_name: str | None = None) -> int:
+              durable: bool = False, source_name: str | None = None) -> int:
         """`source_name`: the name a source program's errors and tracebacks give it."""
         return self._k.spawn(source_name=_optional_text(source_name, "sys.spawn: source_name"),
             lua=_optional_text(lua, "sys.spawn: lua"), python=_optional_text(python, "sys.spawn: python"),
@@ -402,7 +402,8 @@ class Sys:
             priority=_int(priority, "sys.spawn: priority", _INT32), limits=_limits(limits, "sys.spawn: limits"),
             monitor=_flag(monitor, "sys.spawn: monitor"), weight=_int(weight, "sys.spawn: weight", _UINT32),
             dead_letter=0 if dead_letter is None else _pid(dead_letter, "sys.spawn: dead_letter"),
-            max_attempts=_int(max_attempts, "sys.spawn: max_attempts", _UINT32))
+            max_attempts=_int(max_attempts, "sys.spawn: max_attempts", _UINT32),
+            durable=_flag(durable, "sys.spawn: durable"))
 
     @_syscall
     def send(self, to: int | str, body: JSON = None, tag: str = "", data: bytes = b"",

@@ -113,7 +113,7 @@ TABLE: tuple[Syscall, ...] = (
                        optional("args", VALUE), optional("name", STRING), optional("priority", INTEGER),
                        optional("weight", INTEGER), optional("limits", LIMITS), optional("monitor", FLAG),
                        optional("source_name", STRING), optional("dead_letter", INTEGER),
-                       optional("max_attempts", INTEGER)),)),
+                       optional("max_attempts", INTEGER), optional("durable", FLAG)),)),
     Syscall("kill", "Kill", False, "Kernel.kill", "whether it was live", CALL, ("kill",), python=True, rule=ACT,
             args=(Arg("pid", PID), optional("reason", TEXT))),
     Syscall("exit", "Exit", False, "Kernel.exit (Lua: the process ends, lua/slices.py)", "nothing",

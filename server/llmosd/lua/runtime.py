@@ -134,6 +134,8 @@ def error_text(err: Any) -> str:
 class LuaProcess:
     """A process's Lua state, its bridge to the kernel, and its slice clock."""
 
+    journal = None  # a durable process's (lua/durable.py)
+
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
@@ -142,9 +144,18 @@ class LuaProcess:
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
         self.state.open_sandbox(
-            self, proc, kernel.core, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
+            self, proc, kernel.core, self.source().encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,
         )
+
+    def source(self) -> str:
+        """The program the state runs."""
+        return self.proc.program
+
+    def journaled_locked(self, answer: Any) -> Any:
+        """Called with the kernel lock held by calls whose effect other processes see at once (a
+        release, a signal): a durable process journals them there (lua/durable.py)."""
+        return answer
 
     def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> int | None:
         """Should the kernel interrupt this process now (seen from another
@@ -205,14 +216,18 @@ class LuaProcess:
         return None
 
     # -- non-blocking syscalls ------------------------------------------------------------
-    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
+    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any,
+             on_sent: Callable[[Message], list] | None = None) -> tuple:
+        """sys.send's Python side (lua/fast_paths.c's declined cases); `on_sent`: a durable sender's
+        journal entry (Kernel.send)."""
         try:
             target, _, options = arguments("send", to=to, options={
                 "tag": tag, "data": data, "correlation_id": correlation_id})
             kind = type(body)
             value = body if kind is int or body is None else from_lua(body, "sys.send: body")
             message_id = self.kernel.send(self.proc.pid, target, options.get("tag", ""), value,
-                                          options.get("data", b""), options.get("correlation_id", ""), self.caller)
+                                          options.get("data", b""), options.get("correlation_id", ""), self.caller,
+                                          on_sent)
             return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
         except KernelError as e:
             return None, str(e).encode()
@@ -266,15 +281,19 @@ class LuaProcess:
             return None, str(e).encode()
 
     def spawn(self, spec: Any = None) -> int:
-        """sys.spawn{lua = source, args = ...}: the Kernel checks the program, name and ranges."""
+        return self.kernel.spawn(self.spawn_spec(spec), self.caller)
+
+    def spawn_spec(self, spec: Any) -> SpawnSpec:
+        """sys.spawn{lua = source, args = ...} as a SpawnSpec, its options checked by the table's
+        entry (the Kernel checks the program, name and ranges)."""
         (spec,) = arguments("spawn", options=spec)
-        return self.kernel.spawn(SpawnSpec(
+        return SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
             name=spec.get("name"), priority=spec.get("priority", 0), weight=spec.get("weight", 0),
             limits=spec.get("limits", Limits()), parent=self.proc.pid, monitor=spec.get("monitor", False),
             source_name=spec.get("source_name"), dead_letter=spec.get("dead_letter", 0),
-            max_attempts=spec.get("max_attempts", 0),
-        ), self.caller)
+            max_attempts=spec.get("max_attempts", 0), durable=spec.get("durable", False),
+        )
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
         pid, reason = arguments("kill", pid=pid, reason=reason)
@@ -326,7 +345,7 @@ class LuaProcess:
         (text,) = arguments("lock.release", name=name)
         with self.kernel.lock:
             self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
-        return True
+            return self.journaled_locked(True)
 
     def cond_wait_args(self, name: Any = None, lock: Any = None, timeout_ms: Any = None) -> tuple[str, str, float | None]:
         """(condition, mutex, timeout in seconds or None) of sys.cond.wait(name, lock [, timeout_ms])."""
@@ -342,7 +361,7 @@ class LuaProcess:
     def _cond_wake(self, syscall: str, name: Any, wake: Callable[[str, str], int]) -> int:
         (text,) = arguments(syscall, name=name)
         with self.kernel.lock:
-            return wake(self.proc.namespace, text)
+            return self.journaled_locked(wake(self.proc.namespace, text))
 
     def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
         """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
