@@ -71,11 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wedged-ms", type=float, default=1000.0,
                    help="health reports NOT_SERVING while a worker thread has been stuck in one C call this long "
                         "past the time it was due to give its virtual CPU back (default %(default)s)")
+    p.add_argument("--dead-letter-limit", type=int, default=1_000_000,
+                   help="dead letters a namespace's queue keeps; past it the oldest are dropped (default %(default)s)")
+    p.add_argument("--idempotency-window-s", type=float, default=600.0,
+                   help="how long a Send's idempotency_key is remembered (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    for flag in ("aging_ms", "wedged_ms"):
-        if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
-            p.error(f"--{flag.replace('_', '-')} must be a positive number")
+    for flag in ("aging_ms", "wedged_ms", "dead_letter_limit", "idempotency_window_s"):
+        if not 0 < getattr(args, flag) < float("inf"):  # aging is what bounds every wait (scheduler.py)
+            p.error(f"--{flag.replace('_', '-')} must be a positive finite number")
     return args
 
 
@@ -91,7 +95,8 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
         max_processes=args.max_processes, max_message_bytes=args.max_message_bytes,
-        userland_root=root,
+        userland_root=root, dead_letter_limit=args.dead_letter_limit,
+        idempotency_window_ms=round(args.idempotency_window_s * 1000),
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
                                namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,
                                process_files=args.process_files),

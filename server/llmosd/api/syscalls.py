@@ -24,6 +24,7 @@ from llmos.values import from_value, to_value
 from . import checks as C
 from .table import AGENT_DENIED, AGENT_IDENTITY, BY_RPC
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
+from ..kernel.deadletters import DeadLetter, check_purge
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.process import PYTHON
 from ..kernel.mailbox import Match, Message
@@ -129,7 +130,8 @@ async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
     body = _value(req.body) if req.HasField("body") else None
-    message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id)
+    message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id,
+                        req.notify_undelivered, req.idempotency_key)
     return pb.SendResponse(message_id=message_id)
 
 
@@ -260,6 +262,71 @@ async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesR
     if len(reply.processes) < len(found):
         reply.next_after_pid = reply.processes[-1].pid
     return reply
+
+
+# -- the dead-letter queue (kernel/deadletters.py) ----------------------------------------------
+def _namespace(k: Kernel) -> str:
+    """The caller's namespace: an agent's own, an external client's DEFAULT_NAMESPACE."""
+    caller = CALLER.get()
+    if caller is None:
+        return DEFAULT_NAMESPACE
+    with k.lock:
+        return k.live_locked(caller, "caller").namespace
+
+
+def dead_letter_pb(dead: DeadLetter) -> pb.DeadLetter:
+    return pb.DeadLetter(id=dead.id, message=message_pb(dead.message), reason=dead.reason, attempts=dead.attempts,
+                         receiver=dead.receiver, dead_at_ms=dead.dead_at_ms, detail=dead.detail,
+                         namespace=dead.namespace)
+
+
+async def sys_list_dead_letters(k: Kernel, req: pb.ListDeadLettersRequest) -> pb.ListDeadLettersResponse:
+    if req.page_size > MAX_LIST_PAGE_SIZE:
+        raise InvalidArgument(f"page_size is at most {MAX_LIST_PAGE_SIZE}")
+    size = req.page_size or LIST_PAGE_SIZE
+    namespace = _namespace(k)
+    receiver = C.pid(req.receiver, "receiver") if req.receiver else 0
+    found = await asyncio.to_thread(k.dead_letters.list, namespace, req.after_id, size + 1, receiver)
+    reply, used = pb.ListDeadLettersResponse(), 0
+    for dead in found[:size]:
+        entry = dead_letter_pb(dead)
+        used += entry.ByteSize()
+        if used > LIST_PAGE_BYTES and reply.dead_letters:
+            break
+        reply.dead_letters.append(entry)
+    if len(reply.dead_letters) < len(found):
+        reply.next_after_id = reply.dead_letters[-1].id
+    with k.lock:
+        reply.total, reply.dropped = k.dead_letters.count(namespace), k.dead_letters.dropped.get(namespace, 0)
+    return reply
+
+
+async def sys_get_dead_letter(k: Kernel, req: pb.GetDeadLetterRequest) -> pb.DeadLetter:
+    return dead_letter_pb(await asyncio.to_thread(k.dead_letters.get, _namespace(k), req.id))
+
+
+async def sys_retry_dead_letter(k: Kernel, req: pb.RetryDeadLetterRequest) -> pb.RetryDeadLetterResponse:
+    target = req.WhichOneof("target")
+    if (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
+        raise InvalidArgument("to (a pid) or to_name (a registered name) is empty: leave both unset for the "
+                              "message's own receiver")
+    dead = await asyncio.to_thread(k.dead_letters.get, _namespace(k), req.id)
+    with k.lock:
+        to = k.resolve(getattr(req, target)) if target else k.live_locked(dead.receiver, "receiver")
+        message_id = k.dead_letters.retry_locked(dead, to)
+    return pb.RetryDeadLetterResponse(message_id=message_id)
+
+
+async def sys_purge_dead_letters(k: Kernel, req: pb.PurgeDeadLettersRequest) -> pb.PurgeDeadLettersResponse:
+    ids = [C.message_id(i, "ids") for i in req.ids]
+    check_purge(ids, req.all, req.before_ms)
+    namespace = _namespace(k)
+    with k.lock:
+        if ids:
+            purged = k.dead_letters.forget_locked(namespace, ids)
+        else:
+            purged = k.dead_letters.purge_locked(namespace, req.before_ms)
+    return pb.PurgeDeadLettersResponse(purged=purged)
 
 
 async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
@@ -493,6 +560,10 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "CondWait": sys_cond_wait,
     "CondSignal": sys_cond_signal,
     "CondBroadcast": sys_cond_broadcast,
+    "ListDeadLetters": sys_list_dead_letters,
+    "GetDeadLetter": sys_get_dead_letter,
+    "RetryDeadLetter": sys_retry_dead_letter,
+    "PurgeDeadLetters": sys_purge_dead_letters,
 }
 
 

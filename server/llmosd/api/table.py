@@ -84,6 +84,12 @@ TABLE: tuple[Syscall, ...] = (
             CALL, ("whereis",), python=True),
     Syscall("open_port", "OpenPort", False, "Kernel.open_port", "pid",
             agents="agents have a mailbox of their own; ports are for external clients"),
+    # -- the namespace's dead-letter queue (kernel/deadletters.py): the operator's, and an agent's for its own
+    Syscall("list_dead_letters", "ListDeadLetters", False, "DeadLetters.list", "dead letters, a page"),
+    Syscall("get_dead_letter", "GetDeadLetter", False, "DeadLetters.get", "a dead letter"),
+    Syscall("retry_dead_letter", "RetryDeadLetter", False, "DeadLetters.retry_locked", "the new message id"),
+    Syscall("purge_dead_letters", "PurgeDeadLetters", False, "DeadLetters.forget_locked / purge_locked",
+            "how many were taken out"),
     # -- files (services/files.py)
     Syscall("fs.write", "WriteFile", False, "FileStore.open_writer / write", "file info", CALL, ("fs",),
             python=True, acts_as="pid"),

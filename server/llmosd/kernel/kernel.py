@@ -37,6 +37,8 @@ from .logs import MAX_LINES as MAX_LOG_LINES, Logs
 from .runtime import Runtime
 from ..services.sync import SyncTable
 from .acks import Acks
+from .deadletters import DeadLetters
+from .idempotency import IdempotencyKeys
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,11 @@ class Kernel:
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
         self.core.refill_ids()
+        self.dead_letters = DeadLetters(self.store, self.procs, self.core.new_message, self._deliver,
+                                        config.dead_letter_limit)
         self.acks = Acks(self.lock, self.timers, self.procs, self.store, self._store_port_message,
-                         self.core.new_message, self._deliver, self.live_locked)
+                         self.dead_letters, self.live_locked)
+        self.idempotency = IdempotencyKeys(self.store, config.idempotency_window_ms, config.idempotency_keys)
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[str, int] = {}
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
@@ -256,30 +261,45 @@ class Kernel:
             return self.names.get(name)
 
     # -- messages ---------------------------------------------------------------------------
-    def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str) -> int:
+    def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str,
+             notify_undelivered: bool = False, idempotency_key: str = "") -> int:
+        """The message id; with `idempotency_key`, a repeated send's first id (kernel/idempotency.py)."""
+        if idempotency_key:
+            self.idempotency.check(idempotency_key)
         with self.lock:
             src = self.procs.get(sender) if sender else None
             if src is None and sender:
                 self.live_locked(sender, "sender")  # raises the right error
+            if idempotency_key and (first := self.idempotency.first(sender, idempotency_key)) is not None:
+                return first
             dst = self.procs.get(to) if type(to) is int else None
             if dst is None:
                 dst = self.resolve(to)
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
-            self._deliver(dst, msg)
+            msg.notify_undelivered = notify_undelivered
+            if idempotency_key:
+                self._deliver(dst, msg, also=self.idempotency.remember(sender, idempotency_key, msg.id,
+                                                                        dst.mailbox.durable))
+            else:
+                self._deliver(dst, msg)
             if src is not None:
                 src.mailbox.sent += 1
         self.core.refill_ids()  # the next block of message ids, reserved without the lock
         return msg.id
 
-    def _deliver(self, dst: Process, msg: Message, limited: bool = True) -> None:
+    def _deliver(self, dst: Process, msg: Message, limited: bool = True,
+                 also: Callable[[Any], None] | None = None) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
         A port's message is acknowledged only once stored, unless taken at once.
         Kernel notices (EXIT) are not `limited`: a process sends at most one,
-        and dropping one would leave a monitor waiting forever."""
+        and dropping one would leave a monitor waiting forever. `also`: a store
+        write that goes with the message (in its transaction, if it is stored)."""
         if dst.kind == P.PORT and not any(match.accepts(msg) for _, match in dst.mailbox.receivers):
             if limited:
                 dst.mailbox.check_room(msg)
-            self._store_port_message(msg)
+            self._store_port_message(msg, also)
+        elif also is not None:
+            self.store.transaction(also)
         dst.mailbox.deliver(msg, limited)
 
     def try_recv(self, pid: int, match: Match) -> Message | None:
@@ -316,10 +336,10 @@ class Kernel:
                 self._store_port_message(msg)
             proc.mailbox.put_back(msg)
 
-    def _store_port_message(self, msg: Message) -> None:
+    def _store_port_message(self, msg: Message, also: Callable[[Any], None] | None = None) -> None:
         self.store.put_message(StoredMessage(
             msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
-        ))
+        ), also)
 
     def arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
         self.timers.time_out(self.lock, waiter, timeout_s)
@@ -373,8 +393,6 @@ class Kernel:
         self.sync.process_ended(proc.pid)
         self.acks.process_ended(proc)
         self.files.process_ended(proc.pid)
-        if proc.kind == P.PORT:
-            self.store.delete_port_messages(proc.pid)
         del self.procs[proc.pid]
         for pid in proc.ancestors:
             ancestor = self.procs.get(pid)
