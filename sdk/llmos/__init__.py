@@ -10,15 +10,15 @@
 :class:`Client` is blocking; :mod:`llmos.aio` has the same API for asyncio.
 Failed syscalls raise :class:`LlmosError` subclasses named after the gRPC status.
 """
-from .client import (Client, ContextInfo, Event, InferChunk, InferResult, Message, ProcessInfo, connect,
-                     default_target)
+from .client import (Client, ContextInfo, DeadLetter, Event, InferChunk, InferResult, Message, ProcessInfo, Retry,
+                     connect, default_target)
 from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal,
                      InvalidArgument, LlmosError, NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
                      Unauthenticated, Unavailable, Unimplemented, Unknown)
 
 __all__ = [
     "Client", "connect", "default_target", "Message", "ProcessInfo", "Event", "InferChunk", "InferResult",
-    "ContextInfo",
+    "ContextInfo", "DeadLetter", "Retry",
     "LlmosError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
     "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
     "Internal", "Unavailable", "DataLoss", "Unauthenticated",

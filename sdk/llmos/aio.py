@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from .client import CHANNEL_OPTIONS, Call, ClientStreaming, Plan, Streaming, Syscalls
+from .client import CHANNEL_OPTIONS, RETRYABLE, Call, ClientStreaming, Plan, Retry, Streaming, Syscalls
 from .errors import Unavailable, from_rpc_error
 from .v1 import kernel_pb2_grpc
 
@@ -40,8 +40,9 @@ class Client(Syscalls):
     ``target`` is "HOST:PORT" or "unix:/path/to/socket" (default: $LLMOS_SERVER or 127.0.0.1:50051).
     """
 
-    def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0) -> None:
-        super().__init__(target, rpc_timeout)
+    def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
+                 send_retry: Retry | None = Retry()) -> None:
+        super().__init__(target, rpc_timeout, send_retry)
         self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
@@ -60,10 +61,15 @@ class Client(Syscalls):
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 raise from_rpc_error(e) from None
-        try:
-            return await rpc(call.request, timeout=call.timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        delays = call.retry.delays() if call.retry is not None else iter(())
+        while True:
+            try:
+                return await rpc(call.request, timeout=call.timeout)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if e.code() in RETRYABLE else None
+                if delay is None:
+                    raise from_rpc_error(e) from None
+            await asyncio.sleep(delay)
 
     def _drive(self, plan: Plan[T]) -> Any:
         call = next(plan)
@@ -104,6 +110,7 @@ class Client(Syscalls):
         await self.close()
 
 
-def connect(target: str | None = None, *, rpc_timeout: float | None = 30.0) -> Client:
+def connect(target: str | None = None, *, rpc_timeout: float | None = 30.0,
+            send_retry: Retry | None = Retry()) -> Client:
     """An asyncio :class:`Client` for ``target``."""
-    return Client(target, rpc_timeout=rpc_timeout)
+    return Client(target, rpc_timeout=rpc_timeout, send_retry=send_retry)
