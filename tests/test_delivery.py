@@ -259,6 +259,15 @@ def test_the_same_key_from_the_same_sender_stores_nothing_new(k: llmos.Client) -
     assert code_of(k.send, port, 1, idempotency_key="\ud800") == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_refused_send_leaves_no_first_id_behind(k: llmos.Client) -> None:
+    port = k.open_port(mailbox=1)
+    k.send(port, "filler")
+    assert code_of(k.send, port, "late", idempotency_key="k-full") == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert k.recv(port, timeout=0).body == "filler"
+    mid = k.send(port, "late", idempotency_key="k-full")  # stored now, as a first send
+    assert k.recv(port, timeout=0).id == mid
+
+
 class DroppingProxy:
     """A TCP proxy in front of llmosd that can hold back the server's answers and then cut every
     connection, so that a client really loses its connection mid-call (no interceptor, no mock)."""

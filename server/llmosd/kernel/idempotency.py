@@ -52,35 +52,33 @@ class IdempotencyKeys:
                 "SELECT sender, key, message_id, expires_at_ms FROM idempotency_keys ORDER BY expires_at_ms")}
         self._stored_since_prune = 0
 
-    @staticmethod
-    def check(key: str) -> str:
-        return C.text(key, "idempotency_key")
-
     def first(self, sender: int, key: str) -> int | None:
-        """The message id the first send with `key` from `sender` got, if within the window."""
+        """The message id the first send with `key` (checked) from `sender` got, if within the window."""
+        C.text(key, "idempotency_key")
         entry = self._keys.get((sender, key))
         return entry[0] if entry is not None and entry[1] > now_ms() else None
 
-    def remember(self, sender: int, key: str, message_id: int,
-                 stored: bool) -> Callable[[sqlite3.Connection], None] | None:
-        """Remember a first send; for a `stored` message, the write that stores the key with it."""
+    def remember(self, sender: int, key: str, message_id: int) -> None:
+        """Remember a first send, once it is delivered."""
         now = now_ms()
-        expires = now + self.window_ms
         self._keys.pop((sender, key), None)  # an expired one: the new one goes to the end
-        self._keys[(sender, key)] = (message_id, expires)
+        self._keys[(sender, key)] = (message_id, now + self.window_ms)
         for oldest in list(itertools.islice(self._keys, 16)):  # a few each time keeps up with inserts
             if self._keys[oldest][1] > now and len(self._keys) <= self.limit:
                 break
             del self._keys[oldest]
-        if not stored:
-            return None
+
+    def stored(self, sender: int, key: str, message_id: int) -> Callable[[sqlite3.Connection], None]:
+        """The write that stores a key with its stored message (in the message's transaction)."""
+        now = now_ms()
         self._stored_since_prune += 1
         prune = self._stored_since_prune >= PRUNE_EVERY
         if prune:
             self._stored_since_prune = 0
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?,?,?,?)", (sender, key, message_id, expires))
+            db.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?,?,?,?)",
+                       (sender, key, message_id, now + self.window_ms))
             if prune:
                 db.execute("DELETE FROM idempotency_keys WHERE expires_at_ms<=?", (now,))
         return write

@@ -263,9 +263,6 @@ class Kernel:
     # -- messages ---------------------------------------------------------------------------
     def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str,
              notify_undelivered: bool = False, idempotency_key: str = "") -> int:
-        """The message id; with `idempotency_key`, a repeated send's first id (kernel/idempotency.py)."""
-        if idempotency_key:
-            self.idempotency.check(idempotency_key)
         with self.lock:
             src = self.procs.get(sender) if sender else None
             if src is None and sender:
@@ -277,23 +274,21 @@ class Kernel:
                 dst = self.resolve(to)
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
             msg.notify_undelivered = notify_undelivered
-            if idempotency_key:
-                self._deliver(dst, msg, also=self.idempotency.remember(sender, idempotency_key, msg.id,
-                                                                        dst.mailbox.durable))
-            else:
-                self._deliver(dst, msg)
+            self._deliver(dst, msg, also=self.idempotency.stored(sender, idempotency_key, msg.id)
+                          if idempotency_key and dst.mailbox.durable else None)
+            if idempotency_key:  # remembered once delivered (kernel/idempotency.py): a refused send has no first id
+                self.idempotency.remember(sender, idempotency_key, msg.id)
             if src is not None:
                 src.mailbox.sent += 1
         self.core.refill_ids()  # the next block of message ids, reserved without the lock
         return msg.id
 
-    def _deliver(self, dst: Process, msg: Message, limited: bool = True,
-                 also: Callable[[Any], None] | None = None) -> None:
+    def _deliver(self, dst: Process, msg: Message, limited: bool = True, also: Callable | None = None) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
-        A port's message is acknowledged only once stored, unless taken at once.
+        A port's message is acknowledged only once stored, unless taken at once
+        (`also`: a write that goes with it, in its transaction if it is stored).
         Kernel notices (EXIT) are not `limited`: a process sends at most one,
-        and dropping one would leave a monitor waiting forever. `also`: a store
-        write that goes with the message (in its transaction, if it is stored)."""
+        and dropping one would leave a monitor waiting forever."""
         if dst.kind == P.PORT and not any(match.accepts(msg) for _, match in dst.mailbox.receivers):
             if limited:
                 dst.mailbox.check_room(msg)
