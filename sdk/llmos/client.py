@@ -494,7 +494,8 @@ class Syscalls:
         at most the parent's). With ``monitor`` the ``parent`` gets an EXIT message when the child ends.
         ``source_name`` is what errors call the source (say, the file it came from). ``dead_letter`` (a live
         pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process ends, and
-        those received with ack ``max_attempts`` times (0: no limit) without an ack.
+        those received with ack ``max_attempts`` times (0: no limit) without an ack; without one they go to
+        the namespace's dead-letter queue (:meth:`dead_letters`).
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
                                        source_name, dead_letter, max_attempts)
