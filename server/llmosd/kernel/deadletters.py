@@ -194,7 +194,10 @@ class DeadLetters:
 
     def retry_locked(self, dead: DeadLetter, to: Process) -> int:
         """Send `dead`'s message again to `to` (kernel lock held), as its sender; the new message's id.
-        It leaves the queue once delivered; a refusal (a full mailbox) leaves it there."""
+        It leaves the queue once delivered; a refusal (a full mailbox) leaves it there. Under the lock,
+        a second retry of the same one finds it gone (NotFound)."""
+        if not self._store.query("SELECT 1 FROM dead_letters WHERE id=?", (dead.id,)):
+            raise NotFound(f"no dead letter {dead.id} in namespace {dead.namespace!r} (retried or purged meanwhile)")
         msg = dead.message
         again = self._new_message(msg.sender, to.pid, msg.tag, msg.body, msg.data, msg.correlation_id)
         self._deliver(to, again, True)
