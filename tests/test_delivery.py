@@ -4,6 +4,7 @@ The SDK's retries are tested through a TCP proxy that really drops the connectio
 server restart)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -367,6 +368,30 @@ def test_the_sdk_retries_a_send_whose_answer_was_lost_and_stores_it_once(k: llmo
         assert proxy.connections >= 2  # the answer came over a new connection: a retry
     finally:
         proxy.close()
+
+
+def test_the_asyncio_client_retries_a_send_whose_answer_was_lost(k: llmos.Client, llmosd: LlmosdServer) -> None:
+    from llmos import aio
+
+    proxy = DroppingProxy(llmosd.target)
+    port = k.open_port()
+
+    async def scenario() -> int:
+        async with aio.Client(proxy.target, send_retry=llmos.Retry(attempts=20, max_backoff=0.5)) as through:
+            await through.wait_ready()
+            proxy.hold()
+            sending = asyncio.ensure_future(through.send(port, "exactly once"))
+            await asyncio.to_thread(until, lambda: k.get(port).usage["mailbox_len"] == 1, "the send to be stored")
+            proxy.cut()
+            return await asyncio.wait_for(sending, WAIT_S)
+
+    try:
+        message_id = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    got = k.recv(port, timeout=0)
+    assert (got.id, got.body) == (message_id, "exactly once")
+    assert k.recv(port, timeout=0) is None and proxy.connections >= 2
 
 
 def test_the_sdk_retries_a_send_across_a_server_kill_9_and_stores_it_once(fresh_llmosd: LlmosdServer) -> None:

@@ -2,7 +2,8 @@
 
     python tools/bench_durable.py            # about a minute on 2 cores
     python tools/bench_durable.py --quick    # smaller counts, for a smoke test
-    python tools/bench_durable.py --png out.png
+
+The table is printed, and drawn in bench-out/bench_durable.png when matplotlib is installed.
 
 Each row is a function in ROWS: it gets a running llmosd (and the options) and returns Rows: a figure
 of llmos's, and beside it its peer's figure and the ratio. A row whose peer is missing says how to get
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from typing import Callable
 
@@ -154,7 +156,8 @@ def lua_agent_rate(k: llmos.Client, n: int, body: str) -> tuple[float, str]:
     info = k.wait(pid, timeout=600)
     if info is None or not info.ok:
         raise RuntimeError(f"the Lua agent ended {info and info.state}: {info and info.error}")
-    return n / max(info.result / 1000, 1e-9), "stored (durable)" if durable else "in memory (no durable spawn here)"
+    return n / max(info.result / 1000, 1e-9), ("its mailbox stored (spawned durable)" if durable else
+                                              "its mailbox in memory: this server has no durable spawn yet")
 
 
 def client_rate(k: llmos.Client, n: int, body: str) -> float:
@@ -177,16 +180,15 @@ def row_acknowledged_delivery(server: LlmosdServer, opts: Options) -> list[Row]:
     with llmos.connect(server.target, rpc_timeout=None) as k:
         lua, mailbox = lua_agent_rate(k, opts.messages, body)
         client = client_rate(k, max(opts.messages // 10, 100), body)
-    what = f"acknowledged delivery, {opts.message_bytes} B: send, leased receive, ack"
-    if not redis_available():
-        return [Row(f"{what} (Lua agent, mailbox {mailbox})", lua, "msg/s", "Redis Streams", None, 2.0,
-                    REDIS_MISSING),
-                Row(f"{what} (SDK client, a port)", client, "msg/s", "Redis Streams", None, 2.0, REDIS_MISSING)]
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(pathlib.Path(tmp)) as redis:
-        peer = redis_streams_rate(redis.port, max(opts.messages // 10, 100), body)
-    peer_name = "Redis Streams (redis-py; AOF everysec)"
-    return [Row(f"{what} (Lua agent, mailbox {mailbox})", lua, "msg/s", peer_name, peer, 2.0),
-            Row(f"{what} (SDK client over gRPC, a port)", client, "msg/s", peer_name, peer, 2.0)]
+    what = f"acked delivery, {opts.message_bytes} B (send, leased recv, ack)"
+    peer_name, peer, note = "Redis Streams (XADD, XREADGROUP, XACK)", None, REDIS_MISSING
+    if redis_available():
+        with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(pathlib.Path(tmp)) as redis:
+            peer = redis_streams_rate(redis.port, max(opts.messages // 10, 100), body)
+        note = "redis-py over loopback TCP, appendonly yes, appendfsync everysec"
+    return [Row(f"{what}: a Lua agent", lua, "msg/s", peer_name, peer, 2.0, f"{note}; the agent: {mailbox}"),
+            Row(f"{what}: an SDK client, a port", client, "msg/s", peer_name, peer, 2.0,
+                f"{note}; the port's messages are stored (SQLite WAL); each call a gRPC round trip")]
 
 
 # Each row function gets the server and the options, and returns its rows. More rows (durable processes,
@@ -209,7 +211,7 @@ def print_table(rows: list[Row]) -> None:
             print(f"note ({r.figure}): {r.note}")
 
 
-def save_png(rows: list[Row], path: str) -> None:
+def save_png(rows: list[Row], path: pathlib.Path) -> None:
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -219,15 +221,18 @@ def save_png(rows: list[Row], path: str) -> None:
         print("no PNG: pip install matplotlib")
         return
     compared = [r for r in rows if r.peer_rate]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.8 * max(len(compared), 1)))
-    labels = [r.figure for r in compared]
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.9 * max(len(compared), 1)))
     y = range(len(compared))
     ax.barh([i + 0.2 for i in y], [r.llmos for r in compared], height=0.4, label="llmos")
     ax.barh([i - 0.2 for i in y], [r.peer_rate for r in compared], height=0.4, label="peer")
-    ax.set_yticks(list(y), labels, fontsize=7)
-    ax.set_xlabel("per second")
+    ax.set_yticks(list(y), [textwrap.fill(f"{r.figure} (vs {r.peer})", 50) for r in compared], fontsize=8)
+    for i, r in zip(y, compared):
+        ax.annotate(f"{r.ratio:.2f}x", (r.llmos, i + 0.2), xytext=(4, -3), textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("per second (log scale)")
     ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
@@ -237,7 +242,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke test")
     parser.add_argument("--messages", type=int, default=50_000, help="messages of the Lua agent's loop")
     parser.add_argument("--message-bytes", type=int, default=100)
-    parser.add_argument("--png", metavar="PATH", help="also draw the compared rows")
+    parser.add_argument("--png", metavar="PATH", default="bench-out/bench_durable.png",
+                        help="where to draw the compared rows (default %(default)s)")
     a = parser.parse_args()
     opts = Options(a.quick, 5_000 if a.quick else a.messages, a.message_bytes)
     rows: list[Row] = []
@@ -250,8 +256,7 @@ def main() -> None:
         finally:
             server.stop()
     print_table(rows)
-    if a.png:
-        save_png(rows, a.png)
+    save_png(rows, pathlib.Path(a.png))
 
 
 if __name__ == "__main__":
