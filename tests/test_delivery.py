@@ -158,10 +158,13 @@ def test_bad_dead_letter_requests_are_refused_with_their_codes(k: llmos.Client, 
     assert code_of(k.dead_letter, 1 << 60) == inv
     assert code_of(k.dead_letter, (1 << 50) + 7) == grpc.StatusCode.NOT_FOUND
     assert code_of(k.retry_dead_letter, (1 << 50) + 7) == grpc.StatusCode.NOT_FOUND
+    assert not stub.ListDeadLetters(pb.ListDeadLettersRequest(after_id=(1 << 64) - 1)).dead_letters
     for request, code in ((pb.ListDeadLettersRequest(page_size=10_001), inv),
                           (pb.ListDeadLettersRequest(receiver=1 << 60), grpc.StatusCode.NOT_FOUND),
                           (pb.RetryDeadLetterRequest(id=1, to=0), inv),
-                          (pb.RetryDeadLetterRequest(id=1, to_name=""), inv)):
+                          (pb.RetryDeadLetterRequest(id=1, to_name=""), inv),
+                          (pb.PurgeDeadLettersRequest(ids=[(1 << 64) - 1]), inv),
+                          (pb.PurgeDeadLettersRequest(before_ms=-(1 << 63)), inv)):
         method = getattr(stub, type(request).__name__.removesuffix("Request"))
         with pytest.raises(grpc.RpcError) as err:
             method(request)

@@ -286,7 +286,8 @@ async def sys_list_dead_letters(k: Kernel, req: pb.ListDeadLettersRequest) -> pb
     size = req.page_size or LIST_PAGE_SIZE
     namespace = _namespace(k)
     receiver = C.pid(req.receiver, "receiver") if req.receiver else 0
-    found = await asyncio.to_thread(k.dead_letters.list, namespace, req.after_id, size + 1, receiver)
+    after_id = min(req.after_id, C.MAX_PID)  # no id is above it (and SQLite's integers end at 2^63)
+    found = await asyncio.to_thread(k.dead_letters.list, namespace, after_id, size + 1, receiver)
     reply, used = pb.ListDeadLettersResponse(), 0
     for dead in found[:size]:
         entry = dead_letter_pb(dead)
