@@ -21,6 +21,7 @@ class LlmosdServer:
         self.userland_root = userland_root
         self.proc: subprocess.Popen | None = None
         self.target = ""
+        self.http = ""  # "http://HOST:PORT" when started with --http
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-llmosd.log"
 
     def start(self, timeout: float = 60.0) -> str:
@@ -35,7 +36,11 @@ class LlmosdServer:
 
         def read_until_listening() -> None:
             for raw in self.proc.stdout:  # type: ignore[union-attr]
-                match = re.search(r"listening on (\S+)", raw.decode(errors="replace"))
+                line = raw.decode(errors="replace")
+                http = re.search(r"http on (\S+)", line)  # printed before "listening on"
+                if http:
+                    self.http = f"http://{http.group(1)}"
+                match = re.search(r"listening on (\S+)", line)
                 if match and not found:
                     found.append(match.group(1))
                 # keep draining so the server never blocks on a full pipe

@@ -1,9 +1,12 @@
 """A grpcurl session against a real llmosd: reflection, then the echo program
-driven entirely with JSON bodies, as in the README's walkthrough."""
+driven entirely with JSON bodies; and docs/grpcurl.md's walkthrough, run as written."""
 from __future__ import annotations
 
 import base64
 import json
+import os
+import pathlib
+import re
 import shutil
 import subprocess
 import uuid
@@ -74,3 +77,20 @@ def test_grpcurl_session(llmosd: Any) -> None:
     assert "Code: NotFound" in bad.stderr and "no process with pid" in bad.stderr
     bad = grpcurl(t, "llmos.v1.Kernel/Spawn", data={"lua": "return = 1"}, check=False)
     assert "Code: InvalidArgument" in bad.stderr and "syntax error" in bad.stderr
+
+
+WALKTHROUGH = pathlib.Path(__file__).resolve().parent.parent / "docs" / "grpcurl.md"
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the walkthrough uses jq")
+def test_the_docs_walkthrough_runs_as_written(llmosd: Any, tmp_path: pathlib.Path) -> None:
+    [script] = re.findall(r"```sh walkthrough\n(.*?)```", WALKTHROUGH.read_text(), re.S)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "LLMOS": llmosd.target}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "llmos.v1.Kernel" in out and "raw bytes" in out and '"second"' in out and '"timed_out": true' in out
+    port = re.search(r"this shell's port is pid (\d+)", out).group(1)
+    assert f'{{"state":"EXITED","exit_reason":"normal","result":{{"echoed":2,"stopped_by":{port}}}}}' in out
+    assert "Code: NotFound" in done.stderr and "Code: InvalidArgument" in done.stderr
+    assert not list(tmp_path.iterdir())  # it cleans up after itself

@@ -551,7 +551,7 @@ def test_cli_spawn_send_recv_wait_kill_ps(server: str, tmp_path: pathlib.Path) -
     table = llmos_cli(server, "ps")
     assert table.returncode == 0
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["PID", "NAME", "KIND", "STATE", "PRIO", "CPU_MS", "MSGS", "MAILBOX"]
+    assert header.split() == ["PID", "NAME", "KIND", "STATE", "PRIO", "CPU_MS", "MEM_KB", "TOKENS", "MSGS", "MAILBOX"]
     by_pid = {row.split()[0]: row.split() for row in rows}
     assert by_pid[str(echo)][1:3] == ["cli-echo", "LUA"] and by_pid[str(echo)][4] == "2"
     assert by_pid[str(port_pid)][1:3] == ["cli-inbox", "PORT"]
@@ -654,3 +654,257 @@ def test_cli_logs_and_top(server: str, k: llmos.Client) -> None:
     finally:
         client.kill(spinner)
         client.kill(idle)
+
+
+def cli_popen(server: str, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "LLMOS_SERVER"}
+    return subprocess.Popen([sys.executable, "-m", "llmos.cli", "--server", server, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
+
+
+def pid_named(k: llmos.Client, name: str) -> int:
+    """The pid registered as `name`, once there is one (bounded)."""
+    for _ in range(300):
+        found = k.ps(name=name)
+        if found:
+            return found[0].pid
+        time.sleep(0.02)
+    raise AssertionError(f"no process named {name}")
+
+
+def test_cli_run_streams_the_log_while_the_program_runs(server: str, k: llmos.Client, tmp_path: pathlib.Path) -> None:
+    program = tmp_path / "talk.lua"
+    program.write_text('print("ready") local m = sys.recv{} print("got " .. m.body) return {echo = m.body}')
+    name = f"talk-{time.monotonic_ns()}"
+    run = cli_popen(server, "run", str(program), "--name", name, "--priority", "3", "--weight", "50",
+                    "--limits", "cpu_ms=5000,mailbox=7")
+    try:
+        assert run.stdout.readline() == "ready\n"  # printed while the program waits for a message
+        pid = pid_named(k, name)
+        info = k.get(pid)
+        assert (info.state, info.priority, info.weight, info.limits["cpu_ms"], info.limits["mailbox"]) == (
+            "BLOCKED", 3, 50, 5000, 7)
+        k.send(pid, "hi")
+        out, err = run.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err
+    assert out.splitlines() == ["got hi", '{"echo": "hi"}']
+
+
+def test_cli_run_runs_python_and_detaches(server: str, k: llmos.Client, tmp_path: pathlib.Path) -> None:
+    agent = tmp_path / "agent.py"
+    agent.write_text("from llmos.userland import sys\nprint('args', sys.args)\nsys.exit({'twice': sys.args * 2})\n")
+    done = llmos_cli(server, "run", str(agent), "--args", "21")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["args 21", '{"twice": 42}']
+
+    port = k.open_port()
+    detached = llmos_cli(server, "run", "-d", str(agent), "--args", "2", "--monitor", str(port))
+    assert detached.returncode == 0, detached.stderr
+    pid = int(detached.stdout)
+    notice = k.recv(port, tag="EXIT", timeout=CLI_TIMEOUT_S)
+    assert notice is not None and notice.body["pid"] == pid and notice.body["result"] == {"twice": 4}
+    assert llmos_cli(server, "logs", str(pid)).stdout == "args 2\n"
+
+
+def test_cli_run_is_killed_by_ctrl_c(server: str, k: llmos.Client, tmp_path: pathlib.Path) -> None:
+    program = tmp_path / "spin.lua"
+    program.write_text('print("spinning") while true do end')
+    name = f"spin-{time.monotonic_ns()}"
+    run = cli_popen(server, "run", str(program), "--name", name)
+    try:
+        assert run.stdout.readline() == "spinning\n"
+        pid = pid_named(k, name)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "Traceback" not in err
+    ended = k.wait(pid, timeout=10)
+    assert ended is not None and (ended.state, ended.exit_reason) == ("KILLED", "interrupted")
+
+
+def test_cli_ps_outputs_and_filters(server: str, k: llmos.Client) -> None:
+    name = f"ps-{time.monotonic_ns()}"
+    blocked = k.spawn(lua="sys.recv{}", name=name)
+    port = k.open_port()
+    ended = k.spawn(lua="return 1")
+    k.wait(ended, timeout=10)
+    try:
+        quiet = llmos_cli(server, "ps", "-q", "--state", "blocked")
+        assert quiet.returncode == 0 and str(blocked) in quiet.stdout.split() and str(port) not in quiet.stdout.split()
+        ports = llmos_cli(server, "ps", "-q", "--kind", "port").stdout.split()
+        assert str(port) in ports and str(blocked) not in ports
+        listed = json.loads(llmos_cli(server, "ps", "-a", "-o", "json").stdout)
+        by_pid = {p["pid"]: p for p in listed}
+        assert by_pid[blocked]["name"] == name and by_pid[blocked]["state"] == "BLOCKED"
+        assert by_pid[blocked]["usage"]["memory_bytes"] > 0 and by_pid[ended]["state"] == "EXITED"
+        assert ended not in {p["pid"] for p in json.loads(llmos_cli(server, "ps", "-o", "json").stdout)}
+        header, row = llmos_cli(server, "ps", "-o", "wide", "--name", name).stdout.splitlines()
+        cells = dict(zip(header.split(), row.split()))
+        assert cells["STATE"] == "BLOCKED:recv" and cells["WEIGHT"] == "100" and cells["NAMESPACE"] == "default"
+        assert int(cells["MEM_KB"]) > 0 and cells["TOKENS"] == "0"
+
+        inspected = llmos_cli(server, "inspect", str(blocked), "999999999", str(ended))
+        assert inspected.returncode == 1 and inspected.stderr.startswith("llmos: NOT_FOUND: ")
+        assert [p["pid"] for p in json.loads(inspected.stdout)] == [blocked, ended]
+
+        killed = llmos_cli(server, "kill", str(blocked), str(port), str(ended))
+        assert killed.returncode == 0
+        assert killed.stdout.splitlines() == [f"{blocked} killed", f"{port} killed", f"{ended} already ended"]
+    finally:
+        k.kill(blocked)
+        k.kill(port)
+
+
+def test_cli_events_and_logs_follow(server: str, k: llmos.Client) -> None:
+    import queue
+
+    port = k.open_port()
+    watcher = cli_popen(server, "events", "-o", "json")
+    events: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [events.put(json.loads(line)) for line in watcher.stdout], daemon=True).start()
+    try:
+        probes: set[int] = set()
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while time.monotonic() < deadline:  # until a probe is reported: from then on the watcher misses nothing
+            probes.add(k.spawn(lua="return 0"))
+            try:
+                if events.get(timeout=0.2)["process"]["pid"] in probes:
+                    break
+            except queue.Empty:
+                pass
+        pid = k.spawn(lua='print("one") print("two") sys.recv{} print("three") return 3')
+        seen = []
+        while len(seen) < 2:
+            event = events.get(timeout=CLI_TIMEOUT_S)
+            if event["process"]["pid"] != pid:
+                continue
+            seen.append(event["kind"])
+            if event["kind"] == "spawned":
+                for _ in range(300):  # both lines written
+                    if len(k.read_log(pid)[0]) == 2:
+                        break
+                    time.sleep(0.01)
+                assert llmos_cli(server, "logs", "--tail", "1", str(pid)).stdout == "two\n"
+                follow = cli_popen(server, "logs", "-f", "--tail", "1", str(pid))
+                assert follow.stdout.readline() == "two\n"  # then it waits for more, until the process ends
+                k.send(pid, None, sender=port)
+                out, err = follow.communicate(timeout=CLI_TIMEOUT_S)
+                assert follow.returncode == 0 and out == "three\n", err
+        assert seen == ["spawned", "ended"]
+    finally:
+        watcher.kill()
+        watcher.wait()
+        k.kill(port)
+
+
+def test_cli_send_body_from_stdin_and_file(server: str, k: llmos.Client, tmp_path: pathlib.Path) -> None:
+    port = k.open_port()
+    body = {"text": "x" * (1 << 20)}  # bigger than a command line may be on some systems
+    sent = subprocess.run([sys.executable, "-m", "llmos.cli", "--server", server, "send", str(port), "-"],
+                          input=json.dumps(body), capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert sent.returncode == 0, sent.stderr
+    (tmp_path / "body.json").write_text('{"from": "file"}')
+    assert llmos_cli(server, "send", str(port), f"@{tmp_path / 'body.json'}", "--tag", "f").returncode == 0
+    assert k.recv(port, timeout=5).body == body
+    assert k.recv(port, timeout=5).body == {"from": "file"}
+    k.kill(port)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["logs", "--", "-5"], "a pid is a positive integer"),
+    (["inspect", str(1 << 64)], "a pid is a positive integer below 2^64"),
+    (["top", "--interval", "-1"], "an interval is a number of seconds"),
+    (["run", "x.lua", "--limits", "bogus=1"], "unknown limit(s) bogus"),
+    (["run", "x.lua", "--limits", "cpu_ms=-3"], "limits are KEY=N"),
+    (["run", "x.lua", "--priority", "30"], "priority is an integer from -20 to 20"),
+    (["spawn", "--lua", "return 1", "--weight", "0"], "weight is an integer from 1 to 10000"),
+    (["ps", "--state", "SLEEPY"], "invalid choice"),
+    (["ps", "-o", "yaml"], "invalid choice"),
+    (["send", "1", "@/nonexistent/body.json"], "cannot read"),
+    (["run", "/nonexistent/x.py"], "cannot read"),
+    (["fs", "cat", "a", "--offset", "-1"], "a count is an integer"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_usage_errors_exit_2_without_a_traceback(server: str, argv: list[str], says: str) -> None:
+    done = llmos_cli(server, *argv)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
+    assert "llmos: INVALID_ARGUMENT: " in done.stderr and says in done.stderr, done.stderr
+
+
+def test_cli_version_and_completion(server: str, tmp_path: pathlib.Path) -> None:
+    version = llmos_cli(server, "--version")
+    assert version.returncode == 0 and version.stdout == f"llmos {llmos.__version__}\n"
+    script = llmos_cli(server, "completion", "bash")
+    assert script.returncode == 0 and "complete" in script.stdout and "llmos" in script.stdout
+    # what bash asks at a TAB: argcomplete answers from the parser itself
+    answer_file = tmp_path / "completions"
+    env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": "llmos ps --ou", "COMP_POINT": "13",
+           "_ARGCOMPLETE_IFS": "\n", "_ARGCOMPLETE_STDOUT_FILENAME": str(answer_file)}
+    answer = subprocess.run([sys.executable, "-m", "llmos.cli"], env=env, capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    assert answer.returncode == 0, answer.stderr
+    assert answer_file.read_text().split() == ["--output"]
+
+# -- the server's start -------------------------------------------------------------------------
+def test_llmosd_refuses_a_bound_port_and_a_held_data_dir(fresh_llmosd: Any, tmp_path: pathlib.Path) -> None:
+    def second_llmosd(listen: str, data_dir: pathlib.Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmosd", "--listen", listen, "--data-dir", str(data_dir),
+                               "--model", "none"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+    taken = second_llmosd(fresh_llmosd.target, tmp_path / "other")
+    assert taken.returncode != 0 and taken.stdout == ""
+    assert taken.stderr.splitlines() == [f"llmosd: cannot listen on {fresh_llmosd.target}: Address already in use"]
+    held = second_llmosd("127.0.0.1:0", fresh_llmosd.data_dir)
+    assert held.returncode != 0 and len(held.stderr.splitlines()) == 1
+    assert held.stderr.startswith(f"llmosd: data directory {fresh_llmosd.data_dir} is in use by another llmosd")
+    with llmos.connect(fresh_llmosd.target) as k:  # the first server is untouched
+        assert k.run("return 1").result == 1
+
+
+def test_values_protobuf_cannot_hold_are_invalid_argument_before_sending(k: llmos.Client) -> None:
+    for call in (lambda: k.get(1 << 64), lambda: k.wait(-1, timeout=0), lambda: k.kill("7"),
+                 lambda: k.set_priority(1, 1 << 40)):
+        with pytest.raises(llmos.InvalidArgument, match="bad argument"):
+            call()
+
+
+# -- the client-only distribution ---------------------------------------------------------------
+def test_the_sdk_distribution_needs_only_grpcio_and_protobuf(tmp_path: pathlib.Path, server: str) -> None:
+    """sdk/ builds a wheel of its own (llmos-client) that declares grpcio and protobuf alone, ships py.typed,
+    and works with the server's packages (torch, lupa, numpy, llmosd) unimportable."""
+    import zipfile
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(root / "sdk")], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("llmos_client-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+        z.extractall(tmp_path / "site")
+    requires = sorted(line.split()[1].split(">")[0].split("<")[0] for line in metadata.splitlines()
+                      if line.startswith("Requires-Dist:") and "extra ==" not in line)
+    assert requires == ["grpcio", "protobuf"]
+    assert "llmos/py.typed" in names and "llmos/v1/kernel_pb2.py" in names
+    assert not any(n.startswith("llmosd/") for n in names)
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torch', 'lupa', 'numpy', 'llmosd'):\n"
+               "            raise ImportError(f'{name} is not installed')\n"
+               "sys.meta_path.insert(0, Block())\n")
+    (tmp_path / "site" / "sitecustomize.py").write_text(blocker)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True,
+                             timeout=CLI_TIMEOUT_S)
+    assert blocked.returncode != 0 and "torch is not installed" in blocked.stderr  # the blocker is in force
+    done = subprocess.run([sys.executable, "-c", "import llmos, llmos.cli, llmos.aio; print(llmos.__file__)"],
+                          env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert done.returncode == 0 and done.stdout.startswith(str(tmp_path / "site")), done.stderr
+    ps = subprocess.run([sys.executable, "-m", "llmos.cli", "--server", server, "ps", "-o", "json"], env=env,
+                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert ps.returncode == 0 and isinstance(json.loads(ps.stdout), list), ps.stderr

@@ -2,7 +2,7 @@
 """Benchmark the inference engine against Hugging Face transformers in the same run.
 
     python tools/bench_engine.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-        [--shape smollm-135m] [--hf-sequential N] [--only throughput,single,ttft,prefix,constrained,contexts,real]
+        [--shape smollm-135m] [--hf-sequential N] [--only throughput,single,ttft,prefix,constrained,contexts,real,openai]
         [--rounds 2] [--context-model smollm2] [--plot out.png]
 
 A random-initialised checkpoint of the shape is written to a temp dir (tools/make_checkpoint.py).
@@ -15,6 +15,9 @@ engine, and prefill work / KV blocks with a shared system prompt vs without.
 same engine, alternating). "contexts": a 10-turn conversation with a context vs re-sending the
 whole history each turn (on --context-model: the real SmolLM2 where its package is installed,
 else the random checkpoint).
+
+"openai": a one-token chat completion through llmosd --http's OpenAI endpoint against the same
+request as a gRPC Infer, alternating on one server.
 
 "real": the real model (SmolLM2-135M-Instruct Q4_1 GGUF, `--model smollm2`), single-stream decode
 and 16 concurrent requests, against transformers loading the same GGUF and against llama.cpp
@@ -335,7 +338,57 @@ def real_model_rows(args: argparse.Namespace, n_req: int, prompt_len: int, new: 
     return rows, [f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, Q4_1 weights, {threads} threads"]
 
 
-FIGURES = ("throughput", "single", "ttft", "prefix", "constrained", "contexts", "real")
+FIGURES = ("throughput", "single", "ttft", "prefix", "constrained", "contexts", "real", "openai")
+
+
+def openai_row(path: pathlib.Path, args: argparse.Namespace, n: int) -> tuple:
+    """A one-token chat completion over the OpenAI-compatible endpoint vs the same request as a
+    gRPC Infer, on one server (llmosd --http), alternating, fresh prompts of equal length."""
+    import http.client
+    import json
+
+    from llmos.v1 import kernel_pb2 as pb
+    from llmos.v1 import kernel_pb2_grpc
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # the tests' server launcher
+    from llmosd_process import LlmosdServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = LlmosdServer(pathlib.Path(tmp) / "data", "--model", str(path), "--device", args.device,
+                              "--dtype", args.dtype, "--http", "127.0.0.1:0")
+        server.start()
+        try:
+            with server.channel() as channel:
+                stub = kernel_pb2_grpc.KernelStub(channel)
+                conn = http.client.HTTPConnection(server.http.removeprefix("http://"))
+
+                def chat(i: int) -> None:
+                    body = {"model": str(path), "max_tokens": 1, "temperature": 0,
+                            "messages": [{"role": "user", "content": f"question number {i:06d}"}]}
+                    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                                 headers={"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    assert resp.status == 200, resp.read()
+                    resp.read()
+
+                def infer(i: int) -> None:
+                    request = pb.InferRequest(messages=[pb.ChatMessage(role="user", content=f"question number {i:06d}")],
+                                              sampling=pb.SamplingParams(max_tokens=1, temperature=0))
+                    [final] = stub.Infer(request, timeout=600)  # waits for the model to load
+                    assert final.finish_reason
+
+                ours: list[float] = []
+                peer: list[float] = []
+                for i in range(n + n // 4):  # alternated; the first quarter warms both up
+                    for fn, samples, prompt in ((chat, ours, 2 * i), (infer, peer, 2 * i + 1)):
+                        t = time.perf_counter()
+                        fn(prompt)
+                        if i >= n // 4:
+                            samples.append(time.perf_counter() - t)
+        finally:
+            server.stop()
+    ours_ms, peer_ms = sorted(ours)[len(ours) // 2] * 1e3, sorted(peer)[len(peer) // 2] * 1e3
+    return ("one-token chat completion p50 (ms): OpenAI HTTP vs gRPC Infer", ours_ms, peer_ms, ours_ms / peer_ms, "<= 1.5x")
 
 
 def main() -> int:
@@ -427,6 +480,8 @@ def main() -> int:
             rows += constrained
         if "contexts" in only:
             rows += contexts
+        if "openai" in only:
+            rows.append(openai_row(path, args, 20 if args.quick else 200))
     if "real" in only:
         real_rows, notes = real_model_rows(args, n_req, prompt_len, new)
         rows += real_rows

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
+import json
 import os
 import pathlib
 import queue
@@ -78,11 +80,20 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
 
 
 class Kernel:
-    """A thin raw-stub client, so that the figures measure the server, not an SDK."""
+    """A thin raw-stub client, so that the figures measure the server, not an SDK; and one
+    keep-alive HTTP connection (the standard library's) to its HTTP gateway."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, http_url: str) -> None:
         self.channel = grpc.insecure_channel(target)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
+        self.http = http.client.HTTPConnection(http_url.removeprefix("http://"))
+
+    def http_call(self, path: str, body: object = None) -> tuple[int, bytes]:
+        self.http.request("POST" if body is not None else "GET", path,
+                          body=json.dumps(body) if body is not None else None,
+                          headers={"Content-Type": "application/json"})
+        resp = self.http.getresponse()
+        return resp.status, resp.read()
 
     def spawn(self, lua: str, args: object = None, **kw: object) -> int:
         return self.stub.Spawn(pb.SpawnRequest(lua=lua, args=to_value(args), **kw)).pid
@@ -199,6 +210,37 @@ def syscall_floor(k: Kernel, n: int, rows: list) -> None:
                  f"{ratio:.2f}×", "≤ 2.5×", ratio <= 2.5))
 
 
+def http_floor(k: Kernel, n: int, rows: list) -> None:
+    """The syscall floor's round trip over the HTTP gateway, beside the same over gRPC."""
+    body = {"text": "hello", "n": 1}
+    port = k.stub.OpenPort(pb.OpenPortRequest()).pid
+    echo = k.spawn(ECHO_LUA)
+
+    def grpc_round_trip() -> None:
+        k.stub.Send(pb.SendRequest(**{"from": port}, to=echo, body=to_value(body)))
+        assert not k.stub.Recv(pb.RecvRequest(pid=port, timeout_ms=5000)).timed_out
+
+    def http_round_trip() -> None:
+        status, _ = k.http_call("/v1/kernel/Send", {"from": port, "to": echo, "body": body})
+        assert status == 200
+        status, answer = k.http_call("/v1/kernel/Recv", {"pid": port, "timeoutMs": 5000})
+        assert status == 200 and b'"message"' in answer
+
+    ours: list[float] = []
+    grpc_samples: list[float] = []
+    for i in range(n + n // 4):  # alternated, the first quarter warming up
+        for fn, samples in ((http_round_trip, ours), (grpc_round_trip, grpc_samples)):
+            t = time.perf_counter()
+            fn()
+            if i >= n // 4:
+                samples.append(time.perf_counter() - t)
+    k.stub.Send(pb.SendRequest(**{"from": port}, to=echo, tag="stop"))
+    k.wait(echo)
+    ratio = p50(ours) / p50(grpc_samples)
+    rows.append(("HTTP/JSON gateway: client→Lua echo→client (Send+Recv) p50", f"{p50(ours) * 1e6:.0f} µs",
+                 f"the same over gRPC {p50(grpc_samples) * 1e6:.0f} µs", f"{ratio:.2f}×", "≤ 1.5×", ratio <= 1.5))
+
+
 def in_kernel_messaging(k: Kernel, n: int, rows: list) -> None:
     # Rounds of ours and of the peer alternate, best of each: the machine's speed drifts.
     ours = peer = 0.0
@@ -240,6 +282,15 @@ def idle_processes(k: Kernel, server: LlmosdServer, n_idle: int, rows: list) -> 
                  f"{(rss - rss_before) / max(n_idle, 1) / 1024:.0f} KiB/proc", "≤ 512 MiB", rss <= 512 * 2**20))
     rows.append((f"GetProcess p50 with {n_idle:,} idle processes", f"{loaded * 1e6:.0f} µs",
                  f"idle server {idle * 1e6:.0f} µs", f"{loaded / idle:.2f}×", "≤ 2×", loaded <= 2 * idle))
+
+    def scrape() -> None:
+        status, text = k.http_call("/metrics")
+        assert status == 200 and b"llmos_processes" in text
+
+    timed(scrape, 3)
+    scrapes = p50(timed(scrape, 20))
+    rows.append((f"/metrics scrape p50 with {blocked:,} live processes", f"{scrapes * 1e3:.1f} ms", "", "",
+                 "≤ 50 ms", scrapes <= 0.050))
 
 
 def preemption(k: Kernel, n: int, work: int, rows: list) -> None:
@@ -314,7 +365,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts for a smoke test")
     parser.add_argument("--only", nargs="+", metavar="FIGURE",
-                        choices=["floor", "messaging", "preemption", "blocking", "spawn", "idle"],
+                        choices=["floor", "http", "messaging", "preemption", "blocking", "spawn", "idle"],
                         help="run only these figures")
     parser.add_argument("--bare-echo-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -325,6 +376,7 @@ def main() -> int:
     rows: list = []
     figures = {  # name: (figure, whether it runs on a fresh server of its own)
         "floor": (lambda k, server: syscall_floor(k, 300 if q else 2000, rows), False),
+        "http": (lambda k, server: http_floor(k, 300 if q else 2000, rows), False),
         "messaging": (lambda k, server: in_kernel_messaging(k, 20_000 if q else 200_000, rows), False),
         "preemption": (lambda k, server: preemption(k, 2000 if q else 10_000, 5_000_000 if q else 30_000_000, rows),
                        False),
@@ -345,9 +397,10 @@ def main() -> int:
                         server.stop()
                     # The kernel alone: no inference engine (torch and a model would add ~600 MiB
                     # and their own threads to the server, which these figures are not about).
-                    server = LlmosdServer(pathlib.Path(tmp) / f"data-{name}", "--model", "none")
+                    server = LlmosdServer(pathlib.Path(tmp) / f"data-{name}", "--model", "none",
+                                          "--http", "127.0.0.1:0")
                     server.start()
-                    k = Kernel(server.target)
+                    k = Kernel(server.target, server.http)
                 figure(k, server)
         finally:
             if server is not None:

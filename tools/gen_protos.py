@@ -48,7 +48,8 @@ def main() -> int:
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         files = generate(pathlib.Path(tmp))
-        committed = {p.relative_to(OUT) for p in OUT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)}
+        # The package's own tree only: a build of sdk/ (sdk/build/) holds copies that are not ours to check.
+        committed = {p.relative_to(OUT) for p in (OUT / "llmos").rglob("*") if p.name.endswith(GENERATED_SUFFIXES)}
         stale = sorted(
             str(f) for f in files if not (OUT / f).exists() or not filecmp.cmp(pathlib.Path(tmp) / f, OUT / f, shallow=False)
         ) + sorted(str(f) for f in committed - set(files))

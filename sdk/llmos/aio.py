@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from .client import CHANNEL_OPTIONS, RETRYABLE, Call, ClientStreaming, Plan, Retry, Streaming, Syscalls
+from .client import (CHANNEL_OPTIONS, RETRYABLE, Call, ClientStreaming, Plan, Retry, Streaming, Syscalls,
+                     channel_credentials, first_call)
 from .errors import Unavailable, from_rpc_error
 from .v1 import kernel_pb2_grpc
 
@@ -41,20 +42,24 @@ class Client(Syscalls):
     """
 
     def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None,
                  send_retry: Retry | None = Retry()) -> None:
-        super().__init__(target, rpc_timeout, send_retry)
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        super().__init__(target, rpc_timeout, token, send_retry)
+        tls = tls or channel_credentials()
+        self._channel = (grpc.aio.secure_channel(self.target, tls, options=CHANNEL_OPTIONS) if tls
+                         else grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS))
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
     async def _perform(self, call: Call) -> Any:
         rpc = getattr(self._stub, call.method)
         if isinstance(call, Streaming):  # only collected streams come here (see _drive)
-            return [item async for item in _stream_items(rpc(call.request, timeout=call.timeout), call.convert)]
+            stream = rpc(call.request, timeout=call.timeout, metadata=self.metadata)
+            return [item async for item in _stream_items(stream, call.convert)]
         if isinstance(call, ClientStreaming):
             # grpc.aio reads the (synchronous) request iterator on the event loop; if producing a request
             # raises, it cancels the call, which surfaces here as CancelledError or an RpcError.
             try:
-                return await rpc(call.requests, timeout=call.timeout)
+                return await rpc(call.requests, timeout=call.timeout, metadata=self.metadata)
             except (grpc.RpcError, asyncio.CancelledError) as e:
                 if call.requests.error is not None:
                     raise call.requests.error from None
@@ -64,7 +69,7 @@ class Client(Syscalls):
         delays = call.retry.delays() if call.retry is not None else iter(())
         while True:
             try:
-                return await rpc(call.request, timeout=call.timeout)
+                return await rpc(call.request, timeout=call.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 delay = next(delays, None) if e.code() in RETRYABLE else None
                 if delay is None:
@@ -72,11 +77,12 @@ class Client(Syscalls):
             await asyncio.sleep(delay)
 
     def _drive(self, plan: Plan[T]) -> Any:
-        call = next(plan)
+        call = first_call(plan)
         if isinstance(call, Streaming) and not call.collect:
             # a plan that yields an open stream returns it: hand the async iterator to the caller directly
             try:
-                plan.send(_stream_items(getattr(self._stub, call.method)(call.request, timeout=call.timeout),
+                rpc = getattr(self._stub, call.method)
+                plan.send(_stream_items(rpc(call.request, timeout=call.timeout, metadata=self.metadata),
                                         call.convert))
             except StopIteration as done:
                 return done.value

@@ -21,7 +21,9 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, ParamSpec, Sequence, TypeVar, Union
+from enum import Enum
+from typing import (TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Literal, Mapping, ParamSpec,
+                    Sequence, TypeVar, Union, overload)
 
 import grpc
 
@@ -39,7 +41,59 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_mess
 # Blocking calls (Recv, Wait, Infer) pass their timeout to the server; the RPC deadline gets this much more,
 # so that the server's "timed out" answer arrives before gRPC gives up on the call.
 DEADLINE_MARGIN_S = 5.0
-ENDED_STATES = ("EXITED", "KILLED", "CRASHED")
+
+
+class _NameEnum(str, Enum):
+    """An enum whose members are their names as str: ``state == "EXITED"``, f"{state}" and json.dumps
+    all give the plain name."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class ProcessState(_NameEnum):
+    """A process's state (the proto's ProcessState without UNSPECIFIED)."""
+
+    RUNNABLE = "RUNNABLE"
+    RUNNING = "RUNNING"
+    BLOCKED = "BLOCKED"  # in recv, wait, sleep or infer: see ProcessInfo.blocked_on
+    EXITED = "EXITED"    # returned or called sys.exit
+    KILLED = "KILLED"    # by kill, or by the kernel for a limit: see ProcessInfo.exit_reason
+    CRASHED = "CRASHED"  # a runtime error: see ProcessInfo.error
+
+
+class ProcessKind(_NameEnum):
+    """What runs in a process: a Lua program, a Python agent, or nothing (a port: a client's mailbox)."""
+
+    LUA = "LUA"
+    PYTHON = "PYTHON"
+    PORT = "PORT"
+
+
+ENDED_STATES = (ProcessState.EXITED, ProcessState.KILLED, ProcessState.CRASHED)
+
+
+def default_token() -> str | None:
+    """The client's token from $LLMOS_TOKEN (None: no token, as in a single-user server)."""
+    return os.environ.get("LLMOS_TOKEN") or None
+
+
+def channel_credentials(ca: str | None = None, cert: str | None = None,
+                        key: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS from PEM files: the server's CA, and for mutual TLS this client's certificate and key
+    (defaults: $LLMOS_TLS_CA, $LLMOS_TLS_CERT, $LLMOS_TLS_KEY). None: plaintext."""
+    ca, cert, key = (ca or os.environ.get("LLMOS_TLS_CA"), cert or os.environ.get("LLMOS_TLS_CERT"),
+                     key or os.environ.get("LLMOS_TLS_KEY"))
+    if not (ca or cert):
+        return None
+
+    def pem(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(pem(ca), pem(key), pem(cert))
 # What a send with an idempotency key is retried on: the server may or may not have stored it.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -62,6 +116,8 @@ class Retry:
         for _ in range(self.attempts - 1):
             yield random.uniform(0, ceiling)
             ceiling = min(ceiling * 2, self.max_backoff)
+
+
 
 
 def default_target() -> str:
@@ -97,13 +153,14 @@ class Message:
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """A process as the kernel reports it; ``state`` and ``kind`` are enum names like "EXITED" and "LUA"."""
+    """A process as the kernel reports it; ``state`` and ``kind`` are :class:`ProcessState` and
+    :class:`ProcessKind` members, which are also their names as str ("EXITED", "LUA")."""
 
     pid: int
     name: str
     parent: int
-    kind: str
-    state: str
+    kind: ProcessKind
+    state: ProcessState
     priority: int
     limits: dict[str, int]
     usage: dict[str, int]
@@ -156,10 +213,10 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class Event:
-    """A process lifecycle event: ``kind`` is "spawned" or "ended"."""
+    """A process lifecycle event: ``kind`` is "subscribed" (``process`` None), "spawned" or "ended"."""
 
     kind: str
-    process: ProcessInfo
+    process: ProcessInfo | None
     at_ms: int
 
 
@@ -224,8 +281,8 @@ def message_from_pb(msg: pb.Message) -> Message:
 def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
     """Convert a protobuf ProcessInfo into a :class:`ProcessInfo`."""
     return ProcessInfo(
-        pid=info.pid, name=info.name, parent=info.parent, kind=pb.ProcessKind.Name(info.kind),
-        state=pb.ProcessState.Name(info.state), priority=info.priority, limits=_fields(info.limits),
+        pid=info.pid, name=info.name, parent=info.parent, kind=ProcessKind(pb.ProcessKind.Name(info.kind)),
+        state=ProcessState(pb.ProcessState.Name(info.state)), priority=info.priority, limits=_fields(info.limits),
         usage=_fields(info.usage), exit_reason=info.exit_reason,
         result=from_value(info.result) if info.HasField("result") else None, error=info.error,
         started_at_ms=info.started_at_ms, ended_at_ms=info.ended_at_ms, blocked_on=info.blocked_on,
@@ -240,7 +297,8 @@ def dead_letter_from_pb(dead: pb.DeadLetter) -> DeadLetter:
 
 
 def event_from_pb(event: pb.Event) -> Event:
-    return Event(kind=event.kind, process=process_from_pb(event.process), at_ms=event.at_ms)
+    process = process_from_pb(event.process) if event.HasField("process") else None
+    return Event(kind=event.kind, process=process, at_ms=event.at_ms)
 
 
 def file_from_pb(info: pb.FileInfo) -> FileInfo:
@@ -353,6 +411,17 @@ def _invalid(message: str) -> InvalidArgument:
     return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def first_call(plan: Plan[T]) -> Call:
+    """The plan's first call. Building it is where arguments become request fields: a value protobuf
+    refuses there (a pid of 2^64, a str for an int) is InvalidArgument, before anything is sent."""
+    try:
+        return next(plan)
+    except InvalidArgument:
+        raise
+    except (ValueError, TypeError) as e:
+        raise _invalid(f"bad argument: {e}") from None
+
+
 def _timeout_ms(timeout: float | None) -> int | None:
     if timeout is None:
         return None
@@ -431,14 +500,15 @@ def _write_requests(path: str, append: bool, pid: int, data: bytes | str | Itera
         yield pb.WriteFileRequest(path=path, append=append, pid=pid)
 
 
-def _lua_program(program: str | os.PathLike) -> tuple[str, str | None]:
-    """(source text, the file's name or None): a path-like or a str naming an existing file is read,
-    any other str is Lua source."""
+def program_source(program: str | os.PathLike) -> tuple[str, str, str | None]:
+    """(language, source text, the file's name or None) for spawn: a path-like or a str naming an
+    existing file is read (a ".py" file is a Python agent, any other Lua); any other str is Lua source."""
     if isinstance(program, os.PathLike) or (isinstance(program, str) and "\n" not in program
                                              and os.path.isfile(program)):
         with open(program, encoding="utf-8") as f:
-            return f.read(), os.path.basename(program)
-    return program, None
+            language = "python" if os.fspath(program).endswith(".py") else "lua"
+            return language, f.read(), os.path.basename(program)
+    return "lua", program, None
 
 
 class Syscalls:
@@ -449,9 +519,12 @@ class Syscalls:
     ``send_retry`` is how :meth:`send` retries (None: it does not, and makes no idempotency keys).
     """
 
-    def __init__(self, target: str | None, rpc_timeout: float | None, send_retry: Retry | None = Retry()) -> None:
+    def __init__(self, target: str | None, rpc_timeout: float | None, token: str | None = None,
+                 send_retry: Retry | None = Retry()) -> None:
         self.target = target or default_target()
         self.rpc_timeout = rpc_timeout
+        token = token or default_token()
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         if send_retry is not None and (type(send_retry.attempts) is not int or send_retry.attempts < 1):
             raise _invalid(f"send_retry.attempts must be an int >= 1, not {send_retry.attempts!r}")
         self.send_retry = send_retry
@@ -464,12 +537,13 @@ class Syscalls:
 
     def _spawn_call(self, lua: str | None, python: str | None, path: str | None, args: JSON, name: str | None,
                     priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool,
-                    source_name: str | None = None, dead_letter: int = 0, max_attempts: int = 0) -> Unary:
+                    source_name: str | None = None, weight: int = 0, dead_letter: int = 0,
+                    max_attempts: int = 0) -> Unary:
         programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
         if len(programs) != 1:
             raise _invalid("give exactly one program: lua (source), python (source) or path")
         request = _message(pb.SpawnRequest, "spawn request", dict(
-            programs, name=name or "", priority=priority, parent=parent, monitor=monitor,
+            programs, name=name or "", priority=priority, weight=weight, parent=parent, monitor=monitor,
             limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or "",
             dead_letter=dead_letter, max_attempts=max_attempts))
         if args is not None:
@@ -484,7 +558,7 @@ class Syscalls:
     @syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: Mapping[str, int] | None = None, parent: int = 0,
-              monitor: bool = False, source_name: str | None = None, dead_letter: int = 0,
+              monitor: bool = False, source_name: str | None = None, weight: int = 0, dead_letter: int = 0,
               max_attempts: int = 0) -> Plan[int]:
         """Start a process and return its pid at once.
 
@@ -492,13 +566,14 @@ class Syscalls:
         userland root). ``args`` is any JSON-shaped value, seen by the program as ``args``. ``limits`` takes
         cpu_ms, wall_ms, memory_bytes, tokens, mailbox, mailbox_bytes and processes (0: the server's default;
         at most the parent's). With ``monitor`` the ``parent`` gets an EXIT message when the child ends.
-        ``source_name`` is what errors call the source (say, the file it came from). ``dead_letter`` (a live
-        pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process ends, and
-        those received with ack ``max_attempts`` times (0: no limit) without an ack; without one they go to
+        ``source_name`` is what errors call the source (say, the file it came from). ``weight`` (1..10000;
+        0: the default, 100) is the process's share of CPU among processes of its priority. ``dead_letter``
+        (a live pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process
+        ends, and those received with ack ``max_attempts`` times (0: no limit) without an ack; without one they go to
         the namespace's dead-letter queue (:meth:`dead_letters`).
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
-                                       source_name, dead_letter, max_attempts)
+                                       source_name, weight, dead_letter, max_attempts)
         return reply.pid
 
     @syscall
@@ -590,6 +665,39 @@ class Syscalls:
         reply = yield self._unary("OpenPort", _message(pb.OpenPortRequest, "open port request", {
             "name": name or "", "mailbox": mailbox, "dead_letter": dead_letter, "max_attempts": max_attempts}))
         return reply.pid
+
+    @syscall
+    def create_token(self, namespace: str, role: str, label: str = "") -> Plan[tuple[str, str]]:
+        """(id, token) of a new token of ``role`` (admin, owner, reader) in ``namespace``; admin only.
+        The token is shown only now: the server keeps its SHA-256."""
+        reply = yield self._unary("CreateToken", pb.CreateTokenRequest(namespace=namespace, role=role, label=label))
+        return reply.id, reply.token
+
+    @syscall
+    def list_tokens(self) -> Plan[list[dict]]:
+        """Every token's id, namespace, role, label and created_at_ms (never the secret); admin only."""
+        reply = yield self._unary("ListTokens", pb.ListTokensRequest())
+        return [{"id": t.id, "namespace": t.namespace, "role": t.role, "label": t.label,
+                 "created_at_ms": t.created_at_ms} for t in reply.tokens]
+
+    @syscall
+    def revoke_token(self, token_id: str) -> Plan[bool]:
+        """Revoke a token by id: whether one had it; admin only."""
+        reply = yield self._unary("RevokeToken", pb.RevokeTokenRequest(id=token_id))
+        return reply.revoked
+
+    @syscall
+    def get_namespace(self, name: str = "") -> Plan[dict]:
+        """A namespace's use and quotas (live processes, file bytes and files, tokens): the caller's, or
+        (admin) ``name``'s."""
+        reply = yield self._unary("GetNamespace", pb.GetNamespaceRequest(name=name))
+        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+
+    @syscall
+    def read_audit(self, limit: int = 100, before_id: int = 0) -> Plan[list[dict]]:
+        """The audit log's newest entries (before ``before_id`` if set), newest first; admin only."""
+        reply = yield self._unary("ReadAudit", pb.ReadAuditRequest(limit=limit, before_id=before_id))
+        return [{f.name: getattr(e, f.name) for f in e.DESCRIPTOR.fields} for e in reply.entries]
 
     @syscall
     def register(self, pid: int, name: str) -> Plan[None]:
@@ -892,20 +1000,21 @@ class Syscalls:
     @syscall
     def run(self, program: str | os.PathLike, args: JSON = None, timeout: float | None = None,
             **spawn_options: Any) -> Plan[ProcessInfo]:
-        """Spawn a Lua program, wait for it to end and return its final info.
+        """Spawn a program, wait for it to end and return its final info.
 
         ``program`` is Lua source, or a path (a path-like, or a str naming an existing local file) whose
-        text is sent as the source. If it has not ended after ``timeout`` seconds it is killed with the
+        text is sent as the source: Python for a ".py" file, else Lua. If it has not ended after ``timeout`` seconds it is killed with the
         reason "timeout" and its final info (state KILLED) is returned. ``spawn_options`` go to :meth:`spawn`.
         """
-        source, source_name = _lua_program(program)
-        options = dict(name=None, priority=0, limits=None, parent=0, monitor=False, source_name=source_name,
+        language, source, source_name = program_source(program)
+        options = dict(name=None, priority=0, weight=0, limits=None, parent=0, monitor=False, source_name=source_name,
                        dead_letter=0, max_attempts=0)
         unknown = set(spawn_options) - set(options)
         if unknown:
             raise _invalid(f"unknown spawn option(s) {sorted(unknown)}")
         options.update(spawn_options)
-        spawned = yield self._spawn_call(source, None, None, args, **options)
+        lua, python = (source, None) if language == "lua" else (None, source)
+        spawned = yield self._spawn_call(lua, python, None, args, **options)
         reply = yield self._wait_call(spawned.pid, timeout)
         if reply.timed_out:
             yield self._unary("Kill", pb.KillRequest(pid=spawned.pid, reason="timeout"))
@@ -933,19 +1042,22 @@ class Client(Syscalls):
     """
 
     def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None,
                  send_retry: Retry | None = Retry()) -> None:
-        super().__init__(target, rpc_timeout, send_retry)
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        super().__init__(target, rpc_timeout, token, send_retry)
+        tls = tls or channel_credentials()
+        self._channel = (grpc.secure_channel(self.target, tls, options=CHANNEL_OPTIONS) if tls
+                         else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS))
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
 
     def _perform(self, call: Call) -> Any:
         rpc = getattr(self._stub, call.method)
         if isinstance(call, Streaming):
-            items = _stream_items(rpc(call.request, timeout=call.timeout), call.convert)
+            items = _stream_items(rpc(call.request, timeout=call.timeout, metadata=self.metadata), call.convert)
             return list(items) if call.collect else items
         if isinstance(call, ClientStreaming):
             try:
-                return rpc(call.requests, timeout=call.timeout)
+                return rpc(call.requests, timeout=call.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 if call.requests.error is not None:
                     raise call.requests.error from None
@@ -953,7 +1065,7 @@ class Client(Syscalls):
         delays = call.retry.delays() if call.retry is not None else iter(())
         while True:
             try:
-                return rpc(call.request, timeout=call.timeout)
+                return rpc(call.request, timeout=call.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 delay = next(delays, None) if e.code() in RETRYABLE else None
                 if delay is None:
@@ -961,13 +1073,30 @@ class Client(Syscalls):
             time.sleep(delay)
 
     def _drive(self, plan: Plan[T]) -> T:
-        call = next(plan)
+        call = first_call(plan)
         while True:
             reply = self._perform(call)
             try:
                 call = plan.send(reply)
             except StopIteration as done:
                 return done.value
+
+    if TYPE_CHECKING:  # what a type checker sees of infer: its result's type follows ``stream``
+        @overload
+        def infer(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                  pid: int = 0, max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None, stop: Sequence[str] | None = None,
+                  stream: Literal[False] = False, priority: int | None = None,
+                  timeout: float | None = None) -> InferResult: ...
+
+        @overload
+        def infer(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                  pid: int = 0, max_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None, stop: Sequence[str] | None = None, *,
+                  stream: Literal[True], priority: int | None = None,
+                  timeout: float | None = None) -> Iterator[InferChunk]: ...
+
+        def infer(self, *args: Any, **kwargs: Any) -> InferResult | Iterator[InferChunk]: ...
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the server's channel is connected; Unavailable after ``timeout`` seconds."""

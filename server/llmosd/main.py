@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 
 from .api.errors import KernelError
 from .services.files import FileLimits
 from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
+from .kernel.logs import JsonFormatter
 from .kernel.process import Limits
 from .lua.slices import LuaRuntime
 from .python.runtime import PythonRuntime
-from .api.grpc_server import GrpcServers
+from .api.grpc_server import GrpcServers, TlsFiles
 
 log = logging.getLogger("llmosd")
 
@@ -75,8 +79,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dead letters a namespace's queue keeps; past it the oldest are dropped (default %(default)s)")
     p.add_argument("--idempotency-window-s", type=float, default=600.0,
                    help="how long a Send's idempotency_key is remembered (default %(default)s)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="also serve HTTP: the syscalls as JSON, the OpenAI API, /metrics and the web console "
+                        "(port 0 picks a free one)")
+    p.add_argument("--namespace-processes", type=int, default=0,
+                   help="live processes and ports per namespace (default 0: only --max-processes)")
+    p.add_argument("--audit-rows", type=int, default=100_000,
+                   help="the audit log (llmos audit) keeps this many newest calls "
+                        "(default %(default)s; 0: no audit log)")
+    p.add_argument("--require-tokens", action="store_true",
+                   help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
+                        "listener, where a call without one is otherwise the owner of namespace 'default'")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without TLS (calls are then plaintext, tokens required)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve --listen over TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca",
+                   help="PEM CA bundle: require client certificates it signed (mutual TLS); a certificate's "
+                        "subject CN 'ROLE@NAMESPACE' is the caller when no token is sent")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="the server's log on stderr: text lines, or one JSON object a line (default %(default)s)")
     args = p.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        p.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
     for flag in ("aging_ms", "wedged_ms", "dead_letter_limit", "idempotency_window_s"):
         if not 0 < getattr(args, flag) < float("inf"):  # aging is what bounds every wait (scheduler.py)
             p.error(f"--{flag.replace('_', '-')} must be a positive finite number")
@@ -94,7 +120,9 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         hook_instructions=args.hook_instructions,
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
-        max_processes=args.max_processes, max_message_bytes=args.max_message_bytes,
+        max_processes=args.max_processes, namespace_processes=args.namespace_processes,
+        audit_rows=args.audit_rows,
+        max_message_bytes=args.max_message_bytes,
         userland_root=root, dead_letter_limit=args.dead_letter_limit,
         idempotency_window_ms=round(args.idempotency_window_s * 1000),
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
@@ -103,7 +131,45 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
     )
 
 
+def hold_data_dir(data_dir: str) -> int:
+    """Take the data directory's lock file for this process's lifetime (the returned descriptor stays
+    open): a second llmosd on the same directory would corrupt the store and unlink the agent socket."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, "llmosd.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"llmosd: data directory {data_dir} is in use by another llmosd (lock {path} held)")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def refuse_bound_port(listen: str) -> None:
+    """Exit with one line if a TCP address is taken, before gRPC tries it (gRPC's own failure is a
+    C-core log line and a traceback)."""
+    host, _, port = listen.rpartition(":")
+    if listen.startswith("unix:") or not port.isdigit() or int(port) == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SystemExit(f"llmosd: cannot listen on {listen}: {e.strerror}")
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise SystemExit(f"llmosd: cannot listen on {listen}: {e.strerror}")
+
+
 async def serve(args: argparse.Namespace) -> None:
+    refuse_bound_port(args.listen)
+    hold_data_dir(args.data_dir)
     if args.model != "none":
         from .engine.loader import resolve_model
 
@@ -123,8 +189,31 @@ async def serve(args: argparse.Namespace) -> None:
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
             max_batch=args.max_batch,
         ))
-    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000))
+    local = is_local(args.listen)
+    if not local and not args.tls_cert and not args.insecure:
+        raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "
+                         "network in plaintext. Listen on 127.0.0.1 or unix:PATH, serve TLS (--tls-cert, "
+                         "--tls-key), or pass --insecure (tokens are required either way)")
+    http_local = args.http is None or is_local(args.http)
+    if not http_local and not args.insecure:
+        raise SystemExit(f"llmosd: --http {args.http} is not a loopback address and HTTP is served in plaintext: "
+                         "serve it on 127.0.0.1 (behind a TLS proxy), or pass --insecure (tokens are required "
+                         "either way)")
+    tls = TlsFiles.read(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    single_user = local and not args.require_tokens
+    admin_file = kernel.tokens.first_admin_token(args.data_dir)
+    servers = await GrpcServers.start(kernel, args.listen, int(args.wedged_ms * 1_000_000), single_user, tls)
+    http_runner = None
+    if args.http:
+        from .api.http import start_http
+
+        http_runner, http_where = await start_http(kernel, args.http, http_local and not args.require_tokens)
+        print(f"llmosd: http on {http_where}", flush=True)
     print(f"llmosd: listening on {servers.where}", flush=True)
+    if admin_file:
+        print(f"llmosd: an admin token is in {admin_file} (mode 0600): LLMOS_TOKEN=$(cat {admin_file})", flush=True)
+    print("llmosd: single-user mode: a call without a token is the owner of namespace 'default'" if single_user
+          else "llmosd: every call needs a token (authorization: Bearer TOKEN)", flush=True)
     for path in args.spawn:
         try:
             pid = kernel.spawn(SpawnSpec(path=path, log_to_server=True))
@@ -138,8 +227,23 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    if http_runner is not None:
+        await http_runner.cleanup()
     await servers.stop()
     kernel.shutdown()
+
+
+def is_local(listen: str) -> bool:
+    """Whether `listen` is a Unix socket or a loopback address (only this machine can connect)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     # 10-20x slower. Passive workers sleep (no slower here). Set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     asyncio.run(serve(args))
 
 

@@ -136,12 +136,18 @@ def test_greedy_tokens_match_transformers(ours: LoadedModel, hf_model: Any, gguf
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    server = LlmosdServer(tmp_path_factory.mktemp("llmosd") / "data", "--model", "smollm2", userland_root=USERLAND)
+def smollm2_llmosd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
+    server = LlmosdServer(tmp_path_factory.mktemp("llmosd") / "data", "--model", "smollm2", "--http", "127.0.0.1:0",
+                          userland_root=USERLAND)
     server.start()
-    with server.channel() as channel:
-        yield kernel_pb2_grpc.KernelStub(channel)
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_llmosd: LlmosdServer) -> Iterator[Any]:
+    with smollm2_llmosd.channel() as channel:
+        yield kernel_pb2_grpc.KernelStub(channel)
 
 
 def test_capital_question_through_grpc(smollm2_server: Any) -> None:
@@ -157,3 +163,12 @@ def test_demo_agent_answers_the_capital_question(smollm2_server: Any) -> None:
     process = smollm2_server.Wait(pb.WaitRequest(pid=pid, timeout_ms=120_000)).process
     assert (process.state, process.exit_reason) == (pb.EXITED, "normal"), process.error
     assert "Paris" in from_value(process.result)["answer"]
+
+
+def test_capital_question_through_the_openai_api(smollm2_llmosd: LlmosdServer) -> None:
+    import openai
+
+    token = (smollm2_llmosd.data_dir / "admin.token").read_text().strip()  # the API key is an llmos token
+    with openai.OpenAI(base_url=f"{smollm2_llmosd.http}/v1", api_key=token, max_retries=0, timeout=120) as client:
+        r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=32, temperature=0)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"

@@ -10,7 +10,7 @@
 -- Returns {echoed = <number of messages echoed>, stopped_by = <pid or nil>}.
 --
 -- Try it:  llmos run userland/lua/echo.lua --args '{"name": "echo"}'
--- and from another shell send it messages (see the README's grpcurl walkthrough).
+-- and from another shell send it messages (see the grpcurl walkthrough, docs/grpcurl.md).
 
 local opts = type(args) == "table" and args or {}
 

@@ -11,7 +11,7 @@ Result: {"echoed": <messages echoed>, "stopped_by": <pid or None>}
 (plus "timed_out": True when it stopped for lack of messages).
 
 Try it:  llmos run userland/python/echo.py --args '{"name": "echo"}'
-and from another shell send it messages (see the README's grpcurl walkthrough).
+and from another shell send it messages (see the grpcurl walkthrough, docs/grpcurl.md).
 """
 from llmos import LlmosError
 from llmos.userland import sys

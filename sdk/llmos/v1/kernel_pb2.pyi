@@ -167,21 +167,23 @@ class SendResponse(_message.Message):
     def __init__(self, message_id: _Optional[int] = ...) -> None: ...
 
 class RecvRequest(_message.Message):
-    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms", "ack", "lease_ms")
+    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms", "port_secret", "ack", "lease_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PORT_SECRET_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     tag: str
     correlation_id: str
     timeout_ms: int
+    port_secret: str
     ack: bool
     lease_ms: int
-    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., ack: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., port_secret: _Optional[str] = ..., ack: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., **kwargs) -> None: ...
 
 class AckRequest(_message.Message):
     __slots__ = ("pid", "message_id")
@@ -234,12 +236,14 @@ class KillResponse(_message.Message):
     def __init__(self, already_ended: _Optional[bool] = ...) -> None: ...
 
 class ExitRequest(_message.Message):
-    __slots__ = ("pid", "result")
+    __slots__ = ("pid", "result", "port_secret")
     PID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    PORT_SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
     result: _struct_pb2.Value
-    def __init__(self, pid: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    port_secret: str
+    def __init__(self, pid: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., port_secret: _Optional[str] = ...) -> None: ...
 
 class ExitResponse(_message.Message):
     __slots__ = ()
@@ -258,10 +262,128 @@ class OpenPortRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., mailbox: _Optional[int] = ..., dead_letter: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class OpenPortResponse(_message.Message):
-    __slots__ = ("pid",)
+    __slots__ = ("pid", "secret")
     PID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
-    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, pid: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("namespace", "role", "label")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    role: str
+    label: str
+    def __init__(self, namespace: _Optional[str] = ..., role: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("id", "token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    token: str
+    def __init__(self, id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("id", "namespace", "role", "label", "created_at_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    namespace: str
+    role: str
+    label: str
+    created_at_ms: int
+    def __init__(self, id: _Optional[str] = ..., namespace: _Optional[str] = ..., role: _Optional[str] = ..., label: _Optional[str] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetNamespaceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class NamespaceInfo(_message.Message):
+    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    live_processes: int
+    max_live_processes: int
+    file_bytes: int
+    max_file_bytes: int
+    files: int
+    max_files: int
+    tokens: int
+    memory_bytes: int
+    mailbox_bytes: int
+    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ...) -> None: ...
+
+class ReadAuditRequest(_message.Message):
+    __slots__ = ("limit", "before_id")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_ID_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    before_id: int
+    def __init__(self, limit: _Optional[int] = ..., before_id: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "at_ms", "namespace", "who", "method", "target", "outcome")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    at_ms: int
+    namespace: str
+    who: str
+    method: str
+    target: str
+    outcome: str
+    def __init__(self, id: _Optional[int] = ..., at_ms: _Optional[int] = ..., namespace: _Optional[str] = ..., who: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class ReadAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("pid", "name")

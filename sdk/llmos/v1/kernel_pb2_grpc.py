@@ -179,6 +179,31 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/llmos.v1.Kernel/CreateToken',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/llmos.v1.Kernel/ListTokens',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/llmos.v1.Kernel/RevokeToken',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.GetNamespace = channel.unary_unary(
+                '/llmos.v1.Kernel/GetNamespace',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+                _registered_method=True)
+        self.ReadAudit = channel.unary_unary(
+                '/llmos.v1.Kernel/ReadAudit',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.FromString,
+                _registered_method=True)
         self.CondWait = channel.unary_unary(
                 '/llmos.v1.Kernel/CondWait',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.CondWaitRequest.SerializeToString,
@@ -417,6 +442,40 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Tokens (admin tokens only): `authorization: Bearer TOKEN` metadata names a caller's
+        namespace and role (admin, owner, reader); see docs/authority.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNamespace(self, request, context):
+        """A namespace's use and quotas: the caller's (an admin may name any).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadAudit(self, request, context):
+        """The audit log (admin only): calls that changed something, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CondWait(self, request, context):
         """Condition variables, named like locks. CondWait releases the mutex `lock`,
         which `pid` must hold, waits for a signal (or the timeout), and answers once
@@ -618,6 +677,31 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'GetNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespace,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.SerializeToString,
+            ),
+            'ReadAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadAudit,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.SerializeToString,
             ),
             'CondWait': grpc.unary_unary_rpc_method_handler(
                     servicer.CondWait,
@@ -1438,6 +1522,141 @@ class Kernel:
             '/llmos.v1.Kernel/Release',
             llmos_dot_v1_dot_kernel__pb2.ReleaseRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/CreateToken',
+            llmos_dot_v1_dot_kernel__pb2.CreateTokenRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ListTokens',
+            llmos_dot_v1_dot_kernel__pb2.ListTokensRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/RevokeToken',
+            llmos_dot_v1_dot_kernel__pb2.RevokeTokenRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/GetNamespace',
+            llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ReadAudit',
+            llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ReadAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,3 +39,7 @@ class Unimplemented(KernelError):
 
 class Unavailable(KernelError):
     code = "UNAVAILABLE"
+
+
+class Unauthenticated(KernelError):
+    code = "UNAUTHENTICATED"

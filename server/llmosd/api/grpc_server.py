@@ -5,16 +5,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..kernel.kernel import Kernel
-from .syscalls import SERVICE, kernel_service
+from .doors import kernel_service
+from .syscalls import SERVICE
 
 log = logging.getLogger("llmosd")
 HEALTH_PERIOD_S = 0.05  # how often the health service looks for wedged virtual CPUs
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The listener's TLS: its certificate chain and key, and the CA of client certificates (mutual TLS)."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+
+    @classmethod
+    def read(cls, cert: str, key: str, client_ca: str | None) -> TlsFiles:
+        def pem(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return cls(pem(cert), pem(key), pem(client_ca) if client_ca else None)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
+                                           require_client_auth=self.client_ca is not None)
 
 
 class GrpcServers:
@@ -26,19 +49,27 @@ class GrpcServers:
         self.where = where  # the address clients reach: HOST:PORT (the port picked if 0 was asked) or unix:PATH
 
     @classmethod
-    async def start(cls, kernel: Kernel, listen: str, wedged_ns: int) -> GrpcServers:
+    async def start(cls, kernel: Kernel, listen: str, wedged_ns: int, single_user: bool = True,
+                    tls: TlsFiles | None = None) -> GrpcServers:
         server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),  # gRPC's default lets a second server share the port; refuse it instead
             ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
             ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
         ])
-        server.add_generic_rpc_handlers([kernel_service(kernel)])
+        server.add_generic_rpc_handlers([kernel_service(kernel, single_user=single_user)])
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        port = server.add_insecure_port(listen)
+        try:
+            port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
+        except RuntimeError:  # taken between main.refuse_bound_port's probe and now, or not an address
+            port = 0
         if port == 0 and not listen.startswith("unix:"):
-            raise SystemExit(f"llmosd: cannot listen on {listen}")
+            raise SystemExit(f"llmosd: cannot listen on {listen} (already in use, or not an address)")
         await server.start()
+        if listen.startswith("unix:"):
+            # Single-user mode trusts whoever can connect: only the server's user may.
+            os.chmod(listen.removeprefix("unix:").removeprefix("//"), 0o600)
         agent_server = None
         if kernel.config.agent_socket:
             # Python agents' own door: every call must carry an agent's token.

@@ -5,9 +5,11 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, NamedTuple
 
 import torch
+from prometheus_client import Histogram
 
 from . import tools as tool_use
 from .attention import select_backend
@@ -27,6 +29,8 @@ from .sequence import (
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RECENT_STEPS = 4096  # steps remembered for the recent batch sizes and tokens/s
 
 
 class EngineError(RuntimeError):
@@ -123,6 +127,13 @@ class Engine:
         self.steps = 0
         self.interrupts = 0  # steps paused between layers for a more important arrival
         self.generated_tokens = 0
+        # For /metrics (api/metrics.py), observed as tokens come (not registered anywhere: the
+        # server's collector reports them).
+        self.ttft = Histogram("llmos_engine_time_to_first_token_seconds", "From submit to a request's first token",
+                              buckets=LATENCY_BUCKETS_S, registry=None)
+        self.inter_token = Histogram("llmos_engine_inter_token_seconds", "Between a request's successive tokens",
+                                     buckets=LATENCY_BUCKETS_S, registry=None)
+        self.recent_steps: deque[tuple[float, int, int]] = deque(maxlen=RECENT_STEPS)  # (end, batch, tokens)
         log.info(
             "engine: %s (%s) on %s %s, %d KV blocks of %d tokens, attention %s",
             config.model, self.model_config.architecture, config.device, config.dtype,
@@ -307,6 +318,8 @@ class Engine:
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_used": self.blocks.num_used,
             "kv_block_size": self.blocks.block_size,
+            "prefix_cache_hits": sch.prefix_cache_hits,
+            "prefix_cache_hit_tokens": sch.prefix_cache_hit_tokens,
         }
 
     def step(self) -> bool:
@@ -500,10 +513,17 @@ class Engine:
                 self._finish(seq, "stop")
         for seq, token in zip(sampled, tokens):
             self._append(seq, token)
+        self.recent_steps.append((time.monotonic(), len(batch), len(sampled)))
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         self.generated_tokens += 1
+        now = time.monotonic()
+        if seq.last_token_at:
+            self.inter_token.observe(now - seq.last_token_at)
+        else:
+            self.ttft.observe(now - seq.submitted_at)
+        seq.last_token_at = now
         refused = seq.constraint.advance(token) if seq.constraint is not None else None
         if refused is not None:  # the mask allowed it: a library fault, not the request's
             self._finish(seq, "error", error=f"grammar: {refused}")

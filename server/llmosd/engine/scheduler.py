@@ -45,6 +45,8 @@ class Scheduler:
         self.context_evictions = 0  # an idle context's blocks taken (its next request recomputes it)
         self.prompt_tokens_computed = 0
         self.tokens_computed = 0
+        self.prefix_cache_hits = 0  # sequences admitted with part of their prompt in the cache
+        self.prefix_cache_hit_tokens = 0
 
     def next_ticket(self) -> int:
         return next(self._tickets)
@@ -84,6 +86,8 @@ class Scheduler:
                 continue
             if seq.cached_tokens is None:
                 seq.cached_tokens = seq.num_computed  # what the prefix cache gave it on admission
+                self.prefix_cache_hits += seq.cached_tokens > 0
+                self.prefix_cache_hit_tokens += seq.cached_tokens
             computing.update(self.blocks.new_block_hashes(seq, seq.num_computed + n))
             batch.append((seq, n))
             budget -= n

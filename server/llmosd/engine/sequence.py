@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -138,6 +139,8 @@ class Sequence:
     tool_choice: Any = None  # tools.ToolChoice: the output holds tool calls to parse
     context: Any = None  # contexts.Context this request continues (or creates)
     prefill_only: bool = False  # a context's creation: compute the prompt, sample nothing
+    submitted_at: float = field(default_factory=time.monotonic)  # for the time to first token
+    last_token_at: float = 0.0  # for the time between tokens
 
     @property
     def owner(self) -> int:

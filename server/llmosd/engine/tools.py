@@ -148,6 +148,11 @@ def render(
     return tokenizer.apply_chat_template(messages, add_generation_prompt)
 
 
+def call_text(name: str, arguments: Any) -> str:
+    """A call as the model writes it (what parse reads back): for a chat's earlier turns."""
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n</tool_call>"
+
+
 def parse(text: str, request_id: int) -> list[ToolCall]:
     """The calls in an output the grammar accepted (an unfinished last call is left out)."""
     calls = []

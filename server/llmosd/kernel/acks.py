@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..api import checks as C
+from ..api.authority import not_found
 from ..api.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from . import process as P
 from .deadletters import DeadLetters
@@ -164,15 +165,17 @@ class Acks:
         lease.attempt -= 1
         self._back(pid, lease)
 
-    def policy(self, dead_letter: Any, max_attempts: Any, what: str = "") -> DeadLetterPolicy | None:
-        """A spawn's or OpenPort's dead-letter options, checked (None: neither given)."""
+    def policy(self, dead_letter: Any, max_attempts: Any, namespace: str, what: str = "") -> DeadLetterPolicy | None:
+        """A spawn's or OpenPort's dead-letter options, checked (None: neither given): the target
+        is a live process or port of `namespace` (another namespace's does not exist for it)."""
         attempts = C.integer(max_attempts or 0, f"{what}max_attempts")
         if not 0 <= attempts <= MAX_ATTEMPTS:
             raise InvalidArgument(f"{what}max_attempts must be between 0 (no limit) and {MAX_ATTEMPTS}, not {attempts}")
         if not dead_letter:
             return DeadLetterPolicy(0, attempts) if attempts else None
         target = C.pid(dead_letter, f"{what}dead_letter")
-        self._live(target, "dead_letter")
+        if self._live(target, "dead_letter").namespace != namespace:
+            raise not_found(target)
         return DeadLetterPolicy(target, attempts)
 
     def set_policy(self, pid: int, policy: DeadLetterPolicy | None) -> None:

@@ -27,6 +27,8 @@ class KernelConfig:
     userland_root: str | None = None
     max_message_bytes: int = 4 << 20
     max_processes: int = 65_536  # live processes and ports in the whole server
+    namespace_processes: int = 0  # live processes and ports per namespace (0: only max_processes)
+    audit_rows: int = 100_000  # the audit log keeps this many newest rows
     process_log_bytes: int = 256 << 10  # characters of log a process keeps (the oldest lines go first)
     log_memory_bytes: int = 64 << 20  # characters of log kept in memory in all (ended processes' go first)
     file_limits: FileLimits = field(default_factory=FileLimits)

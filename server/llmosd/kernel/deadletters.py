@@ -221,15 +221,20 @@ class DeadLetters:
         self._counts[namespace] = max(self._counts.get(namespace, 0) - gone, 0)
         return gone
 
-    def purge_locked(self, namespace: str, before_ms: int) -> int:
-        """Take out every dead letter of `namespace` that came before `before_ms` (0: all) (lock held)."""
+    def purge_locked(self, namespace: str, ids: list[int], everything: bool, before_ms: int) -> int:
+        """Take out of `namespace`'s queue for good (lock held) exactly one of: `ids`, `everything`, or
+        those that came before `before_ms`. How many went."""
+        if sum((bool(ids), everything, bool(before_ms))) != 1:
+            raise InvalidArgument("purge needs exactly one of ids, all or before_ms")
+        if before_ms < 0:
+            raise InvalidArgument(f"before_ms is a unix time in ms, not {before_ms}")
+        if ids:
+            return self.forget_locked(namespace, ids)
         found: list[int] = []
-        if before_ms:
-            self._store.transaction(lambda db: found.append(db.execute(
-                "DELETE FROM dead_letters WHERE namespace=? AND dead_at_ms<?", (namespace, before_ms)).rowcount))
-        else:
-            self._store.transaction(lambda db: found.append(db.execute(
-                "DELETE FROM dead_letters WHERE namespace=?", (namespace,)).rowcount))
+        where, params = ("namespace=? AND dead_at_ms<?", (namespace, before_ms)) if before_ms else ("namespace=?",
+                                                                                                    (namespace,))
+        self._store.transaction(lambda db: found.append(
+            db.execute(f"DELETE FROM dead_letters WHERE {where}", params).rowcount))
         self._counts[namespace] = max(self._counts.get(namespace, 0) - found[0], 0)
         return found[0]
 
@@ -239,11 +244,3 @@ def _dead_letter(row: tuple) -> DeadLetter:
      dead_at_ms, detail) = row
     msg = Message(message_id, sender, receiver, tag, json.loads(body), bytes(data), correlation_id, sent_at_ms)
     return DeadLetter(id_, namespace, msg, receiver, reason, attempts, dead_at_ms, detail)
-
-
-def check_purge(ids: list[int], everything: bool, before_ms: int) -> None:
-    """PurgeDeadLetters takes exactly one of its ways of choosing."""
-    if sum((bool(ids), everything, bool(before_ms))) != 1:
-        raise InvalidArgument("purge needs exactly one of ids, all or before_ms")
-    if before_ms < 0:
-        raise InvalidArgument(f"before_ms is a unix time in ms, not {before_ms}")

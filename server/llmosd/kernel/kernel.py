@@ -8,18 +8,25 @@ Running a process is its userland's (kernel/runtime.py: the kernel never
 imports lua/ or python/). State changes happen under one lock (`self.lock`, a
 C lock both sides take), held only for bookkeeping, never while program code
 runs or an RPC waits.
+
+Why one file: every method here keeps the same invariants of the process table under that one
+lock (names, ancestors' descendant counts, monitors, mailboxes, namespaces and who may touch
+what); split, each part would reach into the others' state.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 import pathlib
-from collections import OrderedDict
+import secrets
+from collections import Counter, OrderedDict
 import dataclasses
 from typing import Any, Callable
 
 from ..api import checks as C
+from ..api.authority import DEFAULT_NAMESPACE, Caller, authorize, not_found
 from . import process as P
 from ..api.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
@@ -36,6 +43,8 @@ from .config import KernelConfig, SpawnSpec, resolve_program
 from .logs import MAX_LINES as MAX_LOG_LINES, Logs
 from .runtime import Runtime
 from ..services.sync import SyncTable
+from ..api.audit import AuditLog
+from ..api.tokens import Tokens, digest
 from .acks import Acks
 from .deadletters import DeadLetters
 from .idempotency import IdempotencyKeys
@@ -76,10 +85,17 @@ class Kernel:
                          self.dead_letters, self.live_locked)
         self.idempotency = IdempotencyKeys(self.store, config.idempotency_window_ms, config.idempotency_keys)
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
-        self.names: dict[str, int] = {}
+        self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
+        self.tokens = Tokens(self.store)
+        self.audit = AuditLog(config.data_dir, config.audit_rows)
+        self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
         self.inference: Any = None  # set by the server when an engine is configured
+        # For /metrics: processes started by kind, and ended by (kind, state, reason); a Kill's
+        # own reason text counts as "other", so that callers cannot grow this without bound.
+        self.spawns: Counter[str] = Counter()
+        self.exits: Counter[tuple[str, str, str]] = Counter()
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
@@ -93,7 +109,9 @@ class Kernel:
         for rec in self.store.live_records():
             if rec.kind == P.PORT:
                 proc = self._new_process(rec.pid, P.PORT, rec.parent, rec.priority, Limits(**rec.limits), rec.namespace)
+                proc.opener = rec.opener
                 proc.started_at_ms = rec.started_at_ms
+                self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
                 for m in self.store.port_messages(rec.pid):
                     proc.mailbox.deliver(
                         Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
@@ -101,7 +119,7 @@ class Kernel:
                     )
                 if rec.name:
                     proc.name = rec.name
-                    self.names[rec.name] = rec.pid
+                    self.names[rec.namespace, rec.name] = rec.pid
                 self.procs[rec.pid] = proc
             else:
                 rec.state, rec.exit_reason, rec.ended_at_ms = P.KILLED, "server_restart", now_ms()
@@ -119,18 +137,21 @@ class Kernel:
         self.scheduler.stop()
         self.timers.stop()
         self.store.close()
+        self.audit.close()
         self.files.close()
 
     # -- process creation ------------------------------------------------------------------
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
         proc = Process(
-            pid=pid, kind=kind, parent=parent, namespace=namespace, priority=priority, max_priority=priority,
+            pid=pid, kind=kind, parent=parent, priority=priority, max_priority=priority,
             limits=limits, started_at_ms=now_ms(),
         )
+        proc.namespace = sys.intern(namespace)  # interned: lua/fast_paths.c compares namespaces by pointer
         proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT, byte_limit=limits.mailbox_bytes)
         return proc
 
-    def spawn(self, spec: SpawnSpec) -> int:
+    def spawn(self, spec: SpawnSpec, caller: Caller | None = None) -> int:
+        """A new process, in its parent's namespace (no parent: the caller's)."""
         kind, source, program_name, program_path = resolve_program(spec, self.config.userland_root)
         if spec.name is not None:
             C.name(spec.name)
@@ -144,6 +165,8 @@ class Kernel:
         with self.lock:
             if spec.parent:
                 parent = self.live_locked(spec.parent, "parent")
+                self._authorize(caller, "spawn", parent)
+                namespace = parent.namespace
                 if limits is not parent.limits:  # the shared defaults are within themselves
                     limits = P.child_limits(parent, spec.limits, limits, kind)
                 if priority > parent.max_priority:
@@ -154,14 +177,16 @@ class Kernel:
             elif spec.monitor:
                 raise InvalidArgument("monitor needs a parent pid")
             else:
+                if caller is not None and caller.role == "process":
+                    raise PermissionDenied("a process spawns only its own children")
                 lineage, ancestors = (), []
-            if len(self.procs) >= self.config.max_processes:
-                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
-            if spec.name and spec.name in self.names:
-                raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[spec.name]}")
-            dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts)
+                namespace = caller.namespace if caller is not None else DEFAULT_NAMESPACE
+            self._check_room_locked(namespace)
+            if spec.name and (namespace, spec.name) in self.names:
+                raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[namespace, spec.name]}")
+            dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts, namespace)
             pid = self.store.next_id("pid")
-            proc = self._new_process(pid, kind, spec.parent, priority, limits, "default")
+            proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace)
             proc.program, proc.program_name, proc.args = source, program_name, args
             proc.weight = weight
             proc.ancestors = lineage
@@ -169,19 +194,49 @@ class Kernel:
             proc.log_to_server = spec.log_to_server
             if spec.name:
                 proc.name = spec.name
-                self.names[spec.name] = pid
+                self.names[namespace, spec.name] = pid
             if spec.monitor:
                 proc.monitored_by.add(spec.parent)
             for ancestor in ancestors:
                 ancestor.descendants += 1
             self.procs[pid] = proc
+            self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
             self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc)
+            self.spawns[kind] += 1
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
             self._emit("spawned", proc)
         self.scheduler.make_runnable(proc, new=True)
         return pid
+
+    def _check_room_locked(self, namespace: str) -> None:
+        """Room for one more live process in the server and in `namespace` (lock held)."""
+        if len(self.procs) >= self.config.max_processes:
+            raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
+        limit = self.config.namespace_processes
+        if limit and self.live_in.get(namespace, 0) >= limit:
+            raise ResourceExhausted(f"namespace {namespace!r} runs its limit of {limit} live processes "
+                                    "(--namespace-processes)")
+
+    def namespace_use(self, name: str, caller: Caller | None = None) -> dict[str, int | str]:
+        """A namespace's use and quotas (GetNamespace): the caller's, or (admin) any."""
+        name = name or (caller.namespace if caller is not None else DEFAULT_NAMESPACE)
+        if caller is not None and not caller.sees(name):
+            raise NotFound(f"no namespace {name!r}")
+        files, limits = self.files.usage(name), self.config.file_limits
+        with self.lock:
+            live = self.live_in.get(name, 0)
+            mine = [p for p in self.procs.values() if p.namespace == name]
+            mailbox_bytes = sum(p.mailbox.bytes for p in mine)
+            memory_bytes = sum(p.runtime.memory_used() for p in mine if p.runtime is not None)  # as usage() does
+        return {
+            "memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes,
+            "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
+            "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
+            "files": files.files + files.directories, "max_files": limits.namespace_files,
+            "tokens": sum(1 for _, ns, *_ in self.tokens.list() if ns == name),
+        }
 
     def _ancestors_with_room(self, lineage: tuple[int, ...]) -> list[Process]:
         """The live processes of a new child's `lineage` (its parent, grandparent...
@@ -200,43 +255,83 @@ class Kernel:
             live.append(proc)
         return live
 
-    def open_port(self, name: str | None = None, mailbox: int = 0, dead_letter: int = 0, max_attempts: int = 0) -> int:
+    def open_port(self, name: str | None = None, mailbox: int = 0, caller: Caller | None = None,
+                  dead_letter: int = 0, max_attempts: int = 0) -> tuple[int, str]:
+        """(pid, secret) of a new port in the caller's namespace, owned by the caller's key and by
+        whoever holds the secret (api/authority.py)."""
         if name is not None:
             C.name(name)
+        namespace = caller.namespace if caller is not None else DEFAULT_NAMESPACE
         with self.lock:
-            if name and name in self.names:
-                raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[name]}")
-            dead_letters = self.acks.policy(dead_letter, max_attempts)
-            if len(self.procs) >= self.config.max_processes:
-                raise ResourceExhausted(f"the server runs its limit of {self.config.max_processes} processes")
+            if name and (namespace, name) in self.names:
+                raise AlreadyExists(f"the name {name!r} is registered to pid {self.names[namespace, name]}")
+            dead_letters = self.acks.policy(dead_letter, max_attempts, namespace)
+            self._check_room_locked(namespace)
             pid = self.store.next_id("pid")
             defaults = self.config.defaults
             limits = Limits(mailbox=mailbox or defaults.mailbox, mailbox_bytes=defaults.mailbox_bytes)
-            proc = self._new_process(pid, P.PORT, 0, 0, limits, "default")
+            proc = self._new_process(pid, P.PORT, 0, 0, limits, namespace)
+            proc.opener = caller.key if caller is not None else ""
+            secret = secrets.token_urlsafe(24)
+            proc.secret = digest(secret)
             proc.state = P.RUNNABLE
             if name:
                 proc.name = name
-                self.names[name] = pid
+                self.names[namespace, name] = pid
             self.procs[pid] = proc
+            self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
             self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc, durable=True)
+            self.spawns[P.PORT] += 1
             self._emit("spawned", proc)
-        return pid
+        return pid, secret
 
     # -- lookup ---------------------------------------------------------------------------
-    def release_lock(self, pid: int, name: str) -> None:
+    def release_lock(self, pid: int, name: str, caller: Caller | None = None) -> None:
         with self.lock:
-            holder = self.live_locked(pid, "holder")
+            holder = self.target_locked(caller, "lock.release", pid, "holder")
             self.sync.release(holder.namespace, name, pid)
 
-    def live_locked(self, pid: int, role: str = "process") -> Process:
-        """The live process `pid`, or NotFound / FailedPrecondition (ended). Lock held."""
+    def live_locked(self, pid: int, role: str = "process", caller: Caller | None = None) -> Process:
+        """The live process `pid`, or NotFound / FailedPrecondition (ended): for `caller`, one of
+        another namespace is NotFound too, ended or not. Lock held."""
         proc = self.procs.get(pid)
         if proc is None:
-            if pid in self.ended or self._ended_record(pid) is not None:
+            rec = self.ended.get(pid) or self._ended_record(pid)
+            if rec is not None and (caller is None or caller.sees(rec.namespace)):
                 raise FailedPrecondition(f"{role} pid {pid} has ended")
-            raise NotFound(f"no process with pid {pid}")
+            raise not_found(pid)
+        if caller is not None and not caller.sees(proc.namespace):
+            raise not_found(pid)
         return proc
+
+    def target_locked(self, caller: Caller | None, syscall: str, pid: int, role: str = "process") -> Process:
+        """The live process `pid` that `caller` may apply `syscall` to (api/authority.py). Lock held."""
+        proc = self.procs.get(pid) or self.live_locked(pid, role, caller)
+        self._authorize(caller, syscall, proc)
+        return proc
+
+    def _authorize(self, caller: Caller | None, syscall: str, proc: Process) -> None:
+        if caller is not None:
+            authorize(caller, syscall, proc.pid, proc.namespace, lambda: proc.ancestors,
+                      proc.opener if proc.kind == P.PORT else None)
+
+    def _authorize_ended(self, caller: Caller | None, syscall: str, rec: ProcessRecord) -> None:
+        if caller is not None:
+            authorize(caller, syscall, rec.pid, rec.namespace, lambda: self._lineage(rec),
+                      rec.opener if rec.kind == P.PORT else None)
+
+    def _lineage(self, rec: ProcessRecord) -> tuple[int, ...]:
+        """An ended process's ancestors, from its parents' records (lock held)."""
+        out, pid = [], rec.parent
+        while pid and len(out) <= MAX_SPAWN_DEPTH:
+            out.append(pid)
+            live = self.procs.get(pid)
+            if live is not None:
+                return tuple(out) + live.ancestors
+            parent = self.ended.get(pid) or self._ended_record(pid)
+            pid = parent.parent if parent is not None else 0
+        return tuple(out)
 
     def _ended_record(self, pid: int) -> ProcessRecord | None:
         rec = self.ended.get(pid)
@@ -248,40 +343,54 @@ class Kernel:
                 return None
         return rec
 
-    def resolve(self, target: int | str) -> Process:
+    def resolve(self, target: int | str, caller: Caller | None = None) -> Process:
         if isinstance(target, str):
-            pid = self.names.get(target)
+            pid = self.names.get((caller.namespace if caller is not None else DEFAULT_NAMESPACE, target))
             if pid is None:
                 raise NotFound(f"no process is registered as {target!r}")
             return self.procs[pid]
-        return self.live_locked(target, "receiver")
+        return self.live_locked(target, "receiver", caller)
 
-    def whereis(self, name: str) -> int | None:
+    def whereis(self, name: str, caller: Caller | None = None) -> int | None:
         with self.lock:
-            return self.names.get(name)
+            return self.names.get((caller.namespace if caller is not None else DEFAULT_NAMESPACE, name))
 
     # -- messages ---------------------------------------------------------------------------
     def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str,
-             notify_undelivered: bool = False, idempotency_key: str = "") -> int:
+             caller: Caller | None = None, notify_undelivered: bool = False, idempotency_key: str = "") -> int:
+        """`sender` is the caller: a process's own pid (or 0, for a client, or a port it owns)."""
         with self.lock:
             src = self.procs.get(sender) if sender else None
             if src is None and sender:
-                self.live_locked(sender, "sender")  # raises the right error
-            if idempotency_key and (first := self.idempotency.first(sender, idempotency_key)) is not None:
-                return first
+                self.live_locked(sender, "sender", caller)  # raises the right error
+            if src is not None and caller is not None:
+                self._check_sender(caller, src)
+            if idempotency_key:
+                key = self.idempotency.key(sender, caller, idempotency_key)
+                if (first := self.idempotency.first(key)) is not None:
+                    return first
             dst = self.procs.get(to) if type(to) is int else None
-            if dst is None:
-                dst = self.resolve(to)
+            if dst is None or (caller is not None and not caller.sees(dst.namespace)):
+                dst = self.resolve(to, caller)
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
             msg.notify_undelivered = notify_undelivered
-            self._deliver(dst, msg, also=self.idempotency.stored(sender, idempotency_key, msg.id)
+            self._deliver(dst, msg, also=self.idempotency.stored(key, msg.id)
                           if idempotency_key and dst.mailbox.durable else None)
             if idempotency_key:  # remembered once delivered (kernel/idempotency.py): a refused send has no first id
-                self.idempotency.remember(sender, idempotency_key, msg.id)
+                self.idempotency.remember(key, msg.id)
             if src is not None:
                 src.mailbox.sent += 1
         self.core.refill_ids()  # the next block of message ids, reserved without the lock
         return msg.id
+
+    def _check_sender(self, caller: Caller, src: Process) -> None:
+        """`from` is always the caller: a process itself, or a port the client owns (lock held)."""
+        if not caller.sees(src.namespace):
+            raise not_found(src.pid)
+        if src.pid == caller.pid:
+            return
+        if caller.role == "process" or src.kind != P.PORT or (src.opener != caller.key and caller.role != "admin"):
+            raise PermissionDenied(f"from must be the caller (or a port it opened), not pid {src.pid}")
 
     def _deliver(self, dst: Process, msg: Message, limited: bool = True, also: Callable | None = None) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
@@ -297,9 +406,9 @@ class Kernel:
             self.store.transaction(also)
         dst.mailbox.deliver(msg, limited)
 
-    def try_recv(self, pid: int, match: Match) -> Message | None:
+    def try_recv(self, pid: int, match: Match, caller: Caller | None = None) -> Message | None:
         with self.lock:
-            return self._take_locked(self.procs.get(pid) or self.live_locked(pid, "receiver"), match)
+            return self._take_locked(self.target_locked(caller, "recv", pid, "receiver"), match)
 
     def _take_locked(self, proc: Process, match: Match) -> Message | None:
         msg = proc.mailbox.take(match)
@@ -307,13 +416,15 @@ class Kernel:
             self.store.delete_message(msg.id)
         return msg
 
-    def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
+    def recv(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None,
+             caller: Caller | None = None) -> Message | None:
         """Take a matching message now, or register `waiter` to get one (None)."""
         with self.lock:
-            return self.recv_locked(pid, match, waiter, timeout_s)
+            return self.recv_locked(pid, match, waiter, timeout_s, caller)
 
-    def recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None) -> Message | None:
-        proc = self.procs.get(pid) or self.live_locked(pid, "receiver")
+    def recv_locked(self, pid: int, match: Match, waiter: Waiter, timeout_s: float | None,
+                    caller: Caller | None = None) -> Message | None:
+        proc = self.target_locked(caller, "recv", pid, "receiver")
         msg = self._take_locked(proc, match)
         if msg is not None:
             return msg
@@ -340,31 +451,38 @@ class Kernel:
         self.timers.time_out(self.lock, waiter, timeout_s)
 
     # -- exits -----------------------------------------------------------------------------
-    def wait(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
+    def wait(self, pid: int, waiter: Waiter, timeout_s: float | None,
+             caller: Caller | None = None) -> ProcessRecord | None:
         """The final record of `pid` if it has ended, else register `waiter` (None)."""
         with self.lock:
-            return self.wait_locked(pid, waiter, timeout_s)
+            return self.wait_locked(pid, waiter, timeout_s, caller)
 
-    def wait_locked(self, pid: int, waiter: Waiter, timeout_s: float | None) -> ProcessRecord | None:
+    def wait_locked(self, pid: int, waiter: Waiter, timeout_s: float | None,
+                    caller: Caller | None = None) -> ProcessRecord | None:
         proc = self.procs.get(pid)
         if proc is None:
             rec = self._ended_record(pid)
             if rec is None:
-                raise NotFound(f"no process with pid {pid}")
+                raise not_found(pid)
+            self._authorize_ended(caller, "wait", rec)
             return rec
+        self._authorize(caller, "wait", proc)
         waiter.register(proc.exit_waiters, waiter)
         self.arm_timeout(waiter, timeout_s)
         return None
 
-    def kill(self, pid: int, reason: str = "killed") -> bool:
+    def kill(self, pid: int, reason: str = "killed", caller: Caller | None = None) -> bool:
         """End `pid` with `reason`; False if it had already ended."""
         C.text(reason, "reason")
         with self.lock:
             proc = self.procs.get(pid)
             if proc is None:
-                if self._ended_record(pid) is not None:
-                    return False
-                raise NotFound(f"no process with pid {pid}")
+                rec = self._ended_record(pid)
+                if rec is None:
+                    raise not_found(pid)
+                self._authorize_ended(caller, "kill", rec)
+                return False
+            self._authorize(caller, "kill", proc)
             if proc.kind == P.PORT or proc.state in (P.BLOCKED, P.RUNNABLE):
                 # Not running any code (a preempted process stays RUNNING): end it now.
                 self.end_locked(proc, P.KILLED, reason)
@@ -389,18 +507,20 @@ class Kernel:
         self.acks.process_ended(proc)
         self.files.process_ended(proc.pid)
         del self.procs[proc.pid]
+        self.live_in[proc.namespace] -= 1
         for pid in proc.ancestors:
             ancestor = self.procs.get(pid)
             if ancestor is not None:
                 ancestor.descendants -= 1
-        if proc.name and self.names.get(proc.name) == proc.pid:
-            del self.names[proc.name]
+        if proc.name and self.names.get((proc.namespace, proc.name)) == proc.pid:
+            del self.names[proc.namespace, proc.name]
         if error is not None and len(error) > MAX_ERROR:
             error = f"{error[:MAX_ERROR]} ... [{len(error) - MAX_ERROR} characters cut]"
         rec = self._record(proc)
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
         self.store.record_exit(rec, durable=proc.kind == P.PORT)
+        self.exits[proc.kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         self.ended[proc.pid] = kept
         if len(self.ended) > self.config.ended_cache:
@@ -426,29 +546,31 @@ class Kernel:
         self._emit("ended", kept)
 
     # -- names, monitors, priorities -------------------------------------------------------
-    def register(self, pid: int, name: str) -> None:
+    def register(self, pid: int, name: str, caller: Caller | None = None) -> None:
         C.name(name)
         with self.lock:
-            proc = self.live_locked(pid)
-            owner = self.names.get(name)
+            proc = self.target_locked(caller, "register", pid)
+            owner = self.names.get((proc.namespace, name))
             if owner is not None and owner != pid:
                 raise AlreadyExists(f"the name {name!r} is registered to pid {owner}")
             if proc.name and proc.name != name:
-                del self.names[proc.name]
+                del self.names[proc.namespace, proc.name]
             proc.name = name
-            self.names[name] = pid
+            self.names[proc.namespace, name] = pid
             self.store.record_name(pid, name)
 
-    def monitor(self, watcher: int, target: int) -> None:
+    def monitor(self, watcher: int, target: int, caller: Caller | None = None) -> None:
+        """`watcher` (the caller, or a process it may act on) is told when `target` (in the
+        namespace) ends."""
         with self.lock:
-            self.live_locked(watcher, "watcher")
+            self.target_locked(caller, "monitor", watcher, "watcher")
             proc = self.procs.get(target)
-            if proc is not None:
+            if proc is not None and (caller is None or caller.sees(proc.namespace)):
                 proc.monitored_by.add(watcher)
                 return
-            rec = self._ended_record(target)
-            if rec is None:
-                raise NotFound(f"no process with pid {target}")
+            rec = self._ended_record(target) if proc is None else None
+            if rec is None or (caller is not None and not caller.sees(rec.namespace)):
+                raise not_found(target)
             # Already ended: tell the watcher at once, as Erlang does. Asked
             # for, so it counts against the mailbox's limits like any message:
             # asking again and again must not flood the watcher.
@@ -464,7 +586,7 @@ class Kernel:
         msg = self.core.new_message(rec.pid, watcher, "EXIT", notice, b"", "", NOTICE_HEADROOM)
         self._deliver(self.procs[watcher], msg, limited)
 
-    def set_priority(self, pid: int, priority: int | None, weight: int = 0, caller: int | None = None) -> None:
+    def set_priority(self, pid: int, priority: int | None, weight: int = 0, caller: Caller | None = None) -> None:
         """Change priority (None: keep) and weight (0: keep). A process (`caller`)
         may set a priority up to the target's ceiling and its own, never above:
         no program raises itself over what it was given. An external client
@@ -475,12 +597,12 @@ class Kernel:
         if weight:
             weight = C.weight(weight)
         with self.lock:
-            proc = self.live_locked(pid)
+            proc = self.target_locked(caller, "set_priority", pid)
             if priority is not None:
-                if caller is None:
+                if caller is None or caller.role != "process":
                     proc.max_priority = max(proc.max_priority, priority)
                 else:
-                    ceiling = min(proc.max_priority, self.live_locked(caller, "caller").max_priority)
+                    ceiling = min(proc.max_priority, self.live_locked(caller.pid, "caller").max_priority)
                     if priority > ceiling:
                         raise PermissionDenied(f"a process may set pid {pid}'s priority up to {ceiling} (the lower "
                                                f"of its own ceiling and the target's), not {priority}")
@@ -492,6 +614,7 @@ class Kernel:
     def _record(self, proc: Process) -> ProcessRecord:
         return ProcessRecord(
             pid=proc.pid, kind=proc.kind, name=proc.name, parent=proc.parent, namespace=proc.namespace,
+            opener=proc.opener,
             priority=proc.priority, weight=proc.weight, limits=proc.limits.as_dict(),
             started_at_ms=proc.started_at_ms, state=proc.state, log=proc.log, log_dropped=proc.log_dropped,
         )
@@ -516,46 +639,54 @@ class Kernel:
         rec.usage = self.usage(proc)
         return rec, proc.blocked_on
 
-    def get(self, pid: int) -> tuple[ProcessRecord, str | None]:
+    def get(self, pid: int, caller: Caller | None = None, syscall: str = "info") -> tuple[ProcessRecord, str | None]:
         """(record with usage, blocked_on) of a live or ended process."""
         with self.lock:
             proc = self.procs.get(pid)
             if proc is not None:
+                self._authorize(caller, syscall, proc)
                 return self._snapshot(proc)
-        rec = self._ended_record(pid)
+        rec = self._ended_record(pid)  # may read the store: not under the lock
         if rec is None:
-            raise NotFound(f"no process with pid {pid}")
+            raise not_found(pid)
+        with self.lock:
+            self._authorize_ended(caller, syscall, rec)
         return rec, None
 
     def list(self, states: set[str], name: str | None, parent: int, include_ended: bool,
-             after_pid: int = 0) -> list[tuple]:
-        """(record, blocked_on) of the processes with pids above `after_pid` that match, by pid."""
-        def wanted(pid: int, state: str, pname: str | None, pparent: int) -> bool:
+             after_pid: int = 0, caller: Caller | None = None) -> list[tuple]:
+        """(record, blocked_on) of the processes with pids above `after_pid` that match, by pid:
+        those of the caller's namespace."""
+        def wanted(pid: int, state: str, pname: str | None, pparent: int, namespace: str) -> bool:
             return (pid > after_pid and (not states or state in states) and (not name or pname == name)
-                    and (not parent or pparent == parent))
+                    and (not parent or pparent == parent) and (caller is None or caller.sees(namespace)))
 
         with self.lock:
-            out = [self._snapshot(p) for p in self.procs.values() if wanted(p.pid, p.state, p.name, p.parent)]
+            out = [self._snapshot(p) for p in self.procs.values()
+                   if wanted(p.pid, p.state, p.name, p.parent, p.namespace)]
             if include_ended:
                 out += [(rec, None) for rec in self.ended.values()
-                        if wanted(rec.pid, rec.state, rec.name, rec.parent)]
+                        if wanted(rec.pid, rec.state, rec.name, rec.parent, rec.namespace)]
         out.sort(key=lambda t: t[0].pid)
         return out
 
     def log(self, proc: Process, line: str) -> None:
         with self.lock:
             line = self.logs.append(proc, line)
-        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line)
+        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line,
+                extra={"pid": proc.pid})
 
-    def read_log(self, pid: int, offset: int) -> tuple[list[str], int, int]:
+    def read_log(self, pid: int, offset: int, caller: Caller | None = None) -> tuple[list[str], int, int]:
         """(lines from `offset` on, next offset, lines dropped before offset)."""
         with self.lock:
             proc = self.procs.get(pid)
+            if proc is not None:
+                self._authorize(caller, "read_log", proc)
             runtime = proc.runtime if proc is not None else None
         lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
         if lines is not None:  # kept by its userland (an agent's output file)
             return lines[offset:], len(lines), 0
-        rec = self.get(pid)[0]
+        rec = self.get(pid, caller, "read_log")[0]
         lines, dropped = list(rec.log or ()), rec.log_dropped
         start = max(offset - dropped, 0)
         return lines[start:], dropped + len(lines), max(dropped - offset, 0)
@@ -580,11 +711,11 @@ class Kernel:
             with self.lock:
                 self.end_locked(proc, P.CRASHED, "error", error=f"kernel error: {e!r}")
 
-    def exit(self, pid: int, result: Any) -> None:
+    def exit(self, pid: int, result: Any, caller: Caller | None = None) -> None:
         """The Exit syscall: a process's result before it ends; for a port, closing it."""
         C.value(result, "result", self.config.max_message_bytes)
         with self.lock:
-            proc = self.live_locked(pid)
+            proc = self.target_locked(caller, "exit", pid)
             if proc.kind == P.PORT:
                 self.end_locked(proc, P.EXITED, "normal", result=result)
             else:

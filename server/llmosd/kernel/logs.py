@@ -5,9 +5,14 @@ MAX_LINES lines), and all logs together, of live and ended processes, hold at
 most `total_chars`; over that, the logs of the processes that ended longest
 ago are dropped first (ReadLog reports them as dropped), then the writer's
 own oldest lines. Sizes are counted in characters, what a str costs at least.
+
+Also the server's own log as JSON lines (llmosd --log-format json): JsonFormatter.
 """
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -72,3 +77,20 @@ class Logs:
         rec.log_dropped += len(rec.log or ())
         rec.log = []
         self.used -= chars
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (ISO 8601, UTC, ms), level, logger, message; the pid of the
+    process a line is about (a process's own log line, see Kernel.log) and any exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        pid = getattr(record, "pid", None)
+        if pid is not None:
+            out["pid"] = pid
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)

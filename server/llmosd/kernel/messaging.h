@@ -124,6 +124,7 @@ int llmos_messaging_init(PyObject *module);
 typedef struct {
     PyObject_HEAD
     PyObject *state, *blocked_on, *blocked_syscall, *resume_value, *kill_reason, *mailbox;
+    PyObject *namespace; /* an interned str: two processes share a namespace iff the pointers are equal */
     double vruntime;
     long long weight;
 } ProcessFields;

@@ -48,6 +48,7 @@ static PyObject *ProcessFields_new(PyTypeObject *type, PyObject *args, PyObject 
     self->resume_value = Py_NewRef(no_values);
     self->kill_reason = Py_NewRef(Py_None);
     self->mailbox = Py_NewRef(Py_None);
+    self->namespace = Py_NewRef(S_empty);
     self->vruntime = 0.0;
     self->weight = default_weight;
     return (PyObject *)self;
@@ -61,6 +62,7 @@ static int ProcessFields_traverse(ProcessFields *self, visitproc visit, void *ar
     Py_VISIT(self->resume_value);
     Py_VISIT(self->kill_reason);
     Py_VISIT(self->mailbox);
+    Py_VISIT(self->namespace);
     return 0;
 }
 
@@ -72,6 +74,7 @@ static int ProcessFields_clear(ProcessFields *self)
     Py_CLEAR(self->resume_value);
     Py_CLEAR(self->kill_reason);
     Py_CLEAR(self->mailbox);
+    Py_CLEAR(self->namespace);
     return 0;
 }
 
@@ -92,6 +95,8 @@ static PyMemberDef ProcessFields_members[] = {
     {"kill_reason", T_OBJECT_EX, offsetof(ProcessFields, kill_reason), 0,
      "set when the kernel wants the process gone; honoured at the next check"},
     {"mailbox", T_OBJECT_EX, offsetof(ProcessFields, mailbox), 0, "its Mailbox"},
+    {"namespace", T_OBJECT_EX, offsetof(ProcessFields, namespace), 0,
+     "its namespace, interned (the kernel sets it): the C send compares two by pointer"},
     {"vruntime", T_DOUBLE, offsetof(ProcessFields, vruntime), 0,
      "ns on a CPU, scaled by DEFAULT_WEIGHT / weight (lua/fast_paths.c's charge)"},
     {"weight", T_LONGLONG, offsetof(ProcessFields, weight), 0, "its share of CPU within its priority level"},

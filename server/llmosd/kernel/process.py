@@ -17,6 +17,9 @@ EXITED = "EXITED"
 KILLED = "KILLED"
 CRASHED = "CRASHED"
 ENDED = frozenset((EXITED, KILLED, CRASHED))
+# The reasons the kernel itself gives an end (a Kill may give any text).
+EXIT_REASONS = frozenset(("normal", "killed", "error", "cpu_limit", "wall_limit", "memory_limit", "shutdown",
+                          "server_restart"))
 
 # A process's share of CPU within its priority level, as cgroup v2's cpu.weight (api/checks.py
 # checks the range; the C side's vruntime charge reads it from here).
@@ -60,12 +63,12 @@ class Process(_lua.ProcessFields):
     process is made: state (RUNNABLE), blocked_on (the blocking syscall, shown while BLOCKED),
     blocked_syscall (the last one, whose answer the next resume carries), resume_value,
     kill_reason (set when the kernel wants the process gone), mailbox (set by the kernel),
-    weight (DEFAULT_WEIGHT) and vruntime (ns on a CPU, scaled by DEFAULT_WEIGHT / weight)."""
+    weight (DEFAULT_WEIGHT), vruntime (ns on a CPU, scaled by DEFAULT_WEIGHT / weight) and
+    namespace (interned: lua/fast_paths.c compares two by pointer)."""
 
     pid: int
     kind: str
     parent: int
-    namespace: str
     priority: int
     limits: Limits
     started_at_ms: int
@@ -96,6 +99,8 @@ class Process(_lua.ProcessFields):
     log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
     log_bytes: int = 0  # bytes of the lines in `log`
     log_to_server: bool = False
+    opener: str = ""  # a port's: the key of the client identity that opened it (api/authority.py)
+    secret: str = ""  # a port's: the SHA-256 of the secret OpenPort returned (in memory only)
 
     @property
     def ended(self) -> bool:

@@ -256,6 +256,8 @@ class Scheduler:
         self._signal = interrupt_signal
         # Thread ident -> the process it runs (the kernel's Core updates it when it switches).
         self.running: dict[int, Process] = {}
+        # Thread ident -> ns it has spent running slices (each thread writes only its own entry).
+        self.busy_ns: dict[int, int] = {}
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queue = RunQueue(aging_ns)
@@ -364,6 +366,10 @@ class Scheduler:
         for ident, running in list(self.running.items()):
             if running is proc:
                 signal.pthread_kill(ident, self._signal)
+
+    def queued(self) -> int:
+        """Processes waiting in the run queue for a virtual CPU."""
+        return len(self._queue)
 
     def stuck_ns(self) -> int:
         """How long the longest-stuck worker thread has been past its due time
@@ -474,12 +480,14 @@ class Scheduler:
                         parked.set()
                         continue
             self.running[ident] = proc
+            began = time.perf_counter_ns()
             try:
                 self._run_slice(proc)
             except Exception:  # a kernel bug must not take a virtual CPU down
                 log.exception("slice of pid %d failed", proc.pid)
             finally:
                 self.running.pop(ident, None)
+                self.busy_ns[ident] = self.busy_ns.get(ident, 0) + time.perf_counter_ns() - began
             if self._due and ident in self._due and not self._checked_in(ident):
                 holding = False  # the sysmon gave this thread's slot away
                 self._flush_next()

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from prometheus_client import Histogram
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS processes (
@@ -43,7 +45,16 @@ CREATE TABLE IF NOT EXISTS processes (
     result TEXT,
     error TEXT,
     ended_at_ms INTEGER,
-    usage TEXT
+    usage TEXT,
+    opener TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    namespace TEXT NOT NULL,
+    role TEXT NOT NULL,
+    label TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS port_messages (
     id INTEGER PRIMARY KEY,
@@ -67,10 +78,10 @@ LARGEST_ID_BLOCK = 1 << 20
 
 PROCESS_COLUMNS = (
     "pid", "kind", "name", "parent", "namespace", "priority", "weight", "limits", "started_at_ms", "state",
-    "exit_reason", "result", "error", "ended_at_ms", "usage",
+    "exit_reason", "result", "error", "ended_at_ms", "usage", "opener",
 )
 NAME, STATE = PROCESS_COLUMNS.index("name"), PROCESS_COLUMNS.index("state")  # where they are in a row
-ROWS_PER_STATEMENT = 500  # 15 columns each: within SQLite's 32,766 variables
+ROWS_PER_STATEMENT = 500  # 16 columns each: within SQLite's 32,766 variables
 
 
 @dataclass(slots=True)
@@ -92,6 +103,7 @@ class ProcessRecord:
     usage: dict[str, int] | None = None  # final counters, once ended
     log: list[str] | None = None  # the last log lines, kept in memory only
     log_dropped: int = 0
+    opener: str = ""  # a port's: the key of the client identity that opened it (api/authority.py)
 
 
 @dataclass(slots=True)
@@ -104,6 +116,8 @@ class StoredMessage:
     data: bytes
     correlation_id: str
     sent_at_ms: int
+
+COMMIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 def now_ms() -> int:
@@ -122,7 +136,13 @@ class Store:
         # is the promise; only an OS crash could lose the last transactions.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(processes)")}
+        if "opener" not in columns:  # a database from before ports had owners
+            self._db.execute("ALTER TABLE processes ADD COLUMN opener TEXT NOT NULL DEFAULT ''")
         self._db_lock = threading.Lock()  # one user of the connection at a time
+        # Each transaction's time (a durable write, or a write-behind batch), for /metrics.
+        self.commit_seconds = Histogram("llmos_store_commit_seconds", "Time to commit a store transaction",
+                                        buckets=COMMIT_BUCKETS_S, registry=None)
         self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
         # Counter name -> the block reserved ahead by the writer thread, and
         # the end of the last block handed out (ids only ever grow).
@@ -189,7 +209,7 @@ class Store:
         limits = rec.limits if isinstance(rec.limits, dict) else rec.limits.as_dict()
         row = [
             rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority, rec.weight,
-            _counters_json(limits), rec.started_at_ms, rec.state, None, None, None, None, None,
+            _counters_json(limits), rec.started_at_ms, rec.state, None, None, None, None, None, rec.opener,
         ]
         if durable:
             self._write_now(_INSERT_ONE, row)
@@ -226,6 +246,21 @@ class Store:
                 "SELECT * FROM processes WHERE ended_at_ms IS NOT NULL ORDER BY pid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_record(r) for r in reversed(rows)]
+
+    # tokens: only their SHA-256 is kept -------------------------------------------------
+    def add_token(self, token_id: str, sha256: str, namespace: str, role: str, label: str) -> None:
+        self._write_now("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                        (token_id, sha256, namespace, role, label, now_ms()))
+
+    def tokens(self) -> list[tuple[str, str, str, str, str, int]]:
+        """(id, sha256, namespace, role, label, created_at_ms) of every token."""
+        with self._db_lock:
+            return self._db.execute("SELECT * FROM tokens ORDER BY created_at_ms, id").fetchall()
+
+    def delete_token(self, token_id: str) -> bool:
+        with self._db_lock:
+            self._apply_pending()
+            return self._db.execute("DELETE FROM tokens WHERE id=?", (token_id,)).rowcount > 0
 
     # port messages ---------------------------------------------------------------------
     def put_message(self, msg: StoredMessage, also: Callable[[sqlite3.Connection], None] | None = None) -> None:
@@ -282,7 +317,9 @@ class Store:
             # Earlier write-behind rows first, so the database never holds
             # an exit without its spawn.
             self._apply_pending()
+            began = time.perf_counter()
             self._db.execute(sql, row)
+            self.commit_seconds.observe(time.perf_counter() - began)
 
     def _update(self, pid: int, first: int, values: tuple, durable: bool) -> None:
         """Set the columns of a process's row from PROCESS_COLUMNS[first] on to `values`."""
@@ -315,6 +352,7 @@ class Store:
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
             by_columns.setdefault(tuple(columns), []).append((pid, *columns.values()))
+        began = time.perf_counter()
         self._db.execute("BEGIN")
         try:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
@@ -328,6 +366,7 @@ class Store:
                 write(self._db)
         finally:
             self._db.execute("COMMIT")
+            self.commit_seconds.observe(time.perf_counter() - began)
 
     def flush(self) -> None:
         with self._db_lock:
@@ -405,5 +444,5 @@ def _record(row: tuple) -> ProcessRecord:
         pid=row[0], kind=row[1], name=row[2], parent=row[3], namespace=row[4], priority=row[5], weight=row[6],
         limits=json.loads(row[7]), started_at_ms=row[8], state=row[9], exit_reason=row[10],
         result=json.loads(row[11]) if row[11] is not None else None, error=row[12], ended_at_ms=row[13],
-        usage=json.loads(row[14]) if row[14] else None,
+        usage=json.loads(row[14]) if row[14] else None, opener=row[15],
     )

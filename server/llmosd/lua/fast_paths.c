@@ -288,8 +288,9 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
         goto out;
     llmos_lock(core->lock);
     dst = PyDict_GetItemWithError(core->procs, key);
+    /* Another namespace (different interned strings) is the Python side's to refuse. */
     if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = FIELDS(dst)->mailbox, &MailboxType)
-        && !((Mailbox *)mailbox)->durable) {
+        && !((Mailbox *)mailbox)->durable && FIELDS(dst)->namespace == FIELDS(state->proc)->namespace) {
         msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
                                 correlation_id, budget.used, 0);
         delivered = msg != NULL ? llmos_deliver((Mailbox *)mailbox, msg, 1) : -1;

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..api import checks as C
+from ..api.authority import process_caller
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
@@ -138,7 +139,8 @@ SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", 
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     """A process's record as the plain table sys.info and sys.wait answer."""
     info = {
-        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "kind": rec.kind, "state": rec.state,
+        "pid": rec.pid, "name": rec.name, "parent": rec.parent, "namespace": rec.namespace, "kind": rec.kind,
+        "state": rec.state,
         "priority": rec.priority, "weight": rec.weight, "exit_reason": rec.exit_reason, "result": rec.result, "error": rec.error,
     }
     if rec.usage is not None:
@@ -162,6 +164,7 @@ class LuaProcess:
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
+        self.caller = process_caller(proc.pid, proc.namespace)  # who its syscalls act as (api/authority.py)
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
@@ -250,6 +253,7 @@ class LuaProcess:
                 self.proc.pid, target, "" if tag is None else _opt_str(tag, "sys.send: tag"),
                 value, data or b"",
                 "" if correlation_id is None else _opt_str(correlation_id, "sys.send: correlation_id"),
+                self.caller,
                 bool(notify_undelivered), _opt_str(idempotency_key, "sys.send: idempotency_key") or "",
             )
             return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
@@ -259,7 +263,7 @@ class LuaProcess:
     def try_recv(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> tuple:
         try:
             match = self.recv_match(sender, tag, correlation_id, timeout_ms)
-            msg = self.kernel.try_recv(self.proc.pid, match)
+            msg = self.kernel.try_recv(self.proc.pid, match, self.caller)
             return (msg, len(self.proc.mailbox)) if msg is not None else (None,)
         except KernelError as e:
             return False, str(e).encode()
@@ -326,24 +330,24 @@ class LuaProcess:
             source_name=spec.get("source_name"),
             dead_letter=C.integer(spec.get("dead_letter", 0), "sys.spawn: dead_letter"),
             max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"),
-        ))
+        ), self.caller)
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
-        self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed")
+        self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed", self.caller)
         return True
 
     def register(self, name: Any = None) -> bool:
         text = _opt_str(name, "sys.register: name")
         if text is None:
             raise InvalidArgument("sys.register: name must be a string")
-        self.kernel.register(self.proc.pid, text)
+        self.kernel.register(self.proc.pid, text, self.caller)
         return True
 
     def whereis(self, name: Any = None) -> int | None:
-        return self.kernel.whereis(_opt_str(name, "sys.whereis: name") or "")
+        return self.kernel.whereis(_opt_str(name, "sys.whereis: name") or "", self.caller)
 
     def monitor(self, pid: Any = None) -> bool:
-        self.kernel.monitor(self.proc.pid, C.pid(pid, "sys.monitor: pid"))
+        self.kernel.monitor(self.proc.pid, C.pid(pid, "sys.monitor: pid"), self.caller)
         return True
 
     def set_priority(self, pid: Any = None, priority: Any = None, weight: Any = None) -> bool:
@@ -352,11 +356,12 @@ class LuaProcess:
         share = None if weight is None else C.weight(weight, "sys.set_priority: weight")
         if prio is None and share is None:
             raise InvalidArgument("sys.set_priority: give a priority (integer) and/or a weight")
-        self.kernel.set_priority(target, prio, share or 0, caller=self.proc.pid)
+        self.kernel.set_priority(target, prio, share or 0, caller=self.caller)
         return True
 
     def info(self, pid: Any = None) -> Any:
-        return describe_record(self.kernel.get(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"))[0])
+        return describe_record(self.kernel.get(self.proc.pid if pid is None else C.pid(pid, "sys.info: pid"),
+                                               self.caller)[0])
 
     def lock_options(self, name: Any, opts: Any, fname: str) -> tuple[str, str, int, float | None]:
         """(name, kind, permits, timeout in seconds or None) of a lock call."""

@@ -207,14 +207,14 @@ class LuaRuntime:
             lease = lua.recv_lease(*args[4:6])
             if lease is not False:
                 return self.kernel.acks.recv_locked(proc, match, waiter, timeout, lease)
-        return self.kernel.recv_locked(proc.pid, match, waiter, timeout)
+        return self.kernel.recv_locked(proc.pid, match, waiter, timeout, lua.caller)
 
     def block_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         pid = C.pid(args[0] if args else None, "sys.wait: pid")
         timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
         if pid == proc.pid:
             raise InvalidArgument("sys.wait: a process cannot wait for itself")
-        rec = self.kernel.wait_locked(pid, waiter, timeout)
+        rec = self.kernel.wait_locked(pid, waiter, timeout, lua.caller)
         return describe_record(rec) if rec is not None else None
 
     def block_sleep(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:

@@ -1,0 +1,3 @@
+module llmos.example/echo
+
+go 1.21

@@ -1,0 +1,106 @@
+"""The audit log: every call that changes something (each RPC but the reader ones), who made it,
+what it named and how it ended, in the kernel's SQLite database, bounded to the newest rows.
+
+Calls are queued and written by a thread of the log's own (with a connection of its own to the
+database), so that no RPC waits for the disk. Lua processes' syscalls are not audited: they are
+in-kernel programs, and auditing each message would cost the fast paths.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from .authority import PROCESS, Caller
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    namespace TEXT NOT NULL,
+    who TEXT NOT NULL,
+    method TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
+"""
+DEFAULT_ROWS = 100_000  # the newest rows kept; older ones are deleted as new ones come
+TARGET_FIELDS = ("pid", "to", "to_name", "target", "watcher", "parent", "name", "path", "from_path", "id", "namespace")
+
+
+def who(caller: Caller) -> str:
+    return f"pid {caller.pid}" if caller.role == PROCESS else f"{caller.role} {caller.key or '(no token)'}"
+
+
+def target_of(req: Any) -> str:
+    """What a request names, for the log: its first set field of TARGET_FIELDS."""
+    for field in TARGET_FIELDS:
+        value = getattr(req, field, None)
+        if value:
+            return f"{field}={value}"[:300]
+    return ""
+
+
+class AuditLog:
+    def __init__(self, data_dir: str, max_rows: int = DEFAULT_ROWS) -> None:
+        self.max_rows = max_rows
+        self._db = sqlite3.connect(os.path.join(data_dir, "kernel.db"), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA cache_size=-256")  # KiB: it only appends; the kernel's store has the big cache
+        self._db.executescript(SCHEMA)
+        self._db_lock = threading.Lock()
+        self._queue: list[tuple] = []
+        self._wanted = threading.Condition()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_behind, name="audit-writer", daemon=True)
+        self._writer.start()
+
+    def record(self, caller: Caller, method: str, target: str, outcome: str) -> None:
+        if not self.max_rows:  # --audit-rows 0: no audit log
+            return
+        with self._wanted:
+            self._queue.append((int(time.time() * 1000), caller.namespace, who(caller), method, target, outcome))
+            if len(self._queue) == 1:
+                self._wanted.notify()
+
+    def read(self, limit: int, before_id: int = 0) -> list[tuple]:
+        """The newest `limit` rows (below `before_id` if set), newest first:
+        (id, at_ms, namespace, who, method, target, outcome)."""
+        self._flush()
+        with self._db_lock:
+            return self._db.execute(
+                "SELECT * FROM audit WHERE (?1 = 0 OR id < ?1) ORDER BY id DESC LIMIT ?2", (before_id, limit),
+            ).fetchall()
+
+    def _flush(self) -> None:
+        with self._wanted:
+            rows, self._queue = self._queue, []
+        if not rows:
+            return
+        with self._db_lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT INTO audit (at_ms, namespace, who, method, target, outcome) "
+                                     "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (self.max_rows,))
+            finally:
+                self._db.execute("COMMIT")
+
+    def _write_behind(self) -> None:
+        while True:
+            with self._wanted:
+                while not self._queue and not self._closed:
+                    self._wanted.wait()
+                if self._closed:
+                    return
+            time.sleep(0.01)  # let a burst gather into one transaction
+            self._flush()
+
+    def close(self) -> None:
+        with self._wanted:
+            self._closed = True
+            self._wanted.notify()
+        self._writer.join()
+        self._flush()
+        self._db.close()
