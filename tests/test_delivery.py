@@ -468,3 +468,30 @@ def test_llmos_dlq_ls_show_retry_purge(k: llmos.Client, llmosd: LlmosdServer,
     assert cli.main(server + ["dlq", "purge", "--all", "--before-ms", "5"]) == 2
     assert cli.main(server + ["dlq", "purge", "999999999"]) == 0
     assert capsys.readouterr().out.split()[-1] == "0"
+
+
+# -- namespaces ------------------------------------------------------------------------------------------
+def test_each_namespace_has_its_own_queue_and_each_client_its_own_keys(llmosd: LlmosdServer) -> None:
+    with llmos.Client(llmosd.target, token=(llmosd.data_dir / "admin.token").read_text().strip()) as admin:
+        tokens = {name: admin.create_token(ns, role, "test_delivery")[1]
+                  for name, ns, role in (("a", "dlq-a", "owner"), ("reader", "dlq-a", "reader"),
+                                         ("b", "dlq-b", "owner"))}
+    a, reader, b = (llmos.Client(llmosd.target, token=tokens[n]) for n in ("a", "reader", "b"))
+    try:
+        pid = a.spawn(lua='sys.recv{tag = "never"}')
+        a.send(pid, "lost in a")
+        a.kill(pid)
+        dead, = a.dead_letters(pid)
+        assert dead.namespace == "dlq-a" and reader.dead_letter(dead.id) == dead
+        assert b.dead_letters() == [] and code_of(b.dead_letter, dead.id) == grpc.StatusCode.NOT_FOUND
+        assert b.purge_dead_letters([dead.id]) == 0  # not b's to purge
+        for call in (lambda: reader.retry_dead_letter(dead.id), lambda: reader.purge_dead_letters(all=True)):
+            assert code_of(call) == grpc.StatusCode.PERMISSION_DENIED
+        assert a.purge_dead_letters([dead.id]) == 1
+
+        port_a, port_b = a.open_port(), b.open_port()
+        assert a.send(port_a, 1, idempotency_key="same") != b.send(port_b, 2, idempotency_key="same")
+        assert a.send(port_a, 3, idempotency_key="same") == a.recv(port_a, timeout=0).id
+    finally:
+        for client in (a, reader, b):
+            client.close()
