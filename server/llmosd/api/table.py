@@ -45,6 +45,9 @@ RULES = {
 }
 NAMESPACE, ACT, OWN_MAILBOX, ADMIN_ONLY = RULES
 
+# A retry sends as the message's original sender: for the namespace's clients, not its processes.
+DLQ_AGENTS = "the dead-letter queue is for the namespace's clients (a retry sends as the original sender)"
+
 # How Lua's sys.<name> is made (lua/sandbox.c):
 C_FUNCTION = "c"  # a function of the sandbox's own, of this name (self, log, send, recv, exit, lock.acquire)
 CALL = "call"  # the bridge's call with op calls[0] (for fs.*, the file operation too): never blocks
@@ -147,7 +150,8 @@ TABLE: tuple[Syscall, ...] = (
     Syscall("send", "Send", False, "Kernel.send; between Lua processes lua/fast_paths.c's send_message",
             "message id", C_FUNCTION, python=True, acts_as="from",
             args=(Arg("to", RECEIVER), optional("body", VALUE),
-                  opts(optional("tag", STRING), optional("data", DATA), optional("correlation_id", STRING)))),
+                  opts(optional("tag", STRING), optional("data", DATA), optional("correlation_id", STRING),
+                       optional("notify_undelivered", FLAG), optional("idempotency_key", STRING)))),
     Syscall("recv", "Recv", True, "Kernel.recv; between Lua processes lua/fast_paths.c's try_recv and receive; "
             "with ack, Acks.recv_locked (kernel/acks.py)",
             "a message, or nothing (timed out)", C_FUNCTION, yields="recv", python=True, acts_as="pid",
@@ -169,6 +173,15 @@ TABLE: tuple[Syscall, ...] = (
             args=(Arg("name", STRING),)),
     Syscall("open_port", "OpenPort", False, "Kernel.open_port", "pid",
             agents="agents have a mailbox of their own; ports are for external clients"),
+    # -- the namespace's dead-letter queue (kernel/deadletters.py): the caller's namespace's, for its clients
+    Syscall("list_dead_letters", "ListDeadLetters", False, "DeadLetters.list", "dead letters, a page",
+            agents=DLQ_AGENTS, reader=True),
+    Syscall("get_dead_letter", "GetDeadLetter", False, "DeadLetters.get", "a dead letter", agents=DLQ_AGENTS,
+            reader=True),
+    Syscall("retry_dead_letter", "RetryDeadLetter", False, "DeadLetters.retry_locked", "the new message id",
+            agents=DLQ_AGENTS),
+    Syscall("purge_dead_letters", "PurgeDeadLetters", False, "DeadLetters.forget_locked / purge_locked",
+            "how many were taken out", agents=DLQ_AGENTS),
     # -- files (services/files.py)
     Syscall("fs.write", "WriteFile", False, "FileStore.open_writer / write", "file info", CALL, ("fs",),
             python=True, acts_as="pid",

@@ -216,18 +216,20 @@ class LuaProcess:
         return None
 
     # -- non-blocking syscalls ------------------------------------------------------------
-    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any,
-             on_sent: Callable[[Message], list] | None = None) -> tuple:
+    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any, notify_undelivered: Any = None,
+             idempotency_key: Any = None, on_sent: Callable[[Message], list] | None = None) -> tuple:
         """sys.send's Python side (lua/fast_paths.c's declined cases); `on_sent`: a durable sender's
         journal entry (Kernel.send)."""
         try:
             target, _, options = arguments("send", to=to, options={
-                "tag": tag, "data": data, "correlation_id": correlation_id})
+                "tag": tag, "data": data, "correlation_id": correlation_id,
+                "notify_undelivered": notify_undelivered, "idempotency_key": idempotency_key})
             kind = type(body)
             value = body if kind is int or body is None else from_lua(body, "sys.send: body")
             message_id = self.kernel.send(self.proc.pid, target, options.get("tag", ""), value,
                                           options.get("data", b""), options.get("correlation_id", ""), self.caller,
-                                          on_sent)
+                                          options.get("notify_undelivered", False),
+                                          options.get("idempotency_key", ""), on_sent)
             return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
         except KernelError as e:
             return None, str(e).encode()

@@ -614,7 +614,9 @@ static int sys_send(lua_State *L)
     push_option(L, 3, "tag");
     push_option(L, 3, "data");
     push_option(L, 3, "correlation_id");
-    lua_call(L, 5, 2); /* message id and the sender's mailbox length, or nil and the error */
+    push_option(L, 3, "notify_undelivered");
+    push_option(L, 3, "idempotency_key");
+    lua_call(L, 7, 2); /* message id and the sender's mailbox length, or nil and the error */
     if (lua_isnil(L, -2))
         return raise_at_caller(L, -1);
     sb->maybe_mail = lua_tonumber(L, -1) > 0;
