@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audit-rows", type=int, default=100_000,
                    help="the audit log (llmos audit) keeps this many newest calls "
                         "(default %(default)s; 0: no audit log)")
+    p.add_argument("--log-retention", type=int, default=10_000,
+                   help="the store keeps the logs of this many ended processes (the newest pids), so that "
+                        "`llmos logs PID` works after a restart (default %(default)s; 0: none)")
     p.add_argument("--require-tokens", action="store_true",
                    help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
                         "listener, where a call without one is otherwise the owner of namespace 'default'")
@@ -117,7 +120,7 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
         max_processes=args.max_processes, namespace_processes=args.namespace_processes,
-        audit_rows=args.audit_rows,
+        audit_rows=args.audit_rows, log_retention=max(args.log_retention, 0),
         max_message_bytes=args.max_message_bytes,
         userland_root=root,
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,

@@ -420,22 +420,30 @@ class SetPriorityResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReadLogRequest(_message.Message):
-    __slots__ = ("pid", "offset")
+    __slots__ = ("pid", "offset", "tail", "since_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     offset: int
-    def __init__(self, pid: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    tail: int
+    since_ms: int
+    def __init__(self, pid: _Optional[int] = ..., offset: _Optional[int] = ..., tail: _Optional[int] = ..., since_ms: _Optional[int] = ...) -> None: ...
 
 class ReadLogResponse(_message.Message):
-    __slots__ = ("lines", "next_offset", "dropped")
+    __slots__ = ("lines", "next_offset", "dropped", "times_ms", "ended")
     LINES_FIELD_NUMBER: _ClassVar[int]
     NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TIMES_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedScalarFieldContainer[str]
     next_offset: int
     dropped: int
-    def __init__(self, lines: _Optional[_Iterable[str]] = ..., next_offset: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+    times_ms: _containers.RepeatedScalarFieldContainer[int]
+    ended: bool
+    def __init__(self, lines: _Optional[_Iterable[str]] = ..., next_offset: _Optional[int] = ..., dropped: _Optional[int] = ..., times_ms: _Optional[_Iterable[int]] = ..., ended: _Optional[bool] = ...) -> None: ...
 
 class ListProcessesRequest(_message.Message):
     __slots__ = ("states", "name", "parent", "include_ended", "page_size", "after_pid")
@@ -468,7 +476,7 @@ class GetProcessRequest(_message.Message):
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
-    __slots__ = ("pid", "name", "parent", "kind", "state", "priority", "limits", "usage", "exit_reason", "result", "error", "started_at_ms", "ended_at_ms", "blocked_on", "namespace", "weight", "result_left_out")
+    __slots__ = ("pid", "name", "parent", "kind", "state", "priority", "limits", "usage", "exit_reason", "result", "error", "started_at_ms", "ended_at_ms", "blocked_on", "namespace", "weight", "result_left_out", "monitors", "monitored_by")
     PID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +494,8 @@ class ProcessInfo(_message.Message):
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RESULT_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    MONITORS_FIELD_NUMBER: _ClassVar[int]
+    MONITORED_BY_FIELD_NUMBER: _ClassVar[int]
     pid: int
     name: str
     parent: int
@@ -503,7 +513,9 @@ class ProcessInfo(_message.Message):
     namespace: str
     weight: int
     result_left_out: bool
-    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., kind: _Optional[_Union[ProcessKind, str]] = ..., state: _Optional[_Union[ProcessState, str]] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., exit_reason: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., blocked_on: _Optional[str] = ..., namespace: _Optional[str] = ..., weight: _Optional[int] = ..., result_left_out: _Optional[bool] = ...) -> None: ...
+    monitors: _containers.RepeatedScalarFieldContainer[int]
+    monitored_by: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., kind: _Optional[_Union[ProcessKind, str]] = ..., state: _Optional[_Union[ProcessState, str]] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., exit_reason: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., blocked_on: _Optional[str] = ..., namespace: _Optional[str] = ..., weight: _Optional[int] = ..., result_left_out: _Optional[bool] = ..., monitors: _Optional[_Iterable[int]] = ..., monitored_by: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EventsRequest(_message.Message):
     __slots__ = ("pid",)

@@ -250,9 +250,47 @@ async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest) -> pb.SetPrior
     return pb.SetPriorityResponse()
 
 
+def _log_reply(k: Kernel, pid: int, offset: int, tail: int, since_ms: int, caller: Caller) -> pb.ReadLogResponse:
+    entries, next_offset, dropped, ended = k.read_log(pid, offset, caller)
+    if since_ms > 0:  # a line of unknown time (0) is kept: it may be recent
+        entries = [e for e in entries if e[0] == 0 or e[0] >= since_ms]
+    if tail:
+        entries = entries[-tail:]
+    return pb.ReadLogResponse(lines=[line for _, line in entries], times_ms=[at for at, _ in entries],
+                              next_offset=next_offset, dropped=dropped, ended=ended)
+
+
 async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
-    lines, next_offset, dropped = k.read_log(_pid(req.pid), req.offset, CALLER.get())
-    return pb.ReadLogResponse(lines=lines, next_offset=next_offset, dropped=dropped)
+    return _log_reply(k, _pid(req.pid), req.offset, req.tail, req.since_ms, CALLER.get())
+
+
+AGENT_LOG_RECHECK_S = 0.5  # a Python agent's lines go to its output file, not through the kernel: re-read
+
+
+async def sys_follow_log(k: Kernel, req: pb.ReadLogRequest) -> AsyncIterator[pb.ReadLogResponse]:
+    """ReadLog, then a reply with the new lines each time the kernel says the log grew, until the
+    process has ended and its last lines are sent."""
+    pid, caller = _pid(req.pid), CALLER.get()
+    loop = asyncio.get_running_loop()
+    grew = asyncio.Event()
+    stop = k.follow_log(pid, lambda: loop.call_soon_threadsafe(grew.set))  # before reading: no line is missed
+    try:
+        reply = _log_reply(k, pid, req.offset, req.tail, req.since_ms, caller)
+        yield reply
+        while not reply.ended:
+            with k.lock:
+                proc = k.procs.get(pid)
+                agent = proc is not None and proc.kind == PYTHON
+            try:
+                await asyncio.wait_for(grew.wait(), AGENT_LOG_RECHECK_S if agent else None)
+            except TimeoutError:
+                pass
+            grew.clear()
+            reply = _log_reply(k, pid, reply.next_offset, 0, req.since_ms, caller)
+            if reply.lines or reply.ended:
+                yield reply
+    finally:
+        stop()
 
 
 LIST_PAGE_SIZE = 1000  # processes in a ListProcesses page when the request names no size
@@ -279,7 +317,12 @@ async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesR
 
 
 async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
-    return process_pb(*k.get(_pid(req.pid), CALLER.get()))
+    pid = _pid(req.pid)
+    info = process_pb(*k.get(pid, CALLER.get()))
+    monitors, monitored_by = k.monitor_links(pid)
+    info.monitors.extend(monitors)
+    info.monitored_by.extend(monitored_by)
+    return info
 
 
 async def sys_events(k: Kernel, req: pb.EventsRequest) -> AsyncIterator[pb.Event]:
@@ -547,6 +590,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "ListProcesses": sys_list,
     "GetProcess": sys_get,
     "Events": sys_events,
+    "FollowLog": sys_follow_log,
     "WriteFile": sys_write_file,
     "ReadFile": sys_read_file,
     "StatFile": sys_stat_file,

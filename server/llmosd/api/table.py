@@ -83,6 +83,8 @@ TABLE: tuple[Syscall, ...] = (
             acts_as="watcher", rule=ACT),
     Syscall("list_processes", "ListProcesses", False, "Kernel.list", "records", reader=True),
     Syscall("read_log", "ReadLog", False, "Kernel.read_log", "lines", rule=ACT, reader=True),
+    Syscall("follow_log", "FollowLog", True, "Kernel.read_log, woken by Kernel.follow_log", "a stream of lines",
+            rule=ACT, reader=True),
     Syscall("events", "Events", True, "Kernel.event_listeners", "a stream of process events", reader=True),
     # -- messages and names
     Syscall("send", "Send", False, "Kernel.send; between Lua processes lua/fast_paths.c's send_message",

@@ -3,7 +3,8 @@
 What must survive a restart or a `kill -9` of the server lives here:
 - the pid and message-id counters (ids are never reused),
 - every process record and, once it has ended, its exit (for Wait),
-- ports (external clients' mailboxes) and every message waiting in one.
+- ports (external clients' mailboxes) and every message waiting in one;
+- the logs of the processes that ended last (`log_retention` of them).
 
 Port operations are written and committed before the syscall answers.
 Records of in-kernel processes (which die with the server anyway) go through
@@ -67,6 +68,11 @@ CREATE TABLE IF NOT EXISTS port_messages (
     sent_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS port_messages_by_port ON port_messages (port, id);
+CREATE TABLE IF NOT EXISTS process_logs (
+    pid INTEGER PRIMARY KEY,
+    dropped INTEGER NOT NULL,  -- lines lost to the size limits before the first one kept
+    lines TEXT NOT NULL        -- JSON: [[written at ms, text], ...]
+);
 """
 
 # Ids are handed out from blocks reserved in the database, so that a restart
@@ -101,7 +107,7 @@ class ProcessRecord:
     error: str | None = None
     ended_at_ms: int | None = None
     usage: dict[str, int] | None = None  # final counters, once ended
-    log: list[str] | None = None  # the last log lines, kept in memory only
+    log: list[tuple[int, str]] | None = None  # the last log lines (kernel/logs.py); None: in the store only
     log_dropped: int = 0
     opener: str = ""  # a port's: the key of the client identity that opened it (api/authority.py)
 
@@ -127,7 +133,7 @@ def now_ms() -> int:
 class Store:
     """Thread-safe access to the kernel database."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, log_retention: int = 10_000) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "kernel.db")
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -157,6 +163,9 @@ class Store:
         # kernel never waits while a batch is being written.
         self._pending: dict[int, list[Any]] = {}
         self._pending_updates: dict[int, dict[str, Any]] = {}
+        self._pending_logs: dict[int, tuple[int, list[tuple[int, str]]]] = {}  # pid -> (dropped, lines)
+        self.log_retention = log_retention
+        self._logs_unpruned = 0  # logs written since the table was last cut to log_retention
         self._pending_lock = threading.Lock()
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._closed = False
@@ -246,6 +255,35 @@ class Store:
             ).fetchall()
         return [_record(r) for r in reversed(rows)]
 
+    # process logs ----------------------------------------------------------------------
+    def record_log(self, pid: int, lines: list[tuple[int, str]], dropped: int) -> None:
+        """An ended process's log (a list the caller no longer changes), written behind (encoded by
+        the writer, off the kernel lock); only the `log_retention` newest pids' are kept."""
+        if self.log_retention <= 0 or not (lines or dropped):
+            return
+        with self._pending_lock:
+            self._pending_logs[pid] = (dropped, lines)
+            self._wake_writer()
+
+    def load_log(self, pid: int) -> tuple[list[tuple[int, str]], int] | None:
+        """(lines, dropped before them) of an ended process's stored log; None if none is kept."""
+        self.flush()
+        with self._db_lock:
+            row = self._db.execute("SELECT dropped, lines FROM process_logs WHERE pid=?", (pid,)).fetchone()
+        return ([(at, text) for at, text in json.loads(row[1])], row[0]) if row else None
+
+    def _write_logs(self, logs: dict[int, tuple[int, list[tuple[int, str]]]]) -> None:
+        """Part of _apply_pending's transaction: the logs, then the oldest cut beyond log_retention
+        (once a tenth of it has been written since the last cut, so a cut is rare)."""
+        self._db.executemany("INSERT OR REPLACE INTO process_logs VALUES (?, ?, ?)",
+                             [(pid, dropped, json.dumps(lines, ensure_ascii=False))
+                              for pid, (dropped, lines) in logs.items()])
+        self._logs_unpruned += len(logs)
+        if self._logs_unpruned > self.log_retention // 10:
+            self._logs_unpruned = 0
+            self._db.execute("DELETE FROM process_logs WHERE pid < (SELECT pid FROM process_logs ORDER BY pid DESC"
+                             " LIMIT 1 OFFSET ?)", (self.log_retention - 1,))
+
     # tokens: only their SHA-256 is kept -------------------------------------------------
     def add_token(self, token_id: str, sha256: str, namespace: str, role: str, label: str) -> None:
         self._write_now("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
@@ -306,7 +344,7 @@ class Store:
             self._wake_writer()
 
     def _wake_writer(self) -> None:
-        if len(self._pending) + len(self._pending_updates) == 1:
+        if len(self._pending) + len(self._pending_updates) + len(self._pending_logs) == 1:
             self._flush_wanted.notify()
 
     def _apply_pending(self) -> None:
@@ -316,7 +354,8 @@ class Store:
         with self._pending_lock:
             rows, self._pending = list(self._pending.values()), {}
             updates, self._pending_updates = self._pending_updates, {}
-        if not rows and not updates:
+            logs, self._pending_logs = self._pending_logs, {}
+        if not rows and not updates and not logs:
             return
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
@@ -331,6 +370,8 @@ class Store:
                 for start in range(0, len(values), ROWS_PER_STATEMENT):
                     chunk = values[start:start + ROWS_PER_STATEMENT]
                     self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
+            if logs:
+                self._write_logs(logs)
         finally:
             self._db.execute("COMMIT")
             self.commit_seconds.observe(time.perf_counter() - began)
@@ -342,7 +383,8 @@ class Store:
     def _write_behind(self) -> None:
         while True:
             with self._pending_lock:
-                while not self._pending and not self._pending_updates and not self._spares_wanted and not self._closed:
+                while (not self._pending and not self._pending_updates and not self._pending_logs
+                       and not self._spares_wanted and not self._closed):
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
                     return
@@ -352,7 +394,7 @@ class Store:
                 with self._pending_lock:
                     self._spare[counter] = block
             with self._pending_lock:
-                if (self._pending or self._pending_updates) and not self._closed:
+                if (self._pending or self._pending_updates or self._pending_logs) and not self._closed:
                     # Let a burst accumulate into one transaction.
                     self._flush_wanted.wait(0.005)
             self.flush()
