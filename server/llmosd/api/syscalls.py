@@ -5,6 +5,9 @@ the kernel, and convert the answer; the caller is CALLER (identity.py).
 What every door does around a handler (decoding, statuses, metrics, audit) is doors.py's. Handlers run on the
 server's asyncio loop; a syscall that blocks (Recv, Wait, Infer) awaits a
 future, so a thousand blocked clients hold no thread.
+
+Why one file: it is the table's RPC end, one short handler per RPC in the order of the .proto, and
+SYSCALLS at its end is checked against the table and the .proto as one set (doors.kernel_service).
 """
 from __future__ import annotations
 
@@ -551,7 +554,8 @@ async def sys_revoke_token(k: Kernel, req: pb.RevokeTokenRequest) -> pb.RevokeTo
 
 
 async def sys_get_namespace(k: Kernel, req: pb.GetNamespaceRequest) -> pb.NamespaceInfo:
-    return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
+    caller = CALLER.get()
+    return pb.NamespaceInfo(**k.namespace_use(req.name, caller), caller_role=caller.role)
 
 
 MAX_AUDIT_PAGE = 10_000
