@@ -320,7 +320,7 @@ class GetNamespaceRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes", "caller_role")
+    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes", "caller_role", "inference_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     MAX_LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,7 @@ class NamespaceInfo(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
     CALLER_ROLE_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     live_processes: int
     max_live_processes: int
@@ -343,7 +344,8 @@ class NamespaceInfo(_message.Message):
     memory_bytes: int
     mailbox_bytes: int
     caller_role: str
-    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., caller_role: _Optional[str] = ...) -> None: ...
+    inference_tokens: int
+    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., caller_role: _Optional[str] = ..., inference_tokens: _Optional[int] = ...) -> None: ...
 
 class ReadAuditRequest(_message.Message):
     __slots__ = ("limit", "before_id")

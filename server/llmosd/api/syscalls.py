@@ -494,7 +494,7 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
     if caller is not None:
         k.runtimes[PYTHON].blocking(caller, "infer")
     try:
-        async for chunk in k.inference.infer_rpc(req):
+        async for chunk in k.inference.infer_rpc(req, CALLER.get().namespace):
             yield chunk
     finally:
         if caller is not None:

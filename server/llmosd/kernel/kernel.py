@@ -93,6 +93,9 @@ class Kernel:
         # own reason text counts as "other", so that callers cannot grow this without bound.
         self.spawns: Counter[str] = Counter()
         self.exits: Counter[tuple[str, str, str]] = Counter()
+        # Inference tokens (prompt + completion) used by each namespace since the start: its processes'
+        # and its clients' requests without a pid (Infer, the OpenAI API), services/inference.py's _charge.
+        self.namespace_tokens: Counter[str] = Counter()
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
@@ -233,6 +236,7 @@ class Kernel:
             "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
             "files": files.files + files.directories, "max_files": limits.namespace_files,
             "tokens": sum(1 for _, ns, *_ in self.tokens.list() if ns == name),
+            "inference_tokens": self.namespace_tokens[name],
         }
 
     def _ancestors_with_room(self, lineage: tuple[int, ...]) -> list[Process]:

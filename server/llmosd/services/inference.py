@@ -107,11 +107,17 @@ class Inference:
                 f"pid {proc.pid} has used {proc.tokens} tokens of its limit of {proc.limits.tokens}"
             )
 
-    def _charge(self, pid: int, usage: Any) -> None:
+    def _charge(self, pid: int, usage: Any, namespace: str = "") -> None:
+        """Charge a request's tokens to process `pid` and its namespace; a request without a
+        process (a client's Infer, an OpenAI completion) to the caller's `namespace`."""
+        used = usage.prompt_tokens + usage.completion_tokens
         with self.kernel.lock:
-            proc = self.kernel.procs.get(pid)
+            proc = self.kernel.procs.get(pid) if pid else None
             if proc is not None:
-                proc.tokens += usage.prompt_tokens + usage.completion_tokens
+                proc.tokens += used
+                namespace = proc.namespace
+            if namespace:
+                self.kernel.namespace_tokens[namespace] += used
 
     def build_request(self, spec: dict[str, Any], proc: Process | None) -> Request:
         """A checked engine Request from plain values (what Lua or an RPC gave)."""
@@ -228,8 +234,8 @@ class Inference:
         else:
             self._pending.append(submit)
 
-    async def infer_rpc(self, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
-        """The Infer RPC: stream chunks (or one final chunk) for the request."""
+    async def infer_rpc(self, req: pb.InferRequest, namespace: str) -> AsyncIterator[pb.InferChunk]:
+        """The Infer RPC of a caller in `namespace`: stream chunks (or one final chunk) for the request."""
         with self.kernel.lock:
             proc = self.kernel.live_locked(req.pid, "caller") if req.pid else None
             self._charge_check(proc)
@@ -272,8 +278,7 @@ class Inference:
                         text.append(event.text_delta)
                         ids.extend(event.token_ids)
                     continue
-                if req.pid:
-                    self._charge(req.pid, usage)
+                self._charge(req.pid, usage, namespace)
                 if event.reason == "error":
                     raise KernelError(f"inference failed: {event.error}")
                 final = pb.InferChunk(
