@@ -175,6 +175,13 @@ async def serve(args: argparse.Namespace) -> None:
             resolve_model(args.model)
         except FileNotFoundError as e:
             raise SystemExit(f"llmosd: {e}")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    failed: list[str] = []  # why the server stops on its own (the model did not load)
+
+    def model_failed(why: str) -> None:  # from the loading thread: the server stops and exits non-zero
+        loop.call_soon_threadsafe(lambda: (failed.append(why), stop.set()))
+
     kernel = Kernel(kernel_config(args))
     kernel.add_runtime(LuaRuntime(kernel))
     if kernel.config.agent_socket:
@@ -186,7 +193,7 @@ async def serve(args: argparse.Namespace) -> None:
         kernel.inference = Inference(kernel, EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
             max_batch=args.max_batch,
-        ))
+        ), on_failed=model_failed)
     local = is_local(args.listen)
     if not local and not args.tls_cert and not args.insecure:
         raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "
@@ -219,8 +226,6 @@ async def serve(args: argparse.Namespace) -> None:
         except KernelError as e:
             print(f"llmosd: cannot spawn {path}: {e}", file=sys.stderr, flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -229,6 +234,8 @@ async def serve(args: argparse.Namespace) -> None:
         await http_runner.cleanup()
     await servers.stop()
     kernel.shutdown()
+    if failed:
+        raise SystemExit(f"llmosd: {failed[0]}")
 
 
 def is_local(listen: str) -> bool:

@@ -56,9 +56,12 @@ class _EngineRequest:
 
 
 class Inference:
-    def __init__(self, kernel: Kernel, config: EngineConfig) -> None:
+    def __init__(self, kernel: Kernel, config: EngineConfig,
+                 on_failed: Callable[[str], None] | None = None) -> None:
+        """`on_failed` is told (from the loading thread) why the model failed to load."""
         self.kernel = kernel
         self.config = config
+        self.on_failed = on_failed
         self.engine: Engine | None = None
         self.error: str | None = None
         self._ready = threading.Event()
@@ -77,9 +80,11 @@ class Inference:
                      time.monotonic() - self._started, self.config.model, self.config.device, self.config.dtype,
                      engine.stats().get("backend"))
             self.engine = engine
-        except Exception as e:  # a bad model directory must not take the kernel down
-            log.exception("inference engine failed to load")
-            self.error = f"the inference engine failed to load: {e}"
+        except Exception as e:  # a bad model directory must not take the kernel down: on_failed decides
+            log.debug("inference engine failed to load", exc_info=True)
+            self.error = f"the model {self.config.model} failed to load: {e}"
+            if self.on_failed is not None:
+                self.on_failed(self.error)
         with self.kernel.lock:
             pending, self._pending = self._pending, []
             self._ready.set()
