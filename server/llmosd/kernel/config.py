@@ -25,6 +25,7 @@ class KernelConfig:
     defaults: Limits = field(default_factory=lambda: Limits(
         memory_bytes=64 << 20, mailbox=10_000, mailbox_bytes=64 << 20, processes=16_384))
     userland_root: str | None = None
+    lib_dirs: tuple[str, ...] = ()  # --lib: directories Lua's require searches before llmos's own library
     max_message_bytes: int = 4 << 20
     max_processes: int = 65_536  # live processes and ports in the whole server
     namespace_processes: int = 0  # live processes and ports per namespace (0: only max_processes)

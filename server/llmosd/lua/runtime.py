@@ -26,6 +26,7 @@ from ..api.authority import process_caller
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
+from .library import library
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
 from ..kernel.process import Limits, Process
@@ -465,6 +466,10 @@ class LuaProcess:
 
     def file_info(self, info: Any) -> dict:
         return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}
+
+    def require(self, name: Any = None) -> tuple[bytes, bytes]:
+        """require's source and chunk name (lua/library.py)."""
+        return library(self.kernel.config.lib_dirs).source(name)
 
     def now(self) -> float:
         return _now_ms()
