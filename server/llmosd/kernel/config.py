@@ -62,6 +62,7 @@ class SpawnSpec:
     log_to_server: bool = False  # also write the process's log lines to the server's log (boot programs)
     dead_letter: int = 0  # the pid that gets its undeliverable messages (kernel/acks.py); 0: none
     max_attempts: int = 0  # deliveries with ack before a message goes to dead_letter; 0: no limit
+    durable: bool = False  # journaled and replayed across restarts (kernel/journal.py)
 
 
 def resolve_program(spec: SpawnSpec, userland_root: str | None) -> tuple[str, str, str, pathlib.Path | None]:
