@@ -1,6 +1,8 @@
 """The web console (llmosd --http serves it at /) in a real headless browser: Debian's chromium and
 chromium-driver, driven by selenium. It loads, shows a spawned process within a second, streams its log,
-kills it with the Kill button, draws the engine panel and lists the namespace's files. Screenshots go to
+kills it with the Kill button, draws the engine panel and lists the namespace's files; a reader token (given
+in the URL's fragment) sees no Kill or priority controls and the server refuses its Kill anyway; each
+process's detail shows who it monitors and who monitors it. Screenshots go to
 test-artifacts/console/ (what they show is checked through the DOM, at the moment each is taken).
 """
 from __future__ import annotations
@@ -198,3 +200,45 @@ def test_console_stays_responsive_with_10000_processes(crowded_server: LlmosdSer
     browser.find_element(By.ID, "filter").send_keys(str(ports[5000]))  # a filter finds one among them
     until(browser, lambda b: text(b, "tree-count") == "1 shown")
     screenshot(browser, "7-ten-thousand")
+
+
+def test_console_gates_controls_by_the_tokens_role_and_shows_monitors(server: LlmosdServer, browser: Any) -> None:
+    admin = (server.data_dir / "admin.token").read_text().strip()
+    with llmos.Client(server.target, token=admin) as k:
+        _, reader = k.create_token("default", "reader", "console test")
+        target = k.spawn(lua="sys.recv{}", name="console-watched")
+        watcher = k.spawn(lua="sys.recv{}", name="console-watcher")
+        k.monitor(watcher, target)
+        try:
+            browser.get(f"{server.http}/#token={reader}")
+            until(browser, lambda b: text(b, "who") == "reader of default")
+            assert "#" not in browser.current_url  # the token left the address bar (kept in sessionStorage)
+            assert browser.execute_script("return sessionStorage.getItem('llmos-token')") == reader
+            click(browser, f'#tree .row[data-pid="{target}"]')
+            until(browser, lambda b: text(b, "detail-monitors") == f"watches none; watched by {watcher}")
+            assert not browser.find_element(By.ID, "kill").is_displayed()
+            assert not browser.find_element(By.ID, "set-priority").is_displayed()
+            path = screenshot(browser, "8-reader")
+            assert path.exists() and text(browser, "detail-pid") == str(target)  # what the screenshot shows
+            refused = browser.execute_script(  # the server refuses a reader's Kill whatever the page shows
+                "const r = await fetch('/v1/kernel/Kill', {method: 'POST', headers: headers(),"
+                " body: JSON.stringify({pid: arguments[0]})}); return [r.status, (await r.json()).error.status];",
+                str(target))
+            assert refused == [403, "PERMISSION_DENIED"]
+            assert not k.get(target).ended
+
+            field = browser.find_element(By.ID, "token")  # logging in as the admin offers the controls
+            field.clear()
+            field.send_keys(admin + "\n")
+            browser.execute_script("document.getElementById('token').dispatchEvent(new Event('change'))")
+            until(browser, lambda b: text(b, "who") == "admin of default")
+            click(browser, f'#tree .row[data-pid="{watcher}"]')
+            until(browser, lambda b: text(b, "detail-monitors") == f"watches {target}; watched by none")
+            until(browser, lambda b: b.find_element(By.ID, "kill").is_displayed())
+            screenshot(browser, "9-admin")
+            browser.find_element(By.ID, "kill").click()
+            until(browser, lambda b: text(b, "detail-state").startswith("KILLED"))
+        finally:
+            browser.execute_script("sessionStorage.clear()")
+            k.kill(target)
+            k.kill(watcher)

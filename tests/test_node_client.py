@@ -69,6 +69,7 @@ def test_node_client_talks_to_lua_echo(llmosd: Any, node_modules: pathlib.Path) 
     assert summary["big_int"]["code"] == invalid and "2^53" in summary["big_int"]["details"]
     infer = summary["infer"]
     assert infer["streamed"] == infer["whole"] and infer["tokens"] == 4 and infer["finish"] == "length"
+    assert summary["followed"] == ["first", "second"] and summary["log_times"] is True
 
 
 def test_the_docs_node_example_runs(llmosd: Any, node_modules: pathlib.Path) -> None:

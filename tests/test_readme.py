@@ -1,6 +1,7 @@
 """The README's examples, run as written against a real server."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -70,3 +71,40 @@ def test_shell_examples_run(llmosd: Any, command: str) -> None:
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def http_llmosd(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from llmosd_process import LlmosdServer
+
+    server = LlmosdServer(tmp_path_factory.mktemp("readme-http") / "data", "--model", "tiny", "--cpus", "2",
+                          "--http", "127.0.0.1:0")
+    server.start()
+    yield server
+    server.stop()
+
+
+def curl_commands() -> list[str]:
+    return [line.split("   #")[0].strip() for block in blocks("sh") for line in block.splitlines()
+            if line.startswith("curl ")]
+
+
+@pytest.mark.parametrize("command", curl_commands())
+def test_curl_examples_run(http_llmosd: Any, command: str) -> None:
+    """The README's curl calls, against a server with --http (the built-in tiny model for smollm2)."""
+    args = [a.replace("127.0.0.1:8080", http_llmosd.http.removeprefix("http://")).replace('"smollm2"', '"tiny"')
+            for a in shlex.split(command)]
+    done = subprocess.run([*args, "--fail-with-body"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert "error" not in answer and answer
+
+
+def test_the_first_screen_has_its_steps() -> None:
+    """Before the first section after it: starting a server, an agent, the browser view, a curl call,
+    and the images it shows exist."""
+    first = README.split("## Two commands")[0]
+    assert "tools/demo.sh --http" in first and "llmos run" in first and "http://127.0.0.1:8080/" in first
+    assert curl_commands() and all(c in first for c in curl_commands())
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", first):
+        assert (ROOT / image).is_file(), image

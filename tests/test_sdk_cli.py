@@ -864,6 +864,22 @@ def test_llmosd_refuses_a_bound_port_and_a_held_data_dir(fresh_llmosd: Any, tmp_
         assert k.run("return 1").result == 1
 
 
+def test_llmosd_exits_with_one_line_on_a_bad_model(tmp_path: pathlib.Path) -> None:
+    """A model that is not there, and one that is there but does not load (found only while loading, in
+    the background), both stop the server with status 1 and one line saying why: no server that
+    answers every Infer UNAVAILABLE."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"]}')
+    for model, why in ((str(tmp_path / "missing.gguf"), "is neither 'tiny'"),
+                       (str(tmp_path / "broken"), "failed to load: unsupported model architecture")):
+        ran = subprocess.run([sys.executable, "-m", "llmosd", "--listen", "127.0.0.1:0", "--model", model,
+                              "--data-dir", str(tmp_path / "data"), "--log-level", "WARNING"],
+                             capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+        assert ran.returncode == 1 and "Traceback" not in ran.stderr
+        assert ran.stderr.splitlines()[-1].startswith("llmosd: ") and why in ran.stderr.splitlines()[-1]
+        assert len([line for line in ran.stderr.splitlines() if why in line]) == 1
+
+
 def test_values_protobuf_cannot_hold_are_invalid_argument_before_sending(k: llmos.Client) -> None:
     for call in (lambda: k.get(1 << 64), lambda: k.wait(-1, timeout=0), lambda: k.kill("7"),
                  lambda: k.set_priority(1, 1 << 40)):

@@ -64,6 +64,8 @@ export declare class Client<Pid extends bigint | string = bigint> {
   monitor(watcher: PidLike, target: PidLike): Promise<void>;
   setPriority(pid: PidLike, priority: number, weight?: number): Promise<void>;
   readLog(pid: PidLike, offset?: number): Promise<{ lines: string[]; nextOffset: number }>;
+  followLog(pid: PidLike, options?: { offset?: number; tail?: number; sinceMs?: number }):
+    AsyncIterableIterator<{ lines: string[]; timesMs: number[]; nextOffset: number; ended: boolean }>;
   get(pid: PidLike): Promise<ProcessInfo<Pid>>;
   ps(filter?: { states?: ProcessState[]; name?: string; parent?: PidLike; includeEnded?: boolean }):
     Promise<ProcessInfo<Pid>[]>;

@@ -243,6 +243,15 @@ class Client {
     return { lines: reply.lines, nextOffset: Number(reply.next_offset) };
   }
 
+  /** The log as the server streams it (FollowLog): an async iterator of pages {lines, timesMs, nextOffset,
+   * ended}, the lines so far (the last `tail`, if given) then each new batch, until the process ends. */
+  followLog(pid, { offset = 0, tail = 0, sinceMs = 0 } = {}) {
+    const request = { pid: pidText(pid, 'pid'), offset: String(offset), tail: String(tail), since_ms: String(sinceMs) };
+    return this.serverStream('FollowLog', request, (page) => ({
+      lines: page.lines, timesMs: page.times_ms.map(Number), nextOffset: Number(page.next_offset), ended: page.ended,
+    }));
+  }
+
   async get(pid) { return this.process(await this.unary('GetProcess', { pid: pidText(pid, 'pid') })); }
 
   /** Processes, filtered by state names, registered name and parent (every page of the kernel's answer). */

@@ -30,7 +30,7 @@ import grpc
 
 from . import __version__
 from .client import Client, DeadLetter, ProcessInfo, ProcessState, default_target, program_source
-from .errors import LlmosError
+from .errors import DeadlineExceeded, LlmosError
 from .v1 import kernel_pb2 as pb
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -73,8 +73,6 @@ def _report_end(info: ProcessInfo) -> int:
 
 
 # -- commands -------------------------------------------------------------------------------
-LOG_POLL_S = 0.2  # how often a followed log is read (ReadLog has no streaming form)
-
 
 def _spawn_options(a: argparse.Namespace) -> dict[str, Any]:
     """What `run` and `spawn` pass to Client.spawn from their common flags."""
@@ -89,22 +87,24 @@ def _file_program(path: str) -> dict[str, str]:
     return {language: source, "source_name": source_name or path}
 
 
+def _print_line(line: str, at_ms: int = 0) -> None:
+    print(line, flush=True)
+
+
 def follow_log(k: Client, pid: int, offset: int = 0, until: float | None = None,
-               on_line: Callable[[str], None] = lambda line: print(line, flush=True)) -> ProcessInfo | None:
-    """Hand `pid`'s log lines from `offset` on to `on_line` until the process ends (its final info) or
-    time.monotonic() passes `until` (None). The end is seen at once (Wait), new lines every LOG_POLL_S."""
-    while True:
-        lines, offset = k.read_log(pid, offset)
-        for line in lines:
-            on_line(line)
-        wait_s = LOG_POLL_S if until is None else max(0.0, min(LOG_POLL_S, until - time.monotonic()))
-        info = k.wait(pid, timeout=wait_s)
-        if info is not None:
-            for line in k.read_log(pid, offset)[0]:  # what it wrote in its last moments
-                on_line(line)
-            return info
-        if until is not None and time.monotonic() >= until:
-            return None
+               on_line: Callable[[str, int], None] = _print_line, tail: int = 0,
+               since_ms: int = 0) -> ProcessInfo | None:
+    """Hand `pid`'s log lines from `offset` on (the last `tail`, those since `since_ms`) and their
+    times to `on_line` as the server streams them (FollowLog), until the process ends (its final
+    info) or time.monotonic() passes `until` (None)."""
+    timeout = None if until is None else max(until - time.monotonic(), 0.001)
+    try:
+        for page in k.follow_log(pid, offset, tail=tail, since_ms=since_ms, timeout=timeout):
+            for line, at_ms in zip(page.lines, page.times_ms):
+                on_line(line, at_ms)
+    except DeadlineExceeded:
+        return None
+    return k.wait(pid)
 
 
 def cmd_run(k: Client, a: argparse.Namespace) -> int:
@@ -268,14 +268,27 @@ def cmd_events(k: Client, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _log_time(at_ms: int) -> str:
+    """A log line's time as -t prints it: ISO 8601 in UTC to the ms, "-" if unknown (a Python agent's)."""
+    if not at_ms:
+        return "-"
+    return datetime.datetime.fromtimestamp(at_ms / 1000, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
 def cmd_logs(k: Client, a: argparse.Namespace) -> int:
-    lines, offset = k.read_log(a.pid, 0)
-    if a.tail is not None:
-        lines = lines[len(lines) - a.tail:] if a.tail else []
-    for line in lines:
-        print(line, flush=True)
+    def on_line(line: str, at_ms: int) -> None:
+        print(f"{_log_time(at_ms)} {line}" if a.timestamps else line, flush=True)
+
     if a.follow:
-        follow_log(k, a.pid, offset)
+        # --tail 0: none of the lines so far, only new ones (tail 0 in a request means all)
+        offset = k.read_log_page(a.pid, tail=1).next_offset if a.tail == 0 else 0
+        follow_log(k, a.pid, offset, on_line=on_line, tail=a.tail or 0, since_ms=a.since)
+        return EXIT_OK
+    if a.tail == 0:
+        return EXIT_OK
+    page = k.read_log_page(a.pid, tail=a.tail or 0, since_ms=a.since)
+    for line, at_ms in zip(page.lines, page.times_ms):
+        on_line(line, at_ms)
     return EXIT_OK
 
 
@@ -452,6 +465,25 @@ def _interval(text: str) -> float:
     return value
 
 
+SINCE_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> int:
+    """--since: a duration ago ("90s", "10m", "1.5h", "2d") or an ISO 8601 time (UTC unless it
+    says), as ms since the epoch."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if match:
+        return int((time.time() - float(match[1]) * SINCE_UNITS_S[match[2]]) * 1000)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since is a duration ago (90s, 10m, 2h, 1d) or an ISO 8601 time, not {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(int(when.timestamp() * 1000), 1)
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"a count is an integer >= 0, not {text!r}")
@@ -598,8 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="print a process's log (print / sys.log lines, a Python agent's output)")
     p.add_argument("pid", type=_pid, metavar="PID")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the process ends")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new lines as the server streams them, until the process ends")
     p.add_argument("-n", "--tail", type=_count, metavar="N", help="only the last N lines (then follow)")
+    p.add_argument("--since", type=_since, default=0, metavar="WHEN",
+                   help="only lines written since WHEN: a duration ago (90s, 10m, 2h, 1d) or an ISO 8601 time")
+    p.add_argument("-t", "--timestamps", action="store_true",
+                   help="begin each line with when it was written (UTC; '-' if unknown: a Python agent's)")
     p.set_defaults(handler=cmd_logs)
 
     p = sub.add_parser("top", help="processes by CPU use, refreshed like top")

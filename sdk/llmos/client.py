@@ -173,6 +173,8 @@ class ProcessInfo:
     namespace: str
     weight: int
     result_left_out: bool = False  # in lists and events, a result over 1 KiB (get() returns it)
+    monitors: tuple[int, ...] = ()  # get() only: live processes this one monitors
+    monitored_by: tuple[int, ...] = ()  # get() only: live processes that monitor this one
 
     @property
     def ended(self) -> bool:
@@ -187,6 +189,22 @@ class ProcessInfo:
     def to_json(self) -> dict[str, JSON]:
         """All fields as a JSON-ready dict."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """Lines of a process's log: ``times_ms[i]`` is when ``lines[i]`` was written (ms since the epoch;
+    0: unknown, a Python agent's); read on from ``next_offset``; ``ended``: no line will follow."""
+
+    lines: list[str]
+    times_ms: list[int]
+    next_offset: int
+    dropped: int
+    ended: bool
+
+
+def log_page_from_pb(reply: pb.ReadLogResponse) -> LogPage:
+    return LogPage(list(reply.lines), list(reply.times_ms), reply.next_offset, reply.dropped, reply.ended)
 
 
 @dataclass(frozen=True)
@@ -287,6 +305,7 @@ def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
         result=from_value(info.result) if info.HasField("result") else None, error=info.error,
         started_at_ms=info.started_at_ms, ended_at_ms=info.ended_at_ms, blocked_on=info.blocked_on,
         namespace=info.namespace, weight=info.weight, result_left_out=info.result_left_out,
+        monitors=tuple(info.monitors), monitored_by=tuple(info.monitored_by),
     )
 
 
@@ -721,6 +740,22 @@ class Syscalls:
         """The process's log lines from line ``offset`` on, and the offset to read on from."""
         reply = yield self._unary("ReadLog", pb.ReadLogRequest(pid=pid, offset=offset))
         return list(reply.lines), reply.next_offset
+
+    @syscall
+    def read_log_page(self, pid: int, offset: int = 0, *, tail: int = 0, since_ms: int = 0) -> Plan[LogPage]:
+        """The process's log from line ``offset`` on with each line's time: only the last ``tail``
+        lines (if set), only lines written at or after ``since_ms`` (if set)."""
+        reply = yield self._unary("ReadLog", pb.ReadLogRequest(pid=pid, offset=offset, tail=tail, since_ms=since_ms))
+        return log_page_from_pb(reply)
+
+    @syscall
+    def follow_log(self, pid: int, offset: int = 0, *, tail: int = 0, since_ms: int = 0,
+                   timeout: float | None = None) -> Plan[Iterator[LogPage]]:
+        """:meth:`read_log_page`, then a page of new lines each time the process writes some, streamed by
+        the server until the process has ended (the last page has ``ended`` set) or ``timeout`` seconds
+        have passed (DeadlineExceeded)."""
+        request = pb.ReadLogRequest(pid=pid, offset=offset, tail=tail, since_ms=since_ms)
+        return (yield Streaming("FollowLog", request, timeout, log_page_from_pb, collect=False))
 
     @syscall
     def exit(self, pid: int, result: JSON = None) -> Plan[None]:

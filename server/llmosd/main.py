@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audit-rows", type=int, default=100_000,
                    help="the audit log (llmos audit) keeps this many newest calls "
                         "(default %(default)s; 0: no audit log)")
+    p.add_argument("--log-retention", type=int, default=10_000,
+                   help="the store keeps the logs of this many ended processes (the newest pids), so that "
+                        "`llmos logs PID` works after a restart (default %(default)s; 0: none)")
     p.add_argument("--require-tokens", action="store_true",
                    help="refuse calls without a token (authorization: Bearer TOKEN) even on a loopback or Unix "
                         "listener, where a call without one is otherwise the owner of namespace 'default'")
@@ -127,7 +130,7 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
         max_processes=args.max_processes, namespace_processes=args.namespace_processes,
-        audit_rows=args.audit_rows,
+        audit_rows=args.audit_rows, log_retention=max(args.log_retention, 0),
         max_message_bytes=args.max_message_bytes,
         userland_root=root, lib_dirs=tuple(os.path.abspath(d) for d in args.lib),
         dead_letter_limit=args.dead_letter_limit, idempotency_window_ms=round(args.idempotency_window_s * 1000),
@@ -183,6 +186,13 @@ async def serve(args: argparse.Namespace) -> None:
             resolve_model(args.model)
         except FileNotFoundError as e:
             raise SystemExit(f"llmosd: {e}")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    failed: list[str] = []  # why the server stops on its own (the model did not load)
+
+    def model_failed(why: str) -> None:  # from the loading thread: the server stops and exits non-zero
+        loop.call_soon_threadsafe(lambda: (failed.append(why), stop.set()))
+
     kernel = Kernel(kernel_config(args))
     kernel.add_runtime(LuaRuntime(kernel))
     if kernel.config.agent_socket:
@@ -194,7 +204,7 @@ async def serve(args: argparse.Namespace) -> None:
         kernel.inference = Inference(kernel, EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
             max_batch=args.max_batch,
-        ))
+        ), on_failed=model_failed)
     local = is_local(args.listen)
     if not local and not args.tls_cert and not args.insecure:
         raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "
@@ -227,8 +237,6 @@ async def serve(args: argparse.Namespace) -> None:
         except KernelError as e:
             print(f"llmosd: cannot spawn {path}: {e}", file=sys.stderr, flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -237,6 +245,8 @@ async def serve(args: argparse.Namespace) -> None:
         await http_runner.cleanup()
     await servers.stop()
     kernel.shutdown()
+    if failed:
+        raise SystemExit(f"llmosd: {failed[0]}")
 
 
 def is_local(listen: str) -> bool:

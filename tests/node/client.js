@@ -71,6 +71,17 @@ async function main() {
   summary.infer = { streamed: chunks.map((c) => c.text).join(''), whole: whole.text,
     tokens: whole.usage.completionTokens, finish: whole.finishReason };
 
+  // The log as it is written, streamed until the process ends.
+  const logger = await k.spawn({ lua: 'print("first") sys.recv{} print("second")' });
+  const pages = k.followLog(logger);
+  const followed = [], times = [];
+  const take = (page) => { followed.push(...page.lines); times.push(...page.timesMs); };
+  while (followed.length < 1) take((await pages.next()).value);  // the first page may come before the print
+  await k.send(logger, null);  // the second line exists only now, while the stream is open
+  for await (const page of pages) take(page);
+  summary.followed = followed;
+  summary.log_times = times.length === 2 && times.every((t) => t > 0);
+
   const asStrings = new Client(target, { pids: 'string' });
   summary.string_pid = (await asStrings.get(port)).pid;
   asStrings.close();

@@ -326,7 +326,7 @@ class GetNamespaceRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes")
+    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes", "caller_role", "inference_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     MAX_LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +337,8 @@ class NamespaceInfo(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CALLER_ROLE_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     live_processes: int
     max_live_processes: int
@@ -347,7 +349,9 @@ class NamespaceInfo(_message.Message):
     tokens: int
     memory_bytes: int
     mailbox_bytes: int
-    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ...) -> None: ...
+    caller_role: str
+    inference_tokens: int
+    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., caller_role: _Optional[str] = ..., inference_tokens: _Optional[int] = ...) -> None: ...
 
 class ReadAuditRequest(_message.Message):
     __slots__ = ("limit", "before_id")
@@ -426,22 +430,30 @@ class SetPriorityResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReadLogRequest(_message.Message):
-    __slots__ = ("pid", "offset")
+    __slots__ = ("pid", "offset", "tail", "since_ms")
     PID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     offset: int
-    def __init__(self, pid: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    tail: int
+    since_ms: int
+    def __init__(self, pid: _Optional[int] = ..., offset: _Optional[int] = ..., tail: _Optional[int] = ..., since_ms: _Optional[int] = ...) -> None: ...
 
 class ReadLogResponse(_message.Message):
-    __slots__ = ("lines", "next_offset", "dropped")
+    __slots__ = ("lines", "next_offset", "dropped", "times_ms", "ended")
     LINES_FIELD_NUMBER: _ClassVar[int]
     NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TIMES_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedScalarFieldContainer[str]
     next_offset: int
     dropped: int
-    def __init__(self, lines: _Optional[_Iterable[str]] = ..., next_offset: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+    times_ms: _containers.RepeatedScalarFieldContainer[int]
+    ended: bool
+    def __init__(self, lines: _Optional[_Iterable[str]] = ..., next_offset: _Optional[int] = ..., dropped: _Optional[int] = ..., times_ms: _Optional[_Iterable[int]] = ..., ended: _Optional[bool] = ...) -> None: ...
 
 class ListProcessesRequest(_message.Message):
     __slots__ = ("states", "name", "parent", "include_ended", "page_size", "after_pid")
@@ -474,7 +486,7 @@ class GetProcessRequest(_message.Message):
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
-    __slots__ = ("pid", "name", "parent", "kind", "state", "priority", "limits", "usage", "exit_reason", "result", "error", "started_at_ms", "ended_at_ms", "blocked_on", "namespace", "weight", "result_left_out")
+    __slots__ = ("pid", "name", "parent", "kind", "state", "priority", "limits", "usage", "exit_reason", "result", "error", "started_at_ms", "ended_at_ms", "blocked_on", "namespace", "weight", "result_left_out", "monitors", "monitored_by")
     PID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -492,6 +504,8 @@ class ProcessInfo(_message.Message):
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RESULT_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    MONITORS_FIELD_NUMBER: _ClassVar[int]
+    MONITORED_BY_FIELD_NUMBER: _ClassVar[int]
     pid: int
     name: str
     parent: int
@@ -509,7 +523,9 @@ class ProcessInfo(_message.Message):
     namespace: str
     weight: int
     result_left_out: bool
-    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., kind: _Optional[_Union[ProcessKind, str]] = ..., state: _Optional[_Union[ProcessState, str]] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., exit_reason: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., blocked_on: _Optional[str] = ..., namespace: _Optional[str] = ..., weight: _Optional[int] = ..., result_left_out: _Optional[bool] = ...) -> None: ...
+    monitors: _containers.RepeatedScalarFieldContainer[int]
+    monitored_by: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., parent: _Optional[int] = ..., kind: _Optional[_Union[ProcessKind, str]] = ..., state: _Optional[_Union[ProcessState, str]] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., exit_reason: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., blocked_on: _Optional[str] = ..., namespace: _Optional[str] = ..., weight: _Optional[int] = ..., result_left_out: _Optional[bool] = ..., monitors: _Optional[_Iterable[int]] = ..., monitored_by: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EventsRequest(_message.Message):
     __slots__ = ("pid",)

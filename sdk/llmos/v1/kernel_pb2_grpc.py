@@ -119,6 +119,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.FromString,
                 _registered_method=True)
+        self.FollowLog = channel.unary_stream(
+                '/llmos.v1.Kernel/FollowLog',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.FromString,
+                _registered_method=True)
         self.ListProcesses = channel.unary_unary(
                 '/llmos.v1.Kernel/ListProcesses',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ListProcessesRequest.SerializeToString,
@@ -359,6 +364,14 @@ class KernelServicer:
 
     def ReadLog(self, request, context):
         """Reads a process's log (print / sys.log lines, a Python program's output).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowLog(self, request, context):
+        """ReadLog, then every new line as it is written, until the process has ended and its last
+        line is sent (the stream then ends). Over HTTP: Server-Sent Events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -615,6 +628,11 @@ def add_KernelServicer_to_server(servicer, server):
             ),
             'ReadLog': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadLog,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.SerializeToString,
+            ),
+            'FollowLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowLog,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.SerializeToString,
             ),
@@ -1196,6 +1214,33 @@ class Kernel:
             request,
             target,
             '/llmos.v1.Kernel/ReadLog',
+            llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmos.v1.Kernel/FollowLog',
             llmos_dot_v1_dot_kernel__pb2.ReadLogRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.ReadLogResponse.FromString,
             options,

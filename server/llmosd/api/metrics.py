@@ -47,7 +47,7 @@ class KernelCollector(Collector):
         with k.lock:  # one pass, counting only: the lock is held a few ms for 10,000 processes
             by_labels = Counter((p.state, p.kind, p.namespace) for p in k.procs.values())
             depths = [(len(p.mailbox), p.mailbox.bytes) for p in k.procs.values()]
-            spawns, exits = dict(k.spawns), dict(k.exits)
+            spawns, exits, tokens = dict(k.spawns), dict(k.exits), dict(k.namespace_tokens)
         live = GaugeMetricFamily("llmos_processes", "Live processes", labels=["state", "kind", "namespace"])
         for labels, n in sorted(by_labels.items()):
             live.add_metric(labels, n)
@@ -61,6 +61,12 @@ class KernelCollector(Collector):
         for labels, n in sorted(exits.items()):
             ended.add_metric(list(labels), n)
         yield ended
+        charged = CounterMetricFamily("llmos_namespace_inference_tokens", "Inference tokens (prompt + completion) "
+                                      "charged to a namespace: its processes' and its clients' (Infer, OpenAI API)",
+                                      labels=["namespace"])
+        for namespace, n in sorted(tokens.items()):
+            charged.add_metric([namespace], n)
+        yield charged
         yield GaugeMetricFamily("llmos_mailbox_messages", "Messages waiting in all mailboxes",
                                 value=sum(d for d, _ in depths))
         yield GaugeMetricFamily("llmos_mailbox_bytes", "Bytes waiting in all mailboxes",

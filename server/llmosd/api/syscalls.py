@@ -5,6 +5,9 @@ the kernel, and convert the answer; the caller is CALLER (identity.py).
 What every door does around a handler (decoding, statuses, metrics, audit) is doors.py's. Handlers run on the
 server's asyncio loop; a syscall that blocks (Recv, Wait, Infer) awaits a
 future, so a thousand blocked clients hold no thread.
+
+Why one file: it is the table's RPC end, one short handler per RPC in the order of the .proto, and
+SYSCALLS at its end is checked against the table and the .proto as one set (doors.kernel_service).
 """
 from __future__ import annotations
 
@@ -256,9 +259,47 @@ async def sys_set_priority(k: Kernel, req: pb.SetPriorityRequest) -> pb.SetPrior
     return pb.SetPriorityResponse()
 
 
+def _log_reply(k: Kernel, pid: int, offset: int, tail: int, since_ms: int, caller: Caller) -> pb.ReadLogResponse:
+    entries, next_offset, dropped, ended = k.read_log(pid, offset, caller)
+    if since_ms > 0:  # a line of unknown time (0) is kept: it may be recent
+        entries = [e for e in entries if e[0] == 0 or e[0] >= since_ms]
+    if tail:
+        entries = entries[-tail:]
+    return pb.ReadLogResponse(lines=[line for _, line in entries], times_ms=[at for at, _ in entries],
+                              next_offset=next_offset, dropped=dropped, ended=ended)
+
+
 async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
-    lines, next_offset, dropped = k.read_log(_pid(req.pid), req.offset, CALLER.get())
-    return pb.ReadLogResponse(lines=lines, next_offset=next_offset, dropped=dropped)
+    return _log_reply(k, _pid(req.pid), req.offset, req.tail, req.since_ms, CALLER.get())
+
+
+AGENT_LOG_RECHECK_S = 0.5  # a Python agent's lines go to its output file, not through the kernel: re-read
+
+
+async def sys_follow_log(k: Kernel, req: pb.ReadLogRequest) -> AsyncIterator[pb.ReadLogResponse]:
+    """ReadLog, then a reply with the new lines each time the kernel says the log grew, until the
+    process has ended and its last lines are sent."""
+    pid, caller = _pid(req.pid), CALLER.get()
+    loop = asyncio.get_running_loop()
+    grew = asyncio.Event()
+    stop = k.follow_log(pid, lambda: loop.call_soon_threadsafe(grew.set))  # before reading: no line is missed
+    try:
+        reply = _log_reply(k, pid, req.offset, req.tail, req.since_ms, caller)
+        yield reply
+        while not reply.ended:
+            with k.lock:
+                proc = k.procs.get(pid)
+                agent = proc is not None and proc.kind == PYTHON
+            try:
+                await asyncio.wait_for(grew.wait(), AGENT_LOG_RECHECK_S if agent else None)
+            except TimeoutError:
+                pass
+            grew.clear()
+            reply = _log_reply(k, pid, reply.next_offset, 0, req.since_ms, caller)
+            if reply.lines or reply.ended:
+                yield reply
+    finally:
+        stop()
 
 
 async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
@@ -272,7 +313,12 @@ async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesR
 
 
 async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
-    return process_pb(*k.get(*C.arguments("info", {"pid": req.pid}), CALLER.get()))
+    (pid,) = C.arguments("info", {"pid": req.pid})
+    info = process_pb(*k.get(pid, CALLER.get()))
+    monitors, monitored_by = k.monitor_links(pid)
+    info.monitors.extend(monitors)
+    info.monitored_by.extend(monitored_by)
+    return info
 
 
 async def sys_events(k: Kernel, req: pb.EventsRequest) -> AsyncIterator[pb.Event]:
@@ -446,7 +492,7 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
     if caller is not None:
         k.runtimes[PYTHON].blocking(caller, "infer")
     try:
-        async for chunk in k.inference.infer_rpc(req):
+        async for chunk in k.inference.infer_rpc(req, CALLER.get().namespace):
             yield chunk
     finally:
         if caller is not None:
@@ -506,7 +552,8 @@ async def sys_revoke_token(k: Kernel, req: pb.RevokeTokenRequest) -> pb.RevokeTo
 
 
 async def sys_get_namespace(k: Kernel, req: pb.GetNamespaceRequest) -> pb.NamespaceInfo:
-    return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
+    caller = CALLER.get()
+    return pb.NamespaceInfo(**k.namespace_use(req.name, caller), caller_role=caller.role)
 
 
 MAX_AUDIT_PAGE = 10_000
@@ -545,6 +592,7 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "ListProcesses": sys_list,
     "GetProcess": sys_get,
     "Events": sys_events,
+    "FollowLog": sys_follow_log,
     "WriteFile": sys_write_file,
     "ReadFile": sys_read_file,
     "StatFile": sys_stat_file,

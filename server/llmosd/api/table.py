@@ -142,6 +142,8 @@ TABLE: tuple[Syscall, ...] = (
             args=(Arg("target", PID),)),
     Syscall("list_processes", "ListProcesses", False, "Kernel.list", "records", reader=True),
     Syscall("read_log", "ReadLog", False, "Kernel.read_log", "lines", rule=ACT, reader=True),
+    Syscall("follow_log", "FollowLog", True, "Kernel.read_log, woken by Kernel.follow_log", "a stream of lines",
+            rule=ACT, reader=True),
     Syscall("events", "Events", True, "Kernel.event_listeners", "a stream of process events", reader=True),
     Syscall("require", None, False, "Library.source (lua/library.py): a module of the userland library",
             "the module's source, which the sandbox compiles and runs once (Lua's global require, not sys.require)",

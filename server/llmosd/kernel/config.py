@@ -32,6 +32,7 @@ class KernelConfig:
     audit_rows: int = 100_000  # the audit log keeps this many newest rows
     process_log_bytes: int = 256 << 10  # characters of log a process keeps (the oldest lines go first)
     log_memory_bytes: int = 64 << 20  # characters of log kept in memory in all (ended processes' go first)
+    log_retention: int = 10_000  # ended processes whose logs the store keeps (the newest pids); 0: none
     file_limits: FileLimits = field(default_factory=FileLimits)
     agent_socket: str | None = None  # the Unix socket Python agents reach the kernel on; None: no Python userland
     python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)

@@ -40,7 +40,7 @@ from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import Timers, Waiter
 from ..services.files import FileStore
 from .config import KernelConfig, SpawnSpec, resolve_program
-from .logs import MAX_LINES as MAX_LOG_LINES, Logs
+from .logs import MAX_LINES as MAX_LOG_LINES, LogLine, Logs
 from .runtime import Runtime
 from ..services.sync import SyncTable
 from ..api.audit import AuditLog
@@ -65,7 +65,7 @@ class Kernel:
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
         self.lock = _lua.Lock()  # not re-entrant: methods named *_locked expect it held
-        self.store = Store(config.data_dir)
+        self.store = Store(config.data_dir, config.log_retention)
         self.timers = Timers()
         self.sync = SyncTable(self.lock, self.timers)
         self.files = FileStore(pathlib.Path(config.data_dir) / "files", config.file_limits)
@@ -92,6 +92,8 @@ class Kernel:
         self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
+        # pid -> callbacks told (kernel lock held, so they must only hand off) that its log grew or it ended
+        self.log_followers: dict[int, set[Callable[[], None]]] = {}
         self.inference: Any = None  # set by the server when an engine is configured
         self.journal = Journal(self.store)
         self.journals: dict[int, ProcessJournal] = {}  # live durable processes' (kernel/journal.py)
@@ -100,6 +102,9 @@ class Kernel:
         # own reason text counts as "other", so that callers cannot grow this without bound.
         self.spawns: Counter[str] = Counter()
         self.exits: Counter[tuple[str, str, str]] = Counter()
+        # Inference tokens (prompt + completion) used by each namespace since the start: its processes'
+        # and its clients' requests without a pid (Infer, the OpenAI API), services/inference.py's _charge.
+        self.namespace_tokens: Counter[str] = Counter()
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
@@ -331,6 +336,7 @@ class Kernel:
             "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
             "files": files.files + files.directories, "max_files": limits.namespace_files,
             "tokens": sum(1 for _, ns, *_ in self.tokens.list() if ns == name),
+            "inference_tokens": self.namespace_tokens[name],
         }
 
     def _ancestors_with_room(self, lineage: tuple[int, ...]) -> list[Process]:
@@ -659,10 +665,12 @@ class Kernel:
             lines = proc.runtime.log_lines(MAX_LOG_LINES) if proc.runtime is not None else None
             if lines is not None:
                 self.logs.replace(proc, lines)  # in place: `rec` shares the list
+            self.store.record_log(proc.pid, list(proc.log), proc.log_dropped)
             self.runtimes[proc.kind].ended(proc)
         if self.inference is not None:
             self.inference.process_ended(proc.pid)  # its conversation contexts
         self.logs.ended(proc, rec)
+        self._tell_log_followers(proc.pid)
         proc.runtime = None
         if proc.log_to_server:
             log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
@@ -776,6 +784,16 @@ class Kernel:
             self._authorize_ended(caller, syscall, rec)
         return rec, None
 
+    def monitor_links(self, pid: int) -> tuple[list[int], list[int]]:
+        """(the live processes `pid` monitors, those that monitor it): a pass over the live
+        processes, for inspection only (GetProcess), not for sys.info."""
+        with self.lock:
+            proc = self.procs.get(pid)
+            if proc is None:
+                return [], []
+            monitors = sorted(p.pid for p in self.procs.values() if pid in p.monitored_by)
+            return monitors, sorted(w for w in proc.monitored_by if w in self.procs)
+
     def list(self, states: set[str], name: str | None, parent: int, include_ended: bool,
              after_pid: int = 0, caller: Caller | None = None) -> list[tuple]:
         """(record, blocked_on) of the processes with pids above `after_pid` that match, by pid:
@@ -796,23 +814,50 @@ class Kernel:
     def log(self, proc: Process, line: str) -> None:
         with self.lock:
             line = self.logs.append(proc, line)
+            self._tell_log_followers(proc.pid)
         log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line,
                 extra={"pid": proc.pid})
 
-    def read_log(self, pid: int, offset: int, caller: Caller | None = None) -> tuple[list[str], int, int]:
-        """(lines from `offset` on, next offset, lines dropped before offset)."""
+    def read_log(self, pid: int, offset: int, caller: Caller | None = None) -> tuple[list[LogLine], int, int, bool]:
+        """(lines from `offset` on with their times, next offset, lines dropped before offset,
+        whether the process has ended). An ended process's log that memory let go of (or kept
+        from before a restart) is read from the store."""
         with self.lock:
             proc = self.procs.get(pid)
             if proc is not None:
                 self._authorize(caller, "read_log", proc)
             runtime = proc.runtime if proc is not None else None
         lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
-        if lines is not None:  # kept by its userland (an agent's output file)
-            return lines[offset:], len(lines), 0
+        if lines is not None:  # kept by its userland (an agent's output file): times unknown
+            return [(0, line) for line in lines[offset:]], len(lines), 0, False
         rec = self.get(pid, caller, "read_log")[0]
-        lines, dropped = list(rec.log or ()), rec.log_dropped
+        entries, dropped = list(rec.log or ()), rec.log_dropped
+        ended = rec.ended_at_ms is not None
+        if ended and not entries:
+            entries, dropped = self.store.load_log(pid) or ([], dropped)
         start = max(offset - dropped, 0)
-        return lines[start:], dropped + len(lines), max(dropped - offset, 0)
+        return entries[start:], dropped + len(entries), max(dropped - offset, 0), ended
+
+    def follow_log(self, pid: int, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call `wake` (kernel lock held: it must only hand off) whenever `pid`'s log grows or it ends;
+        returns what stops it."""
+        with self.lock:
+            self.log_followers.setdefault(pid, set()).add(wake)
+
+        def stop() -> None:
+            with self.lock:
+                followers = self.log_followers.get(pid)
+                if followers is not None:
+                    followers.discard(wake)
+                    if not followers:
+                        del self.log_followers[pid]
+        return stop
+
+    def _tell_log_followers(self, pid: int) -> None:
+        followers = self.log_followers.get(pid)
+        if followers:
+            for wake in followers:
+                wake()
 
     def _emit(self, kind: str, proc_or_rec: Process | ProcessRecord) -> None:
         if not self.event_listeners:

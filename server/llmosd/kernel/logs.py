@@ -6,6 +6,12 @@ most `total_chars`; over that, the logs of the processes that ended longest
 ago are dropped first (ReadLog reports them as dropped), then the writer's
 own oldest lines. Sizes are counted in characters, what a str costs at least.
 
+Each line is kept with the time it was written (ms since the epoch; 0 for a
+Python agent's lines, which the kernel reads from the agent's output file and
+whose times it does not know). An ended process's log is also written to the
+store (kernel/store.py, bounded by --log-retention), so ReadLog finds it after
+a restart or once memory has let it go.
+
 Also the server's own log as JSON lines (llmosd --log-format json): JsonFormatter.
 """
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -23,6 +30,8 @@ if TYPE_CHECKING:
 MAX_LINES = 1000
 MAX_LINE = 16 << 10
 
+LogLine = tuple[int, str]  # (written at, ms since the epoch or 0 if unknown; the text)
+
 
 class Logs:
     def __init__(self, process_chars: int, total_chars: int) -> None:
@@ -31,12 +40,13 @@ class Logs:
         self.used = 0  # characters held, live and ended
         self._ended: OrderedDict[int, tuple[ProcessRecord, int]] = OrderedDict()  # pid -> (record, characters)
 
-    def append(self, proc: Process, line: str) -> str:
-        """Add a line to `proc`'s log (kernel lock held); the line as kept."""
+    def append(self, proc: Process, line: str, at_ms: int | None = None) -> str:
+        """Add a line written at `at_ms` (None: now) to `proc`'s log (kernel lock held); the line
+        as kept."""
         if len(line) > MAX_LINE:
             line = f"{line[:MAX_LINE]} ... [{len(line) - MAX_LINE} characters cut]"
         log = proc.log
-        log.append(line)
+        log.append((int(time.time() * 1000) if at_ms is None else at_ms, line))
         proc.log_bytes += len(line)
         self.used += len(line)
         while len(log) > MAX_LINES or (proc.log_bytes > self.process_chars and len(log) > 1):
@@ -48,12 +58,13 @@ class Logs:
         return line
 
     def replace(self, proc: Process, lines: list[str]) -> None:
-        """`proc`'s log is `lines` now (a Python agent's, read from its output at its end)."""
+        """`proc`'s log is `lines` now (a Python agent's, read from its output at its end: times
+        unknown)."""
         self.used -= proc.log_bytes
         proc.log[:] = []
         proc.log_bytes = 0
         for line in lines:
-            self.append(proc, line)
+            self.append(proc, line, 0)
 
     def ended(self, proc: Process, rec: ProcessRecord) -> None:
         """`proc` ended: its log stays with its record, the first to go when memory runs short."""
@@ -67,7 +78,7 @@ class Logs:
             self.used -= entry[1]
 
     def _drop_first(self, proc: Process) -> None:
-        first = proc.log.pop(0)
+        _, first = proc.log.pop(0)
         proc.log_bytes -= len(first)
         proc.log_dropped += 1
         self.used -= len(first)

@@ -95,7 +95,7 @@ class Process(_lua.ProcessFields):
     # process's CPU time is its State's (cpu_ns is a Python agent's).
     cpu_ns: int = 0
     tokens: int = 0
-    log: list[str] = field(default_factory=list)
+    log: list[tuple[int, str]] = field(default_factory=list)  # (written at ms, line): kernel/logs.py
     log_dropped: int = 0  # lines dropped from the front of `log` to bound its size
     log_bytes: int = 0  # bytes of the lines in `log`
     log_to_server: bool = False

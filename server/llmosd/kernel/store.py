@@ -6,7 +6,8 @@ What must survive a restart or a `kill -9` of the server lives here:
 - ports (external clients' mailboxes) and every message waiting in one,
 - durable processes (spawned with durable): their specs, their mailboxes (in
   port_messages, whose `port` is the owning pid) and their journals
-  (kernel/journal.py).
+  (kernel/journal.py);
+- the logs of the processes that ended last (`log_retention` of them).
 
 Port operations are written and committed before the syscall answers.
 Durable processes' writes (their journals, specs and mailboxes) go through
@@ -86,6 +87,11 @@ CREATE TABLE IF NOT EXISTS journal (
     result BLOB NOT NULL,
     PRIMARY KEY (pid, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS process_logs (
+    pid INTEGER PRIMARY KEY,
+    dropped INTEGER NOT NULL,  -- lines lost to the size limits before the first one kept
+    lines TEXT NOT NULL        -- JSON: [[written at ms, text], ...]
+);
 """
 
 # Ids are handed out from blocks reserved in the database, so that a restart
@@ -120,7 +126,7 @@ class ProcessRecord:
     error: str | None = None
     ended_at_ms: int | None = None
     usage: dict[str, int] | None = None  # final counters, once ended
-    log: list[str] | None = None  # the last log lines, kept in memory only
+    log: list[tuple[int, str]] | None = None  # the last log lines (kernel/logs.py); None: in the store only
     log_dropped: int = 0
     opener: str = ""  # a port's: the key of the client identity that opened it (api/authority.py)
 
@@ -146,7 +152,7 @@ def now_ms() -> int:
 class Store:
     """Thread-safe access to the kernel database."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, log_retention: int = 10_000) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "kernel.db")
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -178,6 +184,9 @@ class Store:
         self._pending_updates: dict[int, dict[str, Any]] = {}
         self._ordered: list[tuple[str, tuple]] = []  # durable writes, in the order they must be applied
         self._pending_writes: list[Callable[[sqlite3.Connection], None]] = []  # write_later's
+        self._pending_logs: dict[int, tuple[int, list[tuple[int, str]]]] = {}  # pid -> (dropped, lines)
+        self.log_retention = log_retention
+        self._logs_unpruned = 0  # logs written since the table was last cut to log_retention
         self._pending_lock = threading.Lock()
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._closed = False
@@ -266,6 +275,35 @@ class Store:
                 "SELECT * FROM processes WHERE ended_at_ms IS NOT NULL ORDER BY pid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_record(r) for r in reversed(rows)]
+
+    # process logs ----------------------------------------------------------------------
+    def record_log(self, pid: int, lines: list[tuple[int, str]], dropped: int) -> None:
+        """An ended process's log (a list the caller no longer changes), written behind (encoded by
+        the writer, off the kernel lock); only the `log_retention` newest pids' are kept."""
+        if self.log_retention <= 0 or not (lines or dropped):
+            return
+        with self._pending_lock:
+            self._pending_logs[pid] = (dropped, lines)
+            self._wake_writer()
+
+    def load_log(self, pid: int) -> tuple[list[tuple[int, str]], int] | None:
+        """(lines, dropped before them) of an ended process's stored log; None if none is kept."""
+        self.flush()
+        with self._db_lock:
+            row = self._db.execute("SELECT dropped, lines FROM process_logs WHERE pid=?", (pid,)).fetchone()
+        return ([(at, text) for at, text in json.loads(row[1])], row[0]) if row else None
+
+    def _write_logs(self, logs: dict[int, tuple[int, list[tuple[int, str]]]]) -> None:
+        """Part of _apply_pending's transaction: the logs, then the oldest cut beyond log_retention
+        (once a tenth of it has been written since the last cut, so a cut is rare)."""
+        self._db.executemany("INSERT OR REPLACE INTO process_logs VALUES (?, ?, ?)",
+                             [(pid, dropped, json.dumps(lines, ensure_ascii=False))
+                              for pid, (dropped, lines) in logs.items()])
+        self._logs_unpruned += len(logs)
+        if self._logs_unpruned > self.log_retention // 10:
+            self._logs_unpruned = 0
+            self._db.execute("DELETE FROM process_logs WHERE pid < (SELECT pid FROM process_logs ORDER BY pid DESC"
+                             " LIMIT 1 OFFSET ?)", (self.log_retention - 1,))
 
     # tokens: only their SHA-256 is kept -------------------------------------------------
     def add_token(self, token_id: str, sha256: str, namespace: str, role: str, label: str) -> None:
@@ -368,7 +406,7 @@ class Store:
             self._wake_writer()
 
     def _wake_writer(self) -> None:
-        if len(self._pending) + len(self._pending_updates) + len(self._ordered) == 1:
+        if len(self._pending) + len(self._pending_updates) + len(self._ordered) + len(self._pending_logs) == 1:
             self._flush_wanted.notify()
 
     def _apply_pending(self) -> None:
@@ -380,7 +418,8 @@ class Store:
             updates, self._pending_updates = self._pending_updates, {}
             ordered, self._ordered = self._ordered, []
             writes, self._pending_writes = self._pending_writes, []
-        if not rows and not updates and not ordered and not writes:
+            logs, self._pending_logs = self._pending_logs, {}
+        if not rows and not updates and not ordered and not writes and not logs:
             return
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
@@ -399,6 +438,8 @@ class Store:
                 self._db.executemany(sql, params)
             for write in writes:  # after the ordered ones: they remove what those may have stored
                 write(self._db)
+            if logs:
+                self._write_logs(logs)
         finally:
             self._db.execute("COMMIT")
             self.commit_seconds.observe(time.perf_counter() - began)
@@ -411,7 +452,7 @@ class Store:
         while True:
             with self._pending_lock:
                 while (not self._pending and not self._pending_updates and not self._ordered
-                       and not self._pending_writes
+                       and not self._pending_writes and not self._pending_logs
                        and not self._spares_wanted and not self._closed):
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
@@ -422,7 +463,7 @@ class Store:
                 with self._pending_lock:
                     self._spare[counter] = block
             with self._pending_lock:
-                if (self._pending or self._pending_updates or self._ordered) and not self._closed:
+                if (self._pending or self._pending_updates or self._ordered or self._pending_logs) and not self._closed:
                     # Let a burst accumulate into one transaction.
                     self._flush_wanted.wait(0.005)
             self.flush()

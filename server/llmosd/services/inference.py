@@ -56,9 +56,12 @@ class _EngineRequest:
 
 
 class Inference:
-    def __init__(self, kernel: Kernel, config: EngineConfig) -> None:
+    def __init__(self, kernel: Kernel, config: EngineConfig,
+                 on_failed: Callable[[str], None] | None = None) -> None:
+        """`on_failed` is told (from the loading thread) why the model failed to load."""
         self.kernel = kernel
         self.config = config
+        self.on_failed = on_failed
         self.engine: Engine | None = None
         self.error: str | None = None
         self._ready = threading.Event()
@@ -77,9 +80,11 @@ class Inference:
                      time.monotonic() - self._started, self.config.model, self.config.device, self.config.dtype,
                      engine.stats().get("backend"))
             self.engine = engine
-        except Exception as e:  # a bad model directory must not take the kernel down
-            log.exception("inference engine failed to load")
-            self.error = f"the inference engine failed to load: {e}"
+        except Exception as e:  # a bad model directory must not take the kernel down: on_failed decides
+            log.debug("inference engine failed to load", exc_info=True)
+            self.error = f"the model {self.config.model} failed to load: {e}"
+            if self.on_failed is not None:
+                self.on_failed(self.error)
         with self.kernel.lock:
             pending, self._pending = self._pending, []
             self._ready.set()
@@ -107,11 +112,17 @@ class Inference:
                 f"pid {proc.pid} has used {proc.tokens} tokens of its limit of {proc.limits.tokens}"
             )
 
-    def _charge(self, pid: int, usage: Any) -> None:
+    def _charge(self, pid: int, usage: Any, namespace: str = "") -> None:
+        """Charge a request's tokens to process `pid` and its namespace; a request without a
+        process (a client's Infer, an OpenAI completion) to the caller's `namespace`."""
+        used = usage.prompt_tokens + usage.completion_tokens
         with self.kernel.lock:
-            proc = self.kernel.procs.get(pid)
+            proc = self.kernel.procs.get(pid) if pid else None
             if proc is not None:
-                proc.tokens += usage.prompt_tokens + usage.completion_tokens
+                proc.tokens += used
+                namespace = proc.namespace
+            if namespace:
+                self.kernel.namespace_tokens[namespace] += used
 
     def build_request(self, spec: dict[str, Any], proc: Process | None) -> Request:
         """A checked engine Request from plain values (what Lua or an RPC gave)."""
@@ -228,8 +239,8 @@ class Inference:
         else:
             self._pending.append(submit)
 
-    async def infer_rpc(self, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
-        """The Infer RPC: stream chunks (or one final chunk) for the request."""
+    async def infer_rpc(self, req: pb.InferRequest, namespace: str) -> AsyncIterator[pb.InferChunk]:
+        """The Infer RPC of a caller in `namespace`: stream chunks (or one final chunk) for the request."""
         with self.kernel.lock:
             proc = self.kernel.live_locked(req.pid, "caller") if req.pid else None
             self._charge_check(proc)
@@ -272,8 +283,7 @@ class Inference:
                         text.append(event.text_delta)
                         ids.extend(event.token_ids)
                     continue
-                if req.pid:
-                    self._charge(req.pid, usage)
+                self._charge(req.pid, usage, namespace)
                 if event.reason == "error":
                     raise KernelError(f"inference failed: {event.error}")
                 final = pb.InferChunk(

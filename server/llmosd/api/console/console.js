@@ -4,25 +4,59 @@
 "use strict";
 
 const REFRESH_MS = 1000;      // process list, detail and engine refresh
-const LOG_REFRESH_MS = 500;   // the selected process's log
+const RETRY_MS = 1000;        // before a stream that broke (Events, FollowLog) is opened again
 const LOG_KEEP = 1000;        // log lines kept in the detail panel
 const EVENTS_KEEP = 500;
 const TOP_PAGE = 100;         // rows per page of the top view
 const CHART_POINTS = 120;     // samples per engine chart
 const ENDED = new Set(["EXITED", "KILLED", "CRASHED"]);
 
-// -- authority: the one place that decides what this console's user may do ------------------
-// Until tokens carry roles (the authority issue), every action is offered and the kernel decides.
-// When they do, answer from the token's role here; the buttons follow it.
-function allowed(action /* "kill" | "priority" */) {
+// -- who this console's user is ---------------------------------------------------------------
+// The token comes from the login field or the URL's fragment (/#token=...: the fragment never
+// reaches a server log) and is kept in sessionStorage (this tab only, gone when it closes). Every
+// call sends it as "Authorization: Bearer"; without one, a loopback server treats the caller as the
+// owner of namespace "default". GetNamespace says the token's role.
+const TOKEN_KEY = "llmos-token";
+let role = null;  // "admin" | "owner" | "reader", once known
+
+function token() { return sessionStorage.getItem(TOKEN_KEY) ?? ""; }
+
+function takeTokenFromFragment() {  // whether there was one
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given === null) return false;
+  sessionStorage.setItem(TOKEN_KEY, given);
+  history.replaceState(null, "", location.pathname + location.search);  // out of the address bar and history
+  $("token").value = given;
   return true;
+}
+
+function tokenChanged() {
+  learnRole();
+  if (selected) followLog(selected);
+}
+
+async function learnRole() {
+  try {
+    const ns = await call("GetNamespace", {});
+    role = ns.callerRole || null;
+    $("who").textContent = `${role} of ${ns.name}`;
+  } catch (e) {
+    role = null;
+    $("who").textContent = e.message;
+  }
+  refreshDetail();
+}
+
+// The one place that decides which actions the console offers: a reader token may only look. The
+// kernel refuses a reader's Kill or SetPriority anyway (PERMISSION_DENIED); this keeps the buttons honest.
+function allowed(action /* "kill" | "priority" */) {
+  return role === "admin" || role === "owner";
 }
 
 // -- calls ------------------------------------------------------------------------------------
 function headers() {
   const h = { "Content-Type": "application/json" };
-  const token = localStorage.getItem("llmos-token");
-  if (token) h["llmos-token"] = token;
+  if (token()) h.Authorization = `Bearer ${token()}`;
   return h;
 }
 
@@ -73,7 +107,7 @@ const previousCpu = new Map(); // pid -> cpuMs at the previous refresh, for CPU 
 let cpuPercent = new Map();
 let lastRefresh = 0, refreshSeconds = 0;
 let selected = null;
-let logOffset = "0";
+let logFollow = null;  // the AbortController of the selected process's FollowLog stream
 let topPage = 0;
 let filesPath = "";
 
@@ -234,20 +268,19 @@ async function followEvents() {
     } catch (e) {
       setOnline(false, e.message);
     }
-    await new Promise((r) => setTimeout(r, 1000));
+    await new Promise((r) => setTimeout(r, RETRY_MS));
   }
 }
 
 // -- the selected process --------------------------------------------------------------------
 function select(pid) {
   selected = pid;
-  logOffset = "0";
   $("detail-log").textContent = "";
   $("detail").hidden = false;
   $("control-status").textContent = "";
   drawVisibleRows();
   refreshDetail();
-  refreshLog();
+  followLog(pid);
 }
 
 async function refreshDetail() {
@@ -269,29 +302,44 @@ async function refreshDetail() {
     `${usage(p, "processes")} live descendants`;
   $("detail-limits").textContent = Object.entries(p.limits ?? {}).filter(([, v]) => num(v))
     .map(([k, v]) => `${k} ${v}`).join(", ") || "server defaults";
-  // ProcessInfo carries no monitor list yet; the kernel knows them (EXIT notices), the API does not say.
-  $("detail-monitors").textContent = p.monitors ? p.monitors.join(", ") || "none" : "not reported by the kernel API";
+  const pids = (list) => (list ?? []).join(", ") || "none";
+  $("detail-monitors").textContent = `watches ${pids(p.monitors)}; watched by ${pids(p.monitoredBy)}`;
   $("detail-times").textContent = `${when(p.startedAtMs)} / ${when(p.endedAtMs)}`;
   $("detail-result").textContent = p.error || (ENDED.has(p.state) ? JSON.stringify(p.result ?? null) : "–");
   const ended = ENDED.has(p.state);
-  $("kill").disabled = ended || !allowed("kill");
-  $("set-priority").disabled = ended || !allowed("priority");
-  $("priority").disabled = ended || !allowed("priority");
+  $("kill").hidden = !allowed("kill");
+  $("priority-controls").hidden = !allowed("priority");
+  $("kill").disabled = ended;
+  $("set-priority").disabled = ended;
+  $("priority").disabled = ended;
   if (document.activeElement !== $("priority")) $("priority").value = p.priority ?? 0;
 }
 
-async function refreshLog() {
-  if (!selected) return;
-  const pid = selected;
-  let reply;
-  try { reply = await call("ReadLog", { pid, offset: logOffset }); } catch { return; }
-  if (pid !== selected || !reply.lines.length) return;
-  logOffset = reply.nextOffset;
-  const log = $("detail-log");
-  const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-  const lines = (log.textContent ? log.textContent.split("\n") : []).concat(reply.lines).slice(-LOG_KEEP);
-  log.textContent = lines.join("\n");
-  if (atEnd) log.scrollTop = log.scrollHeight;
+// The selected process's log, streamed by the server (FollowLog) as it is written: the last
+// LOG_KEEP lines, then each new one, until the process ends or another is selected.
+async function followLog(pid) {
+  if (logFollow) logFollow.abort();
+  const mine = logFollow = new AbortController();
+  let offset = "0", tail = LOG_KEEP;
+  const show = (page) => {
+    offset = page.nextOffset;
+    if (!page.lines.length) return;
+    const log = $("detail-log");
+    const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    const lines = (log.textContent ? log.textContent.split("\n") : []).concat(page.lines).slice(-LOG_KEEP);
+    log.textContent = lines.join("\n");
+    if (atEnd) log.scrollTop = log.scrollHeight;
+  };
+  while (!mine.signal.aborted) {
+    try {
+      await stream("FollowLog", { pid, offset, tail }, show, mine.signal);
+      return;  // the process ended and its last line is shown
+    } catch (e) {
+      if (mine.signal.aborted || e.status === "NOT_FOUND" || e.status === "PERMISSION_DENIED") return;
+    }
+    tail = 0;  // from where it broke off
+    await new Promise((r) => setTimeout(r, RETRY_MS));
+  }
 }
 
 async function control(what, request, method) {
@@ -391,8 +439,14 @@ function every(ms, fn) {
 function activeTab() { return document.querySelector("#tabs .active").dataset.tab; }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("token").value = localStorage.getItem("llmos-token") ?? "";
-  $("token").addEventListener("change", () => localStorage.setItem("llmos-token", $("token").value));
+  $("token").value = token();
+  takeTokenFromFragment();
+  $("token").addEventListener("change", () => {
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    tokenChanged();
+  });
+  window.addEventListener("hashchange", () => { if (takeTokenFromFragment()) tokenChanged(); });  // a link to this page
+  learnRole();
   for (const b of document.querySelectorAll("#tabs button")) {
     b.addEventListener("click", () => {
       document.querySelectorAll("#tabs button, .pane").forEach((n) => n.classList.remove("active"));
@@ -434,6 +488,5 @@ document.addEventListener("DOMContentLoaded", () => {
   followEvents();
   every(REFRESH_MS, async () => { const spent = await refreshProcesses(); setOnline(true); return spent; });
   every(REFRESH_MS, async () => { await refreshDetail(); });
-  every(LOG_REFRESH_MS, refreshLog);
   every(REFRESH_MS, async () => { if (activeTab() === "engine" || !series.batch.length) await refreshEngine(); });
 });
