@@ -621,6 +621,13 @@ class Syscalls:
         return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
 
     @syscall
+    def set_namespace(self, name: str, weight: int = 0) -> Plan[dict]:
+        """Change a namespace's settings (admin only): ``weight`` is its share of CPU against other
+        namespaces' (1..10,000, default 100; 0 leaves it). Returns its use and quotas."""
+        reply = yield self._unary("SetNamespace", pb.SetNamespaceRequest(name=name, weight=weight))
+        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+
+    @syscall
     def read_audit(self, limit: int = 100, before_id: int = 0) -> Plan[list[dict]]:
         """The audit log's newest entries (before ``before_id`` if set), newest first; admin only."""
         reply = yield self._unary("ReadAudit", pb.ReadAuditRequest(limit=limit, before_id=before_id))

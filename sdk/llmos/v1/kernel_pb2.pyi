@@ -320,7 +320,7 @@ class GetNamespaceRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes")
+    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes", "weight")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     MAX_LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +331,7 @@ class NamespaceInfo(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     name: str
     live_processes: int
     max_live_processes: int
@@ -341,7 +342,16 @@ class NamespaceInfo(_message.Message):
     tokens: int
     memory_bytes: int
     mailbox_bytes: int
-    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ...) -> None: ...
+    weight: int
+    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class SetNamespaceRequest(_message.Message):
+    __slots__ = ("name", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: int
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class ReadAuditRequest(_message.Message):
     __slots__ = ("limit", "before_id")

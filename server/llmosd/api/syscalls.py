@@ -511,6 +511,11 @@ async def sys_get_namespace(k: Kernel, req: pb.GetNamespaceRequest) -> pb.Namesp
     return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
 
 
+async def sys_set_namespace(k: Kernel, req: pb.SetNamespaceRequest) -> pb.NamespaceInfo:
+    k.namespaces.set(req.name, req.weight)
+    return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
+
+
 MAX_AUDIT_PAGE = 10_000
 
 
@@ -563,5 +568,6 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "ListTokens": sys_list_tokens,
     "RevokeToken": sys_revoke_token,
     "GetNamespace": sys_get_namespace,
+    "SetNamespace": sys_set_namespace,
     "ReadAudit": sys_read_audit,
 }

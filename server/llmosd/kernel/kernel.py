@@ -35,6 +35,7 @@ from ..api.errors import (
 from .mailbox import Mailbox, Match, Message
 from ..native import _lua
 from .process import Limits, Process
+from .namespaces import Namespaces
 from .scheduler import Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import Timers, Waiter
@@ -82,6 +83,7 @@ class Kernel:
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
         self.tokens = Tokens(self.store)
+        self.namespaces = Namespaces(self.scheduler)
         self.audit = AuditLog(config.data_dir, config.audit_rows)
         self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
@@ -227,6 +229,7 @@ class Kernel:
             memory_bytes = sum(p.runtime.memory_used() for p in mine if p.runtime is not None)  # as usage() does
         return {
             "memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes,
+            "weight": self.namespaces.weight(name),
             "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
             "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
             "files": files.files + files.directories, "max_files": limits.namespace_files,
