@@ -190,3 +190,46 @@ def test_only_admins_set_weights_and_every_caller_sees_its_own(server: LlmosdSer
         finally:
             owner.close()
             reader.close()
+
+
+# -- the engine: tokens ---------------------------------------------------------------------------
+ASKER = """
+while true do sys.infer{prompt = "the same question", max_tokens = 24, temperature = 0} end
+"""
+
+
+def _tokens(client: llmos.Client, pids: list[int]) -> int:
+    return sum(client.get(pid).usage["tokens"] for pid in pids)
+
+
+def test_namespaces_split_the_engine_by_tokens(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two namespaces of equal weight keep the engine saturated (16 requests waiting at once for 4
+    places in a step), one with 4 asking processes and one with 12: each gets half the tokens."""
+    s = LlmosdServer(tmp_path_factory.mktemp("fair-engine") / "data", "--model", "tiny", "--max-batch", "4",
+                     "--cpus", "2")
+    s.start()
+    try:
+        admin_token = (s.data_dir / "admin.token").read_text().strip()
+        with llmos.Client(s.target, token=admin_token) as admin:
+            clients = {ns: llmos.Client(s.target, token=admin.create_token(ns, "owner")[1]) for ns in ("few", "many")}
+            pids = {"few": [clients["few"].spawn(lua=ASKER) for _ in range(4)],
+                    "many": [clients["many"].spawn(lua=ASKER) for _ in range(12)]}
+            try:
+                deadline = time.monotonic() + 120  # the model loads first
+                while _tokens(clients["many"], pids["many"]) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(1.0)
+                before = {ns: _tokens(clients[ns], pids[ns]) for ns in pids}
+                time.sleep(4.0)
+                got = {ns: _tokens(clients[ns], pids[ns]) - before[ns] for ns in pids}
+                share = got["few"] / (got["few"] + got["many"])
+                print(f"tokens over 4 s: few {got['few']}, many {got['many']}, share of 'few' {share:.3f}")
+                assert got["few"] + got["many"] > 200  # the engine served them (the split is of tokens)
+                assert got["few"] / got["many"] == pytest.approx(1.0, abs=0.1)
+            finally:
+                for ns, client in clients.items():
+                    for pid in pids[ns]:
+                        client.kill(pid)
+                    client.close()
+    finally:
+        s.stop(signal.SIGKILL)

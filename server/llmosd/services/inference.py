@@ -25,6 +25,8 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
 from ..api import checks as C
+from ..api.authority import DEFAULT_NAMESPACE
+from ..api.identity import CALLER
 from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted, Unavailable
 from ..kernel.process import Process
 from ..kernel.waiting import Waiter
@@ -149,6 +151,8 @@ class Inference:
         timeout = spec.get("timeout_ms")
         if timeout is not None and C.duration_ms(timeout, "timeout_ms") == 0:
             raise InvalidArgument("timeout_ms must be a positive number")
+        caller = CALLER.get()
+        namespace = proc.namespace if proc is not None else caller.namespace if caller is not None else DEFAULT_NAMESPACE
         priority = spec.get("priority")
         if priority is None:
             priority = proc.priority if proc is not None else 0
@@ -162,6 +166,7 @@ class Inference:
             deadline=time.monotonic() + C.duration_ms(timeout, "timeout_ms") / 1000 if timeout else None,
             json_schema=spec.get("json_schema"), regex=spec.get("regex"), grammar=spec.get("grammar"),
             tools=spec.get("tools"), tool_choice=C.tool_choice(spec.get("tool_choice")), context=context,
+            namespace=namespace, namespace_weight=self.kernel.namespaces.weight(namespace),
         )
 
     def _submit(self, request: Request, on_event: Callable[[Any], None], kv_limit: int) -> Any:
