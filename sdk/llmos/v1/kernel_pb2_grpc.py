@@ -455,7 +455,7 @@ class KernelServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetNamespace(self, request, context):
-        """Change a namespace's settings (admin only): its CPU weight against the other namespaces'.
+        """Change a namespace's settings (admin only): its CPU weight against the other namespaces', its quotas.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -508,12 +508,18 @@ async def sys_revoke_token(k: Kernel, req: pb.RevokeTokenRequest) -> pb.RevokeTo
 
 
 async def sys_get_namespace(k: Kernel, req: pb.GetNamespaceRequest) -> pb.NamespaceInfo:
-    return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
+    return _namespace_info(k.namespace_use(req.name, CALLER.get()))
 
 
 async def sys_set_namespace(k: Kernel, req: pb.SetNamespaceRequest) -> pb.NamespaceInfo:
-    k.namespaces.set(req.name, req.weight)
-    return pb.NamespaceInfo(**k.namespace_use(req.name, CALLER.get()))
+    quotas = {f.name: value for f, value in req.quotas.ListFields()}
+    k.namespaces.set(req.name, req.weight, quotas)
+    return _namespace_info(k.namespace_use(req.name, CALLER.get()))
+
+
+def _namespace_info(use: dict[str, Any]) -> pb.NamespaceInfo:
+    nested = {key: pb.NamespaceQuotas(**use.pop(key)) for key in ("quotas", "use", "reserved")}
+    return pb.NamespaceInfo(**use, **nested)
 
 
 MAX_AUDIT_PAGE = 10_000

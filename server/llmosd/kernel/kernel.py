@@ -83,7 +83,7 @@ class Kernel:
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
         self.tokens = Tokens(self.store)
-        self.namespaces = Namespaces(self.scheduler)
+        self.namespaces = Namespaces(self.scheduler, config.namespace_quotas)
         self.audit = AuditLog(config.data_dir, config.audit_rows)
         self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
@@ -109,6 +109,7 @@ class Kernel:
                 proc.opener = rec.opener
                 proc.started_at_ms = rec.started_at_ms
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
+                self.namespaces.add_locked(proc.namespace, proc.limits)
                 for m in self.store.port_messages(rec.pid):
                     proc.mailbox.deliver(
                         Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
@@ -182,6 +183,7 @@ class Kernel:
             if spec.name and (namespace, spec.name) in self.names:
                 raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[namespace, spec.name]}")
             dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts, namespace)
+            limits = self.namespaces.reserve_locked(namespace, spec.limits, limits)
             pid = self.store.next_id("pid")
             proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace)
             proc.program, proc.program_name, proc.args = source, program_name, args
@@ -227,9 +229,14 @@ class Kernel:
             mine = [p for p in self.procs.values() if p.namespace == name]
             mailbox_bytes = sum(p.mailbox.bytes for p in mine)
             memory_bytes = sum(p.runtime.memory_used() for p in mine if p.runtime is not None)  # as usage() does
+        kv_bytes = self.inference.namespace_kv_bytes(name) if self.inference is not None else 0
+        tokens, tokens_last_minute = self.namespaces.token_use(name)
+        quotas = self.namespaces.quotas(name)
         return {
             "memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes,
-            "weight": self.namespaces.weight(name),
+            "weight": self.namespaces.weight(name), "quotas": dataclasses.asdict(quotas), "reserved": self.namespaces.reserved(name),
+            "use": {"memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes, "kv_bytes": kv_bytes,
+                    "tokens": tokens, "tokens_per_minute": tokens_last_minute},
             "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
             "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
             "files": files.files + files.directories, "max_files": limits.namespace_files,
@@ -268,6 +275,7 @@ class Kernel:
             pid = self.store.next_id("pid")
             defaults = self.config.defaults
             limits = Limits(mailbox=mailbox or defaults.mailbox, mailbox_bytes=defaults.mailbox_bytes)
+            limits = self.namespaces.reserve_locked(namespace, Limits(), limits)
             proc = self._new_process(pid, P.PORT, 0, 0, limits, namespace)
             proc.opener = caller.key if caller is not None else ""
             secret = secrets.token_urlsafe(24)
@@ -497,6 +505,7 @@ class Kernel:
             self.store.delete_port_messages(proc.pid)
         del self.procs[proc.pid]
         self.live_in[proc.namespace] -= 1
+        self.namespaces.release_locked(proc.namespace, proc.limits)
         for pid in proc.ancestors:
             ancestor = self.procs.get(pid)
             if ancestor is not None:
