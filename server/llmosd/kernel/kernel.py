@@ -234,7 +234,8 @@ class Kernel:
         quotas = self.namespaces.quotas(name)
         return {
             "memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes,
-            "weight": self.namespaces.weight(name), "quotas": dataclasses.asdict(quotas), "reserved": self.namespaces.reserved(name),
+            "weight": self.namespaces.weight(name), "quotas": dataclasses.asdict(quotas),
+            "reserved": self.namespaces.reserved(name),
             "use": {"memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes, "kv_bytes": kv_bytes,
                     "tokens": tokens, "tokens_per_minute": tokens_last_minute},
             "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
