@@ -202,7 +202,7 @@ class RunQueue:
     def push(self, proc: Process, new: bool = False) -> None:
         prio = proc.priority
         name = proc.namespace
-        ns = self._namespace(name)
+        ns = self._namespaces.get(name) or self._namespace(name)
         # Charge the namespace what the process used since it was last queued, at the
         # namespace's weight (its vruntime counts ns x DEFAULT_WEIGHT / its own weight).
         ns.vruntime += (proc.vruntime - proc.queued_vruntime) * proc.weight / ns.weight
@@ -239,7 +239,10 @@ class RunQueue:
         """(effective priority, priority) of the level to run next."""
         best = None
         for prio, groups in self._levels.items():
-            oldest = min(level.oldest()[_QUEUED_AT] for level in groups.values())
+            if len(groups) == 1:
+                oldest = next(iter(groups.values())).oldest()[_QUEUED_AT]
+            else:
+                oldest = min(level.oldest()[_QUEUED_AT] for level in groups.values())
             effective = prio + (now - oldest) // self.aging_ns
             if best is None or (effective, prio) > best:
                 best = (effective, prio)
