@@ -229,7 +229,7 @@ def test_python_agent_contexts_and_structured_outputs(stub: Any) -> None:
 
 
 LUA_AGENT = r"""
-local agent = load(sys.fs.read("lib/agent.lua"), "=agent.lua")()
+local agent = require "agent"
 local seen = {}
 local unit = {name = "set_unit", description = "Set the temperature unit",
               parameters = {type = "object", properties = {unit = {enum = {"c", "f"}}}, required = {"unit"},
@@ -247,7 +247,6 @@ return {first = first, second = second, seen = seen, memory = sys.fs.read("memor
 
 
 def test_lua_agent_loop_calls_valid_tools_and_remembers(stub: Any) -> None:
-    stub.WriteFile(iter([pb.WriteFileRequest(path="lib/agent.lua", data=(USERLAND / "lua" / "agent.lua").read_bytes())]))
     info = run_lua(stub, LUA_AGENT)
     assert info.state == pb.EXITED, info.error
     out = from_value(info.result)
@@ -306,7 +305,6 @@ def _put(stub_target: str, path: str, data: bytes) -> None:
 
 def test_planner_workers_end_normally_and_write_a_json_report(real: RealServer) -> None:
     target = real.server.target
-    _put(target, "lib/agent.lua", (USERLAND / "lua" / "agent.lua").read_bytes())
     for name, text in {"a.txt": "The Loire is the longest river in France.",
                        "b.txt": "Rust is a programming language focused on memory safety."}.items():
         _put(target, f"plan/{name}", text.encode())

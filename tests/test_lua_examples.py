@@ -146,7 +146,7 @@ def test_map_reduce_survives_a_worker_crash(stub: Any) -> None:
 
 
 def test_supervisor_restarts_a_crashing_worker(stub: Any) -> None:
-    out = result(run(stub, path="lua/supervisor.lua", args={"max_restarts": 3, "fail_times": 2}))
+    out = result(run(stub, path="lua/supervisor.lua", args={"intensity": 3, "fail_times": 2}))
     worker = out["children"]["worker"]
     assert out["restarts"] == 2
     assert worker["status"] == "done" and worker["result"] == 42 and worker["restarts"] == 2
@@ -157,18 +157,16 @@ def test_supervisor_restarts_a_crashing_worker(stub: Any) -> None:
     assert len(set(pids)) == 3 and pids == sorted(pids)  # fresh, increasing pids
 
 
-def test_supervisor_gives_up_one_for_one(stub: Any) -> None:
-    steady = "return 'steady ' .. args.attempt"
-    out = result(run(stub, path="lua/supervisor.lua", args={
-        "max_restarts": 1,
-        "children": [{"id": "bad", "fail_times": 5}, {"id": "good", "lua": steady}],
-    }))
-    assert out["restarts"] == 1
-    bad, good = out["children"]["bad"], out["children"]["good"]
-    assert bad["status"] == "gave_up" and bad["restarts"] == 1 and len(bad["exits"]) == 2
-    # one_for_one: the healthy child was started once and never restarted.
-    assert good == {"status": "done", "restarts": 0, "result": "steady 1", "exits": good["exits"]}
-    assert [e["reason"] for e in good["exits"]] == ["normal"]
+def test_supervisor_gives_up_past_its_intensity(stub: Any) -> None:
+    """More restarts than the intensity allows: the supervisor kills its children and crashes."""
+    info = run(stub, path="lua/supervisor.lua", args={
+        "intensity": 1, "period_ms": 600_000,
+        "children": [{"id": "bad", "fail_times": 5}, {"id": "good", "lua": "sys.recv{tag = 'never'}"}],
+    })
+    assert info.state == pb.CRASHED and "supervisor: gave up: 1 restarts within 600000 ms" in info.error
+    assert "child bad" in info.error and "flaky worker failing on attempt 2" in info.error
+    kids = stub.ListProcesses(pb.ListProcessesRequest(parent=info.pid, include_ended=True)).processes
+    assert sorted(k.exit_reason for k in kids) == ["error", "error", "shutdown"]  # bad twice; good, killed
 
 
 def test_demo_ends_by_itself(stub: Any) -> None:

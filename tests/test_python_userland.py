@@ -198,21 +198,27 @@ def test_supervisor_restarts_until_the_child_succeeds(client: llmos.Client) -> N
         "RuntimeError: flaky worker failing on attempt 1", "RuntimeError: flaky worker failing on attempt 2", None]
 
 
-def test_supervisor_gives_up_and_restarts_one_for_one(client: llmos.Client) -> None:
+def test_supervisor_restarts_one_for_one_across_languages(client: llmos.Client) -> None:
     steady = "from llmos.userland import sys\nsys.exit(sys.args['attempt'] * 10)\n"
     children = [
-        {"id": "flaky", "fail_times": 5},  # the built-in Python worker: fails every allowed attempt
+        {"id": "flaky", "fail_times": 1},  # the built-in Python worker: fails its first start
         {"id": "steady", "python": steady},
         {"id": "lua", "lua": "if args.attempt < 2 then error('lua child fails once') end return 'lua ok'"},
     ]
-    report = result(run(client, path="python/supervisor.py", args={"max_restarts": 2, "children": children}))
+    report = result(run(client, path="python/supervisor.py", args={"intensity": 2, "children": children}))
     kids = report["children"]
-    assert (kids["flaky"]["status"], kids["flaky"]["restarts"]) == ("gave_up", 2)
-    assert [e["reason"] for e in kids["flaky"]["exits"]] == ["error"] * 3
+    assert (kids["flaky"]["status"], kids["flaky"]["restarts"], kids["flaky"]["result"]) == ("done", 1, 42)
     assert (kids["steady"]["status"], kids["steady"]["restarts"], kids["steady"]["result"]) == ("done", 0, 10)
     assert (kids["lua"]["status"], kids["lua"]["restarts"], kids["lua"]["result"]) == ("done", 1, "lua ok")
     assert "lua child fails once" in kids["lua"]["exits"][0]["error"]
-    assert report["restarts"] == 3
+    assert report["restarts"] == 2
+
+
+def test_supervisor_gives_up_past_its_intensity(client: llmos.Client) -> None:
+    info = run(client, path="python/supervisor.py", args={
+        "intensity": 2, "period_ms": 600_000, "children": [{"id": "flaky", "fail_times": 5}]})
+    assert info.state == "CRASHED" and "GaveUp: supervisor: gave up: 2 restarts within 600000 ms" in info.error
+    assert [k.exit_reason for k in client.ps(parent=info.pid, include_ended=True)] == ["error"] * 3
 
 
 def test_coordinator_drives_a_pool_of_lua_workers(client: llmos.Client) -> None:

@@ -483,14 +483,14 @@ class Syscalls:
     def _spawn_call(self, lua: str | None, python: str | None, path: str | None, args: JSON, name: str | None,
                     priority: int, limits: Mapping[str, int] | None, parent: int, monitor: bool,
                     source_name: str | None = None, weight: int = 0, dead_letter: int = 0,
-                    max_attempts: int = 0) -> Unary:
+                    max_attempts: int = 0, durable: bool = False) -> Unary:
         programs = {k: v for k, v in (("lua", lua), ("python", python), ("path", path)) if v is not None}
         if len(programs) != 1:
             raise _invalid("give exactly one program: lua (source), python (source) or path")
         request = _message(pb.SpawnRequest, "spawn request", dict(
             programs, name=name or "", priority=priority, weight=weight, parent=parent, monitor=monitor,
             limits=_message(pb.Limits, "limits", limits or {}), source_name=source_name or "",
-            dead_letter=dead_letter, max_attempts=max_attempts))
+            dead_letter=dead_letter, max_attempts=max_attempts, durable=durable))
         if args is not None:
             request.args.CopyFrom(_value(args, "args"))
         return self._unary("Spawn", request)
@@ -504,7 +504,7 @@ class Syscalls:
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: Mapping[str, int] | None = None, parent: int = 0,
               monitor: bool = False, source_name: str | None = None, weight: int = 0, dead_letter: int = 0,
-              max_attempts: int = 0) -> Plan[int]:
+              max_attempts: int = 0, durable: bool = False) -> Plan[int]:
         """Start a process and return its pid at once.
 
         Give exactly one program: ``lua`` or ``python`` source text, or ``path`` (a program under the server's
@@ -514,10 +514,12 @@ class Syscalls:
         ``source_name`` is what errors call the source (say, the file it came from). ``weight`` (1..10000;
         0: the default, 100) is the process's share of CPU among processes of its priority. ``dead_letter``
         (a live pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process
-        ends, and those received with ack ``max_attempts`` times (0: no limit) without an ack.
+        ends, and those received with ack ``max_attempts`` times (0: no limit) without an ack. A ``durable``
+        process (Lua) has its mailbox stored and its syscalls journaled: a restarted server brings it back
+        (docs/durable-agents.md).
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
-                                       source_name, weight, dead_letter, max_attempts)
+                                       source_name, weight, dead_letter, max_attempts, durable)
         return reply.pid
 
     @syscall

@@ -345,14 +345,16 @@ class Sys:
     @_syscall
     def spawn(self, lua: str | None = None, python: str | None = None, path: str | None = None, args: JSON = None,
               name: str | None = None, priority: int = 0, limits: dict | None = None,
-              monitor: bool = False, weight: int = 0, dead_letter: int | None = None, max_attempts: int = 0) -> int:
+              monitor: bool = False, weight: int = 0, dead_letter: int | None = None, max_attempts: int = 0,
+              durable: bool = False) -> int:
         return self._k.spawn(
             lua=_optional_text(lua, "sys.spawn: lua"), python=_optional_text(python, "sys.spawn: python"),
             path=_optional_text(path, "sys.spawn: path"), args=args, name=_optional_text(name, "sys.spawn: name"),
             priority=_int(priority, "sys.spawn: priority", _INT32), limits=_limits(limits, "sys.spawn: limits"),
             monitor=_flag(monitor, "sys.spawn: monitor"), weight=_int(weight, "sys.spawn: weight", _UINT32),
             dead_letter=0 if dead_letter is None else _pid(dead_letter, "sys.spawn: dead_letter"),
-            max_attempts=_int(max_attempts, "sys.spawn: max_attempts", _UINT32))
+            max_attempts=_int(max_attempts, "sys.spawn: max_attempts", _UINT32),
+            durable=_flag(durable, "sys.spawn: durable"))
 
     @_syscall
     def send(self, to: int | str, body: JSON = None, tag: str = "", data: bytes = b"",

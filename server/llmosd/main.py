@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="llmos-data", help="where the kernel database lives (default %(default)s)")
     p.add_argument("--userland-root", default=None,
                    help="directory that Spawn's path programs are read from (default: ./userland if present)")
+    p.add_argument("--lib", action="append", default=[], metavar="DIR",
+                   help="a directory of Lua modules that programs may require, searched before llmos's own "
+                        "library; repeatable")
     p.add_argument("--spawn", action="append", default=[], metavar="PATH",
                    help="a program (relative to the userland root) to start at boot; repeatable")
     p.add_argument("--cpus", type=int, default=0, help="virtual CPUs running programs (default: one per core)")
@@ -106,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="the server's log on stderr: text lines, or one JSON object a line (default %(default)s)")
     args = p.parse_args(argv)
+    for lib in args.lib:
+        if not os.path.isdir(lib):
+            p.error(f"--lib {lib}: not a directory")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         p.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
     for flag in ("aging_ms", "wedged_ms"):
@@ -129,7 +135,7 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         namespace_quotas=Quotas(**{key: getattr(args, f"namespace_{key}") for key in QUOTAS}),
         audit_rows=args.audit_rows,
         max_message_bytes=args.max_message_bytes,
-        userland_root=root,
+        userland_root=root, lib_dirs=tuple(os.path.abspath(d) for d in args.lib),
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
                                namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,
                                process_files=args.process_files),

@@ -2,12 +2,11 @@
 -- one sub-task per file, spawns a worker agent for each (userland/lua/planner_worker.lua) under a
 -- monitor, gathers their structured results from the monitors' EXIT notices, and writes a report.
 --
---   llmos fs put userland/lua/agent.lua lib/agent.lua      # the agent library (once)
 --   llmos run userland/lua/planner.lua --args '{"dir": "notes", "task": "Summarize the file."}'
 --
 -- args: dir (default "notes"), task, report (default "reports/DIR.json"), worker_tokens (each
 -- worker's limits.tokens). Returns {report, workers, all_normal}.
-local agent = load(sys.fs.read("lib/agent.lua"), "=agent.lua")()
+local agent = require "agent"
 args = args or {}
 local dir = args.dir or "notes"
 local task = args.task or "Summarize the file in one sentence and list its main topics."

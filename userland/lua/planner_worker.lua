@@ -1,7 +1,7 @@
 -- planner_worker.lua: one sub-task of planner.lua: reads its file and returns the model's
 -- answer as a structured result (a JSON schema makes it dependable): {file, summary, topics,
 -- relevant}. args: {task, file}.
-local agent = load(sys.fs.read("lib/agent.lua"), "=agent.lua")()
+local agent = require "agent"
 local text = sys.fs.read(args.file)
 if #text > 3000 then text = text:sub(1, 3000) end
 local schema = {

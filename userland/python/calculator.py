@@ -7,9 +7,8 @@ args: question, and max_steps (default 4). Returns {answer, steps, tokens, stopp
 each call with its name, arguments (valid for the tool's schema), whether it worked and its
 result.
 """
+from llmos.std import agent
 from llmos.userland import sys
-
-import agent
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 

@@ -1,30 +1,28 @@
-"""supervisor.py: an Erlang-style one_for_one supervisor (the twin of lua/supervisor.lua).
+"""supervisor.py: a supervisor of flaky workers, with the userland library's supervisor
+(llmos.std.supervisor, the twin of lua/supervisor.lua; docs/userland-library.md has its API).
 
-Starts each child with monitor=True. When a child ends abnormally (it
-crashed, or was killed), only that child is restarted (one_for_one), up to
-max_restarts times per child; past that the supervisor gives up on it. A
-child that ends normally is done and is not restarted.
+Each child is restarted after it crashes (restart "transient" by default); a child that ends
+normally is done. More than `intensity` restarts within `period_ms` and the supervisor gives
+up: it kills its children and crashes with "GaveUp: supervisor: gave up ...".
 
 args (all optional):
-  max_restarts  restarts allowed per child (default 3)
-  timeout_ms    give up waiting for EXIT notices after this long (default 30000)
-  fail_times    for the default child: how many first attempts crash (default 2)
+  strategy      one_for_one (default), one_for_all or rest_for_one
+  intensity     restarts allowed within period_ms (default 3); period_ms (default 5000)
   children      list of {"id": "name", "python": source | "lua": source |
-                "path": "python/x.py" or "lua/x.lua", "args": {...},
-                "fail_times": n}; each child gets its args plus "attempt"
-                (1 for the first start) and "fail_times" in its args.
-                Default: one built-in Python worker that crashes on its first
-                fail_times attempts and then returns 42.
+                "path": "python/x.py" or "lua/x.lua", "args": {...}, "restart": "transient",
+                "fail_times": n}; each child gets its args plus "attempt" (1 for the first
+                start) and "fail_times". Default: one built-in Python worker that crashes on its
+                first fail_times attempts (default 2) and then returns 42.
 
-Result, a report:
-  {"children": {id: {"status": "done" | "gave_up", "restarts": n,
-                     "result": <last result>, "exits": [{pid, reason, error}...]}},
-   "restarts": <total restarts>}
+Result: the supervisor's report, {"restarts", "strategy", "children": {id: {"status",
+"restarts", "result", "exits": [{pid, reason, error}...]}}}.
 """
+from typing import Any, Callable
+
+from llmos.std import supervisor
 from llmos.userland import sys
 
 opts = sys.args if isinstance(sys.args, dict) else {}
-max_restarts = opts.get("max_restarts", 3)
 
 # The default worker: crashes on purpose until its attempt passes fail_times.
 FLAKY = """
@@ -35,54 +33,16 @@ if sys.args["attempt"] <= (2 if fail_times is None else fail_times):
 sys.exit(42)
 """
 
-specs = opts.get("children") or [{"id": "worker", "fail_times": opts.get("fail_times")}]
-children = {}  # id -> state
-by_pid = {}    # live child pid -> id
+
+def child_args(spec: dict) -> Callable[[int], dict]:
+    return lambda attempt: {**(spec.get("args") or {}), "attempt": attempt, "fail_times": spec.get("fail_times")}
 
 
-def start(child_id):
-    child = children[child_id]
-    spec = child["spec"]
-    child["attempt"] += 1
-    child_args = dict(spec.get("args") or {})
-    child_args["attempt"] = child["attempt"]
-    child_args["fail_times"] = spec.get("fail_times")
+children: list[dict[str, Any]] = []
+for spec in opts.get("children") or [{"id": "worker", "fail_times": opts.get("fail_times")}]:
     program = {k: spec[k] for k in ("python", "lua", "path") if spec.get(k) is not None} or {"python": FLAKY}
-    pid = sys.spawn(**program, args=child_args, monitor=True)
-    by_pid[pid] = child_id
-    sys.log(f"supervisor: started {child_id} as pid {pid} (attempt {child['attempt']})")
+    children.append({**program, "id": spec.get("id"), "restart": spec.get("restart", "transient"),
+                     "args": child_args(spec)})
 
-
-for i, spec in enumerate(specs, 1):
-    child_id = spec.get("id") or f"child{i}"
-    children[child_id] = {"spec": spec, "attempt": 0, "restarts": 0, "exits": [], "status": "running",
-                          "result": None}
-    start(child_id)
-
-total = 0
-while by_pid:
-    msg = sys.recv(tag="EXIT", timeout_ms=opts.get("timeout_ms", 30000))
-    assert msg is not None, "children went silent"
-    exit = msg.body  # {pid, state, reason, result, error}
-    child_id = by_pid.pop(exit["pid"], None)
-    if child_id is None:
-        continue
-    child = children[child_id]
-    child["exits"].append({"pid": exit["pid"], "reason": exit["reason"], "error": exit.get("error")})
-    if exit["reason"] == "normal":
-        child["status"], child["result"] = "done", exit.get("result")
-    elif child["restarts"] < max_restarts:
-        child["restarts"] += 1
-        total += 1
-        sys.log(f"supervisor: {child_id} (pid {exit['pid']}) ended with {exit['reason']}: "
-                f"{exit.get('error')}; restarting")
-        start(child_id)
-    else:
-        child["status"] = "gave_up"
-        sys.log(f"supervisor: {child_id} failed {child['restarts'] + 1} times; giving up")
-
-sys.exit({
-    "children": {cid: {"status": c["status"], "restarts": c["restarts"], "result": c["result"], "exits": c["exits"]}
-                 for cid, c in children.items()},
-    "restarts": total,
-})
+sys.exit(supervisor.run(children, strategy=opts.get("strategy", "one_for_one"), intensity=opts.get("intensity", 3),
+                        period_ms=opts.get("period_ms", 5000)))

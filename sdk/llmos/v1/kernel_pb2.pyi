@@ -81,7 +81,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_ms: _Optional[int] = ..., wall_ms: _Optional[int] = ..., messages_sent: _Optional[int] = ..., messages_received: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_len: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., processes: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class SpawnRequest(_message.Message):
-    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name", "dead_letter", "max_attempts")
+    __slots__ = ("lua", "python", "path", "args", "name", "priority", "limits", "parent", "monitor", "weight", "source_name", "dead_letter", "max_attempts", "durable")
     LUA_FIELD_NUMBER: _ClassVar[int]
     PYTHON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class SpawnRequest(_message.Message):
     SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTER_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
     lua: str
     python: str
     path: str
@@ -108,7 +109,8 @@ class SpawnRequest(_message.Message):
     source_name: str
     dead_letter: int
     max_attempts: int
-    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ..., dead_letter: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
+    durable: bool
+    def __init__(self, lua: _Optional[str] = ..., python: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., name: _Optional[str] = ..., priority: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., parent: _Optional[int] = ..., monitor: _Optional[bool] = ..., weight: _Optional[int] = ..., source_name: _Optional[str] = ..., dead_letter: _Optional[int] = ..., max_attempts: _Optional[int] = ..., durable: _Optional[bool] = ...) -> None: ...
 
 class SpawnResponse(_message.Message):
     __slots__ = ("pid",)

@@ -130,7 +130,7 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
         args=_value(req.args) if req.HasField("args") else None, name=req.name or None, priority=req.priority,
         weight=req.weight, limits=C.limits({f.name: v for f, v in req.limits.ListFields()}),
         parent=req.parent, monitor=req.monitor, source_name=req.source_name or None,
-        dead_letter=req.dead_letter, max_attempts=req.max_attempts,
+        dead_letter=req.dead_letter, max_attempts=req.max_attempts, durable=req.durable,
     )
     setattr(spec, which, getattr(req, which))
     return pb.SpawnResponse(pid=k.spawn(spec, CALLER.get()))

@@ -84,6 +84,9 @@ TABLE: tuple[Syscall, ...] = (
     Syscall("list_processes", "ListProcesses", False, "Kernel.list", "records", reader=True),
     Syscall("read_log", "ReadLog", False, "Kernel.read_log", "lines", rule=ACT, reader=True),
     Syscall("events", "Events", True, "Kernel.event_listeners", "a stream of process events", reader=True),
+    Syscall("require", None, False, "Library.source (lua/library.py): a module of the userland library",
+            "the module's source, which the sandbox compiles and runs once (Lua's global require, not sys.require)",
+            calls=("require",)),
     # -- messages and names
     Syscall("send", "Send", False, "Kernel.send; between Lua processes lua/fast_paths.c's send_message",
             "message id", C_FUNCTION, python=True, acts_as="from"),

@@ -26,6 +26,7 @@ class KernelConfig:
     defaults: Limits = field(default_factory=lambda: Limits(
         memory_bytes=64 << 20, mailbox=10_000, mailbox_bytes=64 << 20, processes=16_384))
     userland_root: str | None = None
+    lib_dirs: tuple[str, ...] = ()  # --lib: directories Lua's require searches before llmos's own library
     max_message_bytes: int = 4 << 20
     max_processes: int = 65_536  # live processes and ports in the whole server
     namespace_processes: int = 0  # live processes and ports per namespace (0: only max_processes)
@@ -62,6 +63,7 @@ class SpawnSpec:
     log_to_server: bool = False  # also write the process's log lines to the server's log (boot programs)
     dead_letter: int = 0  # the pid that gets its undeliverable messages (kernel/acks.py); 0: none
     max_attempts: int = 0  # deliveries with ack before a message goes to dead_letter; 0: no limit
+    durable: bool = False  # journaled and replayed across restarts (kernel/journal.py)
 
 
 def resolve_program(spec: SpawnSpec, userland_root: str | None) -> tuple[str, str, str, pathlib.Path | None]:

@@ -29,7 +29,7 @@ from ..api import checks as C
 from ..api.authority import DEFAULT_NAMESPACE, Caller, authorize, not_found
 from . import process as P
 from ..api.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
+    AlreadyExists, FailedPrecondition, InvalidArgument, KernelError, NotFound, PermissionDenied, ResourceExhausted,
     Unimplemented,
 )
 from .mailbox import Mailbox, Match, Message
@@ -47,6 +47,7 @@ from ..services.sync import SyncTable
 from ..api.audit import AuditLog
 from ..api.tokens import Tokens, digest
 from .acks import Acks
+from .journal import PROGRAM_CHANGED, Journal, ProcessJournal, message_row, program_hash
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class Kernel:
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
         self.event_listeners: list[Callable[[str, ProcessRecord], None]] = []
         self.inference: Any = None  # set by the server when an engine is configured
+        self.journal = Journal(self.store)
+        self.journals: dict[int, ProcessJournal] = {}  # live durable processes' (kernel/journal.py)
+        self._durable_to_recover: list[tuple[ProcessRecord, dict[str, Any]]] = []  # until their runtime is added
         # For /metrics: processes started by kind, and ended by (kind, state, reason); a Kill's
         # own reason text counts as "other", so that callers cannot grow this without bound.
         self.spawns: Counter[str] = Counter()
@@ -97,13 +101,23 @@ class Kernel:
 
     # -- start-up and shutdown ------------------------------------------------------------
     def add_runtime(self, runtime: Runtime) -> None:
-        """Let processes of `runtime.kind` be spawned (before the server serves)."""
+        """Let processes of `runtime.kind` be spawned (before the server serves), and bring
+        back its durable processes."""
         self.runtimes[runtime.kind] = runtime
+        self._recover_durable(runtime)
 
     def _recover(self) -> None:
         """Bring back ports with their messages; processes that were alive when the
-        server went down end with reason "server_restart"."""
-        for rec in self.store.live_records():
+        server went down end with reason "server_restart", except durable ones,
+        which their runtime brings back (_recover_durable)."""
+        specs = self.journal.specs()
+        live = self.store.live_records()
+        for pid in specs.keys() - {rec.pid for rec in live}:  # ended, its journal not dropped yet
+            self.store.enqueue(self.journal.ended_ops(pid))
+        for rec in live:
+            if rec.pid in specs:
+                self._durable_to_recover.append((rec, specs[rec.pid]))
+                continue
             if rec.kind == P.PORT:
                 proc = self._new_process(rec.pid, P.PORT, rec.parent, rec.priority, Limits(**rec.limits), rec.namespace)
                 proc.opener = rec.opener
@@ -123,9 +137,69 @@ class Kernel:
                 rec.state, rec.exit_reason, rec.ended_at_ms = P.KILLED, "server_restart", now_ms()
                 self.store.record_exit(rec, durable=True)
 
+    def _recover_durable(self, runtime: Runtime) -> None:
+        """Recreate the durable processes of `runtime.kind` that had not ended (same pid, spec,
+        name, mailbox, monitors of durable parents); each replays its journal, then goes on."""
+        mine = [(rec, spec) for rec, spec in self._durable_to_recover if spec["kind"] == runtime.kind]
+        if not mine:
+            return
+        self._durable_to_recover = [t for t in self._durable_to_recover if t[1]["kind"] != runtime.kind]
+        entries = self.journal.entries()
+        recovered, changed = [], []
+        with self.lock:
+            for rec, spec in mine:
+                pid = rec.pid
+                proc = self._new_process(pid, rec.kind, spec["parent"], spec["priority"], Limits(**spec["limits"]),
+                                         rec.namespace, durable=True)
+                proc.program, proc.program_name, proc.args = spec["program"], spec["program_name"], spec["args"]
+                proc.weight, proc.ancestors, proc.started_at_ms = spec["weight"], spec["ancestors"], rec.started_at_ms
+                proc.log_to_server = spec["log_to_server"]
+                for m in self.store.stored_messages(pid):
+                    proc.mailbox.deliver(
+                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
+                        limited=False,
+                    )
+                if rec.name and (proc.namespace, rec.name) not in self.names:
+                    proc.name = rec.name
+                    self.names[proc.namespace, rec.name] = pid
+                if spec["monitor"] and spec["parent"] in self.procs:
+                    proc.monitored_by.add(spec["parent"])
+                for ancestor in proc.ancestors:
+                    if ancestor in self.procs:
+                        self.procs[ancestor].descendants += 1
+                self.procs[pid] = proc
+                self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
+                journal = self.journals[pid] = ProcessJournal(pid, self.store, spec["seed"], entries.get(pid, []))
+                self._retake_locks(proc, journal)
+                try:
+                    self.acks.set_policy(pid, self.acks.policy(spec["dead_letter"], spec["max_attempts"], proc.namespace))
+                except KernelError:  # its dead-letter target is gone: messages go nowhere, as when it ends
+                    pass
+                path = spec["program_path"]
+                runtime.attach(proc, pathlib.Path(path) if path else None)
+                if path and _file_hash(path) != spec["program_hash"]:
+                    changed.append(proc)
+                else:
+                    recovered.append(proc)
+            for proc in changed:
+                self.end_locked(proc, P.CRASHED, PROGRAM_CHANGED, error=(
+                    f"the program {proc.program_name!r} changed since this durable process started: "
+                    "a replay of its journal would run another program"))
+        for proc in recovered:
+            self.scheduler.make_runnable(proc, new=True)
+
+    def _retake_locks(self, proc: Process, journal: ProcessJournal) -> None:
+        """A recovered durable process holds again the locks its journal ends holding, before any
+        process runs (lock held). Its journal is a prefix of the one ordered log, so no other's holds them."""
+        for name, (kind, permits, count) in Journal.held_locks(journal.entries).items():
+            for _ in range(count):
+                if self.sync.try_acquire(proc.namespace, name, proc.pid, kind, permits) is None:
+                    log.warning("pid %d: the lock %r it held is taken already", proc.pid, name)
+
     def shutdown(self) -> None:
         with self.lock:
-            live = [p for p in self.procs.values() if p.kind != P.PORT and not p.ended]
+            # Durable processes stay live in the store: the next start brings them back.
+            live = [p for p in self.procs.values() if p.kind != P.PORT and not p.ended and p.pid not in self.journals]
         for proc in live:
             self.kill(proc.pid, "shutdown")
         if self.inference is not None:
@@ -139,17 +213,22 @@ class Kernel:
         self.files.close()
 
     # -- process creation ------------------------------------------------------------------
-    def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str) -> Process:
+    def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str,
+                     durable: bool = False) -> Process:
         proc = Process(
             pid=pid, kind=kind, parent=parent, priority=priority, max_priority=priority,
             limits=limits, started_at_ms=now_ms(),
         )
         proc.namespace = sys.intern(namespace)  # interned: lua/fast_paths.c compares namespaces by pointer
-        proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable=kind == P.PORT, byte_limit=limits.mailbox_bytes)
+        proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable=durable or kind == P.PORT,
+                               byte_limit=limits.mailbox_bytes)
         return proc
 
-    def spawn(self, spec: SpawnSpec, caller: Caller | None = None) -> int:
-        """A new process, in its parent's namespace (no parent: the caller's)."""
+    def spawn(self, spec: SpawnSpec, caller: Caller | None = None,
+              on_spawned: Callable[[int], list] | None = None) -> int:
+        """A new process, in its parent's namespace (no parent: the caller's). `on_spawned(pid)`: a
+        durable parent's journal entry of this spawn, queued in one unit with a durable child's spec
+        (kernel/journal.py)."""
         kind, source, program_name, program_path = resolve_program(spec, self.config.userland_root)
         if spec.name is not None:
             C.name(spec.name)
@@ -160,6 +239,8 @@ class Kernel:
             raise Unimplemented(f"this server runs no {kind.title()} userland"
                                 + (" (start llmosd with an agent socket)" if kind == P.PYTHON else ""))
         limits = spec.limits.with_defaults(runtime.check_program(source, program_name, self.config.defaults))
+        if spec.durable and kind != P.LUA:
+            raise Unimplemented("durable processes are Lua programs (durable Python agents are not supported yet)")
         with self.lock:
             if spec.parent:
                 parent = self.live_locked(spec.parent, "parent")
@@ -185,7 +266,7 @@ class Kernel:
             dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts, namespace)
             limits = self.namespaces.reserve_locked(namespace, spec.limits, limits)
             pid = self.store.next_id("pid")
-            proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace)
+            proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace, durable=spec.durable)
             proc.program, proc.program_name, proc.args = source, program_name, args
             proc.weight = weight
             proc.ancestors = lineage
@@ -203,6 +284,20 @@ class Kernel:
             self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc)
             self.spawns[kind] += 1
+            ops = on_spawned(pid) if on_spawned is not None else []
+            if spec.durable:
+                seed = int.from_bytes(os.urandom(6), "little")
+                self.journals[pid] = ProcessJournal(pid, self.store, seed)
+                ops.append(self.journal.spec_op(pid, {
+                    "kind": kind, "program": source, "program_name": program_name,
+                    "program_path": str(program_path) if program_path else None, "program_hash": program_hash(source),
+                    "args": args, "priority": priority, "weight": weight, "limits": limits.as_dict(),
+                    "parent": spec.parent, "monitor": spec.monitor, "ancestors": lineage, "seed": seed,
+                    "dead_letter": spec.dead_letter, "max_attempts": spec.max_attempts,
+                    "log_to_server": spec.log_to_server,
+                }))
+            if ops:
+                self.store.enqueue(ops)
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
             self._emit("spawned", proc)
@@ -364,8 +459,10 @@ class Kernel:
 
     # -- messages ---------------------------------------------------------------------------
     def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str,
-             caller: Caller | None = None) -> int:
-        """`sender` is the caller: a process's own pid (or 0, for a client, or a port it owns)."""
+             caller: Caller | None = None, on_sent: Callable[[Message], list] | None = None) -> int:
+        """`sender` is the caller: a process's own pid (or 0, for a client, or a port it owns).
+        `on_sent(msg)`: a durable sender's journal entry of this send, queued in one unit with the
+        message's copy in a durable mailbox, and committed before a port gets it."""
         with self.lock:
             src = self.procs.get(sender) if sender else None
             if src is None and sender:
@@ -376,9 +473,23 @@ class Kernel:
             if dst is None or (caller is not None and not caller.sees(dst.namespace)):
                 dst = self.resolve(to, caller)
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
-            self._deliver(dst, msg)
+            if on_sent is None:
+                self._deliver(dst, msg)
+            else:
+                dst.mailbox.check_room(msg)  # before the journal says it was sent
+                ops = on_sent(msg)
+                if dst.kind != P.PORT and dst.mailbox.durable:
+                    self.store.enqueue(ops + [message_row(msg)])
+                    dst.mailbox.deliver(msg, False)
+                else:
+                    self.store.enqueue(ops)
+                    if dst.kind == P.PORT:
+                        self.store.flush()  # output commit: an external client may read it at once
+                    self._deliver(dst, msg, False)
             if src is not None:
                 src.mailbox.sent += 1
+        if on_sent is None and dst.mailbox.durable and dst.kind != P.PORT:
+            self.store.flush()  # in a durable mailbox before Send answers, as in a port
         self.core.refill_ids()  # the next block of message ids, reserved without the lock
         return msg.id
 
@@ -400,6 +511,10 @@ class Kernel:
             if limited:
                 dst.mailbox.check_room(msg)
             self._store_port_message(msg)
+        elif dst.mailbox.durable and dst.kind != P.PORT:  # a durable process's: kept until its journal has it
+            if limited:
+                dst.mailbox.check_room(msg)
+            self.store.enqueue([message_row(msg)])
         dst.mailbox.deliver(msg, limited)
 
     def try_recv(self, pid: int, match: Match, caller: Caller | None = None) -> Message | None:
@@ -504,6 +619,7 @@ class Kernel:
         self.files.process_ended(proc.pid)
         if proc.kind == P.PORT:
             self.store.delete_port_messages(proc.pid)
+        durable = self.journals.pop(proc.pid, None) is not None
         del self.procs[proc.pid]
         self.live_in[proc.namespace] -= 1
         self.namespaces.release_locked(proc.namespace, proc.limits)
@@ -518,7 +634,9 @@ class Kernel:
         rec = self._record(proc)
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
-        self.store.record_exit(rec, durable=proc.kind == P.PORT)
+        self.store.record_exit(rec, durable=durable or proc.kind == P.PORT)
+        if durable:  # once its exit is written: a restart in between finds it ended, and drops these
+            self.store.enqueue(self.journal.ended_ops(proc.pid))
         self.exits[proc.kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         self.ended[proc.pid] = kept
@@ -719,6 +837,15 @@ class Kernel:
                 self.end_locked(proc, P.EXITED, "normal", result=result)
             else:
                 self.runtimes[proc.kind].exit(proc, result)
+
+
+def _file_hash(path: str) -> str | None:
+    """program_hash of a program file now (None: it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return program_hash(f.read())
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _fits(value: Any, limit: int) -> bool:

@@ -3,9 +3,16 @@
 What must survive a restart or a `kill -9` of the server lives here:
 - the pid and message-id counters (ids are never reused),
 - every process record and, once it has ended, its exit (for Wait),
-- ports (external clients' mailboxes) and every message waiting in one.
+- ports (external clients' mailboxes) and every message waiting in one,
+- durable processes (spawned with durable): their specs, their mailboxes (in
+  port_messages, whose `port` is the owning pid) and their journals
+  (kernel/journal.py).
 
 Port operations are written and committed before the syscall answers.
+Durable processes' writes (their journals, specs and mailboxes) go through
+one ordered queue (`enqueue`), written in order in the write-behind batches
+(group commit): a crash keeps a prefix of it (kernel/journal.py says why
+that is enough). A unit of the queue (one call's ops) is never split.
 Records of in-kernel processes (which die with the server anyway) go through
 a write-behind queue flushed by a background thread, so that spawning
 thousands of processes a second does not wait on SQLite. The queue keeps one
@@ -67,6 +74,18 @@ CREATE TABLE IF NOT EXISTS port_messages (
     sent_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS port_messages_by_port ON port_messages (port, id);
+CREATE TABLE IF NOT EXISTS durable_processes (
+    pid INTEGER PRIMARY KEY,
+    spec BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS journal (
+    pid INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    call TEXT NOT NULL,
+    args_hash INTEGER NOT NULL,
+    result BLOB NOT NULL,
+    PRIMARY KEY (pid, seq)
+) WITHOUT ROWID;
 """
 
 # Ids are handed out from blocks reserved in the database, so that a restart
@@ -157,6 +176,7 @@ class Store:
         # kernel never waits while a batch is being written.
         self._pending: dict[int, list[Any]] = {}
         self._pending_updates: dict[int, dict[str, Any]] = {}
+        self._ordered: list[tuple[str, tuple]] = []  # durable writes, in the order they must be applied
         self._pending_lock = threading.Lock()
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._closed = False
@@ -281,6 +301,24 @@ class Store:
         for r in rows:
             yield StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5]), r[6], r[7])
 
+    def stored_messages(self, pid: int) -> Iterator[StoredMessage]:
+        """A durable process's or a port's stored messages, by id."""
+        return self.port_messages(pid)
+
+    # durable processes (kernel/journal.py) -------------------------------------------------
+    def enqueue(self, ops: list[tuple[str, tuple]]) -> None:
+        """Queue writes of durable state, applied in order with the next batch, all of `ops` in one transaction."""
+        with self._pending_lock:
+            self._ordered.extend(ops)
+            if len(self._ordered) == len(ops):
+                self._flush_wanted.notify()
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Rows of a read of the database, after everything queued before it is written."""
+        with self._db_lock:
+            self._apply_pending()
+            return self._db.execute(sql, params).fetchall()
+
     # writing -----------------------------------------------------------------------------
     def _write_now(self, sql: str, row: tuple | list) -> None:
         with self._db_lock:
@@ -306,7 +344,7 @@ class Store:
             self._wake_writer()
 
     def _wake_writer(self) -> None:
-        if len(self._pending) + len(self._pending_updates) == 1:
+        if len(self._pending) + len(self._pending_updates) + len(self._ordered) == 1:
             self._flush_wanted.notify()
 
     def _apply_pending(self) -> None:
@@ -316,7 +354,8 @@ class Store:
         with self._pending_lock:
             rows, self._pending = list(self._pending.values()), {}
             updates, self._pending_updates = self._pending_updates, {}
-        if not rows and not updates:
+            ordered, self._ordered = self._ordered, []
+        if not rows and not updates and not ordered:
             return
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
@@ -331,6 +370,8 @@ class Store:
                 for start in range(0, len(values), ROWS_PER_STATEMENT):
                     chunk = values[start:start + ROWS_PER_STATEMENT]
                     self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
+            for sql, params in _durable_batch(ordered):
+                self._db.executemany(sql, params)
         finally:
             self._db.execute("COMMIT")
             self.commit_seconds.observe(time.perf_counter() - began)
@@ -342,7 +383,8 @@ class Store:
     def _write_behind(self) -> None:
         while True:
             with self._pending_lock:
-                while not self._pending and not self._pending_updates and not self._spares_wanted and not self._closed:
+                while (not self._pending and not self._pending_updates and not self._ordered
+                       and not self._spares_wanted and not self._closed):
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
                     return
@@ -352,7 +394,7 @@ class Store:
                 with self._pending_lock:
                     self._spare[counter] = block
             with self._pending_lock:
-                if (self._pending or self._pending_updates) and not self._closed:
+                if (self._pending or self._pending_updates or self._ordered) and not self._closed:
                     # Let a burst accumulate into one transaction.
                     self._flush_wanted.wait(0.005)
             self.flush()
@@ -402,6 +444,30 @@ def _update_many(names: tuple[str, ...], n: int) -> str:
     assignments = ", ".join(f"{name}=v.column{i + 2}" for i, name in enumerate(names))
     return (f"UPDATE processes SET {assignments} FROM (VALUES {','.join([row] * n)}) AS v"
             " WHERE processes.pid=v.column1")
+
+
+# The durable writes (kernel/journal.py): a message's copy in a durable mailbox, and its removal.
+STORE_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)"
+DELETE_MESSAGE = "DELETE FROM port_messages WHERE id=?"
+
+
+def _durable_batch(ordered: list[tuple[str, tuple]]) -> list[tuple[str, list[tuple]]]:
+    """A batch of the ordered queue as a few executemany calls with the same end state in its
+    transaction: a message whose last op in the batch removes it is not stored first (durable
+    processes hand most messages over at once), and the statements run inserts first (each row
+    is inserted once), then removals of messages by id, then the rest (removals of whole
+    processes' rows, which come after anything else of theirs)."""
+    last: dict[int, tuple[str, tuple]] = {}  # message id -> its last op in the batch
+    by_sql: dict[str, list[tuple]] = {}
+    for sql, params in ordered:
+        if sql is STORE_MESSAGE or sql is DELETE_MESSAGE:
+            last[params[0]] = (sql, params)
+        else:
+            by_sql.setdefault(sql, []).append(params)
+    for sql, params in last.values():
+        by_sql.setdefault(sql, []).append(params)
+    return sorted(by_sql.items(), key=lambda item: 0 if item[0].startswith("INSERT") else
+                  1 if item[0] is DELETE_MESSAGE else 2)
 
 
 def _record(row: tuple) -> ProcessRecord:

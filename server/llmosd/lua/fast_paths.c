@@ -275,7 +275,7 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
     Message *msg = NULL;
     int result = SEND_DECLINED, delivered;
     LuaValueBudget budget = llmos_value_budget(L);
-    if (core == NULL || state->mailbox == NULL)
+    if (core == NULL || state->mailbox == NULL || state->mailbox->durable) /* a durable sender journals its sends */
         return SEND_DECLINED;
     body = llmos_to_python(L, 2, 0, 1, &budget); /* a body is JSON, of at most a message's size */
     llmos_value_budget_done(&budget);
@@ -413,7 +413,7 @@ int llmos_bridge_try_recv(lua_State *L)
     PyObject *answer;
     PyGILState_STATE gil;
     lua_settop(L, 4);
-    if (state->core == NULL || state->mailbox == NULL
+    if (state->core == NULL || state->mailbox == NULL || state->mailbox->durable /* journaled: kernel/journal.py */
         || (timeout != LUA_TNIL && (timeout != LUA_TNUMBER || !(lua_tonumber(L, 4) >= 0))))
         return llmos_call_bridge(L, BRIDGE_TRY_RECV);
     gil = PyGILState_Ensure();
@@ -456,8 +456,8 @@ static int receive(Core *core, State *state, Message **taken)
     Mailbox *mailbox = state->mailbox;
     Match *match;
     int result = RECV_DECLINED;
-    if (lua_gettop(L) != 6 || !lua_isnil(L, 6) || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv")
-        || recv_filter(L, 3, &match) < 0)
+    if (mailbox->durable /* journaled: kernel/journal.py */ || lua_gettop(L) != 6 || !lua_isnil(L, 6)
+        || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv") || recv_filter(L, 3, &match) < 0)
         return RECV_DECLINED;
     llmos_lock(core->lock);
     if (FIELDS(proc)->kill_reason == Py_None) {

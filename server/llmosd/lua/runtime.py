@@ -26,6 +26,7 @@ from ..api.authority import process_caller
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
+from .library import library
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
 from ..kernel.process import Limits, Process
@@ -133,8 +134,7 @@ def _options(opts: Any, fname: str, known: tuple[str, ...]) -> dict:
 
 
 SPAWN_OPTIONS = frozenset(("lua", "python", "path", "args", "name", "priority", "weight", "limits", "monitor",
-                           "source_name", "dead_letter", "max_attempts"))
-
+                           "source_name", "dead_letter", "max_attempts", "durable"))
 
 def describe_record(rec: ProcessRecord) -> dict[str, Any]:
     """A process's record as the plain table sys.info and sys.wait answer."""
@@ -161,6 +161,8 @@ def error_text(err: Any) -> str:
 class LuaProcess:
     """A process's Lua state, its bridge to the kernel, and its slice clock."""
 
+    journal = None  # a durable process's (lua/durable.py)
+
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
@@ -169,9 +171,18 @@ class LuaProcess:
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
         self.state.open_sandbox(
-            self, proc, kernel.core, proc.program.encode(), f"={proc.program_name}".encode(), proc.args,
+            self, proc, kernel.core, self.source().encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,
         )
+
+    def source(self) -> str:
+        """The program the state runs."""
+        return self.proc.program
+
+    def journaled_locked(self, answer: Any) -> Any:
+        """Called with the kernel lock held by calls whose effect other processes see at once (a
+        release, a signal): a durable process journals them there (lua/durable.py)."""
+        return answer
 
     def wants_cpu_back(self, now_ns: int, quantum_ns: int, others_waiting: bool) -> int | None:
         """Should the kernel interrupt this process now (seen from another
@@ -232,7 +243,10 @@ class LuaProcess:
         return None
 
     # -- non-blocking syscalls ------------------------------------------------------------
-    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any) -> tuple:
+    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any,
+             on_sent: Callable[[Message], list] | None = None) -> tuple:
+        """sys.send's Python side (lua/fast_paths.c's declined cases); `on_sent`: a durable sender's
+        journal entry (Kernel.send)."""
         try:
             if type(to) is bytes:
                 target: int | str = to.decode(errors="replace")
@@ -250,7 +264,7 @@ class LuaProcess:
                 self.proc.pid, target, "" if tag is None else _opt_str(tag, "sys.send: tag"),
                 value, data or b"",
                 "" if correlation_id is None else _opt_str(correlation_id, "sys.send: correlation_id"),
-                self.caller,
+                self.caller, on_sent,
             )
             return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
         except KernelError as e:
@@ -306,6 +320,10 @@ class LuaProcess:
             return None, str(e).encode()
 
     def spawn(self, spec: Any = None) -> int:
+        return self.kernel.spawn(self.spawn_spec(spec), self.caller)
+
+    def spawn_spec(self, spec: Any) -> SpawnSpec:
+        """sys.spawn's table as a SpawnSpec, checked."""
         spec = from_lua(spec, "sys.spawn")
         if not isinstance(spec, dict):
             raise InvalidArgument("sys.spawn takes a table like {lua=source, args=...}")
@@ -318,15 +336,18 @@ class LuaProcess:
         for key in ("lua", "python", "path", "name", "source_name"):
             if spec.get(key) is not None and not isinstance(spec[key], str):
                 raise InvalidArgument(f"sys.spawn: {key} must be a string")
-        return self.kernel.spawn(SpawnSpec(
+        durable = spec.get("durable", False)
+        if type(durable) is not bool:
+            raise InvalidArgument("sys.spawn: durable must be a boolean")
+        return SpawnSpec(
             lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
             name=spec.get("name"), priority=C.integer(spec.get("priority", 0), "sys.spawn: priority"),
             weight=C.integer(spec.get("weight", 0), "sys.spawn: weight"),
             limits=C.limits(limits, "sys.spawn: limits"), parent=self.proc.pid, monitor=bool(spec.get("monitor")),
             source_name=spec.get("source_name"),
             dead_letter=C.integer(spec.get("dead_letter", 0), "sys.spawn: dead_letter"),
-            max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"),
-        ), self.caller)
+            max_attempts=C.integer(spec.get("max_attempts", 0), "sys.spawn: max_attempts"), durable=durable,
+        )
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
         self.kernel.kill(C.pid(pid, "sys.kill: pid"), _opt_str(reason, "sys.kill: reason") or "killed", self.caller)
@@ -386,7 +407,7 @@ class LuaProcess:
         text = _opt_str(name, "sys.lock.release: name") or ""
         with self.kernel.lock:
             self.kernel.sync.release(self.proc.namespace, text, self.proc.pid)
-        return True
+            return self.journaled_locked(True)
 
     def cond_wait_args(self, name: Any = None, lock: Any = None, timeout_ms: Any = None) -> tuple[str, str, float | None]:
         """(condition, mutex, timeout in seconds or None) of sys.cond.wait(name, lock [, timeout_ms])."""
@@ -407,7 +428,7 @@ class LuaProcess:
         if text is None:
             raise InvalidArgument(f"{fname}: name must be a string")
         with self.kernel.lock:
-            return wake(self.proc.namespace, text)
+            return self.journaled_locked(wake(self.proc.namespace, text))
 
     def fs(self, op: bytes, path: Any = None, a: Any = None, b: Any = None) -> Any:
         """sys.fs.*: the file calls (disk I/O, done on this process's CPU slot,
@@ -465,6 +486,10 @@ class LuaProcess:
 
     def file_info(self, info: Any) -> dict:
         return {"path": info.path, "size": info.size, "is_dir": info.is_dir, "modified_ms": info.modified_ms}
+
+    def require(self, name: Any = None) -> tuple[bytes, bytes]:
+        """require's source and chunk name (lua/library.py)."""
+        return library(self.kernel.config.lib_dirs).source(name)
 
     def now(self) -> float:
         return _now_ms()

@@ -391,6 +391,74 @@ static int sb_load(lua_State *L)
     return 1;
 }
 
+/* require(name): a module of the userland library, loaded once per process.
+ * The kernel finds the source by name (the bridge's "require" op, lua/library.py:
+ * the name rules, the directories); load's metered parser compiles it in the
+ * program's environment; its value (true if it returns nothing) is kept in a
+ * table of the registry, made at the first require, for every later require.
+ * A module may make syscalls as it loads (the call may yield). Upvalue 1: the env. */
+static char MODULES; /* registry key of the loaded modules' table */
+static char LOADING; /* its address: the value of a module while it loads (a cycle is an error) */
+
+static int require_done(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)ctx; /* the stack: name, modules, the module's value or error */
+    if (status != LUA_OK && status != LUA_YIELD) {
+        lua_pushvalue(L, 1);
+        lua_pushnil(L);
+        lua_rawset(L, 2); /* a later require tries again */
+        die_if_dying(L, sandbox_of(L), 1);
+        return lua_error(L);
+    }
+    if (lua_isnil(L, 3)) {
+        lua_pushboolean(L, 1);
+        lua_replace(L, 3);
+    }
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 3);
+    lua_rawset(L, 2);
+    return 1;
+}
+
+static int sb_require(lua_State *L)
+{
+    lua_settop(L, 1);
+    if (lua_type(L, 1) != LUA_TSTRING)
+        return luaL_error(L, "require: a module name is a string, not a %s", luaL_typename(L, 1));
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &MODULES) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_createtable(L, 0, 4);
+        lua_pushvalue(L, -1);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &MODULES);
+    }
+    lua_pushvalue(L, 1);
+    if (lua_rawget(L, 2) != LUA_TNIL) {
+        if (lua_touserdata(L, -1) == &LOADING)
+            return luaL_error(L, "require: module '%s' is required again while it loads (a cycle)", lua_tostring(L, 1));
+        return 1;
+    }
+    lua_pop(L, 1);
+    push_ref(L, sandbox_of(L)->call);
+    lua_pushliteral(L, "require");
+    lua_pushvalue(L, 1);
+    lua_call(L, 2, 2); /* source and chunk name, or nil and the error */
+    if (lua_isnil(L, 3))
+        return raise_at_caller(L, 4);
+    lua_pushcfunction(L, sb_load);
+    lua_insert(L, 3);
+    lua_pushliteral(L, "t");
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_call(L, 4, 2); /* the chunk, or nil and the syntax error */
+    if (lua_isnil(L, 3))
+        return lua_error(L);
+    lua_pop(L, 1);
+    lua_pushvalue(L, 1);
+    lua_pushlightuserdata(L, &LOADING);
+    lua_rawset(L, 2);
+    lua_pushvalue(L, 1); /* the chunk's argument, as Lua's require gives */
+    return require_done(L, lua_pcallk(L, 1, 1, 0, 0, require_done), 0);
+}
+
 /* Upvalue 1: the real collectgarbage. Programs may not change how their
  * state collects (the kernel chose generational mode for idle processes). */
 static int sb_collectgarbage(lua_State *L)
@@ -910,6 +978,8 @@ static void push_env(lua_State *L, int g)
     set_closure(L, env, "collectgarbage", sb_collectgarbage, 1);
     lua_pushvalue(L, env);
     set_closure(L, env, "load", sb_load, 1);
+    lua_pushvalue(L, env);
+    set_closure(L, env, "require", sb_require, 1);
     push_sys(L);
     lua_setfield(L, env, "sys");
 }

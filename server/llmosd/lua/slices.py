@@ -20,6 +20,8 @@ from ..kernel import process as P
 from ..kernel.process import Limits, Process
 from ..kernel.store import ProcessRecord
 from ..kernel.waiting import TIMED_OUT, Waiter
+from ..kernel.journal import REPLAY_DIVERGENCE
+from .durable import _LIVE, DurableLuaProcess
 from .runtime import MEMORY_ERROR, LuaProcess, describe_record, error_text, from_lua, lua_syntax_error
 
 if TYPE_CHECKING:
@@ -94,13 +96,14 @@ class LuaRuntime:
             if proc.ended:
                 return
             if proc.kill_reason is not None:
-                kernel.end_locked(proc, P.KILLED, proc.kill_reason)
+                _end_killed(kernel, proc)
                 return
             proc.state = P.RUNNING
         lua = proc.runtime
         if lua is None:
             try:
-                lua = proc.runtime = LuaProcess(kernel, proc)
+                bridge = DurableLuaProcess if proc.pid in kernel.journals else LuaProcess
+                lua = proc.runtime = bridge(kernel, proc)
             except Exception as e:  # a memory limit too small for a Lua state
                 with kernel.lock:
                     kernel.end_locked(proc, P.CRASHED, "error", error=_startup_error(str(e), isinstance(e, MemoryError)))
@@ -119,9 +122,15 @@ class LuaRuntime:
             kind = out[0]
             if kind == b"sys":
                 name = out[1].decode()
+                if lua.journal is not None and name != "exit":  # a durable process's (kernel/journal.py)
+                    replayed = lua.replayed(name, out[2:])
+                    if replayed is not _LIVE and proc.kill_reason is None:
+                        args = replayed
+                        continue
+                    lua.pending_call = (name, out[2:])
                 with kernel.lock:
                     if proc.kill_reason is not None:
-                        kernel.end_locked(proc, P.KILLED, proc.kill_reason)
+                        _end_killed(kernel, proc)
                         return
                     answer = self._blocking_syscall(proc, name, out[2:])
                     if answer is None:
@@ -148,7 +157,7 @@ class LuaRuntime:
                     text = error_text(out[1])
                     dying = out[2].decode() if len(out) > 2 and out[2] is not None else None
                     if proc.kill_reason is not None:
-                        kernel.end_locked(proc, P.KILLED, proc.kill_reason)
+                        _end_killed(kernel, proc)
                     elif dying == "memory_limit" or text == MEMORY_ERROR:
                         kernel.end_locked(proc, P.KILLED, "memory_limit", error=MEMORY_ERROR)
                     else:
@@ -227,6 +236,9 @@ class LuaRuntime:
                                         permits)
 
     def block_cond_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
+        if lua.journal is not None:
+            raise Unimplemented("sys.cond.wait: not in durable processes yet (a restart in the middle of a wait "
+                                "has no defined outcome); wait for a message instead")
         name, lock_name, timeout = lua.cond_wait_args(*args[:3])
         self.kernel.sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout)
         return None
@@ -248,6 +260,15 @@ class LuaRuntime:
 
 # The syscalls Lua yields, from the syscall table; exit is no wait (_blocking_syscall ends the process).
 _BLOCKS = {name: getattr(LuaRuntime, f"block_{name}") for name in sorted(LUA_YIELDS - {"exit"})}
+
+
+def _end_killed(kernel: Kernel, proc: Process) -> None:
+    """End `proc` for its kill_reason (lock held): a durable process whose replay diverged crashed."""
+    journal = proc.runtime.journal if proc.runtime is not None else None
+    if journal is not None and journal.divergence is not None:
+        kernel.end_locked(proc, P.CRASHED, REPLAY_DIVERGENCE, error=journal.divergence)
+    else:
+        kernel.end_locked(proc, P.KILLED, proc.kill_reason)
 
 
 def _startup_error(text: str, out_of_memory: bool) -> str:

@@ -1,9 +1,8 @@
-"""agent: an agent library for Python programs on llmos (the Lua one is userland/lua/agent.lua).
+"""agent: an agent library for Python programs on llmos, in the userland standard library
+(docs/userland-library.md; the Lua twin is llmos/std/agent.lua, `require "agent"`)::
 
-A program next to this file imports it (the program's directory is on its sys.path)::
-
+    from llmos.std import agent
     from llmos.userland import sys
-    import agent
 
     def add(a: float, b: float) -> float:
         return a + b

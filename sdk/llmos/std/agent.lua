@@ -1,9 +1,7 @@
--- agent.lua: an agent library for Lua programs on llmos.
+-- agent: an agent library for Lua programs on llmos, in the userland standard library
+-- (docs/userland-library.md; the Python twin is llmos/std/agent.py):
 --
--- Until llmos has a userland standard library, a program loads it from its namespace's file
--- store, where it is put once (`llmos fs put userland/lua/agent.lua lib/agent.lua`):
---
---   local agent = load(sys.fs.read("lib/agent.lua"), "=agent.lua")()
+--   local agent = require "agent"
 --
 --   local calc = agent.new{
 --     system = "You are a careful assistant.",

@@ -1,0 +1,222 @@
+"""Durable processes: the journal of every syscall a durable process makes, and its replay.
+
+A process spawned with `durable` has its spec (program, args, limits, ...), its
+mailbox (the store's port_messages, keyed by its pid) and a journal: per
+syscall, the call's name, a hash of its arguments and its result. When the
+server starts again, kernel.py recreates each durable process that had not
+ended (same pid) and its userland runs the program from the start; each
+syscall is answered from the journal (`ProcessJournal.replay`) until the
+journal runs out, and the process goes on live. A call whose name or argument
+hash differs from the journal's ends the process CRASHED with reason
+`replay_divergence`; a program loaded by path whose file changed ends it
+CRASHED with reason `program_changed` (docs/durable-agents.md).
+
+The durability rule (why nothing is done twice):
+  1. Durable state is one ordered log: journal entries, durable processes' specs
+     and their mailboxes' messages go through the store's ordered queue
+     (`Store.enqueue`), written in order by the store's write-behind thread in
+     batches (group commit, one transaction each). A kill -9 keeps a prefix of
+     it. A syscall's entry and its effect on durable state (the message a send
+     stores, the message a receive deletes, the spec of a durable child a spawn
+     creates) are one unit of the queue, never split.
+  2. So whatever a durable process did that another one saw is kept with
+     everything it depended on, or neither is: a lost entry is a call made
+     again, live, after the replay, with its effect lost with it.
+  3. Effects outside that log (file changes, messages to ports, which external
+     clients read) wait for the commit of everything queued before them
+     (output commit: `ProcessJournal.commit`) and are made idempotent: an
+     append first journals the file's size (an intent entry) and a replay that
+     ends on such an intent cuts the file back to it before writing again.
+What is not durable: non-durable processes (children included) and what they
+did, locks held (a replayed process holds none), leases of acknowledged
+receives, infer calls whose result was not journaled yet (they run again).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import marshal
+from typing import Any, Iterable
+
+from .mailbox import Message
+from .store import DELETE_MESSAGE, STORE_MESSAGE, Store
+
+REPLAY_DIVERGENCE = "replay_divergence"
+PROGRAM_CHANGED = "program_changed"
+
+_INSERT_ENTRY = "INSERT OR REPLACE INTO journal VALUES(?,?,?,?,?)"
+_INSERT_SPEC = "INSERT OR REPLACE INTO durable_processes VALUES(?,?)"
+_MASK = (1 << 64) - 1
+
+
+# Calls that take or give back a lock: their entries also name the lock (kind, permits), so that a
+# restart can give each durable process the locks it held before anything runs (held_locks).
+LOCK_CALLS = frozenset(("lock_acquire_now", "lock_try", "lock_acquire", "lock_release"))
+
+
+class Divergence(Exception):
+    """The program made a different call than its journal has (its text says which)."""
+
+
+_PLAIN = frozenset((int, float, bytes, str, bool, type(None)))
+
+
+def args_hash(args: tuple) -> int:
+    """A hash of a call's arguments that does not depend on a table's iteration order."""
+    plain = _PLAIN
+    if not all(type(v) in plain for v in args):
+        args = _canonical(args)
+    # Version 2: the later ones mark objects with more than one reference, so equal values could differ.
+    return int.from_bytes(hashlib.blake2b(marshal.dumps(args, 2), digest_size=8).digest(), "little", signed=True)
+
+
+def _canonical(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return ("d", tuple(sorted(((str(k), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+    if kind is list or kind is tuple:
+        return tuple(_canonical(v) for v in value)
+    if kind is Message:
+        return ("m", value.id)
+    return value
+
+
+# Results are marshalled (plain values, bytes and tuples, fast); a received message, which is no
+# plain value and comes first in a receive's answer, is kept as a tuple there (Lua values never are).
+def encode_result(result: Any) -> bytes:
+    if type(result) is tuple and result and type(result[0]) is Message:
+        result = (_message_fields(result[0]),) + result[1:]
+    return marshal.dumps(result)
+
+
+def decode_result(blob: bytes) -> Any:
+    result = marshal.loads(blob)
+    if type(result) is tuple and result and type(result[0]) is tuple:
+        result = (Message(*result[0]),) + result[1:]
+    return result
+
+
+def _message_fields(m: Message) -> tuple:
+    return (m.id, m.sender, m.to, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms)
+
+
+def message_row(m: Message) -> tuple[str, tuple]:
+    """The op that stores `m` in its durable receiver's mailbox."""
+    return STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms)
+
+
+class ProcessJournal:
+    """One durable process's journal: the entries a replay answers from, then the live ones."""
+
+    __slots__ = ("pid", "store", "seed", "entries", "cursor", "divergence")
+
+    def __init__(self, pid: int, store: Store, seed: int, entries: list[tuple[str, int, bytes]] | None = None) -> None:
+        self.pid = pid
+        self.store = store
+        self.seed = seed  # math.random's seed, the same in every run
+        self.entries = entries or []  # (call, args hash, encoded result), journaled before this start
+        self.cursor = 0  # the next entry a replayed call is answered from; == len(entries): live
+        self.divergence: str | None = None  # why the replay failed, once it has
+
+    @property
+    def replaying(self) -> bool:
+        return self.cursor < len(self.entries)
+
+    def replay(self, call: str, args: Any) -> Any:
+        """The journaled result of the next call, which must be `call` with these arguments."""
+        seq = self.cursor
+        name, digest, blob = self.entries[seq]
+        if name != call or digest != args_hash(args):
+            what = "the same call with other arguments" if name == call else "another call"
+            self.divergence = (f"replay diverged at syscall #{seq + 1}: the journal has {name} "
+                               f"(arguments hash {digest & _MASK:016x}), the program made {call} "
+                               f"(arguments hash {args_hash(args) & _MASK:016x}): {what}")
+            raise Divergence(self.divergence)
+        self.cursor = seq + 1
+        result = decode_result(blob)
+        return result["answer"] if name in LOCK_CALLS else result
+
+    def peek(self) -> str | None:
+        """The name of the next journaled call, or None when live."""
+        return self.entries[self.cursor][0] if self.replaying else None
+
+    def entry_ops(self, call: str, digest: int, result: Any) -> list[tuple[str, tuple]]:
+        """The op journaling a live call's result (queued by the caller, with its effects)."""
+        seq = len(self.entries)
+        self.entries.append((call, digest, b""))  # its result is never read again in this run
+        self.cursor = seq + 1
+        return [(_INSERT_ENTRY, (self.pid, seq, call, digest, encode_result(result)))]
+
+    def record(self, call: str, args: Any, result: Any, effects: Iterable[tuple[str, tuple]] = (),
+               lock: tuple | None = None) -> None:
+        """Journal a live call's result, with the ops of its effects on durable state, as one unit.
+        A call of LOCK_CALLS names its lock: (name, kind, permits)."""
+        if call in LOCK_CALLS:  # a dict: no tuple of it is taken for a message (decode_result)
+            result = {"answer": result, "lock": lock}
+        ops = self.entry_ops(call, args_hash(args), result)
+        ops.extend(effects)
+        self.store.enqueue(ops)
+
+    def commit(self) -> None:
+        """Output commit: everything queued so far is written before an effect outside the journal."""
+        self.store.flush()
+
+    def received(self, msg: Any) -> list[tuple[str, tuple]]:
+        """The effects of a receive that took `msg` (anything else: none): it leaves the durable mailbox."""
+        return [(DELETE_MESSAGE, (msg.id,))] if type(msg) is Message else []
+
+
+class Journal:
+    """The kernel's durable processes: their specs and journals in the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def spec_op(self, pid: int, spec: dict[str, Any]) -> tuple[str, tuple]:
+        return _INSERT_SPEC, (pid, marshal.dumps(spec))
+
+    def specs(self) -> dict[int, dict[str, Any]]:
+        """pid -> spec of every durable process the store has (ended ones are deleted)."""
+        return {pid: marshal.loads(blob) for pid, blob in self.store.query("SELECT pid, spec FROM durable_processes")}
+
+    def entries(self) -> dict[int, list[tuple[str, int, bytes]]]:
+        out: dict[int, list[tuple[str, int, bytes]]] = {}
+        for pid, call, digest, blob in self.store.query("SELECT pid, call, args_hash, result FROM journal ORDER BY pid, seq"):
+            out.setdefault(pid, []).append((call, digest, blob))
+        return out
+
+    @staticmethod
+    def held_locks(entries: list[tuple[str, int, bytes]]) -> dict[str, tuple[str, int, int]]:
+        """The locks a journal's process holds at its end: name -> (kind, permits, times held)."""
+        held: dict[str, tuple[str, int, int]] = {}
+        for call, _, blob in entries:
+            if call not in LOCK_CALLS:
+                continue
+            entry = decode_result(blob)
+            answer, lock = entry["answer"], entry["lock"]
+            if lock is None:
+                continue
+            name, kind, permits = lock
+            count = held.get(name, (kind, permits, 0))[2]
+            if call == "lock_release":
+                if answer is True:
+                    count -= 1
+            elif type(answer[0] if call == "lock_acquire" and type(answer) is tuple and answer else answer) is dict:
+                count += 1
+            if count > 0:
+                held[name] = (kind, permits, count)
+            else:
+                held.pop(name, None)
+        return held
+
+    def ended_ops(self, pid: int) -> list[tuple[str, tuple]]:
+        """An ended process's spec, journal and stored messages go."""
+        return [
+            ("DELETE FROM journal WHERE pid=?", (pid,)),
+            ("DELETE FROM durable_processes WHERE pid=?", (pid,)),
+            ("DELETE FROM port_messages WHERE port=?", (pid,)),
+        ]
+
+
+def program_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()

@@ -1,0 +1,316 @@
+"""Durable processes (spawn with durable): their mailboxes are stored, their syscalls journaled, and a
+restarted server (kill -9 included) brings them back with the same pid and replays them to where they
+were, with nothing done twice. Real servers over real gRPC, killed and restarted on their data dir."""
+from __future__ import annotations
+
+import signal
+import textwrap
+from typing import Any
+
+import pytest
+
+import llmos
+from llmosd_process import LlmosdServer
+
+WAIT_S = 60.0  # generous bound for anything here to happen
+
+
+def restart(server: LlmosdServer) -> llmos.Client:
+    server.stop(signal.SIGKILL)
+    server.start()
+    return llmos.Client(server.target)
+
+
+def bodies(k: llmos.Client, port: int, n: int) -> list[Any]:
+    out = []
+    for _ in range(n):
+        msg = k.recv(port, timeout=WAIT_S)
+        assert msg is not None, f"only {out} came"
+        out.append(msg.body)
+    return out
+
+
+def nothing_more(k: llmos.Client, port: int) -> None:
+    assert k.recv(port, timeout=0) is None
+
+
+# Reports what only a journal can give back the same (time, random numbers, a child's pid, the
+# order of pairs), appends to a file, and waits for "go" after each round.
+REPORTER = textwrap.dedent("""
+    local port = args.port
+    local t = {}
+    for i = 1, 20 do t["key" .. i] = i end
+    local order = {}
+    for k in pairs(t) do order[#order + 1] = k end
+    local child = sys.spawn{lua = "return sys.recv().body", durable = true}
+    for round = 1, 2 do
+        sys.fs.write("log.txt", "round " .. round .. "\\n", {append = true})
+        sys.send(port, {round = round, now = sys.now(), random = math.random(1, 1000000),
+                        child = child, order = table.concat(order, ","), time = os.time()})
+        local go = sys.recv{tag = "go"}
+    end
+    sys.send(child, "bye")
+    return sys.wait(child).result
+""")
+
+
+def test_a_durable_process_comes_back_after_kill_9_and_does_nothing_twice(fresh_llmosd: LlmosdServer) -> None:
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=REPORTER, args={"port": port}, durable=True)
+        first = bodies(k, port, 1)[0]
+    with restart(fresh_llmosd) as k:
+        assert k.get(pid).state in ("BLOCKED", "RUNNABLE", "RUNNING")
+        k.send(pid, "now", tag="go")
+        second = bodies(k, port, 1)[0]
+        assert second["round"] == 2 and second["child"] == first["child"]
+        nothing_more(k, port)  # round 1 was not sent again
+    with restart(fresh_llmosd) as k:  # and once more, mid-round 2
+        k.send(pid, "again", tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", "bye")
+        nothing_more(k, port)
+        assert k.read_file("log.txt") == b"round 1\nround 2\n"
+
+
+def test_a_replay_gives_the_program_the_journaled_time_random_numbers_and_pairs_order(
+        fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local t = {}
+        for i = 1, 30 do t["k" .. i] = true end
+        local order = {}
+        for k in pairs(t) do order[#order + 1] = k end
+        local seen = {now = sys.now(), random = math.random(), order = table.concat(order, ",")}
+        sys.send(args.port, seen)
+        sys.recv{tag = "go"}
+        sys.send(args.port, seen)  -- what the replay computed, sent live
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        before = bodies(k, port, 1)[0]
+    with restart(fresh_llmosd) as k:
+        k.send(pid, None, tag="go")
+        assert bodies(k, port, 1)[0] == before
+        assert k.wait(pid, timeout=WAIT_S).state == "EXITED"
+
+
+def test_messages_waiting_in_a_durable_mailbox_survive_a_restart_in_order(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        sys.log("started", {})  -- a table's address differs from run to run: logs are not journaled
+        sys.recv{tag = "start"}
+        local got = {}
+        for i = 1, 5 do got[i] = sys.recv{tag = "item"}.body end
+        return got
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        pid = k.spawn(lua=program, durable=True)
+        plain = k.spawn(lua=program)
+        for i in range(5):
+            k.send(pid, i, tag="item")
+    with restart(fresh_llmosd) as k:
+        info = k.get(plain)
+        assert (info.state, info.exit_reason) == ("KILLED", "server_restart")  # not durable: not brought back
+        k.send(pid, None, tag="start")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", [0, 1, 2, 3, 4])
+
+
+def test_a_message_received_before_the_crash_is_not_received_again(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local got = {}
+        for i = 1, 3 do
+            got[i] = sys.recv{tag = "item"}.body
+            sys.send(args.port, got[i])
+        end
+        return got
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        k.send(pid, "a", tag="item")
+        assert bodies(k, port, 1) == ["a"]
+        k.send(pid, "b", tag="item")  # waiting, or taken: either way received once
+    with restart(fresh_llmosd) as k:
+        k.send(pid, "c", tag="item")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", ["a", "b", "c"])
+        assert bodies(k, port, 2) == ["b", "c"]
+        nothing_more(k, port)
+
+
+def test_durable_children_come_back_with_their_monitors(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local child = sys.spawn{lua = "return sys.recv{tag = 'go'}.body * 2", durable = true, monitor = true}
+        sys.send(args.port, child)
+        local exit = sys.recv{tag = "EXIT"}
+        return {child = child, result = exit.body.result}
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        parent = k.spawn(lua=program, args={"port": port}, durable=True)
+        child = bodies(k, port, 1)[0]
+    with restart(fresh_llmosd) as k:
+        assert k.get(child).parent == parent
+        k.send(child, 21, tag="go")
+        info = k.wait(parent, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"child": child, "result": 42})
+        nothing_more(k, port)
+
+
+def test_a_replay_that_makes_a_different_call_crashes_with_replay_divergence(fresh_llmosd: LlmosdServer) -> None:
+    # A table's address differs from run to run: a program that sends it diverges in its replay.
+    program = textwrap.dedent("""
+        sys.send(args.port, tostring({}))
+        sys.recv{tag = "go"}
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        bodies(k, port, 1)
+    with restart(fresh_llmosd) as k:
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.exit_reason) == ("CRASHED", "replay_divergence")
+        assert "syscall #1" in info.error and "send" in info.error
+        nothing_more(k, port)
+
+
+def test_a_durable_program_whose_file_changed_is_not_replayed(tmp_path: Any) -> None:
+    root = tmp_path / "userland"
+    root.mkdir()
+    (root / "agent.lua").write_text("sys.send(args.port, 'started')\nsys.recv{tag = 'go'}\nreturn 1\n")
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "2", userland_root=root)
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            port = k.open_port()
+            pid = k.spawn(path="agent.lua", args={"port": port}, durable=True)
+            bodies(k, port, 1)
+        (root / "agent.lua").write_text("sys.send(args.port, 'version 2')\nreturn 2\n")
+        with restart(server) as k:
+            info = k.wait(pid, timeout=WAIT_S)
+            assert (info.state, info.exit_reason) == ("CRASHED", "program_changed")
+            nothing_more(k, port)
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_an_ended_durable_process_stays_ended_and_sigterm_keeps_live_ones(fresh_llmosd: LlmosdServer) -> None:
+    with llmos.Client(fresh_llmosd.target) as k:
+        done = k.spawn(lua="return 7", durable=True)
+        assert k.wait(done, timeout=WAIT_S).result == 7
+        waiting = k.spawn(lua="return sys.recv().body", durable=True)
+        plain = k.spawn(lua="return sys.recv().body")
+    fresh_llmosd.stop(signal.SIGTERM)
+    fresh_llmosd.start()
+    with llmos.Client(fresh_llmosd.target) as k:
+        assert k.wait(done, timeout=WAIT_S).result == 7
+        info = k.wait(plain, timeout=WAIT_S)
+        assert (info.state, info.exit_reason) == ("KILLED", "shutdown")  # not durable: not brought back
+        k.send(waiting, "still here")
+        info = k.wait(waiting, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", "still here")
+
+
+def test_durable_python_agents_are_refused_as_unimplemented(stub: Any) -> None:
+    import grpc
+    from llmos.v1 import kernel_pb2 as pb
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Spawn(pb.SpawnRequest(python="print(1)", durable=True))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_sys_spawn_durable_must_be_a_boolean(stub: Any) -> None:
+    from llmos.v1 import kernel_pb2 as pb
+    pid = stub.Spawn(pb.SpawnRequest(lua="local ok, err = pcall(sys.spawn, {lua = 'return 1', durable = 1})\n"
+                                         "return err")).pid
+    reply = stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=60_000))
+    assert "durable must be a boolean" in reply.process.result.string_value
+
+
+def test_a_replayed_process_holds_the_locks_it_held_and_appends_once(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        sys.lock.acquire("shared")
+        sys.fs.write("out.txt", "a", {append = true})
+        sys.send(args.port, "holding")
+        sys.recv{tag = "go"}
+        sys.fs.write("out.txt", "b", {append = true})
+        sys.lock.release("shared")
+        return "done"
+    """)
+    contender = "local got = sys.lock.try_acquire('shared') return got ~= nil"
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        bodies(k, port, 1)
+    with restart(fresh_llmosd) as k:
+        k.send(pid, None, tag="ping")  # not what it waits for: it stays blocked, replayed, live
+        assert k.run(contender, timeout=WAIT_S).result is False  # the lock is its again
+        k.send(pid, None, tag="go")
+        assert k.wait(pid, timeout=WAIT_S).result == "done"
+        assert k.run(contender, timeout=WAIT_S).result is True
+        assert k.read_file("out.txt") == b"ab"
+
+
+def test_sys_cond_wait_is_unimplemented_in_durable_processes(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        sys.lock.acquire("m")
+        local ok, err = pcall(sys.cond.wait, "c", "m", 10)
+        return err
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        info = k.wait(k.spawn(lua=program, durable=True), timeout=WAIT_S)
+        assert "not in durable processes" in info.result
+
+
+def test_a_durable_process_receives_with_ack_once_across_a_restart(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local m = sys.recv{ack = true, tag = "job"}
+        sys.send(args.port, m.body)
+        sys.recv{tag = "go"}
+        return sys.ack(m)
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        k.send(pid, "job 1", tag="job")
+        assert bodies(k, port, 1) == ["job 1"]
+    with restart(fresh_llmosd) as k:  # its lease is gone with the server; its receive is journaled
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", True)
+        nothing_more(k, port)
+
+
+def test_a_durable_process_requires_library_modules_across_a_restart(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local supervisor = require "supervisor"
+        sys.send(args.port, type(supervisor.run))
+        sys.recv{tag = "go"}
+        return type(require("server").call)
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        assert bodies(k, port, 1) == ["function"]
+    with restart(fresh_llmosd) as k:
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result, info.error) == ("EXITED", "function", "")
+        nothing_more(k, port)
+
+
+def test_bad_arguments_in_a_durable_process_are_refused_as_in_any(stub: Any) -> None:
+    from llmos.v1 import kernel_pb2 as pb
+    program = textwrap.dedent("""
+        local _, bad_ack = pcall(sys.ack, -5)
+        local _, bad_write = pcall(sys.fs.write, "a.txt", "x", {bogus = 1})
+        local _, bad_path = pcall(sys.fs.write, "../a.txt", "x", {append = true})
+        return {bad_ack, bad_write, bad_path}
+    """)
+    pid = stub.Spawn(pb.SpawnRequest(lua=program, durable=True)).pid
+    result = stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=60_000)).process.result
+    bad_ack, bad_write, bad_path = (v.string_value for v in result.list_value.values)
+    assert "message_id" in bad_ack
+    assert "bogus" in bad_write
+    assert "a.txt" in bad_path

@@ -1,0 +1,250 @@
+"""Durability benchmark: durable processes (journal, replay) on a real llmosd, side by side with a peer.
+
+    python tools/bench_durable.py            # about a minute on 2 cores
+    python tools/bench_durable.py --quick    # smaller counts, for a smoke test
+    python tools/bench_durable.py --png out.png
+
+Rows (one table; each row runs against its peer in the same run):
+- durable Lua ping-pong: pairs of durable Lua processes, every send and receive journaled, round trips
+  per second over all pairs, against the same pairs not durable (target >= 20,000 rt/s);
+- journaled syscalls per second, live (sys.now() in a loop in a durable process);
+- restart: N durable idle processes (default 10,000, each blocked in sys.recv), server kill -9'd and
+  started again: seconds from the new server's start until all are back, blocked in their receive
+  again (target <= 10 s), against an empty server's start;
+- replay: one durable process with M journaled syscalls (default 100,000) replayed after a kill -9:
+  journal entries per second (target >= 50,000), over the whole restart (the server's own start,
+  loading the journal, the replay until it blocks live again): a lower bound.
+
+ROWS is a list of row functions (each takes the run's Bench and returns Row); another benchmark
+of the same issue (acknowledged delivery against Redis Streams) adds its own function to it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import signal
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import llmos
+from llmos.v1 import kernel_pb2 as pb
+from llmos.v1 import kernel_pb2_grpc
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # the tests' server launcher
+from llmosd_process import LlmosdServer  # noqa: E402
+
+PINGER_LUA = """
+local peer = sys.spawn{lua = [[
+  for i = 1, args do local m = sys.recv{} ; sys.send(m.from, m.body) end
+]], args = args.n, durable = args.durable}
+sys.recv{tag = "go"}
+for i = 1, args.n do sys.send(peer, i) ; sys.recv{} end
+return args.n
+"""
+
+NOW_LOOP_LUA = """
+for i = 1, args.n do sys.now() end
+sys.send(args.port, "done")
+sys.recv{tag = "go"}
+"""
+
+IDLE_LUA = "sys.recv{tag = 'go'}"
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    ours: float
+    unit: str
+    peer_name: str = ""
+    peer: float | None = None
+    target: str = ""
+    met: bool | None = None
+
+    def ratio(self) -> str:
+        if self.peer is None or not self.peer:
+            return ""
+        return f"{self.ours / self.peer:.2f}x"
+
+
+@dataclasses.dataclass
+class Bench:
+    quick: bool
+    work: pathlib.Path
+    cpus: int
+
+    def server(self, name: str) -> LlmosdServer:
+        return LlmosdServer(self.work / name, "--model", "none", "--cpus", str(self.cpus))
+
+
+def _wait_state(server: LlmosdServer, states: list[int], count: int, timeout: float) -> float:
+    """Poll until `count` processes are in `states`; the time it took (or raise)."""
+    start = time.perf_counter()
+    channel = server.channel()
+    stub = kernel_pb2_grpc.KernelStub(channel)
+    while True:
+        n, after = 0, 0
+        while True:
+            reply = stub.ListProcesses(pb.ListProcessesRequest(states=states, page_size=10000, after_pid=after))
+            n += len(reply.processes)
+            after = reply.next_after_pid
+            if not after:
+                break
+        if n >= count:
+            channel.close()
+            return time.perf_counter() - start
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"only {n} of {count} processes came back in {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def ping_pong(b: Bench) -> Row:
+    pairs, n = (4, 500) if b.quick else (8, 4000)
+    rates = {}
+    server = b.server("ping-pong")
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            for durable in (False, True, False, True):  # alternate: the machine's speed drifts
+                pids = [k.spawn(lua=PINGER_LUA, args={"n": n, "durable": durable}, durable=durable)
+                        for _ in range(pairs)]
+                _wait_state(server, [pb.BLOCKED], 2 * pairs, 60)
+                start = time.perf_counter()
+                for pid in pids:
+                    k.send(pid, None, tag="go")
+                for pid in pids:
+                    info = k.wait(pid, timeout=600)
+                    assert info is not None and info.state == "EXITED", info
+                rate = pairs * n / (time.perf_counter() - start)
+                rates[durable] = max(rates.get(durable, 0.0), rate)
+    finally:
+        server.stop()
+    return Row(f"durable Lua ping-pong, {pairs} pairs", rates[True], "rt/s", "not durable", rates[False],
+               ">= 20,000 rt/s", rates[True] >= 20_000)
+
+
+def journaled_calls(b: Bench) -> Row:
+    n = 20_000 if b.quick else 200_000
+    server = b.server("live")
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            port = k.open_port()
+            rates = {}
+            for durable in (False, True):
+                start = time.perf_counter()
+                pid = k.spawn(lua=NOW_LOOP_LUA, args={"n": n, "port": port}, durable=durable)
+                assert k.recv(port, timeout=600) is not None
+                rates[durable] = n / (time.perf_counter() - start)
+                k.kill(pid)
+    finally:
+        server.stop()
+    return Row("journaled sys.now() calls, live", rates[True], "calls/s", "not durable", rates[False])
+
+
+def restart(b: Bench) -> Row:
+    n = 1000 if b.quick else 10_000
+    empty = b.server("empty")
+    start = time.perf_counter()
+    empty.start()
+    empty_s = time.perf_counter() - start
+    empty.stop()
+    server = b.server("restart")
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            for _ in range(n):
+                k.spawn(lua=IDLE_LUA, durable=True)
+            _wait_state(server, [pb.BLOCKED], n, 600)
+        server.stop(signal.SIGKILL)
+        start = time.perf_counter()
+        server.start()
+        with llmos.Client(server.target) as k:
+            _wait_state(server, [pb.BLOCKED], n, 600)
+        seconds = time.perf_counter() - start
+    finally:
+        server.stop(signal.SIGKILL)
+    return Row(f"restart: {n:,} durable idle processes back", seconds, "s", "empty server's start", empty_s,
+               "<= 10 s", seconds <= 10)
+
+
+def replay(b: Bench) -> Row:
+    n = 20_000 if b.quick else 100_000
+    server = b.server("replay")
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            port = k.open_port()
+            pid = k.spawn(lua=NOW_LOOP_LUA, args={"n": n, "port": port}, durable=True)
+            assert k.recv(port, timeout=600) is not None
+            _wait_state(server, [pb.BLOCKED], 1, 60)
+        server.stop(signal.SIGKILL)
+        start = time.perf_counter()
+        server.start()
+        with llmos.Client(server.target) as k:
+            while k.get(pid).blocked_on != "recv":
+                time.sleep(0.005)
+        seconds = time.perf_counter() - start  # the whole restart: the server's own start is counted too
+    finally:
+        server.stop(signal.SIGKILL)
+    entries = n + 1  # and its send
+    rate = entries / seconds
+    return Row(f"replay of {entries:,} journal entries (server start included)", rate, "entries/s", target=">= 50,000 entries/s",
+               met=rate >= 50_000)
+
+
+ROWS: list[Callable[[Bench], Row]] = [ping_pong, journaled_calls, restart, replay]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--png", help="also draw the rows (ours against the peer) into this PNG (matplotlib)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(args.quick, pathlib.Path(tmp), args.cpus)
+        for row in ROWS:
+            rows.append(row(bench))
+            r = rows[-1]
+            print(f"  {r.name}: {r.ours:,.1f} {r.unit}", flush=True)
+    header = ("row", "ours", "peer", "ratio", "target", "met")
+    table = [header] + [
+        (r.name, f"{r.ours:,.1f} {r.unit}", f"{r.peer_name} {r.peer:,.1f}" if r.peer is not None else "", r.ratio(),
+         r.target, "" if r.met is None else "yes" if r.met else "NO")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    if args.png:
+        draw(rows, args.png)
+
+
+def draw(rows: list[Row], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.5))
+    for ax, r in zip(axes if len(rows) > 1 else [axes], rows):
+        labels, values = ["ours"], [r.ours]
+        if r.peer is not None:
+            labels.append(r.peer_name)
+            values.append(r.peer)
+        ax.bar(labels, values)
+        ax.set_title(r.name, fontsize=8)
+        ax.set_ylabel(r.unit)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
