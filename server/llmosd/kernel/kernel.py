@@ -169,6 +169,7 @@ class Kernel:
                         self.procs[ancestor].descendants += 1
                 self.procs[pid] = proc
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
+                self.namespaces.add_locked(proc.namespace, proc.limits)
                 journal = self.journals[pid] = ProcessJournal(pid, self.store, spec["seed"], entries.get(pid, []))
                 self._retake_locks(proc, journal)
                 try:
