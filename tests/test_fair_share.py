@@ -15,7 +15,6 @@ import grpc
 import pytest
 
 import llmos
-from llmos.v1 import kernel_pb2 as pb
 from llmosd.kernel.process import DEFAULT_WEIGHT
 from llmosd.kernel.scheduler import NAMESPACE_AGING, RunQueue
 from llmosd_process import LlmosdServer

@@ -5,7 +5,6 @@ minute; each reported with its use by GetNamespace, set by an admin (SetNamespac
 server's --namespace-* defaults; going over is RESOURCE_EXHAUSTED."""
 from __future__ import annotations
 
-import pathlib
 import signal
 from typing import Any, Callable, Iterator
 
