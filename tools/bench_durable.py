@@ -15,15 +15,23 @@ Rows (one table; each row runs against its peer in the same run):
   journal entries per second (target >= 50,000), over the whole restart (the server's own start,
   loading the journal, the replay until it blocks live again): a lower bound.
 
-ROWS is a list of row functions (each takes the run's Bench and returns Row); another benchmark
-of the same issue (acknowledged delivery against Redis Streams) adds its own function to it.
+- acknowledged delivery (send, leased receive, ack), one 100-byte message at a time, by a durable Lua
+  agent and by an SDK client on a port, against Redis Streams (XADD, XREADGROUP, XACK) with the same
+  durability (appendonly yes, appendfsync everysec); Debian's redis-server is started and stopped here
+  on a loopback port, with the `redis` client from PyPI (the row says how to install them if missing).
+
+ROWS is a list of row functions (each takes the run's Bench and returns a Row or a list of them).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import pathlib
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -195,7 +203,141 @@ def replay(b: Bench) -> Row:
                met=rate >= 50_000)
 
 
-ROWS: list[Callable[[Bench], Row]] = [ping_pong, journaled_calls, restart, replay]
+REDIS_MISSING = ("redis-server and the redis client are needed: apt-get install -y redis-server "
+                 "&& pip install redis")
+
+
+# -- Redis Streams, the peer of acknowledged delivery --------------------------------------------------
+class RedisServer:
+    """Debian's redis-server on a free loopback port, its AOF in `data_dir`, stopped on exit."""
+
+    def __init__(self, data_dir: pathlib.Path) -> None:
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def __enter__(self) -> "RedisServer":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis  # noqa: PLC0415 (optional: only this row needs it)
+
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def redis_available() -> bool:
+    return importlib.util.find_spec("redis") is not None and shutil.which("redis-server") is not None
+
+
+def redis_streams_rate(port: int, n: int, body: str) -> float:
+    """XADD, XREADGROUP (COUNT 1, a consumer group), XACK, one message at a time: messages per second."""
+    import redis  # noqa: PLC0415
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    r.delete("bench")
+    r.xgroup_create("bench", "workers", id="0", mkstream=True)
+    warm = min(1000, n)
+    for count in (warm, n):  # the first round warms up; the second is timed
+        start = time.perf_counter()
+        for _ in range(count):
+            r.xadd("bench", {"body": body})
+            (_, ((message_id, fields),)), = r.xreadgroup("workers", "c1", {"bench": ">"}, count=1)
+            r.xack("bench", "workers", message_id)
+        elapsed = time.perf_counter() - start
+    assert not r.xpending("bench", "workers")["pending"], "a message left unacknowledged"
+    r.close()
+    return n / elapsed
+
+
+# -- llmos: acknowledged delivery -------------------------------------------------------------------------
+ACK_LOOP_LUA = """
+local me, body = sys.self(), args.body
+local function loop(n)
+  for _ = 1, n do
+    sys.send(me, body)
+    local m = sys.recv{ack = true}
+    sys.ack(m)
+  end
+end
+loop(args.warm)
+local start = sys.now()
+loop(args.n)
+return sys.now() - start
+"""
+
+
+def lua_agent_rate(k: llmos.Client, n: int, body: str) -> tuple[float, str]:
+    """A Lua agent's send, recv{ack=true} and ack of its own messages: (messages per second, its mailbox)."""
+    pid = k.spawn(lua=ACK_LOOP_LUA, args={"n": n, "warm": min(1000, n), "body": body}, durable=True)
+    info = k.wait(pid, timeout=600)
+    if info is None or not info.ok:
+        raise RuntimeError(f"the Lua agent ended {info and info.state}: {info and info.error}")
+    return n / max(info.result / 1000, 1e-9), "its mailbox stored and its syscalls journaled (spawned durable)"
+
+
+def client_rate(k: llmos.Client, n: int, body: str) -> float:
+    """An SDK client's send, recv(ack=True) and ack on a port (stored), one at a time: messages per second."""
+    port = k.open_port()
+    warm = min(1000, n)
+    for count in (warm, n):  # the first round warms up; the second is timed
+        start = time.perf_counter()
+        for _ in range(count):
+            k.send(port, body)
+            m = k.recv(port, ack=True, timeout=60)
+            k.ack(port, m.id)
+        elapsed = time.perf_counter() - start
+    k.kill(port)
+    return n / elapsed
+
+
+def acknowledged_delivery(b: Bench) -> list[Row]:
+    """Send, leased receive and ack of 100-byte messages, one at a time, against Redis Streams with the
+    same durability: a durable Lua agent's mailbox and a port are stored before Send answers (SQLite WAL,
+    synchronous=NORMAL); Redis runs with appendonly yes, appendfsync everysec. Target: >= 2x Redis."""
+    n, body = (2000 if b.quick else 20000), "x" * 100
+    server = b.server("acks")
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            lua, _ = lua_agent_rate(k, n, body)
+            client = client_rate(k, max(n // 10, 100), body)
+    finally:
+        server.stop()
+    peer = None
+    if redis_available():
+        with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(pathlib.Path(tmp)) as redis:
+            peer = redis_streams_rate(redis.port, max(n // 10, 100), body)
+    else:
+        print(f"  Redis Streams row skipped: {REDIS_MISSING}", flush=True)
+    peer_name = "Redis Streams (XADD, XREADGROUP, XACK)"
+    return [Row("acked delivery, 100 B: a durable Lua agent", lua, "msg/s", peer_name, peer, ">= 2x Redis",
+                None if peer is None else lua >= 2 * peer),
+            Row("acked delivery, 100 B: an SDK client on a port (a gRPC call each)", client, "msg/s", peer_name,
+                peer, ">= 2x Redis", None if peer is None else client >= 2 * peer)]
+
+
+ROWS: list[Callable[[Bench], Row | list[Row]]] = [ping_pong, journaled_calls, restart, replay, acknowledged_delivery]
 
 
 def main() -> None:
@@ -208,9 +350,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args.quick, pathlib.Path(tmp), args.cpus)
         for row in ROWS:
-            rows.append(row(bench))
-            r = rows[-1]
-            print(f"  {r.name}: {r.ours:,.1f} {r.unit}", flush=True)
+            made = row(bench)
+            for r in made if isinstance(made, list) else [made]:
+                rows.append(r)
+                print(f"  {r.name}: {r.ours:,.1f} {r.unit}", flush=True)
     header = ("row", "ours", "peer", "ratio", "target", "met")
     table = [header] + [
         (r.name, f"{r.ours:,.1f} {r.unit}", f"{r.peer_name} {r.peer:,.1f}" if r.peer is not None else "", r.ratio(),

@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from .client import CHANNEL_OPTIONS, Call, ClientStreaming, Plan, Streaming, Syscalls, channel_credentials, first_call
+from .client import (CHANNEL_OPTIONS, RETRYABLE, Call, ClientStreaming, Plan, Retry, Streaming, Syscalls,
+                     channel_credentials, first_call)
 from .errors import Unavailable, from_rpc_error
 from .v1 import kernel_pb2_grpc
 
@@ -41,8 +42,9 @@ class Client(Syscalls):
     """
 
     def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
-                 token: str | None = None, tls: grpc.ChannelCredentials | None = None) -> None:
-        super().__init__(target, rpc_timeout, token)
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None,
+                 send_retry: Retry | None = Retry()) -> None:
+        super().__init__(target, rpc_timeout, token, send_retry)
         tls = tls or channel_credentials()
         self._channel = (grpc.aio.secure_channel(self.target, tls, options=CHANNEL_OPTIONS) if tls
                          else grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS))
@@ -64,10 +66,15 @@ class Client(Syscalls):
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 raise from_rpc_error(e) from None
-        try:
-            return await rpc(call.request, timeout=call.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        delays = call.retry.delays() if call.retry is not None else iter(())
+        while True:
+            try:
+                return await rpc(call.request, timeout=call.timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if e.code() in RETRYABLE else None
+                if delay is None:
+                    raise from_rpc_error(e) from None
+            await asyncio.sleep(delay)
 
     def _drive(self, plan: Plan[T]) -> Any:
         call = first_call(plan)
@@ -109,6 +116,7 @@ class Client(Syscalls):
         await self.close()
 
 
-def connect(target: str | None = None, *, rpc_timeout: float | None = 30.0) -> Client:
+def connect(target: str | None = None, *, rpc_timeout: float | None = 30.0,
+            send_retry: Retry | None = Retry()) -> Client:
     """An asyncio :class:`Client` for ``target``."""
-    return Client(target, rpc_timeout=rpc_timeout)
+    return Client(target, rpc_timeout=rpc_timeout, send_retry=send_retry)

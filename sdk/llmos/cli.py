@@ -7,6 +7,7 @@
     llmos recv 7 --timeout 5                   print the message as JSON
     llmos wait 12 / kill 12 13 / port / infer "Once upon a time"
     llmos fs put notes.md docs/notes.md / fs cat docs/notes.md / fs ls docs / fs mv A B / fs rm A
+    llmos dlq ls / dlq show 3 / dlq retry 3 --to worker / dlq purge --all      the dead-letter queue
     eval "$(llmos completion bash)"            shell completion (needs argcomplete)
 
 The server is --server, else $LLMOS_SERVER, else 127.0.0.1:50051 (HOST:PORT or unix:PATH).
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 
 from . import __version__
-from .client import Client, ProcessInfo, ProcessState, default_target, program_source
+from .client import Client, DeadLetter, ProcessInfo, ProcessState, default_target, program_source
 from .errors import LlmosError
 from .v1 import kernel_pb2 as pb
 
@@ -151,7 +152,8 @@ def _body(text: str | None) -> Any:
 
 def cmd_send(k: Client, a: argparse.Namespace) -> int:
     to: int | str = int(a.to) if a.to.isdigit() else a.to
-    print(k.send(to, _body(a.body), sender=a.sender, tag=a.tag, correlation_id=a.correlation_id))
+    print(k.send(to, _body(a.body), sender=a.sender, tag=a.tag, correlation_id=a.correlation_id,
+                 notify_undelivered=a.notify_undelivered, idempotency_key=a.idempotency_key))
     return EXIT_OK
 
 
@@ -379,10 +381,57 @@ def cmd_fs_mv(k: Client, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DLQ_COLUMNS = ("ID", "MESSAGE", "FROM", "RECEIVER", "TAG", "REASON", "ATTEMPTS", "DEAD_AT", "BODY")
+BODY_SHOWN = 40  # characters of a body `dlq ls` shows
+
+
+def format_dlq(letters: Sequence[DeadLetter]) -> str:
+    """The `llmos dlq ls` table: one dead letter a line, oldest first, its body cut short."""
+    def body(d: DeadLetter) -> str:
+        text = _dumps(d.message.body)
+        return text if len(text) <= BODY_SHOWN else text[:BODY_SHOWN - 3] + "..."
+
+    return _table(DLQ_COLUMNS, [
+        (str(d.id), str(d.message.id), str(d.message.sender), str(d.receiver), d.message.tag or "-", d.reason,
+         str(d.attempts), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.dead_at_ms / 1000)), body(d))
+        for d in letters
+    ])
+
+
+def cmd_dlq_ls(k: Client, a: argparse.Namespace) -> int:
+    letters = k.dead_letters(a.receiver, limit=a.limit)
+    print(_dumps([d.to_json() for d in letters]) if a.json else format_dlq(letters))
+    return EXIT_OK
+
+
+def cmd_dlq_show(k: Client, a: argparse.Namespace) -> int:
+    print(_dumps(k.dead_letter(a.id).to_json()))
+    return EXIT_OK
+
+
+def cmd_dlq_retry(k: Client, a: argparse.Namespace) -> int:
+    to = None if a.to is None else int(a.to) if a.to.isdigit() else a.to
+    print(k.retry_dead_letter(a.id, to))
+    return EXIT_OK
+
+
+def cmd_dlq_purge(k: Client, a: argparse.Namespace) -> int:
+    if bool(a.ids) + a.all + (a.before_ms is not None) != 1:
+        raise UsageError("dlq purge takes dead letter IDs, --all or --before-ms, exactly one of them")
+    print(k.purge_dead_letters(a.ids, all=a.all, before_ms=a.before_ms or 0))
+    return EXIT_OK
+
+
 # -- argument parsing -------------------------------------------------------------------------
 def _pid(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 1 << 64:  # pids are uint64 (above 2^53, none exists)
         raise argparse.ArgumentTypeError(f"a pid is a positive integer below 2^64, not {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 1 << 63:  # ids and times: below SQLite's (and int64's) limit
+        raise argparse.ArgumentTypeError(f"a positive integer below 2^63, not {text!r}")
     return int(text)
 
 
@@ -501,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="sender", type=_pid, default=0, metavar="PID", help="the sender (for replies)")
     p.add_argument("--tag", default="")
     p.add_argument("--correlation-id", default="", metavar="C")
+    p.add_argument("--notify-undelivered", action="store_true",
+                   help="if it is never delivered, --from gets an UNDELIVERED message (not the dead-letter queue)")
+    p.add_argument("--idempotency-key", metavar="K",
+                   help="sending again with the same key (and --from) stores nothing new (default: a random one)")
     p.set_defaults(handler=cmd_send)
 
     p = sub.add_parser("recv", help="take a message from a mailbox and print it as JSON")
@@ -619,6 +672,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = tok.add_parser("revoke", help="revoke a token by id")
     p.add_argument("id")
     p.set_defaults(handler=lambda k, a: EXIT_OK if k.revoke_token(a.id) else _fail("NOT_FOUND", f"no token {a.id}"))
+
+    dlq = sub.add_parser("dlq", help="the namespace's dead-letter queue: ls, show, retry, purge").add_subparsers(
+        dest="dlq_command", required=True, metavar="DLQ_COMMAND")
+    p = dlq.add_parser("ls", help="list dead letters, oldest first")
+    p.add_argument("--receiver", type=_pid, default=0, metavar="PID", help="only those that were in PID's mailbox")
+    p.add_argument("--limit", type=_positive, metavar="N", help="at most N of them")
+    p.add_argument("--json", action="store_true", help="print them as a JSON array, whole")
+    p.set_defaults(handler=cmd_dlq_ls)
+    p = dlq.add_parser("show", help="print a dead letter, with its history, as JSON")
+    p.add_argument("id", type=_positive, metavar="ID")
+    p.set_defaults(handler=cmd_dlq_show)
+    p = dlq.add_parser("retry", help="send a dead letter's message again; print the new message id")
+    p.add_argument("id", type=_positive, metavar="ID")
+    p.add_argument("--to", metavar="TO", help="a pid or registered name (default: its receiver)")
+    p.set_defaults(handler=cmd_dlq_retry)
+    p = dlq.add_parser("purge", help="delete dead letters for good; print how many")
+    p.add_argument("ids", nargs="*", type=_positive, metavar="ID")
+    p.add_argument("--all", action="store_true", help="every one of the namespace")
+    p.add_argument("--before-ms", type=_positive, metavar="MS", help="those that came before this unix time (ms)")
+    p.set_defaults(handler=cmd_dlq_purge)
     return parser
 
 

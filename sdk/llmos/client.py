@@ -17,6 +17,9 @@ import base64
 import functools
 import math
 import os
+import random
+import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import (TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Literal, Mapping, ParamSpec,
@@ -91,6 +94,30 @@ def channel_credentials(ca: str | None = None, cert: str | None = None,
             return f.read()
 
     return grpc.ssl_channel_credentials(pem(ca), pem(key), pem(cert))
+# What a send with an idempotency key is retried on: the server may or may not have stored it.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a client retries a send that failed with UNAVAILABLE or DEADLINE_EXCEEDED (the connection dropped,
+    the server restarted, no answer in time): up to ``attempts`` tries in all, waiting a random time of up to
+    ``first_backoff`` seconds before the second, twice as long before each next one, at most ``max_backoff``
+    (exponential backoff with full jitter; the defaults wait about 10 s in all at most). Every try carries
+    the same idempotency key, so the server stores the message once however many arrive."""
+
+    attempts: int = 10
+    first_backoff: float = 0.05
+    max_backoff: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        """The waits between tries: ``attempts`` - 1 of them."""
+        ceiling = self.first_backoff
+        for _ in range(self.attempts - 1):
+            yield random.uniform(0, ceiling)
+            ceiling = min(ceiling * 2, self.max_backoff)
+
+
 
 
 def default_target() -> str:
@@ -160,6 +187,28 @@ class ProcessInfo:
     def to_json(self) -> dict[str, JSON]:
         """All fields as a JSON-ready dict."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in the namespace's dead-letter queue, with its history: ``reason`` is "max_attempts" or
+    "receiver_ended", ``attempts`` how many times it was handed out with ack, ``receiver`` the mailbox it
+    was in, ``detail`` why it is here rather than with a dead_letter target or its sender."""
+
+    id: int
+    message: Message
+    reason: str
+    attempts: int
+    receiver: int
+    dead_at_ms: int
+    detail: str
+    namespace: str
+
+    def to_json(self) -> dict[str, JSON]:
+        """A JSON-ready dict; the message as :meth:`Message.to_json` makes it."""
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["message"] = self.message.to_json()
+        return out
 
 
 @dataclass(frozen=True)
@@ -247,6 +296,12 @@ def process_from_pb(info: pb.ProcessInfo) -> ProcessInfo:
     )
 
 
+def dead_letter_from_pb(dead: pb.DeadLetter) -> DeadLetter:
+    return DeadLetter(id=dead.id, message=message_from_pb(dead.message), reason=dead.reason,
+                      attempts=dead.attempts, receiver=dead.receiver, dead_at_ms=dead.dead_at_ms,
+                      detail=dead.detail, namespace=dead.namespace)
+
+
 def event_from_pb(event: pb.Event) -> Event:
     process = process_from_pb(event.process) if event.HasField("process") else None
     return Event(kind=event.kind, process=process, at_ms=event.at_ms)
@@ -284,6 +339,7 @@ class Unary:
     method: str
     request: Any
     timeout: float | None
+    retry: Retry | None = None  # safe to send again (it carries an idempotency key): how
 
 
 @dataclass(frozen=True)
@@ -466,13 +522,18 @@ class Syscalls:
 
     ``rpc_timeout`` bounds the calls that never block in the kernel (Spawn, Send, Kill, ...);
     blocking calls get their own ``timeout`` plus a small margin, or no deadline when unbounded.
+    ``send_retry`` is how :meth:`send` retries (None: it does not, and makes no idempotency keys).
     """
 
-    def __init__(self, target: str | None, rpc_timeout: float | None, token: str | None = None) -> None:
+    def __init__(self, target: str | None, rpc_timeout: float | None, token: str | None = None,
+                 send_retry: Retry | None = Retry()) -> None:
         self.target = target or default_target()
         self.rpc_timeout = rpc_timeout
         token = token or default_token()
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if send_retry is not None and (type(send_retry.attempts) is not int or send_retry.attempts < 1):
+            raise _invalid(f"send_retry.attempts must be an int >= 1, not {send_retry.attempts!r}")
+        self.send_retry = send_retry
 
     def _drive(self, plan: Plan[T]) -> T:
         raise NotImplementedError
@@ -514,9 +575,9 @@ class Syscalls:
         ``source_name`` is what errors call the source (say, the file it came from). ``weight`` (1..10000;
         0: the default, 100) is the process's share of CPU among processes of its priority. ``dead_letter``
         (a live pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process
-        ends, and those received with ack ``max_attempts`` times (0: no limit) without an ack. A ``durable``
-        process (Lua) has its mailbox stored and its syscalls journaled: a restarted server brings it back
-        (docs/durable-agents.md).
+        ends, and those received with ack ``max_attempts`` times (0: no limit) without an ack; without one they go to
+        the namespace's dead-letter queue (:meth:`dead_letters`). A ``durable`` process (Lua) has its mailbox
+        stored and its syscalls journaled: a restarted server brings it back (docs/durable-agents.md).
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,
                                        source_name, weight, dead_letter, max_attempts, durable)
@@ -524,14 +585,25 @@ class Syscalls:
 
     @syscall
     def send(self, to: int | str, body: JSON = None, *, sender: int = 0, tag: str = "", data: bytes = b"",
-             correlation_id: str = "") -> Plan[int]:
+             correlation_id: str = "", notify_undelivered: bool = False,
+             idempotency_key: str | None = None) -> Plan[int]:
         """Store a message in the mailbox of ``to`` (a pid or a registered name); return the message id.
 
         ``sender`` is the pid replies should go to (a port from :meth:`open_port`; 0 for none).
         Never waits for the receiver; a full mailbox raises ResourceExhausted.
+
+        A send that fails with UNAVAILABLE or DEADLINE_EXCEEDED is retried as the client's ``send_retry``
+        says, with an ``idempotency_key`` (one is made up if none is given; "" sends none and does not
+        retry): the server answers a repeated key from the same sender with the first message id and stores
+        nothing new, so a retry never duplicates a message. With ``notify_undelivered``, if the message is
+        never delivered (its receiver ends first, or it runs out of attempts) ``sender`` gets a message
+        tagged UNDELIVERED instead of the message going to a dead-letter target or queue.
         """
+        if idempotency_key is None:
+            idempotency_key = uuid.uuid4().hex if self.send_retry is not None else ""
         request = _message(pb.SendRequest, "send request",
-                           {"from": sender, "tag": tag, "data": data, "correlation_id": correlation_id})
+                           {"from": sender, "tag": tag, "data": data, "correlation_id": correlation_id,
+                            "notify_undelivered": notify_undelivered, "idempotency_key": idempotency_key})
         if isinstance(to, str):
             request.to_name = to
         elif isinstance(to, int) and not isinstance(to, bool):
@@ -540,7 +612,7 @@ class Syscalls:
             raise _invalid(f"to must be a pid (int) or a registered name (str), not {type(to).__name__}")
         if body is not None:
             request.body.CopyFrom(_value(body, "body"))
-        reply = yield self._unary("Send", request)
+        reply = yield Unary("Send", request, self.rpc_timeout, self.send_retry if idempotency_key else None)
         return reply.message_id
 
     @syscall
@@ -690,6 +762,55 @@ class Syscalls:
             if not reply.next_after_pid:
                 return found
             after = reply.next_after_pid
+
+    # -- the namespace's dead-letter queue ----------------------------------------------------------
+    @syscall
+    def dead_letters(self, receiver: int = 0, *, after_id: int = 0,
+                     limit: int | None = None) -> Plan[list[DeadLetter]]:
+        """The dead letters of the namespace (those that were in ``receiver``'s mailbox; 0: all), oldest
+        first, from after ``after_id``; at most ``limit`` of them (None: all, read page by page)."""
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise _invalid(f"limit must be an int >= 1 or None, not {limit!r}")
+        found: list[DeadLetter] = []
+        while limit is None or len(found) < limit:
+            page = 0 if limit is None else min(limit - len(found), 10_000)
+            reply = yield self._unary("ListDeadLetters", _message(pb.ListDeadLettersRequest, "dead letters request", {
+                "after_id": after_id, "page_size": page, "receiver": receiver}))
+            found += [dead_letter_from_pb(d) for d in reply.dead_letters]
+            if not reply.next_after_id:
+                break
+            after_id = reply.next_after_id
+        return found
+
+    @syscall
+    def dead_letter(self, dead_letter_id: int) -> Plan[DeadLetter]:
+        """One dead letter of the namespace (NotFound if it is not in the queue)."""
+        reply = yield self._unary("GetDeadLetter", _message(pb.GetDeadLetterRequest, "dead letter request",
+                                                            {"id": dead_letter_id}))
+        return dead_letter_from_pb(reply)
+
+    @syscall
+    def retry_dead_letter(self, dead_letter_id: int, to: int | str | None = None) -> Plan[int]:
+        """Send a dead letter's message again, as its sender, to ``to`` (a pid or name; None: its receiver,
+        FailedPrecondition if that has ended) and take it out of the queue; the new message's id. A full
+        mailbox (ResourceExhausted) leaves it in the queue."""
+        request = _message(pb.RetryDeadLetterRequest, "retry request", {"id": dead_letter_id})
+        if isinstance(to, str):
+            request.to_name = to
+        elif isinstance(to, int) and not isinstance(to, bool):
+            request.to = to
+        elif to is not None:
+            raise _invalid(f"to must be a pid (int), a registered name (str) or None, not {type(to).__name__}")
+        reply = yield self._unary("RetryDeadLetter", request)
+        return reply.message_id
+
+    @syscall
+    def purge_dead_letters(self, ids: Sequence[int] = (), *, all: bool = False, before_ms: int = 0) -> Plan[int]:
+        """Take dead letters out of the queue for good: ``ids``, or ``all``, or those that came before
+        ``before_ms`` (unix ms); exactly one of the three. How many were taken out."""
+        reply = yield self._unary("PurgeDeadLetters", _message(pb.PurgeDeadLettersRequest, "purge request", {
+            "ids": list(ids), "all": all, "before_ms": before_ms}))
+        return reply.purged
 
     @syscall
     def get(self, pid: int) -> Plan[ProcessInfo]:
@@ -937,8 +1058,9 @@ class Client(Syscalls):
     """
 
     def __init__(self, target: str | None = None, *, rpc_timeout: float | None = 30.0,
-                 token: str | None = None, tls: grpc.ChannelCredentials | None = None) -> None:
-        super().__init__(target, rpc_timeout, token)
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None,
+                 send_retry: Retry | None = Retry()) -> None:
+        super().__init__(target, rpc_timeout, token, send_retry)
         tls = tls or channel_credentials()
         self._channel = (grpc.secure_channel(self.target, tls, options=CHANNEL_OPTIONS) if tls
                          else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS))
@@ -956,10 +1078,15 @@ class Client(Syscalls):
                 if call.requests.error is not None:
                     raise call.requests.error from None
                 raise from_rpc_error(e) from None
-        try:
-            return rpc(call.request, timeout=call.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        delays = call.retry.delays() if call.retry is not None else iter(())
+        while True:
+            try:
+                return rpc(call.request, timeout=call.timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if e.code() in RETRYABLE else None
+                if delay is None:
+                    raise from_rpc_error(e) from None
+            time.sleep(delay)
 
     def _drive(self, plan: Plan[T]) -> T:
         call = first_call(plan)
@@ -1006,6 +1133,7 @@ class Client(Syscalls):
         self.close()
 
 
-def connect(target: str | None = None, *, rpc_timeout: float | None = 30.0) -> Client:
+def connect(target: str | None = None, *, rpc_timeout: float | None = 30.0,
+            send_retry: Retry | None = Retry()) -> Client:
     """A :class:`Client` for ``target`` (default: $LLMOS_SERVER or 127.0.0.1:50051)."""
-    return Client(target, rpc_timeout=rpc_timeout)
+    return Client(target, rpc_timeout=rpc_timeout, send_retry=send_retry)

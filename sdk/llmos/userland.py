@@ -358,11 +358,13 @@ class Sys:
 
     @_syscall
     def send(self, to: int | str, body: JSON = None, tag: str = "", data: bytes = b"",
-             correlation_id: str = "") -> int:
+             correlation_id: str = "", notify_undelivered: bool = False, idempotency_key: str | None = None) -> int:
         target = _text(to, "sys.send: to") if isinstance(to, str) else _pid(to, "sys.send: to")
         return self._k.send(target, body, sender=self.pid, tag=_text(tag, "sys.send: tag"),
                             data=_bytes(data, "sys.send: data"),
-                            correlation_id=_text(correlation_id, "sys.send: correlation_id"))
+                            correlation_id=_text(correlation_id, "sys.send: correlation_id"),
+                            notify_undelivered=_flag(notify_undelivered, "sys.send: notify_undelivered"),
+                            idempotency_key=_optional_text(idempotency_key, "sys.send: idempotency_key"))
 
     @_syscall
     def recv(self, sender: int | None = None, tag: str | None = None, correlation_id: str | None = None,

@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wedged-ms", type=float, default=1000.0,
                    help="health reports NOT_SERVING while a worker thread has been stuck in one C call this long "
                         "past the time it was due to give its virtual CPU back (default %(default)s)")
+    p.add_argument("--dead-letter-limit", type=int, default=1_000_000,
+                   help="dead letters a namespace's queue keeps; past it the oldest are dropped (default %(default)s)")
+    p.add_argument("--idempotency-window-s", type=float, default=600.0,
+                   help="how long a Send's idempotency_key is remembered (default %(default)s)")
     p.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="also serve HTTP: the syscalls as JSON, the OpenAI API, /metrics and the web console "
                         "(port 0 picks a free one)")
@@ -114,9 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--lib {lib}: not a directory")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         p.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
-    for flag in ("aging_ms", "wedged_ms"):
-        if not getattr(args, flag) > 0:  # aging is what bounds every wait (scheduler.py)
-            p.error(f"--{flag.replace('_', '-')} must be a positive number")
+    for flag in ("aging_ms", "wedged_ms", "dead_letter_limit", "idempotency_window_s"):
+        if not 0 < getattr(args, flag) < float("inf"):  # aging is what bounds every wait (scheduler.py)
+            p.error(f"--{flag.replace('_', '-')} must be a positive finite number")
     return args
 
 
@@ -136,6 +140,7 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         audit_rows=args.audit_rows,
         max_message_bytes=args.max_message_bytes,
         userland_root=root, lib_dirs=tuple(os.path.abspath(d) for d in args.lib),
+        dead_letter_limit=args.dead_letter_limit, idempotency_window_ms=round(args.idempotency_window_s * 1000),
         file_limits=FileLimits(max_file_bytes=args.file_max_bytes, namespace_bytes=args.namespace_bytes,
                                namespace_files=args.namespace_files, process_bytes=args.process_file_bytes,
                                process_files=args.process_files),

@@ -142,7 +142,7 @@ class Message(_message.Message):
     def __init__(self, id: _Optional[int] = ..., to: _Optional[int] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., sent_at_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., redelivered: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class SendRequest(_message.Message):
-    __slots__ = ("to", "to_name", "tag", "body", "data", "correlation_id")
+    __slots__ = ("to", "to_name", "tag", "body", "data", "correlation_id", "notify_undelivered", "idempotency_key")
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     TO_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -150,13 +150,17 @@ class SendRequest(_message.Message):
     BODY_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTIFY_UNDELIVERED_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     to: int
     to_name: str
     tag: str
     body: _struct_pb2.Value
     data: bytes
     correlation_id: str
-    def __init__(self, to: _Optional[int] = ..., to_name: _Optional[str] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., **kwargs) -> None: ...
+    notify_undelivered: bool
+    idempotency_key: str
+    def __init__(self, to: _Optional[int] = ..., to_name: _Optional[str] = ..., tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., notify_undelivered: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., **kwargs) -> None: ...
 
 class SendResponse(_message.Message):
     __slots__ = ("message_id",)
@@ -834,3 +838,83 @@ class CondSignalResponse(_message.Message):
     WOKEN_FIELD_NUMBER: _ClassVar[int]
     woken: int
     def __init__(self, woken: _Optional[int] = ...) -> None: ...
+
+class DeadLetter(_message.Message):
+    __slots__ = ("id", "message", "reason", "attempts", "receiver", "dead_at_ms", "detail", "namespace")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    DEAD_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    message: Message
+    reason: str
+    attempts: int
+    receiver: int
+    dead_at_ms: int
+    detail: str
+    namespace: str
+    def __init__(self, id: _Optional[int] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., reason: _Optional[str] = ..., attempts: _Optional[int] = ..., receiver: _Optional[int] = ..., dead_at_ms: _Optional[int] = ..., detail: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+
+class ListDeadLettersRequest(_message.Message):
+    __slots__ = ("after_id", "page_size", "receiver")
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    after_id: int
+    page_size: int
+    receiver: int
+    def __init__(self, after_id: _Optional[int] = ..., page_size: _Optional[int] = ..., receiver: _Optional[int] = ...) -> None: ...
+
+class ListDeadLettersResponse(_message.Message):
+    __slots__ = ("dead_letters", "next_after_id", "total", "dropped")
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dead_letters: _containers.RepeatedCompositeFieldContainer[DeadLetter]
+    next_after_id: int
+    total: int
+    dropped: int
+    def __init__(self, dead_letters: _Optional[_Iterable[_Union[DeadLetter, _Mapping]]] = ..., next_after_id: _Optional[int] = ..., total: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class GetDeadLetterRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class RetryDeadLetterRequest(_message.Message):
+    __slots__ = ("id", "to", "to_name")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TO_NAME_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    to: int
+    to_name: str
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[int] = ..., to_name: _Optional[str] = ...) -> None: ...
+
+class RetryDeadLetterResponse(_message.Message):
+    __slots__ = ("message_id",)
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    message_id: int
+    def __init__(self, message_id: _Optional[int] = ...) -> None: ...
+
+class PurgeDeadLettersRequest(_message.Message):
+    __slots__ = ("ids", "all", "before_ms")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_MS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    all: bool
+    before_ms: int
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., all: _Optional[bool] = ..., before_ms: _Optional[int] = ...) -> None: ...
+
+class PurgeDeadLettersResponse(_message.Message):
+    __slots__ = ("purged",)
+    PURGED_FIELD_NUMBER: _ClassVar[int]
+    purged: int
+    def __init__(self, purged: _Optional[int] = ...) -> None: ...

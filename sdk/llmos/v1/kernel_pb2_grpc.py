@@ -224,6 +224,26 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/llmos.v1.Kernel/ListDeadLetters',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.GetDeadLetter = channel.unary_unary(
+                '/llmos.v1.Kernel/GetDeadLetter',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.GetDeadLetterRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.DeadLetter.FromString,
+                _registered_method=True)
+        self.RetryDeadLetter = channel.unary_unary(
+                '/llmos.v1.Kernel/RetryDeadLetter',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.RetryDeadLetterRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.RetryDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.PurgeDeadLetters = channel.unary_unary(
+                '/llmos.v1.Kernel/PurgeDeadLetters',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.PurgeDeadLettersRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.PurgeDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -492,6 +512,36 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """The namespace's dead-letter queue: messages that could not be delivered (past max_attempts, or
+        left waiting or leased when their receiver ended) with no dead_letter target to take them (or one
+        that has ended or refused them) and no sender that asked for an UNDELIVERED notice. Kept in the
+        store, across restarts, until retried or purged. See docs/delivery.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeadLetter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryDeadLetter(self, request, context):
+        """Sends the message again (same sender, tag, body, data, correlation id; a new message id) to its
+        receiver or to another, and takes it out of the queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeDeadLetters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -684,6 +734,26 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.CondBroadcast,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'GetDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeadLetter,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetDeadLetterRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.DeadLetter.SerializeToString,
+            ),
+            'RetryDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryDeadLetter,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.RetryDeadLetterRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.RetryDeadLetterResponse.SerializeToString,
+            ),
+            'PurgeDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeDeadLetters,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.PurgeDeadLettersRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.PurgeDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1712,6 +1782,114 @@ class Kernel:
             '/llmos.v1.Kernel/CondBroadcast',
             llmos_dot_v1_dot_kernel__pb2.CondSignalRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.CondSignalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/ListDeadLetters',
+            llmos_dot_v1_dot_kernel__pb2.ListDeadLettersRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/GetDeadLetter',
+            llmos_dot_v1_dot_kernel__pb2.GetDeadLetterRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.DeadLetter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/RetryDeadLetter',
+            llmos_dot_v1_dot_kernel__pb2.RetryDeadLetterRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.RetryDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/PurgeDeadLetters',
+            llmos_dot_v1_dot_kernel__pb2.PurgeDeadLettersRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.PurgeDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

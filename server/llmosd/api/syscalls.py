@@ -22,10 +22,13 @@ from . import checks as C
 from .authority import PROCESS, Caller
 from .identity import CALLER
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
+from .dead_letter_syscalls import (sys_get_dead_letter, sys_list_dead_letters, sys_purge_dead_letters,
+                                   sys_retry_dead_letter)
+from .replies import fill_page, message_pb, page_size
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.process import PYTHON
-from ..kernel.mailbox import Match, Message
+from ..kernel.mailbox import Match
 from ..kernel.store import ProcessRecord, now_ms
 from ..kernel.waiting import TIMED_OUT, AsyncWaiter
 
@@ -46,14 +49,6 @@ def _enum_name(enum: Any, number: int, field: str) -> str:
         return enum.Name(number)
     except ValueError:
         raise InvalidArgument(f"{field}: {number} is not a value of {enum.DESCRIPTOR.name}") from None
-
-
-def message_pb(msg: Message, attempt: int = 0) -> pb.Message:
-    """`attempt`: set for a message received with ack (kernel/acks.py)."""
-    out = pb.Message(id=msg.id, to=msg.to, tag=msg.tag, data=msg.data, correlation_id=msg.correlation_id,
-                     sent_at_ms=msg.sent_at_ms, body=to_value(msg.body), attempt=attempt, redelivered=attempt > 1)
-    setattr(out, "from", msg.sender)
-    return out
 
 
 def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
@@ -142,7 +137,7 @@ async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
     body = _value(req.body) if req.HasField("body") else None
     message_id = k.send(getattr(req, "from"), getattr(req, target), req.tag, body, req.data, req.correlation_id,
-                        CALLER.get())
+                        CALLER.get(), req.notify_undelivered, req.idempotency_key)
     return pb.SendResponse(message_id=message_id)
 
 
@@ -255,25 +250,12 @@ async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
     return pb.ReadLogResponse(lines=lines, next_offset=next_offset, dropped=dropped)
 
 
-LIST_PAGE_SIZE = 1000  # processes in a ListProcesses page when the request names no size
-MAX_LIST_PAGE_SIZE = 10_000
-LIST_PAGE_BYTES = 1 << 20  # a page ends early rather than grow past this (any reply must fit a client)
-
-
 async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
     states = {_enum_name(pb.ProcessState, s, "states") for s in req.states}
-    if req.page_size > MAX_LIST_PAGE_SIZE:
-        raise InvalidArgument(f"page_size is at most {MAX_LIST_PAGE_SIZE}")
-    size = req.page_size or LIST_PAGE_SIZE
+    size = page_size(req)
     found = k.list(states, req.name or None, req.parent, req.include_ended, req.after_pid, CALLER.get())
-    reply, used = pb.ListProcessesResponse(), 0
-    for entry in found[:size]:
-        info = process_pb(*entry)
-        used += info.ByteSize()
-        if used > LIST_PAGE_BYTES and reply.processes:
-            break
-        reply.processes.append(info)
-    if len(reply.processes) < len(found):
+    reply = pb.ListProcessesResponse()
+    if fill_page(found, size, lambda entry: process_pb(*entry), reply.processes):
         reply.next_after_pid = reply.processes[-1].pid
     return reply
 
@@ -570,6 +552,10 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "CondWait": sys_cond_wait,
     "CondSignal": sys_cond_signal,
     "CondBroadcast": sys_cond_broadcast,
+    "ListDeadLetters": sys_list_dead_letters,
+    "GetDeadLetter": sys_get_dead_letter,
+    "RetryDeadLetter": sys_retry_dead_letter,
+    "PurgeDeadLetters": sys_purge_dead_letters,
     "CreateToken": sys_create_token,
     "ListTokens": sys_list_tokens,
     "RevokeToken": sys_revoke_token,

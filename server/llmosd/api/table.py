@@ -37,6 +37,9 @@ RULES = {
 }
 NAMESPACE, ACT, OWN_MAILBOX, ADMIN_ONLY = RULES
 
+# A retry sends as the message's original sender: for the namespace's clients, not its processes.
+DLQ_AGENTS = "the dead-letter queue is for the namespace's clients (a retry sends as the original sender)"
+
 # How Lua's sys.<name> is made (lua/sandbox.c):
 C_FUNCTION = "c"  # a function of the sandbox's own, of this name (self, log, send, recv, exit, lock.acquire)
 CALL = "call"  # the bridge's call with op calls[0] (for fs.*, the file operation too): never blocks
@@ -104,6 +107,15 @@ TABLE: tuple[Syscall, ...] = (
             CALL, ("whereis",), python=True, reader=True),
     Syscall("open_port", "OpenPort", False, "Kernel.open_port", "pid",
             agents="agents have a mailbox of their own; ports are for external clients"),
+    # -- the namespace's dead-letter queue (kernel/deadletters.py): the caller's namespace's, for its clients
+    Syscall("list_dead_letters", "ListDeadLetters", False, "DeadLetters.list", "dead letters, a page",
+            agents=DLQ_AGENTS, reader=True),
+    Syscall("get_dead_letter", "GetDeadLetter", False, "DeadLetters.get", "a dead letter", agents=DLQ_AGENTS,
+            reader=True),
+    Syscall("retry_dead_letter", "RetryDeadLetter", False, "DeadLetters.retry_locked", "the new message id",
+            agents=DLQ_AGENTS),
+    Syscall("purge_dead_letters", "PurgeDeadLetters", False, "DeadLetters.forget_locked / purge_locked",
+            "how many were taken out", agents=DLQ_AGENTS),
     # -- files (services/files.py)
     Syscall("fs.write", "WriteFile", False, "FileStore.open_writer / write", "file info", CALL, ("fs",),
             python=True, acts_as="pid"),

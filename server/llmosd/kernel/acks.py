@@ -10,18 +10,13 @@ with `ack` reports it with `attempt` one higher and `redelivered` set. A port's
 leased message stays in the store until acknowledged, so a server restart
 delivers it again too.
 
-Dead letters: a mailbox may have a `dead_letter` target (a live process or
-port, set at spawn or OpenPort) and, with one, `max_attempts`. A message handed
-out `max_attempts` times under a lease that runs out (or is nacked) once more
-goes to the target instead of back; and when a receiver with a target ends,
-every message still waiting in its mailbox or leased goes there, in id order,
-instead of being dropped. The target gets a message tagged DEAD_LETTER from the
-receiver, with the original data and correlation id and the body
-{reason = "max_attempts" | "receiver_ended", receiver, attempts, message =
-{id, from, to, tag, body, sent_at_ms}}. It counts against the target's mailbox
-limits like any message: one the target cannot take (full, or the target has
-ended) is dropped and logged. A mailbox without a target drops what is left when
-its receiver ends, as before.
+Dead letters: a mailbox may have `max_attempts` and a `dead_letter` target (a
+live process or port), set at spawn or OpenPort. A message handed out
+`max_attempts` times under a lease that runs out (or is nacked) once more dies
+instead of going back; and when a receiver ends, every message still waiting in
+its mailbox or leased dies, in id order. kernel/deadletters.py takes the dead:
+to the sender if it asked for a notice, else to the target as a DEAD_LETTER
+message with its history, else to the namespace's dead-letter queue.
 
 Receives without `ack` never come here: the mailbox (kernel/mailbox.c) and the
 Lua fast path (lua/fast_paths.c) are unchanged, and a message they take is
@@ -31,31 +26,27 @@ Every method is called with the kernel lock held; the lease timers take it.
 """
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..api import checks as C
 from ..api.authority import not_found
-from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, ResourceExhausted
+from ..api.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from . import process as P
+from .deadletters import DeadLetters
 from .mailbox import ANY, Match, Message
 from .process import Process
 from .store import Store
 from .waiting import Timer, Timers, Waiter
 
-log = logging.getLogger(__name__)
-
 DEFAULT_LEASE_S = 30.0  # a lease when the receive names none (as SQS's default visibility timeout)
 MAX_ATTEMPTS = 1_000_000
-DEAD_LETTER = "DEAD_LETTER"  # the tag of a dead letter
-DEAD_LETTER_HEADROOM = 4096  # what a dead letter's envelope may add beyond the message size limit
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetterPolicy:
-    target: int  # the pid that gets the dead letters
+    target: int  # the pid that gets the dead letters; 0: none (the namespace's queue)
     max_attempts: int  # 0: no limit
 
 
@@ -108,17 +99,16 @@ class Acks:
     """The leases of every mailbox. Call every method with the kernel lock held."""
 
     def __init__(self, lock: threading.Lock, timers: Timers, procs: dict[int, Process], store: Store,
-                 store_port_message: Callable[[Message], None], new_message: Callable[..., Message],
-                 deliver: Callable[[Process, Message, bool], None], live: Callable[[int, str], Process]) -> None:
-        """The kernel's lock, timers, live processes (its own dict) and store, and its calls that store
-        a port's message, make a message, deliver one and find a live process."""
+                 store_port_message: Callable[[Message], None], dead_letters: DeadLetters,
+                 live: Callable[[int, str], Process]) -> None:
+        """The kernel's lock, timers, live processes (its own dict), store and dead letters, and its calls
+        that store a port's message and find a live process."""
         self._lock = lock
         self._timers = timers
         self._procs = procs
         self._store = store
         self._store_port_message = store_port_message
-        self._new_message = new_message
-        self._deliver = deliver
+        self._dead_letters = dead_letters
         self._live = live
         self._policies: dict[int, DeadLetterPolicy] = {}  # receiver pid -> its dead-letter policy
         self._leases: dict[int, dict[int, _Lease]] = {}  # owner pid -> message id -> lease
@@ -182,9 +172,7 @@ class Acks:
         if not 0 <= attempts <= MAX_ATTEMPTS:
             raise InvalidArgument(f"{what}max_attempts must be between 0 (no limit) and {MAX_ATTEMPTS}, not {attempts}")
         if not dead_letter:
-            if attempts:
-                raise InvalidArgument(f"{what}max_attempts needs a dead_letter target for the messages past it")
-            return None
+            return DeadLetterPolicy(0, attempts) if attempts else None
         target = C.pid(dead_letter, f"{what}dead_letter")
         if self._live(target, "dead_letter").namespace != namespace:
             raise not_found(target)
@@ -195,8 +183,8 @@ class Acks:
             self._policies[pid] = policy
 
     def process_ended(self, proc: Process) -> None:
-        """`proc` has ended (its mailbox closed): its leases end; with a dead-letter target, what was
-        leased or waiting goes there, in id order."""
+        """`proc` has ended (its mailbox closed): its leases end, and what was leased or waiting dies
+        (kernel/deadletters.py), in id order."""
         pid = proc.pid
         attempts = self._attempts.pop(pid, {})
         policy = self._policies.pop(pid, None)
@@ -205,13 +193,12 @@ class Acks:
             if lease.timer is not None:
                 lease.timer.cancel()
             left.append((lease.msg, lease.attempt))
-        if policy is None:
-            return
         while (msg := proc.mailbox.take(ANY)) is not None:
             left.append((msg, attempts.get(msg.id, 0)))
-        left.sort(key=lambda entry: entry[0].id)
-        for msg, attempt in left:
-            self._dead_letter(pid, policy.target, msg, "receiver_ended", attempt)
+        if left or proc.mailbox.durable:
+            left.sort(key=lambda entry: entry[0].id)
+            self._dead_letters.undeliverable(proc, left, "receiver_ended", policy.target if policy else 0,
+                                             port_ended=True)
 
     def leased(self, pid: int) -> int:
         """How many messages `pid` holds leased."""
@@ -247,9 +234,7 @@ class Acks:
             return
         policy = self._policies.get(pid)
         if policy is not None and policy.max_attempts and lease.attempt >= policy.max_attempts:
-            if proc.kind == P.PORT:
-                self._store.delete_message(lease.msg.id)
-            self._dead_letter(pid, policy.target, lease.msg, "max_attempts", lease.attempt)
+            self._dead_letters.undeliverable(proc, [(lease.msg, lease.attempt)], "max_attempts", policy.target)
             return
         if lease.attempt:
             self._attempts.setdefault(pid, {})[lease.msg.id] = lease.attempt
@@ -266,20 +251,3 @@ class Acks:
             self._store.delete_message(msg.id)  # a receive without ack consumes it
             self._attempts.get(proc.pid, {}).pop(msg.id, None)
         mailbox.deliver(msg, False)
-
-    def _dead_letter(self, receiver: int, target: int, msg: Message, reason: str, attempts: int) -> None:
-        dst = self._procs.get(target)
-        if dst is None:
-            log.warning("dead letter of message %d (pid %d, %s) dropped: its target pid %d has ended",
-                        msg.id, receiver, reason, target)
-            return
-        body = {"reason": reason, "receiver": receiver, "attempts": attempts, "message": {
-            "id": msg.id, "from": msg.sender, "to": msg.to, "tag": msg.tag, "body": msg.body,
-            "sent_at_ms": msg.sent_at_ms}}
-        try:
-            dead = self._new_message(receiver, target, DEAD_LETTER, body, msg.data, msg.correlation_id,
-                                     DEAD_LETTER_HEADROOM)
-            self._deliver(dst, dead, True)
-        except KernelError as e:
-            log.warning("dead letter of message %d (pid %d, %s) dropped: pid %d refused it: %s",
-                        msg.id, receiver, reason, target, e)

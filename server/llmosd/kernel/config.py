@@ -39,6 +39,9 @@ class KernelConfig:
     python_memory_bytes: int = 1 << 30  # default address-space limit of a Python agent (an interpreter needs more)
     max_agents: int = 64  # live Python agents at once (each is an interpreter: ~30 MiB idle); 0: no limit
     ended_cache: int = 100_000  # ended processes kept in memory for Wait; older ones are read from the store
+    dead_letter_limit: int = 1_000_000  # dead letters a namespace's queue keeps; past it the oldest go
+    idempotency_window_ms: int = 600_000  # how long a Send's idempotency_key is remembered
+    idempotency_keys: int = 250_000  # keys remembered at most (~250 B each); past it the oldest are forgotten early
 
     @property
     def quantum_s(self) -> float:

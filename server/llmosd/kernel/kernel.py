@@ -47,6 +47,8 @@ from ..services.sync import SyncTable
 from ..api.audit import AuditLog
 from ..api.tokens import Tokens, digest
 from .acks import Acks
+from .deadletters import DeadLetters
+from .idempotency import IdempotencyKeys
 from .journal import PROGRAM_CHANGED, Journal, ProcessJournal, message_row, program_hash
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,11 @@ class Kernel:
         self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
         self.core.refill_ids()
+        self.dead_letters = DeadLetters(self.store, self.procs, self.core.new_message, self._deliver,
+                                        config.dead_letter_limit)
         self.acks = Acks(self.lock, self.timers, self.procs, self.store, self._store_port_message,
-                         self.core.new_message, self._deliver, self.live_locked)
+                         self.dead_letters, self.live_locked)
+        self.idempotency = IdempotencyKeys(self.store, config.idempotency_window_ms, config.idempotency_keys)
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
         self.tokens = Tokens(self.store)
@@ -460,7 +465,8 @@ class Kernel:
 
     # -- messages ---------------------------------------------------------------------------
     def send(self, sender: int, to: int | str, tag: str, body: Any, data: bytes, correlation_id: str,
-             caller: Caller | None = None, on_sent: Callable[[Message], list] | None = None) -> int:
+             caller: Caller | None = None, notify_undelivered: bool = False, idempotency_key: str = "",
+             on_sent: Callable[[Message], list] | None = None) -> int:
         """`sender` is the caller: a process's own pid (or 0, for a client, or a port it owns).
         `on_sent(msg)`: a durable sender's journal entry of this send, queued in one unit with the
         message's copy in a durable mailbox, and committed before a port gets it."""
@@ -470,12 +476,19 @@ class Kernel:
                 self.live_locked(sender, "sender", caller)  # raises the right error
             if src is not None and caller is not None:
                 self._check_sender(caller, src)
+            if idempotency_key:
+                key = self.idempotency.key(sender, caller, idempotency_key)
+                if (first := self.idempotency.first(key)) is not None:
+                    return first
             dst = self.procs.get(to) if type(to) is int else None
             if dst is None or (caller is not None and not caller.sees(dst.namespace)):
                 dst = self.resolve(to, caller)
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
+            msg.notify_undelivered = notify_undelivered
+            # A stored mailbox keeps the key with the message, in its transaction (kernel/idempotency.py).
+            also = self.idempotency.stored(key, msg.id) if idempotency_key and dst.mailbox.durable else None
             if on_sent is None:
-                self._deliver(dst, msg)
+                self._deliver(dst, msg, also=also)
             else:
                 dst.mailbox.check_room(msg)  # before the journal says it was sent
                 ops = on_sent(msg)
@@ -487,6 +500,10 @@ class Kernel:
                     if dst.kind == P.PORT:
                         self.store.flush()  # output commit: an external client may read it at once
                     self._deliver(dst, msg, False)
+                if also is not None:
+                    self.store.transaction(also)
+            if idempotency_key:  # remembered once delivered (kernel/idempotency.py): a refused send has no first id
+                self.idempotency.remember(key, msg.id)
             if src is not None:
                 src.mailbox.sent += 1
         if on_sent is None and dst.mailbox.durable and dst.kind != P.PORT:
@@ -503,19 +520,23 @@ class Kernel:
         if caller.role == "process" or src.kind != P.PORT or (src.opener != caller.key and caller.role != "admin"):
             raise PermissionDenied(f"from must be the caller (or a port it opened), not pid {src.pid}")
 
-    def _deliver(self, dst: Process, msg: Message, limited: bool = True) -> None:
+    def _deliver(self, dst: Process, msg: Message, limited: bool = True, also: Callable | None = None) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
-        A port's message is acknowledged only once stored, unless taken at once.
+        A port's message is acknowledged only once stored, unless taken at once
+        (`also`: a write that goes with it, in its transaction if it is stored).
         Kernel notices (EXIT) are not `limited`: a process sends at most one,
         and dropping one would leave a monitor waiting forever."""
         if dst.kind == P.PORT and not any(match.accepts(msg) for _, match in dst.mailbox.receivers):
             if limited:
                 dst.mailbox.check_room(msg)
-            self._store_port_message(msg)
-        elif dst.mailbox.durable and dst.kind != P.PORT:  # a durable process's: kept until its journal has it
-            if limited:
-                dst.mailbox.check_room(msg)
-            self.store.enqueue([message_row(msg)])
+            self._store_port_message(msg, also)
+        else:
+            if dst.mailbox.durable and dst.kind != P.PORT:  # a durable process's: kept until its journal has it
+                if limited:
+                    dst.mailbox.check_room(msg)
+                self.store.enqueue([message_row(msg)])
+            if also is not None:
+                self.store.transaction(also)
         dst.mailbox.deliver(msg, limited)
 
     def try_recv(self, pid: int, match: Match, caller: Caller | None = None) -> Message | None:
@@ -554,10 +575,10 @@ class Kernel:
                 self._store_port_message(msg)
             proc.mailbox.put_back(msg)
 
-    def _store_port_message(self, msg: Message) -> None:
+    def _store_port_message(self, msg: Message, also: Callable[[Any], None] | None = None) -> None:
         self.store.put_message(StoredMessage(
             msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
-        ))
+        ), also)
 
     def arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
         self.timers.time_out(self.lock, waiter, timeout_s)
@@ -618,8 +639,6 @@ class Kernel:
         self.sync.process_ended(proc.pid)
         self.acks.process_ended(proc)
         self.files.process_ended(proc.pid)
-        if proc.kind == P.PORT:
-            self.store.delete_port_messages(proc.pid)
         durable = self.journals.pop(proc.pid, None) is not None
         del self.procs[proc.pid]
         self.live_in[proc.namespace] -= 1

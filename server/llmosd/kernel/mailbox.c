@@ -268,6 +268,7 @@ Message *llmos_make_message(long long id, long long sender, long long to, PyObje
     Py_INCREF(correlation_id);
     msg->correlation_id = correlation_id;
     msg->size = body_size + PyBytes_GET_SIZE(data) + tag_bytes + correlation_bytes;
+    msg->notify_undelivered = 0;
     return msg;
 }
 
@@ -307,6 +308,8 @@ static PyMemberDef Message_members[] = {
     {"data", T_OBJECT, offsetof(Message, data), READONLY, NULL},
     {"correlation_id", T_OBJECT, offsetof(Message, correlation_id), READONLY, NULL},
     {"sent_at_ms", T_LONGLONG, offsetof(Message, sent_at_ms), READONLY, NULL},
+    {"notify_undelivered", T_BOOL, offsetof(Message, notify_undelivered), 0,
+     "its sender wants an UNDELIVERED notice if it dies (set by the kernel's send before delivery)"},
     {"size", T_PYSSIZET, offsetof(Message, size), READONLY,
      "bytes it is charged: its body's encoded size (as a google.protobuf.Value), data, tag and correlation id"},
     {NULL, 0, 0, 0, NULL},

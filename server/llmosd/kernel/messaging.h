@@ -26,6 +26,7 @@ typedef struct {
     long long id, sender, to, sent_at_ms;
     PyObject *tag, *body, *data, *correlation_id; /* str, a JSON-shaped value, bytes, str */
     Py_ssize_t size; /* what it is charged: its body's encoded size, data, tag and correlation id */
+    char notify_undelivered; /* its sender wants an UNDELIVERED notice if it dies (kernel/deadletters.py) */
 } Message;
 
 typedef struct {

@@ -72,7 +72,7 @@ Policy (RunQueue): priority, then aging, then namespace, then weight.
   `aging_ns`).
 - A running process yields when its quantum is spent and a queued one would
   be picked before it were it queued now (`precedes`: a tie within its level
-  yields, for round robin).
+  yields, for round robin), unless a free CPU takes that one anyway.
 
 The bound. A runnable process of priority p is picked within
 (top - p + 1) x aging_ns, where top is the highest priority runnable
@@ -359,14 +359,16 @@ class Scheduler:
             self._queue.set_weight(namespace, weight)
 
     def requeue(self, proc: Process) -> None:
-        """Queue a process that used up its quantum: behind the others, never as runnext."""
-        self._enqueue(proc)
+        """Queue a process that used up its quantum: behind the others, never as runnext.
+        The calling worker picks the next process itself: nobody running is preempted for it."""
+        self._enqueue(proc, wakeup=False)
 
-    def _enqueue(self, proc: Process, new: bool = False) -> None:
+    def _enqueue(self, proc: Process, new: bool = False, wakeup: bool = True) -> None:
+        """`wakeup`: `proc` was woken, and may preempt a running process (see below)."""
         with self._lock:
             self._queue.push(proc, new)
             self._offer_locked()
-            if self._free > 0 or self._wants_cpu_back is None or new:
+            if self._free > 0 or self._wants_cpu_back is None or new or not wakeup:
                 return
         # Every CPU is busy. A process of higher priority, or one far behind in
         # its share (typically woken from a wait), takes a CPU now rather than
@@ -395,14 +397,23 @@ class Scheduler:
 
     def should_yield(self, proc: Process) -> bool:
         """True when `proc`, running on this thread, should give its CPU up now:
-        a queued process would be picked before it, or this thread is due to
-        check in with the sysmon (`preempt` or the end of the slice does)."""
+        a queued process would be picked before it and no free CPU takes it, a
+        process it woke waits in runnext, or this thread is due to check in with
+        the sysmon (`preempt` or the end of the slice does)."""
         if _lua.has_next():
             return True
         if self._due and threading.get_ident() in self._due:
             return True
         with self._lock:
-            return precedes(self._queue.top(), proc.priority)
+            return self._spare_cpus_locked(proc.priority) < 0
+
+    def _spare_cpus_locked(self, priority: int) -> int:
+        """Free CPUs left once those queued that would go before a running process of
+        `priority` have one each (negative: that many need a running one's). A process
+        queued while a CPU is free, such as a runnext just flushed, takes the free one:
+        giving up a second would only cost a trip through the queue."""
+        ahead = len(self._queue) if precedes(self._queue.top(), priority) else 0
+        return self._free - ahead
 
     def preempt(self, proc: Process) -> None:
         """Called on the running thread from the count hook when the quantum
@@ -414,12 +425,12 @@ class Scheduler:
         with self._lock:
             due = self._due.pop(ident, None)
             holding = due is None or not due.retaken
-            if not precedes(self._queue.top(), proc.priority):
-                if holding:
-                    return  # nobody else wants the CPU
-                if self._free > 0:
-                    self._free -= 1  # take a CPU back
-                    return
+            spare = self._spare_cpus_locked(proc.priority)
+            if holding and spare >= 0:
+                return  # nobody else needs this CPU
+            if not holding and spare > 0:
+                self._free -= 1  # take a free CPU back
+                return
             parked = proc.parked = threading.Event()
             self._queue.push(proc)
             if holding:
@@ -526,7 +537,9 @@ class Scheduler:
             if proc is not None and highest is not None and (
                 highest > proc.priority or time.perf_counter_ns() - slice_began >= self.quantum_ns
             ):
-                self._enqueue(proc)  # runnext's time slice is over, or someone of higher priority waits
+                # runnext's time slice is over, or someone of higher priority waits: this
+                # worker picks from the queue next, so nobody running is preempted for it
+                self._enqueue(proc, wakeup=False)
                 proc = None
             if proc is None:
                 with self._lock:

@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import Histogram
 
@@ -177,6 +177,7 @@ class Store:
         self._pending: dict[int, list[Any]] = {}
         self._pending_updates: dict[int, dict[str, Any]] = {}
         self._ordered: list[tuple[str, tuple]] = []  # durable writes, in the order they must be applied
+        self._pending_writes: list[Callable[[sqlite3.Connection], None]] = []  # write_later's
         self._pending_lock = threading.Lock()
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._closed = False
@@ -282,15 +283,44 @@ class Store:
             return self._db.execute("DELETE FROM tokens WHERE id=?", (token_id,)).rowcount > 0
 
     # port messages ---------------------------------------------------------------------
-    def put_message(self, msg: StoredMessage) -> None:
+    def put_message(self, msg: StoredMessage, also: Callable[[sqlite3.Connection], None] | None = None) -> None:
+        """Store a port's message; `also`, a write that must be in its transaction (an idempotency key)."""
         row = (
             msg.id, msg.port, msg.sender, msg.tag, json.dumps(msg.body), msg.data,
             msg.correlation_id, msg.sent_at_ms,
         )
-        self._write_now("INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)", row)
+        if also is None:
+            self._write_now(_INSERT_MESSAGE, row)
+        else:
+            self.transaction(lambda db: (db.execute(_INSERT_MESSAGE, row), also(db)))
 
     def delete_message(self, message_id: int) -> None:
         self._write_now("DELETE FROM port_messages WHERE id=?", (message_id,))
+
+    # other modules' tables (kernel/deadletters.py) ----------------------------------------
+    def transaction(self, write: Callable[[sqlite3.Connection], None]) -> None:
+        """Run `write` with the connection in one transaction, committed before this returns."""
+        with self._db_lock:
+            self._apply_pending()
+            self._db.execute("BEGIN")
+            try:
+                write(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def write_later(self, write: Callable[[sqlite3.Connection], None]) -> None:
+        """Run `write` with the connection in the write-behind thread's next batch (its transaction)."""
+        with self._pending_lock:
+            self._pending_writes.append(write)
+            self._flush_wanted.notify()
+
+    def query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        """The rows of a read, after every write asked for before it."""
+        with self._db_lock:
+            self._apply_pending()
+            return self._db.execute(sql, params).fetchall()
 
     def delete_port_messages(self, port: int) -> None:
         self._write_now("DELETE FROM port_messages WHERE port=?", (port,))
@@ -312,12 +342,6 @@ class Store:
             self._ordered.extend(ops)
             if len(self._ordered) == len(ops):
                 self._flush_wanted.notify()
-
-    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """Rows of a read of the database, after everything queued before it is written."""
-        with self._db_lock:
-            self._apply_pending()
-            return self._db.execute(sql, params).fetchall()
 
     # writing -----------------------------------------------------------------------------
     def _write_now(self, sql: str, row: tuple | list) -> None:
@@ -355,7 +379,8 @@ class Store:
             rows, self._pending = list(self._pending.values()), {}
             updates, self._pending_updates = self._pending_updates, {}
             ordered, self._ordered = self._ordered, []
-        if not rows and not updates and not ordered:
+            writes, self._pending_writes = self._pending_writes, []
+        if not rows and not updates and not ordered and not writes:
             return
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
@@ -372,6 +397,8 @@ class Store:
                     self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
             for sql, params in _durable_batch(ordered):
                 self._db.executemany(sql, params)
+            for write in writes:  # after the ordered ones: they remove what those may have stored
+                write(self._db)
         finally:
             self._db.execute("COMMIT")
             self.commit_seconds.observe(time.perf_counter() - began)
@@ -384,6 +411,7 @@ class Store:
         while True:
             with self._pending_lock:
                 while (not self._pending and not self._pending_updates and not self._ordered
+                       and not self._pending_writes
                        and not self._spares_wanted and not self._closed):
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
@@ -429,6 +457,7 @@ def _result_json(value: Any) -> str:
     return "null" if value is None else str(value) if type(value) is int else json.dumps(value)
 
 
+_INSERT_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)"
 _INSERT_ONE = f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES ({','.join('?' * len(PROCESS_COLUMNS))})"
 
 

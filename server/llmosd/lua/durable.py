@@ -91,9 +91,9 @@ class DurableLuaProcess(LuaProcess):
         except KernelError:
             return None
 
-    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any,
-             on_sent: Callable[[Message], list] | None = None) -> tuple:
-        args = (to, body, tag, data, correlation_id)
+    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any, notify_undelivered: Any = None,
+             idempotency_key: Any = None, on_sent: Callable[[Message], list] | None = None) -> tuple:
+        args = (to, body, tag, data, correlation_id, notify_undelivered, idempotency_key)
         answer = self.replayed("send", args)
         if answer is not _LIVE:
             return answer
@@ -104,7 +104,7 @@ class DurableLuaProcess(LuaProcess):
             self._sent = (msg.id, len(self.proc.mailbox))
             return journal.entry_ops("send", digest, self._sent)
 
-        answer = super().send(to, body, tag, data, correlation_id, journaled)
+        answer = super().send(to, body, tag, data, correlation_id, notify_undelivered, idempotency_key, journaled)
         if self._sent is not None:
             return self._sent
         journal.record("send", args, answer)  # refused: nothing was sent

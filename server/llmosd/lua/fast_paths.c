@@ -327,8 +327,9 @@ int llmos_bridge_send(lua_State *L)
     char error[512];
     int result, tag = lua_type(L, 3), correlation_id = lua_type(L, 5);
     PyGILState_STATE gil;
-    lua_settop(L, 5);
-    if (!lua_isinteger(L, 1) || !lua_isnil(L, 4) || (tag != LUA_TNIL && tag != LUA_TSTRING)
+    lua_settop(L, 7); /* to, body, tag, data, correlation_id, notify_undelivered, idempotency_key */
+    if (!lua_isinteger(L, 1) || !lua_isnil(L, 4) || !lua_isnil(L, 6) || !lua_isnil(L, 7)
+        || (tag != LUA_TNIL && tag != LUA_TSTRING)
         || (correlation_id != LUA_TNIL && correlation_id != LUA_TSTRING))
         return llmos_call_bridge(L, BRIDGE_SEND);
     gil = PyGILState_Ensure();

@@ -243,8 +243,8 @@ class LuaProcess:
         return None
 
     # -- non-blocking syscalls ------------------------------------------------------------
-    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any,
-             on_sent: Callable[[Message], list] | None = None) -> tuple:
+    def send(self, to: Any, body: Any, tag: Any, data: Any, correlation_id: Any, notify_undelivered: Any = None,
+             idempotency_key: Any = None, on_sent: Callable[[Message], list] | None = None) -> tuple:
         """sys.send's Python side (lua/fast_paths.c's declined cases); `on_sent`: a durable sender's
         journal entry (Kernel.send)."""
         try:
@@ -258,13 +258,17 @@ class LuaProcess:
                 target = to
             if data is not None and type(data) is not bytes:
                 raise InvalidArgument("sys.send: data must be a string")
+            if notify_undelivered is not None and type(notify_undelivered) is not bool:
+                raise InvalidArgument("sys.send: notify_undelivered must be a boolean")
             kind = type(body)
             value = body if kind is int or body is None else from_lua(body, "sys.send: body")
             message_id = self.kernel.send(
                 self.proc.pid, target, "" if tag is None else _opt_str(tag, "sys.send: tag"),
                 value, data or b"",
                 "" if correlation_id is None else _opt_str(correlation_id, "sys.send: correlation_id"),
-                self.caller, on_sent,
+                self.caller,
+                bool(notify_undelivered), _opt_str(idempotency_key, "sys.send: idempotency_key") or "",
+                on_sent,
             )
             return message_id, len(self.proc.mailbox)  # and a hint for the next sys.recv
         except KernelError as e:

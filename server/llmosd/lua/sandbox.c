@@ -550,7 +550,8 @@ static unsigned check_options(lua_State *L, int idx, const char *fname, const ch
     return seen;
 }
 
-static const char *const SEND_OPTIONS[] = {"tag", "data", "correlation_id", NULL};
+static const char *const SEND_OPTIONS[] = {"tag", "data", "correlation_id", "notify_undelivered", "idempotency_key",
+                                           NULL};
 static const char *const RECV_OPTIONS[] = {"from", "tag", "correlation_id", "timeout_ms", "ack", "lease_ms", NULL};
 enum { RECV_ACK_OPTIONS = 1u << 4 | 1u << 5 }; /* ack, lease_ms: a receive the kernel's Python side answers */
 
@@ -604,7 +605,9 @@ static int sys_send(lua_State *L)
     push_option(L, 3, "tag");
     push_option(L, 3, "data");
     push_option(L, 3, "correlation_id");
-    lua_call(L, 5, 2); /* message id and the sender's mailbox length, or nil and the error */
+    push_option(L, 3, "notify_undelivered");
+    push_option(L, 3, "idempotency_key");
+    lua_call(L, 7, 2); /* message id and the sender's mailbox length, or nil and the error */
     if (lua_isnil(L, -2))
         return raise_at_caller(L, -1);
     sb->maybe_mail = lua_tonumber(L, -1) > 0;

@@ -634,6 +634,7 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     state->heap.limit = (size_t)limit;
     state->value_limit = value_limit > 0 ? value_limit : PY_SSIZE_T_MAX;
+    state->measure_cpu = 1; /* the first slice may be a long one (a CPU-bound program's first quantum) */
     state->L = lua_newstate(allocate, state);
     if (state->L == NULL) {
         Py_DECREF(state);
@@ -791,9 +792,10 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
  * which Usage reports and limits.cpu_ms bounds. They differ when the host
  * has fewer cores than there are virtual CPUs, or is busy. The thread's CPU
  * clock costs a system call (~0.4 µs, twenty times the monotonic clock): it
- * is read around slices that follow a long one (a CPU-bound process's); a
- * short slice, such as one of a message hand-off, is charged its wall time,
- * which it cannot exceed by more than its own length. */
+ * is read around a process's first slice and around slices that follow a
+ * long one (a CPU-bound process's); a short slice, such as one of a message
+ * hand-off, is charged its wall time, which it cannot exceed by more than its
+ * own length. */
 #define MEASURE_AFTER_NS 1000000LL /* slices at least this long have their successors' CPU time measured */
 
 static long long thread_cpu_ns(void)
