@@ -190,19 +190,19 @@ def test_a_tool_loop_sends_calls_and_results_back(client: openai.OpenAI) -> None
 
 def test_a_completion_is_charged_to_the_callers_namespace(server: LlmosdServer) -> None:
     """Its tokens count in the namespace of the token used as the API key (GetNamespace's
-    inference_tokens, /metrics), not in another's."""
+    use.tokens, /metrics), not in another's."""
     import llmos
 
     admin = (server.data_dir / "admin.token").read_text().strip()
     with llmos.Client(server.target, token=admin) as k:
         _, team = k.create_token("openai-team", "owner", "charge test")
-        before = {ns: k.get_namespace(ns)["inference_tokens"] for ns in ("openai-team", "default")}
+        before = {ns: k.get_namespace(ns)["use"]["tokens"] for ns in ("openai-team", "default")}
         with openai.OpenAI(base_url=f"{server.http}/v1", api_key=team, max_retries=0, timeout=120) as c:
             r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0)
             streamed = list(c.completions.create(model="tiny", prompt="Once", max_tokens=2, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
         used = r.usage.total_tokens + streamed[-1].usage.total_tokens
-        assert k.get_namespace("openai-team")["inference_tokens"] == before["openai-team"] + used
-        assert k.get_namespace("default")["inference_tokens"] == before["default"]
+        assert k.get_namespace("openai-team")["use"]["tokens"] == before["openai-team"] + used
+        assert k.get_namespace("default")["use"]["tokens"] == before["default"]
     metrics = httpx.get(f"{server.http}/metrics").text
     assert f'llmos_namespace_inference_tokens_total{{namespace="openai-team"}} {float(used)}' in metrics

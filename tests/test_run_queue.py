@@ -22,11 +22,11 @@ LOWEST, HIGHEST = -20, 20  # the documented range (DECISIONS.md)
 class Proc:
     """What the run queue reads and writes of a process."""
 
-    __slots__ = ("name", "priority", "weight", "vruntime", "queued_at")
+    __slots__ = ("name", "priority", "weight", "vruntime", "queued_at", "namespace", "queued_vruntime")
 
-    def __init__(self, name: str, priority: int, weight: int = DEFAULT_WEIGHT) -> None:
-        self.name, self.priority, self.weight = name, priority, weight
-        self.vruntime, self.queued_at = 0.0, 0
+    def __init__(self, name: str, priority: int, weight: int = DEFAULT_WEIGHT, namespace: str = "default") -> None:
+        self.name, self.priority, self.weight, self.namespace = name, priority, weight, namespace
+        self.vruntime, self.queued_at, self.queued_vruntime = 0.0, 0, 0.0
 
 
 class Clock:

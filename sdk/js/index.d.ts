@@ -48,7 +48,10 @@ export declare class LlmosError extends Error {
 }
 
 export declare class Client<Pid extends bigint | string = bigint> {
-  constructor(target?: string, options?: { pids?: Pid extends string ? 'string' : 'bigint'; rpcTimeoutMs?: number });
+  constructor(target?: string, options?: {
+    pids?: Pid extends string ? 'string' : 'bigint'; rpcTimeoutMs?: number; token?: string;
+    tls?: { ca?: string; cert?: string; key?: string };
+  });
   readonly target: string;
   close(): void;
   spawn(program: { lua?: string; python?: string; path?: string; args?: JSONValue; name?: string; priority?: number;

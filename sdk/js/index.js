@@ -114,10 +114,26 @@ function pidText(pid, what) {
 
 const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 
+/** TLS credentials from PEM files (see Client's options), or plaintext when no CA is given. */
+function channelCredentials({ ca, cert, key } = {}) {
+  ca = ca ?? process.env.LLMOS_TLS_CA;
+  cert = cert ?? process.env.LLMOS_TLS_CERT;
+  key = key ?? process.env.LLMOS_TLS_KEY;
+  if (!ca) return grpc.credentials.createInsecure();
+  if (Boolean(cert) !== Boolean(key)) throw invalid('mutual TLS needs both a certificate and its key');
+  return grpc.credentials.createSsl(fs.readFileSync(ca), key ? fs.readFileSync(key) : null,
+    cert ? fs.readFileSync(cert) : null);
+}
+
 class Client {
   /**
    * @param {string} [target] HOST:PORT or unix:PATH (default: $LLMOS_SERVER or 127.0.0.1:50051)
-   * @param {{pids?: 'bigint'|'string', rpcTimeoutMs?: number}} [options]
+   * @param {{pids?: 'bigint'|'string', rpcTimeoutMs?: number, token?: string,
+   *          tls?: {ca?: string, cert?: string, key?: string}}} [options]
+   *   token: a bearer token (default: $LLMOS_TOKEN; none in a single-user server). tls: PEM file
+   *   paths of the CA that signed the server's certificate, and for mutual TLS the client's
+   *   certificate and key (defaults: $LLMOS_TLS_CA, $LLMOS_TLS_CERT, $LLMOS_TLS_KEY); no CA:
+   *   plaintext.
    */
   constructor(target, options = {}) {
     this.target = target || process.env.LLMOS_SERVER || DEFAULT_TARGET;
@@ -126,7 +142,10 @@ class Client {
     }
     this.pidsAs = options.pids ?? 'bigint';
     this.rpcTimeoutMs = options.rpcTimeoutMs ?? RPC_TIMEOUT_MS;
-    this.stub = new v1.Kernel(this.target, grpc.credentials.createInsecure(), {
+    this.metadata = new grpc.Metadata();
+    const token = options.token ?? process.env.LLMOS_TOKEN;
+    if (token) this.metadata.set('authorization', `Bearer ${token}`);
+    this.stub = new v1.Kernel(this.target, channelCredentials(options.tls ?? {}), {
       'grpc.max_receive_message_length': -1, 'grpc.max_send_message_length': -1,
     });
   }
@@ -139,13 +158,13 @@ class Client {
   unary(method, request, timeoutMs = this.rpcTimeoutMs) {
     return new Promise((resolve, reject) => {
       const options = timeoutMs == null ? {} : { deadline: new Date(Date.now() + timeoutMs) };
-      this.stub[method](request, options, (err, reply) =>
+      this.stub[method](request, this.metadata, options, (err, reply) =>
         (err ? reject(new LlmosError(err.code, err.details)) : resolve(reply)));
     });
   }
 
   async *serverStream(method, request, convert) {
-    const call = this.stub[method](request);
+    const call = this.stub[method](request, this.metadata);
     try {
       for await (const item of call) yield convert(item);
     } catch (err) {

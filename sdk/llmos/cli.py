@@ -684,9 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shell", choices=("bash", "zsh", "fish", "tcsh"))
     p.set_defaults(handler=None)
 
-    p = sub.add_parser("ns", help="the namespace's use and quotas as JSON (admin: any namespace)")
+    p = sub.add_parser("ns", help="the namespace's use and quotas as JSON (admin: any namespace, --weight sets)")
     p.add_argument("name", nargs="?", default="")
-    p.set_defaults(handler=lambda k, a: _print_ok(k.get_namespace(a.name)))
+    p.add_argument("--weight", type=int, default=0, help="(admin) its share of CPU against other namespaces' "
+                   "(1..10000, default 100)")
+    p.set_defaults(handler=lambda k, a: _print_ok(
+        k.set_namespace(a.name, a.weight) if a.weight else k.get_namespace(a.name)))
 
     p = sub.add_parser("audit", help="the audit log's newest calls, one JSON line each (admin)")
     p.add_argument("--limit", type=int, default=100, metavar="N")

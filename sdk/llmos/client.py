@@ -288,6 +288,12 @@ def _fields(msg: Any) -> dict[str, int]:
     return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
 
 
+def _namespace(info: pb.NamespaceInfo) -> dict[str, Any]:
+    """GetNamespace/SetNamespace's answer as a dict; quotas, use and reserved as dicts of their own."""
+    return {f.name: _fields(getattr(info, f.name)) if f.message_type is not None else getattr(info, f.name)
+            for f in info.DESCRIPTOR.fields}
+
+
 def message_from_pb(msg: pb.Message) -> Message:
     """Convert a protobuf Message into a :class:`Message`."""
     return Message(id=msg.id, sender=getattr(msg, "from"), to=msg.to, tag=msg.tag,
@@ -711,7 +717,16 @@ class Syscalls:
         """A namespace's use and quotas (live processes, file bytes and files, tokens): the caller's, or
         (admin) ``name``'s."""
         reply = yield self._unary("GetNamespace", pb.GetNamespaceRequest(name=name))
-        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+        return _namespace(reply)
+
+    @syscall
+    def set_namespace(self, name: str, weight: int = 0, **quotas: int) -> Plan[dict]:
+        """Change a namespace's settings (admin only): ``weight`` is its share of CPU against other
+        namespaces' (1..10,000, default 100; 0 leaves it); each quota named (memory_bytes,
+        mailbox_bytes, kv_bytes, tokens, tokens_per_minute) is set (0: none). Returns its use and quotas."""
+        reply = yield self._unary("SetNamespace", pb.SetNamespaceRequest(
+            name=name, weight=weight, quotas=pb.NamespaceQuotas(**quotas)))
+        return _namespace(reply)
 
     @syscall
     def read_audit(self, limit: int = 100, before_id: int = 0) -> Plan[list[dict]]:

@@ -19,6 +19,7 @@ from .api.errors import KernelError
 from .services.files import FileLimits
 from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
 from .kernel.logs import JsonFormatter
+from .kernel.namespaces import QUOTAS, Quotas
 from .kernel.process import Limits
 from .lua.slices import LuaRuntime
 from .python.runtime import PythonRuntime
@@ -87,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(port 0 picks a free one)")
     p.add_argument("--namespace-processes", type=int, default=0,
                    help="live processes and ports per namespace (default 0: only --max-processes)")
+    # Each namespace's quotas until an admin's SetNamespace (0: none); see docs/authority.md.
+    for quota, what in (("memory-bytes", "sum of its processes' memory limits (Lua heaps, Python agents)"),
+                        ("mailbox-bytes", "sum of its processes' and ports' mailbox byte limits"),
+                        ("kv-bytes", "KV cache bytes its conversation contexts hold (new ones refused past it)"),
+                        ("tokens", "inference tokens since the server started"),
+                        ("tokens-per-minute", "inference tokens over any 60 s")):
+        p.add_argument(f"--namespace-{quota}", type=int, default=0, metavar="N",
+                       help=f"per namespace: {what} (default 0: no quota)")
     p.add_argument("--audit-rows", type=int, default=100_000,
                    help="the audit log (llmos audit) keeps this many newest calls "
                         "(default %(default)s; 0: no audit log)")
@@ -130,6 +139,7 @@ def kernel_config(args: argparse.Namespace) -> KernelConfig:
         defaults=Limits(cpu_ms=args.cpu_ms, wall_ms=args.wall_ms, memory_bytes=args.memory_bytes,
                         mailbox=args.mailbox, mailbox_bytes=args.mailbox_bytes, processes=args.processes),
         max_processes=args.max_processes, namespace_processes=args.namespace_processes,
+        namespace_quotas=Quotas(**{key: getattr(args, f"namespace_{key}") for key in QUOTAS}),
         audit_rows=args.audit_rows, log_retention=max(args.log_retention, 0),
         max_message_bytes=args.max_message_bytes,
         userland_root=root, lib_dirs=tuple(os.path.abspath(d) for d in args.lib),

@@ -326,7 +326,7 @@ class GetNamespaceRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class NamespaceInfo(_message.Message):
-    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes", "caller_role", "inference_tokens")
+    __slots__ = ("name", "live_processes", "max_live_processes", "file_bytes", "max_file_bytes", "files", "max_files", "tokens", "memory_bytes", "mailbox_bytes", "caller_role", "weight", "quotas", "use", "reserved")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     MAX_LIVE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
@@ -338,7 +338,10 @@ class NamespaceInfo(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
     CALLER_ROLE_FIELD_NUMBER: _ClassVar[int]
-    INFERENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    USE_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
     name: str
     live_processes: int
     max_live_processes: int
@@ -350,8 +353,35 @@ class NamespaceInfo(_message.Message):
     memory_bytes: int
     mailbox_bytes: int
     caller_role: str
-    inference_tokens: int
-    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., caller_role: _Optional[str] = ..., inference_tokens: _Optional[int] = ...) -> None: ...
+    weight: int
+    quotas: NamespaceQuotas
+    use: NamespaceQuotas
+    reserved: NamespaceQuotas
+    def __init__(self, name: _Optional[str] = ..., live_processes: _Optional[int] = ..., max_live_processes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., max_file_bytes: _Optional[int] = ..., files: _Optional[int] = ..., max_files: _Optional[int] = ..., tokens: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., caller_role: _Optional[str] = ..., weight: _Optional[int] = ..., quotas: _Optional[_Union[NamespaceQuotas, _Mapping]] = ..., use: _Optional[_Union[NamespaceQuotas, _Mapping]] = ..., reserved: _Optional[_Union[NamespaceQuotas, _Mapping]] = ...) -> None: ...
+
+class NamespaceQuotas(_message.Message):
+    __slots__ = ("memory_bytes", "mailbox_bytes", "kv_bytes", "tokens", "tokens_per_minute")
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    memory_bytes: int
+    mailbox_bytes: int
+    kv_bytes: int
+    tokens: int
+    tokens_per_minute: int
+    def __init__(self, memory_bytes: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
+
+class SetNamespaceRequest(_message.Message):
+    __slots__ = ("name", "weight", "quotas")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: int
+    quotas: NamespaceQuotas
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ..., quotas: _Optional[_Union[NamespaceQuotas, _Mapping]] = ...) -> None: ...
 
 class ReadAuditRequest(_message.Message):
     __slots__ = ("limit", "before_id")

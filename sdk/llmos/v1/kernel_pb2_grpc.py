@@ -204,6 +204,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
                 _registered_method=True)
+        self.SetNamespace = channel.unary_unary(
+                '/llmos.v1.Kernel/SetNamespace',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.SetNamespaceRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+                _registered_method=True)
         self.ReadAudit = channel.unary_unary(
                 '/llmos.v1.Kernel/ReadAudit',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ReadAuditRequest.SerializeToString,
@@ -482,6 +487,13 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetNamespace(self, request, context):
+        """Change a namespace's settings (admin only): its CPU weight against the other namespaces', its quotas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadAudit(self, request, context):
         """The audit log (admin only): calls that changed something, newest first.
         """
@@ -714,6 +726,11 @@ def add_KernelServicer_to_server(servicer, server):
             'GetNamespace': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNamespace,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.SerializeToString,
+            ),
+            'SetNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNamespace,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.SetNamespaceRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.SerializeToString,
             ),
             'ReadAudit': grpc.unary_unary_rpc_method_handler(
@@ -1674,6 +1691,33 @@ class Kernel:
             target,
             '/llmos.v1.Kernel/GetNamespace',
             llmos_dot_v1_dot_kernel__pb2.GetNamespaceRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/SetNamespace',
+            llmos_dot_v1_dot_kernel__pb2.SetNamespaceRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.NamespaceInfo.FromString,
             options,
             channel_credentials,

@@ -47,7 +47,8 @@ class KernelCollector(Collector):
         with k.lock:  # one pass, counting only: the lock is held a few ms for 10,000 processes
             by_labels = Counter((p.state, p.kind, p.namespace) for p in k.procs.values())
             depths = [(len(p.mailbox), p.mailbox.bytes) for p in k.procs.values()]
-            spawns, exits, tokens = dict(k.spawns), dict(k.exits), dict(k.namespace_tokens)
+            spawns, exits = dict(k.spawns), dict(k.exits)
+        tokens = k.namespaces.token_totals()
         live = GaugeMetricFamily("llmos_processes", "Live processes", labels=["state", "kind", "namespace"])
         for labels, n in sorted(by_labels.items()):
             live.add_metric(labels, n)

@@ -492,7 +492,7 @@ async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferCh
     if caller is not None:
         k.runtimes[PYTHON].blocking(caller, "infer")
     try:
-        async for chunk in k.inference.infer_rpc(req, CALLER.get().namespace):
+        async for chunk in k.inference.infer_rpc(req):
             yield chunk
     finally:
         if caller is not None:
@@ -553,7 +553,19 @@ async def sys_revoke_token(k: Kernel, req: pb.RevokeTokenRequest) -> pb.RevokeTo
 
 async def sys_get_namespace(k: Kernel, req: pb.GetNamespaceRequest) -> pb.NamespaceInfo:
     caller = CALLER.get()
-    return pb.NamespaceInfo(**k.namespace_use(req.name, caller), caller_role=caller.role)
+    return _namespace_info(k.namespace_use(req.name, caller), caller.role)
+
+
+async def sys_set_namespace(k: Kernel, req: pb.SetNamespaceRequest) -> pb.NamespaceInfo:
+    quotas = {f.name: value for f, value in req.quotas.ListFields()}
+    k.namespaces.set(req.name, req.weight, quotas)
+    caller = CALLER.get()
+    return _namespace_info(k.namespace_use(req.name, caller), caller.role)
+
+
+def _namespace_info(use: dict[str, Any], caller_role: str) -> pb.NamespaceInfo:
+    nested = {key: pb.NamespaceQuotas(**use.pop(key)) for key in ("quotas", "use", "reserved")}
+    return pb.NamespaceInfo(**use, **nested, caller_role=caller_role)
 
 
 MAX_AUDIT_PAGE = 10_000
@@ -613,5 +625,6 @@ SYSCALLS: dict[str, Callable[..., Any]] = {
     "ListTokens": sys_list_tokens,
     "RevokeToken": sys_revoke_token,
     "GetNamespace": sys_get_namespace,
+    "SetNamespace": sys_set_namespace,
     "ReadAudit": sys_read_audit,
 }

@@ -245,6 +245,8 @@ TABLE: tuple[Syscall, ...] = (
     Syscall("revoke_token", "RevokeToken", False, "Tokens.revoke", "whether it existed", rule=ADMIN_ONLY,
             agents="token management is for admin tokens"),
     Syscall("get_namespace", "GetNamespace", False, "Kernel.namespace_use", "use and quotas", reader=True),
+    Syscall("set_namespace", "SetNamespace", False, "Namespaces.set", "use and quotas", rule=ADMIN_ONLY,
+            agents="namespace settings are for admin tokens"),
     Syscall("read_audit", "ReadAudit", False, "AuditLog.read", "the newest audit entries", rule=ADMIN_ONLY,
             agents="the audit log is for admin tokens", changes=False),
 )

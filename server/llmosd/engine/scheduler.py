@@ -10,7 +10,13 @@ recomputed when they run again; a sequence left out keeps its blocks otherwise.
   high-priority arrival does not even wait for the step in flight: the engine pauses that step
   between two layers and schedules an interrupt step (`schedule(above=..., busy=...)`) of the
   more important sequences only, leaving the paused step's sequences and their blocks alone.
-- Round robin within a priority: a sequence that has generated `token_quantum` tokens since it
+- Namespaces share a priority by tokens served, as the kernel's run queue shares CPU (cgroup v2's
+  hierarchical cpu.weight): each namespace's tokens computed are counted at its weight
+  (`served`: tokens / weight), and within a priority the order interleaves namespaces, the k-th
+  ready sequence of a namespace (in ticket order) counting as served + k / weight. So two
+  namespaces of equal weight with requests waiting get equal tokens per step whatever their
+  numbers of requests; a namespace back from idle starts level with the least served one.
+- Round robin within a namespace and priority: a sequence that has generated `token_quantum` tokens since it
   last got a ticket takes a new one, behind everything already waiting.
 - No starvation: each `aging_steps` steps a ready sequence waits raise its effective priority by
   one until its next quantum ends; within a priority, tickets only grow.
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Collection, Sequence as Seq
+from typing import Callable, Collection, Iterable, Sequence as Seq
 
 from .block_manager import BlockManager
 from .sequence import Sequence
@@ -39,6 +45,7 @@ class Scheduler:
         self.token_quantum = token_quantum
         self.aging_steps = aging_steps
         self.seqs: list[Sequence] = []
+        self.served: dict[str, float] = {}  # namespace -> tokens computed / its weight
         self._tickets = itertools.count()
         self.preemptions = 0  # a running sequence left out of a step
         self.evictions = 0  # a sequence's blocks taken for a more important one (it recomputes)
@@ -52,6 +59,12 @@ class Scheduler:
         return next(self._tickets)
 
     def add(self, seq: Sequence) -> None:
+        namespace = seq.request.namespace
+        active = {s.request.namespace for s in self.seqs}
+        if namespace not in active and active:
+            # Back from idle: level with the least served namespace, not owed what it did not ask for.
+            level = min(self.served.get(ns, 0.0) for ns in active)
+            self.served[namespace] = max(self.served.get(namespace, 0.0), level)
         self.seqs.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -64,7 +77,7 @@ class Scheduler:
 
         An interrupt step takes only sequences more important than `above` and leaves `busy` ones
         (those of the paused step) out: they are neither chosen nor robbed of blocks."""
-        order = sorted((s for s in self.seqs if s not in busy), key=lambda s: (-s.effective_priority, s.ticket))
+        order = self._order(s for s in self.seqs if s not in busy)
         batch: list[tuple[Sequence, int]] = []
         budget = self.max_step_tokens
         floor = None  # once a prefill is in, less important sequences sit this step out
@@ -105,6 +118,20 @@ class Scheduler:
                 seq.boost += 1
         return batch
 
+    def _order(self, ready: Iterable[Sequence]) -> list[Sequence]:
+        """Priority first; within it, namespaces interleaved by tokens served (then tickets)."""
+        by_ticket = sorted(ready, key=lambda s: s.ticket)
+        ahead: dict[tuple[int, str], int] = {}  # (priority, namespace) -> its sequences keyed so far
+
+        def key(seq: Sequence) -> tuple[int, float, int]:
+            request, priority = seq.request, seq.effective_priority
+            slot = (priority, request.namespace)
+            rank = ahead.get(slot, 0)
+            ahead[slot] = rank + 1
+            return -priority, self.served.get(request.namespace, 0.0) + rank / request.namespace_weight, seq.ticket
+
+        return sorted(by_ticket, key=key)  # keys are made in ticket order: ranks follow tickets
+
     def _fit(self, seq: Sequence, n: int, below: list[Sequence]) -> int:
         """How many of n tokens get KV blocks, taking blocks from `below` (lowest first) if needed."""
         blocks = self.blocks
@@ -139,6 +166,8 @@ class Scheduler:
         prompt_part = max(0, min(seq.num_computed + n, seq.num_prompt) - seq.num_computed)
         self.prompt_tokens_computed += prompt_part
         self.tokens_computed += n
+        request = seq.request
+        self.served[request.namespace] = self.served.get(request.namespace, 0.0) + n / request.namespace_weight
         seq.num_computed += n
         self.blocks.commit(seq)
         seq.scheduled = True

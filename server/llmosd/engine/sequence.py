@@ -66,6 +66,10 @@ class Request:
     # Prompt plus generated tokens may not pass this (the caller's token quota left):
     # max_tokens is cut to what the prompt leaves.
     token_budget: int | None = None
+    # Who shares the engine fairly with whom: within a priority, namespaces with requests waiting
+    # get tokens in proportion to their weights (scheduler.py).
+    namespace: str = ""
+    namespace_weight: int = 100
 
 
 @dataclass

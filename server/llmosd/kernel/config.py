@@ -10,6 +10,7 @@ from ..api import checks as C
 from ..api.errors import FailedPrecondition, InvalidArgument, NotFound
 from ..services.files import FileLimits
 from . import process as P
+from .namespaces import Quotas
 from .process import Limits
 
 
@@ -29,6 +30,7 @@ class KernelConfig:
     max_message_bytes: int = 4 << 20
     max_processes: int = 65_536  # live processes and ports in the whole server
     namespace_processes: int = 0  # live processes and ports per namespace (0: only max_processes)
+    namespace_quotas: Quotas = field(default_factory=Quotas)  # each namespace's until SetNamespace
     audit_rows: int = 100_000  # the audit log keeps this many newest rows
     process_log_bytes: int = 256 << 10  # characters of log a process keeps (the oldest lines go first)
     log_memory_bytes: int = 64 << 20  # characters of log kept in memory in all (ended processes' go first)

@@ -35,6 +35,7 @@ from ..api.errors import (
 from .mailbox import Mailbox, Match, Message
 from ..native import _lua
 from .process import Limits, Process
+from .namespaces import Namespaces
 from .scheduler import Scheduler
 from .store import ProcessRecord, Store, StoredMessage, now_ms
 from .waiting import Timers, Waiter
@@ -88,6 +89,7 @@ class Kernel:
         self.logs = Logs(config.process_log_bytes, config.log_memory_bytes)
         self.names: dict[tuple[str, str], int] = {}  # (namespace, name) -> pid
         self.tokens = Tokens(self.store)
+        self.namespaces = Namespaces(self.scheduler, config.namespace_quotas)
         self.audit = AuditLog(config.data_dir, config.audit_rows)
         self.live_in: dict[str, int] = {}  # namespace -> its live processes and ports (namespace_processes)
         self.ended: OrderedDict[int, ProcessRecord] = OrderedDict()
@@ -104,7 +106,6 @@ class Kernel:
         self.exits: Counter[tuple[str, str, str]] = Counter()
         # Inference tokens (prompt + completion) used by each namespace since the start: its processes'
         # and its clients' requests without a pid (Infer, the OpenAI API), services/inference.py's _charge.
-        self.namespace_tokens: Counter[str] = Counter()
         self._recover()
 
     # -- start-up and shutdown ------------------------------------------------------------
@@ -131,6 +132,7 @@ class Kernel:
                 proc.opener = rec.opener
                 proc.started_at_ms = rec.started_at_ms
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
+                self.namespaces.add_locked(proc.namespace, proc.limits)
                 for m in self.store.port_messages(rec.pid):
                     proc.mailbox.deliver(
                         Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
@@ -176,6 +178,7 @@ class Kernel:
                         self.procs[ancestor].descendants += 1
                 self.procs[pid] = proc
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
+                self.namespaces.add_locked(proc.namespace, proc.limits)
                 journal = self.journals[pid] = ProcessJournal(pid, self.store, spec["seed"], entries.get(pid, []))
                 self._retake_locks(proc, journal)
                 try:
@@ -271,6 +274,7 @@ class Kernel:
             if spec.name and (namespace, spec.name) in self.names:
                 raise AlreadyExists(f"the name {spec.name!r} is registered to pid {self.names[namespace, spec.name]}")
             dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts, namespace)
+            limits = self.namespaces.reserve_locked(namespace, spec.limits, limits)
             pid = self.store.next_id("pid")
             proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace, durable=spec.durable)
             proc.program, proc.program_name, proc.args = source, program_name, args
@@ -330,13 +334,19 @@ class Kernel:
             mine = [p for p in self.procs.values() if p.namespace == name]
             mailbox_bytes = sum(p.mailbox.bytes for p in mine)
             memory_bytes = sum(p.runtime.memory_used() for p in mine if p.runtime is not None)  # as usage() does
+        kv_bytes = self.inference.namespace_kv_bytes(name) if self.inference is not None else 0
+        tokens, tokens_last_minute = self.namespaces.token_use(name)
+        quotas = self.namespaces.quotas(name)
         return {
             "memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes,
+            "weight": self.namespaces.weight(name), "quotas": dataclasses.asdict(quotas),
+            "reserved": self.namespaces.reserved(name),
+            "use": {"memory_bytes": memory_bytes, "mailbox_bytes": mailbox_bytes, "kv_bytes": kv_bytes,
+                    "tokens": tokens, "tokens_per_minute": tokens_last_minute},
             "name": name, "live_processes": live, "max_live_processes": self.config.namespace_processes,
             "file_bytes": files.bytes, "max_file_bytes": limits.namespace_bytes,
             "files": files.files + files.directories, "max_files": limits.namespace_files,
             "tokens": sum(1 for _, ns, *_ in self.tokens.list() if ns == name),
-            "inference_tokens": self.namespace_tokens[name],
         }
 
     def _ancestors_with_room(self, lineage: tuple[int, ...]) -> list[Process]:
@@ -371,6 +381,7 @@ class Kernel:
             pid = self.store.next_id("pid")
             defaults = self.config.defaults
             limits = Limits(mailbox=mailbox or defaults.mailbox, mailbox_bytes=defaults.mailbox_bytes)
+            limits = self.namespaces.reserve_locked(namespace, Limits(), limits)
             proc = self._new_process(pid, P.PORT, 0, 0, limits, namespace)
             proc.opener = caller.key if caller is not None else ""
             secret = secrets.token_urlsafe(24)
@@ -635,6 +646,7 @@ class Kernel:
         durable = self.journals.pop(proc.pid, None) is not None
         del self.procs[proc.pid]
         self.live_in[proc.namespace] -= 1
+        self.namespaces.release_locked(proc.namespace, proc.limits)
         for pid in proc.ancestors:
             ancestor = self.procs.get(pid)
             if ancestor is not None:

@@ -89,6 +89,7 @@ class Process(_lua.ProcessFields):
     descendants: int = 0  # live processes below it, against limits.processes
     ancestors: tuple[int, ...] = ()  # parent, grandparent, ... (ended ones too), whose descendants it counts as
     queued_at: int = 0  # perf_counter_ns when last queued
+    queued_vruntime: float = 0.0  # vruntime when last queued: what its namespace was charged up to
     yield_requested: bool = False  # the scheduler wants the CPU back before the quantum ends
     wall_timer: Any = None
     # Accounting. The mailbox counts messages sent and received; a Lua

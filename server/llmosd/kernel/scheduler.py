@@ -42,13 +42,28 @@ that call returns. While no thread is due, this costs a test of an empty
 dict per slice. `stuck_ns` tells how long the longest-stuck thread has been
 past its due time (the health service reports NOT_SERVING past a threshold).
 
-Policy (RunQueue): priority, then aging, then weight.
+Policy (RunQueue): priority, then aging, then namespace, then weight.
 
 - A queued process's effective priority is its priority plus one level per
   `aging_ns` it has waited since it was queued.
 - The level whose longest-waiting process has the highest effective priority
   runs next; a tie goes to the higher priority.
-- Within the level, a process that has waited `aging_ns` or more goes first,
+- Within the level, as cgroup v2's hierarchical cpu.weight, each namespace
+  gets its weight's share of the CPU first, then shares it among its
+  processes: the namespace with the least weighted CPU time goes (its
+  vruntime: its processes' time on a CPU x DEFAULT_WEIGHT / its weight), so
+  a namespace with 16 busy processes gets no more than one with 1. Its
+  vruntime is charged when one of its processes is queued again (what that
+  process used since it was last queued), so a namespace lags by at most the
+  slices its processes are running. A namespace back from idle gets the same
+  bounded credit as a process back from a sleep. The bound on waits: a
+  namespace whose oldest entry has waited NAMESPACE_AGING x `aging_ns` goes
+  first whatever its weight, so the bound below holds per namespace,
+  stretched by the other namespaces of the level each taking at most that.
+  Namespaces share CPU within a priority level: priorities still go first
+  (an owner who raises its processes' priority takes precedence over other
+  namespaces' lower ones, as within one namespace).
+- Within the namespace, a process that has waited `aging_ns` or more goes first,
   longest wait first; otherwise the one with the least weighted CPU time
   (vruntime: time on a CPU x DEFAULT_WEIGHT / weight), which shares CPU time
   in proportion to weight as Linux's CFS does. Weights therefore shape shares
@@ -86,7 +101,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..native import _lua
-from .process import Process
+from .process import DEFAULT_WEIGHT, Process
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +111,10 @@ WAKEUP_GRANULARITY_NS = 4_000_000  # how far behind a woken process must be to p
 # CPU: checking in takes the GIL, which a waiting thread gets within Python's
 # switch interval (5 ms), so a thread waiting for it is not mistaken for a stuck one.
 GRACE_NS = 10_000_000
+# How many `aging_ns` a namespace's oldest queued process may wait before its namespace goes
+# first whatever its weight: larger than a level's process waits under a fair split (16 busy
+# processes sharing half of one CPU wait 32 quanta, 0.32 s), so that it rarely overrides weights.
+NAMESPACE_AGING = 8
 
 # A queued entry: [vruntime, seq, proc, queued_at, live]. A list, so that it can
 # leave one of its level's two orders and be skipped (dead) in the other; the
@@ -104,7 +123,7 @@ _VRUNTIME, _SEQ, _PROC, _QUEUED_AT, _LIVE = range(5)
 
 
 class _Level:
-    """The processes queued at one priority, in both orders the policy needs."""
+    """The processes of one namespace queued at one priority, in both orders the policy needs."""
 
     __slots__ = ("by_vruntime", "by_arrival", "count")
 
@@ -137,6 +156,16 @@ class _Level:
             self.by_arrival = collections.deque(e for e in self.by_arrival if e[_LIVE])
 
 
+class _Namespace:
+    """A namespace's share of CPU, as a cgroup's cpu.weight."""
+
+    __slots__ = ("weight", "vruntime")
+
+    def __init__(self) -> None:
+        self.weight = DEFAULT_WEIGHT
+        self.vruntime = 0.0  # its processes' CPU ns x DEFAULT_WEIGHT / weight
+
+
 class RunQueue:
     """Runnable processes, in the order of the scheduling policy (see the
     module docstring). Not thread-safe: the scheduler holds its lock. Any
@@ -147,8 +176,10 @@ class RunQueue:
             raise ValueError("aging must be positive: it is what bounds every wait")
         self.aging_ns = aging_ns
         self._clock = clock
-        self._levels: dict[int, _Level] = {}
-        self._floor: dict[int, float] = {}  # priority -> vruntime of the last process picked
+        self._levels: dict[int, dict[str, _Level]] = {}  # priority -> namespace -> its queued processes
+        self._floor: dict[tuple[int, str], float] = {}  # (priority, namespace) -> vruntime of the last process picked
+        self._namespaces: dict[str, _Namespace] = {}
+        self._namespace_floor = 0.0  # vruntime of the last namespace picked
         self._seq = itertools.count()
         self._len = 0
         # The highest priority queued, readable without the lock (an int or None).
@@ -157,14 +188,35 @@ class RunQueue:
     def __len__(self) -> int:
         return self._len
 
+    def set_weight(self, namespace: str, weight: int) -> None:
+        """A namespace's share of CPU relative to the others' (DEFAULT_WEIGHT until set)."""
+        self._namespace(namespace).weight = weight
+
+    def _namespace(self, name: str) -> _Namespace:
+        ns = self._namespaces.get(name)
+        if ns is None:
+            ns = self._namespaces[name] = _Namespace()
+            ns.vruntime = self._namespace_floor  # a new namespace starts level with the others
+        return ns
+
     def push(self, proc: Process, new: bool = False) -> None:
         prio = proc.priority
-        level = self._levels.get(prio)
-        if level is None:
-            level = self._levels[prio] = _Level()
+        name = proc.namespace
+        ns = self._namespaces.get(name) or self._namespace(name)
+        # Charge the namespace what the process used since it was last queued, at the
+        # namespace's weight (its vruntime counts ns x DEFAULT_WEIGHT / its own weight).
+        ns.vruntime += (proc.vruntime - proc.queued_vruntime) * proc.weight / ns.weight
+        if ns.vruntime < self._namespace_floor - MAX_CREDIT_NS:
+            ns.vruntime = self._namespace_floor - MAX_CREDIT_NS  # back from idle: a bounded credit
+        groups = self._levels.get(prio)
+        if groups is None:
+            groups = self._levels[prio] = {}
             if self.highest is None or prio > self.highest:
                 self.highest = prio
-        floor = self._floor.setdefault(prio, 0.0)
+        level = groups.get(name)
+        if level is None:
+            level = groups[name] = _Level()
+        floor = self._floor.setdefault((prio, name), 0.0)
         if new:
             # A new process starts level with the others (as CFS places a new
             # task at min_vruntime), so that a burst of spawns cannot crowd
@@ -174,6 +226,7 @@ class RunQueue:
             # A process back from a long sleep gets a bounded credit, not one
             # that would let it monopolise the CPU.
             proc.vruntime = floor - MAX_CREDIT_NS
+        proc.queued_vruntime = proc.vruntime
         now = self._clock()
         proc.queued_at = now
         entry = [proc.vruntime, next(self._seq), proc, now, True]
@@ -185,8 +238,12 @@ class RunQueue:
     def _best(self, now: int) -> tuple[int, int] | None:
         """(effective priority, priority) of the level to run next."""
         best = None
-        for prio, level in self._levels.items():
-            effective = prio + (now - level.oldest()[_QUEUED_AT]) // self.aging_ns
+        for prio, groups in self._levels.items():
+            if len(groups) == 1:
+                oldest = next(iter(groups.values())).oldest()[_QUEUED_AT]
+            else:
+                oldest = min(level.oldest()[_QUEUED_AT] for level in groups.values())
+            effective = prio + (now - oldest) // self.aging_ns
             if best is None or (effective, prio) > best:
                 best = (effective, prio)
         return best
@@ -197,17 +254,34 @@ class RunQueue:
         if best is None:
             raise IndexError("pop from an empty run queue")
         prio = best[1]
-        level = self._levels[prio]
+        groups = self._levels[prio]
+        if len(groups) == 1:
+            name, level = next(iter(groups.items()))
+        else:
+            name, level = self._pick_namespace(groups, now)
         oldest = level.oldest()
         entry = oldest if now - oldest[_QUEUED_AT] >= self.aging_ns else level.least_vruntime()
         level.remove(entry)
         if not level.count:
-            del self._levels[prio]
-            if prio == self.highest:
-                self.highest = max(self._levels, default=None)
-        self._floor[prio] = max(self._floor[prio], entry[_VRUNTIME])
+            del groups[name]
+            if not groups:
+                del self._levels[prio]
+                if prio == self.highest:
+                    self.highest = max(self._levels, default=None)
+        floor = (prio, name)
+        self._floor[floor] = max(self._floor[floor], entry[_VRUNTIME])
+        self._namespace_floor = max(self._namespace_floor, self._namespaces[name].vruntime)
         self._len -= 1
         return entry[_PROC]
+
+    def _pick_namespace(self, groups: dict[str, _Level], now: int) -> tuple[str, _Level]:
+        """The namespace of a level to run next: the least vruntime, unless one's oldest entry
+        has waited NAMESPACE_AGING x aging_ns (the bound on waits)."""
+        waited = min(groups.items(), key=lambda item: item[1].oldest()[_QUEUED_AT])
+        if now - waited[1].oldest()[_QUEUED_AT] >= NAMESPACE_AGING * self.aging_ns:
+            return waited
+        namespaces = self._namespaces
+        return min(groups.items(), key=lambda item: namespaces[item[0]].vruntime)
 
     def top(self) -> tuple[int, int] | None:
         """(effective priority, priority) of the process that would run next."""
@@ -278,6 +352,11 @@ class Scheduler:
         CFS's default, the spawner keeps its CPU until its quantum is spent."""
         if not _lua.offer_next(proc):  # else it runs next on this worker (see module docstring)
             self._enqueue(proc, new)
+
+    def set_namespace_weight(self, namespace: str, weight: int) -> None:
+        """A namespace's share of CPU within each priority level (see RunQueue)."""
+        with self._lock:
+            self._queue.set_weight(namespace, weight)
 
     def requeue(self, proc: Process) -> None:
         """Queue a process that used up its quantum: behind the others, never as runnext.

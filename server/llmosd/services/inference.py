@@ -25,6 +25,8 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 
 from ..api import checks as C
+from ..api.authority import DEFAULT_NAMESPACE
+from ..api.identity import CALLER
 from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted, Unavailable
 from ..kernel.process import Process
 from ..kernel.waiting import Waiter
@@ -112,17 +114,16 @@ class Inference:
                 f"pid {proc.pid} has used {proc.tokens} tokens of its limit of {proc.limits.tokens}"
             )
 
-    def _charge(self, pid: int, usage: Any, namespace: str = "") -> None:
-        """Charge a request's tokens to process `pid` and its namespace; a request without a
-        process (a client's Infer, an OpenAI completion) to the caller's `namespace`."""
-        used = usage.prompt_tokens + usage.completion_tokens
+    def _charge(self, pid: int, namespace: str, usage: Any) -> None:
+        """Charge a request's tokens to its namespace (Request.namespace: its process's, or for a
+        request without one, a client's Infer or an OpenAI completion, the caller's) and process."""
+        self.kernel.namespaces.charge_tokens(namespace, usage.prompt_tokens + usage.completion_tokens)
+        if not pid:
+            return
         with self.kernel.lock:
-            proc = self.kernel.procs.get(pid) if pid else None
+            proc = self.kernel.procs.get(pid)
             if proc is not None:
-                proc.tokens += used
-                namespace = proc.namespace
-            if namespace:
-                self.kernel.namespace_tokens[namespace] += used
+                proc.tokens += usage.prompt_tokens + usage.completion_tokens
 
     def build_request(self, spec: dict[str, Any], proc: Process | None) -> Request:
         """A checked engine Request from plain values (what Lua or an RPC gave)."""
@@ -160,6 +161,12 @@ class Inference:
         timeout = spec.get("timeout_ms")
         if timeout is not None and C.duration_ms(timeout, "timeout_ms") == 0:
             raise InvalidArgument("timeout_ms must be a positive number")
+        caller = CALLER.get()
+        namespace = proc.namespace if proc is not None else caller.namespace if caller is not None else DEFAULT_NAMESPACE
+        budgets = [budget for budget in (
+            proc.limits.tokens - proc.tokens if proc is not None and proc.limits.tokens else None,
+            self.kernel.namespaces.token_budget(namespace),  # RESOURCE_EXHAUSTED when none is left
+        ) if budget is not None]
         priority = spec.get("priority")
         if priority is None:
             priority = proc.priority if proc is not None else 0
@@ -169,10 +176,11 @@ class Inference:
             prompt=prompt, messages=messages, max_tokens=spec.get("max_tokens") or DEFAULT_MAX_TOKENS,
             temperature=spec.get("temperature"), top_p=spec.get("top_p"), top_k=spec.get("top_k") or None,
             seed=spec.get("seed"), stop=stop, priority=priority, owner=proc.pid if proc is not None else 0,
-            token_budget=proc.limits.tokens - proc.tokens if proc is not None and proc.limits.tokens else None,
+            token_budget=min(budgets, default=None),
             deadline=time.monotonic() + C.duration_ms(timeout, "timeout_ms") / 1000 if timeout else None,
             json_schema=spec.get("json_schema"), regex=spec.get("regex"), grammar=spec.get("grammar"),
             tools=spec.get("tools"), tool_choice=C.tool_choice(spec.get("tool_choice")), context=context,
+            namespace=namespace, namespace_weight=self.kernel.namespaces.weight(namespace),
         )
 
     def _submit(self, request: Request, on_event: Callable[[Any], None], kv_limit: int) -> Any:
@@ -216,7 +224,7 @@ class Inference:
                                             for c in event.tool_calls]
                 if request.json_schema is not None and event.reason == "stop":
                     result["json"] = self._parsed(text)
-            self._charge(pid, event.usage)
+            self._charge(pid, request.namespace, event.usage)
             with self.kernel.lock:
                 waiter.complete(result)
 
@@ -239,8 +247,9 @@ class Inference:
         else:
             self._pending.append(submit)
 
-    async def infer_rpc(self, req: pb.InferRequest, namespace: str) -> AsyncIterator[pb.InferChunk]:
-        """The Infer RPC of a caller in `namespace`: stream chunks (or one final chunk) for the request."""
+    async def infer_rpc(self, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
+        """The Infer RPC: stream chunks (or one final chunk) for the request (charged to the
+        caller's namespace, build_request)."""
         with self.kernel.lock:
             proc = self.kernel.live_locked(req.pid, "caller") if req.pid else None
             self._charge_check(proc)
@@ -283,7 +292,7 @@ class Inference:
                         text.append(event.text_delta)
                         ids.extend(event.token_ids)
                     continue
-                self._charge(req.pid, usage, namespace)
+                self._charge(req.pid, request.namespace, usage)
                 if event.reason == "error":
                     raise KernelError(f"inference failed: {event.error}")
                 final = pb.InferChunk(
@@ -306,12 +315,25 @@ class Inference:
         C.known_options(spec, C.CONTEXT_OPTIONS, "sys.context.create")
         messages, tools = C.chat(spec.get("messages")), spec.get("tools")
         engine = self._engine()
+        self._check_kv_quota(proc.namespace)
         try:
             engine.set_kv_limit(proc.pid, proc.limits.kv_bytes or None)
             return engine.create_context(messages, tools=tools, owner=proc.pid, priority=proc.priority,
                                          on_event=on_event)
         except ValueError as e:
             raise engine_error(e) from None
+
+    def _check_kv_quota(self, namespace: str) -> None:
+        """A new context (or fork) while the namespace's contexts hold its KV quota or more is
+        RESOURCE_EXHAUSTED. (With the kernel lock held or not: the processes are read as a copy.)"""
+        quota = self.kernel.namespaces.quotas(namespace).kv_bytes
+        if quota and self.namespace_kv_bytes(namespace) >= quota:
+            raise ResourceExhausted(f"namespace {namespace!r}'s conversation contexts hold its KV quota "
+                                    f"of {quota} bytes (drop one first)")
+
+    def namespace_kv_bytes(self, namespace: str) -> int:
+        """KV cache bytes the contexts of the namespace's processes hold."""
+        return sum(self.kv_bytes(p.pid) for p in list(self.kernel.procs.values()) if p.namespace == namespace)
 
     def _drop_if_ended(self, pid: int, context: int) -> None:
         """Drop a context made for a process that ended meanwhile (its end dropped those it had
@@ -397,9 +419,11 @@ class Inference:
         """A copy-on-write fork of the process's context; its handle (kernel lock not held)."""
         context = C.context_handle(context)
         with self.kernel.lock:
-            limit = self.kernel.live_locked(pid, "owner").limits.kv_bytes
+            owner = self.kernel.live_locked(pid, "owner")
+            limit, namespace = owner.limits.kv_bytes, owner.namespace
         if self.engine is None:
             raise NotFound(f"no context {context}")
+        self._check_kv_quota(namespace)
         try:
             self.engine.set_kv_limit(pid, limit or None)
             fork = self.engine.fork_context(context, pid)
