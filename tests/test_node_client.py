@@ -20,8 +20,10 @@ NPM = shutil.which("npm")
 
 
 def npm_ci(directory: pathlib.Path) -> None:
-    """Install `directory`'s locked dependencies unless they are there (skip when the registry is unreachable)."""
-    if (directory / "node_modules" / ".package-lock.json").is_file():
+    """Install `directory`'s locked dependencies unless those of its package-lock.json are there
+    (npm's copy of the lock in node_modules is as new); skip when the registry is unreachable."""
+    installed = directory / "node_modules" / ".package-lock.json"
+    if installed.is_file() and installed.stat().st_mtime >= (directory / "package-lock.json").stat().st_mtime:
         return
     try:
         out = subprocess.run([NPM, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=directory,
