@@ -172,7 +172,7 @@ class Kernel:
                     proc.name = rec.name
                     self.names[proc.namespace, rec.name] = pid
                 if spec["monitor"] and spec["parent"] in self.procs:
-                    proc.monitored_by.add(spec["parent"])
+                    self._link_monitor(self.procs[spec["parent"]], proc)
                 for ancestor in proc.ancestors:
                     if ancestor in self.procs:
                         self.procs[ancestor].descendants += 1
@@ -286,7 +286,7 @@ class Kernel:
                 proc.name = spec.name
                 self.names[namespace, spec.name] = pid
             if spec.monitor:
-                proc.monitored_by.add(spec.parent)
+                self._link_monitor(self.procs[spec.parent], proc)
             for ancestor in ancestors:
                 ancestor.descendants += 1
             self.procs[pid] = proc
@@ -673,6 +673,7 @@ class Kernel:
         for watcher in proc.monitored_by:
             if watcher in self.procs:
                 self._send_exit_notice(watcher, rec)
+                self.procs[watcher].monitoring.discard(proc.pid)
         if proc.kind != P.PORT:
             lines = proc.runtime.log_lines(MAX_LOG_LINES) if proc.runtime is not None else None
             if lines is not None:
@@ -709,7 +710,7 @@ class Kernel:
             self.target_locked(caller, "monitor", watcher, "watcher")
             proc = self.procs.get(target)
             if proc is not None and (caller is None or caller.sees(proc.namespace)):
-                proc.monitored_by.add(watcher)
+                self._link_monitor(self.procs[watcher], proc)
                 return
             rec = self._ended_record(target) if proc is None else None
             if rec is None or (caller is not None and not caller.sees(rec.namespace)):
@@ -796,15 +797,20 @@ class Kernel:
             self._authorize_ended(caller, syscall, rec)
         return rec, None
 
+    def _link_monitor(self, watcher: Process, target: Process) -> None:
+        """`watcher` is told when `target` ends (lock held); each side keeps the link."""
+        target.monitored_by.add(watcher.pid)
+        if watcher.monitoring is None:
+            watcher.monitoring = set()
+        watcher.monitoring.add(target.pid)
+
     def monitor_links(self, pid: int) -> tuple[list[int], list[int]]:
-        """(the live processes `pid` monitors, those that monitor it): a pass over the live
-        processes, for inspection only (GetProcess), not for sys.info."""
+        """(the live processes `pid` monitors, those that monitor it), for GetProcess."""
         with self.lock:
             proc = self.procs.get(pid)
             if proc is None:
                 return [], []
-            monitors = sorted(p.pid for p in self.procs.values() if pid in p.monitored_by)
-            return monitors, sorted(w for w in proc.monitored_by if w in self.procs)
+            return sorted(proc.monitoring or ()), sorted(w for w in proc.monitored_by if w in self.procs)
 
     def list(self, states: set[str], name: str | None, parent: int, include_ended: bool,
              after_pid: int = 0, caller: Caller | None = None) -> list[tuple]:

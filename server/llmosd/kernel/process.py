@@ -78,6 +78,7 @@ class Process(_lua.ProcessFields):
     args: Any = None
     # Monitoring: pids to tell when this process ends.
     monitored_by: set[int] = field(default_factory=set)
+    monitoring: set[int] | None = None  # the live pids it monitors (made on its first monitor: most have none)
     # Parties blocked in Wait on this process.
     exit_waiters: list[Waiter] = field(default_factory=list)
     # The syscall this process is blocked in, if any.
