@@ -286,7 +286,7 @@ class Kernel:
                 proc.name = spec.name
                 self.names[namespace, spec.name] = pid
             if spec.monitor:
-                self._link_monitor(self.procs[spec.parent], proc)
+                self._link_monitor(parent, proc)
             for ancestor in ancestors:
                 ancestor.descendants += 1
             self.procs[pid] = proc
@@ -707,10 +707,10 @@ class Kernel:
         """`watcher` (the caller, or a process it may act on) is told when `target` (in the
         namespace) ends."""
         with self.lock:
-            self.target_locked(caller, "monitor", watcher, "watcher")
+            watching = self.target_locked(caller, "monitor", watcher, "watcher")
             proc = self.procs.get(target)
             if proc is not None and (caller is None or caller.sees(proc.namespace)):
-                self._link_monitor(self.procs[watcher], proc)
+                self._link_monitor(watching, proc)
                 return
             rec = self._ended_record(target) if proc is None else None
             if rec is None or (caller is not None and not caller.sees(rec.namespace)):
