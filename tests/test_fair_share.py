@@ -11,13 +11,13 @@ import random
 import signal
 import time
 
-import grpc
 import pytest
 
 import llmos
 from llmosd.kernel.process import DEFAULT_WEIGHT
 from llmosd.kernel.scheduler import NAMESPACE_AGING, RunQueue
 from llmosd_process import LlmosdServer
+from test_quotas import _code
 
 QUANTUM = 10_000_000
 AGING = 200_000_000
@@ -124,16 +124,6 @@ def test_a_namespace_back_from_idle_gets_a_bounded_credit() -> None:
 
 
 # -- a real server -------------------------------------------------------------------------------
-def _code(fn) -> str:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code().name
-    except llmos.LlmosError as e:
-        return e.code.name
-    return "OK"
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     # One virtual CPU: the whole CPU is the share, however loaded the machine is.
