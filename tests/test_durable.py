@@ -3,13 +3,20 @@ restarted server (kill -9 included) brings them back with the same pid and repla
 were, with nothing done twice. Real servers over real gRPC, killed and restarted on their data dir."""
 from __future__ import annotations
 
+import pathlib
 import signal
+import sqlite3
 import textwrap
 from typing import Any
 
 import pytest
 
 import llmos
+from llmosd.kernel.config import KernelConfig
+from llmosd.kernel.journal import ProcessJournal
+from llmosd.kernel.kernel import Kernel
+from llmosd.kernel.mailbox import ANY
+from llmosd.kernel.waiting import Waiter
 from llmosd_process import LlmosdServer
 
 WAIT_S = 60.0  # generous bound for anything here to happen
@@ -114,6 +121,60 @@ def test_messages_waiting_in_a_durable_mailbox_survive_a_restart_in_order(fresh_
         k.send(pid, None, tag="start")
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", [0, 1, 2, 3, 4])
+
+
+class Killed(Exception):
+    """Stands for a kill -9 at the point it is raised."""
+
+
+class Handed(Waiter):
+    """A receiver waiting in the kernel: keeps what it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[Any] = []
+
+    def _wake(self, value: Any) -> None:
+        self.got.append(value)
+
+
+@pytest.mark.parametrize("waiting_receiver", [False, True])
+def test_a_durable_send_to_a_port_is_stored_in_the_transaction_of_its_journal_entry(
+        tmp_path: pathlib.Path, waiting_receiver: bool) -> None:
+    """The crash window of an output commit, made certain: the server dies right after the commit
+    that journals a durable process's send to a port. The port's copy must be in that commit, or
+    the replay answers the send from the journal and the port never gets the message (a waiting
+    receiver is handed it once the commit is made: a crash before that leaves it stored)."""
+    kernel = Kernel(KernelConfig(data_dir=str(tmp_path)))
+    try:
+        port, _ = kernel.open_port()
+        receiver = Handed()
+        if waiting_receiver:
+            assert kernel.recv(port, ANY, receiver, None) is None
+        journal = ProcessJournal(4242, kernel.store, seed=1)
+        flush = kernel.store.flush
+
+        def flush_then_die() -> None:
+            flush()
+            raise Killed
+
+        kernel.store.flush = flush_then_die  # type: ignore[method-assign]
+        with pytest.raises(Killed):
+            kernel.send(0, port, "item", "b", b"", "", on_sent=lambda msg: journal.entry_ops("send", 0, msg.id))
+        kernel.store.flush = flush  # type: ignore[method-assign]
+        with sqlite3.connect(kernel.store.path) as db:  # what a restart would find
+            sends = db.execute("SELECT COUNT(*) FROM journal WHERE pid=4242 AND call='send'").fetchone()[0]
+            stored = db.execute("SELECT body FROM port_messages WHERE port=?", (port,)).fetchall()
+        assert sends == 1
+        assert stored == [('"b"',)] and receiver.got == []
+        kernel.send(0, port, "item", "c", b"", "", on_sent=lambda msg: journal.entry_ops("send", 1, msg.id))
+        with sqlite3.connect(kernel.store.path) as db:
+            stored = db.execute("SELECT body FROM port_messages WHERE port=? ORDER BY id", (port,)).fetchall()
+        # With a receiver waiting, "b" stays stored (it is handed over after a restart), "c" is taken at once.
+        assert stored == [('"b"',)] if waiting_receiver else [('"b"',), ('"c"',)]
+        assert [m.body for m in receiver.got] == (["c"] if waiting_receiver else [])
+    finally:
+        kernel.shutdown()
 
 
 def test_a_message_received_before_the_crash_is_not_received_again(fresh_llmosd: LlmosdServer) -> None:

@@ -499,10 +499,15 @@ class Kernel:
                 if dst.kind != P.PORT and dst.mailbox.durable:
                     self.store.enqueue(ops + [message_row(msg)])
                     dst.mailbox.deliver(msg, False)
+                elif dst.kind == P.PORT:
+                    # Output commit: the entry and the port's copy in one transaction, before a client
+                    # can read it (a crash between two commits would journal a send the port never got).
+                    self.store.enqueue(ops + [message_row(msg)])
+                    self.store.flush()
+                    if dst.mailbox.deliver(msg, False) and not self.acks.holds(dst.pid, msg.id):
+                        self.store.delete_message(msg.id)  # taken at once by a receive without ack
                 else:
                     self.store.enqueue(ops)
-                    if dst.kind == P.PORT:
-                        self.store.flush()  # output commit: an external client may read it at once
                     self._deliver(dst, msg, False)
                 if also is not None:
                     self.store.transaction(also)
