@@ -7,6 +7,7 @@ import pathlib
 import signal
 import sqlite3
 import textwrap
+import time
 from typing import Any
 
 import pytest
@@ -35,6 +36,17 @@ def bodies(k: llmos.Client, port: int, n: int) -> list[Any]:
         assert msg is not None, f"only {out} came"
         out.append(msg.body)
     return out
+
+
+def taken(k: llmos.Client, port: int) -> Any:
+    """The next message of `port`, taken when already there: a Recv that waits is handed a message
+    before the server deletes its stored copy, which a kill -9 at that moment would keep."""
+    for _ in range(int(WAIT_S / 0.01)):
+        msg = k.recv(port, timeout=0)
+        if msg is not None:
+            return msg.body
+        time.sleep(0.01)
+    raise AssertionError("nothing came")
 
 
 def nothing_more(k: llmos.Client, port: int) -> None:
@@ -313,15 +325,88 @@ def test_a_replayed_process_holds_the_locks_it_held_and_appends_once(fresh_llmos
         assert k.read_file("out.txt") == b"ab"
 
 
-def test_sys_cond_wait_is_unimplemented_in_durable_processes(fresh_llmosd: LlmosdServer) -> None:
-    program = textwrap.dedent("""
+# Waits on the condition "c" with the mutex "m", after telling the port; then reports what it got and
+# whether it holds "m" again (a try_acquire of a mutex one holds is refused).
+COND_WAITER = textwrap.dedent("""
+    sys.lock.acquire("m")
+    sys.send(args.port, "waiting")
+    local r = sys.cond.wait("c", "m", args.timeout_ms)
+    local again, err = pcall(sys.lock.try_acquire, "m")
+    sys.lock.release("m")
+    return {signalled = r.signalled, timed_out = r.timed_out, held = not again}
+""")
+# Signals "c" (holding "m") until it wakes someone, then releases "m": how many tries it took.
+COND_SIGNALLER = textwrap.dedent("""
+    for try = 1, 1000 do
         sys.lock.acquire("m")
-        local ok, err = pcall(sys.cond.wait, "c", "m", 10)
-        return err
+        local woken = sys.cond.signal("c")
+        sys.lock.release("m")
+        if woken == 1 then return try end
+        sys.sleep(10)
+    end
+    return 0
+""")
+
+
+def test_a_durable_cond_wait_cut_by_a_restart_waits_again_holding_nothing(fresh_llmosd: LlmosdServer) -> None:
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=COND_WAITER, args={"port": port, "timeout_ms": 600_000}, durable=True)
+        assert taken(k, port) == "waiting"
+    with restart(fresh_llmosd) as k:
+        # The mutex is free (the wait had given it back), and the replayed process waits on "c" again.
+        assert k.run(COND_SIGNALLER, timeout=WAIT_S).result >= 1
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
+        nothing_more(k, port)  # "waiting" was not sent again
+
+
+def test_a_signal_journaled_before_a_restart_is_not_lost(fresh_llmosd: LlmosdServer) -> None:
+    # The signaller holds "m" across the crash, so the woken waiter had not taken it back yet: after the
+    # restart the signaller holds it again, and the waiter, woken in its journal, waits for the mutex only.
+    signaller = textwrap.dedent("""
+        sys.lock.acquire("m")
+        sys.send(args.port, sys.cond.signal("c"))
+        sys.recv{tag = "go"}
+        sys.lock.release("m")
+        return "released"
     """)
     with llmos.Client(fresh_llmosd.target) as k:
-        info = k.wait(k.spawn(lua=program, durable=True), timeout=WAIT_S)
-        assert "not in durable processes" in info.result
+        port = k.open_port()
+        waiter = k.spawn(lua=COND_WAITER, args={"port": port, "timeout_ms": 600_000}, durable=True)
+        assert taken(k, port) == "waiting"
+        sender = k.spawn(lua=signaller, args={"port": port}, durable=True)
+        assert taken(k, port) == 1
+    with restart(fresh_llmosd) as k:
+        assert k.get(waiter).state == "BLOCKED"
+        k.send(sender, None, tag="go")
+        assert k.wait(sender, timeout=WAIT_S).result == "released"
+        info = k.wait(waiter, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
+        nothing_more(k, port)
+
+
+def test_a_durable_cond_wait_that_timed_out_replays_its_outcome(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        sys.lock.acquire("m")
+        local r = sys.cond.wait("c", "m", 10)
+        sys.send(args.port, r.timed_out)
+        sys.recv{tag = "go"}
+        local again = pcall(sys.lock.try_acquire, "m")
+        return {timed_out = r.timed_out, held = not again}
+    """)
+    contender = "return sys.lock.try_acquire('m') ~= nil"
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        assert taken(k, port) is True
+    with restart(fresh_llmosd) as k:
+        k.send(pid, None, tag="ping")  # not what it waits for: it stays blocked, replayed, live
+        assert k.run(contender, timeout=WAIT_S).result is False  # it holds "m" again, from its journal
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"timed_out": True, "held": True})
+        nothing_more(k, port)
 
 
 def test_a_durable_process_receives_with_ack_once_across_a_restart(fresh_llmosd: LlmosdServer) -> None:

@@ -123,7 +123,8 @@ class LuaRuntime:
             if kind == b"sys":
                 name = out[1].decode()
                 if lua.journal is not None and name != "exit":  # a durable process's (kernel/journal.py)
-                    replayed = lua.replayed(name, out[2:])
+                    replay = lua.replayed_cond_wait if name == "cond_wait" else lua.replayed
+                    replayed = replay(name, out[2:])
                     if replayed is not _LIVE and proc.kill_reason is None:
                         args = replayed
                         continue
@@ -237,8 +238,7 @@ class LuaRuntime:
 
     def block_cond_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         if lua.journal is not None:
-            raise Unimplemented("sys.cond.wait: not in durable processes yet (a restart in the middle of a wait "
-                                "has no defined outcome); wait for a message instead")
+            return lua.cond_wait(waiter, args)  # journaled (lua/durable.py)
         name, lock_name, timeout = lua.cond_wait_args(*args[:3])
         self.kernel.sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout)
         return None
