@@ -409,6 +409,26 @@ def test_a_durable_cond_wait_that_timed_out_replays_its_outcome(fresh_llmosd: Ll
         nothing_more(k, port)
 
 
+def test_a_durable_senders_wish_for_an_undelivered_notice_survives_a_restart(fresh_llmosd: LlmosdServer) -> None:
+    receiver = 'sys.recv{tag = "never"}'  # the message stays waiting in its durable mailbox
+    sender = textwrap.dedent("""
+        local id = sys.send(args.to, "hello", {tag = "greeting", notify_undelivered = true})
+        sys.send(args.port, id)
+        return sys.recv{tag = "UNDELIVERED"}.body
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        to = k.spawn(lua=receiver, durable=True)
+        pid = k.spawn(lua=sender, args={"to": to, "port": port}, durable=True)
+        message_id = taken(k, port)
+    with restart(fresh_llmosd) as k:
+        k.kill(to)
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {
+            "message_id": message_id, "reason": "receiver_ended", "receiver": to, "attempts": 0, "tag": "greeting"})
+        assert k.dead_letters() == []  # told to its sender, not queued
+
+
 def test_a_durable_process_receives_with_ack_once_across_a_restart(fresh_llmosd: LlmosdServer) -> None:
     program = textwrap.dedent("""
         local m = sys.recv{ack = true, tag = "job"}

@@ -108,7 +108,8 @@ def _message_fields(m: Message) -> tuple:
 
 def message_row(m: Message) -> tuple[str, tuple]:
     """The op that stores `m` in its durable receiver's mailbox."""
-    return STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms)
+    return STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms,
+                           m.notify_undelivered)
 
 
 class ProcessJournal:

@@ -134,10 +134,7 @@ class Kernel:
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
                 self.namespaces.add_locked(proc.namespace, proc.limits)
                 for m in self.store.port_messages(rec.pid):
-                    proc.mailbox.deliver(
-                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
-                        limited=False,
-                    )
+                    proc.mailbox.deliver(_stored_message(m), limited=False)
                 if rec.name:
                     proc.name = rec.name
                     self.names[rec.namespace, rec.name] = rec.pid
@@ -164,10 +161,7 @@ class Kernel:
                 proc.weight, proc.ancestors, proc.started_at_ms = spec["weight"], spec["ancestors"], rec.started_at_ms
                 proc.log_to_server = spec["log_to_server"]
                 for m in self.store.stored_messages(pid):
-                    proc.mailbox.deliver(
-                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
-                        limited=False,
-                    )
+                    proc.mailbox.deliver(_stored_message(m), limited=False)
                 if rec.name and (proc.namespace, rec.name) not in self.names:
                     proc.name = rec.name
                     self.names[proc.namespace, rec.name] = pid
@@ -587,6 +581,7 @@ class Kernel:
     def _store_port_message(self, msg: Message, also: Callable[[Any], None] | None = None) -> None:
         self.store.put_message(StoredMessage(
             msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
+            msg.notify_undelivered,
         ), also)
 
     def arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
@@ -929,3 +924,10 @@ def _fits(value: Any, limit: int) -> bool:
     except _lua.TooLarge:
         return False
     return True
+
+
+def _stored_message(m: StoredMessage) -> Message:
+    """A stored mailbox's message as it was sent, its sender's wish for a notice included."""
+    msg = Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms)
+    msg.notify_undelivered = m.notify_undelivered
+    return msg
