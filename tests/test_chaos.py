@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools"))
 from chaos import report, run_pipeline  # noqa: E402
 
-ITEMS = 15
+ITEMS = 30
 
 
 def test_a_supervised_pipeline_of_durable_agents_killed_at_random_moments_ends_as_if_never_killed(

@@ -28,8 +28,10 @@ stages and returns its report), and sends its result to a port. Then:
 - the port got the coordinator's result exactly once;
 - the engine's counters (/metrics' llmos_engine_generated_tokens, per server run) show that
   every infer journaled before the last restart was answered from the journal by that restart's
-  replay (the last run's engine generated exactly the tokens of the infers journaled during it),
-  and over all runs the engine generated at least the tokens of every infer the pipeline made.
+  replay (the last run's engine generated exactly the tokens of the infers journaled during it:
+  a restart replays every journal from its start, so this covers every infer journaled before
+  it). The counters of a run ended by kill -9 are read just before the kill, a lower bound (the
+  engine may generate more before it dies): printed, not checked.
 tests/test_chaos.py runs a bounded version of it.
 """
 from __future__ import annotations
@@ -324,9 +326,6 @@ def compare(reference: Outcome, chaos: Outcome) -> list[str]:
         if outcome.engine_tokens[-1] != new:
             problems.append(f"the last server run's engine generated {outcome.engine_tokens[-1]} tokens, but the "
                             f"infers journaled during it have {new}")
-        if sum(outcome.engine_tokens) < outcome.infer_tokens:
-            problems.append(f"the engine generated {sum(outcome.engine_tokens)} tokens in all, fewer than the "
-                            f"{outcome.infer_tokens} of the pipeline's infers")
     return problems
 
 
@@ -350,8 +349,8 @@ def report(reference: Outcome, chaos: Outcome, items: int, seed: int) -> tuple[l
         f"{chaos.engine_tokens} = {sum(chaos.engine_tokens)}; the last run's replay ran none of the "
         f"{chaos.journaled_tokens[-1]} journaled again ({chaos.engine_tokens[-1]} generated = "
         f"{chaos.infer_tokens} - {chaos.journaled_tokens[-1]})",
-        f"ran again after a crash (infers whose answer was not journaled yet): at least "
-        f"{max(0, sum(chaos.engine_tokens) - chaos.infer_tokens)} tokens",
+        f"tokens run again after a crash (infers whose answer was not journaled yet): at least "
+        f"{max(0, sum(chaos.engine_tokens) - chaos.infer_tokens)}",
     ]
     lines.append("identical to the uncrashed run, nothing done twice, no journaled infer run again"
                  if not problems else "\n".join(problems))
