@@ -157,16 +157,26 @@ CALLS: dict[str, Call] = {
 }
 
 # -- the actors -------------------------------------------------------------------------------------
-CLIENTS = ("admin", "owner", "reader", "other")
-ROLE = {"admin": "admin", "owner": "owner", "reader": "reader", "other": "owner"}
+CLIENTS = ("admin", "owner", "reader", "other", "none")  # none: no token, single-user mode's owner of "default"
+ROLE = {"admin": "admin", "owner": "owner", "reader": "reader", "other": "owner", "none": "owner"}
 LUA, PYTHON = "lua", "python"
 ACTORS = CLIENTS + (LUA, PYTHON)
 
 
-def expected(entry: Syscall, actor: str, which: str, names_actor_field: bool) -> str:
-    """What `actor` applying `entry` to its `which` target answers, by the entry's rule
-    (docs/authority.md). `names_actor_field`: the target is in the request field an agent must
-    fill with its own pid (the entry's acts_as), and is not the agent."""
+def expected(entry: Syscall, actor: str, which: str, names_actor_field: bool, engine: bool) -> str:
+    """What `actor` applying `entry` to its `which` target answers: by the entry's rule
+    (docs/authority.md), and for one the rule lets through to the inference service when the
+    server runs no engine, UNIMPLEMENTED."""
+    want = _by_rule(entry, actor, which, names_actor_field)
+    by_engine = want == OK or (actor == LUA and CALLS[entry.name].target == CONTEXT)  # (a handle: the engine's)
+    if by_engine and not engine and entry.does.startswith("Inference"):
+        return "UNIMPLEMENTED"
+    return want
+
+
+def _by_rule(entry: Syscall, actor: str, which: str, names_actor_field: bool) -> str:
+    """`names_actor_field`: the target is in the request field an agent must fill with its own pid
+    (the entry's acts_as), and is not the agent."""
     kind = CALLS[entry.name].target
     if actor in CLIENTS:
         role = ROLE[actor]
@@ -268,6 +278,7 @@ end
 LUA_WORDS = {
     NOT_FOUND: r"NOT_FOUND|no process with pid|no file or directory|no context",
     DENIED: r"acts only on itself|receives only from its own mailbox|belongs to",
+    "UNIMPLEMENTED": r"runs no inference engine",
 }
 
 
@@ -295,8 +306,9 @@ class World:
     """Two namespaces with objects of every kind, and the actors. A namespace's tokens: alpha's owner,
     owner2 and reader; beta's other and other2; default's admin and its single-user client."""
 
-    def __init__(self, server: LlmosdServer) -> None:
+    def __init__(self, server: LlmosdServer, engine: bool) -> None:
         self.server = server
+        self.engine = engine
         admin_token = (server.data_dir / "admin.token").read_text().strip()
         self.tokens = {"admin": admin_token}
         made = llmos.Client(server.target, token=admin_token)
@@ -316,7 +328,7 @@ class World:
         self.results_port = owner.open_port()
 
     # Each actor's namespace: its own token, the token of another owner there, and the foreign one.
-    NS = {"admin": ("admin", "none", "owner"), "owner": ("owner", "owner2", "other"),
+    NS = {"admin": ("admin", "none", "owner"), "none": ("none", "admin", "owner"), "owner": ("owner", "owner2", "other"),
           "reader": ("owner", "owner2", "other"), "other": ("other", "other2", "owner"),
           LUA: ("owner", "owner2", "other"), PYTHON: ("owner", "owner2", "other")}
 
@@ -348,9 +360,9 @@ class World:
                 pid = maker.open_port()
             else:
                 pid = maker.spawn(lua=FOREVER)
-            if kind == CONTEXT:
-                return {"pid": pid, "context": self.c["admin"].create_context(pid, [{"role": "user",
-                                                                                    "content": "hi"}]).context_id}
+            if kind == CONTEXT:  # (without an engine, a handle no context has)
+                return {"pid": pid, "context": self.c["admin"].create_context(pid, [{"role": "user", "content": "hi"}])
+                        .context_id if self.engine else 1}
             if kind == LEASE:
                 return {"pid": pid, "id": self.lease(pid)}
             return pid
@@ -412,7 +424,8 @@ def _cells(world: World) -> list[Cell]:
                     req = _request(call, t, u)
                     given = getattr(req, entry.acts_as)
                     names_actor_field = given not in (0, world.actor_pid[PYTHON])
-                cells.append(Cell(entry, actor, which, t, u, expected(entry, actor, which, names_actor_field)))
+                want = expected(entry, actor, which, names_actor_field, world.engine)
+                cells.append(Cell(entry, actor, which, t, u, want))
     return cells
 
 
@@ -432,9 +445,11 @@ def _prepare(world: World, cell: Cell) -> None:
         world.c["admin"].acquire(cell.t, cell.u, timeout=0)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
-    s = LlmosdServer(tmp_path_factory.mktemp("matrix") / "data", "--model", "tiny", "--cpus", "2")
+# The matrix runs twice: with the built-in tiny model, and with no engine (an inference call that
+# passes its rule is then UNIMPLEMENTED; one that does not is refused as without).
+@pytest.fixture(scope="module", params=["tiny", "none"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
+    s = LlmosdServer(tmp_path_factory.mktemp("matrix") / "data", "--model", request.param, "--cpus", "2")
     s.start()
     yield s
     s.stop(signal.SIGKILL)
@@ -442,7 +457,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
 
 @pytest.fixture(scope="module")
 def world(server: LlmosdServer) -> Iterator[World]:
-    w = World(server)
+    w = World(server, engine="none" not in server.extra)
     yield w
     for client in w.c.values():
         client.close()
@@ -470,7 +485,7 @@ def test_the_isolation_matrix(world: World) -> None:
     for cell in cells:
         by_actor.setdefault(cell.actor, []).append(cell)
     for actor in CLIENTS:
-        metadata = (("authorization", f"Bearer {world.tokens[actor]}"),)
+        metadata = (("authorization", f"Bearer {world.tokens[actor]}"),) if actor in world.tokens else ()
         for cell in by_actor[actor]:
             call = CALLS[cell.entry.name]
             try:
