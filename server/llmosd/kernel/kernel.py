@@ -253,7 +253,7 @@ class Kernel:
             raise Unimplemented("durable processes are Lua programs (durable Python agents are not supported yet)")
         with self.lock:
             if spec.parent:
-                parent = self.live_locked(spec.parent, "parent")
+                parent = self.live_locked(spec.parent, "parent", caller)
                 self._authorize(caller, "spawn", parent)
                 namespace = parent.namespace
                 if limits is not parent.limits:  # the shared defaults are within themselves
