@@ -47,12 +47,13 @@ LEASE = "lease"  # {pid, id}: a message leased (received with ack) from a mailbo
 NOTHING = "nothing"  # the call names no object: the caller's own namespace or itself
 
 OWN, SIBLING, FOREIGN = "own", "sibling", "foreign"
+ENDED = "foreign_ended"  # another namespace's process (or port) that has ended: as unknown as a live one
 # Objects that belong to one namespace, named by what a caller passes: a client's are its token's
 # namespace's (an admin's, "default"'s); only pids (processes, ports, their contexts) and namespace
 # names reach another namespace, and only for an admin.
 ADMIN_SEES = {PROCESS, PORT, CONTEXT, NAMESPACE, LEASE}
 # What a kind's targets are (a namespace has one file tree, one queue, one set of names).
-TARGETS = {PROCESS: (OWN, SIBLING, FOREIGN), PORT: (OWN, SIBLING, FOREIGN), CONTEXT: (OWN, SIBLING, FOREIGN),
+TARGETS = {PROCESS: (OWN, SIBLING, FOREIGN, ENDED), PORT: (OWN, SIBLING, FOREIGN, ENDED), CONTEXT: (OWN, SIBLING, FOREIGN),
            LEASE: (OWN, SIBLING, FOREIGN), FILE: (OWN, FOREIGN), DEAD_LETTER: (OWN, FOREIGN),
            NAMESPACE: (OWN, FOREIGN), TOKEN: (OWN, FOREIGN), NAME: (OWN, FOREIGN), NOTHING: (OWN,)}
 
@@ -86,28 +87,28 @@ LEFT_OUT = {"exit": "a process's Exit ends itself: Lua's sys.exit names nobody, 
 CALLS: dict[str, Call] = {
     "spawn": Call(PROCESS, f"pb.SpawnRequest(parent=t, {SPAWN})", lua="sys.spawn{lua = 'return 1'}"),
     "kill": Call(PROCESS, "pb.KillRequest(pid=t)", lua="sys.kill(t)", fresh=True, process_own="child",
-                 lua_targets=(OWN, SIBLING, FOREIGN)),
+                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     # A client's Exit closes a port (the port's rule); a process's (LEFT_OUT) ends itself.
     "exit": Call(PORT, "pb.ExitRequest(pid=t)", fresh=True),
     "wait": Call(PROCESS, "pb.WaitRequest(pid=t, timeout_ms=0)", lua="sys.wait(t, 0)", process_own="child",
-                 lua_targets=(OWN, SIBLING, FOREIGN)),
+                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     "sleep": Call(NOTHING, lua="sys.sleep(0)", python="sys.sleep(0)"),
     "self": Call(NOTHING, lua="assert(sys.self() > 0)", python="sys.self()"),
     "now": Call(NOTHING, lua="assert(sys.now() > 0)", python="sys.now()"),
     "log": Call(NOTHING, lua="sys.log('matrix')", python="sys.log('matrix')"),
-    "info": Call(PROCESS, "pb.GetProcessRequest(pid=t)", lua="sys.info(t)", lua_targets=(OWN, SIBLING, FOREIGN)),
+    "info": Call(PROCESS, "pb.GetProcessRequest(pid=t)", lua="sys.info(t)", lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     "set_priority": Call(PROCESS, "pb.SetPriorityRequest(pid=t, priority=0)", lua="sys.set_priority(t, 0)",
-                         lua_targets=(OWN, SIBLING, FOREIGN)),
+                         lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     # The watcher is what `act` judges (Lua's is the caller itself; its target any process of the namespace).
     "monitor": Call(PROCESS, "pb.MonitorRequest(watcher=t, target=t)", lua="sys.monitor(t)",
-                    lua_targets=(OWN, SIBLING, FOREIGN), lua_rule=NAMESPACE_RULE),
+                    lua_targets=(OWN, SIBLING, FOREIGN, ENDED), lua_rule=NAMESPACE_RULE),
     "list_processes": Call(PROCESS, "pb.ListProcessesRequest()", found="t in [p.pid for p in r.processes]"),
     "read_log": Call(PROCESS, "pb.ReadLogRequest(pid=t)"),
     "follow_log": Call(PROCESS, "pb.ReadLogRequest(pid=t)"),
     "events": Call(NOTHING, "pb.EventsRequest()"),
     "require": Call(NOTHING, lua="require('pool')"),
     "send": Call(PROCESS, "pb.SendRequest(to=t, tag='matrix')", lua="sys.send(t, 1, {tag = 'matrix'})",
-                 lua_targets=(OWN, SIBLING, FOREIGN)),
+                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     "recv": Call(PORT, "pb.RecvRequest(pid=t, timeout_ms=0)", lua="sys.recv{tag = 'matrix-none', timeout_ms = 0}"),
     "ack": Call(LEASE, "pb.AckRequest(pid=t['pid'], message_id=t['id'])", lua=LUA_LEASE % "ack", fresh=True),
     "nack": Call(LEASE, "pb.AckRequest(pid=t['pid'], message_id=t['id'])", lua=LUA_LEASE % "nack",
@@ -184,7 +185,7 @@ def _by_rule(entry: Syscall, actor: str, which: str, names_actor_field: bool) ->
             return OK if role == "admin" else DENIED
         if role == "reader" and not entry.reader:
             return DENIED  # before any lookup
-        if which == FOREIGN and not (role == "admin" and kind in ADMIN_SEES):
+        if which in (FOREIGN, ENDED) and not (role == "admin" and kind in ADMIN_SEES):
             return NOT_FOUND  # another namespace's object does not exist for the caller
         if kind in (PORT, LEASE):  # a port is its opener's (or an admin's)
             return OK if which == OWN or role == "admin" else DENIED
@@ -196,7 +197,7 @@ def _by_rule(entry: Syscall, actor: str, which: str, names_actor_field: bool) ->
             return DENIED  # an agent acts only as itself, before any lookup
         if kind == LEASE and which == OWN:
             return "FAILED_PRECONDITION"  # (World.lease) the rule let it through to the leases it holds: none
-    if which == FOREIGN or (actor == LUA and kind == CONTEXT and which == SIBLING):
+    if which in (FOREIGN, ENDED) or (actor == LUA and kind == CONTEXT and which == SIBLING):
         return NOT_FOUND  # (Lua names a context by its handle alone: another process's is no context of its)
     rule = CALLS[entry.name].lua_rule or entry.rule if actor == LUA else entry.rule
     if which == SIBLING and (rule in (ACT, OWN_MAILBOX) or kind == CONTEXT):
@@ -337,7 +338,7 @@ class World:
 
     def token_of(self, actor: str, which: str) -> str:
         own, peer, foreign = self.NS[actor]
-        return {OWN: own, SIBLING: peer, FOREIGN: foreign}[which]
+        return {OWN: own, SIBLING: peer, FOREIGN: foreign, ENDED: foreign}[which]
 
     def target(self, kind: str, actor: str, which: str, fresh: bool, process_own: str) -> Any:
         key = (kind, actor, which, process_own)
@@ -351,6 +352,12 @@ class World:
     def make(self, kind: str, actor: str, which: str, process_own: str) -> Any:
         maker = self.c[self.token_of(actor, which)]
         process_actor = actor in (LUA, PYTHON)
+        if which == ENDED:
+            pid = maker.open_port() if kind == PORT else maker.spawn(lua="return 1")
+            if kind == PORT:
+                maker.exit(pid)
+            assert maker.wait(pid, timeout=WAIT_S) is not None
+            return pid
         if kind in (PROCESS, PORT, CONTEXT, LEASE):
             if process_actor and which == OWN:
                 me = self.actor_pid[actor]
@@ -417,6 +424,8 @@ def _cells(world: World) -> list[Cell]:
                 continue
             targets = call.lua_targets if actor == LUA else TARGETS[call.target]
             for which in targets:
+                if which == ENDED and actor == "admin":
+                    continue  # it sees every namespace: an ended process's answer is the entry's own
                 t = world.target(call.target, actor, which, call.fresh, call.process_own)
                 u = world.fresh_name()
                 names_actor_field = False
@@ -441,7 +450,7 @@ def _outcome(call: Call, code: str, reply: Any, t: Any) -> str:
 
 def _prepare(world: World, cell: Cell) -> None:
     """What a cell needs held before it: lock.release and cond.wait, the lock (by the admin, for t)."""
-    if cell.entry.name in ("lock.release", "cond.wait"):
+    if cell.entry.name in ("lock.release", "cond.wait") and cell.which != ENDED:
         world.c["admin"].acquire(cell.t, cell.u, timeout=0)
 
 
@@ -520,3 +529,18 @@ def test_the_isolation_matrix(world: World) -> None:
     wrong = [f"{c.entry.name} by {c.actor} on {c.which} {c.t!r}: {c.got} (want {c.want})"
              for c in cells if c.got != c.want]
     assert not wrong, f"{len(wrong)} of {len(cells)} cells:\n" + "\n".join(wrong)
+
+
+def test_an_ended_process_of_another_namespace_is_no_dead_letter_target(world: World) -> None:
+    """The options that name a second process (a dead_letter target) follow the same rule: another
+    namespace's process does not exist, ended or not (it answered FAILED_PRECONDITION, 'has ended')."""
+    other = world.c["other"]
+    ended = world.target(PROCESS, "owner", ENDED, True, "self")  # beta's, ended
+    live = world.target(PROCESS, "owner", FOREIGN, True, "self")
+    for pid in (ended, live):
+        for call in (lambda: world.c["owner"].spawn(lua="return 1", dead_letter=pid),
+                     lambda: world.c["owner"].open_port(dead_letter=pid)):
+            with pytest.raises(llmos.LlmosError) as e:
+                call()
+            assert e.value.code.name == NOT_FOUND, pid
+    assert other.spawn(lua="return 1", dead_letter=live)  # its own namespace's
