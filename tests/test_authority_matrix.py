@@ -4,22 +4,24 @@ For every entry of the table, each actor applies it to each target its call can 
 real llmosd over real gRPC; the test checks that the answer is exactly the one the entry's rule
 gives (docs/authority.md). Actors: clients with the admin token (namespace "default"), an owner
 and a reader token of namespace "alpha", an owner token of namespace "beta"; a Lua process and a
-Python agent of "alpha". Targets: the actor's own object, an object of its namespace that another
-owner made (another token's port, a process that is not the caller's descendant), and an object of
-another namespace ("beta" for alpha's actors, "alpha" for the others).
+Python agent of "alpha"; a client without a token (single-user mode's owner of "default").
+Targets: the actor's own object, an object of its namespace that another owner made (another
+token's port, a process that is not the caller's descendant), and an object of another namespace
+("beta" for alpha's actors, "alpha" for the others), live and ended.
 
 A client's call and a Python agent's are the same RPC request (CALLS[name].request), made here and
 sent over the agent socket by the agent; a Lua process runs the entry's `sys` call (CALLS[name].lua).
 test_every_entry_has_a_call fails when the table has an entry CALLS does not know how to make, so
-no entry escapes the matrix. EXPECTED says what each cell answers, from the entry's rule alone.
+no entry escapes the matrix. `expected` says what each cell answers, from the entry's rule alone.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 import signal
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -205,9 +207,11 @@ def _by_rule(entry: Syscall, actor: str, which: str, names_actor_field: bool) ->
     return OK
 
 
-# The Python actor and this test invoke an RPC with the same code (INVOKE), the agent over its socket.
-INVOKE = """
-def invoke(stub, rpc, request, metadata=None):
+METHODS = pb.DESCRIPTOR.services_by_name["Kernel"].methods_by_name
+
+
+def invoke(stub: Any, rpc: str, request: Any, metadata: Any = None) -> Any:
+    """An RPC's reply (a stream's first): the Python actor runs this very function over its socket."""
     method = getattr(stub, rpc)
     desc = METHODS[rpc]
     if desc.client_streaming:
@@ -219,10 +223,7 @@ def invoke(stub, rpc, request, metadata=None):
         finally:
             stream.cancel()
     return method(request, metadata=metadata)
-"""
-METHODS = pb.DESCRIPTOR.services_by_name["Kernel"].methods_by_name
-exec(INVOKE, globals())
-invoke: Callable[..., Any]
+
 
 PY_ACTOR = """
 import grpc
@@ -230,8 +231,12 @@ import llmos
 from llmos.userland import sys
 from llmos.v1 import kernel_pb2 as pb
 
+from typing import Any
+
 METHODS = pb.DESCRIPTOR.services_by_name["Kernel"].methods_by_name
-""" + INVOKE + """
+
+
+""" + inspect.getsource(invoke) + """
 
 def found(value):
     if value is None:
