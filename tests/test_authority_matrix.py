@@ -76,6 +76,10 @@ class Call:
     lua_targets: tuple[str, ...] = (OWN,)  # what the Lua call can name (most name the caller itself)
     process_own: str = "self"  # a process actor's own object: "self", or "child" (what it may end)
     lua_rule: str | None = None  # the rule the Lua call's target is under, if not the entry's
+    # The request's other fields that name a process, each set to another namespace's (with the own
+    # target in the first): it must not be found, NOT_FOUND; a filter's (what a reply shows of it, an
+    # expression of r) finds nothing (NOT_FOUND too, by `found`'s convention).
+    fields: tuple[tuple[str, str | None], ...] = ()
 
 
 SPAWN = "lua = 'return 1'"
@@ -87,7 +91,8 @@ LEFT_OUT = {"exit": "a process's Exit ends itself: Lua's sys.exit names nobody, 
                     "refused before any lookup (tests/test_authority.py test_a_python_agent_past_its_library)"}
 # One entry per table entry: test_every_entry_has_a_call keeps it so.
 CALLS: dict[str, Call] = {
-    "spawn": Call(PROCESS, f"pb.SpawnRequest(parent=t, {SPAWN})", lua="sys.spawn{lua = 'return 1'}"),
+    "spawn": Call(PROCESS, f"pb.SpawnRequest(parent=t, {SPAWN})", lua="sys.spawn{lua = 'return 1'}",
+                  fields=(("dead_letter", None),)),
     "kill": Call(PROCESS, "pb.KillRequest(pid=t)", lua="sys.kill(t)", fresh=True, process_own="child",
                  lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     # A client's Exit closes a port (the port's rule); a process's (LEFT_OUT) ends itself.
@@ -103,26 +108,29 @@ CALLS: dict[str, Call] = {
                          lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     # The watcher is what `act` judges (Lua's is the caller itself; its target any process of the namespace).
     "monitor": Call(PROCESS, "pb.MonitorRequest(watcher=t, target=t)", lua="sys.monitor(t)",
-                    lua_targets=(OWN, SIBLING, FOREIGN, ENDED), lua_rule=NAMESPACE_RULE),
-    "list_processes": Call(PROCESS, "pb.ListProcessesRequest()", found="t in [p.pid for p in r.processes]"),
+                    lua_targets=(OWN, SIBLING, FOREIGN, ENDED), lua_rule=NAMESPACE_RULE, fields=(("target", None),)),
+    "list_processes": Call(PROCESS, "pb.ListProcessesRequest()", found="t in [p.pid for p in r.processes]",
+                           fields=(("parent", "len(r.processes) > 0"),)),
     "read_log": Call(PROCESS, "pb.ReadLogRequest(pid=t)"),
     "follow_log": Call(PROCESS, "pb.ReadLogRequest(pid=t)"),
     "events": Call(NOTHING, "pb.EventsRequest()"),
     "require": Call(NOTHING, lua="require('pool')"),
     "send": Call(PROCESS, "pb.SendRequest(to=t, tag='matrix')", lua="sys.send(t, 1, {tag = 'matrix'})",
-                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
-    "recv": Call(PORT, "pb.RecvRequest(pid=t, timeout_ms=0)", lua="sys.recv{tag = 'matrix-none', timeout_ms = 0}"),
+                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED), fields=(("from", None),)),
+    "recv": Call(PORT, "pb.RecvRequest(pid=t, timeout_ms=0)", lua="sys.recv{tag = 'matrix-none', timeout_ms = 0}",
+                 fields=(("from", "r.HasField('message')"),)),
     "ack": Call(LEASE, "pb.AckRequest(pid=t['pid'], message_id=t['id'])", lua=LUA_LEASE % "ack", fresh=True),
     "nack": Call(LEASE, "pb.AckRequest(pid=t['pid'], message_id=t['id'])", lua=LUA_LEASE % "nack",
                  fresh=True),
     "register": Call(PROCESS, "pb.RegisterRequest(pid=t, name=u)", lua="sys.register(u)"),
     "whereis": Call(NAME, lua="assert(sys.whereis(t), 'NOT_FOUND: no such name')",
                     python="found(sys.whereis(t))"),
-    "open_port": Call(NOTHING, "pb.OpenPortRequest()"),
+    "open_port": Call(NOTHING, "pb.OpenPortRequest()", fields=(("dead_letter", None),)),
     "list_dead_letters": Call(DEAD_LETTER, "pb.ListDeadLettersRequest()",
-                              found="t in [d.id for d in r.dead_letters]"),
+                              found="t in [d.id for d in r.dead_letters]",
+                              fields=(("receiver", "len(r.dead_letters) > 0"),)),
     "get_dead_letter": Call(DEAD_LETTER, "pb.GetDeadLetterRequest(id=t)"),
-    "retry_dead_letter": Call(DEAD_LETTER, "pb.RetryDeadLetterRequest(id=t)", fresh=True),
+    "retry_dead_letter": Call(DEAD_LETTER, "pb.RetryDeadLetterRequest(id=t)", fresh=True, fields=(("to", None),)),
     "purge_dead_letters": Call(DEAD_LETTER, "pb.PurgeDeadLettersRequest(ids=[t])", found="r.purged == 1",
                                fresh=True),
     "fs.write": Call(PROCESS, "pb.WriteFileRequest(pid=t, path=u, data=b'x')", lua="sys.fs.write(u, 'x')"),
@@ -305,7 +313,25 @@ class Cell:
     t: Any  # the target
     u: str  # a fresh name (paths, lock names, registered names)
     want: str
+    field: str | None = None  # (Call.fields) the other field set to another namespace's process
+    field_pid: int = 0
     got: str = ""
+
+    def request(self) -> Any:
+        req = _request(CALLS[self.entry.name], self.t, self.u)
+        if self.field is not None:
+            setattr(req, self.field, self.field_pid)
+        return req
+
+    def outcome(self, code: str, reply: Any) -> str:
+        """OK, a status code, or NOT_FOUND for a call that answers but finds nothing of what it names."""
+        call = CALLS[self.entry.name]
+        if self.field is not None:
+            found = dict(call.fields)[self.field]
+            return NOT_FOUND if code == OK and found is not None and not eval(found, {"r": reply}) else code
+        if code == OK and call.found is not None and not eval(call.found, {"r": reply, "t": self.t}):  # noqa: S307
+            return NOT_FOUND
+        return code
 
 
 class World:
@@ -440,17 +466,20 @@ def _cells(world: World) -> list[Cell]:
                     names_actor_field = given not in (0, world.actor_pid[PYTHON])
                 want = expected(entry, actor, which, names_actor_field, world.engine)
                 cells.append(Cell(entry, actor, which, t, u, want))
+            for field, _ in call.fields:
+                if actor not in ("owner", "reader", "other", "none", PYTHON):
+                    continue  # (an admin's other namespaces exist: what it may name there is each field's own)
+                for which in (FOREIGN, ENDED):
+                    t = world.target(call.target, actor, OWN, call.fresh, call.process_own)
+                    pid = world.target(PROCESS, actor, which, False, "self")
+                    names_actor_field = actor == PYTHON and field == entry.acts_as
+                    want = expected(entry, actor, which, names_actor_field, world.engine)
+                    cells.append(Cell(entry, actor, which, t, world.fresh_name(), want, field, pid))
     return cells
 
 
 def _request(call: Call, t: Any, u: str) -> Any:
     return eval(call.request, {"pb": pb, "t": t, "u": u})  # noqa: S307 (the test's own expressions)
-
-
-def _outcome(call: Call, code: str, reply: Any, t: Any) -> str:
-    if code == OK and call.found is not None and not eval(call.found, {"r": reply, "t": t}):  # noqa: S307
-        return NOT_FOUND
-    return code
 
 
 def _prepare(world: World, cell: Cell) -> None:
@@ -491,6 +520,27 @@ def test_every_entry_has_a_call() -> None:
             assert type(_request(call, SAMPLE[call.target], "x")).__name__ == METHODS[entry.rpc].input_type.name, entry.name
 
 
+# The uint64 fields of requests that name no process; every other one is a call's target or in its
+# `fields` (or below, with why not), so that a new field naming a process is swept too.
+NOT_PIDS = {"message_id", "context_id", "offset", "tail", "length", "id", "ids", "after_id", "before_id", "after_pid"}
+NOT_SWEPT = {("events", "pid"): "a filter of events to come: a stream that shows nothing shows nothing yet"}
+
+
+def test_every_field_naming_a_process_is_swept() -> None:
+    sentinel = 4242
+    for entry in TABLE:
+        call = CALLS[entry.name]
+        if call.request is None:
+            continue
+        t = {PROCESS: sentinel, PORT: sentinel, CONTEXT: {"pid": sentinel, "context": 1},
+             LEASE: {"pid": sentinel, "id": 1}}.get(call.target, SAMPLE[call.target])
+        req = _request(call, t, "x")
+        for f in req.DESCRIPTOR.fields:
+            if f.type != f.TYPE_UINT64 or f.name in NOT_PIDS or (entry.name, f.name) in NOT_SWEPT:
+                continue
+            assert getattr(req, f.name) == sentinel or f.name in dict(call.fields), (entry.name, f.name)
+
+
 def test_the_isolation_matrix(world: World) -> None:
     cells = _cells(world)
     for cell in cells:
@@ -501,10 +551,9 @@ def test_the_isolation_matrix(world: World) -> None:
     for actor in CLIENTS:
         metadata = (("authorization", f"Bearer {world.tokens[actor]}"),) if actor in world.tokens else ()
         for cell in by_actor[actor]:
-            call = CALLS[cell.entry.name]
             try:
-                reply = invoke(world.stub, cell.entry.rpc, _request(call, cell.t, cell.u), metadata)
-                cell.got = _outcome(call, OK, reply, cell.t)
+                reply = invoke(world.stub, cell.entry.rpc, cell.request(), metadata)
+                cell.got = cell.outcome(OK, reply)
             except grpc.RpcError as e:
                 cell.got = e.code().name
     for actor in (LUA, PYTHON):
@@ -515,7 +564,7 @@ def test_the_isolation_matrix(world: World) -> None:
             if actor == LUA:
                 body.append({"code": call.lua, "t": cell.t, "u": cell.u})
             elif call.request is not None:
-                body.append({"rpc": cell.entry.rpc, "request": _request(call, cell.t, cell.u).SerializeToString().hex()})
+                body.append({"rpc": cell.entry.rpc, "request": cell.request().SerializeToString().hex()})
             else:
                 body.append({"code": call.python, "t": cell.t, "u": cell.u})
         owner = world.c["owner"]
@@ -527,25 +576,12 @@ def test_the_isolation_matrix(world: World) -> None:
                 cell.got = lua_code(answer)
             else:
                 code, detail = answer
-                reply = None
-                if code == OK and call.found is not None:
-                    reply = getattr(pb, METHODS[cell.entry.rpc].output_type.name).FromString(bytes.fromhex(detail))
-                cell.got = _outcome(call, code, reply, cell.t)
-    wrong = [f"{c.entry.name} by {c.actor} on {c.which} {c.t!r}: {c.got} (want {c.want})"
+                reply = getattr(pb, METHODS[cell.entry.rpc].output_type.name).FromString(bytes.fromhex(detail)) \
+                    if code == OK and call.request is not None else None
+                cell.got = cell.outcome(code, reply)
+    wrong = [f"{c.entry.name} by {c.actor} on "
+             f"{f'own {c.t!r} with {c.field}={c.field_pid} ({c.which})' if c.field else f'{c.which} {c.t!r}'}: "
+             f"{c.got} (want {c.want})"
              for c in cells if c.got != c.want]
     assert not wrong, f"{len(wrong)} of {len(cells)} cells:\n" + "\n".join(wrong)
 
-
-def test_an_ended_process_of_another_namespace_is_no_dead_letter_target(world: World) -> None:
-    """The options that name a second process (a dead_letter target) follow the same rule: another
-    namespace's process does not exist, ended or not (it answered FAILED_PRECONDITION, 'has ended')."""
-    other = world.c["other"]
-    ended = world.target(PROCESS, "owner", ENDED, True, "self")  # beta's, ended
-    live = world.target(PROCESS, "owner", FOREIGN, True, "self")
-    for pid in (ended, live):
-        for call in (lambda: world.c["owner"].spawn(lua="return 1", dead_letter=pid),
-                     lambda: world.c["owner"].open_port(dead_letter=pid)):
-            with pytest.raises(llmos.LlmosError) as e:
-                call()
-            assert e.value.code.name == NOT_FOUND, pid
-    assert other.spawn(lua="return 1", dead_letter=live)  # its own namespace's
