@@ -80,6 +80,7 @@ class Call:
     # target in the first): it must not be found, NOT_FOUND; a filter's (what a reply shows of it, an
     # expression of r) finds nothing (NOT_FOUND too, by `found`'s convention).
     fields: tuple[tuple[str, str | None], ...] = ()
+    lua_fields: tuple[tuple[str, str], ...] = ()  # the same in Lua: statements of f, the other process
 
 
 SPAWN = "lua = 'return 1'"
@@ -92,7 +93,8 @@ LEFT_OUT = {"exit": "a process's Exit ends itself: Lua's sys.exit names nobody, 
 # One entry per table entry: test_every_entry_has_a_call keeps it so.
 CALLS: dict[str, Call] = {
     "spawn": Call(PROCESS, f"pb.SpawnRequest(parent=t, {SPAWN})", lua="sys.spawn{lua = 'return 1'}",
-                  fields=(("dead_letter", None),)),
+                  fields=(("dead_letter", None),),
+                  lua_fields=(("dead_letter", "sys.spawn{lua = 'return 1', dead_letter = f}"),)),
     "kill": Call(PROCESS, "pb.KillRequest(pid=t)", lua="sys.kill(t)", fresh=True, process_own="child",
                  lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
     # A client's Exit closes a port (the port's rule); a process's (LEFT_OUT) ends itself.
@@ -118,7 +120,8 @@ CALLS: dict[str, Call] = {
     "send": Call(PROCESS, "pb.SendRequest(to=t, tag='matrix')", lua="sys.send(t, 1, {tag = 'matrix'})",
                  lua_targets=(OWN, SIBLING, FOREIGN, ENDED), fields=(("from", None),)),
     "recv": Call(PORT, "pb.RecvRequest(pid=t, timeout_ms=0)", lua="sys.recv{tag = 'matrix-none', timeout_ms = 0}",
-                 fields=(("from", "r.HasField('message')"),)),
+                 fields=(("from", "r.HasField('message')"),),
+                 lua_fields=(("from", "assert(sys.recv{from = f, timeout_ms = 0}, 'NOT_FOUND: nothing from it')"),)),
     "ack": Call(LEASE, "pb.AckRequest(pid=t['pid'], message_id=t['id'])", lua=LUA_LEASE % "ack", fresh=True),
     "nack": Call(LEASE, "pb.AckRequest(pid=t['pid'], message_id=t['id'])", lua=LUA_LEASE % "nack",
                  fresh=True),
@@ -279,9 +282,9 @@ while true do
   local m = sys.recv{tag = "cells"}
   local out = {}
   for i, cell in ipairs(m.body) do
-    local fn, err = load("local t, u = ...; " .. cell.code)
+    local fn, err = load("local t, u, f = ...; " .. cell.code)
     local ok, a, b = false, err, nil
-    if fn then ok, a, b = pcall(fn, cell.t, cell.u) end
+    if fn then ok, a, b = pcall(fn, cell.t, cell.u, cell.f) end
     if not ok then out[i] = tostring(a) elseif a == nil and b ~= nil then out[i] = tostring(b) else out[i] = "OK" end
   end
   sys.send(m.from, out, {tag = "results"})
@@ -466,8 +469,8 @@ def _cells(world: World) -> list[Cell]:
                     names_actor_field = given not in (0, world.actor_pid[PYTHON])
                 want = expected(entry, actor, which, names_actor_field, world.engine)
                 cells.append(Cell(entry, actor, which, t, u, want))
-            for field, _ in call.fields:
-                if actor not in ("owner", "reader", "other", "none", PYTHON):
+            for field in [f for f, _ in (call.lua_fields if actor == LUA else call.fields)]:
+                if actor not in ("owner", "reader", "other", "none", PYTHON, LUA):
                     continue  # (an admin's other namespaces exist: what it may name there is each field's own)
                 for which in (FOREIGN, ENDED):
                     t = world.target(call.target, actor, OWN, call.fresh, call.process_own)
@@ -562,7 +565,8 @@ def test_the_isolation_matrix(world: World) -> None:
         for cell in batch:
             call = CALLS[cell.entry.name]
             if actor == LUA:
-                body.append({"code": call.lua, "t": cell.t, "u": cell.u})
+                code = dict(call.lua_fields)[cell.field] if cell.field else call.lua
+                body.append({"code": code, "t": cell.t, "u": cell.u, "f": cell.field_pid})
             elif call.request is not None:
                 body.append({"rpc": cell.entry.rpc, "request": cell.request().SerializeToString().hex()})
             else:
