@@ -39,7 +39,7 @@ OK, NOT_FOUND, DENIED = "OK", "NOT_FOUND", "PERMISSION_DENIED"
 # -- what a call names ------------------------------------------------------------------------------
 PROCESS = "process"  # a pid
 PORT = "port"  # a mailbox: a client's port, a process's own
-FILE = "file"  # a path in the namespace's tree ("d-N/f")
+FILE = "file"  # a path in the namespace's tree ("dN/f")
 DEAD_LETTER = "dead_letter"  # an id in the namespace's dead-letter queue
 NAMESPACE = "namespace"  # a namespace's name
 TOKEN = "token"  # a token's id
@@ -55,10 +55,12 @@ ENDED = "foreign_ended"  # another namespace's process (or port) that has ended:
 # names reach another namespace, and only for an admin.
 ADMIN_SEES = {PROCESS, PORT, CONTEXT, NAMESPACE, LEASE}
 # What a kind's targets are (a namespace has one file tree, one queue, one set of names).
-TARGETS = {PROCESS: (OWN, SIBLING, FOREIGN, ENDED), PORT: (OWN, SIBLING, FOREIGN, ENDED), CONTEXT: (OWN, SIBLING, FOREIGN),
-           LEASE: (OWN, SIBLING, FOREIGN), FILE: (OWN, FOREIGN), DEAD_LETTER: (OWN, FOREIGN),
+TARGETS = {PROCESS: (OWN, SIBLING, FOREIGN, ENDED), PORT: (OWN, SIBLING, FOREIGN, ENDED),
+           CONTEXT: (OWN, SIBLING, FOREIGN), LEASE: (OWN, SIBLING, FOREIGN), FILE: (OWN, FOREIGN),
+           DEAD_LETTER: (OWN, FOREIGN),
            NAMESPACE: (OWN, FOREIGN), TOKEN: (OWN, FOREIGN), NAME: (OWN, FOREIGN), NOTHING: (OWN,)}
 
+# A value of each kind, to make a request without a server (test_every_entry_has_a_call).
 SAMPLE = {PROCESS: 1, PORT: 1, FILE: "d/f", DEAD_LETTER: 1, NAMESPACE: "alpha", TOKEN: "id", NAME: "n",
           CONTEXT: {"pid": 1, "context": 1}, LEASE: {"pid": 1, "id": 1}, NOTHING: None}
 
@@ -212,9 +214,9 @@ def _by_rule(entry: Syscall, actor: str, which: str, names_actor_field: bool) ->
             return "FAILED_PRECONDITION"  # (World.lease) the rule let it through to the leases it holds: none
     if which in (FOREIGN, ENDED) or (actor == LUA and kind == CONTEXT and which == SIBLING):
         return NOT_FOUND  # (Lua names a context by its handle alone: another process's is no context of its)
-    rule = CALLS[entry.name].lua_rule or entry.rule if actor == LUA else entry.rule
-    if which == SIBLING and (rule in (ACT, OWN_MAILBOX) or kind == CONTEXT):
-        return DENIED  # a process acts on itself and its descendants; a context is its owner's
+    rule = (CALLS[entry.name].lua_rule or entry.rule) if actor == LUA else entry.rule
+    if which == SIBLING and rule in (ACT, OWN_MAILBOX):
+        return DENIED  # a process acts on itself and its descendants, and receives from its own mailbox
     return OK
 
 
@@ -363,7 +365,8 @@ class World:
         self.results_port = owner.open_port()
 
     # Each actor's namespace: its own token, the token of another owner there, and the foreign one.
-    NS = {"admin": ("admin", "none", "owner"), "none": ("none", "admin", "owner"), "owner": ("owner", "owner2", "other"),
+    NS = {"admin": ("admin", "none", "owner"), "none": ("none", "admin", "owner"),
+          "owner": ("owner", "owner2", "other"),
           "reader": ("owner", "owner2", "other"), "other": ("other", "other2", "owner"),
           LUA: ("owner", "owner2", "other"), PYTHON: ("owner", "owner2", "other")}
 
@@ -520,7 +523,8 @@ def test_every_entry_has_a_call() -> None:
                                           and entry.name not in LEFT_OUT), entry.name
         assert (call.python is not None) == (entry.rpc is None and entry.python), entry.name
         if call.request is not None:
-            assert type(_request(call, SAMPLE[call.target], "x")).__name__ == METHODS[entry.rpc].input_type.name, entry.name
+            made = type(_request(call, SAMPLE[call.target], "x")).__name__
+            assert made == METHODS[entry.rpc].input_type.name, entry.name
 
 
 # The uint64 fields of requests that name no process; every other one is a call's target or in its
