@@ -50,12 +50,14 @@ NOTHING = "nothing"  # the call names no object: the caller's own namespace or i
 
 OWN, SIBLING, FOREIGN = "own", "sibling", "foreign"
 ENDED = "foreign_ended"  # another namespace's process (or port) that has ended: as unknown as a live one
+CHILD = "child"  # a process actor's child (a client's processes are all its namespace's)
+EVERY_PROCESS = (OWN, CHILD, SIBLING, FOREIGN, ENDED)
 # Objects that belong to one namespace, named by what a caller passes: a client's are its token's
 # namespace's (an admin's, "default"'s); only pids (processes, ports, their contexts) and namespace
 # names reach another namespace, and only for an admin.
 ADMIN_SEES = {PROCESS, PORT, CONTEXT, NAMESPACE, LEASE}
 # What a kind's targets are (a namespace has one file tree, one queue, one set of names).
-TARGETS = {PROCESS: (OWN, SIBLING, FOREIGN, ENDED), PORT: (OWN, SIBLING, FOREIGN, ENDED),
+TARGETS = {PROCESS: EVERY_PROCESS, PORT: (OWN, SIBLING, FOREIGN, ENDED),
            CONTEXT: (OWN, SIBLING, FOREIGN), LEASE: (OWN, SIBLING, FOREIGN), FILE: (OWN, FOREIGN),
            DEAD_LETTER: (OWN, FOREIGN),
            NAMESPACE: (OWN, FOREIGN), TOKEN: (OWN, FOREIGN), NAME: (OWN, FOREIGN), NOTHING: (OWN,)}
@@ -98,21 +100,21 @@ CALLS: dict[str, Call] = {
                   fields=(("dead_letter", None),),
                   lua_fields=(("dead_letter", "sys.spawn{lua = 'return 1', dead_letter = f}"),)),
     "kill": Call(PROCESS, "pb.KillRequest(pid=t)", lua="sys.kill(t)", fresh=True, process_own="child",
-                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
+                 lua_targets=EVERY_PROCESS),
     # A client's Exit closes a port (the port's rule); a process's (LEFT_OUT) ends itself.
     "exit": Call(PORT, "pb.ExitRequest(pid=t)", fresh=True),
     "wait": Call(PROCESS, "pb.WaitRequest(pid=t, timeout_ms=0)", lua="sys.wait(t, 0)", process_own="child",
-                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
+                 lua_targets=EVERY_PROCESS),
     "sleep": Call(NOTHING, lua="sys.sleep(0)", python="sys.sleep(0)"),
     "self": Call(NOTHING, lua="assert(sys.self() > 0)", python="sys.self()"),
     "now": Call(NOTHING, lua="assert(sys.now() > 0)", python="sys.now()"),
     "log": Call(NOTHING, lua="sys.log('matrix')", python="sys.log('matrix')"),
-    "info": Call(PROCESS, "pb.GetProcessRequest(pid=t)", lua="sys.info(t)", lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
+    "info": Call(PROCESS, "pb.GetProcessRequest(pid=t)", lua="sys.info(t)", lua_targets=EVERY_PROCESS),
     "set_priority": Call(PROCESS, "pb.SetPriorityRequest(pid=t, priority=0)", lua="sys.set_priority(t, 0)",
-                         lua_targets=(OWN, SIBLING, FOREIGN, ENDED)),
+                         lua_targets=EVERY_PROCESS),
     # The watcher is what `act` judges (Lua's is the caller itself; its target any process of the namespace).
     "monitor": Call(PROCESS, "pb.MonitorRequest(watcher=t, target=t)", lua="sys.monitor(t)",
-                    lua_targets=(OWN, SIBLING, FOREIGN, ENDED), lua_rule=NAMESPACE_RULE, fields=(("target", None),)),
+                    lua_targets=EVERY_PROCESS, lua_rule=NAMESPACE_RULE, fields=(("target", None),)),
     "list_processes": Call(PROCESS, "pb.ListProcessesRequest()", found="t in [p.pid for p in r.processes]",
                            fields=(("parent", "len(r.processes) > 0"),)),
     "read_log": Call(PROCESS, "pb.ReadLogRequest(pid=t)"),
@@ -120,7 +122,7 @@ CALLS: dict[str, Call] = {
     "events": Call(NOTHING, "pb.EventsRequest()"),
     "require": Call(NOTHING, lua="require('pool')"),
     "send": Call(PROCESS, "pb.SendRequest(to=t, tag='matrix')", lua="sys.send(t, 1, {tag = 'matrix'})",
-                 lua_targets=(OWN, SIBLING, FOREIGN, ENDED), fields=(("from", None),)),
+                 lua_targets=EVERY_PROCESS, fields=(("from", None),)),
     "recv": Call(PORT, "pb.RecvRequest(pid=t, timeout_ms=0)", lua="sys.recv{tag = 'matrix-none', timeout_ms = 0}",
                  fields=(("from", "r.HasField('message')"),),
                  lua_fields=(("from", "assert(sys.recv{from = f, timeout_ms = 0}, 'NOT_FOUND: nothing from it')"),)),
@@ -375,7 +377,7 @@ class World:
 
     def token_of(self, actor: str, which: str) -> str:
         own, peer, foreign = self.NS[actor]
-        return {OWN: own, SIBLING: peer, FOREIGN: foreign, ENDED: foreign}[which]
+        return {OWN: own, CHILD: own, SIBLING: peer, FOREIGN: foreign, ENDED: foreign}[which]
 
     def target(self, kind: str, actor: str, which: str, fresh: bool, process_own: str) -> Any:
         key = (kind, actor, which, process_own)
@@ -395,6 +397,8 @@ class World:
                 maker.exit(pid)
             assert maker.wait(pid, timeout=WAIT_S) is not None
             return pid
+        if which == CHILD:
+            return maker.spawn(lua=FOREVER, parent=self.actor_pid[actor])
         if kind in (PROCESS, PORT, CONTEXT, LEASE):
             if process_actor and which == OWN:
                 me = self.actor_pid[actor]
@@ -461,8 +465,8 @@ def _cells(world: World) -> list[Cell]:
                 continue
             targets = call.lua_targets if actor == LUA else TARGETS[call.target]
             for which in targets:
-                if which == ENDED and actor == "admin":
-                    continue  # it sees every namespace: an ended process's answer is the entry's own
+                if (which == ENDED and actor == "admin") or (which == CHILD and actor in CLIENTS):
+                    continue  # an admin sees every namespace: an ended process's answer is the entry's own
                 t = world.target(call.target, actor, which, call.fresh, call.process_own)
                 u = world.fresh_name()
                 names_actor_field = False
