@@ -20,11 +20,15 @@ import inspect
 import itertools
 import re
 import signal
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import grpc
+import httpx
 import pytest
+from google.protobuf import json_format
 
 import llmos
 from llmos.v1 import kernel_pb2 as pb
@@ -240,6 +244,39 @@ def invoke(stub: Any, rpc: str, request: Any, metadata: Any = None) -> Any:
     return method(request, metadata=metadata)
 
 
+class HttpRefusal(Exception):
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def invoke_http(http: httpx.Client, rpc: str, request: Any, headers: dict[str, str]) -> Any:
+    """invoke, through the HTTP gateway (api/http.py): the reply (a stream's first event), or HttpRefusal."""
+    desc = METHODS[rpc]
+    reply = getattr(pb, desc.output_type.name)()
+    url = f"/v1/kernel/{rpc}"
+    if desc.client_streaming:  # WriteFile: the body is the bytes; path, append and pid are the query's
+        query = {"path": request.path, "append": "true" if request.append else "false", "pid": str(request.pid)}
+        r = http.post(url, params=query, content=request.data, headers=headers)
+    else:
+        body = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        with http.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code == 200 and desc.server_streaming:
+                event = ""
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[len("event: "):]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[len("data: "):])
+                        if event == "error":
+                            raise HttpRefusal(data["error"]["status"])
+                        return json_format.ParseDict(data, reply, ignore_unknown_fields=True)
+            r.read()
+    if r.status_code != 200:
+        raise HttpRefusal(r.json()["error"]["status"])
+    return json_format.ParseDict(r.json(), reply, ignore_unknown_fields=True)
+
+
 PY_ACTOR = """
 import grpc
 import llmos
@@ -322,6 +359,7 @@ class Cell:
     want: str
     field: str | None = None  # (Call.fields) the other field set to another namespace's process
     field_pid: int = 0
+    door: str = "grpc"  # a client's: gRPC, or the HTTP gateway (POST /v1/kernel/<Method>)
     got: str = ""
 
     def request(self) -> Any:
@@ -485,7 +523,15 @@ def _cells(world: World) -> list[Cell]:
                     names_actor_field = actor == PYTHON and field == entry.acts_as
                     want = expected(entry, actor, which, names_actor_field, world.engine)
                     cells.append(Cell(entry, actor, which, t, world.fresh_name(), want, field, pid))
-    return cells
+    return cells + [_through_http(world, c) for c in cells if c.actor in CLIENTS]
+
+
+def _through_http(world: World, cell: Cell) -> Cell:
+    """The same cell through the HTTP gateway (a target of its own where the call uses it up)."""
+    call = CALLS[cell.entry.name]
+    which = OWN if cell.field else cell.which
+    t = world.target(call.target, cell.actor, which, True, call.process_own) if call.fresh else cell.t
+    return dataclasses.replace(cell, t=t, u=world.fresh_name(), door="http")
 
 
 def _request(call: Call, t: Any, u: str) -> Any:
@@ -502,7 +548,8 @@ def _prepare(world: World, cell: Cell) -> None:
 # passes its rule is then UNIMPLEMENTED; one that does not is refused as without).
 @pytest.fixture(scope="module", params=["tiny", "none"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
-    s = LlmosdServer(tmp_path_factory.mktemp("matrix") / "data", "--model", request.param, "--cpus", "2")
+    s = LlmosdServer(tmp_path_factory.mktemp("matrix") / "data", "--model", request.param, "--cpus", "2",
+                     "--http", "127.0.0.1:0")
     s.start()
     yield s
     s.stop(signal.SIGKILL)
@@ -559,14 +606,21 @@ def test_the_isolation_matrix(world: World) -> None:
     by_actor: dict[str, list[Cell]] = {}
     for cell in cells:
         by_actor.setdefault(cell.actor, []).append(cell)
+    http = httpx.Client(base_url=world.server.http, timeout=WAIT_S)
     for actor in CLIENTS:
         metadata = (("authorization", f"Bearer {world.tokens[actor]}"),) if actor in world.tokens else ()
         for cell in by_actor[actor]:
             try:
-                reply = invoke(world.stub, cell.entry.rpc, cell.request(), metadata)
+                if cell.door == "http":
+                    reply = invoke_http(http, cell.entry.rpc, cell.request(), dict(metadata))
+                else:
+                    reply = invoke(world.stub, cell.entry.rpc, cell.request(), metadata)
                 cell.got = cell.outcome(OK, reply)
             except grpc.RpcError as e:
                 cell.got = e.code().name
+            except HttpRefusal as e:
+                cell.got = e.status
+    http.close()
     for actor in (LUA, PYTHON):
         batch = by_actor[actor]
         body = []
@@ -591,7 +645,7 @@ def test_the_isolation_matrix(world: World) -> None:
                 reply = getattr(pb, METHODS[cell.entry.rpc].output_type.name).FromString(bytes.fromhex(detail)) \
                     if code == OK and call.request is not None else None
                 cell.got = cell.outcome(code, reply)
-    wrong = [f"{c.entry.name} by {c.actor} on "
+    wrong = [f"{c.entry.name} by {c.actor}{' over http' if c.door == 'http' else ''} on "
              f"{f'own {c.t!r} with {c.field}={c.field_pid} ({c.which})' if c.field else f'{c.which} {c.t!r}'}: "
              f"{c.got} (want {c.want})"
              for c in cells if c.got != c.want]
