@@ -501,11 +501,12 @@ class Kernel:
                     dst.mailbox.deliver(msg, False)
                 elif dst.kind == P.PORT:
                     # Output commit: the entry and the port's copy in one transaction, before a client
-                    # can read it (a crash between two commits would journal a send the port never got).
-                    self.store.enqueue(ops + [message_row(msg)])
+                    # can see it (a crash between two commits would journal a send the port never got).
+                    # A receive without ack that takes it at once consumes it: not stored, as in _deliver.
+                    consumed = self.acks.consumed_at_once(dst, msg)
+                    self.store.enqueue(ops if consumed else ops + [message_row(msg)])
                     self.store.flush()
-                    if dst.mailbox.deliver(msg, False) and not self.acks.holds(dst.pid, msg.id):
-                        self.store.delete_message(msg.id)  # taken at once by a receive without ack
+                    dst.mailbox.deliver(msg, False)
                 else:
                     self.store.enqueue(ops)
                     self._deliver(dst, msg, False)
