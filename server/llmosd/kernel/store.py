@@ -313,7 +313,7 @@ class Store:
             self._logs_unpruned = 0
             cut = self._db.execute("SELECT pid FROM process_logs ORDER BY pid DESC LIMIT 1 OFFSET ?",
                                    (self.log_retention - 1,)).fetchone()
-            if cut is not None:  # remembered: a pid below it whose log is not here had one (load_log)
+            if cut is not None:  # remembered: below it, a log that is not here may have been cut (load_log)
                 self._db.execute("DELETE FROM process_logs WHERE pid < ?", cut)
                 self._db.execute("INSERT OR REPLACE INTO counters(name, next) VALUES(?, ?)", (LOGS_KEPT_FROM, cut[0]))
 
