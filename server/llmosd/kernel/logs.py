@@ -7,10 +7,10 @@ ago are dropped first (ReadLog reports them as dropped), then the writer's
 own oldest lines. Sizes are counted in characters, what a str costs at least.
 
 Each line is kept with the time it was written (ms since the epoch; a Python
-agent's, read from the agent's output file, with the times its stdio wrote at
-the start of each line: python/sandbox/launcher.py read_log_lines). An ended process's log is also written to the
-store (kernel/store.py, bounded by --log-retention), so ReadLog finds it after
-a restart or once memory has let it go.
+agent's lines, read from its output file, with the times its stdio wrote at
+their starts: python/sandbox/launcher.py read_log_lines). An ended process's
+log is also written to the store (kernel/store.py, bounded by --log-retention),
+so ReadLog finds it after a restart or once memory has let it go.
 
 Also the server's own log as JSON lines (llmosd --log-format json): JsonFormatter.
 """
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MAX_LINES = 1000
 MAX_LINE = 16 << 10
 
-LogLine = tuple[int, str]  # (written at, ms since the epoch, 0 if unknown: an agent's line stored by an older llmosd; the text)
+LogLine = tuple[int, str]  # (written at, ms since the epoch (0: unknown, an agent's stored by an older llmosd); the text)
 
 
 class Logs:
