@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MAX_LINES = 1000
 MAX_LINE = 16 << 10
 
-LogLine = tuple[int, str]  # (written at, ms since the epoch (0: unknown, an agent's stored by an older llmosd); the text)
+LogLine = tuple[int, str]  # (written at, ms since the epoch (0: unknown, an older llmosd's agent line); the text)
 
 
 class Logs:
