@@ -210,7 +210,7 @@ class Outcome:
     kills: int
     seconds: float
     stages: list[dict[str, Any]]
-    engine_tokens: list[int]  # per server run: llmos_engine_generated_tokens read last (at its end, or just before its kill)
+    engine_tokens: list[int]  # per server run: its engine's generated tokens, read at its end or just before its kill
     journaled_tokens: list[int]  # per server run: completion tokens of the infers journaled when it started
 
     @property
