@@ -128,7 +128,7 @@ def test_a_leased_port_message_survives_a_restart_and_an_acked_one_does_not(fres
 # -- Lua ---------------------------------------------------------------------------------------------
 LUA_ACKS = textwrap.dedent("""
     local me = sys.self()
-    for i = 1, 3 do sys.send(me, i) end
+    for i = 1, 4 do sys.send(me, i) end
     local a = sys.recv{ack = true}
     local b = sys.recv{ack = true, lease_ms = 60000}
     sys.nack(a)
@@ -136,9 +136,11 @@ LUA_ACKS = textwrap.dedent("""
     sys.ack(a2)
     sys.ack(b.id)
     local three = sys.recv{timeout_ms = 0}
+    local four = sys.recv{ack = false}  -- a receive without ack, said outright
     local none = sys.recv{ack = true, timeout_ms = 0}
     local refused = {}
     refused.lease = select(2, pcall(sys.recv, {lease_ms = 5, timeout_ms = 0}))
+    refused.lease_without_ack = select(2, pcall(sys.recv, {ack = false, lease_ms = 5, timeout_ms = 0}))
     refused.flag = select(2, pcall(sys.recv, {ack = 1, timeout_ms = 0}))
     refused.unknown = select(2, pcall(sys.recv, {ack = true, leese_ms = 5}))
     refused.again = select(2, pcall(sys.ack, a2))
@@ -148,7 +150,7 @@ LUA_ACKS = textwrap.dedent("""
     local waited = sys.recv{ack = true, timeout_ms = 60000}
     sys.ack(waited)
     return {a = {a.body, a.attempt, a.redelivered}, b = {b.body, b.attempt}, a2 = {a2.body, a2.attempt, a2.redelivered},
-            three = three.body, none = none == nil, refused = refused, waited = {waited.body, waited.attempt}}
+            three = three.body, four = four.body, none = none == nil, refused = refused, waited = {waited.body, waited.attempt}}
 """)
 
 
@@ -167,8 +169,9 @@ def test_lua_receives_with_ack(stub: Any, k: llmos.Client) -> None:
     assert info.state == "EXITED", info.error
     out = info.result
     assert out["a"] == [1, 1, False] and out["b"] == [2, 1] and out["a2"] == [1, 2, True]
-    assert out["three"] == 3 and out["none"] is True and out["waited"] == ["late", 1]
+    assert out["three"] == 3 and out["four"] == 4 and out["none"] is True and out["waited"] == ["late", 1]
     assert "lease_ms is for a receive with ack" in out["refused"]["lease"]
+    assert "lease_ms is for a receive with ack" in out["refused"]["lease_without_ack"]
     assert "ack must be a boolean" in out["refused"]["flag"]
     assert "unknown option(s) leese_ms" in out["refused"]["unknown"]
     assert "holds no lease" in out["refused"]["again"]

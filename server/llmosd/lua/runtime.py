@@ -249,13 +249,12 @@ class LuaProcess:
             return ANY
         return Match(options.get("from"), options.get("tag"), options.get("correlation_id"))
 
-    def recv_lease(self, ack: Any = None, lease_ms: Any = None) -> float | None | bool:
-        """sys.recv's ack and lease_ms: the lease in seconds (None: the default), False without ack."""
+    def recv_lease(self, ack: Any = None, lease_ms: Any = None) -> float | None:
+        """The lease in seconds (None: the default) of a sys.recv given ack or lease_ms (lua/sandbox.c
+        makes one with `ack = false` alone a receive without ack)."""
         (options,) = arguments("recv", options={"ack": ack, "lease_ms": lease_ms})
         if not options.get("ack"):
-            if lease_ms is not None:
-                raise InvalidArgument("sys.recv: lease_ms is for a receive with ack = true")
-            return False
+            raise InvalidArgument("sys.recv: lease_ms is for a receive with ack = true")
         return C.timeout_s(options.get("lease_ms"), "sys.recv: lease_ms")
 
     def ack(self, msg: Any = None) -> bool:

@@ -713,7 +713,9 @@ static int sys_recv(lua_State *L)
     if (given & recv_ack_options) { /* acknowledged delivery (kernel/acks.py): the kernel leases the message */
         push_recv_option(L, 1, KEY_ACK);
         push_recv_option(L, 1, KEY_LEASE_MS);
-        return yield_syscall(L, "recv", 2, 7, 7, syscall_k);
+        if (!(lua_type(L, 6) == LUA_TBOOLEAN && !lua_toboolean(L, 6) && lua_isnil(L, 7)))
+            return yield_syscall(L, "recv", 2, 7, 7, syscall_k);
+        lua_settop(L, 5); /* ack = false, and nothing else: a receive without ack */
     }
     zero_timeout = is_zero(L, 5);
     /* The common case, a message already waiting, costs no trip through the

@@ -213,10 +213,8 @@ class LuaRuntime:
     def block_recv(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
         match = lua.recv_match(*args[:4])
         timeout = C.timeout_s(args[3], "sys.recv: timeout_ms")
-        if len(args) > 4:  # (..., ack, lease_ms): given only by a receive with either option
-            lease = lua.recv_lease(*args[4:6])
-            if lease is not False:
-                return self.kernel.acks.recv_locked(proc, match, waiter, timeout, lease)
+        if len(args) > 4:  # (..., ack, lease_ms): given only by a receive with ack or lease_ms
+            return self.kernel.acks.recv_locked(proc, match, waiter, timeout, lua.recv_lease(*args[4:6]))
         return self.kernel.recv_locked(proc.pid, match, waiter, timeout, lua.caller)
 
     def block_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
