@@ -503,7 +503,9 @@ class Sys:
 
     @_syscall
     def now(self) -> float:
-        return time.time() * 1000.0
+        if _journaled_clock:  # a durable agent's time is the kernel's journal's (use_journaled_clock)
+            return float(self._k._channel.unary_unary(_NOW)(b""))
+        return _real_time() * 1000.0
 
     @_syscall
     def log(self, *values: Any) -> None:
@@ -550,6 +552,32 @@ class Sys:
         os._exit(0)
 
 
+# A durable agent's clock (use_journaled_clock): the agent socket's llmos.agent.Durable/Now answers the
+# time from the process's journal while it replays, and journals it when live.
+_NOW = "/llmos.agent.Durable/Now"
+_real_time = time.time
+_journaled_clock = False
+# Modules whose calls of time.time() keep the real clock: the channel's own deadlines, this SDK's.
+_REAL_CLOCK_CALLERS = ("grpc", "google.", "llmos.")
+
+
+def use_journaled_clock() -> None:
+    """In a durable agent (python/sandbox/child.py sets it up): time.time() and sys.now() give the
+    time the kernel journaled, the same in every run of the program (docs/durable-agents.md). The
+    gRPC channel's and this SDK's own calls of time.time() keep the real clock."""
+    global _journaled_clock
+    _journaled_clock = True
+    time.time = _journaled_time
+
+
+def _journaled_time() -> float:
+    caller = _sys._getframe(1).f_globals.get("__name__") or ""
+    if caller.startswith(_REAL_CLOCK_CALLERS):
+        return _real_time()
+    agent = globals().get("sys") or __getattr__("sys")
+    return agent.now() / 1000.0
+
+
 def _connect() -> Sys:
     env = os.environ
     missing = [k for k in ("LLMOS_PID", "LLMOS_TOKEN", "LLMOS_SOCKET") if k not in env]
@@ -557,7 +585,10 @@ def _connect() -> Sys:
         raise FailedPrecondition(grpc.StatusCode.FAILED_PRECONDITION,
                                  "llmos.userland works inside a Python process spawned by llmosd "
                                  f"({', '.join(missing)} not set); outside, use llmos.Client")
-    return Sys(int(env["LLMOS_PID"]), env["LLMOS_TOKEN"], env["LLMOS_SOCKET"], json.loads(env.get("LLMOS_ARGS", "null")))
+    agent = Sys(int(env["LLMOS_PID"]), env["LLMOS_TOKEN"], env["LLMOS_SOCKET"], json.loads(env.get("LLMOS_ARGS", "null")))
+    if _journaled_clock:  # a durable agent a restarted server brings back may start before its socket serves
+        agent._k.wait_ready(60.0)
+    return agent
 
 
 def __getattr__(name: str) -> Any:

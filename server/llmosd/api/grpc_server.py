@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..kernel.kernel import Kernel
+from ..kernel.process import PYTHON
 from .doors import kernel_service
 from .syscalls import SERVICE
 
@@ -76,7 +77,9 @@ class GrpcServers:
             if os.path.exists(kernel.config.agent_socket):
                 os.unlink(kernel.config.agent_socket)
             agent_server = grpc.aio.server()
-            agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
+            # (and the Python runtime's own calls for durable agents: python/durable.py)
+            agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True),
+                                                   *kernel.runtimes[PYTHON].agent_services()])
             agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
             await agent_server.start()
         health_set = asyncio.Event()

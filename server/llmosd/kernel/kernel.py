@@ -249,8 +249,6 @@ class Kernel:
             raise Unimplemented(f"this server runs no {kind.title()} userland"
                                 + (" (start llmosd with an agent socket)" if kind == P.PYTHON else ""))
         limits = spec.limits.with_defaults(runtime.check_program(source, program_name, self.config.defaults))
-        if spec.durable and kind != P.LUA:
-            raise Unimplemented("durable processes are Lua programs (durable Python agents are not supported yet)")
         with self.lock:
             if spec.parent:
                 parent = self.live_locked(spec.parent, "parent")
