@@ -4,27 +4,30 @@ journal until it runs out, and lets them go on live, with nothing done twice. Re
 gRPC, killed and restarted on their data dir (tests/test_durable.py does the same for Lua)."""
 from __future__ import annotations
 
+import signal
 import textwrap
 
 import llmos
 from llmosd_process import LlmosdServer
 from test_durable import WAIT_S, bodies, nothing_more, restart
 
-# Reports to a port what only a journal gives back the same (a child's pid, a lock's answer, a sleep),
-# appends to a file, and waits for "go" after each round.
+# Reports to a port what only a journal gives back the same (its children's pids, a lock's answer, a
+# sleep), appends to a file, and waits for "go" (received with ack) after each round.
 ROUNDS = textwrap.dedent("""
     from llmos.userland import sys
 
     port = sys.args["port"]
     child = sys.spawn(lua="return sys.recv().body", durable=True)
+    helper = sys.spawn(python="from llmos.userland import sys\\nsys.exit(sys.recv().body * 2)", durable=True)
     held = sys.lock.acquire("the-lock", timeout_ms=5000)
     for rnd in (1, 2):
         sys.fs.write("log.txt", f"round {rnd}\\n", append=True)
         sys.sleep(1)
-        sys.send(port, {"round": rnd, "child": child, "held": held is not None, "me": sys.self()})
-        sys.recv(tag="go")
+        sys.send(port, {"round": rnd, "children": [child, helper], "held": held is not None, "me": sys.self()})
+        sys.ack(sys.recv(tag="go", ack=True))
     sys.send(child, "bye")
-    sys.exit(sys.wait(child, timeout_ms=60000).result)
+    sys.send(helper, 21)
+    sys.exit([sys.wait(child, timeout_ms=60000).result, sys.wait(helper, timeout_ms=60000).result])
 """)
 
 
@@ -33,16 +36,19 @@ def test_a_durable_python_agent_comes_back_after_kill_9_and_does_nothing_twice(f
         port = k.open_port()
         pid = k.spawn(python=ROUNDS, args={"port": port}, durable=True)
         first = bodies(k, port, 1)[0]
-        assert first == {"round": 1, "child": first["child"], "held": True, "me": pid}
+        assert first == {"round": 1, "children": first["children"], "held": True, "me": pid}
+        assert [k.get(child).kind for child in first["children"]] == ["LUA", "PYTHON"]
     with restart(fresh_llmosd) as k:
         k.send(pid, "now", tag="go")
         second = bodies(k, port, 1)[0]
-        assert second == {"round": 2, "child": first["child"], "held": True, "me": pid}
+        assert second == {"round": 2, "children": first["children"], "held": True, "me": pid}
         nothing_more(k, port)  # round 1 was not sent again
-    with restart(fresh_llmosd) as k:  # and once more, in round 2
+    fresh_llmosd.stop(signal.SIGTERM)  # and once more, in round 2: a stop keeps durable agents too
+    fresh_llmosd.start()
+    with llmos.Client(fresh_llmosd.target) as k:
         k.send(pid, "again", tag="go")
         info = k.wait(pid, timeout=WAIT_S)
-        assert (info.state, info.result) == ("EXITED", "bye")
+        assert (info.state, info.result) == ("EXITED", ["bye", 42])
         nothing_more(k, port)
         assert k.read_file("log.txt") == b"round 1\nround 2\n"
 

@@ -193,6 +193,21 @@ async def _recv(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, arg
     return reply
 
 
+async def _settle(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, args: tuple, requests: list[Any],
+                  reply_of: Callable) -> Any:
+    """Ack or Nack of a message whose lease a restart lost: done with (the journal has its receive),
+    as lua/durable.py answers it."""
+    try:
+        reply = await fn(k, requests[0])
+    except FailedPrecondition:
+        reply = pb.AckResponse()
+    except KernelError as e:
+        journal.record(call, args, _error(e))
+        raise
+    journal.record(call, args, reply.SerializeToString())
+    return reply
+
+
 async def _send(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, args: tuple, requests: list[Any],
                 reply_of: Callable) -> Any:
     """The entry goes in one unit with the message's copy (Kernel.send's on_sent)."""
@@ -324,7 +339,7 @@ def _monitor_again(k: Kernel, watcher: int, target: int) -> None:
 
 
 _LIVE_CALLS: dict[str, Callable] = {
-    "Recv": _recv, "Send": _send, "Spawn": _spawn, "Acquire": _acquire,
+    "Recv": _recv, "Send": _send, "Ack": _settle, "Nack": _settle, "Spawn": _spawn, "Acquire": _acquire,
     "Release": _under_lock, "CondSignal": _under_lock, "CondBroadcast": _under_lock,
     **{rpc: _file_change for rpc in _FILE_CHANGES},
 }
