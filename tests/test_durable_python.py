@@ -56,9 +56,14 @@ def test_a_durable_python_agent_comes_back_after_kill_9_and_does_nothing_twice(f
 def test_a_replay_gives_the_agent_the_same_time_random_numbers_and_hash_order(fresh_llmosd: LlmosdServer) -> None:
     program = textwrap.dedent("""
         import random, time
+        import llmos
         from llmos.userland import sys
 
-        seen = {"now": sys.now(), "time": time.time(), "random": random.random(),
+        try:
+            sys.cond.wait("cond", "mutex")
+        except llmos.Unimplemented as e:  # not in a durable process (as in Lua)
+            unsupported = e.message
+        seen = {"cond.wait": unsupported, "now": sys.now(), "time": time.time(), "random": random.random(),
                 "randint": random.randint(1, 10**9), "order": list({f"k{i}" for i in range(40)}),
                 "hash": hash("some text") % 10**12}
         sys.send(sys.args["port"], seen)
@@ -69,6 +74,7 @@ def test_a_replay_gives_the_agent_the_same_time_random_numbers_and_hash_order(fr
         port = k.open_port()
         pid = k.spawn(python=program, args={"port": port}, durable=True)
         before = bodies(k, port, 1)[0]
+        assert "sys.cond.wait is not supported in a durable process" in before["cond.wait"]
     with restart(fresh_llmosd) as k:
         k.send(pid, None, tag="go")
         assert bodies(k, port, 1)[0] == before
