@@ -294,7 +294,7 @@ async def _file_change(k: Kernel, journal: ProcessJournal, fn: Callable, call: s
             if size is not None:
                 journal.record("fs.write.intent", args, size)
         requests = [_requests(requests)]  # the handler reads a stream
-    journal.commit()
+    await asyncio.to_thread(journal.commit)  # (a wait for the store's writer: not on the loop)
     return await _plain(k, journal, fn, call, args, requests, reply_of)
 
 
