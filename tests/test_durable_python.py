@@ -5,6 +5,7 @@ gRPC, killed and restarted on their data dir (tests/test_durable.py does the sam
 from __future__ import annotations
 
 import signal
+import sqlite3
 import textwrap
 
 import llmos
@@ -129,3 +130,33 @@ def test_a_durable_python_child_of_a_durable_lua_parent(fresh_llmosd: LlmosdServ
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", {"got": "from the test"})
         nothing_more(k, port)  # neither the child's pid nor "child up" again
+
+
+def test_an_append_a_crash_may_have_cut_is_cut_back_and_made_once(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        from llmos.userland import sys
+
+        sys.fs.write("notes.txt", "zero\\n")
+        sys.fs.write("notes.txt", "first\\n", append=True)
+        sys.send(sys.args["port"], "appended")
+        sys.recv(tag="go")
+        sys.exit(sys.fs.read("notes.txt").decode())
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(python=program, args={"port": port}, durable=True)
+        assert bodies(k, port, 1) == ["appended"]
+    fresh_llmosd.stop(signal.SIGKILL)
+    # What a kill -9 after the append, before its entry was written, leaves: a journal that ends on
+    # the append's intent (the file's size before it), with the file appended to.
+    with sqlite3.connect(fresh_llmosd.data_dir / "kernel.db") as db:
+        (appended,) = db.execute("SELECT MAX(seq) FROM journal WHERE pid=? AND call='fs.write'", (pid,)).fetchone()
+        assert db.execute("SELECT call FROM journal WHERE pid=? AND seq=?", (pid, appended - 1)).fetchone() == (
+            "fs.write.intent",)
+        db.execute("DELETE FROM journal WHERE pid=? AND seq>=?", (pid, appended))
+    fresh_llmosd.start()
+    with llmos.Client(fresh_llmosd.target) as k:
+        assert bodies(k, port, 1) == ["appended"]  # its entry was lost with the append's: made again, live
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", "zero\nfirst\n")  # appended once
