@@ -25,6 +25,10 @@ request fields (see "arguments" below). Durations are in ms: NaN and negative
 ones are refused, and anything above MAX_DURATION_MS (10 years, +inf
 included) means that long, i.e. for ever.
 
+In a durable agent (spawned with durable=True) the kernel journals every call here, and
+time.time() and sys.now() are the kernel's journaled clock (use_journaled_clock; see
+docs/durable-agents.md for what else such a program must not use).
+
 Outside an agent (no LLMOS_TOKEN in the environment), `from llmos.userland
 import sys` fails with a clear error.
 """

@@ -16,6 +16,9 @@ slice), until the time held has caught up. Its use runs ahead of the time
 held by at most a quantum per thread, so over time all agents together use
 at most --cpus CPUs. The scheduler charges vruntime for the time it grants
 (held); Usage.cpu_ms is the CPU the agent actually used.
+
+A durable agent (spawn with durable) has its syscalls journaled at the agent socket's door and is
+started again from the start after a restart (durable.py).
 """
 from __future__ import annotations
 

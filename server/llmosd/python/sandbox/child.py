@@ -218,7 +218,8 @@ def exec_main() -> NoReturn:
     try:
         plan = json.loads(sys.argv[1])
         payload = _read_payload()
-        assert os.environ.get("PYTHONHASHSEED") == _hash_seed(payload["durable_seed"])
+        if os.environ.get("PYTHONHASHSEED") != _hash_seed(payload["durable_seed"]):
+            raise RuntimeError("a durable agent's interpreter started without its PYTHONHASHSEED")
     except BaseException as exc:
         _die_setup(f"{type(exc).__name__}: {exc}")
     _run(plan, payload)
