@@ -40,6 +40,8 @@ def test_a_durable_python_agent_comes_back_after_kill_9_and_does_nothing_twice(f
         assert first == {"round": 1, "children": first["children"], "held": True, "me": pid}
         assert [k.get(child).kind for child in first["children"]] == ["LUA", "PYTHON"]
     with restart(fresh_llmosd) as k:
+        taker = k.spawn(lua='return sys.lock.try_acquire("the-lock") ~= nil')
+        assert k.wait(taker, timeout=WAIT_S).result is False  # the agent holds it again
         k.send(pid, "now", tag="go")
         second = bodies(k, port, 1)[0]
         assert second == {"round": 2, "children": first["children"], "held": True, "me": pid}
