@@ -61,7 +61,7 @@ class Agents:
         self.tokens: dict[str, int] = {}  # token -> pid
         self.max_agents = max_agents  # 0: no limit
         self.live = 0  # Python processes spawned and not ended (kernel lock)
-        self.stopping = False  # the server is stopping: its durable agents stay live in the store
+        self.stopping = False  # the server is stopping: its durable agents stay live in the store (_watch)
         self._start_lock = threading.Lock()
 
     def admit(self) -> None:
@@ -129,6 +129,11 @@ class PythonRuntime:
 
     def ended(self, proc: Process) -> None:
         proc.runtime.release()
+
+    def server_stopping(self) -> None:
+        """The server is about to stop: a durable agent that ends from now on (its calls fail as the
+        agent socket stops) is not ended, and its next start brings it back."""
+        self.agents.stopping = True
 
     def shutdown(self) -> None:
         self.agents.shutdown()
