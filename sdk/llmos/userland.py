@@ -561,14 +561,15 @@ class Sys:
 _NOW = "/llmos.agent.Durable/Now"
 _real_time = time.time
 _journaled_clock = False
-# Modules whose calls of time.time() keep the real clock: the channel's own deadlines, this SDK's.
-_REAL_CLOCK_CALLERS = ("grpc", "google.", "llmos.")
+# Modules whose calls of time.time() keep the real clock: the channel's own deadlines, this SDK's, and
+# log records' times (log lines are not journaled, and gRPC may log a warning in one run, not another).
+_REAL_CLOCK_CALLERS = ("grpc", "google.", "llmos.", "logging")
 
 
 def use_journaled_clock() -> None:
     """In a durable agent (python/sandbox/child.py sets it up): time.time() and sys.now() give the
     time the kernel journaled, the same in every run of the program (docs/durable-agents.md). The
-    gRPC channel's and this SDK's own calls of time.time() keep the real clock."""
+    gRPC channel's, this SDK's and the logging module's own calls of time.time() keep the real clock."""
     global _journaled_clock
     _journaled_clock = True
     time.time = _journaled_time
