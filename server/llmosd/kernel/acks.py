@@ -204,9 +204,14 @@ class Acks:
         """How many messages `pid` holds leased."""
         return len(self._leases.get(pid, ()))
 
-    def holds(self, pid: int, message_id: int) -> bool:
-        """Whether `pid` holds the message leased."""
-        return message_id in self._leases.get(pid, ())
+    @staticmethod
+    def consumed_at_once(proc: Process, msg: Message) -> bool:
+        """Whether delivering `msg` hands it to a receive without ack (the first waiting receiver that
+        accepts it, as the mailbox picks), which consumes it: a leasing receive keeps it stored."""
+        for receiver, match in proc.mailbox.receivers:
+            if match.accepts(msg):
+                return not isinstance(receiver, _LeasingReceiver)
+        return False
 
     # -- inside -----------------------------------------------------------------------------
     def _take_lease(self, pid: int, message_id: int, what: str) -> _Lease:
