@@ -290,14 +290,6 @@ def test_an_ended_durable_process_stays_ended_and_sigterm_keeps_live_ones(fresh_
         assert (info.state, info.result) == ("EXITED", "still here")
 
 
-def test_durable_python_agents_are_refused_as_unimplemented(stub: Any) -> None:
-    import grpc
-    from llmos.v1 import kernel_pb2 as pb
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Spawn(pb.SpawnRequest(python="print(1)", durable=True))
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_sys_spawn_durable_must_be_a_boolean(stub: Any) -> None:
     from llmos.v1 import kernel_pb2 as pb
     pid = stub.Spawn(pb.SpawnRequest(lua="local ok, err = pcall(sys.spawn, {lua = 'return 1', durable = 1})\n"

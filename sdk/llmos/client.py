@@ -595,7 +595,7 @@ class Syscalls:
         0: the default, 100) is the process's share of CPU among processes of its priority. ``dead_letter``
         (a live pid; 0: none) gets, tagged DEAD_LETTER, the messages left waiting or leased when the process
         ends, and those received with ack ``max_attempts`` times (0: no limit) without an ack; without one they go to
-        the namespace's dead-letter queue (:meth:`dead_letters`). A ``durable`` process (Lua) has its mailbox
+        the namespace's dead-letter queue (:meth:`dead_letters`). A ``durable`` process (Lua or Python) has its mailbox
         stored and its syscalls journaled: a restarted server brings it back (docs/durable-agents.md).
         """
         reply = yield self._spawn_call(lua, python, path, args, name, priority, limits, parent, monitor,

@@ -25,6 +25,10 @@ request fields (see "arguments" below). Durations are in ms: NaN and negative
 ones are refused, and anything above MAX_DURATION_MS (10 years, +inf
 included) means that long, i.e. for ever.
 
+In a durable agent (spawned with durable=True) the kernel journals every call here, and
+time.time() and sys.now() are the kernel's journaled clock (use_journaled_clock; see
+docs/durable-agents.md for what else such a program must not use).
+
 Outside an agent (no LLMOS_TOKEN in the environment), `from llmos.userland
 import sys` fails with a clear error.
 """
@@ -503,7 +507,9 @@ class Sys:
 
     @_syscall
     def now(self) -> float:
-        return time.time() * 1000.0
+        if _journaled_clock:  # a durable agent's time is the kernel's journal's (use_journaled_clock)
+            return float(self._k._channel.unary_unary(_NOW)(b""))
+        return _real_time() * 1000.0
 
     @_syscall
     def log(self, *values: Any) -> None:
@@ -550,6 +556,33 @@ class Sys:
         os._exit(0)
 
 
+# A durable agent's clock (use_journaled_clock): the agent socket's llmos.agent.Durable/Now answers the
+# time from the process's journal while it replays, and journals it when live.
+_NOW = "/llmos.agent.Durable/Now"
+_real_time = time.time
+_journaled_clock = False
+# Modules whose calls of time.time() keep the real clock: the channel's own deadlines, this SDK's, and
+# log records' times (log lines are not journaled, and gRPC may log a warning in one run, not another).
+_REAL_CLOCK_CALLERS = ("grpc", "google.", "llmos.", "logging")
+
+
+def use_journaled_clock() -> None:
+    """In a durable agent (python/sandbox/child.py sets it up): time.time() and sys.now() give the
+    time the kernel journaled, the same in every run of the program (docs/durable-agents.md). The
+    gRPC channel's, this SDK's and the logging module's own calls of time.time() keep the real clock."""
+    global _journaled_clock
+    _journaled_clock = True
+    time.time = _journaled_time
+
+
+def _journaled_time() -> float:
+    caller = _sys._getframe(1).f_globals.get("__name__") or ""
+    if caller.startswith(_REAL_CLOCK_CALLERS):
+        return _real_time()
+    agent = globals().get("sys") or __getattr__("sys")
+    return agent.now() / 1000.0
+
+
 def _connect() -> Sys:
     env = os.environ
     missing = [k for k in ("LLMOS_PID", "LLMOS_TOKEN", "LLMOS_SOCKET") if k not in env]
@@ -557,7 +590,10 @@ def _connect() -> Sys:
         raise FailedPrecondition(grpc.StatusCode.FAILED_PRECONDITION,
                                  "llmos.userland works inside a Python process spawned by llmosd "
                                  f"({', '.join(missing)} not set); outside, use llmos.Client")
-    return Sys(int(env["LLMOS_PID"]), env["LLMOS_TOKEN"], env["LLMOS_SOCKET"], json.loads(env.get("LLMOS_ARGS", "null")))
+    agent = Sys(int(env["LLMOS_PID"]), env["LLMOS_TOKEN"], env["LLMOS_SOCKET"], json.loads(env.get("LLMOS_ARGS", "null")))
+    if _journaled_clock:  # a durable agent a restarted server brings back may start before its socket serves
+        agent._k.wait_ready(60.0)
+    return agent
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ from .identity import CALLER, Identity
 from .syscalls import CALL, SERVICE, SYSCALLS
 from .table import AUDITED_RPCS, BY_RPC
 from ..kernel.kernel import Kernel
+from ..kernel.process import PYTHON
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,14 @@ def kernel_service(k: Kernel, agents: bool = False, single_user: bool = True) ->
     if not declared == set(SYSCALLS) == set(BY_RPC):
         raise RuntimeError(f"syscall table, handlers and .proto disagree: {sorted(declared ^ set(SYSCALLS) | declared ^ set(BY_RPC))}")
     handlers = {}
+    python = k.runtimes.get(PYTHON) if agents else None
     for method in SERVICE.methods:
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         kwargs = dict(response_serializer=response.SerializeToString)  # requests: see _decode
         fn = SYSCALLS[method.name]
+        if python is not None:  # a durable agent's calls go through its journal (python/durable.py)
+            fn = python.agent_handler(method, fn)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(identity, method.name, request, fn), **kwargs)
         elif method.client_streaming:

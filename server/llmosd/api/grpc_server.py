@@ -6,12 +6,14 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..kernel.kernel import Kernel
+from ..kernel.process import PYTHON
 from .doors import kernel_service
 from .syscalls import SERVICE
 
@@ -42,9 +44,10 @@ class TlsFiles:
 
 class GrpcServers:
     def __init__(self, server: grpc.aio.Server, agent_server: grpc.aio.Server | None, health_watch: asyncio.Task,
-                 where: str) -> None:
+                 where: str, on_stop: Callable[[], None] | None = None) -> None:
         self.server = server
         self.agent_server = agent_server
+        self.on_stop = on_stop  # told before the servers stop (durable Python agents stay live)
         self.health_watch = health_watch
         self.where = where  # the address clients reach: HOST:PORT (the port picked if 0 was asked) or unix:PATH
 
@@ -76,16 +79,21 @@ class GrpcServers:
             if os.path.exists(kernel.config.agent_socket):
                 os.unlink(kernel.config.agent_socket)
             agent_server = grpc.aio.server()
-            agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True)])
+            # (and the Python runtime's own calls for durable agents: python/durable.py)
+            agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True),
+                                                   *kernel.runtimes[PYTHON].agent_services()])
             agent_server.add_insecure_port(f"unix:{kernel.config.agent_socket}")
             await agent_server.start()
         health_set = asyncio.Event()
         health_watch = asyncio.create_task(watch_health(kernel, health_servicer, wedged_ns, health_set))
         await health_set.wait()  # a status from the start: a client told "listening" never gets NOT_FOUND
         where = listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
-        return cls(server, agent_server, health_watch, where)
+        on_stop = kernel.runtimes[PYTHON].server_stopping if agent_server is not None else None
+        return cls(server, agent_server, health_watch, where, on_stop)
 
     async def stop(self) -> None:
+        if self.on_stop is not None:
+            self.on_stop()
         self.health_watch.cancel()
         await self.server.stop(grace=1.0)
         if self.agent_server is not None:

@@ -124,7 +124,9 @@ def _port_caller(k: Kernel, pid: int, secret: str) -> Caller:
 
 
 # -- handlers -------------------------------------------------------------------------------
-async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
+async def sys_spawn(k: Kernel, req: pb.SpawnRequest,
+                    on_spawned: Callable[[int], list] | None = None) -> pb.SpawnResponse:
+    """`on_spawned`: a durable agent's journal entry of it (python/durable.py, Kernel.spawn)."""
     which = req.WhichOneof("program")
     if which is None:
         raise InvalidArgument("program is required: set lua (source), python (source) or path")
@@ -135,10 +137,11 @@ async def sys_spawn(k: Kernel, req: pb.SpawnRequest) -> pb.SpawnResponse:
         dead_letter=req.dead_letter, max_attempts=req.max_attempts, durable=req.durable,
     )
     setattr(spec, which, getattr(req, which))
-    return pb.SpawnResponse(pid=k.spawn(spec, CALLER.get()))
+    return pb.SpawnResponse(pid=k.spawn(spec, CALLER.get(), on_spawned))
 
 
-async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
+async def sys_send(k: Kernel, req: pb.SendRequest, on_sent: Callable[[Any], list] | None = None) -> pb.SendResponse:
+    """`on_sent`: a durable agent's journal entry of it (python/durable.py, Kernel.send)."""
     target = req.WhichOneof("target")
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
@@ -147,7 +150,7 @@ async def sys_send(k: Kernel, req: pb.SendRequest) -> pb.SendResponse:
         "options": {"tag": req.tag, "data": req.data, "correlation_id": req.correlation_id,
                     "notify_undelivered": req.notify_undelivered, "idempotency_key": req.idempotency_key}})
     message_id = k.send(getattr(req, "from"), to, options["tag"], body, options["data"], options["correlation_id"],
-                        CALLER.get(), options["notify_undelivered"], options["idempotency_key"])
+                        CALLER.get(), options["notify_undelivered"], options["idempotency_key"], on_sent)
     return pb.SendResponse(message_id=message_id)
 
 

@@ -170,7 +170,12 @@ class ProcessJournal:
 
     def received(self, msg: Any) -> list[tuple[str, tuple]]:
         """The effects of a receive that took `msg` (anything else: none): it leaves the durable mailbox."""
-        return [(DELETE_MESSAGE, (msg.id,))] if type(msg) is Message else []
+        return self.received_id(msg.id) if type(msg) is Message else []
+
+    @staticmethod
+    def received_id(message_id: int) -> list[tuple[str, tuple]]:
+        """The effects of a receive that took the message `message_id` (a Python agent's Recv)."""
+        return [(DELETE_MESSAGE, (message_id,))]
 
 
 class Journal:

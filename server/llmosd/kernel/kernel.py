@@ -153,6 +153,7 @@ class Kernel:
         entries = self.journal.entries()
         recovered, changed = [], []
         with self.lock:
+            earlier = [self.procs[p] for p in self.journals]  # brought back by another runtime already
             for rec, spec in mine:
                 pid = rec.pid
                 proc = self._new_process(pid, rec.kind, spec["parent"], spec["priority"], Limits(**spec["limits"]),
@@ -170,6 +171,8 @@ class Kernel:
                 for ancestor in proc.ancestors:
                     if ancestor in self.procs:
                         self.procs[ancestor].descendants += 1
+                if earlier:  # its descendants of another kind came back before it (a Lua child of an agent)
+                    proc.descendants = sum(1 for p in earlier if pid in p.ancestors)
                 self.procs[pid] = proc
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
                 self.namespaces.add_locked(proc.namespace, proc.limits)
@@ -243,8 +246,6 @@ class Kernel:
             raise Unimplemented(f"this server runs no {kind.title()} userland"
                                 + (" (start llmosd with an agent socket)" if kind == P.PYTHON else ""))
         limits = spec.limits.with_defaults(runtime.check_program(source, program_name, self.config.defaults))
-        if spec.durable and kind != P.LUA:
-            raise Unimplemented("durable processes are Lua programs (durable Python agents are not supported yet)")
         with self.lock:
             if spec.parent:
                 parent = self.live_locked(spec.parent, "parent", caller)

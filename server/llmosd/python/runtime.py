@@ -16,6 +16,9 @@ slice), until the time held has caught up. Its use runs ahead of the time
 held by at most a quantum per thread, so over time all agents together use
 at most --cpus CPUs. The scheduler charges vruntime for the time it grants
 (held); Usage.cpu_ms is the CPU the agent actually used.
+
+A durable agent (spawn with durable) has its syscalls journaled at the agent socket's door and is
+started again from the start after a restart (durable.py).
 """
 from __future__ import annotations
 
@@ -26,12 +29,15 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
+
+import grpc
 
 from ..kernel import process as P
 from ..api.errors import InvalidArgument, ResourceExhausted
 from ..kernel.logs import LogLine
 from ..kernel.process import Limits
+from .durable import agent_handler, durable_service
 from .sandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
 
 if TYPE_CHECKING:
@@ -56,6 +62,7 @@ class Agents:
         self.tokens: dict[str, int] = {}  # token -> pid
         self.max_agents = max_agents  # 0: no limit
         self.live = 0  # Python processes spawned and not ended (kernel lock)
+        self.stopping = False  # the server is stopping: its durable agents stay live in the store (_watch)
         self._start_lock = threading.Lock()
 
     def admit(self) -> None:
@@ -80,6 +87,7 @@ class Agents:
         return self.tokens.get(token)
 
     def shutdown(self) -> None:
+        self.stopping = True
         if self.launcher is not None:
             self.launcher.shutdown()
 
@@ -123,12 +131,25 @@ class PythonRuntime:
     def ended(self, proc: Process) -> None:
         proc.runtime.release()
 
+    def server_stopping(self) -> None:
+        """The server is about to stop: a durable agent that ends from now on (its calls fail as the
+        agent socket stops) is not ended, and its next start brings it back."""
+        self.agents.stopping = True
+
     def shutdown(self) -> None:
         self.agents.shutdown()
 
     def pid_of(self, token: str) -> int | None:
         """The live agent a call's llmos-token names."""
         return self.agents.pid_of(token)
+
+    def agent_handler(self, method: Any, fn: Callable) -> Callable:
+        """The agent socket's handler of `method`: `fn`, with durable agents' calls journaled."""
+        return agent_handler(self.kernel, method, fn)
+
+    def agent_services(self) -> list[grpc.GenericRpcHandler]:
+        """The agent socket's services beyond llmos.v1.Kernel: durable agents' clock (python/durable.py)."""
+        return [durable_service(self.kernel, self.agents.pid_of)]
 
     def blocking(self, pid: int, syscall: str) -> None:
         """An agent is about to wait in `syscall`: its CPU goes to someone else."""
@@ -184,9 +205,11 @@ class PythonProcess:
             wall_s=None,  # the kernel's own wall timer ends it, with the same reason
         )
         agents.tokens[self.token] = proc.pid
+        journal = self.kernel.journals.get(proc.pid)
         spec = SpawnSpec(
             pid=proc.pid, token=self.token, args_json=json.dumps(proc.args),
             source=None if self.program_path else proc.program, path=self.program_path, limits=sandbox_limits,
+            durable_seed=None if journal is None else journal.seed,
         )
         self.child = agents.launcher_ready().spawn(spec)
         threading.Thread(target=self._watch, name=f"agent-{proc.pid}", daemon=True).start()
@@ -255,8 +278,8 @@ class PythonProcess:
         kernel, proc = self.kernel, self.proc
         with kernel.lock:
             self.wake.set()
-            if proc.ended:
-                return
+            if proc.ended or (self.agents.stopping and proc.pid in kernel.journals):
+                return  # (a durable agent the server's stop killed comes back at its next start)
             state, reason, result, error = exit_outcome(status, self.result)
             if proc.kill_reason is not None:
                 state, reason = P.KILLED, proc.kill_reason

@@ -92,7 +92,7 @@ def _set_rlimits(limits: dict[str, Any], nproc: bool) -> None:
 def _confine(plan: dict[str, Any], program_dir: str | None) -> None:
     """Apply the layers in an order that works: ids, limits, no_new_privs, Landlock, caps, seccomp last."""
     layers = plan["layers"]
-    if "userns" in layers:
+    if "userns" in layers and not plan.get("ids_mapped"):
         map_ids(plan["uid"], plan["gid"])
     os.chdir(plan["workdir"])
     _set_rlimits(plan["limits"], nproc=plan["fork_limit"] == "rlimit")
@@ -186,6 +186,17 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
+def _make_deterministic(durable_seed: int) -> None:
+    """What a durable program reads that would differ from run to run, made the same (see
+    docs/durable-agents.md): `random` seeded from the journal's seed, time.time() the journaled time."""
+    import random
+
+    from llmos import userland
+
+    random.seed(durable_seed)
+    userland.use_journaled_clock()
+
+
 def agent_main(plan: dict[str, Any], log_fd: int, payload_fd: int, lifeline_fd: int) -> NoReturn:
     """Confine this process as `plan` says, then run the program from the payload. Never returns."""
     try:
@@ -203,8 +214,53 @@ def agent_main(plan: dict[str, Any], log_fd: int, payload_fd: int, lifeline_fd: 
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)  # undo the zygote's handlers
         signal.set_wakeup_fd(-1)
-        # pread: the launcher shares this file's offset.
-        payload = json.loads(os.pread(PAYLOAD_FD, os.fstat(PAYLOAD_FD).st_size, 0))
+        payload = _read_payload()
+        if payload.get("durable_seed") is not None:
+            _exec_with_hash_seed(plan, payload["durable_seed"])
+    except BaseException as exc:  # anything here is the sandbox's fault, not the program's
+        _die_setup(f"{type(exc).__name__}: {exc}")
+    _run(plan, payload)
+
+
+def _read_payload() -> dict[str, Any]:
+    # pread: the launcher shares this file's offset.
+    return json.loads(os.pread(PAYLOAD_FD, os.fstat(PAYLOAD_FD).st_size, 0))
+
+
+def _hash_seed(durable_seed: int) -> str:
+    return str(durable_seed & 0xFFFFFFFF)  # PYTHONHASHSEED's range
+
+
+def _exec_with_hash_seed(plan: dict[str, Any], durable_seed: int) -> NoReturn:
+    """A durable agent's str hashes (so the order of its sets) must be the same in every run, and an
+    interpreter's hash seed is fixed at its start: the one forked from the zygote has the zygote's.
+    So a durable agent execs a fresh interpreter with PYTHONHASHSEED from its journal's seed (before
+    any confinement), which goes on at `exec_main` with the same fds (0-3) and plan."""
+    server_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    boot = (f"import sys\nsys.path.insert(1, {server_dir!r})\n"
+            "from llmosd.python.sandbox.child import exec_main\nexec_main()\n")
+    if "userns" in plan["layers"]:  # while this process still has the capabilities it needs to
+        map_ids(plan["uid"], plan["gid"])
+        plan = dict(plan, ids_mapped=True)
+    env = dict(os.environ, PYTHONHASHSEED=_hash_seed(durable_seed))
+    os.execve(sys.executable, [sys.executable, "-c", boot, json.dumps(plan)], env)
+
+
+def exec_main() -> NoReturn:
+    """A durable agent's fresh interpreter (_exec_with_hash_seed): argv[1] is the plan."""
+    try:
+        plan = json.loads(sys.argv[1])
+        payload = _read_payload()
+        if os.environ.get("PYTHONHASHSEED") != _hash_seed(payload["durable_seed"]):
+            raise RuntimeError("a durable agent's interpreter started without its PYTHONHASHSEED")
+    except BaseException as exc:
+        _die_setup(f"{type(exc).__name__}: {exc}")
+    _run(plan, payload)
+
+
+def _run(plan: dict[str, Any], payload: dict[str, Any]) -> NoReturn:
+    """Confine this process and run the payload's program as __main__. Never returns."""
+    try:
         filename = f"<llmos:{payload['pid']}>"
         source = payload.get("source")
         path = payload.get("path")
@@ -220,6 +276,8 @@ def agent_main(plan: dict[str, Any], log_fd: int, payload_fd: int, lifeline_fd: 
         sys.argv = [filename]
         sys.path[:] = [os.path.dirname(path) if path else plan["workdir"]] + plan["sys_path"]
         code = compile(source, filename, "exec")
+        if payload.get("durable_seed") is not None:
+            _make_deterministic(payload["durable_seed"])
     except SyntaxError as exc:
         _reset_stdio()
         traceback.print_exception(exc, limit=0)

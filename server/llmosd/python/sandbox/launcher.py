@@ -58,6 +58,9 @@ class SpawnSpec:
     args_json: str = "null"
     limits: Limits = field(default_factory=Limits)
     env: dict[str, str] = field(default_factory=dict)
+    # A durable agent's seed (kernel/journal.py): its interpreter's PYTHONHASHSEED and `random`'s
+    # seed come from it, the same in every run (child.py).
+    durable_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -471,8 +474,11 @@ class Launcher:
             raise SandboxError("the launcher is not running")
         workdir = self.config.work_root / "agents" / str(spec.pid)
         log_path = self.config.work_root / "logs" / f"{spec.pid}.log"
+        if workdir.exists():  # a durable agent's, left by a server killed before it could clean up
+            _remove_tree(workdir)
         payload = {"pid": spec.pid, "token": spec.token, "socket": str(self.config.kernel_socket),
                    "args_json": spec.args_json, "env": spec.env, "source": spec.source,
+                   "durable_seed": spec.durable_seed,
                    "path": None if spec.path is None else str(Path(spec.path).resolve())}
         # The agent's secrets go straight to it in a memfd the zygote only passes on.
         payload_fd = os.memfd_create(f"llmos-agent-{spec.pid}", os.MFD_CLOEXEC)
