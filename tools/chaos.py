@@ -18,8 +18,7 @@ What the stages do on the way (the steps):
   lines under the mutex "buf", with the conditions "notfull" and "notempty" (sys.cond.wait and
   sys.cond.signal): the producer appends the item, the consumer takes the first line and passes
   it on;
-- python (PYTHON_STAGES of them, 0 until durable Python agents land): a relay written as a
-  Python agent.
+- python (PYTHON_STAGES of them): a relay written as a Python agent.
 The coordinator writes every result to result.txt, asks the supervisor to stop (it kills the
 stages and returns its report), and sends its result to a port. Then:
 - the final result and the whole file tree are identical to those of the uncrashed run (so no
@@ -55,9 +54,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 from llmosd_process import LlmosdServer  # noqa: E402
 from llmosd.kernel.journal import decode_result  # noqa: E402
 
-# Durable Python agents are being built (branch h/pydurable): set this to 2 once they are on main, and the
-# pipeline gets its two Python stages (tests/test_chaos.py and this tool's default run both follow it).
-PYTHON_STAGES = 0
+# The pipeline's durable Python stages (tests/test_chaos.py and this tool's default run both follow it).
+PYTHON_STAGES = 2
 BUFFER_SLOTS = 3  # the bounded buffer's size: small, so that the producer waits on "notfull" too
 
 # Each stage gets args {index, next (a name, or the coordinator's pid), ack}.
