@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import marshal
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .mailbox import Message
 from .store import DELETE_MESSAGE, STORE_MESSAGE, Store
@@ -51,13 +51,15 @@ _MASK = (1 << 64) - 1
 
 # Calls that take or give back a lock: their entries also name the lock (kind, permits), so that a
 # restart can give each durable process the locks it held before anything runs (held_locks).
-# A condition wait is three entries (lua/durable.py): cond_wait (the mutex released, journaled before
-# anyone else can take it), cond_wait.woken (the signal or timeout that chose it, journaled at that
-# moment) and cond_reacquire (its answer, holding the mutex again).
+# A condition wait is three entries (ProcessJournal.replay_cond_wait): cond_wait (the mutex released,
+# journaled before anyone else can take it), cond_wait.woken (the signal or timeout that chose it,
+# journaled at that moment: ProcessJournal.on_woken) and cond_reacquire (its answer, holding the mutex again).
 LOCK_CALLS = frozenset(("lock_acquire_now", "lock_try", "lock_acquire", "lock_release", "cond_wait",
                         "cond_reacquire"))
 _RELEASES = frozenset(("lock_release", "cond_wait"))  # their answer True: one permit given back
 _BLOCKING_TAKES = frozenset(("lock_acquire", "cond_reacquire"))  # their answer: the program's resume values
+# Where a condition wait whose journal ends with its release goes on live: it waits again holding nothing.
+RELEASED = "released"
 
 
 class Divergence(Exception):
@@ -163,6 +165,36 @@ class ProcessJournal:
         ops = self.entry_ops(call, args_hash(args), result)
         ops.extend(effects)
         self.store.enqueue(ops)
+
+    def replay_cond_wait(self, replayed: Callable[[str], Any]) -> tuple[Any, Any]:
+        """A condition wait's entries (LOCK_CALLS), each answered by `replayed(call)`: a runtime's
+        replay of one entry, which gives its live marker once the journal has run out (and its
+        refusal, or raises, on a divergence). Returns (answer, resume): `answer` is the journal's,
+        or the live marker with `resume` saying where the live wait goes on: None (from the start),
+        RELEASED (it waits again holding nothing) or the wake's {"signalled", "timed_out"} (it takes
+        the mutex again)."""
+        answer = replayed("cond_wait")
+        if answer is not True:  # live from the start, refused at once, or diverged
+            return answer, None
+        resume: Any = RELEASED
+        if self.peek() == "cond_wait.woken":
+            resume = replayed("cond_wait.woken")
+            if type(resume) is not dict:  # diverged
+                return resume, None
+        return replayed("cond_reacquire"), resume
+
+    def on_woken(self, digest: int) -> Callable[[dict[str, bool], list | None], None]:
+        """A condition wait's wake as services/sync.py calls it (its on_woken, kernel lock held):
+        the cond_wait.woken entry of the wait whose arguments hash is `digest`, in the unit of a
+        durable signaller's entry (`effects`) or in its own (None)."""
+        def woken(answer: dict[str, bool], effects: list | None) -> None:
+            ops = self.entry_ops("cond_wait.woken", digest, answer)
+            if effects is None:
+                self.store.enqueue(ops)
+            else:
+                effects.extend(ops)
+
+        return woken
 
     def commit(self) -> None:
         """Output commit: everything queued so far is written before an effect outside the journal."""

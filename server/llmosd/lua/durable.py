@@ -61,7 +61,7 @@ class DurableLuaProcess(LuaProcess):
         self.call_digest = 0  # the arguments hash of the call being made
         self.call_under_lock: tuple[str, tuple] | None = None  # the call journaled_locked journals
         self.cond_mutex: str | None = None  # the mutex a condition wait released, until it holds it again
-        self.cond_resume: Any = None  # where a wait replayed to its journal's end goes on (_LIVE: released)
+        self.cond_resume: Any = None  # where a wait replayed to its journal's end goes on (replay_cond_wait)
         super().__init__(kernel, proc)
 
     def source(self) -> str:
@@ -188,49 +188,25 @@ class DurableLuaProcess(LuaProcess):
             return self.journaled_locked(wake(self.proc.namespace, text, woken), woken)
 
     def replayed_cond_wait(self, call: str, args: tuple) -> Any:
-        """sys.cond.wait's answer from the journal, else _LIVE, with `cond_resume` saying where the
-        live wait starts: None (from the start), _LIVE (released the mutex: waits holding nothing)
-        or the wake's {"signalled", "timed_out"} (woken: takes the mutex again)."""
-        self.cond_resume = None
-        answer = self.replayed(call, args)
-        if answer is not True:  # live, a wait refused at once, or diverged
-            return answer
-        self.cond_mutex = self.cond_wait_args(*args[:3])[1]
-        if self.journal.peek() == "cond_wait.woken":
-            woken = self.replayed("cond_wait.woken", args)
-            if type(woken) is not dict:  # diverged
-                return woken
-            self.cond_resume = woken
-        else:
-            self.cond_resume = _LIVE
-        if not self.journal.replaying:
-            return _LIVE
-        self.cond_resume = None
-        answer = self.replayed("cond_reacquire", args)
-        self.cond_mutex = None
+        """sys.cond.wait's answer from the journal (kernel/journal.py's replay_cond_wait), else _LIVE,
+        with `cond_resume` saying where the live wait goes on (and `cond_mutex` its mutex once released)."""
+        answer, resume = self.journal.replay_cond_wait(lambda entry: self.replayed(entry, args))
+        self.cond_resume = resume if answer is _LIVE else None
+        self.cond_mutex = None if self.cond_resume is None else self.cond_wait_args(*args[:3])[1]
         return answer
 
     def cond_wait(self, waiter: Any, args: tuple) -> Any:
         """sys.cond.wait made live (kernel lock held), from where its journal ended: the answer now,
         or None with `waiter` registered. The release is journaled before the lock is let go (no
         one can take the mutex before the journal says it was given back), and the wake when a
-        signal or timeout chooses this waiter (sync.py's on_woken)."""
+        signal or timeout chooses this waiter (the journal's on_woken)."""
         name, lock_name, timeout = self.cond_wait_args(*args[:3])
         sync, proc, journal = self.kernel.sync, self.proc, self.journal
-        digest = args_hash(args)
-
-        def woken(answer: dict[str, bool], effects: list | None) -> None:
-            ops = journal.entry_ops("cond_wait.woken", digest, answer)
-            if effects is None:
-                journal.store.enqueue(ops)
-            else:
-                effects.extend(ops)
-
         resume, self.cond_resume = self.cond_resume, None
         if type(resume) is dict:
             return sync.cond_reacquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, resume)
-        sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout, woken,
-                       holding=resume is None)
+        sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout,
+                       journal.on_woken(args_hash(args)), holding=resume is None)
         if resume is None:
             journal.record("cond_wait", args, True, lock=(lock_name, "mutex", 1))
             self.cond_mutex = lock_name
