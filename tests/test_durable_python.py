@@ -4,13 +4,15 @@ journal until it runs out, and lets them go on live, with nothing done twice. Re
 gRPC, killed and restarted on their data dir (tests/test_durable.py does the same for Lua)."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import textwrap
+import time
 
 import llmos
 from llmosd_process import LlmosdServer
-from test_durable import WAIT_S, bodies, nothing_more, restart
+from test_durable import WAIT_S, bodies, nothing_more, restart, taken
 
 # Reports to a port what only a journal gives back the same (its children's pids, a lock's answer, a
 # sleep), appends to a file, and waits for "go" (received with ack) after each round.
@@ -59,14 +61,9 @@ def test_a_durable_python_agent_comes_back_after_kill_9_and_does_nothing_twice(f
 def test_a_replay_gives_the_agent_the_same_time_random_numbers_and_hash_order(fresh_llmosd: LlmosdServer) -> None:
     program = textwrap.dedent("""
         import random, time
-        import llmos
         from llmos.userland import sys
 
-        try:
-            sys.cond.wait("cond", "mutex")
-        except llmos.Unimplemented as e:  # not in a durable process (as in Lua)
-            unsupported = e.message
-        seen = {"cond.wait": unsupported, "now": sys.now(), "time": time.time(), "random": random.random(),
+        seen = {"now": sys.now(), "time": time.time(), "random": random.random(),
                 "randint": random.randint(1, 10**9), "order": list({f"k{i}" for i in range(40)}),
                 "hash": hash("some text") % 10**12}
         sys.send(sys.args["port"], seen)
@@ -77,7 +74,6 @@ def test_a_replay_gives_the_agent_the_same_time_random_numbers_and_hash_order(fr
         port = k.open_port()
         pid = k.spawn(python=program, args={"port": port}, durable=True)
         before = bodies(k, port, 1)[0]
-        assert "sys.cond.wait is not supported in a durable process" in before["cond.wait"]
     with restart(fresh_llmosd) as k:
         k.send(pid, None, tag="go")
         assert bodies(k, port, 1)[0] == before
@@ -162,3 +158,117 @@ def test_an_append_a_crash_may_have_cut_is_cut_back_and_made_once(fresh_llmosd: 
         k.send(pid, None, tag="go")
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", "zero\nfirst\n")  # appended once
+
+
+def journaled(server: LlmosdServer, pid: int, call: str) -> None:
+    """Waits until `pid`'s journal on disk has an entry `call`: a kill -9 from then on keeps it."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        with contextlib.closing(sqlite3.connect(server.data_dir / "kernel.db")) as db:
+            if db.execute("SELECT 1 FROM journal WHERE pid=? AND call=?", (pid, call)).fetchone():
+                return
+        assert time.monotonic() < deadline, f"pid {pid} journaled no {call}"
+        time.sleep(0.01)
+
+
+# Waits on the condition "c" with the mutex "m", after telling the port; then ends with what it got
+# and whether it holds "m" again (a try_acquire of a mutex one holds is refused).
+COND_WAITER = textwrap.dedent("""
+    import llmos
+    from llmos.userland import sys
+
+    sys.lock.acquire("m")
+    sys.send(sys.args["port"], "waiting")
+    r = sys.cond.wait("c", "m", timeout_ms=sys.args["timeout_ms"])
+    try:
+        sys.lock.try_acquire("m")
+        held = False
+    except llmos.FailedPrecondition:
+        held = True
+    sys.lock.release("m")
+    sys.exit({"signalled": r["signalled"], "timed_out": r["timed_out"], "held": held})
+""")
+# Signals "c" (holding "m") until it wakes someone (the agent's replay takes a while), then releases "m".
+COND_SIGNALLER = textwrap.dedent("""
+    for try = 1, 6000 do
+        sys.lock.acquire("m")
+        local woken = sys.cond.signal("c")
+        sys.lock.release("m")
+        if woken == 1 then return try end
+        sys.sleep(10)
+    end
+    return 0
+""")
+
+
+def test_a_durable_agents_cond_wait_cut_by_a_restart_waits_again_holding_nothing(
+        fresh_llmosd: LlmosdServer) -> None:
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(python=COND_WAITER, args={"port": port, "timeout_ms": 600_000}, durable=True)
+        assert taken(k, port) == "waiting"
+        journaled(fresh_llmosd, pid, "cond_wait")  # the mutex given back, not woken yet
+    with restart(fresh_llmosd) as k:
+        # The mutex is free (the wait had given it back), and the replayed agent waits on "c" again.
+        assert k.run(COND_SIGNALLER, timeout=WAIT_S).result >= 1
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
+        nothing_more(k, port)  # "waiting" was not sent again
+
+
+def test_a_signal_a_durable_agent_journaled_before_a_restart_is_not_lost(fresh_llmosd: LlmosdServer) -> None:
+    # A durable agent signals holding "m" across the crash, so the woken waiter had not taken it back:
+    # after the restart the signaller holds "m" again and its replay does not signal again, so the
+    # waiter (whose timeout is ten minutes) returns only if its wake was kept; it waits for the mutex.
+    signaller = textwrap.dedent("""
+        from llmos.userland import sys
+
+        sys.lock.acquire("m")
+        sys.send(sys.args["port"], sys.cond.signal("c"))
+        sys.recv(tag="go")
+        sys.lock.release("m")
+        sys.exit("released")
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        waiter = k.spawn(python=COND_WAITER, args={"port": port, "timeout_ms": 600_000}, durable=True)
+        assert taken(k, port) == "waiting"
+        journaled(fresh_llmosd, waiter, "cond_wait")  # it waits: the signal will find it
+        sender = k.spawn(python=signaller, args={"port": port}, durable=True)
+        assert taken(k, port) == 1
+        journaled(fresh_llmosd, waiter, "cond_wait.woken")
+    with restart(fresh_llmosd) as k:
+        k.send(sender, None, tag="go")
+        assert k.wait(sender, timeout=WAIT_S).result == "released"
+        info = k.wait(waiter, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
+        nothing_more(k, port)  # neither "waiting" nor the signal's count again
+
+
+def test_a_durable_agents_cond_wait_that_timed_out_replays_its_outcome(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        import llmos
+        from llmos.userland import sys
+
+        sys.lock.acquire("m")
+        r = sys.cond.wait("c", "m", timeout_ms=10)
+        sys.send(sys.args["port"], r["timed_out"])
+        sys.recv(tag="go")
+        try:
+            sys.lock.try_acquire("m")
+            held = False
+        except llmos.FailedPrecondition:
+            held = True
+        sys.exit({"timed_out": r["timed_out"], "held": held})
+    """)
+    contender = "return sys.lock.try_acquire('m') ~= nil"
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(python=program, args={"port": port}, durable=True)
+        assert taken(k, port) is True
+    with restart(fresh_llmosd) as k:
+        assert k.run(contender, timeout=WAIT_S).result is False  # it holds "m" again, from its journal
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"timed_out": True, "held": True})
+        nothing_more(k, port)

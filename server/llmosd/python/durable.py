@@ -10,9 +10,10 @@ replay lasts, else made live and journaled with its reply (or its error) when it
 is also how blocking calls (recv, wait, sleep, lock.acquire) are journaled. The journal's own rule
 is kept as lua/durable.py keeps it: a send's and a spawn's entries go in one unit with their effects
 (Kernel.send's on_sent, Kernel.spawn's on_spawned), a receive's entry with the removal of the
-message from the durable mailbox, a lock release and a signal under the kernel lock, and a file
-change waits for everything journaled before it (output commit); an append journals the file's
-size first and a replay that ends on it cuts the file back.
+message from the durable mailbox, a lock release and a signal under the kernel lock (a signal with
+the wakes of the durable waiters it chose), and a file change waits for everything journaled before
+it (output commit); an append journals the file's size first and a replay that ends on it cuts the
+file back. A condition wait is Lua's three entries (`_cond_wait`).
 
 What a Python program could read that differs from run to run is made the same by the agent's
 side (python/sandbox/child.py, llmos.userland): its interpreter runs with PYTHONHASHSEED and
@@ -32,11 +33,13 @@ from llmos.v1 import kernel_pb2 as pb
 
 from ..api import checks as C
 from ..api.authority import PROCESS
-from ..api.errors import FailedPrecondition, KernelError, NotFound, Unimplemented
+from ..api.errors import FailedPrecondition, KernelError, NotFound
 from ..api.identity import CALLER, TOKEN_HEADER
+from ..api.syscalls import _await
 from ..api.table import BY_RPC
 from ..kernel import process as P
 from ..kernel.journal import REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash
+from ..kernel.waiting import AsyncWaiter
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
@@ -118,8 +121,7 @@ def agent_handler(kernel: Kernel, method: Any, fn: Callable) -> Callable:
         if journal is None:
             return await fn(k, req)
         if rpc == "CondWait":
-            raise Unimplemented("sys.cond.wait is not supported in a durable process "
-                                "(a restart in the middle of a wait has no defined outcome): wait for a message")
+            return await _cond_wait(k, journal, req)
         requests = [r async for r in req] if method.client_streaming else [req]
         call, args = _call_of(rpc, requests)
         if rpc == "WriteFile" and journal.peek() == "fs.write.intent":
@@ -262,6 +264,7 @@ async def _under_lock(k: Kernel, journal: ProcessJournal, fn: Callable, call: st
     that no entry of theirs that follows from it comes first in the journal."""
     req, caller = requests[0], CALLER.get()
     lock = _lock_of(req) if call == "lock_release" else None
+    woken: list = []  # a signal's: the journal ops of the durable waiters' wakes it made
     with k.lock:
         try:
             if call == "lock_release":
@@ -273,12 +276,59 @@ async def _under_lock(k: Kernel, journal: ProcessJournal, fn: Callable, call: st
                 signal = k.sync.cond_signal if call == "cond.signal" else k.sync.cond_broadcast
                 (name,) = C.arguments(call, {"name": req.name})
                 namespace = k.target_locked(caller, call, journal.pid, "signaller").namespace
-                reply = pb.CondSignalResponse(woken=signal(namespace, name))
+                reply = pb.CondSignalResponse(woken=signal(namespace, name, woken))
                 answer = reply.SerializeToString()
         except KernelError as e:
             journal.record(call, args, _error(e), lock=lock)
             raise
-        journal.record(call, args, answer, lock=lock)
+        journal.record(call, args, answer, woken, lock=lock)  # with the wakes it made: one unit
+    return reply
+
+
+async def _cond_wait(k: Kernel, journal: ProcessJournal, req: pb.CondWaitRequest) -> pb.CondWaitResponse:
+    """sys.cond.wait: Lua's three entries (kernel/journal.py's replay_cond_wait): the mutex given back
+    (journaled under the kernel lock, before anyone can take it), the wake (journaled by the signal or
+    timeout that chose it: its on_woken) and the answer, holding the mutex again. Replayed to where
+    its journal ended, the wait goes on live from there: from the start, waiting again holding
+    nothing, or queued for the mutex with the journaled wake's answer."""
+    args = (req.SerializeToString(deterministic=True),)
+    answer, resume = journal.replay_cond_wait(lambda entry: _replayed(k, journal, entry, args))
+    if answer is not _LIVE:
+        _raise_if_error(answer)
+        return pb.CondWaitResponse.FromString(answer["reply"])
+    mutex = (req.lock, "mutex", 1)  # the lock note of the entries after the release
+    outcome = "cond_wait" if resume is None else "cond_reacquire"  # the entry a refusal is journaled as
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    try:
+        name, lock_name, timeout_ms = C.arguments("cond.wait", {
+            "name": req.name, "lock": req.lock, "timeout_ms": req.timeout_ms if req.HasField("timeout_ms") else None})
+        with k.lock:
+            waiting = k.target_locked(CALLER.get(), "cond.wait", C.pid(req.pid), "waiter")
+            if waiting.pid != journal.pid:  # its journal would say it released and holds another's mutex
+                raise FailedPrecondition("a durable agent waits on a condition for itself only")
+            priority = C.priority(req.priority) if req.HasField("priority") else waiting.priority
+            if type(resume) is dict:
+                held = k.sync.cond_reacquire(waiting.namespace, lock_name, journal.pid, priority, waiter, resume)
+            else:
+                k.sync.cond_wait(waiting.namespace, name, lock_name, journal.pid, priority, waiter,
+                                 None if timeout_ms is None else timeout_ms / 1000,
+                                 journal.on_woken(args_hash(args)), holding=resume is None)
+                held = None
+                if resume is None:
+                    journal.record("cond_wait", args, True, lock=mutex)
+                    outcome = "cond_reacquire"
+        if held is None:
+            # Cancelled (the agent gone) once it held the mutex again: given back, as a plain wait's.
+            held = await _await(k, waiter, "cond_wait",
+                                lambda got: k.release_lock(journal.pid, lock_name) if isinstance(got, dict) else None)
+        if isinstance(held, KernelError):  # the mutex's name became a semaphore's meanwhile
+            raise held
+    except KernelError as e:
+        journal.record(outcome, args, _error(e), lock=mutex if outcome == "cond_reacquire" else None)
+        raise
+    reply = pb.CondWaitResponse(signalled=held["signalled"], timed_out=held["timed_out"],
+                                previous_holder_died=held.get("previous_holder_died") or 0)
+    journal.record("cond_reacquire", args, {"reply": reply.SerializeToString()}, lock=mutex)
     return reply
 
 
