@@ -302,10 +302,8 @@ async def _cond_wait(k: Kernel, journal: ProcessJournal, req: pb.CondWaitRequest
     try:
         name, lock_name, timeout_ms = C.arguments("cond.wait", {
             "name": req.name, "lock": req.lock, "timeout_ms": req.timeout_ms if req.HasField("timeout_ms") else None})
-        with k.lock:
-            waiting = k.target_locked(CALLER.get(), "cond.wait", C.pid(req.pid), "waiter")
-            if waiting.pid != journal.pid:  # its journal would say it released and holds another's mutex
-                raise FailedPrecondition("a durable agent waits on a condition for itself only")
+        with k.lock:  # (an agent acts as itself: identity.py)
+            waiting = k.target_locked(CALLER.get(), "cond.wait", journal.pid, "waiter")
             priority = C.priority(req.priority) if req.HasField("priority") else waiting.priority
             if type(resume) is dict:
                 held = k.sync.cond_reacquire(waiting.namespace, lock_name, journal.pid, priority, waiter, resume)

@@ -51,7 +51,7 @@ locks and, like them, existing only while someone waits:
   program re-checks its predicate in a loop, as with any condition variable.
 - While a condition has waiters, they all wait with the same mutex: waiting on
   it with another is FailedPrecondition.
-- A durable process's wait is journaled (lua/durable.py): `on_woken` tells it,
+- A durable process's wait is journaled (kernel/journal.py's on_woken): `on_woken` tells it,
   under the kernel lock, the moment a signal or its timeout chooses it, so that
   its journal has the wake before anything that follows from it; a signaller
   passes `effects` to take the wake's journal ops into its own entry's unit.
