@@ -291,8 +291,19 @@ def options(given: Any, what: str, arg: Arg, prefix: str) -> dict[str, Any]:
         return {}
     if not isinstance(given, dict):
         raise InvalidArgument(f"{what}: expected a table of options")
-    known_options(given, tuple(o.name for o in arg.options), what)
-    return {o.name: argument(o, given.get(o.name), prefix) for o in arg.options if given.get(o.name) is not None}
+    index = _OPTION_INDEX.get(id(arg))
+    if index is None:
+        index = _OPTION_INDEX[id(arg)] = {o.name: i for i, o in enumerate(arg.options)}
+    if not index.keys() >= given.keys():
+        known_options(given, tuple(index), what)
+    # Those given, checked in the entry's order (the first bad one is the one named).
+    given_options = sorted(index[key] for key, value in given.items() if value is not None)
+    return {(o := arg.options[i]).name: argument(o, given[o.name], prefix) for i in given_options}
+
+
+# id(an options Arg of the table) -> each key's place in its options (needed on every call; the
+# table's Args live as long as the server).
+_OPTION_INDEX: dict[int, dict[str, int]] = {}
 
 
 KINDS = {

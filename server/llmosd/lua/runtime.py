@@ -29,7 +29,7 @@ from ..kernel.acks import Leased
 from .library import library
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
-from ..kernel.process import Limits, Process
+from ..kernel.process import Process
 from ..kernel.config import SpawnSpec
 
 if TYPE_CHECKING:
@@ -289,13 +289,7 @@ class LuaProcess:
         """sys.spawn{lua = source, args = ...} as a SpawnSpec, its options checked by the table's
         entry (the Kernel checks the program, name and ranges)."""
         (spec,) = arguments("spawn", options=spec)
-        return SpawnSpec(
-            lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
-            name=spec.get("name"), priority=spec.get("priority", 0), weight=spec.get("weight", 0),
-            limits=spec.get("limits", Limits()), parent=self.proc.pid, monitor=spec.get("monitor", False),
-            source_name=spec.get("source_name"), dead_letter=spec.get("dead_letter", 0),
-            max_attempts=spec.get("max_attempts", 0), durable=spec.get("durable", False),
-        )
+        return SpawnSpec(parent=self.proc.pid, **spec)  # the entry's options are SpawnSpec's fields
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
         pid, reason = arguments("kill", pid=pid, reason=reason)
