@@ -147,6 +147,8 @@ def _decoded(value: Any, what: str) -> Any:
 
 def string(value: Any, what: str) -> str:
     """UTF-8 text of any length (whoever stores it counts its size)."""
+    if type(value) is str and value.isascii():  # valid UTF-8 as it is: the common case, checked at once
+        return value
     value = _decoded(value, what)
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string")
@@ -183,6 +185,8 @@ def receiver(value: Any, what: str) -> int | str:
 
 def text(value: Any, what: str) -> str:
     """A short text (tag, correlation id, reason): str of at most MAX_TEXT_BYTES UTF-8 bytes."""
+    if type(value) is str and value.isascii() and len(value) <= MAX_TEXT_BYTES:  # a byte per character
+        return value
     value = string(value, what)
     size = _utf8_size(value, what)
     if size > MAX_TEXT_BYTES:
@@ -327,4 +331,4 @@ def arguments(syscall: str, given: dict[str, Any], prefix: str = "") -> tuple[An
     """The syscall's arguments (by name; left out: None) checked by its table entry, in the
     entry's order. `prefix` names the syscall as the caller knows it ("sys.kill: " from a
     program, "" from gRPC, whose fields are the arguments' names)."""
-    return tuple(argument(a, given.get(a.name), prefix) for a in BY_NAME[syscall].args)
+    return tuple([argument(a, given.get(a.name), prefix) for a in BY_NAME[syscall].args])
