@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..api import checks as C
-from ..api.authority import process_caller
+from ..api.authority import Caller, process_caller
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
@@ -139,7 +139,6 @@ class LuaProcess:
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
-        self.caller = process_caller(proc.pid, proc.namespace)  # who its syscalls act as (api/authority.py)
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
@@ -147,6 +146,12 @@ class LuaProcess:
             self, proc, kernel.core, self.source().encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,
         )
+
+    @functools.cached_property
+    def caller(self) -> Caller:
+        """Who its syscalls act as (api/authority.py); made on its first syscall that needs one (a
+        short program may make none)."""
+        return process_caller(self.proc.pid, self.proc.namespace)
 
     def source(self) -> str:
         """The program the state runs."""
