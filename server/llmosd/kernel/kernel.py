@@ -928,8 +928,8 @@ _SCALARS = (int, float, bool)
 
 def _fits(value: Any, limit: int) -> bool:
     """Whether a (checked) value encodes in at most `limit` bytes."""
-    if value is None or type(value) in _SCALARS:  # a number or a flag: at most 11 bytes
-        return limit >= 11
+    if (value is None or type(value) in _SCALARS) and limit >= 11:  # a number or a flag: at most 11 bytes
+        return True
     try:
         _lua.value_size(value, limit)
     except _lua.TooLarge:
