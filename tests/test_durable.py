@@ -7,6 +7,7 @@ import pathlib
 import signal
 import sqlite3
 import textwrap
+import time
 from typing import Any
 
 import pytest
@@ -35,6 +36,17 @@ def bodies(k: llmos.Client, port: int, n: int) -> list[Any]:
         assert msg is not None, f"only {out} came"
         out.append(msg.body)
     return out
+
+
+def taken(k: llmos.Client, port: int) -> Any:
+    """The next message of `port`, taken when already there: a Recv that waits is handed a message
+    before the server deletes its stored copy, which a kill -9 at that moment would keep."""
+    for _ in range(int(WAIT_S / 0.01)):
+        msg = k.recv(port, timeout=0)
+        if msg is not None:
+            return msg.body
+        time.sleep(0.01)
+    raise AssertionError("nothing came")
 
 
 def nothing_more(k: llmos.Client, port: int) -> None:
@@ -138,19 +150,22 @@ class Handed(Waiter):
         self.got.append(value)
 
 
-@pytest.mark.parametrize("waiting_receiver", [False, True])
+@pytest.mark.parametrize("receiver", ["none", "without_ack", "with_ack"])
 def test_a_durable_send_to_a_port_is_stored_in_the_transaction_of_its_journal_entry(
-        tmp_path: pathlib.Path, waiting_receiver: bool) -> None:
+        tmp_path: pathlib.Path, receiver: str) -> None:
     """The crash window of an output commit, made certain: the server dies right after the commit
     that journals a durable process's send to a port. The port's copy must be in that commit, or
-    the replay answers the send from the journal and the port never gets the message (a waiting
-    receiver is handed it once the commit is made: a crash before that leaves it stored)."""
+    the replay answers the send from the journal and the port never gets the message. A receive
+    without ack waiting for it consumes it as it is handed over (at most once): never stored."""
     kernel = Kernel(KernelConfig(data_dir=str(tmp_path)))
     try:
         port, _ = kernel.open_port()
-        receiver = Handed()
-        if waiting_receiver:
-            assert kernel.recv(port, ANY, receiver, None) is None
+        waiter = Handed()
+        if receiver == "without_ack":
+            assert kernel.recv(port, ANY, waiter, None) is None
+        elif receiver == "with_ack":
+            with kernel.lock:
+                assert kernel.acks.recv_locked(kernel.procs[port], ANY, waiter, None, 60.0) is None
         journal = ProcessJournal(4242, kernel.store, seed=1)
         flush = kernel.store.flush
 
@@ -158,21 +173,23 @@ def test_a_durable_send_to_a_port_is_stored_in_the_transaction_of_its_journal_en
             flush()
             raise Killed
 
+        def stored() -> list[str]:  # what a restart would find
+            with sqlite3.connect(kernel.store.path) as db:
+                return [body for body, in db.execute("SELECT body FROM port_messages WHERE port=? ORDER BY id",
+                                                     (port,))]
+
         kernel.store.flush = flush_then_die  # type: ignore[method-assign]
         with pytest.raises(Killed):
             kernel.send(0, port, "item", "b", b"", "", on_sent=lambda msg: journal.entry_ops("send", 0, msg.id))
         kernel.store.flush = flush  # type: ignore[method-assign]
-        with sqlite3.connect(kernel.store.path) as db:  # what a restart would find
-            sends = db.execute("SELECT COUNT(*) FROM journal WHERE pid=4242 AND call='send'").fetchone()[0]
-            stored = db.execute("SELECT body FROM port_messages WHERE port=?", (port,)).fetchall()
-        assert sends == 1
-        assert stored == [('"b"',)] and receiver.got == []
-        kernel.send(0, port, "item", "c", b"", "", on_sent=lambda msg: journal.entry_ops("send", 1, msg.id))
         with sqlite3.connect(kernel.store.path) as db:
-            stored = db.execute("SELECT body FROM port_messages WHERE port=? ORDER BY id", (port,)).fetchall()
-        # With a receiver waiting, "b" stays stored (it is handed over after a restart), "c" is taken at once.
-        assert stored == [('"b"',)] if waiting_receiver else [('"b"',), ('"c"',)]
-        assert [m.body for m in receiver.got] == (["c"] if waiting_receiver else [])
+            assert db.execute("SELECT COUNT(*) FROM journal WHERE pid=4242 AND call='send'").fetchone()[0] == 1
+        assert stored() == ([] if receiver == "without_ack" else ['"b"']) and waiter.got == []
+        # Uncrashed: the waiting receiver (still there: "b" never reached it) is handed "c".
+        kernel.send(0, port, "item", "c", b"", "", on_sent=lambda msg: journal.entry_ops("send", 1, msg.id))
+        assert stored() == ([] if receiver == "without_ack" else ['"b"', '"c"'])
+        got = [getattr(value, "msg", value).body for value in waiter.got]  # a lease holds its message
+        assert got == ([] if receiver == "none" else ["c"])
     finally:
         kernel.shutdown()
 
@@ -313,15 +330,108 @@ def test_a_replayed_process_holds_the_locks_it_held_and_appends_once(fresh_llmos
         assert k.read_file("out.txt") == b"ab"
 
 
-def test_sys_cond_wait_is_unimplemented_in_durable_processes(fresh_llmosd: LlmosdServer) -> None:
-    program = textwrap.dedent("""
+# Waits on the condition "c" with the mutex "m", after telling the port; then reports what it got and
+# whether it holds "m" again (a try_acquire of a mutex one holds is refused).
+COND_WAITER = textwrap.dedent("""
+    sys.lock.acquire("m")
+    sys.send(args.port, "waiting")
+    local r = sys.cond.wait("c", "m", args.timeout_ms)
+    local again, err = pcall(sys.lock.try_acquire, "m")
+    sys.lock.release("m")
+    return {signalled = r.signalled, timed_out = r.timed_out, held = not again}
+""")
+# Signals "c" (holding "m") until it wakes someone, then releases "m": how many tries it took.
+COND_SIGNALLER = textwrap.dedent("""
+    for try = 1, 1000 do
         sys.lock.acquire("m")
-        local ok, err = pcall(sys.cond.wait, "c", "m", 10)
-        return err
+        local woken = sys.cond.signal("c")
+        sys.lock.release("m")
+        if woken == 1 then return try end
+        sys.sleep(10)
+    end
+    return 0
+""")
+
+
+def test_a_durable_cond_wait_cut_by_a_restart_waits_again_holding_nothing(fresh_llmosd: LlmosdServer) -> None:
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=COND_WAITER, args={"port": port, "timeout_ms": 600_000}, durable=True)
+        assert taken(k, port) == "waiting"
+    with restart(fresh_llmosd) as k:
+        # The mutex is free (the wait had given it back), and the replayed process waits on "c" again.
+        assert k.run(COND_SIGNALLER, timeout=WAIT_S).result >= 1
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
+        nothing_more(k, port)  # "waiting" was not sent again
+
+
+def test_a_signal_journaled_before_a_restart_is_not_lost(fresh_llmosd: LlmosdServer) -> None:
+    # The signaller holds "m" across the crash, so the woken waiter had not taken it back yet: after the
+    # restart the signaller holds it again, and the waiter, woken in its journal, waits for the mutex only.
+    signaller = textwrap.dedent("""
+        sys.lock.acquire("m")
+        sys.send(args.port, sys.cond.signal("c"))
+        sys.recv{tag = "go"}
+        sys.lock.release("m")
+        return "released"
     """)
     with llmos.Client(fresh_llmosd.target) as k:
-        info = k.wait(k.spawn(lua=program, durable=True), timeout=WAIT_S)
-        assert "not in durable processes" in info.result
+        port = k.open_port()
+        waiter = k.spawn(lua=COND_WAITER, args={"port": port, "timeout_ms": 600_000}, durable=True)
+        assert taken(k, port) == "waiting"
+        sender = k.spawn(lua=signaller, args={"port": port}, durable=True)
+        assert taken(k, port) == 1
+    with restart(fresh_llmosd) as k:
+        assert k.get(waiter).state == "BLOCKED"
+        k.send(sender, None, tag="go")
+        assert k.wait(sender, timeout=WAIT_S).result == "released"
+        info = k.wait(waiter, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
+        nothing_more(k, port)
+
+
+def test_a_durable_cond_wait_that_timed_out_replays_its_outcome(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        sys.lock.acquire("m")
+        local r = sys.cond.wait("c", "m", 10)
+        sys.send(args.port, r.timed_out)
+        sys.recv{tag = "go"}
+        local again = pcall(sys.lock.try_acquire, "m")
+        return {timed_out = r.timed_out, held = not again}
+    """)
+    contender = "return sys.lock.try_acquire('m') ~= nil"
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        assert taken(k, port) is True
+    with restart(fresh_llmosd) as k:
+        k.send(pid, None, tag="ping")  # not what it waits for: it stays blocked, replayed, live
+        assert k.run(contender, timeout=WAIT_S).result is False  # it holds "m" again, from its journal
+        k.send(pid, None, tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {"timed_out": True, "held": True})
+        nothing_more(k, port)
+
+
+def test_a_durable_senders_wish_for_an_undelivered_notice_survives_a_restart(fresh_llmosd: LlmosdServer) -> None:
+    receiver = 'sys.recv{tag = "never"}'  # the message stays waiting in its durable mailbox
+    sender = textwrap.dedent("""
+        local id = sys.send(args.to, "hello", {tag = "greeting", notify_undelivered = true})
+        sys.send(args.port, id)
+        return sys.recv{tag = "UNDELIVERED"}.body
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        to = k.spawn(lua=receiver, durable=True)
+        pid = k.spawn(lua=sender, args={"to": to, "port": port}, durable=True)
+        message_id = taken(k, port)
+    with restart(fresh_llmosd) as k:
+        k.kill(to)
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", {
+            "message_id": message_id, "reason": "receiver_ended", "receiver": to, "attempts": 0, "tag": "greeting"})
+        assert k.dead_letters() == []  # told to its sender, not queued
 
 
 def test_a_durable_process_receives_with_ack_once_across_a_restart(fresh_llmosd: LlmosdServer) -> None:

@@ -204,10 +204,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.call_soon_threadsafe(lambda: (failed.append(why), stop.set()))
 
     kernel = Kernel(kernel_config(args))
-    kernel.add_runtime(LuaRuntime(kernel))
-    if kernel.config.agent_socket:
-        kernel.add_runtime(PythonRuntime(kernel))
-    if args.model != "none":
+    if args.model != "none":  # before the runtimes bring durable processes back: their infers wait for it
         from .engine import EngineConfig
         from .services.inference import Inference
 
@@ -215,6 +212,9 @@ async def serve(args: argparse.Namespace) -> None:
             model=args.model, device=args.device, dtype=args.dtype, kv_memory_bytes=args.kv_memory,
             max_batch=args.max_batch,
         ), on_failed=model_failed)
+    kernel.add_runtime(LuaRuntime(kernel))
+    if kernel.config.agent_socket:
+        kernel.add_runtime(PythonRuntime(kernel))
     local = is_local(args.listen)
     if not local and not args.tls_cert and not args.insecure:
         raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "

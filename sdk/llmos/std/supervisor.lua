@@ -34,7 +34,8 @@ local M = {}
 local RESTARTS = {permanent = true, transient = true, temporary = true}
 local STRATEGIES = {one_for_one = true, one_for_all = true, rest_for_one = true}
 local SPAWN_KEYS = {lua = true, python = true, path = true, args = true, name = true, priority = true,
-                    weight = true, limits = true, source_name = true, dead_letter = true, max_attempts = true}
+                    weight = true, limits = true, source_name = true, dead_letter = true, max_attempts = true,
+                    durable = true}
 local OPTIONS = {children = true, strategy = true, intensity = true, period_ms = true, shutdown_ms = true}
 
 local function check(opts)

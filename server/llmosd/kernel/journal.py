@@ -28,7 +28,7 @@ The durability rule (why nothing is done twice):
      append first journals the file's size (an intent entry) and a replay that
      ends on such an intent cuts the file back to it before writing again.
 What is not durable: non-durable processes (children included) and what they
-did, locks held (a replayed process holds none), leases of acknowledged
+did, leases of acknowledged
 receives, infer calls whose result was not journaled yet (they run again).
 """
 from __future__ import annotations
@@ -51,7 +51,13 @@ _MASK = (1 << 64) - 1
 
 # Calls that take or give back a lock: their entries also name the lock (kind, permits), so that a
 # restart can give each durable process the locks it held before anything runs (held_locks).
-LOCK_CALLS = frozenset(("lock_acquire_now", "lock_try", "lock_acquire", "lock_release"))
+# A condition wait is three entries (lua/durable.py): cond_wait (the mutex released, journaled before
+# anyone else can take it), cond_wait.woken (the signal or timeout that chose it, journaled at that
+# moment) and cond_reacquire (its answer, holding the mutex again).
+LOCK_CALLS = frozenset(("lock_acquire_now", "lock_try", "lock_acquire", "lock_release", "cond_wait",
+                        "cond_reacquire"))
+_RELEASES = frozenset(("lock_release", "cond_wait"))  # their answer True: one permit given back
+_BLOCKING_TAKES = frozenset(("lock_acquire", "cond_reacquire"))  # their answer: the program's resume values
 
 
 class Divergence(Exception):
@@ -102,7 +108,8 @@ def _message_fields(m: Message) -> tuple:
 
 def message_row(m: Message) -> tuple[str, tuple]:
     """The op that stores `m` in its durable receiver's mailbox."""
-    return STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms)
+    return STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms,
+                           m.notify_undelivered)
 
 
 class ProcessJournal:
@@ -198,10 +205,10 @@ class Journal:
                 continue
             name, kind, permits = lock
             count = held.get(name, (kind, permits, 0))[2]
-            if call == "lock_release":
+            if call in _RELEASES:
                 if answer is True:
                     count -= 1
-            elif type(answer[0] if call == "lock_acquire" and type(answer) is tuple and answer else answer) is dict:
+            elif type(answer[0] if call in _BLOCKING_TAKES and type(answer) is tuple and answer else answer) is dict:
                 count += 1
             if count > 0:
                 held[name] = (kind, permits, count)

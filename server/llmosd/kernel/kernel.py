@@ -134,10 +134,7 @@ class Kernel:
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
                 self.namespaces.add_locked(proc.namespace, proc.limits)
                 for m in self.store.port_messages(rec.pid):
-                    proc.mailbox.deliver(
-                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
-                        limited=False,
-                    )
+                    proc.mailbox.deliver(_stored_message(m), limited=False)
                 if rec.name:
                     proc.name = rec.name
                     self.names[rec.namespace, rec.name] = rec.pid
@@ -164,10 +161,7 @@ class Kernel:
                 proc.weight, proc.ancestors, proc.started_at_ms = spec["weight"], spec["ancestors"], rec.started_at_ms
                 proc.log_to_server = spec["log_to_server"]
                 for m in self.store.stored_messages(pid):
-                    proc.mailbox.deliver(
-                        Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms),
-                        limited=False,
-                    )
+                    proc.mailbox.deliver(_stored_message(m), limited=False)
                 if rec.name and (proc.namespace, rec.name) not in self.names:
                     proc.name = rec.name
                     self.names[proc.namespace, rec.name] = pid
@@ -253,7 +247,7 @@ class Kernel:
             raise Unimplemented("durable processes are Lua programs (durable Python agents are not supported yet)")
         with self.lock:
             if spec.parent:
-                parent = self.live_locked(spec.parent, "parent")
+                parent = self.live_locked(spec.parent, "parent", caller)
                 self._authorize(caller, "spawn", parent)
                 namespace = parent.namespace
                 if limits is not parent.limits:  # the shared defaults are within themselves
@@ -501,11 +495,12 @@ class Kernel:
                     dst.mailbox.deliver(msg, False)
                 elif dst.kind == P.PORT:
                     # Output commit: the entry and the port's copy in one transaction, before a client
-                    # can read it (a crash between two commits would journal a send the port never got).
-                    self.store.enqueue(ops + [message_row(msg)])
+                    # can see it (a crash between two commits would journal a send the port never got).
+                    # A receive without ack that takes it at once consumes it: not stored, as in _deliver.
+                    consumed = self.acks.consumed_at_once(dst, msg)
+                    self.store.enqueue(ops if consumed else ops + [message_row(msg)])
                     self.store.flush()
-                    if dst.mailbox.deliver(msg, False) and not self.acks.holds(dst.pid, msg.id):
-                        self.store.delete_message(msg.id)  # taken at once by a receive without ack
+                    dst.mailbox.deliver(msg, False)
                 else:
                     self.store.enqueue(ops)
                     self._deliver(dst, msg, False)
@@ -587,6 +582,7 @@ class Kernel:
     def _store_port_message(self, msg: Message, also: Callable[[Any], None] | None = None) -> None:
         self.store.put_message(StoredMessage(
             msg.id, msg.to, msg.sender, msg.tag, msg.body, msg.data, msg.correlation_id, msg.sent_at_ms,
+            msg.notify_undelivered,
         ), also)
 
     def arm_timeout(self, waiter: Waiter, timeout_s: float | None) -> None:
@@ -845,20 +841,24 @@ class Kernel:
     def read_log(self, pid: int, offset: int, caller: Caller | None = None) -> tuple[list[LogLine], int, int, bool]:
         """(lines from `offset` on with their times, next offset, lines dropped before offset,
         whether the process has ended). An ended process's log that memory let go of (or kept
-        from before a restart) is read from the store."""
+        from before a restart) is read from the store; NotFound once the store has let it go too
+        (--log-retention), unlike an empty log."""
         with self.lock:
             proc = self.procs.get(pid)
             if proc is not None:
                 self._authorize(caller, "read_log", proc)
             runtime = proc.runtime if proc is not None else None
         lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
-        if lines is not None:  # kept by its userland (an agent's output file): times unknown
-            return [(0, line) for line in lines[offset:]], len(lines), 0, False
+        if lines is not None:  # kept by its userland (an agent's output file)
+            return lines[offset:], len(lines), 0, False
         rec = self.get(pid, caller, "read_log")[0]
         entries, dropped = list(rec.log or ()), rec.log_dropped
         ended = rec.ended_at_ms is not None
-        if ended and not entries:
-            entries, dropped = self.store.load_log(pid) or ([], dropped)
+        if ended and not entries and (rec.log is None or dropped) and rec.kind != P.PORT:
+            stored = self.store.load_log(pid)
+            if stored is None:
+                raise NotFound(f"pid {pid}'s log is no longer kept (--log-retention {self.store.log_retention})")
+            entries, dropped = stored
         start = max(offset - dropped, 0)
         return entries[start:], dropped + len(entries), max(dropped - offset, 0), ended
 
@@ -935,3 +935,10 @@ def _fits(value: Any, limit: int) -> bool:
     except _lua.TooLarge:
         return False
     return True
+
+
+def _stored_message(m: StoredMessage) -> Message:
+    """A stored mailbox's message as it was sent, its sender's wish for a notice included."""
+    msg = Message(m.id, m.sender, m.port, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms)
+    msg.notify_undelivered = m.notify_undelivered
+    return msg

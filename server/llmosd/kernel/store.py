@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS port_messages (
     body TEXT NOT NULL,
     data BLOB NOT NULL,
     correlation_id TEXT NOT NULL,
-    sent_at_ms INTEGER NOT NULL
+    sent_at_ms INTEGER NOT NULL,
+    notify_undelivered INTEGER NOT NULL DEFAULT 0  -- its sender wants an UNDELIVERED notice (kernel/deadletters.py)
 );
 CREATE INDEX IF NOT EXISTS port_messages_by_port ON port_messages (port, id);
 CREATE TABLE IF NOT EXISTS durable_processes (
@@ -105,6 +106,7 @@ PROCESS_COLUMNS = (
     "pid", "kind", "name", "parent", "namespace", "priority", "weight", "limits", "started_at_ms", "state",
     "exit_reason", "result", "error", "ended_at_ms", "usage", "opener",
 )
+LOGS_KEPT_FROM = "logs_kept_from"  # a row of counters: the oldest pid whose log the last cut kept
 NAME, STATE = PROCESS_COLUMNS.index("name"), PROCESS_COLUMNS.index("state")  # where they are in a row
 ROWS_PER_STATEMENT = 500  # 16 columns each: within SQLite's 32,766 variables
 
@@ -141,6 +143,7 @@ class StoredMessage:
     data: bytes
     correlation_id: str
     sent_at_ms: int
+    notify_undelivered: bool = False
 
 COMMIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -164,6 +167,8 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(processes)")}
         if "opener" not in columns:  # a database from before ports had owners
             self._db.execute("ALTER TABLE processes ADD COLUMN opener TEXT NOT NULL DEFAULT ''")
+        if "notify_undelivered" not in {row[1] for row in self._db.execute("PRAGMA table_info(port_messages)")}:
+            self._db.execute("ALTER TABLE port_messages ADD COLUMN notify_undelivered INTEGER NOT NULL DEFAULT 0")
         self._db_lock = threading.Lock()  # one user of the connection at a time
         # Each transaction's time (a durable write, or a write-behind batch), for /metrics.
         self.commit_seconds = Histogram("llmos_store_commit_seconds", "Time to commit a store transaction",
@@ -287,11 +292,19 @@ class Store:
             self._wake_writer()
 
     def load_log(self, pid: int) -> tuple[list[tuple[int, str]], int] | None:
-        """(lines, dropped before them) of an ended process's stored log; None if none is kept."""
+        """(lines, dropped before them) of an ended process's stored log; ([], 0) if it wrote none
+        (an empty log is not stored); None if the store no longer keeps it (beyond log_retention:
+        pids older than the last cut's, or every pid when it keeps none)."""
         self.flush()
         with self._db_lock:
             row = self._db.execute("SELECT dropped, lines FROM process_logs WHERE pid=?", (pid,)).fetchone()
-        return ([(at, text) for at, text in json.loads(row[1])], row[0]) if row else None
+            cut = None if row else self._db.execute("SELECT next FROM counters WHERE name=?",
+                                                    (LOGS_KEPT_FROM,)).fetchone()
+        if row:
+            return [(at, text) for at, text in json.loads(row[1])], row[0]
+        if self.log_retention <= 0 or (cut is not None and pid < cut[0]):
+            return None
+        return [], 0
 
     def _write_logs(self, logs: dict[int, tuple[int, list[tuple[int, str]]]]) -> None:
         """Part of _apply_pending's transaction: the logs, then the oldest cut beyond log_retention
@@ -302,8 +315,11 @@ class Store:
         self._logs_unpruned += len(logs)
         if self._logs_unpruned > self.log_retention // 10:
             self._logs_unpruned = 0
-            self._db.execute("DELETE FROM process_logs WHERE pid < (SELECT pid FROM process_logs ORDER BY pid DESC"
-                             " LIMIT 1 OFFSET ?)", (self.log_retention - 1,))
+            cut = self._db.execute("SELECT pid FROM process_logs ORDER BY pid DESC LIMIT 1 OFFSET ?",
+                                   (self.log_retention - 1,)).fetchone()
+            if cut is not None:  # remembered: below it, a log that is not here may have been cut (load_log)
+                self._db.execute("DELETE FROM process_logs WHERE pid < ?", cut)
+                self._db.execute("INSERT OR REPLACE INTO counters(name, next) VALUES(?, ?)", (LOGS_KEPT_FROM, cut[0]))
 
     # tokens: only their SHA-256 is kept -------------------------------------------------
     def add_token(self, token_id: str, sha256: str, namespace: str, role: str, label: str) -> None:
@@ -325,7 +341,7 @@ class Store:
         """Store a port's message; `also`, a write that must be in its transaction (an idempotency key)."""
         row = (
             msg.id, msg.port, msg.sender, msg.tag, json.dumps(msg.body), msg.data,
-            msg.correlation_id, msg.sent_at_ms,
+            msg.correlation_id, msg.sent_at_ms, msg.notify_undelivered,
         )
         if also is None:
             self._write_now(_INSERT_MESSAGE, row)
@@ -367,7 +383,7 @@ class Store:
         with self._db_lock:
             rows = self._db.execute("SELECT * FROM port_messages WHERE port=? ORDER BY id", (port,)).fetchall()
         for r in rows:
-            yield StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5]), r[6], r[7])
+            yield StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5]), r[6], r[7], bool(r[8]))
 
     def stored_messages(self, pid: int) -> Iterator[StoredMessage]:
         """A durable process's or a port's stored messages, by id."""
@@ -498,7 +514,7 @@ def _result_json(value: Any) -> str:
     return "null" if value is None else str(value) if type(value) is int else json.dumps(value)
 
 
-_INSERT_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)"
+_INSERT_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?,?)"
 _INSERT_ONE = f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES ({','.join('?' * len(PROCESS_COLUMNS))})"
 
 
@@ -517,7 +533,7 @@ def _update_many(names: tuple[str, ...], n: int) -> str:
 
 
 # The durable writes (kernel/journal.py): a message's copy in a durable mailbox, and its removal.
-STORE_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)"
+STORE_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?,?)"
 DELETE_MESSAGE = "DELETE FROM port_messages WHERE id=?"
 
 

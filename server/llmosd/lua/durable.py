@@ -60,6 +60,8 @@ class DurableLuaProcess(LuaProcess):
         self._sent: tuple | None = None  # a send's journaled answer
         self.call_digest = 0  # the arguments hash of the call being made
         self.call_under_lock: tuple[str, tuple] | None = None  # the call journaled_locked journals
+        self.cond_mutex: str | None = None  # the mutex a condition wait released, until it holds it again
+        self.cond_resume: Any = None  # where a wait replayed to its journal's end goes on (_LIVE: released)
         super().__init__(kernel, proc)
 
     def source(self) -> str:
@@ -167,14 +169,79 @@ class DurableLuaProcess(LuaProcess):
             journal.record(name, args, answer, lock=self.lock_note(name, args) if name in LOCK_CALLS else None)
         return answer
 
-    def journaled_locked(self, answer: Any) -> Any:
+    def journaled_locked(self, answer: Any, effects: list | None = None) -> Any:
         """A durable process's call whose effect other processes see at once (a release, a signal):
         its entry is queued before the kernel lock is let go, so that no entry of theirs that
-        follows from it can come first in the journal (kernel lock held). Returns `answer`."""
+        follows from it can come first in the journal (kernel lock held); `effects`, in its unit
+        (the wakes a signal made). Returns `answer`."""
         call, self.call_under_lock = self.call_under_lock, None
         if call is not None:
-            self.journal.record(call[0], call[1], answer, lock=self.lock_note(*call) if call[0] in LOCK_CALLS else None)
+            self.journal.record(call[0], call[1], answer, effects or (),
+                                lock=self.lock_note(*call) if call[0] in LOCK_CALLS else None)
         return answer
+
+    # -- condition variables: a wait is three entries (kernel/journal.py's LOCK_CALLS) ------------
+    def _cond_wake(self, syscall: str, name: Any, wake: Callable[..., int]) -> int:
+        (text,) = arguments(syscall, name=name)
+        woken: list = []  # durable waiters' wake entries, in the unit of this signal's
+        with self.kernel.lock:
+            return self.journaled_locked(wake(self.proc.namespace, text, woken), woken)
+
+    def replayed_cond_wait(self, call: str, args: tuple) -> Any:
+        """sys.cond.wait's answer from the journal, else _LIVE, with `cond_resume` saying where the
+        live wait starts: None (from the start), _LIVE (released the mutex: waits holding nothing)
+        or the wake's {"signalled", "timed_out"} (woken: takes the mutex again)."""
+        self.cond_resume = None
+        answer = self.replayed(call, args)
+        if answer is not True:  # live, a wait refused at once, or diverged
+            return answer
+        self.cond_mutex = self.cond_wait_args(*args[:3])[1]
+        if self.journal.peek() == "cond_wait.woken":
+            woken = self.replayed("cond_wait.woken", args)
+            if type(woken) is not dict:  # diverged
+                return woken
+            self.cond_resume = woken
+        else:
+            self.cond_resume = _LIVE
+        if not self.journal.replaying:
+            return _LIVE
+        self.cond_resume = None
+        answer = self.replayed("cond_reacquire", args)
+        self.cond_mutex = None
+        return answer
+
+    def cond_wait(self, waiter: Any, args: tuple) -> Any:
+        """sys.cond.wait made live (kernel lock held), from where its journal ended: the answer now,
+        or None with `waiter` registered. The release is journaled before the lock is let go (no
+        one can take the mutex before the journal says it was given back), and the wake when a
+        signal or timeout chooses this waiter (sync.py's on_woken)."""
+        name, lock_name, timeout = self.cond_wait_args(*args[:3])
+        sync, proc, journal = self.kernel.sync, self.proc, self.journal
+        digest = args_hash(args)
+
+        def woken(answer: dict[str, bool], effects: list | None) -> None:
+            ops = journal.entry_ops("cond_wait.woken", digest, answer)
+            if effects is None:
+                journal.store.enqueue(ops)
+            else:
+                effects.extend(ops)
+
+        resume, self.cond_resume = self.cond_resume, None
+        if type(resume) is dict:
+            return sync.cond_reacquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, resume)
+        sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout, woken,
+                       holding=resume is None)
+        if resume is None:
+            journal.record("cond_wait", args, True, lock=(lock_name, "mutex", 1))
+            self.cond_mutex = lock_name
+        return None
+
+    def _journaled_outcome(self, call: str, args: tuple) -> tuple[str, tuple | None]:
+        """The entry name and lock note of a blocking call's answer."""
+        if call == "cond_wait":  # refused before it released anything, or the mutex held again
+            mutex, self.cond_mutex = self.cond_mutex, None
+            return ("cond_wait", None) if mutex is None else ("cond_reacquire", (mutex, "mutex", 1))
+        return call, self.lock_note(call, args) if call in LOCK_CALLS else None
 
     def _append_intent(self, args: tuple) -> int | None:
         """An append's file size before it (-1: no file yet); None for a write that is not an append."""
@@ -225,8 +292,8 @@ class DurableLuaProcess(LuaProcess):
             self.pending_call = None
             # A durable process's message is received once journaled, with ack or without.
             received = value.msg if isinstance(value, Leased) else answer[0] if answer else None
-            self.journal.record(pending[0], pending[1], answer, self.journal.received(received),
-                                lock=self.lock_note(*pending) if pending[0] in LOCK_CALLS else None)
+            call, lock = self._journaled_outcome(*pending)
+            self.journal.record(call, pending[1], answer, self.journal.received(received), lock=lock)
         return answer
 
 

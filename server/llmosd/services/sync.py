@@ -51,6 +51,10 @@ locks and, like them, existing only while someone waits:
   program re-checks its predicate in a loop, as with any condition variable.
 - While a condition has waiters, they all wait with the same mutex: waiting on
   it with another is FailedPrecondition.
+- A durable process's wait is journaled (lua/durable.py): `on_woken` tells it,
+  under the kernel lock, the moment a signal or its timeout chooses it, so that
+  its journal has the wake before anything that follows from it; a signaller
+  passes `effects` to take the wake's journal ops into its own entry's unit.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ import bisect
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..api import checks as C
 from ..api.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -70,20 +74,24 @@ MAX_PERMITS = 1_000_000
 MAX_HELD_PER_PROCESS = 10_000  # permits one pid may hold at once, all locks together
 
 Key = tuple[str, str]  # (namespace, name)
+# A durable waiter's wake (a condition's): called with {"signalled", "timed_out"} and the list a
+# signaller gathers the journal ops of the wakes it made into (None: the waiter's own unit).
+OnWoken = Callable[[dict[str, bool], "list | None"], None]
 
 
 class _Entry:
     """A queued acquire, or a condition's waiter. Compared by identity, ordered by `order`."""
 
-    __slots__ = ("waiter", "pid", "key", "order", "answer")
+    __slots__ = ("waiter", "pid", "key", "order", "answer", "on_woken")
 
     def __init__(self, waiter: Waiter, pid: int, key: Key, order: tuple[int, int],
-                 answer: dict[str, Any] | None = None) -> None:
+                 answer: dict[str, Any] | None = None, on_woken: OnWoken | None = None) -> None:
         self.waiter = waiter
         self.pid = pid
         self.key = key  # the lock's (for a condition's waiter: the condition's)
         self.order = order  # (-priority, arrival): the smallest is served first
         self.answer = answer  # what the waiter is told once it holds the lock (None: {"acquired": True})
+        self.on_woken = on_woken  # a condition's durable waiter's: its wake, journaled
 
 
 def _order(entry: _Entry) -> tuple[int, int]:
@@ -208,10 +216,12 @@ class SyncTable:
 
     # -- condition variables ----------------------------------------------------------------
     def cond_wait(self, namespace: str, name: str, lock_name: str, pid: int, priority: int, waiter: Waiter,
-                  timeout_s: float | None) -> None:
+                  timeout_s: float | None, on_woken: OnWoken | None = None, holding: bool = True) -> None:
         """Release the mutex `lock_name` that `pid` holds and queue `waiter` on the condition
         `name`, atomically. The waiter is completed once it holds the mutex again, with
-        {"signalled": bool, "timed_out": bool} (see the module's docstring)."""
+        {"signalled": bool, "timed_out": bool} (see the module's docstring). `holding` False: a
+        durable process replayed to a wait that had released the mutex before a restart, which
+        waits again holding nothing."""
         if timeout_s is not None and not timeout_s >= 0:
             raise InvalidArgument("timeout must be a non-negative number of seconds")
         if type(priority) is not int:
@@ -220,9 +230,9 @@ class SyncTable:
         C.name(lock_name, "lock name")
         lock_key, key = (namespace, lock_name), (namespace, name)
         lock = self._locks.get(lock_key)
-        if lock is None or pid not in lock.holders:
+        if holding and (lock is None or pid not in lock.holders):
             raise FailedPrecondition(f"pid {pid} does not hold the lock {lock_name!r} it would wait with")
-        if lock.kind != MUTEX:
+        if lock is not None and lock.kind != MUTEX:
             raise FailedPrecondition(f"{lock_name!r} is a {lock.kind}; a condition waits with a mutex")
         cond = self._conds.get(key)
         if cond is None:
@@ -231,23 +241,31 @@ class SyncTable:
         elif cond.lock != lock_name:
             raise FailedPrecondition(
                 f"the waiters of condition {name!r} wait with the lock {cond.lock!r}, not {lock_name!r}")
-        entry = _Entry(waiter, pid, key, (-priority, next(self._arrivals)))
+        entry = _Entry(waiter, pid, key, (-priority, next(self._arrivals)), on_woken=on_woken)
         self._waiting.setdefault(pid, set()).add(entry)
         waiter.register(cond.queue, entry)
-        self.release(namespace, lock_name, pid)
+        if holding:
+            self.release(namespace, lock_name, pid)
         if timeout_s is not None:
             waiter.timer = cond.timers[entry] = self._timers.call_later(
                 timeout_s, lambda: self._cond_timed_out(cond, entry))
 
-    def cond_signal(self, namespace: str, name: str) -> int:
-        """Wake the best waiter of the condition `name`: how many were woken (0 or 1)."""
-        return self._wake_cond(namespace, name, 1)
+    def cond_signal(self, namespace: str, name: str, effects: list | None = None) -> int:
+        """Wake the best waiter of the condition `name`: how many were woken (0 or 1). `effects`:
+        where durable waiters' wakes put their journal ops (a durable signaller's unit)."""
+        return self._wake_cond(namespace, name, 1, effects)
 
-    def cond_broadcast(self, namespace: str, name: str) -> int:
+    def cond_broadcast(self, namespace: str, name: str, effects: list | None = None) -> int:
         """Wake every waiter of the condition `name`, best first: how many were woken."""
-        return self._wake_cond(namespace, name, None)
+        return self._wake_cond(namespace, name, None, effects)
 
-    def _wake_cond(self, namespace: str, name: str, count: int | None) -> int:
+    def cond_reacquire(self, namespace: str, lock_name: str, pid: int, priority: int, waiter: Waiter,
+                       answer: dict[str, bool]) -> dict[str, Any] | None:
+        """A durable process replayed to a wait that was woken before a restart: queue `waiter` for
+        the mutex; `answer` (and previous_holder_died) once it holds it, now or later (None)."""
+        return self._queue_for_mutex(namespace, lock_name, pid, -priority, waiter, answer)
+
+    def _wake_cond(self, namespace: str, name: str, count: int | None, effects: list | None) -> int:
         C.name(name, "condition name")
         cond = self._conds.get((namespace, name))
         woken = 0
@@ -259,34 +277,43 @@ class SyncTable:
             timer = cond.timers.pop(entry, None)
             if timer is not None:
                 timer.cancel()
-            self._reacquire(cond, entry, signalled=True)
+            self._reacquire(cond, entry, True, effects)
             woken += 1
         return woken
 
     def _cond_timed_out(self, cond: _Cond, entry: _Entry) -> None:
         with self._lock:
             if cond.timers.pop(entry, None) is not None and entry.waiter.queue is cond.queue:
-                self._reacquire(cond, entry, signalled=False)
+                self._reacquire(cond, entry, False, None)
 
-    def _reacquire(self, cond: _Cond, entry: _Entry, signalled: bool) -> None:
+    def _reacquire(self, cond: _Cond, entry: _Entry, signalled: bool, effects: list | None) -> None:
         """Move a condition's waiter to its mutex: it is completed once it holds it."""
-        waiter, namespace = entry.waiter, entry.key[0]
+        waiter = entry.waiter
         waiter.leave()
         waiter.timer = None  # it waits for the mutex without limit, as pthread_cond_timedwait does
         answer = {"signalled": signalled, "timed_out": not signalled}
+        if entry.on_woken is not None:
+            entry.on_woken(answer, effects)
+        answer = self._queue_for_mutex(entry.key[0], cond.lock, entry.pid, entry.order[0], waiter, answer)
+        if answer is not None:
+            waiter.complete(answer)
+
+    def _queue_for_mutex(self, namespace: str, lock_name: str, pid: int, rank: int, waiter: Waiter,
+                         answer: dict[str, Any]) -> Any:
+        """Grant the mutex to a woken waiter now (its answer, or the error that it cannot be had), or
+        queue `waiter` for it with `answer` (None)."""
         try:
-            key, lock = self._lock_for(namespace, cond.lock, MUTEX, 1)
+            key, lock = self._lock_for(namespace, lock_name, MUTEX, 1)
         except FailedPrecondition as e:  # the name became a semaphore's meanwhile
-            waiter.complete(e)
-            return
+            return e
         if lock.available:
             lock.available -= 1
-            self._grant(key, lock, entry.pid)
-            waiter.complete(answer)
-            return
-        queued = _Entry(waiter, entry.pid, key, (entry.order[0], next(self._arrivals)), answer)
-        self._waiting.setdefault(entry.pid, set()).add(queued)
+            self._grant(key, lock, pid)
+            return answer
+        queued = _Entry(waiter, pid, key, (rank, next(self._arrivals)), answer)
+        self._waiting.setdefault(pid, set()).add(queued)
         waiter.register(lock.queue, queued)
+        return None
 
     # -- inside -----------------------------------------------------------------------------
     def _lock_for(self, namespace: str, name: str, kind: str, permits: int) -> tuple[Key, _Lock]:
