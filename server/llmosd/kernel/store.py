@@ -182,7 +182,7 @@ class Store:
         # kernel never waits while a batch is being written.
         self._pending: dict[int, list[Any]] = {}
         self._pending_updates: dict[int, dict[str, Any]] = {}
-        self._ordered: list[tuple[str, tuple]] = []  # durable writes, in the order they must be applied
+        self._ordered: list[tuple[str, Any]] = []  # durable writes, in the order they must be applied
         self._pending_writes: list[Callable[[sqlite3.Connection], None]] = []  # write_later's
         self._pending_logs: dict[int, tuple[int, list[tuple[int, str]]]] = {}  # pid -> (dropped, lines)
         self.log_retention = log_retention
@@ -374,7 +374,7 @@ class Store:
         return self.port_messages(pid)
 
     # durable processes (kernel/journal.py) -------------------------------------------------
-    def enqueue(self, ops: list[tuple[str, tuple]]) -> None:
+    def enqueue(self, ops: list[tuple[str, Any]]) -> None:
         """Queue writes of durable state, applied in order with the next batch, all of `ops` in one transaction."""
         with self._pending_lock:
             self._ordered.extend(ops)
@@ -516,26 +516,34 @@ def _update_many(names: tuple[str, ...], n: int) -> str:
             " WHERE processes.pid=v.column1")
 
 
-# The durable writes (kernel/journal.py): a message's copy in a durable mailbox, and its removal.
+# The durable writes (kernel/journal.py): a message's copy in a durable mailbox, and its removal
+# (params: (id,)). A copy's params are the message itself (a Message, or anything with its fields):
+# the writer makes its row, off the kernel lock, and only if its batch does not remove it again.
 STORE_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?)"
 DELETE_MESSAGE = "DELETE FROM port_messages WHERE id=?"
 
 
-def _durable_batch(ordered: list[tuple[str, tuple]]) -> list[tuple[str, list[tuple]]]:
+def _message_params(m: Any) -> tuple:
+    return m.id, m.to, m.sender, m.tag, _result_json(m.body), m.data, m.correlation_id, m.sent_at_ms
+
+
+def _durable_batch(ordered: list[tuple[str, Any]]) -> list[tuple[str, list[tuple]]]:
     """A batch of the ordered queue as a few executemany calls with the same end state in its
     transaction: a message whose last op in the batch removes it is not stored first (durable
     processes hand most messages over at once), and the statements run inserts first (each row
     is inserted once), then removals of messages by id, then the rest (removals of whole
     processes' rows, which come after anything else of theirs)."""
-    last: dict[int, tuple[str, tuple]] = {}  # message id -> its last op in the batch
+    last: dict[int, tuple[str, Any]] = {}  # message id -> its last op in the batch
     by_sql: dict[str, list[tuple]] = {}
     for sql, params in ordered:
-        if sql is STORE_MESSAGE or sql is DELETE_MESSAGE:
+        if sql is STORE_MESSAGE:
+            last[params.id] = (sql, params)
+        elif sql is DELETE_MESSAGE:
             last[params[0]] = (sql, params)
         else:
             by_sql.setdefault(sql, []).append(params)
     for sql, params in last.values():
-        by_sql.setdefault(sql, []).append(params)
+        by_sql.setdefault(sql, []).append(_message_params(params) if sql is STORE_MESSAGE else params)
     return sorted(by_sql.items(), key=lambda item: 0 if item[0].startswith("INSERT") else
                   1 if item[0] is DELETE_MESSAGE else 2)
 
