@@ -204,10 +204,6 @@ class Acks:
         """How many messages `pid` holds leased."""
         return len(self._leases.get(pid, ()))
 
-    def holds(self, pid: int, message_id: int) -> bool:
-        """Whether `pid` holds the message leased."""
-        return message_id in self._leases.get(pid, ())
-
     # -- inside -----------------------------------------------------------------------------
     def _take_lease(self, pid: int, message_id: int, what: str) -> _Lease:
         leases = self._leases.get(pid)

@@ -504,8 +504,10 @@ class Kernel:
                     # can read it (a crash between two commits would journal a send the port never got).
                     self.store.enqueue(ops + [message_row(msg)])
                     self.store.flush()
-                    if dst.mailbox.deliver(msg, False) and not self.acks.holds(dst.pid, msg.id):
-                        self.store.delete_message(msg.id)  # taken at once by a receive without ack
+                    taker = next((waiter for waiter, match in dst.mailbox.receivers if match.accepts(msg)), None)
+                    if isinstance(taker, Waiter):  # a receive without ack (one with ack leases it) takes it at once:
+                        self.store.delete_message(msg.id)  # out of the store before its client can have it
+                    dst.mailbox.deliver(msg, False)
                 else:
                     self.store.enqueue(ops)
                     self._deliver(dst, msg, False)
