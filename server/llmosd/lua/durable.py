@@ -80,7 +80,8 @@ class DurableLuaProcess(LuaProcess):
         except Divergence as e:
             self.proc.kill_reason = REPLAY_DIVERGENCE  # ends it at its next check or blocking call
             return None, str(e).encode()
-        self.state.journal_live = not journal.replaying
+        if not journal.replaying:
+            self.state.journal_live = True  # its replay is over: the C side sends and receives from here
         return answer
 
     def lock_note(self, call: str, args: tuple) -> tuple | None:
