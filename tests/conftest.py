@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 
+import llmos
 from llmosd_process import LlmosdServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -41,3 +42,10 @@ def stub(llmosd: LlmosdServer) -> Iterator:
 
     with llmosd.channel() as channel:
         yield kernel_pb2_grpc.KernelStub(channel)
+
+
+@pytest.fixture(scope="module")
+def client(server: LlmosdServer) -> Iterator[llmos.Client]:
+    """An SDK client of the module's own `server` fixture (a module that has one)."""
+    with llmos.Client(server.target) as c:
+        yield c

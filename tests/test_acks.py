@@ -15,6 +15,7 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
 from llmosd_process import LlmosdServer
+from statuses import code_of
 
 WAIT_MS = 60_000  # generous bound for anything here to happen
 
@@ -35,12 +36,6 @@ def recv(stub: Any, pid: int, timeout_ms: int = WAIT_MS, **fields: Any) -> pb.Me
     reply = stub.Recv(pb.RecvRequest(pid=pid, timeout_ms=timeout_ms, **fields), timeout=WAIT_MS / 1000 + 5)
     assert not reply.timed_out, f"nothing for {pid}"
     return reply.message
-
-
-def code_of(call: Any, *args: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        call(*args)
-    return err.value.code()
 
 
 def bodies_left(stub: Any, port: int) -> list[Any]:

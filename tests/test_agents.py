@@ -27,6 +27,7 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
 from llmosd_process import LlmosdServer
+from statuses import status_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USERLAND = ROOT / "userland"
@@ -50,12 +51,6 @@ def chat(messages: list[dict[str, str]]) -> list[pb.ChatMessage]:
 
 def tool_pb(tool: dict[str, Any]) -> pb.Tool:
     return pb.Tool(name=tool["name"], description=tool["description"], parameters=to_value(tool["parameters"]))
-
-
-def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 def run_lua(stub: Any, source: str, **kw: Any) -> pb.ProcessInfo:

@@ -1,18 +1,20 @@
 """Authority (issue 14) through a real llmosd over real gRPC: tokens, namespaces, and the rules
 between processes (docs/authority.md), for clients of every role, Lua processes and Python agents.
 
+The isolation matrix over every syscall of the table is tests/test_authority_matrix.py; here are
+the attacks of the issue, each a regression, tokens, TLS, the audit log and namespaces' quotas.
+
 The world: namespace "alpha" (owner, reader and a second owner token), namespace "beta" (owner),
 the admin token llmosd wrote on first start (namespace "default"), and clients without a token
 (single-user mode: the owner of "default"). In alpha, an owner spawns `sibling` (a Lua process
-that only waits), and two actors, one Lua and one Python, each with a child; the actors apply a
-syscall to a target when asked and answer with the status (OK or a code name). In beta, `foreign`.
+that only waits), and a Python agent with a child, which applies an attack to a target when asked
+and answers with the status (OK or a code name). In beta, `foreign`.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import re
 import signal
 import stat
 import subprocess
@@ -33,41 +35,11 @@ USERLAND = ROOT / "userland"
 WAIT_S = 30
 FOREVER = "while true do sys.recv() end"
 
-# The Lua actor: spawns a child, then applies {op, target} to the target and answers
-# "OK" or the error text, which the test maps to a status code (Lua errors are plain text).
-LUA_ACTOR = """
-local child = sys.spawn{lua = "sys.recv()"}
-local ops = {
-  kill = function(t) return sys.kill(t) end,
-  set_priority = function(t) return sys.set_priority(t, 0) end,
-  info = function(t) return sys.info(t) end,
-  monitor = function(t) return sys.monitor(t) end,
-  send = function(t) return sys.send(t, "hi", {tag = "hi"}) end,
-  wait = function(t) return sys.wait(t, 0) end,
-}
-while true do
-  local m = sys.recv()
-  if m.tag == "child" then
-    sys.send(m.from, child, {tag = "child"})
-  elseif m.tag == "op" then
-    local fn = ops[m.body.op]
-    local ok, err = pcall(fn, m.body.target)
-    sys.send(m.from, ok and "OK" or tostring(err), {tag = "r"})
-  end
-end
-"""
-
 PY_ACTOR = """
 import llmos
 from llmos.userland import sys
 child = sys.spawn(python="from llmos.userland import sys\\nsys.recv()")
 ops = {
-    "kill": lambda t: sys.kill(t),
-    "set_priority": lambda t: sys.set_priority(t, 0),
-    "info": lambda t: sys.info(t),
-    "monitor": lambda t: sys.monitor(t),
-    "send": lambda t: sys.send(t, "hi", tag="hi"),
-    "wait": lambda t: sys.wait(t, 0),
     # what a hostile agent can do with its own token on the agent socket, past llmos.userland:
     "read_log": lambda t: sys._k.read_log(t),
     "forge_from": lambda t: sys._k.send(t, "forged", sender=t),
@@ -82,7 +54,7 @@ while True:
     if m.tag == "child":
         sys.send(m.sender, child, tag="child")
         continue
-    if m.tag != "op":  # EXIT notices of what it monitors
+    if m.tag != "op":
         continue
     try:
         ops[m.body["op"]](m.body["target"])
@@ -91,9 +63,6 @@ while True:
         out = e.code.name
     sys.send(m.sender, out, tag="r")
 """
-
-# What a Lua process's error text says, by status code (the bridge gives the kernel's message).
-LUA_TEXT = {"NOT_FOUND": r"no process with pid", "PERMISSION_DENIED": r"acts only on itself"}
 
 
 @pytest.fixture(scope="module")
@@ -132,29 +101,22 @@ class World:
         self.sibling = owner.spawn(lua=FOREVER)
         self.foreign = self.c["other"].spawn(lua=FOREVER)
         self.port = owner.open_port()
-        self.actors = {"lua": owner.spawn(lua=LUA_ACTOR), "python": owner.spawn(python=PY_ACTOR)}
-        self.children = {kind: self.ask_child(pid) for kind, pid in self.actors.items()}
+        self.agent = owner.spawn(python=PY_ACTOR)
+        self.child = self.ask_child()
 
-    def ask_child(self, actor: int) -> int:
+    def ask_child(self) -> int:
         owner = self.c["owner"]
-        owner.send(actor, None, sender=self.port, tag="child")
+        owner.send(self.agent, None, sender=self.port, tag="child")
         return owner.recv(self.port, tag="child", timeout=WAIT_S).body
 
-    def ask(self, kind: str, op: str, target: int) -> str:
-        """What actor `kind` got applying `op` to `target`: OK or a status code's name."""
+    def ask(self, op: str, target: int) -> str:
+        """What the agent got applying `op` to `target`: OK or a status code's name."""
         owner = self.c["owner"]
-        owner.send(self.actors[kind], {"op": op, "target": target}, sender=self.port, tag="op")
-        answer = owner.recv(self.port, tag="r", timeout=WAIT_S).body
-        if kind == "python" or answer == "OK":
-            return answer
-        for code, pattern in LUA_TEXT.items():
-            if re.search(pattern, answer):
-                return code
-        return answer
+        owner.send(self.agent, {"op": op, "target": target}, sender=self.port, tag="op")
+        return owner.recv(self.port, tag="r", timeout=WAIT_S).body
 
-    def target(self, kind: str, which: str) -> int:
-        return {"self": self.actors[kind], "child": self.children[kind], "sibling": self.sibling,
-                "foreign": self.foreign}[which]
+    def target(self, which: str) -> int:
+        return {"self": self.agent, "child": self.child, "sibling": self.sibling, "foreign": self.foreign}[which]
 
 
 @pytest.fixture(scope="module")
@@ -163,35 +125,6 @@ def world(server: LlmosdServer) -> Iterator[World]:
     yield w
     for client in w.c.values():
         client.close()
-
-
-# -- the rules between processes: Lua processes and Python agents alike ----------------------------
-PROCESS_MATRIX = [
-    # (op, target, expected)
-    ("set_priority", "self", "OK"),
-    ("set_priority", "child", "OK"),
-    ("set_priority", "sibling", "PERMISSION_DENIED"),
-    ("set_priority", "foreign", "NOT_FOUND"),
-    ("info", "child", "OK"),
-    ("info", "sibling", "OK"),
-    ("info", "foreign", "NOT_FOUND"),
-    ("send", "sibling", "OK"),
-    ("send", "foreign", "NOT_FOUND"),
-    ("monitor", "sibling", "OK"),
-    ("monitor", "foreign", "NOT_FOUND"),
-    ("wait", "sibling", "OK"),
-    ("wait", "foreign", "NOT_FOUND"),
-    ("kill", "sibling", "PERMISSION_DENIED"),
-    ("kill", "foreign", "NOT_FOUND"),
-    ("kill", "child", "OK"),  # last: the child is gone after it
-]
-
-
-@pytest.mark.parametrize("kind", ["lua", "python"])
-def test_process_matrix(world: World, kind: str) -> None:
-    got = [(op, which, world.ask(kind, op, world.target(kind, which))) for op, which, _ in PROCESS_MATRIX]
-    assert got == [(op, which, want) for op, which, want in PROCESS_MATRIX]
-    assert world.c["owner"].get(world.sibling).state != "KILLED"
 
 
 PYTHON_ATTACKS = [
@@ -209,44 +142,7 @@ PYTHON_ATTACKS = [
 
 @pytest.mark.parametrize("op,which,want", PYTHON_ATTACKS)
 def test_a_python_agent_past_its_library(world: World, op: str, which: str, want: str) -> None:
-    assert world.ask("python", op, world.target("python", which)) == want
-
-
-# -- clients: each role against its namespace's processes and another's -----------------------------
-CLIENT_CALLS: dict[str, Callable[[llmos.Client, int], Any]] = {
-    "GetProcess": lambda c, pid: c.get(pid),
-    "ReadLog": lambda c, pid: c.read_log(pid),
-    "Wait": lambda c, pid: c.wait(pid, timeout=0),
-    "SetPriority": lambda c, pid: c.set_priority(pid, 0),
-    "Monitor": lambda c, pid: c.monitor(pid, pid),
-    "Send": lambda c, pid: c.send(pid, "hi"),
-    "Register": lambda c, pid: c.register(pid, f"name-{pid}"),
-    "Spawn": lambda c, pid: c.spawn(lua="return 1", parent=pid),
-    "Acquire": lambda c, pid: c.acquire(pid, "client-lock", timeout=0),
-    "Release": lambda c, pid: c.release(pid, "client-lock"),
-    "Recv": lambda c, pid: c.recv(pid, timeout=0),
-}
-READS = {"GetProcess", "ReadLog"}
-
-
-def _client_expected(role: str, method: str, where: str) -> str:
-    if role == "reader" and method not in READS:
-        return "PERMISSION_DENIED"
-    if where == "alpha" and role in ("none", "other"):
-        return "NOT_FOUND"  # another namespace's pid does not exist for them
-    if method == "Recv":
-        return "PERMISSION_DENIED"  # a process's mailbox is its own, whoever the client is
-    return "OK"
-
-
-@pytest.mark.parametrize("role", ["admin", "owner", "reader", "none", "other"])
-def test_client_matrix(world: World, role: str) -> None:
-    client = world.c[role]
-    target = world.c["owner"].spawn(lua=FOREVER)
-    got = {m: _code(lambda: fn(client, target)) for m, fn in CLIENT_CALLS.items()}
-    assert got == {m: _client_expected(role, m, "alpha") for m in CLIENT_CALLS}
-    kill = _code(lambda: client.kill(target))
-    assert kill == ("PERMISSION_DENIED" if role == "reader" else "NOT_FOUND" if role in ("none", "other") else "OK")
+    assert world.ask(op, world.target(which)) == want
 
 
 def test_lists_and_events_show_only_the_namespace(world: World) -> None:
@@ -329,39 +225,10 @@ def test_files_and_locks_are_per_namespace(world: World) -> None:
     assert other.acquire(b, "shared-name", timeout=0)  # a different lock: another namespace's
 
 
-def test_acks_conditions_and_contexts_follow_the_rules(world: World, server: LlmosdServer) -> None:
-    """The syscalls that came with acknowledged delivery, condition variables and conversation
-    contexts carry the table's rules too: another namespace's pid does not exist for them, and a
-    dead-letter target must live in the new process's namespace."""
-    owner, other = world.c["owner"], world.c["other"]
-    with grpc.insecure_channel(server.target) as channel:
-        stub = kernel_pb2_grpc.KernelStub(channel)
-        auth = (("authorization", f"Bearer {world.tokens['other']}"),)
-        calls = {
-            "Recv": lambda: stub.Recv(pb.RecvRequest(pid=world.sibling, ack=True, timeout_ms=0), metadata=auth),
-            "Ack": lambda: stub.Ack(pb.AckRequest(pid=world.sibling, message_id=1), metadata=auth),
-            "Nack": lambda: stub.Nack(pb.AckRequest(pid=world.sibling, message_id=1), metadata=auth),
-            "CondWait": lambda: stub.CondWait(pb.CondWaitRequest(pid=world.sibling, name="c", lock="m",
-                                                                 timeout_ms=0), metadata=auth),
-            "CondSignal": lambda: stub.CondSignal(pb.CondSignalRequest(pid=world.sibling, name="c"), metadata=auth),
-            "CondBroadcast": lambda: stub.CondBroadcast(pb.CondSignalRequest(pid=world.sibling, name="c"),
-                                                        metadata=auth),
-            "CreateContext": lambda: stub.CreateContext(pb.CreateContextRequest(pid=world.sibling), metadata=auth),
-            "ForkContext": lambda: stub.ForkContext(pb.ForkContextRequest(pid=world.sibling, context_id=1),
-                                                    metadata=auth),
-            "DropContext": lambda: stub.DropContext(pb.DropContextRequest(pid=world.sibling, context_id=1),
-                                                    metadata=auth),
-        }
-        for name, call in calls.items():
-            with pytest.raises(grpc.RpcError) as e:
-                call()
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND, name
-    # The same namespace's client may not take from a process's mailbox, leased or not.
-    assert _code(lambda: owner.recv(world.sibling, timeout=0, ack=True)) == "PERMISSION_DENIED"
-    assert _code(lambda: other.spawn(lua=FOREVER, dead_letter=world.sibling)) == "NOT_FOUND"
-    assert _code(lambda: other.open_port(dead_letter=world.sibling)) == "NOT_FOUND"
-    catcher = other.open_port()
-    other.kill(other.spawn(lua=FOREVER, dead_letter=catcher))
+def test_a_client_takes_no_leased_message_from_a_process(world: World) -> None:
+    """A process's mailbox is its own, leased or not (the matrix's clients receive from ports)."""
+    assert _code(lambda: world.c["owner"].recv(world.sibling, timeout=0, ack=True)) == "PERMISSION_DENIED"
+    assert _code(lambda: world.c["other"].recv(world.sibling, timeout=0, ack=True)) == "NOT_FOUND"
 
 
 def test_lua_spawns_in_its_own_namespace(world: World) -> None:

@@ -21,6 +21,7 @@ from llmos import cli
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmosd_process import LlmosdServer
+from statuses import code_of
 
 WAIT_S = 60.0  # generous bound for anything here to happen
 
@@ -29,12 +30,6 @@ WAIT_S = 60.0  # generous bound for anything here to happen
 def k(llmosd: LlmosdServer) -> Any:
     with llmos.Client(llmosd.target) as client:
         yield client
-
-
-def code_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.StatusCode:
-    with pytest.raises(llmos.LlmosError) as err:
-        call(*args, **kwargs)
-    return err.value.code
 
 
 def until(what: Callable[[], Any], why: str) -> Any:

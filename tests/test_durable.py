@@ -139,19 +139,22 @@ class Handed(Waiter):
         self.got.append(value)
 
 
-@pytest.mark.parametrize("waiting_receiver", [False, True])
+@pytest.mark.parametrize("receiver", ["none", "without_ack", "with_ack"])
 def test_a_durable_send_to_a_port_is_stored_in_the_transaction_of_its_journal_entry(
-        tmp_path: pathlib.Path, waiting_receiver: bool) -> None:
+        tmp_path: pathlib.Path, receiver: str) -> None:
     """The crash window of an output commit, made certain: the server dies right after the commit
     that journals a durable process's send to a port. The port's copy must be in that commit, or
-    the replay answers the send from the journal and the port never gets the message (a waiting
-    receiver is handed it once the commit is made: a crash before that leaves it stored)."""
+    the replay answers the send from the journal and the port never gets the message. A receive
+    without ack waiting for it consumes it as it is handed over (at most once): never stored."""
     kernel = Kernel(KernelConfig(data_dir=str(tmp_path)))
     try:
         port, _ = kernel.open_port()
-        receiver = Handed()
-        if waiting_receiver:
-            assert kernel.recv(port, ANY, receiver, None) is None
+        waiter = Handed()
+        if receiver == "without_ack":
+            assert kernel.recv(port, ANY, waiter, None) is None
+        elif receiver == "with_ack":
+            with kernel.lock:
+                assert kernel.acks.recv_locked(kernel.procs[port], ANY, waiter, None, 60.0) is None
         journal = ProcessJournal(4242, kernel.store, seed=1)
         flush = kernel.store.flush
 
@@ -159,21 +162,23 @@ def test_a_durable_send_to_a_port_is_stored_in_the_transaction_of_its_journal_en
             flush()
             raise Killed
 
+        def stored() -> list[str]:  # what a restart would find
+            with sqlite3.connect(kernel.store.path) as db:
+                return [body for body, in db.execute("SELECT body FROM port_messages WHERE port=? ORDER BY id",
+                                                     (port,))]
+
         kernel.store.flush = flush_then_die  # type: ignore[method-assign]
         with pytest.raises(Killed):
             kernel.send(0, port, "item", "b", b"", "", on_sent=lambda msg: journal.entry_ops("send", 0, msg.id))
         kernel.store.flush = flush  # type: ignore[method-assign]
-        with sqlite3.connect(kernel.store.path) as db:  # what a restart would find
-            sends = db.execute("SELECT COUNT(*) FROM journal WHERE pid=4242 AND call='send'").fetchone()[0]
-            stored = db.execute("SELECT body FROM port_messages WHERE port=?", (port,)).fetchall()
-        assert sends == 1
-        assert stored == [('"b"',)] and receiver.got == []
-        kernel.send(0, port, "item", "c", b"", "", on_sent=lambda msg: journal.entry_ops("send", 1, msg.id))
         with sqlite3.connect(kernel.store.path) as db:
-            stored = db.execute("SELECT body FROM port_messages WHERE port=? ORDER BY id", (port,)).fetchall()
-        # With a receiver waiting, "b" stays stored (it is handed over after a restart), "c" is taken at once.
-        assert stored == [('"b"',)] if waiting_receiver else [('"b"',), ('"c"',)]
-        assert [m.body for m in receiver.got] == (["c"] if waiting_receiver else [])
+            assert db.execute("SELECT COUNT(*) FROM journal WHERE pid=4242 AND call='send'").fetchone()[0] == 1
+        assert stored() == ([] if receiver == "without_ack" else ['"b"']) and waiter.got == []
+        # Uncrashed: the waiting receiver (still there: "b" never reached it) is handed "c".
+        kernel.send(0, port, "item", "c", b"", "", on_sent=lambda msg: journal.entry_ops("send", 1, msg.id))
+        assert stored() == ([] if receiver == "without_ack" else ['"b"', '"c"'])
+        got = [getattr(value, "msg", value).body for value in waiter.got]  # a lease holds its message
+        assert got == ([] if receiver == "none" else ["c"])
     finally:
         kernel.shutdown()
 

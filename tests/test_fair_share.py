@@ -11,13 +11,14 @@ import random
 import signal
 import time
 
+import grpc
 import pytest
 
 import llmos
 from llmosd.kernel.process import DEFAULT_WEIGHT
 from llmosd.kernel.scheduler import NAMESPACE_AGING, RunQueue
 from llmosd_process import LlmosdServer
-from test_quotas import _code
+from statuses import code_of
 
 QUANTUM = 10_000_000
 AGING = 200_000_000
@@ -169,12 +170,12 @@ def test_only_admins_set_weights_and_every_caller_sees_its_own(server: LlmosdSer
             assert admin.set_namespace("weighed", weight=250)["weight"] == 250
             assert admin.set_namespace("weighed")["weight"] == 250  # 0: unchanged
             assert reader.get_namespace()["weight"] == 250
-            assert _code(lambda: owner.set_namespace("weighed", weight=500)) == "PERMISSION_DENIED"
-            assert _code(lambda: reader.set_namespace("weighed", weight=500)) == "PERMISSION_DENIED"
+            assert code_of(lambda: owner.set_namespace("weighed", weight=500)) == grpc.StatusCode.PERMISSION_DENIED
+            assert code_of(lambda: reader.set_namespace("weighed", weight=500)) == grpc.StatusCode.PERMISSION_DENIED
             for bad in (10_001, 2**32 - 1):
-                assert _code(lambda: admin.set_namespace("weighed", weight=bad)) == "INVALID_ARGUMENT"
+                assert code_of(lambda: admin.set_namespace("weighed", weight=bad)) == grpc.StatusCode.INVALID_ARGUMENT
             for bad_name in ("", "a\nb", "x" * 257):
-                assert _code(lambda: admin.set_namespace(bad_name, weight=5)) == "INVALID_ARGUMENT"
+                assert code_of(lambda: admin.set_namespace(bad_name, weight=5)) == grpc.StatusCode.INVALID_ARGUMENT
             assert owner.get_namespace()["weight"] == 250
         finally:
             owner.close()

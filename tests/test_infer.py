@@ -15,6 +15,7 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
 from llmosd_process import LlmosdServer
+from statuses import code_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 USERLAND = ROOT / "userland"
@@ -37,12 +38,6 @@ def infer(stub: Any, **kw: Any) -> list[pb.InferChunk]:
 def run_lua(stub: Any, source: str, args: Any = None, **kw: Any) -> pb.ProcessInfo:
     pid = stub.Spawn(pb.SpawnRequest(lua=source, args=to_value(args), **kw)).pid
     return stub.Wait(pb.WaitRequest(pid=pid, timeout_ms=120_000)).process
-
-
-def code_of(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code()
 
 
 @pytest.fixture(scope="module")

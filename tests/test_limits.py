@@ -21,6 +21,7 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 from llmosd_process import LlmosdServer
 from llmosd.native import _lua
+from statuses import code_of
 
 MiB = 1 << 20
 WAIT_MS = 30_000
@@ -36,12 +37,6 @@ def run(stub: Any, lua: str, args: Any = None, **spawn: Any) -> pb.ProcessInfo:
 def result(info: pb.ProcessInfo) -> Any:
     assert info.state == pb.EXITED, (pb.ProcessState.Name(info.state), info.exit_reason, info.error)
     return from_value(info.result)
-
-
-def code_of(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as e:
-        call()
-    return e.value.code()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
+from statuses import status_of
 
 WAIT_MS = 20_000  # generous bound for any process in these tests to end
 
@@ -69,12 +70,6 @@ def recv(stub: Any, pid: int, timeout_ms: int = 10_000, **match: Any) -> pb.Mess
 
 def sender_of(msg: pb.Message) -> int:
     return getattr(msg, "from")
-
-
-def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code(), err.value.details()
 
 
 def assert_serving(stub: Any) -> None:

@@ -6,27 +6,18 @@ server's --namespace-* defaults; going over is RESOURCE_EXHAUSTED."""
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import grpc
 import pytest
 
 import llmos
 from llmosd_process import LlmosdServer
+from statuses import code_of
 
 MIB = 1 << 20
 KV_QUOTA = 64 << 10
 FOREVER = "while true do sys.recv() end"
-
-
-def _code(fn: Callable[[], Any]) -> str:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code().name
-    except llmos.LlmosError as e:
-        return e.code.name
-    return "OK"
 
 
 def _admin(server: LlmosdServer) -> llmos.Client:
@@ -49,10 +40,11 @@ def test_memory_quota_bounds_the_sum_of_limits(server: LlmosdServer) -> None:
             admin.set_namespace("mem", memory_bytes=100 * MIB)
             first = mem.spawn(lua=FOREVER)  # the server's default limit, 64 MiB
             assert mem.get(first).limits["memory_bytes"] == 64 * MIB
-            assert _code(lambda: mem.spawn(lua=FOREVER, limits={"memory_bytes": 40 * MIB})) == "RESOURCE_EXHAUSTED"
+            assert code_of(lambda: mem.spawn(lua=FOREVER, limits={"memory_bytes": 40 * MIB})) \
+                == grpc.StatusCode.RESOURCE_EXHAUSTED
             second = mem.spawn(lua=FOREVER)  # the default, lowered to what is left
             assert mem.get(second).limits["memory_bytes"] == 36 * MIB
-            assert _code(lambda: mem.spawn(lua=FOREVER)) == "RESOURCE_EXHAUSTED"
+            assert code_of(lambda: mem.spawn(lua=FOREVER)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             use = mem.get_namespace()
             assert use["quotas"]["memory_bytes"] == 100 * MIB
             assert use["reserved"]["memory_bytes"] == 100 * MIB
@@ -86,8 +78,8 @@ def test_mailbox_quota_covers_ports(server: LlmosdServer) -> None:
             mail.open_port()
             small = mail.open_port()  # what is left: 2000 bytes
             mail.send(small, "x" * 500)
-            assert _code(lambda: mail.send(small, "x" * 2000)) == "RESOURCE_EXHAUSTED"
-            assert _code(lambda: mail.open_port()) == "RESOURCE_EXHAUSTED"
+            assert code_of(lambda: mail.send(small, "x" * 2000)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert code_of(lambda: mail.open_port()) == grpc.StatusCode.RESOURCE_EXHAUSTED
             use = mail.get_namespace()
             assert use["reserved"]["mailbox_bytes"] == 64 * MIB + 2000
             assert 500 <= use["use"]["mailbox_bytes"] <= 2000
@@ -104,8 +96,8 @@ def test_kv_quota_from_the_server_default(server: LlmosdServer) -> None:
             while kv.get_namespace()["use"]["kv_bytes"] < KV_QUOTA:
                 contexts.append(kv.create_context(owner, chat).context_id)
                 assert len(contexts) < 100, kv.get_namespace()
-            assert _code(lambda: kv.create_context(owner, chat)) == "RESOURCE_EXHAUSTED"
-            assert _code(lambda: kv.fork_context(owner, contexts[0])) == "RESOURCE_EXHAUSTED"
+            assert code_of(lambda: kv.create_context(owner, chat)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert code_of(lambda: kv.fork_context(owner, contexts[0])) == grpc.StatusCode.RESOURCE_EXHAUSTED
             kv.drop_context(owner, contexts[0])
             if kv.get_namespace()["use"]["kv_bytes"] < KV_QUOTA:
                 assert kv.create_context(owner, chat).context_id
@@ -121,12 +113,12 @@ def test_token_quotas_total_and_per_minute(server: LlmosdServer) -> None:
             assert used <= 40  # max_tokens was cut to the namespace's minute
             while talk.get_namespace()["use"]["tokens_per_minute"] < 40:
                 talk.infer(prompt="hello", max_tokens=100, temperature=0)
-            assert _code(lambda: talk.infer(prompt="hello", max_tokens=5)) == "RESOURCE_EXHAUSTED"
+            assert code_of(lambda: talk.infer(prompt="hello", max_tokens=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert other.infer(prompt="hello", max_tokens=5).text is not None  # its own quota
             use = talk.get_namespace()
             assert use["quotas"]["tokens_per_minute"] == 40 and use["use"]["tokens"] >= 40
             # a total: already used up
             admin.set_namespace("talk", tokens_per_minute=0, tokens=use["use"]["tokens"])
-            assert _code(lambda: talk.infer(prompt="hello", max_tokens=5)) == "RESOURCE_EXHAUSTED"
+            assert code_of(lambda: talk.infer(prompt="hello", max_tokens=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             admin.set_namespace("talk", tokens=use["use"]["tokens"] + 1000)
             assert talk.infer(prompt="hello", max_tokens=5).text is not None

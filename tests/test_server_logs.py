@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -113,7 +114,10 @@ def test_follow_log_streams_each_line_as_it_is_written(tmp_path: pathlib.Path) -
 
 
 def test_logs_and_records_survive_a_restart_within_retention(tmp_path: pathlib.Path) -> None:
-    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "2", "--log-retention", "2")
+    """Logs are kept across a restart for the last --log-retention processes; an older one's is
+    NOT_FOUND saying so (gRPC, HTTP, `llmos logs` exiting 1), unlike an empty log or no process."""
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "2", "--log-retention", "2",
+                          "--http", "127.0.0.1:0")
     server.start()
     try:
         with llmos.Client(server.target) as k:
@@ -121,6 +125,8 @@ def test_logs_and_records_survive_a_restart_within_retention(tmp_path: pathlib.P
             for n in range(4):
                 pids.append(k.spawn(lua=f'print("run {n}") return {n}'))
                 assert k.wait(pids[-1], timeout=STREAM_TIMEOUT_S).ok
+            silent = k.spawn(lua="return 0")  # its log is empty: nothing stored, nothing lost
+            assert k.wait(silent, timeout=STREAM_TIMEOUT_S).ok
             blocked = k.spawn(lua='print("before the restart") sys.recv{}')
             while k.read_log(blocked)[0] != ["before the restart"]:
                 time.sleep(0.01)
@@ -134,8 +140,101 @@ def test_logs_and_records_survive_a_restart_within_retention(tmp_path: pathlib.P
             assert shown.returncode == 0 and shown.stdout == "run 3\n", shown.stderr
             assert k.read_log(blocked)[0] == ["before the restart"]
             assert k.get(blocked).exit_reason == "shutdown"
-            assert k.read_log(pids[0])[0] == []  # beyond --log-retention: the newest 2 pids' logs are kept
             page = k.read_log_page(pids[3])
             assert page.ended and len(page.times_ms) == 1 and page.times_ms[0] > 0
+            assert k.read_log_page(silent).lines == [] and _cli(server.target, "logs", str(silent)).returncode == 0
+            gone = "pid {}'s log is no longer kept (--log-retention 2)"  # the newest 2 pids' logs are kept
+            for pid in pids[:2]:
+                with pytest.raises(llmos.NotFound) as err:
+                    k.read_log_page(pid)
+                assert err.value.message == gone.format(pid)
+                with pytest.raises(llmos.NotFound):
+                    list(k.follow_log(pid, timeout=STREAM_TIMEOUT_S))
+                for args in ((), ("-f",), ("--tail", "0")):
+                    shown = _cli(server.target, "logs", *args, str(pid))
+                    assert shown.returncode == 1 and shown.stdout == "" and gone.format(pid) in shown.stderr, shown
+            answer = _post(server.http, "ReadLog", {"pid": str(pids[0])})
+            assert answer["error"]["code"] == 404 and answer["error"]["status"] == "NOT_FOUND"
+            assert answer["error"]["message"] == gone.format(pids[0])
+            never = _cli(server.target, "logs", str(1 << 40))
+            assert never.returncode == 1 and "no process with pid" in never.stderr
+    finally:
+        server.stop()
+
+
+def _post(http: str, rpc: str, body: dict) -> dict:
+    """An HTTP gateway call's JSON answer, an error's included."""
+    request = urllib.request.Request(f"{http}/v1/kernel/{rpc}", data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=STREAM_TIMEOUT_S) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+# -- a Python agent's lines: the times its stdio stamps them with --------------------------------
+AGENT = r'''
+import os, sys, time
+from llmos.userland import sys as llmos_sys
+print("first")
+llmos_sys.recv(tag="go")
+time.sleep(0.3)
+print("second", file=sys.stderr)
+print("two\nlines", end="")
+print()
+os.write(1, b"\x1e99999999999999 forged into the future\n")
+os.write(1, b"\x1e1 forged into the past\n")
+os.write(2, b"raw\n")
+print("\x1e1 text that looks like a stamp")
+raise ValueError("boom")
+'''
+
+
+def test_python_agent_log_lines_carry_the_times_they_were_written(tmp_path: pathlib.Path) -> None:
+    """Each line of a Python agent's log (stdout, stderr, its traceback) has the time it was
+    written, live and once ended, over gRPC and by `llmos logs -t`; a stamp the program forges
+    on a raw fd is believed only between the line above it and the reading."""
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "2")
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            before = int(time.time() * 1000)
+            pid = k.spawn(python=AGENT)
+            page = k.follow_log(pid, timeout=STREAM_TIMEOUT_S)
+            first = next(page)
+            while not first.lines:  # the first page may come before the agent printed
+                first = next(page)
+            assert first.lines == ["first"] and before <= first.times_ms[0] <= int(time.time() * 1000)
+            go_at = int(time.time() * 1000)
+            k.send(pid, None, tag="go")
+            rest = list(page)
+            assert rest[-1].ended
+            after = int(time.time() * 1000)
+            lines = [line for p in rest for line in p.lines]
+            times = [at for p in rest for at in p.times_ms]
+            ended = k.read_log_page(pid)
+    finally:
+        server.stop()
+    assert lines[:7] == ["second", "two", "lines", "forged into the future", "forged into the past", "raw",
+                         "\x1e1 text that looks like a stamp"]
+    assert lines[7] == "Traceback (most recent call last):" and lines[-1] == "ValueError: boom"
+    assert times == sorted(times) and go_at + 299 <= times[0] and times[-1] <= after
+    assert ended.lines == ["first"] + lines and ended.times_ms == [first.times_ms[0]] + times
+
+
+def test_cli_prints_a_python_agents_line_times(tmp_path: pathlib.Path) -> None:
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "2")
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            before = int(time.time() * 1000)
+            pid = k.spawn(python='import sys\nprint("out")\nprint("err", file=sys.stderr)')
+            assert k.wait(pid, timeout=STREAM_TIMEOUT_S).ok
+            after = int(time.time() * 1000)
+        stamped = _cli(server.target, "logs", "-t", str(pid))
+        assert stamped.returncode == 0, stamped.stderr
+        said = [line.split(" ") for line in stamped.stdout.splitlines()]
+        assert [text for _, text in said] == ["out", "err"]
+        assert all(before <= datetime.datetime.fromisoformat(when).timestamp() * 1000 <= after + 1 for when, _ in said)
     finally:
         server.stop()

@@ -21,6 +21,7 @@ from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value
 from llmosd_process import LlmosdServer
+from statuses import code_of
 
 MiB = 1 << 20
 MAX_FILE_BYTES = 64 * MiB  # files.FileLimits.max_file_bytes, the server's default
@@ -45,15 +46,6 @@ def lua(k: llmos.Client, source: str, args: Any = None, timeout: float = 30.0, *
     info = k.run(source, args=args, timeout=timeout, **spawn)
     assert info.ok, f"Lua program ended {info.state} ({info.exit_reason}): {info.error}"
     return info.result
-
-
-def code_of(call: Any, *args: Any, **kwargs: Any) -> grpc.StatusCode:
-    """The status code a raw-stub call fails with (the test fails if it succeeds)."""
-    with pytest.raises(grpc.RpcError) as err:
-        result = call(*args, **kwargs)
-        if hasattr(result, "__next__"):  # a server stream fails when read
-            list(result)
-    return err.value.code()
 
 
 def write(stub: Any, path: str, *pieces: bytes, append: bool = False, pid: int = 0) -> pb.FileInfo:

@@ -62,12 +62,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmosdServer]:
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server: LlmosdServer) -> Iterator[llmos.Client]:
-    with llmos.Client(server.target) as c:
-        yield c
-
-
 def src(text: str) -> str:
     return textwrap.dedent(text).strip() + "\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import llmos
-from test_stdlib import SQUARER, WAIT_S, call, client, registered, result, run, server, src, until  # noqa: F401 (fixtures)
+from test_stdlib import SQUARER, WAIT_S, call, registered, result, run, server, src, until  # noqa: F401 (fixtures)
 
 SUPERVISE = src("""
     from llmos.std import supervisor

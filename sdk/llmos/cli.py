@@ -269,7 +269,8 @@ def cmd_events(k: Client, a: argparse.Namespace) -> int:
 
 
 def _log_time(at_ms: int) -> str:
-    """A log line's time as -t prints it: ISO 8601 in UTC to the ms, "-" if unknown (a Python agent's)."""
+    """A log line's time as -t prints it: ISO 8601 in UTC to the ms, "-" if unknown (a Python agent's
+    line stored by an llmosd older than agents' line times)."""
     if not at_ms:
         return "-"
     return datetime.datetime.fromtimestamp(at_ms / 1000, datetime.timezone.utc).isoformat(timespec="milliseconds")
@@ -284,7 +285,8 @@ def cmd_logs(k: Client, a: argparse.Namespace) -> int:
         offset = k.read_log_page(a.pid, tail=1).next_offset if a.tail == 0 else 0
         follow_log(k, a.pid, offset, on_line=on_line, tail=a.tail or 0, since_ms=a.since)
         return EXIT_OK
-    if a.tail == 0:
+    if a.tail == 0:  # no lines, but a log that is not there (never was, or no longer kept) is an error
+        k.read_log_page(a.pid, tail=1)
         return EXIT_OK
     page = k.read_log_page(a.pid, tail=a.tail or 0, since_ms=a.since)
     for line, at_ms in zip(page.lines, page.times_ms):
@@ -628,7 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="json: one object a line")
     p.set_defaults(handler=cmd_events)
 
-    p = sub.add_parser("logs", help="print a process's log (print / sys.log lines, a Python agent's output)")
+    p = sub.add_parser("logs", help="print a process's log (print / sys.log lines, a Python agent's output)",
+                       description="Print a process's log. NOT_FOUND (exit status 1) if there is no such process, "
+                                   "or if it ended longer ago than the server keeps logs (llmosd --log-retention); "
+                                   "a process that wrote nothing prints nothing (exit status 0).")
     p.add_argument("pid", type=_pid, metavar="PID")
     p.add_argument("-f", "--follow", action="store_true",
                    help="keep printing new lines as the server streams them, until the process ends")
@@ -636,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_since, default=0, metavar="WHEN",
                    help="only lines written since WHEN: a duration ago (90s, 10m, 2h, 1d) or an ISO 8601 time")
     p.add_argument("-t", "--timestamps", action="store_true",
-                   help="begin each line with when it was written (UTC; '-' if unknown: a Python agent's)")
+                   help="begin each line with when it was written (UTC; '-' if unknown)")
     p.set_defaults(handler=cmd_logs)
 
     p = sub.add_parser("top", help="processes by CPU use, refreshed like top")

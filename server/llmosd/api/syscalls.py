@@ -483,11 +483,11 @@ async def sys_cond_broadcast(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSig
 
 
 async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
-    if k.inference is None:
-        raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
-    if req.pid:
+    if req.pid:  # the rule first, as every syscall's: another namespace's pid is NOT_FOUND, engine or not
         with k.lock:
             k.target_locked(CALLER.get(), "infer", req.pid)
+    if k.inference is None:
+        raise Unimplemented("this server runs no inference engine (start llmosd with --model)")
     caller = _agent()
     if caller is not None:
         k.runtimes[PYTHON].blocking(caller, "infer")

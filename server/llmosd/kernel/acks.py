@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..api import checks as C
-from ..api.authority import not_found
+from ..api.authority import process_caller
 from ..api.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from . import process as P
 from .deadletters import DeadLetters
@@ -174,8 +174,7 @@ class Acks:
         if not dead_letter:
             return DeadLetterPolicy(0, attempts) if attempts else None
         target = C.pid(dead_letter, f"{what}dead_letter")
-        if self._live(target, "dead_letter").namespace != namespace:
-            raise not_found(target)
+        self._live(target, "dead_letter", process_caller(0, namespace))  # another namespace's, ended too: NotFound
         return DeadLetterPolicy(target, attempts)
 
     def set_policy(self, pid: int, policy: DeadLetterPolicy | None) -> None:
@@ -203,6 +202,15 @@ class Acks:
     def leased(self, pid: int) -> int:
         """How many messages `pid` holds leased."""
         return len(self._leases.get(pid, ()))
+
+    @staticmethod
+    def consumed_at_once(proc: Process, msg: Message) -> bool:
+        """Whether delivering `msg` hands it to a receive without ack (the first waiting receiver that
+        accepts it, as the mailbox picks), which consumes it: a leasing receive keeps it stored."""
+        for receiver, match in proc.mailbox.receivers:
+            if match.accepts(msg):
+                return not isinstance(receiver, _LeasingReceiver)
+        return False
 
     # -- inside -----------------------------------------------------------------------------
     def _take_lease(self, pid: int, message_id: int, what: str) -> _Lease:

@@ -253,7 +253,7 @@ class Kernel:
             raise Unimplemented("durable processes are Lua programs (durable Python agents are not supported yet)")
         with self.lock:
             if spec.parent:
-                parent = self.live_locked(spec.parent, "parent")
+                parent = self.live_locked(spec.parent, "parent", caller)
                 self._authorize(caller, "spawn", parent)
                 namespace = parent.namespace
                 if limits is not parent.limits:  # the shared defaults are within themselves
@@ -501,12 +501,11 @@ class Kernel:
                     dst.mailbox.deliver(msg, False)
                 elif dst.kind == P.PORT:
                     # Output commit: the entry and the port's copy in one transaction, before a client
-                    # can read it (a crash between two commits would journal a send the port never got).
-                    self.store.enqueue(ops + [message_row(msg)])
+                    # can see it (a crash between two commits would journal a send the port never got).
+                    # A receive without ack that takes it at once consumes it: not stored, as in _deliver.
+                    consumed = self.acks.consumed_at_once(dst, msg)
+                    self.store.enqueue(ops if consumed else ops + [message_row(msg)])
                     self.store.flush()
-                    taker = next((waiter for waiter, match in dst.mailbox.receivers if match.accepts(msg)), None)
-                    if isinstance(taker, Waiter):  # a receive without ack (one with ack leases it) takes it at once:
-                        self.store.delete_message(msg.id)  # out of the store before its client can have it
                     dst.mailbox.deliver(msg, False)
                 else:
                     self.store.enqueue(ops)
@@ -846,20 +845,24 @@ class Kernel:
     def read_log(self, pid: int, offset: int, caller: Caller | None = None) -> tuple[list[LogLine], int, int, bool]:
         """(lines from `offset` on with their times, next offset, lines dropped before offset,
         whether the process has ended). An ended process's log that memory let go of (or kept
-        from before a restart) is read from the store."""
+        from before a restart) is read from the store; NotFound once the store has let it go too
+        (--log-retention), unlike an empty log."""
         with self.lock:
             proc = self.procs.get(pid)
             if proc is not None:
                 self._authorize(caller, "read_log", proc)
             runtime = proc.runtime if proc is not None else None
         lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
-        if lines is not None:  # kept by its userland (an agent's output file): times unknown
-            return [(0, line) for line in lines[offset:]], len(lines), 0, False
+        if lines is not None:  # kept by its userland (an agent's output file)
+            return lines[offset:], len(lines), 0, False
         rec = self.get(pid, caller, "read_log")[0]
         entries, dropped = list(rec.log or ()), rec.log_dropped
         ended = rec.ended_at_ms is not None
-        if ended and not entries:
-            entries, dropped = self.store.load_log(pid) or ([], dropped)
+        if ended and not entries and (rec.log is None or dropped) and rec.kind != P.PORT:
+            stored = self.store.load_log(pid)
+            if stored is None:
+                raise NotFound(f"pid {pid}'s log is no longer kept (--log-retention {self.store.log_retention})")
+            entries, dropped = stored
         start = max(offset - dropped, 0)
         return entries[start:], dropped + len(entries), max(dropped - offset, 0), ended
 

@@ -6,11 +6,11 @@ most `total_chars`; over that, the logs of the processes that ended longest
 ago are dropped first (ReadLog reports them as dropped), then the writer's
 own oldest lines. Sizes are counted in characters, what a str costs at least.
 
-Each line is kept with the time it was written (ms since the epoch; 0 for a
-Python agent's lines, which the kernel reads from the agent's output file and
-whose times it does not know). An ended process's log is also written to the
-store (kernel/store.py, bounded by --log-retention), so ReadLog finds it after
-a restart or once memory has let it go.
+Each line is kept with the time it was written (ms since the epoch; a Python
+agent's lines, read from its output file, with the times its stdio wrote at
+their starts: python/sandbox/launcher.py read_log_lines). An ended process's
+log is also written to the store (kernel/store.py, bounded by --log-retention),
+so ReadLog finds it after a restart or once memory has let it go.
 
 Also the server's own log as JSON lines (llmosd --log-format json): JsonFormatter.
 """
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MAX_LINES = 1000
 MAX_LINE = 16 << 10
 
-LogLine = tuple[int, str]  # (written at, ms since the epoch or 0 if unknown; the text)
+LogLine = tuple[int, str]  # (written at, ms since the epoch (0: unknown, an older llmosd's agent line); the text)
 
 
 class Logs:
@@ -57,14 +57,13 @@ class Logs:
             self._drop_first(proc)
         return line
 
-    def replace(self, proc: Process, lines: list[str]) -> None:
-        """`proc`'s log is `lines` now (a Python agent's, read from its output at its end: times
-        unknown)."""
+    def replace(self, proc: Process, lines: list[LogLine]) -> None:
+        """`proc`'s log is `lines` now (a Python agent's, read from its output at its end)."""
         self.used -= proc.log_bytes
         proc.log[:] = []
         proc.log_bytes = 0
-        for line in lines:
-            self.append(proc, line, 0)
+        for at_ms, line in lines:
+            self.append(proc, line, at_ms)
 
     def ended(self, proc: Process, rec: ProcessRecord) -> None:
         """`proc` ended: its log stays with its record, the first to go when memory runs short."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from .logs import LogLine
 from .process import Limits, Process
 
 
@@ -21,8 +22,9 @@ class ProcessSide(Protocol):
 
     def memory_used(self) -> int: ...
 
-    def log_lines(self, limit: int) -> list[str] | None:
-        """The process's log when its userland keeps it (an agent's output file); None: the kernel's."""
+    def log_lines(self, limit: int) -> list[LogLine] | None:
+        """The process's last `limit` log lines with their times when its userland keeps it (an
+        agent's output file); None: the kernel's."""
 
 
 class Runtime(Protocol):

@@ -105,6 +105,7 @@ PROCESS_COLUMNS = (
     "pid", "kind", "name", "parent", "namespace", "priority", "weight", "limits", "started_at_ms", "state",
     "exit_reason", "result", "error", "ended_at_ms", "usage", "opener",
 )
+LOGS_KEPT_FROM = "logs_kept_from"  # a row of counters: the oldest pid whose log the last cut kept
 NAME, STATE = PROCESS_COLUMNS.index("name"), PROCESS_COLUMNS.index("state")  # where they are in a row
 ROWS_PER_STATEMENT = 500  # 16 columns each: within SQLite's 32,766 variables
 
@@ -287,11 +288,19 @@ class Store:
             self._wake_writer()
 
     def load_log(self, pid: int) -> tuple[list[tuple[int, str]], int] | None:
-        """(lines, dropped before them) of an ended process's stored log; None if none is kept."""
+        """(lines, dropped before them) of an ended process's stored log; ([], 0) if it wrote none
+        (an empty log is not stored); None if the store no longer keeps it (beyond log_retention:
+        pids older than the last cut's, or every pid when it keeps none)."""
         self.flush()
         with self._db_lock:
             row = self._db.execute("SELECT dropped, lines FROM process_logs WHERE pid=?", (pid,)).fetchone()
-        return ([(at, text) for at, text in json.loads(row[1])], row[0]) if row else None
+            cut = None if row else self._db.execute("SELECT next FROM counters WHERE name=?",
+                                                    (LOGS_KEPT_FROM,)).fetchone()
+        if row:
+            return [(at, text) for at, text in json.loads(row[1])], row[0]
+        if self.log_retention <= 0 or (cut is not None and pid < cut[0]):
+            return None
+        return [], 0
 
     def _write_logs(self, logs: dict[int, tuple[int, list[tuple[int, str]]]]) -> None:
         """Part of _apply_pending's transaction: the logs, then the oldest cut beyond log_retention
@@ -302,8 +311,11 @@ class Store:
         self._logs_unpruned += len(logs)
         if self._logs_unpruned > self.log_retention // 10:
             self._logs_unpruned = 0
-            self._db.execute("DELETE FROM process_logs WHERE pid < (SELECT pid FROM process_logs ORDER BY pid DESC"
-                             " LIMIT 1 OFFSET ?)", (self.log_retention - 1,))
+            cut = self._db.execute("SELECT pid FROM process_logs ORDER BY pid DESC LIMIT 1 OFFSET ?",
+                                   (self.log_retention - 1,)).fetchone()
+            if cut is not None:  # remembered: below it, a log that is not here may have been cut (load_log)
+                self._db.execute("DELETE FROM process_logs WHERE pid < ?", cut)
+                self._db.execute("INSERT OR REPLACE INTO counters(name, next) VALUES(?, ?)", (LOGS_KEPT_FROM, cut[0]))
 
     # tokens: only their SHA-256 is kept -------------------------------------------------
     def add_token(self, token_id: str, sha256: str, namespace: str, role: str, label: str) -> None:

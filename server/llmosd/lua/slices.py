@@ -22,7 +22,7 @@ from ..kernel.store import ProcessRecord
 from ..kernel.waiting import TIMED_OUT, Waiter
 from ..kernel.journal import REPLAY_DIVERGENCE
 from .durable import _LIVE, DurableLuaProcess
-from .runtime import MEMORY_ERROR, LuaProcess, describe_record, error_text, from_lua, lua_syntax_error
+from .runtime import MEMORY_ERROR, LuaProcess, arguments, describe_record, error_text, from_lua, lua_syntax_error
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
@@ -219,15 +219,16 @@ class LuaRuntime:
         return self.kernel.recv_locked(proc.pid, match, waiter, timeout, lua.caller)
 
     def block_wait(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
-        pid = C.pid(args[0] if args else None, "sys.wait: pid")
-        timeout = C.timeout_s(args[1] if len(args) > 1 else None, "sys.wait: timeout_ms")
+        pid, timeout_ms = arguments("wait", pid=args[0] if args else None,
+                                    timeout_ms=args[1] if len(args) > 1 else None)
         if pid == proc.pid:
             raise InvalidArgument("sys.wait: a process cannot wait for itself")
-        rec = self.kernel.wait_locked(pid, waiter, timeout, lua.caller)
+        rec = self.kernel.wait_locked(pid, waiter, None if timeout_ms is None else timeout_ms / 1000, lua.caller)
         return describe_record(rec) if rec is not None else None
 
     def block_sleep(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:
-        self.kernel.arm_timeout(waiter, C.duration_ms(args[0] if args else None, "sys.sleep: ms") / 1000)
+        (ms,) = arguments("sleep", ms=args[0] if args else None)
+        self.kernel.arm_timeout(waiter, ms / 1000)
         return None
 
     def block_lock_acquire(self, proc: Process, lua: LuaProcess, args: tuple, waiter: Waiter) -> Any:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..kernel import process as P
 from ..api.errors import InvalidArgument, ResourceExhausted
+from ..kernel.logs import LogLine
 from ..kernel.process import Limits
 from .sandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
 
@@ -294,14 +295,14 @@ class PythonProcess:
         self.terminate()
         self.agents.live -= 1
 
-    def log_lines(self, limit: int) -> list[str]:
+    def log_lines(self, limit: int) -> list[LogLine]:
+        """The agent's output file's last `limit` lines, each with the time its stdio stamped it."""
         if self.child is None:
             return []
         try:
-            text = self.child.read_log().decode(errors="replace")
+            return self.child.read_log_lines(limit, self.proc.started_at_ms)
         except OSError:
             return []
-        return text.splitlines()[-limit:]
 
     def memory_used(self) -> int:
         return self.child.rss() if self.child is not None else 0

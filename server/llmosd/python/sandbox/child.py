@@ -16,6 +16,8 @@ import resource
 import select
 import signal
 import sys
+import threading
+import time
 import traceback
 import types
 from typing import Any, NoReturn
@@ -23,6 +25,10 @@ from typing import Any, NoReturn
 from . import _linux
 
 PAYLOAD_FD = 3
+# Each line of the agent's log begins with the time it was begun: LOG_STAMP, ms since the epoch,
+# a space (launcher.py's read_log_lines reads them). The file has no times of its own, and the
+# kernel reads it only when asked, so only the writer knows when a line was written.
+LOG_STAMP = "\x1e"  # ASCII record separator: no text a program prints begins with it by chance
 # Exit codes the launcher reads together with the outcome record.
 EXIT_EXCEPTION = 1
 EXIT_SETUP = 120  # the sandbox could not be set up; the log says why
@@ -41,9 +47,13 @@ def _write_outcome(record: dict[str, Any]) -> None:
         pass
 
 
+def _stamp() -> str:
+    return f"{LOG_STAMP}{time.time_ns() // 1_000_000} "
+
+
 def _die_setup(message: str) -> NoReturn:
     try:
-        os.write(2, f"llmos sandbox: setup failed: {message}\n".encode())
+        os.write(2, f"{_stamp()}llmos sandbox: setup failed: {message}\n".encode())
     except OSError:
         pass
     _write_outcome({"kind": "sandbox_error", "error": message})
@@ -119,13 +129,36 @@ def _agent_env(payload: dict[str, Any], workdir: str) -> dict[str, str]:
     return env
 
 
+class _StampedLines(io.TextIOWrapper):
+    """A line-buffered text stream on `fd` that begins each line with the time its first
+    character is written (_stamp), so that every line of the log carries its time."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(io.FileIO(fd, "w", closefd=False), line_buffering=True, errors="backslashreplace")
+        self._mid_line = False  # the last write did not end its line: the next goes on without a stamp
+        self._lock = threading.Lock()  # the program's threads share the stream
+        os.register_at_fork(after_in_child=self._new_lock)  # a fork may copy the lock held
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str) or not text:
+            return super().write(text)  # refused (or nothing) as TextIOWrapper words it
+        stamp = _stamp()
+        with self._lock:
+            out = text[:-1].replace("\n", "\n" + stamp) + text[-1]  # a final newline: stamped by the next write
+            super().write(out if self._mid_line else stamp + out)
+            self._mid_line = not text.endswith("\n")
+        return len(text)
+
+
 def _reset_stdio() -> None:
-    """Fresh stdio objects on fds 0-2; line-buffered so the process log is readable while it runs."""
+    """Fresh stdio objects on fds 0-2; line-buffered so the process log is readable while it runs,
+    each line stamped with its time."""
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
-                                  errors="backslashreplace")
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
-                                  errors="backslashreplace")
+    sys.stdout = _StampedLines(1)
+    sys.stderr = _StampedLines(2)
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
 
 

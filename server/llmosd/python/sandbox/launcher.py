@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .child import EXIT_SETUP
+from .child import EXIT_SETUP, LOG_STAMP
 
 log = logging.getLogger("llmosd.python.sandbox")
 
 _SERVER_DIR = str(Path(__file__).resolve().parents[3])
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_STAMP = re.compile(LOG_STAMP + "([0-9]{1,15}) ")  # what begins a line of an agent's log (child.py)
+_STAMP_AT_LINE_STARTS = re.compile(b"(?m)^" + _STAMP.pattern.encode())
 DEFAULT_PRELOAD = ("json", "grpc", "google.protobuf", "google.protobuf.struct_pb2", "llmos", "llmos.userland")
 
 
@@ -214,7 +217,33 @@ class Child:
             return 0
 
     def read_log(self, max_bytes: int = 1 << 20) -> bytes:
-        """The last max_bytes of the process log (stdout and stderr, interleaved)."""
+        """The last max_bytes of the process log (stdout and stderr, interleaved), as the program
+        wrote it: without the times its lines begin with."""
+        return _STAMP_AT_LINE_STARTS.sub(b"", self._log_tail(max_bytes))
+
+    def read_log_lines(self, limit: int, not_before_ms: int, max_bytes: int = 1 << 20) -> list[tuple[int, str]]:
+        """The last `limit` lines of the log, each with the time it was begun (ms since the epoch).
+
+        The program can write the file around the stamps its stdio writes (child.py), so a stamp
+        is believed only if it is a possible time: from `not_before_ms` (the process's start) to
+        now; a line without a believable one (written around sys.stdout: raw fds, a subprocess's
+        output, or a stamp the program made up) has the time of the line above it (the first:
+        `not_before_ms`). A stamp at a line's start is removed; the program's own text, after
+        it, is never read as one."""
+        now_ms = time.time_ns() // 1_000_000
+        text = self._log_tail(max_bytes).decode(errors="replace")
+        lines = text.removesuffix("\n").split("\n")[-limit:] if text else []
+        out, at = [], not_before_ms
+        for line in lines:
+            stamp = _STAMP.match(line)
+            if stamp is not None:
+                line = line[stamp.end():]
+                if not_before_ms <= int(stamp.group(1)) <= now_ms:
+                    at = int(stamp.group(1))
+            out.append((at, line.removesuffix("\r")))
+        return out
+
+    def _log_tail(self, max_bytes: int) -> bytes:
         with open(self.log_path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - max_bytes))
