@@ -223,6 +223,12 @@ def test_files_and_locks_are_per_namespace(world: World) -> None:
     a, b = owner.spawn(lua=FOREVER), other.spawn(lua=FOREVER)
     assert owner.acquire(a, "shared-name", timeout=0)
     assert other.acquire(b, "shared-name", timeout=0)  # a different lock: another namespace's
+    # Within a namespace its processes share one tree and one set of locks (docs/authority.md).
+    assert owner.acquire(owner.spawn(lua=FOREVER), "shared-name", timeout=0) is None  # a's, in alpha
+    writer = owner.spawn(lua='sys.fs.write("by-writer.txt", "from a sibling") return true')
+    assert owner.wait(writer, timeout=60).result is True
+    sibling = owner.spawn(lua='return sys.fs.read("by-writer.txt")')
+    assert owner.wait(sibling, timeout=60).result == "from a sibling"
 
 
 def test_a_client_takes_no_leased_message_from_a_process(world: World) -> None:
@@ -482,6 +488,35 @@ def test_the_audit_log_is_bounded(tmp_path: pathlib.Path) -> None:
             assert len(ids) <= 5 + 1 and max(ids) >= 20
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_audit_rows_of_a_server_before_audit_db_are_kept(tmp_path: pathlib.Path) -> None:
+    """The audit log moved from kernel.db to audit.db (its batches held up the store's writes):
+    the rows an older server wrote come along, and kernel.db keeps no audit table."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sqlite3.connect(data / "kernel.db")
+    old.executescript("CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, "
+                      "namespace TEXT NOT NULL, who TEXT NOT NULL, method TEXT NOT NULL, target TEXT NOT NULL, "
+                      "outcome TEXT NOT NULL);"
+                      "INSERT INTO audit (at_ms, namespace, who, method, target, outcome) "
+                      "VALUES (1, 'default', 'owner (no token)', 'Kill', 'pid=7', 'OK');")
+    old.commit()
+    old.close()
+    s = LlmosdServer(data, "--model", "none", userland_root=USERLAND)
+    s.start()
+    try:
+        with llmos.Client(s.target, token=(s.data_dir / "admin.token").read_text().strip()) as admin:
+            admin.spawn(lua="return 1")
+            entries = admin.read_audit(limit=100)
+            assert [(e["method"], e["target"]) for e in entries[-1:]] == [("Kill", "pid=7")]
+            assert entries[0]["method"] == "Spawn"
+    finally:
+        s.stop(signal.SIGKILL)
+    tables = sqlite3.connect(data / "kernel.db").execute("SELECT name FROM sqlite_master WHERE type='table'")
+    assert "audit" not in {name for (name,) in tables}
 
 
 def test_only_a_ports_opener_closes_it(world: World) -> None:

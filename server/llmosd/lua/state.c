@@ -526,7 +526,7 @@ PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested, LuaValue
 /* (head, values first..last) as a tuple, or without head if it is NULL; a
  * value that cannot cross is its BadValue (or TooLarge). Each value may be
  * as large as a message. */
-static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int last)
+PyObject *llmos_values_to_tuple(lua_State *L, PyObject *head, int first, int last)
 {
     int offset = head != NULL, i;
     PyObject *out = PyTuple_New(offset + (last >= first ? last - first + 1 : 0)), *value, *type, *traceback;
@@ -584,7 +584,7 @@ int llmos_call_bridge(lua_State *L, int which)
     process = PyWeakref_GetObject(state->bridge);
     if (process == Py_None)
         PyErr_SetString(PyExc_RuntimeError, "the process's kernel side is gone");
-    else if ((args = values_to_tuple(L, process, 1, nargs)) != NULL) {
+    else if ((args = llmos_values_to_tuple(L, process, 1, nargs)) != NULL) {
         result = PyObject_Call(state->methods[which], args, NULL);
         Py_DECREF(args);
     }
@@ -792,10 +792,11 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
  * which Usage reports and limits.cpu_ms bounds. They differ when the host
  * has fewer cores than there are virtual CPUs, or is busy. The thread's CPU
  * clock costs a system call (~0.4 µs, twenty times the monotonic clock): it
- * is read around a process's first slice and around slices that follow a
- * long one (a CPU-bound process's); a short slice, such as one of a message
- * hand-off, is charged its wall time, which it cannot exceed by more than its
- * own length. */
+ * is read when a process's first slice and slices that follow a long one (a
+ * CPU-bound process's) begin, and when they end if they lasted
+ * MEASURE_AFTER_NS; a short slice, such as one of a message hand-off or a
+ * short program's whole life, is charged its wall time, which it cannot
+ * exceed by more than its own length. */
 #define MEASURE_AFTER_NS 1000000LL /* slices at least this long have their successors' CPU time measured */
 
 static long long thread_cpu_ns(void)
@@ -824,7 +825,10 @@ static int end_slice(State *state, long long *now)
     *now = llmos_monotonic_ns();
     ran = *now - state->slice_start;
     state->cpu_ns += ran;
-    state->cpu_used_ns += state->measure_cpu ? thread_cpu_ns() - state->slice_cpu_start : ran;
+    /* A short slice is charged its wall time even when measured: the clock's second read (a
+     * system call, every spawn's first slice) would change its charge by less than its length. */
+    state->cpu_used_ns += state->measure_cpu && ran >= MEASURE_AFTER_NS ? thread_cpu_ns() - state->slice_cpu_start
+                                                                         : ran;
     state->measure_cpu = ran >= MEASURE_AFTER_NS;
     return state->proc != NULL ? llmos_charge(state->proc, ran) : 0;
 }
@@ -921,7 +925,7 @@ PyObject *llmos_step_results(lua_State *L, int status)
         const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "the sandbox could not be built";
         out = Py_BuildValue("(yyO)", "unstarted", text, status - START_FAILED == LUA_ERRMEM ? Py_True : Py_False);
     } else if (status == LUA_OK) {
-        out = values_to_tuple(L, NULL, 1, lua_gettop(L));
+        out = llmos_values_to_tuple(L, NULL, 1, lua_gettop(L));
     } else {
         size_t len = 0;
         const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
@@ -972,6 +976,8 @@ static PyMemberDef State_members[] = {
     {"cpu_used_ns", T_LONGLONG, offsetof(State, cpu_used_ns), READONLY,
      "CPU time actually used in the slices that ended"},
     {"in_slice", T_INT, offsetof(State, in_slice), READONLY, NULL},
+    {"journal_live", T_BOOL, offsetof(State, journal_live), 0,
+     "a durable process past its replay: the C side sends and receives for it, journaled (lua/durable.py)"},
     {NULL, 0, 0, 0, NULL},
 };
 
