@@ -20,7 +20,7 @@ import llmos
 from llmos.v1 import kernel_pb2 as pb
 from llmos.values import from_value, to_value
 from llmosd_process import LlmosdServer
-from llmosd.native import _lua
+from llmosd.native import _kernel
 from statuses import code_of
 
 MiB = 1 << 20
@@ -71,22 +71,22 @@ def test_a_values_size_is_its_protobuf_encoding_size() -> None:
     rng = random.Random(7)
     for _ in range(500):
         value = _random_json(rng)
-        assert _lua.value_size(value) == to_value(value).ByteSize(), value
+        assert _kernel.value_size(value) == to_value(value).ByteSize(), value
 
 
 def test_the_value_model_is_enforced_where_a_value_enters() -> None:
     for bad, why in [(2**53 + 1, "2^53"), (math.nan, "NaN"), (math.inf, "NaN"), ({1: "x"}, "keys"),
                      (b"raw", "data"), ("\ud800", "Unicode"), (object(), "JSON")]:
-        with pytest.raises(_lua.BadValue, match=re.escape(why)):
-            _lua.value_size(bad)
+        with pytest.raises(_kernel.BadValue, match=re.escape(why)):
+            _kernel.value_size(bad)
     deep: Any = 1
     for _ in range(32):
         deep = [deep]
-    _lua.value_size(deep)  # 32 levels, as deep as a Lua table may nest
-    with pytest.raises(_lua.BadValue, match="32 levels"):
-        _lua.value_size([deep])
-    with pytest.raises(_lua.TooLarge):
-        _lua.value_size(["x" * 1000] * 1000, 100_000)
+    _kernel.value_size(deep)  # 32 levels, as deep as a Lua table may nest
+    with pytest.raises(_kernel.BadValue, match="32 levels"):
+        _kernel.value_size([deep])
+    with pytest.raises(_kernel.TooLarge):
+        _kernel.value_size(["x" * 1000] * 1000, 100_000)
 
 
 def test_a_result_that_is_no_json_number_crashes_its_process_and_poisons_nothing(stub: Any) -> None:

@@ -1,4 +1,5 @@
-"""The kernel's C extension, `_lua`, loaded against lupa's Lua library.
+"""The kernel's C extension, `_kernel` (its lock, mailboxes, processes' fields and Lua states; see
+lua/state.c), loaded against lupa's Lua library.
 
 lua/state.c and lua/sandbox.c call the Lua C API inside lupa's extension (lupa
 provides the Lua library): that extension's symbols are made global before
@@ -133,6 +134,6 @@ def _probe(api: dict, state: int) -> str | None:
 
 _lupa_library = ctypes.CDLL(lupa.lua54.__file__, mode=os.RTLD_NOW | os.RTLD_GLOBAL | os.RTLD_NOLOAD)
 check_lua(_lupa_library)
-from . import _lua  # noqa: E402
+from . import _kernel  # noqa: E402
 
-__all__ = ["_lua"]
+__all__ = ["_kernel"]

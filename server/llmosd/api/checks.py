@@ -12,7 +12,7 @@ and each rule is written here once.
   (no control, format, bidi-override or separator characters but the space).
 - Short texts (tags, correlation ids, reasons): at most MAX_TEXT_BYTES bytes.
 - Values (message bodies, arguments, results): JSON within the message size
-  limit, as _lua.value_size checks (see messaging.h).
+  limit, as _kernel.value_size checks (see messaging.h).
 
 A syscall's arguments are checked by `arguments`, from its entry in the syscall
 table (api/table.py): each argument's kind names its checker here (KINDS), so
@@ -28,7 +28,7 @@ from typing import Any
 from .errors import InvalidArgument, NotFound, ResourceExhausted
 from .table import BY_NAME, DATA, FLAG, INTEGER, NAME, OPTIONS, PID, RECEIVER, STRING, TEXT, VALUE, Arg
 from . import table as T
-from ..native import _lua
+from ..native import _kernel
 from ..kernel.process import DEFAULT_WEIGHT, Limits
 from llmos.values import MAX_DURATION_MS, MAX_EXACT_INTEGER
 
@@ -195,12 +195,12 @@ def text(value: Any, what: str) -> str:
 
 
 def value(obj: Any, what: str, limit: int) -> Any:
-    """`obj` if it is a JSON value of at most `limit` encoded bytes (see _lua.value_size)."""
+    """`obj` if it is a JSON value of at most `limit` encoded bytes (see _kernel.value_size)."""
     try:
-        _lua.value_size(obj, limit)
-    except _lua.TooLarge:
+        _kernel.value_size(obj, limit)
+    except _kernel.TooLarge:
         raise ResourceExhausted(f"{what}: larger than the limit of {limit} bytes") from None
-    except _lua.BadValue as e:
+    except _kernel.BadValue as e:
         raise InvalidArgument(f"{what}: {e.args[0]}") from None
     return obj
 

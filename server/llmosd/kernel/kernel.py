@@ -33,7 +33,7 @@ from ..api.errors import (
     Unimplemented,
 )
 from .mailbox import Mailbox, Match, Message
-from ..native import _lua
+from ..native import _kernel
 from .process import Limits, Process
 from .namespaces import Namespaces
 from .scheduler import Scheduler
@@ -65,7 +65,7 @@ MAX_SPAWN_DEPTH = 100  # how deep a process tree may grow (each spawn counts aga
 class Kernel:
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
-        self.lock = _lua.Lock()  # not re-entrant: methods named *_locked expect it held
+        self.lock = _kernel.Lock()  # not re-entrant: methods named *_locked expect it held
         self.store = Store(config.data_dir, config.log_retention)
         self.timers = Timers()
         self.sync = SyncTable(self.lock, self.timers)
@@ -78,7 +78,7 @@ class Kernel:
         )
         self.procs: dict[int, Process] = {}
         # The C side: messages between Lua processes, and switching between them.
-        self.core = _lua.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
+        self.core = _kernel.Core(self.lock, self.procs, self.scheduler, lambda: self.store.take_ids("message"),
                               self.quantum_ns, Process, config.max_message_bytes)
         self.core.refill_ids()
         self.dead_letters = DeadLetters(self.store, self.procs, self.core.new_message, self._deliver,
@@ -932,8 +932,8 @@ def _fits(value: Any, limit: int) -> bool:
     if (value is None or type(value) in _SCALARS) and limit >= 11:  # a number or a flag: at most 11 bytes
         return True
     try:
-        _lua.value_size(value, limit)
-    except _lua.TooLarge:
+        _kernel.value_size(value, limit)
+    except _kernel.TooLarge:
         return False
     return True
 

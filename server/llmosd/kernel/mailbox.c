@@ -1,5 +1,5 @@
 /*
- * Mailboxes with Erlang-style selective receive (part of the llmosd._lua
+ * Mailboxes with Erlang-style selective receive (part of the llmosd._kernel
  * module; mailbox.py re-exports them).
  *
  * A mailbox keeps messages in arrival order. `take` removes the oldest
@@ -116,7 +116,7 @@ static PyMethodDef Lock_methods[] = {
 
 PyTypeObject LockType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmosd._lua.Lock",
+    .tp_name = "llmosd._kernel.Lock",
     .tp_doc = "Lock(): the kernel lock, not re-entrant; a context manager",
     .tp_basicsize = sizeof(Lock),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -317,7 +317,7 @@ static PyMemberDef Message_members[] = {
 
 PyTypeObject MessageType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmosd._lua.Message",
+    .tp_name = "llmosd._kernel.Message",
     .tp_doc = "Message(id, sender, to, tag, body, data, correlation_id, sent_at_ms): immutable",
     .tp_basicsize = sizeof(Message),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -413,7 +413,7 @@ static PyMemberDef Match_members[] = {
 
 PyTypeObject MatchType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmosd._lua.Match",
+    .tp_name = "llmosd._kernel.Match",
     .tp_doc = "Match(sender=None, tag=None, correlation_id=None): a receive filter; None matches anything",
     .tp_basicsize = sizeof(Match),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -743,7 +743,7 @@ static PySequenceMethods Mailbox_as_sequence = {.sq_length = (lenfunc)Mailbox_le
 
 PyTypeObject MailboxType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmosd._lua.Mailbox",
+    .tp_name = "llmosd._kernel.Mailbox",
     .tp_doc = "Mailbox(owner, limit, core, durable=False, byte_limit=0): a process's messages, with selective "
               "receive",
     .tp_basicsize = sizeof(Mailbox),
@@ -772,11 +772,11 @@ int llmos_messaging_init(PyObject *module)
         return -1;
     ResourceExhausted = PyObject_GetAttrString(errors, "ResourceExhausted");
     Py_DECREF(errors);
-    llmos_BadValue = PyErr_NewExceptionWithDoc("llmosd._lua.BadValue",
+    llmos_BadValue = PyErr_NewExceptionWithDoc("llmosd._kernel.BadValue",
                                                "A value that cannot cross into the kernel; args[0] says why.", NULL,
                                                NULL);
     llmos_TooLarge = llmos_BadValue == NULL ? NULL : PyErr_NewExceptionWithDoc(
-        "llmosd._lua.TooLarge", "A value over the message size limit; args[0] says so.", llmos_BadValue, NULL);
+        "llmosd._kernel.TooLarge", "A value over the message size limit; args[0] says so.", llmos_BadValue, NULL);
     if (llmos_TooLarge == NULL || PyModule_AddObjectRef(module, "BadValue", llmos_BadValue) < 0
         || PyModule_AddObjectRef(module, "TooLarge", llmos_TooLarge) < 0
         || PyModule_AddFunctions(module, messaging_functions) < 0)

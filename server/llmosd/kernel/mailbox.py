@@ -17,11 +17,11 @@ through them without entering Python (see lua/fast_paths.c):
 """
 from __future__ import annotations
 
-from ..native import _lua
+from ..native import _kernel
 
-Message = _lua.Message
-Match = _lua.Match
-Mailbox = _lua.Mailbox
-ANY = _lua.ANY
+Message = _kernel.Message
+Match = _kernel.Match
+Mailbox = _kernel.Mailbox
+ANY = _kernel.ANY
 
 __all__ = ["ANY", "Mailbox", "Match", "Message"]

@@ -45,8 +45,8 @@ typedef struct {
     Py_ssize_t head, count, capacity;
     PyObject *receivers; /* list of (waiter, match), in arrival order; waiter None: the owner, see `blocked` */
     PyObject *blocked;   /* the owner's Process while it waits in a receive that lua/fast_paths.c registered */
-    PyObject *core;      /* the kernel's _lua.Core, which wakes the owner */
-    PyObject *owner_state; /* borrowed: the owner's _lua.State while it has one (a Lua process's) */
+    PyObject *core;      /* the kernel's _kernel.Core, which wakes the owner */
+    PyObject *owner_state; /* borrowed: the owner's _kernel.State while it has one (a Lua process's) */
     char durable;        /* a port's: a message must be stored before Send answers (the kernel's Python side) */
     long long sent;      /* messages the owner sent */
     long long received;  /* messages handed to a receiver or taken out */

@@ -105,7 +105,7 @@ static PyMemberDef ProcessFields_members[] = {
 
 PyTypeObject ProcessFieldsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmosd._lua.ProcessFields",
+    .tp_name = "llmosd._kernel.ProcessFields",
     .tp_doc = "The fields of a Process that the C side reads and writes (see kernel/process.c).",
     .tp_basicsize = sizeof(ProcessFields),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.errors import PermissionDenied
-from ..native import _lua
+from ..native import _kernel
 from .waiting import Waiter
 
 # States, as in the .proto.
@@ -60,7 +60,7 @@ NO_LIMITS = Limits()  # none asked for: the server's defaults apply
 
 
 @dataclass(eq=False, slots=True)
-class Process(_lua.ProcessFields):
+class Process(_kernel.ProcessFields):
     """What the kernel knows about a process. The fields the C side reads and writes on every
     message and hand-off are ProcessFields' (kernel/process.c), set to their defaults when the
     process is made: state (RUNNABLE), blocked_on (the blocking syscall, shown while BLOCKED),

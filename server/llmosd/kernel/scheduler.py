@@ -100,7 +100,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..native import _lua
+from ..native import _kernel
 from .process import DEFAULT_WEIGHT, Process
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ class Scheduler:
         """Queue `proc` to run. Safe from any thread, with or without the kernel lock.
         A `new` (just spawned) process never preempts a running one: as with
         CFS's default, the spawner keeps its CPU until its quantum is spent."""
-        if not _lua.offer_next(proc):  # else it runs next on this worker (see module docstring)
+        if not _kernel.offer_next(proc):  # else it runs next on this worker (see module docstring)
             self._enqueue(proc, new)
 
     def set_namespace_weight(self, namespace: str, weight: int) -> None:
@@ -400,7 +400,7 @@ class Scheduler:
         a queued process would be picked before it and no free CPU takes it, a
         process it woke waits in runnext, or this thread is due to check in with
         the sysmon (`preempt` or the end of the slice does)."""
-        if _lua.has_next():
+        if _kernel.has_next():
             return True
         if self._due and threading.get_ident() in self._due:
             return True
@@ -442,7 +442,7 @@ class Scheduler:
         self.running[ident] = proc
 
     def _flush_next(self) -> None:
-        nxt = _lua.take_next()
+        nxt = _kernel.take_next()
         if nxt is not None:
             self._enqueue(nxt)
 
@@ -528,11 +528,11 @@ class Scheduler:
     # -- workers ---------------------------------------------------------------------
     def _worker(self) -> None:
         ident = threading.get_ident()
-        _lua.become_worker()
+        _kernel.become_worker()
         holding = False
         slice_began = 0  # when this worker last took a process from the queue
         while True:
-            proc = _lua.take_next()
+            proc = _kernel.take_next()
             highest = self._queue.highest  # None: nobody queued
             if proc is not None and highest is not None and (
                 highest > proc.priority or time.perf_counter_ns() - slice_began >= self.quantum_ns

@@ -1,5 +1,5 @@
 /*
- * llmosd._lua's core: the kernel's C side of messages between processes,
+ * llmosd._kernel's core: the kernel's C side of messages between processes,
  * and of handing a worker's CPU from one Lua process to the next.
  *
  * send and try_recv, two of a state's bridge functions (see lua/state.c), are C
@@ -776,7 +776,7 @@ static PyMethodDef Core_methods[] = {
 
 PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmosd._lua.Core",
+    .tp_name = "llmosd._kernel.Core",
     .tp_doc = "Core(lock, procs, scheduler, reserve_ids, quantum_ns, process_type, max_message_bytes): the kernel's "
               "C side, where Lua "
               "processes send, receive and hand the CPU to each other without entering Python; process_type is "

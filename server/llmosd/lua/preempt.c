@@ -1,5 +1,5 @@
 /*
- * Asynchronous preemption of Lua processes (part of the llmosd._lua module).
+ * Asynchronous preemption of Lua processes (part of the llmosd._kernel module).
  *
  * A Lua count hook makes Lua 5.4 trap on every instruction, which slows a
  * CPU-bound program down more than twofold. Instead, a process's main

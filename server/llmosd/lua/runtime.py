@@ -1,12 +1,12 @@
 """The Lua userland: one sandboxed Lua 5.4 state per process.
 
-Each process's state is an _lua.State (lua/state.c), with the sandbox
+Each process's state is an _kernel.State (lua/state.c), with the sandbox
 (lua/sandbox.c) built into it, which runs the program as a coroutine.
 Non-blocking syscalls (send, spawn, kill, ...) are direct calls into the
 bridge below; blocking ones (recv with nothing to take, wait, sleep, infer,
 exit) yield to the kernel, which parks the process until its waiter completes
 and then resumes it. Messages between processes are the C side's (the
-kernel's _lua.Core): send and try_recv here, and the receive that blocks,
+kernel's _kernel.Core): send and try_recv here, and the receive that blocks,
 handle only what it leaves to Python.
 
 Only plain values ever cross into the program, converted by lua/state.c: bridge
@@ -28,7 +28,7 @@ from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimpl
 from ..kernel.acks import Leased
 from .library import library
 from ..kernel.mailbox import ANY, Match, Message
-from ..native import _lua
+from ..native import _kernel
 from ..kernel.process import Process
 from ..kernel.config import SpawnSpec
 
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 # The scheduler interrupts a running program with this signal (see lua/preempt.c).
 PREEMPT_SIGNAL = signal.SIGURG  # ignored by default, so a stray one is harmless
-_lua.setup_preemption(PREEMPT_SIGNAL)
-_lua.set_sys_layout(lua_layout())  # every state's sys table, from the syscall table
+_kernel.setup_preemption(PREEMPT_SIGNAL)
+_kernel.set_sys_layout(lua_layout())  # every state's sys table, from the syscall table
 
 
 MEMORY_ERROR = "not enough memory"
@@ -59,7 +59,7 @@ def lua_syntax_error(source: str, name: str) -> str | None:
 
 
 def _syntax_error(source: str, name: str) -> str | None:
-    return _lua.syntax_error(source.encode(), f"={name}".encode())
+    return _kernel.syntax_error(source.encode(), f"={name}".encode())
 
 
 _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
@@ -70,7 +70,7 @@ _remembered_syntax_error = functools.lru_cache(maxsize=256)(_syntax_error)
 # bytes, a number as it is, a table as a dict or list already checked against
 # the value model (messaging.h: text strings, finite numbers, integers within
 # +-2^53, text keys, at most 32 levels deep, at most the message size limit),
-# and a value that cannot cross as a _lua.BadValue (or TooLarge) saying why.
+# and a value that cannot cross as a _kernel.BadValue (or TooLarge) saying why.
 
 def from_lua(value: Any, what: str = "value") -> Any:
     """A value from Lua as a JSON-shaped Python value, or InvalidArgument
@@ -93,9 +93,9 @@ def from_lua(value: Any, what: str = "value") -> Any:
         if not math.isfinite(value):
             raise InvalidArgument(f"{what}: NaN and infinity are not JSON numbers")
         return value
-    if kind is _lua.TooLarge:
+    if kind is _kernel.TooLarge:
         raise ResourceExhausted(f"{what}: {value.args[0]}")
-    if kind is _lua.BadValue:
+    if kind is _kernel.BadValue:
         raise InvalidArgument(f"{what}: {value.args[0]}")
     raise InvalidArgument(f"{what}: a {kind.__name__} cannot be sent or returned")
 
@@ -104,7 +104,7 @@ def arguments(syscall: str, **given: Any) -> tuple[Any, ...]:
     """sys.<syscall>'s arguments checked by its table entry (api/checks.py arguments), worded
     "sys.<syscall>: ..."; a table that could not cross from Lua says why first."""
     for key, value in given.items():
-        if type(value) in (_lua.BadValue, _lua.TooLarge):
+        if type(value) in (_kernel.BadValue, _kernel.TooLarge):
             from_lua(value, f"sys.{syscall}: {key}")
     return C.arguments(syscall, given, f"sys.{syscall}: ")
 
@@ -141,7 +141,7 @@ class LuaProcess:
         self.proc = proc
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
-        self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
+        self.state = _kernel.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
         self.state.open_sandbox(
             self, proc, kernel.core, self.source().encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,

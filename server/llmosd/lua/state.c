@@ -1,5 +1,8 @@
 /*
- * llmosd._lua: the kernel's binding to the Lua states of its processes.
+ * llmosd._kernel, the kernel's C side, is one extension module: the kernel lock, mailboxes and
+ * messages (kernel/mailbox.c), process fields (kernel/process.c), the core that moves messages and
+ * hands the CPU between Lua processes (lua/fast_paths.c, lua/preempt.c) and, here, its processes'
+ * Lua states. One module, because those hot paths call each other directly (no capsule indirection).
  *
  * A State is one process's Lua 5.4 state: only the libraries the sandbox
  * keeps (base, coroutine, table, string, math, utf8, os), memory counted and
@@ -983,7 +986,7 @@ static PyMemberDef State_members[] = {
 
 PyTypeObject StateType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmosd._lua.State",
+    .tp_name = "llmosd._kernel.State",
     .tp_doc = "State(memory_limit=0, value_limit=0): a process's Lua state; the most bytes it may hold, and that "
               "one value it gives the kernel may take (encoded; 0: no limit)",
     .tp_basicsize = sizeof(State),
@@ -1164,11 +1167,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_lua", "The kernel's binding to the Lua states of its processes.", -1, methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_kernel", "The kernel's C side: its lock, mailboxes, processes' fields and Lua states.",
+    -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__lua(void)
+PyMODINIT_FUNC PyInit__kernel(void)
 {
     PyObject *m;
     if (PyType_Ready(&StateType) < 0)
