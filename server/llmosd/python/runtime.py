@@ -385,7 +385,8 @@ class ServerLogCopier:
             if self._begun:  # a last line without its newline
                 self._end_line()
         except OSError as e:
-            log.warning("pid %d: its output is no longer copied to the server's log: %s", self.proc.pid, e)
+            log.warning("pid %d's output is no longer copied to the server's log: %s", self.proc.pid, e,
+                        extra={"pid": self.proc.pid})
 
     def _copy(self, output: BinaryIO) -> bool:
         """Copy what the agent has written since the last look (at most `behind_bytes`); whether
@@ -393,8 +394,8 @@ class ServerLogCopier:
         behind = os.fstat(output.fileno()).st_size - output.tell()
         if behind > self.behind_bytes:
             output.seek(behind - self.behind_bytes, os.SEEK_CUR)
-            log.warning("pid %d: %d bytes of its output left out of the server's log (written faster than "
-                        "copied)", self.proc.pid, behind - self.behind_bytes)
+            log.warning("pid %d's output: %d bytes left out of the server's log (written faster than copied)",
+                        self.proc.pid, behind - self.behind_bytes, extra={"pid": self.proc.pid})
             behind, self._skipping = self.behind_bytes, True
             self._new_line()
         left = behind
