@@ -484,6 +484,35 @@ def test_the_audit_log_is_bounded(tmp_path: pathlib.Path) -> None:
         s.stop(signal.SIGKILL)
 
 
+def test_audit_rows_of_a_server_before_audit_db_are_kept(tmp_path: pathlib.Path) -> None:
+    """The audit log moved from kernel.db to audit.db (its batches held up the store's writes):
+    the rows an older server wrote come along, and kernel.db keeps no audit table."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sqlite3.connect(data / "kernel.db")
+    old.executescript("CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, "
+                      "namespace TEXT NOT NULL, who TEXT NOT NULL, method TEXT NOT NULL, target TEXT NOT NULL, "
+                      "outcome TEXT NOT NULL);"
+                      "INSERT INTO audit (at_ms, namespace, who, method, target, outcome) "
+                      "VALUES (1, 'default', 'owner (no token)', 'Kill', 'pid=7', 'OK');")
+    old.commit()
+    old.close()
+    s = LlmosdServer(data, "--model", "none", userland_root=USERLAND)
+    s.start()
+    try:
+        with llmos.Client(s.target, token=(s.data_dir / "admin.token").read_text().strip()) as admin:
+            admin.spawn(lua="return 1")
+            entries = admin.read_audit(limit=100)
+            assert [(e["method"], e["target"]) for e in entries[-1:]] == [("Kill", "pid=7")]
+            assert entries[0]["method"] == "Spawn"
+    finally:
+        s.stop(signal.SIGKILL)
+    tables = sqlite3.connect(data / "kernel.db").execute("SELECT name FROM sqlite_master WHERE type='table'")
+    assert "audit" not in {name for (name,) in tables}
+
+
 def test_only_a_ports_opener_closes_it(world: World) -> None:
     port = world.c["owner"].open_port()
     assert _code(lambda: world.c["owner2"].kill(port)) == "PERMISSION_DENIED"

@@ -147,6 +147,8 @@ def _decoded(value: Any, what: str) -> Any:
 
 def string(value: Any, what: str) -> str:
     """UTF-8 text of any length (whoever stores it counts its size)."""
+    if type(value) is str and value.isascii():  # valid UTF-8 as it is: the common case, checked at once
+        return value
     value = _decoded(value, what)
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string")
@@ -183,6 +185,8 @@ def receiver(value: Any, what: str) -> int | str:
 
 def text(value: Any, what: str) -> str:
     """A short text (tag, correlation id, reason): str of at most MAX_TEXT_BYTES UTF-8 bytes."""
+    if type(value) is str and value.isascii() and len(value) <= MAX_TEXT_BYTES:  # a byte per character
+        return value
     value = string(value, what)
     size = _utf8_size(value, what)
     if size > MAX_TEXT_BYTES:
@@ -291,8 +295,19 @@ def options(given: Any, what: str, arg: Arg, prefix: str) -> dict[str, Any]:
         return {}
     if not isinstance(given, dict):
         raise InvalidArgument(f"{what}: expected a table of options")
-    known_options(given, tuple(o.name for o in arg.options), what)
-    return {o.name: argument(o, given.get(o.name), prefix) for o in arg.options if given.get(o.name) is not None}
+    index = _OPTION_INDEX.get(id(arg))
+    if index is None:
+        index = _OPTION_INDEX[id(arg)] = {o.name: i for i, o in enumerate(arg.options)}
+    if not index.keys() >= given.keys():
+        known_options(given, tuple(index), what)
+    # Those given, checked in the entry's order (the first bad one is the one named).
+    given_options = sorted(index[key] for key, value in given.items() if value is not None)
+    return {(o := arg.options[i]).name: argument(o, given[o.name], prefix) for i in given_options}
+
+
+# id(an options Arg of the table) -> each key's place in its options (needed on every call; the
+# table's Args live as long as the server).
+_OPTION_INDEX: dict[int, dict[str, int]] = {}
 
 
 KINDS = {
@@ -316,4 +331,4 @@ def arguments(syscall: str, given: dict[str, Any], prefix: str = "") -> tuple[An
     """The syscall's arguments (by name; left out: None) checked by its table entry, in the
     entry's order. `prefix` names the syscall as the caller knows it ("sys.kill: " from a
     program, "" from gRPC, whose fields are the arguments' names)."""
-    return tuple(argument(a, given.get(a.name), prefix) for a in BY_NAME[syscall].args)
+    return tuple([argument(a, given.get(a.name), prefix) for a in BY_NAME[syscall].args])

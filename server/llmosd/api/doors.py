@@ -46,11 +46,23 @@ CALL_SECONDS = Histogram("llmos_syscall_seconds", "Time to answer a unary syscal
                          buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0))
 
 
+# Their children by label values (labels() validates and locks on every call; the labels are
+# bounded: methods by statuses).
+_CALLS_BY: dict[tuple[str, str], Any] = {}
+_SECONDS_BY: dict[str, Any] = {}
+
+
 def count_call(method: str, code: str, began: float | None = None) -> None:
     """Count an answered call; `began` (perf_counter) also times it."""
-    CALLS.labels(method, code).inc()
+    counter = _CALLS_BY.get((method, code))
+    if counter is None:
+        counter = _CALLS_BY[method, code] = CALLS.labels(method, code)
+    counter.inc()
     if began is not None:
-        CALL_SECONDS.labels(method).observe(time.perf_counter() - began)
+        seconds = _SECONDS_BY.get(method)
+        if seconds is None:
+            seconds = _SECONDS_BY[method] = CALL_SECONDS.labels(method)
+        seconds.observe(time.perf_counter() - began)
 
 
 def finish_call(identity: Identity, method: str, req: Any, code: str, began: float | None = None) -> None:

@@ -6,7 +6,7 @@ its headers on as the same metadata. The handlers (api/syscalls.py) read the res
 from __future__ import annotations
 
 import contextvars
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -36,7 +36,8 @@ class Identity:
         self.agents = agents
         self.single_user = single_user
 
-    def caller_of(self, metadata: Any, auth_context: dict[str, list[bytes]] | None = None) -> Caller:
+    def caller_of(self, metadata: Any, auth_context: Callable[[], dict[str, list[bytes]]] | None = None) -> Caller:
+        """`auth_context`: the call's (asked only for a call without a token: it costs more than the rest)."""
         if self.agents:
             tokens = [v for key, v in metadata if key == TOKEN_HEADER]
             python = self.k.runtimes.get(PYTHON)
@@ -47,7 +48,7 @@ class Identity:
             return process_caller(pid, proc.namespace)
         bearer = [v for key, v in metadata if key == AUTHORIZATION]
         if not bearer:
-            names = (auth_context or {}).get("x509_common_name")
+            names = (auth_context() if auth_context is not None else {}).get("x509_common_name")
             if names:  # a client certificate the listener's --tls-client-ca verified
                 return _certificate_caller(names[0].decode(errors="replace"))
             if self.single_user:
@@ -62,7 +63,7 @@ class Identity:
     def check(self, method: str, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
         """Set CALLER for the call and return the request, checked (a stream is
         checked message by message)."""
-        caller = self.caller_of(ctx.invocation_metadata() or (), ctx.auth_context())
+        caller = self.caller_of(ctx.invocation_metadata() or (), ctx.auth_context)
         CALLER.set(caller)
         if BY_RPC[method].rule == ADMIN_ONLY and caller.role != ADMIN:
             raise PermissionDenied(f"{method} is for admin tokens")

@@ -680,7 +680,8 @@ class Kernel:
             lines = proc.runtime.log_lines(MAX_LOG_LINES) if proc.runtime is not None else None
             if lines is not None:
                 self.logs.replace(proc, lines)  # in place: `rec` shares the list
-            self.store.record_log(proc.pid, list(proc.log), proc.log_dropped)
+            if proc.log or proc.log_dropped:
+                self.store.record_log(proc.pid, list(proc.log), proc.log_dropped)
             self.runtimes[proc.kind].ended(proc)
         if self.inference is not None:
             self.inference.process_ended(proc.pid)  # its conversation contexts
@@ -922,8 +923,13 @@ def _file_hash(path: str) -> str | None:
         return None
 
 
+_SCALARS = (int, float, bool)
+
+
 def _fits(value: Any, limit: int) -> bool:
     """Whether a (checked) value encodes in at most `limit` bytes."""
+    if (value is None or type(value) in _SCALARS) and limit >= 11:  # a number or a flag: at most 11 bytes
+        return True
     try:
         _lua.value_size(value, limit)
     except _lua.TooLarge:

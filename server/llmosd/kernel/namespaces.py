@@ -101,7 +101,7 @@ class Namespaces:
     def reserve_locked(self, name: str, asked: Limits, limits: Limits) -> Limits:
         """A new process's `limits` within what its namespace has left of each reserved quota
         (`asked`: what the caller asked for explicitly), reserved for it. Kernel lock held."""
-        quotas, reserved = self.quotas(name), self._reserved.setdefault(name, dict.fromkeys(RESERVED, 0))
+        quotas, reserved = self.quotas(name), self._reserved_locked(name)
         lowered = {}
         for key in RESERVED:
             quota = getattr(quotas, key)
@@ -122,9 +122,15 @@ class Namespaces:
 
     def add_locked(self, name: str, limits: Limits) -> None:
         """Count a process's limits against its namespace (also a port restored at start)."""
-        reserved = self._reserved.setdefault(name, dict.fromkeys(RESERVED, 0))
+        reserved = self._reserved_locked(name)
         for key in RESERVED:
             reserved[key] += getattr(limits, key)
+
+    def _reserved_locked(self, name: str) -> dict[str, int]:
+        reserved = self._reserved.get(name)  # (setdefault would build a dict on every spawn)
+        if reserved is None:
+            reserved = self._reserved[name] = dict.fromkeys(RESERVED, 0)
+        return reserved
 
     def release_locked(self, name: str, limits: Limits) -> None:
         reserved = self._reserved[name]

@@ -51,9 +51,12 @@ class Limits:
         }
 
     def with_defaults(self, defaults: Limits) -> Limits:
-        if not any(self.as_dict().values()):
+        if self == NO_LIMITS:
             return defaults  # limits are never changed once set, so they can be shared
         return Limits(**{name: getattr(self, name) or getattr(defaults, name) for name in self.__slots__})
+
+
+NO_LIMITS = Limits()  # none asked for: the server's defaults apply
 
 
 @dataclass(eq=False, slots=True)

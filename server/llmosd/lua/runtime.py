@@ -22,14 +22,14 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..api import checks as C
-from ..api.authority import process_caller
+from ..api.authority import Caller, process_caller
 from ..api.table import LUA_CALLS, lua_layout
 from ..api.errors import InvalidArgument, KernelError, ResourceExhausted, Unimplemented
 from ..kernel.acks import Leased
 from .library import library
 from ..kernel.mailbox import ANY, Match, Message
 from ..native import _lua
-from ..kernel.process import Limits, Process
+from ..kernel.process import Process
 from ..kernel.config import SpawnSpec
 
 if TYPE_CHECKING:
@@ -139,7 +139,6 @@ class LuaProcess:
     def __init__(self, kernel: Kernel, proc: Process) -> None:
         self.kernel = kernel
         self.proc = proc
-        self.caller = process_caller(proc.pid, proc.namespace)  # who its syscalls act as (api/authority.py)
         # The state keeps the slice clock: slice_start (perf_counter_ns), in_slice,
         # cpu_ns, and begin_slice/end_slice, which charge the slice to the process.
         self.state = _lua.State(proc.limits.memory_bytes, kernel.config.max_message_bytes)
@@ -147,6 +146,12 @@ class LuaProcess:
             self, proc, kernel.core, self.source().encode(), f"={proc.program_name}".encode(), proc.args,
             kernel.config.hook_instructions,
         )
+
+    @functools.cached_property
+    def caller(self) -> Caller:
+        """Who its syscalls act as (api/authority.py); made on its first syscall that needs one (a
+        short program may make none)."""
+        return process_caller(self.proc.pid, self.proc.namespace)
 
     def source(self) -> str:
         """The program the state runs."""
@@ -288,13 +293,7 @@ class LuaProcess:
         """sys.spawn{lua = source, args = ...} as a SpawnSpec, its options checked by the table's
         entry (the Kernel checks the program, name and ranges)."""
         (spec,) = arguments("spawn", options=spec)
-        return SpawnSpec(
-            lua=spec.get("lua"), python=spec.get("python"), path=spec.get("path"), args=spec.get("args"),
-            name=spec.get("name"), priority=spec.get("priority", 0), weight=spec.get("weight", 0),
-            limits=spec.get("limits", Limits()), parent=self.proc.pid, monitor=spec.get("monitor", False),
-            source_name=spec.get("source_name"), dead_letter=spec.get("dead_letter", 0),
-            max_attempts=spec.get("max_attempts", 0), durable=spec.get("durable", False),
-        )
+        return SpawnSpec(parent=self.proc.pid, **spec)  # the entry's options are SpawnSpec's fields
 
     def kill(self, pid: Any = None, reason: Any = None) -> bool:
         pid, reason = arguments("kill", pid=pid, reason=reason)

@@ -792,10 +792,11 @@ static PyObject *State_open_sandbox(State *state, PyObject *args)
  * which Usage reports and limits.cpu_ms bounds. They differ when the host
  * has fewer cores than there are virtual CPUs, or is busy. The thread's CPU
  * clock costs a system call (~0.4 µs, twenty times the monotonic clock): it
- * is read around a process's first slice and around slices that follow a
- * long one (a CPU-bound process's); a short slice, such as one of a message
- * hand-off, is charged its wall time, which it cannot exceed by more than its
- * own length. */
+ * is read when a process's first slice and slices that follow a long one (a
+ * CPU-bound process's) begin, and when they end if they lasted
+ * MEASURE_AFTER_NS; a short slice, such as one of a message hand-off or a
+ * short program's whole life, is charged its wall time, which it cannot
+ * exceed by more than its own length. */
 #define MEASURE_AFTER_NS 1000000LL /* slices at least this long have their successors' CPU time measured */
 
 static long long thread_cpu_ns(void)
@@ -824,7 +825,10 @@ static int end_slice(State *state, long long *now)
     *now = llmos_monotonic_ns();
     ran = *now - state->slice_start;
     state->cpu_ns += ran;
-    state->cpu_used_ns += state->measure_cpu ? thread_cpu_ns() - state->slice_cpu_start : ran;
+    /* A short slice is charged its wall time even when measured: the clock's second read (a
+     * system call, every spawn's first slice) would change its charge by less than its length. */
+    state->cpu_used_ns += state->measure_cpu && ran >= MEASURE_AFTER_NS ? thread_cpu_ns() - state->slice_cpu_start
+                                                                         : ran;
     state->measure_cpu = ran >= MEASURE_AFTER_NS;
     return state->proc != NULL ? llmos_charge(state->proc, ran) : 0;
 }
