@@ -223,6 +223,12 @@ def test_files_and_locks_are_per_namespace(world: World) -> None:
     a, b = owner.spawn(lua=FOREVER), other.spawn(lua=FOREVER)
     assert owner.acquire(a, "shared-name", timeout=0)
     assert other.acquire(b, "shared-name", timeout=0)  # a different lock: another namespace's
+    # Within a namespace its processes share one tree and one set of locks (docs/authority.md).
+    assert owner.acquire(owner.spawn(lua=FOREVER), "shared-name", timeout=0) is None  # a's, in alpha
+    writer = owner.spawn(lua='sys.fs.write("by-writer.txt", "from a sibling") return true')
+    assert owner.wait(writer, timeout=60).result is True
+    sibling = owner.spawn(lua='return sys.fs.read("by-writer.txt")')
+    assert owner.wait(sibling, timeout=60).result == "from a sibling"
 
 
 def test_a_client_takes_no_leased_message_from_a_process(world: World) -> None:

@@ -217,6 +217,43 @@ def test_a_message_received_before_the_crash_is_not_received_again(fresh_llmosd:
         nothing_more(k, port)
 
 
+# Two durable processes exchanging messages (the C fast path journals both sides once they are live).
+PING_PONG = textwrap.dedent("""
+    local peer = sys.spawn{lua = [==[
+        local sum = 0
+        for i = 1, args do local m = sys.recv{} ; sum = sum + m.body ; sys.send(m.from, m.body) end
+        return sum
+    ]==], args = args.n, durable = true}
+    sys.recv{tag = "go"}
+    for i = 1, args.n do
+        sys.send(peer, i)
+        local m = sys.recv{}
+        if m.body ~= i then error("round " .. i .. " got " .. tostring(m.body)) end
+    end
+    return {mine = args.n, peer = sys.wait(peer).result}
+""")
+
+
+def test_durable_ping_pong_killed_mid_run_ends_as_if_never_killed(fresh_llmosd: LlmosdServer) -> None:
+    n = 20_000
+    k = llmos.Client(fresh_llmosd.target)
+    pid = k.spawn(lua=PING_PONG, args={"n": n}, durable=True)
+    while k.get(pid).blocked_on != "recv":
+        time.sleep(0.01)
+    k.send(pid, None, tag="go")
+    for _ in range(3):  # a kill leaves a message in flight about every other time
+        deadline = time.monotonic() + WAIT_S
+        while (info := k.get(pid)).usage["messages_sent"] < 1000:  # killed mid-run, with both live
+            assert time.monotonic() < deadline, "the pair stopped exchanging messages"
+            time.sleep(0.002)
+        assert info.state != "EXITED", "the run ended before the server could be killed"
+        k.close()
+        k = restart(fresh_llmosd)
+    with k:
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.error, info.result) == ("EXITED", "", {"mine": n, "peer": n * (n + 1) // 2})
+
+
 def test_durable_children_come_back_with_their_monitors(fresh_llmosd: LlmosdServer) -> None:
     program = textwrap.dedent("""
         local child = sys.spawn{lua = "return sys.recv{tag = 'go'}.body * 2", durable = true, monitor = true}

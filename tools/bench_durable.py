@@ -3,10 +3,12 @@
     python tools/bench_durable.py            # about a minute on 2 cores
     python tools/bench_durable.py --quick    # smaller counts, for a smoke test
     python tools/bench_durable.py --png out.png
+    python tools/bench_durable.py --only ping_pong   # one row (or a few: --only ping_pong replay)
 
 Rows (one table; each row runs against its peer in the same run):
 - durable Lua ping-pong: pairs of durable Lua processes, every send and receive journaled, round trips
-  per second over all pairs, against the same pairs not durable (target >= 20,000 rt/s);
+  per second over all pairs, against the same pairs not durable (target >= 20,000 rt/s); it also prints
+  the server's CPU time per round trip, which other load on the machine changes less than the rate;
 - journaled syscalls per second, live (sys.now() in a loop in a durable process);
 - restart: N durable idle processes (default 10,000, each blocked in sys.recv), server kill -9'd and
   started again: seconds from the new server's start until all are back, blocked in their receive
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import pathlib
 import shutil
 import signal
@@ -108,9 +111,15 @@ def _wait_state(server: LlmosdServer, states: list[int], count: int, timeout: fl
         time.sleep(0.02)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux's /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ping_pong(b: Bench) -> Row:
     pairs, n = (4, 500) if b.quick else (8, 4000)
-    rates = {}
+    rates, cpu_us = {}, {}
     server = b.server("ping-pong")
     server.start()
     try:
@@ -119,6 +128,7 @@ def ping_pong(b: Bench) -> Row:
                 pids = [k.spawn(lua=PINGER_LUA, args={"n": n, "durable": durable}, durable=durable)
                         for _ in range(pairs)]
                 _wait_state(server, [pb.BLOCKED], 2 * pairs, 60)
+                cpu = _cpu_seconds(server.pid)
                 start = time.perf_counter()
                 for pid in pids:
                     k.send(pid, None, tag="go")
@@ -127,8 +137,12 @@ def ping_pong(b: Bench) -> Row:
                     assert info is not None and info.state == "EXITED", info
                 rate = pairs * n / (time.perf_counter() - start)
                 rates[durable] = max(rates.get(durable, 0.0), rate)
+                used = (_cpu_seconds(server.pid) - cpu) / (pairs * n) * 1e6
+                cpu_us[durable] = min(cpu_us.get(durable, used), used)
     finally:
         server.stop()
+    print(f"  ping-pong: server CPU per round trip {cpu_us[True]:.1f} us durable, {cpu_us[False]:.1f} us not durable",
+          flush=True)
     return Row(f"durable Lua ping-pong, {pairs} pairs", rates[True], "rt/s", "not durable", rates[False],
                ">= 20,000 rt/s", rates[True] >= 20_000)
 
@@ -345,11 +359,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--png", help="also draw the rows (ours against the peer) into this PNG (matplotlib)")
+    parser.add_argument("--only", nargs="+", choices=[row.__name__ for row in ROWS], metavar="ROW",
+                        help=f"run only these rows: {', '.join(row.__name__ for row in ROWS)}")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args.quick, pathlib.Path(tmp), args.cpus)
         for row in ROWS:
+            if args.only and row.__name__ not in args.only:
+                continue
             made = row(bench)
             for r in made if isinstance(made, list) else [made]:
                 rows.append(r)

@@ -34,7 +34,6 @@ receives, infer calls whose result was not journaled yet (they run again).
 from __future__ import annotations
 
 import hashlib
-import json
 import marshal
 from typing import Any, Iterable
 
@@ -106,10 +105,9 @@ def _message_fields(m: Message) -> tuple:
     return (m.id, m.sender, m.to, m.tag, m.body, m.data, m.correlation_id, m.sent_at_ms)
 
 
-def message_row(m: Message) -> tuple[str, tuple]:
-    """The op that stores `m` in its durable receiver's mailbox."""
-    return STORE_MESSAGE, (m.id, m.to, m.sender, m.tag, json.dumps(m.body), m.data, m.correlation_id, m.sent_at_ms,
-                           m.notify_undelivered)
+def message_row(m: Message) -> tuple[str, Message]:
+    """The op that stores `m` in its durable receiver's mailbox (its row is made by the store's writer)."""
+    return STORE_MESSAGE, m
 
 
 class ProcessJournal:

@@ -187,8 +187,8 @@ class Store:
         # kernel never waits while a batch is being written.
         self._pending: dict[int, list[Any]] = {}
         self._pending_updates: dict[int, dict[str, Any]] = {}
-        self._ordered: list[tuple[str, tuple]] = []  # durable writes, in the order they must be applied
-        self._pending_writes: list[Callable[[sqlite3.Connection], None]] = []  # write_later's
+        # Durable writes (sql, params) and write_later's (None, write), in the order they must be applied.
+        self._ordered: list[tuple[str | None, Any]] = []
         self._pending_logs: dict[int, tuple[int, list[tuple[int, str]]]] = {}  # pid -> (dropped, lines)
         self.log_retention = log_retention
         self._logs_unpruned = 0  # logs written since the table was last cut to log_retention
@@ -365,9 +365,10 @@ class Store:
             self._db.execute("COMMIT")
 
     def write_later(self, write: Callable[[sqlite3.Connection], None]) -> None:
-        """Run `write` with the connection in the write-behind thread's next batch (its transaction)."""
+        """Run `write` with the connection in the write-behind thread's next batch (its transaction), in
+        the ordered queue: after the durable writes queued before it, before those queued after."""
         with self._pending_lock:
-            self._pending_writes.append(write)
+            self._ordered.append((None, write))
             self._flush_wanted.notify()
 
     def query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
@@ -390,7 +391,7 @@ class Store:
         return self.port_messages(pid)
 
     # durable processes (kernel/journal.py) -------------------------------------------------
-    def enqueue(self, ops: list[tuple[str, tuple]]) -> None:
+    def enqueue(self, ops: list[tuple[str, Any]]) -> None:
         """Queue writes of durable state, applied in order with the next batch, all of `ops` in one transaction."""
         with self._pending_lock:
             self._ordered.extend(ops)
@@ -433,9 +434,8 @@ class Store:
             rows, self._pending = list(self._pending.values()), {}
             updates, self._pending_updates = self._pending_updates, {}
             ordered, self._ordered = self._ordered, []
-            writes, self._pending_writes = self._pending_writes, []
             logs, self._pending_logs = self._pending_logs, {}
-        if not rows and not updates and not ordered and not writes and not logs:
+        if not rows and not updates and not ordered and not logs:
             return
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
@@ -451,9 +451,10 @@ class Store:
                     chunk = values[start:start + ROWS_PER_STATEMENT]
                     self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
             for sql, params in _durable_batch(ordered):
-                self._db.executemany(sql, params)
-            for write in writes:  # after the ordered ones: they remove what those may have stored
-                write(self._db)
+                if sql is None:
+                    params(self._db)  # a write_later's
+                else:
+                    self._db.executemany(sql, params)
             if logs:
                 self._write_logs(logs)
         finally:
@@ -468,7 +469,7 @@ class Store:
         while True:
             with self._pending_lock:
                 while (not self._pending and not self._pending_updates and not self._ordered
-                       and not self._pending_writes and not self._pending_logs
+                       and not self._pending_logs
                        and not self._spares_wanted and not self._closed):
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
@@ -532,28 +533,50 @@ def _update_many(names: tuple[str, ...], n: int) -> str:
             " WHERE processes.pid=v.column1")
 
 
-# The durable writes (kernel/journal.py): a message's copy in a durable mailbox, and its removal.
+# The durable writes (kernel/journal.py): a message's copy in a durable mailbox, and its removal
+# (params: (id,)). A copy's params are the message itself (a Message, or anything with its fields):
+# the writer makes its row, off the kernel lock, and only if its batch does not remove it again.
 STORE_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?,?)"
 DELETE_MESSAGE = "DELETE FROM port_messages WHERE id=?"
 
 
-def _durable_batch(ordered: list[tuple[str, tuple]]) -> list[tuple[str, list[tuple]]]:
-    """A batch of the ordered queue as a few executemany calls with the same end state in its
-    transaction: a message whose last op in the batch removes it is not stored first (durable
-    processes hand most messages over at once), and the statements run inserts first (each row
-    is inserted once), then removals of messages by id, then the rest (removals of whole
-    processes' rows, which come after anything else of theirs)."""
-    last: dict[int, tuple[str, tuple]] = {}  # message id -> its last op in the batch
+def _message_params(m: Any) -> tuple:
+    return (m.id, m.to, m.sender, m.tag, _result_json(m.body), m.data, m.correlation_id, m.sent_at_ms,
+            m.notify_undelivered)
+
+
+def _durable_batch(ordered: list[tuple[str | None, Any]]) -> list[tuple[str | None, Any]]:
+    """A batch of the ordered queue as a few executemany calls (sql, rows) with the same end state
+    in its transaction, and write_later's writes (None, write) where they were queued. Between two
+    writes: a message whose last op there removes it is not stored first (durable processes hand
+    most messages over at once), and the statements run inserts first (each row is inserted
+    once), then removals of messages by id, then the rest (removals of whole processes' rows,
+    which come after anything else of theirs)."""
+    steps: list[tuple[str | None, Any]] = []
+    last: dict[int, tuple[str, Any]] = {}  # message id -> its last op since the last write
     by_sql: dict[str, list[tuple]] = {}
     for sql, params in ordered:
-        if sql is STORE_MESSAGE or sql is DELETE_MESSAGE:
+        if sql is STORE_MESSAGE:
+            last[params.id] = (sql, params)
+        elif sql is DELETE_MESSAGE:
             last[params[0]] = (sql, params)
-        else:
+        elif sql is not None:
             by_sql.setdefault(sql, []).append(params)
+        else:
+            _statements(steps, last, by_sql)
+            steps.append((None, params))
+            last, by_sql = {}, {}
+    _statements(steps, last, by_sql)
+    return steps
+
+
+def _statements(steps: list[tuple[str | None, Any]], last: dict[int, tuple[str, Any]],
+                by_sql: dict[str, list[tuple]]) -> None:
+    """_durable_batch's statements of the ops between two writes, in their order, onto `steps`."""
     for sql, params in last.values():
-        by_sql.setdefault(sql, []).append(params)
-    return sorted(by_sql.items(), key=lambda item: 0 if item[0].startswith("INSERT") else
-                  1 if item[0] is DELETE_MESSAGE else 2)
+        by_sql.setdefault(sql, []).append(_message_params(params) if sql is STORE_MESSAGE else params)
+    steps.extend(sorted(by_sql.items(), key=lambda item: 0 if item[0].startswith("INSERT") else
+                        1 if item[0] is DELETE_MESSAGE else 2))
 
 
 def _record(row: tuple) -> ProcessRecord:

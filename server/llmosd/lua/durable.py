@@ -4,9 +4,10 @@ recovery; docs/durable-agents.md is the user's guide).
 
 A durable process's bridge is a DurableLuaProcess: the same syscalls as LuaProcess's, each first
 asked of the journal (`replayed`): answered from it while the replay lasts, else done live and
-journaled. The C fast paths between Lua processes decline durable mailboxes (lua/fast_paths.c), so
-sends and receives come here too; blocking syscalls are journaled when answered (`answer`), and
-replayed by lua/slices.py before they would block.
+journaled. While it replays, the C fast paths between Lua processes decline it (lua/fast_paths.c), so
+its sends and receives come here; once live (State.journal_live), the C side sends and receives for
+it and journals through `journal_sent` and `answer`. Blocking syscalls are journaled when answered
+(`answer`), and replayed by lua/slices.py before they would block.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..api.errors import FailedPrecondition, KernelError, NotFound
 from ..kernel.acks import Leased
-from ..kernel.journal import LOCK_CALLS, REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash
+from ..kernel.journal import LOCK_CALLS, REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash, message_row
 from ..kernel.mailbox import Message
 from ..kernel.process import Process
 from .runtime import _CALLS, LuaProcess, arguments
@@ -63,6 +64,7 @@ class DurableLuaProcess(LuaProcess):
         self.cond_mutex: str | None = None  # the mutex a condition wait released, until it holds it again
         self.cond_resume: Any = None  # where a wait replayed to its journal's end goes on (_LIVE: released)
         super().__init__(kernel, proc)
+        self.state.journal_live = not self.journal.replaying
 
     def source(self) -> str:
         return DURABLE_PRELUDE % self.journal.seed + self.proc.program
@@ -76,10 +78,13 @@ class DurableLuaProcess(LuaProcess):
         if not journal.replaying:
             return _LIVE
         try:
-            return journal.replay(call, args)
+            answer = journal.replay(call, args)
         except Divergence as e:
             self.proc.kill_reason = REPLAY_DIVERGENCE  # ends it at its next check or blocking call
             return None, str(e).encode()
+        if not journal.replaying:
+            self.state.journal_live = True  # its replay is over: the C side sends and receives from here
+        return answer
 
     def lock_note(self, call: str, args: tuple) -> tuple | None:
         """What a lock call's entry says of its lock (kernel/journal.py's LOCK_CALLS): (name, kind, permits)."""
@@ -111,6 +116,15 @@ class DurableLuaProcess(LuaProcess):
             return self._sent
         journal.record("send", args, answer)  # refused: nothing was sent
         return answer
+
+    def journal_sent(self, args: tuple, msg: Message, stored: bool) -> None:
+        """lua/fast_paths.c's send of this live process (kernel lock held, `msg` not delivered yet): its
+        entry, with the message's copy if `stored` (a durable receiver), as one unit of the store's
+        queue, as Kernel.send queues a send from here."""
+        ops = self.journal.entry_ops("send", args_hash(args), (msg.id, len(self.proc.mailbox)))
+        if stored:
+            ops.append(message_row(msg))
+        self.journal.store.enqueue(ops)
 
     def try_recv(self, sender: Any, tag: Any, correlation_id: Any, timeout_ms: Any) -> tuple:
         args = (sender, tag, correlation_id, timeout_ms)

@@ -40,8 +40,8 @@ typedef struct {
 
 /* The Process attributes and values the C side reads and writes. */
 static PyObject *ResourceExhausted, *InvalidArgument; /* llmosd.errors' */
-static PyObject *S_state, *S_runtime, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *empty_text, *empty_bytes,
-    *no_values;
+static PyObject *S_state, *S_runtime, *S_RUNNABLE, *S_RUNNING, *S_BLOCKED, *S_recv, *S_answer, *S_pending_call,
+    *S_journal_sent, *S_check_room, *empty_text, *empty_bytes, *no_values;
 
 
 /* A process woken by the one this worker thread runs, to run next on this
@@ -264,6 +264,30 @@ static PyObject *text_field(lua_State *L, int idx)
 
 enum { SEND_DONE, SEND_DECLINED, SEND_REFUSED };
 
+/* A durable process's Python side (lua/durable.py), held weakly by its state; NULL (no exception) if gone. */
+static PyObject *bridge_of(State *state)
+{
+    PyObject *bridge = PyWeakref_GetObject(state->bridge);
+    return bridge != NULL && bridge != Py_None ? bridge : NULL;
+}
+
+/* A live durable sender's send of `msg` (its bridge arguments `args`) into `mailbox`, before it is
+ * delivered (kernel lock held): the message fits, and the journal has the send, with the message's
+ * copy if its receiver is durable, as one unit of the store's queue (kernel/journal.py), so that
+ * nothing its receiver does with it can come first in the journal. -1: not journaled (the Python
+ * side sends instead, and journals whatever it answers). */
+static int journal_send(State *state, PyObject *args, Message *msg, Mailbox *mailbox)
+{
+    PyObject *bridge = bridge_of(state), *done;
+    if (bridge == NULL || (done = PyObject_CallMethodOneArg((PyObject *)mailbox, S_check_room, (PyObject *)msg)) == NULL)
+        return -1;
+    Py_DECREF(done);
+    done = PyObject_CallMethodObjArgs(bridge, S_journal_sent, args, (PyObject *)msg,
+                                      mailbox->durable ? Py_True : Py_False, NULL);
+    Py_XDECREF(done);
+    return done != NULL ? 0 : -1;
+}
+
 /* sys.send(to, body, tag, data, correlation_id) to a process's mailbox, with
  * the GIL held: the message id and the sender's mailbox length on `id` and
  * `waiting`, or why it was refused in `error`. Declined: the Python side
@@ -271,16 +295,26 @@ enum { SEND_DONE, SEND_DECLINED, SEND_REFUSED };
 static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *waiting, char *error, size_t size)
 {
     Core *core = (Core *)state->core;
-    PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox;
+    PyObject *body, *tag = NULL, *correlation_id = NULL, *key = NULL, *dst, *mailbox, *args = NULL;
     Message *msg = NULL;
-    int result = SEND_DECLINED, delivered;
-    LuaValueBudget budget = llmos_value_budget(L);
-    if (core == NULL || state->mailbox == NULL || state->mailbox->durable) /* a durable sender journals its sends */
+    int result = SEND_DECLINED, delivered, journaled;
+    Py_ssize_t waiting_before;
+    LuaValueBudget budget;
+    /* A durable sender journals its sends: here once its replay is over, with the arguments as its
+     * Python side would get them (their hash is the journal's). */
+    if (core == NULL || state->mailbox == NULL || (state->mailbox->durable && !state->journal_live))
         return SEND_DECLINED;
+    journaled = state->mailbox->durable;
+    if (journaled && (args = llmos_values_to_tuple(L, NULL, 1, 7)) == NULL) {
+        PyErr_Clear();
+        return SEND_DECLINED;
+    }
+    budget = llmos_value_budget(L);
     body = llmos_to_python(L, 2, 0, 1, &budget); /* a body is JSON, of at most a message's size */
     llmos_value_budget_done(&budget);
     if (body == NULL) {
         PyErr_Clear();
+        Py_XDECREF(args);
         return SEND_DECLINED;
     }
     if ((tag = text_field(L, 3)) == NULL || (correlation_id = text_field(L, 5)) == NULL
@@ -288,19 +322,27 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
         goto out;
     llmos_lock(core->lock);
     dst = PyDict_GetItemWithError(core->procs, key);
-    /* Another namespace (different interned strings) is the Python side's to refuse. */
+    /* Another namespace (different interned strings) is the Python side's to refuse. A stored
+     * mailbox is a port's (the Python side commits its message before Send answers) or a durable Lua
+     * process's, the one with a state: a durable sender's journal unit stores its copy. */
     if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = FIELDS(dst)->mailbox, &MailboxType)
-        && !((Mailbox *)mailbox)->durable && FIELDS(dst)->namespace == FIELDS(state->proc)->namespace) {
+        && (!((Mailbox *)mailbox)->durable || (journaled && ((Mailbox *)mailbox)->owner_state != NULL))
+        && FIELDS(dst)->namespace == FIELDS(state->proc)->namespace) {
         msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
                                 correlation_id, budget.used, 0);
-        delivered = msg != NULL ? llmos_deliver((Mailbox *)mailbox, msg, 1) : -1;
+        if (journaled && (msg == NULL || journal_send(state, args, msg, (Mailbox *)mailbox) < 0)) {
+            llmos_unlock(core->lock);
+            goto out; /* declined: the Python side refuses it, journaled (an id skipped: ids only grow) */
+        }
+        waiting_before = state->mailbox->count; /* what the journal answers (a send to itself adds one) */
+        delivered = msg != NULL ? llmos_deliver((Mailbox *)mailbox, msg, !journaled) : -1;
         if (delivered < 0) {
             llmos_error_text(error, size, "unknown error");
             result = SEND_REFUSED;
         } else {
             result = SEND_DONE;
             *id = msg->id;
-            *waiting = state->mailbox->count;
+            *waiting = journaled ? waiting_before : state->mailbox->count;
             state->mailbox->sent++;
         }
     }
@@ -313,6 +355,7 @@ out:
     Py_XDECREF(correlation_id);
     Py_XDECREF(tag);
     Py_DECREF(body);
+    Py_XDECREF(args);
     return result;
 }
 
@@ -403,6 +446,32 @@ static PyObject *message_answer(PyObject *msg, Mailbox *mailbox)
     return answer;
 }
 
+/* The answer to a receive of `state`'s process; a durable one's is journaled by its Python side
+ * (lua/durable.py answer, with the call receive() noted), which makes it as message_answer does. */
+static PyObject *receive_answer(State *state, PyObject *msg)
+{
+    PyObject *bridge;
+    if (!state->mailbox->durable)
+        return message_answer(msg, state->mailbox);
+    if ((bridge = bridge_of(state)) == NULL)
+        return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_RuntimeError, "the process's kernel side is gone");
+    return PyObject_CallMethodObjArgs(bridge, S_answer, S_recv, msg, NULL);
+}
+
+/* A live durable process's receive is journaled once answered: its call, ("recv", its arguments as
+ * the yield gives them to the Python side), is noted on its Python side first, wherever the answer
+ * comes from (receive_answer, or the scheduler's resume in lua/slices.py). */
+static int note_receive(State *state, lua_State *L)
+{
+    PyObject *bridge = bridge_of(state), *call;
+    int status;
+    if (bridge == NULL || (call = Py_BuildValue("(ON)", S_recv, llmos_values_to_tuple(L, NULL, 3, 6))) == NULL)
+        return -1;
+    status = PyObject_SetAttr(bridge, S_pending_call, call);
+    Py_DECREF(call);
+    return status;
+}
+
 /* The bridge's try_recv (from, tag, correlation_id, timeout_ms) -> the
  * message's values and how many wait after it, or nil: sys.recv takes a
  * waiting message without a trip through the scheduler. Filters the C side
@@ -459,9 +528,14 @@ static int receive(Core *core, State *state, Message **taken)
     Mailbox *mailbox = state->mailbox;
     Match *match;
     int result = RECV_DECLINED;
-    if (mailbox->durable /* journaled: kernel/journal.py */ || lua_gettop(L) != 6 || !lua_isnil(L, 6)
-        || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv") || recv_filter(L, 3, &match) < 0)
+    if ((mailbox->durable && !state->journal_live) /* replayed by the Python side */ || lua_gettop(L) != 6
+        || !lua_isnil(L, 6) || !lua_text_is(L, 1, "sys") || !lua_text_is(L, 2, "recv") || recv_filter(L, 3, &match) < 0)
         return RECV_DECLINED;
+    if (mailbox->durable && note_receive(state, L) < 0) {
+        PyErr_Clear();
+        Py_XDECREF(match);
+        return RECV_DECLINED;
+    }
     llmos_lock(core->lock);
     if (FIELDS(proc)->kill_reason == Py_None) {
         *taken = llmos_take(mailbox, match);
@@ -496,8 +570,7 @@ static PyObject *switch_to_next(Core *core, PyObject *ident, State **next_state,
     llmos_lock(core->lock);
     value = FIELDS(next)->resume_value;
     ready = Py_IS_TYPE(value, &MessageType) && FIELDS(next)->kill_reason == Py_None
-            && is_text(FIELDS(next)->state, S_RUNNABLE)
-            && (*answer = message_answer(value, state->mailbox)) != NULL;
+            && is_text(FIELDS(next)->state, S_RUNNABLE) && (*answer = receive_answer(state, value)) != NULL;
     if (ready) {
         set_object(&FIELDS(next)->resume_value, no_values);
         set_object(&FIELDS(next)->state, S_RUNNING);
@@ -559,7 +632,7 @@ static PyObject *Core_run(Core *core, PyObject *args)
             taken = NULL;
             switch (receive(core, state, &taken)) {
             case RECV_TAKEN:
-                answer = message_answer((PyObject *)taken, state->mailbox);
+                answer = receive_answer(state, (PyObject *)taken);
                 Py_DECREF(taken);
                 if (answer == NULL)
                     goto done;
@@ -772,7 +845,8 @@ static int intern_names(void)
         const char *text;
     } names[] = {
         {&S_state, "state"}, {&S_runtime, "runtime"}, {&S_RUNNABLE, "RUNNABLE"},
-        {&S_RUNNING, "RUNNING"}, {&S_BLOCKED, "BLOCKED"}, {&S_recv, "recv"},
+        {&S_RUNNING, "RUNNING"}, {&S_BLOCKED, "BLOCKED"}, {&S_recv, "recv"}, {&S_answer, "answer"},
+        {&S_pending_call, "pending_call"}, {&S_journal_sent, "journal_sent"}, {&S_check_room, "check_room"},
         {&empty_text, ""},
     };
     size_t i;

@@ -526,7 +526,7 @@ PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested, LuaValue
 /* (head, values first..last) as a tuple, or without head if it is NULL; a
  * value that cannot cross is its BadValue (or TooLarge). Each value may be
  * as large as a message. */
-static PyObject *values_to_tuple(lua_State *L, PyObject *head, int first, int last)
+PyObject *llmos_values_to_tuple(lua_State *L, PyObject *head, int first, int last)
 {
     int offset = head != NULL, i;
     PyObject *out = PyTuple_New(offset + (last >= first ? last - first + 1 : 0)), *value, *type, *traceback;
@@ -584,7 +584,7 @@ int llmos_call_bridge(lua_State *L, int which)
     process = PyWeakref_GetObject(state->bridge);
     if (process == Py_None)
         PyErr_SetString(PyExc_RuntimeError, "the process's kernel side is gone");
-    else if ((args = values_to_tuple(L, process, 1, nargs)) != NULL) {
+    else if ((args = llmos_values_to_tuple(L, process, 1, nargs)) != NULL) {
         result = PyObject_Call(state->methods[which], args, NULL);
         Py_DECREF(args);
     }
@@ -925,7 +925,7 @@ PyObject *llmos_step_results(lua_State *L, int status)
         const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "the sandbox could not be built";
         out = Py_BuildValue("(yyO)", "unstarted", text, status - START_FAILED == LUA_ERRMEM ? Py_True : Py_False);
     } else if (status == LUA_OK) {
-        out = values_to_tuple(L, NULL, 1, lua_gettop(L));
+        out = llmos_values_to_tuple(L, NULL, 1, lua_gettop(L));
     } else {
         size_t len = 0;
         const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
@@ -976,6 +976,8 @@ static PyMemberDef State_members[] = {
     {"cpu_used_ns", T_LONGLONG, offsetof(State, cpu_used_ns), READONLY,
      "CPU time actually used in the slices that ended"},
     {"in_slice", T_INT, offsetof(State, in_slice), READONLY, NULL},
+    {"journal_live", T_BOOL, offsetof(State, journal_live), 0,
+     "a durable process past its replay: the C side sends and receives for it, journaled (lua/durable.py)"},
     {NULL, 0, 0, 0, NULL},
 };
 

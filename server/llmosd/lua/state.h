@@ -54,6 +54,8 @@ typedef struct {
     int measure_cpu;                  /* whether this slice's CPU time is measured */
     int in_slice;
     int built;                        /* the sandbox is built (by the first step) */
+    char journal_live;                /* a durable process past its replay: lua/fast_paths.c journals its sends
+                                       * and receives through its Python side (lua/durable.py) */
 } State;
 
 extern PyTypeObject StateType, CoreType;
@@ -80,6 +82,8 @@ PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested, LuaValue
 PyObject *llmos_text_to_python(lua_State *L, int idx);
 /* The text of the exception set (or `fallback`), into out; clears it. */
 void llmos_error_text(char *out, size_t size, const char *fallback);
+/* Lua values first..last as the tuple a bridge method gets them in (head: its first item, if not NULL). */
+PyObject *llmos_values_to_tuple(lua_State *L, PyObject *head, int first, int last);
 /* Calls bridge method `which` of the process's Python side with the Lua arguments. */
 int llmos_call_bridge(lua_State *L, int which);
 /* Runs the program until its next yield, answering the syscall it waits in (see lua/state.c). */
