@@ -43,6 +43,109 @@ def test_json_log_lines(tmp_path: pathlib.Path) -> None:
     assert any(e["message"] == "shutting down" for e in lines)
 
 
+BOOT_AGENT = r'''
+import sys
+from llmos.userland import sys as llmos_sys
+print("before")
+print("to stderr", file=sys.stderr)
+llmos_sys.recv(tag="go")
+print("after")
+print("no newline", end="")
+'''
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_python_boot_agents_lines_reach_the_server_log_as_written(tmp_path: pathlib.Path, log_format: str) -> None:
+    """A Python program started with --spawn has its lines in the server's log as a Lua boot
+    program's: while it runs, each once, with its pid and the time the line was written (ReadLog's);
+    an agent spawned otherwise has none there, even at DEBUG."""
+    userland = tmp_path / "userland"
+    userland.mkdir()
+    (userland / "boot.py").write_text(BOOT_AGENT)
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--log-format", log_format, "--log-level", "DEBUG",
+                          "--spawn", "boot.py", "--cpus", "2", userland_root=userland)
+    server.start()
+
+    def said() -> list[tuple[datetime.datetime, str]]:
+        """(time, message) of the server log's lines about pid 1's own output."""
+        out = []
+        for line in server.log_path.read_text().splitlines():
+            if log_format == "json":
+                entry = json.loads(line)
+                if entry.get("pid") == 1 and entry["message"].startswith("pid 1: "):
+                    assert entry["level"] == "INFO"
+                    out.append((datetime.datetime.fromisoformat(entry["time"]), entry["message"]))
+            elif " INFO pid 1: " in line:  # "%(asctime)s %(name)s %(levelname)s %(message)s", local time
+                when, _, message = line.partition(" llmosd.kernel.kernel INFO ")
+                out.append((datetime.datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f").astimezone(), message))
+        return out
+
+    try:
+        with llmos.Client(server.target) as k:
+            deadline = time.monotonic() + STREAM_TIMEOUT_S
+            while len(said()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert [m for _, m in said()] == ["pid 1: before", "pid 1: to stderr"]
+            assert k.get(1).state == "BLOCKED"  # still running, waiting for "go"
+            other = k.spawn(python='print("not a boot agent")')
+            assert k.wait(other, timeout=STREAM_TIMEOUT_S).ok
+            k.send(1, None, tag="go")
+            assert k.wait(1, timeout=STREAM_TIMEOUT_S).ok
+            page = k.read_log_page(1)
+    finally:
+        server.stop()
+    lines = said()
+    assert [m for _, m in lines] == ["pid 1: before", "pid 1: to stderr", "pid 1: after", "pid 1: no newline"]
+    assert page.lines == ["before", "to stderr", "after", "no newline"]
+    assert [int(when.timestamp() * 1000) for when, _ in lines] == page.times_ms
+    log = server.log_path.read_text()
+    assert "not a boot agent" not in log
+    assert log.index("pid 1: no newline") < log.index("pid 1 ended: EXITED (normal)")
+
+
+FLOOD_AGENT = r'''
+import os
+from llmos.userland import sys as llmos_sys
+print("é" * 20_000)
+llmos_sys.recv(tag="go")
+os.write(1, "".join(f"{n:07d} {'x' * 91}\n" for n in range(40_000)).encode())  # 4 MB at once
+print("end")
+'''
+
+
+def test_a_python_boot_agents_lines_in_the_server_log_are_bounded(tmp_path: pathlib.Path) -> None:
+    """A boot agent's long line is cut as its own log cuts it; output it writes faster than the
+    server's log copies it is left out (a warning says how much), whole lines only, down to its
+    last lines."""
+    userland = tmp_path / "userland"
+    userland.mkdir()
+    (userland / "flood.py").write_text(FLOOD_AGENT)
+    server = LlmosdServer(tmp_path / "data", "--model", "none", "--log-format", "json", "--spawn", "flood.py",
+                          "--cpus", "2", userland_root=userland)
+    server.start()
+    try:
+        with llmos.Client(server.target) as k:
+            deadline = time.monotonic() + STREAM_TIMEOUT_S
+            while "pid 1: é" not in server.log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            k.send(1, None, tag="go")
+            assert k.wait(1, timeout=STREAM_TIMEOUT_S).ok
+            page = k.read_log_page(1)
+    finally:
+        server.stop()
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    said = [e["message"].removeprefix("pid 1: ") for e in entries
+            if e.get("pid") == 1 and e["message"].startswith("pid 1: ")]
+    assert said[0] == "é" * (16 << 10) + " ... [3616 characters cut]"  # as Lua's and ReadLog's lines are cut
+    assert said[-1] == page.lines[-1] == "end"
+    numbered = said[1:-1]
+    assert 0 < len(numbered) < 40_000 and all(len(line) == 99 and line[:7].isdigit() for line in numbered)
+    assert numbered[-1].startswith("0039999 ")
+    left_out = [e for e in entries if e["message"].startswith("pid 1's output: ")]
+    assert left_out and left_out[0]["level"] == "WARNING" and left_out[0]["pid"] == 1
+    assert left_out[0]["message"].endswith(" bytes left out of the server's log (written faster than copied)")
+
+
 # -- process logs: times, tail/since, streaming, kept across a restart ---------------------------
 STREAM_TIMEOUT_S = 30.0
 

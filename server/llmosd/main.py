@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a directory of Lua modules that programs may require, searched before llmos's own "
                         "library; repeatable")
     p.add_argument("--spawn", action="append", default=[], metavar="PATH",
-                   help="a program (relative to the userland root) to start at boot; repeatable")
+                   help="a program (relative to the userland root) to start at boot, its log lines also in the "
+                        "server's log; repeatable")
     p.add_argument("--cpus", type=int, default=0, help="virtual CPUs running programs (default: one per core)")
     p.add_argument("--quantum-ms", type=float, default=10.0, help="time slice (default %(default)s)")
     p.add_argument("--aging-ms", type=float, default=200.0,

@@ -836,8 +836,7 @@ class Kernel:
         with self.lock:
             line = self.logs.append(proc, line)
             self._tell_log_followers(proc.pid)
-        log.log(logging.INFO if proc.log_to_server else logging.DEBUG, "pid %d: %s", proc.pid, line,
-                extra={"pid": proc.pid})
+        server_log_line(proc, line)
 
     def read_log(self, pid: int, offset: int, caller: Caller | None = None) -> tuple[list[LogLine], int, int, bool]:
         """(lines from `offset` on with their times, next offset, lines dropped before offset,
@@ -936,6 +935,19 @@ def _fits(value: Any, limit: int) -> bool:
     except _kernel.TooLarge:
         return False
     return True
+
+
+def server_log_line(proc: Process, line: str, at_ms: int | None = None) -> None:
+    """`proc`'s log `line`, written at `at_ms` (None: now), in the server's log: INFO for a boot
+    program's (log_to_server), else DEBUG; with its pid (--log-format json's "pid") and its time."""
+    level = logging.INFO if proc.log_to_server else logging.DEBUG
+    if not log.isEnabledFor(level):
+        return
+    record = log.makeRecord(log.name, level, __file__, 0, "pid %d: %s", (proc.pid, line), None,
+                            extra={"pid": proc.pid})
+    if at_ms is not None:
+        record.created, record.msecs = at_ms / 1000, float(at_ms % 1000)
+    log.handle(record)
 
 
 def _stored_message(m: StoredMessage) -> Message:

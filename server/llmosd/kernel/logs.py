@@ -33,6 +33,13 @@ MAX_LINE = 16 << 10
 LogLine = tuple[int, str]  # (written at, ms since the epoch (0: unknown, an older llmosd's agent line); the text)
 
 
+def cut_line(line: str, chars: int | None = None) -> str:
+    """`line` cut at MAX_LINE characters, saying how many were cut; `chars`: the whole line's
+    length where `line` is only its start (a reader that keeps no more)."""
+    chars = len(line) if chars is None else chars
+    return line if chars <= MAX_LINE else f"{line[:MAX_LINE]} ... [{chars - MAX_LINE} characters cut]"
+
+
 class Logs:
     def __init__(self, process_chars: int, total_chars: int) -> None:
         self.process_chars = process_chars
@@ -43,8 +50,7 @@ class Logs:
     def append(self, proc: Process, line: str, at_ms: int | None = None) -> str:
         """Add a line written at `at_ms` (None: now) to `proc`'s log (kernel lock held); the line
         as kept."""
-        if len(line) > MAX_LINE:
-            line = f"{line[:MAX_LINE]} ... [{len(line) - MAX_LINE} characters cut]"
+        line = cut_line(line)
         log = proc.log
         log.append((int(time.time() * 1000) if at_ms is None else at_ms, line))
         proc.log_bytes += len(line)

@@ -19,26 +19,34 @@ at most --cpus CPUs. The scheduler charges vruntime for the time it grants
 
 A durable agent (spawn with durable) has its syscalls journaled at the agent socket's door and is
 started again from the start after a restart (durable.py).
+
+A boot agent (llmosd --spawn: log_to_server) has its output copied to the server's log as it is
+written, as a Lua boot program's lines are (ServerLogCopier); other agents' output is only read
+from their output file when asked for (log_lines).
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import os
 import math
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import grpc
 
 from ..kernel import process as P
 from ..api.errors import InvalidArgument, ResourceExhausted
-from ..kernel.logs import LogLine
+from ..kernel.kernel import server_log_line
+from ..kernel.logs import MAX_LINE, LogLine, cut_line
 from ..kernel.process import Limits
 from .durable import agent_handler, durable_service
 from .sandbox import Child, ExitStatus, Launcher, LauncherConfig, Limits as SandboxLimits, SpawnSpec
+from .sandbox.launcher import unstamp
 
 if TYPE_CHECKING:
     from ..kernel.kernel import Kernel
@@ -49,6 +57,9 @@ log = logging.getLogger(__name__)
 # CPU an agent may use beyond the time it has held its virtual CPU before it
 # is stopped to pay it back (see the module docstring).
 THROTTLE_S = 0.002
+# How often a boot agent's output is looked at for new lines (ServerLogCopier), and how much is read at once.
+LOG_POLL_S = 0.05
+LOG_CHUNK_BYTES = 64 << 10
 
 
 class Agents:
@@ -193,6 +204,7 @@ class PythonProcess:
         self.debt_s = 0.0  # CPU seconds used beyond the virtual CPU time held, still to pay
         self._looked_at = 0.0  # monotonic time of the last charge in this slice
         self._cpu_lock = threading.Lock()
+        self.log_copier: ServerLogCopier | None = None  # a boot agent's (log_to_server)
 
     def start(self) -> None:
         """Launch the subprocess (on the first slice)."""
@@ -212,6 +224,8 @@ class PythonProcess:
             durable_seed=None if journal is None else journal.seed,
         )
         self.child = agents.launcher_ready().spawn(spec)
+        if proc.log_to_server:
+            self.log_copier = ServerLogCopier(proc, self.child, self.kernel.config.process_log_bytes)
         threading.Thread(target=self._watch, name=f"agent-{proc.pid}", daemon=True).start()
 
     def run_slice(self) -> None:
@@ -274,6 +288,8 @@ class PythonProcess:
         assert self.child is not None
         status = self.child.wait()
         assert status is not None
+        if self.log_copier is not None:
+            self.log_copier.join()  # its last lines reach the server's log before its end does
         self._take_cpu()  # the final figure, from the exit's resource usage
         kernel, proc = self.kernel, self.proc
         with kernel.lock:
@@ -332,6 +348,103 @@ class PythonProcess:
 
     def cpu_ns(self) -> int:
         return self.proc.cpu_ns
+
+
+class ServerLogCopier:
+    """Copies a boot agent's output to the server's log as it is written: each line with the agent's
+    pid and the time its stdio stamped it (unstamp), through kernel.server_log_line as a Lua boot
+    program's lines; once the agent has exited, the rest (a last line without its newline too).
+
+    Bounded like a process's own log: a line is cut at MAX_LINE characters and no more of it is
+    held; output written faster than it is copied is left out down to its last `behind_bytes`
+    (the per-process log cap), with a warning saying how much."""
+
+    def __init__(self, proc: Process, child: Child, behind_bytes: int) -> None:
+        self.proc, self.child, self.behind_bytes = proc, child, behind_bytes
+        self._above_ms = proc.started_at_ms  # the time of the line above (unstamp)
+        self._skipping = False  # in a line whose start was left out: not copied
+        self._new_line()
+        self._thread = threading.Thread(target=self._run, name=f"agent-{proc.pid}-log", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait until the agent's output has all been copied (once it has exited)."""
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            with open(self.child.log_path, "rb") as output:
+                output.seek(self.child.log_start)
+                while True:
+                    exited = self.child.status is not None  # then all it wrote is in the file
+                    copied = self._copy(output)
+                    if exited:
+                        break
+                    if not copied:
+                        self.child.wait(LOG_POLL_S)
+            if self._begun:  # a last line without its newline
+                self._end_line()
+        except OSError as e:
+            log.warning("pid %d's output is no longer copied to the server's log: %s", self.proc.pid, e,
+                        extra={"pid": self.proc.pid})
+
+    def _copy(self, output: BinaryIO) -> bool:
+        """Copy what the agent has written since the last look (at most `behind_bytes`); whether
+        there was any."""
+        behind = os.fstat(output.fileno()).st_size - output.tell()
+        if behind > self.behind_bytes:
+            output.seek(behind - self.behind_bytes, os.SEEK_CUR)
+            log.warning("pid %d's output: %d bytes left out of the server's log (written faster than copied)",
+                        self.proc.pid, behind - self.behind_bytes, extra={"pid": self.proc.pid})
+            behind, self._skipping = self.behind_bytes, True
+            self._new_line()
+        left = behind
+        while left > 0:
+            chunk = output.read(min(left, LOG_CHUNK_BYTES))
+            if not chunk:
+                break
+            left -= len(chunk)
+            start = 0
+            while (end := chunk.find(b"\n", start)) >= 0:
+                self._take(chunk[start:end])
+                if self._skipping:
+                    self._skipping = False
+                else:
+                    self._end_line()
+                start = end + 1
+            self._take(chunk[start:])
+        return behind > 0
+
+    def _new_line(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._kept: list[str] = []  # the line's first characters: its stamp and MAX_LINE more at most
+        self._kept_chars = 0
+        self._chars = 0  # the line's length so far
+        self._last = ""  # its last character so far
+        self._begun = False  # any of it has been read
+
+    def _take(self, piece: bytes) -> None:
+        if not self._skipping and piece:
+            self._begun = True
+            self._keep(self._decoder.decode(piece))
+
+    def _keep(self, text: str) -> None:
+        room = MAX_LINE + 32 - self._kept_chars  # 32: room for the stamp
+        if room > 0 and text:
+            self._kept.append(text[:room])
+            self._kept_chars += min(len(text), room)
+        self._chars += len(text)
+        self._last = text[-1:] or self._last
+
+    def _end_line(self) -> None:
+        self._keep(self._decoder.decode(b"", final=True))  # a character cut short, as U+FFFD
+        kept = "".join(self._kept)
+        self._above_ms, line = unstamp(kept, self._above_ms, self.proc.started_at_ms, time.time_ns() // 1_000_000)
+        chars = self._chars - (len(kept) - len(line))  # without its stamp and final "\r"
+        if self._chars > self._kept_chars and self._last == "\r":
+            chars -= 1  # the "\r" unstamp removes was beyond what was kept
+        server_log_line(self.proc, cut_line(line, chars), self._above_ms)
+        self._new_line()
 
 
 def exit_outcome(status: ExitStatus, result: Any) -> tuple[str, str, Any, str | None]:

@@ -130,6 +130,7 @@ class Child:
         self.os_pid = os_pid
         self.workdir = workdir
         self.log_path = log_path
+        self.log_start = 0  # the log's size when this agent was spawned: its output follows (spawn)
         self._limits = spec.limits
         self._launcher = launcher
         self._pidfd = pidfd
@@ -225,25 +226,16 @@ class Child:
         return _STAMP_AT_LINE_STARTS.sub(b"", self._log_tail(max_bytes))
 
     def read_log_lines(self, limit: int, not_before_ms: int, max_bytes: int = 1 << 20) -> list[tuple[int, str]]:
-        """The last `limit` lines of the log, each with the time it was begun (ms since the epoch).
-
-        The program can write the file around the stamps its stdio writes (child.py), so a stamp
-        is believed only if it is a possible time: from `not_before_ms` (the process's start) to
-        now; a line without a believable one (written around sys.stdout: raw fds, a subprocess's
-        output, or a stamp the program made up) has the time of the line above it (the first:
-        `not_before_ms`). A stamp at a line's start is removed; the program's own text, after
-        it, is never read as one."""
+        """The last `limit` lines of the log, each with the time it was begun (ms since the epoch;
+        see unstamp: a line without a believable stamp has the time of the line above it, the first
+        `not_before_ms`)."""
         now_ms = time.time_ns() // 1_000_000
         text = self._log_tail(max_bytes).decode(errors="replace")
         lines = text.removesuffix("\n").split("\n")[-limit:] if text else []
         out, at = [], not_before_ms
         for line in lines:
-            stamp = _STAMP.match(line)
-            if stamp is not None:
-                line = line[stamp.end():]
-                if not_before_ms <= int(stamp.group(1)) <= now_ms:
-                    at = int(stamp.group(1))
-            out.append((at, line.removesuffix("\r")))
+            at, line = unstamp(line, at, not_before_ms, now_ms)
+            out.append((at, line))
         return out
 
     def _log_tail(self, max_bytes: int) -> bytes:
@@ -273,6 +265,24 @@ class Child:
             _remove_tree(self.workdir)
         self._status = status
         self._done.set()
+
+
+def unstamp(line: str, above_ms: int, not_before_ms: int, now_ms: int) -> tuple[int, str]:
+    """(the time it was begun, its text) of one `line` of an agent's log (without its newline), the
+    line above it begun at `above_ms`.
+
+    The program can write the file around the stamps its stdio writes (child.py), so a stamp is
+    believed only if it is a possible time: from `not_before_ms` (the process's start) to `now_ms`
+    (the reading); a line without a believable one (written around sys.stdout: raw fds, a
+    subprocess's output, or a stamp the program made up) has the time of the line above it. A
+    stamp at a line's start is removed; the program's own text, after it, is never read as one."""
+    at = above_ms
+    stamp = _STAMP.match(line)
+    if stamp is not None:
+        line = line[stamp.end():]
+        if not_before_ms <= int(stamp.group(1)) <= now_ms:
+            at = int(stamp.group(1))
+    return at, line.removesuffix("\r")
 
 
 def _cpu_clock(pid: int) -> int:
@@ -476,6 +486,10 @@ class Launcher:
         log_path = self.config.work_root / "logs" / f"{spec.pid}.log"
         if workdir.exists():  # a durable agent's, left by a server killed before it could clean up
             _remove_tree(workdir)
+        try:  # the log is appended to: a durable agent's earlier runs' output comes first
+            log_start = log_path.stat().st_size
+        except FileNotFoundError:
+            log_start = 0
         payload = {"pid": spec.pid, "token": spec.token, "socket": str(self.config.kernel_socket),
                    "args_json": spec.args_json, "env": spec.env, "source": spec.source,
                    "durable_seed": spec.durable_seed,
@@ -502,6 +516,7 @@ class Launcher:
         if pending.child is None:
             os.close(payload_fd)
             raise SandboxError(f"spawn of pid {spec.pid} failed: {pending.error}")
+        pending.child.log_start = log_start
         return pending.child
 
     def __enter__(self) -> Launcher:
