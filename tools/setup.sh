@@ -28,12 +28,17 @@ PYCHECK
   "$PY" -m pip install --quiet -e "$ROOT[test]"
 fi
 
-# System packages: a headless browser for the web console's test (tests/test_console.py skips without it).
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+# System packages: a headless browser for the web console's test (tests/test_console.py skips without it)
+# and Go for the docs' Go example (tests/test_docs.py skips without it).
+apt_packages=()
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || apt_packages+=(chromium chromium-driver)
+command -v go >/dev/null || apt_packages+=(golang-go)
+if [ ${#apt_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get install -y -qq chromium chromium-driver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+    apt-get install -y -qq "${apt_packages[@]}" >/dev/null \
+      || (apt-get update -qq && apt-get install -y -qq "${apt_packages[@]}" >/dev/null)
   else
-    echo "setup.sh: install chromium and chromium-driver (Debian packages) to run the console's browser test" >&2
+    echo "setup.sh: install ${apt_packages[*]} (Debian packages) to run the console's browser test and the Go example" >&2
   fi
 fi
 

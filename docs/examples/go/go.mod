@@ -1,3 +1,3 @@
 module llmos.example/echo
 
-go 1.21
+go 1.19
