@@ -170,14 +170,15 @@ def _streaming(kernel: Kernel, rpc: str, fn: Callable, reply_of: Callable[[bytes
 
 # -- live calls ---------------------------------------------------------------------------------------
 async def _plain(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, args: tuple, requests: list[Any],
-                 reply_of: Callable) -> Any:
-    """Made, then journaled with its reply (a blocking call: when it is answered)."""
+                 reply_of: Callable, effects_of: Callable[[Any], list] | None = None) -> Any:
+    """Made, then journaled with its reply (a blocking call: when it is answered), and with
+    `effects_of(reply)`, its effects on durable state, in one unit."""
     try:
         reply = await fn(k, requests[0])
     except KernelError as e:
         journal.record(call, args, _error(e))
         raise
-    journal.record(call, args, reply.SerializeToString())
+    journal.record(call, args, reply.SerializeToString(), effects_of(reply) if effects_of is not None else ())
     return reply
 
 
@@ -185,14 +186,8 @@ async def _recv(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, arg
                 reply_of: Callable) -> Any:
     """A receive's entry and the removal of its message from the durable mailbox: one unit (with ack
     too: a durable process's message is received once its receive is journaled)."""
-    try:
-        reply = await fn(k, requests[0])
-    except KernelError as e:
-        journal.record(call, args, _error(e))
-        raise
-    taken = journal.received_id(reply.message.id) if reply.HasField("message") else []
-    journal.record(call, args, reply.SerializeToString(), taken)
-    return reply
+    return await _plain(k, journal, fn, call, args, requests, reply_of,
+                        lambda reply: journal.received_id(reply.message.id) if reply.HasField("message") else [])
 
 
 async def _settle(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, args: tuple, requests: list[Any],
