@@ -130,6 +130,35 @@ def test_a_durable_python_child_of_a_durable_lua_parent(fresh_llmosd: LlmosdServ
         nothing_more(k, port)  # neither the child's pid nor "child up" again
 
 
+def test_a_durable_lua_child_of_a_durable_python_parent_keeps_its_monitor(fresh_llmosd: LlmosdServer) -> None:
+    """The child's runtime (Lua) brings it back before its parent's (Python): its monitor link is made
+    when the parent comes back, and neither runs before, so its EXIT notice reaches the parent."""
+    child = textwrap.dedent("""
+        sys.send(args.port, "child up")
+        return sys.recv{tag = "go"}.body
+    """)
+    parent = textwrap.dedent("""
+        from llmos.userland import sys
+
+        child = sys.spawn(lua=sys.args["child"], args={"port": sys.args["port"]}, durable=True, monitor=True)
+        sys.send(sys.args["port"], child)
+        notice = sys.recv(tag="EXIT", sender=child)
+        sys.exit(notice.body["result"])
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(python=parent, args={"port": port, "child": child}, durable=True)
+        got = bodies(k, port, 2)  # the parent's and the child's, in either order
+        assert "child up" in got
+        (child_pid,) = [body for body in got if body != "child up"]
+    with restart(fresh_llmosd) as k:
+        assert k.get(child_pid).kind == "LUA"
+        k.send(child_pid, "from the test", tag="go")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", "from the test")
+        nothing_more(k, port)
+
+
 def test_an_append_a_crash_may_have_cut_is_cut_back_and_made_once(fresh_llmosd: LlmosdServer) -> None:
     program = textwrap.dedent("""
         from llmos.userland import sys

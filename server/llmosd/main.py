@@ -216,6 +216,7 @@ async def serve(args: argparse.Namespace) -> None:
     kernel.add_runtime(LuaRuntime(kernel))
     if kernel.config.agent_socket:
         kernel.add_runtime(PythonRuntime(kernel))
+    kernel.start_recovered()
     local = is_local(args.listen)
     if not local and not args.tls_cert and not args.insecure:
         raise SystemExit(f"llmosd: {args.listen} is not a loopback or Unix address: calls would cross the "

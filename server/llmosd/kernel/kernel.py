@@ -100,6 +100,10 @@ class Kernel:
         self.journal = Journal(self.store)
         self.journals: dict[int, ProcessJournal] = {}  # live durable processes' (kernel/journal.py)
         self._durable_to_recover: list[tuple[ProcessRecord, dict[str, Any]]] = []  # until their runtime is added
+        # Recovered durable processes wait for every runtime (start_recovered), and a monitored child
+        # whose parent's runtime comes back after it waits here for its link: parent pid -> children.
+        self._recovered: list[Process] = []
+        self._monitors_to_link: dict[int, list[Process]] = {}
         # For /metrics: processes started by kind, and ended by (kind, state, reason); a Kill's
         # own reason text counts as "other", so that callers cannot grow this without bound.
         self.spawns: Counter[str] = Counter()
@@ -166,14 +170,20 @@ class Kernel:
                 if rec.name and (proc.namespace, rec.name) not in self.names:
                     proc.name = rec.name
                     self.names[proc.namespace, rec.name] = pid
-                if spec["monitor"] and spec["parent"] in self.procs:
-                    self._link_monitor(self.procs[spec["parent"]], proc)
+                if spec["monitor"]:
+                    parent = self.procs.get(spec["parent"])
+                    if parent is not None:
+                        self._link_monitor(parent, proc)
+                    else:  # a parent of another runtime, maybe brought back later
+                        self._monitors_to_link.setdefault(spec["parent"], []).append(proc)
                 for ancestor in proc.ancestors:
                     if ancestor in self.procs:
                         self.procs[ancestor].descendants += 1
                 if earlier:  # its descendants of another kind came back before it (a Lua child of an agent)
                     proc.descendants = sum(1 for p in earlier if pid in p.ancestors)
                 self.procs[pid] = proc
+                for child in self._monitors_to_link.pop(pid, ()):  # of a runtime brought back before it
+                    self._link_monitor(proc, child)
                 self.live_in[proc.namespace] = self.live_in.get(proc.namespace, 0) + 1
                 self.namespaces.add_locked(proc.namespace, proc.limits)
                 journal = self.journals[pid] = ProcessJournal(pid, self.store, spec["seed"], entries.get(pid, []))
@@ -192,6 +202,12 @@ class Kernel:
                 self.end_locked(proc, P.CRASHED, PROGRAM_CHANGED, error=(
                     f"the program {proc.program_name!r} changed since this durable process started: "
                     "a replay of its journal would run another program"))
+        self._recovered.extend(recovered)
+
+    def start_recovered(self) -> None:
+        """Run the durable processes brought back, once every runtime has brought back its own: none
+        runs (and ends, or sends an EXIT notice) before the links between them are all made."""
+        recovered, self._recovered, self._monitors_to_link = self._recovered, [], {}
         for proc in recovered:
             self.scheduler.make_runnable(proc, new=True)
 
