@@ -482,6 +482,27 @@ def test_a_durable_process_receives_with_ack_once_across_a_restart(fresh_llmosd:
         nothing_more(k, port)
 
 
+def test_a_replayed_monitor_links_both_sides_again(fresh_llmosd: LlmosdServer) -> None:
+    program = textwrap.dedent("""
+        local target = sys.spawn{lua = "return sys.recv().body", durable = true}
+        sys.monitor(target)
+        sys.send(args.port, target)
+        return sys.recv{tag = "EXIT"}.body.result
+    """)
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=program, args={"port": port}, durable=True)
+        target = bodies(k, port, 1)[0]
+    with restart(fresh_llmosd) as k:
+        deadline = time.monotonic() + WAIT_S
+        while k.get(pid).blocked_on != "recv" and time.monotonic() < deadline:  # replayed up to its wait
+            time.sleep(0.01)
+        assert k.get(pid).monitors == (target,) and k.get(target).monitored_by == (pid,)
+        k.send(target, "bye")
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", "bye")
+
+
 def test_a_durable_process_requires_library_modules_across_a_restart(fresh_llmosd: LlmosdServer) -> None:
     program = textwrap.dedent("""
         local supervisor = require "supervisor"

@@ -739,6 +739,15 @@ class Kernel:
             # asking again and again must not flood the watcher.
             self._send_exit_notice(watcher, rec, limited=True)
 
+    def monitor_again(self, watcher: int, target: Any) -> None:
+        """A durable process's replayed monitor is set again (monitors live in memory); nothing if
+        either has ended since."""
+        with self.lock:
+            watching = self.procs.get(watcher)
+            proc = self.procs.get(target) if type(target) is int else None
+            if watching is not None and proc is not None:
+                self._link_monitor(watching, proc)
+
     def _send_exit_notice(self, watcher: int, rec: ProcessRecord, limited: bool = False) -> None:
         """A process sends at most one notice to each watcher when it ends, and
         it is never refused, or a monitor would wait for ever: its result is a

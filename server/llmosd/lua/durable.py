@@ -158,7 +158,7 @@ class DurableLuaProcess(LuaProcess):
         answer = self.replayed(name, args)
         if answer is not _LIVE:
             if name in _REAPPLIED and answer is True:
-                self._monitor_again(args[0] if args else None)
+                self.kernel.monitor_again(self.proc.pid, args[0] if args else None)
             return answer
         if name in _FILE_CHANGES:
             if name == "fs.write" and not intended:
@@ -262,12 +262,6 @@ class DurableLuaProcess(LuaProcess):
                 files.write(ns, self.proc.pid, vpath, files.read(ns, vpath, 0, size), append=False)
         except KernelError:
             pass  # nothing to undo
-
-    def _monitor_again(self, pid: Any) -> None:
-        with self.kernel.lock:
-            target = self.kernel.procs.get(pid) if type(pid) is int else None
-            if target is not None:
-                target.monitored_by.add(self.proc.pid)
 
     def spawn(self, spec: Any = None) -> int:
         journal, digest = self.journal, self.call_digest  # of the call's arguments as the program gave them

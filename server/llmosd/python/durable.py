@@ -131,7 +131,7 @@ def agent_handler(kernel: Kernel, method: Any, fn: Callable) -> Callable:
             return await live(k, journal, fn, call, args, requests, reply_of)
         _raise_if_error(answer)
         if rpc == "Monitor":
-            _monitor_again(k, journal.pid, requests[0].target)
+            k.monitor_again(journal.pid, requests[0].target)
         if call in ("lock_acquire", "lock_try"):
             answer = answer["reply"] if type(answer) is dict else answer
         elif call == "lock_release":
@@ -371,14 +371,6 @@ async def _redo_append(k: Kernel, journal: ProcessJournal, requests: list[Any], 
             await asyncio.to_thread(files.write, namespace, journal.pid, path, data, False)
     except KernelError:
         pass  # nothing to undo
-
-
-def _monitor_again(k: Kernel, watcher: int, target: int) -> None:
-    """A replayed monitor is set again: monitors live in the kernel's memory."""
-    with k.lock:
-        proc = k.procs.get(target)
-        if proc is not None:
-            proc.monitored_by.add(watcher)
 
 
 _LIVE_CALLS: dict[str, Callable] = {
