@@ -253,15 +253,8 @@ class DurableLuaProcess(LuaProcess):
 
     def _cut_file(self, path: Any, size: int) -> None:
         """Undo an append that may have happened after its intent was journaled."""
-        files, ns = self.kernel.files, self.proc.namespace
         (vpath, _, _) = arguments("fs.write", path=path, data=b"")
-        try:
-            if size < 0:
-                files.delete(ns, vpath)
-            elif files.stat(ns, vpath).size > size:
-                files.write(ns, self.proc.pid, vpath, files.read(ns, vpath, 0, size), append=False)
-        except KernelError:
-            pass  # nothing to undo
+        self.kernel.files.cut_back(self.proc.namespace, self.proc.pid, vpath, size)
 
     def spawn(self, spec: Any = None) -> int:
         journal, digest = self.journal, self.call_digest  # of the call's arguments as the program gave them

@@ -362,15 +362,7 @@ async def _redo_append(k: Kernel, journal: ProcessJournal, requests: list[Any], 
     size = _replayed(k, journal, "fs.write.intent", args)
     if journal.replaying:
         return  # the append's own entry follows: it was made
-    files, namespace, path = k.files, CALLER.get().namespace, requests[0].path
-    try:
-        if size < 0:
-            await asyncio.to_thread(files.delete, namespace, path)
-        elif (await asyncio.to_thread(files.stat, namespace, path)).size > size:
-            data = await asyncio.to_thread(files.read, namespace, path, 0, size)
-            await asyncio.to_thread(files.write, namespace, journal.pid, path, data, False)
-    except KernelError:
-        pass  # nothing to undo
+    await asyncio.to_thread(k.files.cut_back, CALLER.get().namespace, journal.pid, requests[0].path, size)
 
 
 _LIVE_CALLS: dict[str, Callable] = {

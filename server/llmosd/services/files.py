@@ -74,7 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..api.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted
 
 MAX_PATH_BYTES = 1024
 MAX_NAME_BYTES = 255
@@ -401,6 +401,17 @@ class FileStore:
                 return _info(vpath, os.fstat(fd))
             finally:
                 os.close(fd)
+
+    def cut_back(self, namespace: str, owner_pid: int, path: str, size: int) -> None:
+        """Undo an append that may have happened (a durable process's append intent, kernel/journal.py):
+        the file back to its `size` bytes before it, or gone if there was none (-1)."""
+        try:
+            if size < 0:
+                self.delete(namespace, path)
+            elif self.stat(namespace, path).size > size:
+                self.write(namespace, owner_pid, path, self.read(namespace, path, 0, size))
+        except KernelError:
+            pass  # nothing to undo
 
     def delete(self, namespace: str, path: str) -> None:
         """Delete a file or an empty directory."""
