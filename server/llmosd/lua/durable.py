@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..api.errors import FailedPrecondition, KernelError, NotFound
+from ..api.errors import FailedPrecondition, KernelError
 from ..kernel.acks import Leased
 from ..kernel.journal import LOCK_CALLS, REPLAY_DIVERGENCE, Divergence, ProcessJournal, args_hash, message_row
 from ..kernel.mailbox import Message
@@ -244,12 +244,7 @@ class DurableLuaProcess(LuaProcess):
             return None  # refused: it changes nothing
         if not append or path is None:
             return None
-        try:
-            return self.kernel.files.stat(self.proc.namespace, path).size
-        except NotFound:
-            return -1
-        except KernelError:
-            return None  # a path the write refuses too
+        return self.kernel.files.size_before_append(self.proc.namespace, path)
 
     def _cut_file(self, path: Any, size: int) -> None:
         """Undo an append that may have happened after its intent was journaled."""

@@ -33,7 +33,7 @@ from llmos.v1 import kernel_pb2 as pb
 
 from ..api import checks as C
 from ..api.authority import PROCESS
-from ..api.errors import FailedPrecondition, KernelError, NotFound
+from ..api.errors import FailedPrecondition, KernelError
 from ..api.identity import CALLER, TOKEN_HEADER
 from ..api.syscalls import _await
 from ..api.table import BY_RPC
@@ -333,7 +333,7 @@ async def _file_change(k: Kernel, journal: ProcessJournal, fn: Callable, call: s
     if call == "fs.write":
         first = requests[0] if requests else None
         if first is not None and first.append and not (journal.entries and journal.entries[-1][0] == "fs.write.intent"):
-            size = await _size(k, first.path)
+            size = await asyncio.to_thread(k.files.size_before_append, CALLER.get().namespace, first.path)
             if size is not None:
                 journal.record("fs.write.intent", args, size)
         requests = [_requests(requests)]  # the handler reads a stream
@@ -344,16 +344,6 @@ async def _file_change(k: Kernel, journal: ProcessJournal, fn: Callable, call: s
 async def _requests(requests: list[Any]) -> AsyncIterator[Any]:
     for req in requests:
         yield req
-
-
-async def _size(k: Kernel, path: str) -> int | None:
-    """A file's size before an append (-1: no file yet); None: a path the write refuses too."""
-    try:
-        return (await asyncio.to_thread(k.files.stat, CALLER.get().namespace, path)).size
-    except NotFound:
-        return -1
-    except KernelError:
-        return None
 
 
 async def _redo_append(k: Kernel, journal: ProcessJournal, requests: list[Any], args: tuple) -> None:

@@ -402,6 +402,16 @@ class FileStore:
             finally:
                 os.close(fd)
 
+    def size_before_append(self, namespace: str, path: str) -> int | None:
+        """What a durable process's append intent journals: the file's size (-1: no file yet; None: a
+        path the write refuses too). cut_back undoes the append to it."""
+        try:
+            return self.stat(namespace, path).size
+        except NotFound:
+            return -1
+        except KernelError:
+            return None
+
     def cut_back(self, namespace: str, owner_pid: int, path: str, size: int) -> None:
         """Undo an append that may have happened (a durable process's append intent, kernel/journal.py):
         the file back to its `size` bytes before it, or gone if there was none (-1)."""
