@@ -344,9 +344,9 @@ class Store:
             msg.correlation_id, msg.sent_at_ms, msg.notify_undelivered,
         )
         if also is None:
-            self._write_now(_INSERT_MESSAGE, row)
+            self._write_now(STORE_MESSAGE, row)
         else:
-            self.transaction(lambda db: (db.execute(_INSERT_MESSAGE, row), also(db)))
+            self.transaction(lambda db: (db.execute(STORE_MESSAGE, row), also(db)))
 
     def delete_message(self, message_id: int) -> None:
         self._write_now("DELETE FROM port_messages WHERE id=?", (message_id,))
@@ -515,7 +515,6 @@ def _result_json(value: Any) -> str:
     return "null" if value is None else str(value) if type(value) is int else json.dumps(value)
 
 
-_INSERT_MESSAGE = "INSERT OR REPLACE INTO port_messages VALUES(?,?,?,?,?,?,?,?,?)"
 _INSERT_ONE = f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES ({','.join('?' * len(PROCESS_COLUMNS))})"
 
 
