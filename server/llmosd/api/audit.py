@@ -5,11 +5,18 @@ bounded to the newest rows.
 Calls are queued and written by a thread of the log's own, so that no RPC waits for the disk. Its
 own file, because SQLite has one writer per database: in kernel.db, each batch held the write lock
 that a port's message waits for while a Send or Recv is answered (the store's p99 write went from
-0.3 to 1.1 ms in a Send+Recv loop). Lua processes' syscalls are not audited: they are
-in-kernel programs, and auditing each message would cost the fast paths.
+0.3 to 1.1 ms in a Send+Recv loop). A batch is one INSERT statement (its own transaction): the
+sqlite3 module releases the GIL for every statement it steps, and each release is a hand-off to the
+threads that answer calls (a row per statement, with the cut and a BEGIN/COMMIT around them, made
+the writer a third thread contending for the GIL in a Send+Recv loop). Rows beyond the newest
+max_rows are cut once a tenth of max_rows more have come, and never read meanwhile. Lua processes'
+syscalls are not audited: they are in-kernel programs, and auditing each message would cost the
+fast paths.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import sqlite3
 import threading
@@ -30,6 +37,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 DEFAULT_ROWS = 100_000  # the newest rows kept; older ones are deleted as new ones come
+ROWS_PER_STATEMENT = 150  # rows of one INSERT (6 parameters each, well within SQLite's limit)
 TARGET_FIELDS = ("pid", "to", "to_name", "target", "watcher", "parent", "name", "path", "from_path", "id", "namespace")
 
 
@@ -71,6 +79,10 @@ class AuditLog:
         self._db.executescript(SCHEMA)
         self._move_from_kernel_db(os.path.join(data_dir, "kernel.db"))
         self._db_lock = threading.Lock()
+        # The newest row's id, and the id below which rows have been cut (read never returns those
+        # below newest - max_rows, cut or not yet).
+        self._newest = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+        self._cut_below = 0
         self._queue: list[tuple] = []
         self._wanted = threading.Condition()
         self._closed = False
@@ -108,7 +120,8 @@ class AuditLog:
         self._flush()
         with self._db_lock:
             return self._db.execute(
-                "SELECT * FROM audit WHERE (?1 = 0 OR id < ?1) ORDER BY id DESC LIMIT ?2", (before_id, limit),
+                "SELECT * FROM audit WHERE (?1 = 0 OR id < ?1) AND id > ?3 ORDER BY id DESC LIMIT ?2",
+                (before_id, limit, self._newest - self.max_rows),
             ).fetchall()
 
     def _flush(self) -> None:
@@ -117,13 +130,13 @@ class AuditLog:
         if not rows:
             return
         with self._db_lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("INSERT INTO audit (at_ms, namespace, who, method, target, outcome) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (self.max_rows,))
-            finally:
-                self._db.execute("COMMIT")
+            for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                chunk = rows[start:start + ROWS_PER_STATEMENT]
+                self._newest = self._db.execute(_insert_many(len(chunk)),
+                                                list(itertools.chain.from_iterable(chunk))).lastrowid
+            if self._newest - self.max_rows >= self._cut_below + max(self.max_rows // 10, 1):
+                self._cut_below = self._newest - self.max_rows
+                self._db.execute("DELETE FROM audit WHERE id <= ?", (self._cut_below,))
 
     def _write_behind(self) -> None:
         while True:
@@ -142,3 +155,9 @@ class AuditLog:
         self._writer.join()
         self._flush()
         self._db.close()
+
+
+@functools.lru_cache(maxsize=4)
+def _insert_many(n: int) -> str:
+    return ("INSERT INTO audit (at_ms, namespace, who, method, target, outcome) VALUES "
+            + ",".join(["(?, ?, ?, ?, ?, ?)"] * n))
