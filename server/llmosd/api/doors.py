@@ -150,11 +150,13 @@ def _stream(identity: Identity, method: str, request: type[ProtoMessage], fn: Ca
     return handle
 
 
-def kernel_service(k: Kernel, agents: bool = False, single_user: bool = True) -> grpc.GenericRpcHandler:
+def kernel_service(k: Kernel, agents: bool = False, single_user: bool = True,
+                   client_certificates: bool = False) -> grpc.GenericRpcHandler:
     """The llmos.v1.Kernel service as a gRPC handler, built from SYSCALLS.
     With `agents`, calls must carry an agent's token and act only as it; else a
-    client's token (or none, in `single_user` mode) says who calls (Identity)."""
-    identity = Identity(k, agents, single_user)
+    client's token (or none, in `single_user` mode), or a certificate the listener
+    verified (`client_certificates`), says who calls (Identity)."""
+    identity = Identity(k, agents, single_user, client_certificates)
     declared = {m.name for m in SERVICE.methods}
     if not declared == set(SYSCALLS) == set(BY_RPC):
         raise RuntimeError(f"syscall table, handlers and .proto disagree: {sorted(declared ^ set(SYSCALLS) | declared ^ set(BY_RPC))}")

@@ -59,7 +59,9 @@ class GrpcServers:
             ("grpc.max_receive_message_length", kernel.config.max_message_bytes + (64 << 10)),
             ("grpc.max_send_message_length", kernel.config.max_message_bytes + (64 << 10)),
         ])
-        server.add_generic_rpc_handlers([kernel_service(kernel, single_user=single_user)])
+        client_certificates = tls is not None and tls.client_ca is not None
+        server.add_generic_rpc_handlers([kernel_service(kernel, single_user=single_user,
+                                                        client_certificates=client_certificates)])
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection([SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

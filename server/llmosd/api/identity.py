@@ -29,15 +29,19 @@ class Identity:
     the agent socket, and the HTTP gateway, which passes its headers on as the same metadata).
     On the agent socket the caller is the agent whose token the call carries, and may act only
     as itself. Elsewhere a call with `authorization: Bearer TOKEN` is that token's namespace and
-    role; one without is the owner of `default` in single-user mode, and refused otherwise."""
+    role; one without is the owner of `default` in single-user mode, and refused otherwise.
+    `client_certificates`: the door verifies client certificates (--tls-client-ca), whose subject
+    is then the caller of a call without a token."""
 
-    def __init__(self, k: Kernel, agents: bool, single_user: bool = True) -> None:
+    def __init__(self, k: Kernel, agents: bool, single_user: bool = True, client_certificates: bool = False) -> None:
         self.k = k
         self.agents = agents
         self.single_user = single_user
+        self.client_certificates = client_certificates
 
     def caller_of(self, metadata: Any, auth_context: Callable[[], dict[str, list[bytes]]] | None = None) -> Caller:
-        """`auth_context`: the call's (asked only for a call without a token: it costs more than the rest)."""
+        """`auth_context`: the call's (asked only for a call without a token on a door that verifies client
+        certificates: it costs more than the rest)."""
         if self.agents:
             tokens = [v for key, v in metadata if key == TOKEN_HEADER]
             python = self.k.runtimes.get(PYTHON)
@@ -48,7 +52,7 @@ class Identity:
             return process_caller(pid, proc.namespace)
         bearer = [v for key, v in metadata if key == AUTHORIZATION]
         if not bearer:
-            names = (auth_context() if auth_context is not None else {}).get("x509_common_name")
+            names = auth_context().get("x509_common_name") if self.client_certificates and auth_context else None
             if names:  # a client certificate the listener's --tls-client-ca verified
                 return _certificate_caller(names[0].decode(errors="replace"))
             if self.single_user:
