@@ -31,7 +31,7 @@ from .replies import fill_page, message_pb, page_size
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.process import PYTHON
-from ..kernel.mailbox import Match
+from ..kernel.mailbox import ANY, Match
 from ..kernel.store import ProcessRecord, now_ms
 from ..kernel.waiting import TIMED_OUT, AsyncWaiter
 
@@ -145,21 +145,28 @@ async def sys_send(k: Kernel, req: pb.SendRequest, on_sent: Callable[[Any], list
     target = req.WhichOneof("target")
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
+    # The options set (an unset field is its default, which needs no check).
+    given = {field.name: value for field, value in req.ListFields() if field.name in _SEND_OPTIONS}
     to, body, options = C.arguments("send", {
         "to": getattr(req, target), "body": _value(req.body) if req.HasField("body") else None,
-        "options": {"tag": req.tag, "data": req.data, "correlation_id": req.correlation_id,
-                    "notify_undelivered": req.notify_undelivered, "idempotency_key": req.idempotency_key}})
-    message_id = k.send(getattr(req, "from"), to, options["tag"], body, options["data"], options["correlation_id"],
-                        CALLER.get(), options["notify_undelivered"], options["idempotency_key"], on_sent)
+        "options": given or None})
+    message_id = k.send(getattr(req, "from"), to, options.get("tag", ""), body, options.get("data", b""),
+                        options.get("correlation_id", ""), CALLER.get(), options.get("notify_undelivered", False),
+                        options.get("idempotency_key", ""), on_sent)
     return pb.SendResponse(message_id=message_id)
+
+
+_SEND_OPTIONS = frozenset(("tag", "data", "correlation_id", "notify_undelivered", "idempotency_key"))
+_RECV_OPTIONS = frozenset(("from", "tag", "correlation_id", "timeout_ms", "lease_ms"))
 
 
 async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     pid = _pid(req.pid)
     caller = _port_caller(k, pid, req.port_secret)
-    (options,) = C.arguments("recv", {"options": {
-        key: _set(req, key) for key in ("from", "tag", "correlation_id", "timeout_ms", "lease_ms")}})
-    match = Match(options.get("from"), options.get("tag"), options.get("correlation_id"))
+    given = {field.name: value for field, value in req.ListFields() if field.name in _RECV_OPTIONS}  # those set
+    (options,) = C.arguments("recv", {"options": given or None})
+    match = Match(options.get("from"), options.get("tag"), options.get("correlation_id")) if (
+        "from" in options or "tag" in options or "correlation_id" in options) else ANY
     if req.ack:
         return await _recv_leased(k, pid, match, req, caller)
     if req.HasField("lease_ms"):
