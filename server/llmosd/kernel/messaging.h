@@ -50,6 +50,9 @@ typedef struct {
     char durable;        /* a port's: a message must be stored before Send answers (the kernel's Python side) */
     long long sent;      /* messages the owner sent */
     long long received;  /* messages handed to a receiver or taken out */
+    long long stored_to; /* the last pid whose stored mailbox (a port's, a durable process's) the owner, not
+                          * durable itself, sent to: lua/fast_paths.c hands its next sends there to the Python
+                          * side at once (a mailbox is stored for good); 0: none */
 } Mailbox;
 
 extern PyTypeObject LockType, MessageType, MatchType, MailboxType;

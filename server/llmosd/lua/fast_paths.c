@@ -326,8 +326,11 @@ static int send_message(State *state, lua_State *L, long long *id, Py_ssize_t *w
      * mailbox is a port's (the Python side commits its message before Send answers) or a durable Lua
      * process's, the one with a state: a durable sender's journal unit stores its copy. */
     if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = FIELDS(dst)->mailbox, &MailboxType)
-        && (!((Mailbox *)mailbox)->durable || (journaled && ((Mailbox *)mailbox)->owner_state != NULL))
-        && FIELDS(dst)->namespace == FIELDS(state->proc)->namespace) {
+        && ((Mailbox *)mailbox)->durable && !journaled)
+        state->mailbox->stored_to = ((Mailbox *)mailbox)->owner; /* for good: its next sends there go to Python */
+    else if (dst != NULL && Py_IS_TYPE(dst, process_type) && Py_IS_TYPE(mailbox = FIELDS(dst)->mailbox, &MailboxType)
+             && (!((Mailbox *)mailbox)->durable || ((Mailbox *)mailbox)->owner_state != NULL)
+             && FIELDS(dst)->namespace == FIELDS(state->proc)->namespace) {
         msg = llmos_new_message(state->core, state->pid, ((Mailbox *)mailbox)->owner, tag, body, empty_bytes,
                                 correlation_id, budget.used, 0);
         if (journaled && (msg == NULL || journal_send(state, args, msg, (Mailbox *)mailbox) < 0)) {
@@ -373,7 +376,9 @@ int llmos_bridge_send(lua_State *L)
     lua_settop(L, 7); /* to, body, tag, data, correlation_id, notify_undelivered, idempotency_key */
     if (!lua_isinteger(L, 1) || !lua_isnil(L, 4) || !lua_isnil(L, 6) || !lua_isnil(L, 7)
         || (tag != LUA_TNIL && tag != LUA_TSTRING)
-        || (correlation_id != LUA_TNIL && correlation_id != LUA_TSTRING))
+        || (correlation_id != LUA_TNIL && correlation_id != LUA_TSTRING)
+        /* Read without the GIL: only this process's sends (on the thread running it) write it. */
+        || (state->mailbox != NULL && state->mailbox->stored_to == lua_tointegerx(L, 1, NULL)))
         return llmos_call_bridge(L, BRIDGE_SEND);
     gil = PyGILState_Ensure();
     result = send_message(state, L, &id, &waiting, error, sizeof error);
