@@ -431,12 +431,12 @@ class Store:
         so that batches reach the database in the order they were taken):
         whole rows as multi-row inserts, the rest as updates."""
         with self._pending_lock:
+            if not self._pending and not self._pending_updates and not self._ordered and not self._pending_logs:
+                return  # the common case before a port's write: nothing behind it
             rows, self._pending = list(self._pending.values()), {}
             updates, self._pending_updates = self._pending_updates, {}
             ordered, self._ordered = self._ordered, []
             logs, self._pending_logs = self._pending_logs, {}
-        if not rows and not updates and not ordered and not logs:
-            return
         by_columns: dict[tuple[str, ...], list[tuple]] = {}
         for pid, columns in updates.items():
             by_columns.setdefault(tuple(columns), []).append((pid, *columns.values()))
