@@ -7,15 +7,20 @@ else.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
+import threading
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
-from prometheus_client import Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from .audit import target_of
 from .errors import InvalidArgument, KernelError
@@ -39,30 +44,59 @@ def status_text(text: str) -> str:
     return raw[: MAX_STATUS_BYTES - len(note)].decode("utf-8", "ignore") + note
 
 
-# For /metrics (api/metrics.py): calls through the table on every door (gRPC, agents, HTTP) by
-# method and status, and the time to answer the unary ones (a stream lasts as long as its client).
-CALLS = Counter("llmos_syscalls", "Syscalls answered, by method and status", ["method", "code"], registry=None)
-CALL_SECONDS = Histogram("llmos_syscall_seconds", "Time to answer a unary syscall", ["method"], registry=None,
-                         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0))
+class CallStats:
+    """For /metrics (api/metrics.py): calls through the table on every door (gRPC, agents, HTTP) by
+    method and status (llmos_syscalls_total), and the time to answer the unary ones by method
+    (llmos_syscall_seconds; a stream lasts as long as its client). Plain counts under one lock,
+    made into metric families when scraped: prometheus_client's Counter and Histogram took a lock
+    per value they change, five per call. Labels are bounded: methods by statuses."""
+
+    BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[tuple[str, str], list] = {}  # (method, code) -> [count, first counted (time.time)]
+        # method -> [count in each bucket (not cumulative; the last is +Inf's), sum, first timed (time.time)]
+        self._seconds: dict[str, list] = {}
+
+    def count(self, method: str, code: str, seconds: float | None = None) -> None:
+        with self._lock:
+            calls = self._calls.get((method, code))
+            if calls is None:
+                calls = self._calls[method, code] = [0, time.time()]
+            calls[0] += 1
+            if seconds is not None:
+                timed = self._seconds.get(method)
+                if timed is None:
+                    timed = self._seconds[method] = [[0] * (len(self.BUCKETS_S) + 1), 0.0, time.time()]
+                timed[0][bisect.bisect_left(self.BUCKETS_S, seconds)] += 1
+                timed[1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            calls = {labels: tuple(counts) for labels, counts in self._calls.items()}
+            timed = {method: (tuple(buckets), total, created)
+                     for method, (buckets, total, created) in self._seconds.items()}
+        answered = CounterMetricFamily("llmos_syscalls", "Syscalls answered, by method and status",
+                                       labels=["method", "code"])
+        for labels, (n, created) in sorted(calls.items()):
+            answered.add_metric(labels, n, created=created)
+        yield answered
+        seconds = HistogramMetricFamily("llmos_syscall_seconds", "Time to answer a unary syscall", labels=["method"])
+        for method, (buckets, total, created) in sorted(timed.items()):
+            cumulative = list(itertools.accumulate(buckets))
+            seconds.add_metric([method], [(floatToGoString(bound), n) for bound, n in zip(self.BUCKETS_S, cumulative)]
+                               + [("+Inf", cumulative[-1])], total)
+            seconds.samples.append(Sample("llmos_syscall_seconds_created", {"method": method}, created))
+        yield seconds
 
 
-# Their children by label values (labels() validates and locks on every call; the labels are
-# bounded: methods by statuses).
-_CALLS_BY: dict[tuple[str, str], Any] = {}
-_SECONDS_BY: dict[str, Any] = {}
+CALL_STATS = CallStats()
 
 
 def count_call(method: str, code: str, began: float | None = None) -> None:
     """Count an answered call; `began` (perf_counter) also times it."""
-    counter = _CALLS_BY.get((method, code))
-    if counter is None:
-        counter = _CALLS_BY[method, code] = CALLS.labels(method, code)
-    counter.inc()
-    if began is not None:
-        seconds = _SECONDS_BY.get(method)
-        if seconds is None:
-            seconds = _SECONDS_BY[method] = CALL_SECONDS.labels(method)
-        seconds.observe(time.perf_counter() - began)
+    CALL_STATS.count(method, code, time.perf_counter() - began if began is not None else None)
 
 
 def finish_call(identity: Identity, method: str, req: Any, code: str, began: float | None = None) -> None:

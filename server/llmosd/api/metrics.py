@@ -34,8 +34,7 @@ class KernelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._processes()
-        yield from doors.CALLS.collect()
-        yield from doors.CALL_SECONDS.collect()
+        yield from doors.CALL_STATS.collect()
         yield from self._scheduler()
         yield from self.kernel.store.commit_seconds.collect()
         inference = self.kernel.inference
