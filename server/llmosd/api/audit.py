@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 DEFAULT_ROWS = 100_000  # the newest rows kept; older ones are deleted as new ones come
+GATHER_S = 0.05  # how long the writer lets rows gather once one is queued: each batch takes the GIL a few times
 ROWS_PER_STATEMENT = 150  # rows of one INSERT (6 parameters each, well within SQLite's limit)
 TARGET_FIELDS = ("pid", "to", "to_name", "target", "watcher", "parent", "name", "path", "from_path", "id", "namespace")
 
@@ -145,7 +146,7 @@ class AuditLog:
                     self._wanted.wait()
                 if self._closed:
                     return
-            time.sleep(0.01)  # let a burst gather into one transaction
+            time.sleep(GATHER_S)  # let a burst gather into one statement
             self._flush()
 
     def close(self) -> None:
