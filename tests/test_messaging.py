@@ -162,3 +162,29 @@ def test_lua_sends_to_ports_are_stored_and_to_names_resolved(stub: Any) -> None:
     assert from_value(first.body) == {"n": 1} and first.tag == "t" and first.data == b"raw\0bytes"
     assert first.id == got[0]
     assert from_value(stub.Recv(pb.RecvRequest(pid=port, timeout_ms=WAIT_MS)).message.body) == {"n": 2}
+
+
+def test_a_process_alternating_sends_to_a_port_and_a_process_delivers_each_in_order(stub: Any) -> None:
+    # After a first send to a port, the C side hands the sender's next sends there straight to the
+    # Python side (a port's messages are stored): sends to processes stay on the C side, and what
+    # the Python side refuses is refused as before.
+    port = stub.OpenPort(pb.OpenPortRequest()).pid
+    got = result(run(stub, """
+        local child = sys.spawn{lua = [[
+            local seen = {}
+            for i = 1, 3 do seen[i] = sys.recv{}.body end
+            sys.send(args, seen, {tag = 'seen'})
+        ]], args = args.port}
+        local ids = {}
+        for i = 1, 3 do
+            ids[#ids + 1] = sys.send(args.port, {to = 'port', i = i})
+            sys.send(child, i)
+        end
+        local ok, err = pcall(sys.send, args.port, {f = print})
+        return {ids = ids, refused = not ok and err:find('function') ~= nil}
+    """, {"port": port}))
+    assert got["refused"]
+    bodies = [stub.Recv(pb.RecvRequest(pid=port, timeout_ms=WAIT_MS)).message for _ in range(4)]
+    assert [m.id for m in bodies[:3]] == got["ids"]
+    assert [from_value(m.body) for m in bodies[:3]] == [{"to": "port", "i": i} for i in (1, 2, 3)]
+    assert bodies[3].tag == "seen" and from_value(bodies[3].body) == [1, 2, 3]
