@@ -85,7 +85,8 @@ class AuditLog:
         self._newest = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
         self._cut_below = 0
         self._queue: list[tuple] = []
-        self._wanted = threading.Condition()
+        self._queue_lock = threading.Lock()  # a plain lock: a call's record takes it (a Condition costs more)
+        self._queued = threading.Event()  # set when a row is queued into an empty queue, and on close
         self._closed = False
         self._writer = threading.Thread(target=self._write_behind, name="audit-writer", daemon=True)
         self._writer.start()
@@ -110,10 +111,12 @@ class AuditLog:
     def record(self, caller: Caller, method: str, target: str, outcome: str) -> None:
         if not self.max_rows:  # --audit-rows 0: no audit log
             return
-        with self._wanted:
-            self._queue.append((int(time.time() * 1000), caller.namespace, who(caller), method, target, outcome))
-            if len(self._queue) == 1:
-                self._wanted.notify()
+        row = (int(time.time() * 1000), caller.namespace, who(caller), method, target, outcome)
+        with self._queue_lock:
+            self._queue.append(row)
+            first = len(self._queue) == 1
+        if first:
+            self._queued.set()
 
     def read(self, limit: int, before_id: int = 0) -> list[tuple]:
         """The newest `limit` rows (below `before_id` if set), newest first:
@@ -126,7 +129,7 @@ class AuditLog:
             ).fetchall()
 
     def _flush(self) -> None:
-        with self._wanted:
+        with self._queue_lock:
             rows, self._queue = self._queue, []
         if not rows:
             return
@@ -141,18 +144,16 @@ class AuditLog:
 
     def _write_behind(self) -> None:
         while True:
-            with self._wanted:
-                while not self._queue and not self._closed:
-                    self._wanted.wait()
-                if self._closed:
-                    return
+            self._queued.wait()
+            if self._closed:
+                return
             time.sleep(GATHER_S)  # let a burst gather into one statement
+            self._queued.clear()  # before the rows are taken: one queued after that sets it again
             self._flush()
 
     def close(self) -> None:
-        with self._wanted:
-            self._closed = True
-            self._wanted.notify()
+        self._closed = True
+        self._queued.set()
         self._writer.join()
         self._flush()
         self._db.close()
