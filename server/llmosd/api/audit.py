@@ -149,6 +149,8 @@ class AuditLog:
                 return
             time.sleep(GATHER_S)  # let a burst gather into one statement
             self._queued.clear()  # before the rows are taken: one queued after that sets it again
+            if self._closed:  # (its set may have been cleared just now) close() writes what is left
+                return
             self._flush()
 
     def close(self) -> None:
