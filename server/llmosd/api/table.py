@@ -199,7 +199,7 @@ TABLE: tuple[Syscall, ...] = (
             args=(Arg("path", STRING),)),
     Syscall("fs.rename", "RenameFile", False, "FileStore.rename", "file info", CALL, ("fs",), python=True,
             args=(Arg("src", STRING), Arg("dst", STRING))),
-    Syscall("fs.mkdir", "MakeDir", False, "FileStore.mkdir", "file info", CALL, ("fs",),
+    Syscall("fs.mkdir", "MakeDir", False, "FileStore.mkdir", "file info", CALL, ("fs",), python=True,
             args=(Arg("path", STRING),)),
     # -- locks (services/sync.py)
     Syscall("lock.acquire", "Acquire", True, "SyncTable.acquire", "{previous_holder_died}, or nothing (timed out)",
