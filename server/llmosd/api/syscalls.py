@@ -40,6 +40,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]
 EVENT_BACKLOG = 10_000
 FILE_CHUNK_BYTES = 1 << 20
 MAX_BATCH = 1000  # messages in one SendBatch, Recv (max_messages), Ack or Nack (message_ids)
+BATCH_OPTIONS = ("tag", "data", "correlation_id", "notify_undelivered", "idempotency_key")  # a BatchMessage's
 # The current call's gRPC context.
 CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar("call")
 
@@ -169,14 +170,17 @@ async def sys_send_batch(k: Kernel, req: pb.SendBatchRequest) -> pb.SendBatchRes
     _batch_size(len(req.messages), "messages")
     (to,) = C.arguments("send_batch", {"to": getattr(req, target)})
     batch = []
+    checked: dict[tuple, tuple] = {}  # each distinct set of options is checked once, as a Send's
     for i, m in enumerate(req.messages):
-        _, body, options = C.arguments("send", {
-            "to": to, "body": _value(m.body) if m.HasField("body") else None,
-            "options": {"tag": m.tag, "data": m.data, "correlation_id": m.correlation_id,
-                        "notify_undelivered": m.notify_undelivered, "idempotency_key": m.idempotency_key}},
-            f"messages[{i}]: ")
-        batch.append((options["tag"], body, options["data"], options["correlation_id"],
-                      options["notify_undelivered"], options["idempotency_key"]))
+        given = (m.tag, m.data, m.correlation_id, m.notify_undelivered, m.idempotency_key)
+        options = checked.get(given)
+        if options is None:
+            (options,) = C.arguments("send", {"to": to, "options": dict(zip(BATCH_OPTIONS, given))},
+                                     f"messages[{i}]: ")[2:]
+            options = checked[given] = tuple(options.get(key, given[n]) for n, key in enumerate(BATCH_OPTIONS))
+        tag, data, correlation_id, notify_undelivered, idempotency_key = options
+        batch.append((tag, _value(m.body) if m.HasField("body") else None, data, correlation_id,
+                      notify_undelivered, idempotency_key))
     return pb.SendBatchResponse(message_ids=k.send_batch(getattr(req, "from"), to, batch, CALLER.get()))
 
 
@@ -303,7 +307,9 @@ def _settle(k: Kernel, req: pb.AckRequest, syscall: str, settle: Callable[[int, 
         if req.message_id:
             raise InvalidArgument("give message_id (one message) or message_ids (many), not both")
         _batch_size(len(req.message_ids), "message_ids")
-        ids = [C.arguments(syscall, {"message_id": i}, f"message_ids[{n}]: ")[0] for n, i in enumerate(req.message_ids)]
+        ids = list(req.message_ids)
+        for extreme in (min(ids), max(ids)):  # the rule is a range: the extremes pass, every id does
+            C.arguments(syscall, {"message_id": extreme}, f"message_ids[{ids.index(extreme)}]: ")
         with k.lock:
             k.target_locked(CALLER.get(), syscall, pid, "receiver")
             not_leased = settle_many(pid, ids)

@@ -66,11 +66,30 @@ class Leased:
 
 
 class _Lease:
-    __slots__ = ("msg", "attempt", "timer")
+    __slots__ = ("msg", "attempt", "group")
 
-    def __init__(self, msg: Message, attempt: int) -> None:
+    def __init__(self, msg: Message, attempt: int, group: _LeaseGroup) -> None:
         self.msg = msg
         self.attempt = attempt
+        self.group = group
+
+    def end(self) -> None:
+        """Settled (or given back): its group's timer is cancelled once none of the group is leased."""
+        group = self.group
+        group.left -= 1
+        if not group.left and group.timer is not None:
+            group.timer.cancel()
+            group.leases = []  # the cancelled timer waits in the heap until its time: not with the messages
+
+
+class _LeaseGroup:
+    """The leases handed out by one receive (one, or a batch's): one timer runs them all out."""
+
+    __slots__ = ("leases", "left", "timer")
+
+    def __init__(self) -> None:
+        self.leases: list[_Lease] = []
+        self.left = 0  # how many of them are still leased
         self.timer: Timer | None = None
 
 
@@ -143,7 +162,7 @@ class Acks:
         mailbox's limit of leases allows; they stop before their sizes pass `budget` (taking one at least)."""
         lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
         taken = take_batch(proc.mailbox, match, min(most, self._lease_room(proc)), budget)
-        return [self.lease_locked(proc, msg, lease_s, stored=True) for msg in taken]
+        return self._lease_all(proc, taken, lease_s) if taken else []
 
     def _lease_room(self, proc: Process) -> int:
         """How many more messages `proc` may hold leased (ResourceExhausted: none)."""
@@ -155,17 +174,28 @@ class Acks:
 
     def lease_locked(self, proc: Process, msg: Message, lease_s: float, stored: bool) -> Leased:
         """Lease `msg`, just taken from `proc`'s mailbox (`stored`: a port's, from the store's copy)."""
-        pid = proc.pid
-        attempts = self._attempts.get(pid)
-        attempt = (attempts.pop(msg.id, 0) if attempts else 0) + 1
-        if attempts is not None and not attempts:
-            del self._attempts[pid]
-        lease = _Lease(msg, attempt)
-        self._leases.setdefault(pid, {})[msg.id] = lease
         if proc.kind == P.PORT and not stored:  # handed straight to a waiting receiver: never stored
             self._store_port_message(msg)
-        lease.timer = self._timers.call_later(lease_s, lambda: self._expire(pid, msg.id, lease))
-        return Leased(msg, attempt)
+        return self._lease_all(proc, [msg], lease_s)[0]
+
+    def _lease_all(self, proc: Process, msgs: list[Message], lease_s: float) -> list[Leased]:
+        """Lease `msgs`, just taken from `proc`'s mailbox, under one timer."""
+        pid = proc.pid
+        attempts = self._attempts.get(pid)
+        leases = self._leases.setdefault(pid, {})
+        group = _LeaseGroup()
+        out = []
+        for msg in msgs:
+            attempt = (attempts.pop(msg.id, 0) if attempts else 0) + 1
+            lease = _Lease(msg, attempt, group)
+            group.leases.append(lease)
+            leases[msg.id] = lease
+            out.append(Leased(msg, attempt))
+        if attempts is not None and not attempts:
+            del self._attempts[pid]
+        group.left = len(msgs)
+        group.timer = self._timers.call_later(lease_s, lambda: self._expire(pid, group))
+        return out
 
     def ack(self, pid: int, message_id: int) -> None:
         """The message is done with: forget it (a port's leaves the store)."""
@@ -227,8 +257,7 @@ class Acks:
         policy = self._policies.pop(pid, None)
         left = []
         for lease in self._leases.pop(pid, {}).values():
-            if lease.timer is not None:
-                lease.timer.cancel()
+            lease.end()
             left.append((lease.msg, lease.attempt))
         while (msg := proc.mailbox.take(ANY)) is not None:
             left.append((msg, attempts.get(msg.id, 0)))
@@ -285,22 +314,24 @@ class Acks:
             if lease is None:
                 not_leased.append(message_id)
                 continue
-            if lease.timer is not None:
-                lease.timer.cancel()
+            lease.end()
             settled.append(lease)
         if not leases:
             del self._leases[pid]
         return settled, not_leased
 
-    def _expire(self, pid: int, message_id: int, lease: _Lease) -> None:
+    def _expire(self, pid: int, group: _LeaseGroup) -> None:
+        """The group's leases ran out: those still leased go back (in id order, as they were taken)."""
         with self._lock:
             leases = self._leases.get(pid)
-            if leases is None or leases.get(message_id) is not lease:
-                return  # acknowledged, given back or ended meanwhile
-            del leases[message_id]
-            if not leases:
+            if leases is None:
+                return  # settled, given back or ended meanwhile
+            for lease in group.leases:
+                if leases.get(lease.msg.id) is lease:
+                    del leases[lease.msg.id]
+                    self._back(pid, lease)
+            if not leases and self._leases.get(pid) is leases:
                 del self._leases[pid]
-            self._back(pid, lease)
 
     def _back(self, pid: int, lease: _Lease) -> None:
         proc = self._procs.get(pid)

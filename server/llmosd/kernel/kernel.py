@@ -572,7 +572,7 @@ class Kernel:
                     f"{mailbox.limit} waiting, {mailbox.bytes} of its {mailbox.byte_limit or 'unlimited'} bytes); "
                     "nothing was sent: send fewer, or retry later")
             if mailbox.durable:
-                also = [self.idempotency.stored(key, message_id) for key, message_id in keys.items()]
+                also = [self.idempotency.stored_many(keys)] if keys else []
                 if dst.kind == P.PORT:
                     self.store.put_messages(self.acks.kept_in_store(dst, new), also)
                 else:
