@@ -88,6 +88,7 @@ class Bench:
     quick: bool
     work: pathlib.Path
     cpus: int
+    ack_batch: int = 100  # messages per call in the batched acknowledged-delivery rows (ours and Redis's alike)
 
     def server(self, name: str) -> LlmosdServer:
         return LlmosdServer(self.work / name, "--model", "none", "--cpus", str(self.cpus))
@@ -220,7 +221,6 @@ def replay(b: Bench) -> Row:
                met=rate >= 50_000)
 
 
-ACK_BATCH = 100  # messages per call in the batched rows (ours and Redis's alike)
 REDIS_MISSING = ("redis-server and the redis client are needed: apt-get install -y redis-server "
                  "&& pip install redis")
 
@@ -374,7 +374,7 @@ def acknowledged_delivery(b: Bench) -> list[Row]:
     """Send, leased receive and ack of 100-byte messages, one at a time, against Redis Streams with the
     same durability: a durable Lua agent's mailbox and a port are stored before Send answers (SQLite WAL,
     synchronous=NORMAL); Redis runs with appendonly yes, appendfsync everysec. Target: >= 2x Redis."""
-    n, body, batch = (2000 if b.quick else 20000), "x" * 100, ACK_BATCH
+    n, body, batch = (2000 if b.quick else 20000), "x" * 100, b.ack_batch
     batched_n = 10 * n
     server = b.server("acks")
     server.start()
@@ -412,13 +412,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--ack-batch", type=int, default=100,
+                        help="messages per call in the batched acknowledged-delivery rows (1..1000; default 100)")
     parser.add_argument("--png", help="also draw the rows (ours against the peer) into this PNG (matplotlib)")
     parser.add_argument("--only", nargs="+", choices=[row.__name__ for row in ROWS], metavar="ROW",
                         help=f"run only these rows: {', '.join(row.__name__ for row in ROWS)}")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        bench = Bench(args.quick, pathlib.Path(tmp), args.cpus)
+        bench = Bench(args.quick, pathlib.Path(tmp), args.cpus, args.ack_batch)
         for row in ROWS:
             if args.only and row.__name__ not in args.only:
                 continue

@@ -27,7 +27,7 @@ from .identity import CALLER
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .dead_letter_syscalls import (sys_get_dead_letter, sys_list_dead_letters, sys_purge_dead_letters,
                                    sys_retry_dead_letter)
-from .replies import fill_page, message_pb, page_size
+from .replies import add_messages, fill_page, message_pb, page_size
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.process import PYTHON
@@ -231,7 +231,9 @@ async def _recv_many(k: Kernel, pid: int, match: Match, timeout: float | None, m
                 if proc is not None:
                     taken += k.recv_many_locked(proc, match, most - 1, budget - first.size)
     try:
-        return pb.RecvResponse(messages=[message_pb(msg) for msg in taken])
+        reply = pb.RecvResponse()
+        add_messages(reply.messages, [(msg, 0) for msg in taken])
+        return reply
     except Exception:  # a message that cannot be answered is a kernel bug, but none is lost for it
         for msg in taken:
             k.put_back(pid, msg)
@@ -279,7 +281,9 @@ async def _recv_leased_many(k: Kernel, pid: int, match: Match, timeout: float | 
                 if proc is not None:
                     leased += k.acks.more_locked(proc, match, lease_s, most - 1, budget - first.msg.size)
     try:
-        return pb.RecvResponse(messages=[message_pb(m.msg, m.attempt) for m in leased])
+        reply = pb.RecvResponse()
+        add_messages(reply.messages, [(m.msg, m.attempt) for m in leased])
+        return reply
     except Exception:  # never lost for a kernel bug: they are delivered again
         for m in leased:
             _give_back(k, pid, m)
