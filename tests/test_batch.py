@@ -344,3 +344,25 @@ def test_the_sdk_batches(server: LlmosdServer) -> None:
 
     asyncio.run(asynchronous())
 
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_python_agent_receives_and_acks_a_batch(server: LlmosdServer, durable: bool) -> None:
+    """Over the agent socket (the SDK's batch methods on the agent's own client); a durable agent's batch
+    receive is journaled with every message it took."""
+    program = """
+from llmos.userland import sys
+me = sys.self()
+for i in range(3):
+    sys.send(me, i)
+k = sys._k
+leased = k.recv_many(me, 2, ack=True, timeout=5)
+not_leased = k.ack_many(me, leased + [leased[0]])
+rest = k.recv_many(me, 10, timeout=0)
+sys.exit({"leased": [m.body for m in leased], "not_leased": len(not_leased), "rest": [m.body for m in rest],
+          "none": k.recv_many(me, 10, timeout=0)})
+"""
+    with llmos.Client(server.target) as k:
+        info = k.wait(k.spawn(python=program, durable=durable), timeout=WAIT_MS / 1000)
+    assert info is not None and info.state == "EXITED", info and info.error
+    assert info.result == {"leased": [0, 1], "not_leased": 1, "rest": [2], "none": []}
