@@ -230,6 +230,19 @@ def test_leases_of_a_batch_are_bounded_by_the_mailbox_limit(stub: Any) -> None:
     assert bodies(stub.Recv(pb.RecvRequest(pid=port, max_messages=10, ack=True, timeout_ms=0)).messages) == [4, 5]
 
 
+def test_a_waiting_batch_receive_whose_first_lease_is_the_last_allowed_answers_it(stub: Any) -> None:
+    port = port_of(stub, mailbox=2)
+    stub.Send(pb.SendRequest(to=port, body=to_value("held")))
+    held = stub.Recv(pb.RecvRequest(pid=port, ack=True, timeout_ms=0)).message
+    waiting = stub.Recv.future(pb.RecvRequest(pid=port, max_messages=10, timeout_ms=WAIT_MS, ack=True),
+                               timeout=WAIT_MS / 1000 + 5)
+    time.sleep(0.2)  # usually waiting by now; else it finds both waiting and leases the one it has room for
+    stub.SendBatch(batch(port, 1, 2))
+    assert bodies(waiting.result().messages) == [1]
+    assert left(stub, port) == [2]
+    stub.Ack(pb.AckRequest(pid=port, message_id=held.id))
+
+
 def test_the_leases_of_a_batch_run_out_together_and_come_back_in_order(stub: Any) -> None:
     port = port_of(stub)
     stub.SendBatch(batch(port, *range(5)))

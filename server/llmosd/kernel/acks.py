@@ -153,15 +153,18 @@ class Acks:
                          lease_s: float | None, most: int, budget: int) -> list[Leased] | None:
         """A batch receive with ack: lease up to `most` matching messages waiting now (as many as fit
         `budget` bytes, at least one), or register `waiter` to get the first (None; then more_locked)."""
+        self._lease_room(proc)  # ResourceExhausted when it holds as many leases as it may
         leased = self.more_locked(proc, match, lease_s, most, budget)
         return leased or self.recv_locked(proc, match, waiter, timeout_s, lease_s)
 
     def more_locked(self, proc: Process, match: Match, lease_s: float | None, most: int,
                     budget: int) -> list[Leased]:
         """Lease the matching messages waiting now, oldest first: at most `most`, and no more than the
-        mailbox's limit of leases allows; they stop before their sizes pass `budget` (taking one at least)."""
+        mailbox's limit of leases leaves room for (none: []); they stop before their sizes pass `budget`
+        (taking one at least)."""
         lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
-        taken = take_batch(proc.mailbox, match, min(most, self._lease_room(proc)), budget)
+        room = proc.mailbox.limit - len(self._leases.get(proc.pid, ()))
+        taken = take_batch(proc.mailbox, match, min(most, room), budget)
         return self._lease_all(proc, taken, lease_s) if taken else []
 
     def _lease_room(self, proc: Process) -> int:
