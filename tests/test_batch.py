@@ -379,3 +379,15 @@ sys.exit({"leased": [m.body for m in leased], "not_leased": len(not_leased), "re
         info = k.wait(k.spawn(python=program, durable=durable), timeout=WAIT_MS / 1000)
     assert info is not None and info.state == "EXITED", info and info.error
     assert info.result == {"leased": [0, 1], "not_leased": 1, "rest": [2], "none": []}
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_batch_to_a_lua_process(server: LlmosdServer, durable: bool) -> None:
+    """In memory, or a durable mailbox's copies queued as one unit and written before SendBatch answers."""
+    program = "local got = {} ; for i = 1, 3 do got[i] = sys.recv{tag = 'b'}.body end ; return got"
+    with llmos.Client(server.target) as k:
+        pid = k.spawn(lua=program, durable=durable)
+        k.send_batch(pid, [llmos.Outgoing(i, tag="b") for i in range(3)])
+        info = k.wait(pid, timeout=WAIT_MS / 1000)
+    assert info is not None and info.state == "EXITED", info and info.error
+    assert info.result == [0, 1, 2]

@@ -4,6 +4,7 @@
     python tools/bench_durable.py --quick    # smaller counts, for a smoke test
     python tools/bench_durable.py --png out.png
     python tools/bench_durable.py --only ping_pong   # one row (or a few: --only ping_pong replay)
+    python tools/bench_durable.py --only acknowledged_delivery --ack-batch 1000   # batches of 1000
 
 Rows (one table; each row runs against its peer in the same run):
 - durable Lua ping-pong: pairs of durable Lua processes, every send and receive journaled, round trips
