@@ -153,7 +153,7 @@ class Acks:
                          lease_s: float | None, most: int, budget: int) -> list[Leased] | None:
         """A batch receive with ack: lease up to `most` matching messages waiting now (as many as fit
         `budget` bytes, at least one), or register `waiter` to get the first (None; then more_locked)."""
-        self._lease_room(proc)  # ResourceExhausted when it holds as many leases as it may
+        self._lease_room(proc)
         leased = self.more_locked(proc, match, lease_s, most, budget)
         return leased or self.recv_locked(proc, match, waiter, timeout_s, lease_s)
 
@@ -167,13 +167,12 @@ class Acks:
         taken = take_batch(proc.mailbox, match, min(most, room), budget)
         return self._lease_all(proc, taken, lease_s) if taken else []
 
-    def _lease_room(self, proc: Process) -> int:
-        """How many more messages `proc` may hold leased (ResourceExhausted: none)."""
+    def _lease_room(self, proc: Process) -> None:
+        """ResourceExhausted if `proc` holds as many leases as its mailbox's limit allows."""
         held = len(self._leases.get(proc.pid, ()))
         if held >= proc.mailbox.limit:
             raise ResourceExhausted(f"pid {proc.pid} holds {held} leased messages, its mailbox's limit: "
                                     "ack or nack some first")
-        return proc.mailbox.limit - held
 
     def lease_locked(self, proc: Process, msg: Message, lease_s: float, stored: bool) -> Leased:
         """Lease `msg`, just taken from `proc`'s mailbox (`stored`: a port's, from the store's copy)."""
