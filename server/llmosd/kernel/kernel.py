@@ -571,7 +571,7 @@ class Kernel:
                     f"mailbox of pid {dst.pid} has no room for {len(new)} more messages ({len(mailbox)} of its "
                     f"{mailbox.limit} waiting, {mailbox.bytes} of its {mailbox.byte_limit or 'unlimited'} bytes); "
                     "nothing was sent: send fewer, or retry later")
-            if mailbox.durable:
+            if mailbox.durable and new:
                 also = [self.idempotency.stored_many(keys)] if keys else []
                 if dst.kind == P.PORT:
                     self.store.put_messages(self.acks.kept_in_store(dst, new), also)
