@@ -127,6 +127,8 @@ CALLS: dict[str, Call] = {
     "require": Call(NOTHING, lua="require('pool')"),
     "send": Call(PROCESS, "pb.SendRequest(to=t, tag='matrix')", lua="sys.send(t, 1, {tag = 'matrix'})",
                  lua_targets=EVERY_PROCESS, fields=(("from", None),)),
+    "send_batch": Call(PROCESS, "pb.SendBatchRequest(to=t, messages=[pb.BatchMessage(tag='matrix')])",
+                       fields=(("from", None),)),
     "recv": Call(PORT, "pb.RecvRequest(pid=t, timeout_ms=0)", lua="sys.recv{tag = 'matrix-none', timeout_ms = 0}",
                  fields=(("from", "r.HasField('message')"),),
                  lua_fields=(("from", "assert(sys.recv{from = f, timeout_ms = 0}, 'NOT_FOUND: nothing from it')"),)),
@@ -580,7 +582,7 @@ def test_every_entry_has_a_call() -> None:
 
 # The uint64 fields of requests that name no process; every other one is a call's target or in its
 # `fields` (or below, with why not), so that a new field naming a process is swept too.
-NOT_PIDS = {"message_id", "context_id", "offset", "tail", "length", "id", "ids", "after_id", "before_id", "after_pid"}
+NOT_PIDS = {"message_id", "message_ids", "context_id", "offset", "tail", "length", "id", "ids", "after_id", "before_id", "after_pid"}
 NOT_SWEPT = {("events", "pid"): "a filter of events to come: a stream that shows nothing shows nothing yet"}
 
 

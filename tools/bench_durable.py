@@ -4,6 +4,7 @@
     python tools/bench_durable.py --quick    # smaller counts, for a smoke test
     python tools/bench_durable.py --png out.png
     python tools/bench_durable.py --only ping_pong   # one row (or a few: --only ping_pong replay)
+    python tools/bench_durable.py --only acknowledged_delivery --ack-batch 1000   # batches of 1000
 
 Rows (one table; each row runs against its peer in the same run):
 - durable Lua ping-pong: pairs of durable Lua processes, every send and receive journaled, round trips
@@ -20,7 +21,10 @@ Rows (one table; each row runs against its peer in the same run):
 - acknowledged delivery (send, leased receive, ack), one 100-byte message at a time, by a durable Lua
   agent and by an SDK client on a port, against Redis Streams (XADD, XREADGROUP, XACK) with the same
   durability (appendonly yes, appendfsync everysec); Debian's redis-server is started and stopped here
-  on a loopback port, with the `redis` client from PyPI (the row says how to install them if missing).
+  on a loopback port, with the `redis` client from PyPI (the row says how to install them if missing);
+  and the same by an SDK client in batches of 100 (SendBatch, Recv with max_messages and ack, Ack with
+  message_ids: three gRPC calls per batch) against Redis doing the same batching (100 XADDs pipelined,
+  XREADGROUP COUNT 100, one XACK of 100 ids), same message size and durability.
 
 ROWS is a list of row functions (each takes the run's Bench and returns a Row or a list of them).
 """
@@ -85,6 +89,7 @@ class Bench:
     quick: bool
     work: pathlib.Path
     cpus: int
+    ack_batch: int = 100  # messages per call in the batched acknowledged-delivery rows (ours and Redis's alike)
 
     def server(self, name: str) -> LlmosdServer:
         return LlmosdServer(self.work / name, "--model", "none", "--cpus", str(self.cpus))
@@ -284,6 +289,30 @@ def redis_streams_rate(port: int, n: int, body: str) -> float:
     return n / elapsed
 
 
+def redis_streams_batched_rate(port: int, n: int, body: str, batch: int) -> float:
+    """The same in batches of `batch`, as Redis clients batch: XADD of `batch` messages pipelined (one round
+    trip), XREADGROUP COUNT `batch`, XACK of their `batch` ids: messages per second."""
+    import redis  # noqa: PLC0415
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    r.delete("bench-batched")
+    r.xgroup_create("bench-batched", "workers", id="0", mkstream=True)
+    for count in (min(10 * batch, n), n):  # the first round warms up; the second is timed
+        start = time.perf_counter()
+        for _ in range(count // batch):
+            pipe = r.pipeline(transaction=False)
+            for _ in range(batch):
+                pipe.xadd("bench-batched", {"body": body})
+            pipe.execute()
+            (_, entries), = r.xreadgroup("workers", "c1", {"bench-batched": ">"}, count=batch)
+            assert len(entries) == batch, len(entries)
+            r.xack("bench-batched", "workers", *[message_id for message_id, _ in entries])
+        elapsed = time.perf_counter() - start
+    assert not r.xpending("bench-batched", "workers")["pending"], "a message left unacknowledged"
+    r.close()
+    return n // batch * batch / elapsed
+
+
 # -- llmos: acknowledged delivery -------------------------------------------------------------------------
 ACK_LOOP_LUA = """
 local me, body = sys.self(), args.body
@@ -325,30 +354,56 @@ def client_rate(k: llmos.Client, n: int, body: str) -> float:
     return n / elapsed
 
 
+def client_batched_rate(k: llmos.Client, n: int, body: str, batch: int) -> float:
+    """An SDK client's send_batch, recv_many(ack=True) and ack_many of `batch` messages at a time on a port
+    (all stored before SendBatch answers, leased, then deleted): messages per second."""
+    port = k.open_port()
+    for count in (min(10 * batch, n), n):  # the first round warms up; the second is timed
+        start = time.perf_counter()
+        for _ in range(count // batch):
+            k.send_batch(port, [body] * batch)
+            got = k.recv_many(port, batch, ack=True, timeout=60)
+            assert len(got) == batch, len(got)
+            not_leased = k.ack_many(port, got)
+            assert not not_leased, not_leased
+        elapsed = time.perf_counter() - start
+    k.kill(port)
+    return n // batch * batch / elapsed
+
+
 def acknowledged_delivery(b: Bench) -> list[Row]:
     """Send, leased receive and ack of 100-byte messages, one at a time, against Redis Streams with the
     same durability: a durable Lua agent's mailbox and a port are stored before Send answers (SQLite WAL,
     synchronous=NORMAL); Redis runs with appendonly yes, appendfsync everysec. Target: >= 2x Redis."""
-    n, body = (2000 if b.quick else 20000), "x" * 100
+    n, body, batch = (2000 if b.quick else 20000), "x" * 100, b.ack_batch
+    batched_n = 10 * n
     server = b.server("acks")
     server.start()
     try:
         with llmos.Client(server.target) as k:
             lua = lua_agent_rate(k, n, body)
             client = client_rate(k, max(n // 10, 100), body)
+        # Pipelined XADDs carry no idempotency keys: neither do these batches (the SDK's retries make them).
+        with llmos.Client(server.target, send_retry=None) as k:
+            batched = client_batched_rate(k, batched_n, body, batch)
     finally:
         server.stop()
-    peer = None
+    peer = batched_peer = None
     if redis_available():
         with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(pathlib.Path(tmp)) as redis:
             peer = redis_streams_rate(redis.port, max(n // 10, 100), body)
+            batched_peer = redis_streams_batched_rate(redis.port, batched_n, body, batch)
     else:
         print(f"  Redis Streams row skipped: {REDIS_MISSING}", flush=True)
     peer_name = "Redis Streams (XADD, XREADGROUP, XACK)"
+    batched_peer_name = f"Redis Streams (pipelined XADD x{batch}, XREADGROUP COUNT {batch}, XACK of {batch} ids)"
     return [Row("acked delivery, 100 B: a durable Lua agent", lua, "msg/s", peer_name, peer, ">= 2x Redis",
                 None if peer is None else lua >= 2 * peer),
             Row("acked delivery, 100 B: an SDK client on a port (a gRPC call each)", client, "msg/s", peer_name,
-                peer, ">= 2x Redis", None if peer is None else client >= 2 * peer)]
+                peer, ">= 2x Redis", None if peer is None else client >= 2 * peer),
+            Row(f"acked delivery, 100 B: an SDK client on a port, batches of {batch} (SendBatch, Recv "
+                "max_messages, Ack message_ids)", batched, "msg/s", batched_peer_name, batched_peer, ">= 2x Redis",
+                None if batched_peer is None else batched >= 2 * batched_peer)]
 
 
 ROWS: list[Callable[[Bench], Row | list[Row]]] = [ping_pong, journaled_calls, restart, replay, acknowledged_delivery]
@@ -358,13 +413,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--ack-batch", type=int, default=100,
+                        help="messages per call in the batched acknowledged-delivery rows (1..1000; default 100)")
     parser.add_argument("--png", help="also draw the rows (ours against the peer) into this PNG (matplotlib)")
     parser.add_argument("--only", nargs="+", choices=[row.__name__ for row in ROWS], metavar="ROW",
                         help=f"run only these rows: {', '.join(row.__name__ for row in ROWS)}")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        bench = Bench(args.quick, pathlib.Path(tmp), args.cpus)
+        bench = Bench(args.quick, pathlib.Path(tmp), args.cpus, args.ack_batch)
         for row in ROWS:
             if args.only and row.__name__ not in args.only:
                 continue

@@ -13,15 +13,15 @@ This package needs only grpcio and protobuf (``pip install ./sdk``); the server 
 """
 __version__ = "0.1.0"
 
-from .client import (Client, ContextInfo, DeadLetter, Event, InferChunk, InferResult, Message, ProcessInfo,
-                     ProcessKind, ProcessState, Retry, connect, default_target)
+from .client import (Client, ContextInfo, DeadLetter, Event, InferChunk, InferResult, Message, Outgoing,
+                     ProcessInfo, ProcessKind, ProcessState, Retry, connect, default_target)
 from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal,
                      InvalidArgument, LlmosError, NotFound, OutOfRange, PermissionDenied, ResourceExhausted,
                      Unauthenticated, Unavailable, Unimplemented, Unknown)
 
 __all__ = [
     "Client", "connect", "default_target", "Message", "ProcessInfo", "ProcessState", "ProcessKind", "Event", "InferChunk", "InferResult",
-    "ContextInfo", "DeadLetter", "Retry",
+    "ContextInfo", "Outgoing", "DeadLetter", "Retry",
     "LlmosError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
     "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
     "Internal", "Unavailable", "DataLoss", "Unauthenticated",

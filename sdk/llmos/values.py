@@ -25,6 +25,11 @@ def to_value(obj: JSON, _depth: int = 0) -> struct_pb2.Value:
     return value
 
 
+def fill_value(value: struct_pb2.Value, obj: JSON) -> None:
+    """Set `value` (say, a field of a message being built) to a JSON-shaped object, as to_value."""
+    _fill(value, obj, 0)
+
+
 def _fill(value: struct_pb2.Value, obj: JSON, depth: int) -> None:
     if depth > 100:
         raise ValueError("value nests deeper than 100 levels")

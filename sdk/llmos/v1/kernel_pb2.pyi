@@ -168,8 +168,41 @@ class SendResponse(_message.Message):
     message_id: int
     def __init__(self, message_id: _Optional[int] = ...) -> None: ...
 
+class BatchMessage(_message.Message):
+    __slots__ = ("tag", "body", "data", "correlation_id", "notify_undelivered", "idempotency_key")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTIFY_UNDELIVERED_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    body: _struct_pb2.Value
+    data: bytes
+    correlation_id: str
+    notify_undelivered: bool
+    idempotency_key: str
+    def __init__(self, tag: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., data: _Optional[bytes] = ..., correlation_id: _Optional[str] = ..., notify_undelivered: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SendBatchRequest(_message.Message):
+    __slots__ = ("to", "to_name", "messages")
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TO_NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    to: int
+    to_name: str
+    messages: _containers.RepeatedCompositeFieldContainer[BatchMessage]
+    def __init__(self, to: _Optional[int] = ..., to_name: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[BatchMessage, _Mapping]]] = ..., **kwargs) -> None: ...
+
+class SendBatchResponse(_message.Message):
+    __slots__ = ("message_ids",)
+    MESSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    message_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, message_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class RecvRequest(_message.Message):
-    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms", "port_secret", "ack", "lease_ms")
+    __slots__ = ("pid", "tag", "correlation_id", "timeout_ms", "port_secret", "ack", "lease_ms", "max_messages")
     PID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +211,7 @@ class RecvRequest(_message.Message):
     PORT_SECRET_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     pid: int
     tag: str
     correlation_id: str
@@ -185,27 +219,36 @@ class RecvRequest(_message.Message):
     port_secret: str
     ack: bool
     lease_ms: int
-    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., port_secret: _Optional[str] = ..., ack: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    max_messages: int
+    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., port_secret: _Optional[str] = ..., ack: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., max_messages: _Optional[int] = ..., **kwargs) -> None: ...
 
 class AckRequest(_message.Message):
-    __slots__ = ("pid", "message_id")
+    __slots__ = ("pid", "message_id", "message_ids")
     PID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     pid: int
     message_id: int
-    def __init__(self, pid: _Optional[int] = ..., message_id: _Optional[int] = ...) -> None: ...
+    message_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pid: _Optional[int] = ..., message_id: _Optional[int] = ..., message_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AckResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("settled", "not_leased")
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    NOT_LEASED_FIELD_NUMBER: _ClassVar[int]
+    settled: int
+    not_leased: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, settled: _Optional[int] = ..., not_leased: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RecvResponse(_message.Message):
-    __slots__ = ("message", "timed_out")
+    __slots__ = ("message", "timed_out", "messages")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     message: Message
     timed_out: bool
-    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., timed_out: _Optional[bool] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., timed_out: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
 
 class WaitRequest(_message.Message):
     __slots__ = ("pid", "timeout_ms")

@@ -44,6 +44,11 @@ class KernelStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.SendRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.SendResponse.FromString,
                 _registered_method=True)
+        self.SendBatch = channel.unary_unary(
+                '/llmos.v1.Kernel/SendBatch',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.SendBatchRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.SendBatchResponse.FromString,
+                _registered_method=True)
         self.Recv = channel.unary_unary(
                 '/llmos.v1.Kernel/Recv',
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.RecvRequest.SerializeToString,
@@ -268,6 +273,14 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendBatch(self, request, context):
+        """Stores many messages in one receiver's mailbox in one call: all of them (a port's or a durable
+        mailbox's in one transaction, committed before the call answers) or, if any is refused, none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Recv(self, request, context):
         """Takes the oldest message matching the filter from a mailbox, waiting up to timeout_ms.
         """
@@ -276,7 +289,8 @@ class KernelServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Ack(self, request, context):
-        """A message received with ack is done with (Ack), or given back to be delivered again (Nack).
+        """A message received with ack is done with (Ack), or given back to be delivered again (Nack);
+        message_ids settles many in one call, each id's outcome in the reply.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -568,6 +582,11 @@ def add_KernelServicer_to_server(servicer, server):
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.SendRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.SendResponse.SerializeToString,
             ),
+            'SendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendBatch,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.SendBatchRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.SendBatchResponse.SerializeToString,
+            ),
             'Recv': grpc.unary_unary_rpc_method_handler(
                     servicer.Recv,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.RecvRequest.FromString,
@@ -828,6 +847,33 @@ class Kernel:
             '/llmos.v1.Kernel/Send',
             llmos_dot_v1_dot_kernel__pb2.SendRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.Kernel/SendBatch',
+            llmos_dot_v1_dot_kernel__pb2.SendBatchRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.SendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from llmos.v1 import kernel_pb2 as pb
-from llmos.values import to_value
+from llmos.values import fill_value, to_value
 
 from .errors import InvalidArgument
 from ..kernel.mailbox import Message
@@ -17,6 +17,16 @@ def message_pb(msg: Message, attempt: int = 0) -> pb.Message:
                      sent_at_ms=msg.sent_at_ms, body=to_value(msg.body), attempt=attempt, redelivered=attempt > 1)
     setattr(out, "from", msg.sender)
     return out
+
+
+def add_messages(messages: Any, taken: list[tuple[Message, int]]) -> None:
+    """Append (message, attempt) pairs to a repeated Message field, as message_pb makes each (built in
+    place: a batch receive's reply holds hundreds, and copying each one in costs as much again)."""
+    add = messages.add
+    for msg, attempt in taken:
+        out = add(id=msg.id, to=msg.to, tag=msg.tag, data=msg.data, correlation_id=msg.correlation_id,
+                  sent_at_ms=msg.sent_at_ms, attempt=attempt, redelivered=attempt > 1, **{"from": msg.sender})
+        fill_value(out.body, msg.body)
 
 
 LIST_PAGE_SIZE = 1000  # entries in a page when the request names no size

@@ -27,7 +27,7 @@ from .identity import CALLER
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .dead_letter_syscalls import (sys_get_dead_letter, sys_list_dead_letters, sys_purge_dead_letters,
                                    sys_retry_dead_letter)
-from .replies import fill_page, message_pb, page_size
+from .replies import add_messages, fill_page, message_pb, page_size
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
 from ..kernel.process import PYTHON
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Kernel"]
 EVENT_BACKLOG = 10_000
 FILE_CHUNK_BYTES = 1 << 20
+MAX_BATCH = 1000  # messages in one SendBatch, Recv (max_messages), Ack or Nack (message_ids)
+BATCH_OPTIONS = ("tag", "data", "correlation_id", "notify_undelivered", "idempotency_key")  # a BatchMessage's
 # The current call's gRPC context.
 CALL: contextvars.ContextVar[grpc.aio.ServicerContext] = contextvars.ContextVar("call")
 
@@ -160,6 +162,34 @@ _SEND_OPTIONS = frozenset(("tag", "data", "correlation_id", "notify_undelivered"
 _RECV_OPTIONS = frozenset(("from", "tag", "correlation_id", "timeout_ms", "lease_ms"))
 
 
+def _batch_size(n: int, field: str) -> int:
+    """A batch's size (SendBatch's messages, Recv's max_messages, Ack's message_ids): 1..MAX_BATCH."""
+    if not 1 <= n <= MAX_BATCH:
+        raise InvalidArgument(f"{field}: {n}; a batch holds 1 to {MAX_BATCH} messages")
+    return n
+
+
+async def sys_send_batch(k: Kernel, req: pb.SendBatchRequest) -> pb.SendBatchResponse:
+    target = req.WhichOneof("target")
+    if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
+        raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
+    _batch_size(len(req.messages), "messages")
+    (to,) = C.arguments("send_batch", {"to": getattr(req, target)})
+    batch = []
+    checked: dict[tuple, tuple] = {}  # each distinct set of options is checked once, as a Send's
+    for i, m in enumerate(req.messages):
+        given = (m.tag, m.data, m.correlation_id, m.notify_undelivered, m.idempotency_key)
+        options = checked.get(given)
+        if options is None:
+            (options,) = C.arguments("send", {"to": to, "options": dict(zip(BATCH_OPTIONS, given))},
+                                     f"messages[{i}]: ")[2:]
+            options = checked[given] = tuple(options.get(key, given[n]) for n, key in enumerate(BATCH_OPTIONS))
+        tag, data, correlation_id, notify_undelivered, idempotency_key = options
+        batch.append((tag, _value(m.body) if m.HasField("body") else None, data, correlation_id,
+                      notify_undelivered, idempotency_key))
+    return pb.SendBatchResponse(message_ids=k.send_batch(getattr(req, "from"), to, batch, CALLER.get()))
+
+
 async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     pid = _pid(req.pid)
     caller = _port_caller(k, pid, req.port_secret)
@@ -167,10 +197,13 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
     (options,) = C.arguments("recv", {"options": given or None})
     match = Match(options.get("from"), options.get("tag"), options.get("correlation_id")) if (
         "from" in options or "tag" in options or "correlation_id" in options) else ANY
+    most = _batch_size(req.max_messages, "max_messages") if req.max_messages else 0
     if req.ack:
-        return await _recv_leased(k, pid, match, req, caller)
+        return await _recv_leased(k, pid, match, req, caller, most)
     if req.HasField("lease_ms"):
         raise InvalidArgument("lease_ms is for a Recv with ack")
+    if most:
+        return await _recv_many(k, pid, match, _seconds(options.get("timeout_ms")), most, caller)
     waiter = AsyncWaiter(asyncio.get_running_loop())
     msg = k.recv(pid, match, waiter, _seconds(options.get("timeout_ms")), caller)
     if msg is None:
@@ -184,10 +217,43 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
         raise
 
 
-async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, caller: Caller) -> pb.RecvResponse:
+async def _recv_many(k: Kernel, pid: int, match: Match, timeout: float | None, most: int,
+                     caller: Caller) -> pb.RecvResponse:
+    """Recv with max_messages, without ack: the first match (waiting for it), then those already waiting."""
+    budget = k.config.max_message_bytes
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    with k.lock:
+        taken = k.recv_many_locked(k.target_locked(caller, "recv", pid, "receiver"), match, most, budget)
+        if not taken:
+            first = k.recv_locked(pid, match, waiter, timeout, caller)  # nothing waiting: registers the waiter
+            taken = [first] if first is not None else []
+    if not taken:
+        first = await _await(k, waiter, "recv", lambda got: k.put_back(pid, got))
+        if first is TIMED_OUT:
+            return pb.RecvResponse(timed_out=True)
+        taken = [first]
+        if most > 1:
+            with k.lock:
+                proc = k.procs.get(pid)
+                if proc is not None:
+                    taken += k.recv_many_locked(proc, match, most - 1, budget - first.size)
+    try:
+        reply = pb.RecvResponse()
+        add_messages(reply.messages, [(msg, 0) for msg in taken])
+        return reply
+    except Exception:  # a message that cannot be answered is a kernel bug, but none is lost for it
+        for msg in taken:
+            k.put_back(pid, msg)
+        raise
+
+
+async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, caller: Caller,
+                       most: int) -> pb.RecvResponse:
     (options,) = C.arguments("recv", {"options": {"timeout_ms": _set(req, "timeout_ms"),
                                                   "lease_ms": _set(req, "lease_ms")}})
     lease_s, timeout = _seconds(options.get("lease_ms")), _seconds(options.get("timeout_ms"))
+    if most:
+        return await _recv_leased_many(k, pid, match, timeout, lease_s, most, caller)
     waiter = AsyncWaiter(asyncio.get_running_loop())
     with k.lock:
         receiver = k.target_locked(caller, "recv", pid, "receiver")
@@ -203,22 +269,63 @@ async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, c
         raise
 
 
+async def _recv_leased_many(k: Kernel, pid: int, match: Match, timeout: float | None, lease_s: float | None,
+                            most: int, caller: Caller) -> pb.RecvResponse:
+    """Recv with ack and max_messages: the first match leased (waiting for it), then those already waiting."""
+    budget = k.config.max_message_bytes
+    waiter = AsyncWaiter(asyncio.get_running_loop())
+    with k.lock:
+        receiver = k.target_locked(caller, "recv", pid, "receiver")
+        leased = k.acks.recv_many_locked(receiver, match, waiter, timeout, lease_s, most, budget)
+    if leased is None:
+        first = await _await(k, waiter, "recv", lambda taken: _give_back(k, pid, taken))
+        if first is TIMED_OUT:
+            return pb.RecvResponse(timed_out=True)
+        leased = [first]
+        if most > 1:
+            with k.lock:
+                proc = k.procs.get(pid)
+                if proc is not None:
+                    leased += k.acks.more_locked(proc, match, lease_s, most - 1, budget - first.msg.size)
+    try:
+        reply = pb.RecvResponse()
+        add_messages(reply.messages, [(m.msg, m.attempt) for m in leased])
+        return reply
+    except Exception:  # never lost for a kernel bug: they are delivered again
+        for m in leased:
+            _give_back(k, pid, m)
+        raise
+
+
 def _give_back(k: Kernel, pid: int, leased: Any) -> None:
     with k.lock:
         k.acks.give_back(pid, leased)
 
 
 async def sys_ack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
-    return _settle(k, req, "ack", k.acks.ack)
+    return _settle(k, req, "ack", k.acks.ack, k.acks.ack_many)
 
 
 async def sys_nack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
-    return _settle(k, req, "nack", k.acks.nack)
+    return _settle(k, req, "nack", k.acks.nack, k.acks.nack_many)
 
 
-def _settle(k: Kernel, req: pb.AckRequest, syscall: str, settle: Callable[[int, int], None]) -> pb.AckResponse:
-    """Ack or Nack: the receiver's lease on a message ends."""
-    pid, (message_id,) = _pid(req.pid), C.arguments(syscall, {"message_id": req.message_id})
+def _settle(k: Kernel, req: pb.AckRequest, syscall: str, settle: Callable[[int, int], None],
+            settle_many: Callable[[int, list[int]], list[int]]) -> pb.AckResponse:
+    """Ack or Nack: the receiver's lease on a message (message_id) or on each of many (message_ids) ends."""
+    pid = _pid(req.pid)
+    if req.message_ids:
+        if req.message_id:
+            raise InvalidArgument("give message_id (one message) or message_ids (many), not both")
+        _batch_size(len(req.message_ids), "message_ids")
+        ids = list(req.message_ids)
+        for extreme in (min(ids), max(ids)):  # the rule is a range: the extremes pass, every id does
+            C.arguments(syscall, {"message_id": extreme}, f"message_ids[{ids.index(extreme)}]: ")
+        with k.lock:
+            k.target_locked(CALLER.get(), syscall, pid, "receiver")
+            not_leased = settle_many(pid, ids)
+        return pb.AckResponse(settled=len(ids) - len(not_leased), not_leased=not_leased)
+    (message_id,) = C.arguments(syscall, {"message_id": req.message_id})
     with k.lock:
         k.target_locked(CALLER.get(), syscall, pid, "receiver")
         settle(pid, message_id)
@@ -596,6 +703,7 @@ async def sys_read_audit(k: Kernel, req: pb.ReadAuditRequest) -> pb.ReadAuditRes
 SYSCALLS: dict[str, Callable[..., Any]] = {
     "Spawn": sys_spawn,
     "Send": sys_send,
+    "SendBatch": sys_send_batch,
     "Recv": sys_recv,
     "Ack": sys_ack,
     "Nack": sys_nack,

@@ -154,6 +154,11 @@ TABLE: tuple[Syscall, ...] = (
             args=(Arg("to", RECEIVER), optional("body", VALUE),
                   opts(optional("tag", STRING), optional("data", DATA), optional("correlation_id", STRING),
                        optional("notify_undelivered", FLAG), optional("idempotency_key", STRING)))),
+    # Many messages to one receiver in one call (clients' round trips): each message is checked as
+    # send's arguments (its handler: checks.arguments("send", ...)); this entry names the receiver only.
+    Syscall("send_batch", "SendBatch", False, "Kernel.send_batch", "message ids", acts_as="from",
+            agents="a Python agent sends with sys.send: a batch is for clients' round trips",
+            args=(Arg("to", RECEIVER),)),
     Syscall("recv", "Recv", True, "Kernel.recv; between Lua processes lua/fast_paths.c's try_recv and receive; "
             "with ack, Acks.recv_locked (kernel/acks.py)",
             "a message, or nothing (timed out)", C_FUNCTION, yields="recv", python=True, acts_as="pid",
@@ -199,7 +204,7 @@ TABLE: tuple[Syscall, ...] = (
             args=(Arg("path", STRING),)),
     Syscall("fs.rename", "RenameFile", False, "FileStore.rename", "file info", CALL, ("fs",), python=True,
             args=(Arg("src", STRING), Arg("dst", STRING))),
-    Syscall("fs.mkdir", "MakeDir", False, "FileStore.mkdir", "file info", CALL, ("fs",),
+    Syscall("fs.mkdir", "MakeDir", False, "FileStore.mkdir", "file info", CALL, ("fs",), python=True,
             args=(Arg("path", STRING),)),
     # -- locks (services/sync.py)
     Syscall("lock.acquire", "Acquire", True, "SyncTable.acquire", "{previous_holder_died}, or nothing (timed out)",

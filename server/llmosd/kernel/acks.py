@@ -41,6 +41,9 @@ from .store import Store
 from .waiting import Timer, Timers, Waiter
 
 DEFAULT_LEASE_S = 30.0  # a lease when the receive names none (as SQS's default visibility timeout)
+# A batch receive's reply holds at most this many bytes per message beyond its size (Message.size:
+# body, data, tag, correlation id): ids, pids, times, attempt and the fields' tags and lengths.
+BATCH_OVERHEAD = 96
 MAX_ATTEMPTS = 1_000_000
 
 
@@ -63,11 +66,30 @@ class Leased:
 
 
 class _Lease:
-    __slots__ = ("msg", "attempt", "timer")
+    __slots__ = ("msg", "attempt", "group")
 
-    def __init__(self, msg: Message, attempt: int) -> None:
+    def __init__(self, msg: Message, attempt: int, group: _LeaseGroup) -> None:
         self.msg = msg
         self.attempt = attempt
+        self.group = group
+
+    def end(self) -> None:
+        """Settled (or given back): its group's timer is cancelled once none of the group is leased."""
+        group = self.group
+        group.left -= 1
+        if not group.left and group.timer is not None:
+            group.timer.cancel()
+            group.leases = []  # the cancelled timer waits in the heap until its time: not with the messages
+
+
+class _LeaseGroup:
+    """The leases handed out by one receive (one, or a batch's): one timer runs them all out."""
+
+    __slots__ = ("leases", "left", "timer")
+
+    def __init__(self) -> None:
+        self.leases: list[_Lease] = []
+        self.left = 0  # how many of them are still leased
         self.timer: Timer | None = None
 
 
@@ -118,10 +140,7 @@ class Acks:
                     lease_s: float | None) -> Leased | None:
         """Take and lease a matching message now, or register `waiter` to get one (None)."""
         lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
-        leases = self._leases.get(proc.pid)
-        if leases is not None and len(leases) >= proc.mailbox.limit:
-            raise ResourceExhausted(f"pid {proc.pid} holds {len(leases)} leased messages, its mailbox's limit: "
-                                    "ack or nack some first")
+        self._lease_room(proc)
         msg = proc.mailbox.take(match)
         if msg is not None:
             return self.lease_locked(proc, msg, lease_s, stored=True)
@@ -130,19 +149,55 @@ class Acks:
         self._timers.time_out(self._lock, waiter, timeout_s)
         return None
 
+    def recv_many_locked(self, proc: Process, match: Match, waiter: Waiter, timeout_s: float | None,
+                         lease_s: float | None, most: int, budget: int) -> list[Leased] | None:
+        """A batch receive with ack: lease up to `most` matching messages waiting now (as many as fit
+        `budget` bytes, at least one), or register `waiter` to get the first (None; then more_locked)."""
+        self._lease_room(proc)
+        leased = self.more_locked(proc, match, lease_s, most, budget)
+        return leased or self.recv_locked(proc, match, waiter, timeout_s, lease_s)
+
+    def more_locked(self, proc: Process, match: Match, lease_s: float | None, most: int,
+                    budget: int) -> list[Leased]:
+        """Lease the matching messages waiting now, oldest first: at most `most`, and no more than the
+        mailbox's limit of leases leaves room for (none: []); they stop before their sizes pass `budget`
+        (taking one at least)."""
+        lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
+        room = proc.mailbox.limit - len(self._leases.get(proc.pid, ()))
+        taken = take_batch(proc.mailbox, match, min(most, room), budget)
+        return self._lease_all(proc, taken, lease_s) if taken else []
+
+    def _lease_room(self, proc: Process) -> None:
+        """ResourceExhausted if `proc` holds as many leases as its mailbox's limit allows."""
+        held = len(self._leases.get(proc.pid, ()))
+        if held >= proc.mailbox.limit:
+            raise ResourceExhausted(f"pid {proc.pid} holds {held} leased messages, its mailbox's limit: "
+                                    "ack or nack some first")
+
     def lease_locked(self, proc: Process, msg: Message, lease_s: float, stored: bool) -> Leased:
         """Lease `msg`, just taken from `proc`'s mailbox (`stored`: a port's, from the store's copy)."""
-        pid = proc.pid
-        attempts = self._attempts.get(pid)
-        attempt = (attempts.pop(msg.id, 0) if attempts else 0) + 1
-        if attempts is not None and not attempts:
-            del self._attempts[pid]
-        lease = _Lease(msg, attempt)
-        self._leases.setdefault(pid, {})[msg.id] = lease
         if proc.kind == P.PORT and not stored:  # handed straight to a waiting receiver: never stored
             self._store_port_message(msg)
-        lease.timer = self._timers.call_later(lease_s, lambda: self._expire(pid, msg.id, lease))
-        return Leased(msg, attempt)
+        return self._lease_all(proc, [msg], lease_s)[0]
+
+    def _lease_all(self, proc: Process, msgs: list[Message], lease_s: float) -> list[Leased]:
+        """Lease `msgs`, just taken from `proc`'s mailbox, under one timer."""
+        pid = proc.pid
+        attempts = self._attempts.get(pid)
+        leases = self._leases.setdefault(pid, {})
+        group = _LeaseGroup()
+        out = []
+        for msg in msgs:
+            attempt = (attempts.pop(msg.id, 0) if attempts else 0) + 1
+            lease = _Lease(msg, attempt, group)
+            group.leases.append(lease)
+            leases[msg.id] = lease
+            out.append(Leased(msg, attempt))
+        if attempts is not None and not attempts:
+            del self._attempts[pid]
+        group.left = len(msgs)
+        group.timer = self._timers.call_later(lease_s, lambda: self._expire(pid, group))
+        return out
 
     def ack(self, pid: int, message_id: int) -> None:
         """The message is done with: forget it (a port's leaves the store)."""
@@ -153,6 +208,21 @@ class Acks:
     def nack(self, pid: int, message_id: int) -> None:
         """The receiver gives the message back: deliver it again now."""
         self._back(pid, self._take_lease(pid, message_id, "nack"))
+
+    def ack_many(self, pid: int, message_ids: list[int]) -> list[int]:
+        """Ack each of `message_ids` that `pid` holds leased (a port's leave the store in one
+        transaction); the others, on which it holds no lease, are answered (nothing is done for them)."""
+        settled, not_leased = self._take_leases(pid, message_ids)
+        if settled and self._procs[pid].kind == P.PORT:
+            self._store.delete_messages([lease.msg.id for lease in settled])
+        return not_leased
+
+    def nack_many(self, pid: int, message_ids: list[int]) -> list[int]:
+        """Nack each of `message_ids` that `pid` holds leased; the others are answered, as ack_many's."""
+        settled, not_leased = self._take_leases(pid, message_ids)
+        for lease in settled:
+            self._back(pid, lease)
+        return not_leased
 
     def give_back(self, pid: int, leased: Leased) -> None:
         """A receive took and leased `leased` but could not hand it over (its RPC was cancelled):
@@ -189,8 +259,7 @@ class Acks:
         policy = self._policies.pop(pid, None)
         left = []
         for lease in self._leases.pop(pid, {}).values():
-            if lease.timer is not None:
-                lease.timer.cancel()
+            lease.end()
             left.append((lease.msg, lease.attempt))
         while (msg := proc.mailbox.take(ANY)) is not None:
             left.append((msg, attempts.get(msg.id, 0)))
@@ -212,29 +281,59 @@ class Acks:
                 return not isinstance(receiver, _LeasingReceiver)
         return False
 
+    @staticmethod
+    def kept_in_store(proc: Process, msgs: list[Message]) -> list[Message]:
+        """Of `msgs`, delivered to `proc` in this order, those that stay stored: all but those that
+        receives without ack waiting now take at once (each waiting receiver takes one, as the mailbox
+        hands them out: to the first receiver that accepts it)."""
+        receivers = list(proc.mailbox.receivers)
+        if not receivers:
+            return msgs
+        kept = []
+        for msg in msgs:
+            at = next((i for i, (_, match) in enumerate(receivers) if match.accepts(msg)), None)
+            if at is None or isinstance(receivers.pop(at)[0], _LeasingReceiver):
+                kept.append(msg)
+        return kept
+
     # -- inside -----------------------------------------------------------------------------
     def _take_lease(self, pid: int, message_id: int, what: str) -> _Lease:
-        leases = self._leases.get(pid)
-        lease = leases.pop(message_id, None) if leases is not None else None
-        if lease is None:
+        settled, _ = self._take_leases(pid, [message_id])
+        if not settled:
             raise FailedPrecondition(
                 f"cannot {what} message {message_id}: pid {pid} holds no lease on it (it was never received with "
                 "ack, was acknowledged already, or its lease ran out and it was delivered again)")
+        return settled[0]
+
+    def _take_leases(self, pid: int, message_ids: list[int]) -> tuple[list[_Lease], list[int]]:
+        """End `pid`'s leases on `message_ids`: (the leases ended, the ids it held no lease on)."""
+        leases = self._leases.get(pid)
+        if leases is None:
+            return [], list(message_ids)
+        settled, not_leased = [], []
+        for message_id in message_ids:
+            lease = leases.pop(message_id, None)
+            if lease is None:
+                not_leased.append(message_id)
+                continue
+            lease.end()
+            settled.append(lease)
         if not leases:
             del self._leases[pid]
-        if lease.timer is not None:
-            lease.timer.cancel()
-        return lease
+        return settled, not_leased
 
-    def _expire(self, pid: int, message_id: int, lease: _Lease) -> None:
+    def _expire(self, pid: int, group: _LeaseGroup) -> None:
+        """The group's leases ran out: those still leased go back (in id order, as they were taken)."""
         with self._lock:
             leases = self._leases.get(pid)
-            if leases is None or leases.get(message_id) is not lease:
-                return  # acknowledged, given back or ended meanwhile
-            del leases[message_id]
-            if not leases:
+            if leases is None:
+                return  # settled, given back or ended meanwhile
+            for lease in group.leases:
+                if leases.get(lease.msg.id) is lease:
+                    del leases[lease.msg.id]
+                    self._back(pid, lease)
+            if not leases and self._leases.get(pid) is leases:
                 del self._leases[pid]
-            self._back(pid, lease)
 
     def _back(self, pid: int, lease: _Lease) -> None:
         proc = self._procs.get(pid)
@@ -259,3 +358,20 @@ class Acks:
             self._store.delete_message(msg.id)  # a receive without ack consumes it
             self._attempts.get(proc.pid, {}).pop(msg.id, None)
         mailbox.deliver(msg, False)
+
+
+def take_batch(mailbox: Any, match: Match, most: int, budget: int) -> list[Message]:
+    """Take up to `most` matching messages from `mailbox`, oldest first, while their sizes (each with
+    BATCH_OVERHEAD) stay within `budget` bytes; the first is taken whatever its size."""
+    taken: list[Message] = []
+    used = 0
+    while len(taken) < most:
+        msg = mailbox.take(match)
+        if msg is None:
+            break
+        used += msg.size + BATCH_OVERHEAD
+        if taken and used > budget:
+            mailbox.put_back(msg)
+            break
+        taken.append(msg)
+    return taken

@@ -81,15 +81,20 @@ class IdempotencyKeys:
 
     def stored(self, key: Key, message_id: int) -> Callable[[sqlite3.Connection], None]:
         """The write that stores a key with its stored message (in the message's transaction)."""
+        return self.stored_many({key: message_id})
+
+    def stored_many(self, keys: dict[Key, int]) -> Callable[[sqlite3.Connection], None]:
+        """The write that stores keys with their stored messages (a batch's, in its transaction)."""
         now = now_ms()
-        self._stored_since_prune += 1
+        self._stored_since_prune += len(keys)
         prune = self._stored_since_prune >= PRUNE_EVERY
         if prune:
             self._stored_since_prune = 0
 
+        rows = [(*key, message_id, now + self.window_ms) for key, message_id in keys.items()]
+
         def write(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?,?,?,?)",
-                       (*key, message_id, now + self.window_ms))
+            db.executemany("INSERT OR REPLACE INTO idempotency_keys VALUES (?,?,?,?)", rows)
             if prune:
                 db.execute("DELETE FROM idempotency_keys WHERE expires_at_ms<=?", (now,))
         return write

@@ -46,12 +46,14 @@ from .runtime import Runtime
 from ..services.sync import SyncTable
 from ..api.audit import AuditLog
 from ..api.tokens import Tokens, digest
-from .acks import Acks
+from .acks import Acks, take_batch
 from .deadletters import DeadLetters
 from .idempotency import IdempotencyKeys
 from .journal import PROGRAM_CHANGED, Journal, ProcessJournal, message_row, program_hash
 
 log = logging.getLogger(__name__)
+# A message of Kernel.send_batch: (tag, body, data, correlation_id, notify_undelivered, idempotency_key).
+BatchEntry = tuple[str, Any, bytes, str, bool, str]
 
 NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _send_exit_notice)
 MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
@@ -531,6 +533,70 @@ class Kernel:
             self.store.flush()  # in a durable mailbox before Send answers, as in a port
         self.core.refill_ids()  # the next block of message ids, reserved without the lock
         return msg.id
+
+    def send_batch(self, sender: int, to: int | str, batch: list[BatchEntry], caller: Caller | None = None) -> list[int]:
+        """Send every message of `batch` to one receiver, in order: all or none. Each is made (and
+        checked for size) first, then the mailbox's room for all of them, as if none were taken at once
+        (ResourceExhausted: nothing is sent); a port's are stored in one transaction (with their
+        idempotency keys), a durable mailbox's queued as one unit, both committed before this returns.
+        A message whose idempotency key was sent before (or earlier in the batch) gets its first id."""
+        with self.lock:
+            src = self.procs.get(sender) if sender else None
+            if src is None and sender:
+                self.live_locked(sender, "sender", caller)  # raises the right error
+            if src is not None and caller is not None:
+                self._check_sender(caller, src)
+            dst = self.procs.get(to) if type(to) is int else None
+            if dst is None or (caller is not None and not caller.sees(dst.namespace)):
+                dst = self.resolve(to, caller)
+            ids: list[int] = []
+            new: list[Message] = []
+            keys: dict[Any, int] = {}  # the batch's new keys -> their message ids
+            for tag, body, data, correlation_id, notify_undelivered, idempotency_key in batch:
+                key = self.idempotency.key(sender, caller, idempotency_key) if idempotency_key else None
+                first = None if key is None else keys.get(key, self.idempotency.first(key))
+                if first is not None:
+                    ids.append(first)
+                    continue
+                msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
+                msg.notify_undelivered = notify_undelivered
+                new.append(msg)
+                ids.append(msg.id)
+                if key is not None:
+                    keys[key] = msg.id
+            mailbox = dst.mailbox
+            if len(mailbox) + len(new) > mailbox.limit or (
+                    mailbox.byte_limit and mailbox.bytes + sum(m.size for m in new) > mailbox.byte_limit):
+                raise ResourceExhausted(
+                    f"mailbox of pid {dst.pid} has no room for {len(new)} more messages ({len(mailbox)} of its "
+                    f"{mailbox.limit} waiting, {mailbox.bytes} of its {mailbox.byte_limit or 'unlimited'} bytes); "
+                    "nothing was sent: send fewer, or retry later")
+            if mailbox.durable and new:
+                also = [self.idempotency.stored_many(keys)] if keys else []
+                if dst.kind == P.PORT:
+                    self.store.put_messages(self.acks.kept_in_store(dst, new), also)
+                else:
+                    self.store.enqueue([message_row(m) for m in new])
+                    if also:
+                        self.store.transaction(lambda db: [write(db) for write in also])
+            for msg in new:
+                mailbox.deliver(msg, False)
+            for key, message_id in keys.items():
+                self.idempotency.remember(key, message_id)
+            if src is not None:
+                src.mailbox.sent += len(new)
+        if dst.mailbox.durable and dst.kind != P.PORT:
+            self.store.flush()  # in a durable mailbox before SendBatch answers, as in a port
+        self.core.refill_ids()
+        return ids
+
+    def recv_many_locked(self, proc: Process, match: Match, most: int, budget: int) -> list[Message]:
+        """A batch receive without ack: take up to `most` matching messages waiting now (as acks.take_batch
+        bounds them by `budget` bytes); a port's leave the store in one transaction."""
+        taken = take_batch(proc.mailbox, match, most, budget)
+        if taken and proc.kind == P.PORT:
+            self.store.delete_messages([msg.id for msg in taken])
+        return taken
 
     def _check_sender(self, caller: Caller, src: Process) -> None:
         """`from` is always the caller: a process itself, or a port the client owns (lock held)."""

@@ -351,6 +351,16 @@ class Store:
     def delete_message(self, message_id: int) -> None:
         self._write_now("DELETE FROM port_messages WHERE id=?", (message_id,))
 
+    def put_messages(self, msgs: list[Any], also: list[Callable[[sqlite3.Connection], None]] = ()) -> None:
+        """Store a batch of a port's messages (kernel Messages) in one transaction, with `also`'s writes."""
+        rows = [_message_params(m) for m in msgs]
+        self.transaction(lambda db: (db.executemany(STORE_MESSAGE, rows), [write(db) for write in also]))
+
+    def delete_messages(self, message_ids: list[int]) -> None:
+        """Take a batch of a port's messages out of the store, in one transaction."""
+        if message_ids:
+            self.transaction(lambda db: db.executemany(DELETE_MESSAGE, [(i,) for i in message_ids]))
+
     # other modules' tables (kernel/deadletters.py) ----------------------------------------
     def transaction(self, write: Callable[[sqlite3.Connection], None]) -> None:
         """Run `write` with the connection in one transaction, committed before this returns."""

@@ -184,10 +184,11 @@ async def _plain(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, ar
 
 async def _recv(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, args: tuple, requests: list[Any],
                 reply_of: Callable) -> Any:
-    """A receive's entry and the removal of its message from the durable mailbox: one unit (with ack
-    too: a durable process's message is received once its receive is journaled)."""
-    return await _plain(k, journal, fn, call, args, requests, reply_of,
-                        lambda reply: journal.received_id(reply.message.id) if reply.HasField("message") else [])
+    """A receive's entry and the removal of its messages (one, or a batch's) from the durable mailbox:
+    one unit (with ack too: a durable process's message is received once its receive is journaled)."""
+    return await _plain(k, journal, fn, call, args, requests, reply_of, lambda reply: [
+        op for m in ([reply.message] if reply.HasField("message") else reply.messages)
+        for op in journal.received_id(m.id)])
 
 
 async def _settle(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, args: tuple, requests: list[Any],
