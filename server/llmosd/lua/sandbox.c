@@ -798,6 +798,10 @@ static void set_closure(lua_State *L, int t, const char *name, lua_CFunction f, 
 static const llmos_SysEntry *sys_layout;
 static size_t sys_layout_count;
 static lua_CFunction *sys_c_functions; /* per entry: the LLMOS_SYS_C entries' functions */
+typedef struct {
+    size_t table, name, op, file_op;
+} SysLengths;
+static SysLengths *sys_lengths; /* per entry: its texts' lengths */
 
 static void push_recv(lua_State *L)
 {
@@ -829,12 +833,21 @@ int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *un
     size_t i, k, count = sizeof C_FUNCTIONS / sizeof C_FUNCTIONS[0];
     int status = read_templates_once();
     lua_CFunction *functions;
+    SysLengths *lengths;
     if (status < 0)
         return status;
     functions = calloc(n > 0 ? n : 1, sizeof *functions);
-    if (functions == NULL)
+    lengths = calloc(n > 0 ? n : 1, sizeof *lengths);
+    if (functions == NULL || lengths == NULL) {
+        free(functions);
+        free(lengths);
         return -1;
+    }
     for (i = 0; i < n; i++) {
+        lengths[i].table = entries[i].table != NULL ? strlen(entries[i].table) : 0;
+        lengths[i].name = strlen(entries[i].name);
+        lengths[i].op = entries[i].op != NULL ? strlen(entries[i].op) : 0;
+        lengths[i].file_op = entries[i].file_op != NULL ? strlen(entries[i].file_op) : 0;
         if (entries[i].how != LLMOS_SYS_C)
             continue;
         for (k = 0; k < count; k++)
@@ -842,6 +855,7 @@ int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *un
                 break;
         if (k == count) {
             free(functions);
+            free(lengths);
             *unknown = i;
             return -2;
         }
@@ -854,11 +868,14 @@ int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *un
         }
     }
     sys_c_functions = functions;
+    sys_lengths = lengths;
     sys_layout = entries;
     sys_layout_count = n;
     return 0;
 }
 
+/* Keys and ops by their lengths, measured once (lua_setfield and lua_pushstring measure a C
+ * string and look it up in Lua's string cache every time). */
 static void push_sys(lua_State *L)
 {
     size_t i;
@@ -867,29 +884,35 @@ static void push_sys(lua_State *L)
     sys = lua_gettop(L);
     for (i = 0; i < sys_layout_count; i++) {
         const llmos_SysEntry *e = &sys_layout[i];
-        if (e->table == NULL)
+        const SysLengths *len = &sys_lengths[i];
+        if (e->table == NULL) {
             lua_pushvalue(L, sys);
-        else if (lua_getfield(L, sys, e->table) != LUA_TTABLE) {
-            lua_pop(L, 1);
-            lua_createtable(L, 0, 8);
-            lua_pushvalue(L, -1);
-            lua_setfield(L, sys, e->table);
+        } else {
+            lua_pushlstring(L, e->table, len->table);
+            if (lua_rawget(L, sys) != LUA_TTABLE) {
+                lua_pop(L, 1);
+                lua_createtable(L, 0, 8);
+                lua_pushlstring(L, e->table, len->table);
+                lua_pushvalue(L, -2);
+                lua_rawset(L, sys);
+            }
         }
+        lua_pushlstring(L, e->name, len->name);
         if (e->how == LLMOS_SYS_C) {
             if (sys_c_functions[i] != NULL)
                 lua_pushcfunction(L, sys_c_functions[i]);
             else
                 push_recv(L);
         } else if (e->how == LLMOS_SYS_CALL) {
-            lua_pushstring(L, e->op);
+            lua_pushlstring(L, e->op, len->op);
             if (e->file_op != NULL)
-                lua_pushstring(L, e->file_op);
+                lua_pushlstring(L, e->file_op, len->file_op);
             lua_pushcclosure(L, sys_direct, e->file_op != NULL ? 2 : 1);
         } else {
-            lua_pushstring(L, e->op);
+            lua_pushlstring(L, e->op, len->op);
             lua_pushcclosure(L, sys_blocking, 1);
         }
-        lua_setfield(L, -2, e->name);
+        lua_rawset(L, -3);
         lua_pop(L, 1);
     }
 }
