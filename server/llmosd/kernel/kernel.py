@@ -239,10 +239,11 @@ class Kernel:
 
     # -- process creation ------------------------------------------------------------------
     def _new_process(self, pid: int, kind: str, parent: int, priority: int, limits: Limits, namespace: str,
-                     durable: bool = False) -> Process:
+                     durable: bool = False, **fields: Any) -> Process:
+        """`fields`: more of Process's fields (a spawn's program, args, ancestors)."""
         proc = Process(
             pid=pid, kind=kind, parent=parent, priority=priority, max_priority=priority,
-            limits=limits, started_at_ms=now_ms(),
+            limits=limits, started_at_ms=now_ms(), **fields,
         )
         proc.namespace = sys.intern(namespace)  # interned: lua/fast_paths.c compares namespaces by pointer
         proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable=durable or kind == P.PORT,
@@ -254,16 +255,17 @@ class Kernel:
         """A new process, in its parent's namespace (no parent: the caller's). `on_spawned(pid)`: a
         durable parent's journal entry of this spawn, queued in one unit with a durable child's spec
         (kernel/journal.py)."""
-        kind, source, program_name, program_path = resolve_program(spec, self.config.userland_root)
+        config = self.config
+        kind, source, program_name, program_path = resolve_program(spec, config.userland_root)
         if spec.name is not None:
             C.name(spec.name)
         priority, weight = C.priority(spec.priority), C.weight(spec.weight or C.DEFAULT_WEIGHT)
-        args = C.value(spec.args, "args", self.config.max_message_bytes)
+        args = C.value(spec.args, "args", config.max_message_bytes)
         runtime = self.runtimes.get(kind)
         if runtime is None:
             raise Unimplemented(f"this server runs no {kind.title()} userland"
                                 + (" (start llmosd with an agent socket)" if kind == P.PYTHON else ""))
-        limits = spec.limits.with_defaults(runtime.check_program(source, program_name, self.config.defaults))
+        limits = spec.limits.with_defaults(runtime.check_program(source, program_name, config.defaults))
         with self.lock:
             if spec.parent:
                 parent = self.live_locked(spec.parent, "parent", caller)
@@ -281,7 +283,7 @@ class Kernel:
             else:
                 if caller is not None and caller.role == "process":
                     raise PermissionDenied("a process spawns only its own children")
-                lineage, ancestors = (), []
+                lineage, ancestors = (), ()
                 namespace = caller.namespace if caller is not None else DEFAULT_NAMESPACE
             self._check_room_locked(namespace)
             if spec.name and (namespace, spec.name) in self.names:
@@ -289,12 +291,11 @@ class Kernel:
             dead_letters = self.acks.policy(spec.dead_letter, spec.max_attempts, namespace)
             limits = self.namespaces.reserve_locked(namespace, spec.limits, limits)
             pid = self.store.next_id("pid")
-            proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace, durable=spec.durable)
-            proc.program, proc.program_name, proc.args = source, program_name, args
-            proc.weight = weight
-            proc.ancestors = lineage
+            proc = self._new_process(pid, kind, spec.parent, priority, limits, namespace, spec.durable,
+                                     program=source, program_name=program_name, args=args, ancestors=lineage,
+                                     log_to_server=spec.log_to_server)
+            proc.weight = weight  # a ProcessFields field (kernel/process.c), not the dataclass's
             runtime.attach(proc, program_path)
-            proc.log_to_server = spec.log_to_server
             if spec.name:
                 proc.name = spec.name
                 self.names[namespace, spec.name] = pid
@@ -303,29 +304,39 @@ class Kernel:
             for ancestor in ancestors:
                 ancestor.descendants += 1
             self.procs[pid] = proc
-            self.live_in[namespace] = self.live_in.get(namespace, 0) + 1
-            self.acks.set_policy(pid, dead_letters)
+            live_in = self.live_in
+            live_in[namespace] = live_in.get(namespace, 0) + 1
+            if dead_letters is not None:
+                self.acks.set_policy(pid, dead_letters)
             self.store.record_spawn(proc)
             self.spawns[kind] += 1
-            ops = on_spawned(pid) if on_spawned is not None else []
-            if spec.durable:
-                seed = int.from_bytes(os.urandom(6), "little")
-                self.journals[pid] = ProcessJournal(pid, self.store, seed)
-                ops.append(self.journal.spec_op(pid, {
-                    "kind": kind, "program": source, "program_name": program_name,
-                    "program_path": str(program_path) if program_path else None, "program_hash": program_hash(source),
-                    "args": args, "priority": priority, "weight": weight, "limits": limits.as_dict(),
-                    "parent": spec.parent, "monitor": spec.monitor, "ancestors": lineage, "seed": seed,
-                    "dead_letter": spec.dead_letter, "max_attempts": spec.max_attempts,
-                    "log_to_server": spec.log_to_server,
-                }))
-            if ops:
-                self.store.enqueue(ops)
+            if on_spawned is not None or spec.durable:
+                self._journal_spawn(proc, spec, program_path, seed_ops=on_spawned(pid) if on_spawned else [])
             if limits.wall_ms:
                 proc.wall_timer = self.timers.call_later(limits.wall_ms / 1000, lambda: self.kill(pid, "wall_limit"))
-            self._emit("spawned", proc)
+            if self.event_listeners:
+                self._emit("spawned", proc)
         self.scheduler.make_runnable(proc, new=True)
         return pid
+
+    def _journal_spawn(self, proc: Process, spec: SpawnSpec, program_path: pathlib.Path | None,
+                       seed_ops: list) -> None:
+        """A durable parent's journal entry of a spawn (`seed_ops`) and, for a durable child, its journal
+        and spec, queued in one unit (lock held)."""
+        ops, pid = seed_ops, proc.pid
+        if spec.durable:
+            seed = int.from_bytes(os.urandom(6), "little")
+            self.journals[pid] = ProcessJournal(pid, self.store, seed)
+            ops.append(self.journal.spec_op(pid, {
+                "kind": proc.kind, "program": proc.program, "program_name": proc.program_name,
+                "program_path": str(program_path) if program_path else None, "program_hash": program_hash(proc.program),
+                "args": proc.args, "priority": proc.priority, "weight": proc.weight, "limits": proc.limits.as_dict(),
+                "parent": spec.parent, "monitor": spec.monitor, "ancestors": proc.ancestors, "seed": seed,
+                "dead_letter": spec.dead_letter, "max_attempts": spec.max_attempts,
+                "log_to_server": spec.log_to_server,
+            }))
+        if ops:
+            self.store.enqueue(ops)
 
     def _check_room_locked(self, namespace: str) -> None:
         """Room for one more live process in the server and in `namespace` (lock held)."""
@@ -723,56 +734,63 @@ class Kernel:
             proc.waiter = None
         if proc.wall_timer is not None:
             proc.wall_timer.cancel()
+        pid, namespace, kind, procs = proc.pid, proc.namespace, proc.kind, self.procs
         proc.mailbox.close()
-        self.sync.process_ended(proc.pid)
+        self.sync.process_ended(pid)
         self.acks.process_ended(proc)
-        self.files.process_ended(proc.pid)
-        durable = self.journals.pop(proc.pid, None) is not None
-        del self.procs[proc.pid]
-        self.live_in[proc.namespace] -= 1
-        self.namespaces.release_locked(proc.namespace, proc.limits)
-        for pid in proc.ancestors:
-            ancestor = self.procs.get(pid)
+        self.files.process_ended(pid)
+        durable = self.journals.pop(pid, None) is not None
+        del procs[pid]
+        self.live_in[namespace] -= 1
+        self.namespaces.release_locked(namespace, proc.limits)
+        for ancestor_pid in proc.ancestors:
+            ancestor = procs.get(ancestor_pid)
             if ancestor is not None:
                 ancestor.descendants -= 1
-        if proc.name and self.names.get((proc.namespace, proc.name)) == proc.pid:
-            del self.names[proc.namespace, proc.name]
+        if proc.name and self.names.get((namespace, proc.name)) == pid:
+            del self.names[namespace, proc.name]
         if error is not None and len(error) > MAX_ERROR:
             error = f"{error[:MAX_ERROR]} ... [{len(error) - MAX_ERROR} characters cut]"
         rec = self._record(proc)
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
-        self.store.record_exit(rec, durable=durable or proc.kind == P.PORT)
+        self.store.record_exit(rec, durable=durable or kind == P.PORT)
         if durable:  # once its exit is written: a restart in between finds it ended, and drops these
-            self.store.enqueue(self.journal.ended_ops(proc.pid))
-        self.exits[proc.kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
+            self.store.enqueue(self.journal.ended_ops(pid))
+        self.exits[kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
-        self.ended[proc.pid] = kept
-        if len(self.ended) > self.config.ended_cache:
-            self.logs.forget(self.ended.popitem(last=False)[0])
-        for waiter in proc.exit_waiters:
-            waiter.queue = None
-            waiter.complete(rec)
-        proc.exit_waiters.clear()
+        ended = self.ended
+        ended[pid] = kept
+        if len(ended) > self.config.ended_cache:
+            self.logs.forget(ended.popitem(last=False)[0])
+        if proc.exit_waiters:
+            for waiter in proc.exit_waiters:
+                waiter.queue = None
+                waiter.complete(rec)
+            proc.exit_waiters.clear()
         for watcher in proc.monitored_by:
-            if watcher in self.procs:
+            watching = procs.get(watcher)
+            if watching is not None:
                 self._send_exit_notice(watcher, rec)
-                self.procs[watcher].monitoring.discard(proc.pid)
-        if proc.kind != P.PORT:
-            lines = proc.runtime.log_lines(MAX_LOG_LINES) if proc.runtime is not None else None
+                watching.monitoring.discard(pid)
+        runtime = proc.runtime
+        if kind != P.PORT:
+            lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
             if lines is not None:
                 self.logs.replace(proc, lines)  # in place: `rec` shares the list
             if proc.log or proc.log_dropped:
-                self.store.record_log(proc.pid, list(proc.log), proc.log_dropped)
-            self.runtimes[proc.kind].ended(proc)
+                self.store.record_log(pid, list(proc.log), proc.log_dropped)
+            self.runtimes[kind].ended(proc)
         if self.inference is not None:
-            self.inference.process_ended(proc.pid)  # its conversation contexts
+            self.inference.process_ended(pid)  # its conversation contexts
         self.logs.ended(proc, rec)
-        self._tell_log_followers(proc.pid)
+        if self.log_followers:
+            self._tell_log_followers(pid)
         proc.runtime = None
         if proc.log_to_server:
-            log.info("pid %d ended: %s (%s) %s", proc.pid, state, reason, error or json.dumps(result))
-        self._emit("ended", kept)
+            log.info("pid %d ended: %s (%s) %s", pid, state, reason, error or json.dumps(result))
+        if self.event_listeners:
+            self._emit("ended", kept)
 
     # -- names, monitors, priorities -------------------------------------------------------
     def register(self, pid: int, name: str, caller: Caller | None = None) -> None:

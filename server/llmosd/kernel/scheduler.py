@@ -159,11 +159,12 @@ class _Level:
 class _Namespace:
     """A namespace's share of CPU, as a cgroup's cpu.weight."""
 
-    __slots__ = ("weight", "vruntime")
+    __slots__ = ("weight", "vruntime", "floors")
 
     def __init__(self) -> None:
         self.weight = DEFAULT_WEIGHT
         self.vruntime = 0.0  # its processes' CPU ns x DEFAULT_WEIGHT / weight
+        self.floors: dict[int, float] = {}  # priority -> vruntime of the last of its processes picked there
 
 
 class RunQueue:
@@ -177,7 +178,6 @@ class RunQueue:
         self.aging_ns = aging_ns
         self._clock = clock
         self._levels: dict[int, dict[str, _Level]] = {}  # priority -> namespace -> its queued processes
-        self._floor: dict[tuple[int, str], float] = {}  # (priority, namespace) -> vruntime of the last process picked
         self._namespaces: dict[str, _Namespace] = {}
         self._namespace_floor = 0.0  # vruntime of the last namespace picked
         self._seq = itertools.count()
@@ -205,9 +205,13 @@ class RunQueue:
         ns = self._namespaces.get(name) or self._namespace(name)
         # Charge the namespace what the process used since it was last queued, at the
         # namespace's weight (its vruntime counts ns x DEFAULT_WEIGHT / its own weight).
-        ns.vruntime += (proc.vruntime - proc.queued_vruntime) * proc.weight / ns.weight
-        if ns.vruntime < self._namespace_floor - MAX_CREDIT_NS:
-            ns.vruntime = self._namespace_floor - MAX_CREDIT_NS  # back from idle: a bounded credit
+        vruntime = proc.vruntime
+        used = vruntime - proc.queued_vruntime
+        if used:
+            ns.vruntime += used * proc.weight / ns.weight
+        credit_floor = self._namespace_floor - MAX_CREDIT_NS
+        if ns.vruntime < credit_floor:
+            ns.vruntime = credit_floor  # back from idle: a bounded credit
         groups = self._levels.get(prio)
         if groups is None:
             groups = self._levels[prio] = {}
@@ -216,20 +220,21 @@ class RunQueue:
         level = groups.get(name)
         if level is None:
             level = groups[name] = _Level()
-        floor = self._floor.setdefault((prio, name), 0.0)
+        floor = ns.floors.get(prio, 0.0)
         if new:
             # A new process starts level with the others (as CFS places a new
             # task at min_vruntime), so that a burst of spawns cannot crowd
             # out the processes already there.
-            proc.vruntime = max(proc.vruntime, floor)
-        elif proc.vruntime < floor - MAX_CREDIT_NS:
+            if vruntime < floor:
+                vruntime = proc.vruntime = floor
+        elif vruntime < floor - MAX_CREDIT_NS:
             # A process back from a long sleep gets a bounded credit, not one
             # that would let it monopolise the CPU.
-            proc.vruntime = floor - MAX_CREDIT_NS
-        proc.queued_vruntime = proc.vruntime
+            vruntime = proc.vruntime = floor - MAX_CREDIT_NS
+        proc.queued_vruntime = vruntime
         now = self._clock()
         proc.queued_at = now
-        entry = [proc.vruntime, next(self._seq), proc, now, True]
+        entry = [vruntime, next(self._seq), proc, now, True]
         heapq.heappush(level.by_vruntime, entry)
         level.by_arrival.append(entry)
         level.count += 1
@@ -250,11 +255,15 @@ class RunQueue:
 
     def pop(self) -> Process:
         now = self._clock()
-        best = self._best(now)
-        if best is None:
-            raise IndexError("pop from an empty run queue")
-        prio = best[1]
-        groups = self._levels[prio]
+        levels = self._levels
+        if len(levels) == 1:  # one priority queued: it runs next, whatever its effective priority
+            prio = next(iter(levels))
+        else:
+            best = self._best(now)
+            if best is None:
+                raise IndexError("pop from an empty run queue")
+            prio = best[1]
+        groups = levels[prio]
         if len(groups) == 1:
             name, level = next(iter(groups.items()))
         else:
@@ -265,12 +274,15 @@ class RunQueue:
         if not level.count:
             del groups[name]
             if not groups:
-                del self._levels[prio]
+                del levels[prio]
                 if prio == self.highest:
-                    self.highest = max(self._levels, default=None)
-        floor = (prio, name)
-        self._floor[floor] = max(self._floor[floor], entry[_VRUNTIME])
-        self._namespace_floor = max(self._namespace_floor, self._namespaces[name].vruntime)
+                    self.highest = max(levels, default=None)
+        ns = self._namespaces[name]
+        floors = ns.floors
+        if entry[_VRUNTIME] > floors.get(prio, 0.0):
+            floors[prio] = entry[_VRUNTIME]
+        if ns.vruntime > self._namespace_floor:
+            self._namespace_floor = ns.vruntime
         self._len -= 1
         return entry[_PROC]
 

@@ -83,6 +83,8 @@ const void *lua_topointer(lua_State *L, int idx);
 size_t lua_stringtonumber(lua_State *L, const char *s);
 int lua_compare(lua_State *L, int idx1, int idx2, int op);
 void *lua_touserdata(lua_State *L, int idx);
+lua_CFunction lua_tocfunction(lua_State *L, int idx);
+const char *lua_getupvalue(lua_State *L, int funcindex, int n);
 void lua_pushnil(lua_State *L);
 void lua_pushinteger(lua_State *L, lua_Integer n);
 void lua_pushnumber(lua_State *L, lua_Number n);

@@ -793,18 +793,15 @@ static void set_closure(lua_State *L, int t, const char *name, lua_CFunction f, 
     lua_setfield(L, t, name);
 }
 
-/* t[name] = from[name], for absolute indices. */
-static void copy_field(lua_State *L, int from, int to, const char *name)
-{
-    lua_getfield(L, from, name);
-    lua_setfield(L, to, name);
-}
-
 /* The `sys` table's layout: api/table.py's lua_layout(), which lua/runtime.py gives the
  * binding once, before any state is made (llmos_sandbox_set_layout). */
 static const llmos_SysEntry *sys_layout;
 static size_t sys_layout_count;
 static lua_CFunction *sys_c_functions; /* per entry: the LLMOS_SYS_C entries' functions */
+typedef struct {
+    size_t table, name, op, file_op;
+} SysLengths;
+static SysLengths *sys_lengths; /* per entry: its texts' lengths */
 
 static void push_recv(lua_State *L)
 {
@@ -828,13 +825,29 @@ static int same_text(const char *a, const char *b)
     return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
 }
 
+static int read_templates_once(void);
+
+/* Also reads the libraries' templates (below), before any state is made. */
 int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *unknown)
 {
     size_t i, k, count = sizeof C_FUNCTIONS / sizeof C_FUNCTIONS[0];
-    lua_CFunction *functions = calloc(n > 0 ? n : 1, sizeof *functions);
-    if (functions == NULL)
+    int status = read_templates_once();
+    lua_CFunction *functions;
+    SysLengths *lengths;
+    if (status < 0)
+        return status;
+    functions = calloc(n > 0 ? n : 1, sizeof *functions);
+    lengths = calloc(n > 0 ? n : 1, sizeof *lengths);
+    if (functions == NULL || lengths == NULL) {
+        free(functions);
+        free(lengths);
         return -1;
+    }
     for (i = 0; i < n; i++) {
+        lengths[i].table = entries[i].table != NULL ? strlen(entries[i].table) : 0;
+        lengths[i].name = strlen(entries[i].name);
+        lengths[i].op = entries[i].op != NULL ? strlen(entries[i].op) : 0;
+        lengths[i].file_op = entries[i].file_op != NULL ? strlen(entries[i].file_op) : 0;
         if (entries[i].how != LLMOS_SYS_C)
             continue;
         for (k = 0; k < count; k++)
@@ -842,6 +855,7 @@ int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *un
                 break;
         if (k == count) {
             free(functions);
+            free(lengths);
             *unknown = i;
             return -2;
         }
@@ -854,11 +868,14 @@ int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *un
         }
     }
     sys_c_functions = functions;
+    sys_lengths = lengths;
     sys_layout = entries;
     sys_layout_count = n;
     return 0;
 }
 
+/* Keys and ops by their lengths, measured once (lua_setfield and lua_pushstring measure a C
+ * string and look it up in Lua's string cache every time). */
 static void push_sys(lua_State *L)
 {
     size_t i;
@@ -867,29 +884,35 @@ static void push_sys(lua_State *L)
     sys = lua_gettop(L);
     for (i = 0; i < sys_layout_count; i++) {
         const llmos_SysEntry *e = &sys_layout[i];
-        if (e->table == NULL)
+        const SysLengths *len = &sys_lengths[i];
+        if (e->table == NULL) {
             lua_pushvalue(L, sys);
-        else if (lua_getfield(L, sys, e->table) != LUA_TTABLE) {
-            lua_pop(L, 1);
-            lua_createtable(L, 0, 8);
-            lua_pushvalue(L, -1);
-            lua_setfield(L, sys, e->table);
+        } else {
+            lua_pushlstring(L, e->table, len->table);
+            if (lua_rawget(L, sys) != LUA_TTABLE) {
+                lua_pop(L, 1);
+                lua_createtable(L, 0, 8);
+                lua_pushlstring(L, e->table, len->table);
+                lua_pushvalue(L, -2);
+                lua_rawset(L, sys);
+            }
         }
+        lua_pushlstring(L, e->name, len->name);
         if (e->how == LLMOS_SYS_C) {
             if (sys_c_functions[i] != NULL)
                 lua_pushcfunction(L, sys_c_functions[i]);
             else
                 push_recv(L);
         } else if (e->how == LLMOS_SYS_CALL) {
-            lua_pushstring(L, e->op);
+            lua_pushlstring(L, e->op, len->op);
             if (e->file_op != NULL)
-                lua_pushstring(L, e->file_op);
+                lua_pushlstring(L, e->file_op, len->file_op);
             lua_pushcclosure(L, sys_direct, e->file_op != NULL ? 2 : 1);
         } else {
-            lua_pushstring(L, e->op);
+            lua_pushlstring(L, e->op, len->op);
             lua_pushcclosure(L, sys_blocking, 1);
         }
-        lua_setfield(L, -2, e->name);
+        lua_rawset(L, -3);
         lua_pop(L, 1);
     }
 }
@@ -936,53 +959,255 @@ static void install_metered(lua_State *L, int g)
     }
 }
 
-/* A new table with the named fields of the library g[lib], and room for `extra` more. */
-static void push_subset(lua_State *L, int g, const char *lib, const char *const *names, int extra)
+/* -- The libraries' templates ---------------------------------------------------------------
+ * Opening Lua's libraries in every new state, then copying what the program keeps, was most of
+ * a spawn's state build: hundreds of fields set by C-string keys, each looked up in Lua's string
+ * cache, for globals the program never sees. The library functions are C functions without
+ * upvalues, so their addresses are read once, from a template state opened and made safe as a
+ * process's was (read_templates), and each new state's tables are made from them directly, in
+ * the template's order. math is opened in each state: math.random keeps its state in upvalues. */
+enum { NOT_A_LIBRARY, LIB_MATH, LIB_STRING, LIB_TABLE, LIB_UTF8 };
+
+typedef struct {
+    const char *name; /* a lasting copy */
+    size_t len;
+    lua_CFunction f;  /* NULL: the library `lib`, or the text `text` */
+    int lib;
+    const char *text;
+    size_t text_len;
+} TemplateField;
+
+typedef struct {
+    TemplateField *fields;
+    int count;
+} Template;
+
+static Template base_kept, os_kept, co_kept, string_lib, string_meta, table_lib, utf8_lib;
+static lua_CFunction base_setmetatable, base_collectgarbage, co_close_original; /* the wrappers' upvalues */
+
+static void push_template(lua_State *L, const Template *t, int extra);
+
+/* A library the program keeps whole; string's is also the metatable's __index for strings. */
+static void push_library(lua_State *L, int lib)
 {
-    int n = 0, subset;
-    while (names[n] != NULL)
-        n++;
-    lua_createtable(L, 0, n + extra);
-    subset = lua_gettop(L);
-    lua_getfield(L, g, lib);
-    for (; *names != NULL; names++)
-        copy_field(L, subset + 1, subset, *names);
-    lua_pop(L, 1);
+    if (lib == LIB_MATH) {
+        lua_pushcfunction(L, luaopen_math);
+        lua_call(L, 0, 1);
+    } else if (lib == LIB_STRING) {
+        push_template(L, &string_lib, 0);
+        push_template(L, &string_meta, 2);
+        lua_pushvalue(L, -2);
+        lua_setfield(L, -2, "__index");
+        lua_pushboolean(L, 0);
+        lua_setfield(L, -2, "__metatable"); /* getmetatable("") is false: no program changes it */
+        lua_pushliteral(L, "");
+        lua_insert(L, -2);
+        lua_setmetatable(L, -2);
+        lua_pop(L, 1);
+    } else {
+        push_template(L, lib == LIB_TABLE ? &table_lib : &utf8_lib, 0);
+    }
 }
 
-/* The program's environment, from the globals at `g`; leaves it on the stack. */
-static void push_env(lua_State *L, int g)
+/* A new table of the template's fields, with room for `extra` more. */
+static void push_template(lua_State *L, const Template *t, int extra)
 {
+    const TemplateField *field;
+    lua_createtable(L, 0, t->count + extra);
+    for (field = t->fields; field < t->fields + t->count; field++) {
+        lua_pushlstring(L, field->name, field->len);
+        if (field->f != NULL)
+            lua_pushcfunction(L, field->f);
+        else if (field->lib != NOT_A_LIBRARY)
+            push_library(L, field->lib);
+        else
+            lua_pushlstring(L, field->text, field->text_len);
+        lua_rawset(L, -3);
+    }
+}
+
+/* Reading the templates: once, from llmos_sandbox_set_layout, before any state is made. */
+static void *template_allocate(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    (void)ud;
+    (void)osize;
+    if (nsize == 0) {
+        free(ptr);
+        return NULL;
+    }
+    return realloc(ptr, nsize);
+}
+
+static const char *lasting_text(lua_State *T, const char *text, size_t len)
+{
+    char *copy = malloc(len + 1);
+    if (copy == NULL)
+        luaL_error(T, "not enough memory");
+    memcpy(copy, text, len);
+    copy[len] = '\0';
+    return copy;
+}
+
+static int library_named(const char *name)
+{
+    static const char *const names[] = {"math", "string", "table", "utf8"};
+    int i;
+    for (i = 0; i < 4; i++)
+        if (strcmp(name, names[i]) == 0)
+            return LIB_MATH + i;
+    return NOT_A_LIBRARY;
+}
+
+/* Key and value at the top of T (popped) as the next field of `out`. */
+static void read_field(lua_State *T, Template *out)
+{
+    TemplateField *field = &out->fields[out->count];
+    const char *text;
+    size_t len;
+    if (lua_type(T, -2) != LUA_TSTRING)
+        luaL_error(T, "a library has a field not named by a string");
+    text = lua_tolstring(T, -2, &len);
+    field->name = lasting_text(T, text, len);
+    field->len = len;
+    if (lua_type(T, -1) == LUA_TFUNCTION && lua_tocfunction(T, -1) != NULL) {
+        if (lua_getupvalue(T, -1, 1) != NULL)
+            luaL_error(T, "library function %s has upvalues: it cannot be shared", field->name);
+        field->f = lua_tocfunction(T, -1);
+    } else if (lua_type(T, -1) == LUA_TSTRING) {
+        text = lua_tolstring(T, -1, &len);
+        field->text = lasting_text(T, text, len);
+        field->text_len = len;
+    } else if (lua_type(T, -1) != LUA_TTABLE || (field->lib = library_named(field->name)) == NOT_A_LIBRARY) {
+        luaL_error(T, "library field %s is neither a C function, a text nor a library", field->name);
+    }
+    out->count++;
+    lua_pop(T, 2);
+}
+
+/* The fields of the table at `t` named in `names` (NULL: all of them, in its order, but a
+ * metatable's __index and __metatable, which push_library sets) as `out`. */
+static void read_template(lua_State *T, int t, const char *const *names, Template *out)
+{
+    int n = 0;
+    if (names != NULL) {
+        while (names[n] != NULL)
+            n++;
+    } else {
+        lua_pushnil(T);
+        while (lua_next(T, t) != 0) {
+            lua_pop(T, 1);
+            n++;
+        }
+    }
+    out->count = 0;
+    out->fields = calloc(n > 0 ? (size_t)n : 1, sizeof *out->fields);
+    if (out->fields == NULL)
+        luaL_error(T, "not enough memory");
+    if (names != NULL) {
+        for (; *names != NULL; names++) {
+            lua_pushstring(T, *names);
+            lua_getfield(T, t, *names);
+            read_field(T, out);
+        }
+        return;
+    }
+    lua_pushnil(T);
+    while (lua_next(T, t) != 0) {
+        const char *key = lua_type(T, -2) == LUA_TSTRING ? lua_tostring(T, -2) : "";
+        if (strcmp(key, "__index") == 0 || strcmp(key, "__metatable") == 0) {
+            lua_pop(T, 1);
+            continue;
+        }
+        lua_pushvalue(T, -2);
+        lua_insert(T, -2);
+        read_field(T, out);
+    }
+}
+
+/* Runs protected in the template state: opens the libraries a process keeps, makes them what a
+ * process sees (the metered functions, a safe string library), and reads the templates. */
+static int read_templates(lua_State *T)
+{
+    static const luaL_Reg libraries[] = {
+        {"_G", luaopen_base},       {"coroutine", luaopen_coroutine}, {"table", luaopen_table},
+        {"string", luaopen_string}, {"math", luaopen_math},           {"utf8", luaopen_utf8},
+        {"os", luaopen_os},         {NULL, NULL},
+    };
     static const char *const kept[] = {"assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget",
                                        "rawlen", "rawset", "select", "tonumber", "tostring", "type",
                                        "getmetatable", "_VERSION", "math", "string", "table", "utf8", NULL};
-    static const char *const os_kept[] = {"clock", "time", "date", "difftime", NULL};
-    static const char *const co_kept[] = {"status", "running", "isyieldable", NULL};
-    const char *const *name;
-    int env;
-    install_metered(L, g);
-    lua_getfield(L, g, "string");
-    secure_string(L, lua_gettop(L));
-    lua_pop(L, 1);
+    static const char *const os_names[] = {"clock", "time", "date", "difftime", NULL};
+    static const char *const co_names[] = {"status", "running", "isyieldable", NULL};
+    const luaL_Reg *library;
+    int g;
+    for (library = libraries; library->name != NULL; library++) {
+        luaL_requiref(T, library->name, library->func, 1);
+        lua_pop(T, 1);
+    }
+    lua_rawgeti(T, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    g = lua_gettop(T);
+    install_metered(T, g);
+    lua_getfield(T, g, "string");
+    secure_string(T, lua_gettop(T));
+    read_template(T, lua_gettop(T), NULL, &string_lib);
+    lua_pushliteral(T, "");
+    lua_getmetatable(T, -1);
+    read_template(T, lua_gettop(T), NULL, &string_meta);
+    lua_pop(T, 3);
+    lua_getfield(T, g, "table");
+    read_template(T, lua_gettop(T), NULL, &table_lib);
+    lua_getfield(T, g, "utf8");
+    read_template(T, lua_gettop(T), NULL, &utf8_lib);
+    lua_getfield(T, g, "os");
+    read_template(T, lua_gettop(T), os_names, &os_kept);
+    lua_getfield(T, g, "coroutine");
+    read_template(T, lua_gettop(T), co_names, &co_kept);
+    lua_getfield(T, -1, "close");
+    co_close_original = lua_tocfunction(T, -1);
+    lua_getfield(T, g, "setmetatable");
+    base_setmetatable = lua_tocfunction(T, -1);
+    lua_getfield(T, g, "collectgarbage");
+    base_collectgarbage = lua_tocfunction(T, -1);
+    read_template(T, g, kept, &base_kept);
+    if (co_close_original == NULL || base_setmetatable == NULL || base_collectgarbage == NULL)
+        luaL_error(T, "a wrapped library function is not a C function");
+    return 0;
+}
 
-    lua_createtable(L, 0, 32);
+/* 0, -1 (out of memory) or -3 (Lua's libraries are not what the templates need). */
+static int read_templates_once(void)
+{
+    lua_State *T;
+    int status;
+    if (string_lib.fields != NULL)
+        return 0;
+    T = lua_newstate(template_allocate, NULL);
+    if (T == NULL)
+        return -1;
+    lua_pushcfunction(T, read_templates);
+    status = lua_pcall(T, 0, 0, 0);
+    lua_close(T);
+    return status == LUA_OK ? 0 : status == LUA_ERRMEM ? -1 : -3;
+}
+
+/* The program's environment; leaves it on the stack. */
+static void push_env(lua_State *L)
+{
+    int env;
+    push_template(L, &base_kept, 16);
     env = lua_gettop(L);
-    for (name = kept; *name != NULL; name++)
-        copy_field(L, g, env, *name);
     lua_pushvalue(L, env);
     lua_setfield(L, env, "_G");
 
-    push_subset(L, g, "os", os_kept, 0);
+    push_template(L, &os_kept, 0);
     lua_setfield(L, env, "os");
 
-    push_subset(L, g, "coroutine", co_kept, 5);
+    push_template(L, &co_kept, 5);
     set_function(L, "create", co_create);
     set_function(L, "resume", co_resume);
     set_function(L, "wrap", co_wrap);
     set_function(L, "yield", co_yield);
-    lua_getfield(L, g, "coroutine");
-    lua_getfield(L, -1, "close");
-    lua_remove(L, -2);
+    lua_pushcfunction(L, co_close_original);
     set_closure(L, lua_gettop(L) - 1, "close", co_close, 1);
     lua_setfield(L, env, "coroutine");
 
@@ -992,9 +1217,9 @@ static void push_env(lua_State *L, int g)
     lua_setfield(L, env, "xpcall");
     lua_pushcfunction(L, sb_log);
     lua_setfield(L, env, "print");
-    lua_getfield(L, g, "setmetatable");
+    lua_pushcfunction(L, base_setmetatable);
     set_closure(L, env, "setmetatable", sb_setmetatable, 1);
-    lua_getfield(L, g, "collectgarbage");
+    lua_pushcfunction(L, base_collectgarbage);
     set_closure(L, env, "collectgarbage", sb_collectgarbage, 1);
     lua_pushvalue(L, env);
     set_closure(L, env, "load", sb_load, 1);
@@ -1002,29 +1227,6 @@ static void push_env(lua_State *L, int g)
     set_closure(L, env, "require", sb_require, 1);
     push_sys(L);
     lua_setfield(L, env, "sys");
-}
-
-static void clear_table(lua_State *L, int t)
-{
-    lua_pushnil(L);
-    while (lua_next(L, t)) {
-        lua_pop(L, 1);
-        lua_pushvalue(L, -1);
-        lua_pushnil(L);
-        lua_rawset(L, t); /* clearing a field during the traversal is allowed */
-    }
-}
-
-/* Empties the globals and the loaded libraries: the program sees only its
- * own environment, built from them. */
-static void drop_globals(lua_State *L)
-{
-    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
-    clear_table(L, lua_gettop(L));
-    lua_pop(L, 1);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-    clear_table(L, lua_gettop(L));
-    lua_pop(L, 1);
 }
 
 /* The kernel's side: resume the program with a syscall's answer. Returns
@@ -1064,13 +1266,11 @@ static int step(lua_State *L)
         if (nres > 0 && lua_touserdata(co, -nres) == &SYSCALL) {
             if (!sb->collected) {
                 /* The first time the program blocks, free what building the
-                 * sandbox left behind (the globals and libraries the program
-                 * never sees): a blocked process should cost only its live
-                 * data, as thousands may sit in recv. A program that ends
-                 * without blocking never pays for it. Entering generational
-                 * mode is itself a full collection. */
+                 * sandbox and starting the program left behind: a blocked
+                 * process should cost only its live data, as thousands may sit
+                 * in recv. A program that ends without blocking never pays for
+                 * it. Entering generational mode is itself a full collection. */
                 sb->collected = 1;
-                drop_globals(L);
                 lua_gc(L, LUA_GCGEN, 0, 0);
             }
             lua_pushliteral(L, "sys");
@@ -1104,7 +1304,7 @@ static int sandbox_open(lua_State *L)
     size_t source_len;
     const char *source = luaL_checklstring(L, SOURCE, &source_len);
     const char *chunk_name = luaL_checkstring(L, CHUNK_NAME);
-    int g, env;
+    int env;
 
     lua_settop(L, HOOK_COUNT);
     sb = lua_newuserdatauv(L, sizeof(Sandbox), 2);
@@ -1131,9 +1331,7 @@ static int sandbox_open(lua_State *L)
     *(Sandbox **)((char *)main_thread - LUA_EXTRASPACE) = sb;
     *(Sandbox **)((char *)L - LUA_EXTRASPACE) = sb;
 
-    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-    g = lua_gettop(L);
-    push_env(L, g);
+    push_env(L);
     env = lua_gettop(L);
     lua_pushvalue(L, ARGS);
     lua_setfield(L, env, "args");

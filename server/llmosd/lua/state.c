@@ -703,22 +703,12 @@ static int push_spec(lua_State *L)
 }
 
 /* Runs protected, without the GIL (it touches no Python object), on push_spec's
- * values: opens the libraries the sandbox keeps and builds the sandbox. */
+ * values: builds the sandbox, with the libraries it keeps (lua/sandbox.c). */
 static int build(lua_State *L)
 {
-    static const luaL_Reg libraries[] = {
-        {"_G", luaopen_base},   {"coroutine", luaopen_coroutine}, {"table", luaopen_table},
-        {"string", luaopen_string}, {"math", luaopen_math}, {"utf8", luaopen_utf8},
-        {"os", luaopen_os},     {NULL, NULL},
-    };
-    const luaL_Reg *library;
     int i;
     /* Nothing built here is garbage: collecting meanwhile only costs time. */
     lua_gc(L, LUA_GCSTOP);
-    for (library = libraries; library->name != NULL; library++) {
-        luaL_requiref(L, library->name, library->func, 1);
-        lua_pop(L, 1);
-    }
     for (i = 0; i < BRIDGE_COUNT; i++) {
         lua_pushinteger(L, i);
         lua_pushcclosure(L, i == BRIDGE_SEND ? llmos_bridge_send : i == BRIDGE_TRY_RECV ? llmos_bridge_try_recv : bridge_call, 1);
@@ -1153,6 +1143,8 @@ static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
     if (status == -2)
         return PyErr_Format(PyExc_ValueError, "the sandbox has no function for sys.%R",
                             PyTuple_GET_ITEM(PyTuple_GET_ITEM(layout, (Py_ssize_t)unknown), 0));
+    if (status == -3)
+        return PyErr_Format(PyExc_RuntimeError, "this Lua's libraries are not what the sandbox's templates expect");
     Py_RETURN_NONE;
 }
 
