@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 
 import llmos
-from llmosd.kernel.config import KernelConfig
+from llmosd.kernel.config import KernelConfig, SpawnSpec
 from llmosd.kernel.journal import ProcessJournal
 from llmosd.kernel.kernel import Kernel
 from llmosd.kernel.mailbox import ANY
+from llmosd.kernel.store import ProcessRecord
 from llmosd.kernel.waiting import Waiter
+from llmosd.lua.slices import LuaRuntime
 from llmosd_process import LlmosdServer
 
 WAIT_S = 60.0  # generous bound for anything here to happen
@@ -190,6 +192,103 @@ def test_a_durable_send_to_a_port_is_stored_in_the_transaction_of_its_journal_en
         assert stored() == ([] if receiver == "without_ack" else ['"b"', '"c"'])
         got = [getattr(value, "msg", value).body for value in waiter.got]  # a lease holds its message
         assert got == ([] if receiver == "none" else ["c"])
+    finally:
+        kernel.shutdown()
+
+
+def lua_kernel(data_dir: pathlib.Path) -> Kernel:
+    """An in-process server on `data_dir`: a kernel with its Lua userland, durable processes brought back."""
+    kernel = Kernel(KernelConfig(data_dir=str(data_dir)))
+    kernel.add_runtime(LuaRuntime(kernel))
+    kernel.start_recovered()
+    return kernel
+
+
+def left_by_a_crash(kernel: Kernel, to: pathlib.Path) -> None:
+    """Copy what a kill -9 of `kernel` now would leave on disk (what is committed) to the data dir `to`."""
+    to.mkdir()
+    with sqlite3.connect(kernel.store.path) as db, sqlite3.connect(to / "kernel.db") as copy:
+        db.backup(copy)
+
+
+def ended(kernel: Kernel, pid: int) -> ProcessRecord:
+    for _ in range(int(WAIT_S / 0.01)):
+        rec, _ = kernel.get(pid)
+        if rec.ended_at_ms is not None:
+            return rec
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} did not end: {rec}")
+
+
+# A durable parent that reports the EXIT notice of a durable child (args.child, a Lua program).
+WATCHER = textwrap.dedent("""
+    local child = sys.spawn{lua = args.child, durable = true, monitor = true}
+    local exit = sys.recv{tag = "EXIT"}.body
+    return {child = exit.pid == child, state = exit.state, reason = exit.reason, result = exit.result}
+""")
+
+
+def test_a_kill_answered_before_a_crash_is_carried_out_after_it(tmp_path: pathlib.Path) -> None:
+    """The crash window of a deferred kill, made certain: a durable process kills itself (running:
+    its userland ends it at its next check) and the server dies right after the commit of the kill's
+    journal entry, before the process has ended. A replay answers the kill from the journal and
+    kills nothing: the restart must end it with the kill's reason, and its watcher get the notice."""
+    child = 'sys.kill(sys.self(), "stopped")\nsys.recv{tag = "never"}'
+    expected = {"child": True, "state": "KILLED", "reason": "stopped"}
+    kernel = lua_kernel(tmp_path / "run")
+    enqueue, crashed = kernel.store.enqueue, []
+
+    def enqueue_then_die_if_killed(ops: list) -> None:
+        enqueue(ops)
+        if not crashed and any(params[2:3] == ("kill",) for _, params in ops if type(params) is tuple):
+            kernel.store.flush()  # the kill's entry is committed, then the server dies
+            left_by_a_crash(kernel, tmp_path / "crashed")
+            crashed.append(True)
+
+    kernel.store.enqueue = enqueue_then_die_if_killed  # type: ignore[method-assign]
+    try:
+        watcher = kernel.spawn(SpawnSpec(lua=WATCHER, args={"child": child}, durable=True))
+        assert ended(kernel, watcher).result == expected  # uncrashed
+    finally:
+        kernel.shutdown()
+    assert crashed
+    kernel = lua_kernel(tmp_path / "crashed")
+    try:
+        rec = ended(kernel, watcher)
+        assert (rec.state, rec.result) == ("EXITED", expected)
+    finally:
+        kernel.shutdown()
+
+
+def test_a_durable_processs_exit_and_its_exit_notices_are_one_commit(tmp_path: pathlib.Path) -> None:
+    """The crash window of an EXIT notice, made certain: the server dies right after the first commit
+    that records the end of a durable child. A restart finds it ended and does not bring it back,
+    so its notice to its durable watcher must be in that commit, or the watcher waits for ever."""
+    expected = {"child": True, "state": "EXITED", "reason": "normal", "result": "done"}
+    kernel = lua_kernel(tmp_path / "run")
+    crashed = []
+
+    def die_once_the_child_has_ended(statement: str) -> None:
+        # Called as each statement starts: what the commits before it made is what a crash now leaves.
+        if not crashed:
+            with sqlite3.connect(kernel.store.path) as db:
+                if db.execute("SELECT 1 FROM processes WHERE parent!=0 AND ended_at_ms IS NOT NULL").fetchone():
+                    left_by_a_crash(kernel, tmp_path / "crashed")
+                    crashed.append(True)
+
+    kernel.store._db.set_trace_callback(die_once_the_child_has_ended)
+    try:
+        watcher = kernel.spawn(SpawnSpec(lua=WATCHER, args={"child": "return 'done'"}, durable=True))
+        assert ended(kernel, watcher).result == expected  # uncrashed
+        kernel.store.query("SELECT 1")  # a statement after the last commit
+    finally:
+        kernel.store._db.set_trace_callback(None)
+        kernel.shutdown()
+    assert crashed
+    kernel = lua_kernel(tmp_path / "crashed")
+    try:
+        rec = ended(kernel, watcher)
+        assert (rec.state, rec.result) == ("EXITED", expected)
     finally:
         kernel.shutdown()
 
