@@ -417,10 +417,14 @@ class Kernel:
         return pid, secret
 
     # -- lookup ---------------------------------------------------------------------------
-    def release_lock(self, pid: int, name: str, caller: Caller | None = None) -> None:
+    def release_lock(self, pid: int, name: str, caller: Caller | None = None,
+                     then: Callable[[], None] | None = None) -> None:
+        """`pid` gives back one permit of `name`; `then()`, under the same hold of the kernel lock."""
         with self.lock:
             holder = self.target_locked(caller, "lock.release", pid, "holder")
             self.sync.release(holder.namespace, name, pid)
+            if then is not None:
+                then()
 
     def live_locked(self, pid: int, role: str = "process", caller: Caller | None = None) -> Process:
         """The live process `pid`, or NotFound / FailedPrecondition (ended): for `caller`, one of
