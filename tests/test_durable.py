@@ -293,6 +293,53 @@ def test_a_durable_processs_exit_and_its_exit_notices_are_one_commit(tmp_path: p
         kernel.shutdown()
 
 
+class JournaledAcquire(Waiter):
+    """A durable Python agent's acquire (python/durable.py's _acquire), whose entry is journaled off
+    the kernel lock once it holds the lock: here at the earliest, as it is handed the lock."""
+
+    def __init__(self, journal: ProcessJournal, name: str) -> None:
+        super().__init__()
+        self.journal, self.name = journal, name
+
+    def _wake(self, value: Any) -> None:
+        self.journal.record("lock_acquire", (self.name,), {"reply": b""}, lock=(self.name, "mutex", 1))
+
+
+def test_a_lock_handed_over_by_a_durable_holders_end_is_journaled_after_that_end(tmp_path: pathlib.Path) -> None:
+    """A durable holder that ends hands its lock to a durable waiter. Were the waiter's entry (which a
+    Python agent journals off the kernel lock) committed before the holder's end, a crash between
+    would bring the holder back holding the lock the waiter's journal says it holds: held twice."""
+    kernel = lua_kernel(tmp_path)
+    seen: list[bool] = []  # at the first commit of the waiter's entry: whether the holder's end is in
+
+    def check(statement: str) -> None:
+        if not seen:
+            with sqlite3.connect(kernel.store.path) as db:
+                if db.execute("SELECT 1 FROM journal WHERE pid=? AND call='lock_acquire'", (waiting,)).fetchone():
+                    seen.append(db.execute("SELECT ended_at_ms IS NOT NULL FROM processes WHERE pid=?",
+                                           (holder,)).fetchone() == (1,))
+
+    try:
+        holder = kernel.spawn(SpawnSpec(lua='sys.lock.acquire("handed")\nreturn sys.recv{tag = "go"}.body',
+                                        durable=True))
+        waiting = kernel.spawn(SpawnSpec(lua='sys.recv{tag = "never"}', durable=True))
+        for _ in range(int(WAIT_S / 0.01)):
+            if kernel.get(holder)[0].state == "BLOCKED":  # holding the lock, waiting for "go"
+                break
+            time.sleep(0.01)
+        kernel.store._db.set_trace_callback(check)
+        with kernel.lock:
+            assert kernel.sync.acquire("default", "handed", waiting, 0,
+                                       JournaledAcquire(kernel.journals[waiting], "handed"), None) is None
+        kernel.send(0, holder, "go", "bye", b"", "")
+        assert ended(kernel, holder).result == "bye"
+        kernel.store.query("SELECT 1")  # a statement after the last commit
+        assert seen == [True]
+    finally:
+        kernel.store._db.set_trace_callback(None)
+        kernel.shutdown()
+
+
 def test_a_message_received_before_the_crash_is_not_received_again(fresh_llmosd: LlmosdServer) -> None:
     program = textwrap.dedent("""
         local got = {}

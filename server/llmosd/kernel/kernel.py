@@ -673,7 +673,6 @@ class Kernel:
         if proc.wall_timer is not None:
             proc.wall_timer.cancel()
         proc.mailbox.close()
-        self.sync.process_ended(proc.pid)
         self.acks.process_ended(proc)
         self.files.process_ended(proc.pid)
         durable = self.journals.pop(proc.pid, None) is not None
@@ -703,6 +702,9 @@ class Kernel:
             self.store.flush()
         else:
             self.store.record_exit(rec, durable=proc.kind == P.PORT)
+        # Its locks go to their waiters once its end is queued: a durable agent's journal entry of the
+        # permit it is handed is queued off the kernel lock, and must come after the end it follows from.
+        self.sync.process_ended(proc.pid)
         self.exits[proc.kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         self.ended[proc.pid] = kept

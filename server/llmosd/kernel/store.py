@@ -517,7 +517,8 @@ _EXIT_COLUMNS = PROCESS_COLUMNS[STATE:PROCESS_COLUMNS.index("usage") + 1]
 
 def _exit_values(rec: ProcessRecord) -> tuple:
     """`rec`'s _EXIT_COLUMNS."""
-    return rec.state, rec.exit_reason, _result_json(rec.result), rec.error, rec.ended_at_ms, _counters_json(rec.usage)
+    return (rec.state, rec.exit_reason, _result_json(rec.result), rec.error, rec.ended_at_ms,
+            _counters_json(rec.usage))
 
 
 @functools.lru_cache(maxsize=None)
