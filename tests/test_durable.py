@@ -10,6 +10,7 @@ import textwrap
 import time
 from typing import Any
 
+import grpc
 import pytest
 
 import llmos
@@ -21,6 +22,7 @@ from llmosd.kernel.store import ProcessRecord
 from llmosd.kernel.waiting import Waiter
 from llmosd.lua.slices import LuaRuntime
 from llmosd_process import LlmosdServer
+from statuses import status_of
 
 WAIT_S = 60.0  # generous bound for anything here to happen
 
@@ -338,6 +340,32 @@ def test_a_lock_handed_over_by_a_durable_holders_end_is_journaled_after_that_end
     finally:
         kernel.store._db.set_trace_callback(None)
         kernel.shutdown()
+
+
+def test_only_a_durable_process_takes_gives_back_or_waits_on_its_locks(llmosd: LlmosdServer) -> None:
+    """A client's Acquire, Release or CondWait naming a durable process would not be in its journal
+    (a replay would not hold the lock, or hold it twice): refused, even to an owner, who may make
+    them for a process that is not durable. A signal names its signaller only for its namespace."""
+    holder = 'sys.lock.acquire(args.lock)\nsys.recv{tag = "go"}\nsys.lock.release(args.lock)\nreturn "released"'
+    with llmos.Client(llmosd.target) as k:
+        durable = k.spawn(lua=holder, args={"lock": "durable-self-held"}, durable=True)
+        plain = k.spawn(lua=holder, args={"lock": "durable-self-plain"})
+        for _ in range(int(WAIT_S / 0.01)):  # each holds its lock, waiting for "go"
+            if k.get(durable).state == "BLOCKED" and k.get(plain).state == "BLOCKED":
+                break
+            time.sleep(0.01)
+        for call in (lambda: k.acquire(durable, "durable-self-other", timeout=0),
+                     lambda: k.release(durable, "durable-self-held"),
+                     lambda: k.cond_wait(durable, "durable-self-cond", "durable-self-held", timeout=0)):
+            code, details = status_of(call)
+            assert code == grpc.StatusCode.PERMISSION_DENIED and "durable" in details, details
+        assert k.cond_signal("durable-self-cond", pid=durable) == 0
+        assert k.acquire(plain, "durable-self-other", timeout=0) == {"acquired": True}
+        k.release(plain, "durable-self-other")
+        for pid in (durable, plain):
+            k.send(pid, None, tag="go")
+            info = k.wait(pid, timeout=WAIT_S)
+            assert (info.state, info.result) == ("EXITED", "released")  # the lock it held was its own
 
 
 def test_a_message_received_before_the_crash_is_not_received_again(fresh_llmosd: LlmosdServer) -> None:

@@ -448,7 +448,7 @@ class Kernel:
     def _authorize(self, caller: Caller | None, syscall: str, proc: Process) -> None:
         if caller is not None:
             authorize(caller, syscall, proc.pid, proc.namespace, lambda: proc.ancestors,
-                      proc.opener if proc.kind == P.PORT else None)
+                      proc.opener if proc.kind == P.PORT else None, proc.pid in self.journals)
 
     def _authorize_ended(self, caller: Caller | None, syscall: str, rec: ProcessRecord) -> None:
         if caller is not None:
