@@ -105,21 +105,29 @@ def test_errors_for_missing_and_misused_paths(store: FileStore) -> None:
                  lambda: store.rename(NS, "dir", "dir/sub"), lambda: store.read(NS, "dir/file", offset=-1),
                  lambda: store.read(NS, "dir/file", length=-1), lambda: store.open_reader(NS, "dir/file", chunk_size=0),
                  lambda: store.open_reader(NS, "dir/file", chunk_size=F.MAX_CHUNK + 1),
-                 lambda: store.write("", 1, "f", b"x"), lambda: store.write("n" * 200, 1, "f", b"x")):
+                 lambda: store.write("", 1, "f", b"x"), lambda: store.write("n" * 257, 1, "f", b"x")):
         with pytest.raises(InvalidArgument):
             call()
     assert store.read(NS, "dir/file") == b"x"
 
 
+NAMESPACES = ("alpha", "beta", "with/slash", "..", "ünïcode", "p" * 256, "ü" * 256, "ü" * 62 + "x")
+
+
 def test_namespaces_are_separate_trees(store: FileStore) -> None:
-    for ns in ("alpha", "beta", "with/slash", "..", "ünïcode"):
+    """Any namespace name a token may carry (1 to 256 printable characters) has a tree of its own,
+    whose usage is found again at start-up."""
+    for ns in NAMESPACES:
         store.write(ns, 0, "same.txt", ns.encode())
-    for ns in ("alpha", "beta", "with/slash", "..", "ünïcode"):
+    for ns in NAMESPACES:
         assert store.read(ns, "same.txt") == ns.encode()
         assert store.usage(ns).files == 1
-    assert sorted(os.listdir(store.root / "ns")) == sorted(
-        F._namespace_dir(ns) for ns in ("alpha", "beta", "with/slash", "..", "ünïcode"))
+    dirs = sorted(os.listdir(store.root / "ns"))
+    assert dirs == sorted(F._namespace_dir(ns) for ns in NAMESPACES) and len(set(dirs)) == len(NAMESPACES)
+    assert all(len(d.encode()) <= 255 for d in dirs)
     assert sorted(os.listdir(store.root)) == ["ns", "tmp"]
+    again = FileStore(store.root, store.limits)
+    assert [again.usage(ns).bytes for ns in NAMESPACES] == [len(ns.encode()) for ns in NAMESPACES]
 
 
 # -- traversal ---------------------------------------------------------------------------------

@@ -708,7 +708,7 @@ def test_live_agents_are_capped(tmp_path: pathlib.Path) -> None:
 # -- hostile arguments through llmos.userland ---------------------------------------------------------
 CALLS = ["sys.self", "sys.spawn", "sys.send", "sys.recv", "sys.wait", "sys.kill", "sys.register", "sys.whereis",
          "sys.monitor", "sys.info", "sys.set_priority", "sys.sleep", "sys.now", "sys.log", "sys.infer", "sys.exit",
-         "sys.fs.write", "sys.fs.read", "sys.fs.stat", "sys.fs.list", "sys.fs.delete", "sys.fs.rename",
+         "sys.fs.write", "sys.fs.read", "sys.fs.stat", "sys.fs.list", "sys.fs.delete", "sys.fs.rename", "sys.fs.mkdir",
          "sys.lock.acquire", "sys.lock.try_acquire", "sys.lock.release"]
 
 # Each expression runs inside an agent: what it raised (the status code) or returned (its type).
@@ -788,6 +788,9 @@ HOSTILE = {
     "sys.fs.write('f', 5)": "INVALID_ARGUMENT",
     "sys.fs.write('f', b'x', append='yes')": "INVALID_ARGUMENT",
     "sys.fs.rename(None, 'g')": "INVALID_ARGUMENT",
+    "sys.fs.mkdir(7)": "INVALID_ARGUMENT",
+    "sys.fs.mkdir('../out')": "INVALID_ARGUMENT",
+    "sys.fs.mkdir('made/here')": "FileInfo",
     "sys.fs.list(5)": "INVALID_ARGUMENT",
     "sys.lock.acquire(5)": "INVALID_ARGUMENT",
     "sys.lock.try_acquire('l', semaphore=2**40)": "INVALID_ARGUMENT",

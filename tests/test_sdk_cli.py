@@ -369,6 +369,9 @@ def test_file_calls(k: llmos.Client) -> None:
     assert [f.path for f in k.list_files(d)] == [f"{d}/a.txt", f"{d}/big.bin", f"{d}/empty"]
     assert k.rename_file(f"{d}/a.txt", f"{d}/sub/b.txt").path == f"{d}/sub/b.txt"
     assert k.stat(f"{d}/sub").to_json()["is_dir"] is True
+    assert k.make_dir(f"{d}/made/deep").is_dir and k.make_dir(f"{d}/made/deep").is_dir  # again: fine
+    with pytest.raises(llmos.FailedPrecondition):
+        k.make_dir(f"{d}/empty/under_a_file")
     k.delete_file(f"{d}/sub/b.txt")
     with pytest.raises(llmos.NotFound):
         k.read_file(f"{d}/sub/b.txt")
@@ -625,6 +628,8 @@ def test_cli_fs_put_cat_ls_mv_rm(server: str, tmp_path: pathlib.Path) -> None:
     mv = llmos_cli(server, "fs", "mv", f"{d}/notes.md", f"{d}/kept.md")
     assert mv.returncode == 0 and json.loads(mv.stdout)["path"] == f"{d}/kept.md"
     assert llmos_cli(server, "fs", "rm", f"{d}/kept.md").returncode == 0
+    made = llmos_cli(server, "fs", "mkdir", f"{d}/a/b")
+    assert made.returncode == 0 and json.loads(made.stdout)["is_dir"] is True
     missing = llmos_cli(server, "fs", "cat", f"{d}/kept.md")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
     escape = llmos_cli(server, "fs", "cat", "../etc/passwd")

@@ -6,7 +6,7 @@
     llmos send worker '{"job": 1}' --from 7    print the message id (body: JSON, @FILE or - for stdin)
     llmos recv 7 --timeout 5                   print the message as JSON
     llmos wait 12 / kill 12 13 / port / infer "Once upon a time"
-    llmos fs put notes.md docs/notes.md / fs cat docs/notes.md / fs ls docs / fs mv A B / fs rm A
+    llmos fs put notes.md docs/notes.md / fs cat docs/notes.md / fs ls docs / fs mv A B / fs rm A / fs mkdir D
     llmos dlq ls / dlq show 3 / dlq retry 3 --to worker / dlq purge --all      the dead-letter queue
     eval "$(llmos completion bash)"            shell completion (needs argcomplete)
 
@@ -391,6 +391,11 @@ def cmd_fs_rm(k: Client, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fs_mkdir(k: Client, a: argparse.Namespace) -> int:
+    print(_dumps(k.make_dir(a.path).to_json()))
+    return EXIT_OK
+
+
 def cmd_fs_mv(k: Client, a: argparse.Namespace) -> int:
     print(_dumps(k.rename_file(a.src, a.dst).to_json()))
     return EXIT_OK
@@ -662,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_seconds, metavar="S", help="deadline for the whole request")
     p.set_defaults(handler=cmd_infer)
 
-    fs = sub.add_parser("fs", help="the namespace's file tree: ls, cat, put, rm, mv").add_subparsers(
+    fs = sub.add_parser("fs", help="the namespace's file tree: ls, cat, put, rm, mv, mkdir").add_subparsers(
         dest="fs_command", required=True, metavar="FS_COMMAND", parser_class=_Parser)
     p = fs.add_parser("ls", help="list a directory (default: the root)")
     p.add_argument("path", nargs="?", default="")
@@ -684,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(handler=cmd_fs_mv)
+    p = fs.add_parser("mkdir", help="make a directory with its missing parents; print its info as JSON")
+    p.add_argument("path")
+    p.set_defaults(handler=cmd_fs_mkdir)
 
     p = sub.add_parser("completion", help="print a shell completion script: eval \"$(llmos completion bash)\"")
     p.add_argument("shell", choices=("bash", "zsh", "fish", "tcsh"))

@@ -987,6 +987,12 @@ class Syscalls:
                                                          {"from_path": src, "to_path": dst}))
         return file_from_pb(reply)
 
+    @syscall
+    def make_dir(self, path: str) -> Plan[FileInfo]:
+        """Make the directory ``path`` with its missing parents (an existing directory is fine); its info."""
+        reply = yield self._unary("MakeDir", _message(pb.FilePath, "path", {"path": path}))
+        return file_from_pb(reply)
+
     # -- locks: named mutexes and counting semaphores, held by a process or port ------------------
     @syscall
     def acquire(self, pid: int, name: str, *, semaphore: int = 0, timeout: float | None = None,
@@ -1035,7 +1041,7 @@ class Syscalls:
 
     @syscall
     def cond_signal(self, name: str, *, pid: int = 0) -> Plan[int]:
-        """Wake the best waiter of the condition ``name`` (in ``pid``'s namespace; 0: "default"):
+        """Wake the best waiter of the condition ``name`` (in ``pid``'s namespace; 0: the caller's own):
         how many were woken, 0 or 1. A signal with nobody waiting is not remembered."""
         reply = yield self._unary("CondSignal", _message(pb.CondSignalRequest, "cond signal request",
                                                          {"name": name, "pid": pid}))

@@ -280,6 +280,10 @@ class Files:
     def rename(self, src: str, dst: str) -> FileInfo:
         return self._k.rename_file(_text(src, "sys.fs.rename: src"), _text(dst, "sys.fs.rename: dst"))
 
+    @_syscall
+    def mkdir(self, path: str) -> FileInfo:
+        return self._k.make_dir(_text(path, "sys.fs.mkdir: path"))
+
 
 class Locks:
     """sys.lock: named mutexes and counting semaphores, held by this process."""

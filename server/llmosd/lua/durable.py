@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # Run before a durable process's program, on its first line (line numbers stay): what a program
 # could reach that differs from run to run is made the same in every run (docs/durable-agents.md):
 # math.random is seeded from the journal, os.time and os.date read the journaled sys.now, and
-# pairs goes through keys in a fixed order (strings and numbers sorted; Lua 5.4 seeds its string
+# pairs goes through keys in a fixed order (by type name, then value: booleans, numbers, strings; Lua 5.4 seeds its string
 # hashes per state, so the table's own order changes with every run).
 DURABLE_PRELUDE = (
     "do math.randomseed(%d) "

@@ -1,8 +1,9 @@
 """Per-namespace virtual file trees under the server's data directory.
 
 Layout on the host (`root` is e.g. DATA_DIR/files):
-    root/ns/n-<name>/...   a namespace's tree (names outside [A-Za-z0-9_-] are
-    root/ns/x-<hex>/...    hex-encoded), holding plain files and directories
+    root/ns/n-<name>/...   a namespace's tree, holding plain files and directories
+    root/ns/x-<hex>/...    (a name outside [A-Za-z0-9_-] is hex-encoded, and one too
+    root/ns/h-<sha256>/... long for a directory name is a digest: _namespace_dir)
     root/tmp/              staging for writes in progress; emptied at start-up
 
 Paths are virtual and relative to the namespace's root: "notes/today.md".
@@ -65,6 +66,7 @@ reach into the others' private state.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -74,12 +76,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..api import checks as C
 from ..api.errors import FailedPrecondition, InvalidArgument, KernelError, NotFound, ResourceExhausted
 
 MAX_PATH_BYTES = 1024
 MAX_NAME_BYTES = 255
 MAX_DEPTH = 32
-MAX_NAMESPACE_LEN = 128
 DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 4 << 20
 
@@ -154,22 +156,20 @@ def normalize(path: str) -> tuple[str, ...]:
 
 
 def _namespace_dir(namespace: str) -> str:
-    if not isinstance(namespace, str) or not namespace or len(namespace) > MAX_NAMESPACE_LEN:
-        raise InvalidArgument(f"a namespace is 1 to {MAX_NAMESPACE_LEN} characters")
-    if _PLAIN_NAMESPACE.fullmatch(namespace):
+    """The directory of a namespace's tree: its name when that is plain and short, its UTF-8 in hex
+    when that fits a directory name, else a digest of it (a namespace name is up to 256 characters,
+    checks.name, a directory name up to 255 bytes)."""
+    C.name(namespace, "namespace")
+    if _PLAIN_NAMESPACE.fullmatch(namespace) and len(namespace) <= MAX_NAME_BYTES - 2:
         return "n-" + namespace
-    return "x-" + namespace.encode("utf-8", "surrogatepass").hex()
+    encoded = namespace.encode("utf-8", "surrogatepass")
+    if 2 * len(encoded) <= MAX_NAME_BYTES - 2:
+        return "x-" + encoded.hex()
+    return "h-" + hashlib.sha256(encoded).hexdigest()
 
 
-def _namespace_of(dirname: str) -> str | None:
-    if dirname.startswith("n-"):
-        return dirname[2:]
-    if dirname.startswith("x-"):
-        try:
-            return bytes.fromhex(dirname[2:]).decode("utf-8", "surrogatepass")
-        except ValueError:
-            return None
-    return None
+def _is_namespace_dir(dirname: str) -> bool:
+    return dirname[:2] in ("n-", "x-", "h-")
 
 
 def _os_error(e: OSError, vpath: str) -> Exception:
@@ -341,7 +341,7 @@ class FileStore:
         self.root = Path(root)
         self.limits = limits or FileLimits()
         self._lock = threading.Lock()
-        self._usage: dict[str, FileUsage] = {}  # per namespace
+        self._usage: dict[str, FileUsage] = {}  # per namespace, by its directory's name
         self._proc: dict[int, FileUsage] = {}  # per owning process (files and bytes)
         self._owner: dict[int, tuple[int, int]] = {}  # inode -> (pid, size) of files written since start
         self._owned: dict[int, set[int]] = {}  # pid -> inodes
@@ -355,9 +355,8 @@ class FileStore:
             os.unlink(name, dir_fd=self._staging)
         with os.scandir(self._trees) as entries:
             for entry in entries:
-                namespace = _namespace_of(entry.name)
-                if namespace is not None and entry.is_dir(follow_symlinks=False):
-                    usage = self._usage[namespace] = FileUsage()
+                if _is_namespace_dir(entry.name) and entry.is_dir(follow_symlinks=False):
+                    usage = self._usage[entry.name] = FileUsage()
                     self._scan(os.open(entry.name, _DIR_FLAGS, dir_fd=self._trees), usage)
 
     def close(self) -> None:
@@ -571,7 +570,7 @@ class FileStore:
     # -- accounting -------------------------------------------------------------------------
     def usage(self, namespace: str) -> FileUsage:
         with self._lock:
-            u = self._usage.get(namespace) or FileUsage()
+            u = self._usage.get(_namespace_dir(namespace)) or FileUsage()
             return FileUsage(u.bytes, u.files, u.directories)
 
     def process_usage(self, pid: int) -> FileUsage:
@@ -587,9 +586,10 @@ class FileStore:
             self._proc.pop(pid, None)
 
     def _ns(self, namespace: str) -> FileUsage:
-        usage = self._usage.get(namespace)
+        name = _namespace_dir(namespace)
+        usage = self._usage.get(name)
         if usage is None:
-            usage = self._usage[namespace] = FileUsage()
+            usage = self._usage[name] = FileUsage()
         return usage
 
     def _owns(self, pid: int, s: os.stat_result) -> bool:
