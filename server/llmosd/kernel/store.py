@@ -258,7 +258,7 @@ class Store:
     @staticmethod
     def exit_op(rec: ProcessRecord) -> tuple[str, tuple]:
         """The op that records `rec`'s exit, for a unit of the ordered queue (`enqueue`)."""
-        return _update_sql(STATE, len(_EXIT_COLUMNS)), (*_exit_values(rec), rec.pid)
+        return _update_sql(STATE, len(values := _exit_values(rec))), (*values, rec.pid)
 
     def record_name(self, pid: int, name: str | None) -> None:
         self._update(pid, NAME, (name,), durable=False)
@@ -512,16 +512,12 @@ def _counters_json(counters: dict[str, int] | None) -> str:
 _COUNTER_TEMPLATES: dict[tuple[str, ...], str] = {}
 
 
-_EXIT_COLUMNS = PROCESS_COLUMNS[STATE:PROCESS_COLUMNS.index("usage") + 1]
-
-
 def _exit_values(rec: ProcessRecord) -> tuple:
-    """`rec`'s _EXIT_COLUMNS."""
+    """`rec`'s columns from STATE on: state, exit_reason, result, error, ended_at_ms, usage."""
     return (rec.state, rec.exit_reason, _result_json(rec.result), rec.error, rec.ended_at_ms,
             _counters_json(rec.usage))
 
 
-@functools.lru_cache(maxsize=None)
 def _update_sql(first: int, count: int) -> str:
     """The UPDATE of a process's row's columns PROCESS_COLUMNS[first:first + count]."""
     return f"UPDATE processes SET {', '.join(f'{n}=?' for n in PROCESS_COLUMNS[first:first + count])} WHERE pid=?"
