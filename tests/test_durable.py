@@ -10,15 +10,19 @@ import textwrap
 import time
 from typing import Any
 
+import grpc
 import pytest
 
 import llmos
-from llmosd.kernel.config import KernelConfig
+from llmosd.kernel.config import KernelConfig, SpawnSpec
 from llmosd.kernel.journal import ProcessJournal
 from llmosd.kernel.kernel import Kernel
 from llmosd.kernel.mailbox import ANY
+from llmosd.kernel.store import ProcessRecord
 from llmosd.kernel.waiting import Waiter
+from llmosd.lua.slices import LuaRuntime
 from llmosd_process import LlmosdServer
+from statuses import status_of
 
 WAIT_S = 60.0  # generous bound for anything here to happen
 
@@ -192,6 +196,176 @@ def test_a_durable_send_to_a_port_is_stored_in_the_transaction_of_its_journal_en
         assert got == ([] if receiver == "none" else ["c"])
     finally:
         kernel.shutdown()
+
+
+def lua_kernel(data_dir: pathlib.Path) -> Kernel:
+    """An in-process server on `data_dir`: a kernel with its Lua userland, durable processes brought back."""
+    kernel = Kernel(KernelConfig(data_dir=str(data_dir)))
+    kernel.add_runtime(LuaRuntime(kernel))
+    kernel.start_recovered()
+    return kernel
+
+
+def left_by_a_crash(kernel: Kernel, to: pathlib.Path) -> None:
+    """Copy what a kill -9 of `kernel` now would leave on disk (what is committed) to the data dir `to`."""
+    to.mkdir()
+    with sqlite3.connect(kernel.store.path) as db, sqlite3.connect(to / "kernel.db") as copy:
+        db.backup(copy)
+
+
+def ended(kernel: Kernel, pid: int) -> ProcessRecord:
+    for _ in range(int(WAIT_S / 0.01)):
+        rec, _ = kernel.get(pid)
+        if rec.ended_at_ms is not None:
+            return rec
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} did not end: {rec}")
+
+
+# A durable parent that reports the EXIT notice of a durable child (args.child, a Lua program).
+WATCHER = textwrap.dedent("""
+    local child = sys.spawn{lua = args.child, durable = true, monitor = true}
+    local exit = sys.recv{tag = "EXIT"}.body
+    return {child = exit.pid == child, state = exit.state, reason = exit.reason, result = exit.result}
+""")
+
+
+def test_a_kill_answered_before_a_crash_is_carried_out_after_it(tmp_path: pathlib.Path) -> None:
+    """The crash window of a deferred kill, made certain: a durable process kills itself (running:
+    its userland ends it at its next check) and the server dies right after the commit of the kill's
+    journal entry, before the process has ended. A replay answers the kill from the journal and
+    kills nothing: the restart must end it with the kill's reason, and its watcher get the notice."""
+    child = 'sys.kill(sys.self(), "stopped")\nsys.recv{tag = "never"}'
+    expected = {"child": True, "state": "KILLED", "reason": "stopped"}
+    kernel = lua_kernel(tmp_path / "run")
+    enqueue, crashed = kernel.store.enqueue, []
+
+    def enqueue_then_die_if_killed(ops: list) -> None:
+        enqueue(ops)
+        if not crashed and any(params[2:3] == ("kill",) for _, params in ops if type(params) is tuple):
+            kernel.store.flush()  # the kill's entry is committed, then the server dies
+            left_by_a_crash(kernel, tmp_path / "crashed")
+            crashed.append(True)
+
+    kernel.store.enqueue = enqueue_then_die_if_killed  # type: ignore[method-assign]
+    try:
+        watcher = kernel.spawn(SpawnSpec(lua=WATCHER, args={"child": child}, durable=True))
+        assert ended(kernel, watcher).result == expected  # uncrashed
+    finally:
+        kernel.shutdown()
+    assert crashed
+    kernel = lua_kernel(tmp_path / "crashed")
+    try:
+        rec = ended(kernel, watcher)
+        assert (rec.state, rec.result) == ("EXITED", expected)
+    finally:
+        kernel.shutdown()
+
+
+def test_a_durable_processs_exit_and_its_exit_notices_are_one_commit(tmp_path: pathlib.Path) -> None:
+    """The crash window of an EXIT notice, made certain: the server dies right after the first commit
+    that records the end of a durable child. A restart finds it ended and does not bring it back,
+    so its notice to its durable watcher must be in that commit, or the watcher waits for ever."""
+    expected = {"child": True, "state": "EXITED", "reason": "normal", "result": "done"}
+    kernel = lua_kernel(tmp_path / "run")
+    crashed = []
+
+    def die_once_the_child_has_ended(statement: str) -> None:
+        # Called as each statement starts: what the commits before it made is what a crash now leaves.
+        if not crashed:
+            with sqlite3.connect(kernel.store.path) as db:
+                if db.execute("SELECT 1 FROM processes WHERE parent!=0 AND ended_at_ms IS NOT NULL").fetchone():
+                    left_by_a_crash(kernel, tmp_path / "crashed")
+                    crashed.append(True)
+
+    kernel.store._db.set_trace_callback(die_once_the_child_has_ended)
+    try:
+        watcher = kernel.spawn(SpawnSpec(lua=WATCHER, args={"child": "return 'done'"}, durable=True))
+        assert ended(kernel, watcher).result == expected  # uncrashed
+        kernel.store.query("SELECT 1")  # a statement after the last commit
+    finally:
+        kernel.store._db.set_trace_callback(None)
+        kernel.shutdown()
+    assert crashed
+    kernel = lua_kernel(tmp_path / "crashed")
+    try:
+        rec = ended(kernel, watcher)
+        assert (rec.state, rec.result) == ("EXITED", expected)
+    finally:
+        kernel.shutdown()
+
+
+class JournaledAcquire(Waiter):
+    """A durable Python agent's acquire (python/durable.py's _acquire), whose entry is journaled off
+    the kernel lock once it holds the lock: here at the earliest, as it is handed the lock."""
+
+    def __init__(self, journal: ProcessJournal, name: str) -> None:
+        super().__init__()
+        self.journal, self.name = journal, name
+
+    def _wake(self, value: Any) -> None:
+        self.journal.record("lock_acquire", (self.name,), {"reply": b""}, lock=(self.name, "mutex", 1))
+
+
+def test_a_lock_handed_over_by_a_durable_holders_end_is_journaled_after_that_end(tmp_path: pathlib.Path) -> None:
+    """A durable holder that ends hands its lock to a durable waiter. Were the waiter's entry (which a
+    Python agent journals off the kernel lock) committed before the holder's end, a crash between
+    would bring the holder back holding the lock the waiter's journal says it holds: held twice."""
+    kernel = lua_kernel(tmp_path)
+    seen: list[bool] = []  # at the first commit of the waiter's entry: whether the holder's end is in
+
+    def check(statement: str) -> None:
+        if not seen:
+            with sqlite3.connect(kernel.store.path) as db:
+                if db.execute("SELECT 1 FROM journal WHERE pid=? AND call='lock_acquire'", (waiting,)).fetchone():
+                    seen.append(db.execute("SELECT ended_at_ms IS NOT NULL FROM processes WHERE pid=?",
+                                           (holder,)).fetchone() == (1,))
+
+    try:
+        holder = kernel.spawn(SpawnSpec(lua='sys.lock.acquire("handed")\nreturn sys.recv{tag = "go"}.body',
+                                        durable=True))
+        waiting = kernel.spawn(SpawnSpec(lua='sys.recv{tag = "never"}', durable=True))
+        for _ in range(int(WAIT_S / 0.01)):
+            if kernel.get(holder)[0].state == "BLOCKED":  # holding the lock, waiting for "go"
+                break
+            time.sleep(0.01)
+        kernel.store._db.set_trace_callback(check)
+        with kernel.lock:
+            assert kernel.sync.acquire("default", "handed", waiting, 0,
+                                       JournaledAcquire(kernel.journals[waiting], "handed"), None) is None
+        kernel.send(0, holder, "go", "bye", b"", "")
+        assert ended(kernel, holder).result == "bye"
+        kernel.store.query("SELECT 1")  # a statement after the last commit
+        assert seen == [True]
+    finally:
+        kernel.store._db.set_trace_callback(None)
+        kernel.shutdown()
+
+
+def test_only_a_durable_process_takes_gives_back_or_waits_on_its_locks(llmosd: LlmosdServer) -> None:
+    """A client's Acquire, Release or CondWait naming a durable process would not be in its journal
+    (a replay would not hold the lock, or hold it twice): refused, even to an owner, who may make
+    them for a process that is not durable. A signal names its signaller only for its namespace."""
+    holder = 'sys.lock.acquire(args.lock)\nsys.recv{tag = "go"}\nsys.lock.release(args.lock)\nreturn "released"'
+    with llmos.Client(llmosd.target) as k:
+        durable = k.spawn(lua=holder, args={"lock": "durable-self-held"}, durable=True)
+        plain = k.spawn(lua=holder, args={"lock": "durable-self-plain"})
+        for _ in range(int(WAIT_S / 0.01)):  # each holds its lock, waiting for "go"
+            if k.get(durable).state == "BLOCKED" and k.get(plain).state == "BLOCKED":
+                break
+            time.sleep(0.01)
+        for call in (lambda: k.acquire(durable, "durable-self-other", timeout=0),
+                     lambda: k.release(durable, "durable-self-held"),
+                     lambda: k.cond_wait(durable, "durable-self-cond", "durable-self-held", timeout=0)):
+            code, details = status_of(call)
+            assert code == grpc.StatusCode.PERMISSION_DENIED and "durable" in details, details
+        assert k.cond_signal("durable-self-cond", pid=durable) == 0
+        assert k.acquire(plain, "durable-self-other", timeout=0) == {"acquired": True}
+        k.release(plain, "durable-self-other")
+        for pid in (durable, plain):
+            k.send(pid, None, tag="go")
+            info = k.wait(pid, timeout=WAIT_S)
+            assert (info.state, info.result) == ("EXITED", "released")  # the lock it held was its own
 
 
 def test_a_message_received_before_the_crash_is_not_received_again(fresh_llmosd: LlmosdServer) -> None:

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import llmos
+from llmosd.kernel.journal import Journal
 from llmosd_process import LlmosdServer
 from test_durable import WAIT_S, bodies, nothing_more, restart, taken
 
@@ -187,6 +188,33 @@ def test_an_append_a_crash_may_have_cut_is_cut_back_and_made_once(fresh_llmosd: 
         k.send(pid, None, tag="go")
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", "zero\nfirst\n")  # appended once
+
+
+def test_a_durable_agent_killed_before_a_crash_is_ended_by_the_restart(fresh_llmosd: LlmosdServer) -> None:
+    """A kill of a running durable agent is written (a kill intent) before Kill answers, and the agent
+    ends a moment later: what a kill -9 in between leaves is the agent not ended, with the intent. The
+    restart ends it with the kill's reason without starting it, and its durable watcher gets the EXIT."""
+    watcher = textwrap.dedent("""
+        local child = sys.spawn{python = args.child, args = {port = args.port}, durable = true, monitor = true}
+        sys.send(args.port, child)
+        local exit = sys.recv{tag = "EXIT"}.body
+        return {exit.pid == child, exit.state, exit.reason}
+    """)
+    child = 'from llmos.userland import sys\nsys.send(sys.args["port"], "started")\nsys.recv(tag="never")'
+    with llmos.Client(fresh_llmosd.target) as k:
+        port = k.open_port()
+        pid = k.spawn(lua=watcher, args={"port": port, "child": child}, durable=True)
+        got = bodies(k, port, 2)  # the agent's pid from the watcher, and "started" from the agent
+        (agent,) = [body for body in got if body != "started"]
+    fresh_llmosd.stop(signal.SIGKILL)
+    with sqlite3.connect(fresh_llmosd.data_dir / "kernel.db") as db:
+        db.execute(*Journal.kill_intent_op(agent, "stopped"))
+    fresh_llmosd.start()
+    with llmos.Client(fresh_llmosd.target) as k:
+        info = k.wait(pid, timeout=WAIT_S)
+        assert (info.state, info.result) == ("EXITED", [True, "KILLED", "stopped"])
+        assert (k.get(agent).state, k.get(agent).exit_reason) == ("KILLED", "stopped")
+        nothing_more(k, port)  # the agent was not started again ("started" came once, before the crash)
 
 
 def journaled(server: LlmosdServer, pid: int, call: str) -> None:

@@ -296,9 +296,10 @@ def run_pipeline(data_dir: pathlib.Path, items: int, kills: int, seed: int, pyth
         with llmos.Client(server.target) as k:
             info = k.wait(pid, timeout=timeout)
             if info is None or info.state != "EXITED":
-                others = [f"pid {p.pid} {p.name or ''} {p.state.value} {p.exit_reason} {p.error}".rstrip()
-                          for p in k.ps(include_ended=True) if p.pid != pid]
-                raise AssertionError(f"the coordinator did not finish: {info}; the others:\n" + "\n".join(others))
+                every = [f"pid {p.pid} {p.kind} {p.name or ''} {p.state.value} {p.blocked_on or ''} {p.exit_reason} "
+                         f"{p.error}".rstrip() for p in k.ps(include_ended=True)]
+                raise AssertionError(f"the coordinator (pid {pid}) did not finish: {info}; every process (pid "
+                                     f"{port} is the result's port):\n" + "\n".join(every))
             messages = []
             while (msg := k.recv(port, timeout=0)) is not None:
                 messages.append(msg.body)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import NotFound, PermissionDenied
-from .table import ACT, OWN_MAILBOX, RULE_OF
+from .table import ACT, DURABLE_SELF, OWN_MAILBOX, RULE_OF
 
 ADMIN, OWNER, READER, PROCESS = "admin", "owner", "reader", "process"
 TOKEN_ROLES = (ADMIN, OWNER, READER)
@@ -52,15 +52,18 @@ def not_found(pid: int) -> NotFound:
 
 
 def authorize(caller: Caller | None, syscall: str, pid: int, namespace: str,
-              lineage: Callable[[], Iterable[int]], port_key: str | None = None) -> None:
+              lineage: Callable[[], Iterable[int]], port_key: str | None = None, durable: bool = False) -> None:
     """Whether `caller` may apply `syscall` to the process `pid` of `namespace`: nothing, or
     NotFound (another namespace) / PermissionDenied. `lineage` gives the target's ancestors
-    (asked only when needed); `port_key` is the opener's key if the target is a port.
-    A None caller is the kernel itself."""
+    (asked only when needed); `port_key` is the opener's key if the target is a port; `durable`,
+    whether it is a durable process. A None caller is the kernel itself."""
     if caller is None:
         return
     if not caller.sees(namespace):
         raise not_found(pid)
+    if durable and syscall in DURABLE_SELF and (caller.role != PROCESS or caller.pid != pid):
+        raise PermissionDenied(f"{syscall}: pid {pid} is a durable process: only it takes, gives back or waits "
+                               "on a lock for itself (its journal must have each one, docs/durable-agents.md)")
     rule = RULE_OF[syscall]
     if caller.role == PROCESS:
         if pid == caller.pid:

@@ -558,9 +558,17 @@ async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
     return pb.AcquireResponse(acquired=True, previous_holder_died=answer.get("previous_holder_died") or 0)
 
 
-async def sys_release(k: Kernel, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
-    k.release_lock(_pid(req.pid), *C.arguments("lock.release", {"name": req.name}), CALLER.get())
-    return pb.ReleaseResponse()
+# A durable agent's journal entry of a call whose effect others see at once (a release, a signal):
+# called under the kernel lock once the effect is made, with the reply and the journal ops of the
+# wakes it made (python/durable.py), so that no entry that follows from it comes first in the journal.
+Journaled = Callable[[Any, list], None]
+
+
+async def sys_release(k: Kernel, req: pb.ReleaseRequest, journaled: Journaled | None = None) -> pb.ReleaseResponse:
+    reply = pb.ReleaseResponse()
+    k.release_lock(_pid(req.pid), *C.arguments("lock.release", {"name": req.name}), CALLER.get(),
+                   None if journaled is None else lambda: journaled(reply, []))
+    return reply
 
 
 async def sys_cond_wait(k: Kernel, req: pb.CondWaitRequest) -> pb.CondWaitResponse:
@@ -587,16 +595,26 @@ def _cond_namespace(k: Kernel, pid: int, syscall: str) -> str:
     return k.target_locked(caller, syscall, C.pid(pid), "signaller").namespace if pid else caller.namespace
 
 
-async def sys_cond_signal(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
-    with k.lock:
-        return pb.CondSignalResponse(woken=k.sync.cond_signal(_cond_namespace(k, req.pid, "cond.signal"),
-                                                              *C.arguments("cond.signal", {"name": req.name})))
+async def sys_cond_signal(k: Kernel, req: pb.CondSignalRequest,
+                          journaled: Journaled | None = None) -> pb.CondSignalResponse:
+    return _cond_wake(k, req, "cond.signal", k.sync.cond_signal, journaled)
 
 
-async def sys_cond_broadcast(k: Kernel, req: pb.CondSignalRequest) -> pb.CondSignalResponse:
+async def sys_cond_broadcast(k: Kernel, req: pb.CondSignalRequest,
+                             journaled: Journaled | None = None) -> pb.CondSignalResponse:
+    return _cond_wake(k, req, "cond.broadcast", k.sync.cond_broadcast, journaled)
+
+
+def _cond_wake(k: Kernel, req: pb.CondSignalRequest, syscall: str, wake: Callable[..., int],
+               journaled: Journaled | None) -> pb.CondSignalResponse:
+    # A durable signaller's entry takes the wakes of the durable waiters it chose into its unit.
+    woken: list | None = None if journaled is None else []
     with k.lock:
-        return pb.CondSignalResponse(woken=k.sync.cond_broadcast(_cond_namespace(k, req.pid, "cond.broadcast"),
-                                                                 *C.arguments("cond.broadcast", {"name": req.name})))
+        reply = pb.CondSignalResponse(woken=wake(_cond_namespace(k, req.pid, syscall),
+                                                 *C.arguments(syscall, {"name": req.name}), woken))
+        if journaled is not None:
+            journaled(reply, woken)
+    return reply
 
 
 async def sys_infer(k: Kernel, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:

@@ -104,6 +104,9 @@ class Syscall:
     acts_as: str | None = None  # on the agent socket, the request field that must name the calling agent
     agents: str | None = None  # why Python agents may not call `rpc` (None: they may)
     rule: str = "namespace"  # who may apply it to which process (RULES; api/authority.py enforces them)
+    # Made on behalf of a durable process only by the process itself (PERMISSION_DENIED for anyone else,
+    # admins included): its journal must have every call whose outcome is its own (a lock it holds).
+    durable_self: bool = False
     reader: bool = False  # a reader token may call it (everything else needs owner or admin)
     changes: bool = True  # the RPC changes something (recorded in the audit log) unless it is a reader one
     args: tuple[Arg, ...] = ()  # how its arguments are checked (checks.arguments)
@@ -209,16 +212,17 @@ TABLE: tuple[Syscall, ...] = (
     # -- locks (services/sync.py)
     Syscall("lock.acquire", "Acquire", True, "SyncTable.acquire", "{previous_holder_died}, or nothing (timed out)",
             C_FUNCTION, ("lock_acquire_now",), yields="lock_acquire", python=True, acts_as="pid", rule=ACT,
+            durable_self=True,
             args=(Arg("name", NAME), opts(optional("semaphore", INTEGER), optional("timeout_ms", DURATION_MS)))),
     Syscall("lock.try_acquire", None, False, "SyncTable.try_acquire (gRPC: Acquire with timeout_ms 0)",
             "{previous_holder_died}, or nothing", CALL, ("lock_try",), python=True,
             args=(Arg("name", NAME), opts(optional("semaphore", INTEGER)))),
     Syscall("lock.release", "Release", False, "SyncTable.release", "nothing", CALL, ("lock_release",), python=True,
-            acts_as="pid", rule=ACT,
+            acts_as="pid", rule=ACT, durable_self=True,
             args=(Arg("name", STRING),)),
     # -- condition variables (services/sync.py)
     Syscall("cond.wait", "CondWait", True, "SyncTable.cond_wait", "{signalled, timed_out}, holding the lock again",
-            YIELD, yields="cond_wait", python=True, acts_as="pid", rule=ACT,
+            YIELD, yields="cond_wait", python=True, acts_as="pid", rule=ACT, durable_self=True,
             args=(Arg("name", STRING), Arg("lock", STRING), optional("timeout_ms", DURATION_MS))),
     Syscall("cond.signal", "CondSignal", False, "SyncTable.cond_signal", "how many were woken (0 or 1)", CALL,
             ("cond_signal",), python=True, acts_as="pid", rule=ACT,
@@ -285,5 +289,6 @@ def lua_layout() -> tuple[tuple[str, str, str | None, str | None, tuple[str, ...
 
 
 RULE_OF = {s.name: s.rule for s in TABLE}
+DURABLE_SELF = frozenset(s.name for s in TABLE if s.durable_self)
 READER_RPCS = frozenset(s.rpc for s in TABLE if s.rpc is not None and s.reader)
 AUDITED_RPCS = frozenset(s.rpc for s in TABLE if s.rpc is not None and s.changes and not s.reader)

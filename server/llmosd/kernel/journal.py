@@ -27,6 +27,14 @@ The durability rule (why nothing is done twice):
      (output commit: `ProcessJournal.commit`) and are made idempotent: an
      append first journals the file's size (an intent entry) and a replay that
      ends on such an intent cuts the file back to it before writing again.
+  4. An effect on another process that happens after its call is answered
+     is durable when the call is answered: a kill of a durable process that
+     is running (its userland ends it at its next check) writes a kill
+     intent (`Journal.kill_intent_op`, committed before Kill answers, so
+     before the killer's entry); a restart ends a process that has one with
+     its reason before anything runs (Kernel.start_recovered), rather than
+     bring it back. A durable process's end (its exit, its EXIT notices to
+     its watchers, its journal dropped) is one unit (Kernel.end_locked).
 What is not durable: non-durable processes (children included) and what they
 did, leases of acknowledged
 receives, infer calls whose result was not journaled yet (they run again).
@@ -45,6 +53,10 @@ PROGRAM_CHANGED = "program_changed"
 
 _INSERT_ENTRY = "INSERT OR REPLACE INTO journal VALUES(?,?,?,?,?)"
 _INSERT_SPEC = "INSERT OR REPLACE INTO durable_processes VALUES(?,?)"
+# A kill intent is a row of its target's journal before its first entry (seq -1, never replayed): it
+# goes with the journal when the process ends.
+_KILL_INTENT_SEQ = -1
+_KILL_INTENT = "killed"
 _MASK = (1 << 64) - 1
 
 
@@ -223,9 +235,20 @@ class Journal:
 
     def entries(self) -> dict[int, list[tuple[str, int, bytes]]]:
         out: dict[int, list[tuple[str, int, bytes]]] = {}
-        for pid, call, digest, blob in self.store.query("SELECT pid, call, args_hash, result FROM journal ORDER BY pid, seq"):
+        for pid, call, digest, blob in self.store.query(
+                "SELECT pid, call, args_hash, result FROM journal WHERE seq>=0 ORDER BY pid, seq"):
             out.setdefault(pid, []).append((call, digest, blob))
         return out
+
+    @staticmethod
+    def kill_intent_op(pid: int, reason: str) -> tuple[str, tuple]:
+        """The op recording that `pid` (durable) was killed with `reason` but has not ended yet."""
+        return _INSERT_ENTRY, (pid, _KILL_INTENT_SEQ, _KILL_INTENT, 0, marshal.dumps(reason))
+
+    def kill_intents(self) -> dict[int, str]:
+        """pid -> reason of every durable process killed before a crash that had not ended then."""
+        return {pid: marshal.loads(blob) for pid, blob in self.store.query(
+            "SELECT pid, result FROM journal WHERE seq=? AND call=?", (_KILL_INTENT_SEQ, _KILL_INTENT))}
 
     @staticmethod
     def held_locks(entries: list[tuple[str, int, bytes]]) -> dict[str, tuple[str, int, int]]:

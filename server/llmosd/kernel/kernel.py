@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 # A message of Kernel.send_batch: (tag, body, data, correlation_id, notify_undelivered, idempotency_key).
 BatchEntry = tuple[str, Any, bytes, str, bool, str]
 
-NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _send_exit_notice)
+NOTICE_HEADROOM = 64 << 10  # what an EXIT notice may take beyond the message limit (see _exit_notice)
 MAX_ERROR = 16 << 10  # characters of an exit error kept; the rest is cut
 # An ended process's result stays in memory (for Wait, lists and events) only up to this size;
 # a bigger one is read back from the store when asked for, and lists and events leave it out.
@@ -105,6 +105,9 @@ class Kernel:
         # Recovered durable processes wait for every runtime (start_recovered), and a monitored child
         # whose parent's runtime comes back after it waits here for its link: parent pid -> children.
         self._recovered: list[Process] = []
+        # pid -> (state, reason, error) of those that end as start_recovered links them: a program that
+        # changed, a kill answered before the crash.
+        self._end_at_start: dict[int, tuple[str, str, str | None]] = {}
         self._monitors_to_link: dict[int, list[Process]] = {}
         # For /metrics: processes started by kind, and ended by (kind, state, reason); a Kill's
         # own reason text counts as "other", so that callers cannot grow this without bound.
@@ -156,8 +159,7 @@ class Kernel:
         if not mine:
             return
         self._durable_to_recover = [t for t in self._durable_to_recover if t[1]["kind"] != runtime.kind]
-        entries = self.journal.entries()
-        recovered, changed = [], []
+        entries, killed = self.journal.entries(), self.journal.kill_intents()
         with self.lock:
             earlier = [self.procs[p] for p in self.journals]  # brought back by another runtime already
             for rec, spec in mine:
@@ -197,21 +199,26 @@ class Kernel:
                 path = spec["program_path"]
                 runtime.attach(proc, pathlib.Path(path) if path else None)
                 if path and _file_hash(path) != spec["program_hash"]:
-                    changed.append(proc)
-                else:
-                    recovered.append(proc)
-            for proc in changed:
-                self.end_locked(proc, P.CRASHED, PROGRAM_CHANGED, error=(
-                    f"the program {proc.program_name!r} changed since this durable process started: "
-                    "a replay of its journal would run another program"))
-        self._recovered.extend(recovered)
+                    self._end_at_start[pid] = (P.CRASHED, PROGRAM_CHANGED, (
+                        f"the program {proc.program_name!r} changed since this durable process started: "
+                        "a replay of its journal would run another program"))
+                elif pid in killed:  # a kill answered before the crash (kernel/journal.py, rule 4)
+                    self._end_at_start[pid] = (P.KILLED, killed[pid], None)
+                self._recovered.append(proc)
 
     def start_recovered(self) -> None:
         """Run the durable processes brought back, once every runtime has brought back its own: none
         runs (and ends, or sends an EXIT notice) before the links between them are all made."""
         recovered, self._recovered, self._monitors_to_link = self._recovered, [], {}
+        ending, self._end_at_start = self._end_at_start, {}
+        with self.lock:  # ended now that every watcher is linked: each gets its EXIT notice
+            for proc in recovered:
+                if proc.pid in ending:
+                    state, reason, error = ending[proc.pid]
+                    self.end_locked(proc, state, reason, error=error)
         for proc in recovered:
-            self.scheduler.make_runnable(proc, new=True)
+            if not proc.ended:
+                self.scheduler.make_runnable(proc, new=True)
 
     def _retake_locks(self, proc: Process, journal: ProcessJournal) -> None:
         """A recovered durable process holds again the locks its journal ends holding, before any
@@ -423,10 +430,14 @@ class Kernel:
         return pid, secret
 
     # -- lookup ---------------------------------------------------------------------------
-    def release_lock(self, pid: int, name: str, caller: Caller | None = None) -> None:
+    def release_lock(self, pid: int, name: str, caller: Caller | None = None,
+                     then: Callable[[], None] | None = None) -> None:
+        """`pid` gives back one permit of `name`; `then()`, under the same hold of the kernel lock."""
         with self.lock:
             holder = self.target_locked(caller, "lock.release", pid, "holder")
             self.sync.release(holder.namespace, name, pid)
+            if then is not None:
+                then()
 
     def live_locked(self, pid: int, role: str = "process", caller: Caller | None = None) -> Process:
         """The live process `pid`, or NotFound / FailedPrecondition (ended): for `caller`, one of
@@ -450,7 +461,7 @@ class Kernel:
     def _authorize(self, caller: Caller | None, syscall: str, proc: Process) -> None:
         if caller is not None:
             authorize(caller, syscall, proc.pid, proc.namespace, lambda: proc.ancestors,
-                      proc.opener if proc.kind == P.PORT else None)
+                      proc.opener if proc.kind == P.PORT else None, proc.pid in self.journals)
 
     def _authorize_ended(self, caller: Caller | None, syscall: str, rec: ProcessRecord) -> None:
         if caller is not None:
@@ -519,21 +530,12 @@ class Kernel:
                 self._deliver(dst, msg, also=also)
             else:
                 dst.mailbox.check_room(msg)  # before the journal says it was sent
-                ops = on_sent(msg)
-                if dst.kind != P.PORT and dst.mailbox.durable:
-                    self.store.enqueue(ops + [message_row(msg)])
-                    dst.mailbox.deliver(msg, False)
-                elif dst.kind == P.PORT:
+                self.store.enqueue(on_sent(msg) + self._stored_ops(dst, msg))
+                if dst.kind == P.PORT:
                     # Output commit: the entry and the port's copy in one transaction, before a client
                     # can see it (a crash between two commits would journal a send the port never got).
-                    # A receive without ack that takes it at once consumes it: not stored, as in _deliver.
-                    consumed = self.acks.consumed_at_once(dst, msg)
-                    self.store.enqueue(ops if consumed else ops + [message_row(msg)])
                     self.store.flush()
-                    dst.mailbox.deliver(msg, False)
-                else:
-                    self.store.enqueue(ops)
-                    self._deliver(dst, msg, False)
+                dst.mailbox.deliver(msg, False)
                 if also is not None:
                     self.store.transaction(also)
             if idempotency_key:  # remembered once delivered (kernel/idempotency.py): a refused send has no first id
@@ -617,6 +619,15 @@ class Kernel:
             return
         if caller.role == "process" or src.kind != P.PORT or (src.opener != caller.key and caller.role != "admin"):
             raise PermissionDenied(f"from must be the caller (or a port it opened), not pid {src.pid}")
+
+    def _stored_ops(self, dst: Process, msg: Message) -> list[tuple[str, Any]]:
+        """The ops that store `msg` in `dst`'s mailbox, for the unit of the ordered queue of what sent it
+        (a durable sender's entry, a durable process's end), queued before it is delivered: none for a
+        mailbox that is not stored, or for a port's receive without ack that takes it at once (it
+        consumes it: at most once, as in _deliver)."""
+        if dst.kind == P.PORT:
+            return [] if self.acks.consumed_at_once(dst, msg) else [message_row(msg)]
+        return [message_row(msg)] if dst.mailbox.durable else []
 
     def _deliver(self, dst: Process, msg: Message, limited: bool = True, also: Callable | None = None) -> None:
         """Put `msg` in `dst`'s mailbox or straight into a waiting receiver's hands.
@@ -719,8 +730,12 @@ class Kernel:
                 # Not running any code (a preempted process stays RUNNING): end it now.
                 self.end_locked(proc, P.KILLED, reason)
             elif proc.kill_reason is None:
-                # Running (or parked mid-slice): its userland ends it with this reason.
+                # Running (or parked mid-slice): its userland ends it with this reason. A durable
+                # process's kill is durable before Kill answers (kernel/journal.py, rule 4).
                 proc.kill_reason = reason
+                if pid in self.journals:
+                    self.store.enqueue([self.journal.kill_intent_op(pid, reason)])
+                    self.store.flush()
                 self.runtimes[proc.kind].kill(proc)
             return True
 
@@ -736,7 +751,6 @@ class Kernel:
             proc.wall_timer.cancel()
         pid, namespace, kind, procs = proc.pid, proc.namespace, proc.kind, self.procs
         proc.mailbox.close()
-        self.sync.process_ended(pid)
         self.acks.process_ended(proc)
         self.files.process_ended(pid)
         durable = self.journals.pop(pid, None) is not None
@@ -754,9 +768,21 @@ class Kernel:
         rec = self._record(proc)
         rec.usage = self.usage(proc)
         rec.exit_reason, rec.result, rec.error, rec.ended_at_ms = reason, result, error, now_ms()
-        self.store.record_exit(rec, durable=durable or kind == P.PORT)
-        if durable:  # once its exit is written: a restart in between finds it ended, and drops these
-            self.store.enqueue(self.journal.ended_ops(pid))
+        notices = [(procs[watcher], self._exit_notice(watcher, rec))
+                   for watcher in proc.monitored_by if watcher in procs]
+        if durable:
+            # Its exit, its EXIT notices and its journal dropped: one unit, written before anyone sees its
+            # end (a crash between an exit and its notices would leave a durable watcher waiting for ever).
+            ops = [self.store.exit_op(rec), *self.journal.ended_ops(pid)]
+            for dst, notice in notices:
+                ops.extend(self._stored_ops(dst, notice))
+            self.store.enqueue(ops)
+            self.store.flush()
+        else:
+            self.store.record_exit(rec, durable=kind == P.PORT)
+        # Its locks go to their waiters once its end is queued: a durable agent's journal entry of the
+        # permit it is handed is queued off the kernel lock, and must come after the end it follows from.
+        self.sync.process_ended(pid)
         self.exits[kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
         kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         ended = self.ended
@@ -768,11 +794,12 @@ class Kernel:
                 waiter.queue = None
                 waiter.complete(rec)
             proc.exit_waiters.clear()
-        for watcher in proc.monitored_by:
-            watching = procs.get(watcher)
-            if watching is not None:
-                self._send_exit_notice(watcher, rec)
-                watching.monitoring.discard(pid)
+        for dst, notice in notices:
+            if durable:
+                dst.mailbox.deliver(notice, False)  # stored by the unit above
+            else:
+                self._deliver(dst, notice, False)
+            dst.monitoring.discard(pid)
         runtime = proc.runtime
         if kind != P.PORT:
             lines = runtime.log_lines(MAX_LOG_LINES) if runtime is not None else None
@@ -821,7 +848,7 @@ class Kernel:
             # Already ended: tell the watcher at once, as Erlang does. Asked
             # for, so it counts against the mailbox's limits like any message:
             # asking again and again must not flood the watcher.
-            self._send_exit_notice(watcher, rec, limited=True)
+            self._deliver(self.procs[watcher], self._exit_notice(watcher, rec), limited=True)
 
     def monitor_again(self, watcher: int, target: Any) -> None:
         """A durable process's replayed monitor is set again (monitors live in memory); nothing if
@@ -832,15 +859,14 @@ class Kernel:
             if watching is not None and proc is not None:
                 self._link_monitor(watching, proc)
 
-    def _send_exit_notice(self, watcher: int, rec: ProcessRecord, limited: bool = False) -> None:
+    def _exit_notice(self, watcher: int, rec: ProcessRecord) -> Message:
         """A process sends at most one notice to each watcher when it ends, and
         it is never refused, or a monitor would wait for ever: its result is a
         value of at most a message's size, and its error is cut short, so the
         notice fits the headroom the limit has for it."""
         notice = {"pid": rec.pid, "state": rec.state, "reason": rec.exit_reason, "result": rec.result,
                   "error": rec.error}
-        msg = self.core.new_message(rec.pid, watcher, "EXIT", notice, b"", "", NOTICE_HEADROOM)
-        self._deliver(self.procs[watcher], msg, limited)
+        return self.core.new_message(rec.pid, watcher, "EXIT", notice, b"", "", NOTICE_HEADROOM)
 
     def set_priority(self, pid: int, priority: int | None, weight: int = 0, caller: Caller | None = None) -> None:
         """Change priority (None: keep) and weight (0: keep). A process (`caller`)

@@ -253,11 +253,12 @@ class Store:
             self._wake_writer()
 
     def record_exit(self, rec: ProcessRecord, durable: bool = False) -> None:
-        values = (
-            rec.state, rec.exit_reason, _result_json(rec.result), rec.error, rec.ended_at_ms,
-            _counters_json(rec.usage),
-        )
-        self._update(rec.pid, STATE, values, durable)
+        self._update(rec.pid, STATE, _exit_values(rec), durable)
+
+    @staticmethod
+    def exit_op(rec: ProcessRecord) -> tuple[str, tuple]:
+        """The op that records `rec`'s exit, for a unit of the ordered queue (`enqueue`)."""
+        return _update_sql(STATE, len(values := _exit_values(rec))), (*values, rec.pid)
 
     def record_name(self, pid: int, name: str | None) -> None:
         self._update(pid, NAME, (name,), durable=False)
@@ -422,7 +423,7 @@ class Store:
         """Set the columns of a process's row from PROCESS_COLUMNS[first] on to `values`."""
         names = PROCESS_COLUMNS[first:first + len(values)]
         if durable:
-            self._write_now(f"UPDATE processes SET {', '.join(f'{n}=?' for n in names)} WHERE pid=?", (*values, pid))
+            self._write_now(_update_sql(first, len(values)), (*values, pid))
             return
         with self._pending_lock:
             row = self._pending.get(pid)
@@ -519,6 +520,17 @@ def _counters_json(counters: dict[str, int] | None) -> str:
 
 
 _COUNTER_TEMPLATES: dict[tuple[str, ...], str] = {}
+
+
+def _exit_values(rec: ProcessRecord) -> tuple:
+    """`rec`'s columns from STATE on: state, exit_reason, result, error, ended_at_ms, usage."""
+    return (rec.state, rec.exit_reason, _result_json(rec.result), rec.error, rec.ended_at_ms,
+            _counters_json(rec.usage))
+
+
+def _update_sql(first: int, count: int) -> str:
+    """The UPDATE of a process's row's columns PROCESS_COLUMNS[first:first + count]."""
+    return f"UPDATE processes SET {', '.join(f'{n}=?' for n in PROCESS_COLUMNS[first:first + count])} WHERE pid=?"
 
 
 def _result_json(value: Any) -> str:

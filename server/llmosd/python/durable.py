@@ -256,29 +256,20 @@ async def _acquire(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, 
 
 async def _under_lock(k: Kernel, journal: ProcessJournal, fn: Callable, call: str, args: tuple, requests: list[Any],
                       reply_of: Callable) -> Any:
-    """A release or a signal, whose effect others see at once: journaled under the kernel lock, so
-    that no entry of theirs that follows from it comes first in the journal."""
-    req, caller = requests[0], CALLER.get()
-    lock = _lock_of(req) if call == "lock_release" else None
-    woken: list = []  # a signal's: the journal ops of the durable waiters' wakes it made
-    with k.lock:
-        try:
-            if call == "lock_release":
-                (name,) = C.arguments("lock.release", {"name": req.name})
-                k.sync.release(k.target_locked(caller, "lock.release", journal.pid, "holder").namespace, name,
-                               journal.pid)
-                answer, reply = True, pb.ReleaseResponse()
-            else:
-                signal = k.sync.cond_signal if call == "cond.signal" else k.sync.cond_broadcast
-                (name,) = C.arguments(call, {"name": req.name})
-                namespace = k.target_locked(caller, call, journal.pid, "signaller").namespace
-                reply = pb.CondSignalResponse(woken=signal(namespace, name, woken))
-                answer = reply.SerializeToString()
-        except KernelError as e:
-            journal.record(call, args, _error(e), lock=lock)
-            raise
-        journal.record(call, args, answer, woken, lock=lock)  # with the wakes it made: one unit
-    return reply
+    """A release or a signal, whose effect others see at once: journaled by its handler under the kernel
+    lock (api/syscalls.py's `journaled`), so that no entry of theirs that follows from it comes first in
+    the journal; a signal's entry with the wakes of the durable waiters it chose, in one unit."""
+    lock = _lock_of(requests[0]) if call == "lock_release" else None
+
+    def journaled(reply: Any, woken: list) -> None:
+        answer = True if call == "lock_release" else reply.SerializeToString()  # True: a permit given back
+        journal.record(call, args, answer, woken, lock=lock)
+
+    try:
+        return await fn(k, requests[0], journaled=journaled)
+    except KernelError as e:
+        journal.record(call, args, _error(e), lock=lock)
+        raise
 
 
 async def _cond_wait(k: Kernel, journal: ProcessJournal, req: pb.CondWaitRequest) -> pb.CondWaitResponse:
