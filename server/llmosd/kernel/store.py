@@ -21,6 +21,11 @@ row per process, its columns merged (a process that starts and ends within a
 batch is one row), and a batch is written with one statement per few
 hundred rows: the sqlite3 module releases the GIL for every statement it
 steps, and each release is a hand-off to a busy worker.
+
+Why one file: every write to kernel.db goes through the one connection and
+the one ordered queue here, and what a crash may keep (a prefix of the queue,
+whole units) depends on how those writes are ordered and batched together;
+the other tables' owners (dead letters, idempotency keys) write through it.
 """
 from __future__ import annotations
 
