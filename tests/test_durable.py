@@ -543,17 +543,6 @@ COND_WAITER = textwrap.dedent("""
     sys.lock.release("m")
     return {signalled = r.signalled, timed_out = r.timed_out, held = not again}
 """)
-# Signals "c" (holding "m") until it wakes someone, then releases "m": how many tries it took.
-COND_SIGNALLER = textwrap.dedent("""
-    for try = 1, 1000 do
-        sys.lock.acquire("m")
-        local woken = sys.cond.signal("c")
-        sys.lock.release("m")
-        if woken == 1 then return try end
-        sys.sleep(10)
-    end
-    return 0
-""")
 
 
 def test_a_durable_cond_wait_cut_by_a_restart_waits_again_holding_nothing(fresh_llmosd: LlmosdServer) -> None:
@@ -563,7 +552,9 @@ def test_a_durable_cond_wait_cut_by_a_restart_waits_again_holding_nothing(fresh_
         assert taken(k, port) == "waiting"
     with restart(fresh_llmosd) as k:
         # The mutex is free (the wait had given it back), and the replayed process waits on "c" again.
-        assert k.run(COND_SIGNALLER, timeout=WAIT_S).result >= 1
+        # The wait holds its place on "c" from the restart (kernel/journal.py, rule 5): the first signal,
+        # made whatever its replay has reached, wakes it.
+        assert k.cond_signal("c") == 1
         info = k.wait(pid, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
         nothing_more(k, port)  # "waiting" was not sent again
@@ -592,6 +583,58 @@ def test_a_signal_journaled_before_a_restart_is_not_lost(fresh_llmosd: LlmosdSer
         info = k.wait(waiter, timeout=WAIT_S)
         assert (info.state, info.result) == ("EXITED", {"signalled": True, "timed_out": False, "held": True})
         nothing_more(k, port)
+
+
+def test_a_wait_cut_by_a_restart_holds_its_place_until_its_replay_reaches_it(tmp_path: pathlib.Path) -> None:
+    """A durable process waiting on a condition when the server dies (its mutex given back, not woken)
+    waits there again from the restart, before anything runs: a signal made before its replay reaches
+    the wait (in a real restart, by a recovered signaller whose replay was shorter) wakes it instead
+    of finding nobody waiting. Once the replay has reached it, the wait is the live one: one waiter."""
+    waiter_program = textwrap.dedent("""
+        sys.lock.acquire("m")
+        local r = sys.cond.wait("c", "m")
+        local again = pcall(sys.lock.try_acquire, "m")
+        sys.lock.release("m")
+        return {signalled = r.signalled, timed_out = r.timed_out, held = not again}
+    """)
+    expected = {"signalled": True, "timed_out": False, "held": True}
+
+    def blocked_in_wait(kernel: Kernel, pid: int) -> None:
+        for _ in range(int(WAIT_S / 0.01)):
+            if kernel.get(pid)[0].state == "BLOCKED":
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"pid {pid} did not block")
+
+    kernel = lua_kernel(tmp_path / "run")
+    try:
+        pid = kernel.spawn(SpawnSpec(lua=waiter_program, durable=True))
+        blocked_in_wait(kernel, pid)
+        kernel.store.flush()
+        left_by_a_crash(kernel, tmp_path / "signalled_early")
+        left_by_a_crash(kernel, tmp_path / "signalled_late")
+    finally:
+        kernel.shutdown()
+
+    kernel = Kernel(KernelConfig(data_dir=str(tmp_path / "signalled_early")))
+    try:
+        kernel.add_runtime(LuaRuntime(kernel))
+        with kernel.lock:  # before the waiter has run at all
+            assert kernel.sync.cond_signal("default", "c") == 1
+        kernel.start_recovered()
+        assert (ended(kernel, pid).state, ended(kernel, pid).result) == ("EXITED", expected)
+    finally:
+        kernel.shutdown()
+
+    kernel = lua_kernel(tmp_path / "signalled_late")
+    try:
+        blocked_in_wait(kernel, pid)
+        with kernel.lock:
+            assert kernel.sync.cond_signal("default", "c") == 1
+            assert kernel.sync.cond_signal("default", "c") == 0  # its held place went with its replay
+        assert (ended(kernel, pid).state, ended(kernel, pid).result) == ("EXITED", expected)
+    finally:
+        kernel.shutdown()
 
 
 def test_a_durable_cond_wait_that_timed_out_replays_its_outcome(fresh_llmosd: LlmosdServer) -> None:

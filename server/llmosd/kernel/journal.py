@@ -35,6 +35,12 @@ The durability rule (why nothing is done twice):
      its reason before anything runs (Kernel.start_recovered), rather than
      bring it back. A durable process's end (its exit, its EXIT notices to
      its watchers, its journal dropped) is one unit (Kernel.end_locked).
+  5. A wait that was waiting when the server stopped waits again before
+     anything runs: a process whose journal ends in a condition wait that gave
+     its mutex back and was not woken holds its place on the condition from
+     the restart (`WaitPlace`, Kernel._hold_wait_place), so that a signal made
+     before its replay reaches the wait wakes it (journaled then, as any wake,
+     read by the replay) rather than finding nobody waiting.
 What is not durable: non-durable processes (children included) and what they
 did, leases of acknowledged
 receives, infer calls whose result was not journaled yet (they run again).
@@ -47,6 +53,7 @@ from typing import Any, Callable, Iterable
 
 from .mailbox import Message
 from .store import DELETE_MESSAGE, STORE_MESSAGE, Store
+from .waiting import Waiter
 
 REPLAY_DIVERGENCE = "replay_divergence"
 PROGRAM_CHANGED = "program_changed"
@@ -124,10 +131,20 @@ def message_row(m: Message) -> tuple[str, Message]:
     return STORE_MESSAGE, m
 
 
+class WaitPlace(Waiter):
+    """A recovered process's place on the condition its journal ends waiting on (rule 5): woken, it
+    keeps the wake's answer (journaled by its on_woken) and takes no mutex; the replayed wait does."""
+
+    __slots__ = ("value",)
+
+    def _wake(self, value: Any) -> None:
+        self.value = value
+
+
 class ProcessJournal:
     """One durable process's journal: the entries a replay answers from, then the live ones."""
 
-    __slots__ = ("pid", "store", "seed", "entries", "cursor", "divergence")
+    __slots__ = ("pid", "store", "seed", "entries", "cursor", "divergence", "place")
 
     def __init__(self, pid: int, store: Store, seed: int, entries: list[tuple[str, int, bytes]] | None = None) -> None:
         self.pid = pid
@@ -136,6 +153,7 @@ class ProcessJournal:
         self.entries = entries or []  # (call, args hash, encoded result), journaled before this start
         self.cursor = 0  # the next entry a replayed call is answered from; == len(entries): live
         self.divergence: str | None = None  # why the replay failed, once it has
+        self.place: WaitPlace | None = None  # its place on a condition, held from the restart (rule 5)
 
     @property
     def replaying(self) -> bool:
@@ -160,18 +178,23 @@ class ProcessJournal:
         return self.entries[self.cursor][0] if self.replaying else None
 
     def entry_ops(self, call: str, digest: int, result: Any) -> list[tuple[str, tuple]]:
-        """The op journaling a live call's result (queued by the caller, with its effects)."""
-        seq = len(self.entries)
-        self.entries.append((call, digest, b""))  # its result is never read again in this run
-        self.cursor = seq + 1
-        return [(_INSERT_ENTRY, (self.pid, seq, call, digest, encode_result(result)))]
+        """The op journaling a live call's result (queued by the caller, with its effects). Made while
+        the process still replays (the wake of its held wait place, rule 5), the entry is replayed."""
+        seq, blob = len(self.entries), encode_result(result)
+        if self.cursor < seq:
+            self.entries.append((call, digest, blob))
+        else:
+            self.entries.append((call, digest, b""))  # its result is never read again in this run
+            self.cursor = seq + 1
+        return [(_INSERT_ENTRY, (self.pid, seq, call, digest, blob))]
 
     def record(self, call: str, args: Any, result: Any, effects: Iterable[tuple[str, tuple]] = (),
-               lock: tuple | None = None) -> None:
+               lock: tuple | None = None, cond: str | None = None) -> None:
         """Journal a live call's result, with the ops of its effects on durable state, as one unit.
-        A call of LOCK_CALLS names its lock: (name, kind, permits)."""
+        A call of LOCK_CALLS names its lock: (name, kind, permits); a condition wait's release, its
+        condition (`cond`: where a restart puts it back, rule 5)."""
         if call in LOCK_CALLS:  # a dict: no tuple of it is taken for a message (decode_result)
-            result = {"answer": result, "lock": lock}
+            result = {"answer": result, "lock": lock} if cond is None else {"answer": result, "lock": lock, "cond": cond}
         ops = self.entry_ops(call, args_hash(args), result)
         ops.extend(effects)
         self.store.enqueue(ops)
@@ -192,6 +215,29 @@ class ProcessJournal:
             if type(resume) is not dict:  # diverged
                 return resume, None
         return replayed("cond_reacquire"), resume
+
+    def waiting_at_end(self) -> tuple[str, str, int] | None:
+        """(condition, mutex, arguments hash) of the condition wait this journal ends in, if it gave
+        its mutex back and was not woken (rule 5)."""
+        if not self.entries or self.entries[-1][0] != "cond_wait":
+            return None
+        _, digest, blob = self.entries[-1]
+        result = decode_result(blob)
+        if result["answer"] is not True or "cond" not in result:
+            return None
+        return result["cond"], result["lock"][0], digest
+
+    def resume_at_wait(self, resume: Any) -> Any:
+        """Where a condition wait replayed to the end of its journal goes on live (kernel lock held),
+        its held place (rule 5) let go: a wake that came to the place once the replay had read the
+        journal's end (its entry journaled already) is the wait's; otherwise `resume`."""
+        place, self.place = self.place, None
+        if place is None:
+            return resume
+        if place.done:
+            return place.value if resume is RELEASED else resume
+        place.abandon()
+        return resume
 
     def on_woken(self, digest: int) -> Callable[[dict[str, bool], list | None], None]:
         """A condition wait's wake as services/sync.py calls it (its on_woken, kernel lock held):

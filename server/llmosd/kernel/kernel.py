@@ -49,7 +49,7 @@ from ..api.tokens import Tokens, digest
 from .acks import Acks, take_batch
 from .deadletters import DeadLetters
 from .idempotency import IdempotencyKeys
-from .journal import PROGRAM_CHANGED, Journal, ProcessJournal, message_row, program_hash
+from .journal import PROGRAM_CHANGED, Journal, ProcessJournal, WaitPlace, message_row, program_hash
 
 log = logging.getLogger(__name__)
 # A message of Kernel.send_batch: (tag, body, data, correlation_id, notify_undelivered, idempotency_key).
@@ -192,6 +192,7 @@ class Kernel:
                 self.namespaces.add_locked(proc.namespace, proc.limits)
                 journal = self.journals[pid] = ProcessJournal(pid, self.store, spec["seed"], entries.get(pid, []))
                 self._retake_locks(proc, journal)
+                self._hold_wait_place(proc, journal)
                 try:
                     self.acks.set_policy(pid, self.acks.policy(spec["dead_letter"], spec["max_attempts"], proc.namespace))
                 except KernelError:  # its dead-letter target is gone: messages go nowhere, as when it ends
@@ -227,6 +228,21 @@ class Kernel:
             for _ in range(count):
                 if self.sync.try_acquire(proc.namespace, name, proc.pid, kind, permits) is None:
                     log.warning("pid %d: the lock %r it held is taken already", proc.pid, name)
+
+    def _hold_wait_place(self, proc: Process, journal: ProcessJournal) -> None:
+        """A recovered durable process whose journal ends waiting on a condition (its mutex given back,
+        not woken) waits there again before any process runs (kernel/journal.py, rule 5; lock held)."""
+        waiting = journal.waiting_at_end()
+        if waiting is None:
+            return
+        name, lock_name, digest = waiting
+        place = journal.place = WaitPlace()
+        try:
+            self.sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, place, None,
+                                journal.on_woken(digest), holding=False, takes_mutex=False)
+        except KernelError as e:  # its mutex became a semaphore meanwhile: the replayed wait says so
+            journal.place = None
+            log.warning("pid %d: its wait on condition %r is not held from the restart: %s", proc.pid, name, e)
 
     def shutdown(self) -> None:
         with self.lock:

@@ -216,13 +216,14 @@ class DurableLuaProcess(LuaProcess):
         signal or timeout chooses this waiter (the journal's on_woken)."""
         name, lock_name, timeout = self.cond_wait_args(*args[:3])
         sync, proc, journal = self.kernel.sync, self.proc, self.journal
-        resume, self.cond_resume = self.cond_resume, None
+        resume = journal.resume_at_wait(self.cond_resume)
+        self.cond_resume = None
         if type(resume) is dict:
             return sync.cond_reacquire(proc.namespace, lock_name, proc.pid, proc.priority, waiter, resume)
         sync.cond_wait(proc.namespace, name, lock_name, proc.pid, proc.priority, waiter, timeout,
                        journal.on_woken(args_hash(args)), holding=resume is None)
         if resume is None:
-            journal.record("cond_wait", args, True, lock=(lock_name, "mutex", 1))
+            journal.record("cond_wait", args, True, lock=(lock_name, "mutex", 1), cond=name)
             self.cond_mutex = lock_name
         return None
 

@@ -292,6 +292,7 @@ async def _cond_wait(k: Kernel, journal: ProcessJournal, req: pb.CondWaitRequest
         with k.lock:  # (an agent acts as itself: identity.py)
             waiting = k.target_locked(CALLER.get(), "cond.wait", journal.pid, "waiter")
             priority = C.priority(req.priority) if req.HasField("priority") else waiting.priority
+            resume = journal.resume_at_wait(resume)
             if type(resume) is dict:
                 held = k.sync.cond_reacquire(waiting.namespace, lock_name, journal.pid, priority, waiter, resume)
             else:
@@ -300,7 +301,7 @@ async def _cond_wait(k: Kernel, journal: ProcessJournal, req: pb.CondWaitRequest
                                  journal.on_woken(args_hash(args)), holding=resume is None)
                 held = None
                 if resume is None:
-                    journal.record("cond_wait", args, True, lock=mutex)
+                    journal.record("cond_wait", args, True, lock=mutex, cond=name)
                     outcome = "cond_reacquire"
         if held is None:
             # Cancelled (the agent gone) once it held the mutex again: given back, as a plain wait's.

@@ -82,16 +82,18 @@ OnWoken = Callable[[dict[str, bool], "list | None"], None]
 class _Entry:
     """A queued acquire, or a condition's waiter. Compared by identity, ordered by `order`."""
 
-    __slots__ = ("waiter", "pid", "key", "order", "answer", "on_woken")
+    __slots__ = ("waiter", "pid", "key", "order", "answer", "on_woken", "takes_mutex")
 
     def __init__(self, waiter: Waiter, pid: int, key: Key, order: tuple[int, int],
-                 answer: dict[str, Any] | None = None, on_woken: OnWoken | None = None) -> None:
+                 answer: dict[str, Any] | None = None, on_woken: OnWoken | None = None,
+                 takes_mutex: bool = True) -> None:
         self.waiter = waiter
         self.pid = pid
         self.key = key  # the lock's (for a condition's waiter: the condition's)
         self.order = order  # (-priority, arrival): the smallest is served first
         self.answer = answer  # what the waiter is told once it holds the lock (None: {"acquired": True})
         self.on_woken = on_woken  # a condition's durable waiter's: its wake, journaled
+        self.takes_mutex = takes_mutex  # False: a durable process's place held from a restart (cond_wait)
 
 
 def _order(entry: _Entry) -> tuple[int, int]:
@@ -216,12 +218,14 @@ class SyncTable:
 
     # -- condition variables ----------------------------------------------------------------
     def cond_wait(self, namespace: str, name: str, lock_name: str, pid: int, priority: int, waiter: Waiter,
-                  timeout_s: float | None, on_woken: OnWoken | None = None, holding: bool = True) -> None:
+                  timeout_s: float | None, on_woken: OnWoken | None = None, holding: bool = True,
+                  takes_mutex: bool = True) -> None:
         """Release the mutex `lock_name` that `pid` holds and queue `waiter` on the condition
         `name`, atomically. The waiter is completed once it holds the mutex again, with
         {"signalled": bool, "timed_out": bool} (see the module's docstring). `holding` False: a
         durable process replayed to a wait that had released the mutex before a restart, which
-        waits again holding nothing."""
+        waits again holding nothing. `takes_mutex` False: the place of such a wait, held from the
+        restart until its replay reaches it (kernel/journal.py, rule 5), completed at the wake."""
         if timeout_s is not None and not timeout_s >= 0:
             raise InvalidArgument("timeout must be a non-negative number of seconds")
         if type(priority) is not int:
@@ -241,7 +245,7 @@ class SyncTable:
         elif cond.lock != lock_name:
             raise FailedPrecondition(
                 f"the waiters of condition {name!r} wait with the lock {cond.lock!r}, not {lock_name!r}")
-        entry = _Entry(waiter, pid, key, (-priority, next(self._arrivals)), on_woken=on_woken)
+        entry = _Entry(waiter, pid, key, (-priority, next(self._arrivals)), on_woken=on_woken, takes_mutex=takes_mutex)
         self._waiting.setdefault(pid, set()).add(entry)
         waiter.register(cond.queue, entry)
         if holding:
@@ -294,6 +298,9 @@ class SyncTable:
         answer = {"signalled": signalled, "timed_out": not signalled}
         if entry.on_woken is not None:
             entry.on_woken(answer, effects)
+        if not entry.takes_mutex:
+            waiter.complete(answer)
+            return
         answer = self._queue_for_mutex(entry.key[0], cond.lock, entry.pid, entry.order[0], waiter, answer)
         if answer is not None:
             waiter.complete(answer)
