@@ -230,6 +230,16 @@ WATCHER = textwrap.dedent("""
 """)
 
 
+def watcher_after_the_crash(data_dir: pathlib.Path, watcher: int, expected: dict) -> None:
+    """A server started on what the crash left: the WATCHER ends with the EXIT notice `expected`."""
+    kernel = lua_kernel(data_dir)
+    try:
+        rec = ended(kernel, watcher)
+        assert (rec.state, rec.result) == ("EXITED", expected)
+    finally:
+        kernel.shutdown()
+
+
 def test_a_kill_answered_before_a_crash_is_carried_out_after_it(tmp_path: pathlib.Path) -> None:
     """The crash window of a deferred kill, made certain: a durable process kills itself (running:
     its userland ends it at its next check) and the server dies right after the commit of the kill's
@@ -254,12 +264,7 @@ def test_a_kill_answered_before_a_crash_is_carried_out_after_it(tmp_path: pathli
     finally:
         kernel.shutdown()
     assert crashed
-    kernel = lua_kernel(tmp_path / "crashed")
-    try:
-        rec = ended(kernel, watcher)
-        assert (rec.state, rec.result) == ("EXITED", expected)
-    finally:
-        kernel.shutdown()
+    watcher_after_the_crash(tmp_path / "crashed", watcher, expected)
 
 
 def test_a_durable_processs_exit_and_its_exit_notices_are_one_commit(tmp_path: pathlib.Path) -> None:
@@ -287,12 +292,7 @@ def test_a_durable_processs_exit_and_its_exit_notices_are_one_commit(tmp_path: p
         kernel.store._db.set_trace_callback(None)
         kernel.shutdown()
     assert crashed
-    kernel = lua_kernel(tmp_path / "crashed")
-    try:
-        rec = ended(kernel, watcher)
-        assert (rec.state, rec.result) == ("EXITED", expected)
-    finally:
-        kernel.shutdown()
+    watcher_after_the_crash(tmp_path / "crashed", watcher, expected)
 
 
 class JournaledAcquire(Waiter):

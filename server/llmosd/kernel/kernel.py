@@ -526,18 +526,12 @@ class Kernel:
         `on_sent(msg)`: a durable sender's journal entry of this send, queued in one unit with the
         message's copy in a durable mailbox, and committed before a port gets it."""
         with self.lock:
-            src = self.procs.get(sender) if sender else None
-            if src is None and sender:
-                self.live_locked(sender, "sender", caller)  # raises the right error
-            if src is not None and caller is not None:
-                self._check_sender(caller, src)
+            src = self._sender_locked(sender, caller)
             if idempotency_key:
                 key = self.idempotency.key(sender, caller, idempotency_key)
                 if (first := self.idempotency.first(key)) is not None:
                     return first
-            dst = self.procs.get(to) if type(to) is int else None
-            if dst is None or (caller is not None and not caller.sees(dst.namespace)):
-                dst = self.resolve(to, caller)
+            dst = self._receiver_locked(to, caller)
             msg = self.core.new_message(sender, dst.pid, tag, body, data, correlation_id)
             msg.notify_undelivered = notify_undelivered
             # A stored mailbox keeps the key with the message, in its transaction (kernel/idempotency.py).
@@ -563,6 +557,22 @@ class Kernel:
         self.core.refill_ids()  # the next block of message ids, reserved without the lock
         return msg.id
 
+    def _sender_locked(self, sender: int, caller: Caller | None) -> Process | None:
+        """The sending process (None: a client), checked: live, and the caller's to send as."""
+        src = self.procs.get(sender) if sender else None
+        if src is None and sender:
+            self.live_locked(sender, "sender", caller)  # raises the right error
+        if src is not None and caller is not None:
+            self._check_sender(caller, src)
+        return src
+
+    def _receiver_locked(self, to: int | str, caller: Caller | None) -> Process:
+        """The receiver named by pid or registered name, as `caller` may see it."""
+        dst = self.procs.get(to) if type(to) is int else None
+        if dst is None or (caller is not None and not caller.sees(dst.namespace)):
+            dst = self.resolve(to, caller)
+        return dst
+
     def send_batch(self, sender: int, to: int | str, batch: list[BatchEntry], caller: Caller | None = None) -> list[int]:
         """Send every message of `batch` to one receiver, in order: all or none. Each is made (and
         checked for size) first, then the mailbox's room for all of them, as if none were taken at once
@@ -570,14 +580,8 @@ class Kernel:
         idempotency keys), a durable mailbox's queued as one unit, both committed before this returns.
         A message whose idempotency key was sent before (or earlier in the batch) gets its first id."""
         with self.lock:
-            src = self.procs.get(sender) if sender else None
-            if src is None and sender:
-                self.live_locked(sender, "sender", caller)  # raises the right error
-            if src is not None and caller is not None:
-                self._check_sender(caller, src)
-            dst = self.procs.get(to) if type(to) is int else None
-            if dst is None or (caller is not None and not caller.sees(dst.namespace)):
-                dst = self.resolve(to, caller)
+            src = self._sender_locked(sender, caller)
+            dst = self._receiver_locked(to, caller)
             ids: list[int] = []
             new: list[Message] = []
             keys: dict[Any, int] = {}  # the batch's new keys -> their message ids
