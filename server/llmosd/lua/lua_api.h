@@ -187,6 +187,9 @@ typedef struct {
 /* Set once, before any state is made; the entries must live for ever. 0; -1 out of memory;
  * -2 when the sandbox has no function for LLMOS_SYS_C entry *unknown. */
 int llmos_sandbox_set_layout(const llmos_SysEntry *entries, size_t n, size_t *unknown);
+/* A lua_Alloc without a limit (malloc's): for the states the kernel makes for itself (templates,
+ * syntax checks), never for a process's. */
+void *llmos_allocate_unlimited(void *ud, void *ptr, size_t osize, size_t nsize);
 /* The count hook: on the program's own coroutines always, on its main one
  * when lua/preempt.c installs it from its signal handler. */
 void llmos_sandbox_hook(lua_State *L, lua_Debug *ar);

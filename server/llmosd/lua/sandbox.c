@@ -1026,8 +1026,7 @@ static void push_template(lua_State *L, const Template *t, int extra)
     }
 }
 
-/* Reading the templates: once, from llmos_sandbox_set_layout, before any state is made. */
-static void *template_allocate(void *ud, void *ptr, size_t osize, size_t nsize)
+void *llmos_allocate_unlimited(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     (void)ud;
     (void)osize;
@@ -1038,6 +1037,7 @@ static void *template_allocate(void *ud, void *ptr, size_t osize, size_t nsize)
     return realloc(ptr, nsize);
 }
 
+/* Reading the templates: once, from llmos_sandbox_set_layout, before any state is made. */
 static const char *lasting_text(lua_State *T, const char *text, size_t len)
 {
     char *copy = malloc(len + 1);
@@ -1181,7 +1181,7 @@ static int read_templates_once(void)
     int status;
     if (string_lib.fields != NULL)
         return 0;
-    T = lua_newstate(template_allocate, NULL);
+    T = lua_newstate(llmos_allocate_unlimited, NULL);
     if (T == NULL)
         return -1;
     lua_pushcfunction(T, read_templates);

@@ -990,17 +990,6 @@ PyTypeObject StateType = {
 };
 
 /* -- The module ------------------------------------------------------------------------------ */
-static void *allocate_unlimited(void *ud, void *ptr, size_t osize, size_t nsize)
-{
-    (void)ud;
-    (void)osize;
-    if (nsize == 0) {
-        free(ptr);
-        return NULL;
-    }
-    return realloc(ptr, nsize);
-}
-
 static PyObject *syntax_error(PyObject *self, PyObject *args)
 {
     const char *source, *chunk_name;
@@ -1011,7 +1000,7 @@ static PyObject *syntax_error(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "y#y:syntax_error", &source, &len, &chunk_name))
         return NULL;
-    L = lua_newstate(allocate_unlimited, NULL);
+    L = lua_newstate(llmos_allocate_unlimited, NULL);
     if (L == NULL)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
