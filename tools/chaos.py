@@ -265,9 +265,11 @@ def journaled_infer_tokens(data_dir: pathlib.Path) -> int:
 
 
 def run_pipeline(data_dir: pathlib.Path, items: int, kills: int, seed: int, python_stages: int = PYTHON_STAGES,
-                 window: int = 5, pause_ms: int = 20, cpus: int = 2, timeout: float = 600.0) -> Outcome:
+                 window: int = 5, pause_ms: int = 20, cpus: int = 2, timeout: float = 600.0,
+                 spacing_s: float = 0.55) -> Outcome:
     """Run the pipeline on a fresh server in `data_dir`, kill -9'ing it `kills` times at moments drawn
-    from `seed`, and return what it left."""
+    from `seed` (each 0.5 to 1.5 times `spacing_s` of the server's running time after the last), and
+    return what it left."""
     rng = random.Random(seed)
     http = f"127.0.0.1:{free_port()}"
     server = LlmosdServer(data_dir, "--model", "tiny", "--cpus", str(cpus), "--http", http)
@@ -284,7 +286,7 @@ def run_pipeline(data_dir: pathlib.Path, items: int, kills: int, seed: int, pyth
                 "stages": [{key: s[key] for key in ("name", "kind", "program", "ack")} for s in pipeline]})
         done = 0
         while done < kills:
-            time.sleep(rng.uniform(0.1, 1.0))
+            time.sleep(rng.uniform(0.5, 1.5) * spacing_s)
             with llmos.Client(server.target) as k:
                 if k.get(pid).state not in ("RUNNABLE", "RUNNING", "BLOCKED"):
                     break  # finished before this kill: no more moments to kill it at
@@ -332,13 +334,21 @@ def compare(reference: Outcome, chaos: Outcome) -> list[str]:
     return problems
 
 
-def report(reference: Outcome, chaos: Outcome, items: int, seed: int) -> tuple[list[str], list[str]]:
+def kill_spacing(reference: Outcome, kills: int) -> float:
+    """The mean running time between kills that spreads `kills` over the uncrashed run's length: a run
+    with crashes needs at least that much running time (its replays come on top), so all of them land."""
+    return reference.seconds / (kills + 1)
+
+
+def report(reference: Outcome, chaos: Outcome, items: int, seed: int, kills: int) -> tuple[list[str], list[str]]:
     """The figures, and what went wrong (tools/chaos.py prints them; tests/test_chaos.py asserts none went wrong)."""
     roles: dict[str, int] = {}
     for stage in chaos.stages:
         roles[stage["role"]] = roles.get(stage["role"], 0) + 1
     lua = sum(1 for s in chaos.stages if s["kind"] == "lua")
     problems = compare(reference, chaos)
+    if chaos.kills < kills:
+        problems.append(f"only {chaos.kills} of {kills} kills landed before the pipeline ended")
     lines = [
         f"pipeline: {lua} durable Lua stages and {len(chaos.stages) - lua} durable Python stages under a durable "
         f"supervisor, a durable coordinator; roles {roles}",
@@ -370,8 +380,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         reference = run_pipeline(root / "reference", args.items, 0, args.seed, cpus=args.cpus)
-        chaos = run_pipeline(root / "chaos", args.items, args.kills, args.seed, cpus=args.cpus)
-    lines, problems = report(reference, chaos, args.items, args.seed)
+        chaos = run_pipeline(root / "chaos", args.items, args.kills, args.seed, cpus=args.cpus,
+                             spacing_s=kill_spacing(reference, args.kills))
+    lines, problems = report(reference, chaos, args.items, args.seed, args.kills)
     print("\n".join(lines))
     sys.exit(1 if problems else 0)
 
