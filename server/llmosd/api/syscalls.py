@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 from typing import Any, AsyncIterator, Callable
 
@@ -219,32 +220,17 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
 
 async def _recv_many(k: Kernel, pid: int, match: Match, timeout: float | None, most: int,
                      caller: Caller) -> pb.RecvResponse:
-    """Recv with max_messages, without ack: the first match (waiting for it), then those already waiting."""
-    budget = k.config.max_message_bytes
-    waiter = AsyncWaiter(asyncio.get_running_loop())
-    with k.lock:
-        taken = k.recv_many_locked(k.target_locked(caller, "recv", pid, "receiver"), match, most, budget)
-        if not taken:
-            first = k.recv_locked(pid, match, waiter, timeout, caller)  # nothing waiting: registers the waiter
-            taken = [first] if first is not None else []
-    if not taken:
-        first = await _await(k, waiter, "recv", lambda got: k.put_back(pid, got))
-        if first is TIMED_OUT:
-            return pb.RecvResponse(timed_out=True)
-        taken = [first]
-        if most > 1:
-            with k.lock:
-                proc = k.procs.get(pid)
-                if proc is not None:
-                    taken += k.recv_many_locked(proc, match, most - 1, budget - first.size)
-    try:
-        reply = pb.RecvResponse()
-        add_messages(reply.messages, [(msg, 0) for msg in taken])
-        return reply
-    except Exception:  # a message that cannot be answered is a kernel bug, but none is lost for it
-        for msg in taken:
-            k.put_back(pid, msg)
-        raise
+    """Recv with max_messages, without ack."""
+    def take(receiver: Any, waiter: AsyncWaiter, budget: int) -> list | None:
+        taken = k.recv_many_locked(receiver, match, most, budget)
+        if taken:
+            return taken
+        first = k.recv_locked(pid, match, waiter, timeout, caller)  # nothing waiting: registers the waiter
+        return None if first is None else [first]
+
+    return await _recv_batch(k, pid, caller, most, take,
+                             lambda proc, n, budget: k.recv_many_locked(proc, match, n, budget),
+                             k.put_back, lambda msg: (msg, 0))
 
 
 async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, caller: Caller,
@@ -271,29 +257,43 @@ async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, c
 
 async def _recv_leased_many(k: Kernel, pid: int, match: Match, timeout: float | None, lease_s: float | None,
                             most: int, caller: Caller) -> pb.RecvResponse:
-    """Recv with ack and max_messages: the first match leased (waiting for it), then those already waiting."""
+    """Recv with ack and max_messages: each message taken is leased."""
+    return await _recv_batch(
+        k, pid, caller, most,
+        lambda receiver, waiter, budget: k.acks.recv_many_locked(receiver, match, waiter, timeout, lease_s, most, budget),
+        lambda proc, n, budget: k.acks.more_locked(proc, match, lease_s, n, budget),
+        functools.partial(_give_back, k), lambda leased: (leased.msg, leased.attempt))
+
+
+async def _recv_batch(k: Kernel, pid: int, caller: Caller, most: int,
+                      take: Callable[[Any, AsyncWaiter, int], list | None], more: Callable[[Any, int, int], list],
+                      give_back: Callable[[int, Any], None], entry: Callable[[Any], tuple[Any, int]]) -> pb.RecvResponse:
+    """A batch receive (max_messages = `most`), with or without ack: `take(receiver, waiter, budget)`
+    (kernel lock held) takes what is waiting, or registers `waiter` for the first match and returns
+    None; that one awaited, `more(receiver, n, budget)` adds those waiting by then. A reply stops
+    within --max-message-bytes (`budget`); `entry(taken)` is its (message, attempt). What cannot be
+    answered is given back (`give_back(pid, taken)`): never lost for a kernel bug."""
     budget = k.config.max_message_bytes
     waiter = AsyncWaiter(asyncio.get_running_loop())
     with k.lock:
-        receiver = k.target_locked(caller, "recv", pid, "receiver")
-        leased = k.acks.recv_many_locked(receiver, match, waiter, timeout, lease_s, most, budget)
-    if leased is None:
-        first = await _await(k, waiter, "recv", lambda taken: _give_back(k, pid, taken))
+        taken = take(k.target_locked(caller, "recv", pid, "receiver"), waiter, budget)
+    if taken is None:
+        first = await _await(k, waiter, "recv", lambda got: give_back(pid, got))
         if first is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
-        leased = [first]
+        taken = [first]
         if most > 1:
             with k.lock:
                 proc = k.procs.get(pid)
                 if proc is not None:
-                    leased += k.acks.more_locked(proc, match, lease_s, most - 1, budget - first.msg.size)
+                    taken += more(proc, most - 1, budget - entry(first)[0].size)
     try:
         reply = pb.RecvResponse()
-        add_messages(reply.messages, [(m.msg, m.attempt) for m in leased])
+        add_messages(reply.messages, [entry(one) for one in taken])
         return reply
-    except Exception:  # never lost for a kernel bug: they are delivered again
-        for m in leased:
-            _give_back(k, pid, m)
+    except Exception:
+        for one in taken:
+            give_back(pid, one)
         raise
 
 
