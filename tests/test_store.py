@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pathlib
 
-from llmosd.kernel.store import FIRST_ID_BLOCK, ROWS_PER_STATEMENT, ProcessRecord, Store
+from llmosd.kernel.store import (FIRST_ID_BLOCK, ROWS_PER_STATEMENT, SQLITE_MEMORY_BUDGET, ProcessRecord, Store,
+                                 StoredMessage, sqlite_memory_used)
 
 
 def record(pid: int, name: str | None = None) -> ProcessRecord:
@@ -66,3 +67,29 @@ def test_ids_only_grow_and_are_never_given_twice(tmp_path: pathlib.Path) -> None
     assert store.next_id("pid") > max(handed)
     assert store.take_ids("message")[0] >= blocks[-1][1]
     store.close()
+
+
+def test_big_values_written_do_not_stay_in_memory(tmp_path: pathlib.Path) -> None:
+    """SQLite keeps each prepared statement's last bound values, and the sqlite3 module keeps
+    statements: without the store's budget, every distinct statement that wrote a 3 MiB value
+    would hold a copy of it for good. Written here through each kind of write (write-behind
+    rows and updates, a port's message, another module's table), and a dozen distinct ones."""
+    store = Store(str(tmp_path))
+    big = "v" * (3 << 20)
+    bound = SQLITE_MEMORY_BUDGET + (8 << 20)  # the budget, and the last write's values
+    try:
+        for pid in range(1, 13):
+            store.record_spawn(record(pid))
+            store.record_exit(end(record(pid), big + str(pid)))  # spawn and exit in one batch: one insert
+            store.flush()
+            store.put_message(StoredMessage(pid, 1, 0, "t", big, b"", "", 0))
+            store.transaction(lambda db: db.execute(f"INSERT OR REPLACE INTO counters(name, next) VALUES (?, ?) -- {pid}",
+                                                    (big + str(pid), pid)))
+            assert sqlite_memory_used() < bound, f"SQLite holds {sqlite_memory_used() >> 20} MiB"
+        for pid in range(1, 13):
+            store.record_exit(end(record(pid), big))  # updates of written rows
+            store.flush()
+            assert sqlite_memory_used() < bound, f"SQLite holds {sqlite_memory_used() >> 20} MiB"
+        assert store.load_process(12).result == big
+    finally:
+        store.close()

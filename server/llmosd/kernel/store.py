@@ -29,6 +29,8 @@ the other tables' owners (dead letters, idempotency keys) write through it.
 """
 from __future__ import annotations
 
+import _sqlite3
+import ctypes
 import functools
 import itertools
 import json
@@ -150,6 +152,23 @@ class StoredMessage:
     sent_at_ms: int
     notify_undelivered: bool = False
 
+# SQLite keeps a prepared statement's last bound values until it is bound again, and the sqlite3
+# module keeps up to 128 prepared statements: a 4 MiB message or result written once stayed in
+# memory for good, one per distinct statement (the store has dozens), charged to nobody. Once
+# SQLite's memory passes this budget after a write, the connection is opened afresh, which lets
+# those values go; the page cache (2 MB a connection) stays well under it.
+SQLITE_MEMORY_BUDGET = 16 << 20
+
+
+def _sqlite_memory_used() -> Callable[[], int]:
+    """SQLite's own count of the bytes it has allocated (the library the sqlite3 module uses)."""
+    used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    used.restype, used.argtypes = ctypes.c_int64, []
+    return used
+
+
+sqlite_memory_used = _sqlite_memory_used()
+
 COMMIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -163,11 +182,7 @@ class Store:
     def __init__(self, data_dir: str, log_retention: int = 10_000) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "kernel.db")
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a crash of this process (kill -9), which
-        # is the promise; only an OS crash could lose the last transactions.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = self._connect()
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(processes)")}
         if "opener" not in columns:  # a database from before ports had owners
@@ -202,6 +217,20 @@ class Store:
         self._closed = False
         self._writer = threading.Thread(target=self._write_behind, name="store-writer", daemon=True)
         self._writer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a crash of this process (kill -9), which
+        # is the promise; only an OS crash could lose the last transactions.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _let_go_of_bound_values(self) -> None:
+        """After a write (the connection's lock held): see SQLITE_MEMORY_BUDGET."""
+        if sqlite_memory_used() > SQLITE_MEMORY_BUDGET:
+            self._db.close()
+            self._db = self._connect()
 
     # ids -------------------------------------------------------------------------
     def next_id(self, counter: str) -> int:
@@ -379,6 +408,7 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._let_go_of_bound_values()
 
     def write_later(self, write: Callable[[sqlite3.Connection], None]) -> None:
         """Run `write` with the connection in the write-behind thread's next batch (its transaction), in
@@ -423,6 +453,7 @@ class Store:
             began = time.perf_counter()
             self._db.execute(sql, row)
             self.commit_seconds.observe(time.perf_counter() - began)
+            self._let_go_of_bound_values()
 
     def _update(self, pid: int, first: int, values: tuple, durable: bool) -> None:
         """Set the columns of a process's row from PROCESS_COLUMNS[first] on to `values`."""
@@ -476,6 +507,7 @@ class Store:
         finally:
             self._db.execute("COMMIT")
             self.commit_seconds.observe(time.perf_counter() - began)
+        self._let_go_of_bound_values()
 
     def flush(self) -> None:
         with self._db_lock:
