@@ -248,3 +248,58 @@ def test_spawning_does_not_preempt_the_spawner(tmp_path: pathlib.Path) -> None:
         assert all(start >= out["done"] for start in out["started"]), out
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_cpus_long_quantum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Two virtual CPUs and a quantum no test outlasts: nobody is preempted, so what runs
+    where follows from spawn locality alone."""
+    server = LlmosdServer(tmp_path_factory.mktemp("two-cpus") / "data", "--model", "none", "--cpus", "2",
+                          "--quantum-ms", "60000")
+    server.start()
+    try:
+        with server.channel() as channel:
+            yield kernel_pb2_grpc.KernelStub(channel)
+    finally:
+        server.stop()
+
+
+def test_spawned_processes_wait_for_their_running_spawner_s_cpu(two_cpus_long_quantum: Any) -> None:
+    # The other CPU is idle, but children wait for their spawner's while it runs within its
+    # quantum: none has started when the parent, which never blocks, has done its work.
+    stub = two_cpus_long_quantum
+    out = from_value(wait(stub, spawn(stub, """
+        for i = 1, 4 do sys.spawn{lua = "sys.send(args, 'started')", args = sys.self()} end
+        local early = 0
+        for i = 1, 300000 do
+            if sys.recv{timeout_ms = 0} then early = early + 1 end
+        end
+        for i = 1, 4 - early do sys.recv{} end
+        return early
+    """)).result)
+    assert out == 0
+
+
+def test_a_fan_out_reaches_the_idle_cpu_once_its_spawner_blocks(two_cpus_long_quantum: Any) -> None:
+    # Two children that can only finish together (each spins until the other answers, and
+    # nobody is preempted): the second must start on the other CPU while the first runs,
+    # although the quantum is a minute long.
+    stub = two_cpus_long_quantum
+    out = from_value(wait(stub, spawn(stub, """
+        local first = sys.spawn{lua = [[
+            local m
+            repeat m = sys.recv{timeout_ms = 0} until m
+            sys.send(m.from, "pong")
+            sys.send(args, "first")
+        ]], args = sys.self()}
+        sys.spawn{lua = [[
+            sys.send(args.first, "ping")
+            repeat until sys.recv{timeout_ms = 0}
+            sys.send(args.parent, "second")
+        ]], args = {first = first, parent = sys.self()}}
+        local got = {}
+        for i = 1, 2 do got[#got + 1] = sys.recv{}.body end
+        table.sort(got)
+        return got
+    """)).result)
+    assert out == ["first", "second"]

@@ -20,6 +20,27 @@ process of higher priority is queued, it goes to the queue like any other.
 The runnext slot is the C side's (lua/fast_paths.c), whose Core switches from a Lua
 process blocking in a receive straight to the one in the slot.
 
+Spawn locality. A process spawned by the one running on a worker, when runnext
+is taken, is held for that worker while its spawner runs there: it joins the
+run queue (and an idle virtual CPU is woken for it) when the spawner stops
+running: it blocks or ends (the worker's next turn), or its quantum is spent
+(`preempt`; the watcher counts held processes as waiting, so a spawner that
+never blocks is interrupted at its quantum's end as if they were queued).
+Why: most of a Lua process's kernel work holds the GIL, so a short child run
+at once on an idle virtual CPU mostly waits for the GIL its spawner holds, and
+each hand-off of the GIL between the two threads costs more than the child's
+own work (tools/bench_kernel.py's spawn figure: a trivial child per spawn ran
+10-20% faster held than sent to the other CPU). A fan-out still spreads over
+every CPU as soon as its spawner blocks, which a spawner waiting for its
+children's results does. The bound: a held process waits for at most its
+spawner's quantum (1.5 quanta, the watcher looking every half), and the
+watcher releases it anyway once the Core has switched its worker to another
+process (a receive's hand-off) or it has waited STEAL_AFTER_QUANTA (its
+spawner's thread stuck in C), after which it is queued like any other. Held
+processes are of one priority (a spawn of another releases them and is queued
+at once), so the run queue orders priorities as before; they are counted in
+`queued()`. Python agents' spawns arrive on the server's thread: never held.
+
 The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The
 hook runs between two instructions, so a thread inside one long C call (a
 library function, or one VM instruction such as hashing a long string used
@@ -86,6 +107,8 @@ from then on its effective priority is above that of anything queued later,
 and its level takes the longest-waiting first, so only processes queued
 before then can go first, each once (requeued, it is behind); and a CPU
 running a process it precedes gives it up at the end of that slice.
+A process held for its spawner's CPU (spawn locality) is queued at most 1.5
+quanta after its spawn; its bound counts from then.
 tests/test_run_queue.py checks the bound on random mixes.
 """
 from __future__ import annotations
@@ -107,6 +130,9 @@ log = logging.getLogger(__name__)
 
 MAX_CREDIT_NS = 20_000_000  # how far behind its level a woken process may start (2 quanta)
 WAKEUP_GRANULARITY_NS = 4_000_000  # how far behind a woken process must be to preempt at once
+# How many quanta a spawned process may wait for its spawner's virtual CPU before any idle one
+# takes it, whatever runs there (a thread stuck in C does not check in; see "Spawn locality").
+STEAL_AFTER_QUANTA = 2
 # How long a signalled thread may take to check in before the sysmon retakes its
 # CPU: checking in takes the GIL, which a waiting thread gets within Python's
 # switch interval (5 ms), so a thread waiting for it is not mistaken for a stuck one.
@@ -351,6 +377,12 @@ class Scheduler:
         self._idle = 0  # workers waiting for work
         self._threads = 0
         self._stopping = False
+        # Worker ident -> the processes spawned by the one it runs that did not fit in runnext,
+        # held until it stops running: (process, when, its spawner), oldest first (spawn
+        # locality). Written under the lock.
+        self._spawned: dict[int, collections.deque[tuple[Process, int, Process | None]]] = {}
+        self._held_count = 0  # processes in all of them
+        self._steal_after_ns = STEAL_AFTER_QUANTA * quantum_ns
         # Thread ident -> why it is due to check in. Written under the lock;
         # read without it only to skip the lock when empty.
         self._due: dict[int, _Due] = {}
@@ -361,9 +393,40 @@ class Scheduler:
     def make_runnable(self, proc: Process, new: bool = False) -> None:
         """Queue `proc` to run. Safe from any thread, with or without the kernel lock.
         A `new` (just spawned) process never preempts a running one: as with
-        CFS's default, the spawner keeps its CPU until its quantum is spent."""
-        if not _kernel.offer_next(proc):  # else it runs next on this worker (see module docstring)
-            self._enqueue(proc, new)
+        CFS's default, the spawner keeps its CPU until its quantum is spent.
+        Spawned by a process running on a worker, it waits for that worker first
+        (spawn locality, see the module docstring)."""
+        if _kernel.offer_next(proc):
+            return  # it runs next on this worker (see module docstring)
+        if new:
+            spawned = self._spawned.get(threading.get_ident())
+            if spawned is not None and self._held(spawned, proc):
+                return
+        self._enqueue(proc, new)
+
+    def _held(self, spawned: collections.deque, proc: Process) -> bool:
+        """Whether `proc`, spawned by the process running on this worker, waits for it to stop
+        running (spawn locality). Those held are of one priority, so that the queue's order
+        is theirs; one of another goes to the queue at once, with them."""
+        ident = threading.get_ident()
+        now = time.perf_counter_ns()
+        with self._lock:
+            if spawned and spawned[0][0].priority != proc.priority:
+                self._release_locked(spawned)
+                return False
+            spawned.append((proc, now, self.running.get(ident)))
+            self._held_count += 1
+            if now - spawned[0][1] >= self._steal_after_ns:
+                self._release_locked(spawned)
+        return True
+
+    def _release_locked(self, spawned: collections.deque) -> None:
+        """A worker's held processes to the run queue (oldest first), and a worker to each free CPU."""
+        self._held_count -= len(spawned)
+        while spawned:
+            self._queue.push(spawned.popleft()[0], new=True)
+        for _ in range(min(self._free, len(self._queue))):
+            self._offer_locked()
 
     def set_namespace_weight(self, namespace: str, weight: int) -> None:
         """A namespace's share of CPU within each priority level (see RunQueue)."""
@@ -410,9 +473,9 @@ class Scheduler:
     def should_yield(self, proc: Process) -> bool:
         """True when `proc`, running on this thread, should give its CPU up now:
         a queued process would be picked before it and no free CPU takes it, a
-        process it woke waits in runnext, or this thread is due to check in with
-        the sysmon (`preempt` or the end of the slice does)."""
-        if _kernel.has_next():
+        process it woke or spawned waits for this CPU, or this thread is due to check
+        in with the sysmon (`preempt` or the end of the slice does)."""
+        if _kernel.has_next() or self._spawned.get(threading.get_ident()):
             return True
         if self._due and threading.get_ident() in self._due:
             return True
@@ -435,6 +498,9 @@ class Scheduler:
         self._flush_next()
         ident = threading.get_ident()
         with self._lock:
+            spawned = self._spawned.get(ident)
+            if spawned:  # its quantum is spent: they wait in the queue like everyone else
+                self._release_locked(spawned)
             due = self._due.pop(ident, None)
             holding = due is None or not due.retaken
             spare = self._spare_cpus_locked(proc.priority)
@@ -470,8 +536,8 @@ class Scheduler:
                 signal.pthread_kill(ident, self._signal)
 
     def queued(self) -> int:
-        """Processes waiting in the run queue for a virtual CPU."""
-        return len(self._queue)
+        """Processes waiting for a virtual CPU (in the run queue or for their spawner's)."""
+        return len(self._queue) + self._held_count
 
     def stuck_ns(self) -> int:
         """How long the longest-stuck worker thread has been past its due time
@@ -495,11 +561,14 @@ class Scheduler:
                 continue
             now = time.perf_counter_ns()
             with self._lock:
+                if self._held_count:
+                    self._release_held_locked(now)
                 top = self._queue.top()
             wanted: dict[int, tuple[Process, int]] = {}
             for ident, proc in list(self.running.items()):
                 try:
-                    slice_start = self._wants_cpu_back(proc, now, precedes(top, proc.priority))
+                    waiting = precedes(top, proc.priority) or bool(self._spawned.get(ident))
+                    slice_start = self._wants_cpu_back(proc, now, waiting)
                     if slice_start is not None:
                         wanted[ident] = (proc, slice_start)
                         signal.pthread_kill(ident, self._signal)
@@ -508,6 +577,14 @@ class Scheduler:
             if wanted or self._due:
                 with self._lock:
                     self._sysmon_locked(now, wanted)
+
+    def _release_held_locked(self, now: int) -> None:
+        """Release what waits for a spawner that no longer runs on its worker (the Core switched
+        to the process a receive handed the CPU to) or that has held it STEAL_AFTER_QUANTA (a
+        thread stuck in C)."""
+        for ident, spawned in self._spawned.items():
+            if spawned and (spawned[0][2] is not self.running.get(ident) or now - spawned[0][1] >= self._steal_after_ns):
+                self._release_locked(spawned)
 
     def _sysmon_locked(self, now: int, wanted: dict[int, tuple[Process, int]]) -> None:
         """Retake the CPU of each thread still in the slice it was signalled in
@@ -541,9 +618,14 @@ class Scheduler:
     def _worker(self) -> None:
         ident = threading.get_ident()
         _kernel.become_worker()
+        with self._lock:  # the watcher walks them
+            spawned = self._spawned[ident] = collections.deque()
         holding = False
         slice_began = 0  # when this worker last took a process from the queue
         while True:
+            if spawned:  # their spawner's slice is over: idle CPUs may take them now
+                with self._lock:
+                    self._release_locked(spawned)
             proc = _kernel.take_next()
             highest = self._queue.highest  # None: nobody queued
             if proc is not None and highest is not None and (
@@ -560,6 +642,7 @@ class Scheduler:
                             if holding:
                                 self._free += 1
                             self._threads -= 1
+                            del self._spawned[ident]
                             return
                         if len(self._queue) > 0 and (holding or self._free > 0):
                             break
@@ -568,6 +651,7 @@ class Scheduler:
                             self._free += 1
                         if self._idle >= self.cpus:
                             self._threads -= 1  # enough idle threads already
+                            del self._spawned[ident]
                             return
                         self._idle += 1
                         self._work.wait()
