@@ -29,8 +29,8 @@ never blocks is interrupted at its quantum's end as if they were queued).
 Why: most of a Lua process's kernel work holds the GIL, so a short child run
 at once on an idle virtual CPU mostly waits for the GIL its spawner holds, and
 each hand-off of the GIL between the two threads costs more than the child's
-own work (tools/bench_kernel.py's spawn figure: a trivial child per spawn ran
-10-20% faster held than sent to the other CPU). A fan-out still spreads over
+own work (a trivial child per spawn, tools/bench_kernel.py's spawn figure, ran
+about 10% faster held than sent to the other CPU). A fan-out still spreads over
 every CPU as soon as its spawner blocks, which a spawner waiting for its
 children's results does. The bound: a held process waits for at most its
 spawner's quantum (1.5 quanta, the watcher looking every half), and the
