@@ -16,7 +16,7 @@ import pytest
 
 import llmos
 from llmosd.kernel.process import DEFAULT_WEIGHT
-from llmosd.kernel.scheduler import NAMESPACE_AGING, RunQueue
+from llmosd.kernel.run_queue import NAMESPACE_AGING, RunQueue
 from llmosd_process import LlmosdServer
 from statuses import code_of
 

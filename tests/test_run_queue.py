@@ -12,7 +12,7 @@ import random
 import pytest
 
 from llmosd.kernel.process import DEFAULT_WEIGHT
-from llmosd.kernel.scheduler import RunQueue, precedes
+from llmosd.kernel.run_queue import RunQueue, precedes
 
 QUANTUM = 10_000_000
 AGING = 50_000_000
