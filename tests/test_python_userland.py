@@ -156,6 +156,28 @@ def test_echo(client: llmos.Client) -> None:
     assert result(client.wait(pid, timeout=WAIT_S)) == {"echoed": 2, "stopped_by": port}
 
 
+def test_agents_blocked_in_a_call_for_minutes_keep_their_connection(tmp_path: pathlib.Path) -> None:
+    """gRPC closes a connection whose ping goes unanswered for 60 s. Agents blocked in a call left
+    the server's bandwidth probes unanswered, and one of two agents blocked in recv failed after
+    60 s with "UNAVAILABLE: ping timeout" (in most servers with the default model loaded; see
+    api/grpc_server.py). Past that point, every agent must still be waiting, and get its message."""
+    srv = LlmosdServer(tmp_path / "data")  # as users run it: the default (tiny) model loaded
+    srv.start()
+    try:
+        with llmos.Client(srv.target) as client:
+            program = "from llmos.userland import sys\nm = sys.recv()\nsys.exit(m.body)"
+            pids = [client.spawn(python=program, durable=i % 2 == 1) for i in range(4)]
+            until(lambda: all(client.get(pid).state == "BLOCKED" for pid in pids), "the agents to block in recv")
+            time.sleep(70)  # past gRPC's 60 s ping timeout
+            states = [client.get(pid) for pid in pids]
+            assert [info.state for info in states] == ["BLOCKED"] * 4, [info.error for info in states]
+            for pid in pids:
+                client.send(pid, pid)
+            assert [result(client.wait(pid, timeout=WAIT_S)) for pid in pids] == pids
+    finally:
+        srv.stop()
+
+
 def test_echo_stops_by_itself(client: llmos.Client) -> None:
     info = run(client, path="python/echo.py", args={"timeout_ms": 100})
     assert result(info) == {"echoed": 0, "stopped_by": None, "timed_out": True}

@@ -80,7 +80,7 @@ class GrpcServers:
             # Python agents' own door: every call must carry an agent's token.
             if os.path.exists(kernel.config.agent_socket):
                 os.unlink(kernel.config.agent_socket)
-            agent_server = grpc.aio.server()
+            agent_server = grpc.aio.server(options=[("grpc.http2.bdp_probe", 0)])
             # (and the Python runtime's own calls for durable agents: python/durable.py)
             agent_server.add_generic_rpc_handlers([kernel_service(kernel, agents=True),
                                                    *kernel.runtimes[PYTHON].agent_services()])
