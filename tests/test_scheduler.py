@@ -31,7 +31,11 @@ def wait(stub: Any, pid: int, timeout_ms: int = 30_000) -> pb.ProcessInfo:
 def one_cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A server of this module's with one virtual CPU, whatever the machine's
     cores: the processes of a test compete for it. Tests end their processes."""
-    server = LlmosdServer(tmp_path_factory.mktemp("one-cpu") / "data", "--model", "none", "--cpus", "1")
+    yield from served(LlmosdServer(tmp_path_factory.mktemp("one-cpu") / "data", "--model", "none", "--cpus", "1"))
+
+
+def served(server: LlmosdServer) -> Iterator[Any]:
+    """A stub of `server`, started for the fixture's scope and stopped after it."""
     server.start()
     try:
         with server.channel() as channel:
@@ -254,14 +258,8 @@ def test_spawning_does_not_preempt_the_spawner(tmp_path: pathlib.Path) -> None:
 def two_cpus_long_quantum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Two virtual CPUs and a quantum no test outlasts: nobody is preempted, so what runs
     where follows from spawn locality alone."""
-    server = LlmosdServer(tmp_path_factory.mktemp("two-cpus") / "data", "--model", "none", "--cpus", "2",
-                          "--quantum-ms", "60000")
-    server.start()
-    try:
-        with server.channel() as channel:
-            yield kernel_pb2_grpc.KernelStub(channel)
-    finally:
-        server.stop()
+    yield from served(LlmosdServer(tmp_path_factory.mktemp("two-cpus") / "data", "--model", "none", "--cpus", "2",
+                                   "--quantum-ms", "60000"))
 
 
 def test_spawned_processes_wait_for_their_running_spawner_s_cpu(two_cpus_long_quantum: Any) -> None:
