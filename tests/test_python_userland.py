@@ -167,10 +167,14 @@ def test_agents_blocked_in_a_call_for_minutes_keep_their_connection(tmp_path: pa
         with llmos.Client(srv.target) as client:
             program = "from llmos.userland import sys\nm = sys.recv()\nsys.exit(m.body)"
             pids = [client.spawn(python=program, durable=i % 2 == 1) for i in range(4)]
-            until(lambda: all(client.get(pid).state == "BLOCKED" for pid in pids), "the agents to block in recv")
+            # A new server's first agents wait for its sandbox's zygote (seconds on a busy machine).
+            until(lambda: all(client.get(pid).state not in ("RUNNABLE", "RUNNING") for pid in pids),
+                  "the agents to block in recv", tries=3000, pause=0.05)
+            infos = [client.get(pid) for pid in pids]
+            assert [info.state for info in infos] == ["BLOCKED"] * 4, [info.error for info in infos]
             time.sleep(70)  # past gRPC's 60 s ping timeout
-            states = [client.get(pid) for pid in pids]
-            assert [info.state for info in states] == ["BLOCKED"] * 4, [info.error for info in states]
+            infos = [client.get(pid) for pid in pids]
+            assert [info.state for info in infos] == ["BLOCKED"] * 4, [info.error for info in infos]
             for pid in pids:
                 client.send(pid, pid)
             assert [result(client.wait(pid, timeout=WAIT_S)) for pid in pids] == pids
