@@ -165,16 +165,15 @@ def test_agents_blocked_in_a_call_for_minutes_keep_their_connection(tmp_path: pa
     srv.start()
     try:
         with llmos.Client(srv.target) as client:
-            program = "from llmos.userland import sys\nm = sys.recv()\nsys.exit(m.body)"
-            pids = [client.spawn(python=program, durable=i % 2 == 1) for i in range(4)]
+            port = client.open_port()
+            program = ("from llmos.userland import sys\nsys.send(sys.args, 'ready')\n"
+                       "m = sys.recv()\nsys.exit(m.body)")
+            pids = [client.spawn(python=program, args=port, durable=i % 2 == 1) for i in range(4)]
             # A new server's first agents wait for its sandbox's zygote (seconds on a busy machine).
-            until(lambda: all(client.get(pid).state not in ("RUNNABLE", "RUNNING") for pid in pids),
-                  "the agents to block in recv", tries=3000, pause=0.05)
+            assert all(client.recv(port, timeout=120) is not None for _ in pids), "the agents did not start"
+            time.sleep(70)  # past gRPC's 60 s ping timeout, all of it in recv
             infos = [client.get(pid) for pid in pids]
-            assert [info.state for info in infos] == ["BLOCKED"] * 4, [info.error for info in infos]
-            time.sleep(70)  # past gRPC's 60 s ping timeout
-            infos = [client.get(pid) for pid in pids]
-            assert [info.state for info in infos] == ["BLOCKED"] * 4, [info.error for info in infos]
+            assert not any(info.ended_at_ms for info in infos), [(info.state, info.error) for info in infos]
             for pid in pids:
                 client.send(pid, pid)
             assert [result(client.wait(pid, timeout=WAIT_S)) for pid in pids] == pids
