@@ -97,6 +97,17 @@ def test_a_batch_that_does_not_fit_is_refused_whole(stub: Any) -> None:
     assert left(stub, port) == ["first"]  # nothing of either batch was stored or delivered
 
 
+def test_a_batch_over_the_mailbox_s_bytes_is_refused_whole(stub: Any) -> None:
+    pid = stub.Spawn(pb.SpawnRequest(lua="sys.recv{tag = 'never'}", limits=pb.Limits(mailbox_bytes=1000))).pid
+    req = batch(pid)
+    for _ in range(3):
+        req.messages.add(data=b"x" * 400)  # each fits; the three do not
+    code, details = status_of(stub.SendBatch, req)
+    assert (code.name, "nothing was sent" in details) == ("RESOURCE_EXHAUSTED", True)
+    assert stub.GetProcess(pb.GetProcessRequest(pid=pid)).usage.mailbox_len == 0
+    stub.Kill(pb.KillRequest(pid=pid))
+
+
 def test_hostile_batches_are_refused_and_nothing_is_sent(stub: Any) -> None:
     port = port_of(stub)
     hostile = {

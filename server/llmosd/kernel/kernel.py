@@ -598,12 +598,10 @@ class Kernel:
                 if key is not None:
                     keys[key] = msg.id
             mailbox = dst.mailbox
-            if len(mailbox) + len(new) > mailbox.limit or (
-                    mailbox.byte_limit and mailbox.bytes + sum(m.size for m in new) > mailbox.byte_limit):
-                raise ResourceExhausted(
-                    f"mailbox of pid {dst.pid} has no room for {len(new)} more messages ({len(mailbox)} of its "
-                    f"{mailbox.limit} waiting, {mailbox.bytes} of its {mailbox.byte_limit or 'unlimited'} bytes); "
-                    "nothing was sent: send fewer, or retry later")
+            try:
+                mailbox.check_room_for(len(new), sum(m.size for m in new))
+            except ResourceExhausted as e:
+                raise ResourceExhausted(f"{e}; nothing was sent: send fewer, or retry later") from None
             if mailbox.durable and new:
                 also = [self.idempotency.stored_many(keys)] if keys else []
                 if dst.kind == P.PORT:

@@ -479,16 +479,16 @@ static Message *remove_at(Mailbox *mb, Py_ssize_t i)
     return msg;
 }
 
-/* 0 if a message of `size` bytes fits, else -1 with ResourceExhausted. */
-static int check_room(Mailbox *mb, Py_ssize_t size)
+/* 0 if `count` more messages of `size` bytes in all fit, else -1 with ResourceExhausted. */
+static int check_room(Mailbox *mb, Py_ssize_t count, Py_ssize_t size)
 {
-    if (mb->count >= mb->limit)
+    if (count > mb->limit - mb->count)
         PyErr_Format(ResourceExhausted,
-                     "mailbox of pid %lld is full (%zd messages waiting); the receiver is not keeping up, retry later",
-                     mb->owner, mb->limit);
+                     "mailbox of pid %lld is full (%zd of its %zd messages waiting; %zd more asked for); the "
+                     "receiver is not keeping up, retry later", mb->owner, mb->count, mb->limit, count);
     else if (mb->byte_limit > 0 && size > mb->byte_limit - mb->bytes)
         PyErr_Format(ResourceExhausted,
-                     "mailbox of pid %lld is full (%zd of its %zd bytes taken; this message is %zd); the receiver "
+                     "mailbox of pid %lld is full (%zd of its %zd bytes taken; %zd more asked for); the receiver "
                      "is not keeping up, retry later", mb->owner, mb->bytes, mb->byte_limit, size);
     else
         return 0;
@@ -524,7 +524,7 @@ int llmos_deliver(Mailbox *mb, Message *msg, int limited)
         Py_DECREF(entry);
         return status < 0 ? -1 : 1;
     }
-    if (limited && check_room(mb, msg->size) < 0)
+    if (limited && check_room(mb, 1, msg->size) < 0)
         return -1;
     return insert_at(mb, mb->count, msg);
 }
@@ -679,7 +679,15 @@ static PyObject *Mailbox_wait(Mailbox *mb, PyObject *args)
 
 static PyObject *Mailbox_check_room(Mailbox *mb, PyObject *msg)
 {
-    if (check_types(msg, NULL) < 0 || check_room(mb, ((Message *)msg)->size) < 0)
+    if (check_types(msg, NULL) < 0 || check_room(mb, 1, ((Message *)msg)->size) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Mailbox_check_room_for(Mailbox *mb, PyObject *args)
+{
+    Py_ssize_t count, size;
+    if (!PyArg_ParseTuple(args, "nn:check_room_for", &count, &size) || check_room(mb, count, size) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -720,6 +728,8 @@ static PyMethodDef Mailbox_methods[] = {
     {"wait", (PyCFunction)Mailbox_wait, METH_VARARGS, "wait(waiter, match): register a waiting receiver"},
     {"check_room", (PyCFunction)Mailbox_check_room, METH_O,
      "check_room(msg): ResourceExhausted if `msg` would not fit (too many messages or bytes waiting)"},
+    {"check_room_for", (PyCFunction)Mailbox_check_room_for, METH_VARARGS,
+     "check_room_for(count, size): ResourceExhausted if `count` more messages of `size` bytes in all would not fit"},
     {"close", (PyCFunction)Mailbox_close, METH_NOARGS,
      "close(): the owner ended; every waiting receiver is abandoned (the messages stay)"},
     {NULL, NULL, 0, NULL},
