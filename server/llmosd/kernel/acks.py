@@ -163,13 +163,13 @@ class Acks:
         mailbox's limit of leases leaves room for (none: []); they stop before their sizes pass `budget`
         (taking one at least)."""
         lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
-        room = proc.mailbox.limit - len(self._leases.get(proc.pid, ()))
+        room = proc.mailbox.limit - self.leased(proc.pid)
         taken = take_batch(proc.mailbox, match, min(most, room), budget)
         return self._lease_all(proc, taken, lease_s) if taken else []
 
     def _lease_room(self, proc: Process) -> None:
         """ResourceExhausted if `proc` holds as many leases as its mailbox's limit allows."""
-        held = len(self._leases.get(proc.pid, ()))
+        held = self.leased(proc.pid)
         if held >= proc.mailbox.limit:
             raise ResourceExhausted(f"pid {proc.pid} holds {held} leased messages, its mailbox's limit: "
                                     "ack or nack some first")
@@ -271,15 +271,6 @@ class Acks:
     def leased(self, pid: int) -> int:
         """How many messages `pid` holds leased."""
         return len(self._leases.get(pid, ()))
-
-    @staticmethod
-    def consumed_at_once(proc: Process, msg: Message) -> bool:
-        """Whether delivering `msg` hands it to a receive without ack (the first waiting receiver that
-        accepts it, as the mailbox picks), which consumes it: a leasing receive keeps it stored."""
-        for receiver, match in proc.mailbox.receivers:
-            if match.accepts(msg):
-                return not isinstance(receiver, _LeasingReceiver)
-        return False
 
     @staticmethod
     def kept_in_store(proc: Process, msgs: list[Message]) -> list[Message]:

@@ -644,7 +644,7 @@ class Kernel:
         mailbox that is not stored, or for a port's receive without ack that takes it at once (it
         consumes it: at most once, as in _deliver)."""
         if dst.kind == P.PORT:
-            return [] if self.acks.consumed_at_once(dst, msg) else [message_row(msg)]
+            return [message_row(m) for m in self.acks.kept_in_store(dst, [msg])]
         return [message_row(msg)] if dst.mailbox.durable else []
 
     def _deliver(self, dst: Process, msg: Message, limited: bool = True, also: Callable | None = None) -> None:
