@@ -563,6 +563,20 @@ def _set_target(request: Any, to: int | str) -> None:
         raise _invalid(f"to must be a pid (int) or a registered name (str), not {type(to).__name__}")
 
 
+def _recv_request(pid: int, sender: int | None, tag: str | None, correlation_id: str | None,
+                  timeout: float | None, ack: bool, lease: float | None,
+                  max_messages: int = 0) -> tuple[pb.RecvRequest, int | None]:
+    """A Recv's request (one message, or up to `max_messages`), and its timeout in ms."""
+    timeout_ms = _timeout_ms(timeout)
+    if lease is not None and not ack:
+        raise _invalid("lease is for a recv with ack=True")
+    request = _message(pb.RecvRequest, "recv request",
+                       {"pid": pid, "from": sender, "tag": tag, "correlation_id": correlation_id,
+                        "timeout_ms": timeout_ms, "ack": ack, "max_messages": max_messages,
+                        "lease_ms": None if lease is None else _timeout_ms(lease)})
+    return request, timeout_ms
+
+
 def _settle_request(pid: int, messages: Sequence[int | Message], what: str) -> pb.AckRequest:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise _invalid(f"{what}_many takes a list of message ids (or Messages)")
@@ -676,13 +690,7 @@ class Syscalls:
         stored, hidden from other receives, until :meth:`ack`; if the lease runs out, or on :meth:`nack`,
         it is delivered again in its place, with ``attempt`` one higher and ``redelivered`` set.
         """
-        timeout_ms = _timeout_ms(timeout)
-        if lease is not None and not ack:
-            raise _invalid("lease is for a recv with ack=True")
-        request = _message(pb.RecvRequest, "recv request",
-                           {"pid": pid, "from": sender, "tag": tag, "correlation_id": correlation_id,
-                            "timeout_ms": timeout_ms, "ack": ack,
-                            "lease_ms": None if lease is None else _timeout_ms(lease)})
+        request, timeout_ms = _recv_request(pid, sender, tag, correlation_id, timeout, ack, lease)
         reply = yield Unary("Recv", request, _deadline(timeout_ms))
         return None if reply.timed_out else message_from_pb(reply.message)
 
@@ -739,13 +747,7 @@ class Syscalls:
         first, as :meth:`recv` takes one: it waits up to ``timeout`` for the first (an empty list when none
         came), then takes those already waiting, up to ``max_messages`` or about 4 MiB. With ``ack`` each is
         leased for ``lease`` seconds: settle them with :meth:`ack_many` (or :meth:`ack`, :meth:`nack_many`)."""
-        timeout_ms = _timeout_ms(timeout)
-        if lease is not None and not ack:
-            raise _invalid("lease is for a recv with ack=True")
-        request = _message(pb.RecvRequest, "recv request",
-                           {"pid": pid, "from": sender, "tag": tag, "correlation_id": correlation_id,
-                            "timeout_ms": timeout_ms, "ack": ack, "max_messages": max_messages,
-                            "lease_ms": None if lease is None else _timeout_ms(lease)})
+        request, timeout_ms = _recv_request(pid, sender, tag, correlation_id, timeout, ack, lease, max_messages)
         if not request.max_messages:
             raise _invalid("max_messages must be 1 to 1000")
         reply = yield Unary("Recv", request, _deadline(timeout_ms))
