@@ -194,7 +194,9 @@ class ProcessJournal:
         A call of LOCK_CALLS names its lock: (name, kind, permits); a condition wait's release, its
         condition (`cond`: where a restart puts it back, rule 5)."""
         if call in LOCK_CALLS:  # a dict: no tuple of it is taken for a message (decode_result)
-            result = {"answer": result, "lock": lock} if cond is None else {"answer": result, "lock": lock, "cond": cond}
+            result = {"answer": result, "lock": lock}
+            if cond is not None:
+                result["cond"] = cond
         ops = self.entry_ops(call, args_hash(args), result)
         ops.extend(effects)
         self.store.enqueue(ops)
