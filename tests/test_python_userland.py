@@ -699,6 +699,44 @@ def test_agents_killed_while_queued_end_cleanly(one_cpu_server: tuple[LlmosdServ
     assert "kernel error" not in log and "Traceback" not in log, log[-3000:]
 
 
+def test_agents_whose_call_arrives_after_their_slice_still_block(tmp_path: pathlib.Path) -> None:
+    """An agent can send a call just before its quantum ends and it is stopped: the call then
+    arrives while the agent is RUNNABLE. It must be BLOCKED all the same, not scheduled (and shown
+    RUNNABLE/RUNNING) for as long as it waits. A 1 ms quantum, two Lua hogs and agents that
+    block and wake many times make that race common (every run of 8 agents left some unblocked)."""
+    srv = LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "1", "--quantum-ms", "1")
+    srv.start()
+    try:
+        with llmos.Client(srv.target) as c:
+            port = c.open_port()
+            hogs = [c.spawn(lua="while true do end") for _ in range(2)]
+            program = src("""
+                from llmos.userland import sys
+                for _ in range(30):
+                    sum(range(20_000))
+                    sys.recv(timeout_ms=1)
+                sys.send(sys.args, "ready")
+                sys.exit(sys.recv().body)
+            """)
+            pids = [c.spawn(python=program, args=port) for _ in range(8)]
+            for _ in pids:
+                assert c.recv(port, timeout=120) is not None, "the agents did not start"
+            # Each is in its last recv now, or about to block in it (its call on the way).
+            deadline = time.monotonic() + 10
+            while True:
+                states = {p.pid: (p.state, p.blocked_on) for p in c.ps() if p.pid in pids}
+                if set(states.values()) == {("BLOCKED", "recv")} or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert set(states.values()) == {("BLOCKED", "recv")}, states
+            end_all(c, hogs)
+            for pid in pids:
+                c.send(pid, pid)
+            assert [result(c.wait(pid, timeout=WAIT_S)) for pid in pids] == pids
+    finally:
+        srv.stop()
+
+
 def test_live_agents_are_capped(tmp_path: pathlib.Path) -> None:
     srv = LlmosdServer(tmp_path / "data", "--model", "none", "--max-agents", "3", userland_root=USERLAND)
     srv.start()

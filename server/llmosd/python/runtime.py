@@ -163,13 +163,23 @@ class PythonRuntime:
         return [durable_service(self.kernel, self.agents.pid_of)]
 
     def blocking(self, pid: int, syscall: str) -> None:
-        """An agent is about to wait in `syscall`: its CPU goes to someone else."""
+        """An agent is about to wait in `syscall`: its CPU goes to someone else.
+        The call may arrive after the slice it was made in has ended (the agent sent it just
+        before it was stopped): the agent is RUNNABLE then, and is BLOCKED all the same, or it
+        would be scheduled, and shown runnable, for as long as it waits."""
         kernel = self.kernel
         with kernel.lock:
             proc = kernel.procs.get(pid)
-            if proc is not None and proc.kind == P.PYTHON and proc.state == P.RUNNING:
-                proc.state, proc.blocked_on = P.BLOCKED, syscall
-                proc.runtime.wake.set()
+            if proc is None or proc.kind != P.PYTHON or proc.state not in (P.RUNNING, P.RUNNABLE):
+                return
+            agent = proc.runtime
+            if proc.state == P.RUNNABLE:
+                if agent.in_slice:
+                    agent.requeue_after_slice = False  # its slice's end will not queue it
+                else:
+                    agent.queued_while_blocked = True  # its entry in the run queue is passed over
+            proc.state, proc.blocked_on = P.BLOCKED, syscall
+            agent.wake.set()
 
     def resumed(self, pid: int) -> None:
         """An agent's wait is over: it may run again when scheduled."""
@@ -179,8 +189,12 @@ class PythonRuntime:
             if proc is None or proc.kind != P.PYTHON or proc.state != P.BLOCKED:
                 return
             proc.state, proc.blocked_on = P.RUNNABLE, None
-            if proc.runtime.in_slice:
-                proc.runtime.requeue_after_slice = True
+            agent = proc.runtime
+            if agent.queued_while_blocked:
+                agent.queued_while_blocked = False  # its entry is still in the run queue
+                return
+            if agent.in_slice:
+                agent.requeue_after_slice = True
                 return
         kernel.scheduler.make_runnable(proc)
 
@@ -199,6 +213,7 @@ class PythonProcess:
         self.wake = threading.Event()  # ends the current slice: blocked, exited or killed
         self.in_slice = False
         self.requeue_after_slice = False  # unblocked while its slice was still ending
+        self.queued_while_blocked = False  # blocked while queued: that queue entry runs nothing
         self.result: Any = None  # set by the Exit syscall
         self.cpu_s = 0.0  # CPU seconds used, as last read
         self.debt_s = 0.0  # CPU seconds used beyond the virtual CPU time held, still to pay
@@ -236,6 +251,9 @@ class PythonProcess:
         kernel, proc = self.kernel, self.proc
         with kernel.lock:
             if proc.ended:
+                return
+            if self.queued_while_blocked:  # (see blocking): its wait's end queues it again
+                self.queued_while_blocked = False
                 return
             proc.state, self.in_slice, self.requeue_after_slice = P.RUNNING, True, False
             self.wake.clear()
