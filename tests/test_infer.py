@@ -162,12 +162,73 @@ def test_chat_messages_and_stop_strings(stub: Any) -> None:
     {"prompt": "x", "sampling": {"max_tokens": 10**8}},
     {"messages": [pb.ChatMessage(role="wizard", content="x")]},
     {"prompt": "x", "messages": [pb.ChatMessage(role="user", content="x")]},
+    {"prompt": "x", "sampling": {"stop": ["s"] * 17}},
+    {"prompt": "x", "sampling": {"stop": ["s" * 1025]}},
 ], ids=["empty", "nan temperature", "negative temperature", "top_p > 1", "beyond context", "unknown role",
-        "prompt and messages"])
+        "prompt and messages", "17 stop strings", "a stop string of 1025 characters"])
 def test_bad_requests_are_invalid_arguments(stub: Any, request_kw: dict) -> None:
     assert code_of(lambda: infer(stub, **dict(request_kw))) == grpc.StatusCode.INVALID_ARGUMENT
     [ok] = infer(stub, prompt="still serving", sampling={"max_tokens": 2})
     assert ok.usage.completion_tokens == 2
+
+
+def test_stop_strings_are_bounded_alike_from_lua(stub: Any) -> None:
+    info = run_lua(stub, """
+        local errors = {}
+        for i, stop in ipairs{{("s"):rep(1025)}, {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n",
+                                                  "o", "p", "q"}} do
+          errors[i] = select(2, pcall(sys.infer, {prompt = "x", max_tokens = 2, stop = stop}))
+        end
+        local r = sys.infer{prompt = "x", max_tokens = 2, stop = {("s"):rep(1024), "a", "b", "c", "d", "e", "f", "g",
+                                                                   "h", "i", "j", "k", "l", "m", "n", "o"}}
+        return {errors, r.usage.completion_tokens}
+    """)
+    assert info.state == pb.EXITED, info.error
+    (long_one, many), tokens = from_value(info.result)
+    assert "a stop string of 1025 characters; at most 1024" in long_one and "17 stop strings; at most 16" in many
+    assert tokens <= 2
+
+
+# llguidance refuses this schema (its lexer is over its size limit), after seconds of work.
+HUGE_ENUM_LUA = "local e = {} for i = 1, 200000 do e[i] = 'v' .. i end"
+
+
+@pytest.mark.parametrize("door", ["grpc", "lua"])
+def test_a_huge_constraint_holds_up_nobody(stub: Any, door: str) -> None:
+    """A request's constraint is compiled (and its prompt tokenized) off the server's event loop and
+    off the kernel lock. Compiled on them, this one stopped every other call for the seconds it took
+    (ListProcesses waited 3.9 s); now calls are answered meanwhile."""
+    outcome: list[str] = []
+    if door == "grpc":
+        request = pb.InferRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=2),
+                                  json_schema=to_value({"enum": [f"v{i}" for i in range(200_000)]}))
+
+        def call() -> None:
+            try:
+                list(stub.Infer(request, timeout=120))
+                outcome.append("accepted")
+            except grpc.RpcError as e:
+                outcome.append(f"{e.code().name}: {e.details()}")
+    else:
+        def call() -> None:
+            info = run_lua(stub, HUGE_ENUM_LUA + """
+                local ok, err = pcall(sys.infer, {prompt = "x", max_tokens = 2, json_schema = {enum = e}})
+                return ok and "accepted" or "INVALID_ARGUMENT: " .. err""")
+            outcome.append(from_value(info.result))
+    caller = threading.Thread(target=call)
+    began = time.monotonic()
+    caller.start()
+    waits: list[float] = []  # of ListProcesses (it takes the kernel lock), one after the other
+    while caller.is_alive():
+        asked = time.monotonic()
+        stub.ListProcesses(pb.ListProcessesRequest(page_size=1), timeout=120)
+        waits.append(time.monotonic() - asked)
+    caller.join()
+    whole = time.monotonic() - began
+    assert outcome[0].startswith("INVALID_ARGUMENT") and "too big" in outcome[0], outcome
+    # Relative, not absolute: no call waited for most of the request (the compile is most of it).
+    assert len(waits) >= 20 and max(waits) < whole / 2, \
+        f"{len(waits)} calls answered in {whole:.2f} s, the longest wait {max(waits):.2f} s"
 
 
 def test_token_limit_refuses_the_next_request(stub: Any) -> None:

@@ -236,6 +236,23 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 CHAT_FIELDS = ("role", "content", "name")
 INFER_OPTIONS = T.option_keys(BY_NAME["infer"])  # the syscall table's
 CONTEXT_OPTIONS = T.option_keys(BY_NAME["context.create"])
+# Every token of an output is searched for every stop string, and a stop string's length, less one,
+# is held back from a stream while it may be one's start: both are bounded (OpenAI's API takes 4).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+
+
+def stop_strings(value: Any) -> list[str]:
+    """An infer request's stop strings (none: an empty list)."""
+    stop = value or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidArgument("stop must be a list of non-empty strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop: {len(stop)} stop strings; at most {MAX_STOP_STRINGS}")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise InvalidArgument(f"stop: a stop string of {longest} characters; at most {MAX_STOP_CHARS}")
+    return stop
 
 
 def chat(messages: Any, what: str = "messages", allow_empty: bool = False) -> list[dict[str, str]]:

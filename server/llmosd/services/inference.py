@@ -5,6 +5,11 @@ calling process, and connects engine events to the party waiting for them:
 an RPC's stream, or a Lua process blocked in sys.infer. The engine loads in
 the background at start-up; requests made meanwhile wait for it.
 
+Submitting a request tokenizes its prompt and compiles its constraint (json_schema, regex,
+grammar, tools): milliseconds usually, seconds for a huge schema. So it never runs under the
+kernel lock or on the server's event loop: a Lua process's request is submitted by a small pool of
+threads (it is blocked meanwhile), an RPC's by asyncio's default executor.
+
 Contexts (engine/contexts.py) belong to the process that created them (the
 engine's owner is its pid): another process's handle is NOT_FOUND, they are
 dropped when it ends, their KV bytes are its Usage.kv_bytes and its
@@ -18,6 +23,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from llmos.v1 import kernel_pb2 as pb
@@ -38,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives none (0)
+# Threads submitting Lua processes' requests and context creations (see the module docstring):
+# enough that one slow compile does not hold up the others, few enough for 2 cores.
+SUBMIT_THREADS = 4
 
 
 class _EngineRequest:
@@ -68,6 +77,7 @@ class Inference:
         self.error: str | None = None
         self._ready = threading.Event()
         self._pending: list[Callable[[], None]] = []  # Lua requests made while loading
+        self._submitter = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="infer-submit")
         self._started = time.monotonic()
         threading.Thread(target=self._load, name="engine-load", daemon=True).start()
 
@@ -99,6 +109,7 @@ class Inference:
         return self.engine is not None
 
     def stop(self) -> None:
+        self._submitter.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.stop()
 
@@ -155,9 +166,7 @@ class Inference:
             value = spec.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise InvalidArgument(f"{key} must be a non-negative integer")
-        stop = spec.get("stop") or []
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidArgument("stop must be a list of non-empty strings")
+        stop = C.stop_strings(spec.get("stop"))
         timeout = spec.get("timeout_ms")
         if timeout is not None and C.duration_ms(timeout, "timeout_ms") == 0:
             raise InvalidArgument("timeout_ms must be a positive number")
@@ -236,16 +245,30 @@ class Inference:
                     waiter.complete(e)
                 return
             with self.kernel.lock:
-                if waiter.done:  # killed while loading
+                if waiter.done:  # killed meanwhile
                     handle.cancel()
                 else:
                     waiter.register(_EngineRequest(handle.cancel), waiter)
 
+        self._submit_for_lua(submit, waiter)
+
+    def _submit_for_lua(self, submit: Callable[[], None], waiter: Waiter) -> None:
+        """Run `submit` (a Lua process's request, which completes `waiter`) in the submitting pool,
+        or once the engine has loaded (kernel lock held). A kernel bug in it fails the call rather
+        than leave the process blocked for ever."""
+        def guarded() -> None:
+            try:
+                submit()
+            except Exception as e:
+                log.exception("submitting a Lua process's inference request failed")
+                with self.kernel.lock:
+                    if not waiter.done:
+                        waiter.complete(KernelError(f"inference failed: {e!r}"))
+
         if self._ready.is_set():
-            handle = self._submit(request, _collector(finished, self.kernel), kv_limit)
-            waiter.register(_EngineRequest(handle.cancel), waiter)
+            self._submitter.submit(guarded)
         else:
-            self._pending.append(submit)
+            self._pending.append(guarded)
 
     async def infer_rpc(self, req: pb.InferRequest) -> AsyncIterator[pb.InferChunk]:
         """The Infer RPC: stream chunks (or one final chunk) for the request (charged to the
@@ -256,29 +279,14 @@ class Inference:
             kv_limit = proc.limits.kv_bytes if proc is not None else 0
         if not req.prompt and not req.messages and not req.context_id:
             raise InvalidArgument("the prompt is empty: give prompt text or chat messages")
-        spec: dict[str, Any] = {
-            "prompt": req.prompt or None,
-            "messages": _chat_from_pb(req.messages) if req.messages or req.context_id else None,
-            "max_tokens": req.sampling.max_tokens or None,
-            "stop": list(req.sampling.stop),
-            "timeout_ms": req.timeout_ms if req.HasField("timeout_ms") else None,
-            "json_schema": from_value(req.json_schema) if req.HasField("json_schema") else None,
-            "regex": req.regex or None,
-            "grammar": req.grammar or None,
-            "tools": _tools_from_pb(req.tools),
-            "tool_choice": req.tool_choice or None,
-            "context": req.context_id or None,
-        }
-        for key in ("temperature", "top_p", "top_k", "seed"):
-            if req.sampling.HasField(key):
-                spec[key] = getattr(req.sampling, key)
-        if req.HasField("priority"):
-            spec["priority"] = req.priority
-        request = self.build_request(spec, proc)
-        await asyncio.to_thread(self._ready.wait)
+        # A schema or tools can be megabytes of values to convert: off the event loop too.
+        request = await asyncio.to_thread(self._request_from_pb, req, proc)
+        if not self._ready.is_set():
+            await asyncio.to_thread(self._ready.wait)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        handle = self._submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), kv_limit)
+        handle = await _off_loop(self._submit, request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                                 kv_limit)
         text: list[str] = []
         ids: list[int] = []
         try:
@@ -307,6 +315,28 @@ class Inference:
                 return
         finally:
             handle.cancel()  # a no-op once finished; frees the blocks if the client went away
+
+    def _request_from_pb(self, req: pb.InferRequest, proc: Process | None) -> Request:
+        """The engine Request for an Infer RPC's request (build_request checks it)."""
+        spec: dict[str, Any] = {
+            "prompt": req.prompt or None,
+            "messages": _chat_from_pb(req.messages) if req.messages or req.context_id else None,
+            "max_tokens": req.sampling.max_tokens or None,
+            "stop": list(req.sampling.stop),
+            "timeout_ms": req.timeout_ms if req.HasField("timeout_ms") else None,
+            "json_schema": from_value(req.json_schema) if req.HasField("json_schema") else None,
+            "regex": req.regex or None,
+            "grammar": req.grammar or None,
+            "tools": _tools_from_pb(req.tools),
+            "tool_choice": req.tool_choice or None,
+            "context": req.context_id or None,
+        }
+        for key in ("temperature", "top_p", "top_k", "seed"):
+            if req.sampling.HasField(key):
+                spec[key] = getattr(req.sampling, key)
+        if req.HasField("priority"):
+            spec["priority"] = req.priority
+        return self.build_request(spec, proc)
 
     # -- conversation contexts ----------------------------------------------------------------
     def _create_context(self, proc: Process, spec: dict[str, Any], on_event: Callable[[Any], None]) -> Any:
@@ -351,6 +381,7 @@ class Inference:
         C.chat(spec.get("messages"))  # refused now, before any wait
 
         def finished(event: Any, _text: str) -> None:
+            named.wait()  # (the prefill can end before the submitting thread has read the handle)
             result: Any = context_id[0]
             if event.reason != "stop":
                 result = KernelError(f"sys.context.create: the prefill ended with {event.reason}: {event.error}")
@@ -358,6 +389,7 @@ class Inference:
                 waiter.complete(result)
 
         context_id: list[int] = []
+        named = threading.Event()
 
         def submit() -> None:
             try:
@@ -367,6 +399,7 @@ class Inference:
                     waiter.complete(e)
                 return
             context_id.append(handle.context_id)
+            named.set()
             self._drop_if_ended(proc.pid, handle.context_id)
             with self.kernel.lock:
                 if waiter.done:  # killed meanwhile: its end drops the context
@@ -374,14 +407,7 @@ class Inference:
                 else:
                     waiter.register(_EngineRequest(handle.cancel), waiter)
 
-        if not self._ready.is_set():
-            self._pending.append(submit)
-            return
-        # The kernel lock is held (the process is alive, blocked here): the engine call takes only
-        # the engine's lock, which never waits for the kernel's.
-        handle = self._create_context(proc, spec, _collector(finished, self.kernel))
-        context_id.append(handle.context_id)
-        waiter.register(_EngineRequest(handle.cancel), waiter)
+        self._submit_for_lua(submit, waiter)
 
     async def create_context_rpc(self, req: pb.CreateContextRequest) -> pb.ContextInfo:
         pid = C.pid(req.pid, "pid")
@@ -397,7 +423,7 @@ class Inference:
             if getattr(event, "usage", None) is not None:
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(event))
 
-        handle = self._create_context(proc, spec, on_event)
+        handle = await _off_loop(self._create_context, proc, spec, on_event)
         self._drop_if_ended(pid, handle.context_id)
         try:
             event = await done
@@ -478,6 +504,17 @@ def _tools_from_pb(tools: Any) -> list[dict[str, Any]] | None:
     return [{"name": t.name, "description": t.description,
              **({"parameters": from_value(t.parameters)} if t.HasField("parameters") else {})}
             for t in tools] or None
+
+
+async def _off_loop(submit: Callable[..., Any], *args: Any) -> Any:
+    """`submit(*args)` (an engine submission: its handle) in a thread, off the event loop. If the
+    caller goes away meanwhile, the handle is cancelled when it comes (its KV blocks freed)."""
+    future = asyncio.ensure_future(asyncio.to_thread(submit, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().cancel())
+        raise
 
 
 def _collector(finished: Callable[[Any, str], None], kernel: Kernel) -> Callable[[Any], None]:
