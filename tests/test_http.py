@@ -75,6 +75,20 @@ def sse_events(r: httpx.Response) -> Iterator[tuple[str, Any]]:
             name, data = "message", []
 
 
+def test_big_bodies_are_read_off_the_event_loop_alike(http: httpx.Client) -> None:
+    """A body of THREAD_BODY_BYTES or more is decoded in a thread (api/web.py): the same value, the
+    same refusals."""
+    port = int(ok(http, "OpenPort")["pid"])
+    body = {"items": [{"n": i, "s": f"item {i}"} for i in range(8000)]}  # ~200 KB of JSON
+    ok(http, "Send", {"from": str(port), "to": port, "body": body})
+    assert ok(http, "Recv", {"pid": port, "timeout_ms": 1000})["message"]["body"] == body
+    big_bad = b'{"to": ' + str(port).encode() + b', "body": "' + b"x" * (100 << 10) + b'", "bogus": 1}'
+    r = http.post("/v1/kernel/Send", content=big_bad, headers={"Content-Type": "application/json"})
+    assert error_of(r) == (400, "INVALID_ARGUMENT") and "bogus" in r.json()["error"]["message"]
+    r = http.post("/v1/kernel/Send", content=b"[" * (100 << 10), headers={"Content-Type": "application/json"})
+    assert error_of(r) == (400, "INVALID_ARGUMENT") and "not JSON" in r.json()["error"]["message"]
+
+
 def test_send_recv_in_json(http: httpx.Client) -> None:
     port = int(ok(http, "OpenPort")["pid"])  # uint64 is a string in the JSON mapping
     sent = ok(http, "Send", {"from": str(port), "to": port, "tag": "t", "body": {"a": [1, "x", None, True]},

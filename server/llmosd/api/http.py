@@ -87,8 +87,8 @@ class Gateway:
             if method.client_streaming:
                 req: Any = self._write_file_requests(request)
             else:
-                req = parse_message(await read_json(request, self.body_limit), self.request_classes[name],
-                                    f"{name} request")
+                cls = self.request_classes[name]
+                req = await read_json(request, self.body_limit, lambda obj: parse_message(obj, cls, f"{name} request"))
             checked = self.identity.check(name, req, call)
             if method.server_streaming:
                 began = None  # a stream is counted, not timed; stream_sse finishes it

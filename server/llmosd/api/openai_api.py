@@ -72,8 +72,8 @@ class OpenAI:
         call = HttpCall(request)
         CALL.set(call)
         try:
-            body = await read_json(request, self.body_limit)
-            infer, stream, include_usage = self._infer_request(body, chat)
+            body, (infer, stream, include_usage) = await read_json(
+                request, self.body_limit, lambda obj: (obj, self._infer_request(obj, chat)))
             infer = self.identity.check("Infer", infer, call)
         except KernelError as e:
             return error_response(*status_of("Infer", e))
