@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 from .audit import target_of
 from .errors import InvalidArgument, KernelError
 from .identity import CALLER, Identity
+from .replies import THREAD_BYTES, off_loop
 from .syscalls import CALL, SERVICE, SYSCALLS
 from .table import AUDITED_RPCS, BY_RPC
 from ..kernel.kernel import Kernel
@@ -133,6 +134,15 @@ async def _decode_stream(request: type[ProtoMessage], raws: AsyncIterator[bytes]
         yield _decode(request, raw)
 
 
+async def call_syscall(method: str, fn: Callable[..., Awaitable[Any]], k: Kernel, req: Any, size: int) -> Any:
+    """`fn(k, req)`, the handler of `method` for a request of `size` bytes. A big one (replies.THREAD_BYTES
+    or more) to a syscall that does not block runs in a thread, on an event loop of its own: its
+    values' conversion would hold the server's loop (see THREAD_BYTES)."""
+    if size >= THREAD_BYTES and not BY_RPC[method].blocks:
+        return await off_loop(asyncio.run, fn(k, req))
+    return await fn(k, req)
+
+
 def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., Awaitable[Any]]) -> Callable:
     async def handle(raw: Any, ctx: grpc.aio.ServicerContext) -> Any:
         CALL.set(ctx)
@@ -146,7 +156,7 @@ def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Cal
             await ctx.abort(getattr(grpc.StatusCode, code), text)
         code = "CANCELLED"
         try:
-            reply = await fn(identity.k, checked)
+            reply = await call_syscall(method, fn, identity.k, checked, 0 if hasattr(raw, "__aiter__") else len(raw))
             code = "OK"
             return reply
         except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -34,7 +34,7 @@ from llmos.v1 import kernel_pb2 as pb
 from .errors import InvalidArgument
 from ..kernel.kernel import Kernel
 from .identity import Identity
-from .doors import count_call, finish_call, status_of
+from .doors import call_syscall, count_call, finish_call, status_of
 from .syscalls import CALL, SERVICE, SYSCALLS
 from . import metrics, openai_api
 from .web import BODY_SLACK, HttpCall, error_response, json_errors, read_json, stream_sse
@@ -94,7 +94,8 @@ class Gateway:
                 began = None  # a stream is counted, not timed; stream_sse finishes it
                 return await stream_sse(request, fn(self.kernel, checked), name, message_json,
                                         lambda code: finish_call(self.identity, name, checked, code))
-            return web.json_response(message_json(await fn(self.kernel, checked)))
+            size = 0 if method.client_streaming else checked.ByteSize()
+            return web.json_response(message_json(await call_syscall(name, fn, self.kernel, checked, size)))
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise

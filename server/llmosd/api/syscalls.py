@@ -28,9 +28,9 @@ from .identity import CALLER
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .dead_letter_syscalls import (sys_get_dead_letter, sys_list_dead_letters, sys_purge_dead_letters,
                                    sys_retry_dead_letter)
-from .replies import add_messages, fill_page, message_pb, page_size
+from .replies import THREAD_BYTES, add_messages, built, fill_page, message_pb, page_size
 from .tokens import digest
-from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec
+from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec, value_fits
 from ..kernel.process import PYTHON
 from ..kernel.mailbox import ANY, Match
 from ..kernel.store import ProcessRecord, now_ms
@@ -55,6 +55,12 @@ def _enum_name(enum: Any, number: int, field: str) -> str:
         return enum.Name(number)
     except ValueError:
         raise InvalidArgument(f"{field}: {number} is not a value of {enum.DESCRIPTOR.name}") from None
+
+
+async def _process_reply(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
+    """process_pb, for a reply (an ended process's result is up to a message's size: see built)."""
+    big = rec.ended_at_ms and rec.result is not RESULT_IN_STORE and not value_fits(rec.result, THREAD_BYTES)
+    return await built(THREAD_BYTES if big else 0, process_pb, rec, blocked_on)
 
 
 def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
@@ -212,7 +218,7 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
         if msg is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
     try:
-        return pb.RecvResponse(message=message_pb(msg))
+        return pb.RecvResponse(message=await built(msg.size, message_pb, msg))
     except Exception:  # a message that cannot be answered is a kernel bug, but it is never lost for it
         k.put_back(pid, msg)
         raise
@@ -249,7 +255,7 @@ async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, c
         if leased is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
     try:
-        return pb.RecvResponse(message=message_pb(leased.msg, leased.attempt))
+        return pb.RecvResponse(message=await built(leased.msg.size, message_pb, leased.msg, leased.attempt))
     except Exception:  # never lost for a kernel bug: it is delivered again
         _give_back(k, pid, leased)
         raise
@@ -289,7 +295,8 @@ async def _recv_batch(k: Kernel, pid: int, caller: Caller, most: int,
                     taken += more(proc, most - 1, budget - entry(first)[0].size)
     try:
         reply = pb.RecvResponse()
-        add_messages(reply.messages, [entry(one) for one in taken])
+        entries = [entry(one) for one in taken]
+        await built(sum(msg.size for msg, _ in entries), add_messages, reply.messages, entries)
         return reply
     except Exception:
         for one in taken:
@@ -340,7 +347,7 @@ async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
         rec = await _await(k, waiter, "wait")
         if rec is TIMED_OUT:
             return pb.WaitResponse(timed_out=True)
-    return pb.WaitResponse(process=process_pb(rec))
+    return pb.WaitResponse(process=await _process_reply(rec))
 
 
 async def sys_kill(k: Kernel, req: pb.KillRequest) -> pb.KillResponse:
@@ -431,7 +438,7 @@ async def sys_list(k: Kernel, req: pb.ListProcessesRequest) -> pb.ListProcessesR
 
 async def sys_get(k: Kernel, req: pb.GetProcessRequest) -> pb.ProcessInfo:
     (pid,) = C.arguments("info", {"pid": req.pid})
-    info = process_pb(*k.get(pid, CALLER.get()))
+    info = await _process_reply(*k.get(pid, CALLER.get()))
     monitors, monitored_by = k.monitor_links(pid)
     info.monitors.extend(monitors)
     info.monitored_by.extend(monitored_by)

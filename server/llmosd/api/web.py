@@ -12,11 +12,9 @@ from aiohttp import web
 
 from .errors import InvalidArgument
 from .doors import status_of
+from .replies import built
 
 BODY_SLACK = 64 << 10  # JSON framing around a message of the largest size, as gRPC's limit allows
-# A body this big or bigger is decoded and converted in a thread: megabytes of JSON take the
-# event loop, which serves every other call, for seconds (a schema of 200,000 items: ~1.3 s).
-THREAD_BODY_BYTES = 64 << 10
 
 # google.rpc.Code -> HTTP status (the mapping of google/rpc/code.proto, AIP-193).
 HTTP_STATUS = {
@@ -81,7 +79,7 @@ async def read_json(request: web.Request, limit: int, then: Callable[[Any], Any]
         value = _decode(raw)
         return value if then is None else then(value)
 
-    return await asyncio.to_thread(decode) if len(raw) >= THREAD_BODY_BYTES else decode()
+    return await built(len(raw), decode)
 
 
 def _decode(raw: bytes) -> Any:

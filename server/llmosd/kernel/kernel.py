@@ -802,7 +802,7 @@ class Kernel:
         # permit it is handed is queued off the kernel lock, and must come after the end it follows from.
         self.sync.process_ended(pid)
         self.exits[kind, state, reason if reason in P.EXIT_REASONS else "other"] += 1
-        kept = rec if _fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
+        kept = rec if value_fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         ended = self.ended
         ended[pid] = kept
         if len(ended) > self.config.ended_cache:
@@ -1079,7 +1079,7 @@ def _file_hash(path: str) -> str | None:
 _SCALARS = (int, float, bool)
 
 
-def _fits(value: Any, limit: int) -> bool:
+def value_fits(value: Any, limit: int) -> bool:
     """Whether a (checked) value encodes in at most `limit` bytes."""
     if (value is None or type(value) in _SCALARS) and limit >= 11:  # a number or a flag: at most 11 bytes
         return True
