@@ -84,7 +84,7 @@ class AuditLog:
         # below newest - max_rows, cut or not yet).
         self._newest = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
         self._cut_below = 0
-        self._queue: list[tuple] = []
+        self._queue: list[tuple] = []  # (time.time(), caller, method, target, outcome) of each call
         self._queue_lock = threading.Lock()  # a plain lock: a call's record takes it (a Condition costs more)
         self._queued = threading.Event()  # set when a row is queued into an empty queue, and on close
         self._closed = False
@@ -111,7 +111,7 @@ class AuditLog:
     def record(self, caller: Caller, method: str, target: str, outcome: str) -> None:
         if not self.max_rows:  # --audit-rows 0: no audit log
             return
-        row = (int(time.time() * 1000), caller.namespace, who(caller), method, target, outcome)
+        row = (time.time(), caller, method, target, outcome)  # made into the table's row by the writer (_flush)
         with self._queue_lock:
             self._queue.append(row)
             first = len(self._queue) == 1
@@ -133,6 +133,8 @@ class AuditLog:
             rows, self._queue = self._queue, []
         if not rows:
             return
+        rows = [(int(at * 1000), caller.namespace, who(caller), method, target, outcome)
+                for at, caller, method, target, outcome in rows]
         with self._db_lock:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
                 chunk = rows[start:start + ROWS_PER_STATEMENT]

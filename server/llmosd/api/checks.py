@@ -22,8 +22,9 @@ the checkers as bytes: text checkers take UTF-8 bytes as the text they hold.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted
 from .table import BY_NAME, DATA, FLAG, INTEGER, NAME, OPTIONS, PID, RECEIVER, STRING, TEXT, VALUE, Arg
@@ -305,28 +306,6 @@ def tool_choice(value: Any, what: str = "tool_choice") -> str | dict[str, str] |
 
 
 # -- a syscall's arguments, from its table entry ---------------------------------------------------
-def options(given: Any, what: str, arg: Arg, prefix: str) -> dict[str, Any]:
-    """A table of options (None: none): only `arg`'s keys, each checked by its kind. `what` names
-    the syscall (a misspelt option is refused naming it); each option is named after its key."""
-    if given is None:
-        return {}
-    if not isinstance(given, dict):
-        raise InvalidArgument(f"{what}: expected a table of options")
-    index = _OPTION_INDEX.get(id(arg))
-    if index is None:
-        index = _OPTION_INDEX[id(arg)] = {o.name: i for i, o in enumerate(arg.options)}
-    if not index.keys() >= given.keys():
-        known_options(given, tuple(index), what)
-    # Those given, checked in the entry's order (the first bad one is the one named).
-    given_options = sorted(index[key] for key, value in given.items() if value is not None)
-    return {(o := arg.options[i]).name: argument(o, given[o.name], prefix) for i in given_options}
-
-
-# id(an options Arg of the table) -> each key's place in its options (needed on every call; the
-# table's Args live as long as the server).
-_OPTION_INDEX: dict[int, dict[str, int]] = {}
-
-
 KINDS = {
     PID: pid, T.DURATION_MS: duration_ms, T.PRIORITY: priority, T.WEIGHT: weight, NAME: name, TEXT: text,
     STRING: string, DATA: data, FLAG: flag, INTEGER: integer, T.MESSAGE_ID: message_id,
@@ -335,17 +314,47 @@ KINDS = {
 }
 
 
-def argument(arg: Arg, given: Any, prefix: str = "") -> Any:
-    """One argument, checked by its kind; an optional one left out is None (options: {})."""
+def _checker(arg: Arg, prefix: str) -> Callable[[Any], Any]:
+    """`arg`'s check, given the value: by its kind, named `prefix` + its name; an optional one left
+    out is None (options: {})."""
     if arg.kind == OPTIONS:
-        return options(given, prefix.rstrip(": ") or "options", arg, prefix)
-    if given is None and arg.optional:
-        return None
-    return KINDS[arg.kind](given, prefix + arg.name)
+        return _options_checker(arg, prefix.rstrip(": ") or "options", prefix)
+    check, what = KINDS[arg.kind], prefix + arg.name
+    if arg.optional:
+        return lambda given: None if given is None else check(given, what)
+    return lambda given: check(given, what)
+
+
+def _options_checker(arg: Arg, what: str, prefix: str) -> Callable[[Any], dict[str, Any]]:
+    """A table of options (None: none): only `arg`'s keys, each checked by its kind. `what` names
+    the syscall (a misspelt option is refused naming it); each option is named after its key."""
+    known = tuple(o.name for o in arg.options)
+    keys = frozenset(known)
+    checks = tuple((o.name, _checker(o, prefix)) for o in arg.options)
+
+    def check(given: Any) -> dict[str, Any]:
+        if given is None:
+            return {}
+        if not isinstance(given, dict):
+            raise InvalidArgument(f"{what}: expected a table of options")
+        if not given.keys() <= keys:
+            known_options(given, known, what)
+        # Those given, checked in the entry's order (the first bad one is the one named).
+        return {key: check(value) for key, check in checks if (value := given.get(key)) is not None}
+
+    return check
+
+
+# A syscall's checks by the prefix its refusals start with, made from its entry once: gRPC's "",
+# each Lua syscall's "sys.x: ", and a batch's "messages[i]: " for its first bad or distinct items
+# (bounded: a batch of 1,000 must not keep a thousand).
+@functools.lru_cache(maxsize=512)
+def _checks(syscall: str, prefix: str) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+    return tuple((a.name, _checker(a, prefix)) for a in BY_NAME[syscall].args)
 
 
 def arguments(syscall: str, given: dict[str, Any], prefix: str = "") -> tuple[Any, ...]:
     """The syscall's arguments (by name; left out: None) checked by its table entry, in the
     entry's order. `prefix` names the syscall as the caller knows it ("sys.kill: " from a
     program, "" from gRPC, whose fields are the arguments' names)."""
-    return tuple([argument(a, given.get(a.name), prefix) for a in BY_NAME[syscall].args])
+    return tuple([check(given.get(name)) for name, check in _checks(syscall, prefix)])
