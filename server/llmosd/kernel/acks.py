@@ -238,6 +238,8 @@ class Acks:
     def policy(self, dead_letter: Any, max_attempts: Any, namespace: str, what: str = "") -> DeadLetterPolicy | None:
         """A spawn's or OpenPort's dead-letter options, checked (None: neither given): the target
         is a live process or port of `namespace` (another namespace's does not exist for it)."""
+        if not dead_letter and not max_attempts:
+            return None  # the common case, before the f-strings below are made
         attempts = C.integer(max_attempts or 0, f"{what}max_attempts")
         if not 0 <= attempts <= MAX_ATTEMPTS:
             raise InvalidArgument(f"{what}max_attempts must be between 0 (no limit) and {MAX_ATTEMPTS}, not {attempts}")

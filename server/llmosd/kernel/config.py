@@ -11,7 +11,7 @@ from ..api.errors import FailedPrecondition, InvalidArgument, NotFound
 from ..services.files import FileLimits
 from . import process as P
 from .namespaces import Quotas
-from .process import Limits
+from .process import NO_LIMITS, Limits
 
 
 @dataclass
@@ -61,7 +61,7 @@ class SpawnSpec:
     priority: int = 0
     weight: int = 0  # 0: the default weight
     source_name: str | None = None  # what errors call lua/python source (default "program")
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = NO_LIMITS
     parent: int = 0
     monitor: bool = False
     log_to_server: bool = False  # also write the process's log lines to the server's log (boot programs)
@@ -72,8 +72,7 @@ class SpawnSpec:
 
 def resolve_program(spec: SpawnSpec, userland_root: str | None) -> tuple[str, str, str, pathlib.Path | None]:
     """The program a spawn names: (kind, source, name for tracebacks, the file if given by path)."""
-    given = [k for k in ("lua", "python", "path") if getattr(spec, k) is not None]
-    if len(given) != 1:
+    if (spec.lua is not None) + (spec.python is not None) + (spec.path is not None) != 1:
         raise InvalidArgument("give exactly one program: lua (source), python (source) or path")
     source_name = "program" if spec.source_name is None else C.name(spec.source_name, "source_name")
     if spec.lua is not None:

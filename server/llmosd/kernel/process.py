@@ -30,9 +30,11 @@ PYTHON = "PYTHON"
 PORT = "PORT"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Limits:
-    """Per-process limits; 0 means unlimited (after server defaults are applied)."""
+    """Per-process limits; 0 means unlimited (after server defaults are applied). Never changed
+    once made, so that processes share them (a spawn that asks for none: NO_LIMITS, then the
+    server's defaults)."""
 
     cpu_ms: int = 0
     wall_ms: int = 0
@@ -51,8 +53,8 @@ class Limits:
         }
 
     def with_defaults(self, defaults: Limits) -> Limits:
-        if self == NO_LIMITS:
-            return defaults  # limits are never changed once set, so they can be shared
+        if self is NO_LIMITS or self == NO_LIMITS:
+            return defaults
         return Limits(**{name: getattr(self, name) or getattr(defaults, name) for name in self.__slots__})
 
 
