@@ -37,7 +37,8 @@ from .identity import Identity
 from .doors import call_syscall, count_call, finish_call, status_of
 from .syscalls import CALL, SERVICE, SYSCALLS
 from . import metrics, openai_api
-from .web import BODY_SLACK, HttpCall, error_response, json_errors, read_json, stream_sse
+from .replies import built
+from .web import BODY_SLACK, HttpCall, error_response, json_errors, json_value, read_body, stream_sse
 
 CONSOLE_DIR = pathlib.Path(__file__).resolve().parent / "console"
 
@@ -86,15 +87,16 @@ class Gateway:
         try:
             if method.client_streaming:
                 req: Any = self._write_file_requests(request)
+                size = 0
             else:
-                cls = self.request_classes[name]
-                req = await read_json(request, self.body_limit, lambda obj: parse_message(obj, cls, f"{name} request"))
+                raw = await read_body(request, self.body_limit)
+                cls, size = self.request_classes[name], len(raw)
+                req = await built(size, lambda: parse_message(json_value(raw), cls, f"{name} request"))
             checked = self.identity.check(name, req, call)
             if method.server_streaming:
                 began = None  # a stream is counted, not timed; stream_sse finishes it
                 return await stream_sse(request, fn(self.kernel, checked), name, message_json,
                                         lambda code: finish_call(self.identity, name, checked, code))
-            size = 0 if method.client_streaming else checked.ByteSize()
             return web.json_response(message_json(await call_syscall(name, fn, self.kernel, checked, size)))
         except asyncio.CancelledError:
             code = "CANCELLED"

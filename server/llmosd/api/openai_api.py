@@ -31,7 +31,8 @@ from ..kernel.kernel import Kernel
 from .identity import Identity
 from .doors import finish_call, status_of
 from .syscalls import CALL, SYSCALLS
-from .web import BODY_SLACK, HttpCall, error_response, read_json, stream_sse
+from .replies import built
+from .web import BODY_SLACK, HttpCall, error_response, json_value, read_body, stream_sse
 
 TOOL_CALL_TAG = "<tool_call>"  # where the engine's markup of a call begins (engine/tools.py)
 OPENAI_DONE = b"data: [DONE]\n\n"
@@ -72,8 +73,8 @@ class OpenAI:
         call = HttpCall(request)
         CALL.set(call)
         try:
-            body, (infer, stream, include_usage) = await read_json(
-                request, self.body_limit, lambda obj: (obj, self._infer_request(obj, chat)))
+            raw = await read_body(request, self.body_limit)
+            body, infer, stream, include_usage = await built(len(raw), self._parsed, raw, chat)
             infer = self.identity.check("Infer", infer, call)
         except KernelError as e:
             return error_response(*status_of("Infer", e))
@@ -98,6 +99,11 @@ class OpenAI:
             await chunks.aclose()
         assert final is not None  # Infer ends with a final chunk or fails
         return web.json_response(reply.whole(final))
+
+    def _parsed(self, raw: bytes, chat: bool) -> tuple[Any, pb.InferRequest, bool, bool]:
+        """The body as JSON, and _infer_request's of it."""
+        body = json_value(raw)
+        return (body, *self._infer_request(body, chat))
 
     def _infer_request(self, body: Any, chat: bool) -> tuple[pb.InferRequest, bool, bool]:
         """The InferRequest for an OpenAI request, whether to stream, and whether to end with the

@@ -17,7 +17,7 @@ from ..kernel.mailbox import Message
 T = TypeVar("T")
 
 # Values of this many encoded bytes or more are converted in a thread (`off_loop`): an HTTP body's
-# JSON (web.py), a request to a syscall that does not block (doors.call_syscall), a reply's
+# JSON (http.py, openai_api.py), a request to a syscall that does not block (doors.call_syscall), a reply's
 # messages or result (`built`). Python converts about 10 MiB of small items a second, on the event
 # loop that answers every other call: a 4 MiB message sent or received held it 0.4 s, 2 MB of
 # JSON 1.2 s.

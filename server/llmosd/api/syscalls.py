@@ -28,7 +28,7 @@ from .identity import CALLER
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .dead_letter_syscalls import (sys_get_dead_letter, sys_list_dead_letters, sys_purge_dead_letters,
                                    sys_retry_dead_letter)
-from .replies import THREAD_BYTES, add_messages, built, fill_page, message_pb, page_size
+from .replies import THREAD_BYTES, add_messages, built, fill_page, message_pb, off_loop, page_size
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec, value_fits
 from ..kernel.process import PYTHON
@@ -58,9 +58,10 @@ def _enum_name(enum: Any, number: int, field: str) -> str:
 
 
 async def _process_reply(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
-    """process_pb, for a reply (an ended process's result is up to a message's size: see built)."""
-    big = rec.ended_at_ms and rec.result is not RESULT_IN_STORE and not value_fits(rec.result, THREAD_BYTES)
-    return await built(THREAD_BYTES if big else 0, process_pb, rec, blocked_on)
+    """process_pb, for a reply: an ended process's result may be as big as a message (see THREAD_BYTES)."""
+    if rec.ended_at_ms and rec.result is not RESULT_IN_STORE and not value_fits(rec.result, THREAD_BYTES):
+        return await off_loop(process_pb, rec, blocked_on)
+    return process_pb(rec, blocked_on)
 
 
 def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:

@@ -12,7 +12,6 @@ from aiohttp import web
 
 from .errors import InvalidArgument
 from .doors import status_of
-from .replies import built
 
 BODY_SLACK = 64 << 10  # JSON framing around a message of the largest size, as gRPC's limit allows
 
@@ -61,10 +60,9 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-async def read_json(request: web.Request, limit: int, then: Callable[[Any], Any] | None = None) -> Any:
-    """The request body as a JSON value (an empty body is {}), or what `then` makes of it;
-    InvalidArgument for anything else: too large, not UTF-8, not JSON (NaN and Infinity are not
-    JSON), nested too deep."""
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body; InvalidArgument if it is more than `limit` bytes. Decode it with json_value,
+    through replies.built (a big one in the converting thread)."""
     if request.content_length is not None and request.content_length > limit:
         raise InvalidArgument(f"the request body is {request.content_length} bytes, more than the limit of {limit}")
     chunks, size = [], 0
@@ -73,16 +71,12 @@ async def read_json(request: web.Request, limit: int, then: Callable[[Any], Any]
         if size > limit:
             raise InvalidArgument(f"the request body is more than the limit of {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-
-    def decode() -> Any:
-        value = _decode(raw)
-        return value if then is None else then(value)
-
-    return await built(len(raw), decode)
+    return b"".join(chunks)
 
 
-def _decode(raw: bytes) -> Any:
+def json_value(raw: bytes) -> Any:
+    """A request body as a JSON value (an empty body is {}); InvalidArgument for anything else:
+    not UTF-8, not JSON (NaN and Infinity are not JSON), nested too deep."""
     if not raw.strip():
         return {}
     try:

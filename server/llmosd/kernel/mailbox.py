@@ -13,7 +13,8 @@ through them without entering Python (see lua/fast_paths.c):
   - Match(sender=None, tag=None, correlation_id=None), a receive filter whose
     None fields match anything; ANY matches every message.
   - Mailbox(owner, limit, core): deliver(msg, limited=True), take(match),
-    put_back(msg), wait(waiter, match), check_room(), close(), len().
+    put_back(msg), wait(waiter, match), check_room(msg), check_room_for(count, size), close(),
+    len().
 """
 from __future__ import annotations
 

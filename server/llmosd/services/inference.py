@@ -285,8 +285,8 @@ class Inference:
             await asyncio.to_thread(self._ready.wait)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        handle = await _off_loop(self._submit, request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                                 kv_limit)
+        handle = await _submitted(self._submit, request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                                  kv_limit)
         text: list[str] = []
         ids: list[int] = []
         try:
@@ -423,7 +423,7 @@ class Inference:
             if getattr(event, "usage", None) is not None:
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(event))
 
-        handle = await _off_loop(self._create_context, proc, spec, on_event)
+        handle = await _submitted(self._create_context, proc, spec, on_event)
         self._drop_if_ended(pid, handle.context_id)
         try:
             event = await done
@@ -506,7 +506,7 @@ def _tools_from_pb(tools: Any) -> list[dict[str, Any]] | None:
             for t in tools] or None
 
 
-async def _off_loop(submit: Callable[..., Any], *args: Any) -> Any:
+async def _submitted(submit: Callable[..., Any], *args: Any) -> Any:
     """`submit(*args)` (an engine submission: its handle) in a thread, off the event loop. If the
     caller goes away meanwhile, the handle is cancelled when it comes (its KV blocks freed)."""
     future = asyncio.ensure_future(asyncio.to_thread(submit, *args))
