@@ -163,6 +163,17 @@ def fresh(own_server: Callable[..., Kernel]) -> Kernel:
     return own_server("--cpus", "2")
 
 
+@pytest.fixture
+def exact_rss(own_server: Callable[..., Kernel], monkeypatch: pytest.MonkeyPatch) -> Kernel:
+    """A server of the test's own whose RSS counts what it keeps, for tests of what it keeps.
+    glibc serves a block of megabytes from its heap once one that size was freed (its mmap
+    threshold rises to it), and freed heap memory goes back to the system late if at all: RSS
+    then wanders by tens of MiB with what the allocator happened to do. With the threshold
+    fixed, every block of 128 KiB or more is mapped on its own and unmapped when freed."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
+    return own_server("--cpus", "2")
+
+
 # == 1. Work in C where no hook fires ==========================================================
 C_HOGS = {
     "table.move": "table.move({}, 1, 2^29, 2, {})",
@@ -458,19 +469,50 @@ def test_a_result_over_the_message_limit_is_refused_or_reads_back(fresh: Kernel,
     _everything_reads_back(fresh, pid)
 
 
-def test_results_of_ended_processes_are_not_all_kept_in_memory(fresh: Kernel) -> None:
+def test_results_of_ended_processes_are_not_all_kept_in_memory(exact_rss: Kernel) -> None:
     """Wait must answer for every ended process, but the kernel keeps up to 100,000 of
     them in memory: their results cannot all stay there. A first batch of 30 x 3 MiB
     results lets the allocator reach its high-water mark; a second batch must then add
     far less than the 90 MiB it would if results were kept."""
-    first = fresh.run("return string.rep('r', 3 * 2^20)").pid
+    first = exact_rss.run("return string.rep('r', 3 * 2^20)").pid
     for i in range(1, 30):
-        fresh.run(f"return string.rep('r', 3 * 2^20 - {i})")
-    before = fresh.rss()
+        exact_rss.run(f"return string.rep('r', 3 * 2^20 - {i})")
+    before = exact_rss.rss()
     for i in range(30, 60):
-        fresh.run(f"return string.rep('r', 3 * 2^20 - {i})")
-    assert fresh.rss() - before < (45 << 20), f"RSS grew {(fresh.rss() - before) >> 20} MiB"
-    assert len(from_value(fresh.wait(first).result)) == 3 << 20
+        exact_rss.run(f"return string.rep('r', 3 * 2^20 - {i})")
+    assert exact_rss.rss() - before < (45 << 20), f"RSS grew {(exact_rss.rss() - before) >> 20} MiB"
+    assert len(from_value(exact_rss.wait(first).result)) == 3 << 20
+
+
+HOUR_MS = 3_600_000
+
+
+@pytest.mark.parametrize("call", ["Wait", "Recv"])
+def test_calls_answered_long_before_their_timeouts_keep_nothing(exact_rss: Kernel, call: str) -> None:
+    """A blocked call's timeout is a timer, and the timer held its waiter, which held what the
+    call was answered with, until the deadline: a client whose Waits or Recvs of 3 MiB were
+    answered at once, each asking for up to an hour, made the kernel keep every one of them
+    for that hour. A first batch of 30 lets the allocator reach its high-water mark; 60 more
+    must add far less than the 180 MiB they would if each answer were kept."""
+    port = exact_rss.port()
+
+    def answered(i: int) -> None:
+        # A loop, not a sleep, makes the call block first: a sleep's timer would wake the timer
+        # thread, which drops cancelled timers that have reached the heap's top.
+        make = f"for _ = 1, 300000 do end local v = string.rep('r', 3 * 2^20 - {i})"
+        if call == "Wait":
+            info = exact_rss.wait(exact_rss.spawn(f"{make} return v"), timeout_ms=HOUR_MS)
+            assert info.state == pb.EXITED, info.error
+        else:
+            exact_rss.spawn(f"{make} sys.send(args, v)", port)
+            assert not exact_rss.recv(port, timeout_ms=HOUR_MS).timed_out
+
+    for i in range(30):
+        answered(i)
+    before = exact_rss.rss()
+    for i in range(30, 90):
+        answered(i)
+    assert exact_rss.rss() - before < (60 << 20), f"RSS grew {(exact_rss.rss() - before) >> 20} MiB"
 
 
 def test_ended_processes_with_big_results_still_list(fresh: Kernel) -> None:

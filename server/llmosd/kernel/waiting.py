@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 TIMED_OUT = object()  # the value a waiter completes with when its timeout passes
 MAX_DELAY_S = MAX_DURATION_MS / 1000  # the longest any timer waits ("for ever" to a caller)
 MAX_WAIT_S = 60.0  # the longest the timer thread sleeps at once
+MIN_SWEEP = 4096  # the heap's size below which cancelled timers are left to reach its top
 
 
 class WaitQueue(Protocol):
@@ -111,11 +112,15 @@ class Timer:
 
     def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
         self.deadline = deadline
-        self.callback = callback
+        self.callback: Callable[[], None] | None = callback
         self.cancelled = False
 
     def cancel(self) -> None:
+        # The callback goes at once: it holds its waiter, and the waiter what it was woken with (a
+        # record, a message of megabytes), which would otherwise live on in the heap until the
+        # deadline, an hour away for a Recv that asked for one and was answered at once.
         self.cancelled = True
+        self.callback = None
 
 
 class Timers:
@@ -143,6 +148,10 @@ class Timers:
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Timer]] = []
+        # Cancelled timers stay in the heap until they reach its top, or until it has grown to
+        # this size: then they are swept out (amortised O(1) a timer, like a growing array), so
+        # calls answered long before their timeouts cannot pile up entries without bound.
+        self._sweep_at = MIN_SWEEP
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
@@ -154,10 +163,20 @@ class Timers:
             seconds = 0.0
         timer = Timer(time.monotonic() + min(seconds, MAX_DELAY_S), callback)
         with self._cond:
-            heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
-            if self._heap[0][2] is timer:
+            heap = self._heap
+            if len(heap) >= self._sweep_at:
+                heap[:] = [entry for entry in heap if not entry[2].cancelled]
+                heapq.heapify(heap)
+                self._sweep_at = max(MIN_SWEEP, 2 * len(heap))
+            heapq.heappush(heap, (timer.deadline, next(self._seq), timer))
+            if heap[0][2] is timer:
                 self._cond.notify()
         return timer
+
+    def __len__(self) -> int:
+        """Entries in the heap, cancelled ones not yet swept out included."""
+        with self._cond:
+            return len(self._heap)
 
     def _run(self) -> None:
         while True:
@@ -172,9 +191,11 @@ class Timers:
                     self._cond.wait(min(delay, MAX_WAIT_S))
                 if self._stopped:
                     return
-                timer = heapq.heappop(self._heap)[2]
+                callback = heapq.heappop(self._heap)[2].callback
+            if callback is None:  # cancelled since the loop above looked
+                continue
             try:
-                timer.callback()
+                callback()
             except Exception:  # one timeout's trouble must not end every other's
                 log.exception("a timer's callback failed")
 
