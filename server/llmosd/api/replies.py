@@ -24,8 +24,8 @@ T = TypeVar("T")
 THREAD_BYTES = 64 << 10
 
 
-# One thread does them all: they hold the GIL anyway, and in many threads each would grow a malloc
-# arena of its own with megabytes that glibc keeps (RSS grew 50 MiB more over 60 such results).
+# One thread does them all: they hold the GIL anyway, so more threads would convert no faster, and
+# each would grow a malloc arena of its own.
 _CONVERTER = ThreadPoolExecutor(1, thread_name_prefix="convert", initializer=lambda: setattr(_here, "converter", True))
 _here = threading.local()
 
