@@ -746,6 +746,30 @@ def test_a_nested_value_is_refused_where_it_enters_or_read_back(fresh: Kernel, d
     fresh.stub.ListProcesses(pb.ListProcessesRequest(include_ended=True), timeout=10)
 
 
+@pytest.mark.parametrize("depth", [32, 33])
+def test_a_value_in_an_options_table_may_nest_as_deep_as_any(fresh: Kernel, depth: int) -> None:
+    """An options table is not a value but named arguments: `sys.spawn{args = v}` and
+    `sys.send(to, v, {tag = ...})` take a value of 32 levels, as Spawn's args and Send's body
+    over gRPC do, and refuse one of 33 alike (the table around it once counted as a level)."""
+    port = fresh.port()
+    nested = f"local t = 1 for i = 1, {depth} do t = {{t}} end"
+    spawned = lua_outcome(fresh, f"{nested} sys.spawn{{lua = 'return args', args = t}}")
+    sent = lua_outcome(fresh, f"{nested} sys.send(args, t, {{tag = 'deep'}})", port)
+    req = pb.SpawnRequest(lua="return args")
+    req.args.CopyFrom(_nested(depth))
+    over_grpc = status(lambda: fresh.stub.Spawn(req, timeout=10))[0]
+    if depth <= 32:
+        assert spawned["ok"] and sent["ok"] and over_grpc == grpc.StatusCode.OK, (spawned, sent, over_grpc)
+        msg = fresh.recv(port).message
+        assert msg.tag == "deep" and _unnest(from_value(msg.body), depth) == 1
+        pid = fresh.result(f"{nested} return sys.spawn{{lua = 'return args', args = t}}")
+        assert _unnest(from_value(fresh.wait(pid).result), depth) == 1
+    else:
+        assert "nest" in spawned["err"] and "nest" in sent["err"], (spawned, sent)
+        assert over_grpc == grpc.StatusCode.INVALID_ARGUMENT
+        assert fresh.recv(port).timed_out
+
+
 def _unnest(value: Any, depth: int) -> Any:
     for _ in range(depth):
         value = value[0]

@@ -528,7 +528,10 @@ PyObject *llmos_to_python(lua_State *L, int idx, int depth, int nested, LuaValue
 
 /* (head, values first..last) as a tuple, or without head if it is NULL; a
  * value that cannot cross is its BadValue (or TooLarge). Each value may be
- * as large as a message. */
+ * as large as a message. A table given as an argument starts a level above
+ * the values' limit of depth: it may be an options table (sys.spawn{args = v}),
+ * whose fields are values of their own, and a value given as a whole argument
+ * (a body, a result) is checked as a value again where the kernel takes it. */
 PyObject *llmos_values_to_tuple(lua_State *L, PyObject *head, int first, int last)
 {
     int offset = head != NULL, i;
@@ -542,7 +545,7 @@ PyObject *llmos_values_to_tuple(lua_State *L, PyObject *head, int first, int las
     }
     for (i = first; i <= last; i++) {
         budget = llmos_value_budget(L);
-        value = llmos_to_python(L, i, 0, 0, &budget);
+        value = llmos_to_python(L, i, lua_type(L, i) == LUA_TTABLE ? -1 : 0, 0, &budget);
         llmos_value_budget_done(&budget);
         if (value == NULL) {
             if (!PyErr_ExceptionMatches(llmos_BadValue)) {
