@@ -301,3 +301,32 @@ def test_a_fan_out_reaches_the_idle_cpu_once_its_spawner_blocks(two_cpus_long_qu
         return got
     """)).result)
     assert out == ["first", "second"]
+
+
+# A program whose quantum runs out in C (converting a wide value: it checks in with the scheduler
+# there) while what it woke and spawned waits for its worker: its preemption offers the free CPU
+# once for each of them, and for itself, all in a row.
+PREEMPTED_WITH_SPAWNS = """
+for i = 1, 3 do sys.spawn{lua = 'return nil'} end
+sys.spawn{lua = 'while true do end'}
+local wide = {} for i = 1, 100000 do wide[i] = i end
+for i = 1, 5 do pcall(sys.info, wide, {wide}, wide) end
+return 'done'
+"""
+
+
+@pytest.fixture
+def two_cpus(tmp_path: pathlib.Path) -> Iterator[Any]:
+    yield from served(LlmosdServer(tmp_path / "data", "--model", "none", "--cpus", "2"))
+
+
+def test_offers_in_a_row_each_get_a_worker(two_cpus: Any) -> None:
+    """One idle worker was woken by every offer in a row and counted as one: the free CPU was left
+    with queued work and no worker. The preempted program then stayed parked beside its busy-looping
+    child for good, and a Kill could not end it (found by tools/fuzz.py). In 12 rounds, each
+    starting with an idle worker left by the round before, it failed about one round in three."""
+    for _ in range(12):
+        pid = spawn(two_cpus, PREEMPTED_WITH_SPAWNS)
+        assert from_value(wait(two_cpus, pid, timeout_ms=20_000).result) == "done"
+        live = [p.pid for p in two_cpus.ListProcesses(pb.ListProcessesRequest()).processes]
+        end_all(two_cpus, live)

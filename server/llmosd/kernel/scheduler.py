@@ -146,7 +146,11 @@ class Scheduler:
         self._work = threading.Condition(self._lock)
         self._queue = RunQueue(aging_ns)
         self._free = cpus  # slots no thread holds
-        self._idle = 0  # workers waiting for work
+        # Workers waiting for work that no offer has woken yet. An offer wakes one and counts it out
+        # at once: counted out only once it ran, several offers in a row (a preempted process's
+        # runnext, its spawns, itself) all went to the one worker, and a free CPU was left with
+        # queued work and no worker, for good if the one running never yields (a busy loop).
+        self._idle = 0
         self._threads = 0
         self._stopping = False
         # Worker ident -> the processes spawned by the one it runs that did not fit in runnext,
@@ -234,6 +238,7 @@ class Scheduler:
         """Make sure a free slot with queued work gets a worker."""
         if self._free > 0 and len(self._queue) > 0:
             if self._idle > 0:
+                self._idle -= 1
                 self._work.notify()
             else:
                 self._start_worker_locked()
@@ -299,6 +304,7 @@ class Scheduler:
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
+            self._idle = 0
             self._work.notify_all()
 
     def interrupt(self, proc: Process) -> None:
@@ -426,8 +432,7 @@ class Scheduler:
                             del self._spawned[ident]
                             return
                         self._idle += 1
-                        self._work.wait()
-                        self._idle -= 1
+                        self._work.wait()  # woken by an offer, which counted this worker out of _idle
                     if not holding:
                         self._free -= 1
                         holding = True
