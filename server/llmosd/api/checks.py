@@ -26,7 +26,7 @@ import functools
 import math
 from typing import Any, Callable
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .errors import InvalidArgument, KernelError, NotFound, ResourceExhausted
 from .table import BY_NAME, DATA, FLAG, INTEGER, NAME, OPTIONS, PID, RECEIVER, STRING, TEXT, VALUE, Arg
 from . import table as T
 from ..native import _kernel
@@ -331,6 +331,7 @@ def _options_checker(arg: Arg, what: str, prefix: str) -> Callable[[Any], dict[s
     known = tuple(o.name for o in arg.options)
     keys = frozenset(known)
     checks = tuple((o.name, _checker(o, prefix)) for o in arg.options)
+    check_of = dict(checks)
 
     def check(given: Any) -> dict[str, Any]:
         if given is None:
@@ -339,8 +340,13 @@ def _options_checker(arg: Arg, what: str, prefix: str) -> Callable[[Any], dict[s
             raise InvalidArgument(f"{what}: expected a table of options")
         if not given.keys() <= keys:
             known_options(given, known, what)
-        # Those given, checked in the entry's order (the first bad one is the one named).
-        return {key: check(value) for key, check in checks if (value := given.get(key)) is not None}
+        try:  # those given (a few of the entry's options, typically), as they come
+            return {key: check_of[key](value) for key, value in given.items() if value is not None}
+        except KernelError:  # the refusal names the first bad one in the entry's order, whatever the table's
+            for key, option_check in checks:
+                if (value := given.get(key)) is not None:
+                    option_check(value)
+            raise
 
     return check
 
