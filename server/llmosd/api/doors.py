@@ -7,8 +7,6 @@ else.
 from __future__ import annotations
 
 import asyncio
-import bisect
-import itertools
 import logging
 import threading
 import time
@@ -19,8 +17,6 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 from .audit import target_of
 from .errors import InvalidArgument, KernelError
@@ -28,6 +24,7 @@ from .identity import CALLER, Identity
 from .replies import THREAD_BYTES, off_loop
 from .syscalls import CALL, SERVICE, SYSCALLS
 from .table import AUDITED_RPCS, BY_RPC
+from ..kernel.durations import Durations
 from ..kernel.kernel import Kernel
 from ..kernel.process import PYTHON
 
@@ -57,8 +54,7 @@ class CallStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[tuple[str, str], list] = {}  # (method, code) -> [count, first counted (time.time)]
-        # method -> [count in each bucket (not cumulative; the last is +Inf's), sum, first timed (time.time)]
-        self._seconds: dict[str, list] = {}
+        self._seconds: dict[str, Durations] = {}  # method -> its unary calls' times
 
     def count(self, method: str, code: str, seconds: float | None = None) -> None:
         with self._lock:
@@ -69,26 +65,21 @@ class CallStats:
             if seconds is not None:
                 timed = self._seconds.get(method)
                 if timed is None:
-                    timed = self._seconds[method] = [[0] * (len(self.BUCKETS_S) + 1), 0.0, time.time()]
-                timed[0][bisect.bisect_left(self.BUCKETS_S, seconds)] += 1
-                timed[1] += seconds
+                    timed = self._seconds[method] = Durations(self.BUCKETS_S)
+                timed.observe(seconds)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             calls = {labels: tuple(counts) for labels, counts in self._calls.items()}
-            timed = {method: (tuple(buckets), total, created)
-                     for method, (buckets, total, created) in self._seconds.items()}
+            seconds = HistogramMetricFamily("llmos_syscall_seconds", "Time to answer a unary syscall",
+                                            labels=["method"])
+            for method, timed in sorted(self._seconds.items()):
+                timed.add_to(seconds, {"method": method})
         answered = CounterMetricFamily("llmos_syscalls", "Syscalls answered, by method and status",
                                        labels=["method", "code"])
         for labels, (n, created) in sorted(calls.items()):
             answered.add_metric(labels, n, created=created)
         yield answered
-        seconds = HistogramMetricFamily("llmos_syscall_seconds", "Time to answer a unary syscall", labels=["method"])
-        for method, (buckets, total, created) in sorted(timed.items()):
-            cumulative = list(itertools.accumulate(buckets))
-            seconds.add_metric([method], [(floatToGoString(bound), n) for bound, n in zip(self.BUCKETS_S, cumulative)]
-                               + [("+Inf", cumulative[-1])], total)
-            seconds.samples.append(Sample("llmos_syscall_seconds_created", {"method": method}, created))
         yield seconds
 
 

@@ -36,7 +36,7 @@ class KernelCollector(Collector):
         yield from self._processes()
         yield from doors.CALL_STATS.collect()
         yield from self._scheduler()
-        yield from self.kernel.store.commit_seconds.collect()
+        yield from self.kernel.store.commit_seconds()
         inference = self.kernel.inference
         if inference is not None and inference.engine is not None:
             yield from _engine(inference.engine)

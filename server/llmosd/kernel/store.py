@@ -41,7 +41,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from prometheus_client import Histogram
+from prometheus_client.core import HistogramMetricFamily, Metric
+
+from .durations import Durations
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
@@ -195,9 +197,9 @@ class Store:
         if "notify_undelivered" not in {row[1] for row in self._db.execute("PRAGMA table_info(port_messages)")}:
             self._db.execute("ALTER TABLE port_messages ADD COLUMN notify_undelivered INTEGER NOT NULL DEFAULT 0")
         self._db_lock = threading.Lock()  # one user of the connection at a time
-        # Each transaction's time (a durable write, or a write-behind batch), for /metrics.
-        self.commit_seconds = Histogram("llmos_store_commit_seconds", "Time to commit a store transaction",
-                                        buckets=COMMIT_BUCKETS_S, registry=None)
+        # Each transaction's time (a durable write, or a write-behind batch), for /metrics; observed
+        # with _db_lock held.
+        self._commit_seconds = Durations(COMMIT_BUCKETS_S)
         self._counters: dict[str, list[int]] = {}  # name -> [next, end of reserved block]
         # Counter name -> the block reserved ahead by the writer thread, and
         # the end of the last block handed out (ids only ever grow).
@@ -230,6 +232,12 @@ class Store:
         # is the promise; only an OS crash could lose the last transactions.
         db.execute("PRAGMA synchronous=NORMAL")
         return db
+
+    def commit_seconds(self) -> Iterator[Metric]:
+        """The commits' times, as /metrics shows them (api/metrics.py)."""
+        family = HistogramMetricFamily("llmos_store_commit_seconds", "Time to commit a store transaction")
+        self._commit_seconds.add_to(family, {})
+        yield family
 
     def _let_go_of_bound_values(self) -> None:
         """After a write (the connection's lock held): see SQLITE_MEMORY_BUDGET."""
@@ -457,7 +465,7 @@ class Store:
             self._apply_pending()
             began = time.perf_counter()
             self._db.execute(sql, row)
-            self.commit_seconds.observe(time.perf_counter() - began)
+            self._commit_seconds.observe(time.perf_counter() - began)
             self._let_go_of_bound_values()
 
     def _update(self, pid: int, first: int, values: tuple, durable: bool) -> None:
@@ -511,7 +519,7 @@ class Store:
                 self._write_logs(logs)
         finally:
             self._db.execute("COMMIT")
-            self.commit_seconds.observe(time.perf_counter() - began)
+            self._commit_seconds.observe(time.perf_counter() - began)
         self._let_go_of_bound_values()
 
     def flush(self) -> None:
