@@ -390,3 +390,18 @@ def test_python_keywords_are_the_table_arguments() -> None:
         if sorted(names.get(entry.name, python)) != sorted(table):
             differ.append(f"sys.{entry.name}: Python {python}, table {table}")
     assert differ == []
+
+
+def test_a_refusal_names_the_first_bad_option_in_the_entry_order_whatever_the_tables(stub: Any) -> None:
+    """Options are checked as given (the few a call has); when two are bad, the refusal names the
+    first in the table entry's order (priority before weight), as it would have checking in order."""
+    from llmosd.api import checks
+    from llmosd.api.errors import InvalidArgument
+
+    for given in ({"monitor": "yes", "weight": "x", "priority": "y"}, {"priority": "y", "weight": "x"}):
+        with pytest.raises(InvalidArgument, match="priority must be an integer"):
+            checks.arguments("spawn", {"options": {"lua": "return 1", **given}}, "sys.spawn: ")
+    assert checks.arguments("spawn", {"options": {"weight": 7, "lua": "return 1", "monitor": None}}) == (
+        {"weight": 7, "lua": "return 1"},)
+    refused = run_lua(stub, "return {pcall(sys.spawn, {monitor = 'yes', weight = 'x', priority = 'y', lua = 'return 1'})}")
+    assert refused[0] is False and refused[1].endswith("sys.spawn: priority must be an integer"), refused
