@@ -57,17 +57,15 @@ def authorize(caller: Caller | None, syscall: str, pid: int, namespace: str,
     NotFound (another namespace) / PermissionDenied. `lineage` gives the target's ancestors
     (asked only when needed); `port_key` is the opener's key if the target is a port; `durable`,
     whether it is a durable process. A None caller is the kernel itself."""
-    if caller is None:
+    if caller is None or (caller.pid == pid and caller.role == PROCESS):  # a process may act on itself
         return
     if not caller.sees(namespace):
         raise not_found(pid)
-    if durable and syscall in DURABLE_SELF and (caller.role != PROCESS or caller.pid != pid):
+    if durable and syscall in DURABLE_SELF:  # (it is not the process itself, above)
         raise PermissionDenied(f"{syscall}: pid {pid} is a durable process: only it takes, gives back or waits "
                                "on a lock for itself (its journal must have each one, docs/durable-agents.md)")
     rule = RULE_OF[syscall]
     if caller.role == PROCESS:
-        if pid == caller.pid:
-            return
         if rule == OWN_MAILBOX:
             raise PermissionDenied(f"a process receives only from its own mailbox, not pid {pid}'s")
         if rule == ACT and caller.pid not in lineage():
