@@ -283,7 +283,7 @@ class Kernel:
         if spec.name is not None:
             C.name(spec.name)
         priority, weight = C.priority(spec.priority), C.weight(spec.weight or C.DEFAULT_WEIGHT)
-        args = C.value(spec.args, "args", config.max_message_bytes) if spec.args is not None else None
+        args = C.value(spec.args, "args", config.max_message_bytes)
         runtime = self.runtimes.get(kind)
         if runtime is None:
             raise Unimplemented(f"this server runs no {kind.title()} userland"
