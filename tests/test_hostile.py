@@ -480,7 +480,7 @@ def test_results_of_ended_processes_are_not_all_kept_in_memory(exact_rss: Kernel
     before = exact_rss.rss()
     for i in range(30, 60):
         exact_rss.run(f"return string.rep('r', 3 * 2^20 - {i})")
-    assert exact_rss.rss() - before < (45 << 20), f"RSS grew {(exact_rss.rss() - before) >> 20} MiB"
+    assert exact_rss.rss() - before < (36 << 20), f"RSS grew {(exact_rss.rss() - before) >> 20} MiB"
     assert len(from_value(exact_rss.wait(first).result)) == 3 << 20
 
 
@@ -493,7 +493,9 @@ def test_calls_answered_long_before_their_timeouts_keep_nothing(exact_rss: Kerne
     call was answered with, until the deadline: a client whose Waits or Recvs of 3 MiB were
     answered at once, each asking for up to an hour, made the kernel keep every one of them
     for that hour. A first batch of 30 lets the allocator reach its high-water mark; 60 more
-    must add far less than the 180 MiB they would if each answer were kept."""
+    must add far less than the 180 MiB they would if each answer were kept. Each waiter was also
+    a cycle (its queue entry held it) that kept its answer until the cyclic collector ran: RSS
+    then rose by 35-70 MiB between collections; now it stays within a few MiB."""
     port = exact_rss.port()
 
     def answered(i: int) -> None:
@@ -512,7 +514,7 @@ def test_calls_answered_long_before_their_timeouts_keep_nothing(exact_rss: Kerne
     before = exact_rss.rss()
     for i in range(30, 90):
         answered(i)
-    assert exact_rss.rss() - before < (60 << 20), f"RSS grew {(exact_rss.rss() - before) >> 20} MiB"
+    assert exact_rss.rss() - before < (36 << 20), f"RSS grew {(exact_rss.rss() - before) >> 20} MiB"
 
 
 def test_ended_processes_with_big_results_still_list(fresh: Kernel) -> None:

@@ -33,6 +33,10 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 RECENT_STEPS = 4096  # steps remembered for the recent batch sizes and tokens/s
 
 
+def _finished(event: Event) -> None:
+    """A finished sequence's callback: it has no one left to tell."""
+
+
 class EngineError(RuntimeError):
     """The engine failed a request (FinishEvent reason "error")."""
 
@@ -566,3 +570,6 @@ class Engine:
                 seq.context.request, seq.context.claimed = None, False
         calls = tool_use.parse(seq.output.text, seq.id) if seq.tool_choice is not None else None
         self._emit(seq, FinishEvent(reason, seq.usage(), text, error, calls))
+        # Its handle's callback (which holds whatever the caller waits with, a process, a result) goes:
+        # the handle and the sequence refer to each other, and would keep it until the cyclic collector ran.
+        seq.on_event = _finished

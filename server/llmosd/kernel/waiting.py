@@ -45,7 +45,11 @@ class Waiter:
         self.done = False
         self.timer: Timer | None = None
         # Where the waiter is registered (a mailbox's receivers, a process's
-        # exit waiters): it leaves when completed some other way.
+        # exit waiters): it leaves when completed some other way. Whoever takes
+        # it out sets `queue` to None. The entry often holds the waiter itself,
+        # so it is dropped once out of the queue: a waiter in a cycle would keep
+        # what it was woken with (a result, a message of megabytes) until the
+        # cyclic collector ran.
         self.queue: WaitQueue | None = None
         self.entry: Any = None
 
@@ -55,10 +59,10 @@ class Waiter:
 
     def leave(self) -> None:
         """Leave the queue the waiter is registered in, if it still is."""
-        queue, self.queue = self.queue, None
+        queue, entry, self.queue, self.entry = self.queue, self.entry, None, None
         if queue is not None:
             try:
-                queue.remove(self.entry)
+                queue.remove(entry)
             except ValueError:
                 pass
 
@@ -70,6 +74,8 @@ class Waiter:
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
+        if self.queue is None:  # taken out by whoever completes it
+            self.entry = None
         self._wake(value)
         return True
 
@@ -198,6 +204,8 @@ class Timers:
                 callback()
             except Exception:  # one timeout's trouble must not end every other's
                 log.exception("a timer's callback failed")
+            # Not kept while the thread sleeps until the next deadline: it holds its waiter.
+            callback = None
 
     def stop(self) -> None:
         with self._cond:

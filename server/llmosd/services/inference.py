@@ -66,6 +66,15 @@ class _EngineRequest:
         self.cancel()
 
 
+def _finished(kernel: Kernel, waiter: Waiter, result: Any) -> None:
+    """Complete a Lua process's waiter with what its engine request ended with. The request is out of
+    its _EngineRequest queue: there is nothing left to cancel, and the queue (which holds the request,
+    which holds the callback that holds the waiter) must not keep the waiter and its result."""
+    with kernel.lock:
+        waiter.queue = None
+        waiter.complete(result)
+
+
 class Inference:
     def __init__(self, kernel: Kernel, config: EngineConfig,
                  on_failed: Callable[[str], None] | None = None) -> None:
@@ -234,8 +243,7 @@ class Inference:
                 if request.json_schema is not None and event.reason == "stop":
                     result["json"] = self._parsed(text)
             self._charge(pid, request.namespace, event.usage)
-            with self.kernel.lock:
-                waiter.complete(result)
+            _finished(self.kernel, waiter, result)
 
         def submit() -> None:
             try:
@@ -385,8 +393,7 @@ class Inference:
             result: Any = context_id[0]
             if event.reason != "stop":
                 result = KernelError(f"sys.context.create: the prefill ended with {event.reason}: {event.error}")
-            with self.kernel.lock:
-                waiter.complete(result)
+            _finished(self.kernel, waiter, result)
 
         context_id: list[int] = []
         named = threading.Event()
