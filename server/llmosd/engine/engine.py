@@ -33,7 +33,7 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 RECENT_STEPS = 4096  # steps remembered for the recent batch sizes and tokens/s
 
 
-def _finished(event: Event) -> None:
+def _no_one_to_tell(event: Event) -> None:
     """A finished sequence's callback: it has no one left to tell."""
 
 
@@ -572,4 +572,4 @@ class Engine:
         self._emit(seq, FinishEvent(reason, seq.usage(), text, error, calls))
         # Its handle's callback (which holds whatever the caller waits with, a process, a result) goes:
         # the handle and the sequence refer to each other, and would keep it until the cyclic collector ran.
-        seq.on_event = _finished
+        seq.on_event = _no_one_to_tell
