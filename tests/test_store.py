@@ -4,6 +4,7 @@ again as a restart would."""
 from __future__ import annotations
 
 import pathlib
+import sqlite3
 
 from llmosd.kernel.store import (FIRST_ID_BLOCK, ROWS_PER_STATEMENT, SQLITE_MEMORY_BUDGET, ProcessRecord, Store,
                                  StoredMessage, sqlite_memory_used)
@@ -51,6 +52,43 @@ def test_process_rows_merge_and_batch_across_restarts(tmp_path: pathlib.Path) ->
         assert rec.result == (pid if pid % 2 else None) and rec.started_at_ms == 1000 + pid
     assert [r.pid for r in store.live_records()] == [10_000]
     assert len(store.ended_records(10 * n)) == 2 * n
+    store.close()
+
+
+def test_batches_of_any_size_write_their_rows_with_a_few_statements(tmp_path: pathlib.Path) -> None:
+    """Each batch's rows go in one statement per ROWS_PER_STATEMENT, padded to a power of two with
+    rows of NULLs that it skips (store.padded_rows): every row written once, no padding row written,
+    and a few statements for all the batch sizes, not one per size."""
+    class Recorded:
+        """The connection, noting each statement it is given."""
+
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db, self.statements = db, set()
+
+        def execute(self, sql: str, *params: object) -> sqlite3.Cursor:
+            self.statements.add(sql)
+            return self.db.execute(sql, *params)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.db, name)
+
+    store = Store(str(tmp_path))
+    store._db = recorded = Recorded(store._db)
+    pid, sizes = 0, [1, 2, 3, 5, 17, 31, 33, 64, 65, ROWS_PER_STATEMENT + 3]
+    for size in sizes:
+        pids = range(pid + 1, pid + size + 1)
+        pid += size
+        for p in pids:
+            store.record_spawn(record(p))
+        store.flush()
+        for p in pids:
+            store.record_exit(end(record(p), p))
+        store.flush()
+    assert store.query("SELECT COUNT(*), COUNT(DISTINCT pid), MIN(pid), MAX(pid) FROM processes") == [(pid, pid, 1, pid)]
+    assert store.query("SELECT COUNT(*) FROM processes WHERE state != 'EXITED' OR result != CAST(pid AS TEXT)") == [(0,)]
+    # 1, 2, 4, 8, 32, 64, 128 and ROWS_PER_STATEMENT rows (and 4 for the last batch's rest): 8 of each.
+    assert len([sql for sql in recorded.statements if sql.startswith("INSERT")]) == 8
+    assert len([sql for sql in recorded.statements if sql.startswith("UPDATE")]) == 8
     store.close()
 
 

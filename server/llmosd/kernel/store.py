@@ -117,7 +117,7 @@ PROCESS_COLUMNS = (
 )
 LOGS_KEPT_FROM = "logs_kept_from"  # a row of counters: the oldest pid whose log the last cut kept
 NAME, STATE = PROCESS_COLUMNS.index("name"), PROCESS_COLUMNS.index("state")  # where they are in a row
-ROWS_PER_STATEMENT = 500  # 16 columns each: within SQLite's 32,766 variables
+ROWS_PER_STATEMENT = 512  # 16 columns each: within SQLite's 32,766 variables; a power of two (padded_rows)
 
 
 @dataclass(slots=True)
@@ -505,11 +505,11 @@ class Store:
         try:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
                 chunk = rows[start:start + ROWS_PER_STATEMENT]
-                self._db.execute(_insert_many(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                self._db.execute(*padded_rows(_insert_many, (), chunk, len(PROCESS_COLUMNS)))
             for names, values in by_columns.items():
                 for start in range(0, len(values), ROWS_PER_STATEMENT):
                     chunk = values[start:start + ROWS_PER_STATEMENT]
-                    self._db.execute(_update_many(names, len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                    self._db.execute(*padded_rows(_update_many, (names,), chunk, len(names) + 1))
             for sql, params in _durable_batch(ordered):
                 if sql is None:
                     params(self._db)  # a write_later's
@@ -590,14 +590,30 @@ def _result_json(value: Any) -> str:
 _INSERT_ONE = f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES ({','.join('?' * len(PROCESS_COLUMNS))})"
 
 
-@functools.lru_cache(maxsize=8)
-def _insert_many(n: int) -> str:
-    return _INSERT_ONE + f",({','.join('?' * len(PROCESS_COLUMNS))})" * (n - 1)
+def padded_rows(statement: Callable[..., str], key: tuple, rows: list, width: int) -> tuple[str, list]:
+    """`statement(*key, n)` and its parameters for `rows` (of `width` values each), padded with rows
+    of NULLs, which the statement must skip, to the next power of two: a few statements, each
+    prepared once and kept in the connection's cache. A statement per batch size was parsed anew
+    for nearly every batch (thousands of parameters), and pushed an older one out of the cache:
+    both with the GIL released, which handed it to a waiting thread each time."""
+    n = 1 << (len(rows) - 1).bit_length()
+    params = list(itertools.chain.from_iterable(rows))
+    params.extend([None] * ((n - len(rows)) * width))
+    return statement(*key, n), params
 
 
 @functools.lru_cache(maxsize=16)
+def _insert_many(n: int) -> str:
+    """n rows of values in PROCESS_COLUMNS' order, in one statement; rows whose pid is NULL are skipped."""
+    row = f"({','.join('?' * len(PROCESS_COLUMNS))})"
+    return (f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)})"
+            f" SELECT * FROM (VALUES {','.join([row] * n)}) WHERE column1 IS NOT NULL")
+
+
+@functools.lru_cache(maxsize=32)
 def _update_many(names: tuple[str, ...], n: int) -> str:
-    """Columns `names` of n rows from values (pid, *values) each, in one statement."""
+    """Columns `names` of n rows from values (pid, *values) each, in one statement; a row whose pid
+    is NULL matches none."""
     row = f"({','.join('?' * (len(names) + 1))})"
     assignments = ", ".join(f"{name}=v.column{i + 2}" for i, name in enumerate(names))
     return (f"UPDATE processes SET {assignments} FROM (VALUES {','.join([row] * n)}) AS v"
