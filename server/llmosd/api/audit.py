@@ -16,7 +16,6 @@ fast paths.
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import sqlite3
 import threading
@@ -24,6 +23,7 @@ import time
 from typing import Any
 
 from .authority import PROCESS, Caller
+from ..kernel.store import padded_rows
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 DEFAULT_ROWS = 100_000  # the newest rows kept; older ones are deleted as new ones come
 GATHER_S = 0.05  # how long the writer lets rows gather once one is queued: each batch takes the GIL a few times
-ROWS_PER_STATEMENT = 150  # rows of one INSERT (6 parameters each, well within SQLite's limit)
+ROWS_PER_STATEMENT = 128  # rows of one INSERT (6 parameters each, well within SQLite's limit); a power of two (padded_rows)
 TARGET_FIELDS = ("pid", "to", "to_name", "target", "watcher", "parent", "name", "path", "from_path", "id", "namespace")
 
 
@@ -138,8 +138,7 @@ class AuditLog:
         with self._db_lock:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
                 chunk = rows[start:start + ROWS_PER_STATEMENT]
-                self._newest = self._db.execute(_insert_many(len(chunk)),
-                                                list(itertools.chain.from_iterable(chunk))).lastrowid
+                self._newest = self._db.execute(*padded_rows(_insert_many, (), chunk, 6)).lastrowid
             if self._newest - self.max_rows >= self._cut_below + max(self.max_rows // 10, 1):
                 self._cut_below = self._newest - self.max_rows
                 self._db.execute("DELETE FROM audit WHERE id <= ?", (self._cut_below,))
@@ -163,7 +162,8 @@ class AuditLog:
         self._db.close()
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _insert_many(n: int) -> str:
-    return ("INSERT INTO audit (at_ms, namespace, who, method, target, outcome) VALUES "
-            + ",".join(["(?, ?, ?, ?, ?, ?)"] * n))
+    """n rows in one statement; rows of NULLs (padded_rows') are skipped."""
+    return ("INSERT INTO audit (at_ms, namespace, who, method, target, outcome) SELECT * FROM (VALUES "
+            + ",".join(["(?, ?, ?, ?, ?, ?)"] * n) + ") WHERE column1 IS NOT NULL")
