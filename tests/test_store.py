@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import sqlite3
+import time
 
 from llmosd.kernel.store import (FIRST_ID_BLOCK, ROWS_PER_STATEMENT, SQLITE_MEMORY_BUDGET, ProcessRecord, Store,
                                  StoredMessage, sqlite_memory_used)
@@ -89,6 +90,26 @@ def test_batches_of_any_size_write_their_rows_with_a_few_statements(tmp_path: pa
     # 1, 2, 4, 8, 32, 64, 128 and ROWS_PER_STATEMENT rows (and 4 for the last batch's rest): 8 of each.
     assert len([sql for sql in recorded.statements if sql.startswith("INSERT")]) == 8
     assert len([sql for sql in recorded.statements if sql.startswith("UPDATE")]) == 8
+    store.close()
+
+
+def test_a_stream_of_records_is_written_in_few_transactions(tmp_path: pathlib.Path) -> None:
+    """The write-behind gathers records while they keep coming (Store._gather_locked), up to
+    GATHER_MAX_S: a record every millisecond for about 0.1 s is a couple of transactions, not one
+    per GATHER_S (about 20); a process that spawns and ends meanwhile is one insert. Every record
+    arrives, and a lone one is written after a quiet GATHER_S (flush waits for nothing here)."""
+    store = Store(str(tmp_path))
+    commits = lambda: sum(store._commit_seconds.counts)  # noqa: E731
+    before = commits()
+    for pid in range(1, 101):
+        store.record_spawn(record(pid))
+        store.record_exit(end(record(pid), pid))
+        time.sleep(0.001)
+    deadline = time.monotonic() + 10
+    while store.query("SELECT COUNT(*) FROM processes WHERE state = 'EXITED'") != [(100,)] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.query("SELECT COUNT(*) FROM processes WHERE state = 'EXITED'") == [(100,)]
+    assert commits() - before <= 8  # 2-3 here; allows a few stalls of this thread past GATHER_S
     store.close()
 
 

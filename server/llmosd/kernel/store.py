@@ -118,6 +118,11 @@ PROCESS_COLUMNS = (
 LOGS_KEPT_FROM = "logs_kept_from"  # a row of counters: the oldest pid whose log the last cut kept
 NAME, STATE = PROCESS_COLUMNS.index("name"), PROCESS_COLUMNS.index("state")  # where they are in a row
 ROWS_PER_STATEMENT = 512  # 16 columns each: within SQLite's 32,766 variables; a power of two (padded_rows)
+# The write-behind batches (Store._gather_locked): the rows queued within GATHER_S of the first, and
+# while they keep coming, up to GATHER_MAX_S: so non-durable processes' records reach the disk at most
+# about GATHER_MAX_S after they change (a crash of the server may lose that much of them).
+GATHER_S = 0.005
+GATHER_MAX_S = 0.05
 
 
 @dataclass(slots=True)
@@ -217,6 +222,7 @@ class Store:
         # Durable writes (sql, params) and write_later's (None, write), in the order they must be applied.
         self._ordered: list[tuple[str | None, Any]] = []
         self._pending_logs: dict[int, tuple[int, list[tuple[int, str]]]] = {}  # pid -> (dropped, lines)
+        self._records_queued = 0  # process rows, updates and logs queued so far (_gather_locked)
         self.log_retention = log_retention
         self._logs_unpruned = 0  # logs written since the table was last cut to log_retention
         self._pending_lock = threading.Lock()
@@ -297,6 +303,7 @@ class Store:
             return
         with self._pending_lock:
             self._pending[rec.pid] = row
+            self._records_queued += 1
             self._wake_writer()
 
     def record_exit(self, rec: ProcessRecord, durable: bool = False) -> None:
@@ -337,6 +344,7 @@ class Store:
             return
         with self._pending_lock:
             self._pending_logs[pid] = (dropped, lines)
+            self._records_queued += 1
             self._wake_writer()
 
     def load_log(self, pid: int) -> tuple[list[tuple[int, str]], int] | None:
@@ -475,6 +483,7 @@ class Store:
             self._write_now(_update_sql(first, len(values)), (*values, pid))
             return
         with self._pending_lock:
+            self._records_queued += 1
             row = self._pending.get(pid)
             if row is not None:  # its spawn is not written yet: one row for both
                 row[first:first + len(values)] = values
@@ -541,10 +550,27 @@ class Store:
                 with self._pending_lock:
                     self._spare[counter] = block
             with self._pending_lock:
-                if (self._pending or self._pending_updates or self._ordered or self._pending_logs) and not self._closed:
-                    # Let a burst accumulate into one transaction.
-                    self._flush_wanted.wait(0.005)
+                self._gather_locked()
             self.flush()
+
+    def _gather_locked(self) -> None:
+        """Let a burst gather into one transaction (pending lock held): GATHER_S after the writer
+        woke, then, while process records keep coming (more in each GATHER_S), until GATHER_MAX_S
+        has passed. A durable write (someone waits for it), ids wanted ahead and close end the
+        gathering at once. Why: in a stream of spawns, each batch of GATHER_S took the GIL from the
+        kernel a dozen times (the sqlite3 module releases it for every statement it prepares and
+        steps, and the writer waits for it back), and a process spawned in one batch and ended in
+        the next was written twice (an insert, then an update)."""
+        if self._closed or not (self._pending or self._pending_updates or self._ordered or self._pending_logs):
+            return
+        deadline = time.monotonic() + GATHER_MAX_S
+        queued = self._records_queued
+        self._flush_wanted.wait(GATHER_S)
+        while not (self._ordered or self._spares_wanted or self._closed):
+            if self._records_queued == queued or time.monotonic() >= deadline:
+                return
+            queued = self._records_queued
+            self._flush_wanted.wait(GATHER_S)
 
     def close(self) -> None:
         with self._pending_lock:
