@@ -490,6 +490,26 @@ def test_the_audit_log_is_bounded(tmp_path: pathlib.Path) -> None:
         s.stop(signal.SIGKILL)
 
 
+def test_audit_batches_of_any_size_keep_every_row_once(tmp_path: pathlib.Path) -> None:
+    """The audit log writes a batch in statements padded to a power of two rows (kernel/store.py
+    padded_rows): every row is there once, in order, with ids one after the other, and no padding."""
+    from llmosd.api.audit import AuditLog
+    from llmosd.api.authority import Caller
+
+    log = AuditLog(str(tmp_path), max_rows=1000)
+    caller, n = Caller("default", "client", 0, "key"), 0
+    for size in (1, 3, 130, 7):
+        for i in range(n, n + size):
+            log.record(caller, "Send", f"to={i}", "OK")
+        n += size
+        log._flush()
+    rows = log.read(1000)
+    assert [row[0] for row in rows] == list(range(n, 0, -1))
+    assert [row[5] for row in rows] == [f"to={i}" for i in range(n - 1, -1, -1)]
+    assert {row[3:5] + row[6:] for row in rows} == {("client key", "Send", "OK")}
+    log.close()
+
+
 def test_audit_rows_of_a_server_before_audit_db_are_kept(tmp_path: pathlib.Path) -> None:
     """The audit log moved from kernel.db to audit.db (its batches held up the store's writes):
     the rows an older server wrote come along, and kernel.db keeps no audit table."""
