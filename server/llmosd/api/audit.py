@@ -138,7 +138,7 @@ class AuditLog:
         with self._db_lock:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
                 chunk = rows[start:start + ROWS_PER_STATEMENT]
-                self._newest = self._db.execute(*padded_rows(_insert_many, (), chunk, 6)).lastrowid
+                self._newest = self._db.execute(*padded_rows(_insert_many, chunk)).lastrowid
             if self._newest - self.max_rows >= self._cut_below + max(self.max_rows // 10, 1):
                 self._cut_below = self._newest - self.max_rows
                 self._db.execute("DELETE FROM audit WHERE id <= ?", (self._cut_below,))

@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client.core import HistogramMetricFamily, Metric
 
@@ -491,6 +491,10 @@ class Store:
             self._pending_updates.setdefault(pid, {}).update(zip(names, values))
             self._wake_writer()
 
+    def _anything_pending_locked(self) -> bool:
+        """Whether the write-behind has anything to write (pending lock held)."""
+        return bool(self._pending or self._pending_updates or self._ordered or self._pending_logs)
+
     def _wake_writer(self) -> None:
         if len(self._pending) + len(self._pending_updates) + len(self._ordered) + len(self._pending_logs) == 1:
             self._flush_wanted.notify()
@@ -500,7 +504,7 @@ class Store:
         so that batches reach the database in the order they were taken):
         whole rows as multi-row inserts, the rest as updates."""
         with self._pending_lock:
-            if not self._pending and not self._pending_updates and not self._ordered and not self._pending_logs:
+            if not self._anything_pending_locked():
                 return  # the common case before a port's write: nothing behind it
             rows, self._pending = list(self._pending.values()), {}
             updates, self._pending_updates = self._pending_updates, {}
@@ -514,11 +518,11 @@ class Store:
         try:
             for start in range(0, len(rows), ROWS_PER_STATEMENT):
                 chunk = rows[start:start + ROWS_PER_STATEMENT]
-                self._db.execute(*padded_rows(_insert_many, (), chunk, len(PROCESS_COLUMNS)))
+                self._db.execute(*padded_rows(_insert_many, chunk))
             for names, values in by_columns.items():
                 for start in range(0, len(values), ROWS_PER_STATEMENT):
                     chunk = values[start:start + ROWS_PER_STATEMENT]
-                    self._db.execute(*padded_rows(_update_many, (names,), chunk, len(names) + 1))
+                    self._db.execute(*padded_rows(functools.partial(_update_many, names), chunk))
             for sql, params in _durable_batch(ordered):
                 if sql is None:
                     params(self._db)  # a write_later's
@@ -538,9 +542,7 @@ class Store:
     def _write_behind(self) -> None:
         while True:
             with self._pending_lock:
-                while (not self._pending and not self._pending_updates and not self._ordered
-                       and not self._pending_logs
-                       and not self._spares_wanted and not self._closed):
+                while not self._anything_pending_locked() and not self._spares_wanted and not self._closed:
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
                     return
@@ -561,7 +563,7 @@ class Store:
         kernel a dozen times (the sqlite3 module releases it for every statement it prepares and
         steps, and the writer waits for it back), and a process spawned in one batch and ended in
         the next was written twice (an insert, then an update)."""
-        if self._closed or not (self._pending or self._pending_updates or self._ordered or self._pending_logs):
+        if self._closed or not self._anything_pending_locked():
             return
         deadline = time.monotonic() + GATHER_MAX_S
         queued = self._records_queued
@@ -616,16 +618,16 @@ def _result_json(value: Any) -> str:
 _INSERT_ONE = f"INSERT OR REPLACE INTO processes({','.join(PROCESS_COLUMNS)}) VALUES ({','.join('?' * len(PROCESS_COLUMNS))})"
 
 
-def padded_rows(statement: Callable[..., str], key: tuple, rows: list, width: int) -> tuple[str, list]:
-    """`statement(*key, n)` and its parameters for `rows` (of `width` values each), padded with rows
-    of NULLs, which the statement must skip, to the next power of two: a few statements, each
+def padded_rows(statement: Callable[[int], str], rows: list[Sequence[Any]]) -> tuple[str, list]:
+    """`statement(n)` and its parameters for `rows` (at least one, all of one width), padded with
+    rows of NULLs, which the statement must skip, to the next power of two: a few statements, each
     prepared once and kept in the connection's cache. A statement per batch size was parsed anew
     for nearly every batch (thousands of parameters), and pushed an older one out of the cache:
     both with the GIL released, which handed it to a waiting thread each time."""
     n = 1 << (len(rows) - 1).bit_length()
     params = list(itertools.chain.from_iterable(rows))
-    params.extend([None] * ((n - len(rows)) * width))
-    return statement(*key, n), params
+    params.extend([None] * ((n - len(rows)) * len(rows[0])))
+    return statement(n), params
 
 
 @functools.lru_cache(maxsize=16)
