@@ -45,6 +45,16 @@ class Quotas:
 QUOTAS = tuple(f.name for f in fields(Quotas))
 
 
+class _Reservation:
+    """The sums of a namespace's live processes' limits that its RESERVED quotas bound."""
+
+    __slots__ = RESERVED
+
+    def __init__(self) -> None:
+        self.memory_bytes = 0
+        self.mailbox_bytes = 0
+
+
 class _TokenUse:
     __slots__ = ("total", "window", "in_window")
 
@@ -70,7 +80,7 @@ class Namespaces:
         self._lock = threading.Lock()
         self._weights: dict[str, int] = {}
         self._quotas: dict[str, Quotas] = {}
-        self._reserved: dict[str, dict[str, int]] = {}
+        self._reserved: dict[str, _Reservation] = {}
         self._tokens: dict[str, _TokenUse] = {}
 
     def weight(self, name: str) -> int:
@@ -97,17 +107,26 @@ class Namespaces:
             if quotas:
                 self._quotas[name] = Quotas(**{**asdict(self.quotas(name)), **quotas})
 
-    # -- reservations: memory, mailbox and KV bytes --------------------------------------------
+    # -- reservations: memory and mailbox bytes ------------------------------------------------
     def reserve_locked(self, name: str, asked: Limits, limits: Limits) -> Limits:
         """A new process's `limits` within what its namespace has left of each reserved quota
         (`asked`: what the caller asked for explicitly), reserved for it. Kernel lock held."""
-        quotas, reserved = self.quotas(name), self._reserved_locked(name)
+        reserved = self._reserved.get(name) or self._new_reservation(name)
+        quotas = self._quotas.get(name, self._defaults)
+        if quotas.memory_bytes or quotas.mailbox_bytes:  # (most namespaces have neither)
+            limits = self._within_quotas(name, quotas, reserved, asked, limits)
+        reserved.memory_bytes += limits.memory_bytes
+        reserved.mailbox_bytes += limits.mailbox_bytes
+        return limits
+
+    def _within_quotas(self, name: str, quotas: Quotas, reserved: _Reservation, asked: Limits,
+                       limits: Limits) -> Limits:
         lowered = {}
         for key in RESERVED:
             quota = getattr(quotas, key)
             if not quota:
                 continue
-            left, wanted = quota - reserved[key], getattr(asked, key)
+            left, wanted = quota - getattr(reserved, key), getattr(asked, key)
             if left <= 0 or wanted > left:
                 raise ResourceExhausted(
                     f"namespace {name!r} has {max(left, 0)} of its {key} quota of {quota} left "
@@ -115,30 +134,26 @@ class Namespaces:
             current = getattr(limits, key)
             if not current or current > left:
                 lowered[key] = left
-        if lowered:
-            limits = Limits(**{**limits.as_dict(), **lowered})
-        self.add_locked(name, limits)
-        return limits
+        return Limits(**{**limits.as_dict(), **lowered}) if lowered else limits
 
     def add_locked(self, name: str, limits: Limits) -> None:
-        """Count a process's limits against its namespace (also a port restored at start)."""
-        reserved = self._reserved_locked(name)
-        for key in RESERVED:
-            reserved[key] += getattr(limits, key)
+        """Count a process's limits against its namespace (a port restored at start). Kernel lock held."""
+        reserved = self._reserved.get(name) or self._new_reservation(name)
+        reserved.memory_bytes += limits.memory_bytes
+        reserved.mailbox_bytes += limits.mailbox_bytes
 
-    def _reserved_locked(self, name: str) -> dict[str, int]:
-        reserved = self._reserved.get(name)  # (setdefault would build a dict on every spawn)
-        if reserved is None:
-            reserved = self._reserved[name] = dict.fromkeys(RESERVED, 0)
+    def _new_reservation(self, name: str) -> _Reservation:
+        reserved = self._reserved[name] = _Reservation()
         return reserved
 
     def release_locked(self, name: str, limits: Limits) -> None:
         reserved = self._reserved[name]
-        for key in RESERVED:
-            reserved[key] -= getattr(limits, key)
+        reserved.memory_bytes -= limits.memory_bytes
+        reserved.mailbox_bytes -= limits.mailbox_bytes
 
     def reserved(self, name: str) -> dict[str, int]:
-        return dict(self._reserved.get(name) or dict.fromkeys(RESERVED, 0))
+        reserved = self._reserved.get(name) or _Reservation()
+        return {key: getattr(reserved, key) for key in RESERVED}
 
     # -- inference tokens -----------------------------------------------------------------------
     def token_budget(self, name: str) -> int | None:
