@@ -39,11 +39,14 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from prometheus_client.core import HistogramMetricFamily, Metric
 
 from .durations import Durations
+
+if TYPE_CHECKING:
+    from .process import Limits
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
@@ -293,10 +296,10 @@ class Store:
     def record_spawn(self, rec: Any, durable: bool = False) -> None:
         """`rec`: a ProcessRecord, or the kernel's Process itself (whose limits
         are a Limits), which has the same fields."""
-        limits = rec.limits if isinstance(rec.limits, dict) else rec.limits.as_dict()
+        limits = _counters_json(rec.limits) if isinstance(rec.limits, dict) else _limits_json(rec.limits)
         row = [
             rec.pid, rec.kind, rec.name, rec.parent, rec.namespace, rec.priority, rec.weight,
-            _counters_json(limits), rec.started_at_ms, rec.state, None, None, None, None, None, rec.opener,
+            limits, rec.started_at_ms, rec.state, None, None, None, None, None, rec.opener,
         ]
         if durable:
             self._write_now(_INSERT_ONE, row)
@@ -598,6 +601,23 @@ def _counters_json(counters: dict[str, int] | None) -> str:
 
 
 _COUNTER_TEMPLATES: dict[tuple[str, ...], str] = {}
+
+
+def _limits_json(limits: Limits) -> str:
+    """A Limits as JSON. Most processes share one Limits (the server's defaults, or their
+    parent's): its text is made once, and kept while the object is in use (by identity: a
+    Limits is never changed)."""
+    kept = _LIMITS_JSON.get(id(limits))
+    if kept is not None and kept[0] is limits:
+        return kept[1]
+    if len(_LIMITS_JSON) >= 64:
+        _LIMITS_JSON.clear()
+    text = _counters_json(limits.as_dict())
+    _LIMITS_JSON[id(limits)] = (limits, text)
+    return text
+
+
+_LIMITS_JSON: dict[int, tuple[Limits, str]] = {}
 
 
 def _exit_values(rec: ProcessRecord) -> tuple:
