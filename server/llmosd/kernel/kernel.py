@@ -269,8 +269,8 @@ class Kernel:
             limits=limits, started_at_ms=now_ms(), **fields,
         )
         proc.namespace = sys.intern(namespace)  # interned: lua/fast_paths.c compares namespaces by pointer
-        proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable=durable or kind == P.PORT,
-                               byte_limit=limits.mailbox_bytes)
+        # (owner, limit, core, durable, byte_limit): by position, which the C type parses faster
+        proc.mailbox = Mailbox(pid, limits.mailbox, self.core, durable or kind == P.PORT, limits.mailbox_bytes)
         return proc
 
     def spawn(self, spec: SpawnSpec, caller: Caller | None = None,
@@ -282,8 +282,10 @@ class Kernel:
         kind, source, program_name, program_path = resolve_program(spec, config.userland_root)
         if spec.name is not None:
             C.name(spec.name)
-        priority, weight = C.priority(spec.priority), C.weight(spec.weight or C.DEFAULT_WEIGHT)
-        args = C.value(spec.args, "args", config.max_message_bytes)
+        # (the defaults, which most spawns take, need no check)
+        priority = C.priority(spec.priority) if spec.priority else 0
+        weight = C.weight(spec.weight) if spec.weight else C.DEFAULT_WEIGHT
+        args = None if spec.args is None else C.value(spec.args, "args", config.max_message_bytes)
         runtime = self.runtimes.get(kind)
         if runtime is None:
             raise Unimplemented(f"this server runs no {kind.title()} userland"
