@@ -7,6 +7,7 @@ import pathlib
 import sqlite3
 import time
 
+from llmosd.kernel.process import Limits
 from llmosd.kernel.store import (FIRST_ID_BLOCK, ROWS_PER_STATEMENT, SQLITE_MEMORY_BUDGET, ProcessRecord, Store,
                                  StoredMessage, sqlite_memory_used)
 
@@ -53,6 +54,27 @@ def test_process_rows_merge_and_batch_across_restarts(tmp_path: pathlib.Path) ->
         assert rec.result == (pid if pid % 2 else None) and rec.started_at_ms == 1000 + pid
     assert [r.pid for r in store.live_records()] == [10_000]
     assert len(store.ended_records(10 * n)) == 2 * n
+    store.close()
+
+
+def test_each_process_row_keeps_its_own_limits(tmp_path: pathlib.Path) -> None:
+    """A Limits' JSON is made once per Limits object and reused by identity: processes that share
+    one, processes with their own (more than the store keeps texts for), and a Limits made again
+    after an equal one went each read back their own limits."""
+    store = Store(str(tmp_path))
+    shared = Limits(memory_bytes=1 << 20, mailbox=5)
+    given: dict[int, dict[str, int]] = {}  # not the objects: a freed one's id may be reused
+    for pid in range(1, 201):
+        limits = shared if pid % 2 else Limits(cpu_ms=pid, mailbox_bytes=pid * 10)
+        rec = record(pid)
+        rec.limits = limits  # a live Process's limits are a Limits (record_spawn takes either)
+        store.record_spawn(rec)
+        given[pid] = limits.as_dict()
+        del limits, rec
+    store.flush()
+    for pid, limits in given.items():
+        row = store.load_process(pid)
+        assert row is not None and row.limits == limits, pid
     store.close()
 
 
