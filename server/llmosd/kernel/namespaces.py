@@ -28,8 +28,19 @@ from ..api.errors import ResourceExhausted
 from .process import DEFAULT_WEIGHT, Limits
 from .scheduler import Scheduler
 
+
+class _Reservation:
+    """The sums of a namespace's live processes' limits that its RESERVED quotas bound."""
+
+    __slots__ = ("memory_bytes", "mailbox_bytes")
+
+    def __init__(self) -> None:
+        self.memory_bytes = 0
+        self.mailbox_bytes = 0
+
+
 # The quotas that bound the sum of live processes' limits of the same name.
-RESERVED = ("memory_bytes", "mailbox_bytes")
+RESERVED = _Reservation.__slots__
 MINUTE_S = 60.0
 
 
@@ -43,16 +54,6 @@ class Quotas:
 
 
 QUOTAS = tuple(f.name for f in fields(Quotas))
-
-
-class _Reservation:
-    """The sums of a namespace's live processes' limits that its RESERVED quotas bound."""
-
-    __slots__ = RESERVED
-
-    def __init__(self) -> None:
-        self.memory_bytes = 0
-        self.mailbox_bytes = 0
 
 
 class _TokenUse:

@@ -605,8 +605,8 @@ _COUNTER_TEMPLATES: dict[tuple[str, ...], str] = {}
 
 def _limits_json(limits: Limits) -> str:
     """A Limits as JSON. Most processes share one Limits (the server's defaults, or their
-    parent's): its text is made once, and kept while the object is in use (by identity: a
-    Limits is never changed)."""
+    parent's): its text is made once and kept by identity (a Limits never changes), with the
+    object itself, so that no other can take its id meanwhile; 64 at most."""
     kept = _LIMITS_JSON.get(id(limits))
     if kept is not None and kept[0] is limits:
         return kept[1]
