@@ -112,16 +112,14 @@ class Namespaces:
     def reserve_locked(self, name: str, asked: Limits, limits: Limits) -> Limits:
         """A new process's `limits` within what its namespace has left of each reserved quota
         (`asked`: what the caller asked for explicitly), reserved for it. Kernel lock held."""
-        reserved = self._reserved.get(name) or self._new_reservation(name)
-        quotas = self._quotas.get(name, self._defaults)
+        quotas = self.quotas(name)
         if quotas.memory_bytes or quotas.mailbox_bytes:  # (most namespaces have neither)
-            limits = self._within_quotas(name, quotas, reserved, asked, limits)
-        reserved.memory_bytes += limits.memory_bytes
-        reserved.mailbox_bytes += limits.mailbox_bytes
+            limits = self._within_quotas(name, quotas, asked, limits)
+        self.add_locked(name, limits)
         return limits
 
-    def _within_quotas(self, name: str, quotas: Quotas, reserved: _Reservation, asked: Limits,
-                       limits: Limits) -> Limits:
+    def _within_quotas(self, name: str, quotas: Quotas, asked: Limits, limits: Limits) -> Limits:
+        reserved = self._reserved.get(name) or _Reservation()
         lowered = {}
         for key in RESERVED:
             quota = getattr(quotas, key)
@@ -138,14 +136,13 @@ class Namespaces:
         return Limits(**{**limits.as_dict(), **lowered}) if lowered else limits
 
     def add_locked(self, name: str, limits: Limits) -> None:
-        """Count a process's limits against its namespace (a port restored at start). Kernel lock held."""
-        reserved = self._reserved.get(name) or self._new_reservation(name)
+        """Count a process's limits against its namespace (a new one's, or a port's restored at
+        start). Kernel lock held."""
+        reserved = self._reserved.get(name)
+        if reserved is None:
+            reserved = self._reserved[name] = _Reservation()
         reserved.memory_bytes += limits.memory_bytes
         reserved.mailbox_bytes += limits.mailbox_bytes
-
-    def _new_reservation(self, name: str) -> _Reservation:
-        reserved = self._reserved[name] = _Reservation()
-        return reserved
 
     def release_locked(self, name: str, limits: Limits) -> None:
         reserved = self._reserved[name]
