@@ -10,8 +10,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 
 # The project itself, editable, from *this* checkout (a clone elsewhere must not shadow it),
-# with its C extensions built from the C sources as they are now (an editable install does
-# not rebuild them when a pull changes them).
+# with its C extensions built from the C sources as they are now, and its compiled modules from
+# the Python sources as they are now (an editable install does not rebuild them when a pull
+# changes them; setup.py).
 if ! "$PY" - "$ROOT" <<'PYCHECK' 2>/dev/null; then
 import glob, os, sys
 root = os.path.realpath(sys.argv[1])
@@ -24,6 +25,8 @@ for mod in (llmos, llmosd):
 built = glob.glob(f"{root}/server/llmosd/**/*.so", recursive=True)
 sources = glob.glob(f"{root}/server/llmosd/**/*.[ch]", recursive=True)
 assert len(built) >= 2 and min(map(os.path.getmtime, built)) >= max(map(os.path.getmtime, sources))
+import llmosd.compiled
+assert llmosd.compiled.vouched() and not llmosd.compiled.stale()  # the compiled modules are of these sources
 PYCHECK
   "$PY" -m pip install --quiet -e "$ROOT[test]"
 fi
