@@ -169,3 +169,39 @@ def test_blocking_calls_leave_no_cyclic_garbage(tmp_path: pathlib.Path) -> None:
         gc.garbage.clear()
         gc.enable()
         kernel.shutdown()
+
+
+def test_ended_records_are_out_of_the_cycle_collectors_sight(tmp_path: pathlib.Path) -> None:
+    """The newest ended processes' records, which the kernel keeps for Wait and GetProcess, and
+    their logs are not visited by the cycle collector (kernel/process.c says why that is safe),
+    and read back whole, also after a full collection."""
+    kernel = Kernel(KernelConfig(data_dir=str(tmp_path), cpus=1))
+    kernel.add_runtime(LuaRuntime(kernel))
+    kernel.start_recovered()
+    try:
+        program = 'sys.log("line " .. args) return {n = args, tags = {"a", "b"}}'
+        pids = [kernel.spawn(SpawnSpec(lua=program, args=i)) for i in range(3)]
+        deadline = time.monotonic() + 60
+        while any(pid in kernel.procs for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gc.collect()
+        for i, pid in enumerate(pids):
+            rec = kernel.ended[pid]
+            assert not gc.is_tracked(rec) and not gc.is_tracked(rec.log)
+            assert (rec.state, rec.result) == ("EXITED", {"n": i, "tags": ["a", "b"]})
+            assert [line for _, line in rec.log] == [f"line {i}"]
+            assert kernel.get(pid)[0].result == rec.result
+    finally:
+        kernel.shutdown()
+
+
+def test_untrack_takes_any_objects() -> None:
+    """_kernel.untrack leaves objects the collector does not track (an int, a str, one untracked
+    already) as they are, and stops tracking the others."""
+    from llmosd.native import _kernel
+
+    tracked, untracked_already = [[]], {"a": 1}
+    assert gc.is_tracked(tracked) and not gc.is_tracked(untracked_already)
+    assert _kernel.untrack(tracked, untracked_already, 7, "text", None) is None
+    assert _kernel.untrack() is None
+    assert not gc.is_tracked(tracked) and tracked == [[]]

@@ -807,6 +807,7 @@ class Kernel:
         kept = rec if value_fits(result, RESULT_KEPT_BYTES) else dataclasses.replace(rec, result=RESULT_IN_STORE)
         ended = self.ended
         ended[pid] = kept
+        _kernel.untrack(kept, kept.log)  # kept for long, never in a cycle: the cycle collector skips it (process.c)
         if len(ended) > self.config.ended_cache:
             self.logs.forget(ended.popitem(last=False)[0])
         if proc.exit_waiters:
