@@ -25,6 +25,17 @@ def test_the_build_compiled_every_listed_module_from_its_current_source() -> Non
         assert compiled.is_compiled(module), f"{name} runs from {module.__file__}"
 
 
+def test_mode_says_how_the_modules_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(compiled.INTERPRETED_ENV, raising=False)
+    assert compiled.mode() == f"compiled ({len(compiled.vouched())} modules, Cython)"
+    monkeypatch.setattr(compiled, "stale", lambda: ["llmosd.kernel.kernel"])
+    assert compiled.mode().endswith("(llmosd.kernel.kernel changed since the build)")
+    monkeypatch.setattr(compiled, "vouched", lambda: {})
+    assert compiled.mode().startswith("interpreted (not compiled")
+    monkeypatch.setenv(compiled.INTERPRETED_ENV, "1")
+    assert compiled.mode() == "interpreted (LLMOSD_INTERPRETED=1)"
+
+
 def _spec(finder: compiled.SourceUnlessVouched, name: str):
     return finder.find_spec(name, llmosd.kernel.__path__)
 

@@ -83,3 +83,16 @@ def install() -> None:
 def is_compiled(module: ModuleType) -> bool:
     """Whether `module` runs compiled."""
     return not str(getattr(module, "__file__", "")).endswith(".py")
+
+
+def mode() -> str:
+    """How llmosd's modules run, in words (the server's start-up log, the benchmarks' headers)."""
+    if os.environ.get(INTERPRETED_ENV) == "1":
+        return f"interpreted ({INTERPRETED_ENV}=1)"
+    built = vouched()
+    if not built:
+        return "interpreted (not compiled: run bash tools/setup.sh)"
+    behind = stale()
+    if behind:
+        return f"{len(built) - len(behind)} of {len(built)} modules compiled ({', '.join(behind)} changed since the build)"
+    return f"compiled ({len(built)} modules, Cython)"
