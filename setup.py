@@ -2,8 +2,8 @@
 
 The kernel's hot paths are plain Python modules, compiled with Cython as they are (no Cython
 syntax, annotations not used as C types): the .py stays the one owner of every rule, and the
-compiled module is a faster way to run it. A spawn costs about 10% less in process
-(tools/bench_kernel.py's spawn figure). The build records each source's SHA-256 in
+compiled module is a faster way to run it. A spawn costs 5-10% less CPU
+(tools/bench_kernel.py's spawn figure with one virtual CPU; ARCHITECTURE.md has the trade-offs). The build records each source's SHA-256 in
 llmosd/compiled.json, and llmosd/compiled.py loads the .py instead of any compiled module whose
 source changed since (or of all of them, under LLMOSD_INTERPRETED=1).
 """
