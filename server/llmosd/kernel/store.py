@@ -495,12 +495,12 @@ class Store:
             self._pending_updates.setdefault(pid, {}).update(zip(names, values))
             self._wake_writer()
 
-    def _anything_pending_locked(self) -> bool:
-        """Whether the write-behind has anything to write (pending lock held)."""
-        return bool(self._pending or self._pending_updates or self._ordered or self._pending_logs)
+    def _queued_locked(self) -> int:
+        """How many rows, updates, ordered writes and logs wait for the write-behind (pending lock held)."""
+        return len(self._pending) + len(self._pending_updates) + len(self._ordered) + len(self._pending_logs)
 
     def _wake_writer(self) -> None:
-        if len(self._pending) + len(self._pending_updates) + len(self._ordered) + len(self._pending_logs) == 1:
+        if self._queued_locked() == 1:  # the first: the writer may be asleep
             self._flush_wanted.notify()
 
     def _apply_pending(self) -> None:
@@ -508,7 +508,7 @@ class Store:
         so that batches reach the database in the order they were taken):
         whole rows as multi-row inserts, the rest as updates."""
         with self._pending_lock:
-            if not self._anything_pending_locked():
+            if not self._queued_locked():
                 return  # the common case before a port's write: nothing behind it
             rows, self._pending = list(self._pending.values()), {}
             updates, self._pending_updates = self._pending_updates, {}
@@ -546,7 +546,7 @@ class Store:
     def _write_behind(self) -> None:
         while True:
             with self._pending_lock:
-                while not self._anything_pending_locked() and not self._spares_wanted and not self._closed:
+                while not self._queued_locked() and not self._spares_wanted and not self._closed:
                     self._flush_wanted.wait()
                 if self._closed:  # close() writes what is left
                     return
@@ -567,7 +567,7 @@ class Store:
         kernel a dozen times (the sqlite3 module releases it for every statement it prepares and
         steps, and the writer waits for it back), and a process spawned in one batch and ended in
         the next was written twice (an insert, then an update)."""
-        if self._closed or not self._anything_pending_locked():
+        if self._closed or not self._queued_locked():
             return
         deadline = time.monotonic() + GATHER_MAX_S
         queued = self._records_queued
