@@ -2,16 +2,18 @@
 
 The kernel's hot paths are plain Python modules, compiled with Cython as they are (no Cython
 syntax, annotations not used as C types): the .py stays the one owner of every rule, and the
-compiled module is a faster way to run it. A spawn costs 5-10% less CPU
-(tools/bench_kernel.py's spawn figure with one virtual CPU; ARCHITECTURE.md has the trade-offs). The build records each source's SHA-256 in
-llmosd/compiled.json, and llmosd/compiled.py loads the .py instead of any compiled module whose
-source changed since (or of all of them, under LLMOSD_INTERPRETED=1).
+compiled module is a faster way to run it. A spawn costs 5-10% less CPU (tools/bench_kernel.py's
+spawn figure with one virtual CPU; ARCHITECTURE.md has the trade-offs). The build records each
+source's SHA-256 in llmosd/compiled.json (compiled.py owns its format), and llmosd/compiled.py loads
+the .py instead of any compiled module whose source changed since (or of all of them, under
+LLMOSD_INTERPRETED=1).
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib.util
 import os
+import pathlib
+from types import ModuleType
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -24,16 +26,18 @@ COMPILED = [
     "llmosd.kernel.config", "llmosd.lua.slices", "llmosd.lua.runtime", "llmosd.services.files",
     "llmosd.services.sync", "llmosd.api.checks", "llmosd.api.authority",
 ]
-MANIFEST = "compiled.json"
 
 
 def _source(module: str) -> str:
     return os.path.join("server", *module.split(".")) + ".py"
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def _compiled_module() -> ModuleType:
+    """llmosd/compiled.py, the manifest's one owner, loaded on its own (not the package)."""
+    spec = importlib.util.spec_from_file_location("llmosd_compiled", _source("llmosd.compiled"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class BuildExt(build_ext):
@@ -47,13 +51,14 @@ class BuildExt(build_ext):
 
     def run(self) -> None:
         super().run()
-        text = json.dumps({module: _sha256(_source(module)) for module in COMPILED}, indent=1, sort_keys=True) + "\n"
+        compiled = _compiled_module()
+        text = compiled.manifest_text({module: pathlib.Path(_source(module)) for module in COMPILED})
         places = [os.path.join(self.build_lib, "llmosd")]
         if self.inplace:
             places.append(self.get_finalized_command("build_py").get_package_dir("llmosd"))
         for place in places:
             os.makedirs(place, exist_ok=True)
-            with open(os.path.join(place, MANIFEST), "w") as f:
+            with open(os.path.join(place, compiled.MANIFEST_NAME), "w") as f:
                 f.write(text)
 
 

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from types import ModuleType
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-MANIFEST = PACKAGE_DIR / "compiled.json"
+MANIFEST_NAME = "compiled.json"
+MANIFEST = PACKAGE_DIR / MANIFEST_NAME
 INTERPRETED_ENV = "LLMOSD_INTERPRETED"
 
 
@@ -36,6 +37,11 @@ def vouched() -> dict[str, str]:
 
 def source_hash(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest_text(sources: dict[str, pathlib.Path]) -> str:
+    """The manifest of a build that compiled `sources` (module name -> its .py), as setup.py writes it."""
+    return json.dumps({name: source_hash(path) for name, path in sources.items()}, indent=1, sort_keys=True) + "\n"
 
 
 def stale() -> list[str]:
