@@ -586,9 +586,11 @@ def test_messages_and_results_of_megabytes_hold_up_nobody(fresh: Kernel) -> None
     caller.join()
     whole = time.monotonic() - began
     assert received == [items] * 7
-    # Relative, not absolute: no call waited for as long as one conversion (on the loop, the longest
-    # wait was 2.7 of them; in threads, 0.2-0.5: the store's JSON of such a value is one C call).
-    assert max(waits) < converted, \
+    # Relative, not absolute: on the loop, the longest wait was 2.7 conversions; in threads it is
+    # 0.4-0.9 of one, as what is left holds the GIL in single C calls of 30-100 ms each whatever
+    # thread makes them (the store's JSON of such a value and its parse, protobuf's encoding of a
+    # reply), and a call may wait for two of them in a row. 1.5 tells the two apart with room.
+    assert max(waits) < 1.5 * converted, \
         f"{len(waits)} calls in {whole:.2f} s, the longest wait {max(waits):.2f} s; a conversion {converted:.2f} s"
 
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from llmos.v1 import kernel_pb2 as pb
-from llmos.values import fill_value, to_value
+from llmos.values import fill_value
 
 from .errors import InvalidArgument
 from ..kernel.mailbox import Message
@@ -44,22 +44,27 @@ async def built(size: int, build: Callable[..., T], *args: Any) -> T:
     return await off_loop(build, *args) if size >= THREAD_BYTES else build(*args)
 
 
-def message_pb(msg: Message, attempt: int = 0) -> pb.Message:
-    """`attempt`: set for a message received with ack (kernel/acks.py)."""
-    out = pb.Message(id=msg.id, to=msg.to, tag=msg.tag, data=msg.data, correlation_id=msg.correlation_id,
-                     sent_at_ms=msg.sent_at_ms, body=to_value(msg.body), attempt=attempt, redelivered=attempt > 1)
+def fill_message(out: pb.Message, msg: Message, attempt: int = 0) -> None:
+    """Set `out` (a Message field of a reply being built) to `msg`; `attempt`: set for a message
+    received with ack (kernel/acks.py). Built in place: copying a message into a reply is a deep
+    copy (upb encodes and decodes it), one C call that holds the GIL, 55 ms for 3.6 MB."""
+    out.id, out.to, out.tag, out.data = msg.id, msg.to, msg.tag, msg.data
+    out.correlation_id, out.sent_at_ms = msg.correlation_id, msg.sent_at_ms
+    out.attempt, out.redelivered = attempt, attempt > 1
     setattr(out, "from", msg.sender)
+    fill_value(out.body, msg.body)
+
+
+def message_pb(msg: Message, attempt: int = 0) -> pb.Message:
+    out = pb.Message()
+    fill_message(out, msg, attempt)
     return out
 
 
 def add_messages(messages: Any, taken: list[tuple[Message, int]]) -> None:
-    """Append (message, attempt) pairs to a repeated Message field, as message_pb makes each (built in
-    place: a batch receive's reply holds hundreds, and copying each one in costs as much again)."""
-    add = messages.add
+    """Append (message, attempt) pairs to a repeated Message field (a batch receive's reply)."""
     for msg, attempt in taken:
-        out = add(id=msg.id, to=msg.to, tag=msg.tag, data=msg.data, correlation_id=msg.correlation_id,
-                  sent_at_ms=msg.sent_at_ms, attempt=attempt, redelivered=attempt > 1, **{"from": msg.sender})
-        fill_value(out.body, msg.body)
+        fill_message(messages.add(), msg, attempt)
 
 
 LIST_PAGE_SIZE = 1000  # entries in a page when the request names no size

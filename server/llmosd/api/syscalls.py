@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable
 import grpc
 
 from llmos.v1 import kernel_pb2 as pb
-from llmos.values import from_value, to_value
+from llmos.values import fill_value, from_value
 
 from . import checks as C
 from .authority import PROCESS, Caller
@@ -28,7 +28,7 @@ from .identity import CALLER
 from .errors import InvalidArgument, KernelError, PermissionDenied, ResourceExhausted, Unimplemented
 from .dead_letter_syscalls import (sys_get_dead_letter, sys_list_dead_letters, sys_purge_dead_letters,
                                    sys_retry_dead_letter)
-from .replies import THREAD_BYTES, add_messages, built, fill_page, message_pb, off_loop, page_size
+from .replies import THREAD_BYTES, add_messages, built, fill_message, fill_page, off_loop, page_size
 from .tokens import digest
 from ..kernel.kernel import RESULT_IN_STORE, Kernel, SpawnSpec, value_fits
 from ..kernel.process import PYTHON
@@ -57,27 +57,32 @@ def _enum_name(enum: Any, number: int, field: str) -> str:
         raise InvalidArgument(f"{field}: {number} is not a value of {enum.DESCRIPTOR.name}") from None
 
 
-async def _process_reply(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
-    """process_pb, for a reply: an ended process's result may be as big as a message (see THREAD_BYTES)."""
+async def _process_reply(rec: ProcessRecord, blocked_on: str | None = None,
+                         info: pb.ProcessInfo | None = None) -> pb.ProcessInfo:
+    """process_pb, for a reply (into `info`, a field of it, if given): an ended process's result may be
+    as big as a message (see THREAD_BYTES)."""
     if rec.ended_at_ms and rec.result is not RESULT_IN_STORE and not value_fits(rec.result, THREAD_BYTES):
-        return await off_loop(process_pb, rec, blocked_on)
-    return process_pb(rec, blocked_on)
+        return await off_loop(process_pb, rec, blocked_on, info)
+    return process_pb(rec, blocked_on, info)
 
 
-def process_pb(rec: ProcessRecord, blocked_on: str | None = None) -> pb.ProcessInfo:
-    info = pb.ProcessInfo(
-        pid=rec.pid, name=rec.name or "", parent=rec.parent, kind=pb.ProcessKind.Value(rec.kind),
-        state=pb.ProcessState.Value(rec.state), priority=rec.priority, weight=rec.weight,
-        limits=pb.Limits(**rec.limits),
-        exit_reason=rec.exit_reason or "", error=rec.error or "", started_at_ms=rec.started_at_ms,
-        ended_at_ms=rec.ended_at_ms or 0, blocked_on=blocked_on or "", namespace=rec.namespace,
-    )
+def process_pb(rec: ProcessRecord, blocked_on: str | None = None, info: pb.ProcessInfo | None = None) -> pb.ProcessInfo:
+    """`rec` as a ProcessInfo: set in `info` if given (a field of a reply: built in place, as
+    replies.fill_message says why), else a new one."""
+    if info is None:
+        info = pb.ProcessInfo()
+    info.pid, info.name, info.parent = rec.pid, rec.name or "", rec.parent
+    info.kind, info.state = pb.ProcessKind.Value(rec.kind), pb.ProcessState.Value(rec.state)
+    info.priority, info.weight, info.namespace = rec.priority, rec.weight, rec.namespace
+    info.exit_reason, info.error = rec.exit_reason or "", rec.error or ""
+    info.started_at_ms, info.ended_at_ms, info.blocked_on = rec.started_at_ms, rec.ended_at_ms or 0, blocked_on or ""
+    info.limits.CopyFrom(pb.Limits(**rec.limits))
     if rec.usage is not None:
         info.usage.CopyFrom(pb.Usage(**rec.usage))
     if rec.result is RESULT_IN_STORE:
         info.result_left_out = True
     elif rec.ended_at_ms:
-        info.result.CopyFrom(to_value(rec.result))
+        fill_value(info.result, rec.result)
     return info
 
 
@@ -220,7 +225,9 @@ async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
         if msg is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
     try:
-        return pb.RecvResponse(message=await built(msg.size, message_pb, msg))
+        reply = pb.RecvResponse()
+        await built(msg.size, fill_message, reply.message, msg)
+        return reply
     except Exception:  # a message that cannot be answered is a kernel bug, but it is never lost for it
         k.put_back(pid, msg)
         raise
@@ -257,7 +264,9 @@ async def _recv_leased(k: Kernel, pid: int, match: Match, req: pb.RecvRequest, c
         if leased is TIMED_OUT:
             return pb.RecvResponse(timed_out=True)
     try:
-        return pb.RecvResponse(message=await built(leased.msg.size, message_pb, leased.msg, leased.attempt))
+        reply = pb.RecvResponse()
+        await built(leased.msg.size, fill_message, reply.message, leased.msg, leased.attempt)
+        return reply
     except Exception:  # never lost for a kernel bug: it is delivered again
         _give_back(k, pid, leased)
         raise
@@ -349,7 +358,9 @@ async def sys_wait(k: Kernel, req: pb.WaitRequest) -> pb.WaitResponse:
         rec = await _await(k, waiter, "wait")
         if rec is TIMED_OUT:
             return pb.WaitResponse(timed_out=True)
-    return pb.WaitResponse(process=await _process_reply(rec))
+    reply = pb.WaitResponse()
+    await _process_reply(rec, info=reply.process)
+    return reply
 
 
 async def sys_kill(k: Kernel, req: pb.KillRequest) -> pb.KillResponse:
