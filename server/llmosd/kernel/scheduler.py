@@ -41,6 +41,19 @@ processes are of one priority (a spawn of another releases them and is queued
 at once), so the run queue orders priorities as before; they are counted in
 `queued()`. Python agents' spawns arrive on the server's thread: never held.
 
+Spreading. An idle virtual CPU is woken for queued work only while no worker
+serves the queue: one that began its current process (or its turn at the
+queue) less than SERVING_NS ago, or was woken for it that recently, will take
+the work itself soon; and a worker whose turn comes while another serves steps
+back (gives its CPU up and waits to be woken) rather than take from the queue. Why: what a short process does is kernel work that holds
+the GIL, so a second worker running such processes beside the first mostly
+waits for the GIL, and each hand-off costs more than the work (20,000 trivial
+children over gRPC took 86-90 us of CPU each with two workers trading the
+GIL, 61 us on one). Lua code runs without the GIL, so a process that computes
+runs long, its worker stops serving, and the next offer (or the watcher, every
+half quantum) wakes an idle CPU: work that can use the CPUs spreads over them
+within half a quantum.
+
 The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The
 hook runs between two instructions, so a thread inside one long C call (a
 library function, or one VM instruction such as hashing a long string used
@@ -77,6 +90,8 @@ from then on its effective priority is above that of anything queued later,
 and its level takes the longest-waiting first, so only processes queued
 before then can go first, each once (requeued, it is behind); and a CPU
 running a process it precedes gives it up at the end of that slice.
+Spreading may add up to half a quantum (the watcher's period) while a free
+CPU waits for a worker whose process began running short to stop serving.
 A process held for its spawner's CPU (spawn locality) is queued at most 1.5
 quanta after its spawn; its bound counts from then.
 tests/test_run_queue.py checks the bound on random mixes.
@@ -105,6 +120,9 @@ STEAL_AFTER_QUANTA = 2
 # CPU: checking in takes the GIL, which a waiting thread gets within Python's
 # switch interval (5 ms), so a thread waiting for it is not mistaken for a stuck one.
 GRACE_NS = 10_000_000
+# A worker that began its current process less than this ago (or is between two) serves the run
+# queue: no idle virtual CPU is woken for queued work while one does (see "Spreading").
+SERVING_NS = 1_000_000
 @dataclass(slots=True)
 class _Due:
     """A worker thread the scheduler wants a CPU back from, until it checks in."""
@@ -162,6 +180,10 @@ class Scheduler:
         # Thread ident -> why it is due to check in. Written under the lock;
         # read without it only to skip the lock when empty.
         self._due: dict[int, _Due] = {}
+        # Thread ident -> when its worker began running its current process, or its turn at the
+        # queue (see "Spreading"). Each thread writes only its own entry; absent while idle or parked.
+        self._serving_since: dict[int, int] = {}
+        self._woken_at = 0  # when an offer last woke or started a worker, which serves the queue once it runs
         if wants_cpu_back is not None:
             threading.Thread(target=self._watch, name="preempt-watch", daemon=True).start()
 
@@ -235,8 +257,12 @@ class Scheduler:
                 signal.pthread_kill(ident, self._signal)
 
     def _offer_locked(self) -> None:
-        """Make sure a free slot with queued work gets a worker."""
+        """Make sure a free slot with queued work gets a worker, unless a worker serving the
+        queue will take it (see "Spreading"; the watcher looks again every half quantum)."""
         if self._free > 0 and len(self._queue) > 0:
+            if self._wants_cpu_back is not None and self._serving():
+                return
+            self._woken_at = time.perf_counter_ns()
             if self._idle > 0:
                 self._idle -= 1
                 self._work.notify()
@@ -246,6 +272,20 @@ class Scheduler:
     def _start_worker_locked(self) -> None:
         self._threads += 1
         threading.Thread(target=self._worker, name=f"vcpu-{self._threads}", daemon=True).start()
+
+    def _serving(self) -> bool:
+        """Whether some worker began its current process (or its turn) less than SERVING_NS ago, or
+        was woken for the queue that recently."""
+        now = time.perf_counter_ns()
+        return now - self._woken_at < SERVING_NS or any(
+            now - since < SERVING_NS for since in list(self._serving_since.values()))
+
+    def _another_serves(self, ident: int) -> bool:
+        """Whether a worker other than `ident`'s serves the queue: then this one steps back (see "Spreading")."""
+        if self._wants_cpu_back is None:
+            return False
+        now = time.perf_counter_ns()
+        return any(now - since < SERVING_NS for other, since in list(self._serving_since.items()) if other != ident)
 
     def should_yield(self, proc: Process) -> bool:
         """True when `proc`, running on this thread, should give its CPU up now:
@@ -293,6 +333,7 @@ class Scheduler:
             self._offer_locked()
         # Parked, the thread runs nothing: neither the watcher nor a wake-up should pick it to interrupt.
         self.running.pop(ident, None)
+        self._serving_since.pop(ident, None)
         parked.wait()  # the GIL is released while parked; a worker hands over its slot
         self.running[ident] = proc
 
@@ -335,6 +376,9 @@ class Scheduler:
         period = self.quantum_ns / 2e9
         while not self._stopping:
             time.sleep(period)
+            if len(self._queue) > 0 and self._free > 0:
+                with self._lock:
+                    self._offer_locked()  # no worker serves the queue any more (see "Spreading")
             if not self.running and not self._due:
                 continue
             now = time.perf_counter_ns()
@@ -401,6 +445,7 @@ class Scheduler:
         holding = False
         slice_began = 0  # when this worker last took a process from the queue
         while True:
+            self._serving_since[ident] = time.perf_counter_ns()  # its turn at the queue
             if spawned:  # their spawner's slice is over: idle CPUs may take them now
                 with self._lock:
                     self._release_locked(spawned)
@@ -419,14 +464,16 @@ class Scheduler:
                         if self._stopping:
                             if holding:
                                 self._free += 1
+                            self._serving_since.pop(ident, None)
                             self._threads -= 1
                             del self._spawned[ident]
                             return
-                        if len(self._queue) > 0 and (holding or self._free > 0):
+                        if len(self._queue) > 0 and (holding or self._free > 0) and not self._another_serves(ident):
                             break
                         if holding:
                             holding = False
                             self._free += 1
+                        self._serving_since.pop(ident, None)
                         if self._idle >= self.cpus:
                             self._threads -= 1  # enough idle threads already
                             del self._spawned[ident]
@@ -445,7 +492,7 @@ class Scheduler:
                         parked.set()
                         continue
             self.running[ident] = proc
-            began = time.perf_counter_ns()
+            began = self._serving_since[ident] = time.perf_counter_ns()
             try:
                 self._run_slice(proc)
             except Exception:  # a kernel bug must not take a virtual CPU down
