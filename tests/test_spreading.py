@@ -62,9 +62,44 @@ def test_computing_processes_spread_over_every_cpu(kernel: Kernel) -> None:
     assert len(samples) >= 20 and both >= len(samples) // 2, (both, len(samples))
 
 
-def test_a_queued_process_gets_an_idle_cpu_once_the_serving_one_computes(kernel: Kernel) -> None:
+COMPUTING_IN_SHORT_RUNS = """
+for i = 1, 100 do
+  local x = 0 for j = 1, 30000 do x = x + j % 7 end
+  sys.sleep(0.2)
+end
+return args
+"""
+
+
+def test_processes_that_compute_in_short_runs_spread_too(kernel: Kernel) -> None:
+    """Runs shorter than SERVING_NS that are mostly Lua (no GIL) do not make their worker serve the
+    queue: eight such processes keep both CPUs busy (with only the run's length to go by, they
+    took one CPU at a time, and 15-20% longer)."""
+    pids = [kernel.spawn(SpawnSpec(lua=COMPUTING_IN_SHORT_RUNS, args=i)) for i in range(8)]
+    samples = []
+    deadline = time.monotonic() + 120
+    while any(pid in kernel.procs for pid in pids) and time.monotonic() < deadline:
+        samples.append(len(kernel.scheduler.running))
+        time.sleep(0.0005)
+    assert [kernel.ended[pid].result for pid in pids] == list(range(8))
+    both = sum(n >= 2 for n in samples)
+    assert len(samples) >= 20 and both >= len(samples) // 2, (both, len(samples))
+
+
+def test_a_queued_process_gets_an_idle_cpu_once_the_serving_one_computes(tmp_path: pathlib.Path) -> None:
     """A process that began short and then computes stops serving the queue: the watcher wakes the
-    idle CPU for what waits (within half a quantum), instead of leaving it behind the computation."""
+    idle CPU for what waits (within half a quantum), instead of leaving it behind the computation
+    (a quantum of 50 ms keeps the two cases far apart on a loaded machine)."""
+    kernel = Kernel(KernelConfig(data_dir=str(tmp_path), cpus=2, quantum_ms=50))
+    kernel.add_runtime(LuaRuntime(kernel))
+    kernel.start_recovered()
+    try:
+        _queued_behind_a_hog(kernel)
+    finally:
+        kernel.shutdown()
+
+
+def _queued_behind_a_hog(kernel: Kernel) -> None:
     hog = kernel.spawn(SpawnSpec(lua="local x = 0 while true do x = x + 1 end"))
     deadline = time.monotonic() + 30
     while len(kernel.scheduler.running) < 1 and time.monotonic() < deadline:
@@ -79,3 +114,18 @@ def test_a_queued_process_gets_an_idle_cpu_once_the_serving_one_computes(kernel:
     # Not a wall-clock assertion of speed: behind the hog, it would wait for its quantum's end at
     # least; a free CPU takes it within the watcher's period (half a quantum) plus a slice.
     assert waited < kernel.config.quantum_s, waited
+
+
+def test_lua_time_is_counted_per_thread(kernel: Kernel) -> None:
+    """_kernel.thread_lua_ns counts the calling thread's own time in Lua: the workers' runs here
+    add nothing to this thread's count, and each worker's run of a computing program counts."""
+    from llmosd.native import _kernel
+
+    mine = _kernel.thread_lua_ns()
+    busy = kernel.spawn(SpawnSpec(lua="local x = 0 for i = 1, 3e6 do x = x + i end return x"))
+    deadline = time.monotonic() + 60
+    while busy in kernel.procs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert kernel.ended[busy].state == "EXITED"
+    assert _kernel.thread_lua_ns() == mine
+    assert kernel.ended[busy].usage["cpu_ms"] >= 0

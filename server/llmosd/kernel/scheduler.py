@@ -42,17 +42,18 @@ at once), so the run queue orders priorities as before; they are counted in
 `queued()`. Python agents' spawns arrive on the server's thread: never held.
 
 Spreading. An idle virtual CPU is woken for queued work only while no worker
-serves the queue: one that began its current process (or its turn at the
-queue) less than SERVING_NS ago, or was woken for it that recently, will take
-the work itself soon; and a worker whose turn comes while another serves steps
-back (gives its CPU up and waits to be woken) rather than take from the queue. Why: what a short process does is kernel work that holds
-the GIL, so a second worker running such processes beside the first mostly
-waits for the GIL, and each hand-off costs more than the work (20,000 trivial
-children over gRPC took 86-90 us of CPU each with two workers trading the
-GIL, 61 us on one). Lua code runs without the GIL, so a process that computes
-runs long, its worker stops serving, and the next offer (or the watcher, every
-half quantum) wakes an idle CPU: work that can use the CPUs spreads over them
-within half a quantum.
+serves the queue, and a worker whose turn comes while another serves steps
+back (gives its CPU up and waits to be woken) rather than take from the queue.
+A worker serves the queue when its last run was mostly kernel work (less than
+half of it in Lua, which runs without the GIL) and it began its current
+process (or its turn at the queue) less than SERVING_NS ago; or when it was
+woken for the queue that recently. Why: kernel work holds the GIL, so a second
+worker running such processes beside the first mostly waits for the GIL, and
+each hand-off costs more than the work (20,000 trivial children over gRPC took
+86-90 us of CPU each with two workers trading the GIL, 58-61 us on one). Work
+that computes in Lua, in runs however short, or that began short and runs
+long, spreads over the CPUs: the next offer, or the watcher every half
+quantum, wakes an idle one.
 
 The sysmon (as Go's sysmon retakes a P from an M stuck in a syscall). The
 hook runs between two instructions, so a thread inside one long C call (a
@@ -91,7 +92,7 @@ and its level takes the longest-waiting first, so only processes queued
 before then can go first, each once (requeued, it is behind); and a CPU
 running a process it precedes gives it up at the end of that slice.
 Spreading may add up to half a quantum (the watcher's period) while a free
-CPU waits for a worker whose process began running short to stop serving.
+CPU waits for a worker serving the queue whose process began short, and runs long.
 A process held for its spawner's CPU (spawn locality) is queued at most 1.5
 quanta after its spawn; its bound counts from then.
 tests/test_run_queue.py checks the bound on random mixes.
@@ -444,8 +445,10 @@ class Scheduler:
             spawned = self._spawned[ident] = collections.deque()
         holding = False
         slice_began = 0  # when this worker last took a process from the queue
+        held_gil = True  # whether its last run was mostly kernel work, which holds the GIL (see "Spreading")
         while True:
-            self._serving_since[ident] = time.perf_counter_ns()  # its turn at the queue
+            if held_gil:
+                self._serving_since[ident] = time.perf_counter_ns()  # its turn at the queue
             if spawned:  # their spawner's slice is over: idle CPUs may take them now
                 with self._lock:
                     self._release_locked(spawned)
@@ -492,14 +495,21 @@ class Scheduler:
                         parked.set()
                         continue
             self.running[ident] = proc
-            began = self._serving_since[ident] = time.perf_counter_ns()
+            began = time.perf_counter_ns()
+            if held_gil:
+                self._serving_since[ident] = began
+            else:
+                self._serving_since.pop(ident, None)
+            lua_ns = _kernel.thread_lua_ns()
             try:
                 self._run_slice(proc)
             except Exception:  # a kernel bug must not take a virtual CPU down
                 log.exception("slice of pid %d failed", proc.pid)
             finally:
                 self.running.pop(ident, None)
-                self.busy_ns[ident] = self.busy_ns.get(ident, 0) + time.perf_counter_ns() - began
+                ran = time.perf_counter_ns() - began
+                self.busy_ns[ident] = self.busy_ns.get(ident, 0) + ran
+                held_gil = 2 * (_kernel.thread_lua_ns() - lua_ns) < ran
             if self._due and ident in self._due and not self._checked_in(ident):
                 holding = False  # the sysmon gave this thread's slot away
                 self._flush_next()

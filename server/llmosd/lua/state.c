@@ -802,6 +802,10 @@ static long long thread_cpu_ns(void)
     return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* Nanoseconds this thread has spent in Lua steps, without the GIL: the scheduler tells work that
+ * can use a second CPU from work that holds the GIL by it (kernel/scheduler.py, "Spreading"). */
+static __thread long long lua_ns_of_thread;
+
 static void begin_slice_at(State *state, long long now)
 {
     state->slice_start = now;
@@ -821,6 +825,7 @@ static int end_slice(State *state, long long *now)
     *now = llmos_monotonic_ns();
     ran = *now - state->slice_start;
     state->cpu_ns += ran;
+    lua_ns_of_thread += ran;
     /* A short slice is charged its wall time even when measured: the clock's second read (a
      * system call, every spawn's first slice) would change its charge by less than its length. */
     state->cpu_used_ns += state->measure_cpu && ran >= MEASURE_AFTER_NS ? thread_cpu_ns() - state->slice_cpu_start
@@ -1140,7 +1145,16 @@ static PyObject *set_sys_layout(PyObject *self, PyObject *layout)
     Py_RETURN_NONE;
 }
 
+static PyObject *thread_lua_ns(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLongLong(lua_ns_of_thread);
+}
+
 static PyMethodDef methods[] = {
+    {"thread_lua_ns", thread_lua_ns, METH_NOARGS,
+     "thread_lua_ns() -> the nanoseconds this thread has spent running Lua (without the GIL), so far"},
     {"syntax_error", syntax_error, METH_VARARGS,
      "syntax_error(source: bytes, chunk_name: bytes) -> why the source does not compile as a Lua chunk, or None"},
     {"set_sys_layout", set_sys_layout, METH_O,
