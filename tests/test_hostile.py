@@ -586,12 +586,14 @@ def test_messages_and_results_of_megabytes_hold_up_nobody(fresh: Kernel) -> None
     caller.join()
     whole = time.monotonic() - began
     assert received == [items] * 7
-    # Relative, not absolute: on the loop, the longest wait was 2.7 conversions; in threads it is
-    # 0.4-0.9 of one, as what is left holds the GIL in single C calls of 30-100 ms each whatever
-    # thread makes them (the store's JSON of such a value and its parse, protobuf's encoding of a
-    # reply), and a call may wait for two of them in a row. 1.5 tells the two apart with room.
-    assert max(waits) < 1.5 * converted, \
-        f"{len(waits)} calls in {whole:.2f} s, the longest wait {max(waits):.2f} s; a conversion {converted:.2f} s"
+    # Relative, not absolute. With the conversions on the loop (THREAD_BYTES out of reach), each
+    # big call holds every other one up: the six longest waits were 1.2-2.0 conversions. Off the
+    # loop, what is left holds the GIL in single C calls of 30-100 ms whatever thread makes them
+    # (the store's JSON of such a value and its parse, protobuf's encoding of a reply): a call or
+    # two may wait for a couple of them in a row (up to 1.8 conversions), the rest 0.4 or less.
+    third_longest = sorted(waits)[-3]
+    assert third_longest < converted, \
+        f"{len(waits)} calls in {whole:.2f} s, the third longest wait {third_longest:.2f} s; a conversion {converted:.2f} s"
 
 
 def test_integers_up_to_2_53_cross_exactly(server: Kernel) -> None:
