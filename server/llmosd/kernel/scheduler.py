@@ -121,8 +121,9 @@ STEAL_AFTER_QUANTA = 2
 # CPU: checking in takes the GIL, which a waiting thread gets within Python's
 # switch interval (5 ms), so a thread waiting for it is not mistaken for a stuck one.
 GRACE_NS = 10_000_000
-# A worker that began its current process less than this ago (or is between two) serves the run
-# queue: no idle virtual CPU is woken for queued work while one does (see "Spreading").
+# A worker whose last run was mostly kernel work and that began its current process (or its turn at
+# the queue) less than this ago serves the run queue: no idle virtual CPU is woken for queued work
+# while one does (see "Spreading").
 SERVING_NS = 1_000_000
 @dataclass(slots=True)
 class _Due:
@@ -182,7 +183,8 @@ class Scheduler:
         # read without it only to skip the lock when empty.
         self._due: dict[int, _Due] = {}
         # Thread ident -> when its worker began running its current process, or its turn at the
-        # queue (see "Spreading"). Each thread writes only its own entry; absent while idle or parked.
+        # queue (see "Spreading"). Each thread writes only its own entry; absent while idle or parked,
+        # and while its last run was mostly Lua.
         self._serving_since: dict[int, int] = {}
         self._woken_at = 0  # when an offer last woke or started a worker, which serves the queue once it runs
         if wants_cpu_back is not None:
@@ -275,8 +277,8 @@ class Scheduler:
         threading.Thread(target=self._worker, name=f"vcpu-{self._threads}", daemon=True).start()
 
     def _serving(self) -> bool:
-        """Whether some worker began its current process (or its turn) less than SERVING_NS ago, or
-        was woken for the queue that recently."""
+        """Whether some worker serves the queue (see "Spreading"), or was woken for it less than
+        SERVING_NS ago."""
         now = time.perf_counter_ns()
         return now - self._woken_at < SERVING_NS or any(
             now - since < SERVING_NS for since in list(self._serving_since.values()))
