@@ -187,6 +187,8 @@ class Scheduler:
         # and while its last run was mostly Lua.
         self._serving_since: dict[int, int] = {}
         self._woken_at = 0  # when an offer last woke or started a worker, which serves the queue once it runs
+        # Spreading defers a wake-up only where the watcher wakes a CPU once no worker serves.
+        self._spreading = wants_cpu_back is not None
         if wants_cpu_back is not None:
             threading.Thread(target=self._watch, name="preempt-watch", daemon=True).start()
 
@@ -263,9 +265,10 @@ class Scheduler:
         """Make sure a free slot with queued work gets a worker, unless a worker serving the
         queue will take it (see "Spreading"; the watcher looks again every half quantum)."""
         if self._free > 0 and len(self._queue) > 0:
-            if self._wants_cpu_back is not None and self._serving():
-                return
-            self._woken_at = time.perf_counter_ns()
+            now = time.perf_counter_ns()
+            if self._spreading and (now - self._woken_at < SERVING_NS or self._serving(now)):
+                return  # a worker serves the queue, or one just woken for it will
+            self._woken_at = now
             if self._idle > 0:
                 self._idle -= 1
                 self._work.notify()
@@ -276,19 +279,9 @@ class Scheduler:
         self._threads += 1
         threading.Thread(target=self._worker, name=f"vcpu-{self._threads}", daemon=True).start()
 
-    def _serving(self) -> bool:
-        """Whether some worker serves the queue (see "Spreading"), or was woken for it less than
-        SERVING_NS ago."""
-        now = time.perf_counter_ns()
-        return now - self._woken_at < SERVING_NS or any(
-            now - since < SERVING_NS for since in list(self._serving_since.values()))
-
-    def _another_serves(self, ident: int) -> bool:
-        """Whether a worker other than `ident`'s serves the queue: then this one steps back (see "Spreading")."""
-        if self._wants_cpu_back is None:
-            return False
-        now = time.perf_counter_ns()
-        return any(now - since < SERVING_NS for other, since in list(self._serving_since.items()) if other != ident)
+    def _serving(self, now: int, other_than: int | None = None) -> bool:
+        """Whether a worker, other than the thread `other_than`, serves the queue (see "Spreading")."""
+        return any(now - since < SERVING_NS for ident, since in list(self._serving_since.items()) if ident != other_than)
 
     def should_yield(self, proc: Process) -> bool:
         """True when `proc`, running on this thread, should give its CPU up now:
@@ -473,8 +466,9 @@ class Scheduler:
                             self._threads -= 1
                             del self._spawned[ident]
                             return
-                        if len(self._queue) > 0 and (holding or self._free > 0) and not self._another_serves(ident):
-                            break
+                        if len(self._queue) > 0 and (holding or self._free > 0) and not (
+                                self._spreading and self._serving(time.perf_counter_ns(), ident)):
+                            break  # (while another worker serves the queue, this one steps back)
                         if holding:
                             holding = False
                             self._free += 1
