@@ -168,6 +168,10 @@ class StoredMessage:
 # SQLite's memory passes this budget after a write, the connection is opened afresh, which lets
 # those values go; the page cache (2 MB a connection) stays well under it.
 SQLITE_MEMORY_BUDGET = 16 << 20
+# A write that binds less than this cannot by itself take SQLite past the budget: all 128 cached
+# statements holding such values come to 8 MiB. Its check is skipped (asking SQLite is a ctypes call,
+# 3-4 us of the 50 a port's message write takes in the server).
+SMALL_WRITE_BYTES = 64 << 10
 
 
 def _sqlite_memory_used() -> Callable[[], int]:
@@ -404,12 +408,13 @@ class Store:
             msg.correlation_id, msg.sent_at_ms, msg.notify_undelivered,
         )
         if also is None:
-            self._write_now(STORE_MESSAGE, row)
+            # (the body's JSON is ASCII: json.dumps escapes the rest)
+            self._write_now(STORE_MESSAGE, row, small=len(row[4]) + len(msg.data) < SMALL_WRITE_BYTES)
         else:
             self.transaction(lambda db: (db.execute(STORE_MESSAGE, row), also(db)))
 
     def delete_message(self, message_id: int) -> None:
-        self._write_now("DELETE FROM port_messages WHERE id=?", (message_id,))
+        self._write_now("DELETE FROM port_messages WHERE id=?", (message_id,), small=True)
 
     def put_messages(self, msgs: list[Any], also: list[Callable[[sqlite3.Connection], None]] = ()) -> None:
         """Store a batch of a port's messages (kernel Messages) in one transaction, with `also`'s writes."""
@@ -449,7 +454,7 @@ class Store:
             return self._db.execute(sql, params).fetchall()
 
     def delete_port_messages(self, port: int) -> None:
-        self._write_now("DELETE FROM port_messages WHERE port=?", (port,))
+        self._write_now("DELETE FROM port_messages WHERE port=?", (port,), small=True)
 
     def port_messages(self, port: int) -> Iterator[StoredMessage]:
         with self._db_lock:
@@ -470,7 +475,8 @@ class Store:
                 self._flush_wanted.notify()
 
     # writing -----------------------------------------------------------------------------
-    def _write_now(self, sql: str, row: tuple | list) -> None:
+    def _write_now(self, sql: str, row: tuple | list, small: bool = False) -> None:
+        """One statement, committed now; `small`: it binds under SMALL_WRITE_BYTES."""
         with self._db_lock:
             # Earlier write-behind rows first, so the database never holds
             # an exit without its spawn.
@@ -478,7 +484,8 @@ class Store:
             began = time.perf_counter()
             self._db.execute(sql, row)
             self._commit_seconds.observe(time.perf_counter() - began)
-            self._let_go_of_bound_values()
+            if not small:  # (_apply_pending checks after its own batch)
+                self._let_go_of_bound_values()
 
     def _update(self, pid: int, first: int, values: tuple, durable: bool) -> None:
         """Set the columns of a process's row from PROCESS_COLUMNS[first] on to `values`."""
