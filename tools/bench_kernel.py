@@ -30,7 +30,6 @@ import psutil
 from llmos.v1 import kernel_pb2 as pb
 from llmos.v1 import kernel_pb2_grpc
 from llmos.values import from_value, to_value
-from llmosd import compiled
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # the tests' server launcher
 from llmosd_process import LlmosdServer  # noqa: E402
 
@@ -516,7 +515,7 @@ def main() -> int:
             if server is not None:
                 server.stop()
     print(f"llmos kernel benchmark ({os.cpu_count()} cores, Python {sys.version.split()[0]}, Lua 5.4 via lupa; "
-          f"server without an inference engine; kernel modules {compiled.mode()})")
+          "server without an inference engine)")
     print_table(rows)
     return 0
 

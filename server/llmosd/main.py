@@ -17,7 +17,6 @@ import sys
 
 import uvloop
 
-from . import compiled
 from .api.errors import KernelError
 from .services.files import FileLimits
 from .kernel.kernel import Kernel, KernelConfig, SpawnSpec
@@ -207,7 +206,6 @@ async def serve(args: argparse.Namespace) -> None:
     def model_failed(why: str) -> None:  # from the loading thread: the server stops and exits non-zero
         loop.call_soon_threadsafe(lambda: (failed.append(why), stop.set()))
 
-    log.info("kernel modules: %s", compiled.mode())
     kernel = Kernel(kernel_config(args))
     if args.model != "none":  # before the runtimes bring durable processes back: their infers wait for it
         from .engine import EngineConfig
