@@ -73,8 +73,9 @@ return args
 
 def test_processes_that_compute_in_short_runs_spread_too(kernel: Kernel) -> None:
     """Runs shorter than SERVING_NS that are mostly Lua (no GIL) do not make their worker serve the
-    queue: eight such processes keep both CPUs busy (with only the run's length to go by, they
-    took one CPU at a time, and 15-20% longer)."""
+    queue: eight such processes keep both CPUs busy. With only the run's length to go by they took
+    one CPU at a time (two at once in none of 289-406 samples, and 15-20% longer); spread, two run
+    at once in 0.42-0.86 of the samples (less on a loaded machine), so a quarter tells them apart."""
     pids = [kernel.spawn(SpawnSpec(lua=COMPUTING_IN_SHORT_RUNS, args=i)) for i in range(8)]
     samples = []
     deadline = time.monotonic() + 120
@@ -83,7 +84,7 @@ def test_processes_that_compute_in_short_runs_spread_too(kernel: Kernel) -> None
         time.sleep(0.0005)
     assert [kernel.ended[pid].result for pid in pids] == list(range(8))
     both = sum(n >= 2 for n in samples)
-    assert len(samples) >= 20 and both >= len(samples) // 2, (both, len(samples))
+    assert len(samples) >= 20 and both >= len(samples) // 4, (both, len(samples))
 
 
 def test_a_queued_process_gets_an_idle_cpu_once_the_serving_one_computes(tmp_path: pathlib.Path) -> None:
