@@ -444,6 +444,8 @@ class Scheduler:
         while True:
             if held_gil:
                 self._serving_since[ident] = time.perf_counter_ns()  # its turn at the queue
+            else:
+                self._serving_since.pop(ident, None)
             if spawned:  # their spawner's slice is over: idle CPUs may take them now
                 with self._lock:
                     self._release_locked(spawned)
@@ -494,8 +496,6 @@ class Scheduler:
             began = time.perf_counter_ns()
             if held_gil:
                 self._serving_since[ident] = began
-            else:
-                self._serving_since.pop(ident, None)
             lua_ns = _kernel.thread_lua_ns()
             try:
                 self._run_slice(proc)
