@@ -9,6 +9,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 
+# Compiled twins of .py modules, left by a build from before the kernel's modules ran as plain
+# Python (2026-12-05), would be imported instead of their source.
+for so in "$ROOT"/server/llmosd/*/*.cpython-*.so; do
+  if [ -e "${so%%.cpython-*}.py" ]; then rm -f "$so"; fi
+done
+
 # The project itself, editable, from *this* checkout (a clone elsewhere must not shadow it),
 # with its C extensions built from the C sources as they are now (an editable install does not
 # rebuild them when a pull changes them).
@@ -24,14 +30,7 @@ for mod in (llmos, llmosd):
 built = glob.glob(f"{root}/server/llmosd/**/*.so", recursive=True)
 sources = glob.glob(f"{root}/server/llmosd/**/*.[ch]", recursive=True)
 assert len(built) >= 2 and min(map(os.path.getmtime, built)) >= max(map(os.path.getmtime, sources))
-for so in built:  # a module once compiled with Cython (llmos before 2026-12-05) would shadow its .py
-    assert not os.path.exists(so.split(".cpython-")[0] + ".py"), so
 PYCHECK
-  # Compiled twins of .py modules, left by a build from before the kernel's modules ran as plain
-  # Python, would be imported instead of their source.
-  for so in "$ROOT"/server/llmosd/*/*.cpython-*.so; do
-    if [ -e "${so%%.cpython-*}.py" ]; then rm -f "$so"; fi
-  done
   "$PY" -m pip install --quiet -e "$ROOT[test]"
 fi
 
