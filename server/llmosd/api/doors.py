@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from .audit import target_of
 from .errors import InvalidArgument, KernelError
+from .authority import Caller
 from .identity import CALLER, Identity
 from .replies import THREAD_BYTES, off_loop
 from .syscalls import CALL, SERVICE, SYSCALLS
@@ -94,9 +95,13 @@ def count_call(method: str, code: str, began: float | None = None) -> None:
 def finish_call(identity: Identity, method: str, req: Any, code: str, began: float | None = None) -> None:
     """Every door's last step for a call: counted (and timed) for /metrics, and, if it is one
     that changes something, recorded in the audit log with its caller and outcome."""
-    count_call(method, code, began)
+    _finished(identity, method, req, code, CALLER.get(), time.perf_counter() - began if began is not None else None)
+
+
+def _finished(identity: Identity, method: str, req: Any, code: str, caller: Caller, seconds: float | None) -> None:
+    CALL_STATS.count(method, code, seconds)
     if method in AUDITED_RPCS:
-        identity.k.audit.record(CALLER.get(), method, target_of(req), code)
+        identity.k.audit.record(caller, method, target_of(req), code)
 
 
 def status_of(method: str, err: Exception) -> tuple[str, str]:
@@ -125,21 +130,24 @@ async def _decode_stream(request: type[ProtoMessage], raws: AsyncIterator[bytes]
         yield _decode(request, raw)
 
 
-async def call_syscall(method: str, fn: Callable[..., Awaitable[Any]], k: Kernel, req: Any, size: int) -> Any:
+def call_syscall(method: str, fn: Callable[..., Awaitable[Any]], k: Kernel, req: Any, size: int) -> Awaitable[Any]:
     """`fn(k, req)`, the handler of `method` for a request of `size` bytes. A big one (replies.THREAD_BYTES
     or more) to a syscall that does not block runs in a thread, on an event loop of its own: its
-    values' conversion would hold the server's loop (see THREAD_BYTES)."""
+    values' conversion would hold the server's loop (see THREAD_BYTES). (Not a coroutine itself: the
+    caller awaits the handler's, one coroutine fewer on every call.)"""
     if size >= THREAD_BYTES and not BY_RPC[method].blocks:
-        return await off_loop(asyncio.run, fn(k, req))
-    return await fn(k, req)
+        return off_loop(asyncio.run, fn(k, req))
+    return fn(k, req)
 
 
-def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., Awaitable[Any]]) -> Callable:
+def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Callable[..., Awaitable[Any]],
+           streamed: bool) -> Callable:
+    """A unary call's handler, or a client-streaming one's (`streamed`: its requests come as a stream)."""
     async def handle(raw: Any, ctx: grpc.aio.ServicerContext) -> Any:
         CALL.set(ctx)
         began = time.perf_counter()
         try:
-            req = _decode_stream(request, raw) if hasattr(raw, "__aiter__") else _decode(request, raw)
+            req = _decode_stream(request, raw) if streamed else _decode(request, raw)
             checked = identity.check(method, req, ctx)
         except Exception as e:
             code, text = status_of(method, e)
@@ -147,7 +155,7 @@ def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Cal
             await ctx.abort(getattr(grpc.StatusCode, code), text)
         code = "CANCELLED"
         try:
-            reply = await call_syscall(method, fn, identity.k, checked, 0 if hasattr(raw, "__aiter__") else len(raw))
+            reply = await call_syscall(method, fn, identity.k, checked, 0 if streamed else len(raw))
             code = "OK"
             return reply
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -156,7 +164,10 @@ def _unary(identity: Identity, method: str, request: type[ProtoMessage], fn: Cal
             code, text = status_of(method, e)
             await ctx.abort(getattr(grpc.StatusCode, code), text)
         finally:
-            finish_call(identity, method, req, code, began)
+            # Counted and audited once the reply is on its way: the loop runs this before any call
+            # that comes after it (its callbacks run in order), but the client does not wait for it.
+            asyncio.get_running_loop().call_soon(_finished, identity, method, req, code, CALLER.get(),
+                                                 time.perf_counter() - began)
 
     return handle
 
@@ -207,7 +218,7 @@ def kernel_service(k: Kernel, agents: bool = False, single_user: bool = True,
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(_stream(identity, method.name, request, fn), **kwargs)
         elif method.client_streaming:
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_unary(identity, method.name, request, fn), **kwargs)
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_unary(identity, method.name, request, fn, True), **kwargs)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(identity, method.name, request, fn), **kwargs)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(identity, method.name, request, fn, False), **kwargs)
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
