@@ -291,4 +291,5 @@ def lua_layout() -> tuple[tuple[str, str, str | None, str | None, tuple[str, ...
 RULE_OF = {s.name: s.rule for s in TABLE}
 DURABLE_SELF = frozenset(s.name for s in TABLE if s.durable_self)
 READER_RPCS = frozenset(s.rpc for s in TABLE if s.rpc is not None and s.reader)
+ADMIN_RPCS = frozenset(s.rpc for s in TABLE if s.rpc is not None and s.rule == ADMIN_ONLY)
 AUDITED_RPCS = frozenset(s.rpc for s in TABLE if s.rpc is not None and s.changes and not s.reader)
