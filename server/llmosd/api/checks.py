@@ -315,14 +315,11 @@ KINDS = {
 
 
 def _checker(arg: Arg, prefix: str) -> Callable[[Any], Any]:
-    """`arg`'s check, given the value: by its kind, named `prefix` + its name; an optional one left
-    out is None (options: {})."""
+    """`arg`'s check, given the value: by its kind, named `prefix` + its name. (A partial, not a
+    lambda: no Python frame of its own, on every argument of every syscall.)"""
     if arg.kind == OPTIONS:
         return _options_checker(arg, prefix.rstrip(": ") or "options", prefix)
-    check, what = KINDS[arg.kind], prefix + arg.name
-    if arg.optional:
-        return lambda given: None if given is None else check(given, what)
-    return lambda given: check(given, what)
+    return functools.partial(KINDS[arg.kind], what=prefix + arg.name)
 
 
 def _options_checker(arg: Arg, what: str, prefix: str) -> Callable[[Any], dict[str, Any]]:
@@ -340,27 +337,36 @@ def _options_checker(arg: Arg, what: str, prefix: str) -> Callable[[Any], dict[s
             raise InvalidArgument(f"{what}: expected a table of options")
         if not given.keys() <= keys:
             known_options(given, known, what)
+        checked = {}
         try:  # those given (a few of the entry's options, typically), as they come
-            return {key: check_of[key](value) for key, value in given.items() if value is not None}
+            for key, value in given.items():
+                if value is not None:
+                    checked[key] = check_of[key](value)
         except KernelError:  # the refusal names the first bad one in the entry's order, whatever the table's
             for key, option_check in checks:
                 if (value := given.get(key)) is not None:
                     option_check(value)
             raise
+        return checked
 
     return check
 
 
 # A syscall's checks by the prefix its refusals start with, made from its entry once: gRPC's "",
 # each Lua syscall's "sys.x: ", and a batch's "messages[i]: " for its first bad or distinct items
-# (bounded: a batch of 1,000 must not keep a thousand).
+# (bounded: a batch of 1,000 must not keep a thousand). Each is (name, check, whether None is let
+# through: an optional argument's; options check None themselves).
 @functools.lru_cache(maxsize=512)
-def _checks(syscall: str, prefix: str) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
-    return tuple((a.name, _checker(a, prefix)) for a in BY_NAME[syscall].args)
+def _checks(syscall: str, prefix: str) -> tuple[tuple[str, Callable[[Any], Any], bool], ...]:
+    return tuple((a.name, _checker(a, prefix), a.optional and a.kind != OPTIONS) for a in BY_NAME[syscall].args)
 
 
 def arguments(syscall: str, given: dict[str, Any], prefix: str = "") -> tuple[Any, ...]:
     """The syscall's arguments (by name; left out: None) checked by its table entry, in the
     entry's order. `prefix` names the syscall as the caller knows it ("sys.kill: " from a
     program, "" from gRPC, whose fields are the arguments' names)."""
-    return tuple([check(given.get(name)) for name, check in _checks(syscall, prefix)])
+    checked = []
+    for name, check, optional in _checks(syscall, prefix):  # a loop: no comprehension's frame
+        value = given.get(name)
+        checked.append(None if value is None and optional else check(value))
+    return tuple(checked)

@@ -161,8 +161,12 @@ async def sys_send(k: Kernel, req: pb.SendRequest, on_sent: Callable[[Any], list
     if target is None or (target == "to" and req.to == 0) or (target == "to_name" and not req.to_name):
         raise InvalidArgument("a receiver is required: set to (a pid) or to_name (a registered name)")
     # The options set (an unset field is its default, which needs no check; these fields have no presence,
-    # so set is not the default: read directly, which costs less than ListFields).
-    given = {key: value for key in _SEND_OPTIONS if (value := getattr(req, key))}
+    # so set is not the default: read directly, which costs less than ListFields; a loop, not a
+    # comprehension: no frame of its own).
+    given = {}
+    for key in _SEND_OPTIONS:
+        if value := getattr(req, key):
+            given[key] = value
     to, body, options = C.arguments("send", {
         "to": getattr(req, target), "body": _value(req.body) if req.HasField("body") else None,
         "options": given or None})
@@ -205,9 +209,12 @@ async def sys_send_batch(k: Kernel, req: pb.SendBatchRequest) -> pb.SendBatchRes
 
 
 async def sys_recv(k: Kernel, req: pb.RecvRequest) -> pb.RecvResponse:
-    pid = _pid(req.pid)
+    pid = C.pid(req.pid)
     caller = _port_caller(k, pid, req.port_secret)
-    given = {key: getattr(req, key) for key in _RECV_OPTIONS if req.HasField(key)}  # those set
+    given = {}  # the options set (a loop, not a comprehension: no frame of its own)
+    for key in _RECV_OPTIONS:
+        if req.HasField(key):
+            given[key] = getattr(req, key)
     (options,) = C.arguments("recv", {"options": given or None})
     match = Match(options.get("from"), options.get("tag"), options.get("correlation_id")) if (
         "from" in options or "tag" in options or "correlation_id" in options) else ANY
