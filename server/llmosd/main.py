@@ -207,6 +207,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.call_soon_threadsafe(lambda: (failed.append(why), stop.set()))
 
     kernel = Kernel(kernel_config(args))
+    kernel.scheduler.wake_after_turn(loop.call_soon)
     if args.model != "none":  # before the runtimes bring durable processes back: their infers wait for it
         from .engine import EngineConfig
         from .services.inference import Inference
