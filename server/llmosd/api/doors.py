@@ -19,8 +19,8 @@ from google.protobuf.message import Message as ProtoMessage
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from .audit import target_of
-from .errors import InvalidArgument, KernelError
 from .authority import Caller
+from .errors import InvalidArgument, KernelError
 from .identity import CALLER, Identity
 from .replies import THREAD_BYTES, off_loop
 from .syscalls import CALL, SERVICE, SYSCALLS
