@@ -86,10 +86,6 @@ def process_pb(rec: ProcessRecord, blocked_on: str | None = None, info: pb.Proce
     return info
 
 
-def _pid(value: int, field: str = "pid") -> int:
-    return C.pid(value, field)
-
-
 def _set(req: Any, field: str) -> Any:
     """An optional field's value, None when unset."""
     return getattr(req, field) if req.HasField(field) else None
@@ -132,7 +128,7 @@ def _port_caller(k: Kernel, pid: int, secret: str) -> Caller:
     if not secret:
         return caller
     with k.lock:
-        port = k.live_locked(_pid(pid), "port", caller)
+        port = k.live_locked(C.pid(pid), "port", caller)
         if not port.secret or port.secret != digest(secret):
             raise PermissionDenied(f"that is not pid {pid}'s port secret")
         return Caller(caller.namespace, caller.role, key=port.opener)
@@ -338,7 +334,7 @@ async def sys_nack(k: Kernel, req: pb.AckRequest) -> pb.AckResponse:
 def _settle(k: Kernel, req: pb.AckRequest, syscall: str, settle: Callable[[int, int], None],
             settle_many: Callable[[int, list[int]], list[int]]) -> pb.AckResponse:
     """Ack or Nack: the receiver's lease on a message (message_id) or on each of many (message_ids) ends."""
-    pid = _pid(req.pid)
+    pid = C.pid(req.pid)
     if req.message_ids:
         if req.message_id:
             raise InvalidArgument("give message_id (one message) or message_ids (many), not both")
@@ -376,7 +372,7 @@ async def sys_kill(k: Kernel, req: pb.KillRequest) -> pb.KillResponse:
 
 
 async def sys_exit(k: Kernel, req: pb.ExitRequest) -> pb.ExitResponse:
-    k.exit(_pid(req.pid), _value(req.result) if req.HasField("result") else None,
+    k.exit(C.pid(req.pid), _value(req.result) if req.HasField("result") else None,
            _port_caller(k, req.pid, req.port_secret))
     return pb.ExitResponse()
 
@@ -387,12 +383,12 @@ async def sys_open_port(k: Kernel, req: pb.OpenPortRequest) -> pb.OpenPortRespon
 
 
 async def sys_register(k: Kernel, req: pb.RegisterRequest) -> pb.RegisterResponse:
-    k.register(_pid(req.pid), *C.arguments("register", {"name": req.name}), CALLER.get())
+    k.register(C.pid(req.pid), *C.arguments("register", {"name": req.name}), CALLER.get())
     return pb.RegisterResponse()
 
 
 async def sys_monitor(k: Kernel, req: pb.MonitorRequest) -> pb.MonitorResponse:
-    k.monitor(_pid(req.watcher, "watcher"), *C.arguments("monitor", {"target": req.target}), CALLER.get())
+    k.monitor(C.pid(req.watcher, "watcher"), *C.arguments("monitor", {"target": req.target}), CALLER.get())
     return pb.MonitorResponse()
 
 
@@ -414,7 +410,7 @@ def _log_reply(k: Kernel, pid: int, offset: int, tail: int, since_ms: int, calle
 
 
 async def sys_read_log(k: Kernel, req: pb.ReadLogRequest) -> pb.ReadLogResponse:
-    return _log_reply(k, _pid(req.pid), req.offset, req.tail, req.since_ms, CALLER.get())
+    return _log_reply(k, C.pid(req.pid), req.offset, req.tail, req.since_ms, CALLER.get())
 
 
 AGENT_LOG_RECHECK_S = 0.5  # a Python agent's lines go to its output file, not through the kernel: re-read
@@ -423,7 +419,7 @@ AGENT_LOG_RECHECK_S = 0.5  # a Python agent's lines go to its output file, not t
 async def sys_follow_log(k: Kernel, req: pb.ReadLogRequest) -> AsyncIterator[pb.ReadLogResponse]:
     """ReadLog, then a reply with the new lines each time the kernel says the log grew, until the
     process has ended and its last lines are sent."""
-    pid, caller = _pid(req.pid), CALLER.get()
+    pid, caller = C.pid(req.pid), CALLER.get()
     loop = asyncio.get_running_loop()
     grew = asyncio.Event()
     stop = k.follow_log(pid, lambda: loop.call_soon_threadsafe(grew.set))  # before reading: no line is missed
@@ -563,7 +559,7 @@ async def sys_make_dir(k: Kernel, req: pb.FilePath) -> pb.FileInfo:
 
 # -- locks ----------------------------------------------------------------------------------------
 async def sys_acquire(k: Kernel, req: pb.AcquireRequest) -> pb.AcquireResponse:
-    pid = _pid(req.pid)
+    pid = C.pid(req.pid)
     name, options = C.arguments("lock.acquire", {"name": req.name, "options": {
         "semaphore": req.semaphore or None, "timeout_ms": _set(req, "timeout_ms")}})
     kind, permits = ("semaphore", options["semaphore"]) if "semaphore" in options else ("mutex", 1)
@@ -593,13 +589,13 @@ Journaled = Callable[[Any, list], None]
 
 async def sys_release(k: Kernel, req: pb.ReleaseRequest, journaled: Journaled | None = None) -> pb.ReleaseResponse:
     reply = pb.ReleaseResponse()
-    k.release_lock(_pid(req.pid), *C.arguments("lock.release", {"name": req.name}), CALLER.get(),
+    k.release_lock(C.pid(req.pid), *C.arguments("lock.release", {"name": req.name}), CALLER.get(),
                    None if journaled is None else lambda: journaled(reply, []))
     return reply
 
 
 async def sys_cond_wait(k: Kernel, req: pb.CondWaitRequest) -> pb.CondWaitResponse:
-    pid = _pid(req.pid)
+    pid = C.pid(req.pid)
     name, lock, timeout_ms = C.arguments("cond.wait", {"name": req.name, "lock": req.lock,
                                                        "timeout_ms": _set(req, "timeout_ms")})
     waiter = AsyncWaiter(asyncio.get_running_loop())
@@ -670,7 +666,7 @@ def _inference(k: Kernel) -> Any:
 def _context_owner(k: Kernel, syscall: str, pid: int) -> None:
     """The caller may act on the process that owns (or is to own) a context (the table's rule)."""
     with k.lock:
-        k.target_locked(CALLER.get(), syscall, _pid(pid))
+        k.target_locked(CALLER.get(), syscall, C.pid(pid))
 
 
 async def sys_create_context(k: Kernel, req: pb.CreateContextRequest) -> pb.ContextInfo:
@@ -692,7 +688,7 @@ async def sys_fork_context(k: Kernel, req: pb.ForkContextRequest) -> pb.ContextI
 
 async def sys_drop_context(k: Kernel, req: pb.DropContextRequest) -> pb.DropContextResponse:
     _context_owner(k, "context.drop", req.pid)
-    _inference(k).drop_context(_pid(req.pid), req.context_id)
+    _inference(k).drop_context(C.pid(req.pid), req.context_id)
     return pb.DropContextResponse()
 
 
